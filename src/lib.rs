@@ -1,0 +1,4 @@
+//! qcow2kit: read, write, check and repair qcow2 disk images.
+#![deny(unsafe_code)]
+
+pub mod format;
