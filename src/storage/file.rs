@@ -1,0 +1,108 @@
+//! A host file, accessed with `pread`/`pwrite` (no shared seek position).
+
+use super::{sys, Storage};
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::Path;
+
+/// A [`Storage`] over a host file using positioned I/O, safe to share between
+/// threads.
+#[derive(Debug)]
+pub struct FileStorage {
+    file: File,
+}
+
+impl FileStorage {
+    /// Opens an existing file, read-only or read-write.
+    ///
+    /// # Errors
+    /// The error of `open(2)`.
+    pub fn open(path: &Path, writable: bool) -> io::Result<Self> {
+        let file = OpenOptions::new().read(true).write(writable).open(path)?;
+        Ok(Self { file })
+    }
+
+    /// Creates (or truncates) a file for writing. With `nocow`, the
+    /// no-copy-on-write attribute is set while the file is still empty
+    /// (effective on Btrfs, ignored elsewhere, as QEMU does).
+    ///
+    /// # Errors
+    /// The error of `open(2)`.
+    pub fn create(path: &Path, nocow: bool) -> io::Result<Self> {
+        let file =
+            OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path)?;
+        if nocow {
+            // Like QEMU: failure to set the attribute is not an error.
+            let _ = sys::set_nocow(&file);
+        }
+        Ok(Self { file })
+    }
+
+    /// Wraps an already open file.
+    pub fn from_file(file: File) -> Self {
+        Self { file }
+    }
+
+    /// Whether the file has the no-copy-on-write attribute (`chattr +C`).
+    pub fn is_nocow(&self) -> bool {
+        sys::is_nocow(&self.file).unwrap_or(false)
+    }
+}
+
+impl Storage for FileStorage {
+    fn read_at(&self, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
+        while !buf.is_empty() {
+            match self.file.read_at(buf, offset) {
+                Ok(0) => {
+                    buf.fill(0);
+                    return Ok(());
+                }
+                Ok(n) => {
+                    buf = &mut buf[n..];
+                    offset += n as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)
+    }
+
+    fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        sys::fallocate(&self.file, offset, len)
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        match sys::punch_hole(&self.file, offset, len) {
+            Ok(()) => Ok(()),
+            // Not supported by the file system: discard is advisory, like QEMU.
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn is_hole(&self, offset: u64, len: u64) -> io::Result<bool> {
+        sys::is_hole(&self.file, offset, len)
+    }
+
+    fn allocated_bytes(&self) -> io::Result<u64> {
+        Ok(self.file.metadata()?.blocks() * 512)
+    }
+}

@@ -1,0 +1,103 @@
+//! The only module with `unsafe`: thin wrappers over Linux system calls that
+//! std does not expose (fallocate, hole punching, SEEK_DATA, the nocow ioctl).
+#![allow(unsafe_code)]
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+
+fn off(v: u64) -> io::Result<libc::off_t> {
+    libc::off_t::try_from(v).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))
+}
+
+/// `fallocate(fd, 0, offset, len)`: reserve blocks, extending the file.
+pub fn fallocate(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    let (o, l) = (off(offset)?, off(len)?);
+    // SAFETY: fallocate only reads its integer arguments; the descriptor is
+    // owned by `file`, which outlives the call.
+    let r = unsafe { libc::fallocate(file.as_raw_fd(), 0, o, l) };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
+        // File system without fallocate: fall back to extending the file.
+        let end = offset.checked_add(len).ok_or_else(|| io::Error::from_raw_os_error(libc::EFBIG))?;
+        if end > file.metadata()?.len() {
+            file.set_len(end)?;
+        }
+        return Ok(());
+    }
+    Err(e)
+}
+
+/// Punches a hole in `[offset, offset + len)`, keeping the file size.
+pub fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    let (o, l) = (off(offset)?, off(len)?);
+    // SAFETY: as for `fallocate` above; the flags are valid constants.
+    let r = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            o,
+            l,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Whether `[offset, offset + len)` holds no data (`SEEK_DATA` finds none in it).
+pub fn is_hole(file: &File, offset: u64, len: u64) -> io::Result<bool> {
+    let o = off(offset)?;
+    // SAFETY: lseek only reads its integer arguments; the descriptor is valid.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), o, libc::SEEK_DATA) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        // ENXIO: no data at or after `offset`.
+        return if e.raw_os_error() == Some(libc::ENXIO) { Ok(true) } else { Err(e) };
+    }
+    Ok((r as u64) >= offset.saturating_add(len))
+}
+
+const FS_IOC_GETFLAGS: libc::c_ulong = 0x8008_6601;
+const FS_IOC_SETFLAGS: libc::c_ulong = 0x4008_6602;
+const FS_NOCOW_FL: libc::c_long = 0x0080_0000;
+
+/// Sets the no-copy-on-write attribute (`chattr +C`).
+pub fn set_nocow(file: &File) -> io::Result<()> {
+    let mut flags: libc::c_long = 0;
+    // SAFETY: FS_IOC_GETFLAGS writes one `long` through the pointer, which
+    // points to a live local of that type.
+    let r = unsafe { libc::ioctl(file.as_raw_fd(), FS_IOC_GETFLAGS, &mut flags as *mut libc::c_long) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    flags |= FS_NOCOW_FL;
+    // SAFETY: FS_IOC_SETFLAGS reads one `long` through the pointer.
+    let r = unsafe { libc::ioctl(file.as_raw_fd(), FS_IOC_SETFLAGS, &flags as *const libc::c_long) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Whether the no-copy-on-write attribute is set.
+pub fn is_nocow(file: &File) -> io::Result<bool> {
+    let mut flags: libc::c_long = 0;
+    // SAFETY: as in `set_nocow`.
+    let r = unsafe { libc::ioctl(file.as_raw_fd(), FS_IOC_GETFLAGS, &mut flags as *mut libc::c_long) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(flags & FS_NOCOW_FL != 0)
+}
