@@ -83,3 +83,149 @@ impl fmt::Display for MetadataKind {
         f.write_str(self.qemu_name())
     }
 }
+
+/// Every shift and mask derived from a validated header.
+///
+/// Built only from a header that passed validation, so `cluster_bits` is in
+/// 9..=21 and `refcount_order` in 0..=6; the methods do no further checks
+/// beyond overflow-safe arithmetic on caller-supplied offsets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Geometry {
+    /// log2 of the cluster size.
+    pub cluster_bits: u32,
+    /// Cluster size in bytes.
+    pub cluster_size: u64,
+    /// log2 of the number of entries in an L2 table.
+    pub l2_bits: u32,
+    /// Bytes per L2 entry (8, or 16 with extended L2).
+    pub l2_entry_bytes: u64,
+    /// Extended L2 entries (32 subclusters per cluster).
+    pub extended_l2: bool,
+    /// log2 of the subcluster size (= `cluster_bits` without extended L2).
+    pub subcluster_bits: u32,
+    /// log2 of the refcount width in bits.
+    pub refcount_order: u32,
+    /// log2 of the number of refcounts per refcount block.
+    pub refcount_block_bits: u32,
+}
+
+impl Geometry {
+    /// Derives the geometry. `cluster_bits` must be 9..=21 and
+    /// `refcount_order` 0..=6 (guaranteed by header validation).
+    pub fn new(cluster_bits: u32, extended_l2: bool, refcount_order: u32) -> Self {
+        let l2_entry_bytes = if extended_l2 { 16 } else { 8 };
+        let l2_bits = cluster_bits - if extended_l2 { 4 } else { 3 };
+        Geometry {
+            cluster_bits,
+            cluster_size: 1 << cluster_bits,
+            l2_bits,
+            l2_entry_bytes,
+            extended_l2,
+            subcluster_bits: if extended_l2 { cluster_bits - 5 } else { cluster_bits },
+            refcount_order,
+            // entries = cluster_size * 8 / refcount_bits
+            refcount_block_bits: cluster_bits + 3 - refcount_order,
+        }
+    }
+
+    /// Entries per L2 table.
+    pub fn l2_entries(&self) -> u64 {
+        1 << self.l2_bits
+    }
+
+    /// Guest bytes covered by one L2 table.
+    pub fn l2_coverage(&self) -> u64 {
+        1 << (self.cluster_bits + self.l2_bits)
+    }
+
+    /// Subcluster size in bytes.
+    pub fn subcluster_size(&self) -> u64 {
+        1 << self.subcluster_bits
+    }
+
+    /// Refcounts per refcount block.
+    pub fn refcount_block_entries(&self) -> u64 {
+        1 << self.refcount_block_bits
+    }
+
+    /// L1 index of a guest offset.
+    pub fn l1_index(&self, guest: u64) -> u64 {
+        guest >> (self.cluster_bits + self.l2_bits)
+    }
+
+    /// L2 index (within its table) of a guest offset.
+    pub fn l2_index(&self, guest: u64) -> u64 {
+        (guest >> self.cluster_bits) & (self.l2_entries() - 1)
+    }
+
+    /// Byte offset within its cluster.
+    pub fn offset_in_cluster(&self, off: u64) -> u64 {
+        off & (self.cluster_size - 1)
+    }
+
+    /// Start of the cluster containing `off`.
+    pub fn cluster_start(&self, off: u64) -> u64 {
+        off & !(self.cluster_size - 1)
+    }
+
+    /// Cluster index of a host or guest offset.
+    pub fn cluster_index(&self, off: u64) -> u64 {
+        off >> self.cluster_bits
+    }
+
+    /// Whether `off` is cluster aligned.
+    pub fn is_aligned(&self, off: u64) -> bool {
+        off & (self.cluster_size - 1) == 0
+    }
+
+    /// Rounds up to a whole number of clusters (`None` on overflow).
+    pub fn round_up(&self, bytes: u64) -> Option<u64> {
+        Some(bytes.checked_add(self.cluster_size - 1)? & !(self.cluster_size - 1))
+    }
+
+    /// Number of clusters needed for `bytes` (rounding up).
+    pub fn clusters_for(&self, bytes: u64) -> u64 {
+        (bytes >> self.cluster_bits) + u64::from(bytes & (self.cluster_size - 1) != 0)
+    }
+
+    /// L1 entries needed to map a disk of `size` bytes.
+    pub fn l1_entries_for(&self, size: u64) -> u64 {
+        let shift = self.cluster_bits + self.l2_bits;
+        (size >> shift) + u64::from(size & ((1u64 << shift) - 1) != 0)
+    }
+
+    /// Reftable index and block index of a host cluster index.
+    pub fn refcount_position(&self, cluster: u64) -> (u64, usize) {
+        (
+            cluster >> self.refcount_block_bits,
+            (cluster & (self.refcount_block_entries() - 1)) as usize,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn geometry_64k() {
+        let g = Geometry::new(16, false, 4);
+        assert_eq!(g.l2_entries(), 8192);
+        assert_eq!(g.l2_coverage(), 512 << 20);
+        assert_eq!(g.refcount_block_entries(), 32768);
+        assert_eq!(g.l1_entries_for(1 << 30), 2);
+        assert_eq!(g.l1_entries_for((1 << 30) + 1), 3);
+        assert_eq!(g.l2_index(0x10000), 1);
+        let e = Geometry::new(16, true, 4);
+        assert_eq!(e.l2_entries(), 4096);
+        assert_eq!(e.subcluster_size(), 2048);
+        let small = Geometry::new(9, false, 6);
+        assert_eq!(small.refcount_block_entries(), 64);
+    }
+
+    #[test]
+    fn names() {
+        assert_eq!(MetadataKind::MainHeader.qemu_name(), "qcow2_header");
+        assert_eq!(MetadataKind::BitmapDirectory.bit(), 1 << 8);
+    }
+}

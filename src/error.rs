@@ -1,0 +1,198 @@
+//! The crate's one public error type.
+
+use crate::format::FormatError;
+use crate::types::MetadataKind;
+use std::io;
+use std::path::PathBuf;
+
+/// Which direction of I/O failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoOp {
+    /// Reading the image (or a backing file).
+    Read,
+    /// Writing the image.
+    Write,
+    /// Flushing (syncing) the image.
+    Flush,
+    /// Truncating or extending the image file.
+    Resize,
+}
+
+impl std::fmt::Display for IoOp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            IoOp::Read => "read",
+            IoOp::Write => "write",
+            IoOp::Flush => "flush",
+            IoOp::Resize => "resize",
+        })
+    }
+}
+
+/// Every error of the library.
+///
+/// `Display` is lower-case and names the structure and host offset where
+/// there is one; [`Error::qemu_message`] gives the text `qemu-img`/`qemu-io`
+/// print for the same condition.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The backing file could not be opened.
+    #[error("could not open backing file '{}': {source}", path.display())]
+    Backing {
+        /// The path that was tried.
+        path: PathBuf,
+        /// Why it failed.
+        #[source]
+        source: Box<Error>,
+    },
+    /// The backing file is not permitted by the embedder's policy.
+    #[error("backing file '{}' is not permitted by the backing policy", path.display())]
+    BackingNotPermitted {
+        /// The path the image names.
+        path: PathBuf,
+    },
+    /// Structural corruption found while translating or updating metadata.
+    #[error("corrupt {what} at host offset {offset:#x}: {msg}")]
+    Corrupt {
+        /// The structure (QEMU name).
+        what: &'static str,
+        /// Host offset of the offending entry or table.
+        offset: u64,
+        /// QEMU's message for the event.
+        msg: String,
+    },
+    /// The header or a table is invalid or unsupported (refused at open).
+    #[error("{0}")]
+    Format(#[from] FormatError),
+    /// Opening a corrupt image read-write.
+    #[error("image is corrupt; cannot be opened read/write")]
+    ImageCorrupt,
+    /// Invalid argument (options, sizes, requests).
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// An I/O error of the storage.
+    #[error("{op} failed at host offset {offset:#x}: {source}")]
+    Io {
+        /// What was being done.
+        op: IoOp,
+        /// Where.
+        offset: u64,
+        /// The storage error.
+        #[source]
+        source: io::Error,
+    },
+    /// The handle was disabled by a fatal corruption event; reopen the image.
+    #[error("no medium found: the image was disabled after a corruption event")]
+    MediumGone,
+    /// A request beyond the virtual disk size.
+    #[error("request at guest offset {offset:#x} length {len} is beyond the disk size {size}")]
+    OutOfRange {
+        /// Guest offset.
+        offset: u64,
+        /// Length.
+        len: u64,
+        /// Virtual disk size.
+        size: u64,
+    },
+    /// A write that would overwrite metadata was prevented; the image was marked corrupt.
+    #[error("write to host offset {offset:#x} length {size} would overwrite the {kind}; image marked corrupt")]
+    OverlapPrevented {
+        /// The structure hit.
+        kind: MetadataKind,
+        /// Host offset of the attempted write.
+        offset: u64,
+        /// Its length.
+        size: u64,
+    },
+    /// An earlier metadata write failed; the handle must be reopened.
+    #[error("an earlier metadata write failed; reopen the image")]
+    PreviousIoFailed,
+    /// A write on a read-only handle.
+    #[error("the image is open read-only")]
+    ReadOnly,
+    /// A refcount would exceed its maximum (small refcount widths).
+    #[error("refcount of host cluster {cluster} would exceed {max}")]
+    RefcountOverflow {
+        /// Host cluster index.
+        cluster: u64,
+        /// Largest refcount of the width.
+        max: u64,
+    },
+    /// The image would need a table larger than the format allows.
+    #[error("{0}")]
+    TooLarge(String),
+    /// A feature this crate does not implement (yet).
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+}
+
+/// Shorthand for results of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// Wraps an I/O error with what was being done and where.
+    pub fn io(op: IoOp, offset: u64, source: io::Error) -> Self {
+        Error::Io { op, offset, source }
+    }
+
+    /// The underlying OS error number, when this is an I/O error.
+    pub fn raw_os_error(&self) -> Option<i32> {
+        match self {
+            Error::Io { source, .. } => source.raw_os_error(),
+            Error::Backing { source, .. } => source.raw_os_error(),
+            _ => None,
+        }
+    }
+
+    /// `true` for ENOSPC.
+    pub fn is_nospace(&self) -> bool {
+        self.raw_os_error() == Some(libc::ENOSPC)
+    }
+
+    /// The `strerror` text QEMU's tools print for a failed request
+    /// (`read failed: <this>`): `Input/output error`, `No medium found`, ...
+    pub fn errno_text(&self) -> String {
+        match self {
+            Error::MediumGone => "No medium found".into(),
+            Error::ReadOnly => "Permission denied".into(),
+            Error::Io { source, .. } => match source.raw_os_error() {
+                Some(code) => strerror(code),
+                None => source.to_string(),
+            },
+            Error::InvalidArgument(_) | Error::RefcountOverflow { .. } => {
+                "Invalid argument".into()
+            }
+            Error::TooLarge(_) => "File too large".into(),
+            Error::Unsupported(_) => "Operation not supported".into(),
+            _ => "Input/output error".into(),
+        }
+    }
+
+    /// The message QEMU prints for this error when opening an image fails
+    /// (after `Could not open 'FILE': `).
+    pub fn qemu_message(&self) -> String {
+        match self {
+            Error::Format(e) => e.reason.clone(),
+            Error::ImageCorrupt => "qcow2: Image is corrupt; cannot be opened read/write".into(),
+            Error::Io { source, .. } => match source.raw_os_error() {
+                Some(code) => strerror(code),
+                None => source.to_string(),
+            },
+            Error::Backing { path, source } => {
+                format!("Could not open backing file: Could not open '{}': {}", path.display(), source.qemu_message())
+            }
+            Error::InvalidArgument(m) | Error::TooLarge(m) => m.clone(),
+            other => other.to_string(),
+        }
+    }
+}
+
+/// The C library's text for an errno (`strerror`), without the " (os error N)" suffix.
+pub fn strerror(code: i32) -> String {
+    let s = io::Error::from_raw_os_error(code).to_string();
+    match s.rfind(" (os error") {
+        Some(p) => s[..p].to_string(),
+        None => s,
+    }
+}
