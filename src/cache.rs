@@ -1,0 +1,158 @@
+//! LRU caches of metadata tables (L2 slices, refcount blocks).
+//!
+//! A [`TableCache`] only holds bytes and dirty flags; it never does I/O.
+//! Loading on a miss and writing back a dirty victim are done by the caller
+//! (the metadata layer), which knows the write-ordering rules: a dirty L2
+//! slice may only be written after the refcount cache has been flushed, so
+//! eviction hands the victim back instead of writing it.
+
+use lru::LruCache;
+
+/// One cached table (or slice of a table).
+#[derive(Debug)]
+pub struct CachedTable {
+    /// The raw on-disk bytes (big-endian entries).
+    pub data: Box<[u8]>,
+    /// Modified in memory and not yet written back.
+    pub dirty: bool,
+}
+
+/// Hit/miss counters of a cache.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Lookups that found the table cached.
+    pub hits: u64,
+    /// Lookups that had to load it.
+    pub misses: u64,
+    /// Entries currently cached.
+    pub entries: usize,
+    /// Capacity in entries.
+    pub capacity: usize,
+}
+
+/// An LRU cache of fixed-size tables keyed by host offset.
+#[derive(Debug)]
+pub struct TableCache {
+    lru: LruCache<u64, CachedTable>,
+    capacity: usize,
+    entry_bytes: usize,
+    hits: u64,
+    misses: u64,
+}
+
+impl TableCache {
+    /// A cache of at most `capacity` (≥ 1) entries of `entry_bytes` each.
+    pub fn new(capacity: usize, entry_bytes: usize) -> Self {
+        let capacity = capacity.max(1);
+        Self { lru: LruCache::unbounded(), capacity, entry_bytes, hits: 0, misses: 0 }
+    }
+
+    /// Size of one entry in bytes.
+    pub fn entry_bytes(&self) -> usize {
+        self.entry_bytes
+    }
+
+    /// Looks `offset` up, counting a hit or a miss and refreshing its LRU position.
+    pub fn get(&mut self, offset: u64) -> Option<&CachedTable> {
+        match self.lru.get(&offset) {
+            Some(t) => {
+                self.hits += 1;
+                Some(t)
+            }
+            None => {
+                self.misses += 1;
+                None
+            }
+        }
+    }
+
+    /// Mutable lookup that does not count a hit or a miss (used after `get`).
+    pub fn get_mut(&mut self, offset: u64) -> Option<&mut CachedTable> {
+        self.lru.get_mut(&offset)
+    }
+
+    /// Looks `offset` up without touching the LRU order or the counters.
+    pub fn peek(&self, offset: u64) -> Option<&CachedTable> {
+        self.lru.peek(&offset)
+    }
+
+    /// Whether the cache is full, so an insert would need a victim first.
+    pub fn is_full(&self) -> bool {
+        self.lru.len() >= self.capacity
+    }
+
+    /// The least recently used entry (the next victim), without removing it.
+    pub fn lru_victim(&self) -> Option<(u64, bool)> {
+        self.lru.peek_lru().map(|(k, v)| (*k, v.dirty))
+    }
+
+    /// Removes an entry, returning it.
+    pub fn remove(&mut self, offset: u64) -> Option<CachedTable> {
+        self.lru.pop(&offset)
+    }
+
+    /// Inserts a table. The caller must have made room (see [`is_full`](Self::is_full)).
+    pub fn insert(&mut self, offset: u64, data: Box<[u8]>, dirty: bool) {
+        self.lru.put(offset, CachedTable { data, dirty });
+    }
+
+    /// Offsets of every dirty entry, sorted (so write-back is sequential).
+    pub fn dirty_offsets(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self.lru.iter().filter(|(_, t)| t.dirty).map(|(k, _)| *k).collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Whether any entry is dirty.
+    pub fn has_dirty(&self) -> bool {
+        self.lru.iter().any(|(_, t)| t.dirty)
+    }
+
+    /// Drops every clean entry (cache-clean-interval, or after external changes).
+    pub fn drop_clean(&mut self) {
+        let clean: Vec<u64> = self.lru.iter().filter(|(_, t)| !t.dirty).map(|(k, _)| *k).collect();
+        for k in clean {
+            self.lru.pop(&k);
+        }
+    }
+
+    /// Drops every entry whose key lies in `[start, end)` (the cluster was freed).
+    pub fn forget_range(&mut self, start: u64, end: u64) {
+        let keys: Vec<u64> =
+            self.lru.iter().map(|(k, _)| *k).filter(|k| *k >= start && *k < end).collect();
+        for k in keys {
+            self.lru.pop(&k);
+        }
+    }
+
+    /// Counters for tests and benches.
+    pub fn stats(&self) -> CacheStats {
+        CacheStats {
+            hits: self.hits,
+            misses: self.misses,
+            entries: self.lru.len(),
+            capacity: self.capacity,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lru_order_and_stats() {
+        let mut c = TableCache::new(2, 8);
+        c.insert(0, vec![0; 8].into(), false);
+        c.insert(8, vec![0; 8].into(), true);
+        assert!(c.is_full());
+        assert!(c.get(0).is_some());
+        assert_eq!(c.lru_victim(), Some((8, true)));
+        assert!(c.get(16).is_none());
+        assert_eq!(c.stats(), CacheStats { hits: 1, misses: 1, entries: 2, capacity: 2 });
+        assert_eq!(c.dirty_offsets(), vec![8]);
+        c.drop_clean();
+        assert!(c.peek(0).is_none());
+        assert!(c.peek(8).is_some());
+    }
+}

@@ -1,0 +1,88 @@
+//! Events reported to the embedder (QEMU's `BLOCK_IMAGE_CORRUPTED` and
+//! `BLOCK_IO_ERROR`).
+
+use std::fmt;
+use std::sync::Arc;
+
+/// Which direction of guest I/O failed (`IoOperationType`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IoOperation {
+    /// A read.
+    Read,
+    /// A write (also flush, discard and write-zeroes).
+    Write,
+}
+
+/// What the embedder should do about an I/O error (`BlockErrorAction`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ErrorAction {
+    /// Pretend it succeeded.
+    Ignore,
+    /// Report the error to the guest.
+    Report,
+    /// Stop the VM.
+    Stop,
+}
+
+/// An event of an open image.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "event", content = "data", rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Event {
+    /// Corruption was detected (`BLOCK_IMAGE_CORRUPTED`).
+    #[serde(rename = "BLOCK_IMAGE_CORRUPTED")]
+    ImageCorrupted {
+        /// The node name given at open, if any.
+        #[serde(rename = "node-name", skip_serializing_if = "Option::is_none")]
+        node_name: Option<String>,
+        /// What happened, in QEMU's words.
+        msg: String,
+        /// Host offset of the offending write or entry, when known.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        offset: Option<u64>,
+        /// Length of the offending write, when known.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        size: Option<u64>,
+        /// The image was marked corrupt and this handle disabled.
+        fatal: bool,
+    },
+    /// A storage I/O error (`BLOCK_IO_ERROR`).
+    #[serde(rename = "BLOCK_IO_ERROR")]
+    IoError {
+        /// The node name given at open, if any.
+        #[serde(rename = "node-name", skip_serializing_if = "Option::is_none")]
+        node_name: Option<String>,
+        /// Read or write.
+        operation: IoOperation,
+        /// The action the configured policy (`rerror`/`werror`) asks for.
+        action: ErrorAction,
+        /// The error was ENOSPC.
+        nospace: bool,
+        /// `strerror` text, for humans.
+        reason: String,
+    },
+}
+
+impl fmt::Display for Event {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Event::ImageCorrupted { msg, fatal: true, .. } => write!(
+                f,
+                "qcow2: Marking image as corrupt: {msg}; further corruption events will be suppressed"
+            ),
+            Event::ImageCorrupted { msg, fatal: false, .. } => write!(
+                f,
+                "qcow2: Image is corrupt: {msg}; further non-fatal corruption events will be suppressed"
+            ),
+            Event::IoError { operation, action, reason, .. } => {
+                write!(f, "I/O error on {operation:?} ({action:?}): {reason}")
+            }
+        }
+    }
+}
+
+/// A callback receiving events; called on the thread that hit the condition,
+/// possibly with the image's metadata lock held, so it must not call back
+/// into the same image.
+pub type EventSink = Arc<dyn Fn(&Event) + Send + Sync>;

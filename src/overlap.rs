@@ -1,0 +1,244 @@
+//! The metadata map used by overlap checks (QEMU's `qcow2_check_metadata_overlap`).
+//!
+//! Single-cluster structures (L2 tables, refcount blocks) are kept in hash
+//! sets of cluster indices, so a check costs one lookup per cluster of the
+//! write; multi-cluster tables (L1, refcount table, snapshot table, snapshot
+//! L1 tables, bitmap directory) are a handful of ranges, with the snapshot L1
+//! tables in an ordered map.
+
+use crate::types::MetadataKind;
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+/// Where every piece of metadata lives, and which kinds are checked.
+#[derive(Debug, Clone, Default)]
+pub struct OverlapChecker {
+    enabled: u16,
+    cluster_bits: u32,
+    active_l1: Option<(u64, u64)>,
+    refcount_table: Option<(u64, u64)>,
+    snapshot_table: Option<(u64, u64)>,
+    bitmap_directory: Option<(u64, u64)>,
+    /// start -> end of each snapshot L1 table (refcounted by how many snapshots share it).
+    inactive_l1: BTreeMap<u64, (u64, u32)>,
+    active_l2: HashSet<u64>,
+    refcount_blocks: HashSet<u64>,
+    /// cluster index -> number of snapshot L1 tables referencing it.
+    inactive_l2: HashMap<u64, u32>,
+}
+
+/// A prevented overlap: which structure a write would hit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Overlap {
+    /// The structure hit.
+    pub kind: MetadataKind,
+}
+
+fn overlaps(a_start: u64, a_end: u64, r: Option<(u64, u64)>) -> bool {
+    matches!(r, Some((s, e)) if a_start < e && s < a_end)
+}
+
+impl OverlapChecker {
+    /// An empty map checking the kinds in `enabled` (a mask of [`MetadataKind::bit`]).
+    pub fn new(enabled: u16, cluster_bits: u32) -> Self {
+        Self { enabled, cluster_bits, ..Default::default() }
+    }
+
+    /// The enabled mask.
+    pub fn enabled(&self) -> u16 {
+        self.enabled
+    }
+
+    /// Sets the active L1 table range (`None` if empty).
+    pub fn set_active_l1(&mut self, offset: u64, bytes: u64) {
+        self.active_l1 = (bytes > 0).then(|| (offset, offset.saturating_add(bytes)));
+    }
+
+    /// Sets the refcount table range.
+    pub fn set_refcount_table(&mut self, offset: u64, bytes: u64) {
+        self.refcount_table = (bytes > 0).then(|| (offset, offset.saturating_add(bytes)));
+    }
+
+    /// Sets the snapshot table range.
+    pub fn set_snapshot_table(&mut self, offset: u64, bytes: u64) {
+        self.snapshot_table = (bytes > 0).then(|| (offset, offset.saturating_add(bytes)));
+    }
+
+    /// Sets the bitmap directory range (QEMU checks it even when empty if the
+    /// bitmaps autoclear bit is set; pass `Some((0, 0))` for that quirk).
+    pub fn set_bitmap_directory(&mut self, range: Option<(u64, u64)>) {
+        self.bitmap_directory = range.map(|(o, len)| (o, o.saturating_add(len.max(1))));
+    }
+
+    /// Adds a snapshot L1 table.
+    pub fn add_inactive_l1(&mut self, offset: u64, bytes: u64) {
+        if bytes > 0 {
+            let e = self.inactive_l1.entry(offset).or_insert((offset.saturating_add(bytes), 0));
+            e.0 = e.0.max(offset.saturating_add(bytes));
+            e.1 += 1;
+        }
+    }
+
+    /// Removes a snapshot L1 table.
+    pub fn remove_inactive_l1(&mut self, offset: u64) {
+        if let Some(e) = self.inactive_l1.get_mut(&offset) {
+            e.1 -= 1;
+            if e.1 == 0 {
+                self.inactive_l1.remove(&offset);
+            }
+        }
+    }
+
+    /// Adds an active L2 table at host offset `offset`.
+    pub fn add_active_l2(&mut self, offset: u64) {
+        self.active_l2.insert(offset >> self.cluster_bits);
+    }
+
+    /// Removes an active L2 table.
+    pub fn remove_active_l2(&mut self, offset: u64) {
+        self.active_l2.remove(&(offset >> self.cluster_bits));
+    }
+
+    /// Adds a refcount block.
+    pub fn add_refcount_block(&mut self, offset: u64) {
+        self.refcount_blocks.insert(offset >> self.cluster_bits);
+    }
+
+    /// Removes a refcount block.
+    pub fn remove_refcount_block(&mut self, offset: u64) {
+        self.refcount_blocks.remove(&(offset >> self.cluster_bits));
+    }
+
+    /// Adds an L2 table referenced by a snapshot L1 table.
+    pub fn add_inactive_l2(&mut self, offset: u64) {
+        *self.inactive_l2.entry(offset >> self.cluster_bits).or_insert(0) += 1;
+    }
+
+    /// Removes one reference to an inactive L2 table.
+    pub fn remove_inactive_l2(&mut self, offset: u64) {
+        let k = offset >> self.cluster_bits;
+        if let Some(n) = self.inactive_l2.get_mut(&k) {
+            *n -= 1;
+            if *n == 0 {
+                self.inactive_l2.remove(&k);
+            }
+        }
+    }
+
+    /// Number of active L2 tables known (for tests).
+    pub fn active_l2_count(&self) -> usize {
+        self.active_l2.len()
+    }
+
+    /// Checks a write of `size` bytes at `offset`, ignoring the kinds in
+    /// `ignore` (the structure being legitimately written). Returns the first
+    /// structure hit, in QEMU's order.
+    pub fn check(&self, offset: u64, size: u64, ignore: u16) -> Option<Overlap> {
+        if size == 0 {
+            return None;
+        }
+        let chk = self.enabled & !ignore;
+        if chk == 0 {
+            return None;
+        }
+        let cs = 1u64 << self.cluster_bits;
+        let on = |k: MetadataKind| chk & k.bit() != 0;
+        let hit = |kind| Some(Overlap { kind });
+        if on(MetadataKind::MainHeader) && offset < cs {
+            return hit(MetadataKind::MainHeader);
+        }
+        // Widen to whole clusters, as QEMU does.
+        let start = offset & !(cs - 1);
+        let end = offset.saturating_add(size).saturating_add(cs - 1) & !(cs - 1);
+        if on(MetadataKind::ActiveL1) && overlaps(start, end, self.active_l1) {
+            return hit(MetadataKind::ActiveL1);
+        }
+        if on(MetadataKind::RefcountTable) && overlaps(start, end, self.refcount_table) {
+            return hit(MetadataKind::RefcountTable);
+        }
+        if on(MetadataKind::SnapshotTable) && overlaps(start, end, self.snapshot_table) {
+            return hit(MetadataKind::SnapshotTable);
+        }
+        if on(MetadataKind::InactiveL1) {
+            // Any table starting before `end` whose end is after `start`.
+            if self.inactive_l1.range(..end).any(|(_, (e, _))| *e > start) {
+                return hit(MetadataKind::InactiveL1);
+            }
+        }
+        let first = start >> self.cluster_bits;
+        let last = end >> self.cluster_bits;
+        let in_set = |set: &HashSet<u64>| -> bool {
+            if set.is_empty() {
+                return false;
+            }
+            if last - first > set.len() as u64 {
+                set.iter().any(|c| *c >= first && *c < last)
+            } else {
+                (first..last).any(|c| set.contains(&c))
+            }
+        };
+        if on(MetadataKind::ActiveL2) && in_set(&self.active_l2) {
+            return hit(MetadataKind::ActiveL2);
+        }
+        if on(MetadataKind::RefcountBlock) && in_set(&self.refcount_blocks) {
+            return hit(MetadataKind::RefcountBlock);
+        }
+        if on(MetadataKind::InactiveL2) && !self.inactive_l2.is_empty() {
+            let found = if last - first > self.inactive_l2.len() as u64 {
+                self.inactive_l2.keys().any(|c| *c >= first && *c < last)
+            } else {
+                (first..last).any(|c| self.inactive_l2.contains_key(&c))
+            };
+            if found {
+                return hit(MetadataKind::InactiveL2);
+            }
+        }
+        if on(MetadataKind::BitmapDirectory) && overlaps(start, end, self.bitmap_directory) {
+            return hit(MetadataKind::BitmapDirectory);
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ALL: u16 = 0x1ff;
+
+    #[test]
+    fn each_kind_is_found() {
+        let mut c = OverlapChecker::new(ALL, 16);
+        c.set_refcount_table(0x10000, 0x10000);
+        c.add_refcount_block(0x20000);
+        c.set_active_l1(0x30000, 16);
+        c.add_active_l2(0x40000);
+        c.set_snapshot_table(0x70000, 72);
+        c.add_inactive_l1(0x60000, 8);
+        c.add_inactive_l2(0x80000);
+        c.set_bitmap_directory(Some((0x90000, 100)));
+        let k = |o| c.check(o, 512, 0).map(|h| h.kind);
+        assert_eq!(k(0x100), Some(MetadataKind::MainHeader));
+        assert_eq!(k(0x10200), Some(MetadataKind::RefcountTable));
+        assert_eq!(k(0x2fe00), Some(MetadataKind::RefcountBlock));
+        assert_eq!(k(0x3f000), Some(MetadataKind::ActiveL1), "widened to the whole cluster");
+        assert_eq!(k(0x40000), Some(MetadataKind::ActiveL2));
+        assert_eq!(k(0x60000), Some(MetadataKind::InactiveL1));
+        assert_eq!(k(0x70000), Some(MetadataKind::SnapshotTable));
+        assert_eq!(k(0x80000), Some(MetadataKind::InactiveL2));
+        assert_eq!(k(0x90000), Some(MetadataKind::BitmapDirectory));
+        assert_eq!(k(0xa0000), None);
+        assert_eq!(c.check(0x40000, 512, MetadataKind::ActiveL2.bit()), None);
+        assert_eq!(c.check(0xa0000, 0x100000, 0).map(|h| h.kind), None);
+        assert_eq!(c.check(0x30000, 0x100000, 0).map(|h| h.kind), Some(MetadataKind::ActiveL1));
+        c.remove_active_l2(0x40000);
+        assert_eq!(k(0x40000), None);
+    }
+
+    #[test]
+    fn disabled_kinds_pass() {
+        let mut c = OverlapChecker::new(0, 16);
+        c.set_active_l1(0x30000, 16);
+        assert_eq!(c.check(0x30000, 512, 0), None);
+        assert_eq!(c.check(0, 512, 0), None);
+    }
+}
