@@ -1,6 +1,19 @@
 //! qcow2kit: read, write, check and repair qcow2 disk images.
 #![deny(unsafe_code)]
 
+pub mod cache;
+pub mod compress;
+pub mod error;
+pub mod events;
 pub mod format;
-pub mod types;
+pub mod image;
+pub mod mapping;
+mod meta;
+pub mod overlap;
+mod snapshot;
 pub mod storage;
+pub mod types;
+
+pub use error::{Error, Result};
+pub use events::Event;
+pub use image::Image;

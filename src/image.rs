@@ -1,0 +1,1220 @@
+//! [`Image`]: an open qcow2 image, the public read/write API.
+//!
+//! # Concurrency
+//! `Image` is `Send + Sync`. All metadata (L1 table, caches, allocator,
+//! overlap map) sits behind one mutex. A request translates its guest range
+//! under that mutex, then releases it and does guest data I/O outside it:
+//! reads of allocated clusters, reads of backing files and overwrites of
+//! clusters that are already allocated in place never hold the lock across
+//! file I/O. Allocating writes (new clusters, copy-on-write) hold the lock
+//! while they write, so two writers can never allocate the same guest cluster
+//! twice.
+//!
+//! A host cluster that stops being referenced is not reused while a request
+//! that translated to it may still be doing I/O: reference drops are queued
+//! and applied only under the write side of an I/O barrier that every
+//! outside-the-lock data transfer holds for reading.
+
+use crate::error::{Error, IoOp, Result};
+use crate::events::{ErrorAction, Event, EventSink, IoOperation};
+use crate::format::consts::*;
+use crate::format::entry::{EntryFormat, L2Entry, Subclusters};
+use crate::format::header::Header;
+use crate::mapping::Extent;
+use crate::meta::{read_file, write_file, DiscardPolicy, DiscardType, Meta, RawL2};
+use crate::options::{BackingPolicy, OpenOptions};
+use crate::overlap::OverlapChecker;
+use crate::storage::{FileStorage, Storage};
+use crate::types::{Geometry, MetadataKind};
+use crate::cache::{CacheStats, TableCache};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+/// The image a qcow2 image reads unallocated clusters from.
+#[derive(Debug)]
+pub enum Backing {
+    /// A qcow2 backing image (opened read-only).
+    Qcow2(Box<Image>),
+    /// A raw backing file.
+    Raw {
+        /// The file.
+        storage: Arc<dyn Storage>,
+        /// Its length, which is its virtual size.
+        size: u64,
+        /// The path it was opened from.
+        path: PathBuf,
+    },
+}
+
+impl Backing {
+    /// Virtual size of the backing image.
+    pub fn size(&self) -> u64 {
+        match self {
+            Backing::Qcow2(i) => i.size(),
+            Backing::Raw { size, .. } => *size,
+        }
+    }
+
+    /// Reads `buf` at guest offset `offset`; bytes past the backing image's
+    /// end read as zeroes.
+    ///
+    /// # Errors
+    /// Errors of the backing image.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let size = self.size();
+        let avail = size.saturating_sub(offset).min(buf.len() as u64) as usize;
+        let (head, tail) = buf.split_at_mut(avail);
+        tail.fill(0);
+        if head.is_empty() {
+            return Ok(());
+        }
+        match self {
+            Backing::Qcow2(i) => i.read_at(head, offset),
+            Backing::Raw { storage, .. } => read_file(&**storage, head, offset),
+        }
+    }
+}
+
+/// An open qcow2 image.
+///
+/// See the [module docs](self) for the concurrency model.
+pub struct Image {
+    path: Option<PathBuf>,
+    file: Arc<dyn Storage>,
+    /// Where guest data lives: the image file, or the external data file.
+    data: Arc<dyn Storage>,
+    data_file_path: Option<PathBuf>,
+    backing: Option<Backing>,
+    meta: Mutex<Meta>,
+    io_barrier: RwLock<()>,
+    read_only: bool,
+    gone: AtomicBool,
+    corruption_signalled: AtomicBool,
+    events: RwLock<Option<EventSink>>,
+    opts: OpenOptions,
+    geom: Geometry,
+}
+
+impl std::fmt::Debug for Image {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Image")
+            .field("path", &self.path)
+            .field("read_only", &self.read_only)
+            .field("geometry", &self.geom)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A guest range and what it maps to, as reported by [`Image::block_status`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockStatus {
+    /// Length in bytes of the run.
+    pub len: u64,
+    /// What it maps to in this image.
+    pub extent: Extent,
+}
+
+const MAX_HEADER_READ: u64 = 2 << 20;
+/// Apply queued reference drops once this many are waiting.
+const MAX_PENDING_FREES: usize = 4096;
+
+impl Image {
+    /// Opens the image at `path`.
+    ///
+    /// # Errors
+    /// Open failures (`Error::Io` for the file, `Error::Format` for an
+    /// invalid or unsupported header, `Error::ImageCorrupt` for a read-write
+    /// open of an image marked corrupt, backing file errors).
+    pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Image> {
+        let path = path.as_ref();
+        let file = FileStorage::open(path, !opts.is_read_only())
+            .map_err(|e| Error::io(IoOp::Read, 0, e))?;
+        Self::open_inner(Arc::new(file), Some(path.to_path_buf()), opts)
+    }
+
+    /// Opens an image held in any [`Storage`] (for example [`crate::storage::MemStorage`]).
+    /// Relative backing file names are resolved against the current directory.
+    ///
+    /// # Errors
+    /// As for [`Image::open`].
+    pub fn open_storage(storage: Arc<dyn Storage>, opts: &OpenOptions) -> Result<Image> {
+        Self::open_inner(storage, None, opts)
+    }
+
+    fn open_inner(file: Arc<dyn Storage>, path: Option<PathBuf>, opts: &OpenOptions) -> Result<Image> {
+        let read_only = opts.is_read_only();
+        let file_len = file.len().map_err(|e| Error::io(IoOp::Read, 0, e))?;
+        let mut head = vec![0u8; file_len.min(MAX_HEADER_READ) as usize];
+        read_file(&*file, &mut head, 0)?;
+        let header = Header::decode(&head)?;
+        drop(head);
+        if header.incompatible_features & INCOMPAT_CORRUPT != 0 && !read_only && !opts.is_repair_mode() {
+            return Err(Error::ImageCorrupt);
+        }
+        if header.incompatible_features & INCOMPAT_DIRTY != 0 && !read_only && !opts.is_repair_mode() {
+            return Err(Error::Unsupported(
+                "the image is dirty (lazy refcounts); repair it with qcow2-check -r all".into(),
+            ));
+        }
+        let geom = Geometry::new(header.cluster_bits, header.is_extended_l2(), header.refcount_order);
+        let external_data = header.incompatible_features & INCOMPAT_DATA_FILE != 0;
+        let efmt = EntryFormat {
+            cluster_bits: header.cluster_bits,
+            version: header.version,
+            extended_l2: geom.extended_l2,
+            external_data,
+        };
+        // Tables must lie inside the file before anything is allocated for them.
+        let l1_bytes = u64::from(header.l1_size) * 8;
+        if l1_bytes > 0 && header.l1_table_offset.saturating_add(l1_bytes) > file_len {
+            return Err(crate::format::FormatError::invalid(
+                crate::format::Structure::L1Table,
+                Some(header.l1_table_offset),
+                "Active L1 table lies beyond the end of the file",
+            )
+            .into());
+        }
+        let rt_bytes = u64::from(header.refcount_table_clusters) << geom.cluster_bits;
+        if header.refcount_table_offset >= file_len {
+            return Err(crate::format::FormatError::invalid(
+                crate::format::Structure::RefcountTable,
+                Some(header.refcount_table_offset),
+                "Reference count table lies beyond the end of the file",
+            )
+            .into());
+        }
+        let mut l1_raw = vec![0u8; l1_bytes as usize];
+        read_file(&*file, &mut l1_raw, header.l1_table_offset)?;
+        let l1: Vec<u64> = l1_raw.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8]))).collect();
+        drop(l1_raw);
+        let mut rt_raw = vec![0u8; rt_bytes as usize];
+        read_file(&*file, &mut rt_raw, header.refcount_table_offset)?;
+        let reftable: Vec<u64> = rt_raw.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8]))).collect();
+        drop(rt_raw);
+
+        let cache = crate::options::cache_config(opts, header.size, geom.cluster_size, geom.l2_entry_bytes)
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let mut checker = OverlapChecker::new(opts.overlap_checks().mask(), geom.cluster_bits);
+        checker.set_active_l1(header.l1_table_offset, l1_bytes);
+        checker.set_refcount_table(header.refcount_table_offset, rt_bytes);
+        for e in &reftable {
+            let off = e & REFT_OFFSET_MASK;
+            if off != 0 && geom.is_aligned(off) {
+                checker.add_refcount_block(off);
+            }
+        }
+        for e in &l1 {
+            let off = e & L1E_OFFSET_MASK;
+            if off != 0 && geom.is_aligned(off) {
+                checker.add_active_l2(off);
+            }
+        }
+        let snapshots = crate::snapshot::load_snapshots(&*file, &header, file_len)?;
+        crate::snapshot::register_snapshots(&*file, &header, &snapshots, &mut checker, file_len)?;
+        if header.autoclear_features & AUTOCLEAR_BITMAPS != 0 {
+            checker.set_bitmap_directory(Some(match header.bitmaps() {
+                Some(b) => (b.bitmap_directory_offset, b.bitmap_directory_size),
+                None => (0, 0),
+            }));
+        }
+
+        let meta = Meta {
+            file: file.clone(),
+            geom,
+            efmt,
+            l1,
+            l1_dirty: Default::default(),
+            reftable,
+            reftable_dirty: Default::default(),
+            l2_cache: TableCache::new(cache.l2_slices, cache.l2_slice_bytes as usize),
+            rc_cache: TableCache::new(cache.refcount_blocks, geom.cluster_size as usize),
+            checker,
+            free_hint: 0,
+            file_end: file_len,
+            pending_frees: Vec::new(),
+            discard: DiscardPolicy {
+                request: opts.pass_discard_request_enabled(),
+                snapshot: opts.pass_discard_snapshot_enabled(),
+                other: opts.pass_discard_other_enabled(),
+            },
+            data_unsynced: false,
+            poisoned: false,
+            scratch: Vec::new(),
+            snapshots,
+            header,
+        };
+
+        let base_dir = path.as_deref().and_then(Path::parent).map(Path::to_path_buf);
+        let backing = Self::open_backing(&meta.header, base_dir.as_deref(), opts)?;
+        let (data, data_file_path) = if external_data {
+            let name = opts
+                .data_file_path()
+                .map(Path::to_path_buf)
+                .or_else(|| meta.header.data_file_name().map(PathBuf::from))
+                .ok_or_else(|| Error::InvalidArgument("'data-file' is required for this image".into()))?;
+            let resolved = resolve(base_dir.as_deref(), &name);
+            if opts.data_file_path().is_none() && !opts.backing().permits(&resolved) {
+                return Err(Error::BackingNotPermitted { path: resolved });
+            }
+            let s = FileStorage::open(&resolved, !read_only).map_err(|e| Error::Backing {
+                path: resolved.clone(),
+                source: Box::new(Error::io(IoOp::Read, 0, e)),
+            })?;
+            (Arc::new(s) as Arc<dyn Storage>, Some(resolved))
+        } else {
+            (file.clone(), None)
+        };
+
+        Ok(Image {
+            path,
+            file,
+            data,
+            data_file_path,
+            backing,
+            meta: Mutex::new(meta),
+            io_barrier: RwLock::new(()),
+            read_only,
+            gone: AtomicBool::new(false),
+            corruption_signalled: AtomicBool::new(false),
+            events: RwLock::new(None),
+            opts: opts.clone(),
+            geom,
+        })
+    }
+
+    fn open_backing(header: &Header, base: Option<&Path>, opts: &OpenOptions) -> Result<Option<Backing>> {
+        let Some(name) = header.backing_file.as_deref() else { return Ok(None) };
+        if !opts.follows_backing() {
+            return Ok(None);
+        }
+        let path = resolve(base, Path::new(name));
+        if !opts.backing().permits(&path) {
+            return Err(Error::BackingNotPermitted { path });
+        }
+        let wrap = |e: Error| Error::Backing { path: path.clone(), source: Box::new(e) };
+        let storage = FileStorage::open(&path, false).map_err(|e| wrap(Error::io(IoOp::Read, 0, e)))?;
+        let fmt = header.backing_format().map(str::to_owned);
+        let is_qcow2 = match fmt.as_deref() {
+            Some("raw") => false,
+            Some("qcow2") => true,
+            Some(other) => {
+                return Err(wrap(Error::Unsupported(format!("backing file format '{other}'"))));
+            }
+            None => {
+                let mut magic = [0u8; 4];
+                storage.read_at(&mut magic, 0).map_err(|e| wrap(Error::io(IoOp::Read, 0, e)))?;
+                u32::from_be_bytes(magic) == QCOW2_MAGIC
+            }
+        };
+        if is_qcow2 {
+            let bopts = opts.clone().read_only(true);
+            let img = Image::open_inner(Arc::new(storage), Some(path.clone()), &bopts).map_err(wrap)?;
+            Ok(Some(Backing::Qcow2(Box::new(img))))
+        } else {
+            let size = storage.len().map_err(|e| wrap(Error::io(IoOp::Read, 0, e)))?;
+            Ok(Some(Backing::Raw { storage: Arc::new(storage), size, path }))
+        }
+    }
+
+    // ------------------------------------------------------------------
+    // Accessors.
+    // ------------------------------------------------------------------
+
+    /// Virtual disk size in bytes.
+    pub fn size(&self) -> u64 {
+        self.meta.lock().map(|m| m.header.size).unwrap_or(0)
+    }
+
+    /// Cluster size in bytes.
+    pub fn cluster_size(&self) -> u64 {
+        self.geom.cluster_size
+    }
+
+    /// A copy of the current header.
+    pub fn header(&self) -> Header {
+        self.meta.lock().map(|m| m.header.clone()).unwrap_or_else(|p| p.into_inner().header.clone())
+    }
+
+    /// The path the image was opened from, if any.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// The backing image, if one was opened.
+    pub fn backing(&self) -> Option<&Backing> {
+        self.backing.as_ref()
+    }
+
+    /// The external data file, if the image has one.
+    pub fn data_file_path(&self) -> Option<&Path> {
+        self.data_file_path.as_deref()
+    }
+
+    /// Whether the handle is read-only.
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// Whether a fatal corruption event disabled this handle.
+    pub fn is_disabled(&self) -> bool {
+        self.gone.load(Ordering::SeqCst)
+    }
+
+    /// The image file's storage.
+    pub fn storage(&self) -> &Arc<dyn Storage> {
+        &self.file
+    }
+
+    /// Hit/miss counters of the L2 cache and the refcount cache.
+    pub fn cache_stats(&self) -> (CacheStats, CacheStats) {
+        match self.meta.lock() {
+            Ok(m) => (m.l2_cache.stats(), m.rc_cache.stats()),
+            Err(_) => Default::default(),
+        }
+    }
+
+    /// The options the image was opened with.
+    pub fn options(&self) -> &OpenOptions {
+        &self.opts
+    }
+
+    /// Registers the callback that receives [`Event`]s (replacing any earlier one).
+    pub fn on_event(&self, sink: impl Fn(&Event) + Send + Sync + 'static) {
+        if let Ok(mut e) = self.events.write() {
+            *e = Some(Arc::new(sink));
+        }
+    }
+
+    // ------------------------------------------------------------------
+    // Error handling: corruption and I/O error events.
+    // ------------------------------------------------------------------
+
+    fn emit(&self, ev: Event) {
+        if let Ok(e) = self.events.read() {
+            if let Some(sink) = e.as_ref() {
+                sink(&ev);
+            }
+        }
+    }
+
+    fn lock(&self) -> Result<MutexGuard<'_, Meta>> {
+        if self.gone.load(Ordering::SeqCst) {
+            return Err(Error::MediumGone);
+        }
+        let m = self.meta.lock().map_err(|_| Error::PreviousIoFailed)?;
+        if m.poisoned {
+            return Err(Error::PreviousIoFailed);
+        }
+        Ok(m)
+    }
+
+    /// Turns an internal error into what the caller sees, raising events:
+    /// corruption is signalled as QEMU does, I/O errors raise `IoError`.
+    fn fail(&self, meta: &mut Meta, e: Error, op: IoOperation) -> Error {
+        match &e {
+            Error::OverlapPrevented { kind, offset, size } => {
+                let msg = format!("Preventing invalid write on metadata (overlaps with {})", kind.qemu_name());
+                self.signal_corruption(meta, msg, Some(*offset), Some(*size), true);
+            }
+            Error::Corrupt { msg, .. } => {
+                self.signal_corruption(meta, msg.clone(), None, None, true);
+            }
+            Error::Io { source, .. } => {
+                let nospace = source.raw_os_error() == Some(libc::ENOSPC);
+                let policy = match op {
+                    IoOperation::Read => self.opts.rerror_policy(),
+                    IoOperation::Write => self.opts.werror_policy(),
+                };
+                let action = match policy.action_for(nospace) {
+                    crate::options::ErrorAction::Ignore => ErrorAction::Ignore,
+                    crate::options::ErrorAction::Report => ErrorAction::Report,
+                    crate::options::ErrorAction::Stop => ErrorAction::Stop,
+                };
+                self.emit(Event::IoError {
+                    node_name: self.opts.node_name_str().map(str::to_owned),
+                    operation: op,
+                    action,
+                    nospace,
+                    reason: e.errno_text(),
+                });
+            }
+            _ => {}
+        }
+        e
+    }
+
+    fn signal_corruption(&self, meta: &mut Meta, msg: String, offset: Option<u64>, size: Option<u64>, fatal: bool) {
+        let fatal = fatal && !self.read_only;
+        let already = self.corruption_signalled.load(Ordering::SeqCst);
+        if already && (!fatal || meta.header.incompatible_features & INCOMPAT_CORRUPT != 0) {
+            if fatal {
+                self.gone.store(true, Ordering::SeqCst);
+            }
+            return;
+        }
+        self.emit(Event::ImageCorrupted {
+            node_name: self.opts.node_name_str().map(str::to_owned),
+            msg,
+            offset,
+            size,
+            fatal,
+        });
+        if fatal {
+            meta.header.incompatible_features |= INCOMPAT_CORRUPT;
+            // Best effort: the handle is disabled whether or not the bit sticks.
+            let _ = meta.write_incompatible_features();
+            self.gone.store(true, Ordering::SeqCst);
+        }
+        self.corruption_signalled.store(true, Ordering::SeqCst);
+    }
+
+    fn check_range(&self, size: u64, offset: u64, len: u64) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(Error::OutOfRange { offset, len, size }),
+        }
+    }
+
+    // ------------------------------------------------------------------
+    // Reads.
+    // ------------------------------------------------------------------
+
+    /// Reads `buf.len()` bytes of the virtual disk at guest offset `offset`.
+    ///
+    /// # Errors
+    /// `Error::OutOfRange` past the end of the disk; `Error::Corrupt` when the
+    /// tables on the way are corrupt (the image is marked corrupt when it is
+    /// writable, see [`Event::ImageCorrupted`]); I/O errors;
+    /// `Error::MediumGone` after a fatal corruption event.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let g = offset + done as u64;
+            let mut meta = self.lock()?;
+            if done == 0 {
+                self.check_range(meta.header.size, offset, buf.len() as u64)?;
+            }
+            let rem = (buf.len() - done) as u64;
+            let (ext, len) = match meta.map_extent(g, rem) {
+                Ok(x) => x,
+                Err(e) => return Err(self.fail(&mut meta, e, IoOperation::Read)),
+            };
+            let chunk = &mut buf[done..done + len as usize];
+            let r = match ext {
+                Extent::Data { host } => {
+                    let _io = self.io_barrier.read().map_err(|_| Error::PreviousIoFailed)?;
+                    drop(meta);
+                    read_file(&*self.data, chunk, host)
+                }
+                Extent::Zero { .. } => {
+                    drop(meta);
+                    chunk.fill(0);
+                    Ok(())
+                }
+                Extent::Unallocated => {
+                    drop(meta);
+                    self.read_backing(chunk, g)
+                }
+                Extent::Compressed { offset: coff, len: clen } => {
+                    let _io = self.io_barrier.read().map_err(|_| Error::PreviousIoFailed)?;
+                    drop(meta);
+                    let in_cluster = (g & (self.geom.cluster_size - 1)) as usize;
+                    self.read_compressed(coff, clen).map(|data| {
+                        chunk.copy_from_slice(&data[in_cluster..in_cluster + chunk.len()]);
+                    })
+                }
+            };
+            if let Err(e) = r {
+                let mut meta = self.meta.lock().map_err(|_| Error::PreviousIoFailed)?;
+                return Err(self.fail(&mut meta, e, IoOperation::Read));
+            }
+            done += len as usize;
+        }
+        Ok(())
+    }
+
+    fn read_backing(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        match &self.backing {
+            Some(b) => b.read_at(buf, offset),
+            None => {
+                buf.fill(0);
+                Ok(())
+            }
+        }
+    }
+
+    /// Reads and decompresses one compressed cluster.
+    fn read_compressed(&self, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let cs = self.geom.cluster_size as usize;
+        let corrupt = |why: &str| Error::Corrupt {
+            what: "compressed cluster",
+            offset,
+            msg: format!("Invalid compressed cluster at host offset {offset:#x}: {why}"),
+        };
+        let mut input = vec![0u8; len as usize];
+        read_file(&*self.file, &mut input, offset)?;
+        let ctype = self.header_compression_type();
+        crate::compress::decompress(ctype, &input, cs).map_err(|e| corrupt(&e))
+    }
+
+    fn header_compression_type(&self) -> u8 {
+        self.meta.lock().map(|m| m.header.compression_type).unwrap_or(0)
+    }
+
+    /// Describes the run of guest bytes starting at `offset` (at most `len`):
+    /// what it maps to in this image (not looking into backing files).
+    ///
+    /// # Errors
+    /// As for [`Image::read_at`].
+    pub fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
+        let mut meta = self.lock()?;
+        self.check_range(meta.header.size, offset, len)?;
+        match meta.map_extent(offset, len) {
+            Ok((extent, len)) => Ok(BlockStatus { len, extent }),
+            Err(e) => Err(self.fail(&mut meta, e, IoOperation::Read)),
+        }
+    }
+
+    /// Whether the host range `[offset, offset+len)` of the data file is a hole
+    /// (used by `map` for preallocated metadata).
+    pub fn data_is_hole(&self, offset: u64, len: u64) -> bool {
+        self.data.is_hole(offset, len).unwrap_or(false)
+    }
+
+    // ------------------------------------------------------------------
+    // Writes.
+    // ------------------------------------------------------------------
+
+    fn writable(&self) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        Ok(())
+    }
+
+    /// Work done once before the first write of a handle: clear autoclear
+    /// bits this crate does not maintain (bitmaps become inconsistent as
+    /// soon as we write, so the bitmaps bit is cleared too).
+    fn before_first_write(&self, meta: &mut Meta) -> Result<()> {
+        let keep = AUTOCLEAR_DATA_FILE_RAW;
+        if meta.header.autoclear_features & !keep != 0 {
+            meta.header.autoclear_features &= keep;
+            meta.write_autoclear_features()?;
+            meta.checker.set_bitmap_directory(None);
+        }
+        Ok(())
+    }
+
+    /// Writes `buf` at guest offset `offset`.
+    ///
+    /// # Errors
+    /// `Error::ReadOnly`, `Error::OutOfRange`, `Error::OverlapPrevented` when
+    /// the write would overwrite metadata (the image is then marked corrupt and
+    /// the handle disabled), `Error::Corrupt`, I/O errors.
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.writable()?;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let g = offset + done as u64;
+            let mut meta = self.lock()?;
+            if done == 0 {
+                self.check_range(meta.header.size, offset, buf.len() as u64)?;
+                if let Err(e) = self.before_first_write(&mut meta) {
+                    return Err(self.fail(&mut meta, e, IoOperation::Write));
+                }
+            }
+            let rest = &buf[done..];
+            let step = match self.write_step(&mut meta, g, rest) {
+                Ok(s) => s,
+                Err(e) => return Err(self.fail(&mut meta, e, IoOperation::Write)),
+            };
+            match step {
+                WriteStep::InPlace { host, len } => {
+                    let _io = self.io_barrier.read().map_err(|_| Error::PreviousIoFailed)?;
+                    drop(meta);
+                    if let Err(e) = write_file(&*self.data, &rest[..len as usize], host) {
+                        let mut meta = self.meta.lock().map_err(|_| Error::PreviousIoFailed)?;
+                        return Err(self.fail(&mut meta, e, IoOperation::Write));
+                    }
+                    done += len as usize;
+                }
+                WriteStep::Done { len } => {
+                    done += len as usize;
+                    if meta.pending_frees.len() > MAX_PENDING_FREES {
+                        if let Err(e) = self.flush_locked(&mut meta) {
+                            return Err(self.fail(&mut meta, e, IoOperation::Write));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One step of a write: either an in-place run (done by the caller
+    /// outside the lock) or an allocating write (done here, under the lock).
+    fn write_step(&self, meta: &mut Meta, g: u64, data: &[u8]) -> Result<WriteStep> {
+        let geom = self.geom;
+        let cs = geom.cluster_size;
+        let slice_entries = meta.slice_entries();
+        let cluster = g >> geom.cluster_bits;
+        let slice_end = ((cluster | (slice_entries - 1)) + 1) << geom.cluster_bits;
+        let len = (data.len() as u64).min(slice_end - g);
+        let l1i = geom.l1_index(g);
+
+        // Fast path: the first cluster can be overwritten in place.
+        let (table, table_copied) = meta.l2_table_offset(l1i)?;
+        if table != 0 && table_copied {
+            let mut run = 0u64;
+            let mut host0 = 0u64;
+            while run < len {
+                let gg = g + run;
+                let slot = meta.l2_slot(table, gg);
+                meta.load_l2_slice(slot.slice)?;
+                let (e, b) = meta.decode_l2(meta.read_slot(&slot), &slot)?;
+                let in_c = gg & (cs - 1);
+                let n = (cs - in_c).min(len - run);
+                let host = match e {
+                    L2Entry::Normal { host, copied: true }
+                        if !geom.extended_l2 || subclusters_allocated(&geom, b, in_c, n) =>
+                    {
+                        host
+                    }
+                    _ => break,
+                };
+                if run == 0 {
+                    host0 = host + in_c;
+                } else if host + in_c != host0 + run {
+                    break;
+                }
+                run += n;
+            }
+            if run > 0 {
+                if !meta.efmt.external_data {
+                    meta.gate_check(host0, run, 0)?;
+                }
+                return Ok(WriteStep::InPlace { host: host0, len: run });
+            }
+        }
+        let written = self.allocating_write(meta, g, &data[..len as usize])?;
+        Ok(WriteStep::Done { len: written })
+    }
+
+    /// Allocates clusters for (a prefix of) `data` at guest offset `g`,
+    /// copying the untouched parts of partially written clusters from their
+    /// old content, writes the data and updates the L2 entries. Returns how
+    /// many bytes were written.
+    fn allocating_write(&self, meta: &mut Meta, g: u64, data: &[u8]) -> Result<u64> {
+        let geom = self.geom;
+        let cs = geom.cluster_size;
+        let len = data.len() as u64;
+        let table = meta.writable_l2_table(geom.l1_index(g))?;
+        let c0 = g >> geom.cluster_bits;
+        let c_last = (g + len - 1) >> geom.cluster_bits;
+
+        // Classify clusters from c0: a run of clusters that all need a new host cluster.
+        let mut plans: Vec<ClusterPlan> = Vec::new();
+        for c in c0..=c_last {
+            let cg = c << geom.cluster_bits;
+            let slot = meta.l2_slot(table, cg);
+            meta.load_l2_slice(slot.slice)?;
+            let (e, b) = meta.decode_l2(meta.read_slot(&slot), &slot)?;
+            let lo_w = g.max(cg) - cg;
+            let hi_w = (g + len).min(cg + cs) - cg;
+            let reuse = match e {
+                L2Entry::Normal { host, copied: true } => Some(host),
+                L2Entry::Zero { host: Some(host), copied: true } => Some(host),
+                _ => None,
+            };
+            if meta.efmt.external_data {
+                // Data file clusters are mapped 1:1 and never refcounted.
+                plans.push(ClusterPlan { guest: cg, old: e, bitmap: b, host: Some(cg), lo_w, hi_w, slot });
+                continue;
+            }
+            if reuse.is_some() && c != c0 {
+                break; // handled by a later step (in place or reuse)
+            }
+            plans.push(ClusterPlan { guest: cg, old: e, bitmap: b, host: reuse, lo_w, hi_w, slot });
+            if reuse.is_some() {
+                break;
+            }
+        }
+        // Allocate the clusters that need it, contiguously.
+        let need = plans.iter().filter(|p| p.host.is_none()).count() as u64;
+        if need > 0 {
+            let first = meta.alloc_clusters(need)?;
+            let mut k = 0;
+            for p in plans.iter_mut().filter(|p| p.host.is_none()) {
+                p.host = Some(first + k * cs);
+                k += 1;
+            }
+        }
+        // Write each cluster's range: [lo, hi) within the cluster.
+        let mut written = 0u64;
+        let mut buf = std::mem::take(&mut meta.scratch);
+        for p in &plans {
+            let host = p.host.unwrap_or(0);
+            let fresh = !matches!(p.old, L2Entry::Normal { copied: true, .. } | L2Entry::Zero { copied: true, host: Some(_) })
+                || meta.efmt.external_data;
+            let (lo, hi) = self.cow_range(p, fresh);
+            buf.clear();
+            buf.resize((hi - lo) as usize, 0);
+            // Old content for the parts outside the write.
+            let r = self.fill_old(meta, p, lo, p.lo_w, &mut buf[..(p.lo_w - lo) as usize])
+                .and_then(|_| {
+                    let tail = (p.hi_w - lo) as usize;
+                    self.fill_old(meta, p, p.hi_w, hi, &mut buf[tail..])
+                });
+            if let Err(e) = r {
+                meta.scratch = buf;
+                return Err(e);
+            }
+            let src = &data[(p.guest + p.lo_w - g) as usize..(p.guest + p.hi_w - g) as usize];
+            buf[(p.lo_w - lo) as usize..(p.hi_w - lo) as usize].copy_from_slice(src);
+            // Skip writing zero COW regions into space past the end of the file.
+            let (mut wlo, mut whi) = (lo, hi);
+            if host + lo >= meta.file_end && !meta.efmt.external_data {
+                let bytes = &buf[..];
+                let head_zero = bytes[..(p.lo_w - lo) as usize].iter().all(|b| *b == 0);
+                if head_zero {
+                    wlo = p.lo_w;
+                }
+                if bytes[(p.hi_w - lo) as usize..].iter().all(|b| *b == 0) {
+                    whi = p.hi_w;
+                }
+            }
+            let out = &buf[(wlo - lo) as usize..(whi - lo) as usize];
+            let r = if meta.efmt.external_data {
+                write_file(&*self.data, out, host + wlo)
+            } else {
+                meta.gate_write(out, host + wlo, None)
+            };
+            if let Err(e) = r {
+                meta.scratch = buf;
+                return Err(e);
+            }
+            meta.data_unsynced = true;
+            // Update the entry.
+            let new = self.new_entry(p, host, lo, hi);
+            meta.write_slot(&p.slot, new);
+            // Drop the old reference.
+            if !meta.efmt.external_data {
+                match p.old {
+                    L2Entry::Normal { host: h, copied: false } | L2Entry::Zero { host: Some(h), copied: false } => {
+                        meta.queue_free(h, DiscardType::Other)
+                    }
+                    L2Entry::Compressed { .. } => {
+                        if let Some((o, l)) = p.old.compressed_range() {
+                            meta.queue_free_compressed(o, l, DiscardType::Other);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            written += p.hi_w - p.lo_w;
+        }
+        meta.scratch = buf;
+        Ok(written)
+    }
+
+    /// The byte range of the cluster to write: the whole cluster for standard
+    /// L2 (so no stale bytes become visible), the touched subclusters with
+    /// extended L2 when the cluster had no data to carry over.
+    fn cow_range(&self, p: &ClusterPlan, _fresh: bool) -> (u64, u64) {
+        let geom = self.geom;
+        let cs = geom.cluster_size;
+        if !geom.extended_l2 {
+            return (0, cs);
+        }
+        let carries_data = match p.old {
+            L2Entry::Compressed { .. } => true,
+            L2Entry::Normal { copied, .. } => !copied,
+            _ => false,
+        };
+        if carries_data {
+            return (0, cs);
+        }
+        let scs = geom.subcluster_size();
+        (p.lo_w & !(scs - 1), (p.hi_w + scs - 1) & !(scs - 1))
+    }
+
+    fn new_entry(&self, p: &ClusterPlan, host: u64, lo: u64, hi: u64) -> RawL2 {
+        let geom = self.geom;
+        let word = host | OFLAG_COPIED;
+        if !geom.extended_l2 {
+            return RawL2 { word, bitmap: 0 };
+        }
+        let scs = geom.subcluster_size();
+        let touched = range_mask(lo / scs, hi.div_ceil(scs));
+        let (alloc, zero) = match p.old {
+            L2Entry::Compressed { .. } => (u32::MAX, 0),
+            L2Entry::Normal { .. } => (p.bitmap.alloc() | touched, p.bitmap.zero() & !touched),
+            _ => (touched, p.bitmap.zero() & !touched),
+        };
+        RawL2 { word, bitmap: Subclusters::from_parts(alloc, zero).0 }
+    }
+
+    /// Fills `out` with the current guest view of `[from, to)` within the
+    /// cluster of plan `p` (old data, backing data or zeroes).
+    fn fill_old(&self, meta: &mut Meta, p: &ClusterPlan, from: u64, to: u64, out: &mut [u8]) -> Result<()> {
+        if from >= to {
+            return Ok(());
+        }
+        let geom = self.geom;
+        match p.old {
+            L2Entry::Compressed { .. } => {
+                let (o, l) = p.old.compressed_range().unwrap_or((0, 0));
+                let data = self.read_compressed(o, l)?;
+                out.copy_from_slice(&data[from as usize..to as usize]);
+                Ok(())
+            }
+            _ => {
+                let unit = geom.subcluster_size();
+                let mut pos = from;
+                while pos < to {
+                    let n = ((pos | (unit - 1)) + 1).min(to) - pos;
+                    let dst = &mut out[(pos - from) as usize..(pos - from + n) as usize];
+                    let sc = ((pos >> geom.subcluster_bits) & 31) as u32;
+                    match crate::format::entry::subcluster_state(p.old, p.bitmap, sc, geom.extended_l2, unit) {
+                        crate::format::entry::SubclusterState::Data(h) => {
+                            read_file(&*self.data, dst, h + (pos & (unit - 1)))?
+                        }
+                        crate::format::entry::SubclusterState::Unallocated => {
+                            self.read_backing(dst, p.guest + pos)?
+                        }
+                        _ => dst.fill(0),
+                    }
+                    pos += n;
+                }
+                let _ = meta;
+                Ok(())
+            }
+        }
+    }
+
+    /// Flushes every dirty table in the crash-safe order and syncs the file.
+    ///
+    /// # Errors
+    /// I/O errors (the handle is then poisoned: reopen the image).
+    pub fn flush(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        let mut meta = self.lock()?;
+        match self.flush_locked(&mut meta) {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.fail(&mut meta, e, IoOperation::Write)),
+        }
+    }
+
+    fn flush_locked(&self, meta: &mut Meta) -> Result<()> {
+        // Wait until no data I/O that translated earlier is in flight, so
+        // freed clusters can be reused.
+        let _barrier = self.io_barrier.write().map_err(|_| Error::PreviousIoFailed)?;
+        meta.flush_all(true)?;
+        if !Arc::ptr_eq(&self.data, &self.file) {
+            self.data.flush().map_err(|e| Error::io(IoOp::Flush, 0, e))?;
+        }
+        Ok(())
+    }
+
+    /// Flushes and closes the image.
+    ///
+    /// # Errors
+    /// As for [`Image::flush`].
+    pub fn close(self) -> Result<()> {
+        self.flush()
+    }
+
+    // ------------------------------------------------------------------
+    // Discard and write-zeroes.
+    // ------------------------------------------------------------------
+
+    /// Discards guest range `[offset, offset+len)`: whole clusters only
+    /// (partial clusters at the edges are ignored, except a partial last
+    /// cluster of the disk). v3 images read zeroes afterwards, v2 images fall
+    /// back to the backing file (as QEMU does).
+    ///
+    /// # Errors
+    /// As for [`Image::write_at`].
+    pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.writable()?;
+        let mut meta = self.lock()?;
+        self.check_range(meta.header.size, offset, len)?;
+        let r = self.before_first_write(&mut meta).and_then(|_| self.discard_locked(&mut meta, offset, len, false));
+        match r {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.fail(&mut meta, e, IoOperation::Write)),
+        }
+    }
+
+    fn discard_locked(&self, meta: &mut Meta, offset: u64, len: u64, full: bool) -> Result<()> {
+        let geom = self.geom;
+        let cs = geom.cluster_size;
+        let size = meta.header.size;
+        let start = offset.div_ceil(cs) * cs;
+        let mut end = (offset + len) & !(cs - 1);
+        if offset + len == size && size & (cs - 1) != 0 && offset <= size & !(cs - 1) {
+            end = size;
+        }
+        let v3 = meta.header.version >= 3;
+        let no_unref = self.opts.discard_no_unref_enabled() && v3;
+        let has_backing = meta.header.backing_file.is_some();
+        let mut g = start;
+        while g < end {
+            let (table, _) = meta.l2_table_offset(geom.l1_index(g))?;
+            if table == 0 {
+                g = ((geom.l1_index(g) + 1) << (geom.cluster_bits + geom.l2_bits)).min(end.max(g + cs));
+                continue;
+            }
+            let slot = meta.l2_slot(table, g);
+            meta.load_l2_slice(slot.slice)?;
+            let raw = meta.read_slot(&slot);
+            let (e, _b) = meta.decode_l2(raw, &slot)?;
+            let skip = !full
+                && v3
+                && match e {
+                    L2Entry::Zero { host: None, .. } => !geom.extended_l2,
+                    L2Entry::Unallocated => !has_backing && (!geom.extended_l2 || raw.bitmap == 0),
+                    _ => false,
+                };
+            if !skip && !(e == L2Entry::Unallocated && raw.bitmap == 0 && (full || !v3)) {
+                let table = meta.writable_l2_table(geom.l1_index(g))?;
+                let slot = meta.l2_slot(table, g);
+                meta.load_l2_slice(slot.slice)?;
+                let new = if full || !v3 {
+                    RawL2 { word: 0, bitmap: 0 }
+                } else if no_unref && e.host_cluster().is_some() {
+                    if geom.extended_l2 {
+                        RawL2 { word: raw.word, bitmap: Subclusters::ALL_ZERO.0 }
+                    } else {
+                        RawL2 { word: raw.word | OFLAG_ZERO, bitmap: 0 }
+                    }
+                } else if geom.extended_l2 {
+                    RawL2 { word: 0, bitmap: Subclusters::ALL_ZERO.0 }
+                } else {
+                    RawL2 { word: OFLAG_ZERO, bitmap: 0 }
+                };
+                meta.write_slot(&slot, new);
+                if no_unref && !full {
+                    if let Some(h) = e.host_cluster() {
+                        if meta.discard.request {
+                            let _ = meta.file.discard(h, cs);
+                        }
+                    }
+                } else {
+                    self.drop_reference(meta, e, DiscardType::Request);
+                }
+            }
+            g += cs;
+        }
+        if meta.pending_frees.len() > MAX_PENDING_FREES {
+            self.flush_locked(meta)?;
+        }
+        Ok(())
+    }
+
+    fn drop_reference(&self, meta: &mut Meta, e: L2Entry, dtype: DiscardType) {
+        if meta.efmt.external_data {
+            return;
+        }
+        match e {
+            L2Entry::Normal { host, .. } | L2Entry::Zero { host: Some(host), .. } => meta.queue_free(host, dtype),
+            L2Entry::Compressed { .. } => {
+                if let Some((o, l)) = e.compressed_range() {
+                    meta.queue_free_compressed(o, l, dtype);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Writes zeroes to `[offset, offset+len)`. On v3 images whole clusters
+    /// (subclusters with extended L2) are zeroed in metadata only; with
+    /// `unmap` their host clusters are released. Partial clusters are written
+    /// as zero data.
+    ///
+    /// # Errors
+    /// As for [`Image::write_at`].
+    pub fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        self.writable()?;
+        {
+            let meta = self.lock()?;
+            self.check_range(meta.header.size, offset, len)?;
+        }
+        let geom = self.geom;
+        let (v3, raw_data) = {
+            let m = self.lock()?;
+            (m.header.version >= 3, m.header.autoclear_features & AUTOCLEAR_DATA_FILE_RAW != 0)
+        };
+        if !v3 || raw_data {
+            return self.write_zero_data(offset, len);
+        }
+        let unit = geom.subcluster_size();
+        let a = offset.div_ceil(unit) * unit;
+        let b = (offset + len) & !(unit - 1);
+        if a >= b {
+            return self.write_zero_data(offset, len);
+        }
+        if offset < a {
+            self.write_zero_data(offset, a - offset)?;
+        }
+        {
+            let mut meta = self.lock()?;
+            let r = self.before_first_write(&mut meta).and_then(|_| self.zero_locked(&mut meta, a, b, unmap));
+            if let Err(e) = r {
+                return Err(self.fail(&mut meta, e, IoOperation::Write));
+            }
+        }
+        if b < offset + len {
+            self.write_zero_data(b, offset + len - b)?;
+        }
+        Ok(())
+    }
+
+    fn write_zero_data(&self, offset: u64, len: u64) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        // Skip ranges that already read as zero.
+        let mut buf = vec![0u8; len.min(1 << 20) as usize];
+        let mut pos = offset;
+        while pos < offset + len {
+            let n = (offset + len - pos).min(buf.len() as u64) as usize;
+            self.read_at(&mut buf[..n], pos)?;
+            if buf[..n].iter().any(|b| *b != 0) {
+                buf[..n].fill(0);
+                self.write_at(&buf[..n], pos)?;
+            }
+            pos += n as u64;
+        }
+        Ok(())
+    }
+
+    fn zero_locked(&self, meta: &mut Meta, start: u64, end: u64, unmap: bool) -> Result<()> {
+        let geom = self.geom;
+        let cs = geom.cluster_size;
+        let mut g = start;
+        while g < end {
+            let cg = g & !(cs - 1);
+            let upto = (cg + cs).min(end);
+            let table = meta.writable_l2_table(geom.l1_index(g))?;
+            let slot = meta.l2_slot(table, g);
+            meta.load_l2_slice(slot.slice)?;
+            let raw = meta.read_slot(&slot);
+            let (e, b) = meta.decode_l2(raw, &slot)?;
+            if geom.extended_l2 {
+                let scs = geom.subcluster_size();
+                let mask = range_mask((g - cg) / scs, (upto - cg).div_ceil(scs));
+                let whole = mask == u32::MAX;
+                let drop_host = match e {
+                    L2Entry::Compressed { .. } => true,
+                    L2Entry::Normal { copied, .. } => whole && (unmap || !copied),
+                    _ => false,
+                };
+                let new = if drop_host || matches!(e, L2Entry::Compressed { .. }) {
+                    if !whole {
+                        // Partial zeroing of a compressed/shared cluster: write zero data.
+                        let mut z = vec![0u8; (upto - g) as usize];
+                        z.fill(0);
+                        self.allocating_write(meta, g, &z)?;
+                        g = upto;
+                        continue;
+                    }
+                    RawL2 { word: 0, bitmap: Subclusters::ALL_ZERO.0 }
+                } else {
+                    let bm = Subclusters::from_parts(b.alloc() & !mask, b.zero() | mask);
+                    RawL2 { word: raw.word, bitmap: bm.0 }
+                };
+                if new != raw {
+                    meta.write_slot(&slot, new);
+                }
+                if drop_host {
+                    self.drop_reference(meta, e, DiscardType::Request);
+                }
+            } else {
+                let shared = matches!(e, L2Entry::Compressed { .. })
+                    || matches!(e, L2Entry::Normal { copied: false, .. } | L2Entry::Zero { copied: false, host: Some(_) });
+                let new = if unmap || shared {
+                    RawL2 { word: OFLAG_ZERO, bitmap: 0 }
+                } else {
+                    match e {
+                        L2Entry::Normal { .. } | L2Entry::Zero { .. } => RawL2 { word: raw.word | OFLAG_ZERO, bitmap: 0 },
+                        _ => RawL2 { word: OFLAG_ZERO, bitmap: 0 },
+                    }
+                };
+                if new != raw {
+                    meta.write_slot(&slot, new);
+                    if unmap || shared {
+                        self.drop_reference(meta, e, DiscardType::Request);
+                    }
+                }
+            }
+            g = upto;
+        }
+        if meta.pending_frees.len() > MAX_PENDING_FREES {
+            self.flush_locked(meta)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        if !self.read_only && !self.gone.load(Ordering::SeqCst) {
+            // Best effort; callers who care use close() or flush().
+            let _ = self.flush();
+        }
+    }
+}
+
+/// One guest cluster of an allocating write.
+#[derive(Debug, Clone, Copy)]
+struct ClusterPlan {
+    guest: u64,
+    old: L2Entry,
+    bitmap: Subclusters,
+    host: Option<u64>,
+    /// Range written by the guest within the cluster.
+    lo_w: u64,
+    hi_w: u64,
+    slot: crate::meta::L2Slot,
+}
+
+enum WriteStep {
+    InPlace { host: u64, len: u64 },
+    Done { len: u64 },
+}
+
+fn range_mask(lo: u64, hi: u64) -> u32 {
+    let mut m = 0u32;
+    for i in lo..hi.min(32) {
+        m |= 1 << i;
+    }
+    m
+}
+
+fn subclusters_allocated(geom: &Geometry, b: Subclusters, in_c: u64, n: u64) -> bool {
+    let scs = geom.subcluster_size();
+    let mask = range_mask(in_c / scs, (in_c + n).div_ceil(scs));
+    b.alloc() & mask == mask
+}
+
+/// Resolves a file name stored in an image against the image's directory.
+pub(crate) fn resolve(base: Option<&Path>, name: &Path) -> PathBuf {
+    if name.is_absolute() {
+        return name.to_path_buf();
+    }
+    match base {
+        Some(b) if !b.as_os_str().is_empty() => b.join(name),
+        _ => name.to_path_buf(),
+    }
+}
+
+#[allow(dead_code)]
+fn _assert_send_sync() {
+    fn is<T: Send + Sync>() {}
+    is::<Image>();
+    let _ = MetadataKind::ALL;
+}
