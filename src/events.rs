@@ -14,17 +14,7 @@ pub enum IoOperation {
     Write,
 }
 
-/// What the embedder should do about an I/O error (`BlockErrorAction`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ErrorAction {
-    /// Pretend it succeeded.
-    Ignore,
-    /// Report the error to the guest.
-    Report,
-    /// Stop the VM.
-    Stop,
-}
+pub use crate::options::ErrorAction;
 
 /// An event of an open image.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]

@@ -16,7 +16,7 @@
 //! outside-the-lock data transfer holds for reading.
 
 use crate::error::{Error, IoOp, Result};
-use crate::events::{ErrorAction, Event, EventSink, IoOperation};
+use crate::events::{Event, EventSink, IoOperation};
 use crate::format::consts::*;
 use crate::format::entry::{EntryFormat, L2Entry, Subclusters};
 use crate::format::header::Header;
@@ -128,9 +128,33 @@ impl Image {
     /// open of an image marked corrupt, backing file errors).
     pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Image> {
         let path = path.as_ref();
-        let file = FileStorage::open(path, !opts.is_read_only())
+        let file = FileStorage::open(path, !opts.get_read_only())
             .map_err(|e| Error::io(IoOp::Read, 0, e))?;
-        Self::open_inner(Arc::new(file), Some(path.to_path_buf()), opts)
+        Self::open_inner(Arc::new(file), Some(path.to_path_buf()), opts, OpenMode::default())
+    }
+
+    /// Opens the image at `path` without opening its backing file: clusters
+    /// not allocated in this image read as zeroes. For inspecting an image
+    /// whose backing chain is missing or untrusted (like `qemu-img info`).
+    ///
+    /// # Errors
+    /// As for [`Image::open`].
+    pub fn open_without_backing(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Image> {
+        let path = path.as_ref();
+        let file = FileStorage::open(path, !opts.get_read_only())
+            .map_err(|e| Error::io(IoOp::Read, 0, e))?;
+        let mode = OpenMode { skip_backing: true, ..Default::default() };
+        Self::open_inner(Arc::new(file), Some(path.to_path_buf()), opts, mode)
+    }
+
+    /// Opens for checking or repair: corrupt and dirty images open read-write.
+    pub(crate) fn open_with_mode(
+        file: Arc<dyn Storage>,
+        path: Option<PathBuf>,
+        opts: &OpenOptions,
+        mode: OpenMode,
+    ) -> Result<Image> {
+        Self::open_inner(file, path, opts, mode)
     }
 
     /// Opens an image held in any [`Storage`] (for example [`crate::storage::MemStorage`]).
@@ -139,20 +163,25 @@ impl Image {
     /// # Errors
     /// As for [`Image::open`].
     pub fn open_storage(storage: Arc<dyn Storage>, opts: &OpenOptions) -> Result<Image> {
-        Self::open_inner(storage, None, opts)
+        Self::open_inner(storage, None, opts, OpenMode::default())
     }
 
-    fn open_inner(file: Arc<dyn Storage>, path: Option<PathBuf>, opts: &OpenOptions) -> Result<Image> {
-        let read_only = opts.is_read_only();
+    fn open_inner(
+        file: Arc<dyn Storage>,
+        path: Option<PathBuf>,
+        opts: &OpenOptions,
+        mode: OpenMode,
+    ) -> Result<Image> {
+        let read_only = opts.get_read_only();
         let file_len = file.len().map_err(|e| Error::io(IoOp::Read, 0, e))?;
         let mut head = vec![0u8; file_len.min(MAX_HEADER_READ) as usize];
         read_file(&*file, &mut head, 0)?;
         let header = Header::decode(&head)?;
         drop(head);
-        if header.incompatible_features & INCOMPAT_CORRUPT != 0 && !read_only && !opts.is_repair_mode() {
+        if header.incompatible_features & INCOMPAT_CORRUPT != 0 && !read_only && !mode.repair {
             return Err(Error::ImageCorrupt);
         }
-        if header.incompatible_features & INCOMPAT_DIRTY != 0 && !read_only && !opts.is_repair_mode() {
+        if header.incompatible_features & INCOMPAT_DIRTY != 0 && !read_only && !mode.repair {
             return Err(Error::Unsupported(
                 "the image is dirty (lazy refcounts); repair it with qcow2-check -r all".into(),
             ));
@@ -195,7 +224,7 @@ impl Image {
 
         let cache = crate::options::cache_config(opts, header.size, geom.cluster_size, geom.l2_entry_bytes)
             .map_err(|e| Error::InvalidArgument(e.to_string()))?;
-        let mut checker = OverlapChecker::new(opts.overlap_checks().mask(), geom.cluster_bits);
+        let mut checker = OverlapChecker::new(opts.get_overlap_check().mask(), geom.cluster_bits);
         checker.set_active_l1(header.l1_table_offset, l1_bytes);
         checker.set_refcount_table(header.refcount_table_offset, rt_bytes);
         for e in &reftable {
@@ -234,9 +263,9 @@ impl Image {
             file_end: file_len,
             pending_frees: Vec::new(),
             discard: DiscardPolicy {
-                request: opts.pass_discard_request_enabled(),
-                snapshot: opts.pass_discard_snapshot_enabled(),
-                other: opts.pass_discard_other_enabled(),
+                request: opts.get_pass_discard_request(),
+                snapshot: opts.get_pass_discard_snapshot(),
+                other: opts.get_pass_discard_other(),
             },
             data_unsynced: false,
             poisoned: false,
@@ -246,7 +275,7 @@ impl Image {
         };
 
         let base_dir = path.as_deref().and_then(Path::parent).map(Path::to_path_buf);
-        let backing = Self::open_backing(&meta.header, base_dir.as_deref(), opts)?;
+        let backing = if mode.skip_backing { None } else { Self::open_backing(&meta.header, base_dir.as_deref(), opts)? };
         let (data, data_file_path) = if external_data {
             let name = opts
                 .data_file_path()
@@ -254,7 +283,7 @@ impl Image {
                 .or_else(|| meta.header.data_file_name().map(PathBuf::from))
                 .ok_or_else(|| Error::InvalidArgument("'data-file' is required for this image".into()))?;
             let resolved = resolve(base_dir.as_deref(), &name);
-            if opts.data_file_path().is_none() && !opts.backing().permits(&resolved) {
+            if opts.get_data_file().is_none() && !opts.get_backing_policy().permits(&resolved) {
                 return Err(Error::BackingNotPermitted { path: resolved });
             }
             let s = FileStorage::open(&resolved, !read_only).map_err(|e| Error::Backing {
@@ -285,11 +314,8 @@ impl Image {
 
     fn open_backing(header: &Header, base: Option<&Path>, opts: &OpenOptions) -> Result<Option<Backing>> {
         let Some(name) = header.backing_file.as_deref() else { return Ok(None) };
-        if !opts.follows_backing() {
-            return Ok(None);
-        }
         let path = resolve(base, Path::new(name));
-        if !opts.backing().permits(&path) {
+        if !opts.get_backing_policy().permits(&path) {
             return Err(Error::BackingNotPermitted { path });
         }
         let wrap = |e: Error| Error::Backing { path: path.clone(), source: Box::new(e) };
@@ -309,7 +335,8 @@ impl Image {
         };
         if is_qcow2 {
             let bopts = opts.clone().read_only(true);
-            let img = Image::open_inner(Arc::new(storage), Some(path.clone()), &bopts).map_err(wrap)?;
+            let img = Image::open_inner(Arc::new(storage), Some(path.clone()), &bopts, OpenMode::default())
+                .map_err(wrap)?;
             Ok(Some(Backing::Qcow2(Box::new(img))))
         } else {
             let size = storage.len().map_err(|e| wrap(Error::io(IoOp::Read, 0, e)))?;
@@ -423,16 +450,12 @@ impl Image {
             Error::Io { source, .. } => {
                 let nospace = source.raw_os_error() == Some(libc::ENOSPC);
                 let policy = match op {
-                    IoOperation::Read => self.opts.rerror_policy(),
-                    IoOperation::Write => self.opts.werror_policy(),
+                    IoOperation::Read => self.opts.get_rerror(),
+                    IoOperation::Write => self.opts.get_werror(),
                 };
-                let action = match policy.action_for(nospace) {
-                    crate::options::ErrorAction::Ignore => ErrorAction::Ignore,
-                    crate::options::ErrorAction::Report => ErrorAction::Report,
-                    crate::options::ErrorAction::Stop => ErrorAction::Stop,
-                };
+                let action = policy.action_for(nospace);
                 self.emit(Event::IoError {
-                    node_name: self.opts.node_name_str().map(str::to_owned),
+                    node_name: self.opts.get_node_name().map(str::to_owned),
                     operation: op,
                     action,
                     nospace,
@@ -454,7 +477,7 @@ impl Image {
             return;
         }
         self.emit(Event::ImageCorrupted {
-            node_name: self.opts.node_name_str().map(str::to_owned),
+            node_name: self.opts.get_node_name().map(str::to_owned),
             msg,
             offset,
             size,
@@ -959,7 +982,7 @@ impl Image {
             end = size;
         }
         let v3 = meta.header.version >= 3;
-        let no_unref = self.opts.discard_no_unref_enabled() && v3;
+        let no_unref = self.opts.get_discard_no_unref() && v3;
         let has_backing = meta.header.backing_file.is_some();
         let mut g = start;
         while g < end {
@@ -1169,6 +1192,15 @@ impl Drop for Image {
     }
 }
 
+/// How an image is opened beyond its options.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct OpenMode {
+    /// Check/repair mode: corrupt and dirty images open read-write.
+    pub repair: bool,
+    /// Do not open the backing file.
+    pub skip_backing: bool,
+}
+
 /// One guest cluster of an allocating write.
 #[derive(Debug, Clone, Copy)]
 struct ClusterPlan {
@@ -1217,4 +1249,44 @@ fn _assert_send_sync() {
     fn is<T: Send + Sync>() {}
     is::<Image>();
     let _ = MetadataKind::ALL;
+}
+
+impl Image {
+    /// Grows the virtual disk to `new_size` bytes (a larger L1 table is
+    /// allocated when needed). Shrinking is refused here; see
+    /// [`Image::shrink`](Self::resize) once supported.
+    ///
+    /// # Errors
+    /// `Error::InvalidArgument` for a smaller size, `Error::TooLarge` when the
+    /// L1 table would exceed 32 MiB, I/O errors.
+    pub fn resize(&self, new_size: u64) -> Result<()> {
+        self.writable()?;
+        let mut meta = self.lock()?;
+        let r = (|| {
+            if new_size < meta.header.size {
+                return Err(Error::Unsupported("shrinking an image".into()));
+            }
+            if new_size > i64::MAX as u64 {
+                return Err(Error::InvalidArgument(
+                    "Invalid image size specified. Must be between 0 and 9223372036854775807.".into(),
+                ));
+            }
+            self.before_first_write(&mut meta)?;
+            let need = self.geom.l1_entries_for(new_size);
+            if need > (MAX_L1_BYTES / 8) {
+                return Err(Error::TooLarge(
+                    "The image size is too large for file format 'qcow2' (try using a larger cluster size)".into(),
+                ));
+            }
+            // Dirty tables must be durable before the L1 table moves.
+            meta.flush_all(false)?;
+            meta.grow_l1(need)?;
+            meta.write_size(new_size)?;
+            Ok(())
+        })();
+        match r {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.fail(&mut meta, e, IoOperation::Write)),
+        }
+    }
 }

@@ -837,3 +837,58 @@ pub(crate) fn read_file(file: &dyn Storage, buf: &mut [u8], offset: u64) -> Resu
 pub(crate) fn write_file(file: &dyn Storage, buf: &[u8], offset: u64) -> Result<()> {
     file.write_at(buf, offset).map_err(|e| Error::io(IoOp::Write, offset, e))
 }
+
+impl Meta {
+    /// Replaces the active L1 table by a larger one of exactly `entries`
+    /// entries at a new place: the new table is written and synced, then the
+    /// header switched (`l1_size` + `l1_table_offset` in one 12-byte write),
+    /// then the old table's clusters are freed.
+    pub fn grow_l1(&mut self, entries: u64) -> Result<()> {
+        let old_len = self.l1.len() as u64;
+        if entries <= old_len {
+            return Ok(());
+        }
+        if entries * 8 > MAX_L1_BYTES {
+            return Err(Error::TooLarge("Active L1 table too large".into()));
+        }
+        // Pending entries must land in the old table first? No: they are
+        // copied into the new table from memory, so drop them.
+        let bytes = entries * 8;
+        let clusters = self.geom.clusters_for(bytes);
+        let new_off = self.alloc_clusters(clusters)?;
+        self.flush_refcounts()?;
+        let mut new_l1 = self.l1.clone();
+        new_l1.resize(entries as usize, 0);
+        let mut buf = vec![0u8; bytes as usize];
+        for (i, e) in new_l1.iter().enumerate() {
+            put_be_u64(&mut buf, i * 8, *e);
+        }
+        // The new table is not active yet: exempt only the active-L1 check.
+        self.meta_write(&buf, new_off, MetadataKind::ActiveL1)?;
+        self.sync()?;
+        let mut sw = [0u8; 12];
+        sw[..4].copy_from_slice(&(entries as u32).to_be_bytes());
+        sw[4..].copy_from_slice(&new_off.to_be_bytes());
+        self.write_header_field(36, &sw)?;
+        let old_off = self.header.l1_table_offset;
+        let old_clusters = self.geom.clusters_for(old_len * 8);
+        self.header.l1_size = entries as u32;
+        self.header.l1_table_offset = new_off;
+        self.checker.set_active_l1(new_off, bytes);
+        self.l1 = new_l1;
+        self.l1_dirty.clear();
+        if old_off != 0 {
+            for i in 0..old_clusters {
+                self.queue_free(old_off + (i << self.geom.cluster_bits), DiscardType::Other);
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the virtual size field of the header and syncs.
+    pub fn write_size(&mut self, size: u64) -> Result<()> {
+        self.write_header_field(24, &size.to_be_bytes())?;
+        self.header.size = size;
+        Ok(())
+    }
+}

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Runs every test of qcow2kit. Installs qemu-utils (the reference
+# implementation the interop tests compare against) when qemu-img is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if ! command -v qemu-img >/dev/null 2>&1 || ! command -v qemu-io >/dev/null 2>&1; then
+    echo "qemu-img not found: installing qemu-utils" >&2
+    if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi
+    $SUDO apt-get update -qq
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-utils >/dev/null
+fi
+# Keep CI bounded: proptest case counts are capped in the tests themselves,
+# this caps any test that reads PROPTEST_CASES.
+export PROPTEST_CASES="${PROPTEST_CASES:-64}"
+cargo test --all-targets "$@"
+cargo test --doc
