@@ -2,4 +2,5 @@
 #![deny(unsafe_code)]
 
 pub mod format;
+pub mod options;
 pub mod types;
