@@ -3,12 +3,14 @@
 
 pub mod cache;
 pub mod compress;
+pub mod create;
 pub mod error;
 pub mod events;
 pub mod format;
 pub mod image;
 pub mod mapping;
 mod meta;
+pub mod options;
 pub mod overlap;
 mod snapshot;
 pub mod storage;
@@ -17,3 +19,4 @@ pub mod types;
 pub use error::{Error, Result};
 pub use events::Event;
 pub use image::Image;
+pub use options::{CreateOptions, OpenOptions};
