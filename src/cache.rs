@@ -44,7 +44,13 @@ impl TableCache {
     /// A cache of at most `capacity` (≥ 1) entries of `entry_bytes` each.
     pub fn new(capacity: usize, entry_bytes: usize) -> Self {
         let capacity = capacity.max(1);
-        Self { lru: LruCache::unbounded(), capacity, entry_bytes, hits: 0, misses: 0 }
+        Self {
+            lru: LruCache::unbounded(),
+            capacity,
+            entry_bytes,
+            hits: 0,
+            misses: 0,
+        }
     }
 
     /// Size of one entry in bytes.
@@ -98,7 +104,12 @@ impl TableCache {
 
     /// Offsets of every dirty entry, sorted (so write-back is sequential).
     pub fn dirty_offsets(&self) -> Vec<u64> {
-        let mut v: Vec<u64> = self.lru.iter().filter(|(_, t)| t.dirty).map(|(k, _)| *k).collect();
+        let mut v: Vec<u64> = self
+            .lru
+            .iter()
+            .filter(|(_, t)| t.dirty)
+            .map(|(k, _)| *k)
+            .collect();
         v.sort_unstable();
         v
     }
@@ -110,7 +121,12 @@ impl TableCache {
 
     /// Drops every clean entry (cache-clean-interval, or after external changes).
     pub fn drop_clean(&mut self) {
-        let clean: Vec<u64> = self.lru.iter().filter(|(_, t)| !t.dirty).map(|(k, _)| *k).collect();
+        let clean: Vec<u64> = self
+            .lru
+            .iter()
+            .filter(|(_, t)| !t.dirty)
+            .map(|(k, _)| *k)
+            .collect();
         for k in clean {
             self.lru.pop(&k);
         }
@@ -118,8 +134,12 @@ impl TableCache {
 
     /// Drops every entry whose key lies in `[start, end)` (the cluster was freed).
     pub fn forget_range(&mut self, start: u64, end: u64) {
-        let keys: Vec<u64> =
-            self.lru.iter().map(|(k, _)| *k).filter(|k| *k >= start && *k < end).collect();
+        let keys: Vec<u64> = self
+            .lru
+            .iter()
+            .map(|(k, _)| *k)
+            .filter(|k| *k >= start && *k < end)
+            .collect();
         for k in keys {
             self.lru.pop(&k);
         }
@@ -149,7 +169,15 @@ mod tests {
         assert!(c.get(0).is_some());
         assert_eq!(c.lru_victim(), Some((8, true)));
         assert!(c.get(16).is_none());
-        assert_eq!(c.stats(), CacheStats { hits: 1, misses: 1, entries: 2, capacity: 2 });
+        assert_eq!(
+            c.stats(),
+            CacheStats {
+                hits: 1,
+                misses: 1,
+                entries: 2,
+                capacity: 2
+            }
+        );
         assert_eq!(c.dirty_offsets(), vec![8]);
         c.drop_clean();
         assert!(c.peek(0).is_none());

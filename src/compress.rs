@@ -20,7 +20,10 @@ pub fn decompress(ctype: u8, input: &[u8], cluster_size: usize) -> Result<Vec<u8
             let mut d = Decompress::new(false);
             match d.decompress(input, &mut out, FlushDecompress::Finish) {
                 Ok(_) if d.total_out() as usize == cluster_size => Ok(out),
-                Ok(_) => Err(format!("deflate stream produced {} of {cluster_size} bytes", d.total_out())),
+                Ok(_) => Err(format!(
+                    "deflate stream produced {} of {cluster_size} bytes",
+                    d.total_out()
+                )),
                 Err(e) => Err(format!("deflate: {e}")),
             }
         }
@@ -31,7 +34,9 @@ pub fn decompress(ctype: u8, input: &[u8], cluster_size: usize) -> Result<Vec<u8
             let mut outb = OutBuffer::around(&mut out[..]);
             loop {
                 let before = (inb.pos(), outb.pos());
-                let hint = d.run(&mut inb, &mut outb).map_err(|e| format!("zstd: {e}"))?;
+                let hint = d
+                    .run(&mut inb, &mut outb)
+                    .map_err(|e| format!("zstd: {e}"))?;
                 if outb.pos() == cluster_size || hint == 0 {
                     break;
                 }
@@ -87,6 +92,10 @@ mod tests {
             assert!(decompress(t, &c[..c.len() / 4], 65536).is_err());
         }
         assert!(decompress(7, &[], 512).is_err());
-        assert!(compress(ZLIB, &(0..512).map(|i| (i * 7919 % 251) as u8).collect::<Vec<_>>()).is_none());
+        assert!(compress(
+            ZLIB,
+            &(0..512).map(|i| (i * 7919 % 251) as u8).collect::<Vec<_>>()
+        )
+        .is_none());
     }
 }

@@ -20,7 +20,8 @@ use std::sync::Arc;
 /// # Errors
 /// `Error::InvalidArgument` for invalid option combinations (QEMU's messages).
 pub fn build_header(opts: &CreateOptions, size: u64) -> Result<Header> {
-    opts.validate().map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    opts.validate()
+        .map_err(|e| Error::InvalidArgument(e.to_string()))?;
     let cluster_bits = opts.cluster_size.trailing_zeros();
     let mut h = match opts.compat {
         Compat::V2 => Header::new_v2(cluster_bits, size),
@@ -72,7 +73,8 @@ pub fn create_on(file: Arc<dyn Storage>, opts: &CreateOptions, size: u64) -> Res
     let l1_entries = geom.l1_entries_for(size);
     if l1_entries * 8 > MAX_L1_BYTES || size > i64::MAX as u64 {
         return Err(Error::InvalidArgument(
-            "The image size is too large for file format 'qcow2' (try using a larger cluster size)".into(),
+            "The image size is too large for file format 'qcow2' (try using a larger cluster size)"
+                .into(),
         ));
     }
     let l1_clusters = geom.clusters_for(l1_entries * 8);
@@ -99,7 +101,10 @@ pub fn create_on(file: Arc<dyn Storage>, opts: &CreateOptions, size: u64) -> Res
     }
     file.flush().map_err(|e| Error::io(IoOp::Flush, 0, e))?;
     if !direct {
-        let mode = crate::image::OpenMode { skip_backing: true, ..Default::default() };
+        let mode = crate::image::OpenMode {
+            skip_backing: true,
+            ..Default::default()
+        };
         let img = Image::open_with_mode(file, None, &OpenOptions::new(), mode)?;
         img.resize(size)?;
         img.close()?;
@@ -113,7 +118,8 @@ pub fn create_on(file: Arc<dyn Storage>, opts: &CreateOptions, size: u64) -> Res
 /// # Errors
 /// `Error::Io` if a file cannot be created, invalid options.
 pub fn create(path: &Path, opts: &CreateOptions, size: u64) -> Result<()> {
-    opts.validate().map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    opts.validate()
+        .map_err(|e| Error::InvalidArgument(e.to_string()))?;
     let nocow = opts.nocow.unwrap_or(false);
     if let Some(df) = &opts.data_file {
         let dpath = crate::image::resolve(path.parent(), Path::new(df));

@@ -160,9 +160,7 @@ impl Error {
                 Some(code) => strerror(code),
                 None => source.to_string(),
             },
-            Error::InvalidArgument(_) | Error::RefcountOverflow { .. } => {
-                "Invalid argument".into()
-            }
+            Error::InvalidArgument(_) | Error::RefcountOverflow { .. } => "Invalid argument".into(),
             Error::TooLarge(_) => "File too large".into(),
             Error::Unsupported(_) => "Operation not supported".into(),
             _ => "Input/output error".into(),
@@ -180,7 +178,11 @@ impl Error {
                 None => source.to_string(),
             },
             Error::Backing { path, source } => {
-                format!("Could not open backing file: Could not open '{}': {}", path.display(), source.qemu_message())
+                format!(
+                    "Could not open backing file: Could not open '{}': {}",
+                    path.display(),
+                    source.qemu_message()
+                )
             }
             Error::InvalidArgument(m) | Error::TooLarge(m) => m.clone(),
             other => other.to_string(),

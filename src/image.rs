@@ -15,6 +15,7 @@
 //! and applied only under the write side of an I/O barrier that every
 //! outside-the-lock data transfer holds for reading.
 
+use crate::cache::{CacheStats, TableCache};
 use crate::error::{Error, IoOp, Result};
 use crate::events::{Event, EventSink, IoOperation};
 use crate::format::consts::*;
@@ -22,11 +23,10 @@ use crate::format::entry::{EntryFormat, L2Entry, Subclusters};
 use crate::format::header::Header;
 use crate::mapping::Extent;
 use crate::meta::{read_file, write_file, DiscardPolicy, DiscardType, Meta, RawL2};
-use crate::options::{BackingPolicy, OpenOptions};
+use crate::options::OpenOptions;
 use crate::overlap::OverlapChecker;
 use crate::storage::{FileStorage, Storage};
 use crate::types::{Geometry, MetadataKind};
-use crate::cache::{CacheStats, TableCache};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -130,7 +130,12 @@ impl Image {
         let path = path.as_ref();
         let file = FileStorage::open(path, !opts.get_read_only())
             .map_err(|e| Error::io(IoOp::Read, 0, e))?;
-        Self::open_inner(Arc::new(file), Some(path.to_path_buf()), opts, OpenMode::default())
+        Self::open_inner(
+            Arc::new(file),
+            Some(path.to_path_buf()),
+            opts,
+            OpenMode::default(),
+        )
     }
 
     /// Opens the image at `path` without opening its backing file: clusters
@@ -143,7 +148,10 @@ impl Image {
         let path = path.as_ref();
         let file = FileStorage::open(path, !opts.get_read_only())
             .map_err(|e| Error::io(IoOp::Read, 0, e))?;
-        let mode = OpenMode { skip_backing: true, ..Default::default() };
+        let mode = OpenMode {
+            skip_backing: true,
+            ..Default::default()
+        };
         Self::open_inner(Arc::new(file), Some(path.to_path_buf()), opts, mode)
     }
 
@@ -186,7 +194,11 @@ impl Image {
                 "the image is dirty (lazy refcounts); repair it with qcow2-check -r all".into(),
             ));
         }
-        let geom = Geometry::new(header.cluster_bits, header.is_extended_l2(), header.refcount_order);
+        let geom = Geometry::new(
+            header.cluster_bits,
+            header.is_extended_l2(),
+            header.refcount_order,
+        );
         let external_data = header.incompatible_features & INCOMPAT_DATA_FILE != 0;
         let efmt = EntryFormat {
             cluster_bits: header.cluster_bits,
@@ -215,15 +227,22 @@ impl Image {
         }
         let mut l1_raw = vec![0u8; l1_bytes as usize];
         read_file(&*file, &mut l1_raw, header.l1_table_offset)?;
-        let l1: Vec<u64> = l1_raw.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8]))).collect();
+        let l1: Vec<u64> = l1_raw
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
+            .collect();
         drop(l1_raw);
         let mut rt_raw = vec![0u8; rt_bytes as usize];
         read_file(&*file, &mut rt_raw, header.refcount_table_offset)?;
-        let reftable: Vec<u64> = rt_raw.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8]))).collect();
+        let reftable: Vec<u64> = rt_raw
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
+            .collect();
         drop(rt_raw);
 
-        let cache = crate::options::cache_config(opts, header.size, geom.cluster_size, geom.l2_entry_bytes)
-            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let cache =
+            crate::options::cache_config(opts, header.size, geom.cluster_size, geom.l2_entry_bytes)
+                .map_err(|e| Error::InvalidArgument(e.to_string()))?;
         let mut checker = OverlapChecker::new(opts.get_overlap_check().mask(), geom.cluster_bits);
         checker.set_active_l1(header.l1_table_offset, l1_bytes);
         checker.set_refcount_table(header.refcount_table_offset, rt_bytes);
@@ -274,14 +293,23 @@ impl Image {
             header,
         };
 
-        let base_dir = path.as_deref().and_then(Path::parent).map(Path::to_path_buf);
-        let backing = if mode.skip_backing { None } else { Self::open_backing(&meta.header, base_dir.as_deref(), opts)? };
+        let base_dir = path
+            .as_deref()
+            .and_then(Path::parent)
+            .map(Path::to_path_buf);
+        let backing = if mode.skip_backing {
+            None
+        } else {
+            Self::open_backing(&meta.header, base_dir.as_deref(), opts)?
+        };
         let (data, data_file_path) = if external_data {
             let name = opts
-                .data_file_path()
+                .get_data_file()
                 .map(Path::to_path_buf)
                 .or_else(|| meta.header.data_file_name().map(PathBuf::from))
-                .ok_or_else(|| Error::InvalidArgument("'data-file' is required for this image".into()))?;
+                .ok_or_else(|| {
+                    Error::InvalidArgument("'data-file' is required for this image".into())
+                })?;
             let resolved = resolve(base_dir.as_deref(), &name);
             if opts.get_data_file().is_none() && !opts.get_backing_policy().permits(&resolved) {
                 return Err(Error::BackingNotPermitted { path: resolved });
@@ -312,35 +340,60 @@ impl Image {
         })
     }
 
-    fn open_backing(header: &Header, base: Option<&Path>, opts: &OpenOptions) -> Result<Option<Backing>> {
-        let Some(name) = header.backing_file.as_deref() else { return Ok(None) };
+    fn open_backing(
+        header: &Header,
+        base: Option<&Path>,
+        opts: &OpenOptions,
+    ) -> Result<Option<Backing>> {
+        let Some(name) = header.backing_file.as_deref() else {
+            return Ok(None);
+        };
         let path = resolve(base, Path::new(name));
         if !opts.get_backing_policy().permits(&path) {
             return Err(Error::BackingNotPermitted { path });
         }
-        let wrap = |e: Error| Error::Backing { path: path.clone(), source: Box::new(e) };
-        let storage = FileStorage::open(&path, false).map_err(|e| wrap(Error::io(IoOp::Read, 0, e)))?;
+        let wrap = |e: Error| Error::Backing {
+            path: path.clone(),
+            source: Box::new(e),
+        };
+        let storage =
+            FileStorage::open(&path, false).map_err(|e| wrap(Error::io(IoOp::Read, 0, e)))?;
         let fmt = header.backing_format().map(str::to_owned);
         let is_qcow2 = match fmt.as_deref() {
             Some("raw") => false,
             Some("qcow2") => true,
             Some(other) => {
-                return Err(wrap(Error::Unsupported(format!("backing file format '{other}'"))));
+                return Err(wrap(Error::Unsupported(format!(
+                    "backing file format '{other}'"
+                ))));
             }
             None => {
                 let mut magic = [0u8; 4];
-                storage.read_at(&mut magic, 0).map_err(|e| wrap(Error::io(IoOp::Read, 0, e)))?;
+                storage
+                    .read_at(&mut magic, 0)
+                    .map_err(|e| wrap(Error::io(IoOp::Read, 0, e)))?;
                 u32::from_be_bytes(magic) == QCOW2_MAGIC
             }
         };
         if is_qcow2 {
             let bopts = opts.clone().read_only(true);
-            let img = Image::open_inner(Arc::new(storage), Some(path.clone()), &bopts, OpenMode::default())
-                .map_err(wrap)?;
+            let img = Image::open_inner(
+                Arc::new(storage),
+                Some(path.clone()),
+                &bopts,
+                OpenMode::default(),
+            )
+            .map_err(wrap)?;
             Ok(Some(Backing::Qcow2(Box::new(img))))
         } else {
-            let size = storage.len().map_err(|e| wrap(Error::io(IoOp::Read, 0, e)))?;
-            Ok(Some(Backing::Raw { storage: Arc::new(storage), size, path }))
+            let size = storage
+                .len()
+                .map_err(|e| wrap(Error::io(IoOp::Read, 0, e)))?;
+            Ok(Some(Backing::Raw {
+                storage: Arc::new(storage),
+                size,
+                path,
+            }))
         }
     }
 
@@ -360,7 +413,10 @@ impl Image {
 
     /// A copy of the current header.
     pub fn header(&self) -> Header {
-        self.meta.lock().map(|m| m.header.clone()).unwrap_or_else(|p| p.into_inner().header.clone())
+        self.meta
+            .lock()
+            .map(|m| m.header.clone())
+            .unwrap_or_else(|p| p.into_inner().header.clone())
     }
 
     /// The path the image was opened from, if any.
@@ -441,7 +497,10 @@ impl Image {
     fn fail(&self, meta: &mut Meta, e: Error, op: IoOperation) -> Error {
         match &e {
             Error::OverlapPrevented { kind, offset, size } => {
-                let msg = format!("Preventing invalid write on metadata (overlaps with {})", kind.qemu_name());
+                let msg = format!(
+                    "Preventing invalid write on metadata (overlaps with {})",
+                    kind.qemu_name()
+                );
                 self.signal_corruption(meta, msg, Some(*offset), Some(*size), true);
             }
             Error::Corrupt { msg, .. } => {
@@ -467,7 +526,14 @@ impl Image {
         e
     }
 
-    fn signal_corruption(&self, meta: &mut Meta, msg: String, offset: Option<u64>, size: Option<u64>, fatal: bool) {
+    fn signal_corruption(
+        &self,
+        meta: &mut Meta,
+        msg: String,
+        offset: Option<u64>,
+        size: Option<u64>,
+        fatal: bool,
+    ) {
         let fatal = fatal && !self.read_only;
         let already = self.corruption_signalled.load(Ordering::SeqCst);
         if already && (!fatal || meta.header.incompatible_features & INCOMPAT_CORRUPT != 0) {
@@ -526,7 +592,10 @@ impl Image {
             let chunk = &mut buf[done..done + len as usize];
             let r = match ext {
                 Extent::Data { host } => {
-                    let _io = self.io_barrier.read().map_err(|_| Error::PreviousIoFailed)?;
+                    let _io = self
+                        .io_barrier
+                        .read()
+                        .map_err(|_| Error::PreviousIoFailed)?;
                     drop(meta);
                     read_file(&*self.data, chunk, host)
                 }
@@ -539,8 +608,14 @@ impl Image {
                     drop(meta);
                     self.read_backing(chunk, g)
                 }
-                Extent::Compressed { offset: coff, len: clen } => {
-                    let _io = self.io_barrier.read().map_err(|_| Error::PreviousIoFailed)?;
+                Extent::Compressed {
+                    offset: coff,
+                    len: clen,
+                } => {
+                    let _io = self
+                        .io_barrier
+                        .read()
+                        .map_err(|_| Error::PreviousIoFailed)?;
                     drop(meta);
                     let in_cluster = (g & (self.geom.cluster_size - 1)) as usize;
                     self.read_compressed(coff, clen).map(|data| {
@@ -582,7 +657,10 @@ impl Image {
     }
 
     fn header_compression_type(&self) -> u8 {
-        self.meta.lock().map(|m| m.header.compression_type).unwrap_or(0)
+        self.meta
+            .lock()
+            .map(|m| m.header.compression_type)
+            .unwrap_or(0)
     }
 
     /// Describes the run of guest bytes starting at `offset` (at most `len`):
@@ -654,7 +732,10 @@ impl Image {
             };
             match step {
                 WriteStep::InPlace { host, len } => {
-                    let _io = self.io_barrier.read().map_err(|_| Error::PreviousIoFailed)?;
+                    let _io = self
+                        .io_barrier
+                        .read()
+                        .map_err(|_| Error::PreviousIoFailed)?;
                     drop(meta);
                     if let Err(e) = write_file(&*self.data, &rest[..len as usize], host) {
                         let mut meta = self.meta.lock().map_err(|_| Error::PreviousIoFailed)?;
@@ -717,7 +798,10 @@ impl Image {
                 if !meta.efmt.external_data {
                     meta.gate_check(host0, run, 0)?;
                 }
-                return Ok(WriteStep::InPlace { host: host0, len: run });
+                return Ok(WriteStep::InPlace {
+                    host: host0,
+                    len: run,
+                });
             }
         }
         let written = self.allocating_write(meta, g, &data[..len as usize])?;
@@ -747,18 +831,37 @@ impl Image {
             let hi_w = (g + len).min(cg + cs) - cg;
             let reuse = match e {
                 L2Entry::Normal { host, copied: true } => Some(host),
-                L2Entry::Zero { host: Some(host), copied: true } => Some(host),
+                L2Entry::Zero {
+                    host: Some(host),
+                    copied: true,
+                } => Some(host),
                 _ => None,
             };
             if meta.efmt.external_data {
                 // Data file clusters are mapped 1:1 and never refcounted.
-                plans.push(ClusterPlan { guest: cg, old: e, bitmap: b, host: Some(cg), lo_w, hi_w, slot });
+                plans.push(ClusterPlan {
+                    guest: cg,
+                    old: e,
+                    bitmap: b,
+                    host: Some(cg),
+                    lo_w,
+                    hi_w,
+                    slot,
+                });
                 continue;
             }
             if reuse.is_some() && c != c0 {
                 break; // handled by a later step (in place or reuse)
             }
-            plans.push(ClusterPlan { guest: cg, old: e, bitmap: b, host: reuse, lo_w, hi_w, slot });
+            plans.push(ClusterPlan {
+                guest: cg,
+                old: e,
+                bitmap: b,
+                host: reuse,
+                lo_w,
+                hi_w,
+                slot,
+            });
             if reuse.is_some() {
                 break;
             }
@@ -778,13 +881,20 @@ impl Image {
         let mut buf = std::mem::take(&mut meta.scratch);
         for p in &plans {
             let host = p.host.unwrap_or(0);
-            let fresh = !matches!(p.old, L2Entry::Normal { copied: true, .. } | L2Entry::Zero { copied: true, host: Some(_) })
-                || meta.efmt.external_data;
+            let fresh = !matches!(
+                p.old,
+                L2Entry::Normal { copied: true, .. }
+                    | L2Entry::Zero {
+                        copied: true,
+                        host: Some(_)
+                    }
+            ) || meta.efmt.external_data;
             let (lo, hi) = self.cow_range(p, fresh);
             buf.clear();
             buf.resize((hi - lo) as usize, 0);
             // Old content for the parts outside the write.
-            let r = self.fill_old(meta, p, lo, p.lo_w, &mut buf[..(p.lo_w - lo) as usize])
+            let r = self
+                .fill_old(meta, p, lo, p.lo_w, &mut buf[..(p.lo_w - lo) as usize])
                 .and_then(|_| {
                     let tail = (p.hi_w - lo) as usize;
                     self.fill_old(meta, p, p.hi_w, hi, &mut buf[tail..])
@@ -824,9 +934,14 @@ impl Image {
             // Drop the old reference.
             if !meta.efmt.external_data {
                 match p.old {
-                    L2Entry::Normal { host: h, copied: false } | L2Entry::Zero { host: Some(h), copied: false } => {
-                        meta.queue_free(h, DiscardType::Other)
+                    L2Entry::Normal {
+                        host: h,
+                        copied: false,
                     }
+                    | L2Entry::Zero {
+                        host: Some(h),
+                        copied: false,
+                    } => meta.queue_free(h, DiscardType::Other),
                     L2Entry::Compressed { .. } => {
                         if let Some((o, l)) = p.old.compressed_range() {
                             meta.queue_free_compressed(o, l, DiscardType::Other);
@@ -875,12 +990,22 @@ impl Image {
             L2Entry::Normal { .. } => (p.bitmap.alloc() | touched, p.bitmap.zero() & !touched),
             _ => (touched, p.bitmap.zero() & !touched),
         };
-        RawL2 { word, bitmap: Subclusters::from_parts(alloc, zero).0 }
+        RawL2 {
+            word,
+            bitmap: Subclusters::from_parts(alloc, zero).0,
+        }
     }
 
     /// Fills `out` with the current guest view of `[from, to)` within the
     /// cluster of plan `p` (old data, backing data or zeroes).
-    fn fill_old(&self, meta: &mut Meta, p: &ClusterPlan, from: u64, to: u64, out: &mut [u8]) -> Result<()> {
+    fn fill_old(
+        &self,
+        meta: &mut Meta,
+        p: &ClusterPlan,
+        from: u64,
+        to: u64,
+        out: &mut [u8],
+    ) -> Result<()> {
         if from >= to {
             return Ok(());
         }
@@ -899,7 +1024,13 @@ impl Image {
                     let n = ((pos | (unit - 1)) + 1).min(to) - pos;
                     let dst = &mut out[(pos - from) as usize..(pos - from + n) as usize];
                     let sc = ((pos >> geom.subcluster_bits) & 31) as u32;
-                    match crate::format::entry::subcluster_state(p.old, p.bitmap, sc, geom.extended_l2, unit) {
+                    match crate::format::entry::subcluster_state(
+                        p.old,
+                        p.bitmap,
+                        sc,
+                        geom.extended_l2,
+                        unit,
+                    ) {
                         crate::format::entry::SubclusterState::Data(h) => {
                             read_file(&*self.data, dst, h + (pos & (unit - 1)))?
                         }
@@ -934,10 +1065,15 @@ impl Image {
     fn flush_locked(&self, meta: &mut Meta) -> Result<()> {
         // Wait until no data I/O that translated earlier is in flight, so
         // freed clusters can be reused.
-        let _barrier = self.io_barrier.write().map_err(|_| Error::PreviousIoFailed)?;
+        let _barrier = self
+            .io_barrier
+            .write()
+            .map_err(|_| Error::PreviousIoFailed)?;
         meta.flush_all(true)?;
         if !Arc::ptr_eq(&self.data, &self.file) {
-            self.data.flush().map_err(|e| Error::io(IoOp::Flush, 0, e))?;
+            self.data
+                .flush()
+                .map_err(|e| Error::io(IoOp::Flush, 0, e))?;
         }
         Ok(())
     }
@@ -965,7 +1101,9 @@ impl Image {
         self.writable()?;
         let mut meta = self.lock()?;
         self.check_range(meta.header.size, offset, len)?;
-        let r = self.before_first_write(&mut meta).and_then(|_| self.discard_locked(&mut meta, offset, len, false));
+        let r = self
+            .before_first_write(&mut meta)
+            .and_then(|_| self.discard_locked(&mut meta, offset, len, false));
         match r {
             Ok(()) => Ok(()),
             Err(e) => Err(self.fail(&mut meta, e, IoOperation::Write)),
@@ -988,7 +1126,8 @@ impl Image {
         while g < end {
             let (table, _) = meta.l2_table_offset(geom.l1_index(g))?;
             if table == 0 {
-                g = ((geom.l1_index(g) + 1) << (geom.cluster_bits + geom.l2_bits)).min(end.max(g + cs));
+                g = ((geom.l1_index(g) + 1) << (geom.cluster_bits + geom.l2_bits))
+                    .min(end.max(g + cs));
                 continue;
             }
             let slot = meta.l2_slot(table, g);
@@ -1010,14 +1149,26 @@ impl Image {
                     RawL2 { word: 0, bitmap: 0 }
                 } else if no_unref && e.host_cluster().is_some() {
                     if geom.extended_l2 {
-                        RawL2 { word: raw.word, bitmap: Subclusters::ALL_ZERO.0 }
+                        RawL2 {
+                            word: raw.word,
+                            bitmap: Subclusters::ALL_ZERO.0,
+                        }
                     } else {
-                        RawL2 { word: raw.word | OFLAG_ZERO, bitmap: 0 }
+                        RawL2 {
+                            word: raw.word | OFLAG_ZERO,
+                            bitmap: 0,
+                        }
                     }
                 } else if geom.extended_l2 {
-                    RawL2 { word: 0, bitmap: Subclusters::ALL_ZERO.0 }
+                    RawL2 {
+                        word: 0,
+                        bitmap: Subclusters::ALL_ZERO.0,
+                    }
                 } else {
-                    RawL2 { word: OFLAG_ZERO, bitmap: 0 }
+                    RawL2 {
+                        word: OFLAG_ZERO,
+                        bitmap: 0,
+                    }
                 };
                 meta.write_slot(&slot, new);
                 if no_unref && !full {
@@ -1043,7 +1194,10 @@ impl Image {
             return;
         }
         match e {
-            L2Entry::Normal { host, .. } | L2Entry::Zero { host: Some(host), .. } => meta.queue_free(host, dtype),
+            L2Entry::Normal { host, .. }
+            | L2Entry::Zero {
+                host: Some(host), ..
+            } => meta.queue_free(host, dtype),
             L2Entry::Compressed { .. } => {
                 if let Some((o, l)) = e.compressed_range() {
                     meta.queue_free_compressed(o, l, dtype);
@@ -1069,7 +1223,10 @@ impl Image {
         let geom = self.geom;
         let (v3, raw_data) = {
             let m = self.lock()?;
-            (m.header.version >= 3, m.header.autoclear_features & AUTOCLEAR_DATA_FILE_RAW != 0)
+            (
+                m.header.version >= 3,
+                m.header.autoclear_features & AUTOCLEAR_DATA_FILE_RAW != 0,
+            )
         };
         if !v3 || raw_data {
             return self.write_zero_data(offset, len);
@@ -1085,7 +1242,9 @@ impl Image {
         }
         {
             let mut meta = self.lock()?;
-            let r = self.before_first_write(&mut meta).and_then(|_| self.zero_locked(&mut meta, a, b, unmap));
+            let r = self
+                .before_first_write(&mut meta)
+                .and_then(|_| self.zero_locked(&mut meta, a, b, unmap));
             if let Err(e) = r {
                 return Err(self.fail(&mut meta, e, IoOperation::Write));
             }
@@ -1145,10 +1304,16 @@ impl Image {
                         g = upto;
                         continue;
                     }
-                    RawL2 { word: 0, bitmap: Subclusters::ALL_ZERO.0 }
+                    RawL2 {
+                        word: 0,
+                        bitmap: Subclusters::ALL_ZERO.0,
+                    }
                 } else {
                     let bm = Subclusters::from_parts(b.alloc() & !mask, b.zero() | mask);
-                    RawL2 { word: raw.word, bitmap: bm.0 }
+                    RawL2 {
+                        word: raw.word,
+                        bitmap: bm.0,
+                    }
                 };
                 if new != raw {
                     meta.write_slot(&slot, new);
@@ -1158,13 +1323,29 @@ impl Image {
                 }
             } else {
                 let shared = matches!(e, L2Entry::Compressed { .. })
-                    || matches!(e, L2Entry::Normal { copied: false, .. } | L2Entry::Zero { copied: false, host: Some(_) });
+                    || matches!(
+                        e,
+                        L2Entry::Normal { copied: false, .. }
+                            | L2Entry::Zero {
+                                copied: false,
+                                host: Some(_)
+                            }
+                    );
                 let new = if unmap || shared {
-                    RawL2 { word: OFLAG_ZERO, bitmap: 0 }
+                    RawL2 {
+                        word: OFLAG_ZERO,
+                        bitmap: 0,
+                    }
                 } else {
                     match e {
-                        L2Entry::Normal { .. } | L2Entry::Zero { .. } => RawL2 { word: raw.word | OFLAG_ZERO, bitmap: 0 },
-                        _ => RawL2 { word: OFLAG_ZERO, bitmap: 0 },
+                        L2Entry::Normal { .. } | L2Entry::Zero { .. } => RawL2 {
+                            word: raw.word | OFLAG_ZERO,
+                            bitmap: 0,
+                        },
+                        _ => RawL2 {
+                            word: OFLAG_ZERO,
+                            bitmap: 0,
+                        },
                     }
                 };
                 if new != raw {
@@ -1268,7 +1449,8 @@ impl Image {
             }
             if new_size > i64::MAX as u64 {
                 return Err(Error::InvalidArgument(
-                    "Invalid image size specified. Must be between 0 and 9223372036854775807.".into(),
+                    "Invalid image size specified. Must be between 0 and 9223372036854775807."
+                        .into(),
                 ));
             }
             self.before_first_write(&mut meta)?;

@@ -55,13 +55,22 @@ impl Meta {
         if let L2Entry::Compressed { .. } = entry {
             let (offset, len) = entry.compressed_range().unwrap_or((0, 0));
             let cluster_end = (cluster + 1) << g.cluster_bits;
-            return Ok((Extent::Compressed { offset, len }, limit.min(cluster_end - guest)));
+            return Ok((
+                Extent::Compressed { offset, len },
+                limit.min(cluster_end - guest),
+            ));
         }
         let first = self.unit_state(entry, bitmap, guest);
         self.check_data_file_offset(first, guest, &slot)?;
         let extent = match first {
-            SubclusterState::Data(h) => Extent::Data { host: h + (guest & (unit - 1)) },
-            SubclusterState::Zero => Extent::Zero { host: entry.host_cluster().map(|h| h + (guest & (g.cluster_size - 1))) },
+            SubclusterState::Data(h) => Extent::Data {
+                host: h + (guest & (unit - 1)),
+            },
+            SubclusterState::Zero => Extent::Zero {
+                host: entry
+                    .host_cluster()
+                    .map(|h| h + (guest & (g.cluster_size - 1))),
+            },
             SubclusterState::Unallocated => Extent::Unallocated,
             SubclusterState::Compressed => unreachable_compressed(),
         };

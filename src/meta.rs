@@ -129,14 +129,23 @@ impl Meta {
     /// `Error::OverlapPrevented` naming the structure hit.
     pub fn gate_check(&self, offset: u64, len: u64, exempt: u16) -> Result<()> {
         match self.checker.check(offset, len, exempt) {
-            Some(o) => Err(Error::OverlapPrevented { kind: o.kind, offset, size: len }),
+            Some(o) => Err(Error::OverlapPrevented {
+                kind: o.kind,
+                offset,
+                size: len,
+            }),
             None => Ok(()),
         }
     }
 
     /// Writes metadata of kind `kind` (or guest data with `None`) at `offset`
     /// after the overlap check.
-    pub fn gate_write(&mut self, buf: &[u8], offset: u64, kind: Option<MetadataKind>) -> Result<()> {
+    pub fn gate_write(
+        &mut self,
+        buf: &[u8],
+        offset: u64,
+        kind: Option<MetadataKind>,
+    ) -> Result<()> {
         self.gate_check(offset, buf.len() as u64, kind.map_or(0, MetadataKind::bit))?;
         write_file(&*self.file, buf, offset)?;
         self.file_end = self.file_end.max(offset + buf.len() as u64);
@@ -155,7 +164,9 @@ impl Meta {
 
     /// Syncs the image file.
     pub fn sync(&mut self) -> Result<()> {
-        self.file.flush().map_err(|e| Error::io(IoOp::Flush, 0, e))?;
+        self.file
+            .flush()
+            .map_err(|e| Error::io(IoOp::Flush, 0, e))?;
         self.data_unsynced = false;
         Ok(())
     }
@@ -213,7 +224,12 @@ impl Meta {
         let slice_bytes = self.l2_cache.entry_bytes() as u64;
         let byte = index * self.geom.l2_entry_bytes;
         let slice = table + byte / slice_bytes * slice_bytes;
-        L2Slot { slice, pos: (byte % slice_bytes) as usize, table, index }
+        L2Slot {
+            slice,
+            pos: (byte % slice_bytes) as usize,
+            table,
+            index,
+        }
     }
 
     /// Number of L2 entries in one cache slice.
@@ -237,7 +253,9 @@ impl Meta {
 
     fn make_room_l2(&mut self) -> Result<()> {
         while self.l2_cache.is_full() {
-            let Some((victim, dirty)) = self.l2_cache.lru_victim() else { break };
+            let Some((victim, dirty)) = self.l2_cache.lru_victim() else {
+                break;
+            };
             if dirty {
                 self.flush_l2_dependencies()?;
                 self.write_l2_slice(victim)?;
@@ -253,8 +271,11 @@ impl Meta {
             return RawL2 { word: 0, bitmap: 0 };
         };
         let word = be_u64(&t.data, slot.pos).unwrap_or(0);
-        let bitmap =
-            if self.geom.extended_l2 { be_u64(&t.data, slot.pos + 8).unwrap_or(0) } else { 0 };
+        let bitmap = if self.geom.extended_l2 {
+            be_u64(&t.data, slot.pos + 8).unwrap_or(0)
+        } else {
+            0
+        };
         RawL2 { word, bitmap }
     }
 
@@ -273,7 +294,11 @@ impl Meta {
     /// Decodes a raw L2 entry, turning format violations into corruption
     /// errors with QEMU's messages.
     pub fn decode_l2(&self, raw: RawL2, slot: &L2Slot) -> Result<(L2Entry, Subclusters)> {
-        let corrupt = |msg: String| Error::Corrupt { what: "L2 table", offset: slot.table, msg };
+        let corrupt = |msg: String| Error::Corrupt {
+            what: "L2 table",
+            offset: slot.table,
+            msg,
+        };
         let e = match L2Entry::decode(raw.word, &self.efmt) {
             Ok(e) => e,
             Err(EntryError::UnalignedData { offset }) => {
@@ -321,7 +346,9 @@ impl Meta {
             return Ok(());
         }
         while self.rc_cache.is_full() {
-            let Some((victim, dirty)) = self.rc_cache.lru_victim() else { break };
+            let Some((victim, dirty)) = self.rc_cache.lru_victim() else {
+                break;
+            };
             if dirty {
                 self.write_refblock(victim)?;
             }
@@ -358,7 +385,11 @@ impl Meta {
         }
         self.load_refblock(block)?;
         let order = self.geom.refcount_order;
-        Ok(self.rc_cache.peek(block).and_then(|t| refcount::get(&t.data, order, bi)).unwrap_or(0))
+        Ok(self
+            .rc_cache
+            .peek(block)
+            .and_then(|t| refcount::get(&t.data, order, bi))
+            .unwrap_or(0))
     }
 
     fn set_refcount_in_block(&mut self, block: u64, bi: usize, value: u64) {
@@ -378,7 +409,9 @@ impl Meta {
         loop {
             let c = self.free_hint;
             if c >= max {
-                return Err(Error::TooLarge("image file would exceed the largest host offset".into()));
+                return Err(Error::TooLarge(
+                    "image file would exceed the largest host offset".into(),
+                ));
             }
             self.free_hint += 1;
             if self.refcount(c)? == 0 {
@@ -421,7 +454,9 @@ impl Meta {
         }
         self.sync()?;
         while self.rc_cache.is_full() {
-            let Some((victim, dirty)) = self.rc_cache.lru_victim() else { break };
+            let Some((victim, dirty)) = self.rc_cache.lru_victim() else {
+                break;
+            };
             if dirty {
                 self.write_refblock(victim)?;
             }
@@ -460,7 +495,11 @@ impl Meta {
                 // Undo what was done so far (QEMU does the same).
                 for j in 0..i {
                     let cur = self.refcount(start + j)?;
-                    let v = if addend > 0 { cur - addend as u64 } else { cur + addend.unsigned_abs() };
+                    let v = if addend > 0 {
+                        cur - addend as u64
+                    } else {
+                        cur + addend.unsigned_abs()
+                    };
                     self.store_refcount(start + j, v)?;
                     if v == 0 {
                         self.free_hint = self.free_hint.min(start + j);
@@ -481,9 +520,7 @@ impl Meta {
                         return Err(Error::Corrupt {
                             what: "refcount block",
                             offset: c << self.geom.cluster_bits,
-                            msg: format!(
-                                "Refcount of cluster {c:#x} would drop below zero"
-                            ),
+                            msg: format!("Refcount of cluster {c:#x} would drop below zero"),
                         })
                     }
                 }
@@ -509,7 +546,8 @@ impl Meta {
         let off = c << self.geom.cluster_bits;
         self.free_hint = self.free_hint.min(c);
         // A freed L2 table must not stay cached under this offset.
-        self.l2_cache.forget_range(off, off + self.geom.cluster_size);
+        self.l2_cache
+            .forget_range(off, off + self.geom.cluster_size);
         self.checker.remove_active_l2(off);
         let pass = match dtype {
             DiscardType::Never => false,
@@ -538,7 +576,8 @@ impl Meta {
     /// Queues one reference drop of host cluster at `offset`, applied after
     /// the references are durably gone (see the module docs).
     pub fn queue_free(&mut self, offset: u64, dtype: DiscardType) {
-        self.pending_frees.push((offset >> self.geom.cluster_bits, dtype));
+        self.pending_frees
+            .push((offset >> self.geom.cluster_bits, dtype));
     }
 
     /// Queues the reference drops of a compressed cluster (every host cluster
@@ -568,7 +607,10 @@ impl Meta {
         table[need] = new_block;
         let table_clusters = (entries / per_cluster) as u64;
         // The area starts past everything in use.
-        let mut area = self.file_end.div_ceil(self.geom.cluster_size).max(self.free_hint);
+        let mut area = self
+            .file_end
+            .div_ceil(self.geom.cluster_size)
+            .max(self.free_hint);
         let rb_bits = self.geom.refcount_block_bits;
         let (blocks, area) = loop {
             // Ranges of the area that have no block yet get new blocks at its start.
@@ -645,7 +687,8 @@ impl Meta {
         let old_clusters = u64::from(self.header.refcount_table_clusters);
         self.header.refcount_table_offset = table_off;
         self.header.refcount_table_clusters = table_clusters as u32;
-        self.checker.set_refcount_table(table_off, entries as u64 * 8);
+        self.checker
+            .set_refcount_table(table_off, entries as u64 * 8);
         self.reftable = table;
         self.reftable_dirty.clear();
         self.free_hint = self.free_hint.max(end);
@@ -709,7 +752,9 @@ impl Meta {
     // ------------------------------------------------------------------
 
     fn write_l2_slice(&mut self, slice: u64) -> Result<()> {
-        let Some(t) = self.l2_cache.peek(slice) else { return Ok(()) };
+        let Some(t) = self.l2_cache.peek(slice) else {
+            return Ok(());
+        };
         if !t.dirty {
             return Ok(());
         }
@@ -727,7 +772,9 @@ impl Meta {
     }
 
     fn write_refblock(&mut self, block: u64) -> Result<()> {
-        let Some(t) = self.rc_cache.peek(block) else { return Ok(()) };
+        let Some(t) = self.rc_cache.peek(block) else {
+            return Ok(());
+        };
         if !t.dirty {
             return Ok(());
         }
@@ -743,7 +790,9 @@ impl Meta {
     /// (if anything was written).
     pub fn flush_refcounts(&mut self) -> Result<()> {
         let blocks = self.rc_cache.dirty_offsets();
-        let entries: Vec<usize> = std::mem::take(&mut self.reftable_dirty).into_iter().collect();
+        let entries: Vec<usize> = std::mem::take(&mut self.reftable_dirty)
+            .into_iter()
+            .collect();
         if blocks.is_empty() && entries.is_empty() {
             return Ok(());
         }
@@ -829,13 +878,15 @@ impl Meta {
 
 /// Reads from the image file, attaching the offset to errors.
 pub(crate) fn read_file(file: &dyn Storage, buf: &mut [u8], offset: u64) -> Result<()> {
-    file.read_at(buf, offset).map_err(|e| Error::io(IoOp::Read, offset, e))
+    file.read_at(buf, offset)
+        .map_err(|e| Error::io(IoOp::Read, offset, e))
 }
 
 /// Writes to a file. Only the write gate and data paths that passed the
 /// overlap check call this.
 pub(crate) fn write_file(file: &dyn Storage, buf: &[u8], offset: u64) -> Result<()> {
-    file.write_at(buf, offset).map_err(|e| Error::io(IoOp::Write, offset, e))
+    file.write_at(buf, offset)
+        .map_err(|e| Error::io(IoOp::Write, offset, e))
 }
 
 impl Meta {

@@ -40,7 +40,11 @@ fn overlaps(a_start: u64, a_end: u64, r: Option<(u64, u64)>) -> bool {
 impl OverlapChecker {
     /// An empty map checking the kinds in `enabled` (a mask of [`MetadataKind::bit`]).
     pub fn new(enabled: u16, cluster_bits: u32) -> Self {
-        Self { enabled, cluster_bits, ..Default::default() }
+        Self {
+            enabled,
+            cluster_bits,
+            ..Default::default()
+        }
     }
 
     /// The enabled mask.
@@ -72,7 +76,10 @@ impl OverlapChecker {
     /// Adds a snapshot L1 table.
     pub fn add_inactive_l1(&mut self, offset: u64, bytes: u64) {
         if bytes > 0 {
-            let e = self.inactive_l1.entry(offset).or_insert((offset.saturating_add(bytes), 0));
+            let e = self
+                .inactive_l1
+                .entry(offset)
+                .or_insert((offset.saturating_add(bytes), 0));
             e.0 = e.0.max(offset.saturating_add(bytes));
             e.1 += 1;
         }
@@ -110,7 +117,10 @@ impl OverlapChecker {
 
     /// Adds an L2 table referenced by a snapshot L1 table.
     pub fn add_inactive_l2(&mut self, offset: u64) {
-        *self.inactive_l2.entry(offset >> self.cluster_bits).or_insert(0) += 1;
+        *self
+            .inactive_l2
+            .entry(offset >> self.cluster_bits)
+            .or_insert(0) += 1;
     }
 
     /// Removes one reference to an inactive L2 table.
@@ -220,7 +230,11 @@ mod tests {
         assert_eq!(k(0x100), Some(MetadataKind::MainHeader));
         assert_eq!(k(0x10200), Some(MetadataKind::RefcountTable));
         assert_eq!(k(0x2fe00), Some(MetadataKind::RefcountBlock));
-        assert_eq!(k(0x3f000), Some(MetadataKind::ActiveL1), "widened to the whole cluster");
+        assert_eq!(
+            k(0x3f000),
+            Some(MetadataKind::ActiveL1),
+            "widened to the whole cluster"
+        );
         assert_eq!(k(0x40000), Some(MetadataKind::ActiveL2));
         assert_eq!(k(0x60000), Some(MetadataKind::InactiveL1));
         assert_eq!(k(0x70000), Some(MetadataKind::SnapshotTable));
@@ -229,7 +243,10 @@ mod tests {
         assert_eq!(k(0xa0000), None);
         assert_eq!(c.check(0x40000, 512, MetadataKind::ActiveL2.bit()), None);
         assert_eq!(c.check(0xa0000, 0x100000, 0).map(|h| h.kind), None);
-        assert_eq!(c.check(0x30000, 0x100000, 0).map(|h| h.kind), Some(MetadataKind::ActiveL1));
+        assert_eq!(
+            c.check(0x30000, 0x100000, 0).map(|h| h.kind),
+            Some(MetadataKind::ActiveL1)
+        );
         c.remove_active_l2(0x40000);
         assert_eq!(k(0x40000), None);
     }

@@ -15,7 +15,11 @@ use crate::storage::Storage;
 ///
 /// # Errors
 /// Format errors of the table, I/O errors.
-pub(crate) fn load_snapshots(file: &dyn Storage, header: &Header, file_len: u64) -> Result<Vec<SnapshotEntry>> {
+pub(crate) fn load_snapshots(
+    file: &dyn Storage,
+    header: &Header,
+    file_len: u64,
+) -> Result<Vec<SnapshotEntry>> {
     if header.nb_snapshots == 0 {
         return Ok(Vec::new());
     }
@@ -32,7 +36,12 @@ pub(crate) fn load_snapshots(file: &dyn Storage, header: &Header, file_len: u64)
     let len = (file_len - off).min(MAX_SNAPSHOT_TABLE_BYTES);
     let mut buf = vec![0u8; len as usize];
     read_file(file, &mut buf, off)?;
-    Ok(decode_snapshot_table(&buf, header.nb_snapshots, header.version, off)?)
+    Ok(decode_snapshot_table(
+        &buf,
+        header.nb_snapshots,
+        header.version,
+        off,
+    )?)
 }
 
 /// Registers the snapshot table, every snapshot L1 table and, when the

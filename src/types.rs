@@ -121,7 +121,11 @@ impl Geometry {
             l2_bits,
             l2_entry_bytes,
             extended_l2,
-            subcluster_bits: if extended_l2 { cluster_bits - 5 } else { cluster_bits },
+            subcluster_bits: if extended_l2 {
+                cluster_bits - 5
+            } else {
+                cluster_bits
+            },
             refcount_order,
             // entries = cluster_size * 8 / refcount_bits
             refcount_block_bits: cluster_bits + 3 - refcount_order,

@@ -63,7 +63,10 @@ impl L1Entry {
         if l2_offset & ((1u64 << cluster_bits) - 1) != 0 {
             return Err(EntryError::UnalignedL2 { offset: l2_offset });
         }
-        Ok(Self { l2_offset, copied: raw & OFLAG_COPIED != 0 })
+        Ok(Self {
+            l2_offset,
+            copied: raw & OFLAG_COPIED != 0,
+        })
     }
 
     /// Encodes the entry.
@@ -185,14 +188,20 @@ impl L2Entry {
     /// The host cluster this entry occupies, if any (not for compressed).
     pub fn host_cluster(self) -> Option<u64> {
         match self {
-            L2Entry::Normal { host, .. } | L2Entry::Zero { host: Some(host), .. } => Some(host),
+            L2Entry::Normal { host, .. }
+            | L2Entry::Zero {
+                host: Some(host), ..
+            } => Some(host),
             _ => None,
         }
     }
 
     /// The COPIED flag.
     pub fn copied(self) -> bool {
-        matches!(self, L2Entry::Normal { copied: true, .. } | L2Entry::Zero { copied: true, .. })
+        matches!(
+            self,
+            L2Entry::Normal { copied: true, .. } | L2Entry::Zero { copied: true, .. }
+        )
     }
 
     /// For a compressed entry: the byte range `[offset, offset + len)` to read.
@@ -299,23 +308,45 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    const F64K: EntryFormat =
-        EntryFormat { cluster_bits: 16, version: 3, extended_l2: false, external_data: false };
+    const F64K: EntryFormat = EntryFormat {
+        cluster_bits: 16,
+        version: 3,
+        extended_l2: false,
+        external_data: false,
+    };
 
     #[test]
     fn verified_encodings() {
         assert_eq!(
             L2Entry::decode(0x8000_0000_0005_0000, &F64K),
-            Ok(L2Entry::Normal { host: 0x50000, copied: true })
+            Ok(L2Entry::Normal {
+                host: 0x50000,
+                copied: true
+            })
         );
-        assert_eq!(L2Entry::decode(1, &F64K), Ok(L2Entry::Zero { host: None, copied: false }));
+        assert_eq!(
+            L2Entry::decode(1, &F64K),
+            Ok(L2Entry::Zero {
+                host: None,
+                copied: false
+            })
+        );
         assert_eq!(
             L2Entry::decode(0x8000_0000_0005_0001, &F64K),
-            Ok(L2Entry::Zero { host: Some(0x50000), copied: true })
+            Ok(L2Entry::Zero {
+                host: Some(0x50000),
+                copied: true
+            })
         );
         // Two compressed clusters packed in one host cluster (spec §2.7).
         let e = L2Entry::decode(0x4000_0000_0005_004f, &F64K).unwrap();
-        assert_eq!(e, L2Entry::Compressed { offset: 0x5004f, sectors: 1 });
+        assert_eq!(
+            e,
+            L2Entry::Compressed {
+                offset: 0x5004f,
+                sectors: 1
+            }
+        );
         assert_eq!(e.compressed_range(), Some((0x5004f, 512 - 0x4f)));
         assert_eq!(L2Entry::decode(0, &F64K), Ok(L2Entry::Unallocated));
     }
@@ -328,24 +359,52 @@ mod tests {
         );
         let v2 = EntryFormat { version: 2, ..F64K };
         assert_eq!(L2Entry::decode(1, &v2), Err(EntryError::ZeroInV2));
-        let ext = EntryFormat { external_data: true, ..F64K };
-        assert_eq!(L2Entry::decode(OFLAG_COMPRESSED, &ext), Err(EntryError::CompressedWithDataFile));
+        let ext = EntryFormat {
+            external_data: true,
+            ..F64K
+        };
+        assert_eq!(
+            L2Entry::decode(OFLAG_COMPRESSED, &ext),
+            Err(EntryError::CompressedWithDataFile)
+        );
         assert_eq!(
             L2Entry::decode(OFLAG_COPIED, &ext),
-            Ok(L2Entry::Normal { host: 0, copied: true })
+            Ok(L2Entry::Normal {
+                host: 0,
+                copied: true
+            })
         );
-        assert_eq!(L1Entry::decode(0x40200, 16), Err(EntryError::UnalignedL2 { offset: 0x40200 }));
+        assert_eq!(
+            L1Entry::decode(0x40200, 16),
+            Err(EntryError::UnalignedL2 { offset: 0x40200 })
+        );
         let b = Subclusters::from_parts(1, 1);
-        assert!(b.validate(L2Entry::Normal { host: 0x10000, copied: true }).is_err());
-        assert!(Subclusters::from_parts(1, 0).validate(L2Entry::Unallocated).is_err());
+        assert!(b
+            .validate(L2Entry::Normal {
+                host: 0x10000,
+                copied: true
+            })
+            .is_err());
+        assert!(Subclusters::from_parts(1, 0)
+            .validate(L2Entry::Unallocated)
+            .is_err());
     }
 
     #[test]
     fn subclusters() {
-        let e = L2Entry::Normal { host: 0x50000, copied: true };
+        let e = L2Entry::Normal {
+            host: 0x50000,
+            copied: true,
+        };
         let b = Subclusters(0x0000_0004_0000_0001);
-        assert_eq!(subcluster_state(e, b, 0, true, 2048), SubclusterState::Data(0x50000));
-        assert_eq!(subcluster_state(e, b, 1, true, 2048), SubclusterState::Unallocated);
+        assert_eq!(
+            subcluster_state(e, b, 0, true, 2048),
+            SubclusterState::Data(0x50000)
+        );
+        assert_eq!(
+            subcluster_state(e, b, 1, true, 2048),
+            SubclusterState::Unallocated
+        );
         assert_eq!(subcluster_state(e, b, 2, true, 2048), SubclusterState::Zero);
     }
 

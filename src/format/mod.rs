@@ -92,7 +92,12 @@ impl fmt::Display for Structure {
 impl FormatError {
     /// A new error of kind [`FormatErrorKind::Invalid`].
     pub fn invalid(what: Structure, offset: Option<u64>, reason: impl Into<String>) -> Self {
-        Self { what, offset, reason: reason.into(), kind: FormatErrorKind::Invalid }
+        Self {
+            what,
+            offset,
+            reason: reason.into(),
+            kind: FormatErrorKind::Invalid,
+        }
     }
 
     /// A new error of the given kind.
@@ -102,7 +107,12 @@ impl FormatError {
         offset: Option<u64>,
         reason: impl Into<String>,
     ) -> Self {
-        Self { what, offset, reason: reason.into(), kind }
+        Self {
+            what,
+            offset,
+            reason: reason.into(),
+            kind,
+        }
     }
 }
 

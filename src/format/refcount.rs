@@ -51,7 +51,9 @@ pub fn set(block: &mut [u8], order: u32, index: usize, value: u64) -> bool {
         0..=2 => {
             let w = 1usize << order;
             let per_byte = 8 / w;
-            let Some(byte) = block.get_mut(index / per_byte) else { return false };
+            let Some(byte) = block.get_mut(index / per_byte) else {
+                return false;
+            };
             let shift = (index % per_byte) * w;
             let mask = ((1u8 << w) - 1) << shift;
             *byte = (*byte & !mask) | ((value as u8) << shift);
@@ -64,9 +66,15 @@ pub fn set(block: &mut [u8], order: u32, index: usize, value: u64) -> bool {
             }
             None => false,
         },
-        4 => index.checked_mul(2).is_some_and(|p| super::put_be_u16(block, p, value as u16)),
-        5 => index.checked_mul(4).is_some_and(|p| super::put_be_u32(block, p, value as u32)),
-        6 => index.checked_mul(8).is_some_and(|p| super::put_be_u64(block, p, value)),
+        4 => index
+            .checked_mul(2)
+            .is_some_and(|p| super::put_be_u16(block, p, value as u16)),
+        5 => index
+            .checked_mul(4)
+            .is_some_and(|p| super::put_be_u32(block, p, value as u32)),
+        6 => index
+            .checked_mul(8)
+            .is_some_and(|p| super::put_be_u64(block, p, value)),
         _ => false,
     }
 }

@@ -104,7 +104,11 @@ impl<S: Storage> FaultyStorage<S> {
 
     /// Stops recording and returns what was recorded.
     pub fn take_log(&self) -> Vec<RecordedOp> {
-        self.log.lock().ok().and_then(|mut l| l.take()).unwrap_or_default()
+        self.log
+            .lock()
+            .ok()
+            .and_then(|mut l| l.take())
+            .unwrap_or_default()
     }
 
     /// Arms a fault (replacing any earlier one) and resets the call counters.
@@ -136,10 +140,17 @@ impl<S: Storage> FaultyStorage<S> {
             _ => 3,
         };
         let n_op = self.counters[idx].fetch_add(1, Ordering::SeqCst);
-        let guard = self.fault.lock().map_err(|_| io::Error::other("fault lock poisoned"))?;
+        let guard = self
+            .fault
+            .lock()
+            .map_err(|_| io::Error::other("fault lock poisoned"))?;
         if let Some(f) = *guard {
             let n = if f.op == FaultOp::Any {
-                self.counters.iter().map(|c| c.load(Ordering::SeqCst)).sum::<u64>() - 1
+                self.counters
+                    .iter()
+                    .map(|c| c.load(Ordering::SeqCst))
+                    .sum::<u64>()
+                    - 1
             } else if f.op == op {
                 n_op
             } else {
@@ -170,7 +181,10 @@ impl<S: Storage> Storage for FaultyStorage<S> {
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.check(FaultOp::Write)?;
         self.inner.write_at(buf, offset)?;
-        self.record(RecordedOp::Write { offset, data: buf.to_vec() });
+        self.record(RecordedOp::Write {
+            offset,
+            data: buf.to_vec(),
+        });
         Ok(())
     }
 

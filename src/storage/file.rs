@@ -30,8 +30,12 @@ impl FileStorage {
     /// # Errors
     /// The error of `open(2)`.
     pub fn create(path: &Path, nocow: bool) -> io::Result<Self> {
-        let file =
-            OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)?;
         if nocow {
             // Like QEMU: failure to set the attribute is not an error.
             let _ = sys::set_nocow(&file);

@@ -20,12 +20,18 @@ impl MemStorage {
 
     /// A storage holding `bytes`.
     pub fn from_bytes(bytes: Vec<u8>) -> Self {
-        Self { data: RwLock::new(bytes), limit: None }
+        Self {
+            data: RwLock::new(bytes),
+            limit: None,
+        }
     }
 
     /// A storage that refuses to grow past `limit` bytes (ENOSPC), like a full disk.
     pub fn with_limit(bytes: Vec<u8>, limit: u64) -> Self {
-        Self { data: RwLock::new(bytes), limit: Some(limit) }
+        Self {
+            data: RwLock::new(bytes),
+            limit: Some(limit),
+        }
     }
 
     /// A copy of the current contents.

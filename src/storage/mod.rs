@@ -6,8 +6,8 @@
 
 mod faulty;
 mod file;
-mod sys;
 mod memory;
+mod sys;
 
 pub use faulty::{replay, Fault, FaultKind, FaultOp, FaultyStorage, RecordedOp};
 pub use file::FileStorage;

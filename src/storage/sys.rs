@@ -25,7 +25,9 @@ pub fn fallocate(file: &File, offset: u64, len: u64) -> io::Result<()> {
     let e = io::Error::last_os_error();
     if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
         // File system without fallocate: fall back to extending the file.
-        let end = offset.checked_add(len).ok_or_else(|| io::Error::from_raw_os_error(libc::EFBIG))?;
+        let end = offset
+            .checked_add(len)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EFBIG))?;
         if end > file.metadata()?.len() {
             file.set_len(end)?;
         }
@@ -64,7 +66,11 @@ pub fn is_hole(file: &File, offset: u64, len: u64) -> io::Result<bool> {
     if r < 0 {
         let e = io::Error::last_os_error();
         // ENXIO: no data at or after `offset`.
-        return if e.raw_os_error() == Some(libc::ENXIO) { Ok(true) } else { Err(e) };
+        return if e.raw_os_error() == Some(libc::ENXIO) {
+            Ok(true)
+        } else {
+            Err(e)
+        };
     }
     Ok((r as u64) >= offset.saturating_add(len))
 }
@@ -78,13 +84,25 @@ pub fn set_nocow(file: &File) -> io::Result<()> {
     let mut flags: libc::c_long = 0;
     // SAFETY: FS_IOC_GETFLAGS writes one `long` through the pointer, which
     // points to a live local of that type.
-    let r = unsafe { libc::ioctl(file.as_raw_fd(), FS_IOC_GETFLAGS, &mut flags as *mut libc::c_long) };
+    let r = unsafe {
+        libc::ioctl(
+            file.as_raw_fd(),
+            FS_IOC_GETFLAGS,
+            &mut flags as *mut libc::c_long,
+        )
+    };
     if r != 0 {
         return Err(io::Error::last_os_error());
     }
     flags |= FS_NOCOW_FL;
     // SAFETY: FS_IOC_SETFLAGS reads one `long` through the pointer.
-    let r = unsafe { libc::ioctl(file.as_raw_fd(), FS_IOC_SETFLAGS, &flags as *const libc::c_long) };
+    let r = unsafe {
+        libc::ioctl(
+            file.as_raw_fd(),
+            FS_IOC_SETFLAGS,
+            &flags as *const libc::c_long,
+        )
+    };
     if r != 0 {
         return Err(io::Error::last_os_error());
     }
@@ -95,7 +113,13 @@ pub fn set_nocow(file: &File) -> io::Result<()> {
 pub fn is_nocow(file: &File) -> io::Result<bool> {
     let mut flags: libc::c_long = 0;
     // SAFETY: as in `set_nocow`.
-    let r = unsafe { libc::ioctl(file.as_raw_fd(), FS_IOC_GETFLAGS, &mut flags as *mut libc::c_long) };
+    let r = unsafe {
+        libc::ioctl(
+            file.as_raw_fd(),
+            FS_IOC_GETFLAGS,
+            &mut flags as *mut libc::c_long,
+        )
+    };
     if r != 0 {
         return Err(io::Error::last_os_error());
     }
