@@ -1,5 +1,35 @@
-//! qcow2kit: read, write, check and repair qcow2 disk images.
+//! qcow2kit: read, write, check and repair qcow2 disk images, the format of QEMU.
+//!
+//! The crate is layered bottom-up (see `ARCHITECTURE.md`): pure encoders and
+//! decoders in [`format`], a [`storage`] trait under everything, metadata
+//! caches and the overlap checker in their own modules, and [`Image`] on top.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use qcow2kit::storage::{MemStorage, Storage};
+//! use qcow2kit::{CreateOptions, Image, OpenOptions};
+//!
+//! # fn main() -> qcow2kit::Result<()> {
+//! // A 64 MiB image with 64 KiB clusters, held in memory.
+//! let file: Arc<dyn Storage> = Arc::new(MemStorage::new());
+//! qcow2kit::create::create_on(file.clone(), &CreateOptions::new(), 64 << 20)?;
+//!
+//! let img = Image::open_storage(file.clone(), &OpenOptions::new())?;
+//! img.write_at(b"hello, qcow2", 1 << 20)?;
+//! img.flush()?;
+//!
+//! let mut buf = [0u8; 12];
+//! img.read_at(&mut buf, 1 << 20)?;
+//! assert_eq!(&buf, b"hello, qcow2");
+//! // Unwritten clusters read as zeroes.
+//! img.read_at(&mut buf, 0)?;
+//! assert_eq!(buf, [0u8; 12]);
+//! img.close()?;
+//! # Ok(())
+//! # }
+//! ```
 #![deny(unsafe_code)]
+#![warn(missing_debug_implementations)]
 
 pub mod cache;
 pub mod compress;
