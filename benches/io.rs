@@ -6,6 +6,8 @@
 //! * `write/4k_alloc/{qcow2,raw}`: 4 KiB sequential writes that each allocate a cluster.
 //! * `overlap/<mode>/{overwrite,alloc}`: the cost of each `overlap-check` mode.
 
+#![allow(missing_docs)] // criterion's macros generate undocumented functions
+
 use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use qcow2kit::options::{OverlapCheckMode, OverlapChecks};
 use qcow2kit::{CreateOptions, Image, OpenOptions};
@@ -42,7 +44,13 @@ fn filled_qcow2(path: &Path, size: u64) -> Image {
 }
 
 fn filled_raw(path: &Path, size: u64) -> File {
-    let f = File::options().read(true).write(true).create(true).truncate(true).open(path).expect("raw");
+    let f = File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .expect("raw");
     let chunk = vec![0x5au8; 1 << 20];
     for off in (0..size).step_by(chunk.len()) {
         f.write_all_at(&chunk, off).expect("fill raw");
@@ -59,8 +67,18 @@ fn reads(c: &mut Criterion) {
     g.throughput(Throughput::Bytes(BS as u64));
     let mut buf = vec![0u8; BS];
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-    g.bench_function("qcow2", |b| b.iter(|| img.read_at(black_box(&mut buf), rng.offset(DISK)).expect("read")));
-    g.bench_function("raw", |b| b.iter(|| raw.read_exact_at(black_box(&mut buf), rng.offset(DISK)).expect("pread")));
+    g.bench_function("qcow2", |b| {
+        b.iter(|| {
+            img.read_at(black_box(&mut buf), rng.offset(DISK))
+                .expect("read")
+        })
+    });
+    g.bench_function("raw", |b| {
+        b.iter(|| {
+            raw.read_exact_at(black_box(&mut buf), rng.offset(DISK))
+                .expect("pread")
+        })
+    });
     g.finish();
 }
 
@@ -73,8 +91,18 @@ fn writes(c: &mut Criterion) {
     let mut g = c.benchmark_group("write/4k_overwrite");
     g.throughput(Throughput::Bytes(BS as u64));
     let mut rng = Rng(7);
-    g.bench_function("qcow2", |b| b.iter(|| img.write_at(black_box(&data), rng.offset(SPAN)).expect("write")));
-    g.bench_function("raw", |b| b.iter(|| raw.write_all_at(black_box(&data), rng.offset(SPAN)).expect("pwrite")));
+    g.bench_function("qcow2", |b| {
+        b.iter(|| {
+            img.write_at(black_box(&data), rng.offset(SPAN))
+                .expect("write")
+        })
+    });
+    g.bench_function("raw", |b| {
+        b.iter(|| {
+            raw.write_all_at(black_box(&data), rng.offset(SPAN))
+                .expect("pwrite")
+        })
+    });
     g.finish();
 
     // Allocating writes: every 4 KiB write lands in a new 64 KiB cluster.
@@ -99,7 +127,15 @@ fn writes(c: &mut Criterion) {
     });
     g.bench_function("raw", |b| {
         b.iter_batched(
-            || File::options().read(true).write(true).create(true).truncate(true).open(dir.path().join("a.raw")).expect("raw"),
+            || {
+                File::options()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .open(dir.path().join("a.raw"))
+                    .expect("raw")
+            },
             |f| {
                 for i in 0..N {
                     f.write_all_at(&data, i << 16).expect("pwrite");
@@ -118,13 +154,23 @@ fn overlap_modes(c: &mut Criterion) {
     let path = dir.path().join("o.qcow2");
     drop(filled_qcow2(&path, SPAN));
     let data = vec![0x3cu8; BS];
-    for mode in [OverlapCheckMode::None, OverlapCheckMode::Constant, OverlapCheckMode::Cached, OverlapCheckMode::All] {
+    for mode in [
+        OverlapCheckMode::None,
+        OverlapCheckMode::Constant,
+        OverlapCheckMode::Cached,
+        OverlapCheckMode::All,
+    ] {
         let opts = OpenOptions::new().overlap_check(OverlapChecks::from_mode(mode));
         let mut g = c.benchmark_group(format!("overlap/{}", mode.as_str()));
         g.throughput(Throughput::Bytes(BS as u64));
         let img = Image::open(&path, &opts).expect("open");
         let mut rng = Rng(3);
-        g.bench_function("overwrite", |b| b.iter(|| img.write_at(black_box(&data), rng.offset(SPAN)).expect("write")));
+        g.bench_function("overwrite", |b| {
+            b.iter(|| {
+                img.write_at(black_box(&data), rng.offset(SPAN))
+                    .expect("write")
+            })
+        });
         drop(img);
         g.bench_function("alloc", |b| {
             b.iter_batched(

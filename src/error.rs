@@ -62,6 +62,14 @@ pub enum Error {
         /// QEMU's message for the event.
         msg: String,
     },
+    /// A compressed cluster's data could not be decompressed to one cluster.
+    #[error("could not decompress the cluster at host offset {offset:#x}: {reason}")]
+    Decompress {
+        /// Host offset of the compressed stream.
+        offset: u64,
+        /// What the decompressor said.
+        reason: String,
+    },
     /// The header or a table is invalid or unsupported (refused at open).
     #[error("{0}")]
     Format(#[from] FormatError),

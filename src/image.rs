@@ -645,15 +645,11 @@ impl Image {
     /// Reads and decompresses one compressed cluster.
     fn read_compressed(&self, offset: u64, len: u64) -> Result<Vec<u8>> {
         let cs = self.geom.cluster_size as usize;
-        let corrupt = |why: &str| Error::Corrupt {
-            what: "compressed cluster",
-            offset,
-            msg: format!("Invalid compressed cluster at host offset {offset:#x}: {why}"),
-        };
         let mut input = vec![0u8; len as usize];
         read_file(&*self.file, &mut input, offset)?;
         let ctype = self.header_compression_type();
-        crate::compress::decompress(ctype, &input, cs).map_err(|e| corrupt(&e))
+        crate::compress::decompress(ctype, &input, cs)
+            .map_err(|reason| Error::Decompress { offset, reason })
     }
 
     fn header_compression_type(&self) -> u8 {
@@ -701,8 +697,9 @@ impl Image {
         let keep = AUTOCLEAR_DATA_FILE_RAW;
         if meta.header.autoclear_features & !keep != 0 {
             meta.header.autoclear_features &= keep;
+            // The bitmap directory stays allocated and protected: only its
+            // consistency bit is dropped.
             meta.write_autoclear_features()?;
-            meta.checker.set_bitmap_directory(None);
         }
         Ok(())
     }
@@ -870,10 +867,8 @@ impl Image {
         let need = plans.iter().filter(|p| p.host.is_none()).count() as u64;
         if need > 0 {
             let first = meta.alloc_clusters(need)?;
-            let mut k = 0;
-            for p in plans.iter_mut().filter(|p| p.host.is_none()) {
-                p.host = Some(first + k * cs);
-                k += 1;
+            for (k, p) in plans.iter_mut().filter(|p| p.host.is_none()).enumerate() {
+                p.host = Some(first + k as u64 * cs);
             }
         }
         // Write each cluster's range: [lo, hi) within the cluster.

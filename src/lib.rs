@@ -30,6 +30,7 @@
 //! ```
 #![deny(unsafe_code)]
 #![warn(missing_debug_implementations)]
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod cache;
 pub mod compress;

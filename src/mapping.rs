@@ -54,6 +54,16 @@ impl Meta {
         let (entry, bitmap) = self.decode_l2(self.read_slot(&slot), &slot)?;
         if let L2Entry::Compressed { .. } = entry {
             let (offset, len) = entry.compressed_range().unwrap_or((0, 0));
+            if offset >= self.file_end {
+                return Err(Error::Corrupt {
+                    what: "L2 table",
+                    offset: slot.table,
+                    msg: format!(
+                        "Compressed cluster at host offset {offset:#x} lies beyond the end of the file (L2 offset: {:#x}, L2 index: {:#x})",
+                        slot.table, slot.index
+                    ),
+                });
+            }
             let cluster_end = (cluster + 1) << g.cluster_bits;
             return Ok((
                 Extent::Compressed { offset, len },

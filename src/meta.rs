@@ -42,6 +42,7 @@ pub(crate) enum DiscardType {
     /// A guest discard or write-zeroes with unmap (`pass-discard-request`).
     Request,
     /// Snapshot operations (`pass-discard-snapshot`).
+    #[allow(dead_code)] // used once internal snapshots can be created and deleted
     Snapshot,
     /// Anything else: COW, table relocation (`pass-discard-other`).
     Other,
@@ -114,6 +115,7 @@ pub(crate) struct Meta {
     /// Reusable buffer for COW and table I/O (no allocation per request).
     pub scratch: Vec<u8>,
     /// The internal snapshots.
+    #[allow(dead_code)] // read by snapshot operations (apply/delete) when they land
     pub snapshots: Vec<crate::format::snapshot::SnapshotEntry>,
 }
 
