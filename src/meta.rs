@@ -166,9 +166,12 @@ impl Meta {
 
     /// Syncs the image file.
     pub fn sync(&mut self) -> Result<()> {
-        self.file
-            .flush()
-            .map_err(|e| Error::io(IoOp::Flush, 0, e))?;
+        if let Err(e) = self.file.flush() {
+            // After a failed fsync nothing written since the last good one can
+            // be trusted to be durable: stop using this handle.
+            self.poisoned = true;
+            return Err(Error::io(IoOp::Flush, 0, e));
+        }
         self.data_unsynced = false;
         Ok(())
     }
