@@ -140,13 +140,12 @@ fn run_case(base: &[u8], fault: Fault, check_with_qemu: bool) {
     let size = img.size() as usize;
     img.read_at(&mut buf[..size], 0)
         .unwrap_or_else(|e| panic!("{label}: read back: {e}"));
-    for i in 0..size {
-        if !model.dirty[i] && buf[i] != model.acked[i] {
-            panic!(
-                "{label}: acknowledged byte {i} changed: {} != {}",
-                buf[i], model.acked[i]
-            );
-        }
+    let bad = (0..size).find(|&i| !model.dirty[i] && buf[i] != model.acked[i]);
+    if let Some(i) = bad {
+        panic!(
+            "{label}: acknowledged byte {i} changed: {} != {}",
+            buf[i], model.acked[i]
+        );
     }
     drop(img);
     if check_with_qemu {
