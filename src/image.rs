@@ -240,6 +240,8 @@ impl Image {
             .collect();
         drop(rt_raw);
 
+        opts.check_image_version(header.version)
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
         let cache =
             crate::options::cache_config(opts, header.size, geom.cluster_size, geom.l2_entry_bytes)
                 .map_err(|e| Error::InvalidArgument(e.to_string()))?;
@@ -289,6 +291,10 @@ impl Image {
             data_unsynced: false,
             poisoned: false,
             scratch: Vec::new(),
+            lazy_refcounts: !read_only
+                && opts
+                    .get_lazy_refcounts()
+                    .unwrap_or(header.compatible_features & COMPAT_LAZY_REFCOUNTS != 0),
             snapshots,
             header,
         };
@@ -1078,7 +1084,31 @@ impl Image {
     /// # Errors
     /// As for [`Image::flush`].
     pub fn close(self) -> Result<()> {
-        self.flush()
+        self.close_ref()
+    }
+
+    fn close_ref(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        let mut meta = self.lock()?;
+        let r = (|| {
+            let _barrier = self
+                .io_barrier
+                .write()
+                .map_err(|_| Error::PreviousIoFailed)?;
+            meta.mark_clean()?;
+            if !Arc::ptr_eq(&self.data, &self.file) {
+                self.data
+                    .flush()
+                    .map_err(|e| Error::io(IoOp::Flush, 0, e))?;
+            }
+            Ok(())
+        })();
+        match r {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.fail(&mut meta, e, IoOperation::Write)),
+        }
     }
 
     // ------------------------------------------------------------------
@@ -1363,7 +1393,7 @@ impl Drop for Image {
     fn drop(&mut self) {
         if !self.read_only && !self.gone.load(Ordering::SeqCst) {
             // Best effort; callers who care use close() or flush().
-            let _ = self.flush();
+            let _ = self.close_ref();
         }
     }
 }

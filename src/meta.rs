@@ -114,6 +114,8 @@ pub(crate) struct Meta {
     pub poisoned: bool,
     /// Reusable buffer for COW and table I/O (no allocation per request).
     pub scratch: Vec<u8>,
+    /// Lazy refcounts in effect: refcount writes are deferred behind the dirty bit.
+    pub lazy_refcounts: bool,
     /// The internal snapshots.
     #[allow(dead_code)] // read by snapshot operations (apply/delete) when they land
     pub snapshots: Vec<crate::format::snapshot::SnapshotEntry>,
@@ -815,7 +817,13 @@ impl Meta {
     /// What must be durable before a dirty L2 slice may be written: the
     /// refcounts of clusters it references and the data in them.
     pub fn flush_l2_dependencies(&mut self) -> Result<()> {
-        if self.rc_cache.has_dirty() || !self.reftable_dirty.is_empty() {
+        let refcounts_dirty = self.rc_cache.has_dirty() || !self.reftable_dirty.is_empty();
+        if refcounts_dirty && self.lazy_refcounts {
+            // Lazy refcounts: instead of writing refcounts first, make sure
+            // the image says its refcounts may be stale (dirty bit, synced).
+            self.mark_dirty()?;
+        }
+        if refcounts_dirty && !self.lazy_refcounts {
             self.flush_refcounts()?;
         } else if self.data_unsynced {
             self.sync()?;
@@ -876,6 +884,35 @@ impl Meta {
                 }
             }
             self.flush_refcounts()?;
+        }
+        if self.lazy_refcounts {
+            // A flush makes every cache durable, refcounts included; the
+            // dirty bit stays until the image is closed (as in QEMU).
+            self.flush_refcounts()?;
+        }
+        Ok(())
+    }
+
+    /// Sets the dirty bit (refcounts may be stale) and syncs it, once.
+    pub fn mark_dirty(&mut self) -> Result<()> {
+        if self.header.incompatible_features & INCOMPAT_DIRTY == 0 {
+            self.header.incompatible_features |= INCOMPAT_DIRTY;
+            if let Err(e) = self.write_incompatible_features() {
+                self.header.incompatible_features &= !INCOMPAT_DIRTY;
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes every cache and clears the dirty bit (clean close).
+    pub fn mark_clean(&mut self) -> Result<()> {
+        self.flush_all(true)?;
+        self.flush_refcounts()?;
+        if self.header.incompatible_features & INCOMPAT_DIRTY != 0 {
+            self.sync()?;
+            self.header.incompatible_features &= !INCOMPAT_DIRTY;
+            self.write_incompatible_features()?;
         }
         Ok(())
     }
