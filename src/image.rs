@@ -891,6 +891,23 @@ impl Image {
                     }
             ) || meta.efmt.external_data;
             let (lo, hi) = self.cow_range(p, fresh);
+            let src = &data[(p.guest + p.lo_w - g) as usize..(p.guest + p.hi_w - g) as usize];
+            if !meta.efmt.external_data && host + lo >= meta.file_end && self.old_reads_zero(p, lo)
+            {
+                // Fast path: the untouched parts read as zero and the cluster
+                // lies past the end of the file, where unwritten bytes read as
+                // zero too: write only the guest data, straight from the caller.
+                if let Err(e) = meta.gate_write(src, host + p.lo_w, None) {
+                    meta.scratch = buf;
+                    return Err(e);
+                }
+                meta.data_unsynced = true;
+                let new = self.new_entry(p, host, lo, hi);
+                meta.write_slot(&p.slot, new);
+                self.drop_old(meta, p);
+                written += p.hi_w - p.lo_w;
+                continue;
+            }
             buf.clear();
             buf.resize((hi - lo) as usize, 0);
             // Old content for the parts outside the write.
@@ -904,20 +921,8 @@ impl Image {
                 meta.scratch = buf;
                 return Err(e);
             }
-            let src = &data[(p.guest + p.lo_w - g) as usize..(p.guest + p.hi_w - g) as usize];
             buf[(p.lo_w - lo) as usize..(p.hi_w - lo) as usize].copy_from_slice(src);
-            // Skip writing zero COW regions into space past the end of the file.
-            let (mut wlo, mut whi) = (lo, hi);
-            if host + lo >= meta.file_end && !meta.efmt.external_data {
-                let bytes = &buf[..];
-                let head_zero = bytes[..(p.lo_w - lo) as usize].iter().all(|b| *b == 0);
-                if head_zero {
-                    wlo = p.lo_w;
-                }
-                if bytes[(p.hi_w - lo) as usize..].iter().all(|b| *b == 0) {
-                    whi = p.hi_w;
-                }
-            }
+            let (wlo, whi) = (lo, hi);
             let out = &buf[(wlo - lo) as usize..(whi - lo) as usize];
             let r = if meta.efmt.external_data {
                 write_file(&*self.data, out, host + wlo)
@@ -932,29 +937,39 @@ impl Image {
             // Update the entry.
             let new = self.new_entry(p, host, lo, hi);
             meta.write_slot(&p.slot, new);
-            // Drop the old reference.
-            if !meta.efmt.external_data {
-                match p.old {
-                    L2Entry::Normal {
-                        host: h,
-                        copied: false,
-                    }
-                    | L2Entry::Zero {
-                        host: Some(h),
-                        copied: false,
-                    } => meta.queue_free(h, DiscardType::Other),
-                    L2Entry::Compressed { .. } => {
-                        if let Some((o, l)) = p.old.compressed_range() {
-                            meta.queue_free_compressed(o, l, DiscardType::Other);
-                        }
-                    }
-                    _ => {}
-                }
-            }
+            self.drop_old(meta, p);
             written += p.hi_w - p.lo_w;
         }
         meta.scratch = buf;
         Ok(written)
+    }
+
+    /// Drops the reference the cluster's old entry held (COW replaced it).
+    fn drop_old(&self, meta: &mut Meta, p: &ClusterPlan) {
+        let reused = matches!(
+            p.old,
+            L2Entry::Normal { copied: true, .. }
+                | L2Entry::Zero {
+                    host: Some(_),
+                    copied: true
+                }
+        );
+        if !reused {
+            self.drop_reference(meta, p.old, DiscardType::Other);
+        }
+    }
+
+    /// Whether the guest view of the cluster of `p` from `lo` on reads as
+    /// zeroes, known from metadata alone (no I/O).
+    fn old_reads_zero(&self, p: &ClusterPlan, lo: u64) -> bool {
+        match p.old {
+            L2Entry::Zero { .. } => true,
+            L2Entry::Unallocated => match &self.backing {
+                None => true,
+                Some(b) => b.size() <= p.guest + lo,
+            },
+            _ => false,
+        }
     }
 
     /// The byte range of the cluster to write: the whole cluster for standard
