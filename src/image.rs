@@ -800,6 +800,9 @@ impl Image {
             if run > 0 {
                 if !meta.efmt.external_data {
                     meta.gate_check(host0, run, 0)?;
+                    // The write may extend the file (a cluster whose tail was
+                    // never written): keep the known end an upper bound.
+                    meta.file_end = meta.file_end.max(host0 + run);
                 }
                 return Ok(WriteStep::InPlace {
                     host: host0,
