@@ -15,6 +15,8 @@ pub struct CachedTable {
     pub data: Box<[u8]>,
     /// Modified in memory and not yet written back.
     pub dirty: bool,
+    /// The cache's epoch when this entry was last used (`cache-clean-interval`).
+    epoch: u32,
 }
 
 /// Hit/miss counters of a cache.
@@ -38,6 +40,7 @@ pub struct TableCache {
     entry_bytes: usize,
     hits: u64,
     misses: u64,
+    epoch: u32,
 }
 
 impl TableCache {
@@ -50,6 +53,7 @@ impl TableCache {
             entry_bytes,
             hits: 0,
             misses: 0,
+            epoch: 0,
         }
     }
 
@@ -60,9 +64,11 @@ impl TableCache {
 
     /// Looks `offset` up, counting a hit or a miss and refreshing its LRU position.
     pub fn get(&mut self, offset: u64) -> Option<&CachedTable> {
-        match self.lru.get(&offset) {
+        let epoch = self.epoch;
+        match self.lru.get_mut(&offset) {
             Some(t) => {
                 self.hits += 1;
+                t.epoch = epoch;
                 Some(t)
             }
             None => {
@@ -99,7 +105,14 @@ impl TableCache {
 
     /// Inserts a table. The caller must have made room (see [`is_full`](Self::is_full)).
     pub fn insert(&mut self, offset: u64, data: Box<[u8]>, dirty: bool) {
-        self.lru.put(offset, CachedTable { data, dirty });
+        self.lru.put(
+            offset,
+            CachedTable {
+                data,
+                dirty,
+                epoch: self.epoch,
+            },
+        );
     }
 
     /// Offsets of every dirty entry, sorted (so write-back is sequential).
@@ -130,6 +143,23 @@ impl TableCache {
         for k in clean {
             self.lru.pop(&k);
         }
+    }
+
+    /// Drops clean entries not used since the previous call and starts a new
+    /// interval (QEMU's `cache-clean-interval`). Returns how many were dropped.
+    pub fn clean_unused(&mut self) -> usize {
+        let epoch = self.epoch;
+        let stale: Vec<u64> = self
+            .lru
+            .iter()
+            .filter(|(_, t)| !t.dirty && t.epoch != epoch)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in &stale {
+            self.lru.pop(k);
+        }
+        self.epoch = self.epoch.wrapping_add(1);
+        stale.len()
     }
 
     /// Drops every entry whose key lies in `[start, end)` (the cluster was freed).
@@ -182,5 +212,22 @@ mod tests {
         c.drop_clean();
         assert!(c.peek(0).is_none());
         assert!(c.peek(8).is_some());
+    }
+
+    #[test]
+    fn clean_interval_drops_only_unused_clean_entries() {
+        let mut c = TableCache::new(4, 8);
+        c.insert(0, vec![0; 8].into(), false);
+        c.insert(8, vec![0; 8].into(), false);
+        c.insert(16, vec![0; 8].into(), true);
+        assert_eq!(
+            c.clean_unused(),
+            0,
+            "everything was used in the first interval"
+        );
+        assert!(c.get(0).is_some());
+        assert_eq!(c.clean_unused(), 1, "8 was not used, 16 is dirty");
+        assert!(c.peek(8).is_none());
+        assert!(c.peek(0).is_some() && c.peek(16).is_some());
     }
 }

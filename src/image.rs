@@ -291,6 +291,12 @@ impl Image {
             data_unsynced: false,
             poisoned: false,
             scratch: Vec::new(),
+            clean_interval: (cache.clean_interval_secs > 0).then(|| {
+                (
+                    std::time::Duration::from_secs(cache.clean_interval_secs),
+                    std::time::Instant::now(),
+                )
+            }),
             lazy_refcounts: !read_only
                 && opts
                     .get_lazy_refcounts()
@@ -491,10 +497,11 @@ impl Image {
         if self.gone.load(Ordering::SeqCst) {
             return Err(Error::MediumGone);
         }
-        let m = self.meta.lock().map_err(|_| Error::PreviousIoFailed)?;
+        let mut m = self.meta.lock().map_err(|_| Error::PreviousIoFailed)?;
         if m.poisoned {
             return Err(Error::PreviousIoFailed);
         }
+        m.maybe_clean_caches();
         Ok(m)
     }
 

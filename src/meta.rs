@@ -114,6 +114,8 @@ pub(crate) struct Meta {
     pub poisoned: bool,
     /// Reusable buffer for COW and table I/O (no allocation per request).
     pub scratch: Vec<u8>,
+    /// `cache-clean-interval` and when the current interval started.
+    pub clean_interval: Option<(std::time::Duration, std::time::Instant)>,
     /// Lazy refcounts in effect: refcount writes are deferred behind the dirty bit.
     pub lazy_refcounts: bool,
     /// The internal snapshots.
@@ -891,6 +893,17 @@ impl Meta {
             self.flush_refcounts()?;
         }
         Ok(())
+    }
+
+    /// Drops cache entries not used during the last `cache-clean-interval`.
+    pub fn maybe_clean_caches(&mut self) {
+        if let Some((every, since)) = self.clean_interval {
+            if since.elapsed() >= every {
+                self.l2_cache.clean_unused();
+                self.rc_cache.clean_unused();
+                self.clean_interval = Some((every, std::time::Instant::now()));
+            }
+        }
     }
 
     /// Sets the dirty bit (refcounts may be stale) and syncs it, once.
