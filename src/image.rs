@@ -462,6 +462,44 @@ impl Image {
         &self.opts
     }
 
+    /// The internal snapshots (the snapshot table as loaded at open).
+    pub fn snapshots(&self) -> Vec<crate::format::snapshot::SnapshotEntry> {
+        self.meta
+            .lock()
+            .map(|m| m.snapshots.clone())
+            .unwrap_or_else(|p| p.into_inner().snapshots.clone())
+    }
+
+    /// QEMU's `qcow2_detect_metadata_preallocation`: whether clearly more
+    /// host clusters have a non-zero refcount than the image file really
+    /// occupies (`max(real * 10 / 9, real + 2)` clusters or more), which means
+    /// data clusters were preallocated as holes. `map` then reports such
+    /// data clusters whose host range is a hole as zero (see
+    /// [`Image::data_is_hole`]).
+    ///
+    /// # Errors
+    /// I/O errors and corruption of the refcount structures.
+    pub fn detect_metadata_preallocation(&self) -> Result<bool> {
+        let file_len = self.file.len().map_err(|e| Error::io(IoOp::Read, 0, e))?;
+        let real = self
+            .file
+            .allocated_bytes()
+            .map_err(|e| Error::io(IoOp::Read, 0, e))?
+            / self.geom.cluster_size;
+        let threshold = (real * 10 / 9).max(real + 2);
+        let end_cluster = file_len.div_ceil(self.geom.cluster_size);
+        let mut meta = self.lock()?;
+        let mut count = 0u64;
+        let mut i = 0u64;
+        while i < end_cluster && count < threshold {
+            if meta.refcount(i)? != 0 {
+                count += 1;
+            }
+            i += 1;
+        }
+        Ok(count >= threshold)
+    }
+
     /// Registers the callback that receives [`Event`]s (replacing any earlier one).
     pub fn on_event(&self, sink: impl Fn(&Event) + Send + Sync + 'static) {
         if let Ok(mut e) = self.events.write() {
