@@ -1,1 +1,2 @@
+//! Benchmarks of image I/O (placeholder).
 fn main() {}

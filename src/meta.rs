@@ -42,6 +42,7 @@ pub(crate) enum DiscardType {
     /// A guest discard or write-zeroes with unmap (`pass-discard-request`).
     Request,
     /// Snapshot operations (`pass-discard-snapshot`).
+    #[allow(dead_code)] // Constructed once snapshot operations land.
     Snapshot,
     /// Anything else: COW, table relocation (`pass-discard-other`).
     Other,
