@@ -370,7 +370,12 @@ fn file_node_info(
     filename: &str,
     path: Option<&std::path::Path>,
 ) -> Result<ImageInfo> {
-    let len = storage.len().map_err(|e| Error::io(IoOp::Read, 0, e))?;
+    // QEMU reports whole 512-byte sectors (bdrv_getlength).
+    let len = storage
+        .len()
+        .map_err(|e| Error::io(IoOp::Read, 0, e))?
+        .div_ceil(512)
+        * 512;
     let actual = storage
         .allocated_bytes()
         .map_err(|e| Error::io(IoOp::Read, 0, e))?;

@@ -172,6 +172,7 @@ fn probe_backing(full: &str, fmt: Option<&str>) -> Result<(&'static str, u64), S
         let len = file
             .len()
             .map_err(|e| format!("Could not open '{full}': {e}"))?;
-        Ok(("raw", len))
+        // QEMU's lengths are whole sectors (bdrv_getlength).
+        Ok(("raw", len.div_ceil(512) * 512))
     }
 }
