@@ -715,6 +715,31 @@ impl Image {
         }
     }
 
+    /// The host cluster that the L2 entry of guest offset `offset` points at,
+    /// whatever the state of its (sub)clusters: with extended L2 entries a
+    /// cluster can be allocated while some subclusters are not, and QEMU's
+    /// `map` reports the host offset of such unallocated subclusters.
+    /// `None` for unallocated clusters, zero clusters without allocation and
+    /// compressed clusters.
+    ///
+    /// # Errors
+    /// As for [`Image::block_status`].
+    pub fn host_cluster(&self, offset: u64) -> Result<Option<u64>> {
+        let mut meta = self.lock()?;
+        self.check_range(meta.header.size, offset, 1)?;
+        let r = (|| {
+            let (table, _) = meta.l2_table_offset(self.geom.l1_index(offset))?;
+            if table == 0 {
+                return Ok(None);
+            }
+            let slot = meta.l2_slot(table, offset);
+            meta.load_l2_slice(slot.slice)?;
+            let (e, _) = meta.decode_l2(meta.read_slot(&slot), &slot)?;
+            Ok(e.host_cluster())
+        })();
+        r.map_err(|e| self.fail(&mut meta, e, IoOperation::Read))
+    }
+
     /// Whether the host range `[offset, offset+len)` of the data file is a hole
     /// (used by `map` for preallocated metadata).
     pub fn data_is_hole(&self, offset: u64, len: u64) -> bool {

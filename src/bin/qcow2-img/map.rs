@@ -44,6 +44,8 @@ pub struct Layer<'a> {
     data_name: String,
     /// Metadata preallocation detected (QEMU's `BDRV_BLOCK_RECURSE` case).
     prealloc: bool,
+    /// The layer has extended L2 entries (subclusters).
+    extended_l2: bool,
 }
 
 enum LayerKind<'a> {
@@ -98,6 +100,7 @@ pub fn layers<'a>(top: &'a Image, top_name: &str) -> Result<Vec<Layer<'a>>, Erro
             size: img.size(),
             data_name,
             prealloc: img.detect_metadata_preallocation()?,
+            extended_l2: header.is_extended_l2(),
         });
         let next = header
             .backing_file
@@ -115,6 +118,7 @@ pub fn layers<'a>(top: &'a Image, top_name: &str) -> Result<Vec<Layer<'a>>, Erro
                     size: *size,
                     data_name: next,
                     prealloc: false,
+                    extended_l2: false,
                 });
                 break;
             }
@@ -146,21 +150,19 @@ fn layer_status(layer: &Layer<'_>, offset: u64, bytes: u64) -> Result<(u8, u64, 
                 Extent::Data { host } => {
                     if layer.prealloc {
                         // BDRV_BLOCK_RECURSE: ask the file whether the run is a hole.
-                        let unit = img.cluster_size();
-                        let first_len = unit.min(st.len);
-                        let first = img.data_is_hole(host, first_len);
-                        let mut len = first_len;
-                        while len < st.len {
-                            let n = unit.min(st.len - len);
-                            if img.data_is_hole(host + len, n) != first {
-                                break;
-                            }
-                            len += n;
-                        }
-                        let zero = if first { ZERO } else { 0 };
+                        let (hole, len) = file_run(img, host, st.len);
+                        let zero = if hole { ZERO } else { 0 };
                         (DATA | OFFSET_VALID | zero, len, host)
                     } else {
                         (DATA | OFFSET_VALID, st.len, host)
+                    }
+                }
+                Extent::Unallocated if layer.extended_l2 => {
+                    // Unallocated subclusters of an allocated cluster keep an offset.
+                    let (host, len) = alloc_run(img, offset, st.len)?;
+                    match host {
+                        Some(h) => (OFFSET_VALID, len, h),
+                        None => (0, len, 0),
                     }
                 }
                 Extent::Zero { host: Some(h) } => (ZERO | OFFSET_VALID, st.len, h),
@@ -170,6 +172,66 @@ fn layer_status(layer: &Layer<'_>, offset: u64, bytes: u64) -> Result<(u8, u64, 
             })
         }
     }
+}
+
+/// File granularity of hole detection (file-posix reports holes in blocks).
+const FILE_BLOCK: u64 = 4096;
+
+/// The run of `[host, host+max)` in the data file that is all hole or all
+/// data: `(is_hole, length)` (file-posix's `SEEK_DATA`/`SEEK_HOLE` answer).
+fn file_run(img: &Image, host: u64, max: u64) -> (bool, u64) {
+    let first = FILE_BLOCK.min(max);
+    if img.data_is_hole(host, first) {
+        if img.data_is_hole(host, max) {
+            return (true, max);
+        }
+        // Largest all-hole prefix, in blocks: is_hole is monotone in length.
+        let (mut lo, mut hi) = (first, max);
+        while hi - lo > FILE_BLOCK {
+            let mid = lo + ((hi - lo) / 2).div_ceil(FILE_BLOCK) * FILE_BLOCK;
+            let mid = mid.min(hi - 1);
+            if img.data_is_hole(host, mid) {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        (true, lo)
+    } else {
+        let mut len = first;
+        while len < max {
+            let n = FILE_BLOCK.min(max - len);
+            if img.data_is_hole(host + len, n) {
+                break;
+            }
+            len += n;
+        }
+        (false, len)
+    }
+}
+
+/// For an unallocated run of an extended-L2 layer: the host offset of its
+/// first byte if its cluster is allocated, and how far clusters keep the
+/// same kind (allocated with contiguous host offsets, or not allocated).
+fn alloc_run(img: &Image, offset: u64, max: u64) -> Result<(Option<u64>, u64), Error> {
+    let cs = img.cluster_size();
+    let first = img.host_cluster(offset)?;
+    let c0 = offset & !(cs - 1);
+    let mut len = (c0 + cs - offset).min(max);
+    while len < max {
+        let c = offset + len;
+        let h = img.host_cluster(c)?;
+        let same = match (first, h) {
+            (None, None) => true,
+            (Some(h0), Some(h)) => h == h0 + (c - c0),
+            _ => false,
+        };
+        if !same {
+            break;
+        }
+        len = (len + cs).min(max);
+    }
+    Ok((first.map(|h| h + (offset - c0)), len))
 }
 
 /// QEMU's `get_block_status`: descends the chain until a layer allocates
