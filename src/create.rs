@@ -53,7 +53,7 @@ pub fn build_header(opts: &CreateOptions, size: u64) -> Result<Header> {
             h.autoclear_features |= AUTOCLEAR_DATA_FILE_RAW;
         }
     }
-    front.extend(h.extensions.drain(..));
+    front.append(&mut h.extensions);
     h.extensions = front;
     h.backing_file = opts.backing_file.clone();
     h.normalize()?;

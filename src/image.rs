@@ -933,10 +933,8 @@ impl Image {
         let need = plans.iter().filter(|p| p.host.is_none()).count() as u64;
         if need > 0 {
             let first = meta.alloc_clusters(need)?;
-            let mut k = 0;
-            for p in plans.iter_mut().filter(|p| p.host.is_none()) {
-                p.host = Some(first + k * cs);
-                k += 1;
+            for (k, p) in plans.iter_mut().filter(|p| p.host.is_none()).enumerate() {
+                p.host = Some(first + k as u64 * cs);
             }
         }
         // Write each cluster's range: [lo, hi) within the cluster.

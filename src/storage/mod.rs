@@ -22,6 +22,7 @@ use std::io;
 /// lock. Reads past the end of the storage return zeroes for the missing part
 /// (as QEMU's file driver does); writes past the end extend it, filling any gap
 /// with zeroes.
+#[allow(clippy::len_without_is_empty)] // `len` is a file length, not a collection size.
 pub trait Storage: Send + Sync + std::fmt::Debug {
     /// Reads exactly `buf.len()` bytes at `offset`; bytes past the end read as zero.
     ///

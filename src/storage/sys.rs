@@ -141,5 +141,6 @@ pub fn local_utc_offset(secs: i64) -> i64 {
     if r.is_null() {
         return 0;
     }
+    #[allow(clippy::useless_conversion)] // c_long is i32 on 32-bit hosts.
     i64::from(tm.tm_gmtoff)
 }
