@@ -374,10 +374,7 @@ pub fn run(argv: &[String]) -> CmdResult {
         length = length.min(start.saturating_add(m));
     }
     match output {
-        Output::Human => println!(
-            "{:<16}{:<16}{:<16}{}",
-            "Offset", "Length", "Mapped to", "File"
-        ),
+        Output::Human => println!("{:<16}{:<16}{:<16}File", "Offset", "Length", "Mapped to"),
         Output::Json => print!("["),
     }
     let mut curr = MapEntry {
