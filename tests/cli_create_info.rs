@@ -1,6 +1,9 @@
 //! `qcow2-img create` and `qcow2-img info` against qemu-img 10 (cli.md §2, §3):
 //! each case runs both tools on twin files and compares streams and exit codes.
 
+// Helpers outside #[test] functions panic on purpose when a tool misbehaves.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::*;

@@ -1,6 +1,9 @@
 //! `qcow2-img map`, `convert`, `resize` and `bench` against qemu-img 10
 //! (cli.md §4, §5, §6, §11).
 
+// Helpers outside #[test] functions panic on purpose when a tool misbehaves.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::*;

@@ -1,6 +1,7 @@
 //! Helpers shared by the `cli_*` tests: run `qcow2-img` and QEMU's tools on
 //! twin files in a scratch directory and compare what they print.
-#![allow(dead_code)]
+#![allow(dead_code)] // Each test crate uses a different subset.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // Test helpers fail loudly.
 
 use std::path::Path;
 use std::process::Command;
