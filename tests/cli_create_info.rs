@@ -464,6 +464,19 @@ fn make_info_images(d: &Path) {
         "64M",
     ]);
     std::fs::write(d.join("raw.img"), vec![7u8; 4096]).unwrap();
+    std::fs::write(d.join("rb.raw"), vec![9u8; 300 * 1024]).unwrap();
+    q(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "rb.raw",
+        "-F",
+        "raw",
+        "onraw.qcow2",
+        "1M",
+    ]);
 }
 
 #[test]
@@ -521,6 +534,8 @@ fn info_matches_qemu_on_qemu_made_images() {
         &["info", "--backing-chain", "ov.qcow2"][..],
         &["info", "--backing-chain", "--output", "json", "ov.qcow2"],
         &["info", "--backing-chain", "v3.qcow2"],
+        &["info", "--backing-chain", "onraw.qcow2"],
+        &["info", "--backing-chain", "--output", "json", "onraw.qcow2"],
     ] {
         let q = qemu(d, "qemu-img", args);
         let o = ours(d, args);

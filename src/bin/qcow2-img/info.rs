@@ -4,8 +4,19 @@ use crate::common::{check_format, open_fail, parse_args, parse_output, CmdResult
 use clap::Parser;
 use qcow2kit::info::{path_combine, to_json_pretty, ImageInfo};
 use qcow2kit::storage::FileStorage;
+use qcow2kit::storage::Storage;
 use qcow2kit::{Image, OpenOptions};
 use std::path::Path;
+
+/// Whether the file starts with the qcow2 magic (an unreadable file counts
+/// as qcow2, so that opening it reports the error).
+fn is_qcow2(name: &str) -> bool {
+    let Ok(f) = FileStorage::open(Path::new(name), false) else {
+        return true;
+    };
+    let mut magic = [0u8; 4];
+    f.read_at(&mut magic, 0).is_err() || magic == *b"QFI\xfb"
+}
 
 #[derive(Parser, Debug)]
 #[command(
@@ -49,6 +60,10 @@ pub fn run(argv: &[String]) -> CmdResult {
     let mut name = filename;
     let mut fmt: Option<String> = None;
     loop {
+        // Without a recorded format, probe like QEMU: qcow2 by its magic, else raw.
+        if fmt.is_none() && !infos.is_empty() && !is_qcow2(&name) {
+            fmt = Some("raw".into());
+        }
         let info = if fmt.as_deref() == Some("raw") {
             let f = FileStorage::open(Path::new(&name), false).map_err(|e| {
                 open_fail(
