@@ -474,6 +474,44 @@ impl Image {
         &self.opts
     }
 
+    /// The internal snapshots (the snapshot table as loaded at open).
+    pub fn snapshots(&self) -> Vec<crate::format::snapshot::SnapshotEntry> {
+        self.meta
+            .lock()
+            .map(|m| m.snapshots.clone())
+            .unwrap_or_else(|p| p.into_inner().snapshots.clone())
+    }
+
+    /// QEMU's `qcow2_detect_metadata_preallocation`: whether clearly more
+    /// host clusters have a non-zero refcount than the image file really
+    /// occupies (`max(real * 10 / 9, real + 2)` clusters or more), which means
+    /// data clusters were preallocated as holes. `map` then reports such
+    /// data clusters whose host range is a hole as zero (see
+    /// [`Image::data_is_hole`]).
+    ///
+    /// # Errors
+    /// I/O errors and corruption of the refcount structures.
+    pub fn detect_metadata_preallocation(&self) -> Result<bool> {
+        let file_len = self.file.len().map_err(|e| Error::io(IoOp::Read, 0, e))?;
+        let real = self
+            .file
+            .allocated_bytes()
+            .map_err(|e| Error::io(IoOp::Read, 0, e))?
+            / self.geom.cluster_size;
+        let threshold = (real * 10 / 9).max(real + 2);
+        let end_cluster = file_len.div_ceil(self.geom.cluster_size);
+        let mut meta = self.lock()?;
+        let mut count = 0u64;
+        let mut i = 0u64;
+        while i < end_cluster && count < threshold {
+            if meta.refcount(i)? != 0 {
+                count += 1;
+            }
+            i += 1;
+        }
+        Ok(count >= threshold)
+    }
+
     /// Registers the callback that receives [`Event`]s (replacing any earlier one).
     pub fn on_event(&self, sink: impl Fn(&Event) + Send + Sync + 'static) {
         if let Ok(mut e) = self.events.write() {
@@ -684,6 +722,31 @@ impl Image {
             Ok((extent, len)) => Ok(BlockStatus { len, extent }),
             Err(e) => Err(self.fail(&mut meta, e, IoOperation::Read)),
         }
+    }
+
+    /// The host cluster that the L2 entry of guest offset `offset` points at,
+    /// whatever the state of its (sub)clusters: with extended L2 entries a
+    /// cluster can be allocated while some subclusters are not, and QEMU's
+    /// `map` reports the host offset of such unallocated subclusters.
+    /// `None` for unallocated clusters, zero clusters without allocation and
+    /// compressed clusters.
+    ///
+    /// # Errors
+    /// As for [`Image::block_status`].
+    pub fn host_cluster(&self, offset: u64) -> Result<Option<u64>> {
+        let mut meta = self.lock()?;
+        self.check_range(meta.header.size, offset, 1)?;
+        let r = (|| {
+            let (table, _) = meta.l2_table_offset(self.geom.l1_index(offset))?;
+            if table == 0 {
+                return Ok(None);
+            }
+            let slot = meta.l2_slot(table, offset);
+            meta.load_l2_slice(slot.slice)?;
+            let (e, _) = meta.decode_l2(meta.read_slot(&slot), &slot)?;
+            Ok(e.host_cluster())
+        })();
+        r.map_err(|e| self.fail(&mut meta, e, IoOperation::Read))
     }
 
     /// Whether the host range `[offset, offset+len)` of the data file is a hole

@@ -39,6 +39,7 @@ pub mod error;
 pub mod events;
 pub mod format;
 pub mod image;
+pub mod info;
 pub mod mapping;
 mod meta;
 pub mod options;

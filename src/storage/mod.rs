@@ -7,7 +7,7 @@
 mod faulty;
 mod file;
 mod memory;
-mod sys;
+pub(crate) mod sys;
 
 pub use faulty::{replay, Fault, FaultKind, FaultOp, FaultyStorage, RecordedOp};
 pub use file::FileStorage;

@@ -125,3 +125,22 @@ pub fn is_nocow(file: &File) -> io::Result<bool> {
     }
     Ok(flags & FS_NOCOW_FL != 0)
 }
+
+/// The local time zone's offset from UTC, in seconds, at Unix time `secs`
+/// (`localtime_r`'s `tm_gmtoff`; 0 if the C library cannot tell).
+pub fn local_utc_offset(secs: i64) -> i64 {
+    let t: libc::time_t = match libc::time_t::try_from(secs) {
+        Ok(t) => t,
+        Err(_) => return 0,
+    };
+    // SAFETY: `tm` is plain old data for which all-zero bytes are valid.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    // SAFETY: both pointers are valid for the duration of the call and
+    // localtime_r (unlike localtime) writes only into `tm`.
+    let r = unsafe { libc::localtime_r(&t, &mut tm) };
+    if r.is_null() {
+        return 0;
+    }
+    #[allow(clippy::useless_conversion)] // c_long is i32 on 32-bit hosts.
+    i64::from(tm.tm_gmtoff)
+}

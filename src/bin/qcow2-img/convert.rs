@@ -1,0 +1,240 @@
+//! `qcow2-img convert` (`cli.md` §5): copies the guest data of SRC (read
+//! through its backing chain) into a new raw or qcow2 DST. Only ranges that
+//! hold non-zero data are written: the chain walker of [`crate::map`] skips
+//! unallocated and zero extents, and data buffers that are all zeroes are
+//! skipped too, so raw output is sparse.
+
+use crate::common::{check_format, open_ro, parse_args, CmdResult, Fail};
+use crate::map::{block_status, layers};
+use clap::Parser;
+use qcow2kit::options::{check_option_list, split_option_string, CreateOptions};
+use qcow2kit::storage::{FileStorage, Storage};
+use qcow2kit::{Error, Image, OpenOptions};
+use std::path::Path;
+
+#[derive(Parser, Debug)]
+#[command(
+    no_binary_name = true,
+    disable_help_flag = true,
+    disable_version_flag = true
+)]
+struct Args {
+    #[arg(short = 'h', long = "help")]
+    help: bool,
+    #[arg(short = 'f', long = "format")]
+    format: Option<String>,
+    #[arg(short = 'O')]
+    out_format: Option<String>,
+    #[arg(short = 'o', long = "options")]
+    options: Vec<String>,
+    #[arg(short = 'c', long = "compress")]
+    compress: bool,
+    #[arg(short = 'q', long = "quiet")]
+    quiet: bool,
+    #[arg(short = 'p', long = "progress")]
+    progress: bool,
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    #[arg(short = 't')]
+    cache: Option<String>,
+    #[arg(short = 'T')]
+    src_cache: Option<String>,
+    #[arg(short = 'm')]
+    coroutines: Option<String>,
+    #[arg(short = 'W')]
+    out_of_order: bool,
+    #[arg(num_args = 0..)]
+    rest: Vec<String>,
+}
+
+const SUB: &str = "convert";
+/// Bytes copied per read.
+const CHUNK: u64 = 2 << 20;
+/// Zero detection granularity of the output (QEMU's `-S` default is 4 KiB).
+const ZERO_UNIT: usize = 4096;
+
+/// Runs `convert`.
+pub fn run(argv: &[String]) -> CmdResult {
+    let a: Args = parse_args(SUB, argv)?;
+    if a.help {
+        crate::print_help("convert [-f qcow2] -O raw|qcow2 [-o OPTS] [-c] SRC DST");
+        return Ok(());
+    }
+    let _ = (
+        a.quiet,
+        a.progress,
+        a.force_share,
+        &a.cache,
+        &a.src_cache,
+        &a.coroutines,
+        a.out_of_order,
+    );
+    for o in &a.options {
+        check_option_list(o).map_err(|e| Fail::Msg(e.to_string()))?;
+    }
+    if a.rest.len() < 2 {
+        return Err(Fail::Msg("Must specify image file name".into()));
+    }
+    if a.rest.len() > 2 {
+        return Err(Fail::Msg(
+            "Converting several source images into one is not supported".into(),
+        ));
+    }
+    let (src_name, dst_name) = (&a.rest[0], &a.rest[1]);
+    check_format(a.format.as_deref(), src_name)?;
+    let src = open_ro(src_name, true)?;
+
+    let out_fmt = a.out_format.as_deref().unwrap_or("raw");
+    let raw = match out_fmt {
+        "raw" => true,
+        "qcow2" => false,
+        other => return Err(Fail::Msg(format!("Unknown file format '{other}'"))),
+    };
+    let size = src.size();
+    let create_opts = if raw {
+        for o in &a.options {
+            for (k, _) in split_option_string(o).map_err(|e| Fail::Msg(e.to_string()))? {
+                if !matches!(k.as_str(), "size" | "nocow" | "preallocation") {
+                    return Err(Fail::Msg(format!("Invalid parameter '{k}'")));
+                }
+            }
+        }
+        None
+    } else {
+        let mut opts = CreateOptions::new();
+        for o in &a.options {
+            opts.apply_qemu_str(o)
+                .map_err(|e| Fail::Msg(e.to_string()))?;
+        }
+        if opts.size.is_none() {
+            opts.size = Some(size);
+        }
+        Some(opts)
+    };
+    if a.compress {
+        if raw {
+            return Err(Fail::Msg(
+                "Compression not supported for this file format".into(),
+            ));
+        }
+        return Err(Fail::Msg(
+            "Compression (-c) is not supported yet: qcow2kit cannot write compressed clusters"
+                .into(),
+        ));
+    }
+
+    let dst_path = Path::new(dst_name);
+    let result = if let Some(opts) = create_opts {
+        convert_to_qcow2(&src, src_name, dst_name, &opts)
+    } else {
+        convert_to_raw(&src, src_name, dst_path, size)
+    };
+    if let Err(f) = result {
+        let _ = std::fs::remove_file(dst_path);
+        return Err(f);
+    }
+    Ok(())
+}
+
+/// Calls `write(offset, data)` for every run of non-zero guest data of `src`.
+fn copy_data(
+    src: &Image,
+    src_name: &str,
+    mut write: impl FnMut(u64, &[u8]) -> Result<(), Fail>,
+) -> CmdResult {
+    let ls = layers(src, src_name).map_err(|e| Fail::Msg(e.qemu_message()))?;
+    let size = src.size();
+    let read_err = |e: Error| {
+        Fail::Msg(format!(
+            "error while reading at byte {}: {}",
+            0,
+            e.errno_text()
+        ))
+    };
+    let mut buf = vec![0u8; CHUNK as usize];
+    let mut offset = 0u64;
+    while offset < size {
+        let e = block_status(&ls, offset, size - offset).map_err(read_err)?;
+        let end = offset + e.length;
+        if e.data && !e.zero {
+            let mut pos = offset;
+            while pos < end {
+                let n = (end - pos).min(CHUNK) as usize;
+                let chunk = &mut buf[..n];
+                src.read_at(chunk, pos).map_err(|err| {
+                    Fail::Msg(format!(
+                        "error while reading at byte {pos}: {}",
+                        err.errno_text()
+                    ))
+                })?;
+                // Write the non-zero parts only.
+                let mut i = 0usize;
+                while i < n {
+                    let unit_end = (i + ZERO_UNIT).min(n);
+                    if chunk[i..unit_end].iter().all(|b| *b == 0) {
+                        i = unit_end;
+                        continue;
+                    }
+                    let mut j = unit_end;
+                    while j < n {
+                        let e2 = (j + ZERO_UNIT).min(n);
+                        if chunk[j..e2].iter().all(|b| *b == 0) {
+                            break;
+                        }
+                        j = e2;
+                    }
+                    write(pos + i as u64, &chunk[i..j])?;
+                    i = j;
+                }
+                pos += n as u64;
+            }
+        }
+        offset = end;
+    }
+    Ok(())
+}
+
+fn convert_to_raw(src: &Image, src_name: &str, dst: &Path, size: u64) -> CmdResult {
+    let name = dst.display().to_string();
+    let file = FileStorage::create(dst, false).map_err(|e| {
+        Fail::Msg(format!(
+            "{name}: Could not create '{name}': {}",
+            Error::io(qcow2kit::error::IoOp::Write, 0, e).qemu_message()
+        ))
+    })?;
+    file.set_len(size)
+        .map_err(|e| Fail::Msg(format!("{name}: Could not resize file: {e}")))?;
+    copy_data(src, src_name, |off, data| {
+        file.write_at(data, off)
+            .map_err(|e| Fail::Msg(format!("error while writing at byte {off}: {e}")))
+    })?;
+    file.flush()
+        .map_err(|e| Fail::Msg(format!("error while flushing: {e}")))?;
+    Ok(())
+}
+
+fn convert_to_qcow2(src: &Image, src_name: &str, dst: &str, opts: &CreateOptions) -> CmdResult {
+    let size = opts.size.unwrap_or_else(|| src.size());
+    let fail = |m: String| Fail::Msg(format!("{dst}: {m}"));
+    opts.validate().map_err(|e| fail(e.to_string()))?;
+    if opts.preallocation != qcow2kit::options::Preallocation::Off {
+        return Err(fail(format!(
+            "Preallocation mode '{}' is not supported yet",
+            opts.preallocation
+        )));
+    }
+    qcow2kit::create::create(Path::new(dst), opts, size).map_err(|e| fail(e.qemu_message()))?;
+    let out =
+        Image::open(dst, &OpenOptions::new()).map_err(|e| crate::common::open_fail(dst, &e))?;
+    copy_data(src, src_name, |off, data| {
+        out.write_at(data, off).map_err(|e| {
+            Fail::Msg(format!(
+                "error while writing at byte {off}: {}",
+                e.errno_text()
+            ))
+        })
+    })?;
+    out.close()
+        .map_err(|e| Fail::Msg(format!("error while flushing: {}", e.errno_text())))?;
+    Ok(())
+}

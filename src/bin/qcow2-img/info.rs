@@ -1,0 +1,111 @@
+//! `qcow2-img info` (`cli.md` §3).
+
+use crate::common::{check_format, open_fail, parse_args, parse_output, CmdResult, Fail, Output};
+use clap::Parser;
+use qcow2kit::info::{path_combine, to_json_pretty, ImageInfo};
+use qcow2kit::storage::FileStorage;
+use qcow2kit::storage::Storage;
+use qcow2kit::{Image, OpenOptions};
+use std::path::Path;
+
+/// Whether the file starts with the qcow2 magic (an unreadable file counts
+/// as qcow2, so that opening it reports the error).
+fn is_qcow2(name: &str) -> bool {
+    let Ok(f) = FileStorage::open(Path::new(name), false) else {
+        return true;
+    };
+    let mut magic = [0u8; 4];
+    f.read_at(&mut magic, 0).is_err() || magic == *b"QFI\xfb"
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    no_binary_name = true,
+    disable_help_flag = true,
+    disable_version_flag = true
+)]
+struct Args {
+    #[arg(short = 'h', long = "help")]
+    help: bool,
+    #[arg(short = 'f', long = "format")]
+    format: Option<String>,
+    #[arg(long = "output")]
+    output: Option<String>,
+    #[arg(long = "backing-chain")]
+    backing_chain: bool,
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    #[arg(num_args = 0..)]
+    rest: Vec<String>,
+}
+
+const SUB: &str = "info";
+
+/// Runs `info`.
+pub fn run(argv: &[String]) -> CmdResult {
+    let a: Args = parse_args(SUB, argv)?;
+    if a.help {
+        crate::print_help("info [-f qcow2] [--output human|json] [--backing-chain] [-U] FILE");
+        return Ok(());
+    }
+    let _ = a.force_share;
+    let output = parse_output(a.output.as_deref(), SUB)?;
+    if a.rest.len() != 1 {
+        return Err(Fail::Usage("Expecting one image file name".into(), SUB));
+    }
+    let filename = a.rest[0].clone();
+    check_format(a.format.as_deref(), &filename)?;
+
+    let mut infos = Vec::new();
+    let mut name = filename;
+    let mut fmt: Option<String> = None;
+    loop {
+        // Without a recorded format, probe like QEMU: qcow2 by its magic, else raw.
+        if fmt.is_none() && !infos.is_empty() && !is_qcow2(&name) {
+            fmt = Some("raw".into());
+        }
+        let info = if fmt.as_deref() == Some("raw") {
+            let f = FileStorage::open(Path::new(&name), false).map_err(|e| {
+                open_fail(
+                    &name,
+                    &qcow2kit::Error::io(qcow2kit::error::IoOp::Read, 0, e),
+                )
+            })?;
+            ImageInfo::raw(&f, &name).map_err(|e| Fail::Msg(e.qemu_message()))?
+        } else {
+            let img = Image::open_without_backing(&name, &OpenOptions::new().read_only(true))
+                .map_err(|e| open_fail(&name, &e))?;
+            ImageInfo::from_image(&img, &name).map_err(|e| Fail::Msg(e.qemu_message()))?
+        };
+        let next = info.backing_filename.clone();
+        let next_fmt = info.backing_filename_format.clone();
+        infos.push(info);
+        if !a.backing_chain {
+            break;
+        }
+        let Some(next) = next else { break };
+        name = path_combine(&name, &next);
+        fmt = next_fmt;
+    }
+
+    match output {
+        Output::Human => {
+            for (i, info) in infos.iter().enumerate() {
+                if i > 0 {
+                    println!();
+                }
+                print!("{}", info.to_human());
+            }
+        }
+        Output::Json => {
+            let text = if a.backing_chain {
+                to_json_pretty(&infos)
+            } else {
+                to_json_pretty(&infos[0])
+            }
+            .map_err(|e| Fail::Msg(e.to_string()))?;
+            println!("{text}");
+        }
+    }
+    Ok(())
+}

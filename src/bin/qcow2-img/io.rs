@@ -1,0 +1,778 @@
+//! `qcow2-img io` (≙ qemu-io, `cli.md` §12): runs `-c` commands in order
+//! against one open image. Messages, streams and exit codes follow
+//! qemu-io 10.0.2: results and most command failures on stdout, `qemu-io:`
+//! errors and command-lookup errors on stderr; exit 1 if any command failed.
+
+use crate::common::{parse_args, Fail, PROG};
+use clap::Parser;
+use qcow2kit::mapping::Extent;
+use qcow2kit::options::{parse_size, SizeError};
+use qcow2kit::{Error, Event, Image, OpenOptions};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+#[derive(Parser, Debug)]
+#[command(
+    no_binary_name = true,
+    disable_help_flag = true,
+    disable_version_flag = true
+)]
+struct Args {
+    #[arg(short = 'h', long = "help")]
+    help: bool,
+    #[arg(short = 'r', long = "read-only")]
+    read_only: bool,
+    #[arg(short = 'f', long = "format")]
+    format: Option<String>,
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    #[arg(long = "image-opts")]
+    image_opts: bool,
+    #[arg(short = 'c', long = "cmd", allow_hyphen_values = true)]
+    cmds: Vec<String>,
+    #[arg(short = 'n', long = "nocache")]
+    nocache: bool,
+    #[arg(short = 'C', long = "copy-on-read")]
+    copy_on_read: bool,
+    #[arg(short = 'k', long = "native-aio")]
+    native_aio: bool,
+    #[arg(short = 't', long = "cache")]
+    cache: Option<String>,
+    #[arg(short = 'd', long = "discard")]
+    discard: Option<String>,
+    #[arg(num_args = 0..)]
+    rest: Vec<String>,
+}
+
+const SUB: &str = "io";
+
+const USAGE: &str = "\
+Usage: qcow2-img io [OPTIONS]... [-c STRING]... [file]
+QEMU Disk exerciser
+
+  -r, --read-only      export read-only
+  -f, --format         specifies the block driver to use
+  -U, --force-share    force shared permissions
+      --image-opts     treat file as option string
+  -c, --cmd STRING     execute command with its arguments
+                       from the given string
+  -h, --help           display this help and exit
+
+Commands: read, write, discard, flush, map, open, close, abort
+";
+
+/// qemu-io's `BDRV_REQUEST_MAX_BYTES`.
+const REQUEST_MAX_BYTES: u64 = 2147483136;
+
+/// Runs `io`.
+pub fn run(argv: &[String]) -> Result<(), Fail> {
+    let a: Args = parse_args(SUB, argv)?;
+    if a.help {
+        print!("{USAGE}");
+        return Ok(());
+    }
+    let _ = (
+        a.force_share,
+        a.nocache,
+        a.copy_on_read,
+        a.native_aio,
+        &a.cache,
+        &a.discard,
+    );
+    if a.rest.len() > 1 {
+        print!("{USAGE}");
+        return Err(Fail::Exit(1));
+    }
+    if a.image_opts && a.format.is_some() {
+        return Err(Fail::Msg(
+            "--image-opts and -f are mutually exclusive".into(),
+        ));
+    }
+    let mut state = State { img: None };
+    if let Some(arg) = a.rest.first() {
+        let r = if a.image_opts {
+            OpenOptions::from_qemu_str(arg)
+                .map_err(|e| format!("can't open: {e}"))
+                .and_then(|o| state.open(None, o.read_only(a.read_only)))
+        } else {
+            check_format(a.format.as_deref(), arg).and_then(|_| {
+                let o = OpenOptions::new()
+                    .read_only(a.read_only)
+                    .with_filename(PathBuf::from(arg));
+                state.open(Some(arg), o)
+            })
+        };
+        if let Err(m) = r {
+            return Err(Fail::Msg(m));
+        }
+    }
+    let mut failed = false;
+    for cmd in &a.cmds {
+        if !state.command(cmd) {
+            failed = true;
+        }
+    }
+    if let Some(img) = state.img.take() {
+        let _ = img.close();
+    }
+    if failed {
+        Err(Fail::Exit(1))
+    } else {
+        Ok(())
+    }
+}
+
+fn check_format(fmt: Option<&str>, name: &str) -> Result<(), String> {
+    match fmt {
+        None | Some("qcow2") => Ok(()),
+        Some("raw") => Err(format!(
+            "can't open device {name}: Format 'raw' is not supported by {PROG} (qcow2 only)"
+        )),
+        Some(other) => Err(format!(
+            "can't open device {name}: Unknown driver '{other}'"
+        )),
+    }
+}
+
+struct State {
+    img: Option<Image>,
+}
+
+/// One command of the table: name, alias, argument counts, needs write permission.
+struct Cmd {
+    name: &'static str,
+    alt: Option<&'static str>,
+    argmin: usize,
+    argmax: Option<usize>,
+    needs_file: bool,
+    write: bool,
+    usage: &'static str,
+}
+
+const CMDS: &[Cmd] = &[
+    Cmd {
+        name: "read",
+        alt: Some("r"),
+        argmin: 2,
+        argmax: None,
+        needs_file: true,
+        write: false,
+        usage: "read [-abCqrv] [-P pattern [-s off] [-l len]] off len -- reads a number of bytes at a specified offset",
+    },
+    Cmd {
+        name: "write",
+        alt: Some("w"),
+        argmin: 2,
+        argmax: None,
+        needs_file: true,
+        write: true,
+        usage: "write [-bcCfnqruz] [-P pattern | -s source_file] off len -- writes a number of bytes at a specified offset",
+    },
+    Cmd {
+        name: "discard",
+        alt: Some("d"),
+        argmin: 2,
+        argmax: None,
+        needs_file: true,
+        write: true,
+        usage: "discard [-Cq] off len -- discards a number of bytes at a specified offset",
+    },
+    Cmd {
+        name: "flush",
+        alt: Some("f"),
+        argmin: 0,
+        argmax: Some(0),
+        needs_file: true,
+        write: false,
+        usage: "flush -- flush all in-core file state to disk",
+    },
+    Cmd {
+        name: "map",
+        alt: None,
+        argmin: 0,
+        argmax: Some(0),
+        needs_file: true,
+        write: false,
+        usage: "map -- prints the allocated areas of a file",
+    },
+    Cmd {
+        name: "open",
+        alt: Some("o"),
+        argmin: 1,
+        argmax: None,
+        needs_file: false,
+        write: false,
+        usage: "open [-rsCnkU] [-t cache] [-d discard] [-o options] [path] -- open the file specified by path",
+    },
+    Cmd {
+        name: "close",
+        alt: Some("c"),
+        argmin: 0,
+        argmax: Some(0),
+        needs_file: true,
+        write: false,
+        usage: "close -- close the current open file",
+    },
+    Cmd {
+        name: "abort",
+        alt: None,
+        argmin: 0,
+        argmax: Some(0),
+        needs_file: false,
+        write: false,
+        usage: "abort -- simulate a program crash using abort(3)",
+    },
+];
+
+/// Outcome of a command: `false` = failed (exit code 1 at the end).
+type Done = bool;
+
+impl State {
+    /// Opens an image; the error is the text after `qcow2-img: `.
+    fn open(&mut self, name: Option<&str>, opts: OpenOptions) -> Result<(), String> {
+        let prefix = match name {
+            Some(n) => format!("can't open device {n}: "),
+            None => "can't open: ".to_owned(),
+        };
+        let Some(path) = opts.filename().map(|p| p.to_path_buf()) else {
+            return Err(format!(
+                "{prefix}A block device must be specified for \"file\""
+            ));
+        };
+        let shown = path.display().to_string();
+        let img = Image::open(&path, &opts).map_err(|e| {
+            let text = match &e {
+                Error::Io { .. } => format!("Could not open '{shown}': {}", e.qemu_message()),
+                _ => e.qemu_message(),
+            };
+            format!("{prefix}{text}")
+        })?;
+        img.on_event(|ev| {
+            if let Event::ImageCorrupted { .. } = ev {
+                eprintln!("{ev}");
+            }
+        });
+        self.img = Some(img);
+        Ok(())
+    }
+
+    fn command(&mut self, line: &str) -> Done {
+        let args: Vec<&str> = line.split([' ', '\t']).filter(|s| !s.is_empty()).collect();
+        let Some(&name) = args.first() else {
+            return true;
+        };
+        let Some(cmd) = CMDS.iter().find(|c| c.name == name || c.alt == Some(name)) else {
+            eprintln!("command \"{name}\" not found");
+            return false;
+        };
+        if cmd.needs_file && self.img.is_none() {
+            eprintln!("no file open, try 'help open'");
+            return false;
+        }
+        let n = args.len() - 1;
+        if n < cmd.argmin || cmd.argmax.is_some_and(|m| n > m) {
+            match cmd.argmax {
+                None => eprintln!(
+                    "bad argument count {n} to {name}, expected at least {} arguments",
+                    cmd.argmin
+                ),
+                Some(m) if m == cmd.argmin => {
+                    eprintln!("bad argument count {n} to {name}, expected {m} arguments")
+                }
+                Some(m) => eprintln!(
+                    "bad argument count {n} to {name}, expected between {} and {m} arguments",
+                    cmd.argmin
+                ),
+            }
+            return false;
+        }
+        if cmd.write {
+            if let Some(img) = &self.img {
+                if img.is_read_only() && !img.is_disabled() {
+                    eprintln!("{PROG}: Block node is read-only");
+                    return false;
+                }
+            }
+        }
+        let rest = &args[1..];
+        match cmd.name {
+            "read" => self.read(cmd, rest),
+            "write" => self.write(cmd, rest),
+            "discard" => self.discard(cmd, rest),
+            "flush" => self.img.as_ref().is_some_and(|i| i.flush().is_ok()),
+            "map" => self.map(),
+            "open" => self.open_cmd(cmd, rest),
+            "close" => {
+                if let Some(img) = self.img.take() {
+                    let _ = img.close();
+                }
+                true
+            }
+            "abort" => std::process::abort(),
+            _ => false,
+        }
+    }
+
+    fn read(&mut self, cmd: &Cmd, args: &[&str]) -> Done {
+        let Some((opts, pos)) = getopt(cmd, args, "bCcqP:l:s:vra") else {
+            return false;
+        };
+        if pos.len() != 2 {
+            println!("{}", cmd.usage);
+            return false;
+        }
+        let Some((offset, count)) = two_nums(pos[0], pos[1]) else {
+            return false;
+        };
+        if count > REQUEST_MAX_BYTES {
+            println!("length cannot exceed {REQUEST_MAX_BYTES}, given {}", pos[1]);
+            return false;
+        }
+        let mut pattern = None;
+        let mut pattern_offset = 0u64;
+        let mut pattern_count = None;
+        for (o, v) in &opts {
+            match (o, v) {
+                ('P', Some(v)) => match parse_pattern(v) {
+                    Some(p) => pattern = Some(p),
+                    None => return false,
+                },
+                ('s', Some(v)) => match cvtnum(v) {
+                    Some(n) => pattern_offset = n,
+                    None => return false,
+                },
+                ('l', Some(v)) => match cvtnum(v) {
+                    Some(n) => pattern_count = Some(n),
+                    None => return false,
+                },
+                _ => {}
+            }
+        }
+        let has = |c: char| opts.iter().any(|(o, _)| *o == c);
+        let (q, v, cflag) = (has('q'), has('v'), has('C'));
+        let pattern_count = pattern_count.unwrap_or(count.saturating_sub(pattern_offset));
+        if pattern.is_some() && pattern_offset.saturating_add(pattern_count) > count {
+            println!("pattern verification range exceeds end of read data");
+            return false;
+        }
+        let Some(img) = &self.img else { return false };
+        let mut buf = vec![0xabu8; count as usize];
+        let t1 = Instant::now();
+        let r = img.read_at(&mut buf, offset);
+        let t = t1.elapsed();
+        if let Err(e) = r {
+            println!("read failed: {}", e.errno_text());
+            return false;
+        }
+        let mut ok = true;
+        if let Some(p) = pattern {
+            let lo = pattern_offset as usize;
+            let hi = lo + pattern_count as usize;
+            if buf[lo..hi].iter().any(|b| *b != p) {
+                println!(
+                    "Pattern verification failed at offset {}, {pattern_count} bytes",
+                    offset + pattern_offset
+                );
+                ok = false;
+            }
+        }
+        if q {
+            return ok;
+        }
+        if v {
+            dump_buffer(&buf, offset);
+        }
+        print_report("read", t, offset, count, count, cflag);
+        ok
+    }
+
+    fn write(&mut self, cmd: &Cmd, args: &[&str]) -> Done {
+        let Some((opts, pos)) = getopt(cmd, args, "bcCfnqruzP:s:") else {
+            return false;
+        };
+        let has = |c: char| opts.iter().any(|(o, _)| *o == c);
+        let (z, u, q, cflag) = (has('z'), has('u'), has('q'), has('C'));
+        if has('b') && z {
+            println!("-b and -z cannot be specified at the same time");
+            return false;
+        }
+        if has('f') && (has('b') || has('c')) {
+            println!("-f and -b or -c cannot be specified at the same time");
+            return false;
+        }
+        if has('n') && !z {
+            println!("-n requires -z to be specified");
+            return false;
+        }
+        if u && !z {
+            println!("-u requires -z to be specified");
+            return false;
+        }
+        if usize::from(z) + usize::from(has('P')) + usize::from(has('s')) > 1 {
+            println!("Only one of -z, -P, and -s can be specified at the same time");
+            return false;
+        }
+        if pos.len() != 2 {
+            println!("{}", cmd.usage);
+            return false;
+        }
+        let mut pattern = 0xcdu8;
+        for (o, v) in &opts {
+            if let ('P', Some(v)) = (o, v) {
+                match parse_pattern(v) {
+                    Some(p) => pattern = p,
+                    None => return false,
+                }
+            }
+        }
+        let Some((offset, count)) = two_nums(pos[0], pos[1]) else {
+            return false;
+        };
+        if count > REQUEST_MAX_BYTES && !has('n') {
+            println!("length cannot exceed {REQUEST_MAX_BYTES}, given {}", pos[1]);
+            return false;
+        }
+        let Some(img) = &self.img else { return false };
+        let t1 = Instant::now();
+        let r = if has('s') {
+            Err("Operation not supported".to_owned())
+        } else if has('c') {
+            // qcow2kit has no compressed-write API yet.
+            Err("Operation not supported".to_owned())
+        } else if z {
+            img.write_zeroes(offset, count, u)
+                .map_err(|e| e.errno_text())
+        } else {
+            let buf = vec![pattern; count as usize];
+            img.write_at(&buf, offset).map_err(|e| e.errno_text())
+        };
+        let t = t1.elapsed();
+        if let Err(text) = r {
+            println!("write failed: {text}");
+            return false;
+        }
+        if !q {
+            print_report("wrote", t, offset, count, count, cflag);
+        }
+        true
+    }
+
+    fn discard(&mut self, cmd: &Cmd, args: &[&str]) -> Done {
+        let Some((opts, pos)) = getopt(cmd, args, "Cq") else {
+            return false;
+        };
+        if pos.len() != 2 {
+            println!("{}", cmd.usage);
+            return false;
+        }
+        let Some((offset, count)) = two_nums(pos[0], pos[1]) else {
+            return false;
+        };
+        let has = |c: char| opts.iter().any(|(o, _)| *o == c);
+        let Some(img) = &self.img else { return false };
+        let t1 = Instant::now();
+        let r = img.discard(offset, count);
+        let t = t1.elapsed();
+        if let Err(e) = r {
+            println!("discard failed: {}", e.errno_text());
+            return false;
+        }
+        if !has('q') {
+            print_report("discard", t, offset, count, count, has('C'));
+        }
+        true
+    }
+
+    fn map(&mut self) -> Done {
+        let Some(img) = &self.img else { return false };
+        if img.is_disabled() {
+            eprintln!("{PROG}: Failed to query image length: No medium found");
+            return false;
+        }
+        let size = img.size();
+        let mut offset = 0u64;
+        let mut run: Option<(bool, u64, u64)> = None; // (allocated, start, len)
+        let print = |alloc: bool, start: u64, len: u64| {
+            println!(
+                "{} ({len:#x}) bytes {} at offset {} ({start:#x})",
+                cvtstr(len as f64),
+                if alloc {
+                    "    allocated"
+                } else {
+                    "not allocated"
+                },
+                cvtstr(start as f64),
+            );
+        };
+        while offset < size {
+            let st = match img.block_status(offset, size - offset) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!(
+                        "{PROG}: Failed to get allocation status: {}",
+                        e.errno_text()
+                    );
+                    return false;
+                }
+            };
+            let alloc = !matches!(st.extent, Extent::Unallocated);
+            run = match run {
+                Some((a, s, l)) if a == alloc => Some((a, s, l + st.len)),
+                Some((a, s, l)) => {
+                    print(a, s, l);
+                    Some((alloc, offset, st.len))
+                }
+                None => Some((alloc, offset, st.len)),
+            };
+            offset += st.len;
+        }
+        if let Some((a, s, l)) = run {
+            print(a, s, l);
+        }
+        true
+    }
+
+    fn open_cmd(&mut self, cmd: &Cmd, args: &[&str]) -> Done {
+        let Some((opts, pos)) = getopt(cmd, args, "rsCnkUt:d:o:") else {
+            return false;
+        };
+        if self.img.is_some() {
+            eprintln!("{PROG}: file open already, try 'help close'");
+            return false;
+        }
+        if pos.len() > 1 {
+            println!("{}", cmd.usage);
+            return false;
+        }
+        let mut o = OpenOptions::new();
+        for (c, v) in &opts {
+            if let ('o', Some(s)) = (c, v) {
+                if let Err(e) = o.apply_qemu_str(s) {
+                    let dev = pos.first().copied();
+                    match dev {
+                        Some(d) => eprintln!("{PROG}: can't open device {d}: {e}"),
+                        None => eprintln!("{PROG}: can't open: {e}"),
+                    }
+                    return false;
+                }
+            }
+        }
+        let ro = opts.iter().any(|(c, _)| *c == 'r');
+        let ro = ro || o.get_read_only();
+        let mut o = o.read_only(ro);
+        if let Some(p) = pos.first() {
+            o = o.with_filename(PathBuf::from(p));
+        }
+        match self.open(pos.first().copied(), o) {
+            Ok(()) => true,
+            Err(m) => {
+                eprintln!("{PROG}: {m}");
+                false
+            }
+        }
+    }
+}
+
+/// A small getopt (glibc style: options may follow operands). Returns the
+/// options with their arguments and the operands; on an error prints
+/// getopt's message (stderr) and the command's usage (stdout).
+#[allow(clippy::type_complexity)]
+fn getopt<'a>(
+    cmd: &Cmd,
+    args: &[&'a str],
+    spec: &str,
+) -> Option<(Vec<(char, Option<&'a str>)>, Vec<&'a str>)> {
+    let mut opts = Vec::new();
+    let mut pos = Vec::new();
+    let mut i = 0;
+    let takes_arg = |c: char| -> Option<bool> {
+        let idx = spec.find(c)?;
+        Some(spec[idx + c.len_utf8()..].starts_with(':'))
+    };
+    while i < args.len() {
+        let a = args[i];
+        i += 1;
+        if a == "--" {
+            pos.extend_from_slice(&args[i..]);
+            break;
+        }
+        if a.len() < 2 || !a.starts_with('-') {
+            pos.push(a);
+            continue;
+        }
+        let chars: Vec<(usize, char)> = a.char_indices().skip(1).collect();
+        let mut k = 0;
+        while k < chars.len() {
+            let (idx, c) = chars[k];
+            match takes_arg(c) {
+                None => {
+                    eprintln!("{}: invalid option -- '{c}'", cmd.name);
+                    println!("{}", cmd.usage);
+                    return None;
+                }
+                Some(false) => opts.push((c, None)),
+                Some(true) => {
+                    let rest = &a[idx + c.len_utf8()..];
+                    if !rest.is_empty() {
+                        opts.push((c, Some(rest)));
+                    } else if i < args.len() {
+                        opts.push((c, Some(args[i])));
+                        i += 1;
+                    } else {
+                        eprintln!("{}: option requires an argument -- '{c}'", cmd.name);
+                        println!("{}", cmd.usage);
+                        return None;
+                    }
+                    break;
+                }
+            }
+            k += 1;
+        }
+    }
+    Some((opts, pos))
+}
+
+/// qemu-io's `cvtnum`: a size with suffix, at most `i64::MAX`; prints the
+/// parse error (stdout) on failure.
+fn cvtnum(s: &str) -> Option<u64> {
+    let r = parse_size(s).and_then(|v| {
+        if v > i64::MAX as u64 {
+            Err(SizeError::OutOfRange {
+                input: s.to_owned(),
+            })
+        } else {
+            Ok(v)
+        }
+    });
+    match r {
+        Ok(v) => Some(v),
+        Err(e) => {
+            println!("{}", e.qemu_io_message());
+            None
+        }
+    }
+}
+
+/// Offset and length of a request, parsed in order (the length is not
+/// looked at when the offset is invalid, as in qemu-io).
+fn two_nums(offset: &str, len: &str) -> Option<(u64, u64)> {
+    let o = cvtnum(offset)?;
+    let l = cvtnum(len)?;
+    Some((o, l))
+}
+
+/// qemu-io's `parse_pattern` (C `strtol` base 0, 0..=255); prints the error.
+fn parse_pattern(s: &str) -> Option<u8> {
+    let (neg, body) = match s.strip_prefix('-') {
+        Some(b) => (true, b),
+        None => (false, s.strip_prefix('+').unwrap_or(s)),
+    };
+    let v = if let Some(h) = body.strip_prefix("0x").or_else(|| body.strip_prefix("0X")) {
+        i64::from_str_radix(h, 16).ok()
+    } else if body.len() > 1 && body.starts_with('0') {
+        i64::from_str_radix(&body[1..], 8).ok()
+    } else {
+        body.parse::<i64>().ok()
+    };
+    match v.map(|v| if neg { -v } else { v }) {
+        Some(v) if (0..=255).contains(&v) => u8::try_from(v).ok(),
+        _ => {
+            println!("{s} is not a valid pattern byte");
+            None
+        }
+    }
+}
+
+/// qemu-io's `dump_buffer`: 16 bytes a line, `isalnum` characters shown.
+fn dump_buffer(buf: &[u8], offset: u64) {
+    for (i, chunk) in buf.chunks(16).enumerate() {
+        let mut line = format!("{:08x}:  ", offset + (i as u64) * 16);
+        for b in chunk {
+            line.push_str(&format!("{b:02x} "));
+        }
+        line.push(' ');
+        for b in chunk {
+            line.push(if b.is_ascii_alphanumeric() {
+                *b as char
+            } else {
+                '.'
+            });
+        }
+        println!("{line}");
+    }
+}
+
+/// qemu-io's `cvtstr`: `64 KiB`, `1.500 KiB`, `48 bytes`.
+fn cvtstr(value: f64) -> String {
+    const UNITS: [(f64, &str); 6] = [
+        (1152921504606846976.0, " EiB"),
+        (1125899906842624.0, " PiB"),
+        (1099511627776.0, " TiB"),
+        (1073741824.0, " GiB"),
+        (1048576.0, " MiB"),
+        (1024.0, " KiB"),
+    ];
+    let (num, suffix) = UNITS
+        .iter()
+        .find(|(u, _)| value >= *u)
+        .map(|(u, s)| (format!("{:.3}", value / u), *s))
+        .unwrap_or_else(|| (format!("{value:.6}"), " bytes"));
+    match num.find(".000") {
+        Some(p) => format!("{}{suffix}", &num[..p]),
+        None => format!("{num}{suffix}"),
+    }
+}
+
+/// qemu-io's `timestr`: `SS.ss sec` under a second, else `H:MM:SS.ss`.
+fn timestr(t: Duration, verbose: bool) -> String {
+    let secs = t.as_secs();
+    let frac = f64::from(t.subsec_nanos()) / 1e9;
+    if verbose || secs > 0 {
+        format!(
+            "{}:{:02}:{:05.2}",
+            secs / 3600,
+            (secs / 60) % 60,
+            (secs % 60) as f64 + frac
+        )
+    } else {
+        format!("{frac:05.2} sec")
+    }
+}
+
+/// qemu-io's `print_report` for one request.
+fn print_report(op: &str, t: Duration, offset: u64, count: u64, total: u64, cflag: bool) {
+    let secs = t.as_secs_f64();
+    let rate = total as f64 / secs;
+    let ops = 1.0 / secs;
+    if cflag {
+        println!("{total},1,{},{rate:.3},{ops:.3}", timestr(t, true));
+    } else {
+        println!("{op} {total}/{count} bytes at offset {offset}");
+        println!(
+            "{}, 1 ops; {} ({}/sec and {ops:.4} ops/sec)",
+            cvtstr(total as f64),
+            timestr(t, false),
+            cvtstr(rate)
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cvtstr_like_qemu() {
+        assert_eq!(cvtstr(65536.0), "64 KiB");
+        assert_eq!(cvtstr(48.0), "48 bytes");
+        assert_eq!(cvtstr(0.0), "0 bytes");
+        assert_eq!(cvtstr(1536.0), "1.500 KiB");
+        assert_eq!(cvtstr(786432.0), "768 KiB");
+    }
+
+    #[test]
+    fn timestr_like_qemu() {
+        assert_eq!(timestr(Duration::from_millis(5), false), "00.01 sec");
+        assert_eq!(timestr(Duration::from_millis(1500), false), "0:00:01.50");
+    }
+}

@@ -1,0 +1,76 @@
+//! `qcow2-img`: qemu-img's commands over qcow2kit (`create`, `info`, `map`,
+//! `convert`, `resize`, `bench`) and qemu-io as `qcow2-img io`.
+//!
+//! Outputs, streams, exit codes and messages follow `cli.md` (qemu-img /
+//! qemu-io 10.0.2), with `qcow2-img` where QEMU prints its program name.
+//! Each subcommand lives in its own module and only parses arguments, calls
+//! the library and prints.
+
+mod bench;
+mod common;
+mod convert;
+mod create;
+mod info;
+mod io;
+mod map;
+mod resize;
+
+use common::{Fail, PROG};
+use std::process::ExitCode;
+
+const USAGE: &str = "\
+usage: qcow2-img [standard options] command [command options]
+QEMU disk image utility for qcow2 images (qcow2kit)
+
+Command syntax:
+  bench [-f qcow2] [-c COUNT] [-d DEPTH] [-o OFFSET] [-s BUFFER_SIZE] [-S STEP_SIZE] [-n]
+        [-t CACHE] [-i AIO] [-w [--pattern=BYTE] [--flush-interval=N [--no-drain]]] FILE
+  convert [-f qcow2] -O raw|qcow2 [-o OPTS] [-c] SRC DST
+  create -f qcow2 [-o OPTS]... [-b BACKING [-F FMT]] [-q] FILE [SIZE]
+  info [-f qcow2] [--output human|json] [--backing-chain] [-U] FILE
+  io [-r] [-f qcow2] [-U] [--image-opts] [-c CMD]... [FILE|OPTSTRING]
+  map [-f qcow2] [--output human|json] FILE
+  resize [-f qcow2] [-q] [--preallocation=MODE] [--shrink] FILE [+|-]SIZE
+";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args_os()
+        .skip(1)
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let Some(cmd) = args.first() else {
+        eprintln!("{PROG}: Not enough arguments");
+        eprintln!("Try '{PROG} --help' for more info");
+        return ExitCode::from(1);
+    };
+    let rest = &args[1..];
+    let result = match cmd.as_str() {
+        "-h" | "--help" => {
+            print!("{USAGE}");
+            Ok(())
+        }
+        "-V" | "--version" => {
+            println!("{PROG} version {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
+        "create" => create::run(rest),
+        "info" => info::run(rest),
+        "map" => map::run(rest),
+        "convert" => convert::run(rest),
+        "resize" => resize::run(rest),
+        "bench" => bench::run(rest),
+        "io" => io::run(rest),
+        other => Err(Fail::Msg(format!(
+            "Command not found: {other}\nTry '{PROG} --help' for more info"
+        ))),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => ExitCode::from(f.report()),
+    }
+}
+
+/// Prints a subcommand's synopsis line (its `--help`).
+pub fn print_help(synopsis: &str) {
+    println!("Usage: {PROG} {synopsis}");
+}

@@ -1,0 +1,110 @@
+//! `qcow2-img resize` (`cli.md` §6). The size is always the last argument
+//! and is taken out before option parsing, so `-1M` is not an option.
+
+use crate::common::{check_format, open_fail, parse_args, CmdResult, Fail};
+use clap::Parser;
+use qcow2kit::options::{parse_size, Preallocation};
+use qcow2kit::{Image, OpenOptions};
+
+#[derive(Parser, Debug)]
+#[command(
+    no_binary_name = true,
+    disable_help_flag = true,
+    disable_version_flag = true
+)]
+struct Args {
+    #[arg(short = 'h', long = "help")]
+    help: bool,
+    #[arg(short = 'f', long = "format")]
+    format: Option<String>,
+    #[arg(short = 'q', long = "quiet")]
+    quiet: bool,
+    #[arg(long = "preallocation")]
+    preallocation: Option<String>,
+    #[arg(long = "shrink")]
+    shrink: bool,
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    #[arg(num_args = 0..)]
+    rest: Vec<String>,
+}
+
+const SUB: &str = "resize";
+
+/// Runs `resize`.
+pub fn run(argv: &[String]) -> CmdResult {
+    if argv.iter().any(|a| a == "-h" || a == "--help") {
+        crate::print_help(
+            "resize [-f qcow2] [-q] [--preallocation=MODE] [--shrink] FILE [+|-]SIZE",
+        );
+        return Ok(());
+    }
+    if argv.len() < 2 {
+        return Err(Fail::Usage(
+            "Expecting image file name and size".into(),
+            SUB,
+        ));
+    }
+    let (size_arg, opts) = argv.split_last().unwrap_or((&argv[0], &[]));
+    let a: Args = parse_args(SUB, opts)?;
+    let prealloc = match a.preallocation.as_deref() {
+        None => Preallocation::Off,
+        Some(p) => p
+            .parse::<Preallocation>()
+            .map_err(|e| Fail::Msg(e.to_string()))?,
+    };
+    if a.rest.len() != 1 {
+        return Err(Fail::Usage(
+            "Expecting image file name and size".into(),
+            SUB,
+        ));
+    }
+    let filename = &a.rest[0];
+    let (relative, digits) = match size_arg.as_bytes().first() {
+        Some(b'+') => (1i128, &size_arg[1..]),
+        Some(b'-') => (-1i128, &size_arg[1..]),
+        _ => (0i128, size_arg.as_str()),
+    };
+    let n = parse_size(digits).map_err(|e| Fail::Msg(e.into_option_error("size").to_string()))?;
+    check_format(a.format.as_deref(), filename)?;
+    let _ = a.force_share;
+
+    let img = Image::open(filename, &OpenOptions::new()).map_err(|e| open_fail(filename, &e))?;
+    let current = i128::from(img.size());
+    let total = if relative != 0 {
+        current + i128::from(n) * relative
+    } else {
+        i128::from(n)
+    };
+    if total <= 0 {
+        return Err(Fail::Msg("New image size must be positive".into()));
+    }
+    if total <= current && prealloc != Preallocation::Off {
+        return Err(Fail::Msg(
+            "Preallocation can only be used for growing images".into(),
+        ));
+    }
+    if total < current && !a.shrink {
+        return Err(Fail::Msg(
+            "Use the --shrink option to perform a shrink operation.\n\
+             qcow2-img: warning: Shrinking an image will delete all data beyond the shrunken \
+             image's end. Before performing such an operation, make sure there is no important \
+             data there."
+                .into(),
+        ));
+    }
+    if prealloc != Preallocation::Off {
+        return Err(Fail::Msg(format!(
+            "Preallocation mode '{prealloc}' is not supported yet"
+        )));
+    }
+    let total = u64::try_from(total).unwrap_or(u64::MAX);
+    if total != img.size() {
+        img.resize(total).map_err(|e| Fail::Msg(e.qemu_message()))?;
+    }
+    img.close().map_err(|e| Fail::Msg(e.qemu_message()))?;
+    if !a.quiet {
+        println!("Image resized.");
+    }
+    Ok(())
+}
