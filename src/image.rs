@@ -398,9 +398,12 @@ impl Image {
             .map_err(wrap)?;
             Ok(Some(Backing::Qcow2(Box::new(img))))
         } else {
+            // QEMU sizes a raw file in whole sectors (the tail reads as zero).
             let size = storage
                 .len()
-                .map_err(|e| wrap(Error::io(IoOp::Read, 0, e)))?;
+                .map_err(|e| wrap(Error::io(IoOp::Read, 0, e)))?
+                .div_ceil(512)
+                * 512;
             Ok(Some(Backing::Raw {
                 storage: Arc::new(storage),
                 size,
