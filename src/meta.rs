@@ -627,7 +627,7 @@ impl Meta {
             loop {
                 let end = area + nb + table_clusters;
                 let missing = (area >> rb_bits..=(end - 1) >> rb_bits)
-                    .filter(|r| table.get(*r as usize).map_or(true, |e| *e == 0))
+                    .filter(|r| table.get(*r as usize).is_none_or(|e| *e == 0))
                     .count() as u64;
                 if missing == nb {
                     break;
