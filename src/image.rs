@@ -217,7 +217,7 @@ impl Image {
             .into());
         }
         let rt_bytes = u64::from(header.refcount_table_clusters) << geom.cluster_bits;
-        if header.refcount_table_offset >= file_len {
+        if header.refcount_table_offset.saturating_add(rt_bytes) > file_len {
             return Err(crate::format::FormatError::invalid(
                 crate::format::Structure::RefcountTable,
                 Some(header.refcount_table_offset),

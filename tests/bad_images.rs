@@ -216,6 +216,36 @@ fn huge_l1_in_small_file_fails_before_allocating() {
     );
 }
 
+/// The same for the refcount table: 8 MiB (the limit) named by a 1 MiB file.
+#[test]
+fn huge_refcount_table_in_small_file_fails_before_allocating() {
+    let mut b = valid_image();
+    b.resize(1 << 20, 0);
+    put_u32(&mut b, 56, (MAX_REFTABLE_BYTES / CS) as u32);
+    let ((_, r), biggest) = biggest_allocation(|| open_bytes(b, true));
+    match r {
+        Err(Error::Format(e)) => {
+            assert_eq!(
+                e.reason,
+                "Reference count table lies beyond the end of the file"
+            );
+            assert_eq!(e.what, qcow2kit::format::Structure::RefcountTable);
+        }
+        other => panic!("expected the refcount table to be refused, got {other:?}"),
+    }
+    assert!(
+        biggest <= 4 << 20,
+        "open allocated {biggest} bytes at once for a 1 MiB file"
+    );
+    let mut b = valid_image();
+    put_u32(&mut b, 56, (MAX_REFTABLE_BYTES / CS) as u32 + 1);
+    assert_refused(
+        b,
+        FormatErrorKind::TooLarge,
+        "Reference count table too large",
+    );
+}
+
 #[test]
 fn l1_table_too_small_for_the_size() {
     let mut b = valid_image();
@@ -260,8 +290,17 @@ fn tables_beyond_eof() {
         FormatErrorKind::Invalid,
         "Active L1 table lies beyond the end of the file",
     );
-    let mut x = b;
+    let mut x = b.clone();
     put_u64(&mut x, 48, (len + CS) & !(CS - 1));
+    assert_refused(
+        x,
+        FormatErrorKind::Invalid,
+        "Reference count table lies beyond the end of the file",
+    );
+    // A refcount table that starts inside the file but ends past it.
+    let mut x = b;
+    put_u64(&mut x, 48, (len - 1) & !(CS - 1));
+    put_u32(&mut x, 56, 4);
     assert_refused(
         x,
         FormatErrorKind::Invalid,
