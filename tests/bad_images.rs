@@ -271,7 +271,7 @@ fn unaligned_table_offsets() {
         "Reference count table offset invalid",
     );
     let mut b = valid_image();
-    put_u64(&mut b, 48, u64::MAX & !(CS - 1));
+    put_u64(&mut b, 48, !(CS - 1));
     assert_refused(
         b,
         FormatErrorKind::Invalid,
@@ -480,7 +480,7 @@ fn corrupt_bit_refuses_read_write_only() {
     let img = r.unwrap();
     let mut buf = vec![0u8; 300];
     img.read_at(&mut buf, 77).unwrap();
-    assert_eq!(buf[0], (77 % 253) as u8 + 1);
+    assert_eq!(buf[0], 78);
     assert!(matches!(img.write_at(&buf, 0), Err(Error::ReadOnly)));
     drop(img);
     assert_eq!(mem.to_vec(), b, "a read-only open changed the file");
