@@ -670,9 +670,10 @@ impl Image {
                         .io_barrier
                         .read()
                         .map_err(|_| Error::PreviousIoFailed)?;
+                    let ctype = meta.header.compression_type;
                     drop(meta);
                     let in_cluster = (g & (self.geom.cluster_size - 1)) as usize;
-                    self.read_compressed(coff, clen).map(|data| {
+                    self.read_compressed(ctype, coff, clen).map(|data| {
                         chunk.copy_from_slice(&data[in_cluster..in_cluster + chunk.len()]);
                     })
                 }
@@ -696,21 +697,14 @@ impl Image {
         }
     }
 
-    /// Reads and decompresses one compressed cluster.
-    fn read_compressed(&self, offset: u64, len: u64) -> Result<Vec<u8>> {
+    /// Reads and decompresses one compressed cluster of compression type
+    /// `ctype`. Callers may hold the metadata lock: this does not take it.
+    fn read_compressed(&self, ctype: u8, offset: u64, len: u64) -> Result<Vec<u8>> {
         let cs = self.geom.cluster_size as usize;
         let mut input = vec![0u8; len as usize];
         read_file(&*self.file, &mut input, offset)?;
-        let ctype = self.header_compression_type();
         crate::compress::decompress(ctype, &input, cs)
             .map_err(|reason| Error::Decompress { offset, reason })
-    }
-
-    fn header_compression_type(&self) -> u8 {
-        self.meta
-            .lock()
-            .map(|m| m.header.compression_type)
-            .unwrap_or(0)
     }
 
     /// Describes the run of guest bytes starting at `offset` (at most `len`):
@@ -1105,7 +1099,7 @@ impl Image {
         match p.old {
             L2Entry::Compressed { .. } => {
                 let (o, l) = p.old.compressed_range().unwrap_or((0, 0));
-                let data = self.read_compressed(o, l)?;
+                let data = self.read_compressed(meta.header.compression_type, o, l)?;
                 out.copy_from_slice(&data[from as usize..to as usize]);
                 Ok(())
             }
@@ -1133,7 +1127,6 @@ impl Image {
                     }
                     pos += n;
                 }
-                let _ = meta;
                 Ok(())
             }
         }
