@@ -1201,8 +1201,10 @@ impl Image {
 
     /// Discards guest range `[offset, offset+len)`: whole clusters only
     /// (partial clusters at the edges are ignored, except a partial last
-    /// cluster of the disk). v3 images read zeroes afterwards, v2 images fall
-    /// back to the backing file (as QEMU does).
+    /// cluster of the disk). v3 images read zeroes afterwards; on v2 images
+    /// the clusters are deallocated (reading zeroes), except that with a
+    /// backing file the discard does nothing, as in QEMU: without the zero
+    /// flag it would expose stale backing data.
     ///
     /// # Errors
     /// As for [`Image::write_at`].
@@ -1210,6 +1212,11 @@ impl Image {
         self.writable()?;
         let mut meta = self.lock()?;
         self.check_range(meta.header.size, offset, len)?;
+        if meta.header.version < 3 && meta.header.backing_file.is_some() {
+            // Without the zero flag a discard would expose stale backing
+            // data; QEMU refuses (ENOTSUP), and discards are advisory.
+            return Ok(());
+        }
         let r = self
             .before_first_write(&mut meta)
             .and_then(|_| self.discard_locked(&mut meta, offset, len, false));
@@ -1316,33 +1323,49 @@ impl Image {
         }
     }
 
-    /// Writes zeroes to `[offset, offset+len)`. On v3 images whole clusters
-    /// (subclusters with extended L2) are zeroed in metadata only; with
-    /// `unmap` their host clusters are released. Partial clusters are written
-    /// as zero data.
+    /// Writes zeroes to `[offset, offset+len)`, encoding them as QEMU does
+    /// (qcow2-format.md §11.3). On v3 images whole clusters (subclusters
+    /// with extended L2) are zeroed in metadata only; with `unmap` their host
+    /// clusters are released. On v2 images without a backing file whole
+    /// clusters are deallocated (they then read as zeroes). A partial unit
+    /// at either end is zeroed in metadata too when it is unallocated or
+    /// zero in this image and the rest of it reads as zeroes; otherwise it
+    /// is written as zero data, as is everything on v2 images with a backing
+    /// file and with `data_file_raw`.
     ///
     /// # Errors
     /// As for [`Image::write_at`].
     pub fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
         self.writable()?;
-        {
-            let meta = self.lock()?;
-            self.check_range(meta.header.size, offset, len)?;
-        }
-        let geom = self.geom;
-        let (v3, raw_data) = {
+        let (size, v3, raw_data, has_backing) = {
             let m = self.lock()?;
+            self.check_range(m.header.size, offset, len)?;
             (
+                m.header.size,
                 m.header.version >= 3,
                 m.header.autoclear_features & AUTOCLEAR_DATA_FILE_RAW != 0,
+                m.header.backing_file.is_some(),
             )
         };
-        if !v3 || raw_data {
+        if raw_data || (!v3 && has_backing) {
             return self.write_zero_data(offset, len);
         }
-        let unit = geom.subcluster_size();
-        let a = offset.div_ceil(unit) * unit;
-        let b = (offset + len) & !(unit - 1);
+        let geom = self.geom;
+        let unit = if v3 {
+            geom.subcluster_size()
+        } else {
+            geom.cluster_size
+        };
+        let end = offset + len;
+        let mut a = offset.div_ceil(unit) * unit;
+        let mut b = if end == size { end } else { end & !(unit - 1) };
+        let head = offset & !(unit - 1);
+        if head < offset && self.unit_zeroable(head, unit, size, offset, end)? {
+            a = head;
+        }
+        if b < end && self.unit_zeroable(b, unit, size, offset.max(b), end)? {
+            b = (b + unit).min(size);
+        }
         if a >= b {
             return self.write_zero_data(offset, len);
         }
@@ -1351,17 +1374,53 @@ impl Image {
         }
         {
             let mut meta = self.lock()?;
-            let r = self
-                .before_first_write(&mut meta)
-                .and_then(|_| self.zero_locked(&mut meta, a, b, unmap));
+            let r = self.before_first_write(&mut meta).and_then(|_| {
+                if v3 {
+                    self.zero_locked(&mut meta, a, b, unmap)
+                } else {
+                    self.discard_locked(&mut meta, a, b - a, false)
+                }
+            });
             if let Err(e) = r {
                 return Err(self.fail(&mut meta, e, IoOperation::Write));
             }
         }
-        if b < offset + len {
-            self.write_zero_data(b, offset + len - b)?;
+        if b < end {
+            self.write_zero_data(b, end - b)?;
         }
         Ok(())
+    }
+
+    /// Whether the unit at `start` (clipped to the disk) is unallocated or
+    /// zero in this image and reads as zeroes outside `[keep_lo, keep_hi)`:
+    /// then a partial zero write may zero it whole in metadata (QEMU's
+    /// `is_zero` check in `qcow2_co_pwrite_zeroes`).
+    fn unit_zeroable(
+        &self,
+        start: u64,
+        unit: u64,
+        size: u64,
+        keep_lo: u64,
+        keep_hi: u64,
+    ) -> Result<bool> {
+        let ulen = unit.min(size - start);
+        let st = self.block_status(start, ulen)?;
+        if st.len < ulen || !matches!(st.extent, Extent::Unallocated | Extent::Zero { .. }) {
+            return Ok(false);
+        }
+        let keep_lo = keep_lo.clamp(start, start + ulen);
+        let keep_hi = keep_hi.clamp(keep_lo, start + ulen);
+        let mut buf = vec![0u8; ulen as usize];
+        for (lo, hi) in [(start, keep_lo), (keep_hi, start + ulen)] {
+            if lo < hi {
+                let part = &mut buf[..(hi - lo) as usize];
+                self.read_at(part, lo)?;
+                if part.iter().any(|b| *b != 0) {
+                    return Ok(false);
+                }
+            }
+        }
+        Ok(true)
     }
 
     fn write_zero_data(&self, offset: u64, len: u64) -> Result<()> {

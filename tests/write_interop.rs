@@ -7,6 +7,7 @@
 mod support;
 
 use support::{assert_bytes_eq, assert_check_clean, qemu_io, Rng};
+use qcow2kit::format::consts::*;
 use qcow2kit::options::Compat;
 use qcow2kit::{CreateOptions, Image, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -302,6 +303,390 @@ fn modify_big(path: &Path) {
             format!("read -q -P 0 {} {}", t / 2 - 65536, 3 * 65536),
         ],
     );
+}
+
+// ---------------------------------------------------------------------------
+// Extended L2: only touched subclusters are allocated.
+// ---------------------------------------------------------------------------
+
+fn be64(b: &[u8], pos: u64) -> u64 {
+    u64::from_be_bytes(b[pos as usize..pos as usize + 8].try_into().unwrap())
+}
+
+/// The raw (descriptor, bitmap) of guest cluster `c` of an extended-L2 image file.
+fn ext_l2_entry(file: &[u8], c: u64, cs: u64) -> (u64, u64) {
+    let l1 = be64(file, 40);
+    let per_l2 = cs / 16;
+    let l2 = be64(file, l1 + 8 * (c / per_l2)) & L1E_OFFSET_MASK;
+    if l2 == 0 {
+        return (0, 0);
+    }
+    let pos = l2 + 16 * (c % per_l2);
+    (be64(file, pos), be64(file, pos + 8))
+}
+
+#[test]
+fn extended_l2_partial_writes_allocate_only_touched_subclusters() {
+    if !support::have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for cs in [16384u64, 65536, 2 << 20] {
+        let sc = cs / 32;
+        for backed in [false, true] {
+            let name = format!("extl2-{cs}-backed-{backed}");
+            let path = dir.path().join(format!("{name}.qcow2"));
+            let size = 16u64 << 20;
+            let mut model = vec![0u8; size as usize];
+            let mut opts = CreateOptions::new().cluster_size(cs).extended_l2(true);
+            if backed {
+                let base = dir.path().join(format!("{name}.raw"));
+                let mut b = vec![0u8; size as usize];
+                Rng::new(cs).fill(&mut b);
+                std::fs::write(&base, &b).unwrap();
+                model.copy_from_slice(&b);
+                opts = opts.backing_file(base.to_str().unwrap()).backing_fmt("raw");
+            }
+            qcow2kit::create::create(&path, &opts, size).unwrap();
+            let img = Image::open(&path, &OpenOptions::new()).unwrap();
+            // Cluster 1: 100 bytes inside subcluster 3.
+            apply(
+                &img,
+                &mut model,
+                &Op::Write(cs + 3 * sc + 10, pattern(0xB1, 100)),
+                cs,
+                true,
+            );
+            img.flush().unwrap();
+            let (d, bm) = ext_l2_entry(&std::fs::read(&path).unwrap(), 1, cs);
+            assert_ne!(d & L2E_OFFSET_MASK, 0, "{name}: no host cluster");
+            assert_eq!(bm, 1 << 3, "{name}: bitmap after one partial write");
+            // Subclusters 5..=7, unaligned at both ends.
+            apply(
+                &img,
+                &mut model,
+                &Op::Write(cs + 5 * sc + 1, pattern(0xB2, 3 * sc - 2)),
+                cs,
+                true,
+            );
+            // Zero subcluster 10 (aligned) and part of 12 (unaligned: data write).
+            apply(
+                &img,
+                &mut model,
+                &Op::Zeroes(cs + 10 * sc, sc, false),
+                cs,
+                true,
+            );
+            apply(
+                &img,
+                &mut model,
+                &Op::Zeroes(cs + 12 * sc + 7, 9, false),
+                cs,
+                true,
+            );
+            img.flush().unwrap();
+            let (d2, bm) = ext_l2_entry(&std::fs::read(&path).unwrap(), 1, cs);
+            assert_eq!(d2, d, "{name}: the host cluster moved");
+            // Subcluster 12: zeroes over backing data are written as data;
+            // without a backing file it already reads as zero, so (as in
+            // QEMU) the whole subcluster gets its zero bit.
+            let (alloc, zero) = if backed {
+                ((1u64 << 3) | (0b111 << 5) | (1 << 12), 1u64 << (32 + 10))
+            } else {
+                (
+                    (1u64 << 3) | (0b111 << 5),
+                    (1u64 << (32 + 10)) | (1 << (32 + 12)),
+                )
+            };
+            assert_eq!(bm, alloc | zero, "{name}: bitmap {bm:#x}");
+            // Cluster 3: a write across the cluster boundary into cluster 4.
+            apply(
+                &img,
+                &mut model,
+                &Op::Write(4 * cs - sc - 5, pattern(0xB3, sc + 10)),
+                cs,
+                true,
+            );
+            img.close().unwrap();
+            let file = std::fs::read(&path).unwrap();
+            assert_eq!(ext_l2_entry(&file, 3, cs).1, (1 << 31) | (1 << 30));
+            assert_eq!(ext_l2_entry(&file, 4, cs).1, 1);
+            assert_check_clean(&path, &name);
+            assert_bytes_eq(&support::qemu_raw(&path), &model, &name);
+            qemu_io(
+                &path,
+                &[format!(
+                    "read -q -P 0xb2 {} {}",
+                    cs + 5 * sc + 1,
+                    3 * sc - 2
+                )],
+            );
+            let img = Image::open(&path, &OpenOptions::new().read_only(true)).unwrap();
+            let mut back = vec![0u8; size as usize];
+            img.read_at(&mut back, 0).unwrap();
+            assert_bytes_eq(&back, &model, &format!("{name}: qcow2kit read-back"));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Twins: the same zero writes and discards done by qemu-io and by qcow2kit
+// give the same map.
+// ---------------------------------------------------------------------------
+
+struct Twin {
+    _dir: tempfile::TempDir,
+    qemu: PathBuf,
+    ours: PathBuf,
+}
+
+/// Creates an image with `qemu-img create ARGS` and populates it with
+/// `setup` qemu-io commands, then copies it.
+fn twin(create_args: &[&str], setup: &[String]) -> Twin {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.raw");
+    let mut b = vec![0u8; 4 << 20];
+    Rng::new(9).fill(&mut b);
+    std::fs::write(&base, &b).unwrap();
+    let qemu = dir.path().join("qemu.qcow2");
+    let mut args = vec!["create", "-q", "-f", "qcow2"];
+    args.extend_from_slice(create_args);
+    args.push(qemu.to_str().unwrap());
+    args.push("4M");
+    support::qemu_img_in(dir.path(), &args);
+    if !setup.is_empty() {
+        qemu_io(&qemu, setup);
+    }
+    let ours = dir.path().join("ours.qcow2");
+    std::fs::copy(&qemu, &ours).unwrap();
+    Twin {
+        _dir: dir,
+        qemu,
+        ours,
+    }
+}
+
+fn compare_twins(t: &Twin, what: &str) {
+    let a = support::qemu_map(&t.qemu);
+    let b = support::qemu_map(&t.ours);
+    assert_eq!(
+        b, a,
+        "{what}: qcow2kit's map (left) differs from QEMU's (right)"
+    );
+    let full = |p: &Path| {
+        support::qemu_img_in(
+            p.parent().unwrap(),
+            &["map", "--output=json", p.to_str().unwrap()],
+        )
+    };
+    assert_eq!(full(&t.ours), full(&t.qemu), "{what}: full maps differ");
+    assert_check_clean(&t.qemu, &format!("{what} (qemu)"));
+    assert_check_clean(&t.ours, &format!("{what} (ours)"));
+    assert_bytes_eq(
+        &support::qemu_raw(&t.ours),
+        &support::qemu_raw(&t.qemu),
+        &format!("{what}: content"),
+    );
+}
+
+#[derive(Debug, Clone, Copy)]
+enum ZOp {
+    Zero(u64, u64),
+    ZeroUnmap(u64, u64),
+    Discard(u64, u64),
+}
+
+impl ZOp {
+    fn qemu(self) -> String {
+        match self {
+            ZOp::Zero(o, l) => format!("write -z {o} {l}"),
+            ZOp::ZeroUnmap(o, l) => format!("write -z -u {o} {l}"),
+            ZOp::Discard(o, l) => format!("discard {o} {l}"),
+        }
+    }
+    fn ours(self, img: &Image) {
+        match self {
+            ZOp::Zero(o, l) => img.write_zeroes(o, l, false).unwrap(),
+            ZOp::ZeroUnmap(o, l) => img.write_zeroes(o, l, true).unwrap(),
+            ZOp::Discard(o, l) => img.discard(o, l).unwrap(),
+        }
+    }
+}
+
+fn twin_case(create_args: &[&str], setup: &[String], ops: &[ZOp], what: &str) {
+    let r = std::panic::catch_unwind(|| twin_case_inner(create_args, setup, ops, what));
+    if let Err(e) = r {
+        let msg = e
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        FAILURES.with(|f| f.borrow_mut().push(format!("{what}: {msg}")));
+    }
+}
+
+thread_local! {
+    static FAILURES: std::cell::RefCell<Vec<String>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+fn assert_no_twin_failures() {
+    let f = FAILURES.with(|f| std::mem::take(&mut *f.borrow_mut()));
+    assert!(
+        f.is_empty(),
+        "{} twin cases differ:\n{}",
+        f.len(),
+        f.join("\n")
+    );
+}
+
+fn twin_case_inner(create_args: &[&str], setup: &[String], ops: &[ZOp], what: &str) {
+    let t = twin(create_args, setup);
+    let cmds: Vec<String> = ops.iter().map(|o| o.qemu()).collect();
+    qemu_io(&t.qemu, &cmds);
+    let img = Image::open(&t.ours, &OpenOptions::new()).unwrap();
+    for o in ops {
+        o.ours(&img);
+    }
+    img.close().unwrap();
+    compare_twins(&t, what);
+}
+
+const K64: u64 = 65536;
+
+fn data_setup() -> Vec<String> {
+    vec![
+        "write -P 0x11 0 1M".into(),
+        format!("write -P 0x22 {} {}", 2 << 20, 3 * K64),
+    ]
+}
+
+#[test]
+fn zero_and_discard_encodings_match_qemu() {
+    if !support::have_qemu() {
+        return;
+    }
+    use ZOp::*;
+    let setup = data_setup();
+    // v3, no backing file (§11.2, §11.3).
+    let cases: &[(&str, Vec<ZOp>)] = &[
+        (
+            "zero on allocated clusters keeps them (ZERO_ALLOC)",
+            vec![Zero(K64, 2 * K64)],
+        ),
+        (
+            "zero on unallocated clusters (ZERO_PLAIN)",
+            vec![Zero(3 << 20, 2 * K64)],
+        ),
+        (
+            "zero with unmap frees (ZERO_PLAIN)",
+            vec![ZeroUnmap(K64, 2 * K64)],
+        ),
+        ("discard frees (ZERO_PLAIN)", vec![Discard(K64, 2 * K64)]),
+        (
+            "discard of unallocated clusters",
+            vec![Discard(3 << 20, 2 * K64)],
+        ),
+        (
+            "partial-cluster discard is ignored",
+            vec![Discard(K64 + 100, K64)],
+        ),
+        (
+            "unaligned zero writes data at the edges",
+            vec![Zero(K64 - 1000, 2 * K64 + 2000), Zero((3 << 20) + 5, 100)],
+        ),
+        (
+            "zero then write then discard",
+            vec![
+                Zero(4 * K64, K64),
+                ZeroUnmap(5 * K64, K64),
+                Discard(4 * K64, 2 * K64),
+            ],
+        ),
+        (
+            "discard up to the end of the disk",
+            vec![Discard((2 << 20) + K64, (2 << 20) - K64)],
+        ),
+    ];
+    for (what, ops) in cases {
+        twin_case(&[], &setup, ops, &format!("v3: {what}"));
+    }
+    // v3 over a backing file: discards must not re-expose backing data.
+    for (what, ops) in cases {
+        twin_case(
+            &["-b", "base.raw", "-F", "raw"],
+            &setup,
+            ops,
+            &format!("v3 with backing: {what}"),
+        );
+    }
+    // v2: no zero flag; discards deallocate.
+    for (what, ops) in cases {
+        twin_case(&["-o", "compat=0.10"], &setup, ops, &format!("v2: {what}"));
+        twin_case(
+            &["-o", "compat=0.10", "-b", "base.raw", "-F", "raw"],
+            &setup,
+            ops,
+            &format!("v2 with backing: {what}"),
+        );
+    }
+    // Extended L2: zero bits per subcluster (2 KiB subclusters).
+    let ext: &[(&str, Vec<ZOp>)] = &[
+        ("zeroing an unallocated cluster", vec![Zero(3 << 20, K64)]),
+        (
+            "zeroing one subcluster of an unallocated cluster",
+            vec![Zero((3 << 20) + 4 * 2048, 2048)],
+        ),
+        (
+            "zeroing subclusters of an allocated cluster",
+            vec![Zero(2048, 3 * 2048)],
+        ),
+        ("zeroing a whole allocated cluster", vec![Zero(K64, K64)]),
+        (
+            "zero with unmap of allocated clusters",
+            vec![ZeroUnmap(K64, 2 * K64)],
+        ),
+        ("discard of allocated clusters", vec![Discard(K64, 2 * K64)]),
+        ("unaligned zero inside subclusters", vec![Zero(100, 5000)]),
+    ];
+    for (what, ops) in ext {
+        twin_case(
+            &["-o", "extended_l2=on"],
+            &setup,
+            ops,
+            &format!("extended L2: {what}"),
+        );
+        twin_case(
+            &["-o", "extended_l2=on", "-b", "base.raw", "-F", "raw"],
+            &setup,
+            ops,
+            &format!("extended L2 with backing: {what}"),
+        );
+    }
+    assert_no_twin_failures();
+}
+
+/// After a snapshot-free COW setup: zeroing and discarding compressed clusters.
+#[test]
+fn zero_and_discard_of_compressed_clusters_match_qemu() {
+    if !support::have_qemu() {
+        return;
+    }
+    use ZOp::*;
+    let setup = vec![
+        "write -c -P 0x11 0 64k".to_string(),
+        "write -c -P 0x12 64k 64k".into(),
+        "write -c -P 0x13 128k 64k".into(),
+        "write -c -P 0x14 192k 64k".into(),
+    ];
+    for (what, ops) in [
+        ("zero", vec![Zero(0, K64)]),
+        ("zero with unmap", vec![ZeroUnmap(K64, K64)]),
+        ("discard", vec![Discard(2 * K64, 2 * K64)]),
+        ("all of them", vec![Discard(0, 4 * K64)]),
+    ] {
+        twin_case(&[], &setup, &ops, &format!("compressed: {what}"));
+    }
+    assert_no_twin_failures();
 }
 
 /// Runs `f` on another thread and fails (instead of hanging) if it does not
