@@ -1241,15 +1241,21 @@ impl Image {
         let mut g = start;
         while g < end {
             let (table, _) = meta.l2_table_offset(geom.l1_index(g))?;
-            if table == 0 {
+            // Without an L2 table everything is unallocated: nothing to do,
+            // unless v3 must hide backing data behind zero entries.
+            if table == 0 && (full || !v3 || !has_backing) {
                 g = ((geom.l1_index(g) + 1) << (geom.cluster_bits + geom.l2_bits))
                     .min(end.max(g + cs));
                 continue;
             }
-            let slot = meta.l2_slot(table, g);
-            meta.load_l2_slice(slot.slice)?;
-            let raw = meta.read_slot(&slot);
-            let (e, _b) = meta.decode_l2(raw, &slot)?;
+            let (raw, e) = if table == 0 {
+                (RawL2 { word: 0, bitmap: 0 }, L2Entry::Unallocated)
+            } else {
+                let slot = meta.l2_slot(table, g);
+                meta.load_l2_slice(slot.slice)?;
+                let raw = meta.read_slot(&slot);
+                (raw, meta.decode_l2(raw, &slot)?.0)
+            };
             let skip = !full
                 && v3
                 && match e {

@@ -619,6 +619,24 @@ fn zero_and_discard_encodings_match_qemu() {
             &format!("v3 with backing: {what}"),
         );
     }
+    // A fresh image has no L2 table yet: zeroes and discards over a backing
+    // file still have to hide the backing data.
+    for (args, what) in [
+        (
+            &["-b", "base.raw", "-F", "raw"][..],
+            "v3 with backing, no L2 table",
+        ),
+        (&[][..], "v3, no L2 table"),
+    ] {
+        for ops in [
+            vec![Discard(K64, 2 * K64)],
+            vec![Zero(K64, 2 * K64)],
+            vec![ZeroUnmap(0, 4 << 20)],
+            vec![Zero(100, 1000)],
+        ] {
+            twin_case(args, &[], &ops, &format!("{what}: {ops:?}"));
+        }
+    }
     // v2: no zero flag; discards deallocate.
     for (what, ops) in cases {
         twin_case(&["-o", "compat=0.10"], &setup, ops, &format!("v2: {what}"));
