@@ -1,0 +1,305 @@
+//! Crash consistency: scripted operation sequences run on a recording
+//! `FaultyStorage`; every prefix of the recorded writes (and, after the last
+//! flush before the cut, random subsets of the unflushed writes) is replayed
+//! onto the starting image. Each result must open (read-only and
+//! read-write), read back everything flushed before the cut, and pass
+//! `qemu-img check` without corruption (leaks are allowed).
+//!
+//! Cut points are sampled (about 30 per scenario, plus some around flushes); set
+//! `QCOW2KIT_CRASH_ALL=1` to replay every prefix.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
+
+mod support;
+
+use support::{assert_bytes_eq, Rng};
+use qcow2kit::options::Compat;
+use qcow2kit::storage::{replay, FaultyStorage, MemStorage, RecordedOp, Storage};
+use qcow2kit::{CreateOptions, Image, OpenOptions};
+use std::ops::Range;
+use std::sync::Arc;
+
+#[derive(Debug, Clone)]
+enum Op {
+    Write(u64, u64),
+    Zeroes(u64, u64, bool),
+    Discard(u64, u64),
+    Flush,
+}
+
+/// What a scenario recorded.
+struct Recording {
+    base: Vec<u8>,
+    log: Vec<RecordedOp>,
+    /// (log length when a user flush returned, guest content then).
+    snapshots: Vec<(usize, Vec<u8>)>,
+    /// (log length when an op started, guest range it may change).
+    touched: Vec<(usize, Range<usize>)>,
+    cluster_size: u64,
+}
+
+fn record(opts: &CreateOptions, size: u64, ops: &[Op]) -> Recording {
+    let mem = Arc::new(MemStorage::new());
+    qcow2kit::create::create_on(mem.clone(), opts, size).unwrap();
+    let base = mem.to_vec();
+    let fs = Arc::new(FaultyStorage::new(MemStorage::from_bytes(base.clone())));
+    fs.start_recording();
+    let img = Image::open_storage(fs.clone() as Arc<dyn Storage>, &OpenOptions::new()).unwrap();
+    let cs = img.cluster_size();
+    let mut log = Vec::new();
+    let mut model = vec![0u8; size as usize];
+    let mut snapshots = vec![(0, model.clone())];
+    let mut touched = Vec::new();
+    let mut rng = Rng::new(size);
+    let collect = |log: &mut Vec<RecordedOp>| {
+        log.extend(fs.take_log());
+        fs.start_recording();
+    };
+    for op in ops {
+        collect(&mut log);
+        let start = log.len();
+        match *op {
+            Op::Write(off, len) => {
+                let mut d = vec![0u8; len as usize];
+                rng.fill(&mut d);
+                img.write_at(&d, off).unwrap();
+                model[off as usize..(off + len) as usize].copy_from_slice(&d);
+                touched.push((start, off as usize..(off + len) as usize));
+            }
+            Op::Zeroes(off, len, unmap) => {
+                img.write_zeroes(off, len, unmap).unwrap();
+                model[off as usize..(off + len) as usize].fill(0);
+                touched.push((start, off as usize..(off + len) as usize));
+            }
+            Op::Discard(off, len) => {
+                img.discard(off, len).unwrap();
+                let a = off.div_ceil(cs) * cs;
+                let b = (off + len) / cs * cs;
+                if a < b {
+                    model[a as usize..b as usize].fill(0);
+                }
+                touched.push((start, off as usize..(off + len) as usize));
+            }
+            Op::Flush => {
+                img.flush().unwrap();
+                collect(&mut log);
+                snapshots.push((log.len(), model.clone()));
+            }
+        }
+    }
+    img.close().unwrap();
+    collect(&mut log);
+    snapshots.push((log.len(), model.clone()));
+    Recording {
+        base,
+        log,
+        snapshots,
+        touched,
+        cluster_size: cs,
+    }
+}
+
+/// The crash image for cut `p`: the prefix up to the last flush, then the
+/// unflushed writes before `p` kept with probability 1/2 (all of them when
+/// `rng` is `None`).
+fn crash_image(r: &Recording, p: usize, rng: Option<&mut Rng>) -> (Vec<u8>, usize) {
+    let durable = r.log[..p]
+        .iter()
+        .rposition(|o| *o == RecordedOp::Flush)
+        .map_or(0, |i| i + 1);
+    let mut bytes = replay(&r.base, &r.log[..durable]);
+    match rng {
+        None => bytes = replay(&bytes, &r.log[durable..p]),
+        Some(rng) => {
+            let kept: Vec<RecordedOp> = r.log[durable..p]
+                .iter()
+                .filter(|_| rng.chance(50))
+                .cloned()
+                .collect();
+            bytes = replay(&bytes, &kept);
+        }
+    }
+    (bytes, durable)
+}
+
+/// Checks one crash image: opens, flushed data reads back, qemu-img check.
+fn check_crash(r: &Recording, bytes: Vec<u8>, durable: usize, p: usize, what: &str, qemu: bool) {
+    // The newest user flush whose records are all durable.
+    let (snap_pos, snap) = r
+        .snapshots
+        .iter()
+        .rfind(|(pos, _)| *pos <= durable)
+        .unwrap();
+    let changed: Vec<&Range<usize>> = r
+        .touched
+        .iter()
+        .filter(|(start, _)| *start >= *snap_pos && *start < p)
+        .map(|(_, range)| range)
+        .collect();
+    let mut mask = vec![true; snap.len()];
+    for range in changed {
+        mask[range.clone()].fill(false);
+    }
+    for ro in [true, false] {
+        let mem = Arc::new(MemStorage::from_bytes(bytes.clone()));
+        let img = Image::open_storage(
+            mem.clone() as Arc<dyn Storage>,
+            &OpenOptions::new().read_only(ro),
+        )
+        .unwrap_or_else(|e| panic!("{what}: open (read-only {ro}) failed: {e}"));
+        let mut back = vec![0u8; snap.len()];
+        img.read_at(&mut back, 0)
+            .unwrap_or_else(|e| panic!("{what}: read (read-only {ro}) failed: {e}"));
+        let got: Vec<u8> = back
+            .iter()
+            .zip(&mask)
+            .map(|(b, m)| if *m { *b } else { 0 })
+            .collect();
+        let want: Vec<u8> = snap
+            .iter()
+            .zip(&mask)
+            .map(|(b, m)| if *m { *b } else { 0 })
+            .collect();
+        assert_bytes_eq(
+            &got,
+            &want,
+            &format!("{what}: flushed data (read-only {ro})"),
+        );
+        drop(img);
+        if ro {
+            assert!(
+                mem.to_vec() == bytes,
+                "{what}: a read-only open changed the image"
+            );
+        }
+    }
+    if qemu {
+        let dir = tempfile::tempdir().unwrap();
+        let path = support::write_file(dir.path(), "crash.qcow2", &bytes);
+        support::assert_no_corruption(&path, what);
+    }
+}
+
+fn cut_points(r: &Recording, n: usize) -> Vec<usize> {
+    let len = r.log.len();
+    if std::env::var_os("QCOW2KIT_CRASH_ALL").is_some() || len <= n {
+        return (0..=len).collect();
+    }
+    let mut v: Vec<usize> = (0..n).map(|i| i * len / n).collect();
+    // Right before and after a few flushes: where ordering matters most.
+    let flushes: Vec<usize> = (0..len)
+        .filter(|i| r.log[*i] == RecordedOp::Flush)
+        .collect();
+    for i in (0..flushes.len()).step_by(flushes.len().div_ceil(n / 2).max(1)) {
+        v.push(flushes[i]);
+        v.push(flushes[i] + 1);
+    }
+    v.push(len);
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+fn run_scenario(name: &str, opts: &CreateOptions, size: u64, ops: &[Op]) {
+    let r = record(opts, size, ops);
+    let qemu = support::have_qemu();
+    let mut rng = Rng::new(0xC0FFEE);
+    let cuts = cut_points(&r, 30);
+    eprintln!(
+        "{name}: {} recorded ops, {} cut points, cluster size {}",
+        r.log.len(),
+        cuts.len(),
+        r.cluster_size
+    );
+    for &p in &cuts {
+        let (bytes, durable) = crash_image(&r, p, None);
+        check_crash(&r, bytes, durable, p, &format!("{name}: prefix {p}"), qemu);
+        if durable < p {
+            for k in 0..1 {
+                let (bytes, durable) = crash_image(&r, p, Some(&mut rng));
+                check_crash(
+                    &r,
+                    bytes,
+                    durable,
+                    p,
+                    &format!("{name}: prefix {p}, subset {k}"),
+                    qemu,
+                );
+            }
+        }
+    }
+}
+
+/// 512 B clusters and 64-bit refcounts: many L2 tables, many refcount
+/// blocks, two refcount-table moves; then discards, zero writes and
+/// overwrites.
+#[test]
+fn small_clusters_growing_refcount_table() {
+    let opts = CreateOptions::new().cluster_size(512).refcount_bits(64);
+    let k = 1024;
+    let ops = vec![
+        Op::Write(0, 4 * k),
+        Op::Write(100 * k + 7, 3000),
+        Op::Flush,
+        Op::Write(200 * k, 1500 * k),
+        Op::Flush,
+        Op::Write(3000 * k, 900 * k),
+        Op::Write(50 * k, 20 * k),
+        Op::Flush,
+        Op::Discard(300 * k, 400 * k),
+        Op::Flush,
+        Op::Zeroes(1000 * k, 100 * k, true),
+        Op::Zeroes(1200 * k + 1, 50 * k, false),
+        Op::Write(310 * k, 64 * k),
+        Op::Flush,
+        Op::Write(0, 2 * k),
+        Op::Discard(0, 8 * k),
+        Op::Write(7000 * k, 600 * k),
+    ];
+    run_scenario("512B/rc64", &opts, 8 << 20, &ops);
+}
+
+/// 4 KiB clusters, 16-bit refcounts, v3 and v2.
+#[test]
+fn four_k_clusters_v3_and_v2() {
+    for compat in [Compat::V3, Compat::V2] {
+        let opts = CreateOptions::new().cluster_size(4096).compat(compat);
+        let k = 1024;
+        let ops = vec![
+            Op::Write(1000, 10 * k),
+            Op::Flush,
+            Op::Write(2048 * k - 100, 300 * k),
+            Op::Zeroes(0, 8 * k, false),
+            Op::Flush,
+            Op::Discard(2048 * k, 64 * k),
+            Op::Write(2060 * k, 8 * k),
+            Op::Flush,
+            Op::Zeroes(2100 * k, 100 * k, true),
+            Op::Write(5000 * k, 1000 * k),
+        ];
+        run_scenario(&format!("4K/{compat:?}"), &opts, 8 << 20, &ops);
+    }
+}
+
+/// Extended L2 (16 KiB clusters, 512 B subclusters), 2-bit refcounts.
+#[test]
+fn extended_l2_subclusters() {
+    let opts = CreateOptions::new()
+        .cluster_size(16384)
+        .extended_l2(true)
+        .refcount_bits(2);
+    let k = 1024;
+    let ops = vec![
+        Op::Write(512, 512),
+        Op::Write(16 * k + 1000, 2000),
+        Op::Flush,
+        Op::Zeroes(32 * k, 16 * k, false),
+        Op::Zeroes(48 * k + 512, 1024, false),
+        Op::Flush,
+        Op::Write(1024 * k, 700 * k),
+        Op::Discard(1024 * k, 64 * k),
+        Op::Flush,
+        Op::Write(1030 * k, 5 * k),
+        Op::Zeroes(1100 * k, 32 * k, true),
+    ];
+    run_scenario("extL2-16K/rc2", &opts, 4 << 20, &ops);
+}
