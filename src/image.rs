@@ -1238,6 +1238,7 @@ impl Image {
         let v3 = meta.header.version >= 3;
         let no_unref = self.opts.get_discard_no_unref() && v3;
         let has_backing = meta.header.backing_file.is_some();
+        let raw_data = meta.header.autoclear_features & AUTOCLEAR_DATA_FILE_RAW != 0;
         let mut g = start;
         while g < end {
             let (table, _) = meta.l2_table_offset(geom.l1_index(g))?;
@@ -1293,6 +1294,10 @@ impl Image {
                     }
                 };
                 meta.write_slot(&slot, new);
+                if raw_data {
+                    // Keep the raw data file equal to the guest view.
+                    self.zero_data_file(g, (g + cs).min(size))?;
+                }
                 if no_unref && !full {
                     if let Some(h) = e.host_cluster() {
                         if meta.discard.request {
@@ -1337,7 +1342,8 @@ impl Image {
     /// at either end is zeroed in metadata too when it is unallocated or
     /// zero in this image and the rest of it reads as zeroes; otherwise it
     /// is written as zero data, as is everything on v2 images with a backing
-    /// file and with `data_file_raw`.
+    /// file. With `data_file_raw` the external data file is zeroed too, so
+    /// that it stays a valid raw image.
     ///
     /// # Errors
     /// As for [`Image::write_at`].
@@ -1353,7 +1359,7 @@ impl Image {
                 m.header.backing_file.is_some(),
             )
         };
-        if raw_data || (!v3 && has_backing) {
+        if !v3 && has_backing {
             return self.write_zero_data(offset, len);
         }
         let geom = self.geom;
@@ -1381,6 +1387,11 @@ impl Image {
         {
             let mut meta = self.lock()?;
             let r = self.before_first_write(&mut meta).and_then(|_| {
+                if raw_data {
+                    // The data file must stay a valid raw image (QEMU
+                    // zeroes it before updating the L2 entries).
+                    self.zero_data_file(a, b)?;
+                }
                 if v3 {
                     self.zero_locked(&mut meta, a, b, unmap)
                 } else {
@@ -1393,6 +1404,18 @@ impl Image {
         }
         if b < end {
             self.write_zero_data(b, end - b)?;
+        }
+        Ok(())
+    }
+
+    /// Writes zeroes to `[start, end)` of the external data file (mapped 1:1).
+    fn zero_data_file(&self, start: u64, end: u64) -> Result<()> {
+        let zeros = vec![0u8; (end - start).min(1 << 20) as usize];
+        let mut pos = start;
+        while pos < end {
+            let n = (end - pos).min(zeros.len() as u64) as usize;
+            write_file(&*self.data, &zeros[..n], pos)?;
+            pos += n as u64;
         }
         Ok(())
     }

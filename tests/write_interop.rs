@@ -767,3 +767,83 @@ fn partial_write_into_compressed_cluster() {
         );
     }
 }
+
+/// External data files: qcow2kit and qemu-io do the same writes, zero
+/// writes and discards on twin images; the guest content, the map and (with
+/// `data_file_raw`) the data file itself must agree, and both check clean.
+#[test]
+fn external_data_file_twins() {
+    if !support::have_qemu() {
+        return;
+    }
+    for raw in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut made = Vec::new();
+        for who in ["qemu", "ours"] {
+            let img = dir.path().join(format!("{who}.qcow2"));
+            let data = format!("{who}.data");
+            support::qemu_img_in(
+                dir.path(),
+                &[
+                    "create",
+                    "-q",
+                    "-f",
+                    "qcow2",
+                    "-o",
+                    &format!(
+                        "data_file={data},data_file_raw={}",
+                        if raw { "on" } else { "off" }
+                    ),
+                    img.to_str().unwrap(),
+                    "4M",
+                ],
+            );
+            qemu_io(
+                &img,
+                &["write -P 0x11 0 1M".into(), "write -P 0x22 2M 192k".into()],
+            );
+            made.push((img, dir.path().join(data)));
+        }
+        let ops = [
+            ("write -P 0x33 100 5000", None),
+            ("write -z 65536 131072", Some((65536u64, 131072u64, false))),
+            ("write -z -u 524288 65536", Some((524288, 65536, true))),
+            ("write -z 1000000 100", Some((1_000_000, 100, false))),
+        ];
+        let cmds: Vec<String> = ops
+            .iter()
+            .map(|o| o.0.to_string())
+            .chain(["discard 2162688 65536".to_string()])
+            .collect();
+        qemu_io(&made[0].0, &cmds);
+        let img = Image::open(&made[1].0, &OpenOptions::new()).unwrap();
+        img.write_at(&[0x33; 5000], 100).unwrap();
+        for (_, z) in &ops {
+            if let Some((o, l, u)) = z {
+                img.write_zeroes(*o, *l, *u).unwrap();
+            }
+        }
+        img.discard(2162688, 65536).unwrap();
+        img.close().unwrap();
+        let what = format!("data_file_raw={raw}");
+        assert_check_clean(&made[0].0, &format!("{what} (qemu)"));
+        assert_check_clean(&made[1].0, &format!("{what} (ours)"));
+        let guest = support::qemu_raw(&made[0].0);
+        assert_bytes_eq(
+            &support::qemu_raw(&made[1].0),
+            &guest,
+            &format!("{what}: content"),
+        );
+        assert_eq!(
+            support::qemu_map(&made[1].0),
+            support::qemu_map(&made[0].0),
+            "{what}: qcow2kit's map (left) differs from QEMU's (right)"
+        );
+        if raw {
+            // The data file is a valid raw image of the guest content.
+            let mut ours = std::fs::read(&made[1].1).unwrap();
+            ours.resize(guest.len(), 0);
+            assert_bytes_eq(&ours, &guest, &format!("{what}: our raw data file"));
+        }
+    }
+}
