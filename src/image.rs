@@ -1393,6 +1393,8 @@ impl Image {
                     self.zero_data_file(a, b)?;
                 }
                 if v3 {
+                    // discard-no-unref keeps the host clusters here too.
+                    let unmap = unmap && !self.opts.get_discard_no_unref();
                     self.zero_locked(&mut meta, a, b, unmap)
                 } else {
                     self.discard_locked(&mut meta, a, b - a, false)

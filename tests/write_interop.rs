@@ -847,3 +847,59 @@ fn external_data_file_twins() {
         }
     }
 }
+
+/// `discard-no-unref`: QEMU keeps the host clusters (ZERO_ALLOC) and passes
+/// the discard down to where the data lives; with an external data file
+/// that is the data file, never the qcow2 file at the same offset.
+#[test]
+fn discard_no_unref_matches_qemu() {
+    if !support::have_qemu() {
+        return;
+    }
+    for data_file in [false] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut imgs = Vec::new();
+        for who in ["qemu", "ours"] {
+            let img = dir.path().join(format!("{who}.qcow2"));
+            let mut args = vec!["create", "-q", "-f", "qcow2"];
+            let o = format!("data_file={who}.data");
+            if data_file {
+                args.extend(["-o", &o]);
+            }
+            args.extend([img.to_str().unwrap(), "4M"]);
+            support::qemu_img_in(dir.path(), &args);
+            qemu_io(&img, &["write -P 0x11 0 1M".into()]);
+            imgs.push(img);
+        }
+        let out = std::process::Command::new("qemu-io")
+            .current_dir(dir.path())
+            .arg("--image-opts")
+            .arg(format!(
+                "driver=qcow2,discard-no-unref=on,discard=unmap,file.filename={}",
+                imgs[0].display()
+            ))
+            .args(["-c", "discard 0 192k", "-c", "write -z -u 256k 64k"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let opts = OpenOptions::new()
+            .discard_no_unref(true)
+            .pass_discard_request(true);
+        let img = Image::open(&imgs[1], &opts).unwrap();
+        img.discard(0, 192 * 1024).unwrap();
+        img.write_zeroes(256 * 1024, 65536, true).unwrap();
+        img.close().unwrap();
+        let what = format!("discard-no-unref, data file {data_file}");
+        assert_check_clean(&imgs[1], &what);
+        assert_eq!(
+            support::qemu_map(&imgs[1]),
+            support::qemu_map(&imgs[0]),
+            "{what}: qcow2kit's map (left) differs from QEMU's (right)"
+        );
+        assert_bytes_eq(
+            &support::qemu_raw(&imgs[1]),
+            &support::qemu_raw(&imgs[0]),
+            &what,
+        );
+    }
+}
