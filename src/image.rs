@@ -1301,7 +1301,9 @@ impl Image {
                 if no_unref && !full {
                     if let Some(h) = e.host_cluster() {
                         if meta.discard.request {
-                            let _ = meta.file.discard(h, cs);
+                            // Where the data lives: with an external data
+                            // file `h` is an offset in that file.
+                            let _ = self.data.discard(h, cs);
                         }
                     }
                 } else {

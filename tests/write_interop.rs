@@ -856,7 +856,7 @@ fn discard_no_unref_matches_qemu() {
     if !support::have_qemu() {
         return;
     }
-    for data_file in [false] {
+    for data_file in [false, true] {
         let dir = tempfile::tempdir().unwrap();
         let mut imgs = Vec::new();
         for who in ["qemu", "ours"] {
