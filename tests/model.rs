@@ -26,6 +26,11 @@ struct Config {
     sectors: u64,
     /// Small L2/refcount caches, so that eviction paths run.
     small_cache: bool,
+    /// Open options: discard-no-unref (v3 only), pass-discard-request,
+    /// pass-discard-other.
+    no_unref: bool,
+    pass_request: bool,
+    pass_other: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -61,16 +66,22 @@ fn config() -> impl Strategy<Value = Config> {
         any::<bool>(),
         512u64..4096,
         any::<bool>(),
+        (any::<bool>(), any::<bool>(), any::<bool>()),
     )
-        .prop_map(|(cb, ro, v3, ext, backing, sectors, small_cache)| Config {
-            cluster_bits: cb,
-            refcount_bits: if v3 { 1 << ro } else { 16 },
-            v3,
-            extended_l2: v3 && ext && cb >= 14,
-            backing,
-            sectors,
-            small_cache,
-        })
+        .prop_map(
+            |(cb, ro, v3, ext, backing, sectors, small_cache, discard)| Config {
+                cluster_bits: cb,
+                refcount_bits: if v3 { 1 << ro } else { 16 },
+                v3,
+                extended_l2: v3 && ext && cb >= 14,
+                backing,
+                sectors,
+                small_cache,
+                no_unref: v3 && discard.0,
+                pass_request: discard.1,
+                pass_other: discard.2,
+            },
+        )
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -118,7 +129,10 @@ fn place(op: &Op, size: u64, cs: u64) -> (u64, u64) {
 }
 
 fn open(mem: &Arc<MemStorage>, cfg: &Config) -> Image {
-    let mut o = OpenOptions::new();
+    let mut o = OpenOptions::new()
+        .discard_no_unref(cfg.no_unref)
+        .pass_discard_request(cfg.pass_request)
+        .pass_discard_other(cfg.pass_other);
     if cfg.small_cache {
         let cs = 1u64 << cfg.cluster_bits;
         o = o.l2_cache_size(2 * cs).refcount_cache_size(2 * cs);
