@@ -40,6 +40,7 @@ enum OpKind {
     Discard,
     Flush,
     Reopen,
+    Resize,
 }
 
 /// An operation with abstract position/length, made concrete for the
@@ -93,6 +94,7 @@ fn op() -> impl Strategy<Value = Op> {
             2 => Just(OpKind::Discard),
             1 => Just(OpKind::Flush),
             1 => Just(OpKind::Reopen),
+            1 => Just(OpKind::Resize),
         ],
         any::<u64>(),
         0u8..3,
@@ -143,7 +145,7 @@ fn open(mem: &Arc<MemStorage>, cfg: &Config) -> Image {
 fn run_case(cfg: &Config, ops: &[Op]) {
     let dir = tempfile::tempdir().unwrap();
     let cs = 1u64 << cfg.cluster_bits;
-    let size = cfg.sectors * 512;
+    let mut size = cfg.sectors * 512;
     let mut model = vec![0u8; size as usize];
     let mut opts = CreateOptions::new()
         .cluster_size(cs)
@@ -194,6 +196,15 @@ fn run_case(cfg: &Config, ops: &[Op]) {
             OpKind::Reopen => {
                 img.close().unwrap();
                 img = open(&mem, cfg);
+            }
+            OpKind::Resize => {
+                // Grow by 512 B .. 2 MiB; the new part reads as zeroes (the
+                // backing file, if any, is shorter than the original size).
+                size += 512 * (1 + op.len_extra % 4096);
+                img.resize(size).unwrap();
+                model.resize(size as usize, 0);
+                back.resize(size as usize, 0);
+                assert_eq!(img.size(), size);
             }
         }
         img.read_at(&mut back, 0).unwrap();
