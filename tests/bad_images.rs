@@ -639,3 +639,68 @@ fn garbage_compressed_cluster() {
         other => panic!("expected a corrupt compressed cluster, got {other:?}"),
     }
 }
+
+/// An L2 entry pointing at the active L1 table: reads return the table's
+/// bytes (as in QEMU), a write is stopped by the overlap check, the image is
+/// marked corrupt and the handle disabled.
+#[test]
+fn data_cluster_pointing_at_metadata() {
+    let mut b = valid_image();
+    let l1 = l1_offset(&b);
+    let l2 = l2_offset(&b) as usize;
+    put_u64(&mut b, l2, OFLAG_COPIED | l1);
+    let (mem, r) = open_bytes(b.clone(), false);
+    let img = r.unwrap();
+    let mut buf = vec![0u8; 8];
+    img.read_at(&mut buf, 0).unwrap();
+    assert_eq!(
+        u64::from_be_bytes(buf[..8].try_into().unwrap()),
+        get_u64(&b, l1 as usize)
+    );
+    match img.write_at(&[1u8; 512], 0) {
+        Err(Error::OverlapPrevented { kind, offset, .. }) => {
+            assert_eq!(kind, qcow2kit::types::MetadataKind::ActiveL1);
+            assert_eq!(offset, l1);
+        }
+        other => panic!("expected OverlapPrevented, got {other:?}"),
+    }
+    assert!(img.is_disabled());
+    assert!(matches!(
+        img.write_at(&[1u8; 512], 0),
+        Err(Error::MediumGone)
+    ));
+    drop(img);
+    let after = mem.to_vec();
+    assert_eq!(
+        &after[l1 as usize..l1 as usize + 8],
+        &b[l1 as usize..l1 as usize + 8]
+    );
+    assert_ne!(get_u64(&after, 72) & INCOMPAT_CORRUPT, 0);
+}
+
+/// An L1 entry with COPIED set and offset 0 (QEMU 10 aborts on an assertion
+/// here, qcow2-format.md §13.2 item 8): no panic, and the range either
+/// reads as unallocated or fails as corrupt.
+#[test]
+fn l1_entry_copied_with_offset_zero() {
+    let mut b = valid_with(&CreateOptions::new(), 1 << 30);
+    let l1 = l1_offset(&b) as usize;
+    put_u64(&mut b, l1 + 8, OFLAG_COPIED);
+    for ro in [true, false] {
+        let (_, r) = open_bytes(b.clone(), ro);
+        let img = r.unwrap();
+        let guest = 512 << 20; // L1 index 1 with 64 KiB clusters
+        let mut buf = vec![1u8; 4096];
+        match img.read_at(&mut buf, guest + 4096 * 4) {
+            Ok(()) => {}
+            Err(Error::Corrupt { .. }) => {}
+            Err(e) => panic!("read: {e:?}"),
+        }
+        if !ro {
+            match img.write_at(&[7u8; 4096], guest + 4096) {
+                Ok(()) | Err(Error::Corrupt { .. }) => {}
+                Err(e) => panic!("write: {e:?}"),
+            }
+        }
+    }
+}
