@@ -26,6 +26,8 @@ struct Config {
     sectors: u64,
     /// Small L2/refcount caches, so that eviction paths run.
     small_cache: bool,
+    /// `l2-cache-entry-size` (L2 slices smaller than a cluster).
+    l2_entry: Option<u64>,
     /// Open options: discard-no-unref (v3 only), pass-discard-request,
     /// pass-discard-other.
     no_unref: bool,
@@ -67,10 +69,15 @@ fn config() -> impl Strategy<Value = Config> {
         any::<bool>(),
         512u64..4096,
         any::<bool>(),
-        (any::<bool>(), any::<bool>(), any::<bool>()),
+        (
+            any::<bool>(),
+            any::<bool>(),
+            any::<bool>(),
+            prop::sample::select(vec![0u64, 0, 512, 1024, 4096]),
+        ),
     )
         .prop_map(
-            |(cb, ro, v3, ext, backing, sectors, small_cache, discard)| Config {
+            |(cb, ro, v3, ext, backing, sectors, small_cache, o)| Config {
                 cluster_bits: cb,
                 refcount_bits: if v3 { 1 << ro } else { 16 },
                 v3,
@@ -78,9 +85,10 @@ fn config() -> impl Strategy<Value = Config> {
                 backing,
                 sectors,
                 small_cache,
-                no_unref: v3 && discard.0,
-                pass_request: discard.1,
-                pass_other: discard.2,
+                l2_entry: (o.3 != 0 && o.3 <= 1 << cb).then_some(o.3),
+                no_unref: v3 && o.0,
+                pass_request: o.1,
+                pass_other: o.2,
             },
         )
 }
@@ -135,6 +143,9 @@ fn open(mem: &Arc<MemStorage>, cfg: &Config) -> Image {
         .discard_no_unref(cfg.no_unref)
         .pass_discard_request(cfg.pass_request)
         .pass_discard_other(cfg.pass_other);
+    if let Some(e) = cfg.l2_entry {
+        o = o.l2_cache_entry_size(e);
+    }
     if cfg.small_cache {
         let cs = 1u64 << cfg.cluster_bits;
         o = o.l2_cache_size(2 * cs).refcount_cache_size(2 * cs);
