@@ -1374,21 +1374,40 @@ impl Image {
         let mut a = offset.div_ceil(unit) * unit;
         let mut b = if end == size { end } else { end & !(unit - 1) };
         let head = offset & !(unit - 1);
-        if head < offset && self.unit_zeroable(head, unit, size, offset, end)? {
+        let head_whole = head < offset && self.unit_zeroable(head, unit, size, offset, end)?;
+        if head_whole {
             a = head;
         }
-        if b < end && self.unit_zeroable(b, unit, size, offset.max(b), end)? {
-            b = (b + unit).min(size);
+        let tail = b;
+        let tail_whole = b < end && self.unit_zeroable(tail, unit, size, offset.max(tail), end)?;
+        if tail_whole {
+            b = (tail + unit).min(size);
         }
         if a >= b {
             return self.write_zero_data(offset, len);
         }
-        if offset < a {
-            self.write_zero_data(offset, a - offset)?;
-        }
         {
             let mut meta = self.lock()?;
-            let r = self.before_first_write(&mut meta).and_then(|_| {
+            let r = (|| {
+                // A write may have allocated a partial unit since it was
+                // checked: check its state again under the lock (as QEMU
+                // does) and write zero data into it instead if so. Its
+                // content cannot have changed while its state did not.
+                let mut still = |u: u64| -> Result<bool> {
+                    let ulen = unit.min(size - u);
+                    let (ext, n) = meta.map_extent(u, ulen)?;
+                    Ok(n >= ulen && matches!(ext, Extent::Unallocated | Extent::Zero { .. }))
+                };
+                if head_whole && !still(head)? {
+                    a = head + unit;
+                }
+                if tail_whole && !still(tail)? {
+                    b = tail;
+                }
+                if a >= b {
+                    return Ok(());
+                }
+                self.before_first_write(&mut meta)?;
                 if raw_data {
                     // The data file must stay a valid raw image (QEMU
                     // zeroes it before updating the L2 entries).
@@ -1401,10 +1420,16 @@ impl Image {
                 } else {
                     self.discard_locked(&mut meta, a, b - a, false)
                 }
-            });
+            })();
             if let Err(e) = r {
                 return Err(self.fail(&mut meta, e, IoOperation::Write));
             }
+        }
+        if a >= b {
+            return self.write_zero_data(offset, len);
+        }
+        if offset < a {
+            self.write_zero_data(offset, a - offset)?;
         }
         if b < end {
             self.write_zero_data(b, end - b)?;

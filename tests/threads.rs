@@ -231,3 +231,43 @@ fn four_threads_512b_clusters_64bit_refcounts() {
         iters(600),
     );
 }
+
+/// A partial zero write into an unallocated unit may zero the whole unit in
+/// metadata (as QEMU does) only if nobody wrote to the rest of it
+/// meanwhile: a concurrent write to other bytes of the same cluster must
+/// never be lost.
+#[test]
+fn partial_zero_writes_do_not_eat_neighbouring_writes() {
+    for (cs, ext) in [(4096u64, false), (65536, true)] {
+        let unit = if ext { cs / 32 } else { cs };
+        let units = 3000u64;
+        let mem = support::mem_create(
+            &CreateOptions::new().cluster_size(cs).extended_l2(ext),
+            units * unit,
+        );
+        let img = Arc::new(support::mem_open(&mem, &OpenOptions::new()).unwrap());
+        let start = Arc::new(std::sync::Barrier::new(2));
+        let z = {
+            let (img, start) = (img.clone(), start.clone());
+            std::thread::spawn(move || {
+                start.wait();
+                for u in 0..units {
+                    img.write_zeroes(u * unit + 8, 100, false).unwrap();
+                }
+            })
+        };
+        start.wait();
+        for u in 0..units {
+            img.write_at(&[0xAB; 64], u * unit + unit / 2).unwrap();
+        }
+        z.join().unwrap();
+        for u in 0..units {
+            let mut buf = [0u8; 64];
+            img.read_at(&mut buf, u * unit + unit / 2).unwrap();
+            assert_eq!(
+                buf, [0xAB; 64],
+                "unit {u} (cluster size {cs}) lost its write"
+            );
+        }
+    }
+}
