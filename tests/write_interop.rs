@@ -903,3 +903,79 @@ fn discard_no_unref_matches_qemu() {
         );
     }
 }
+
+/// Writes over an internal snapshot made by QEMU: shared L2 tables and data
+/// clusters (COPIED clear) are copied on write, references dropped, and the
+/// snapshot keeps its content.
+#[test]
+fn writes_over_an_internal_snapshot() {
+    if !support::have_qemu() {
+        return;
+    }
+    for (cs, ext) in [(65536u64, false), (4096, false), (65536, true)] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("snap.qcow2");
+        let o = format!(
+            "cluster_size={cs},extended_l2={}",
+            if ext { "on" } else { "off" }
+        );
+        support::qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &o,
+            path.to_str().unwrap(),
+            "8M",
+        ]);
+        qemu_io(
+            &path,
+            &[
+                "write -P 0x11 0 3M".into(),
+                "write -c -P 0x12 4M 64k".into(),
+                "write -z 5M 64k".into(),
+            ],
+        );
+        support::qemu_img(&["snapshot", "-c", "s1", path.to_str().unwrap()]);
+        let snap_before = support::qemu_raw(&path);
+        let img = Image::open(&path, &OpenOptions::new()).unwrap();
+        let mut model = snap_before.clone();
+        let mut rng = Rng::new(cs);
+        let mut d = vec![0u8; 5000];
+        rng.fill(&mut d);
+        let ops = [
+            Op::Write(1000, d.clone()),
+            Op::Write(cs * 3 + 7, d.clone()),
+            Op::Write((4 << 20) + 100, d.clone()),
+            Op::Zeroes(cs * 8, cs * 2, false),
+            Op::Zeroes(cs * 12, cs * 2, true),
+            Op::Discard(cs * 20, cs * 3),
+            Op::Discard(4 << 20, 65536),
+            Op::Write((5 << 20) + 10, d),
+        ];
+        for op in &ops {
+            apply(&img, &mut model, op, cs, true);
+        }
+        img.close().unwrap();
+        let what = format!("snapshot, cluster size {cs}, extended L2 {ext}");
+        assert_check_clean(&path, &what);
+        assert_bytes_eq(&support::qemu_raw(&path), &model, &what);
+        // The snapshot is untouched.
+        let snap = dir.path().join("s1.raw");
+        support::qemu_img(&[
+            "convert",
+            "-l",
+            "snapshot.name=s1",
+            "-O",
+            "raw",
+            path.to_str().unwrap(),
+            snap.to_str().unwrap(),
+        ]);
+        assert_bytes_eq(
+            &std::fs::read(&snap).unwrap(),
+            &snap_before,
+            &format!("{what}: s1"),
+        );
+    }
+}
