@@ -315,3 +315,99 @@ fn extended_l2_subclusters() {
     ];
     run_scenario("extL2-16K/rc2", &opts, 4 << 20, &ops);
 }
+
+/// I/O errors instead of crashes: the n-th write (or flush) fails once or
+/// for good; the sequence goes on (requests may fail), the handle is
+/// dropped, and what is left on the storage must open and pass
+/// `qemu-img check` without corruption.
+#[test]
+fn injected_io_errors_leave_a_consistent_image() {
+    use qcow2kit::storage::{Fault, FaultKind, FaultOp};
+    let opts = CreateOptions::new().cluster_size(512).refcount_bits(16);
+    let k = 1024;
+    let ops = vec![
+        Op::Write(0, 4 * k),
+        Op::Flush,
+        Op::Write(200 * k, 700 * k),
+        Op::Discard(300 * k, 100 * k),
+        Op::Flush,
+        Op::Zeroes(100 * k, 50 * k, true),
+        Op::Write(2048 * k, 300 * k),
+        Op::Flush,
+        Op::Resize(12 << 20),
+        Op::Write(11 << 20, 64 * k),
+    ];
+    let size = 8u64 << 20;
+    let mem = Arc::new(MemStorage::new());
+    qcow2kit::create::create_on(mem.clone(), &opts, size).unwrap();
+    let base = mem.to_vec();
+    // Count the calls of a clean run.
+    let counts = {
+        let fs = Arc::new(FaultyStorage::new(MemStorage::from_bytes(base.clone())));
+        fs.set_fault(None);
+        run_ops(&fs, &ops);
+        fs.counts()
+    };
+    let qemu = support::have_qemu();
+    let mut rng = Rng::new(7);
+    for i in 0..40 {
+        let (op, total) = if i % 4 == 3 {
+            (FaultOp::Flush, counts[2])
+        } else {
+            (FaultOp::Write, counts[1])
+        };
+        let nth = rng.below(total);
+        let persistent = i % 2 == 1;
+        let fs = Arc::new(FaultyStorage::new(MemStorage::from_bytes(base.clone())));
+        fs.set_fault(Some(Fault {
+            op,
+            nth,
+            kind: if i % 3 == 0 {
+                FaultKind::Enospc
+            } else {
+                FaultKind::Eio
+            },
+            persistent,
+        }));
+        run_ops(&fs, &ops);
+        let what = format!("{op:?} {nth} of {total} fails (persistent {persistent})");
+        let bytes = fs.inner().to_vec();
+        for ro in [true, false] {
+            let img = Image::open_storage(
+                Arc::new(MemStorage::from_bytes(bytes.clone())) as Arc<dyn Storage>,
+                &OpenOptions::new().read_only(ro),
+            )
+            .unwrap_or_else(|e| panic!("{what}: open (read-only {ro}): {e}"));
+            let mut buf = vec![0u8; img.size() as usize];
+            img.read_at(&mut buf, 0)
+                .unwrap_or_else(|e| panic!("{what}: read: {e}"));
+        }
+        if qemu {
+            let dir = tempfile::tempdir().unwrap();
+            let path = support::write_file(dir.path(), "faulty.qcow2", &bytes);
+            support::assert_no_corruption(&path, &what);
+        }
+    }
+}
+
+/// Runs `ops` on an image in `fs`, ignoring request errors.
+fn run_ops(fs: &Arc<FaultyStorage<MemStorage>>, ops: &[Op]) {
+    let Ok(img) = Image::open_storage(fs.clone() as Arc<dyn Storage>, &OpenOptions::new()) else {
+        return;
+    };
+    let mut rng = Rng::new(3);
+    for op in ops {
+        let _ = match *op {
+            Op::Write(off, len) => {
+                let mut d = vec![0u8; len as usize];
+                rng.fill(&mut d);
+                img.write_at(&d, off)
+            }
+            Op::Zeroes(off, len, unmap) => img.write_zeroes(off, len, unmap),
+            Op::Discard(off, len) => img.discard(off, len),
+            Op::Flush => img.flush(),
+            Op::Resize(n) => img.resize(n),
+        };
+    }
+    let _ = img.close();
+}
