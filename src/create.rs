@@ -67,6 +67,7 @@ pub fn build_header(opts: &CreateOptions, size: u64) -> Result<Header> {
 /// # Errors
 /// Invalid options, I/O errors.
 pub fn create_on(file: Arc<dyn Storage>, opts: &CreateOptions, size: u64) -> Result<()> {
+    let size = sector_aligned(size);
     let mut h = build_header(opts, size)?;
     let geom = Geometry::new(h.cluster_bits, h.is_extended_l2(), h.refcount_order);
     let cs = geom.cluster_size;
@@ -112,6 +113,15 @@ pub fn create_on(file: Arc<dyn Storage>, opts: &CreateOptions, size: u64) -> Res
     Ok(())
 }
 
+/// `size` rounded up to whole 512-byte sectors, as `qemu-img create` does
+/// (QEMU's qcow2 driver ignores a partial last sector of the virtual size:
+/// `total_sectors = size / 512`). Sizes that overflow become `u64::MAX`,
+/// which the size checks refuse.
+fn sector_aligned(size: u64) -> u64 {
+    size.checked_next_multiple_of(SECTOR_SIZE)
+        .unwrap_or(u64::MAX)
+}
+
 /// Creates the image file at `path` (overwriting it) and, with a `data_file`
 /// option, the external data file next to it.
 ///
@@ -124,7 +134,8 @@ pub fn create(path: &Path, opts: &CreateOptions, size: u64) -> Result<()> {
     if let Some(df) = &opts.data_file {
         let dpath = crate::image::resolve(path.parent(), Path::new(df));
         let d = FileStorage::create(&dpath, nocow).map_err(|e| Error::io(IoOp::Write, 0, e))?;
-        d.set_len(size).map_err(|e| Error::io(IoOp::Resize, 0, e))?;
+        d.set_len(sector_aligned(size))
+            .map_err(|e| Error::io(IoOp::Resize, 0, e))?;
     }
     let f = FileStorage::create(path, nocow).map_err(|e| Error::io(IoOp::Write, 0, e))?;
     create_on(Arc::new(f), opts, size)

@@ -164,12 +164,31 @@ fn run_case(cfg: &Config, ops: &[Op]) {
         .compat(if cfg.v3 { Compat::V3 } else { Compat::V2 })
         .extended_l2(cfg.extended_l2);
     if cfg.backing {
-        // A raw backing file a bit shorter than the disk.
-        let mut b = vec![0u8; (size - size / 8) as usize];
+        // A backing file a bit shorter than the disk: raw, or (for odd
+        // sizes) qcow2 with 4 KiB clusters, partly written, format probed.
+        let blen = size - size / 8;
+        let mut b = vec![0u8; blen as usize];
         Rng::new(cfg.sectors).fill(&mut b);
-        let path = support::write_file(dir.path(), "backing.raw", &b);
+        if cfg.sectors % 2 == 0 {
+            let path = support::write_file(dir.path(), "backing.raw", &b);
+            opts = opts.backing_file(path.to_str().unwrap()).backing_fmt("raw");
+        } else {
+            let path = dir.path().join("backing.qcow2");
+            qcow2kit::create::create(&path, &CreateOptions::new().cluster_size(4096), blen)
+                .unwrap();
+            let bimg = Image::open(&path, &OpenOptions::new()).unwrap();
+            // Leave every third 64 KiB unallocated (reads as zeroes).
+            for (i, chunk) in b.chunks_mut(65536).enumerate() {
+                if i % 3 == 2 {
+                    chunk.fill(0);
+                } else {
+                    bimg.write_at(chunk, i as u64 * 65536).unwrap();
+                }
+            }
+            bimg.close().unwrap();
+            opts = opts.backing_file(path.to_str().unwrap());
+        }
         model[..b.len()].copy_from_slice(&b);
-        opts = opts.backing_file(path.to_str().unwrap()).backing_fmt("raw");
     }
     let mem = support::mem_create(&opts, size);
     let mut img = open(&mem, cfg);

@@ -979,3 +979,21 @@ fn writes_over_an_internal_snapshot() {
         );
     }
 }
+
+/// Like `qemu-img create`, `create` rounds the size up to whole sectors
+/// (QEMU ignores a partial last sector of a qcow2 image's size).
+#[test]
+fn create_rounds_the_size_up_to_sectors() {
+    let mem = support::mem_create(&CreateOptions::new(), 1000);
+    let img = support::mem_open(&mem, &OpenOptions::new()).unwrap();
+    assert_eq!(img.size(), 1024);
+    img.write_at(&[5u8; 24], 1000).unwrap();
+    if !support::have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let q = dir.path().join("q.qcow2");
+    support::qemu_img(&["create", "-q", "-f", "qcow2", q.to_str().unwrap(), "1000"]);
+    let info = support::qemu_img(&["info", "--output=json", q.to_str().unwrap()]);
+    assert!(info.contains("\"virtual-size\": 1024"), "{info}");
+}
