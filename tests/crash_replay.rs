@@ -11,12 +11,12 @@
 
 mod support;
 
-use support::Rng;
 use qcow2kit::options::Compat;
 use qcow2kit::storage::{replay, FaultyStorage, MemStorage, RecordedOp, Storage};
 use qcow2kit::{CreateOptions, Image, OpenOptions};
 use std::ops::Range;
 use std::sync::Arc;
+use support::Rng;
 
 #[derive(Debug, Clone)]
 enum Op {

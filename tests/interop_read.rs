@@ -7,10 +7,10 @@
 
 mod support;
 
-use support::{assert_bytes_eq, Kind, Rng};
 use qcow2kit::{Error, Image, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use support::{assert_bytes_eq, Kind, Rng};
 
 fn open_ro(path: &Path) -> Image {
     Image::open(path, &OpenOptions::new().read_only(true))

@@ -8,12 +8,12 @@
 
 mod support;
 
-use support::{assert_bytes_eq, Rng};
 use proptest::prelude::*;
 use qcow2kit::options::Compat;
 use qcow2kit::storage::MemStorage;
 use qcow2kit::{CreateOptions, Image, OpenOptions};
 use std::sync::Arc;
+use support::{assert_bytes_eq, Rng};
 
 #[derive(Debug, Clone)]
 struct Config {

@@ -7,11 +7,11 @@
 
 mod support;
 
-use support::{assert_bytes_eq, Rng};
 use qcow2kit::{CreateOptions, Image, OpenOptions};
 use std::collections::HashSet;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use support::{assert_bytes_eq, Rng};
 
 const THREADS: u64 = 4;
 const OWN: u64 = 2 << 20;

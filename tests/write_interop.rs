@@ -6,11 +6,11 @@
 
 mod support;
 
-use support::{assert_bytes_eq, assert_check_clean, qemu_io, Rng};
 use qcow2kit::format::consts::*;
 use qcow2kit::options::Compat;
 use qcow2kit::{CreateOptions, Image, OpenOptions};
 use std::path::{Path, PathBuf};
+use support::{assert_bytes_eq, assert_check_clean, qemu_io, Rng};
 
 /// An operation applied both to an image and to a `Vec<u8>` model.
 #[derive(Debug, Clone)]
