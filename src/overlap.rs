@@ -248,7 +248,7 @@ mod tests {
             Some(MetadataKind::ActiveL1)
         );
         c.remove_active_l2(0x40000);
-        assert_eq!(k(0x40000), None);
+        assert_eq!(c.check(0x40000, 512, 0).map(|h| h.kind), None);
     }
 
     #[test]
