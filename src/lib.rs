@@ -2,6 +2,7 @@
 #![deny(unsafe_code)]
 
 pub mod cache;
+pub mod check;
 pub mod compress;
 pub mod create;
 pub mod error;
