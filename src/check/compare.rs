@@ -19,7 +19,7 @@
 
 use super::imrt::RefArray;
 use super::pass::{Fix, Pass, MAX_CHECK_CLUSTERS};
-use super::report::{CheckCounts, Finding, RefcountVerdict};
+use super::report::{hash_x, CheckCounts, Finding, RefcountVerdict};
 use crate::error::{Error, Result};
 use crate::format::consts::*;
 use crate::format::put_be_u64;
@@ -138,7 +138,9 @@ impl Pass<'_, '_> {
                 block.fill(0);
             } else if !self.geom.is_aligned(off) {
                 self.signal_corruption(format!(
-                    "Refblock offset {off:#x} unaligned (reftable index: {r:#x})"
+                    "Refblock offset {} unaligned (reftable index: {})",
+                    hash_x(off),
+                    hash_x(r as u64)
                 ));
                 self.bad_blocks.insert(r as u64);
                 unreadable = Some("Input/output error".into());

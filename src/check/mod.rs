@@ -239,6 +239,7 @@ impl Checker {
             findings: Vec::new(),
             on_event: opts.on_event,
         };
+        stale_bitmaps_warning(&meta.header, &mut sink);
         let fix = self.repair.fix();
         let writable = !self.image.is_read_only();
         let mut registered = Vec::new();
@@ -282,6 +283,32 @@ impl Checker {
             format: "qcow2".into(),
         })
     }
+}
+
+/// The warning QEMU prints when opening an image whose bitmaps extension
+/// is present but stale (autoclear bit 0 clear): the bitmap clusters will
+/// show up as leaks.
+fn stale_bitmaps_warning(h: &crate::format::header::Header, sink: &mut Sink<'_>) {
+    let present = h
+        .extensions
+        .iter()
+        .any(|e| e.ext_type() == crate::format::consts::EXT_BITMAPS);
+    if !present || h.autoclear_features & crate::format::consts::AUTOCLEAR_BITMAPS != 0 {
+        return;
+    }
+    sink.push(Finding::Report(if h.version < 3 {
+        "warning: This qcow2 v2 image contains bitmaps, but they may have been modified by a \
+         program without persistent bitmap support; so now they must all be considered \
+         inconsistent"
+            .into()
+    } else {
+        "warning: a program lacking bitmap support modified this file, so all bitmaps are now \
+         considered inconsistent"
+            .into()
+    }));
+    sink.push(Finding::Message(
+        "Some clusters may be leaked, run 'qcow2-check -r' on the image file to fix.".into(),
+    ));
 }
 
 /// One check run (QEMU's `qcow2_co_check_locked`, without marking the image

@@ -285,6 +285,15 @@ impl Finding {
     }
 }
 
+/// C's `%#x`: like `{:#x}`, but plain `0` for zero.
+pub(crate) fn hash_x(v: u64) -> String {
+    if v == 0 {
+        "0".into()
+    } else {
+        format!("{v:#x}")
+    }
+}
+
 fn ee(repairing: bool) -> &'static str {
     if repairing {
         "Repairing"
@@ -395,13 +404,15 @@ impl fmt::Display for Finding {
             }
             Finding::SnapshotL1Unaligned { id, name, offset } => write!(
                 f,
-                "ERROR snapshot {id} ({name}) l1_offset={offset:#x}: L1 table is not cluster \
-                 aligned; snapshot table entry corrupted"
+                "ERROR snapshot {id} ({name}) l1_offset={}: L1 table is not cluster \
+                 aligned; snapshot table entry corrupted",
+                hash_x(*offset)
             ),
             Finding::SnapshotL1TooLarge { id, name, l1_size } => write!(
                 f,
-                "ERROR snapshot {id} ({name}) l1_size={l1_size:#x}: L1 table is too large; \
-                 snapshot table entry corrupted"
+                "ERROR snapshot {id} ({name}) l1_size={}: L1 table is too large; \
+                 snapshot table entry corrupted",
+                hash_x(u64::from(*l1_size))
             ),
             Finding::RefcountUnreadable { cluster, reason } => {
                 write!(f, "Can't get refcount for cluster {cluster}: {reason}")
