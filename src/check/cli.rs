@@ -164,15 +164,21 @@ fn usage_error(name: CliName, out: &mut Out<'_>, msg: &str) -> i32 {
     1
 }
 
-/// Maps a clap error to getopt's message.
-fn getopt_error(name: CliName, out: &mut Out<'_>, e: &clap::Error) -> i32 {
+/// Maps a clap error to getopt's message; `argv` are the raw arguments.
+fn getopt_error(name: CliName, out: &mut Out<'_>, e: &clap::Error, argv: &[String]) -> i32 {
     let invalid = match e.get(ContextKind::InvalidArg) {
         Some(ContextValue::String(s)) => s.clone(),
         _ => String::new(),
     };
     let msg = match e.kind() {
         ErrorKind::UnknownArgument if invalid.starts_with("--") => {
-            format!("unrecognized option '{invalid}'")
+            // getopt shows the argument as typed, `=value` included.
+            let typed = argv
+                .iter()
+                .find(|a| a.starts_with(&invalid))
+                .cloned()
+                .unwrap_or(invalid);
+            format!("unrecognized option '{typed}'")
         }
         ErrorKind::UnknownArgument => {
             let c = invalid
@@ -183,11 +189,12 @@ fn getopt_error(name: CliName, out: &mut Out<'_>, e: &clap::Error) -> i32 {
             format!("invalid option -- '{c}'")
         }
         ErrorKind::InvalidValue | ErrorKind::NoEquals => {
-            let opt = invalid.split_whitespace().next().unwrap_or("");
-            if let Some(long) = opt.strip_prefix("--") {
+            // A missing value: the option is the last argument.
+            let last = argv.last().map(String::as_str).unwrap_or("");
+            if let Some(long) = last.strip_prefix("--") {
                 format!("option '--{long}' requires an argument")
             } else {
-                let c = opt.trim_start_matches('-').chars().next().unwrap_or('?');
+                let c = last.chars().last().unwrap_or('?');
                 format!("option requires an argument -- '{c}'")
             }
         }
@@ -196,6 +203,71 @@ fn getopt_error(name: CliName, out: &mut Out<'_>, e: &clap::Error) -> i32 {
     let _ = writeln!(out.stderr, "{}: {msg}", name.full());
     let _ = writeln!(out.stderr, "Try '{} --help' for more info", name.full());
     1
+}
+
+/// qemu-img's long options (getopt order) and whether they take a value.
+const LONG_OPTIONS: [(&str, bool); 9] = [
+    ("help", false),
+    ("format", true),
+    ("image-opts", false),
+    ("cache", true),
+    ("repair", true),
+    ("force-share", false),
+    ("output", true),
+    ("quiet", false),
+    ("object", true),
+];
+
+/// Expands unambiguous abbreviations of long options as getopt does
+/// (`--rep` for `--repair`); an ambiguous one is getopt's error.
+fn expand_long_options(args: &[String]) -> std::result::Result<Vec<String>, String> {
+    let mut out = Vec::with_capacity(args.len());
+    let mut i = 0;
+    while i < args.len() {
+        let a = &args[i];
+        i += 1;
+        if a == "--" {
+            out.extend(args[i - 1..].iter().cloned());
+            break;
+        }
+        let Some(body) = a.strip_prefix("--") else {
+            out.push(a.clone());
+            continue;
+        };
+        let (opt, value) = match body.split_once('=') {
+            Some((o, v)) => (o, Some(v)),
+            None => (body, None),
+        };
+        let exact = LONG_OPTIONS.iter().find(|(n, _)| *n == opt);
+        let matches: Vec<&(&str, bool)> = match exact {
+            Some(e) => vec![e],
+            None => LONG_OPTIONS
+                .iter()
+                .filter(|(n, _)| n.starts_with(opt))
+                .collect(),
+        };
+        match matches.as_slice() {
+            [(full, takes_value)] => {
+                out.push(match value {
+                    Some(v) => format!("--{full}={v}"),
+                    None => format!("--{full}"),
+                });
+                if *takes_value && value.is_none() && i < args.len() {
+                    out.push(args[i].clone());
+                    i += 1;
+                }
+            }
+            [] => out.push(a.clone()),
+            many => {
+                let list: Vec<String> = many.iter().map(|(n, _)| format!("'--{n}'")).collect();
+                return Err(format!(
+                    "option '--{opt}' is ambiguous; possibilities: {}",
+                    list.join(" ")
+                ));
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// The value given last for an option, with its position.
@@ -210,15 +282,26 @@ where
     I: IntoIterator<Item = S>,
     S: Into<std::ffi::OsString> + Clone,
 {
-    let argv = std::iter::once(std::ffi::OsString::from(name.full()))
-        .chain(args.into_iter().map(Into::into));
+    let raw: Vec<String> = args
+        .into_iter()
+        .map(|a| a.into().to_string_lossy().into_owned())
+        .collect();
+    let raw = match expand_long_options(&raw) {
+        Ok(r) => r,
+        Err(msg) => {
+            let _ = writeln!(out.stderr, "{}: {msg}", name.full());
+            let _ = writeln!(out.stderr, "Try '{} --help' for more info", name.full());
+            return 1;
+        }
+    };
+    let argv = std::iter::once(name.full()).chain(raw.iter().cloned());
     let m = match command(name).try_get_matches_from(argv) {
         Ok(m) => m,
         Err(e) if e.kind() == ErrorKind::DisplayHelp => {
             let _ = write!(out.stdout, "{}", e.render());
             return 0;
         }
-        Err(e) => return getopt_error(name, out, &e),
+        Err(e) => return getopt_error(name, out, &e, &raw),
     };
     // Option values are validated in command-line order, as getopt sees them.
     let mut checks: Vec<(usize, &str, String)> = Vec::new();
