@@ -240,14 +240,20 @@ impl Pass<'_, '_> {
     /// The on-disk refcount of host cluster `c` as the last comparison saw it
     /// (after its repairs); clusters past the compared range are read from
     /// their refcount block. `None` if it cannot be read (unaligned block).
+    #[inline]
     pub(crate) fn disk_refcount(&self, c: u64) -> Option<u64> {
         let r = c >> self.geom.refcount_block_bits;
-        if self.bad_blocks.contains(&r) {
+        if !self.bad_blocks.is_empty() && self.bad_blocks.contains(&r) {
             return None;
         }
         if (c as usize) < self.disk.len() {
             return Some(self.disk.get(c as usize));
         }
+        self.disk_refcount_slow(r, c)
+    }
+
+    /// [`Pass::disk_refcount`] past the compared range: read the block.
+    fn disk_refcount_slow(&self, r: u64, c: u64) -> Option<u64> {
         let raw = usize::try_from(r)
             .ok()
             .and_then(|i| self.meta.reftable.get(i))

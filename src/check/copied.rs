@@ -164,6 +164,7 @@ impl Pass<'_, '_> {
                     res.corruptions_fixed += dirty;
                 }
             }
+            self.batch_buf = std::mem::take(&mut batch.data);
             let done = chunk.last().map_or(0, |&i| i as u64 + 1);
             self.progress(done, total);
         }

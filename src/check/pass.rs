@@ -73,6 +73,8 @@ pub(crate) struct Pass<'a, 's> {
     pub signaled_corruption: bool,
     /// Snapshot L1 tables registered with the overlap checker (offset, bytes).
     pub registered_l1: Vec<(u64, u64)>,
+    /// Buffer reused for batches of tables.
+    pub batch_buf: Vec<u8>,
 }
 
 impl<'a, 's> Pass<'a, 's> {
@@ -98,6 +100,7 @@ impl<'a, 's> Pass<'a, 's> {
             bad_blocks: HashSet::new(),
             signaled_corruption: false,
             registered_l1: Vec::new(),
+            batch_buf: Vec::new(),
         }
     }
 
@@ -120,6 +123,26 @@ impl<'a, 's> Pass<'a, 's> {
     /// Number of host clusters covering the file.
     pub fn file_clusters(&self) -> u64 {
         self.file_len.div_ceil(self.geom.cluster_size)
+    }
+
+    /// [`Pass::inc_refcounts`] for one whole cluster at `offset`, with a
+    /// fast path for the common case of a cluster inside the file.
+    #[inline]
+    pub fn inc_cluster(
+        &mut self,
+        res: &mut CheckCounts,
+        imrt: &mut RefArray,
+        offset: u64,
+    ) -> Result<()> {
+        let c = offset >> self.geom.cluster_bits;
+        if self.geom.is_aligned(offset) && offset < self.file_len && (c as usize) < imrt.len() {
+            if !imrt.inc(c as usize) {
+                self.report(Finding::RefcountOverflow { offset });
+                res.corruptions += 1;
+            }
+            return Ok(());
+        }
+        self.inc_refcounts(res, imrt, offset, self.geom.cluster_size)
     }
 
     /// QEMU's `qcow2_inc_refcounts_imrt`: counts one reference to every

@@ -68,10 +68,11 @@ pub(crate) struct Batch {
 impl Pass<'_, '_> {
     /// Reads tables of `bytes` bytes at `offsets`, merging tables that are
     /// adjacent on disk into single reads.
-    pub(crate) fn read_tables(&self, offsets: &[u64], bytes: usize) -> Batch {
+    pub(crate) fn read_tables(&mut self, offsets: &[u64], bytes: usize) -> Batch {
         let mut order: Vec<usize> = (0..offsets.len()).collect();
         order.sort_by_key(|&i| offsets[i]);
-        let mut data: Vec<u8> = Vec::new();
+        let mut data: Vec<u8> = std::mem::take(&mut self.batch_buf);
+        data.clear();
         let mut pos = vec![None; offsets.len()];
         let mut k = 0;
         while k < order.len() {
@@ -236,8 +237,13 @@ impl Pass<'_, '_> {
                         .unwrap_or_else(|| Error::io(crate::error::IoOp::Read, l2_off, eio())));
                 };
                 let table = &mut batch.data[p..p + l2_bytes];
-                self.check_refcounts_l2(res, imrt, l2_off, table, active, fix_errors)?;
+                let r = self.check_refcounts_l2(res, imrt, l2_off, table, active, fix_errors);
+                if r.is_err() {
+                    self.batch_buf = std::mem::take(&mut batch.data);
+                }
+                r?;
             }
+            self.batch_buf = std::mem::take(&mut batch.data);
             if active {
                 let done = chunk.last().map_or(0, |&i| i as u64 + 1);
                 self.progress(done, total);
@@ -348,7 +354,7 @@ impl Pass<'_, '_> {
                         next_contiguous = offset.wrapping_add(cs);
                     }
                     if !data_file {
-                        self.inc_refcounts(res, imrt, offset, cs)?;
+                        self.inc_cluster(res, imrt, offset)?;
                     }
                 }
                 ClusterType::ZeroPlain => {}
