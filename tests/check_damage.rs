@@ -593,3 +593,58 @@ fn refcount_table_entry_unaligned() {
     assert_eq!(r.code, 0, "{r:#?}");
     assert_eq!(t.o.raw(), guest);
 }
+
+#[test]
+fn snapshot_extra_data_too_large() {
+    skip_without_qemu!();
+    let t = with_snapshot();
+    let st = t.img().snapshots_offset();
+    t.img().set_u32(st + 36, 2000);
+    let v = assert_check_same(&t, Strict::All);
+    assert_eq!(v, serde_json::Value::Null, "the check fails: no report");
+    assert_repair_same(&t, "all");
+}
+
+#[test]
+fn snapshot_table_offset_unaligned() {
+    skip_without_qemu!();
+    let t = with_snapshot();
+    let st = t.img().snapshots_offset();
+    t.img().set_u64(64, st + 8);
+    assert_check_same(&t, Strict::All);
+    assert_repair_same(&t, "all");
+}
+
+#[test]
+fn no_refcount_table_clusters() {
+    skip_without_qemu!();
+    let t = base(&[]);
+    t.img().set_u32(56, 0);
+    assert_check_same(&t, Strict::All);
+    assert_repair_same(&t, "all");
+}
+
+#[test]
+fn lazy_refcounts_crash() {
+    skip_without_qemu!();
+    let t = Twin::create(&["-o", "lazy_refcounts=on"], "64M");
+    t.img().io(&["write -P 1 0 64k"]);
+    t.img().io_crash(&["write -P 2 1M 192k", "abort"]);
+    assert_eq!(t.img().incompatible() & 1, 1, "dirty after the crash");
+    let v = assert_check_same(&t, Strict::All);
+    assert!(counts(&v).0 > 0);
+    assert_repair_same(&t, "all");
+    assert_eq!(t.o.incompatible() & 1, 0);
+}
+
+#[test]
+fn unaligned_preallocated_zero_in_shared_l2_table() {
+    skip_without_qemu!();
+    let t = base(&[]);
+    let r = t.img().qemu_img(&["snapshot", "-c", "s", NAME]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let e = t.img().l2_entry(9);
+    t.img().set_l2_entry(9, e | 0x400 | 1);
+    assert_check_same(&t, Strict::All);
+    assert_repair_same(&t, "all");
+}

@@ -233,8 +233,7 @@ impl Pass<'_, '_> {
     /// drops any cached copy of it.
     fn write_refblock_direct(&mut self, block: &[u8], off: u64) -> Result<()> {
         self.meta.rc_cache.remove(off);
-        self.meta
-            .gate_write(block, off, Some(MetadataKind::RefcountBlock))
+        self.gate_write(block, off, Some(MetadataKind::RefcountBlock))
     }
 
     /// The on-disk refcount of host cluster `c` as the last comparison saw it
@@ -352,7 +351,7 @@ impl Pass<'_, '_> {
                 imrt.encode_block(order, (r * per_block) as usize, per_block as usize, out);
             }
             let off = (area + (ci * per_chunk) as u64) << cb;
-            if let Err(e) = self.meta.gate_write(&buf, off, None) {
+            if let Err(e) = self.gate_write(&buf, off, None) {
                 self.report(Finding::Message(format!(
                     "ERROR writing refblock: {}",
                     e.errno_text()
@@ -367,7 +366,6 @@ impl Pass<'_, '_> {
             put_be_u64(&mut bytes, i * 8, *e);
         }
         let r = self
-            .meta
             .gate_write(&bytes, table_off, None)
             .and_then(|()| self.meta.sync());
         if let Err(e) = r {

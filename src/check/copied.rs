@@ -68,7 +68,6 @@ impl Pass<'_, '_> {
                         };
                         let at = l1_off + i as u64 * 8;
                         let r = self
-                            .meta
                             .gate_write(&new.to_be_bytes(), at, Some(MetadataKind::ActiveL1))
                             .and_then(|()| self.meta.sync());
                         if let Err(e) = r {
@@ -135,9 +134,7 @@ impl Pass<'_, '_> {
                     }
                 }
                 if dirty > 0 {
-                    if let Err(e) =
-                        self.meta
-                            .gate_check(l2_off, cs as u64, MetadataKind::ActiveL2.bit())
+                    if let Err(e) = self.gate_check(l2_off, cs as u64, MetadataKind::ActiveL2.bit())
                     {
                         self.report(Finding::Message(format!(
                             "ERROR: Could not write L2 table; metadata overlap check failed: {}",
@@ -147,10 +144,7 @@ impl Pass<'_, '_> {
                         return Err(e);
                     }
                     let bytes = table.to_vec();
-                    if let Err(e) =
-                        self.meta
-                            .gate_write(&bytes, l2_off, Some(MetadataKind::ActiveL2))
-                    {
+                    if let Err(e) = self.gate_write(&bytes, l2_off, Some(MetadataKind::ActiveL2)) {
                         self.report(Finding::Message(format!(
                             "ERROR: Could not write L2 table: {}",
                             e.errno_text()

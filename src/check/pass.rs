@@ -192,6 +192,31 @@ impl<'a, 's> Pass<'a, 's> {
         Ok(())
     }
 
+    /// Writes metadata of `kind` (or anything new with `None`) through the
+    /// image's write gate; see [`Pass::gate_check`].
+    pub fn gate_write(
+        &mut self,
+        buf: &[u8],
+        offset: u64,
+        kind: Option<crate::types::MetadataKind>,
+    ) -> Result<()> {
+        self.gate_check(offset, buf.len() as u64, kind.map_or(0, |k| k.bit()))?;
+        self.meta.gate_write(buf, offset, kind)
+    }
+
+    /// The write gate's overlap check; a write that would hit metadata other
+    /// than `exempt` is refused and reported as QEMU's corruption event.
+    pub fn gate_check(&mut self, offset: u64, len: u64, exempt: u16) -> Result<()> {
+        let r = self.meta.gate_check(offset, len, exempt);
+        if let Err(Error::OverlapPrevented { kind, .. }) = &r {
+            self.signal_corruption(format!(
+                "Preventing invalid write on metadata (overlaps with {})",
+                kind.qemu_name()
+            ));
+        }
+        r
+    }
+
     /// Reads `buf.len()` bytes at `offset` (zeroes past the end of the file).
     pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.file

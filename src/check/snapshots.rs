@@ -115,7 +115,7 @@ impl<'a, 's> Pass<'a, 's> {
             self.report(Finding::Report(format!("ERROR {msg}")));
             if nb > MAX_SNAPSHOTS {
                 self.report(Finding::Message(format!(
-                    "You can force-remove all {} overhanging snapshots with qemu-img check -r all",
+                    "You can force-remove all {} overhanging snapshots with qcow2-check -r all",
                     nb - MAX_SNAPSHOTS
                 )));
             }
@@ -128,11 +128,14 @@ impl<'a, 's> Pass<'a, 's> {
         }
         match self.read_snapshots(nb, offset, &mut reduced, &mut dropped) {
             Ok(()) => {}
-            Err((msg, e)) => {
+            Err((msg, hint, e)) => {
                 res.check_errors += 1;
                 self.report(Finding::Report(format!(
                     "ERROR failed to read the snapshot table: {msg}"
                 )));
+                if let Some(hint) = hint {
+                    self.report(Finding::Message(hint));
+                }
                 self.snaps = SnapTable::default();
                 return Err(e);
             }
@@ -174,14 +177,14 @@ impl<'a, 's> Pass<'a, 's> {
         table_offset: u64,
         reduced: &mut u64,
         dropped: &mut u64,
-    ) -> std::result::Result<(), (String, Error)> {
+    ) -> std::result::Result<(), (String, Option<String>, Error)> {
         let repair = self.fix.errors;
         let current_size = self.meta.header.size / 512 * 512;
         let mut entries = Vec::new();
         let mut notes = Vec::new();
         let mut offset = table_offset;
         let mut table_length: u64 = 0;
-        let io = |e: Error| ("Failed to read snapshot table".to_string(), e);
+        let io = |e: Error| ("Failed to read snapshot table".to_string(), None, e);
         let mut rd = Reader {
             file: self.file.clone(),
             start: 0,
@@ -217,6 +220,10 @@ impl<'a, 's> Pass<'a, 's> {
                 if !repair {
                     result = Err((
                         format!("Too much extra metadata in snapshot table entry {i}"),
+                        Some(
+                            "You can force-remove this extra metadata with qcow2-check -r all"
+                                .into(),
+                        ),
                         Error::TooLarge("File too large".into()),
                     ));
                     break;
@@ -272,6 +279,11 @@ impl<'a, 's> Pass<'a, 's> {
                 if !repair {
                     result = Err((
                         "Snapshot table is too big".into(),
+                        Some(format!(
+                            "You can force-remove all {} overhanging snapshots with qcow2-check \
+                             -r all",
+                            nb - i
+                        )),
                         Error::TooLarge("File too large".into()),
                     ));
                     break;
@@ -374,7 +386,7 @@ impl<'a, 's> Pass<'a, 's> {
             let off = self.meta.alloc_clusters(size.div_ceil(cs))?;
             self.meta.flush_refcounts()?;
             self.meta.sync()?;
-            self.meta.gate_write(&bytes, off, None)?;
+            self.gate_write(&bytes, off, None)?;
             self.meta.sync()?;
             off
         };

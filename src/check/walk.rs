@@ -398,13 +398,12 @@ impl Pass<'_, '_> {
         };
         let entry_off = l2_off + at as u64;
         let bytes = table[at..at + esize].to_vec();
-        if let Err(e) = self.meta.gate_check(entry_off, esize as u64, kind.bit()) {
+        if let Err(e) = self.gate_check(entry_off, esize as u64, kind.bit()) {
             self.report(Finding::Message("ERROR: Overlap check failed".into()));
             res.check_errors += 1;
             return Err(FixError::Overlap(e));
         }
         let r = self
-            .meta
             .gate_write(&bytes, entry_off, Some(kind))
             .and_then(|()| self.meta.sync());
         self.meta

@@ -240,6 +240,18 @@ impl Img {
         assert_eq!(r.code, 0, "qemu-io {cmds:?}: {}", r.stderr);
     }
 
+    /// Runs qemu-io commands that end in a crash (`abort`).
+    pub fn io_crash(&self, cmds: &[&str]) {
+        let mut c = Command::new("qemu-io");
+        c.current_dir(&self.dir);
+        for x in cmds {
+            c.arg("-c").arg(x);
+        }
+        c.arg(NAME);
+        let r = run(&mut c);
+        assert_ne!(r.code, 0, "qemu-io {cmds:?} was meant to crash");
+    }
+
     /// Runs `qemu-img ARGS` in the image's directory.
     pub fn qemu_img(&self, args: &[&str]) -> Run {
         run(Command::new("qemu-img").current_dir(&self.dir).args(args))
@@ -351,7 +363,9 @@ pub fn assert_check_same(t: &Twin, strict: Strict) -> Value {
     if strict == Strict::All {
         assert_eq!(
             o.stderr,
-            q.stderr.replace("qemu-img:", "qcow2-check:"),
+            q.stderr
+                .replace("qemu-img check", "qcow2-check")
+                .replace("qemu-img:", "qcow2-check:"),
             "stderr differs"
         );
         let qh = t.q.qemu_check(&[]);
