@@ -1,6 +1,8 @@
 //! The qcow2-check command line against `qemu-img check`: messages, streams
 //! and exit codes (cli.md §1), with the program names swapped.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic
+
 mod common;
 use common::*;
 use std::process::Command;

@@ -5,6 +5,8 @@
 //! Also: an I/O error in the middle of a repair is an `Err`, not a panic,
 //! and leaves an image no worse than before.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic
+
 mod common;
 use common::*;
 use qcow2kit::check::{check_storage, CheckOptions, Repair};

@@ -10,12 +10,18 @@
 //!
 //! # Write order of a rebuild
 //! The new refcount blocks and the new refcount table are written to an area
-//! past everything in use (and past any range that entries wrongly point
-//! to), synced, and only then is the header switched to them with one
-//! 12-byte write (`refcount_table_offset` + `refcount_table_clusters`). A
-//! crash before the switch leaves the old structures in charge and the new
-//! area unreferenced; after it, the old structures are merely leaked, and
-//! the leak repair that follows frees them.
+//! starting right after the last cluster in use (blocks in table order, then
+//! the table: where QEMU's first-fit puts them when the image has no free
+//! holes; QEMU would also fill holes, which only changes the end offset),
+//! synced, and only then is the header switched to them with one 12-byte
+//! write (`refcount_table_offset` + `refcount_table_clusters`). A crash
+//! before the switch leaves the old structures in charge and the new area
+//! unreferenced; after it, the old structures are merely leaked, and the
+//! leak repair that follows frees them.
+//!
+//! Entries pointing a cluster or more past the end of the file are not
+//! counted (QEMU reports them); if the new area grows the file over such a
+//! cluster, the re-count finds it referenced, as QEMU's would.
 
 use super::imrt::RefArray;
 use super::pass::{Fix, Pass, MAX_CHECK_CLUSTERS};
@@ -297,13 +303,13 @@ impl Pass<'_, '_> {
         let (nblocks, tclusters, blocks) = loop {
             let (nblocks, tclusters) = area_layout(&used_blocks, area, rb_bits, cs);
             let end = area + nblocks + tclusters;
-            // Keep clear of clusters that entries point to past the end of the file.
+            // Keep clear of refcount blocks the write gate still knows.
             let conflict = self
-                .beyond_eof
+                .keep_clear
                 .iter()
-                .filter(|(first, last)| *first < end && *last >= area)
-                .map(|(_, last)| *last)
-                .max();
+                .filter(|c| **c < end && **c >= area)
+                .max()
+                .copied();
             match conflict {
                 Some(last) => area = last + 1,
                 None => {

@@ -236,7 +236,7 @@ mod tests {
                 a.set(i, (i as u64 * 7) % (a.max().min(200) + 1));
             }
             let mut block = vec![0u8; 1024];
-            let entries = 1024 * 8 >> order;
+            let entries = (1024 * 8) >> order;
             a.encode_block(order, 0, entries, &mut block);
             let mut b = RefArray::new(order, 100);
             b.decode_block(order, 0, entries, &block);

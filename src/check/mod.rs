@@ -109,12 +109,15 @@ pub enum CheckEvent<'a> {
     },
 }
 
+/// The callback receiving [`CheckEvent`]s.
+pub type EventCallback<'a> = Box<dyn FnMut(CheckEvent<'_>) + 'a>;
+
 /// Options of a check run.
 #[derive(Default)]
 pub struct CheckOptions<'a> {
     /// Called for every [`CheckEvent`] as it happens (for streaming output
     /// and progress bars; the findings are in the report as well).
-    pub on_event: Option<Box<dyn FnMut(CheckEvent<'_>) + 'a>>,
+    pub on_event: Option<EventCallback<'a>>,
     /// The file name the report carries (for JSON output).
     pub filename: Option<String>,
 }
@@ -131,7 +134,7 @@ impl std::fmt::Debug for CheckOptions<'_> {
 /// Collects findings and forwards events.
 pub(crate) struct Sink<'s> {
     findings: Vec<Finding>,
-    on_event: Option<Box<dyn FnMut(CheckEvent<'_>) + 's>>,
+    on_event: Option<EventCallback<'s>>,
 }
 
 impl Sink<'_> {

@@ -40,10 +40,6 @@ impl Fix {
 /// than `INT_MAX` with EFBIG).
 pub(crate) const MAX_CHECK_CLUSTERS: u64 = i32::MAX as u64;
 
-/// How many ranges beyond the end of the file are remembered (to keep a
-/// rebuilt refcount structure clear of them).
-const MAX_BEYOND_EOF: usize = 1 << 16;
-
 /// The state of one check run.
 pub(crate) struct Pass<'a, 's> {
     pub meta: &'a mut Meta,
@@ -60,9 +56,9 @@ pub(crate) struct Pass<'a, 's> {
     /// The snapshot table as this pass read it.
     pub snaps: SnapTable,
     pub sink: &'a mut Sink<'s>,
-    /// Cluster ranges (first, last) referenced at least a cluster past the
-    /// end of the file (not counted; a rebuild must not place anything there).
-    pub beyond_eof: Vec<(u64, u64)>,
+    /// Clusters of refcount blocks whose table entry has reserved bits: not
+    /// counted, but still known to the write gate, so a rebuild keeps clear.
+    pub keep_clear: Vec<u64>,
     /// On-disk refcounts of clusters `[0, disk.len())`, loaded by the last
     /// comparison and kept up to date by its repairs.
     pub disk: RefArray,
@@ -95,7 +91,7 @@ impl<'a, 's> Pass<'a, 's> {
             file_len: 0,
             snaps: SnapTable::default(),
             sink,
-            beyond_eof: Vec::new(),
+            keep_clear: Vec::new(),
             disk: RefArray::new(order, 0),
             bad_blocks: HashSet::new(),
             signaled_corruption: false,
@@ -164,11 +160,6 @@ impl<'a, 's> Pass<'a, 's> {
         if end >= u128::from(self.file_len) + u128::from(cs) {
             self.report(Finding::ExceedsEof { offset, size });
             res.corruptions += 1;
-            if self.beyond_eof.len() < MAX_BEYOND_EOF {
-                let first = offset >> self.geom.cluster_bits;
-                let last = ((end - 1) >> self.geom.cluster_bits) as u64;
-                self.beyond_eof.push((first, last));
-            }
             return Ok(());
         }
         // end < file_len + cs, so this cannot overflow.

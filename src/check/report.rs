@@ -673,12 +673,14 @@ mod tests {
 
     #[test]
     fn human_summary_matches_qemu() {
-        let mut r = CheckReport::default();
-        r.counts = CheckCounts {
-            leaks: 1,
-            image_end_offset: 1441792,
-            total_clusters: 1024,
-            allocated_clusters: 17,
+        let r = CheckReport {
+            counts: CheckCounts {
+                leaks: 1,
+                image_end_offset: 1441792,
+                total_clusters: 1024,
+                allocated_clusters: 17,
+                ..Default::default()
+            },
             ..Default::default()
         };
         assert_eq!(

@@ -401,12 +401,27 @@ impl<'a, 's> Pass<'a, 's> {
         self.snaps.offset = new_off;
         self.snaps.size = size;
         if old_size > 0 {
+            // QEMU's qcow2_free_clusters: all or nothing, and a failure only
+            // leaks the old table.
             let first = old_off >> self.geom.cluster_bits;
             let last = (old_off + old_size - 1) >> self.geom.cluster_bits;
+            let mut all_used = true;
             for c in first..=last {
-                let _ = self.meta.update_refcount(c, 1, -1, DiscardType::Snapshot)?;
+                if self.meta.refcount(c)? == 0 {
+                    all_used = false;
+                    break;
+                }
             }
-            self.meta.flush_refcounts()?;
+            if all_used {
+                for c in first..=last {
+                    let _ = self.meta.update_refcount(c, 1, -1, DiscardType::Snapshot)?;
+                }
+                self.meta.flush_refcounts()?;
+            } else {
+                self.report(Finding::Message(
+                    "qcow2_free_clusters failed: Invalid argument".into(),
+                ));
+            }
         }
         Ok(())
     }

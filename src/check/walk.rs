@@ -443,7 +443,9 @@ impl Pass<'_, '_> {
             let cluster = offset >> self.geom.cluster_bits;
             if raw & REFT_RESERVED_MASK != 0 {
                 // Not counted: a rebuilt structure must not be placed there.
-                self.beyond_eof.push((cluster, cluster));
+                if self.keep_clear.len() < self.meta.reftable.len() {
+                    self.keep_clear.push(cluster);
+                }
                 self.report(Finding::ReftableReservedBits { index: i as u64 });
                 res.corruptions += 1;
                 *rebuild = true;
@@ -565,30 +567,35 @@ impl Pass<'_, '_> {
         };
         for bm in list {
             let tsize = u64::from(bm.bitmap_table_size) * 8;
-            self.inc_refcounts(res, imrt, bm.bitmap_table_offset, tsize)?;
-            let mut raw = vec![0u8; tsize as usize];
-            if self.read(&mut raw, bm.bitmap_table_offset).is_err() {
-                res.corruptions += 1;
-                return Err(Error::io(
-                    crate::error::IoOp::Read,
-                    bm.bitmap_table_offset,
-                    eio(),
-                ));
-            }
-            let mut entries = Vec::with_capacity(raw.len() / 8);
-            for c in raw.chunks_exact(8) {
-                let e = be_u64(c, 0).unwrap_or(0);
-                if decode_bitmap_table_entry(e, self.geom.cluster_bits).is_err() {
-                    // QEMU's bitmap_table_load fails on the first bad entry.
-                    res.corruptions += 1;
-                    return Err(invalid());
-                }
-                entries.push(e);
-            }
-            for e in entries {
-                let off = e & crate::format::bitmap::BME_TABLE_ENTRY_OFFSET_MASK;
-                if off != 0 {
-                    self.inc_refcounts(res, imrt, off, self.geom.cluster_size)?;
+            let toff = bm.bitmap_table_offset;
+            self.inc_refcounts(res, imrt, toff, tsize)?;
+            // QEMU's bitmap_table_load checks every entry before any is
+            // counted; the table is streamed twice rather than held (it may
+            // be up to 1 GiB).
+            let mut chunk = vec![0u8; (BATCH_BYTES.min(tsize)) as usize];
+            for counting in [false, true] {
+                let mut pos = 0u64;
+                while pos < tsize {
+                    let n = (tsize - pos).min(chunk.len() as u64) as usize;
+                    if self.read(&mut chunk[..n], toff + pos).is_err() {
+                        res.corruptions += 1;
+                        return Err(Error::io(crate::error::IoOp::Read, toff + pos, eio()));
+                    }
+                    for c in chunk[..n].chunks_exact(8) {
+                        let e = be_u64(c, 0).unwrap_or(0);
+                        if !counting {
+                            if decode_bitmap_table_entry(e, self.geom.cluster_bits).is_err() {
+                                res.corruptions += 1;
+                                return Err(invalid());
+                            }
+                            continue;
+                        }
+                        let off = e & crate::format::bitmap::BME_TABLE_ENTRY_OFFSET_MASK;
+                        if off != 0 {
+                            self.inc_cluster(res, imrt, off)?;
+                        }
+                    }
+                    pos += n as u64;
                 }
             }
         }
