@@ -341,6 +341,12 @@ impl Image {
             })?;
             (Arc::new(s) as Arc<dyn Storage>, Some(resolved))
         } else {
+            // QEMU refuses the "raw external data" bit without a data file.
+            if meta.header.autoclear_features & AUTOCLEAR_DATA_FILE_RAW != 0 {
+                return Err(Error::InvalidArgument(
+                    "data-file-raw requires a data file".into(),
+                ));
+            }
             (file.clone(), None)
         };
 
@@ -1507,5 +1513,23 @@ impl Image {
             Ok(()) => Ok(()),
             Err(e) => Err(self.fail(&mut meta, e, IoOperation::Write)),
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may panic
+mod tests {
+    use super::*;
+    use crate::storage::MemStorage;
+
+    #[test]
+    fn data_file_raw_without_data_file_is_refused() {
+        let mem = Arc::new(MemStorage::new());
+        crate::create::create_on(mem.clone(), &crate::CreateOptions::default(), 1 << 20).unwrap();
+        let mut bytes = mem.to_vec();
+        bytes[88 + 7] |= AUTOCLEAR_DATA_FILE_RAW as u8;
+        let s: Arc<dyn Storage> = Arc::new(MemStorage::from_bytes(bytes));
+        let e = Image::open_storage(s, &OpenOptions::new()).unwrap_err();
+        assert_eq!(e.qemu_message(), "data-file-raw requires a data file");
     }
 }
