@@ -558,9 +558,9 @@ fn v2_image_leak_and_corruption() {
 #[test]
 fn preallocated_metadata_image() {
     skip_without_qemu!();
-    let t = Twin::create(&["-o", "preallocation=metadata"], "1G");
+    let t = Twin::create(&["-o", "preallocation=metadata"], "64M");
     assert_check_same(&t, Strict::All);
-    t.img().set_refcount(9000, 0);
+    t.img().set_refcount(700, 0);
     assert_check_same(&t, Strict::All);
     assert_repair_same(&t, "all");
 }

@@ -146,26 +146,6 @@ impl RefArray {
         }
     }
 
-    /// Index of the last non-zero refcount below `end`, if any.
-    pub fn last_nonzero_below(&self, end: usize) -> Option<usize> {
-        let end = end.min(self.len());
-        (0..end).rev().find(|&i| self.get(i) != 0)
-    }
-
-    /// Whether any refcount in `[start, end)` is non-zero.
-    pub fn any_nonzero(&self, start: usize, end: usize) -> bool {
-        let end = end.min(self.len());
-        if start >= end {
-            return false;
-        }
-        match &self.cells {
-            Cells::U8(v) => v[start..end].iter().any(|x| *x != 0),
-            Cells::U16(v) => v[start..end].iter().any(|x| *x != 0),
-            Cells::U32(v) => v[start..end].iter().any(|x| *x != 0),
-            Cells::U64(v) => v[start..end].iter().any(|x| *x != 0),
-        }
-    }
-
     /// Encodes the refcounts of clusters `[start, start + entries)` as one
     /// on-disk refcount block of width `1 << order` (clusters beyond the end
     /// are 0).

@@ -41,6 +41,7 @@ mod compare;
 mod copied;
 mod imrt;
 mod pass;
+mod rebuild;
 mod report;
 mod snapshots;
 mod walk;

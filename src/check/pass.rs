@@ -56,9 +56,6 @@ pub(crate) struct Pass<'a, 's> {
     /// The snapshot table as this pass read it.
     pub snaps: SnapTable,
     pub sink: &'a mut Sink<'s>,
-    /// Clusters of refcount blocks whose table entry has reserved bits: not
-    /// counted, but still known to the write gate, so a rebuild keeps clear.
-    pub keep_clear: Vec<u64>,
     /// On-disk refcounts of clusters `[0, disk.len())`, loaded by the last
     /// comparison and kept up to date by its repairs.
     pub disk: RefArray,
@@ -91,7 +88,6 @@ impl<'a, 's> Pass<'a, 's> {
             file_len: 0,
             snaps: SnapTable::default(),
             sink,
-            keep_clear: Vec::new(),
             disk: RefArray::new(order, 0),
             bad_blocks: HashSet::new(),
             signaled_corruption: false,

@@ -442,10 +442,6 @@ impl Pass<'_, '_> {
             let offset = raw & REFT_OFFSET_MASK;
             let cluster = offset >> self.geom.cluster_bits;
             if raw & REFT_RESERVED_MASK != 0 {
-                // Not counted: a rebuilt structure must not be placed there.
-                if self.keep_clear.len() < self.meta.reftable.len() {
-                    self.keep_clear.push(cluster);
-                }
                 self.report(Finding::ReftableReservedBits { index: i as u64 });
                 res.corruptions += 1;
                 *rebuild = true;
