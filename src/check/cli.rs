@@ -425,8 +425,15 @@ where
 
     // Findings go to stderr as they come; the repaired paragraph to stdout.
     let bar = (progress && !quiet && file_len >= PROGRESS_MIN_BYTES).then(|| {
-        let b = indicatif::ProgressBar::new(0);
-        b.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+        let b = indicatif::ProgressBar::with_draw_target(
+            Some(0),
+            indicatif::ProgressDrawTarget::stderr(),
+        );
+        if let Ok(style) =
+            indicatif::ProgressStyle::with_template("{msg:24} [{bar:40}] {percent:>3}%")
+        {
+            b.set_style(style.progress_chars("=> "));
+        }
         b
     });
     let program = name.program;
@@ -460,8 +467,9 @@ where
                     corruptions_fixed,
                 ));
             }
-            CheckEvent::Progress { done, total } => {
+            CheckEvent::Progress { phase, done, total } => {
                 if let Some(b) = bar_ref {
+                    b.set_message(phase);
                     b.set_length(total);
                     b.set_position(done);
                 }

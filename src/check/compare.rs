@@ -200,8 +200,8 @@ impl Pass<'_, '_> {
                 self.write_refblock_direct(&block, off)?;
                 wrote = true;
             }
-            if r % 64 == 63 {
-                self.progress(end as u64, nb as u64);
+            if r % 8 == 7 || end == nb {
+                self.progress("Comparing refcounts", end as u64, nb as u64);
             }
         }
         if wrote {

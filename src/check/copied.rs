@@ -160,7 +160,7 @@ impl Pass<'_, '_> {
             }
             self.batch_buf = std::mem::take(&mut batch.data);
             let done = chunk.last().map_or(0, |&i| i as u64 + 1);
-            self.progress(done, total);
+            self.progress("Checking COPIED flags", done, total);
         }
         if wrote {
             self.meta.sync()?;

@@ -101,8 +101,12 @@ pub enum CheckEvent<'a> {
         /// Corruptions fixed.
         corruptions_fixed: u64,
     },
-    /// Progress of the current run (`done` out of `total` work units).
+    /// Progress of the current phase of a run (`done` out of `total` work
+    /// units).
     Progress {
+        /// What is being done ("Checking L1/L2 tables", "Comparing refcounts",
+        /// "Checking COPIED flags").
+        phase: &'static str,
         /// Units done.
         done: u64,
         /// Units in this phase.

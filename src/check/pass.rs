@@ -102,8 +102,8 @@ impl<'a, 's> Pass<'a, 's> {
     }
 
     /// Reports progress.
-    pub fn progress(&mut self, done: u64, total: u64) {
-        self.sink.event(CheckEvent::Progress { done, total });
+    pub fn progress(&mut self, phase: &'static str, done: u64, total: u64) {
+        self.sink.event(CheckEvent::Progress { phase, done, total });
     }
 
     /// Re-reads the length of the image file.
