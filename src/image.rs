@@ -372,7 +372,8 @@ impl Image {
         base: Option<&Path>,
         opts: &OpenOptions,
     ) -> Result<Option<Backing>> {
-        let Some(name) = header.backing_file.as_deref() else {
+        // An empty name (backing_file_size 0) means no backing file, as in QEMU.
+        let Some(name) = header.backing_file.as_deref().filter(|n| !n.is_empty()) else {
             return Ok(None);
         };
         let path = resolve(base, Path::new(name));
@@ -1531,5 +1532,17 @@ mod tests {
         let s: Arc<dyn Storage> = Arc::new(MemStorage::from_bytes(bytes));
         let e = Image::open_storage(s, &OpenOptions::new()).unwrap_err();
         assert_eq!(e.qemu_message(), "data-file-raw requires a data file");
+    }
+
+    #[test]
+    fn empty_backing_file_name_means_no_backing_file() {
+        let mem = Arc::new(MemStorage::new());
+        crate::create::create_on(mem.clone(), &crate::CreateOptions::default(), 1 << 20).unwrap();
+        let mut bytes = mem.to_vec();
+        // backing_file_offset 0x4000, backing_file_size 0.
+        bytes[8..16].copy_from_slice(&0x4000u64.to_be_bytes());
+        let s: Arc<dyn Storage> = Arc::new(MemStorage::from_bytes(bytes));
+        let img = Image::open_storage(s, &OpenOptions::new().read_only(true)).unwrap();
+        assert!(img.backing().is_none());
     }
 }
