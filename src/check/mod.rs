@@ -26,7 +26,7 @@
 //!
 //! # Write ordering of repairs
 //! Every repair write goes through the image's write gate
-//! ([`crate::meta::Meta::gate_write`]) with the exemption of the structure
+//! (`Meta::gate_write`) with the exemption of the structure
 //! being written, so a repair can never overwrite other metadata. Leak
 //! repairs only lower refcounts towards the counted value, refcounts that are
 //! too low are only raised, a rebuild writes the new structures before the
