@@ -276,12 +276,20 @@ impl Img {
 
     /// The guest data (`qemu-img convert -O raw`).
     pub fn raw(&self) -> Vec<u8> {
+        self.try_raw().expect("qemu-img convert failed")
+    }
+
+    /// The guest data, or `None` if qemu-img cannot read the image.
+    pub fn try_raw(&self) -> Option<Vec<u8>> {
         let out = self.dir.join("raw.out");
         let r = self.qemu_img(&["convert", "-U", "-O", "raw", NAME, "raw.out"]);
-        assert_eq!(r.code, 0, "convert: {}", r.stderr);
+        if r.code != 0 {
+            let _ = std::fs::remove_file(&out);
+            return None;
+        }
         let data = std::fs::read(&out).unwrap();
         std::fs::remove_file(out).unwrap();
-        data
+        Some(data)
     }
 }
 
@@ -423,8 +431,13 @@ pub fn assert_repair_same(t: &Twin, mode: &str) -> Value {
             assert_eq!(oj.get(k), qj.get(k), "re-check {k} differs");
         }
     }
-    if qr.code == 0 {
-        assert_eq!(t.o.raw(), t.q.raw(), "guest data differs after repair");
+    // Guest data: qemu-img's repaired twin is the reference wherever it
+    // can be read at all.
+    if let Some(reference) = t.q.try_raw() {
+        assert!(
+            t.o.try_raw().as_ref() == Some(&reference),
+            "guest data differs after repair"
+        );
     }
     // Our own re-check agrees with qemu-img's.
     let mine = t.o.our_check(&["--output", "json"]);
