@@ -42,6 +42,7 @@ mod copied;
 mod imrt;
 mod pass;
 mod rebuild;
+mod repair;
 mod report;
 mod snapshots;
 mod walk;
@@ -49,7 +50,7 @@ mod walk;
 pub use report::{CheckCounts, CheckReport, Finding, RefcountVerdict};
 
 use crate::error::{Error, IoOp, Result};
-use crate::format::consts::{INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
+use crate::format::consts::{AUTOCLEAR_MASK, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
 use crate::image::{Image, OpenMode};
 use crate::options::OpenOptions;
 use crate::storage::{FileStorage, Storage};
@@ -250,6 +251,15 @@ impl Checker {
         stale_bitmaps_warning(&meta.header, &mut sink);
         let fix = self.repair.fix();
         let writable = !self.image.is_read_only();
+        // A writer must clear autoclear bits it does not understand (QEMU
+        // does it when it opens the image read-write). One field write:
+        // unlike QEMU's header rewrite in check mode, it keeps the snapshots.
+        let unknown = meta.header.autoclear_features & !AUTOCLEAR_MASK;
+        if fix.any() && unknown != 0 && meta.header.version >= 3 {
+            meta.header.autoclear_features &= AUTOCLEAR_MASK;
+            let v = meta.header.autoclear_features.to_be_bytes();
+            meta.write_header_field_for_repair(88, &v)?;
+        }
         let mut registered = Vec::new();
         let (first, rebuilt) = run_pass(&mut meta, &mut sink, fix, writable, &mut registered)?;
         let mut counts = first;
@@ -277,7 +287,7 @@ impl Checker {
             let bits = INCOMPAT_DIRTY | INCOMPAT_CORRUPT;
             if meta.header.incompatible_features & bits != 0 {
                 meta.header.incompatible_features &= !bits;
-                meta.write_incompatible_features()?;
+                meta.write_incompatible_features_for_repair()?;
                 marked_clean = true;
             }
         }

@@ -222,7 +222,7 @@ impl<'a, 's> Pass<'a, 's> {
         if fatal && self.meta.header.incompatible_features & INCOMPAT_CORRUPT == 0 {
             self.meta.header.incompatible_features |= INCOMPAT_CORRUPT;
             // Best effort, as in QEMU: the check goes on either way.
-            let _ = self.meta.write_incompatible_features();
+            let _ = self.meta.write_incompatible_features_for_repair();
         }
         self.signaled_corruption = true;
     }

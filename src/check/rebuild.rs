@@ -198,7 +198,7 @@ impl Pass<'_, '_> {
         let mut sw = [0u8; 12];
         sw[..8].copy_from_slice(&table_off.to_be_bytes());
         sw[8..].copy_from_slice(&(tclusters as u32).to_be_bytes());
-        if let Err(e) = self.meta.write_header_field(48, &sw) {
+        if let Err(e) = self.meta.write_header_field_for_repair(48, &sw) {
             self.report(Finding::Message(format!(
                 "ERROR setting reftable: {}",
                 e.errno_text()

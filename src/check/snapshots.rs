@@ -143,7 +143,10 @@ impl<'a, 's> Pass<'a, 's> {
         res.corruptions += reduced + dropped;
         if reduced != 0 {
             let n = self.snaps.entries.len() as u32;
-            if let Err(e) = self.meta.write_header_field(60, &n.to_be_bytes()) {
+            if let Err(e) = self
+                .meta
+                .write_header_field_for_repair(60, &n.to_be_bytes())
+            {
                 res.check_errors += 1;
                 self.report(Finding::Message(format!(
                     "ERROR failed to update the snapshot count in the image header: {}",
@@ -393,7 +396,7 @@ impl<'a, 's> Pass<'a, 's> {
         let mut sw = [0u8; 12];
         sw[..4].copy_from_slice(&(entries.len() as u32).to_be_bytes());
         sw[4..].copy_from_slice(&new_off.to_be_bytes());
-        self.meta.write_header_field(60, &sw)?;
+        self.meta.write_header_field_for_repair(60, &sw)?;
         let (old_off, old_size) = (self.snaps.offset, self.snaps.size);
         self.meta.header.nb_snapshots = entries.len() as u32;
         self.meta.header.snapshots_offset = new_off;
