@@ -671,3 +671,39 @@ fn unaligned_preallocated_zero_in_shared_l2_table() {
     assert_check_same(&t, Strict::All);
     assert_repair_same(&t, "all");
 }
+
+#[test]
+fn external_data_file() {
+    skip_without_qemu!();
+    let t = Twin::create(&["-o", "data_file=img.data"], "64M");
+    t.img().io(&["write -P 1 0 1M"]);
+    // The data file must sit next to each twin.
+    std::fs::copy(t.q.dir.join("img.data"), t.o.dir.join("img.data")).unwrap();
+    assert_check_same(&t, Strict::All);
+    t.img().set_refcount(0, 2);
+    let e = t.img().l2_entry(3);
+    t.img().set_l2_entry(3, (1 << 62) | 0x1234);
+    t.img().set_l2_entry(5, e & !(1 << 63));
+    assert_check_same(&t, Strict::All);
+    assert_repair_same(&t, "all");
+}
+
+#[test]
+fn unknown_autoclear_bits_are_cleared_and_snapshots_kept() {
+    skip_without_qemu!();
+    let t = with_snapshot();
+    t.img().set_u64(88, 1 << 20);
+    t.img().set_refcount(0, 2);
+    assert_check_same(&t, Strict::All);
+    // QEMU clears the bit by rewriting the header, which in check mode also
+    // zeroes the snapshot table pointer (the snapshot is then leaked). We
+    // clear just the bit.
+    t.split();
+    let o = t.o.our_check(&["-r", "leaks"]);
+    assert_eq!(o.code, 0, "{o:#?}");
+    assert_eq!(t.o.u64_at(88), 0);
+    assert_eq!(t.o.u32_at(60), 1, "the snapshot is kept");
+    let r = t.o.qemu_img(&["snapshot", "-l", NAME]);
+    assert!(r.stdout.contains("snap1"), "{r:#?}");
+    assert_eq!(t.o.qemu_check(&[]).code, 0);
+}
