@@ -147,16 +147,19 @@ impl Pass<'_, '_> {
             }
             self.disk.decode_block(order, start, end - start, &block);
             let mut dirty = false;
-            for c in start..end {
+            // The highest cluster in use counts the refcounts before repair.
+            let top = self
+                .disk
+                .last_nonzero(start, end)
+                .max(imrt.last_nonzero(start, end));
+            if let Some(t) = top {
+                *highest = t as u64;
+            }
+            let mut next = start;
+            while let Some(c) = self.disk.first_diff(imrt, next, end) {
+                next = c + 1;
                 let r1 = self.disk.get(c);
                 let r2 = imrt.get(c);
-                if r1 == 0 && r2 == 0 {
-                    continue;
-                }
-                *highest = c as u64;
-                if r1 == r2 {
-                    continue;
-                }
                 let fixable = if r1 == 0 {
                     *rebuild = true;
                     false
@@ -227,7 +230,7 @@ impl Pass<'_, '_> {
     /// The on-disk refcount of host cluster `c` as the last comparison saw it
     /// (after its repairs); clusters past the compared range are read from
     /// their refcount block. `None` if it cannot be read (unaligned block).
-    #[inline]
+    #[inline(always)]
     pub(crate) fn disk_refcount(&self, c: u64) -> Option<u64> {
         let r = c >> self.geom.refcount_block_bits;
         if !self.bad_blocks.is_empty() && self.bad_blocks.contains(&r) {

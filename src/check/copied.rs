@@ -37,7 +37,7 @@ impl Pass<'_, '_> {
         let nonzero: Vec<usize> = (0..self.meta.l1.len())
             .filter(|&i| self.meta.l1[i] & L1E_OFFSET_MASK != 0)
             .collect();
-        let window = (8usize << 20).div_ceil(cs).max(1);
+        let window = (1usize << 20).div_ceil(cs).max(1);
         let total = self.meta.l1.len() as u64;
         let mut wrote = false;
         for chunk in nonzero.chunks(window) {
@@ -98,10 +98,21 @@ impl Pass<'_, '_> {
                 };
                 let table = &mut batch.data[p..p + cs];
                 let mut dirty = 0u64;
+                let fast = !ext && !data_file && self.bad_blocks.is_empty();
                 for j in 0..entries {
                     let entry = be_u64(table, j * esize).unwrap_or(0);
                     if entry == 0 {
                         continue;
+                    }
+                    if fast && entry & (OFLAG_COMPRESSED | OFLAG_ZERO) == 0 {
+                        // A plain data cluster whose refcount is in memory.
+                        let c = ((entry & L2E_OFFSET_MASK) >> cb) as usize;
+                        if c != 0 && c < self.disk.len() {
+                            let rc = self.disk.get(c);
+                            if (rc == 1) == (entry & OFLAG_COPIED != 0) {
+                                continue;
+                            }
+                        }
                     }
                     let ty = cluster_type(entry, ext, data_file);
                     if ty != ClusterType::Normal && ty != ClusterType::ZeroAlloc {

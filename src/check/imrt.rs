@@ -77,7 +77,7 @@ impl RefArray {
     }
 
     /// The refcount of cluster `i` (0 beyond the end).
-    #[inline]
+    #[inline(always)]
     pub fn get(&self, i: usize) -> u64 {
         match &self.cells {
             Cells::U8(v) => v.get(i).map_or(0, |x| u64::from(*x)),
@@ -118,7 +118,7 @@ impl RefArray {
 
     /// Adds one reference to cluster `i` (which must be in range). Returns
     /// `false`, changing nothing, if the refcount is already at the maximum.
-    #[inline]
+    #[inline(always)]
     pub fn inc(&mut self, i: usize) -> bool {
         let max = self.max;
         macro_rules! bump {
@@ -143,6 +143,54 @@ impl RefArray {
                 }
                 _ => false,
             },
+        }
+    }
+
+    /// The first cluster in `[start, end)` whose refcount differs from
+    /// `other`'s (arrays of the same width; `end` is capped at both lengths).
+    pub fn first_diff(&self, other: &RefArray, start: usize, end: usize) -> Option<usize> {
+        let end = end.min(self.len()).min(other.len());
+        if start >= end {
+            return None;
+        }
+        macro_rules! diff {
+            ($a:expr, $b:expr) => {{
+                let (a, b) = (&$a[start..end], &$b[start..end]);
+                if a == b {
+                    None
+                } else {
+                    a.iter().zip(b).position(|(x, y)| x != y).map(|p| start + p)
+                }
+            }};
+        }
+        match (&self.cells, &other.cells) {
+            (Cells::U8(a), Cells::U8(b)) => diff!(a, b),
+            (Cells::U16(a), Cells::U16(b)) => diff!(a, b),
+            (Cells::U32(a), Cells::U32(b)) => diff!(a, b),
+            (Cells::U64(a), Cells::U64(b)) => diff!(a, b),
+            _ => (start..end).find(|&c| self.get(c) != other.get(c)),
+        }
+    }
+
+    /// The last cluster in `[start, end)` with a non-zero refcount.
+    pub fn last_nonzero(&self, start: usize, end: usize) -> Option<usize> {
+        let end = end.min(self.len());
+        if start >= end {
+            return None;
+        }
+        macro_rules! last {
+            ($a:expr) => {
+                $a[start..end]
+                    .iter()
+                    .rposition(|x| *x != 0)
+                    .map(|p| start + p)
+            };
+        }
+        match &self.cells {
+            Cells::U8(a) => last!(a),
+            Cells::U16(a) => last!(a),
+            Cells::U32(a) => last!(a),
+            Cells::U64(a) => last!(a),
         }
     }
 

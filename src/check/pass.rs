@@ -119,7 +119,7 @@ impl<'a, 's> Pass<'a, 's> {
 
     /// [`Pass::inc_refcounts`] for one whole cluster at `offset`, with a
     /// fast path for the common case of a cluster inside the file.
-    #[inline]
+    #[inline(always)]
     pub fn inc_cluster(
         &mut self,
         res: &mut CheckCounts,

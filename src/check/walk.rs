@@ -24,7 +24,7 @@ const L2_BITMAP_ALL_ALLOC: u64 = 0xffff_ffff;
 /// All subclusters zero (high word of an extended L2 bitmap).
 const L2_BITMAP_ALL_ZEROES: u64 = 0xffff_ffff_0000_0000;
 /// Bytes of L2 tables read per batch at most.
-const BATCH_BYTES: u64 = 8 << 20;
+const BATCH_BYTES: u64 = 1 << 20;
 
 /// QEMU's cluster types of an L2 entry (`qcow2_get_cluster_type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -268,10 +268,30 @@ impl Pass<'_, '_> {
         let cs = self.geom.cluster_size;
         let data_file = self.data_file;
         let mut next_contiguous: u64 = 0;
+        // Entries needing more than "count one aligned cluster": compressed,
+        // zero, reserved bits, unaligned offsets.
+        let slow =
+            OFLAG_COMPRESSED | OFLAG_ZERO | L2E_STD_RESERVED_MASK | ((cs - 1) & L2E_OFFSET_MASK);
         for i in 0..entries {
             let entry = be_u64(table, i * esize).unwrap_or(0);
-            if entry == 0 && !ext {
-                continue;
+            if !ext {
+                if entry == 0 {
+                    continue;
+                }
+                if entry & slow == 0 && entry & L2E_OFFSET_MASK != 0 {
+                    let offset = entry & L2E_OFFSET_MASK;
+                    if active {
+                        res.allocated_clusters += 1;
+                        if next_contiguous != 0 && offset != next_contiguous {
+                            res.fragmented_clusters += 1;
+                        }
+                        next_contiguous = offset + cs;
+                    }
+                    if !data_file {
+                        self.inc_cluster(res, imrt, offset)?;
+                    }
+                    continue;
+                }
             }
             let bitmap = if ext {
                 be_u64(table, i * esize + 8).unwrap_or(0)
