@@ -184,12 +184,17 @@ impl Image {
         let file_len = file.len().map_err(|e| Error::io(IoOp::Read, 0, e))?;
         let mut head = vec![0u8; file_len.min(MAX_HEADER_READ) as usize];
         read_file(&*file, &mut head, 0)?;
-        let header = Header::decode(&head)?;
+        let header = if mode.check {
+            Header::decode_for_check(&head)?
+        } else {
+            Header::decode(&head)?
+        };
         drop(head);
-        if header.incompatible_features & INCOMPAT_CORRUPT != 0 && !read_only && !mode.repair {
+        let repair = mode.repair || mode.check;
+        if header.incompatible_features & INCOMPAT_CORRUPT != 0 && !read_only && !repair {
             return Err(Error::ImageCorrupt);
         }
-        if header.incompatible_features & INCOMPAT_DIRTY != 0 && !read_only && !mode.repair {
+        if header.incompatible_features & INCOMPAT_DIRTY != 0 && !read_only && !repair {
             return Err(Error::Unsupported(
                 "the image is dirty (lazy refcounts); repair it with qcow2-check -r all".into(),
             ));
@@ -207,8 +212,11 @@ impl Image {
             external_data,
         };
         // Tables must lie inside the file before anything is allocated for them.
+        // In check mode they read as zeroes past the end, as QEMU reads them,
+        // and the checker reports what is missing.
         let l1_bytes = u64::from(header.l1_size) * 8;
-        if l1_bytes > 0 && header.l1_table_offset.saturating_add(l1_bytes) > file_len {
+        if !mode.check && l1_bytes > 0 && header.l1_table_offset.saturating_add(l1_bytes) > file_len
+        {
             return Err(crate::format::FormatError::invalid(
                 crate::format::Structure::L1Table,
                 Some(header.l1_table_offset),
@@ -217,7 +225,7 @@ impl Image {
             .into());
         }
         let rt_bytes = u64::from(header.refcount_table_clusters) << geom.cluster_bits;
-        if header.refcount_table_offset.saturating_add(rt_bytes) > file_len {
+        if !mode.check && header.refcount_table_offset.saturating_add(rt_bytes) > file_len {
             return Err(crate::format::FormatError::invalid(
                 crate::format::Structure::RefcountTable,
                 Some(header.refcount_table_offset),
@@ -260,8 +268,21 @@ impl Image {
                 checker.add_active_l2(off);
             }
         }
-        let snapshots = crate::snapshot::load_snapshots(&*file, &header, file_len)?;
-        crate::snapshot::register_snapshots(&*file, &header, &snapshots, &mut checker, file_len)?;
+        // Check mode does not load the snapshot table (QEMU skips it with
+        // BDRV_O_CHECK): the checker reads, validates and registers it.
+        let snapshots = if mode.check {
+            Vec::new()
+        } else {
+            let snapshots = crate::snapshot::load_snapshots(&*file, &header, file_len)?;
+            crate::snapshot::register_snapshots(
+                &*file,
+                &header,
+                &snapshots,
+                &mut checker,
+                file_len,
+            )?;
+            snapshots
+        };
         if header.autoclear_features & AUTOCLEAR_BITMAPS != 0 {
             checker.set_bitmap_directory(Some(match header.bitmaps() {
                 Some(b) => (b.bitmap_directory_offset, b.bitmap_directory_size),
@@ -332,6 +353,12 @@ impl Image {
             })?;
             (Arc::new(s) as Arc<dyn Storage>, Some(resolved))
         } else {
+            // QEMU refuses the "raw external data" bit without a data file.
+            if meta.header.autoclear_features & AUTOCLEAR_DATA_FILE_RAW != 0 {
+                return Err(Error::InvalidArgument(
+                    "data-file-raw requires a data file".into(),
+                ));
+            }
             (file.clone(), None)
         };
 
@@ -357,7 +384,8 @@ impl Image {
         base: Option<&Path>,
         opts: &OpenOptions,
     ) -> Result<Option<Backing>> {
-        let Some(name) = header.backing_file.as_deref() else {
+        // An empty name (backing_file_size 0) means no backing file, as in QEMU.
+        let Some(name) = header.backing_file.as_deref().filter(|n| !n.is_empty()) else {
             return Ok(None);
         };
         let path = resolve(base, Path::new(name));
@@ -532,6 +560,16 @@ impl Image {
                 sink(&ev);
             }
         }
+    }
+
+    /// The metadata state, locked (for the checker, which works on it
+    /// directly).
+    ///
+    /// # Errors
+    /// As for the internal lock: `Error::MediumGone` after a fatal corruption
+    /// event, `Error::PreviousIoFailed` after a failed metadata write.
+    pub(crate) fn lock_meta(&self) -> Result<MutexGuard<'_, Meta>> {
+        self.lock()
     }
 
     fn lock(&self) -> Result<MutexGuard<'_, Meta>> {
@@ -1604,6 +1642,12 @@ impl Drop for Image {
 pub(crate) struct OpenMode {
     /// Check/repair mode: corrupt and dirty images open read-write.
     pub repair: bool,
+    /// QEMU's `BDRV_O_CHECK` (implies `repair`): the header is decoded with
+    /// [`Header::decode_for_check`], the L1 and refcount tables may lie
+    /// (partly) beyond the end of the file and read as zeroes there, and the
+    /// snapshot table is not loaded (the checker reads, validates and
+    /// registers it itself).
+    pub check: bool,
     /// Do not open the backing file.
     pub skip_backing: bool,
 }
@@ -1696,5 +1740,35 @@ impl Image {
             Ok(()) => Ok(()),
             Err(e) => Err(self.fail(&mut meta, e, IoOperation::Write)),
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may panic
+mod tests {
+    use super::*;
+    use crate::storage::MemStorage;
+
+    #[test]
+    fn data_file_raw_without_data_file_is_refused() {
+        let mem = Arc::new(MemStorage::new());
+        crate::create::create_on(mem.clone(), &crate::CreateOptions::default(), 1 << 20).unwrap();
+        let mut bytes = mem.to_vec();
+        bytes[88 + 7] |= AUTOCLEAR_DATA_FILE_RAW as u8;
+        let s: Arc<dyn Storage> = Arc::new(MemStorage::from_bytes(bytes));
+        let e = Image::open_storage(s, &OpenOptions::new()).unwrap_err();
+        assert_eq!(e.qemu_message(), "data-file-raw requires a data file");
+    }
+
+    #[test]
+    fn empty_backing_file_name_means_no_backing_file() {
+        let mem = Arc::new(MemStorage::new());
+        crate::create::create_on(mem.clone(), &crate::CreateOptions::default(), 1 << 20).unwrap();
+        let mut bytes = mem.to_vec();
+        // backing_file_offset 0x4000, backing_file_size 0.
+        bytes[8..16].copy_from_slice(&0x4000u64.to_be_bytes());
+        let s: Arc<dyn Storage> = Arc::new(MemStorage::from_bytes(bytes));
+        let img = Image::open_storage(s, &OpenOptions::new().read_only(true)).unwrap();
+        assert!(img.backing().is_none());
     }
 }

@@ -33,6 +33,7 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod cache;
+pub mod check;
 pub mod compress;
 pub mod create;
 pub mod error;

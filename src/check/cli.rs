@@ -1,0 +1,531 @@
+//! The `qemu-img check` command line, shared by `qcow2-check` and
+//! `qcow2-img check`: option parsing with qemu-img's messages, output on
+//! stdout/stderr exactly as `qemu-img check` prints it, and its exit codes
+//! (0 clean, 1 check failed, 2 corruptions, 3 leaks only, 63 format
+//! without checks).
+//!
+//! `qcow2-img` calls [`run_check_cli`] with [`CliName::QCOW2_IMG_CHECK`] and
+//! the arguments after `check`.
+
+use super::{CheckEvent, CheckOptions, Checker, Repair};
+use crate::error::{Error, IoOp};
+use crate::format::consts::QCOW2_MAGIC;
+use crate::storage::{FileStorage, Storage};
+use clap::error::{ContextKind, ContextValue, ErrorKind};
+use clap::{Arg, ArgAction, Command};
+use std::io::{IsTerminal, Write};
+use std::path::Path;
+use std::sync::Arc;
+
+/// How the command names itself in messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CliName {
+    /// The program, prefixed to error messages (`qcow2-check: ...`).
+    pub program: &'static str,
+    /// The subcommand, if the program has several (`check`).
+    pub command: Option<&'static str>,
+}
+
+impl CliName {
+    /// The standalone `qcow2-check` binary.
+    pub const QCOW2_CHECK: CliName = CliName {
+        program: "qcow2-check",
+        command: None,
+    };
+    /// `qcow2-img check`.
+    pub const QCOW2_IMG_CHECK: CliName = CliName {
+        program: "qcow2-img",
+        command: Some("check"),
+    };
+
+    /// `program` or `program command`.
+    fn full(self) -> String {
+        match self.command {
+            Some(c) => format!("{} {c}", self.program),
+            None => self.program.to_string(),
+        }
+    }
+}
+
+/// Images at least this large get a progress bar (when stderr is a terminal).
+const PROGRESS_MIN_BYTES: u64 = 1 << 30;
+
+/// Exit code when the format does not support checks.
+const EXIT_UNSUPPORTED: i32 = 63;
+
+fn command(name: CliName) -> Command {
+    Command::new(name.program)
+        .bin_name(name.full())
+        .about("Check a qcow2 image for consistency and optionally repair it")
+        .override_usage(format!(
+            "{} [-f qcow2] [-r leaks|all] [--output human|json] [-q] [-U] FILE",
+            name.full()
+        ))
+        .disable_version_flag(true)
+        .arg(
+            Arg::new("format")
+                .short('f')
+                .long("format")
+                .value_name("FMT")
+                .action(ArgAction::Append)
+                .help("image format (default: probed)"),
+        )
+        .arg(
+            Arg::new("repair")
+                .short('r')
+                .long("repair")
+                .value_name("leaks|all")
+                .action(ArgAction::Append)
+                .help("repair leaks, or all errors (opens the image read-write)"),
+        )
+        .arg(
+            Arg::new("output")
+                .long("output")
+                .value_name("human|json")
+                .action(ArgAction::Append)
+                .help("output format (default: human)"),
+        )
+        .arg(
+            Arg::new("quiet")
+                .short('q')
+                .long("quiet")
+                .action(ArgAction::SetTrue)
+                .help("print nothing on stdout"),
+        )
+        .arg(
+            Arg::new("force-share")
+                .short('U')
+                .long("force-share")
+                .action(ArgAction::SetTrue)
+                .help("open the image in shared mode (read-only checks only)"),
+        )
+        .arg(
+            Arg::new("cache")
+                .short('T')
+                .long("cache")
+                .value_name("CACHE_MODE")
+                .action(ArgAction::Append)
+                .help("cache mode (accepted for compatibility)"),
+        )
+        .arg(
+            Arg::new("file")
+                .value_name("FILE")
+                .action(ArgAction::Append)
+                .num_args(0..),
+        )
+}
+
+/// Output streams, so tests can capture them.
+struct Out<'a> {
+    stdout: &'a mut dyn Write,
+    stderr: &'a mut dyn Write,
+}
+
+/// Runs `qemu-img check` semantics over `args` (the arguments after the
+/// program or subcommand name) and returns the exit code, printing to the
+/// process's stdout and stderr.
+pub fn run_check_cli<I, S>(name: CliName, args: I) -> i32
+where
+    I: IntoIterator<Item = S>,
+    S: Into<std::ffi::OsString> + Clone,
+{
+    let stdout = std::io::stdout();
+    let stderr = std::io::stderr();
+    let progress = stderr.is_terminal();
+    let mut so = stdout.lock();
+    let mut se = stderr.lock();
+    run_check_cli_with(name, args, &mut so, &mut se, progress)
+}
+
+/// [`run_check_cli`] writing to the given streams; `progress` allows a
+/// progress bar on the process's stderr for large images.
+pub fn run_check_cli_with<I, S>(
+    name: CliName,
+    args: I,
+    stdout: &mut dyn Write,
+    stderr: &mut dyn Write,
+    progress: bool,
+) -> i32
+where
+    I: IntoIterator<Item = S>,
+    S: Into<std::ffi::OsString> + Clone,
+{
+    let mut out = Out { stdout, stderr };
+    let code = run(name, args, &mut out, progress);
+    let _ = out.stdout.flush();
+    let _ = out.stderr.flush();
+    code
+}
+
+/// Prints a usage error the way qemu-img's `error_exit` does.
+fn usage_error(name: CliName, out: &mut Out<'_>, msg: &str) -> i32 {
+    let _ = writeln!(out.stderr, "{}: {msg}", name.program);
+    let _ = writeln!(out.stderr, "Try '{} --help' for more info", name.full());
+    1
+}
+
+/// Maps a clap error to getopt's message; `argv` are the raw arguments.
+fn getopt_error(name: CliName, out: &mut Out<'_>, e: &clap::Error, argv: &[String]) -> i32 {
+    let invalid = match e.get(ContextKind::InvalidArg) {
+        Some(ContextValue::String(s)) => s.clone(),
+        _ => String::new(),
+    };
+    let msg = match e.kind() {
+        ErrorKind::UnknownArgument if invalid.starts_with("--") => {
+            // getopt shows the argument as typed, `=value` included.
+            let typed = argv
+                .iter()
+                .find(|a| a.starts_with(&invalid))
+                .cloned()
+                .unwrap_or(invalid);
+            format!("unrecognized option '{typed}'")
+        }
+        ErrorKind::UnknownArgument => {
+            let c = invalid
+                .trim_start_matches('-')
+                .chars()
+                .next()
+                .unwrap_or('?');
+            format!("invalid option -- '{c}'")
+        }
+        ErrorKind::InvalidValue | ErrorKind::NoEquals => {
+            // A missing value: the option is the last argument.
+            let last = argv.last().map(String::as_str).unwrap_or("");
+            if let Some(long) = last.strip_prefix("--") {
+                format!("option '--{long}' requires an argument")
+            } else {
+                let c = last.chars().last().unwrap_or('?');
+                format!("option requires an argument -- '{c}'")
+            }
+        }
+        _ => e.to_string().trim().to_string(),
+    };
+    let _ = writeln!(out.stderr, "{}: {msg}", name.full());
+    let _ = writeln!(out.stderr, "Try '{} --help' for more info", name.full());
+    1
+}
+
+/// qemu-img's long options (getopt order) and whether they take a value.
+const LONG_OPTIONS: [(&str, bool); 9] = [
+    ("help", false),
+    ("format", true),
+    ("image-opts", false),
+    ("cache", true),
+    ("repair", true),
+    ("force-share", false),
+    ("output", true),
+    ("quiet", false),
+    ("object", true),
+];
+
+/// Expands unambiguous abbreviations of long options as getopt does
+/// (`--rep` for `--repair`); an ambiguous one is getopt's error.
+fn expand_long_options(args: &[String]) -> std::result::Result<Vec<String>, String> {
+    let mut out = Vec::with_capacity(args.len());
+    let mut i = 0;
+    while i < args.len() {
+        let a = &args[i];
+        i += 1;
+        if a == "--" {
+            out.extend(args[i - 1..].iter().cloned());
+            break;
+        }
+        let Some(body) = a.strip_prefix("--") else {
+            out.push(a.clone());
+            continue;
+        };
+        let (opt, value) = match body.split_once('=') {
+            Some((o, v)) => (o, Some(v)),
+            None => (body, None),
+        };
+        let exact = LONG_OPTIONS.iter().find(|(n, _)| *n == opt);
+        let matches: Vec<&(&str, bool)> = match exact {
+            Some(e) => vec![e],
+            None => LONG_OPTIONS
+                .iter()
+                .filter(|(n, _)| n.starts_with(opt))
+                .collect(),
+        };
+        match matches.as_slice() {
+            [(full, takes_value)] => {
+                out.push(match value {
+                    Some(v) => format!("--{full}={v}"),
+                    None => format!("--{full}"),
+                });
+                if *takes_value && value.is_none() && i < args.len() {
+                    out.push(args[i].clone());
+                    i += 1;
+                }
+            }
+            [] => out.push(a.clone()),
+            many => {
+                let list: Vec<String> = many.iter().map(|(n, _)| format!("'--{n}'")).collect();
+                return Err(format!(
+                    "option '--{opt}' is ambiguous; possibilities: {}",
+                    list.join(" ")
+                ));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The value given last for an option, with its position.
+fn last_value(m: &clap::ArgMatches, id: &str) -> Option<(usize, String)> {
+    let vals: Vec<String> = m.get_many::<String>(id)?.cloned().collect();
+    let idx: Vec<usize> = m.indices_of(id)?.collect();
+    Some((*idx.last()?, vals.last()?.clone()))
+}
+
+fn run<I, S>(name: CliName, args: I, out: &mut Out<'_>, progress: bool) -> i32
+where
+    I: IntoIterator<Item = S>,
+    S: Into<std::ffi::OsString> + Clone,
+{
+    let raw: Vec<String> = args
+        .into_iter()
+        .map(|a| a.into().to_string_lossy().into_owned())
+        .collect();
+    let raw = match expand_long_options(&raw) {
+        Ok(r) => r,
+        Err(msg) => {
+            let _ = writeln!(out.stderr, "{}: {msg}", name.full());
+            let _ = writeln!(out.stderr, "Try '{} --help' for more info", name.full());
+            return 1;
+        }
+    };
+    let argv = std::iter::once(name.full()).chain(raw.iter().cloned());
+    let m = match command(name).try_get_matches_from(argv) {
+        Ok(m) => m,
+        Err(e) if e.kind() == ErrorKind::DisplayHelp => {
+            let _ = write!(out.stdout, "{}", e.render());
+            return 0;
+        }
+        Err(e) => return getopt_error(name, out, &e, &raw),
+    };
+    // Option values are validated in command-line order, as getopt sees them.
+    let mut checks: Vec<(usize, &str, String)> = Vec::new();
+    for id in ["repair", "output", "cache"] {
+        if let (Some(vals), Some(idx)) = (m.get_many::<String>(id), m.indices_of(id)) {
+            for (v, i) in vals.zip(idx) {
+                checks.push((i, id, v.clone()));
+            }
+        }
+    }
+    checks.sort_by_key(|c| c.0);
+    let mut repair = Repair::None;
+    let mut json = false;
+    for (_, id, v) in &checks {
+        match *id {
+            "repair" => {
+                repair = match v.as_str() {
+                    "leaks" => Repair::Leaks,
+                    "all" => Repair::All,
+                    _ => {
+                        return usage_error(
+                            name,
+                            out,
+                            &format!("--repair (-r) expects 'leaks' or 'all' not '{v}'"),
+                        )
+                    }
+                }
+            }
+            "output" => {
+                json = match v.as_str() {
+                    "json" => true,
+                    "human" => false,
+                    _ => {
+                        return usage_error(
+                            name,
+                            out,
+                            &format!("--output expects 'human' or 'json' not '{v}'"),
+                        )
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let files: Vec<String> = m
+        .get_many::<String>("file")
+        .map(|v| v.cloned().collect())
+        .unwrap_or_default();
+    if files.len() != 1 {
+        return usage_error(name, out, "Expecting one image file name");
+    }
+    let filename = files[0].clone();
+    if let Some((_, cache)) = last_value(&m, "cache") {
+        let valid = [
+            "none",
+            "off",
+            "writeback",
+            "unsafe",
+            "directsync",
+            "writethrough",
+        ];
+        if !valid.contains(&cache.as_str()) {
+            let _ = writeln!(
+                out.stderr,
+                "{}: Invalid source cache option: {cache}",
+                name.program
+            );
+            return 1;
+        }
+    }
+    let quiet = m.get_flag("quiet");
+    let force_share = m.get_flag("force-share");
+    let format = last_value(&m, "format").map(|(_, f)| f);
+    let could_not_open = |out: &mut Out<'_>, msg: &str| {
+        let _ = writeln!(
+            out.stderr,
+            "{}: Could not open '{filename}': {msg}",
+            name.program
+        );
+        1
+    };
+    if force_share && repair != Repair::None {
+        return could_not_open(out, "force-share=on can only be used with read-only images");
+    }
+    if let Some(f) = format.as_deref() {
+        if f != "qcow2" && f != "raw" {
+            return could_not_open(out, &format!("Unknown driver '{f}'"));
+        }
+    }
+    let path = Path::new(&filename);
+    let file = match FileStorage::open(path, repair != Repair::None) {
+        Ok(f) => f,
+        Err(e) => {
+            let text = crate::error::strerror(e.raw_os_error().unwrap_or(libc::EIO));
+            return could_not_open(out, &format!("Could not open '{filename}': {text}"));
+        }
+    };
+    let is_qcow2 = match format.as_deref() {
+        Some("raw") => false,
+        Some(_) => true,
+        None => {
+            let mut magic = [0u8; 4];
+            let ok =
+                file.len().map(|l| l >= 4).unwrap_or(false) && file.read_at(&mut magic, 0).is_ok();
+            ok && u32::from_be_bytes(magic) == QCOW2_MAGIC
+        }
+    };
+    if !is_qcow2 {
+        let _ = writeln!(
+            out.stderr,
+            "{}: This image format does not support checks",
+            name.program
+        );
+        return EXIT_UNSUPPORTED;
+    }
+    let file_len = file.len().unwrap_or(0);
+    let checker = match Checker::open_storage_at(Arc::new(file), Some(path), repair) {
+        Ok(c) => c,
+        Err(e) => return could_not_open(out, &open_message(&e)),
+    };
+
+    // Findings go to stderr as they come; the repaired paragraph to stdout.
+    let bar = (progress && !quiet && file_len >= PROGRESS_MIN_BYTES).then(|| {
+        let b = indicatif::ProgressBar::with_draw_target(
+            Some(0),
+            indicatif::ProgressDrawTarget::stderr(),
+        );
+        if let Ok(style) =
+            indicatif::ProgressStyle::with_template("{msg:24} [{bar:40}] {percent:>3}%")
+        {
+            b.set_style(style.progress_chars("=> "));
+        }
+        b
+    });
+    let program = name.program;
+    let mut paragraph: Option<String> = None;
+    let report = {
+        let stderr = &mut *out.stderr;
+        let bar_ref = bar.as_ref();
+        let paragraph_ref = &mut paragraph;
+        let on_event = move |ev: CheckEvent<'_>| match ev {
+            CheckEvent::Finding(f) => {
+                let line = if f.is_error_report() {
+                    format!("{program}: {f}")
+                } else {
+                    f.to_string()
+                };
+                match bar_ref {
+                    Some(b) => b.suspend(|| {
+                        let _ = writeln!(stderr, "{line}");
+                    }),
+                    None => {
+                        let _ = writeln!(stderr, "{line}");
+                    }
+                }
+            }
+            CheckEvent::Repaired {
+                leaks_fixed,
+                corruptions_fixed,
+            } => {
+                *paragraph_ref = Some(super::CheckReport::repaired_paragraph(
+                    leaks_fixed,
+                    corruptions_fixed,
+                ));
+            }
+            CheckEvent::Progress { phase, done, total } => {
+                if let Some(b) = bar_ref {
+                    b.set_message(phase);
+                    b.set_length(total);
+                    b.set_position(done);
+                }
+            }
+        };
+        checker.run(CheckOptions {
+            on_event: Some(Box::new(on_event)),
+            filename: Some(filename.clone()),
+        })
+    };
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    if let Some(p) = &paragraph {
+        if !json && !quiet {
+            let _ = write!(out.stdout, "{p}");
+        }
+    }
+    match report {
+        Ok(report) => {
+            if !quiet {
+                if json {
+                    let _ = writeln!(out.stdout, "{}", report.to_json());
+                } else {
+                    let _ = write!(out.stdout, "{}", report.human_summary());
+                }
+            }
+            if report.counts.check_errors != 0 {
+                let _ = writeln!(out.stderr, "{}: Check failed", name.program);
+                return 1;
+            }
+            report.exit_code()
+        }
+        Err(e) => {
+            let _ = writeln!(
+                out.stderr,
+                "{}: Check failed: {}",
+                name.program,
+                e.errno_text()
+            );
+            1
+        }
+    }
+}
+
+/// The text after "Could not open 'FILE': " for an open failure.
+fn open_message(e: &Error) -> String {
+    match e {
+        Error::Io {
+            op: IoOp::Read,
+            source,
+            ..
+        } => format!(
+            "Could not read image header: {}",
+            crate::error::strerror(source.raw_os_error().unwrap_or(libc::EIO))
+        ),
+        other => other.qemu_message(),
+    }
+}

@@ -1,0 +1,197 @@
+//! The qcow2-check command line against `qemu-img check`: messages, streams
+//! and exit codes (cli.md §1), with the program names swapped.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic
+
+#[path = "check_support/mod.rs"]
+mod common;
+use common::*;
+use std::process::Command;
+
+fn runs(dir: &std::path::Path, args: &[&str]) -> (Run, Run) {
+    let run = |c: &mut Command| {
+        let o = c.current_dir(dir).output().unwrap();
+        Run {
+            code: o.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    };
+    let q = run(Command::new("qemu-img").arg("check").args(args));
+    let o = run(Command::new(qcow2_check_bin()).args(args));
+    (q, o)
+}
+
+/// qemu-img's text with our program name.
+fn ours(s: &str) -> String {
+    s.replace("qemu-img check", "qcow2-check")
+        .replace("qemu-img:", "qcow2-check:")
+}
+
+fn assert_same(dir: &std::path::Path, args: &[&str]) {
+    let (q, o) = runs(dir, args);
+    assert_eq!(
+        o.code, q.code,
+        "exit code of {args:?}\nqemu: {q:#?}\nours: {o:#?}"
+    );
+    assert_eq!(o.stdout, ours(&q.stdout), "stdout of {args:?}");
+    assert_eq!(o.stderr, ours(&q.stderr), "stderr of {args:?}");
+}
+
+#[test]
+fn usage_and_open_errors() {
+    if !have_qemu() {
+        return;
+    }
+    let t = Twin::create(&[], "64M");
+    let dir = t.q.dir.clone();
+    std::fs::write(dir.join("plain.raw"), vec![7u8; 1 << 20]).unwrap();
+    std::fs::write(dir.join("empty.raw"), b"").unwrap();
+    for args in [
+        &["nonexist.qcow2"][..],
+        &["-f", "qcow2", "plain.raw"],
+        &["-f", "raw", "plain.raw"],
+        &["plain.raw"],
+        &["empty.raw"],
+        &["--output", "json", "-f", "raw", "plain.raw"],
+        &[],
+        &[NAME, "extra"],
+        &["--bogus", NAME],
+        &["--bogus=1", NAME],
+        &["-x", NAME],
+        &["-r", "bogus", NAME],
+        &["--output", "xml", NAME],
+        &["--output", "xml", "-r", "bogus", NAME],
+        &["-r", "all", "-U", NAME],
+        &["-f", "nosuch", NAME],
+        &["-f", "raw", "nonexist"],
+        &["-r"],
+        &["-qr"],
+        &["--repair"],
+        &["--output"],
+        &["-T", "bad", NAME],
+        &["--f", "qcow2", NAME],
+        &["--o", "json", NAME],
+    ] {
+        assert_same(&dir, args);
+    }
+}
+
+#[test]
+fn option_spellings() {
+    if !have_qemu() {
+        return;
+    }
+    let t = Twin::create(&[], "64M");
+    t.img().io(&["write 0 1M"]);
+    let dir = t.q.dir.clone();
+    for args in [
+        &[NAME][..],
+        &["-f", "qcow2", NAME],
+        &["-U", NAME],
+        &["--force-share", "--format=qcow2", NAME],
+        &["--output=json", NAME],
+        &["--out", "json", NAME],
+        &["-q", NAME],
+        &["--quiet", "--output", "json", NAME],
+        &["-T", "none", NAME],
+        &[NAME, "--output", "json"],
+        &["--output", "json", "--", NAME],
+        &["-rleaks", NAME],
+        &["--repa=all", NAME],
+    ] {
+        assert_same(&dir, args);
+    }
+}
+
+#[test]
+fn leaky_and_corrupt_outputs_exactly() {
+    if !have_qemu() {
+        return;
+    }
+    // cli.md §1.3/1.4: clean.qcow2 with 1 MiB + 64 KiB written.
+    let t = Twin::create(&[], "64M");
+    t.img().io(&["write 0 1M", "write 2M 64k"]);
+    t.img().set_refcount(0, 2);
+    t.split();
+    let (q, o) = runs(&t.q.dir, &[NAME]);
+    assert_eq!(
+        q.stdout,
+        "\n1 leaked clusters were found on the image.\nThis means waste of disk space, but no \
+         harm to data.\n17/1024 = 1.66% allocated, 0.00% fragmented, 0.00% compressed \
+         clusters\nImage end offset: 1441792\n"
+    );
+    assert_eq!((o.code, &o.stdout, &o.stderr), (3, &q.stdout, &q.stderr));
+    // -q: nothing on stdout, the diagnostics still on stderr.
+    assert_same(&t.q.dir, &["-q", NAME]);
+    // -r leaks on the twins.
+    let q = t.q.qemu_check(&["-r", "leaks"]);
+    let o = t.o.our_check(&["-r", "leaks"]);
+    assert_eq!(
+        (o.code, &o.stdout, &o.stderr),
+        (q.code, &q.stdout, &q.stderr)
+    );
+    assert!(o
+        .stdout
+        .starts_with("The following inconsistencies were found and repaired:"));
+
+    // Refcount of data cluster 5 lowered to 0: two errors; -r all rebuilds.
+    let t = Twin::create(&[], "64M");
+    t.img().io(&["write 0 1M", "write 2M 64k"]);
+    t.img().set_refcount(5, 0);
+    t.split();
+    assert_same(&t.q.dir, &[NAME]);
+    assert_same(&t.q.dir, &["--output", "json", NAME]);
+    let q = t.q.qemu_check(&["-r", "all"]);
+    let o = t.o.our_check(&["-r", "all"]);
+    assert_eq!(o.code, q.code);
+    assert_eq!(o.stderr, q.stderr, "the same rebuild lines");
+    // The image end offset after a rebuild is layout, not contract.
+    let cut = |s: &str| {
+        s.lines()
+            .filter(|l| !l.starts_with("Image end"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert_eq!(cut(&o.stdout), cut(&q.stdout));
+}
+
+#[test]
+fn json_of_compressed_and_fragmented_images() {
+    if !have_qemu() {
+        return;
+    }
+    let t = Twin::create(&[], "16M");
+    t.img()
+        .io(&["write 0 64k", "write 4M 64k", "write 64k 64k"]);
+    assert_same(&t.q.dir, &["--output", "json", NAME]);
+    assert_same(&t.q.dir, &[NAME]);
+    let r =
+        t.q.qemu_img(&["convert", "-c", "-O", "qcow2", NAME, "comp.qcow2"]);
+    assert_eq!(r.code, 0);
+    assert_same(&t.q.dir, &["--output", "json", "comp.qcow2"]);
+    assert_same(&t.q.dir, &["comp.qcow2"]);
+}
+
+#[test]
+fn missing_backing_file_fails_to_open() {
+    if !have_qemu() {
+        return;
+    }
+    let t = Twin::create(&[], "16M");
+    let r = t.q.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        NAME,
+        "-F",
+        "qcow2",
+        "top.qcow2",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_same(&t.q.dir, &["top.qcow2"]);
+    std::fs::remove_file(t.q.path()).unwrap();
+    assert_same(&t.q.dir, &["top.qcow2"]);
+}
