@@ -318,6 +318,7 @@ impl Image {
                     std::time::Instant::now(),
                 )
             }),
+            dirty_at_open: header.incompatible_features & INCOMPAT_DIRTY != 0,
             lazy_refcounts: !read_only
                 && opts
                     .get_lazy_refcounts()

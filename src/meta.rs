@@ -116,6 +116,8 @@ pub(crate) struct Meta {
     pub scratch: Vec<u8>,
     /// `cache-clean-interval` and when the current interval started.
     pub clean_interval: Option<(std::time::Duration, std::time::Instant)>,
+    /// The image was dirty when opened (only a repair may clear the bit).
+    pub dirty_at_open: bool,
     /// Lazy refcounts in effect: refcount writes are deferred behind the dirty bit.
     pub lazy_refcounts: bool,
     /// The internal snapshots.
@@ -922,7 +924,9 @@ impl Meta {
     pub fn mark_clean(&mut self) -> Result<()> {
         self.flush_all(true)?;
         self.flush_refcounts()?;
-        if self.header.incompatible_features & INCOMPAT_DIRTY != 0 {
+        // A dirty bit found at open (stale refcounts from a crash) is only
+        // cleared by a repair, never by closing.
+        if self.header.incompatible_features & INCOMPAT_DIRTY != 0 && !self.dirty_at_open {
             self.sync()?;
             self.header.incompatible_features &= !INCOMPAT_DIRTY;
             self.write_incompatible_features()?;

@@ -288,6 +288,7 @@ impl Checker {
             if meta.header.incompatible_features & bits != 0 {
                 meta.header.incompatible_features &= !bits;
                 meta.write_incompatible_features_for_repair()?;
+                meta.dirty_at_open = false;
                 marked_clean = true;
             }
         }
