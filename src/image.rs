@@ -94,6 +94,8 @@ pub struct Image {
     events: RwLock<Option<EventSink>>,
     opts: OpenOptions,
     geom: Geometry,
+    /// What the automatic repair of a dirty image fixed at open.
+    dirty_repair: Option<crate::check::CheckReport>,
 }
 
 impl std::fmt::Debug for Image {
@@ -194,11 +196,9 @@ impl Image {
         if header.incompatible_features & INCOMPAT_CORRUPT != 0 && !read_only && !repair {
             return Err(Error::ImageCorrupt);
         }
-        if header.incompatible_features & INCOMPAT_DIRTY != 0 && !read_only && !repair {
-            return Err(Error::Unsupported(
-                "the image is dirty (lazy refcounts); repair it with qcow2-check -r all".into(),
-            ));
-        }
+        // A dirty image opened read-write is repaired before use (below).
+        let repair_dirty =
+            header.incompatible_features & INCOMPAT_DIRTY != 0 && !read_only && !repair;
         let geom = Geometry::new(
             header.cluster_bits,
             header.is_extended_l2(),
@@ -363,7 +363,7 @@ impl Image {
             (file.clone(), None)
         };
 
-        Ok(Image {
+        let image = Image {
             path,
             file,
             data,
@@ -377,7 +377,20 @@ impl Image {
             events: RwLock::new(None),
             opts: opts.clone(),
             geom,
-        })
+            dirty_repair: None,
+        };
+        if !repair_dirty {
+            return Ok(image);
+        }
+        // QEMU repairs a dirty image on a read-write open (`check -r all`).
+        let (mut image, report) = crate::check::Checker::repair_dirty(image)?;
+        if report.counts.corruptions > 0 || report.counts.check_errors > 0 {
+            return Err(Error::InvalidArgument(
+                "Could not repair dirty image".into(),
+            ));
+        }
+        image.dirty_repair = Some(report);
+        Ok(image)
     }
 
     fn open_backing(
@@ -466,6 +479,13 @@ impl Image {
     /// The path the image was opened from, if any.
     pub fn path(&self) -> Option<&Path> {
         self.path.as_deref()
+    }
+
+    /// The report of the refcount repair that ran because the image was
+    /// dirty (lazy refcounts, not closed cleanly) when it was opened
+    /// read-write; `None` if no repair was needed.
+    pub fn dirty_repair_report(&self) -> Option<&crate::check::CheckReport> {
+        self.dirty_repair.as_ref()
     }
 
     /// The backing image, if one was opened.

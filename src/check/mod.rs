@@ -228,6 +228,22 @@ impl Checker {
         })
     }
 
+    /// Repairs a dirty image opened read-write (QEMU's automatic repair of a
+    /// dirty image on open): runs `check -r all` on it and hands it back.
+    pub(crate) fn repair_dirty(image: Image) -> Result<(Image, CheckReport)> {
+        let filename = image
+            .path()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        let checker = Checker {
+            image,
+            repair: Repair::All,
+            filename,
+        };
+        let report = checker.run(CheckOptions::default())?;
+        Ok((checker.image, report))
+    }
+
     /// The open image.
     pub fn image(&self) -> &Image {
         &self.image
