@@ -1031,6 +1031,9 @@ impl Image {
                     return Err(e);
                 }
                 meta.data_unsynced = true;
+                if meta.lazy_refcounts {
+                    meta.mark_dirty()?;
+                }
                 let new = self.new_entry(p, host, lo, hi);
                 meta.write_slot(&p.slot, new);
                 self.drop_old(meta, p);
@@ -1064,6 +1067,11 @@ impl Image {
             }
             meta.data_unsynced = true;
             // Update the entry.
+            if meta.lazy_refcounts {
+                // As QEMU: the image is marked dirty before the first entry
+                // that relies on refcounts not yet written.
+                meta.mark_dirty()?;
+            }
             let new = self.new_entry(p, host, lo, hi);
             meta.write_slot(&p.slot, new);
             self.drop_old(meta, p);
@@ -1646,6 +1654,47 @@ impl Image {
             self.flush_locked(meta)?;
         }
         Ok(())
+    }
+}
+
+impl Image {
+    /// Turns lazy refcounts on or off, for this handle and in the header
+    /// (compatible feature bit 0). Turning them off first writes every cache
+    /// and clears the dirty bit.
+    ///
+    /// # Errors
+    /// `Error::InvalidArgument` on a v2 image (QEMU's message), I/O errors.
+    pub fn set_lazy_refcounts(&self, on: bool) -> Result<()> {
+        self.writable()?;
+        let mut meta = self.lock()?;
+        let r = (|| {
+            if on && meta.header.version < 3 {
+                return Err(Error::InvalidArgument(
+                    "Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)".into(),
+                ));
+            }
+            if !on {
+                let _barrier = self
+                    .io_barrier
+                    .write()
+                    .map_err(|_| Error::PreviousIoFailed)?;
+                meta.mark_clean()?;
+            }
+            meta.lazy_refcounts = on;
+            if meta.header.version >= 3 {
+                let bits = if on {
+                    meta.header.compatible_features | COMPAT_LAZY_REFCOUNTS
+                } else {
+                    meta.header.compatible_features & !COMPAT_LAZY_REFCOUNTS
+                };
+                if bits != meta.header.compatible_features {
+                    meta.write_header_field(80, &bits.to_be_bytes())?;
+                    meta.header.compatible_features = bits;
+                }
+            }
+            Ok(())
+        })();
+        r.map_err(|e| self.fail(&mut meta, e, IoOperation::Write))
     }
 }
 

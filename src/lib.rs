@@ -32,6 +32,7 @@
 #![warn(missing_debug_implementations)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod amend;
 pub mod cache;
 pub mod check;
 pub mod compress;

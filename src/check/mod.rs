@@ -36,6 +36,7 @@
 //! before it.
 
 #[cfg(feature = "cli")]
+#[cfg(feature = "cli")]
 pub mod cli;
 mod compare;
 mod copied;

@@ -1,11 +1,12 @@
 //! `qcow2-img`: qemu-img's commands over qcow2kit (`create`, `info`, `map`,
-//! `convert`, `resize`, `bench`) and qemu-io as `qcow2-img io`.
+//! `check`, `convert`, `resize`, `amend`, `bench`) and qemu-io as `qcow2-img io`.
 //!
 //! Outputs, streams, exit codes and messages follow `cli.md` (qemu-img /
 //! qemu-io 10.0.2), with `qcow2-img` where QEMU prints its program name.
 //! Each subcommand lives in its own module and only parses arguments, calls
 //! the library and prints.
 
+mod amend;
 mod bench;
 mod common;
 mod convert;
@@ -23,8 +24,10 @@ usage: qcow2-img [standard options] command [command options]
 QEMU disk image utility for qcow2 images (qcow2kit)
 
 Command syntax:
+  amend [-f qcow2] [-q] -o OPTS FILE
   bench [-f qcow2] [-c COUNT] [-d DEPTH] [-o OFFSET] [-s BUFFER_SIZE] [-S STEP_SIZE] [-n]
         [-t CACHE] [-i AIO] [-w [--pattern=BYTE] [--flush-interval=N [--no-drain]]] FILE
+  check [-f qcow2] [-r leaks|all] [--output human|json] [-q] [-U] FILE
   convert [-f qcow2] -O raw|qcow2 [-o OPTS] [-c] SRC DST
   create -f qcow2 [-o OPTS]... [-b BACKING [-F FMT]] [-q] FILE [SIZE]
   info [-f qcow2] [--output human|json] [--backing-chain] [-U] FILE
@@ -60,6 +63,14 @@ fn main() -> ExitCode {
         "resize" => resize::run(rest),
         "bench" => bench::run(rest),
         "io" => io::run(rest),
+        "amend" => amend::run(rest),
+        "check" => {
+            let code = qcow2kit::check::cli::run_check_cli(
+                qcow2kit::check::cli::CliName::QCOW2_IMG_CHECK,
+                rest.iter().cloned(),
+            );
+            Err(Fail::Exit(u8::try_from(code).unwrap_or(1)))
+        }
         other => Err(Fail::Msg(format!(
             "Command not found: {other}\nTry '{PROG} --help' for more info"
         ))),

@@ -1,0 +1,55 @@
+//! `qcow2-img amend -o OPTS FILE` (`cli.md` §7): changes header options in
+//! place. Silent on success.
+
+use crate::common::{check_format, open_fail, parse_args, CmdResult, Fail};
+use clap::Parser;
+use qcow2kit::options::AmendOptions;
+use qcow2kit::{Image, OpenOptions};
+
+#[derive(Parser, Debug)]
+#[command(
+    no_binary_name = true,
+    disable_help_flag = true,
+    disable_version_flag = true
+)]
+struct Args {
+    #[arg(short = 'h', long = "help")]
+    help: bool,
+    #[arg(short = 'f', long = "format")]
+    format: Option<String>,
+    #[arg(short = 'q', long = "quiet")]
+    quiet: bool,
+    #[arg(short = 'o', action = clap::ArgAction::Append)]
+    options: Vec<String>,
+    #[arg(num_args = 0..)]
+    rest: Vec<String>,
+}
+
+const SUB: &str = "amend";
+
+/// Runs `amend`.
+pub fn run(argv: &[String]) -> CmdResult {
+    let a: Args = parse_args(SUB, argv)?;
+    if a.help {
+        crate::print_help("amend [-f qcow2] [-q] -o OPTS FILE");
+        return Ok(());
+    }
+    if a.options.is_empty() {
+        return Err(Fail::Usage("Must specify options (-o)".into(), SUB));
+    }
+    let [filename] = a.rest.as_slice() else {
+        return Err(Fail::Usage("Expecting one image file name".into(), SUB));
+    };
+    let _ = a.quiet;
+    let mut opts = AmendOptions::new();
+    for o in &a.options {
+        opts.apply_qemu_str(o).map_err(|e| {
+            let hint = e.hint().map(|h| format!("\n{h}")).unwrap_or_default();
+            Fail::Msg(format!("{e}{hint}"))
+        })?;
+    }
+    check_format(a.format.as_deref(), filename)?;
+    let img = Image::open(filename, &OpenOptions::new()).map_err(|e| open_fail(filename, &e))?;
+    qcow2kit::amend::amend_image(&img, &opts).map_err(|e| Fail::Msg(e.qemu_message()))?;
+    img.close().map_err(|e| Fail::Msg(e.qemu_message()))
+}
