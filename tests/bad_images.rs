@@ -487,14 +487,20 @@ fn corrupt_bit_refuses_read_write_only() {
 }
 
 #[test]
-fn dirty_bit_refuses_read_write() {
+fn dirty_bit_is_repaired_on_read_write_open() {
     let mut b = valid_image();
     let inc = get_u64(&b, 72);
     put_u64(&mut b, 72, inc | INCOMPAT_DIRTY);
-    let (_, r) = open_bytes(b.clone(), false);
-    assert!(matches!(r, Err(Error::Unsupported(_))), "got {r:?}");
-    let (_, r) = open_bytes(b, true);
-    r.unwrap();
+    // Read-write: refcounts are repaired first and the bit cleared.
+    let (mem, r) = open_bytes(b.clone(), false);
+    let img = r.unwrap();
+    assert!(img.dirty_repair_report().is_some());
+    drop(img);
+    assert_eq!(get_u64(&mem.to_vec(), 72) & INCOMPAT_DIRTY, 0);
+    // Read-only: no repair, nothing written.
+    let (mem, r) = open_bytes(b.clone(), true);
+    assert!(r.unwrap().dirty_repair_report().is_none());
+    assert_eq!(mem.to_vec(), b);
 }
 
 // ---------------------------------------------------------------------------
