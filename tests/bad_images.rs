@@ -487,14 +487,25 @@ fn corrupt_bit_refuses_read_write_only() {
 }
 
 #[test]
-fn dirty_bit_refuses_read_write() {
+fn dirty_bit_is_repaired_by_a_read_write_open() {
     let mut b = valid_image();
     let inc = get_u64(&b, 72);
     put_u64(&mut b, 72, inc | INCOMPAT_DIRTY);
-    let (_, r) = open_bytes(b.clone(), false);
-    assert!(matches!(r, Err(Error::Unsupported(_))), "got {r:?}");
-    let (_, r) = open_bytes(b, true);
-    r.unwrap();
+    // Read-only: opens as is, changes nothing.
+    let (mem, r) = open_bytes(b.clone(), true);
+    let img = r.unwrap();
+    assert!(img.dirty_repair_report().is_none());
+    drop(img);
+    assert_eq!(mem.to_vec(), b);
+    // Read-write: repaired first (as QEMU), dirty bit cleared, data intact.
+    let (mem, r) = open_bytes(b, false);
+    let img = r.unwrap();
+    assert!(img.dirty_repair_report().is_some());
+    let mut buf = vec![0u8; 100];
+    img.read_at(&mut buf, 1000).unwrap();
+    assert_eq!(buf[0], (1000 % 253) as u8 + 1);
+    drop(img);
+    assert_eq!(get_u64(&mem.to_vec(), 72) & INCOMPAT_DIRTY, 0);
 }
 
 // ---------------------------------------------------------------------------
