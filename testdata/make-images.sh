@@ -151,7 +151,15 @@ create -o data_file=dfraw.data,data_file_raw=on dfraw.qcow2 4M
 io dfraw.qcow2 "write -s noise-a.bin 0 100000" "write -s noise-b.bin $((2 * M - 7)) 70000" \
     "write -z 65536 65536" "write -z $((3 * M)) 4096"
 
-# 8. 1 TiB virtual disk with a few writes, one across an L2 boundary and one
+# 8. Preallocated images (metadata: L2 entries point at holes; falloc:
+#    allocated zeroed clusters), then partial writes.
+for mode in metadata falloc; do
+    create -o preallocation=$mode,cluster_size=4096 prealloc-$mode.qcow2 4M
+    io prealloc-$mode.qcow2 "write -s noise-a.bin 1000 10000" "write -z $((1 * M)) 65536" \
+        "discard $((2 * M)) 65536"
+done
+
+# 9. 1 TiB virtual disk with a few writes, one across an L2 boundary and one
 #    on the last sector.
 T=$((1 << 40))
 create big.qcow2 1T

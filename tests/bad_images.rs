@@ -487,20 +487,25 @@ fn corrupt_bit_refuses_read_write_only() {
 }
 
 #[test]
-fn dirty_bit_is_repaired_on_read_write_open() {
+fn dirty_bit_is_repaired_by_a_read_write_open() {
     let mut b = valid_image();
     let inc = get_u64(&b, 72);
     put_u64(&mut b, 72, inc | INCOMPAT_DIRTY);
-    // Read-write: refcounts are repaired first and the bit cleared.
-    let (mem, r) = open_bytes(b.clone(), false);
+    // Read-only: opens as is, changes nothing.
+    let (mem, r) = open_bytes(b.clone(), true);
+    let img = r.unwrap();
+    assert!(img.dirty_repair_report().is_none());
+    drop(img);
+    assert_eq!(mem.to_vec(), b);
+    // Read-write: repaired first (as QEMU), dirty bit cleared, data intact.
+    let (mem, r) = open_bytes(b, false);
     let img = r.unwrap();
     assert!(img.dirty_repair_report().is_some());
+    let mut buf = vec![0u8; 100];
+    img.read_at(&mut buf, 1000).unwrap();
+    assert_eq!(buf[0], (1000 % 253) as u8 + 1);
     drop(img);
     assert_eq!(get_u64(&mem.to_vec(), 72) & INCOMPAT_DIRTY, 0);
-    // Read-only: no repair, nothing written.
-    let (mem, r) = open_bytes(b.clone(), true);
-    assert!(r.unwrap().dirty_repair_report().is_none());
-    assert_eq!(mem.to_vec(), b);
 }
 
 // ---------------------------------------------------------------------------

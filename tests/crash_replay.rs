@@ -39,13 +39,13 @@ struct Recording {
     cluster_size: u64,
 }
 
-fn record(opts: &CreateOptions, size: u64, ops: &[Op]) -> Recording {
+fn record(opts: &CreateOptions, size: u64, ops: &[Op], open: &OpenOptions) -> Recording {
     let mem = Arc::new(MemStorage::new());
     qcow2kit::create::create_on(mem.clone(), opts, size).unwrap();
     let base = mem.to_vec();
     let fs = Arc::new(FaultyStorage::new(MemStorage::from_bytes(base.clone())));
     fs.start_recording();
-    let img = Image::open_storage(fs.clone() as Arc<dyn Storage>, &OpenOptions::new()).unwrap();
+    let img = Image::open_storage(fs.clone() as Arc<dyn Storage>, open).unwrap();
     let cs = img.cluster_size();
     let mut log = Vec::new();
     let mut model = vec![0u8; size as usize];
@@ -135,7 +135,15 @@ fn crash_image(r: &Recording, p: usize, rng: Option<&mut Rng>) -> (Vec<u8>, usiz
 }
 
 /// Checks one crash image: opens, flushed data reads back, qemu-img check.
-fn check_crash(r: &Recording, bytes: Vec<u8>, durable: usize, p: usize, what: &str, qemu: bool) {
+/// Returns whether the crash image was dirty.
+fn check_crash(
+    r: &Recording,
+    bytes: Vec<u8>,
+    durable: usize,
+    p: usize,
+    what: &str,
+    qemu: bool,
+) -> bool {
     // The newest user flush whose records are all durable.
     let (snap_pos, snap) = r
         .snapshots
@@ -152,13 +160,17 @@ fn check_crash(r: &Recording, bytes: Vec<u8>, durable: usize, p: usize, what: &s
     for range in changed {
         mask[range.clone()].fill(false);
     }
+    // With lazy refcounts a crash may leave the dirty bit set: refcounts are
+    // then stale by design; a read-write open repairs them first (as QEMU).
+    let dirty = u64::from_be_bytes(bytes[72..80].try_into().unwrap()) & 1 != 0;
+    let mut repaired = None;
     for ro in [true, false] {
         let mem = Arc::new(MemStorage::from_bytes(bytes.clone()));
-        let img = Image::open_storage(
+        let opened = Image::open_storage(
             mem.clone() as Arc<dyn Storage>,
             &OpenOptions::new().read_only(ro),
-        )
-        .unwrap_or_else(|e| panic!("{what}: open (read-only {ro}) failed: {e}"));
+        );
+        let img = opened.unwrap_or_else(|e| panic!("{what}: open (read-only {ro}) failed: {e}"));
         let mut back = vec![0u8; snap.len()];
         let n = img.size() as usize;
         img.read_at(&mut back[..n], 0)
@@ -170,19 +182,49 @@ fn check_crash(r: &Recording, bytes: Vec<u8>, durable: usize, p: usize, what: &s
                 &snap[i..(i + 16).min(snap.len())]
             );
         }
+        if dirty && !ro {
+            assert!(
+                img.dirty_repair_report().is_some(),
+                "{what}: a dirty image was opened read-write without a repair"
+            );
+        }
         drop(img);
         if ro {
             assert!(
                 mem.to_vec() == bytes,
                 "{what}: a read-only open changed the image"
             );
+        } else if dirty {
+            let after = mem.to_vec();
+            assert_eq!(
+                u64::from_be_bytes(after[72..80].try_into().unwrap()) & 1,
+                0,
+                "{what}: the dirty bit survived the repair"
+            );
+            repaired = Some(after);
         }
     }
     if qemu {
         let dir = tempfile::tempdir().unwrap();
         let path = support::write_file(dir.path(), "crash.qcow2", &bytes);
-        support::assert_no_corruption(&path, what);
+        if dirty {
+            // Everything but the refcounts must be consistent: QEMU's repair
+            // (what its read-write open does) leaves a clean image.
+            let out = std::process::Command::new("qemu-img")
+                .args(["check", "-q", "-r", "all", "-f", "qcow2"])
+                .arg(&path)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{what}: repair failed: {out:?}");
+            support::assert_check_clean(&path, &format!("{what}, repaired by QEMU"));
+            // And qcow2kit's own repair (done by the read-write open).
+            let ours = support::write_file(dir.path(), "ours.qcow2", &repaired.unwrap());
+            support::assert_check_clean(&ours, &format!("{what}, repaired by qcow2kit"));
+        } else {
+            support::assert_no_corruption(&path, what);
+        }
     }
+    dirty
 }
 
 fn cut_points(r: &Recording, n: usize) -> Vec<usize> {
@@ -206,7 +248,22 @@ fn cut_points(r: &Recording, n: usize) -> Vec<usize> {
 }
 
 fn run_scenario(name: &str, opts: &CreateOptions, size: u64, ops: &[Op]) {
-    let r = record(opts, size, ops);
+    let dirty = run_scenario_with(name, opts, size, ops, &OpenOptions::new());
+    assert_eq!(
+        dirty, 0,
+        "{name}: dirty crash images without lazy refcounts"
+    );
+}
+
+/// Runs a scenario; returns how many crash images were dirty.
+fn run_scenario_with(
+    name: &str,
+    opts: &CreateOptions,
+    size: u64,
+    ops: &[Op],
+    open: &OpenOptions,
+) -> usize {
+    let r = record(opts, size, ops, open);
     let qemu = support::have_qemu();
     let mut rng = Rng::new(0xC0FFEE);
     let cuts = cut_points(&r, 30);
@@ -216,23 +273,32 @@ fn run_scenario(name: &str, opts: &CreateOptions, size: u64, ops: &[Op]) {
         cuts.len(),
         r.cluster_size
     );
+    let mut dirty = 0;
     for &p in &cuts {
         let (bytes, durable) = crash_image(&r, p, None);
-        check_crash(&r, bytes, durable, p, &format!("{name}: prefix {p}"), qemu);
+        dirty += usize::from(check_crash(
+            &r,
+            bytes,
+            durable,
+            p,
+            &format!("{name}: prefix {p}"),
+            qemu,
+        ));
         if durable < p {
             for k in 0..1 {
                 let (bytes, durable) = crash_image(&r, p, Some(&mut rng));
-                check_crash(
+                dirty += usize::from(check_crash(
                     &r,
                     bytes,
                     durable,
                     p,
                     &format!("{name}: prefix {p}, subset {k}"),
                     qemu,
-                );
+                ));
             }
         }
     }
+    dirty
 }
 
 /// 512 B clusters and 64-bit refcounts: many L2 tables, many refcount
@@ -290,6 +356,37 @@ fn four_k_clusters_v3_and_v2() {
         ];
         run_scenario(&format!("4K/{compat:?}"), &opts, 8 << 20, &ops);
     }
+}
+
+/// Lazy refcounts: crash images may be dirty (refcounts stale); they open
+/// read-only with the flushed data, a read-write open repairs them, and
+/// both that repair and QEMU's leave them clean.
+#[test]
+fn lazy_refcounts() {
+    let opts = CreateOptions::new().cluster_size(4096).lazy_refcounts(true);
+    let k = 1024;
+    let ops = vec![
+        Op::Write(1000, 10 * k),
+        Op::Flush,
+        Op::Write(2048 * k - 100, 300 * k),
+        Op::Discard(2048 * k, 64 * k),
+        Op::Flush,
+        Op::Zeroes(2100 * k, 100 * k, true),
+        Op::Write(5000 * k, 500 * k),
+        Op::Flush,
+        Op::Write(100 * k, 8 * k),
+    ];
+    let dirty = run_scenario_with(
+        "4K/lazy",
+        &opts,
+        8 << 20,
+        &ops,
+        &OpenOptions::new().lazy_refcounts(true),
+    );
+    assert!(
+        dirty > 0,
+        "no crash image was dirty: lazy refcounts not in use?"
+    );
 }
 
 /// Extended L2 (16 KiB clusters, 512 B subclusters), 2-bit refcounts.

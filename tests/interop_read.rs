@@ -147,7 +147,7 @@ fn every_reference_image_is_covered() {
         return;
     }
     let groups = [
-        "cs", "rc", "zero", "comp-", "extl2-", "mid", "top", "df", "big",
+        "cs", "rc", "zero", "comp-", "extl2-", "mid", "top", "df", "big", "prealloc",
     ];
     for p in walk(support::reference_images()) {
         let n = p.file_name().unwrap().to_string_lossy().into_owned();
@@ -209,6 +209,11 @@ fn backing_chain() {
         }
         other => panic!("mid's backing is {other:?}"),
     }
+}
+
+#[test]
+fn preallocated() {
+    check_group("prealloc");
 }
 
 #[test]

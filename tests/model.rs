@@ -33,6 +33,8 @@ struct Config {
     no_unref: bool,
     pass_request: bool,
     pass_other: bool,
+    /// `lazy-refcounts=on` (v3 only).
+    lazy: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -74,6 +76,7 @@ fn config() -> impl Strategy<Value = Config> {
             any::<bool>(),
             any::<bool>(),
             prop::sample::select(vec![0u64, 0, 512, 1024, 4096]),
+            any::<bool>(),
         ),
     )
         .prop_map(
@@ -89,6 +92,7 @@ fn config() -> impl Strategy<Value = Config> {
                 no_unref: v3 && o.0,
                 pass_request: o.1,
                 pass_other: o.2,
+                lazy: v3 && o.4,
             },
         )
 }
@@ -143,6 +147,9 @@ fn open(mem: &Arc<MemStorage>, cfg: &Config) -> Image {
         .discard_no_unref(cfg.no_unref)
         .pass_discard_request(cfg.pass_request)
         .pass_discard_other(cfg.pass_other);
+    if cfg.lazy {
+        o = o.lazy_refcounts(true);
+    }
     if let Some(e) = cfg.l2_entry {
         o = o.l2_cache_entry_size(e);
     }

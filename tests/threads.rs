@@ -54,11 +54,10 @@ struct SharedLog {
     zeroed: Vec<bool>,
 }
 
-fn worker(img: &Image, t: u64, iters: u64, log: &Mutex<SharedLog>) -> Vec<u8> {
+fn worker(img: &Image, t: u64, iters: u64, log: &Mutex<SharedLog>, mut model: Vec<u8>) -> Vec<u8> {
     let cs = img.cluster_size();
     let own0 = t * OWN;
     let shared0 = THREADS * OWN;
-    let mut model = vec![0u8; OWN as usize];
     let mut rng = Rng::new(t + 1);
     let mut seq = 0u64;
     for i in 0..iters {
@@ -168,9 +167,23 @@ fn iters(default: u64) -> u64 {
 }
 
 fn run(path: &Path, opts: &CreateOptions, open: &OpenOptions, iters: u64) {
+    run_with(path, opts, open, iters, false);
+}
+
+/// With `backing`, a raw backing file covers the own regions (not the
+/// shared one), so reads and copy-on-write go to it.
+fn run_with(path: &Path, opts: &CreateOptions, open: &OpenOptions, iters: u64, backing: bool) {
     let cs = opts.cluster_size;
     let size = THREADS * OWN + SHARED_CLUSTERS * cs;
-    qcow2kit::create::create(path, opts, size).unwrap();
+    let mut initial = vec![0u8; (THREADS * OWN) as usize];
+    let mut opts = opts.clone();
+    if backing {
+        Rng::new(99).fill(&mut initial);
+        let b = path.with_extension("raw");
+        std::fs::write(&b, &initial).unwrap();
+        opts = opts.backing_file(b.to_str().unwrap()).backing_fmt("raw");
+    }
+    qcow2kit::create::create(path, &opts, size).unwrap();
     let img = Arc::new(Image::open(path, open).unwrap());
     let log = Arc::new(Mutex::new(SharedLog {
         writes: vec![HashSet::new(); SHARED_CLUSTERS as usize],
@@ -180,7 +193,8 @@ fn run(path: &Path, opts: &CreateOptions, open: &OpenOptions, iters: u64) {
         .map(|t| {
             let img = img.clone();
             let log = log.clone();
-            std::thread::spawn(move || worker(&img, t, iters, &log))
+            let model = initial[(t * OWN) as usize..((t + 1) * OWN) as usize].to_vec();
+            std::thread::spawn(move || worker(&img, t, iters, &log, model))
         })
         .collect();
     let models: Vec<Vec<u8>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
@@ -206,6 +220,22 @@ fn four_threads_4k_clusters_small_caches() {
         .l2_cache_size(4 * 4096)
         .refcount_cache_size(4 * 4096);
     run(&dir.path().join("t.qcow2"), &opts, &open, iters(600));
+}
+
+#[test]
+fn four_threads_backing_file_lazy_refcounts() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = CreateOptions::new().cluster_size(16384);
+    let open = OpenOptions::new().lazy_refcounts(true);
+    run_with(&dir.path().join("t.qcow2"), &opts, &open, iters(500), true);
+    let opts = CreateOptions::new().cluster_size(16384).extended_l2(true);
+    run_with(
+        &dir.path().join("e.qcow2"),
+        &opts,
+        &OpenOptions::new(),
+        iters(500),
+        true,
+    );
 }
 
 #[test]

@@ -997,3 +997,62 @@ fn create_rounds_the_size_up_to_sectors() {
     let info = support::qemu_img(&["info", "--output=json", q.to_str().unwrap()]);
     assert!(info.contains("\"virtual-size\": 1024"), "{info}");
 }
+
+/// Images created by qcow2kit with an external data file (with and without
+/// data_file_raw), zstd as compression type, lazy refcounts: QEMU opens
+/// them, checks them clean and reads what we wrote.
+#[test]
+fn qcow2kit_created_feature_images_check_clean() {
+    if !support::have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cases: Vec<(&str, CreateOptions)> = vec![
+        ("df", CreateOptions::new().data_file("df.data")),
+        (
+            "dfraw",
+            CreateOptions::new()
+                .data_file("dfraw.data")
+                .data_file_raw(true),
+        ),
+        (
+            "zstd",
+            CreateOptions::new().compression_type(qcow2kit::options::CompressionType::Zstd),
+        ),
+        ("lazy", CreateOptions::new().lazy_refcounts(true)),
+        (
+            "extl2-zstd-rc1",
+            CreateOptions::new()
+                .extended_l2(true)
+                .refcount_bits(1)
+                .compression_type(qcow2kit::options::CompressionType::Zstd),
+        ),
+    ];
+    for (name, opts) in cases {
+        let path = dir.path().join(format!("{name}.qcow2"));
+        let size = 4u64 << 20;
+        qcow2kit::create::create(&path, &opts, size).unwrap();
+        let img = Image::open(&path, &OpenOptions::new()).unwrap();
+        let mut model = vec![0u8; size as usize];
+        let mut rng = Rng::new(5);
+        let mut d = vec![0u8; 200_000];
+        rng.fill(&mut d);
+        for op in [
+            Op::Write(12345, d.clone()),
+            Op::Write(3 << 20, d[..70_000].to_vec()),
+            Op::Zeroes(65536, 65536, false),
+            Op::Zeroes(131072, 4096, true),
+            Op::Discard(3 << 20, 65536),
+        ] {
+            apply(&img, &mut model, &op, 65536, true);
+        }
+        img.close().unwrap();
+        assert_check_clean(&path, name);
+        assert_bytes_eq(&support::qemu_raw(&path), &model, name);
+        if name == "dfraw" {
+            let mut raw = std::fs::read(dir.path().join("dfraw.data")).unwrap();
+            raw.resize(model.len(), 0);
+            assert_bytes_eq(&raw, &model, "dfraw: raw data file");
+        }
+    }
+}
