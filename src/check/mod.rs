@@ -17,12 +17,21 @@
 //! then describe that second run plus what was fixed), and the dirty and
 //! corrupt bits are cleared only if that final run found no corruption.
 //!
-//! ```no_run
-//! use qcow2kit::check::{check, Repair};
-//! let report = check(std::path::Path::new("disk.qcow2"), Repair::None)?;
-//! println!("{}", report.human_summary());
+//! ```
+//! use qcow2kit::check::{check_storage, CheckOptions, Repair};
+//! use qcow2kit::storage::{MemStorage, Storage};
+//! use std::sync::Arc;
+//!
+//! let disk: Arc<dyn Storage> = Arc::new(MemStorage::new());
+//! qcow2kit::create::create_on(disk.clone(), &qcow2kit::CreateOptions::default(), 1 << 20)?;
+//! let report = check_storage(disk, Repair::None, CheckOptions::default())?;
+//! assert_eq!(report.exit_code(), 0);
+//! assert_eq!(report.human_summary(), "No errors were found on the image.\nImage end offset: 262144\n");
 //! # Ok::<(), qcow2kit::Error>(())
 //! ```
+//!
+//! For a file, [`check`] takes a path; `cli::run_check_cli` (feature `cli`) is the whole
+//! `qemu-img check` command line.
 //!
 //! # Write ordering of repairs
 //! Every repair write goes through the image's write gate
