@@ -398,8 +398,14 @@ impl Image {
         base: Option<&Path>,
         opts: &OpenOptions,
     ) -> Result<Option<Backing>> {
-        // An empty name (backing_file_size 0) means no backing file, as in QEMU.
-        let Some(name) = header.backing_file.as_deref().filter(|n| !n.is_empty()) else {
+        // QEMU keeps the name as a C string: it ends at the first NUL, and an
+        // empty name (backing_file_size 0, or a leading NUL) means no backing file.
+        let Some(name) = header
+            .backing_file
+            .as_deref()
+            .map(|n| n.split('\0').next().unwrap_or(""))
+            .filter(|n| !n.is_empty())
+        else {
             return Ok(None);
         };
         let path = resolve(base, Path::new(name));
@@ -1837,6 +1843,19 @@ mod tests {
         let mut bytes = mem.to_vec();
         // backing_file_offset 0x4000, backing_file_size 0.
         bytes[8..16].copy_from_slice(&0x4000u64.to_be_bytes());
+        let s: Arc<dyn Storage> = Arc::new(MemStorage::from_bytes(bytes));
+        let img = Image::open_storage(s, &OpenOptions::new().read_only(true)).unwrap();
+        assert!(img.backing().is_none());
+    }
+
+    #[test]
+    fn backing_file_name_ends_at_nul() {
+        let mem = Arc::new(MemStorage::new());
+        crate::create::create_on(mem.clone(), &crate::CreateOptions::default(), 1 << 20).unwrap();
+        let mut bytes = mem.to_vec();
+        // backing_file_offset 0x4000, backing_file_size 1, name "\0".
+        bytes[8..16].copy_from_slice(&0x4000u64.to_be_bytes());
+        bytes[16..20].copy_from_slice(&1u32.to_be_bytes());
         let s: Arc<dyn Storage> = Arc::new(MemStorage::from_bytes(bytes));
         let img = Image::open_storage(s, &OpenOptions::new().read_only(true)).unwrap();
         assert!(img.backing().is_none());

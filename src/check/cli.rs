@@ -418,9 +418,22 @@ where
         return EXIT_UNSUPPORTED;
     }
     let file_len = file.len().unwrap_or(0);
-    let checker = match Checker::open_storage_at(Arc::new(file), Some(path), repair) {
+    let file: Arc<dyn Storage> = Arc::new(file);
+    let checker = match Checker::open_storage_at(file.clone(), Some(path), repair) {
         Ok(c) => c,
-        Err(e) => return could_not_open(out, &open_message(&e)),
+        Err(e) => {
+            // QEMU warns about stale bitmaps while reading the header,
+            // before whatever makes the open fail.
+            let mut head = vec![0u8; file_len.min(2 << 20) as usize];
+            if file.read_at(&mut head, 0).is_ok() {
+                if let Ok(h) = crate::format::header::Header::decode_for_check(&head) {
+                    for f in super::stale_bitmaps_findings(&h) {
+                        let _ = writeln!(out.stderr, "{}", cli_line(name, &f));
+                    }
+                }
+            }
+            return could_not_open(out, &open_message(&e));
+        }
     };
 
     // Findings go to stderr as they come; the repaired paragraph to stdout.
@@ -436,7 +449,6 @@ where
         }
         b
     });
-    let program = name.program;
     let mut paragraph: Option<String> = None;
     let report = {
         let stderr = &mut *out.stderr;
@@ -444,11 +456,7 @@ where
         let paragraph_ref = &mut paragraph;
         let on_event = move |ev: CheckEvent<'_>| match ev {
             CheckEvent::Finding(f) => {
-                let line = if f.is_error_report() {
-                    format!("{program}: {f}")
-                } else {
-                    f.to_string()
-                };
+                let line = cli_line(name, f);
                 match bar_ref {
                     Some(b) => b.suspend(|| {
                         let _ = writeln!(stderr, "{line}");
@@ -512,6 +520,15 @@ where
             );
             1
         }
+    }
+}
+
+/// A finding as the command prints it on stderr.
+fn cli_line(name: CliName, f: &super::Finding) -> String {
+    if f.is_error_report() {
+        format!("{}: {f}", name.program)
+    } else {
+        f.to_string()
     }
 }
 

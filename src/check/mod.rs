@@ -17,12 +17,21 @@
 //! then describe that second run plus what was fixed), and the dirty and
 //! corrupt bits are cleared only if that final run found no corruption.
 //!
-//! ```no_run
-//! use qcow2kit::check::{check, Repair};
-//! let report = check(std::path::Path::new("disk.qcow2"), Repair::None)?;
-//! println!("{}", report.human_summary());
+//! ```
+//! use qcow2kit::check::{check_storage, CheckOptions, Repair};
+//! use qcow2kit::storage::{MemStorage, Storage};
+//! use std::sync::Arc;
+//!
+//! let disk: Arc<dyn Storage> = Arc::new(MemStorage::new());
+//! qcow2kit::create::create_on(disk.clone(), &qcow2kit::CreateOptions::default(), 1 << 20)?;
+//! let report = check_storage(disk, Repair::None, CheckOptions::default())?;
+//! assert_eq!(report.exit_code(), 0);
+//! assert_eq!(report.human_summary(), "No errors were found on the image.\nImage end offset: 262144\n");
 //! # Ok::<(), qcow2kit::Error>(())
 //! ```
+//!
+//! For a file, [`check`] takes a path; `cli::run_check_cli` (feature `cli`) is the whole
+//! `qemu-img check` command line.
 //!
 //! # Write ordering of repairs
 //! Every repair write goes through the image's write gate
@@ -222,6 +231,7 @@ impl Checker {
             skip_backing: false,
         };
         let image = Image::open_with_mode(storage, path, &opts, mode)?;
+        validate_bitmaps(&image)?;
         Ok(Checker {
             image,
             repair,
@@ -321,30 +331,103 @@ impl Checker {
     }
 }
 
+/// What QEMU's open does with persistent bitmaps (`qcow2_load_dirty_bitmaps`,
+/// in every mode): the directory must decode and satisfy QEMU's
+/// constraints, names must be unique, and the table of every bitmap not
+/// marked in use must hold valid entries; otherwise the open fails.
+fn validate_bitmaps(image: &Image) -> Result<()> {
+    use crate::format::bitmap::{decode_bitmap_directory, decode_bitmap_table_entry};
+    let meta = image.lock_meta()?;
+    let h = &meta.header;
+    if h.autoclear_features & crate::format::consts::AUTOCLEAR_BITMAPS == 0 {
+        return Ok(());
+    }
+    let Some(ext) = h.bitmaps().copied() else {
+        return Ok(());
+    };
+    let invalid = |m: String| Error::InvalidArgument(m);
+    let mut dir = vec![0u8; ext.bitmap_directory_size as usize];
+    meta.file
+        .read_at(&mut dir, ext.bitmap_directory_offset)
+        .map_err(|e| {
+            invalid(format!(
+                "Failed to read bitmap directory: {}",
+                crate::error::strerror(e.raw_os_error().unwrap_or(libc::EIO))
+            ))
+        })?;
+    let list = decode_bitmap_directory(&dir, ext.nb_bitmaps, h.cluster_bits)
+        .map_err(|e| invalid(e.reason))?;
+    let mut names = std::collections::HashSet::new();
+    for bm in &list {
+        bm.check_covers(h.size, h.cluster_bits)
+            .map_err(|e| invalid(e.reason))?;
+        if !names.insert(bm.name.as_str()) {
+            return Err(invalid(format!("Bitmap already exists: {}", bm.name)));
+        }
+        if bm.in_use() {
+            continue;
+        }
+        let tsize = u64::from(bm.bitmap_table_size) * 8;
+        let mut chunk = vec![0u8; tsize.min(1 << 20) as usize];
+        let mut pos = 0u64;
+        while pos < tsize {
+            let n = (tsize - pos).min(chunk.len() as u64) as usize;
+            let bad = |errno: i32| {
+                invalid(format!(
+                    "Could not read bitmap_table table from image for bitmap '{}': {}",
+                    bm.name,
+                    crate::error::strerror(errno)
+                ))
+            };
+            meta.file
+                .read_at(&mut chunk[..n], bm.bitmap_table_offset + pos)
+                .map_err(|e| bad(e.raw_os_error().unwrap_or(libc::EIO)))?;
+            for c in chunk[..n].chunks_exact(8) {
+                let e = crate::format::be_u64(c, 0).unwrap_or(0);
+                if decode_bitmap_table_entry(e, h.cluster_bits).is_err() {
+                    return Err(bad(libc::EINVAL));
+                }
+            }
+            pos += n as u64;
+        }
+    }
+    Ok(())
+}
+
 /// The warning QEMU prints when opening an image whose bitmaps extension
 /// is present but stale (autoclear bit 0 clear): the bitmap clusters will
 /// show up as leaks.
 fn stale_bitmaps_warning(h: &crate::format::header::Header, sink: &mut Sink<'_>) {
+    for f in stale_bitmaps_findings(h) {
+        sink.push(f);
+    }
+}
+
+/// The lines of [`stale_bitmaps_warning`] (none if the bitmaps are valid
+/// or absent).
+pub(crate) fn stale_bitmaps_findings(h: &crate::format::header::Header) -> Vec<Finding> {
     let present = h
         .extensions
         .iter()
         .any(|e| e.ext_type() == crate::format::consts::EXT_BITMAPS);
     if !present || h.autoclear_features & crate::format::consts::AUTOCLEAR_BITMAPS != 0 {
-        return;
+        return Vec::new();
     }
-    sink.push(Finding::Report(if h.version < 3 {
-        "warning: This qcow2 v2 image contains bitmaps, but they may have been modified by a \
-         program without persistent bitmap support; so now they must all be considered \
-         inconsistent"
-            .into()
-    } else {
-        "warning: a program lacking bitmap support modified this file, so all bitmaps are now \
-         considered inconsistent"
-            .into()
-    }));
-    sink.push(Finding::Message(
-        "Some clusters may be leaked, run 'qcow2-check -r' on the image file to fix.".into(),
-    ));
+    vec![
+        Finding::Report(if h.version < 3 {
+            "warning: This qcow2 v2 image contains bitmaps, but they may have been modified by \
+             a program without persistent bitmap support; so now they must all be considered \
+             inconsistent"
+                .into()
+        } else {
+            "warning: a program lacking bitmap support modified this file, so all bitmaps are \
+             now considered inconsistent"
+                .into()
+        }),
+        Finding::Message(
+            "Some clusters may be leaked, run 'qcow2-check -r' on the image file to fix.".into(),
+        ),
+    ]
 }
 
 /// One check run (QEMU's `qcow2_co_check_locked`, without marking the image

@@ -31,6 +31,7 @@ pub(crate) struct Fix {
 }
 
 impl Fix {
+    /// Whether anything may be repaired (the image is open read-write).
     pub fn any(self) -> bool {
         self.leaks || self.errors
     }
@@ -42,10 +43,16 @@ pub(crate) const MAX_CHECK_CLUSTERS: u64 = i32::MAX as u64;
 
 /// The state of one check run.
 pub(crate) struct Pass<'a, 's> {
+    /// The image's metadata state: header, L1 and refcount tables, caches,
+    /// the overlap map, the write gate.
     pub meta: &'a mut Meta,
+    /// The image file (reads bypass the caches).
     pub file: Arc<dyn Storage>,
+    /// Shifts and masks of the image.
     pub geom: Geometry,
+    /// How L2 entries decode.
     pub efmt: EntryFormat,
+    /// What this pass may repair.
     pub fix: Fix,
     /// The image is open read-write (corruption events are then fatal).
     pub writable: bool,
@@ -55,6 +62,7 @@ pub(crate) struct Pass<'a, 's> {
     pub file_len: u64,
     /// The snapshot table as this pass read it.
     pub snaps: SnapTable,
+    /// Where findings and events go.
     pub sink: &'a mut Sink<'s>,
     /// On-disk refcounts of clusters `[0, disk.len())`, loaded by the last
     /// comparison and kept up to date by its repairs.
@@ -71,6 +79,7 @@ pub(crate) struct Pass<'a, 's> {
 }
 
 impl<'a, 's> Pass<'a, 's> {
+    /// A pass over the image whose metadata is `meta`.
     pub fn new(meta: &'a mut Meta, sink: &'a mut Sink<'s>, fix: Fix, writable: bool) -> Self {
         let file = meta.file.clone();
         let geom = meta.geom;
