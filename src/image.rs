@@ -304,6 +304,8 @@ impl Image {
             free_hint: 0,
             file_end: file_len,
             pending_frees: Vec::new(),
+            discards: Vec::new(),
+            no_flush: false,
             discard: DiscardPolicy {
                 request: opts.get_pass_discard_request(),
                 snapshot: opts.get_pass_discard_snapshot(),
