@@ -1271,10 +1271,12 @@ impl Meta {
         self.checker.set_active_l1(new_off, bytes);
         self.l1 = new_l1;
         self.l1_dirty.clear();
-        if old_off != 0 {
-            for i in 0..old_clusters {
-                self.queue_free(old_off + (i << self.geom.cluster_bits), DiscardType::Other);
-            }
+        if old_off != 0 && old_clusters > 0 {
+            // The header switch is durable and the L1 table is only read from
+            // memory: nothing uses the old table any more. Free it now, as
+            // QEMU does, so the next allocations may reuse its clusters.
+            let cb = self.geom.cluster_bits;
+            let _ = self.update_refcount(old_off >> cb, old_clusters, -1, DiscardType::Other)?;
         }
         Ok(())
     }
