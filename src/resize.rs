@@ -20,8 +20,8 @@
 //!
 //! Bulk work is batched: new L2 tables are built in memory and written whole,
 //! a batch at a time, after the refcounts they depend on are durable, and the
-//! L1 entries pointing at them only after that (see [`crate::meta`] for the
-//! ordering rules). Refcounts are updated a refcount block at a time.
+//! L1 entries pointing at them only after that (the write-ordering rules of
+//! `ARCHITECTURE.md`). Refcounts are updated a refcount block at a time.
 //!
 //! Shrinking discards every cluster past the new end (entries cleared,
 //! references dropped), releases the L2 tables past the new L1 size, drops
