@@ -124,11 +124,11 @@ fn create_with(
         file.write_at(&l1, 3 * cs).map_err(io)?;
     }
     file.flush().map_err(|e| Error::io(IoOp::Flush, 0, e))?;
-    if h.size != size {
+    if h.size != size || prealloc != Preallocation::Off {
         let img = Image::open_created(file.clone(), data, path.map(Path::to_path_buf))?;
         // Like QEMU's creation (BDRV_O_NO_FLUSH): no syncs until the end.
         img.set_no_flush(true)?;
-        img.resize_with(size, prealloc, false)?;
+        img.truncate(size, prealloc)?;
         img.set_no_flush(false)?;
         img.close()?;
         file.flush().map_err(|e| Error::io(IoOp::Flush, 0, e))?;

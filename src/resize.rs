@@ -166,8 +166,8 @@ impl Image {
     /// the L1 table would exceed 32 MiB; `Error::ReadOnly`; I/O errors.
     pub fn resize_with(&self, new_size: u64, prealloc: Preallocation, shrink: bool) -> Result<()> {
         self.writable()?;
-        let mut meta = self.lock()?;
-        let old = meta.header.size;
+        let old = self.lock()?.header.size;
+        // qemu-img resize's own checks, in its order.
         if prealloc != Preallocation::Off && new_size <= old {
             return Err(Error::InvalidArgument(
                 "Preallocation can only be used for growing images".into(),
@@ -176,6 +176,22 @@ impl Image {
         if new_size < old && !shrink {
             return Err(Error::InvalidArgument(
                 "Use the --shrink option to perform a shrink operation.".into(),
+            ));
+        }
+        self.truncate(new_size, prealloc)
+    }
+
+    /// QEMU's `qcow2_co_truncate`: sets the size to `new_size`, shrinking or
+    /// growing (with `prealloc`; to the same size too, where `falloc` and
+    /// `full` still build a new refcount area, as QEMU's image creation does
+    /// for a zero size).
+    pub(crate) fn truncate(&self, new_size: u64, prealloc: Preallocation) -> Result<()> {
+        self.writable()?;
+        let mut meta = self.lock()?;
+        let old = meta.header.size;
+        if new_size < old && prealloc != Preallocation::Off {
+            return Err(Error::InvalidArgument(
+                "Preallocation can't be used for shrinking an image".into(),
             ));
         }
         if new_size > i64::MAX as u64 {

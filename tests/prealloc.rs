@@ -190,6 +190,20 @@ fn create_matches_qemu() {
     }
 }
 
+/// A zero size: `falloc` and `full` still move the refcount table (QEMU
+/// builds a refcount area even for no data).
+#[test]
+fn create_zero_size_matches_qemu() {
+    if !have_qemu() {
+        return;
+    }
+    for mode in MODES {
+        let t = Twins::new();
+        create_twins(&t, "z.qcow2", &format!("preallocation={mode}"), "0");
+        assert_same_image(&t, "z.qcow2", &format!("create {mode} 0"));
+    }
+}
+
 #[test]
 fn grow_matches_qemu() {
     if !have_qemu() {
