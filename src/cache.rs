@@ -163,7 +163,23 @@ impl TableCache {
     }
 
     /// Drops every entry whose key lies in `[start, end)` (the cluster was freed).
+    ///
+    /// Keys are entry-aligned (tables and slices start at multiples of the
+    /// entry size), so a range holding fewer entry positions than the cache
+    /// holds entries is handled by direct lookups: freeing one cluster costs
+    /// a few hash lookups, not a walk over the whole cache.
     pub fn forget_range(&mut self, start: u64, end: u64) {
+        let step = self.entry_bytes.max(1) as u64;
+        let first = start.div_ceil(step).saturating_mul(step);
+        let positions = end.saturating_sub(first).div_ceil(step);
+        if positions <= self.lru.len() as u64 {
+            let mut k = first;
+            while k < end {
+                self.lru.pop(&k);
+                k += step;
+            }
+            return;
+        }
         let keys: Vec<u64> = self
             .lru
             .iter()
@@ -229,5 +245,20 @@ mod tests {
         assert_eq!(c.clean_unused(), 1, "8 was not used, 16 is dirty");
         assert!(c.peek(8).is_none());
         assert!(c.peek(0).is_some() && c.peek(16).is_some());
+    }
+
+    #[test]
+    fn forget_range_direct_and_walk() {
+        let mut c = TableCache::new(8, 16);
+        for k in [0u64, 16, 32, 48, 64] {
+            c.insert(k, vec![0; 16].into(), false);
+        }
+        // Few positions: direct lookups.
+        c.forget_range(16, 48);
+        assert!(c.peek(0).is_some() && c.peek(16).is_none() && c.peek(32).is_none());
+        assert!(c.peek(48).is_some());
+        // Many positions: the walk.
+        c.forget_range(40, 1 << 20);
+        assert!(c.peek(48).is_none() && c.peek(64).is_none() && c.peek(0).is_some());
     }
 }

@@ -9,7 +9,7 @@ use crate::format::consts::*;
 use crate::format::header::{Header, HeaderExtension};
 use crate::format::{put_be_u64, refcount};
 use crate::image::Image;
-use crate::options::{Compat, CompressionType, CreateOptions, OpenOptions};
+use crate::options::{Compat, CompressionType, CreateOptions, Preallocation};
 use crate::storage::{FileStorage, Storage};
 use crate::types::Geometry;
 use std::path::Path;
@@ -61,14 +61,36 @@ pub fn build_header(opts: &CreateOptions, size: u64) -> Result<Header> {
 }
 
 /// Creates an image in `file` (which should be empty) with the given options
-/// and virtual size. The external data file, if any, is `data` (created by
-/// the caller).
+/// and virtual size (rounded up to a multiple of 512, as QEMU does). An
+/// external data file named by the options is opened by name (relative to
+/// the current directory); [`create`] passes it directly.
+///
+/// With `preallocation` other than `off` (or `data_file_raw`, which implies
+/// `metadata`), the image is created empty and then grown with the mode,
+/// exactly as `qemu-img create` does (see [`Image::resize_with`]).
 ///
 /// # Errors
 /// Invalid options, I/O errors.
 pub fn create_on(file: Arc<dyn Storage>, opts: &CreateOptions, size: u64) -> Result<()> {
+    create_with(file, None, None, opts, size)
+}
+
+fn create_with(
+    file: Arc<dyn Storage>,
+    data: Option<Arc<dyn Storage>>,
+    path: Option<&Path>,
+    opts: &CreateOptions,
+    size: u64,
+) -> Result<()> {
     let size = sector_aligned(size);
-    let mut h = build_header(opts, size)?;
+    let prealloc = opts.effective_preallocation();
+    // Preallocated images start empty and grow with the mode, as in QEMU.
+    let direct_size = if prealloc == Preallocation::Off {
+        size
+    } else {
+        0
+    };
+    let mut h = build_header(opts, direct_size)?;
     let geom = Geometry::new(h.cluster_bits, h.is_extended_l2(), h.refcount_order);
     let cs = geom.cluster_size;
     let l1_entries = geom.l1_entries_for(size);
@@ -78,6 +100,7 @@ pub fn create_on(file: Arc<dyn Storage>, opts: &CreateOptions, size: u64) -> Res
                 .into(),
         ));
     }
+    let l1_entries = geom.l1_entries_for(direct_size);
     let l1_clusters = geom.clusters_for(l1_entries * 8);
     let direct = 3 + l1_clusters <= geom.refcount_block_entries();
     let used = if direct { 3 + l1_clusters } else { 3 };
@@ -101,14 +124,14 @@ pub fn create_on(file: Arc<dyn Storage>, opts: &CreateOptions, size: u64) -> Res
         file.write_at(&l1, 3 * cs).map_err(io)?;
     }
     file.flush().map_err(|e| Error::io(IoOp::Flush, 0, e))?;
-    if !direct {
-        let mode = crate::image::OpenMode {
-            skip_backing: true,
-            ..Default::default()
-        };
-        let img = Image::open_with_mode(file, None, &OpenOptions::new(), mode)?;
-        img.resize(size)?;
+    if h.size != size || prealloc != Preallocation::Off {
+        let img = Image::open_created(file.clone(), data, path.map(Path::to_path_buf))?;
+        // Like QEMU's creation (BDRV_O_NO_FLUSH): no syncs until the end.
+        img.set_no_flush(true)?;
+        img.truncate(size, prealloc)?;
+        img.set_no_flush(false)?;
         img.close()?;
+        file.flush().map_err(|e| Error::io(IoOp::Flush, 0, e))?;
     }
     Ok(())
 }
@@ -123,7 +146,9 @@ fn sector_aligned(size: u64) -> u64 {
 }
 
 /// Creates the image file at `path` (overwriting it) and, with a `data_file`
-/// option, the external data file next to it.
+/// option, the external data file next to it. With `nocow`, both files get
+/// the no-copy-on-write attribute while still empty (Btrfs; ignored by other
+/// file systems, as QEMU does).
 ///
 /// # Errors
 /// `Error::Io` if a file cannot be created, invalid options.
@@ -131,12 +156,17 @@ pub fn create(path: &Path, opts: &CreateOptions, size: u64) -> Result<()> {
     opts.validate()
         .map_err(|e| Error::InvalidArgument(e.to_string()))?;
     let nocow = opts.nocow.unwrap_or(false);
-    if let Some(df) = &opts.data_file {
-        let dpath = crate::image::resolve(path.parent(), Path::new(df));
-        let d = FileStorage::create(&dpath, nocow).map_err(|e| Error::io(IoOp::Write, 0, e))?;
-        d.set_len(sector_aligned(size))
-            .map_err(|e| Error::io(IoOp::Resize, 0, e))?;
-    }
+    let data = match &opts.data_file {
+        Some(df) => {
+            let dpath = crate::image::resolve(path.parent(), Path::new(df));
+            let d = FileStorage::create(&dpath, nocow).map_err(|e| Error::io(IoOp::Write, 0, e))?;
+            if opts.effective_preallocation() == Preallocation::Off {
+                crate::resize::resize_data_file(&d, sector_aligned(size), Preallocation::Off)?;
+            }
+            Some(Arc::new(d) as Arc<dyn Storage>)
+        }
+        None => None,
+    };
     let f = FileStorage::create(path, nocow).map_err(|e| Error::io(IoOp::Write, 0, e))?;
-    create_on(Arc::new(f), opts, size)
+    create_with(Arc::new(f), data, Some(path), opts, size)
 }

@@ -81,19 +81,19 @@ impl Backing {
 /// See the [module docs](self) for the concurrency model.
 pub struct Image {
     path: Option<PathBuf>,
-    file: Arc<dyn Storage>,
+    pub(crate) file: Arc<dyn Storage>,
     /// Where guest data lives: the image file, or the external data file.
-    data: Arc<dyn Storage>,
+    pub(crate) data: Arc<dyn Storage>,
     data_file_path: Option<PathBuf>,
-    backing: Option<Backing>,
+    pub(crate) backing: Option<Backing>,
     meta: Mutex<Meta>,
-    io_barrier: RwLock<()>,
+    pub(crate) io_barrier: RwLock<()>,
     read_only: bool,
     gone: AtomicBool,
     corruption_signalled: AtomicBool,
     events: RwLock<Option<EventSink>>,
     opts: OpenOptions,
-    geom: Geometry,
+    pub(crate) geom: Geometry,
     /// What the automatic repair of a dirty image fixed at open.
     dirty_repair: Option<crate::check::CheckReport>,
 }
@@ -137,6 +137,7 @@ impl Image {
             Some(path.to_path_buf()),
             opts,
             OpenMode::default(),
+            None,
         )
     }
 
@@ -154,7 +155,7 @@ impl Image {
             skip_backing: true,
             ..Default::default()
         };
-        Self::open_inner(Arc::new(file), Some(path.to_path_buf()), opts, mode)
+        Self::open_inner(Arc::new(file), Some(path.to_path_buf()), opts, mode, None)
     }
 
     /// Opens for checking or repair: corrupt and dirty images open read-write.
@@ -164,7 +165,21 @@ impl Image {
         opts: &OpenOptions,
         mode: OpenMode,
     ) -> Result<Image> {
-        Self::open_inner(file, path, opts, mode)
+        Self::open_inner(file, path, opts, mode, None)
+    }
+
+    /// Opens an image just created, read-write and without its backing
+    /// file, with the external data file (if any) given as storage.
+    pub(crate) fn open_created(
+        file: Arc<dyn Storage>,
+        data: Option<Arc<dyn Storage>>,
+        path: Option<PathBuf>,
+    ) -> Result<Image> {
+        let mode = OpenMode {
+            skip_backing: true,
+            ..Default::default()
+        };
+        Self::open_inner(file, path, &OpenOptions::new(), mode, data)
     }
 
     /// Opens an image held in any [`Storage`] (for example [`crate::storage::MemStorage`]).
@@ -173,7 +188,7 @@ impl Image {
     /// # Errors
     /// As for [`Image::open`].
     pub fn open_storage(storage: Arc<dyn Storage>, opts: &OpenOptions) -> Result<Image> {
-        Self::open_inner(storage, None, opts, OpenMode::default())
+        Self::open_inner(storage, None, opts, OpenMode::default(), None)
     }
 
     fn open_inner(
@@ -181,6 +196,7 @@ impl Image {
         path: Option<PathBuf>,
         opts: &OpenOptions,
         mode: OpenMode,
+        data_override: Option<Arc<dyn Storage>>,
     ) -> Result<Image> {
         let read_only = opts.get_read_only();
         let file_len = file.len().map_err(|e| Error::io(IoOp::Read, 0, e))?;
@@ -304,6 +320,8 @@ impl Image {
             free_hint: 0,
             file_end: file_len,
             pending_frees: Vec::new(),
+            discards: Vec::new(),
+            no_flush: false,
             discard: DiscardPolicy {
                 request: opts.get_pass_discard_request(),
                 snapshot: opts.get_pass_discard_snapshot(),
@@ -336,7 +354,9 @@ impl Image {
         } else {
             Self::open_backing(&meta.header, base_dir.as_deref(), opts)?
         };
-        let (data, data_file_path) = if external_data {
+        let (data, data_file_path) = if let (true, Some(d)) = (external_data, data_override) {
+            (d, None)
+        } else if external_data {
             let name = opts
                 .get_data_file()
                 .map(Path::to_path_buf)
@@ -442,6 +462,7 @@ impl Image {
                 Some(path.clone()),
                 &bopts,
                 OpenMode::default(),
+                None,
             )
             .map_err(wrap)?;
             Ok(Some(Backing::Qcow2(Box::new(img))))
@@ -599,7 +620,7 @@ impl Image {
         self.lock()
     }
 
-    fn lock(&self) -> Result<MutexGuard<'_, Meta>> {
+    pub(crate) fn lock(&self) -> Result<MutexGuard<'_, Meta>> {
         if self.gone.load(Ordering::SeqCst) {
             return Err(Error::MediumGone);
         }
@@ -613,7 +634,7 @@ impl Image {
 
     /// Turns an internal error into what the caller sees, raising events:
     /// corruption is signalled as QEMU does, I/O errors raise `IoError`.
-    fn fail(&self, meta: &mut Meta, e: Error, op: IoOperation) -> Error {
+    pub(crate) fn fail(&self, meta: &mut Meta, e: Error, op: IoOperation) -> Error {
         match &e {
             Error::OverlapPrevented { kind, offset, size } => {
                 let msg = format!(
@@ -752,7 +773,7 @@ impl Image {
         Ok(())
     }
 
-    fn read_backing(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+    pub(crate) fn read_backing(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         match &self.backing {
             Some(b) => b.read_at(buf, offset),
             None => {
@@ -764,7 +785,7 @@ impl Image {
 
     /// Reads and decompresses one compressed cluster of compression type
     /// `ctype`. Callers may hold the metadata lock: this does not take it.
-    fn read_compressed(&self, ctype: u8, offset: u64, len: u64) -> Result<Vec<u8>> {
+    pub(crate) fn read_compressed(&self, ctype: u8, offset: u64, len: u64) -> Result<Vec<u8>> {
         let cs = self.geom.cluster_size as usize;
         let mut input = vec![0u8; len as usize];
         read_file(&*self.file, &mut input, offset)?;
@@ -821,7 +842,7 @@ impl Image {
     // Writes.
     // ------------------------------------------------------------------
 
-    fn writable(&self) -> Result<()> {
+    pub(crate) fn writable(&self) -> Result<()> {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
@@ -831,7 +852,7 @@ impl Image {
     /// Work done once before the first write of a handle: clear autoclear
     /// bits this crate does not maintain (bitmaps become inconsistent as
     /// soon as we write, so the bitmaps bit is cleared too).
-    fn before_first_write(&self, meta: &mut Meta) -> Result<()> {
+    pub(crate) fn before_first_write(&self, meta: &mut Meta) -> Result<()> {
         let keep = AUTOCLEAR_DATA_FILE_RAW;
         if meta.header.autoclear_features & !keep != 0 {
             meta.header.autoclear_features &= keep;
@@ -950,7 +971,7 @@ impl Image {
     /// copying the untouched parts of partially written clusters from their
     /// old content, writes the data and updates the L2 entries. Returns how
     /// many bytes were written.
-    fn allocating_write(&self, meta: &mut Meta, g: u64, data: &[u8]) -> Result<u64> {
+    pub(crate) fn allocating_write(&self, meta: &mut Meta, g: u64, data: &[u8]) -> Result<u64> {
         let geom = self.geom;
         let cs = geom.cluster_size;
         let len = data.len() as u64;
@@ -1573,7 +1594,13 @@ impl Image {
         Ok(())
     }
 
-    fn zero_locked(&self, meta: &mut Meta, start: u64, end: u64, unmap: bool) -> Result<()> {
+    pub(crate) fn zero_locked(
+        &self,
+        meta: &mut Meta,
+        start: u64,
+        end: u64,
+        unmap: bool,
+    ) -> Result<()> {
         let geom = self.geom;
         let cs = geom.cluster_size;
         let mut g = start;
@@ -1776,47 +1803,6 @@ fn _assert_send_sync() {
     fn is<T: Send + Sync>() {}
     is::<Image>();
     let _ = MetadataKind::ALL;
-}
-
-impl Image {
-    /// Grows the virtual disk to `new_size` bytes (a larger L1 table is
-    /// allocated when needed). Shrinking is refused here; see
-    /// [`Image::shrink`](Self::resize) once supported.
-    ///
-    /// # Errors
-    /// `Error::InvalidArgument` for a smaller size, `Error::TooLarge` when the
-    /// L1 table would exceed 32 MiB, I/O errors.
-    pub fn resize(&self, new_size: u64) -> Result<()> {
-        self.writable()?;
-        let mut meta = self.lock()?;
-        let r = (|| {
-            if new_size < meta.header.size {
-                return Err(Error::Unsupported("shrinking an image".into()));
-            }
-            if new_size > i64::MAX as u64 {
-                return Err(Error::InvalidArgument(
-                    "Invalid image size specified. Must be between 0 and 9223372036854775807."
-                        .into(),
-                ));
-            }
-            self.before_first_write(&mut meta)?;
-            let need = self.geom.l1_entries_for(new_size);
-            if need > (MAX_L1_BYTES / 8) {
-                return Err(Error::TooLarge(
-                    "The image size is too large for file format 'qcow2' (try using a larger cluster size)".into(),
-                ));
-            }
-            // Dirty tables must be durable before the L1 table moves.
-            meta.flush_all(false)?;
-            meta.grow_l1(need)?;
-            meta.write_size(new_size)?;
-            Ok(())
-        })();
-        match r {
-            Ok(()) => Ok(()),
-            Err(e) => Err(self.fail(&mut meta, e, IoOperation::Write)),
-        }
-    }
 }
 
 #[cfg(test)]

@@ -46,6 +46,7 @@ pub mod mapping;
 mod meta;
 pub mod options;
 pub mod overlap;
+pub mod resize;
 mod snapshot;
 pub mod storage;
 pub mod types;

@@ -46,6 +46,9 @@ pub(crate) enum DiscardType {
     Snapshot,
     /// Anything else: COW, table relocation (`pass-discard-other`).
     Other,
+    /// Always passed down, whatever the options (QEMU's `QCOW2_DISCARD_ALWAYS`:
+    /// clusters cut off by shrinking an image).
+    Always,
 }
 
 /// Which kinds of freed ranges are discarded in the file.
@@ -107,6 +110,12 @@ pub(crate) struct Meta {
     pub file_end: u64,
     /// Refcount decrements waiting until the references are durably gone.
     pub pending_frees: Vec<(u64, DiscardType)>,
+    /// Host ranges of freed clusters still to be discarded in the file
+    /// (adjacent ranges merged); passed down before any allocation.
+    pub discards: Vec<(u64, u64)>,
+    /// Skip syncs (image creation, like QEMU's `BDRV_O_NO_FLUSH`): the image
+    /// is not valid before creation ends anyway; one sync at the end.
+    pub no_flush: bool,
     pub discard: DiscardPolicy,
     /// Guest data was written to new clusters since the last sync.
     pub data_unsynced: bool,
@@ -162,7 +171,7 @@ impl Meta {
 
     /// Writes metadata; a failure poisons the handle (the in-memory state is
     /// ahead of the file).
-    fn meta_write(&mut self, buf: &[u8], offset: u64, kind: MetadataKind) -> Result<()> {
+    pub(crate) fn meta_write(&mut self, buf: &[u8], offset: u64, kind: MetadataKind) -> Result<()> {
         let r = self.gate_write(buf, offset, Some(kind));
         if matches!(r, Err(Error::Io { .. })) {
             self.poisoned = true;
@@ -172,6 +181,10 @@ impl Meta {
 
     /// Syncs the image file.
     pub fn sync(&mut self) -> Result<()> {
+        if self.no_flush {
+            self.data_unsynced = false;
+            return Ok(());
+        }
         if let Err(e) = self.file.flush() {
             // After a failed fsync nothing written since the last good one can
             // be trusted to be durable: stop using this handle.
@@ -403,47 +416,75 @@ impl Meta {
             .unwrap_or(0))
     }
 
-    fn set_refcount_in_block(&mut self, block: u64, bi: usize, value: u64) {
-        let order = self.geom.refcount_order;
-        if let Some(t) = self.rc_cache.get_mut(block) {
-            refcount::set(&mut t.data, order, bi, value);
-            t.dirty = true;
-        }
-    }
-
     /// Finds `n` contiguous clusters with refcount 0, scanning from the free
     /// hint, without changing refcounts (QEMU's `alloc_clusters_noref`).
     /// Leaves the hint just past the run.
+    ///
+    /// The scan works a refcount block at a time: a range without a block is
+    /// free as a whole, a loaded block is scanned in place.
     fn alloc_noref(&mut self, n: u64) -> Result<u64> {
+        // Freed clusters must not be discarded after they are reused.
+        self.process_discards();
         let max = MAX_HOST_OFFSET >> self.geom.cluster_bits;
-        let mut run = 0;
+        let rb_bits = self.geom.refcount_block_bits;
+        let order = self.geom.refcount_order;
+        let too_large =
+            || Error::TooLarge("image file would exceed the largest host offset".into());
+        let mut run = 0u64;
         loop {
             let c = self.free_hint;
             if c >= max {
-                return Err(Error::TooLarge(
-                    "image file would exceed the largest host offset".into(),
-                ));
+                return Err(too_large());
             }
-            self.free_hint += 1;
-            if self.refcount(c)? == 0 {
-                run += 1;
-                if run == n {
-                    return Ok(self.free_hint - n);
-                }
+            let ri = c >> rb_bits;
+            let range_end = (ri + 1) << rb_bits;
+            let block = self.refblock_offset(ri)?;
+            if block == 0 {
+                let take = (range_end - c).min(n - run);
+                self.free_hint += take;
+                run += take;
             } else {
-                run = 0;
+                self.load_refblock(block)?;
+                let Some(t) = self.rc_cache.peek(block) else {
+                    return Err(Error::InvalidArgument("refcount block not cached".into()));
+                };
+                let mut i = (c - (ri << rb_bits)) as usize;
+                let entries = 1usize << rb_bits;
+                while i < entries && run < n {
+                    if refcount::get(&t.data, order, i).unwrap_or(0) == 0 {
+                        run += 1;
+                    } else {
+                        run = 0;
+                    }
+                    i += 1;
+                }
+                self.free_hint = (ri << rb_bits) + i as u64;
+            }
+            if run == n {
+                if self.free_hint > max {
+                    return Err(too_large());
+                }
+                return Ok(self.free_hint - n);
             }
         }
     }
 
     /// Makes sure the refcount block covering `cluster` exists. Allocating one
-    /// returns [`Update::Again`], as it may have taken space the caller chose.
+    /// returns [`Update::Again`], as it may have taken space the caller chose
+    /// (QEMU's `alloc_refcount_block`).
     fn ensure_refblock(&mut self, cluster: u64) -> Result<Update> {
         let (ri, _) = self.geom.refcount_position(cluster);
         if self.refblock_offset(ri)? != 0 {
             return Ok(Update::Done);
         }
         let new_cluster = self.alloc_noref(1)?;
+        if new_cluster == 0 {
+            return Err(Error::Corrupt {
+                what: "refcount block",
+                offset: 0,
+                msg: "Preventing invalid allocation of refcount block at offset 0".into(),
+            });
+        }
         let new_block = new_cluster << self.geom.cluster_bits;
         let cs = self.geom.cluster_size as usize;
         let mut buf = vec![0u8; cs].into_boxed_slice();
@@ -464,6 +505,31 @@ impl Meta {
             return Err(e);
         }
         self.sync()?;
+        self.make_room_rc()?;
+        self.rc_cache.insert(new_block, buf, false);
+        let idx = usize::try_from(ri).map_err(|_| Error::TooLarge("refcount table".into()))?;
+        if idx < self.reftable.len() && idx < self.on_disk_reftable_entries() {
+            self.reftable[idx] = new_block;
+            let off = self.header.refcount_table_offset + ri * 8;
+            self.meta_write(&new_block.to_be_bytes(), off, MetadataKind::RefcountTable)?;
+            self.sync()?;
+        } else {
+            // Grow the table: a self-describing area starting at the first
+            // cluster not covered by any existing refcount block slot.
+            let per_block = self.geom.refcount_block_entries();
+            let blocks_used = (cluster + 1).max(new_cluster + 1).div_ceil(per_block);
+            let area = (blocks_used * per_block) << self.geom.cluster_bits;
+            self.refcount_area(area, 0, false, Some((idx, new_block)))?;
+        }
+        Ok(Update::Again)
+    }
+
+    fn on_disk_reftable_entries(&self) -> usize {
+        (u64::from(self.header.refcount_table_clusters) << (self.geom.cluster_bits - 3)) as usize
+    }
+
+    /// Makes room in the refcount block cache, writing back a dirty victim.
+    fn make_room_rc(&mut self) -> Result<()> {
         while self.rc_cache.is_full() {
             let Some((victim, dirty)) = self.rc_cache.lru_victim() else {
                 break;
@@ -473,25 +539,16 @@ impl Meta {
             }
             self.rc_cache.remove(victim);
         }
-        self.rc_cache.insert(new_block, buf, false);
-        let idx = usize::try_from(ri).map_err(|_| Error::TooLarge("refcount table".into()))?;
-        if idx < self.reftable.len() && idx < self.on_disk_reftable_entries() {
-            self.reftable[idx] = new_block;
-            let off = self.header.refcount_table_offset + ri * 8;
-            self.meta_write(&new_block.to_be_bytes(), off, MetadataKind::RefcountTable)?;
-            self.sync()?;
-        } else {
-            self.grow_reftable(idx, new_block)?;
-        }
-        Ok(Update::Again)
+        Ok(())
     }
 
-    fn on_disk_reftable_entries(&self) -> usize {
-        (u64::from(self.header.refcount_table_clusters) << (self.geom.cluster_bits - 3)) as usize
-    }
-
-    /// Adds `addend` to the refcounts of `count` clusters from `start`.
-    /// On [`Update::Again`] nothing was changed.
+    /// Adds `addend` to the refcounts of `count` clusters from `start`
+    /// (QEMU's `update_refcount`). On [`Update::Again`] or an error nothing
+    /// was changed; after `Again` the free hint is at most `start`, so the
+    /// caller's next search tries the same clusters first (QEMU 10).
+    ///
+    /// The work is done a refcount block at a time, directly in the cached
+    /// block, so a long run costs one cache lookup per block.
     pub fn update_refcount(
         &mut self,
         start: u64,
@@ -499,61 +556,142 @@ impl Meta {
         addend: i64,
         dtype: DiscardType,
     ) -> Result<Update> {
-        let max = refcount::max_value(self.geom.refcount_order);
-        for i in 0..count {
-            let c = start + i;
-            if self.ensure_refblock(c)? == Update::Again {
-                // Undo what was done so far (QEMU does the same).
-                for j in 0..i {
-                    let cur = self.refcount(start + j)?;
-                    let v = if addend > 0 {
-                        cur - addend as u64
-                    } else {
-                        cur + addend.unsigned_abs()
-                    };
-                    self.store_refcount(start + j, v)?;
-                    if v == 0 {
-                        self.free_hint = self.free_hint.min(start + j);
-                    }
+        let end = start + count;
+        let mut c = start;
+        while c < end {
+            let step = match self.ensure_refblock(c) {
+                Ok(Update::Done) => self.add_to_segment(c, end, addend, dtype),
+                Ok(Update::Again) => {
+                    self.undo_refcounts(start, c, addend);
+                    self.free_hint = self.free_hint.min(start);
+                    return Ok(Update::Again);
                 }
-                return Ok(Update::Again);
-            }
-            let cur = self.refcount(c)?;
-            let new = if addend >= 0 {
-                match cur.checked_add(addend as u64) {
-                    Some(v) if v <= max => v,
-                    _ => return Err(Error::RefcountOverflow { cluster: c, max }),
-                }
-            } else {
-                match cur.checked_sub(addend.unsigned_abs()) {
-                    Some(v) => v,
-                    None => {
-                        return Err(Error::Corrupt {
-                            what: "refcount block",
-                            offset: c << self.geom.cluster_bits,
-                            msg: format!("Refcount of cluster {c:#x} would drop below zero"),
-                        })
-                    }
-                }
+                Err(e) => Err(e),
             };
-            self.store_refcount(c, new)?;
-            if new == 0 {
-                self.cluster_freed(c, dtype)?;
+            match step {
+                Ok(next) => c = next,
+                Err(e) => {
+                    self.undo_refcounts(start, c, addend);
+                    return Err(e);
+                }
             }
         }
         Ok(Update::Done)
     }
 
-    fn store_refcount(&mut self, cluster: u64, value: u64) -> Result<()> {
-        let (ri, bi) = self.geom.refcount_position(cluster);
+    /// Adds `addend` to the refcounts of clusters `[c, min(end, end of c's
+    /// refcount block range))`, whose block exists, and returns where the
+    /// segment ended. Nothing is changed if any value would leave its range.
+    fn add_to_segment(&mut self, c: u64, end: u64, addend: i64, dtype: DiscardType) -> Result<u64> {
+        let rb_bits = self.geom.refcount_block_bits;
+        let order = self.geom.refcount_order;
+        let max = refcount::max_value(order);
+        let (ri, bi) = self.geom.refcount_position(c);
+        let seg_end = end.min((ri + 1) << rb_bits);
+        let n = (seg_end - c) as usize;
         let block = self.refblock_offset(ri)?;
         self.load_refblock(block)?;
-        self.set_refcount_in_block(block, bi, value);
-        Ok(())
+        let cb = self.geom.cluster_bits;
+        let mut zeroed: Vec<(u64, u64)> = Vec::new();
+        {
+            let Some(t) = self.rc_cache.get_mut(block) else {
+                return Err(Error::InvalidArgument("refcount block not cached".into()));
+            };
+            // Check the whole segment first so a failure changes nothing.
+            for k in 0..n {
+                let cur = refcount::get(&t.data, order, bi + k).unwrap_or(0);
+                let ok = if addend >= 0 {
+                    cur.checked_add(addend as u64).is_some_and(|v| v <= max)
+                } else {
+                    cur >= addend.unsigned_abs()
+                };
+                if !ok {
+                    let cl = c + k as u64;
+                    return Err(if addend >= 0 {
+                        Error::RefcountOverflow { cluster: cl, max }
+                    } else {
+                        Error::Corrupt {
+                            what: "refcount block",
+                            offset: cl << cb,
+                            msg: format!("Refcount of cluster {cl:#x} would drop below zero"),
+                        }
+                    });
+                }
+            }
+            for k in 0..n {
+                let cur = refcount::get(&t.data, order, bi + k).unwrap_or(0);
+                let new = if addend >= 0 {
+                    cur + addend as u64
+                } else {
+                    cur - addend.unsigned_abs()
+                };
+                refcount::set(&mut t.data, order, bi + k, new);
+                if new == 0 {
+                    let cl = c + k as u64;
+                    match zeroed.last_mut() {
+                        Some((s, l)) if *s + *l == cl => *l += 1,
+                        _ => zeroed.push((cl, 1)),
+                    }
+                }
+            }
+            if n > 0 {
+                t.dirty = true;
+            }
+        }
+        for (s, l) in zeroed {
+            for cl in s..s + l {
+                self.cluster_freed(cl, dtype);
+            }
+        }
+        Ok(seg_end)
+    }
+
+    /// Reverts `addend` on `[start, upto)` after a failed or restarted
+    /// update (the blocks exist: the update went through them). Clusters
+    /// that drop back to 0 only lower the free hint, as in QEMU.
+    fn undo_refcounts(&mut self, start: u64, upto: u64, addend: i64) {
+        let order = self.geom.refcount_order;
+        let rb_bits = self.geom.refcount_block_bits;
+        let mut c = start;
+        while c < upto {
+            let (ri, bi) = self.geom.refcount_position(c);
+            let seg_end = upto.min((ri + 1) << rb_bits);
+            let block = match self.refblock_offset(ri) {
+                Ok(b) if b != 0 => b,
+                _ => {
+                    c = seg_end;
+                    continue;
+                }
+            };
+            if self.load_refblock(block).is_err() {
+                c = seg_end;
+                continue;
+            }
+            let mut lowest_zero = None;
+            if let Some(t) = self.rc_cache.get_mut(block) {
+                for k in 0..(seg_end - c) as usize {
+                    let cur = refcount::get(&t.data, order, bi + k).unwrap_or(0);
+                    let v = if addend > 0 {
+                        cur.saturating_sub(addend as u64)
+                    } else {
+                        cur.saturating_add(addend.unsigned_abs())
+                    };
+                    refcount::set(&mut t.data, order, bi + k, v);
+                    if v == 0 && lowest_zero.is_none() {
+                        lowest_zero = Some(c + k as u64);
+                    }
+                }
+                t.dirty = true;
+            }
+            if let Some(z) = lowest_zero {
+                self.free_hint = self.free_hint.min(z);
+            }
+            c = seg_end;
+        }
     }
 
     /// Bookkeeping when a cluster's refcount reaches 0.
-    fn cluster_freed(&mut self, c: u64, dtype: DiscardType) -> Result<()> {
+    fn cluster_freed(&mut self, c: u64, dtype: DiscardType) {
         let off = c << self.geom.cluster_bits;
         self.free_hint = self.free_hint.min(c);
         // A freed L2 table must not stay cached under this offset.
@@ -565,16 +703,28 @@ impl Meta {
             DiscardType::Request => self.discard.request,
             DiscardType::Snapshot => self.discard.snapshot,
             DiscardType::Other => self.discard.other,
+            DiscardType::Always => true,
         };
         if pass {
-            // Advisory: a failed discard loses nothing.
-            let _ = self.file.discard(off, self.geom.cluster_size);
+            let len = self.geom.cluster_size;
+            match self.discards.last_mut() {
+                Some((s, l)) if *s + *l == off => *l += len,
+                _ => self.discards.push((off, len)),
+            }
         }
-        Ok(())
+    }
+
+    /// Passes the queued discards of freed clusters down to the file
+    /// (adjacent clusters merged into one request). Advisory: a failed
+    /// discard loses nothing.
+    pub fn process_discards(&mut self) {
+        for (off, len) in std::mem::take(&mut self.discards) {
+            let _ = self.file.discard(off, len);
+        }
     }
 
     /// Allocates `n` contiguous clusters with refcount 1 and returns the host
-    /// offset of the first.
+    /// offset of the first (QEMU's `qcow2_alloc_clusters`).
     pub fn alloc_clusters(&mut self, n: u64) -> Result<u64> {
         loop {
             let start = self.alloc_noref(n)?;
@@ -582,6 +732,51 @@ impl Meta {
                 return Ok(start << self.geom.cluster_bits);
             }
         }
+    }
+
+    /// Allocates as many of the `n` clusters starting at host cluster
+    /// `cluster` as are free in a row, and returns how many
+    /// (QEMU's `qcow2_alloc_clusters_at`). The free hint is not moved.
+    pub fn alloc_clusters_at(&mut self, cluster: u64, n: u64) -> Result<u64> {
+        if n == 0 {
+            return Ok(0);
+        }
+        self.process_discards();
+        loop {
+            let free = self.count_free(cluster, n)?;
+            if self.update_refcount(cluster, free, 1, DiscardType::Never)? == Update::Done {
+                return Ok(free);
+            }
+        }
+    }
+
+    /// How many of the `n` clusters from `cluster` have refcount 0 in a row.
+    fn count_free(&mut self, cluster: u64, n: u64) -> Result<u64> {
+        let rb_bits = self.geom.refcount_block_bits;
+        let order = self.geom.refcount_order;
+        let mut done = 0u64;
+        while done < n {
+            let c = cluster + done;
+            let ri = c >> rb_bits;
+            let seg = (((ri + 1) << rb_bits) - c).min(n - done);
+            let block = self.refblock_offset(ri)?;
+            if block == 0 {
+                done += seg;
+                continue;
+            }
+            self.load_refblock(block)?;
+            let Some(t) = self.rc_cache.peek(block) else {
+                return Err(Error::InvalidArgument("refcount block not cached".into()));
+            };
+            let bi = (c - (ri << rb_bits)) as usize;
+            for k in 0..seg as usize {
+                if refcount::get(&t.data, order, bi + k).unwrap_or(0) != 0 {
+                    return Ok(done + k as u64);
+                }
+            }
+            done += seg;
+        }
+        Ok(done)
     }
 
     /// Queues one reference drop of host cluster at `offset`, applied after
@@ -601,95 +796,132 @@ impl Meta {
         }
     }
 
-    /// Grows the refcount table so that index `need` exists, placing the new
-    /// table (and any refcount blocks it needs) in a self-describing area at
-    /// the end of the file, then switching the header to it with one write.
-    /// `new_block` is a freshly written block for index `need`.
-    fn grow_reftable(&mut self, need: usize, new_block: u64) -> Result<()> {
-        let cb = self.geom.cluster_bits;
-        let per_cluster = (self.geom.cluster_size / 8) as usize;
-        let want = (need + 1).max(self.reftable.len()).saturating_mul(3) / 2;
-        let entries = want.div_ceil(per_cluster) * per_cluster;
-        if (entries as u64) * 8 > MAX_REFTABLE_BYTES {
-            return Err(Error::TooLarge("Reference count table too large".into()));
-        }
-        let mut table = self.reftable.clone();
-        table.resize(entries, 0);
-        table[need] = new_block;
-        let table_clusters = (entries / per_cluster) as u64;
-        // The area starts past everything in use.
-        let mut area = self
-            .file_end
-            .div_ceil(self.geom.cluster_size)
-            .max(self.free_hint);
-        let rb_bits = self.geom.refcount_block_bits;
-        let (blocks, area) = loop {
-            // Ranges of the area that have no block yet get new blocks at its start.
-            let mut nb = 0u64;
-            loop {
-                let end = area + nb + table_clusters;
-                let missing = (area >> rb_bits..=(end - 1) >> rb_bits)
-                    .filter(|r| table.get(*r as usize).is_none_or(|e| *e == 0))
-                    .count() as u64;
-                if missing == nb {
-                    break;
-                }
-                nb = missing;
-            }
-            // Clusters of the area in ranges with an existing block must be free.
-            let mut busy = None;
-            for c in area..area + nb + table_clusters {
-                if table.get((c >> rb_bits) as usize).is_some_and(|e| *e != 0)
-                    && self.refcount(c)? != 0
-                {
-                    busy = Some(c);
-                }
-            }
-            match busy {
-                Some(c) => area = c + 1,
-                None => break (nb, area),
-            }
+    /// The highest reftable index with a refcount block (0 if none), QEMU's
+    /// `max_refcount_table_index`.
+    fn max_reftable_index(&self) -> usize {
+        self.reftable.iter().rposition(|e| *e != 0).unwrap_or(0)
+    }
+
+    /// Builds new self-covering refcount structures at host offset `start`
+    /// (which must be at the end of the used space): the refcount blocks
+    /// still missing for everything up to the new structures plus
+    /// `additional` clusters beyond them, then a new refcount table right
+    /// after those blocks (50 % larger than needed unless `exact`). The
+    /// blocks and the table are written and synced, the header is switched
+    /// to the new table with one write, and the old table's clusters are
+    /// freed. `new_block` is a refcount block to enter at the given index.
+    ///
+    /// Returns the offset just past the new table, where the `additional`
+    /// clusters may go (QEMU's `qcow2_refcount_area`).
+    ///
+    /// # Errors
+    /// `Error::TooLarge` when the table would exceed 8 MiB, I/O errors.
+    pub fn refcount_area(
+        &mut self,
+        start: u64,
+        additional: u64,
+        exact: bool,
+        new_block: Option<(usize, u64)>,
+    ) -> Result<u64> {
+        let g = self.geom;
+        let cs = g.cluster_size;
+        let cb = g.cluster_bits;
+        let too_large = || Error::TooLarge("Reference count table too large".into());
+        let (total_blocks, _) =
+            refcount_metadata_size((start >> cb) + additional, cs, g.refcount_order, !exact);
+        let per_table_cluster = cs / 8;
+        let mut table_size = if exact {
+            total_blocks
+        } else {
+            total_blocks + total_blocks.div_ceil(2)
         };
-        let end = area + blocks + table_clusters;
-        if (end >> rb_bits) as usize >= entries {
-            return Err(Error::TooLarge("Reference count table too large".into()));
+        table_size = table_size.div_ceil(per_table_cluster) * per_table_cluster;
+        if table_size * 8 > MAX_REFTABLE_BYTES {
+            return Err(too_large());
         }
-        // Build the new blocks.
-        let cs = self.geom.cluster_size as usize;
-        let order = self.geom.refcount_order;
-        let mut new_blocks: Vec<(u64, Box<[u8]>)> = Vec::new();
-        let mut next = area;
-        for r in area >> rb_bits..=(end - 1) >> rb_bits {
-            if table[r as usize] == 0 {
-                let off = next << cb;
-                table[r as usize] = off;
-                new_blocks.push((off, vec![0u8; cs].into_boxed_slice()));
-                next += 1;
+        let table_size = table_size as usize;
+        let total_blocks = total_blocks as usize;
+        let table_clusters = (table_size as u64) / per_table_cluster;
+        let area_ri = ((start >> cb) >> g.refcount_block_bits) as usize;
+
+        let mut table = vec![0u64; table_size];
+        let max_idx = self.max_reftable_index();
+        let copy = if table_size > max_idx {
+            (max_idx + 1).min(self.reftable.len())
+        } else {
+            table_size
+        };
+        table[..copy].copy_from_slice(&self.reftable[..copy]);
+        if let Some((idx, off)) = new_block {
+            if idx >= total_blocks {
+                return Err(too_large());
             }
+            table[idx] = off;
         }
-        for c in area..end {
-            let (ri, bi) = self.geom.refcount_position(c);
-            let block = table[ri as usize];
-            if let Some((_, buf)) = new_blocks.iter_mut().find(|(o, _)| *o == block) {
-                refcount::set(buf, order, bi, 1);
+        let new_count = (area_ri..total_blocks).filter(|i| table[*i] == 0).count() as u64;
+        let table_off = start + new_count * cs;
+        let end = table_off + table_clusters * cs;
+
+        // Fill the refcount blocks, creating the missing ones from `start`.
+        let order = g.refcount_order;
+        let per_block = g.refcount_block_entries();
+        let mut block_off = start;
+        for (i, slot) in table
+            .iter_mut()
+            .enumerate()
+            .take(total_blocks)
+            .skip(area_ri)
+        {
+            let block = if *slot != 0 {
+                let b = *slot & REFT_OFFSET_MASK;
+                self.load_refblock(b)?;
+                b
             } else {
-                self.load_refblock(block)?;
-                self.set_refcount_in_block(block, bi, 1);
+                let b = block_off;
+                block_off += cs;
+                *slot = b;
+                self.checker.add_refcount_block(b);
+                self.make_room_rc()?;
+                self.rc_cache
+                    .insert(b, vec![0u8; cs as usize].into_boxed_slice(), true);
+                b
+            };
+            let first = (i as u64 * per_block) << cb;
+            if first < end {
+                let from = if first < start {
+                    ((start - first) >> cb) as usize
+                } else {
+                    0
+                };
+                let to = (((end - first) >> cb).min(per_block)) as usize;
+                let Some(t) = self.rc_cache.get_mut(block) else {
+                    return Err(Error::InvalidArgument("refcount block not cached".into()));
+                };
+                for j in from..to {
+                    if refcount::get(&t.data, order, j).unwrap_or(0) != 0 {
+                        return Err(Error::Corrupt {
+                            what: "refcount block",
+                            offset: block,
+                            msg: format!(
+                                "Cluster {:#x} of the new refcount area is already in use",
+                                (first >> cb) + j as u64
+                            ),
+                        });
+                    }
+                    refcount::set(&mut t.data, order, j, 1);
+                }
+                t.dirty = true;
             }
         }
-        for (off, buf) in &new_blocks {
-            self.checker.add_refcount_block(*off);
-            self.meta_write(buf, *off, MetadataKind::RefcountBlock)?;
-        }
+        // Blocks first (and synced), then the table (synced), then the header.
         self.flush_refcounts()?;
-        let table_off = (area + blocks) << cb;
-        let mut bytes = vec![0u8; entries * 8];
+        self.sync()?;
+        let mut bytes = vec![0u8; table_size * 8];
         for (i, e) in table.iter().enumerate() {
             put_be_u64(&mut bytes, i * 8, *e);
         }
         self.meta_write(&bytes, table_off, MetadataKind::RefcountTable)?;
         self.sync()?;
-        // Switch the header: offset (8 bytes) and cluster count (4 bytes) in one write.
         let mut sw = [0u8; 12];
         sw[..8].copy_from_slice(&table_off.to_be_bytes());
         sw[8..].copy_from_slice(&(table_clusters as u32).to_be_bytes());
@@ -699,14 +931,22 @@ impl Meta {
         self.header.refcount_table_offset = table_off;
         self.header.refcount_table_clusters = table_clusters as u32;
         self.checker
-            .set_refcount_table(table_off, entries as u64 * 8);
+            .set_refcount_table(table_off, table_size as u64 * 8);
+        // Blocks the new table dropped (only beyond the used space) are gone.
+        for e in self.reftable.iter().skip(table_size) {
+            if *e != 0 {
+                self.checker.remove_refcount_block(*e & REFT_OFFSET_MASK);
+            }
+        }
         self.reftable = table;
         self.reftable_dirty.clear();
-        self.free_hint = self.free_hint.max(end);
-        for i in 0..old_clusters {
-            self.queue_free(old_off + (i << cb), DiscardType::Other);
+        // Nothing refers to the old table any more: free it now, as QEMU
+        // does (later allocations may reuse its clusters).
+        if old_clusters > 0 {
+            // A decrement of counted clusters never allocates (never `Again`).
+            let _ = self.update_refcount(old_off >> cb, old_clusters, -1, DiscardType::Other)?;
         }
-        Ok(())
+        Ok(end)
     }
 
     // ------------------------------------------------------------------
@@ -878,15 +1118,24 @@ impl Meta {
         }
         if apply_frees && !self.pending_frees.is_empty() {
             let frees = std::mem::take(&mut self.pending_frees);
-            for (c, dtype) in frees {
-                match self.update_refcount(c, 1, -1, dtype)? {
+            // Runs of consecutive clusters (in queue order) go in one update.
+            let mut i = 0;
+            while i < frees.len() {
+                let (c, dtype) = frees[i];
+                let mut j = i + 1;
+                while j < frees.len() && frees[j] == (c + (j - i) as u64, dtype) {
+                    j += 1;
+                }
+                match self.update_refcount(c, (j - i) as u64, -1, dtype)? {
                     Update::Done => {}
                     Update::Again => {
-                        // Cannot happen for a cluster that has a refcount; keep it queued.
-                        self.pending_frees.push((c, dtype));
+                        // Cannot happen for clusters that have a refcount; keep them queued.
+                        self.pending_frees.extend_from_slice(&frees[i..j]);
                     }
                 }
+                i = j;
             }
+            self.process_discards();
             self.flush_refcounts()?;
         }
         if self.lazy_refcounts {
@@ -932,6 +1181,38 @@ impl Meta {
             self.write_incompatible_features()?;
         }
         Ok(())
+    }
+}
+
+/// How many refcount blocks and refcount table clusters it takes to count
+/// `clusters` clusters plus the refcount structures themselves: the fixed
+/// point QEMU's `qcow2_refcount_metadata_size` computes. With `generous`, the
+/// table gets room for 50 % more blocks (folded in once, as QEMU does).
+/// Returns `(blocks, table_clusters)`.
+pub(crate) fn refcount_metadata_size(
+    clusters: u64,
+    cluster_size: u64,
+    refcount_order: u32,
+    generous: bool,
+) -> (u64, u64) {
+    let per_table_cluster = cluster_size / 8;
+    let per_block = (cluster_size * 8) >> refcount_order;
+    let (mut table, mut blocks, mut n) = (0u64, 0u64, 0u64);
+    let mut clusters = clusters;
+    let mut generous = generous;
+    loop {
+        let last = n;
+        blocks = (clusters + table + blocks).div_ceil(per_block);
+        table = blocks.div_ceil(per_table_cluster);
+        n = clusters + blocks + table;
+        if n == last && generous {
+            clusters += table.div_ceil(2);
+            n = 0;
+            generous = false;
+        }
+        if n == last {
+            return (blocks, table);
+        }
     }
 }
 
@@ -987,10 +1268,12 @@ impl Meta {
         self.checker.set_active_l1(new_off, bytes);
         self.l1 = new_l1;
         self.l1_dirty.clear();
-        if old_off != 0 {
-            for i in 0..old_clusters {
-                self.queue_free(old_off + (i << self.geom.cluster_bits), DiscardType::Other);
-            }
+        if old_off != 0 && old_clusters > 0 {
+            // The header switch is durable and the L1 table is only read from
+            // memory: nothing uses the old table any more. Free it now, as
+            // QEMU does, so the next allocations may reuse its clusters.
+            let cb = self.geom.cluster_bits;
+            let _ = self.update_refcount(old_off >> cb, old_clusters, -1, DiscardType::Other)?;
         }
         Ok(())
     }
@@ -1000,5 +1283,152 @@ impl Meta {
         self.write_header_field(24, &size.to_be_bytes())?;
         self.header.size = size;
         Ok(())
+    }
+}
+
+impl Meta {
+    /// Cuts the active L1 table down to its first `keep` entries the way
+    /// QEMU's `qcow2_shrink_l1_table` does: the entries from `keep` on are
+    /// zeroed on disk with one write (synced), then the L2 tables they
+    /// pointed at are released (queued drops, always discarded). The table
+    /// keeps its size (`l1_size` does not change).
+    ///
+    /// # Errors
+    /// I/O errors, an overlap with other metadata.
+    pub fn shrink_l1(&mut self, keep: u64) -> Result<()> {
+        let len = self.l1.len() as u64;
+        if keep >= len {
+            return Ok(());
+        }
+        let zeros = vec![0u8; ((len - keep) * 8) as usize];
+        let off = self.header.l1_table_offset + keep * 8;
+        self.meta_write(&zeros, off, MetadataKind::ActiveL1)?;
+        self.sync()?;
+        let cs = self.geom.cluster_size;
+        for i in (keep..len).rev() {
+            let i = i as usize;
+            self.l1_dirty.remove(&i);
+            let table = self.l1[i] & L1E_OFFSET_MASK;
+            self.l1[i] = 0;
+            if table != 0 {
+                self.checker.remove_active_l2(table);
+                // Not active any more: its cached slices are not written back.
+                self.l2_cache.forget_range(table, table + cs);
+                self.queue_free(table, DiscardType::Always);
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops refcount blocks that count nothing but themselves (QEMU's
+    /// `qcow2_shrink_reftable`): the refcount table is rewritten with their
+    /// entries zeroed (one synced write), then each block's own reference is
+    /// dropped in the block that counts it. Queued reference drops must have
+    /// been applied first.
+    ///
+    /// # Errors
+    /// `Error::Corrupt` for a block not counted exactly once, I/O errors.
+    pub fn shrink_reftable(&mut self) -> Result<()> {
+        let cb = self.geom.cluster_bits;
+        let order = self.geom.refcount_order;
+        let entries = 1usize << self.geom.refcount_block_bits;
+        let mut unused = Vec::new();
+        for i in 0..self.reftable.len() {
+            let block = self.refblock_offset(i as u64)?;
+            if block == 0 {
+                continue;
+            }
+            self.load_refblock(block)?;
+            let Some(t) = self.rc_cache.peek(block) else {
+                continue;
+            };
+            let (own_ri, own_bi) = self.geom.refcount_position(block >> cb);
+            let own = (own_ri == i as u64).then_some(own_bi);
+            let empty = (0..entries)
+                .all(|j| Some(j) == own || refcount::get(&t.data, order, j).unwrap_or(0) == 0);
+            if empty {
+                unused.push(i);
+            }
+        }
+        if unused.is_empty() {
+            return Ok(());
+        }
+        let mut bytes = vec![0u8; self.reftable.len() * 8];
+        for (i, e) in self.reftable.iter().enumerate() {
+            if unused.binary_search(&i).is_err() {
+                put_be_u64(&mut bytes, i * 8, *e);
+            }
+        }
+        let table_off = self.header.refcount_table_offset;
+        self.meta_write(&bytes, table_off, MetadataKind::RefcountTable)?;
+        self.sync()?;
+        for i in unused {
+            let block = self.reftable[i] & REFT_OFFSET_MASK;
+            let (ri, bi) = self.geom.refcount_position(block >> cb);
+            let cover = self.refblock_offset(ri)?;
+            if cover == 0 {
+                return Err(Error::Corrupt {
+                    what: "refcount table",
+                    offset: block,
+                    msg: format!(
+                        "Refblock at {block:#x} is not covered by the refcount structures"
+                    ),
+                });
+            }
+            self.load_refblock(cover)?;
+            if let Some(t) = self.rc_cache.get_mut(cover) {
+                let rc = refcount::get(&t.data, order, bi).unwrap_or(0);
+                if rc != 1 {
+                    return Err(Error::Corrupt {
+                        what: "refcount block",
+                        offset: cover,
+                        msg: format!(
+                            "Invalid refcount: refblock offset {cover:#x}, reftable index {ri}, block offset {block:#x}, refcount {rc:#x}"
+                        ),
+                    });
+                }
+                refcount::set(&mut t.data, order, bi, 0);
+                t.dirty = true;
+            }
+            self.free_hint = self.free_hint.min(block >> cb);
+            self.rc_cache.remove(block);
+            self.checker.remove_refcount_block(block);
+            self.reftable[i] = 0;
+            let cs = self.geom.cluster_size;
+            match self.discards.last_mut() {
+                Some((s, l)) if *s + *l == block => *l += cs,
+                _ => self.discards.push((block, cs)),
+            }
+        }
+        self.process_discards();
+        self.flush_refcounts()
+    }
+
+    /// The highest host cluster below `size` bytes with a nonzero refcount
+    /// (QEMU's `qcow2_get_last_cluster`), scanning a refcount block at a time.
+    ///
+    /// # Errors
+    /// I/O errors, corrupt refcount table entries.
+    pub fn last_used_cluster(&mut self, size: u64) -> Result<Option<u64>> {
+        let rb_bits = self.geom.refcount_block_bits;
+        let order = self.geom.refcount_order;
+        let mut end = self.geom.clusters_for(size);
+        while end > 0 {
+            let ri = (end - 1) >> rb_bits;
+            let base = ri << rb_bits;
+            let block = self.refblock_offset(ri)?;
+            if block != 0 {
+                self.load_refblock(block)?;
+                if let Some(t) = self.rc_cache.peek(block) {
+                    for k in (0..(end - base) as usize).rev() {
+                        if refcount::get(&t.data, order, k).unwrap_or(0) != 0 {
+                            return Ok(Some(base + k as u64));
+                        }
+                    }
+                }
+            }
+            end = base;
+        }
+        Ok(None)
     }
 }
