@@ -616,9 +616,10 @@ impl Image {
                         .io_barrier
                         .read()
                         .map_err(|_| Error::PreviousIoFailed)?;
+                    let ctype = meta.header.compression_type;
                     drop(meta);
                     let in_cluster = (g & (self.geom.cluster_size - 1)) as usize;
-                    self.read_compressed(coff, clen).map(|data| {
+                    self.read_compressed(ctype, coff, clen).map(|data| {
                         chunk.copy_from_slice(&data[in_cluster..in_cluster + chunk.len()]);
                     })
                 }
@@ -642,8 +643,10 @@ impl Image {
         }
     }
 
-    /// Reads and decompresses one compressed cluster.
-    fn read_compressed(&self, offset: u64, len: u64) -> Result<Vec<u8>> {
+    /// Reads and decompresses one compressed cluster. `ctype` is the header's
+    /// `compression_type`: the caller passes it because it may hold the
+    /// metadata lock (copy-on-write of a compressed cluster does).
+    fn read_compressed(&self, ctype: u8, offset: u64, len: u64) -> Result<Vec<u8>> {
         let cs = self.geom.cluster_size as usize;
         let corrupt = |why: &str| Error::Corrupt {
             what: "compressed cluster",
@@ -652,15 +655,7 @@ impl Image {
         };
         let mut input = vec![0u8; len as usize];
         read_file(&*self.file, &mut input, offset)?;
-        let ctype = self.header_compression_type();
         crate::compress::decompress(ctype, &input, cs).map_err(|e| corrupt(&e))
-    }
-
-    fn header_compression_type(&self) -> u8 {
-        self.meta
-            .lock()
-            .map(|m| m.header.compression_type)
-            .unwrap_or(0)
     }
 
     /// Describes the run of guest bytes starting at `offset` (at most `len`):
@@ -1013,7 +1008,7 @@ impl Image {
         match p.old {
             L2Entry::Compressed { .. } => {
                 let (o, l) = p.old.compressed_range().unwrap_or((0, 0));
-                let data = self.read_compressed(o, l)?;
+                let data = self.read_compressed(meta.header.compression_type, o, l)?;
                 out.copy_from_slice(&data[from as usize..to as usize]);
                 Ok(())
             }
