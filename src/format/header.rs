@@ -501,8 +501,10 @@ impl Header {
     }
 
     /// Sets `header_length`, `backing_file_offset` and `backing_file_size` to
-    /// the values [`Header::encode`] writes, so that
-    /// `Header::decode(&h.encode()?)? == h` holds for a valid header `h`.
+    /// the values [`Header::encode`] writes and puts the extensions in the
+    /// order it writes them (QEMU's grouping by type; the order within a
+    /// group is kept), so that `Header::decode(&h.encode()?)? == h` holds for
+    /// a valid header `h`.
     ///
     /// # Errors
     ///
@@ -512,6 +514,12 @@ impl Header {
         self.header_length = layout.header_length;
         self.backing_file_offset = layout.backing_file_offset;
         self.backing_file_size = layout.backing_file_size;
+        // A stable sort: extensions of one group keep their order.
+        self.extensions.sort_by_key(|ext| {
+            EXT_WRITE_ORDER
+                .iter()
+                .position(|group| *group == ext_write_group(ext))
+        });
         Ok(())
     }
 
