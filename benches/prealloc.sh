@@ -13,10 +13,11 @@ command -v qemu-img >/dev/null || { echo "qemu-img not found" >&2; exit 1; }
 DIR="$(mktemp -d "${TMPDIR:-/tmp}/qcow2kit-prealloc.XXXXXX")"
 trap 'rm -rf "$DIR"' EXIT
 
-# Use `qcow2-img create` if the built CLI really creates images.
+# Use `qcow2-img create` if the built CLI really creates preallocated images.
 cargo build --release --quiet --bins 2>/dev/null || true
 if [ -x target/release/qcow2-img ] \
-    && target/release/qcow2-img create -q -f qcow2 "$DIR/probe.qcow2" 1M >/dev/null 2>&1 \
+    && target/release/qcow2-img create -q -f qcow2 -o preallocation=metadata \
+        "$DIR/probe.qcow2" 1M >/dev/null 2>&1 \
     && [ -s "$DIR/probe.qcow2" ]; then
     OURS=(target/release/qcow2-img create -q -f qcow2)
 else
