@@ -888,12 +888,16 @@ impl Image {
             };
             match step {
                 WriteStep::InPlace { host, len } => {
-                    let _io = self
+                    let io = self
                         .io_barrier
                         .read()
                         .map_err(|_| Error::PreviousIoFailed)?;
                     drop(meta);
-                    if let Err(e) = write_file(&*self.data, &rest[..len as usize], host) {
+                    let r = write_file(&*self.data, &rest[..len as usize], host);
+                    // Never wait for the metadata lock while holding the
+                    // barrier: flush takes them in the other order.
+                    drop(io);
+                    if let Err(e) = r {
                         let mut meta = self.meta.lock().map_err(|_| Error::PreviousIoFailed)?;
                         return Err(self.fail(&mut meta, e, IoOperation::Write));
                     }

@@ -217,12 +217,6 @@ fn convert_to_qcow2(src: &Image, src_name: &str, dst: &str, opts: &CreateOptions
     let size = opts.size.unwrap_or_else(|| src.size());
     let fail = |m: String| Fail::Msg(format!("{dst}: {m}"));
     opts.validate().map_err(|e| fail(e.to_string()))?;
-    if opts.preallocation != qcow2kit::options::Preallocation::Off {
-        return Err(fail(format!(
-            "Preallocation mode '{}' is not supported yet",
-            opts.preallocation
-        )));
-    }
     qcow2kit::create::create(Path::new(dst), opts, size).map_err(|e| fail(e.qemu_message()))?;
     let out =
         Image::open(dst, &OpenOptions::new()).map_err(|e| crate::common::open_fail(dst, &e))?;

@@ -2,7 +2,7 @@
 
 use crate::common::{parse_args, wants_help, CmdResult, Fail};
 use clap::Parser;
-use qcow2kit::options::{check_option_list, parse_image_size, CreateOptions, Preallocation};
+use qcow2kit::options::{check_option_list, parse_image_size, CreateOptions};
 use qcow2kit::storage::{FileStorage, Storage};
 use qcow2kit::{Error, Image, OpenOptions};
 use std::path::Path;
@@ -122,12 +122,6 @@ pub fn run(argv: &[String]) -> CmdResult {
         println!("{}", opts.formatting_line(&filename));
     }
     opts.validate().map_err(|e| fail(e.to_string()))?;
-    if opts.preallocation != Preallocation::Off {
-        return Err(fail(format!(
-            "Preallocation mode '{}' is not supported yet",
-            opts.preallocation
-        )));
-    }
     let path = Path::new(&filename);
     if let Err(e) = qcow2kit::create::create(path, &opts, size) {
         let created = path.exists();

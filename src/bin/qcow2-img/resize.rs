@@ -93,14 +93,10 @@ pub fn run(argv: &[String]) -> CmdResult {
                 .into(),
         ));
     }
-    if prealloc != Preallocation::Off {
-        return Err(Fail::Msg(format!(
-            "Preallocation mode '{prealloc}' is not supported yet"
-        )));
-    }
     let total = u64::try_from(total).unwrap_or(u64::MAX);
     if total != img.size() {
-        img.resize(total).map_err(|e| Fail::Msg(e.qemu_message()))?;
+        img.resize_with(total, prealloc, a.shrink)
+            .map_err(|e| Fail::Msg(e.qemu_message()))?;
     }
     img.close().map_err(|e| Fail::Msg(e.qemu_message()))?;
     if !a.quiet {
