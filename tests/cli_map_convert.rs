@@ -363,17 +363,18 @@ fn resize_matches_qemu() {
         &["-c", "read -P 1 1M 64k", "rs.qcow2"],
     );
     assert_eq!(c.code, 0, "{c:?}");
-    // Not supported yet: an error, exit 1, image unchanged.
+    // Shrinking and preallocated growth: same output and the same bytes.
     for args in [
         &["resize", "--shrink", "rs.qcow2", "-1M"][..],
         &["resize", "--preallocation=metadata", "rs.qcow2", "2G"],
+        &["resize", "--preallocation=falloc", "rs.qcow2", "+1M"],
     ] {
+        let q = qemu(qd.path(), "qemu-img", args);
         let o = ours(od.path(), args);
-        assert_eq!(o.code, 1, "{args:?}");
-        assert!(
-            o.out.is_empty() && o.err.starts_with("qcow2-img: "),
-            "{o:?}"
-        );
+        assert_eq!(o, q, "{args:?}");
+        let a = std::fs::read(od.path().join("rs.qcow2")).unwrap();
+        let b = std::fs::read(qd.path().join("rs.qcow2")).unwrap();
+        assert!(a == b, "{args:?}: the images differ");
     }
 }
 
