@@ -221,3 +221,140 @@ fn fault_matrix() {
     );
     let _ = CLUSTER;
 }
+
+/// Creating an image fails cleanly (a typed error, no panic) at every
+/// injected fault.
+#[test]
+fn create_under_faults() {
+    let counting = Arc::new(FaultyStorage::new(MemStorage::new()));
+    qcow2kit::create::create_on(counting.clone(), &create_opts(), SIZE).unwrap();
+    let counts = counting.counts();
+    let mut failures = 0;
+    for (i, op) in [
+        FaultOp::Read,
+        FaultOp::Write,
+        FaultOp::Flush,
+        FaultOp::SetLen,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        for nth in 0..counts[i] {
+            for kind in [FaultKind::Eio, FaultKind::Enospc] {
+                let fs = Arc::new(FaultyStorage::new(MemStorage::new()));
+                fs.set_fault(Some(Fault {
+                    op,
+                    nth,
+                    kind,
+                    persistent: true,
+                }));
+                let err = qcow2kit::create::create_on(fs.clone(), &create_opts(), SIZE)
+                    .expect_err("an injected fault fails the create");
+                assert!(
+                    matches!(err, Error::Io { .. } | Error::PreviousIoFailed),
+                    "{err:?}"
+                );
+                assert_eq!(
+                    err.is_nospace(),
+                    kind == FaultKind::Enospc && matches!(err, Error::Io { .. })
+                );
+                failures += 1;
+            }
+        }
+    }
+    assert!(failures >= 4, "{counts:?}");
+}
+
+/// The promise documented in the README: a failed data write leaves the
+/// handle usable; a failed metadata write (or sync) poisons it until reopen,
+/// and data flushed before stays intact.
+#[test]
+fn metadata_fault_poisons_the_handle_data_fault_does_not() {
+    let base = base_image();
+    let fs = Arc::new(FaultyStorage::new(MemStorage::from_bytes(base)));
+    let img = Image::open_storage(fs.clone(), &OpenOptions::new()).unwrap();
+    img.write_at(&[1; 4096], 0).unwrap();
+    img.flush().unwrap();
+    // A data write fault on an in-place overwrite: the handle keeps working.
+    fs.set_fault(Some(Fault {
+        op: FaultOp::Write,
+        nth: 0,
+        kind: FaultKind::Eio,
+        persistent: false,
+    }));
+    assert!(matches!(img.write_at(&[2; 512], 0), Err(Error::Io { .. })));
+    img.write_at(&[3; 512], 0)
+        .expect("usable after a data fault");
+    // A fault on the flush's metadata writes: poisoned.
+    img.write_at(&[4; 4096], 1 << 20).unwrap(); // allocates: dirty metadata
+    fs.set_fault(Some(Fault {
+        op: FaultOp::Write,
+        nth: 0,
+        kind: FaultKind::Eio,
+        persistent: false,
+    }));
+    assert!(matches!(img.flush(), Err(Error::Io { .. })));
+    fs.set_fault(None);
+    let mut b = [0u8; 512];
+    assert!(matches!(
+        img.read_at(&mut b, 0),
+        Err(Error::PreviousIoFailed)
+    ));
+    assert!(matches!(img.flush(), Err(Error::PreviousIoFailed)));
+    drop(img);
+    // Reopen: what was flushed is there.
+    let img = Image::open_storage(
+        Arc::new(MemStorage::from_bytes(fs.inner().to_vec())),
+        &OpenOptions::new(),
+    )
+    .unwrap();
+    img.read_at(&mut b, 512).unwrap();
+    assert_eq!(b, [1; 512]);
+}
+
+/// A full disk: writes that need new clusters fail with ENOSPC (`nospace`
+/// in the event), overwrites of allocated clusters still succeed, and the
+/// image stays consistent.
+#[test]
+fn full_disk() {
+    let base = base_image();
+    let limit = base.len() as u64 + 64 * 1024;
+    let mem = Arc::new(MemStorage::with_limit(base, limit));
+    let img = Image::open_storage(mem.clone(), &OpenOptions::new()).unwrap();
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let ev = events.clone();
+    img.on_event(move |e| ev.lock().unwrap().push(e.clone()));
+    img.write_at(&[7; 8192], 0).unwrap();
+    img.flush().unwrap();
+    // Fill the disk.
+    let mut off = 1 << 20;
+    let err = loop {
+        match img.write_at(&[8; 4096], off) {
+            Ok(()) => off += 4096,
+            Err(e) => break e,
+        }
+        assert!(off < SIZE, "the limit must be reached");
+    };
+    assert!(err.is_nospace(), "{err:?}");
+    assert!(events
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|e| matches!(e, Event::IoError { nospace: true, .. })));
+    // Overwrites of allocated clusters still work on the same handle (the
+    // failing write was a data write: nothing is poisoned).
+    img.write_at(&[9; 4096], 0)
+        .expect("overwrite of an allocated cluster on a full disk");
+    let mut b = [0u8; 4096];
+    img.read_at(&mut b, 0).unwrap();
+    assert_eq!(b, [9; 4096]);
+    let _ = img.flush();
+    drop(img);
+    if let Some(v) = qemu_check(&mem.to_vec()) {
+        assert_eq!(
+            v.get("corruptions").and_then(|c| c.as_u64()).unwrap_or(0),
+            0,
+            "{v}"
+        );
+    }
+}
