@@ -3,7 +3,7 @@
 # and libFuzzer's coverage counters.
 #
 # Usage: scripts/fuzz.sh TARGET SECONDS [extra libFuzzer flags...]
-#   TARGET: header | open_read | write_ops | options (see FUZZING.md)
+#   TARGET: header | open_read | write_ops | options | check_repair (see FUZZING.md)
 #
 # * Installs cargo-fuzz if it is missing.
 # * The toolchain here is stable: RUSTC_BOOTSTRAP=1 lets cargo-fuzz pass its
@@ -33,10 +33,11 @@ cd "$(dirname "$0")/../fuzz"
 case $target in
 header) dict=qcow2.dict max_len=8192 ;;
 open_read) dict=qcow2.dict max_len=65536 ;;
+check_repair) dict=qcow2.dict max_len=65536 ;;
 write_ops) dict= max_len=8192 ;;
 options) dict=options.dict max_len=4096 ;;
 *)
-    echo "unknown target '$target' (header, open_read, write_ops, options)" >&2
+    echo "unknown target '$target' (header, open_read, write_ops, options, check_repair)" >&2
     exit 2
     ;;
 esac

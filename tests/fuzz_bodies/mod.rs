@@ -7,6 +7,7 @@
 //! model); `Err` results from the library are fine where the input is invalid.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a body panics on a finding
 
+pub mod check_repair;
 pub mod header;
 pub mod open_read;
 pub mod options;
@@ -18,6 +19,7 @@ pub type Body = fn(&[u8]);
 /// The fuzz targets, by name (the directory names under `fuzz/seeds/` and
 /// `fuzz/regressions/`), with their bodies.
 pub const TARGETS: &[(&str, Body)] = &[
+    ("check_repair", check_repair::run),
     ("header", header::run),
     ("open_read", open_read::run),
     ("options", options::run),
