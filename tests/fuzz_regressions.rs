@@ -38,3 +38,23 @@ fn seeds() {
     let n = replay("seeds");
     assert!(n > 0, "no seeds found under fuzz/seeds");
 }
+
+/// Triage helper: `FUZZ_TARGET=write_ops FUZZ_INPUT=path cargo test --test
+/// fuzz_regressions one_input -- --nocapture` runs one file through one body
+/// (printing what a write_ops input decodes to first). Does nothing without
+/// the variables.
+#[test]
+fn one_input() {
+    let (Ok(target), Ok(path)) = (std::env::var("FUZZ_TARGET"), std::env::var("FUZZ_INPUT")) else {
+        return;
+    };
+    let data = std::fs::read(&path).expect("read FUZZ_INPUT");
+    if target == "write_ops" {
+        eprintln!("{}", fuzz_bodies::write_ops::describe(&data));
+    }
+    let (_, run) = fuzz_bodies::TARGETS
+        .iter()
+        .find(|(name, _)| *name == target)
+        .expect("FUZZ_TARGET names a target");
+    run(&data);
+}

@@ -8,6 +8,10 @@
 //!   backing file) must read as zeroes.
 //! * Read-write open: a small write inside one cluster, read back (must equal
 //!   what was written if both succeed), flush, reopen read-only, read again.
+//!   Then a second read-write handle does a few more operations whose results
+//!   are not checked (only that they return): write-zeroes with unmap,
+//!   discard, a write across clusters, write-zeroes without unmap, growing
+//!   the disk by a cluster, flush.
 //!
 //! The storage may grow by at most `GROW_LIMIT` bytes (writes at crafted host
 //! offsets far past the end fail with ENOSPC instead of allocating).
@@ -136,15 +140,44 @@ fn read_write(data: &[u8]) {
     }
     let flushed = img.flush().is_ok();
     drop(img);
-    if !(written && flushed) {
+    if written && flushed {
+        // What was written and flushed is on the storage.
+        let copy = Arc::new(MemStorage::from_bytes(file.to_vec()));
+        let Ok(img) = Image::open_storage(copy as Arc<dyn Storage>, &refuse().read_only(true))
+        else {
+            panic!("an image that was written and flushed does not reopen");
+        };
+        if img.read_at(&mut back, offset).is_ok() {
+            assert_eq!(back, pattern, "read after reopen at {offset:#x} differs");
+        }
+    }
+    more_writes(file, data);
+}
+
+/// Longest write of `more_writes`.
+const MORE_BYTES: u64 = 256 << 10;
+
+/// More ways to allocate, free and move metadata on a crafted image; any
+/// result is fine as long as each call returns.
+fn more_writes(file: Arc<MemStorage>, data: &[u8]) {
+    let Ok(img) = Image::open_storage(file, &refuse()) else {
+        return;
+    };
+    let size = img.size();
+    let cs = img.cluster_size();
+    if size == 0 {
         return;
     }
-    // What was written and flushed is on the storage.
-    let copy = Arc::new(MemStorage::from_bytes(file.to_vec()));
-    let Ok(img) = Image::open_storage(copy as Arc<dyn Storage>, &refuse().read_only(true)) else {
-        panic!("an image that was written and flushed does not reopen");
-    };
-    if img.read_at(&mut back, offset).is_ok() {
-        assert_eq!(back, pattern, "read after reopen at {offset:#x} differs");
-    }
+    let pick = |k: u64| ((data.len() as u64) ^ k).wrapping_mul(0x2545_f491_4f6c_dd1d) % size;
+    let span = |at: u64, n: u64| n.min(size - at).min(MORE_BYTES);
+    let a = pick(1) / cs * cs;
+    let _ = img.write_zeroes(a, span(a, 2 * cs), true);
+    let b = pick(2) / cs * cs;
+    let _ = img.discard(b, span(b, 2 * cs));
+    let c = pick(3);
+    let _ = img.write_at(&vec![0xc3; span(c, 3 * cs) as usize], c);
+    let d = pick(4);
+    let _ = img.write_zeroes(d, span(d, 1000), false);
+    let _ = img.resize(size.saturating_add(cs));
+    let _ = img.flush();
 }

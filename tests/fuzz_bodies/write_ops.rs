@@ -42,7 +42,6 @@ struct Input {
     /// Initial size in 512-byte sectors (modulo `MAX_SIZE`).
     sectors: u16,
     knobs: Knobs,
-    ops: Vec<Op>,
 }
 
 /// Open options: small caches force evictions and write-back ordering.
@@ -59,24 +58,78 @@ struct Knobs {
     discard_no_unref: bool,
 }
 
+/// One operation. Offsets are taken modulo the disk size and rounded down to
+/// a cluster boundary with `align`; lengths are cut at the end of the disk;
+/// `shift` scales a length (`len << shift % 8`, up to 8 MiB).
 #[derive(Arbitrary, Debug)]
 enum Op {
-    Write { offset: u32, len: u16, seed: u8 },
-    WriteZeroes { offset: u32, len: u32, unmap: bool },
-    Discard { offset: u32, len: u32 },
-    Read { offset: u32, len: u16 },
+    Write {
+        offset: u32,
+        len: u16,
+        seed: u8,
+        align: bool,
+    },
+    WriteZeroes {
+        offset: u32,
+        len: u16,
+        shift: u8,
+        unmap: bool,
+        align: bool,
+    },
+    Discard {
+        offset: u32,
+        len: u16,
+        shift: u8,
+        align: bool,
+    },
+    Read {
+        offset: u32,
+        len: u16,
+    },
     Flush,
-    Grow { sectors: u16 },
-    Reopen { knobs: Knobs },
+    Grow {
+        sectors: u16,
+    },
+    Reopen {
+        knobs: Knobs,
+    },
+}
+
+/// The setup, then operations until the data runs out (at most `MAX_OPS`).
+/// Not `Vec<Op>`'s own encoding, which spends a byte per element on whether
+/// to go on and so gives two operations on average.
+fn parse(data: &[u8]) -> arbitrary::Result<(Input, Vec<Op>)> {
+    let mut u = Unstructured::new(data);
+    let input = Input::arbitrary(&mut u)?;
+    let mut ops = Vec::new();
+    while !u.is_empty() && ops.len() < MAX_OPS {
+        ops.push(Op::arbitrary(&mut u)?);
+    }
+    Ok((input, ops))
+}
+
+/// What `data` decodes to, for triage.
+pub fn describe(data: &[u8]) -> String {
+    match parse(data) {
+        Ok((input, ops)) => format!(
+            "{:?}\ninitial size {} B\n{input:#?}\n{ops:#?}",
+            create_options(&input),
+            initial_size(&input)
+        ),
+        Err(e) => format!("not an input: {e}"),
+    }
+}
+
+fn initial_size(input: &Input) -> u64 {
+    (u64::from(input.sectors) * 512) % (MAX_SIZE + 512)
 }
 
 pub fn run(data: &[u8]) {
-    let mut u = Unstructured::new(data);
-    let Ok(input) = Input::arbitrary(&mut u) else {
+    let Ok((input, ops)) = parse(data) else {
         return;
     };
     let mut t = Test::create(&input);
-    for (i, op) in input.ops.iter().take(MAX_OPS).enumerate() {
+    for (i, op) in ops.iter().enumerate() {
         t.apply(i, op);
     }
     t.compare_all("at the end");
@@ -143,19 +196,26 @@ fn pattern(op: usize, seed: u8, len: usize) -> Vec<u8> {
         .collect()
 }
 
-/// Clamps a fuzz-chosen range into `[0, size)`.
-fn range(size: u64, offset: u32, len: u64) -> (u64, u64) {
+/// Clamps a fuzz-chosen range into `[0, size)` (see [`Op`]).
+fn range(size: u64, offset: u32, len: u64, align: Option<u64>) -> (u64, u64) {
     if size == 0 {
         return (0, 0);
     }
-    let offset = u64::from(offset) % size;
+    let mut offset = u64::from(offset) % size;
+    if let Some(cs) = align {
+        offset = offset / cs * cs;
+    }
     (offset, len.min(size - offset))
+}
+
+fn scaled(len: u16, shift: u8) -> u64 {
+    u64::from(len) << (shift % 8)
 }
 
 impl Test {
     fn create(input: &Input) -> Test {
         let opts = create_options(input);
-        let size = (u64::from(input.sectors) * 512) % (MAX_SIZE + 512);
+        let size = initial_size(input);
         let file = Arc::new(MemStorage::with_limit(Vec::new(), FILE_LIMIT));
         create_on(file.clone() as Arc<dyn Storage>, &opts, size)
             .unwrap_or_else(|e| panic!("create_on({opts:?}, {size}) failed: {e}"));
@@ -191,34 +251,51 @@ impl Test {
 
     fn apply(&mut self, i: usize, op: &Op) {
         let size = self.model.len() as u64;
+        let cs = self.cluster_size;
         match *op {
-            Op::Write { offset, len, seed } => {
-                let (offset, len) = range(size, offset, len.into());
+            Op::Write {
+                offset,
+                len,
+                seed,
+                align,
+            } => {
+                let (offset, len) = range(size, offset, len.into(), align.then_some(cs));
                 let buf = pattern(i, seed, len as usize);
                 self.img()
                     .write_at(&buf, offset)
                     .unwrap_or_else(|e| panic!("op {i} {op:?}: write failed: {e}"));
                 self.model[offset as usize..(offset + len) as usize].copy_from_slice(&buf);
             }
-            Op::WriteZeroes { offset, len, unmap } => {
-                let (offset, len) = range(size, offset, len.into());
+            Op::WriteZeroes {
+                offset,
+                len,
+                shift,
+                unmap,
+                align,
+            } => {
+                let (offset, len) = range(size, offset, scaled(len, shift), align.then_some(cs));
                 self.img()
                     .write_zeroes(offset, len, unmap)
                     .unwrap_or_else(|e| panic!("op {i} {op:?}: write_zeroes failed: {e}"));
                 self.model[offset as usize..(offset + len) as usize].fill(0);
             }
-            Op::Discard { offset, len } => {
-                let (offset, len) = range(size, offset, len.into());
+            Op::Discard {
+                offset,
+                len,
+                shift,
+                align,
+            } => {
+                let (offset, len) = range(size, offset, scaled(len, shift), align.then_some(cs));
                 self.img()
                     .discard(offset, len)
                     .unwrap_or_else(|e| panic!("op {i} {op:?}: discard failed: {e}"));
-                let (start, end) = discarded(offset, len, size, self.cluster_size);
+                let (start, end) = discarded(offset, len, size, cs);
                 if start < end {
                     self.model[start as usize..end as usize].fill(0);
                 }
             }
             Op::Read { offset, len } => {
-                let (offset, len) = range(size, offset, len.into());
+                let (offset, len) = range(size, offset, len.into(), None);
                 self.compare(offset, len, &format!("op {i} {op:?}"));
             }
             Op::Flush => self
