@@ -1042,15 +1042,7 @@ impl Image {
         let mut buf = std::mem::take(&mut meta.scratch);
         for p in &plans {
             let host = p.host.unwrap_or(0);
-            let fresh = !matches!(
-                p.old,
-                L2Entry::Normal { copied: true, .. }
-                    | L2Entry::Zero {
-                        copied: true,
-                        host: Some(_)
-                    }
-            ) || meta.efmt.external_data;
-            let (lo, hi) = self.cow_range(p, fresh);
+            let (lo, hi) = self.cow_range(p);
             let src = &data[(p.guest + p.lo_w - g) as usize..(p.guest + p.hi_w - g) as usize];
             if !meta.efmt.external_data && host + lo >= meta.file_end && self.old_reads_zero(p, lo)
             {
@@ -1143,7 +1135,7 @@ impl Image {
     /// The byte range of the cluster to write: the whole cluster for standard
     /// L2 (so no stale bytes become visible), the touched subclusters with
     /// extended L2 when the cluster had no data to carry over.
-    fn cow_range(&self, p: &ClusterPlan, _fresh: bool) -> (u64, u64) {
+    fn cow_range(&self, p: &ClusterPlan) -> (u64, u64) {
         let geom = self.geom;
         let cs = geom.cluster_size;
         if !geom.extended_l2 {

@@ -82,7 +82,9 @@ impl Meta {
                     .map(|h| h + (guest & (g.cluster_size - 1))),
             },
             SubclusterState::Unallocated => Extent::Unallocated,
-            SubclusterState::Compressed => unreachable_compressed(),
+            // Compressed entries returned above: `unit_state` of any other
+            // entry is never `Compressed`.
+            SubclusterState::Compressed => Extent::Unallocated,
         };
         // Extend the run unit by unit while the state stays the same and
         // host offsets stay contiguous.
@@ -158,9 +160,4 @@ impl Meta {
         }
         Ok(())
     }
-}
-
-fn unreachable_compressed() -> Extent {
-    // Compressed entries return early above.
-    Extent::Unallocated
 }
