@@ -16,6 +16,8 @@
 #   clusters made by fuzz/make_seeds.sh --large (when qemu-img is installed).
 # * One fuzzer process (-jobs=1 -workers=1: the machine is shared), with
 #   -rss_limit_mb=1024 -timeout=10 -max_total_time=SECONDS.
+# * FUZZ_QEMU_CHECK=1 (write_ops): qemu-img check must also find every image
+#   clean at the end of an input (slower: one qemu-img process per input).
 # * Crashes, hangs and OOMs land in fuzz/artifacts/TARGET/. Minimise with
 #   `RUSTC_BOOTSTRAP=1 cargo fuzz tmin -O -a TARGET ARTIFACT` (from fuzz/) and
 #   keep the result in fuzz/regressions/TARGET/ (replayed by `cargo test`).
