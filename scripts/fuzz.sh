@@ -16,6 +16,8 @@
 #   clusters made by fuzz/make_seeds.sh --large (when qemu-img is installed).
 # * One fuzzer process (-jobs=1 -workers=1: the machine is shared), with
 #   -rss_limit_mb=1024 -timeout=10 -max_total_time=SECONDS.
+# * FUZZ_QEMU_CHECK=1 (write_ops): qemu-img check must also find every image
+#   clean at the end of an input (slower: one qemu-img process per input).
 # * Crashes, hangs and OOMs land in fuzz/artifacts/TARGET/. Minimise with
 #   `RUSTC_BOOTSTRAP=1 cargo fuzz tmin -O -a TARGET ARTIFACT` (from fuzz/) and
 #   keep the result in fuzz/regressions/TARGET/ (replayed by `cargo test`).
@@ -94,10 +96,12 @@ rate=$(grep -E '^stat::average_exec_per_sec' "$log" | awk '{print $2}' | tail -n
 rss=$(grep -E '^stat::peak_rss_mb' "$log" | awk '{print $2}' | tail -n 1)
 cov=$(sed -nE 's/.* cov: ([0-9]+).*/\1/p' <<<"$last")
 ft=$(sed -nE 's/.* ft: ([0-9]+).*/\1/p' <<<"$last")
-echo "executions: ${runs:-?}  exec/s: ${rate:-?}  cov: ${cov:-?}  ft: ${ft:-?}  peak RSS: ${rss:-?} MB"
+slowest=$(grep -E '^stat::slowest_unit_time_sec' "$log" | awk '{print $2}' | tail -n 1)
+echo "executions: ${runs:-?}  exec/s: ${rate:-?}  cov: ${cov:-?}  ft: ${ft:-?}  peak RSS: ${rss:-?} MB  slowest input: ${slowest:-?} s"
 if [ "$status" -ne 0 ]; then
     echo "---- the fuzzer stopped with status $status; its report:" >&2
-    grep -E -A40 'ERROR: libFuzzer|panicked at|ERROR: AddressSanitizer|==ERROR' "$log" | head -n 80 >&2 || true
+    grep -E -A40 'ERROR: libFuzzer|panicked at|ERROR: AddressSanitizer|==ERROR' "$log" |
+        cut -c1-300 | head -n 60 >&2 || true
     ls -t "artifacts/$target" | head -n 3 | sed "s|^|artifact: fuzz/artifacts/$target/|" >&2
 fi
 exit "$status"

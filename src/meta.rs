@@ -697,7 +697,16 @@ impl Meta {
         // A freed L2 table must not stay cached under this offset.
         self.l2_cache
             .forget_range(off, off + self.geom.cluster_size);
-        self.checker.remove_active_l2(off);
+        // A table the active L1 table still points at (its refcount was
+        // wrong) stays protected, as QEMU's L1-based check keeps it. The
+        // check first, so only L2 tables pay for the L1 scan.
+        let active_l2 = self
+            .checker
+            .check(off, self.geom.cluster_size, !MetadataKind::ActiveL2.bit())
+            .is_some();
+        if active_l2 && !self.l1_references(off) {
+            self.checker.remove_active_l2(off);
+        }
         let pass = match dtype {
             DiscardType::Never => false,
             DiscardType::Request => self.discard.request,
@@ -992,10 +1001,20 @@ impl Meta {
         self.l1[idx] = new | OFLAG_COPIED;
         self.l1_dirty.insert(idx);
         if old != 0 {
-            self.checker.remove_active_l2(old);
+            // On a corrupt image another L1 entry may share the old table, or
+            // the allocator may even have returned it (its refcount was 0):
+            // it stays protected while the L1 table points at it.
+            if !self.l1_references(old) {
+                self.checker.remove_active_l2(old);
+            }
             self.queue_free(old, DiscardType::Other);
         }
         Ok(new)
+    }
+
+    /// Whether an entry of the active L1 table points at the L2 table at `table`.
+    fn l1_references(&self, table: u64) -> bool {
+        self.l1.iter().any(|e| e & L1E_OFFSET_MASK == table)
     }
 
     // ------------------------------------------------------------------

@@ -3,8 +3,9 @@
 //! * `OpenOptions::from_qemu_str`, then `cache_config` for a few geometries
 //!   and `check_image_version`;
 //! * `CreateOptions::from_qemu_str`, `validate`, `formatting_line`; options
-//!   that validate with a known size (at most `MAX_CREATE`, no external data
-//!   file) must create an image on `MemStorage` whose header decodes and,
+//!   that validate with a known size whose L1 table takes at most
+//!   `MAX_CREATE_L1` bytes (4 GiB with 512-byte clusters; any valid size with
+//!   2 MiB ones) and no external data file must create an image on `MemStorage` whose header decodes and,
 //!   without a backing file, that opens with the requested size;
 //! * `AmendOptions::from_qemu_str` and its checks;
 //! * `parse_size`, `parse_image_size`, `parse_number`, `parse_bool_onoff`;
@@ -24,8 +25,10 @@ use qcow2kit::storage::{MemStorage, Storage};
 use qcow2kit::{CreateOptions, Image, OpenOptions};
 use std::sync::Arc;
 
-/// Largest image the target creates.
-const MAX_CREATE: u64 = 64 << 20;
+/// Largest L1 table of an image the target creates: big enough for images
+/// whose L1 table does not fit next to the first refcount block (created by
+/// growing an empty image, as QEMU does), small enough to stay fast.
+const MAX_CREATE_L1: u64 = 1 << 20;
 
 pub fn run(data: &[u8]) {
     let s = String::from_utf8_lossy(data);
@@ -75,7 +78,12 @@ fn create_options(s: &str) {
     if let Err(e) = c.validate() {
         return show(&e);
     }
-    let Some(size) = c.size.filter(|s| *s <= MAX_CREATE) else {
+    let l2_entry: u64 = if c.extended_l2 { 16 } else { 8 };
+    let per_l1 = u128::from(c.cluster_size) * u128::from(c.cluster_size / l2_entry);
+    let Some(size) = c
+        .size
+        .filter(|s| u128::from(*s).div_ceil(per_l1) * 8 <= u128::from(MAX_CREATE_L1))
+    else {
         return;
     };
     if c.data_file.is_some() {
