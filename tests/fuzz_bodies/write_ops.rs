@@ -11,7 +11,9 @@
 //!
 //! On a valid image every operation must succeed and every read must equal
 //! the model; after each reopen and at the end the whole disk (a small one)
-//! or both windows and every page ever written (a large one) are compared.
+//! or both windows and every page ever written (a large one) are compared,
+//! and after each close `qcow2kit::check` must find no corruption, no leak
+//! and write nothing.
 //!
 //! Discard follows its documented contract (`Image::discard`): only whole
 //! clusters inside the range are discarded (plus a partial last cluster of
@@ -19,6 +21,7 @@
 //! afterwards (v3: zero clusters; v2: unallocated, and there is no backing file).
 
 use arbitrary::{Arbitrary, Unstructured};
+use qcow2kit::check::{check_storage, CheckOptions, Repair};
 use qcow2kit::create::create_on;
 use qcow2kit::options::{Compat, CompressionType};
 use qcow2kit::storage::{MemStorage, Storage};
@@ -164,15 +167,15 @@ pub fn run(data: &[u8]) {
     }
     t.compare_all("at the end");
     t.img.take().expect("open").close().expect("close");
+    t.check_closed("at the end");
     if std::env::var_os("FUZZ_QEMU_CHECK").is_some() {
         qemu_check(&t.file.to_vec());
     }
 }
 
-/// With `FUZZ_QEMU_CHECK` set: `qemu-img check` must find the closed image
-/// clean (no corruption, no leak). An oracle for refcount bugs the model
-/// cannot see, until `qcow2kit::check` exists; off by default (a process
-/// per input).
+/// With `FUZZ_QEMU_CHECK` set: `qemu-img check` must also find the closed
+/// image clean (no corruption, no leak): a second oracle beside
+/// `qcow2kit::check`; off by default (a process per input).
 fn qemu_check(image: &[u8]) {
     let path = std::env::temp_dir().join(format!("qcow2kit-fuzz-{}.qcow2", std::process::id()));
     std::fs::write(&path, image).expect("write image for qemu-img");
@@ -439,10 +442,32 @@ impl Test {
                     .expect("open")
                     .close()
                     .unwrap_or_else(|e| panic!("op {i}: close failed: {e}"));
+                self.check_closed(&format!("after close (op {i})"));
                 self.open(knobs);
                 self.compare_all(&format!("after reopen (op {i})"));
             }
         }
+    }
+
+    /// `qcow2kit::check` on the closed image: no corruption, no leak, no
+    /// check error, and the check writes nothing.
+    fn check_closed(&self, when: &str) {
+        let before = self.file.to_vec();
+        let report = check_storage(
+            self.file.clone() as Arc<dyn Storage>,
+            Repair::None,
+            CheckOptions::default(),
+        )
+        .unwrap_or_else(|e| panic!("{when}: check failed: {e}"));
+        let c = &report.counts;
+        assert!(
+            c.corruptions == 0 && c.leaks == 0 && c.check_errors == 0,
+            "{when}: check found {} corruptions, {} leaks, {} check errors",
+            c.corruptions,
+            c.leaks,
+            c.check_errors
+        );
+        assert!(self.file.to_vec() == before, "{when}: check wrote to the image");
     }
 
     /// Reads `[offset, offset+len)` (in one request if it fits `READ_CHUNK`)
