@@ -1,0 +1,511 @@
+//! Runtime options (§6.1, §7.1, §11.1, cli.md §12.2): [`OpenOptions`] and QEMU's
+//! `--image-opts` syntax.
+
+use std::path::{Path, PathBuf};
+
+use super::cache::{cache_config, CacheConfig};
+use super::error::OptionError;
+use super::overlap::{OverlapCheckOptions, OverlapChecks};
+use super::parse::{
+    parse_bool_onoff, parse_number, parse_size_option, split_option_string, validate_node_name,
+};
+use super::policy::{BackingPolicy, ErrorPolicy};
+
+/// Options for opening an image (QEMU's qcow2 runtime options plus a few block-layer ones).
+///
+/// Build with [`OpenOptions::new`] and the builder methods, or from QEMU's `--image-opts`
+/// syntax with [`OpenOptions::from_qemu_str`]. Getters are prefixed `get_` (the plain names are
+/// the builders).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenOptions {
+    read_only: bool,
+    l2_cache_size: Option<u64>,
+    l2_cache_entry_size: Option<u64>,
+    refcount_cache_size: Option<u64>,
+    cache_size: Option<u64>,
+    cache_clean_interval: Option<u64>,
+    overlap_check: OverlapChecks,
+    overlap_options: OverlapCheckOptions,
+    lazy_refcounts: Option<bool>,
+    pass_discard_request: bool,
+    pass_discard_snapshot: bool,
+    pass_discard_other: bool,
+    discard_no_unref: bool,
+    filename: Option<PathBuf>,
+    data_file: Option<PathBuf>,
+    backing_policy: BackingPolicy,
+    rerror: ErrorPolicy,
+    werror: ErrorPolicy,
+    node_name: Option<String>,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions::new()
+    }
+}
+
+impl OpenOptions {
+    /// QEMU's defaults: read-write, caches sized by [`cache_config`], `cached` overlap checks,
+    /// lazy refcounts as the header says, `pass-discard-snapshot` on, the other discard options
+    /// off, follow backing files, report I/O errors.
+    pub fn new() -> Self {
+        OpenOptions {
+            read_only: false,
+            l2_cache_size: None,
+            l2_cache_entry_size: None,
+            refcount_cache_size: None,
+            cache_size: None,
+            cache_clean_interval: None,
+            overlap_check: OverlapChecks::default(),
+            overlap_options: OverlapCheckOptions::new(),
+            lazy_refcounts: None,
+            pass_discard_request: false,
+            pass_discard_snapshot: true,
+            pass_discard_other: false,
+            discard_no_unref: false,
+            filename: None,
+            data_file: None,
+            backing_policy: BackingPolicy::Follow,
+            rerror: ErrorPolicy::Report,
+            werror: ErrorPolicy::Report,
+            node_name: None,
+        }
+    }
+
+    /// Parses QEMU runtime options (see [`OpenOptions::apply_qemu_str`]) over the defaults.
+    ///
+    /// # Errors
+    /// As [`OpenOptions::apply_qemu_str`].
+    pub fn from_qemu_str(s: &str) -> Result<Self, OptionError> {
+        let mut opts = OpenOptions::new();
+        opts.apply_qemu_str(s)?;
+        Ok(opts)
+    }
+
+    /// Opens read-only (`read-only=on`).
+    #[must_use]
+    pub fn read_only(mut self, on: bool) -> Self {
+        self.read_only = on;
+        self
+    }
+
+    /// Upper bound of the L2 cache in bytes (`l2-cache-size`).
+    #[must_use]
+    pub fn l2_cache_size(mut self, bytes: u64) -> Self {
+        self.l2_cache_size = Some(bytes);
+        self
+    }
+
+    /// Size of one L2 cache entry (an L2 slice) in bytes (`l2-cache-entry-size`).
+    #[must_use]
+    pub fn l2_cache_entry_size(mut self, bytes: u64) -> Self {
+        self.l2_cache_entry_size = Some(bytes);
+        self
+    }
+
+    /// Size of the refcount block cache in bytes (`refcount-cache-size`).
+    #[must_use]
+    pub fn refcount_cache_size(mut self, bytes: u64) -> Self {
+        self.refcount_cache_size = Some(bytes);
+        self
+    }
+
+    /// Combined size of both caches in bytes (`cache-size`).
+    #[must_use]
+    pub fn cache_size(mut self, bytes: u64) -> Self {
+        self.cache_size = Some(bytes);
+        self
+    }
+
+    /// Seconds after which unused cache entries are dropped, 0 = never (`cache-clean-interval`).
+    #[must_use]
+    pub fn cache_clean_interval(mut self, seconds: u64) -> Self {
+        self.cache_clean_interval = Some(seconds);
+        self
+    }
+
+    /// The overlap checks (replaces any `overlap-check*` options parsed before).
+    #[must_use]
+    pub fn overlap_check(mut self, checks: OverlapChecks) -> Self {
+        self.overlap_check = checks;
+        self.overlap_options = OverlapCheckOptions::new();
+        self
+    }
+
+    /// Overrides the image's lazy-refcounts bit for this open (`lazy-refcounts`).
+    #[must_use]
+    pub fn lazy_refcounts(mut self, on: bool) -> Self {
+        self.lazy_refcounts = Some(on);
+        self
+    }
+
+    /// Passes guest discards that free host clusters down to the file (`pass-discard-request`).
+    /// QEMU's default follows `discard=unmap`; qemu-io sets it, so `qcow2-img io` should too.
+    #[must_use]
+    pub fn pass_discard_request(mut self, on: bool) -> Self {
+        self.pass_discard_request = on;
+        self
+    }
+
+    /// Discards host ranges freed by snapshot operations (`pass-discard-snapshot`, default on).
+    #[must_use]
+    pub fn pass_discard_snapshot(mut self, on: bool) -> Self {
+        self.pass_discard_snapshot = on;
+        self
+    }
+
+    /// Discards host ranges freed for other reasons (`pass-discard-other`, default off).
+    #[must_use]
+    pub fn pass_discard_other(mut self, on: bool) -> Self {
+        self.pass_discard_other = on;
+        self
+    }
+
+    /// Keeps clusters allocated on guest discard, only marking them zero (`discard-no-unref`,
+    /// v3 only).
+    #[must_use]
+    pub fn discard_no_unref(mut self, on: bool) -> Self {
+        self.discard_no_unref = on;
+        self
+    }
+
+    /// The image file (`file.filename`), for callers that take it from the option string.
+    #[must_use]
+    pub fn with_filename(mut self, path: PathBuf) -> Self {
+        self.filename = Some(path);
+        self
+    }
+
+    /// The external data file to use instead of the one named in the header (`data-file`).
+    #[must_use]
+    pub fn data_file(mut self, path: PathBuf) -> Self {
+        self.data_file = Some(path);
+        self
+    }
+
+    /// Which backing files may be opened.
+    #[must_use]
+    pub fn backing_policy(mut self, policy: BackingPolicy) -> Self {
+        self.backing_policy = policy;
+        self
+    }
+
+    /// Policy for failed reads (`rerror`).
+    #[must_use]
+    pub fn rerror(mut self, policy: ErrorPolicy) -> Self {
+        self.rerror = policy;
+        self
+    }
+
+    /// Policy for failed writes (`werror`).
+    #[must_use]
+    pub fn werror(mut self, policy: ErrorPolicy) -> Self {
+        self.werror = policy;
+        self
+    }
+
+    /// The node name reported in events (`node-name`; not validated here, see
+    /// [`validate_node_name`]).
+    #[must_use]
+    pub fn node_name(mut self, name: String) -> Self {
+        self.node_name = Some(name);
+        self
+    }
+
+    /// Whether the image is opened read-only.
+    pub fn get_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// `l2-cache-size`, if given.
+    pub fn get_l2_cache_size(&self) -> Option<u64> {
+        self.l2_cache_size
+    }
+
+    /// `l2-cache-entry-size`, if given.
+    pub fn get_l2_cache_entry_size(&self) -> Option<u64> {
+        self.l2_cache_entry_size
+    }
+
+    /// `refcount-cache-size`, if given.
+    pub fn get_refcount_cache_size(&self) -> Option<u64> {
+        self.refcount_cache_size
+    }
+
+    /// `cache-size`, if given.
+    pub fn get_cache_size(&self) -> Option<u64> {
+        self.cache_size
+    }
+
+    /// `cache-clean-interval` in seconds, if given ([`cache_config`] applies the default).
+    pub fn get_cache_clean_interval(&self) -> Option<u64> {
+        self.cache_clean_interval
+    }
+
+    /// The enabled overlap checks.
+    pub fn get_overlap_check(&self) -> OverlapChecks {
+        self.overlap_check
+    }
+
+    /// The lazy-refcounts override; `None` means: as the header's compatible bit 0 says.
+    pub fn get_lazy_refcounts(&self) -> Option<bool> {
+        self.lazy_refcounts
+    }
+
+    /// `pass-discard-request`.
+    pub fn get_pass_discard_request(&self) -> bool {
+        self.pass_discard_request
+    }
+
+    /// `pass-discard-snapshot`.
+    pub fn get_pass_discard_snapshot(&self) -> bool {
+        self.pass_discard_snapshot
+    }
+
+    /// `pass-discard-other`.
+    pub fn get_pass_discard_other(&self) -> bool {
+        self.pass_discard_other
+    }
+
+    /// `discard-no-unref`.
+    pub fn get_discard_no_unref(&self) -> bool {
+        self.discard_no_unref
+    }
+
+    /// The image file given as `file.filename=` or `file=`.
+    pub fn filename(&self) -> Option<&Path> {
+        self.filename.as_deref()
+    }
+
+    /// The external data file override.
+    pub fn get_data_file(&self) -> Option<&Path> {
+        self.data_file.as_deref()
+    }
+
+    /// The backing file policy.
+    pub fn get_backing_policy(&self) -> &BackingPolicy {
+        &self.backing_policy
+    }
+
+    /// The read error policy.
+    pub fn get_rerror(&self) -> ErrorPolicy {
+        self.rerror
+    }
+
+    /// The write error policy.
+    pub fn get_werror(&self) -> ErrorPolicy {
+        self.werror
+    }
+
+    /// The node name, if any.
+    pub fn get_node_name(&self) -> Option<&str> {
+        self.node_name.as_deref()
+    }
+
+    /// Cache sizes for an image with this geometry; see [`cache_config`].
+    ///
+    /// # Errors
+    /// As [`cache_config`].
+    pub fn cache_config(
+        &self,
+        virtual_size: u64,
+        cluster_size: u64,
+        l2_entry_bytes: u64,
+    ) -> Result<CacheConfig, OptionError> {
+        cache_config(self, virtual_size, cluster_size, l2_entry_bytes)
+    }
+
+    /// The checks QEMU makes once the image version is known (after [`cache_config`]):
+    /// `lazy-refcounts=on` and `discard-no-unref=on` need a v3 image.
+    ///
+    /// # Errors
+    /// [`OptionError::LazyRefcountsOpenV2`], [`OptionError::DiscardNoUnrefV2`].
+    pub fn check_image_version(&self, version: u32) -> Result<(), OptionError> {
+        if version < 3 {
+            if self.lazy_refcounts == Some(true) {
+                return Err(OptionError::LazyRefcountsOpenV2);
+            }
+            if self.discard_no_unref {
+                return Err(OptionError::DiscardNoUnrefV2);
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies a QEMU runtime option list (`--image-opts` / `open -o` syntax) on top of the
+    /// current values. Accepted keys:
+    ///
+    /// * `driver` (only `qcow2`), `file.filename` or `file` (the image file), `file.driver`
+    ///   (only `file`), `data-file` / `data-file.filename` (a path), `read-only`, `node-name`,
+    ///   `rerror`, `werror` (the last two are `-drive` options in QEMU; accepted here);
+    /// * `l2-cache-size`, `l2-cache-entry-size`, `refcount-cache-size`, `cache-size` (sizes,
+    ///   [`parse_size`](super::parse_size) syntax), `cache-clean-interval` (a number);
+    /// * `lazy-refcounts`, `pass-discard-request`, `pass-discard-snapshot`,
+    ///   `pass-discard-other`, `discard-no-unref` (booleans);
+    /// * `overlap-check`, `overlap-check.template`, `overlap-check.<kind>` (see
+    ///   [`OverlapCheckOptions`]).
+    ///
+    /// Errors are reported in QEMU's order: an unknown driver first, then the first bad value
+    /// in list order, then overlap-check resolution, then the first unknown key. (QEMU reports
+    /// cache-size errors before the last two; those need the image and come from
+    /// [`cache_config`].) On error `self` is unchanged.
+    ///
+    /// # Errors
+    /// [`OptionError::UnknownDriver`], [`OptionError::FileConflict`], value errors
+    /// ([`OptionError::BadBool`], [`OptionError::BadSize`], [`OptionError::SizeOutOfRange`],
+    /// [`OptionError::BadNumber`], [`OptionError::NumberTooLarge`],
+    /// [`OptionError::BadErrorAction`], [`OptionError::InvalidNodeName`],
+    /// [`OptionError::NodeNameTooLong`], [`OptionError::EncryptionUnsupported`]), overlap
+    /// errors ([`OptionError::OverlapConflict`], [`OptionError::OverlapMode`]),
+    /// [`OptionError::UnsupportedOption`] / [`OptionError::UnknownOverlapFlag`] for unknown keys,
+    /// [`OptionError::InvalidOptionList`].
+    pub fn apply_qemu_str(&mut self, s: &str) -> Result<(), OptionError> {
+        let pairs = split_option_string(s)?;
+        let mut next = self.clone();
+        let mut driver_error = None;
+        let mut value_error = None;
+        let mut unknown_error = None;
+        let mut files = FileKeys::default();
+        let mut data_files = FileKeys::default();
+        for (key, value) in &pairs {
+            let result = next.apply_pair(key, value, &mut files, &mut data_files);
+            match result {
+                Ok(()) => {}
+                Err(e @ OptionError::UnknownDriver { .. }) => {
+                    driver_error.get_or_insert(e);
+                }
+                Err(
+                    e @ (OptionError::UnsupportedOption { .. }
+                    | OptionError::UnknownOverlapFlag { .. }),
+                ) => {
+                    unknown_error.get_or_insert(e);
+                }
+                Err(e) => {
+                    value_error.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = driver_error {
+            return Err(e);
+        }
+        let file_result = files
+            .resolve()
+            .and_then(|f| data_files.resolve().map(|d| (f, d)));
+        if let Some(e) = file_result.as_ref().err().cloned().or(value_error) {
+            return Err(e);
+        }
+        if let Ok((file, data_file)) = file_result {
+            if let Some(file) = file {
+                next.filename = Some(file);
+            }
+            if let Some(data_file) = data_file {
+                next.data_file = Some(data_file);
+            }
+        }
+        if !next.overlap_options.is_empty() {
+            next.overlap_check = next.overlap_options.resolve_over(self.overlap_check)?;
+        }
+        if let Some(e) = unknown_error {
+            return Err(e);
+        }
+        *self = next;
+        Ok(())
+    }
+
+    fn apply_pair(
+        &mut self,
+        key: &str,
+        value: &str,
+        files: &mut FileKeys,
+        data_files: &mut FileKeys,
+    ) -> Result<(), OptionError> {
+        let bool_value = || parse_bool_onoff(key, value);
+        match key {
+            "driver" => {
+                if value != "qcow2" {
+                    return Err(OptionError::UnknownDriver {
+                        driver: value.to_owned(),
+                    });
+                }
+            }
+            "file" => files.reference = Some(value.into()),
+            "file.filename" => files.filename = Some(value.into()),
+            "file.driver" => files.set_driver(value)?,
+            "data-file" => data_files.reference = Some(value.into()),
+            "data-file.filename" => data_files.filename = Some(value.into()),
+            "data-file.driver" => data_files.set_driver(value)?,
+            "read-only" => self.read_only = bool_value()?,
+            "node-name" => {
+                validate_node_name(value)?;
+                self.node_name = Some(value.to_owned());
+            }
+            "rerror" => self.rerror = ErrorPolicy::parse(value, true)?,
+            "werror" => self.werror = ErrorPolicy::parse(value, false)?,
+            "l2-cache-size" => self.l2_cache_size = Some(parse_size_option(key, value)?),
+            "l2-cache-entry-size" => {
+                self.l2_cache_entry_size = Some(parse_size_option(key, value)?);
+            }
+            "refcount-cache-size" => {
+                self.refcount_cache_size = Some(parse_size_option(key, value)?);
+            }
+            "cache-size" => self.cache_size = Some(parse_size_option(key, value)?),
+            "cache-clean-interval" => {
+                self.cache_clean_interval = Some(parse_number(key, value)?);
+            }
+            "lazy-refcounts" => self.lazy_refcounts = Some(bool_value()?),
+            "pass-discard-request" => self.pass_discard_request = bool_value()?,
+            "pass-discard-snapshot" => self.pass_discard_snapshot = bool_value()?,
+            "pass-discard-other" => self.pass_discard_other = bool_value()?,
+            "discard-no-unref" => self.discard_no_unref = bool_value()?,
+            _ if key.starts_with("encrypt.") => {
+                return Err(OptionError::EncryptionUnsupported {
+                    option: key.to_owned(),
+                })
+            }
+            _ => {
+                if !self.overlap_options.set(key, value)? {
+                    return Err(OptionError::UnsupportedOption {
+                        option: key.to_owned(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `file=` / `file.filename=` / `file.driver=` (or the `data-file` equivalents) of one list.
+#[derive(Default)]
+struct FileKeys {
+    reference: Option<PathBuf>,
+    filename: Option<PathBuf>,
+    driver: bool,
+}
+
+impl FileKeys {
+    fn set_driver(&mut self, value: &str) -> Result<(), OptionError> {
+        if value != "file" {
+            return Err(OptionError::UnknownDriver {
+                driver: value.to_owned(),
+            });
+        }
+        self.driver = true;
+        Ok(())
+    }
+
+    /// The path given, or a conflict if both a reference and `.filename`/`.driver` were given.
+    fn resolve(&self) -> Result<Option<PathBuf>, OptionError> {
+        match (&self.reference, &self.filename) {
+            (Some(_), _) if self.filename.is_some() || self.driver => {
+                Err(OptionError::FileConflict)
+            }
+            (Some(path), None) | (None, Some(path)) => Ok(Some(path.clone())),
+            _ => Ok(None),
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests;
