@@ -1,0 +1,649 @@
+//! [`Image`]: an open qcow2 image, the public read/write API.
+//!
+//! # Concurrency
+//! `Image` is `Send + Sync`. All metadata (L1 table, caches, allocator,
+//! overlap map) sits behind one mutex. A request translates its guest range
+//! under that mutex, then releases it and does guest data I/O outside it:
+//! reads of allocated clusters, reads of backing files and overwrites of
+//! clusters that are already allocated in place never hold the lock across
+//! file I/O. Allocating writes (new clusters, copy-on-write) hold the lock
+//! while they write, so two writers can never allocate the same guest cluster
+//! twice.
+//!
+//! A host cluster that stops being referenced is not reused while a request
+//! that translated to it may still be doing I/O: reference drops are queued
+//! and applied only under the write side of an I/O barrier that every
+//! outside-the-lock data transfer holds for reading.
+
+use crate::cache::{CacheStats, TableCache};
+use crate::error::{Error, IoOp, Result};
+use crate::events::{Event, EventSink, IoOperation};
+use crate::format::consts::*;
+use crate::format::entry::{EntryFormat, L2Entry, Subclusters};
+use crate::format::header::Header;
+use crate::mapping::Extent;
+use crate::meta::{read_file, write_file, DiscardPolicy, DiscardType, Meta, RawL2};
+use crate::options::OpenOptions;
+use crate::overlap::OverlapChecker;
+use crate::storage::{FileStorage, Storage};
+use crate::types::{Geometry, MetadataKind};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+mod open;
+mod write;
+mod zero;
+
+pub(crate) use open::{resolve, OpenMode};
+
+/// The image a qcow2 image reads unallocated clusters from.
+#[derive(Debug)]
+pub enum Backing {
+    /// A qcow2 backing image (opened read-only).
+    Qcow2(Box<Image>),
+    /// A raw backing file.
+    Raw {
+        /// The file.
+        storage: Arc<dyn Storage>,
+        /// Its length, which is its virtual size.
+        size: u64,
+        /// The path it was opened from.
+        path: PathBuf,
+    },
+}
+
+impl Backing {
+    /// Virtual size of the backing image.
+    pub fn size(&self) -> u64 {
+        match self {
+            Backing::Qcow2(i) => i.size(),
+            Backing::Raw { size, .. } => *size,
+        }
+    }
+
+    /// Reads `buf` at guest offset `offset`; bytes past the backing image's
+    /// end read as zeroes.
+    ///
+    /// # Errors
+    /// Errors of the backing image.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let size = self.size();
+        let avail = size.saturating_sub(offset).min(buf.len() as u64) as usize;
+        let (head, tail) = buf.split_at_mut(avail);
+        tail.fill(0);
+        if head.is_empty() {
+            return Ok(());
+        }
+        match self {
+            Backing::Qcow2(i) => i.read_at(head, offset),
+            Backing::Raw { storage, .. } => read_file(&**storage, head, offset),
+        }
+    }
+}
+
+/// An open qcow2 image.
+///
+/// See the [module docs](self) for the concurrency model.
+pub struct Image {
+    path: Option<PathBuf>,
+    pub(crate) file: Arc<dyn Storage>,
+    /// Where guest data lives: the image file, or the external data file.
+    pub(crate) data: Arc<dyn Storage>,
+    data_file_path: Option<PathBuf>,
+    pub(crate) backing: Option<Backing>,
+    meta: Mutex<Meta>,
+    pub(crate) io_barrier: RwLock<()>,
+    read_only: bool,
+    gone: AtomicBool,
+    corruption_signalled: AtomicBool,
+    events: RwLock<Option<EventSink>>,
+    opts: OpenOptions,
+    pub(crate) geom: Geometry,
+    /// What the automatic repair of a dirty image fixed at open.
+    dirty_repair: Option<crate::check::CheckReport>,
+}
+
+impl std::fmt::Debug for Image {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Image")
+            .field("path", &self.path)
+            .field("read_only", &self.read_only)
+            .field("geometry", &self.geom)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A guest range and what it maps to, as reported by [`Image::block_status`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockStatus {
+    /// Length in bytes of the run.
+    pub len: u64,
+    /// What it maps to in this image.
+    pub extent: Extent,
+}
+
+/// Apply queued reference drops once this many are waiting.
+pub(crate) const MAX_PENDING_FREES: usize = 4096;
+
+impl Image {
+    // ------------------------------------------------------------------
+    // Accessors.
+    // ------------------------------------------------------------------
+
+    /// Virtual disk size in bytes.
+    pub fn size(&self) -> u64 {
+        self.meta.lock().map(|m| m.header.size).unwrap_or(0)
+    }
+
+    /// Cluster size in bytes.
+    pub fn cluster_size(&self) -> u64 {
+        self.geom.cluster_size
+    }
+
+    /// A copy of the current header.
+    pub fn header(&self) -> Header {
+        self.meta
+            .lock()
+            .map(|m| m.header.clone())
+            .unwrap_or_else(|p| p.into_inner().header.clone())
+    }
+
+    /// The path the image was opened from, if any.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// The report of the refcount repair that ran because the image was
+    /// dirty (lazy refcounts, not closed cleanly) when it was opened
+    /// read-write; `None` if no repair was needed.
+    pub fn dirty_repair_report(&self) -> Option<&crate::check::CheckReport> {
+        self.dirty_repair.as_ref()
+    }
+
+    /// The backing image, if one was opened.
+    pub fn backing(&self) -> Option<&Backing> {
+        self.backing.as_ref()
+    }
+
+    /// The external data file, if the image has one.
+    pub fn data_file_path(&self) -> Option<&Path> {
+        self.data_file_path.as_deref()
+    }
+
+    /// Whether the handle is read-only.
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// Whether a fatal corruption event disabled this handle.
+    pub fn is_disabled(&self) -> bool {
+        self.gone.load(Ordering::SeqCst)
+    }
+
+    /// The image file's storage.
+    pub fn storage(&self) -> &Arc<dyn Storage> {
+        &self.file
+    }
+
+    /// Hit/miss counters of the L2 cache and the refcount cache.
+    pub fn cache_stats(&self) -> (CacheStats, CacheStats) {
+        match self.meta.lock() {
+            Ok(m) => (m.l2_cache.stats(), m.rc_cache.stats()),
+            Err(_) => Default::default(),
+        }
+    }
+
+    /// The options the image was opened with.
+    pub fn options(&self) -> &OpenOptions {
+        &self.opts
+    }
+
+    /// The internal snapshots (the snapshot table as loaded at open).
+    pub fn snapshots(&self) -> Vec<crate::format::snapshot::SnapshotEntry> {
+        self.meta
+            .lock()
+            .map(|m| m.snapshots.clone())
+            .unwrap_or_else(|p| p.into_inner().snapshots.clone())
+    }
+
+    /// QEMU's `qcow2_detect_metadata_preallocation`: whether clearly more
+    /// host clusters have a non-zero refcount than the image file really
+    /// occupies (`max(real * 10 / 9, real + 2)` clusters or more), which means
+    /// data clusters were preallocated as holes. `map` then reports such
+    /// data clusters whose host range is a hole as zero (see
+    /// [`Image::data_is_hole`]).
+    ///
+    /// # Errors
+    /// I/O errors and corruption of the refcount structures.
+    pub fn detect_metadata_preallocation(&self) -> Result<bool> {
+        let file_len = self.file.len().map_err(|e| Error::io(IoOp::Read, 0, e))?;
+        let real = self
+            .file
+            .allocated_bytes()
+            .map_err(|e| Error::io(IoOp::Read, 0, e))?
+            / self.geom.cluster_size;
+        let threshold = (real * 10 / 9).max(real + 2);
+        let end_cluster = file_len.div_ceil(self.geom.cluster_size);
+        let mut meta = self.lock()?;
+        let mut count = 0u64;
+        let mut i = 0u64;
+        while i < end_cluster && count < threshold {
+            if meta.refcount(i)? != 0 {
+                count += 1;
+            }
+            i += 1;
+        }
+        Ok(count >= threshold)
+    }
+
+    /// Registers the callback that receives [`Event`]s (replacing any earlier one).
+    pub fn on_event(&self, sink: impl Fn(&Event) + Send + Sync + 'static) {
+        if let Ok(mut e) = self.events.write() {
+            *e = Some(Arc::new(sink));
+        }
+    }
+
+    // ------------------------------------------------------------------
+    // Error handling: corruption and I/O error events.
+    // ------------------------------------------------------------------
+
+    fn emit(&self, ev: Event) {
+        if let Ok(e) = self.events.read() {
+            if let Some(sink) = e.as_ref() {
+                sink(&ev);
+            }
+        }
+    }
+
+    /// The metadata state, locked (for the checker, which works on it
+    /// directly).
+    ///
+    /// # Errors
+    /// As for the internal lock: `Error::MediumGone` after a fatal corruption
+    /// event, `Error::PreviousIoFailed` after a failed metadata write.
+    pub(crate) fn lock_meta(&self) -> Result<MutexGuard<'_, Meta>> {
+        self.lock()
+    }
+
+    pub(crate) fn lock(&self) -> Result<MutexGuard<'_, Meta>> {
+        if self.gone.load(Ordering::SeqCst) {
+            return Err(Error::MediumGone);
+        }
+        let mut m = self.meta.lock().map_err(|_| Error::PreviousIoFailed)?;
+        if m.poisoned {
+            return Err(Error::PreviousIoFailed);
+        }
+        m.maybe_clean_caches();
+        Ok(m)
+    }
+
+    /// Turns an internal error into what the caller sees, raising events:
+    /// corruption is signalled as QEMU does, I/O errors raise `IoError`.
+    pub(crate) fn fail(&self, meta: &mut Meta, e: Error, op: IoOperation) -> Error {
+        match &e {
+            Error::OverlapPrevented { kind, offset, size } => {
+                let msg = format!(
+                    "Preventing invalid write on metadata (overlaps with {})",
+                    kind.qemu_name()
+                );
+                self.signal_corruption(meta, msg, Some(*offset), Some(*size), true);
+            }
+            Error::Corrupt { msg, .. } => {
+                self.signal_corruption(meta, msg.clone(), None, None, true);
+            }
+            Error::Io { source, .. } => {
+                let nospace = source.raw_os_error() == Some(libc::ENOSPC);
+                let policy = match op {
+                    IoOperation::Read => self.opts.get_rerror(),
+                    IoOperation::Write => self.opts.get_werror(),
+                };
+                let action = policy.action_for(nospace);
+                self.emit(Event::IoError {
+                    node_name: self.opts.get_node_name().map(str::to_owned),
+                    operation: op,
+                    action,
+                    nospace,
+                    reason: e.errno_text(),
+                });
+            }
+            _ => {}
+        }
+        e
+    }
+
+    fn signal_corruption(
+        &self,
+        meta: &mut Meta,
+        msg: String,
+        offset: Option<u64>,
+        size: Option<u64>,
+        fatal: bool,
+    ) {
+        let fatal = fatal && !self.read_only;
+        let already = self.corruption_signalled.load(Ordering::SeqCst);
+        if already && (!fatal || meta.header.incompatible_features & INCOMPAT_CORRUPT != 0) {
+            if fatal {
+                self.gone.store(true, Ordering::SeqCst);
+            }
+            return;
+        }
+        self.emit(Event::ImageCorrupted {
+            node_name: self.opts.get_node_name().map(str::to_owned),
+            msg,
+            offset,
+            size,
+            fatal,
+        });
+        if fatal {
+            meta.header.incompatible_features |= INCOMPAT_CORRUPT;
+            // Best effort: the handle is disabled whether or not the bit sticks.
+            let _ = meta.write_incompatible_features();
+            self.gone.store(true, Ordering::SeqCst);
+        }
+        self.corruption_signalled.store(true, Ordering::SeqCst);
+    }
+
+    fn check_range(&self, size: u64, offset: u64, len: u64) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(Error::OutOfRange { offset, len, size }),
+        }
+    }
+
+    // ------------------------------------------------------------------
+    // Reads.
+    // ------------------------------------------------------------------
+
+    /// Reads `buf.len()` bytes of the virtual disk at guest offset `offset`.
+    ///
+    /// # Errors
+    /// `Error::OutOfRange` past the end of the disk; `Error::Corrupt` when the
+    /// tables on the way are corrupt (the image is marked corrupt when it is
+    /// writable, see [`Event::ImageCorrupted`]); I/O errors;
+    /// `Error::MediumGone` after a fatal corruption event.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let g = offset + done as u64;
+            let mut meta = self.lock()?;
+            if done == 0 {
+                self.check_range(meta.header.size, offset, buf.len() as u64)?;
+            }
+            let rem = (buf.len() - done) as u64;
+            let (ext, len) = match meta.map_extent(g, rem) {
+                Ok(x) => x,
+                Err(e) => return Err(self.fail(&mut meta, e, IoOperation::Read)),
+            };
+            let chunk = &mut buf[done..done + len as usize];
+            let r = match ext {
+                Extent::Data { host } => {
+                    let _io = self
+                        .io_barrier
+                        .read()
+                        .map_err(|_| Error::PreviousIoFailed)?;
+                    drop(meta);
+                    read_file(&*self.data, chunk, host)
+                }
+                Extent::Zero { .. } => {
+                    drop(meta);
+                    chunk.fill(0);
+                    Ok(())
+                }
+                Extent::Unallocated => {
+                    drop(meta);
+                    self.read_backing(chunk, g)
+                }
+                Extent::Compressed {
+                    offset: coff,
+                    len: clen,
+                } => {
+                    let _io = self
+                        .io_barrier
+                        .read()
+                        .map_err(|_| Error::PreviousIoFailed)?;
+                    let ctype = meta.header.compression_type;
+                    drop(meta);
+                    let in_cluster = (g & (self.geom.cluster_size - 1)) as usize;
+                    self.read_compressed(ctype, coff, clen).map(|data| {
+                        chunk.copy_from_slice(&data[in_cluster..in_cluster + chunk.len()]);
+                    })
+                }
+            };
+            if let Err(e) = r {
+                let mut meta = self.meta.lock().map_err(|_| Error::PreviousIoFailed)?;
+                return Err(self.fail(&mut meta, e, IoOperation::Read));
+            }
+            done += len as usize;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn read_backing(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        match &self.backing {
+            Some(b) => b.read_at(buf, offset),
+            None => {
+                buf.fill(0);
+                Ok(())
+            }
+        }
+    }
+
+    /// Reads and decompresses one compressed cluster of compression type
+    /// `ctype`. Callers may hold the metadata lock: this does not take it.
+    pub(crate) fn read_compressed(&self, ctype: u8, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let cs = self.geom.cluster_size as usize;
+        let mut input = vec![0u8; len as usize];
+        read_file(&*self.file, &mut input, offset)?;
+        crate::compress::decompress(ctype, &input, cs)
+            .map_err(|reason| Error::Decompress { offset, reason })
+    }
+
+    /// Describes the run of guest bytes starting at `offset` (at most `len`):
+    /// what it maps to in this image (not looking into backing files).
+    ///
+    /// # Errors
+    /// As for [`Image::read_at`].
+    pub fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
+        let mut meta = self.lock()?;
+        self.check_range(meta.header.size, offset, len)?;
+        match meta.map_extent(offset, len) {
+            Ok((extent, len)) => Ok(BlockStatus { len, extent }),
+            Err(e) => Err(self.fail(&mut meta, e, IoOperation::Read)),
+        }
+    }
+
+    /// The host cluster that the L2 entry of guest offset `offset` points at,
+    /// whatever the state of its (sub)clusters: with extended L2 entries a
+    /// cluster can be allocated while some subclusters are not, and QEMU's
+    /// `map` reports the host offset of such unallocated subclusters.
+    /// `None` for unallocated clusters, zero clusters without allocation and
+    /// compressed clusters.
+    ///
+    /// # Errors
+    /// As for [`Image::block_status`].
+    pub fn host_cluster(&self, offset: u64) -> Result<Option<u64>> {
+        let mut meta = self.lock()?;
+        self.check_range(meta.header.size, offset, 1)?;
+        let r = (|| {
+            let (table, _) = meta.l2_table_offset(self.geom.l1_index(offset))?;
+            if table == 0 {
+                return Ok(None);
+            }
+            let slot = meta.l2_slot(table, offset);
+            meta.load_l2_slice(slot.slice)?;
+            let (e, _) = meta.decode_l2(meta.read_slot(&slot), &slot)?;
+            Ok(e.host_cluster())
+        })();
+        r.map_err(|e| self.fail(&mut meta, e, IoOperation::Read))
+    }
+
+    /// Whether the host range `[offset, offset+len)` of the data file is a hole
+    /// (used by `map` for preallocated metadata).
+    pub fn data_is_hole(&self, offset: u64, len: u64) -> bool {
+        self.data.is_hole(offset, len).unwrap_or(false)
+    }
+
+    /// Flushes every dirty table in the crash-safe order and syncs the file.
+    ///
+    /// # Errors
+    /// I/O errors (the handle is then poisoned: reopen the image).
+    pub fn flush(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        let mut meta = self.lock()?;
+        match self.flush_locked(&mut meta) {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.fail(&mut meta, e, IoOperation::Write)),
+        }
+    }
+
+    fn flush_locked(&self, meta: &mut Meta) -> Result<()> {
+        // Wait until no data I/O that translated earlier is in flight, so
+        // freed clusters can be reused.
+        let _barrier = self
+            .io_barrier
+            .write()
+            .map_err(|_| Error::PreviousIoFailed)?;
+        meta.flush_all(true)?;
+        if !Arc::ptr_eq(&self.data, &self.file) {
+            self.data
+                .flush()
+                .map_err(|e| Error::io(IoOp::Flush, 0, e))?;
+        }
+        Ok(())
+    }
+
+    /// Flushes and closes the image.
+    ///
+    /// # Errors
+    /// As for [`Image::flush`].
+    pub fn close(self) -> Result<()> {
+        self.close_ref()
+    }
+
+    fn close_ref(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        let mut meta = self.lock()?;
+        let r = (|| {
+            let _barrier = self
+                .io_barrier
+                .write()
+                .map_err(|_| Error::PreviousIoFailed)?;
+            meta.mark_clean()?;
+            if !Arc::ptr_eq(&self.data, &self.file) {
+                self.data
+                    .flush()
+                    .map_err(|e| Error::io(IoOp::Flush, 0, e))?;
+            }
+            Ok(())
+        })();
+        match r {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.fail(&mut meta, e, IoOperation::Write)),
+        }
+    }
+}
+
+impl Image {
+    /// Turns lazy refcounts on or off, for this handle and in the header
+    /// (compatible feature bit 0). Turning them off first writes every cache
+    /// and clears the dirty bit.
+    ///
+    /// # Errors
+    /// `Error::InvalidArgument` on a v2 image (QEMU's message), I/O errors.
+    pub fn set_lazy_refcounts(&self, on: bool) -> Result<()> {
+        self.writable()?;
+        let mut meta = self.lock()?;
+        let r = (|| {
+            if on && meta.header.version < 3 {
+                return Err(Error::InvalidArgument(
+                    "Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)".into(),
+                ));
+            }
+            if !on {
+                let _barrier = self
+                    .io_barrier
+                    .write()
+                    .map_err(|_| Error::PreviousIoFailed)?;
+                meta.mark_clean()?;
+            }
+            meta.lazy_refcounts = on;
+            if meta.header.version >= 3 {
+                let bits = if on {
+                    meta.header.compatible_features | COMPAT_LAZY_REFCOUNTS
+                } else {
+                    meta.header.compatible_features & !COMPAT_LAZY_REFCOUNTS
+                };
+                if bits != meta.header.compatible_features {
+                    meta.write_header_field(80, &bits.to_be_bytes())?;
+                    meta.header.compatible_features = bits;
+                }
+            }
+            Ok(())
+        })();
+        r.map_err(|e| self.fail(&mut meta, e, IoOperation::Write))
+    }
+}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        if !self.read_only && !self.gone.load(Ordering::SeqCst) {
+            // Best effort; callers who care use close() or flush().
+            let _ = self.close_ref();
+        }
+    }
+}
+
+#[allow(dead_code)]
+fn _assert_send_sync() {
+    fn is<T: Send + Sync>() {}
+    is::<Image>();
+    let _ = MetadataKind::ALL;
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may panic
+mod tests {
+    use super::*;
+    use crate::storage::MemStorage;
+
+    #[test]
+    fn data_file_raw_without_data_file_is_refused() {
+        let mem = Arc::new(MemStorage::new());
+        crate::create::create_on(mem.clone(), &crate::CreateOptions::default(), 1 << 20).unwrap();
+        let mut bytes = mem.to_vec();
+        bytes[88 + 7] |= AUTOCLEAR_DATA_FILE_RAW as u8;
+        let s: Arc<dyn Storage> = Arc::new(MemStorage::from_bytes(bytes));
+        let e = Image::open_storage(s, &OpenOptions::new()).unwrap_err();
+        assert_eq!(e.qemu_message(), "data-file-raw requires a data file");
+    }
+
+    #[test]
+    fn empty_backing_file_name_means_no_backing_file() {
+        let mem = Arc::new(MemStorage::new());
+        crate::create::create_on(mem.clone(), &crate::CreateOptions::default(), 1 << 20).unwrap();
+        let mut bytes = mem.to_vec();
+        // backing_file_offset 0x4000, backing_file_size 0.
+        bytes[8..16].copy_from_slice(&0x4000u64.to_be_bytes());
+        let s: Arc<dyn Storage> = Arc::new(MemStorage::from_bytes(bytes));
+        let img = Image::open_storage(s, &OpenOptions::new().read_only(true)).unwrap();
+        assert!(img.backing().is_none());
+    }
+
+    #[test]
+    fn backing_file_name_ends_at_nul() {
+        let mem = Arc::new(MemStorage::new());
+        crate::create::create_on(mem.clone(), &crate::CreateOptions::default(), 1 << 20).unwrap();
+        let mut bytes = mem.to_vec();
+        // backing_file_offset 0x4000, backing_file_size 1, name "\0".
+        bytes[8..16].copy_from_slice(&0x4000u64.to_be_bytes());
+        bytes[16..20].copy_from_slice(&1u32.to_be_bytes());
+        let s: Arc<dyn Storage> = Arc::new(MemStorage::from_bytes(bytes));
+        let img = Image::open_storage(s, &OpenOptions::new().read_only(true)).unwrap();
+        assert!(img.backing().is_none());
+    }
+}

@@ -1,0 +1,394 @@
+//! Opening an image: header, tables, backing file and data file, the
+//! corrupt/dirty checks, and the automatic repair of a dirty image.
+
+use super::*;
+
+/// Most bytes of cluster 0 read to decode the header and its extensions.
+const MAX_HEADER_READ: u64 = 2 << 20;
+
+impl Image {
+    /// Opens the image at `path`.
+    ///
+    /// # Errors
+    /// Open failures (`Error::Io` for the file, `Error::Format` for an
+    /// invalid or unsupported header, `Error::ImageCorrupt` for a read-write
+    /// open of an image marked corrupt, backing file errors).
+    pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Image> {
+        let path = path.as_ref();
+        let file = FileStorage::open(path, !opts.get_read_only())
+            .map_err(|e| Error::io(IoOp::Read, 0, e))?;
+        Self::open_inner(
+            Arc::new(file),
+            Some(path.to_path_buf()),
+            opts,
+            OpenMode::default(),
+            None,
+        )
+    }
+
+    /// Opens the image at `path` without opening its backing file: clusters
+    /// not allocated in this image read as zeroes. For inspecting an image
+    /// whose backing chain is missing or untrusted (like `qemu-img info`).
+    ///
+    /// # Errors
+    /// As for [`Image::open`].
+    pub fn open_without_backing(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Image> {
+        let path = path.as_ref();
+        let file = FileStorage::open(path, !opts.get_read_only())
+            .map_err(|e| Error::io(IoOp::Read, 0, e))?;
+        let mode = OpenMode {
+            skip_backing: true,
+            ..Default::default()
+        };
+        Self::open_inner(Arc::new(file), Some(path.to_path_buf()), opts, mode, None)
+    }
+
+    /// Opens for checking or repair: corrupt and dirty images open read-write.
+    pub(crate) fn open_with_mode(
+        file: Arc<dyn Storage>,
+        path: Option<PathBuf>,
+        opts: &OpenOptions,
+        mode: OpenMode,
+    ) -> Result<Image> {
+        Self::open_inner(file, path, opts, mode, None)
+    }
+
+    /// Opens an image just created, read-write and without its backing
+    /// file, with the external data file (if any) given as storage.
+    pub(crate) fn open_created(
+        file: Arc<dyn Storage>,
+        data: Option<Arc<dyn Storage>>,
+        path: Option<PathBuf>,
+    ) -> Result<Image> {
+        let mode = OpenMode {
+            skip_backing: true,
+            ..Default::default()
+        };
+        Self::open_inner(file, path, &OpenOptions::new(), mode, data)
+    }
+
+    /// Opens an image held in any [`Storage`] (for example [`crate::storage::MemStorage`]).
+    /// Relative backing file names are resolved against the current directory.
+    ///
+    /// # Errors
+    /// As for [`Image::open`].
+    pub fn open_storage(storage: Arc<dyn Storage>, opts: &OpenOptions) -> Result<Image> {
+        Self::open_inner(storage, None, opts, OpenMode::default(), None)
+    }
+
+    fn open_inner(
+        file: Arc<dyn Storage>,
+        path: Option<PathBuf>,
+        opts: &OpenOptions,
+        mode: OpenMode,
+        data_override: Option<Arc<dyn Storage>>,
+    ) -> Result<Image> {
+        let read_only = opts.get_read_only();
+        let file_len = file.len().map_err(|e| Error::io(IoOp::Read, 0, e))?;
+        let mut head = vec![0u8; file_len.min(MAX_HEADER_READ) as usize];
+        read_file(&*file, &mut head, 0)?;
+        let header = if mode.check {
+            Header::decode_for_check(&head)?
+        } else {
+            Header::decode(&head)?
+        };
+        drop(head);
+        let repair = mode.repair || mode.check;
+        if header.incompatible_features & INCOMPAT_CORRUPT != 0 && !read_only && !repair {
+            return Err(Error::ImageCorrupt);
+        }
+        // A dirty image opened read-write is repaired before use (below).
+        let repair_dirty =
+            header.incompatible_features & INCOMPAT_DIRTY != 0 && !read_only && !repair;
+        let geom = Geometry::new(
+            header.cluster_bits,
+            header.is_extended_l2(),
+            header.refcount_order,
+        );
+        let external_data = header.incompatible_features & INCOMPAT_DATA_FILE != 0;
+        let efmt = EntryFormat {
+            cluster_bits: header.cluster_bits,
+            version: header.version,
+            extended_l2: geom.extended_l2,
+            external_data,
+        };
+        // Tables must lie inside the file before anything is allocated for them.
+        // In check mode they read as zeroes past the end, as QEMU reads them,
+        // and the checker reports what is missing.
+        let l1_bytes = u64::from(header.l1_size) * 8;
+        if !mode.check && l1_bytes > 0 && header.l1_table_offset.saturating_add(l1_bytes) > file_len
+        {
+            return Err(crate::format::FormatError::invalid(
+                crate::format::Structure::L1Table,
+                Some(header.l1_table_offset),
+                "Active L1 table lies beyond the end of the file",
+            )
+            .into());
+        }
+        let rt_bytes = u64::from(header.refcount_table_clusters) << geom.cluster_bits;
+        if !mode.check && header.refcount_table_offset.saturating_add(rt_bytes) > file_len {
+            return Err(crate::format::FormatError::invalid(
+                crate::format::Structure::RefcountTable,
+                Some(header.refcount_table_offset),
+                "Reference count table lies beyond the end of the file",
+            )
+            .into());
+        }
+        let mut l1_raw = vec![0u8; l1_bytes as usize];
+        read_file(&*file, &mut l1_raw, header.l1_table_offset)?;
+        let l1: Vec<u64> = l1_raw
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
+            .collect();
+        drop(l1_raw);
+        let mut rt_raw = vec![0u8; rt_bytes as usize];
+        read_file(&*file, &mut rt_raw, header.refcount_table_offset)?;
+        let reftable: Vec<u64> = rt_raw
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
+            .collect();
+        drop(rt_raw);
+
+        opts.check_image_version(header.version)
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let cache =
+            crate::options::cache_config(opts, header.size, geom.cluster_size, geom.l2_entry_bytes)
+                .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let mut checker = OverlapChecker::new(opts.get_overlap_check().mask(), geom.cluster_bits);
+        checker.set_active_l1(header.l1_table_offset, l1_bytes);
+        checker.set_refcount_table(header.refcount_table_offset, rt_bytes);
+        for e in &reftable {
+            let off = e & REFT_OFFSET_MASK;
+            if off != 0 && geom.is_aligned(off) {
+                checker.add_refcount_block(off);
+            }
+        }
+        for e in &l1 {
+            let off = e & L1E_OFFSET_MASK;
+            if off != 0 && geom.is_aligned(off) {
+                checker.add_active_l2(off);
+            }
+        }
+        // Check mode does not load the snapshot table (QEMU skips it with
+        // BDRV_O_CHECK): the checker reads, validates and registers it.
+        let snapshots = if mode.check {
+            Vec::new()
+        } else {
+            let snapshots = crate::snapshot::load_snapshots(&*file, &header, file_len)?;
+            crate::snapshot::register_snapshots(
+                &*file,
+                &header,
+                &snapshots,
+                &mut checker,
+                file_len,
+            )?;
+            snapshots
+        };
+        if header.autoclear_features & AUTOCLEAR_BITMAPS != 0 {
+            checker.set_bitmap_directory(Some(match header.bitmaps() {
+                Some(b) => (b.bitmap_directory_offset, b.bitmap_directory_size),
+                None => (0, 0),
+            }));
+        }
+
+        let meta = Meta {
+            file: file.clone(),
+            geom,
+            efmt,
+            l1,
+            l1_dirty: Default::default(),
+            reftable,
+            reftable_dirty: Default::default(),
+            l2_cache: TableCache::new(cache.l2_slices, cache.l2_slice_bytes as usize),
+            rc_cache: TableCache::new(cache.refcount_blocks, geom.cluster_size as usize),
+            checker,
+            free_hint: 0,
+            file_end: file_len,
+            pending_frees: Vec::new(),
+            discards: Vec::new(),
+            no_flush: false,
+            discard: DiscardPolicy {
+                request: opts.get_pass_discard_request(),
+                snapshot: opts.get_pass_discard_snapshot(),
+                other: opts.get_pass_discard_other(),
+            },
+            data_unsynced: false,
+            poisoned: false,
+            scratch: Vec::new(),
+            clean_interval: (cache.clean_interval_secs > 0).then(|| {
+                (
+                    std::time::Duration::from_secs(cache.clean_interval_secs),
+                    std::time::Instant::now(),
+                )
+            }),
+            dirty_at_open: header.incompatible_features & INCOMPAT_DIRTY != 0,
+            lazy_refcounts: !read_only
+                && opts
+                    .get_lazy_refcounts()
+                    .unwrap_or(header.compatible_features & COMPAT_LAZY_REFCOUNTS != 0),
+            snapshots,
+            header,
+        };
+
+        let base_dir = path
+            .as_deref()
+            .and_then(Path::parent)
+            .map(Path::to_path_buf);
+        let backing = if mode.skip_backing {
+            None
+        } else {
+            Self::open_backing(&meta.header, base_dir.as_deref(), opts)?
+        };
+        let (data, data_file_path) = if let (true, Some(d)) = (external_data, data_override) {
+            (d, None)
+        } else if external_data {
+            let name = opts
+                .get_data_file()
+                .map(Path::to_path_buf)
+                .or_else(|| meta.header.data_file_name().map(PathBuf::from))
+                .ok_or_else(|| {
+                    Error::InvalidArgument("'data-file' is required for this image".into())
+                })?;
+            let resolved = resolve(base_dir.as_deref(), &name);
+            if opts.get_data_file().is_none() && !opts.get_backing_policy().permits(&resolved) {
+                return Err(Error::BackingNotPermitted { path: resolved });
+            }
+            let s = FileStorage::open(&resolved, !read_only).map_err(|e| Error::Backing {
+                path: resolved.clone(),
+                source: Box::new(Error::io(IoOp::Read, 0, e)),
+            })?;
+            (Arc::new(s) as Arc<dyn Storage>, Some(resolved))
+        } else {
+            // QEMU refuses the "raw external data" bit without a data file.
+            if meta.header.autoclear_features & AUTOCLEAR_DATA_FILE_RAW != 0 {
+                return Err(Error::InvalidArgument(
+                    "data-file-raw requires a data file".into(),
+                ));
+            }
+            (file.clone(), None)
+        };
+
+        let image = Image {
+            path,
+            file,
+            data,
+            data_file_path,
+            backing,
+            meta: Mutex::new(meta),
+            io_barrier: RwLock::new(()),
+            read_only,
+            gone: AtomicBool::new(false),
+            corruption_signalled: AtomicBool::new(false),
+            events: RwLock::new(None),
+            opts: opts.clone(),
+            geom,
+            dirty_repair: None,
+        };
+        if !repair_dirty {
+            return Ok(image);
+        }
+        // QEMU repairs a dirty image on a read-write open (`check -r all`).
+        let (mut image, report) = crate::check::Checker::repair_dirty(image)?;
+        if report.counts.corruptions > 0 || report.counts.check_errors > 0 {
+            return Err(Error::InvalidArgument(
+                "Could not repair dirty image".into(),
+            ));
+        }
+        image.dirty_repair = Some(report);
+        Ok(image)
+    }
+
+    fn open_backing(
+        header: &Header,
+        base: Option<&Path>,
+        opts: &OpenOptions,
+    ) -> Result<Option<Backing>> {
+        // QEMU keeps the name as a C string: it ends at the first NUL, and an
+        // empty name (backing_file_size 0, or a leading NUL) means no backing file.
+        let Some(name) = header
+            .backing_file
+            .as_deref()
+            .map(|n| n.split('\0').next().unwrap_or(""))
+            .filter(|n| !n.is_empty())
+        else {
+            return Ok(None);
+        };
+        let path = resolve(base, Path::new(name));
+        if !opts.get_backing_policy().permits(&path) {
+            return Err(Error::BackingNotPermitted { path });
+        }
+        let wrap = |e: Error| Error::Backing {
+            path: path.clone(),
+            source: Box::new(e),
+        };
+        let storage =
+            FileStorage::open(&path, false).map_err(|e| wrap(Error::io(IoOp::Read, 0, e)))?;
+        let fmt = header.backing_format().map(str::to_owned);
+        let is_qcow2 = match fmt.as_deref() {
+            Some("raw") => false,
+            Some("qcow2") => true,
+            Some(other) => {
+                return Err(wrap(Error::Unsupported(format!(
+                    "backing file format '{other}'"
+                ))));
+            }
+            None => {
+                let mut magic = [0u8; 4];
+                storage
+                    .read_at(&mut magic, 0)
+                    .map_err(|e| wrap(Error::io(IoOp::Read, 0, e)))?;
+                u32::from_be_bytes(magic) == QCOW2_MAGIC
+            }
+        };
+        if is_qcow2 {
+            let bopts = opts.clone().read_only(true);
+            let img = Image::open_inner(
+                Arc::new(storage),
+                Some(path.clone()),
+                &bopts,
+                OpenMode::default(),
+                None,
+            )
+            .map_err(wrap)?;
+            Ok(Some(Backing::Qcow2(Box::new(img))))
+        } else {
+            // QEMU sizes a raw file in whole sectors (the tail reads as zero).
+            let size = storage
+                .len()
+                .map_err(|e| wrap(Error::io(IoOp::Read, 0, e)))?
+                .div_ceil(512)
+                * 512;
+            Ok(Some(Backing::Raw {
+                storage: Arc::new(storage),
+                size,
+                path,
+            }))
+        }
+    }
+}
+
+/// How an image is opened beyond its options.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct OpenMode {
+    /// Check/repair mode: corrupt and dirty images open read-write.
+    pub repair: bool,
+    /// QEMU's `BDRV_O_CHECK` (implies `repair`): the header is decoded with
+    /// [`Header::decode_for_check`], the L1 and refcount tables may lie
+    /// (partly) beyond the end of the file and read as zeroes there, and the
+    /// snapshot table is not loaded (the checker reads, validates and
+    /// registers it itself).
+    pub check: bool,
+    /// Do not open the backing file.
+    pub skip_backing: bool,
+}
+
+/// Resolves a file name stored in an image against the image's directory.
+pub(crate) fn resolve(base: Option<&Path>, name: &Path) -> PathBuf {
+    if name.is_absolute() {
+        return name.to_path_buf();
+    }
+    match base {
+        Some(b) if !b.as_os_str().is_empty() => b.join(name),
+        _ => name.to_path_buf(),
+    }
+}

@@ -1,0 +1,423 @@
+//! Guest writes: in-place overwrites outside the metadata lock, allocating
+//! writes in runs with copy-on-write from backing files, compressed, zero
+//! and partially allocated (extended L2) clusters.
+
+use super::*;
+
+impl Image {
+    // ------------------------------------------------------------------
+    // Writes.
+    // ------------------------------------------------------------------
+
+    pub(crate) fn writable(&self) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        Ok(())
+    }
+
+    /// Work done once before the first write of a handle: clear autoclear
+    /// bits this crate does not maintain (bitmaps become inconsistent as
+    /// soon as we write, so the bitmaps bit is cleared too).
+    pub(crate) fn before_first_write(&self, meta: &mut Meta) -> Result<()> {
+        let keep = AUTOCLEAR_DATA_FILE_RAW;
+        if meta.header.autoclear_features & !keep != 0 {
+            meta.header.autoclear_features &= keep;
+            // The bitmap directory stays allocated and protected: only its
+            // consistency bit is dropped.
+            meta.write_autoclear_features()?;
+        }
+        Ok(())
+    }
+
+    /// Writes `buf` at guest offset `offset`.
+    ///
+    /// # Errors
+    /// `Error::ReadOnly`, `Error::OutOfRange`, `Error::OverlapPrevented` when
+    /// the write would overwrite metadata (the image is then marked corrupt and
+    /// the handle disabled), `Error::Corrupt`, I/O errors.
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.writable()?;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let g = offset + done as u64;
+            let mut meta = self.lock()?;
+            if done == 0 {
+                self.check_range(meta.header.size, offset, buf.len() as u64)?;
+                if let Err(e) = self.before_first_write(&mut meta) {
+                    return Err(self.fail(&mut meta, e, IoOperation::Write));
+                }
+            }
+            let rest = &buf[done..];
+            let step = match self.write_step(&mut meta, g, rest) {
+                Ok(s) => s,
+                Err(e) => return Err(self.fail(&mut meta, e, IoOperation::Write)),
+            };
+            match step {
+                WriteStep::InPlace { host, len } => {
+                    let io = self
+                        .io_barrier
+                        .read()
+                        .map_err(|_| Error::PreviousIoFailed)?;
+                    drop(meta);
+                    let r = write_file(&*self.data, &rest[..len as usize], host);
+                    // Never wait for the metadata lock while holding the
+                    // barrier: flush takes them in the other order.
+                    drop(io);
+                    if let Err(e) = r {
+                        let mut meta = self.meta.lock().map_err(|_| Error::PreviousIoFailed)?;
+                        return Err(self.fail(&mut meta, e, IoOperation::Write));
+                    }
+                    done += len as usize;
+                }
+                WriteStep::Done { len } => {
+                    done += len as usize;
+                    if meta.pending_frees.len() > MAX_PENDING_FREES {
+                        if let Err(e) = self.flush_locked(&mut meta) {
+                            return Err(self.fail(&mut meta, e, IoOperation::Write));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One step of a write: either an in-place run (done by the caller
+    /// outside the lock) or an allocating write (done here, under the lock).
+    fn write_step(&self, meta: &mut Meta, g: u64, data: &[u8]) -> Result<WriteStep> {
+        let geom = self.geom;
+        let cs = geom.cluster_size;
+        let slice_entries = meta.slice_entries();
+        let cluster = g >> geom.cluster_bits;
+        let slice_end = ((cluster | (slice_entries - 1)) + 1) << geom.cluster_bits;
+        let len = (data.len() as u64).min(slice_end - g);
+        let l1i = geom.l1_index(g);
+
+        // Fast path: the first cluster can be overwritten in place.
+        let (table, table_copied) = meta.l2_table_offset(l1i)?;
+        if table != 0 && table_copied {
+            let mut run = 0u64;
+            let mut host0 = 0u64;
+            while run < len {
+                let gg = g + run;
+                let slot = meta.l2_slot(table, gg);
+                meta.load_l2_slice(slot.slice)?;
+                let (e, b) = meta.decode_l2(meta.read_slot(&slot), &slot)?;
+                let in_c = gg & (cs - 1);
+                let n = (cs - in_c).min(len - run);
+                let host = match e {
+                    L2Entry::Normal { host, copied: true }
+                        if !geom.extended_l2 || subclusters_allocated(&geom, b, in_c, n) =>
+                    {
+                        host
+                    }
+                    _ => break,
+                };
+                if run == 0 {
+                    host0 = host + in_c;
+                } else if host + in_c != host0 + run {
+                    break;
+                }
+                run += n;
+            }
+            if run > 0 {
+                if !meta.efmt.external_data {
+                    meta.gate_check(host0, run, 0)?;
+                    // The write may extend the file (a cluster whose tail was
+                    // never written): keep the known end an upper bound.
+                    meta.file_end = meta.file_end.max(host0 + run);
+                }
+                return Ok(WriteStep::InPlace {
+                    host: host0,
+                    len: run,
+                });
+            }
+        }
+        let written = self.allocating_write(meta, g, &data[..len as usize])?;
+        Ok(WriteStep::Done { len: written })
+    }
+
+    /// Allocates clusters for (a prefix of) `data` at guest offset `g`,
+    /// copying the untouched parts of partially written clusters from their
+    /// old content, writes the data and updates the L2 entries. Returns how
+    /// many bytes were written.
+    pub(crate) fn allocating_write(&self, meta: &mut Meta, g: u64, data: &[u8]) -> Result<u64> {
+        let geom = self.geom;
+        let cs = geom.cluster_size;
+        let len = data.len() as u64;
+        let table = meta.writable_l2_table(geom.l1_index(g))?;
+        let c0 = g >> geom.cluster_bits;
+        let c_last = (g + len - 1) >> geom.cluster_bits;
+
+        // Classify clusters from c0: a run of clusters that all need a new host cluster.
+        let mut plans: Vec<ClusterPlan> = Vec::new();
+        for c in c0..=c_last {
+            let cg = c << geom.cluster_bits;
+            let slot = meta.l2_slot(table, cg);
+            meta.load_l2_slice(slot.slice)?;
+            let (e, b) = meta.decode_l2(meta.read_slot(&slot), &slot)?;
+            let lo_w = g.max(cg) - cg;
+            let hi_w = (g + len).min(cg + cs) - cg;
+            let reuse = match e {
+                L2Entry::Normal { host, copied: true } => Some(host),
+                L2Entry::Zero {
+                    host: Some(host),
+                    copied: true,
+                } => Some(host),
+                _ => None,
+            };
+            if meta.efmt.external_data {
+                // Data file clusters are mapped 1:1 and never refcounted.
+                plans.push(ClusterPlan {
+                    guest: cg,
+                    old: e,
+                    bitmap: b,
+                    host: Some(cg),
+                    lo_w,
+                    hi_w,
+                    slot,
+                });
+                continue;
+            }
+            if reuse.is_some() && c != c0 {
+                break; // handled by a later step (in place or reuse)
+            }
+            plans.push(ClusterPlan {
+                guest: cg,
+                old: e,
+                bitmap: b,
+                host: reuse,
+                lo_w,
+                hi_w,
+                slot,
+            });
+            if reuse.is_some() {
+                break;
+            }
+        }
+        // Allocate the clusters that need it, contiguously.
+        let need = plans.iter().filter(|p| p.host.is_none()).count() as u64;
+        if need > 0 {
+            let first = meta.alloc_clusters(need)?;
+            for (k, p) in plans.iter_mut().filter(|p| p.host.is_none()).enumerate() {
+                p.host = Some(first + k as u64 * cs);
+            }
+        }
+        // Write each cluster's range: [lo, hi) within the cluster.
+        let mut written = 0u64;
+        let mut buf = std::mem::take(&mut meta.scratch);
+        for p in &plans {
+            let host = p.host.unwrap_or(0);
+            let (lo, hi) = self.cow_range(p);
+            let src = &data[(p.guest + p.lo_w - g) as usize..(p.guest + p.hi_w - g) as usize];
+            if !meta.efmt.external_data && host + lo >= meta.file_end && self.old_reads_zero(p, lo)
+            {
+                // Fast path: the untouched parts read as zero and the cluster
+                // lies past the end of the file, where unwritten bytes read as
+                // zero too: write only the guest data, straight from the caller.
+                if let Err(e) = meta.gate_write(src, host + p.lo_w, None) {
+                    meta.scratch = buf;
+                    return Err(e);
+                }
+                meta.data_unsynced = true;
+                if meta.lazy_refcounts {
+                    meta.mark_dirty()?;
+                }
+                let new = self.new_entry(p, host, lo, hi);
+                meta.write_slot(&p.slot, new);
+                self.drop_old(meta, p);
+                written += p.hi_w - p.lo_w;
+                continue;
+            }
+            buf.clear();
+            buf.resize((hi - lo) as usize, 0);
+            // Old content for the parts outside the write.
+            let r = self
+                .fill_old(meta, p, lo, p.lo_w, &mut buf[..(p.lo_w - lo) as usize])
+                .and_then(|_| {
+                    let tail = (p.hi_w - lo) as usize;
+                    self.fill_old(meta, p, p.hi_w, hi, &mut buf[tail..])
+                });
+            if let Err(e) = r {
+                meta.scratch = buf;
+                return Err(e);
+            }
+            buf[(p.lo_w - lo) as usize..(p.hi_w - lo) as usize].copy_from_slice(src);
+            let (wlo, whi) = (lo, hi);
+            let out = &buf[(wlo - lo) as usize..(whi - lo) as usize];
+            let r = if meta.efmt.external_data {
+                write_file(&*self.data, out, host + wlo)
+            } else {
+                meta.gate_write(out, host + wlo, None)
+            };
+            if let Err(e) = r {
+                meta.scratch = buf;
+                return Err(e);
+            }
+            meta.data_unsynced = true;
+            // Update the entry.
+            if meta.lazy_refcounts {
+                // As QEMU: the image is marked dirty before the first entry
+                // that relies on refcounts not yet written.
+                meta.mark_dirty()?;
+            }
+            let new = self.new_entry(p, host, lo, hi);
+            meta.write_slot(&p.slot, new);
+            self.drop_old(meta, p);
+            written += p.hi_w - p.lo_w;
+        }
+        meta.scratch = buf;
+        Ok(written)
+    }
+
+    /// Drops the reference the cluster's old entry held (COW replaced it).
+    fn drop_old(&self, meta: &mut Meta, p: &ClusterPlan) {
+        let reused = matches!(
+            p.old,
+            L2Entry::Normal { copied: true, .. }
+                | L2Entry::Zero {
+                    host: Some(_),
+                    copied: true
+                }
+        );
+        if !reused {
+            self.drop_reference(meta, p.old, DiscardType::Other);
+        }
+    }
+
+    /// Whether the guest view of the cluster of `p` from `lo` on reads as
+    /// zeroes, known from metadata alone (no I/O).
+    fn old_reads_zero(&self, p: &ClusterPlan, lo: u64) -> bool {
+        match p.old {
+            L2Entry::Zero { .. } => true,
+            L2Entry::Unallocated => match &self.backing {
+                None => true,
+                Some(b) => b.size() <= p.guest + lo,
+            },
+            _ => false,
+        }
+    }
+
+    /// The byte range of the cluster to write: the whole cluster for standard
+    /// L2 (so no stale bytes become visible), the touched subclusters with
+    /// extended L2 when the cluster had no data to carry over.
+    fn cow_range(&self, p: &ClusterPlan) -> (u64, u64) {
+        let geom = self.geom;
+        let cs = geom.cluster_size;
+        if !geom.extended_l2 {
+            return (0, cs);
+        }
+        let carries_data = match p.old {
+            L2Entry::Compressed { .. } => true,
+            L2Entry::Normal { copied, .. } => !copied,
+            _ => false,
+        };
+        if carries_data {
+            return (0, cs);
+        }
+        let scs = geom.subcluster_size();
+        (p.lo_w & !(scs - 1), (p.hi_w + scs - 1) & !(scs - 1))
+    }
+
+    fn new_entry(&self, p: &ClusterPlan, host: u64, lo: u64, hi: u64) -> RawL2 {
+        let geom = self.geom;
+        let word = host | OFLAG_COPIED;
+        if !geom.extended_l2 {
+            return RawL2 { word, bitmap: 0 };
+        }
+        let scs = geom.subcluster_size();
+        let touched = range_mask(lo / scs, hi.div_ceil(scs));
+        let (alloc, zero) = match p.old {
+            L2Entry::Compressed { .. } => (u32::MAX, 0),
+            L2Entry::Normal { .. } => (p.bitmap.alloc() | touched, p.bitmap.zero() & !touched),
+            _ => (touched, p.bitmap.zero() & !touched),
+        };
+        RawL2 {
+            word,
+            bitmap: Subclusters::from_parts(alloc, zero).0,
+        }
+    }
+
+    /// Fills `out` with the current guest view of `[from, to)` within the
+    /// cluster of plan `p` (old data, backing data or zeroes).
+    fn fill_old(
+        &self,
+        meta: &mut Meta,
+        p: &ClusterPlan,
+        from: u64,
+        to: u64,
+        out: &mut [u8],
+    ) -> Result<()> {
+        if from >= to {
+            return Ok(());
+        }
+        let geom = self.geom;
+        match p.old {
+            L2Entry::Compressed { .. } => {
+                let (o, l) = p.old.compressed_range().unwrap_or((0, 0));
+                let data = self.read_compressed(meta.header.compression_type, o, l)?;
+                out.copy_from_slice(&data[from as usize..to as usize]);
+                Ok(())
+            }
+            _ => {
+                let unit = geom.subcluster_size();
+                let mut pos = from;
+                while pos < to {
+                    let n = ((pos | (unit - 1)) + 1).min(to) - pos;
+                    let dst = &mut out[(pos - from) as usize..(pos - from + n) as usize];
+                    let sc = ((pos >> geom.subcluster_bits) & 31) as u32;
+                    match crate::format::entry::subcluster_state(
+                        p.old,
+                        p.bitmap,
+                        sc,
+                        geom.extended_l2,
+                        unit,
+                    ) {
+                        crate::format::entry::SubclusterState::Data(h) => {
+                            read_file(&*self.data, dst, h + (pos & (unit - 1)))?
+                        }
+                        crate::format::entry::SubclusterState::Unallocated => {
+                            self.read_backing(dst, p.guest + pos)?
+                        }
+                        _ => dst.fill(0),
+                    }
+                    pos += n;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// One guest cluster of an allocating write.
+#[derive(Debug, Clone, Copy)]
+struct ClusterPlan {
+    guest: u64,
+    old: L2Entry,
+    bitmap: Subclusters,
+    host: Option<u64>,
+    /// Range written by the guest within the cluster.
+    lo_w: u64,
+    hi_w: u64,
+    slot: crate::meta::L2Slot,
+}
+
+enum WriteStep {
+    InPlace { host: u64, len: u64 },
+    Done { len: u64 },
+}
+
+pub(super) fn range_mask(lo: u64, hi: u64) -> u32 {
+    let mut m = 0u32;
+    for i in lo..hi.min(32) {
+        m |= 1 << i;
+    }
+    m
+}
+
+fn subclusters_allocated(geom: &Geometry, b: Subclusters, in_c: u64, n: u64) -> bool {
+    let scs = geom.subcluster_size();
+    let mask = range_mask(in_c / scs, (in_c + n).div_ceil(scs));
+    b.alloc() & mask == mask
+}
