@@ -467,7 +467,10 @@ impl Test {
             c.leaks,
             c.check_errors
         );
-        assert!(self.file.to_vec() == before, "{when}: check wrote to the image");
+        assert!(
+            self.file.to_vec() == before,
+            "{when}: check wrote to the image"
+        );
     }
 
     /// Reads `[offset, offset+len)` (in one request if it fits `READ_CHUNK`)
