@@ -395,3 +395,7 @@ pub(super) fn decode_impl(buf: &[u8], check_mode: bool) -> Result<Header, Format
         backing_file,
     })
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic
+mod tests;

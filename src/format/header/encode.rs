@@ -213,3 +213,7 @@ fn encode_ext_data(ext: &HeaderExtension) -> Result<Vec<u8>, FormatError> {
         }
     })
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic
+mod tests;

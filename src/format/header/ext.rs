@@ -409,3 +409,7 @@ pub(super) fn unsupported_features_message(table: Option<&[u8]>, mut mask: u64) 
     }
     format!("Unsupported qcow2 feature(s): {}", parts.join(", "))
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic
+mod tests;
