@@ -55,11 +55,16 @@ pub(super) fn ext(ext_type: u32, data: &[u8]) -> Vec<u8> {
 
 /// `hdr` followed by the given extensions and an end marker.
 pub(super) fn with_exts(mut hdr: Vec<u8>, exts: &[Vec<u8>]) -> Vec<u8> {
+    add_exts(&mut hdr, exts);
+    hdr
+}
+
+/// Appends the given extensions and an end marker to `hdr`.
+pub(super) fn add_exts(hdr: &mut Vec<u8>, exts: &[Vec<u8>]) {
     for e in exts {
         hdr.extend_from_slice(e);
     }
     hdr.extend_from_slice(&[0; 8]);
-    hdr
 }
 
 #[track_caller]
@@ -68,4 +73,31 @@ pub(super) fn assert_rejects(buf: &[u8], kind: FormatErrorKind, msg: &str) {
     assert_eq!(err.reason, msg);
     assert_eq!(err.kind, kind, "kind for {msg:?}");
     assert_eq!(err.to_string(), msg);
+}
+
+/// What [`Header::decode`] should make of a table row's buffer: `Ok(())` if it
+/// decodes, else the error's kind and message.
+pub(super) type Expect = Result<(), (FormatErrorKind, &'static str)>;
+
+/// A table row: its name (for assert messages), a change to [`base_v3`], and
+/// the expected outcome.
+pub(super) type Case = (&'static str, fn(&mut Vec<u8>), Expect);
+
+/// Applies each case's change to a fresh [`base_v3`] and decodes the result.
+/// A rejection must match in kind, reason and `Display` text.
+#[track_caller]
+pub(super) fn check_cases(cases: &[Case]) {
+    for &(name, change, expect) in cases {
+        let mut b = base_v3();
+        change(&mut b);
+        match (Header::decode(&b), expect) {
+            (Ok(_), Ok(())) => {}
+            (Err(err), Err((kind, msg))) => {
+                assert_eq!(err.reason, msg, "case {name:?}");
+                assert_eq!(err.kind, kind, "case {name:?}: kind for {msg:?}");
+                assert_eq!(err.to_string(), msg, "case {name:?}");
+            }
+            (got, _) => panic!("case {name:?}: expected {expect:?}, got {got:?}"),
+        }
+    }
 }
