@@ -1,7 +1,7 @@
 //! qcow2kit: read, write, check and repair qcow2 disk images, the format of QEMU.
 //!
 //! The crate is layered bottom-up (see `ARCHITECTURE.md`): pure encoders and
-//! decoders in [`format`], a [`storage`] trait under everything, metadata
+//! decoders in [`format`](mod@format), a [`storage`] trait under everything, metadata
 //! caches and the overlap checker in their own modules, and [`Image`] on top.
 //!
 //! ```
