@@ -1,10 +1,11 @@
-//! Builders shared by the header tests: raw header bytes to poke at and
-//! the assertion on a rejected one.
+//! Shared by the header tests: raw header bytes to poke at, and the checks
+//! of what decoding them gives, for one buffer or for a table of cases.
 
 use crate::format::consts::QCOW2_MAGIC;
 use crate::format::header::Header;
-use crate::format::{put_be_u32, put_be_u64, FormatErrorKind};
+use crate::format::{put_be_u32, put_be_u64, FormatError, FormatErrorKind};
 
+/// The cluster size of [`base_v3`].
 pub(super) const CS: u64 = 65536;
 
 /// A valid v3 header (64 KiB clusters, 64 MiB disk), 112 bytes; the rest of
@@ -84,20 +85,26 @@ pub(super) type Expect = Result<(), (FormatErrorKind, &'static str)>;
 pub(super) type Case = (&'static str, fn(&mut Vec<u8>), Expect);
 
 /// Applies each case's change to a fresh [`base_v3`] and decodes the result.
-/// A rejection must match in kind, reason and `Display` text.
 #[track_caller]
 pub(super) fn check_cases(cases: &[Case]) {
     for &(name, change, expect) in cases {
         let mut b = base_v3();
         change(&mut b);
-        match (Header::decode(&b), expect) {
-            (Ok(_), Ok(())) => {}
-            (Err(err), Err((kind, msg))) => {
-                assert_eq!(err.reason, msg, "case {name:?}");
-                assert_eq!(err.kind, kind, "case {name:?}: kind for {msg:?}");
-                assert_eq!(err.to_string(), msg, "case {name:?}");
-            }
-            (got, _) => panic!("case {name:?}: expected {expect:?}, got {got:?}"),
+        assert_outcome(name, Header::decode(&b), expect);
+    }
+}
+
+/// Checks a decode result against a table row's expectation; a rejection
+/// must match in kind, reason and `Display` text.
+#[track_caller]
+pub(super) fn assert_outcome(name: &str, got: Result<Header, FormatError>, expect: Expect) {
+    match (got, expect) {
+        (Ok(_), Ok(())) => {}
+        (Err(err), Err((kind, msg))) => {
+            assert_eq!(err.reason, msg, "case {name:?}");
+            assert_eq!(err.kind, kind, "case {name:?}: kind for {msg:?}");
+            assert_eq!(err.to_string(), msg, "case {name:?}");
         }
+        (got, _) => panic!("case {name:?}: expected {expect:?}, got {got:?}"),
     }
 }
