@@ -40,7 +40,7 @@ pub fn amend_image(img: &Image, opts: &AmendOptions) -> Result<()> {
         lazy_refcounts: h.compatible_features & COMPAT_LAZY_REFCOUNTS != 0,
         has_data_file: h.incompatible_features & INCOMPAT_DATA_FILE != 0,
         data_file_raw: h.autoclear_features & AUTOCLEAR_DATA_FILE_RAW != 0,
-        backing_file: h.backing_file.clone(),
+        backing_file: h.backing_file_name().map(str::to_owned),
         backing_fmt: h.backing_format().map(str::to_owned),
     };
     opts.check(&state)

@@ -167,7 +167,7 @@ impl ImageInfo {
         let snapshots = (!snapshots.is_empty())
             .then(|| snapshots.iter().map(SnapshotInfo::from_entry).collect());
         let specific = qcow2_info(&header, &**storage)?;
-        let backing = header.backing_file.clone();
+        let backing = header.backing_file_name().map(str::to_owned);
         Ok(ImageInfo {
             actual_size: file.actual_size,
             children: vec![ChildInfo {

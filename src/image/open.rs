@@ -303,14 +303,7 @@ impl Image {
         base: Option<&Path>,
         opts: &OpenOptions,
     ) -> Result<Option<Backing>> {
-        // QEMU keeps the name as a C string: it ends at the first NUL, and an
-        // empty name (backing_file_size 0, or a leading NUL) means no backing file.
-        let Some(name) = header
-            .backing_file
-            .as_deref()
-            .map(|n| n.split('\0').next().unwrap_or(""))
-            .filter(|n| !n.is_empty())
-        else {
+        let Some(name) = header.backing_file_name() else {
             return Ok(None);
         };
         let path = resolve(base, Path::new(name));

@@ -22,7 +22,7 @@ impl Image {
         self.writable()?;
         let mut meta = self.lock()?;
         self.check_range(meta.header.size, offset, len)?;
-        if meta.header.version < 3 && meta.header.backing_file.is_some() {
+        if meta.header.version < 3 && meta.header.backing_file_name().is_some() {
             // Without the zero flag a discard would expose stale backing
             // data; QEMU refuses (ENOTSUP), and discards are advisory.
             return Ok(());
@@ -47,7 +47,7 @@ impl Image {
         }
         let v3 = meta.header.version >= 3;
         let no_unref = self.opts.get_discard_no_unref() && v3;
-        let has_backing = meta.header.backing_file.is_some();
+        let has_backing = meta.header.backing_file_name().is_some();
         let raw_data = meta.header.autoclear_features & AUTOCLEAR_DATA_FILE_RAW != 0;
         let mut g = start;
         while g < end {
@@ -168,7 +168,7 @@ impl Image {
                 m.header.size,
                 m.header.version >= 3,
                 m.header.autoclear_features & AUTOCLEAR_DATA_FILE_RAW != 0,
-                m.header.backing_file.is_some(),
+                m.header.backing_file_name().is_some(),
             )
         };
         if !v3 && has_backing {

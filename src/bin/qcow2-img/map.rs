@@ -103,8 +103,7 @@ pub fn layers<'a>(top: &'a Image, top_name: &str) -> Result<Vec<Layer<'a>>, Erro
             extended_l2: header.is_extended_l2(),
         });
         let next = header
-            .backing_file
-            .as_deref()
+            .backing_file_name()
             .map(|b| path_combine(&name, b))
             .unwrap_or_default();
         match img.backing() {

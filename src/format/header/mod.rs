@@ -211,6 +211,17 @@ impl Header {
             .is_some_and(|name| !name.is_empty())
     }
 
+    /// The backing file name as QEMU uses it: a C string, so it ends at the
+    /// first NUL, and an empty name (`backing_file_size` 0, or a leading
+    /// NUL) means no backing file. [`Header::backing_file`] keeps the raw
+    /// bytes of the header.
+    pub fn backing_file_name(&self) -> Option<&str> {
+        self.backing_file
+            .as_deref()
+            .map(|n| n.split('\0').next().unwrap_or(""))
+            .filter(|n| !n.is_empty())
+    }
+
     /// The backing format from the backing format extension (the last one if
     /// there are several, as QEMU keeps the last).
     pub fn backing_format(&self) -> Option<&str> {

@@ -16,6 +16,22 @@ use crate::format::header::{
 use proptest::prelude::*;
 
 #[test]
+fn backing_file_name_is_a_c_string() {
+    let mut h = Header::new_v3(16, 1 << 30);
+    let cases: &[(Option<&str>, Option<&str>)] = &[
+        (None, None),
+        (Some(""), None),
+        (Some("\0base.qcow2"), None),
+        (Some("base.qcow2"), Some("base.qcow2")),
+        (Some("base.qcow2\0junk"), Some("base.qcow2")),
+    ];
+    for &(raw, name) in cases {
+        h.backing_file = raw.map(str::to_owned);
+        assert_eq!(h.backing_file_name(), name, "raw name {raw:?}");
+    }
+}
+
+#[test]
 fn convenience_accessors() {
     let mut h = Header::new_v3(16, 1 << 30);
     assert_eq!(h.cluster_size(), CS);
