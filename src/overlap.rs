@@ -207,6 +207,45 @@ impl OverlapChecker {
         }
         None
     }
+
+    /// When the cluster at `offset` holds metadata of a checked kind: the
+    /// (cluster-aligned) end of the longest checked structure covering it,
+    /// where a scan for unprotected clusters can resume; every cluster
+    /// before it is protected too. `None` when the cluster is not protected.
+    ///
+    /// A scan that steps over a multi-cluster table this way costs one call
+    /// per structure instead of one per cluster (a crafted snapshot L1 table
+    /// can span tens of thousands of clusters).
+    pub fn protected_until(&self, offset: u64) -> Option<u64> {
+        let cs = 1u64 << self.cluster_bits;
+        let start = offset & !(cs - 1);
+        self.check(start, cs, 0)?;
+        let next = start.saturating_add(cs);
+        let chk = self.enabled;
+        let on = |k: MetadataKind| chk & k.bit() != 0;
+        let covering = |r: Option<(u64, u64)>| match r {
+            Some((s, e)) if s < next && start < e => e.saturating_add(cs - 1) & !(cs - 1),
+            _ => 0,
+        };
+        let mut until = next;
+        for (kind, range) in [
+            (MetadataKind::MainHeader, Some((0, cs))),
+            (MetadataKind::ActiveL1, self.active_l1),
+            (MetadataKind::RefcountTable, self.refcount_table),
+            (MetadataKind::SnapshotTable, self.snapshot_table),
+            (MetadataKind::BitmapDirectory, self.bitmap_directory),
+        ] {
+            if on(kind) {
+                until = until.max(covering(range));
+            }
+        }
+        if on(MetadataKind::InactiveL1) {
+            for (s, (e, _)) in self.inactive_l1.range(..next) {
+                until = until.max(covering(Some((*s, *e))));
+            }
+        }
+        Some(until)
+    }
 }
 
 #[cfg(test)]
@@ -249,6 +288,36 @@ mod tests {
         );
         c.remove_active_l2(0x40000);
         assert_eq!(c.check(0x40000, 512, 0).map(|h| h.kind), None);
+    }
+
+    #[test]
+    fn protected_until_skips_whole_structures() {
+        let mut c = OverlapChecker::new(ALL, 9);
+        c.set_refcount_table(0x1000, 0x800);
+        c.add_inactive_l1(0x1200, 0x2000); // overlaps the refcount table, ends later
+        c.add_active_l2(0x3200);
+        c.set_snapshot_table(0x5000, 10);
+        assert_eq!(c.protected_until(0), Some(0x200), "main header");
+        assert_eq!(c.protected_until(0x200), None);
+        assert_eq!(c.protected_until(0x1000), Some(0x1800), "refcount table");
+        assert_eq!(
+            c.protected_until(0x1300),
+            Some(0x3200),
+            "longest cover wins"
+        );
+        assert_eq!(c.protected_until(0x3200), Some(0x3400), "one L2 cluster");
+        assert_eq!(c.protected_until(0x3400), None);
+        assert_eq!(c.protected_until(0x5004), Some(0x5200), "rounded up");
+        // Every cluster before the returned end is protected.
+        for start in (0..0x6000).step_by(0x200) {
+            if let Some(end) = c.protected_until(start) {
+                for o in (start..end).step_by(0x200) {
+                    assert!(c.check(o, 0x200, 0).is_some(), "{o:#x} from {start:#x}");
+                }
+            }
+        }
+        let off = OverlapChecker::new(0, 9);
+        assert_eq!(off.protected_until(0), None);
     }
 
     #[test]

@@ -26,12 +26,12 @@ use crate::format::consts::*;
 use crate::format::put_be_u64;
 
 impl Pass<'_, '_> {
-    /// Whether cluster `c` holds metadata the write gate protects.
-    fn protected(&self, c: u64) -> bool {
+    /// When cluster `c` holds metadata the write gate protects: the first
+    /// cluster after the protected structure(s) covering it.
+    fn protected_until(&self, c: u64) -> Option<u64> {
         let cb = self.geom.cluster_bits;
-        self.meta
-            .gate_check(c << cb, self.geom.cluster_size, 0)
-            .is_err()
+        let end = self.meta.checker.protected_until(c << cb)?;
+        Some(end >> cb)
     }
 
     /// QEMU's `alloc_clusters_imrt`: finds `count` contiguous clusters with
@@ -52,7 +52,16 @@ impl Pass<'_, '_> {
                 return Err(Error::TooLarge("File too large".into()));
             }
             let in_array = (cluster as usize) < imrt.len();
-            let free = (!in_array || imrt.get(cluster as usize) == 0) && !self.protected(cluster);
+            let referenced = in_array && imrt.get(cluster as usize) != 0;
+            if !referenced {
+                // Step over a protected structure in one go (not free).
+                if let Some(next) = self.protected_until(cluster) {
+                    contiguous = 0;
+                    cluster = next.max(cluster + 1);
+                    continue;
+                }
+            }
+            let free = !referenced;
             if free {
                 contiguous += 1;
                 if first_gap {
