@@ -1,0 +1,256 @@
+//! L2 table allocation and the crash-safe write-back: dirty L2 slices,
+//! refcount blocks and L1 entries are written in the order the parent module's
+//! docs list, and the dirty bit for lazy refcounts.
+
+use super::refcount::Update;
+use super::{read_file, DiscardType, Meta};
+use crate::error::{Error, Result};
+use crate::format::consts::*;
+use crate::format::put_be_u64;
+use crate::types::MetadataKind;
+
+impl Meta {
+    // ------------------------------------------------------------------
+    // L2 table allocation.
+    // ------------------------------------------------------------------
+
+    /// Returns the offset of a writable (COPIED) L2 table for L1 index `l1i`,
+    /// allocating a new table or copying a shared one.
+    pub fn writable_l2_table(&mut self, l1i: u64) -> Result<u64> {
+        let (old, copied) = self.l2_table_offset(l1i)?;
+        if old != 0 && copied {
+            return Ok(old);
+        }
+        let idx = usize::try_from(l1i)
+            .ok()
+            .filter(|i| *i < self.l1.len())
+            .ok_or_else(|| Error::InvalidArgument(format!("L1 index {l1i} beyond the L1 table")))?;
+        // The new table's refcount must be durable before the L1 entry: it is,
+        // because L1 entries are only written after a refcount flush + sync.
+        let new = self.alloc_clusters(1)?;
+        if new == 0 {
+            return Err(Error::Corrupt {
+                what: "L2 table",
+                offset: 0,
+                msg: "Preventing invalid allocation of L2 table at offset 0".into(),
+            });
+        }
+        let cs = self.geom.cluster_size as usize;
+        let mut buf = vec![0u8; cs];
+        if old != 0 {
+            // Copy the shared table, taking the content from dirty cached slices too.
+            read_file(&*self.file, &mut buf, old)?;
+            let sb = self.l2_cache.entry_bytes();
+            for s in 0..cs / sb {
+                if let Some(t) = self.l2_cache.peek(old + (s * sb) as u64) {
+                    buf[s * sb..(s + 1) * sb].copy_from_slice(&t.data);
+                }
+            }
+        }
+        self.checker.add_active_l2(new);
+        self.meta_write(&buf, new, MetadataKind::ActiveL2)?;
+        self.data_unsynced = true;
+        self.l1[idx] = new | OFLAG_COPIED;
+        self.l1_dirty.insert(idx);
+        if old != 0 {
+            // On a corrupt image another L1 entry may share the old table, or
+            // the allocator may even have returned it (its refcount was 0):
+            // it stays protected while the L1 table points at it.
+            if !self.l1_references(old) {
+                self.checker.remove_active_l2(old);
+            }
+            self.queue_free(old, DiscardType::Other);
+        }
+        Ok(new)
+    }
+
+    /// Whether an entry of the active L1 table points at the L2 table at `table`.
+    pub(super) fn l1_references(&self, table: u64) -> bool {
+        self.l1.iter().any(|e| e & L1E_OFFSET_MASK == table)
+    }
+
+    // ------------------------------------------------------------------
+    // Write-back and flush.
+    // ------------------------------------------------------------------
+
+    pub(super) fn write_l2_slice(&mut self, slice: u64) -> Result<()> {
+        let Some(t) = self.l2_cache.peek(slice) else {
+            return Ok(());
+        };
+        if !t.dirty {
+            return Ok(());
+        }
+        let data = std::mem::take(&mut self.scratch);
+        let mut data = data;
+        data.clear();
+        data.extend_from_slice(&t.data);
+        let r = self.meta_write(&data, slice, MetadataKind::ActiveL2);
+        self.scratch = data;
+        r?;
+        if let Some(t) = self.l2_cache.get_mut(slice) {
+            t.dirty = false;
+        }
+        Ok(())
+    }
+
+    pub(super) fn write_refblock(&mut self, block: u64) -> Result<()> {
+        let Some(t) = self.rc_cache.peek(block) else {
+            return Ok(());
+        };
+        if !t.dirty {
+            return Ok(());
+        }
+        let data = t.data.to_vec();
+        self.meta_write(&data, block, MetadataKind::RefcountBlock)?;
+        if let Some(t) = self.rc_cache.get_mut(block) {
+            t.dirty = false;
+        }
+        Ok(())
+    }
+
+    /// Writes dirty refcount blocks and refcount table entries, then syncs
+    /// (if anything was written).
+    pub fn flush_refcounts(&mut self) -> Result<()> {
+        let blocks = self.rc_cache.dirty_offsets();
+        let entries: Vec<usize> = std::mem::take(&mut self.reftable_dirty)
+            .into_iter()
+            .collect();
+        if blocks.is_empty() && entries.is_empty() {
+            return Ok(());
+        }
+        for b in blocks {
+            self.write_refblock(b)?;
+        }
+        for i in entries {
+            let off = self.header.refcount_table_offset + i as u64 * 8;
+            let v = self.reftable[i];
+            self.meta_write(&v.to_be_bytes(), off, MetadataKind::RefcountTable)?;
+        }
+        self.sync()
+    }
+
+    /// What must be durable before a dirty L2 slice may be written: the
+    /// refcounts of clusters it references and the data in them.
+    pub fn flush_l2_dependencies(&mut self) -> Result<()> {
+        let refcounts_dirty = self.rc_cache.has_dirty() || !self.reftable_dirty.is_empty();
+        if refcounts_dirty && self.lazy_refcounts {
+            // Lazy refcounts: instead of writing refcounts first, make sure
+            // the image says its refcounts may be stale (dirty bit, synced).
+            self.mark_dirty()?;
+        }
+        if refcounts_dirty && !self.lazy_refcounts {
+            self.flush_refcounts()?;
+        } else if self.data_unsynced {
+            self.sync()?;
+        }
+        Ok(())
+    }
+
+    fn write_l1_entries(&mut self) -> Result<bool> {
+        if self.l1_dirty.is_empty() {
+            return Ok(false);
+        }
+        let dirty: Vec<usize> = std::mem::take(&mut self.l1_dirty).into_iter().collect();
+        // Coalesce runs of adjacent entries into one write each.
+        let mut i = 0;
+        while i < dirty.len() {
+            let mut j = i + 1;
+            while j < dirty.len() && dirty[j] == dirty[j - 1] + 1 {
+                j += 1;
+            }
+            let (a, b) = (dirty[i], dirty[j - 1] + 1);
+            let mut buf = vec![0u8; (b - a) * 8];
+            for (k, idx) in (a..b).enumerate() {
+                put_be_u64(&mut buf, k * 8, self.l1[idx]);
+            }
+            let off = self.header.l1_table_offset + a as u64 * 8;
+            self.meta_write(&buf, off, MetadataKind::ActiveL1)?;
+            i = j;
+        }
+        Ok(true)
+    }
+
+    /// Writes every dirty table in the crash-safe order, then applies queued
+    /// refcount drops (if `apply_frees`), then syncs.
+    pub fn flush_all(&mut self, apply_frees: bool) -> Result<()> {
+        self.flush_l2_dependencies()?;
+        let slices = self.l2_cache.dirty_offsets();
+        let wrote_l2 = !slices.is_empty();
+        for s in slices {
+            self.write_l2_slice(s)?;
+        }
+        if wrote_l2 && !self.l1_dirty.is_empty() {
+            // The L2 tables must be durable before L1 entries point at them.
+            self.sync()?;
+        }
+        let wrote_l1 = self.write_l1_entries()?;
+        if wrote_l2 || wrote_l1 || self.data_unsynced {
+            self.sync()?;
+        }
+        if apply_frees && !self.pending_frees.is_empty() {
+            let frees = std::mem::take(&mut self.pending_frees);
+            // Runs of consecutive clusters (in queue order) go in one update.
+            let mut i = 0;
+            while i < frees.len() {
+                let (c, dtype) = frees[i];
+                let mut j = i + 1;
+                while j < frees.len() && frees[j] == (c + (j - i) as u64, dtype) {
+                    j += 1;
+                }
+                match self.update_refcount(c, (j - i) as u64, -1, dtype)? {
+                    Update::Done => {}
+                    Update::Again => {
+                        // Cannot happen for clusters that have a refcount; keep them queued.
+                        self.pending_frees.extend_from_slice(&frees[i..j]);
+                    }
+                }
+                i = j;
+            }
+            self.process_discards();
+            self.flush_refcounts()?;
+        }
+        if self.lazy_refcounts {
+            // A flush makes every cache durable, refcounts included; the
+            // dirty bit stays until the image is closed (as in QEMU).
+            self.flush_refcounts()?;
+        }
+        Ok(())
+    }
+
+    /// Drops cache entries not used during the last `cache-clean-interval`.
+    pub fn maybe_clean_caches(&mut self) {
+        if let Some((every, since)) = self.clean_interval {
+            if since.elapsed() >= every {
+                self.l2_cache.clean_unused();
+                self.rc_cache.clean_unused();
+                self.clean_interval = Some((every, std::time::Instant::now()));
+            }
+        }
+    }
+
+    /// Sets the dirty bit (refcounts may be stale) and syncs it, once.
+    pub fn mark_dirty(&mut self) -> Result<()> {
+        if self.header.incompatible_features & INCOMPAT_DIRTY == 0 {
+            self.header.incompatible_features |= INCOMPAT_DIRTY;
+            if let Err(e) = self.write_incompatible_features() {
+                self.header.incompatible_features &= !INCOMPAT_DIRTY;
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes every cache and clears the dirty bit (clean close).
+    pub fn mark_clean(&mut self) -> Result<()> {
+        self.flush_all(true)?;
+        self.flush_refcounts()?;
+        // A dirty bit found at open (stale refcounts from a crash) is only
+        // cleared by a repair, never by closing.
+        if self.header.incompatible_features & INCOMPAT_DIRTY != 0 && !self.dirty_at_open {
+            self.sync()?;
+            self.header.incompatible_features &= !INCOMPAT_DIRTY;
+            self.write_incompatible_features()?;
+        }
+        Ok(())
+    }
+}

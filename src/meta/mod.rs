@@ -1,0 +1,369 @@
+//! The metadata state of an open image and every operation on it: table
+//! lookups through the caches, the write gate, the refcount allocator and the
+//! crash-safe flush order.
+//!
+//! All of it lives behind the image's metadata lock ([`crate::Image`] holds a
+//! `Mutex<Meta>`). Guest data I/O is done by the caller outside the lock.
+//!
+//! # Write ordering
+//! * A cluster's refcount increase reaches the file before any L2/L1 entry
+//!   pointing at it: dirty refcount blocks are written and the file synced
+//!   before dirty L2 slices are written ([`Meta::flush_l2_dependencies`]).
+//! * Guest data of newly allocated clusters is synced before the L2 entry that
+//!   points at it (the same sync).
+//! * L1 entries are written after the L2 tables they point at (new L2 tables
+//!   are written in full at allocation, L1 entries at flush time after a sync).
+//! * An entry is removed before the refcount it held drops: decrements are
+//!   queued ([`Meta::pending_frees`]) and applied only after the L2/L1 tables
+//!   that dropped the references are durable, and only when no data I/O that
+//!   translated before them is still in flight.
+//! * New refcount blocks are written and synced before the refcount table
+//!   entry that points at them; a new refcount table is written and synced
+//!   before the header is switched to it with one write.
+
+use crate::cache::TableCache;
+use crate::error::{Error, IoOp, Result};
+use crate::format::consts::*;
+use crate::format::entry::{EntryError, EntryFormat, L1Entry, L2Entry, Subclusters};
+use crate::format::header::Header;
+use crate::format::{be_u64, put_be_u64};
+use crate::overlap::OverlapChecker;
+use crate::storage::Storage;
+use crate::types::{Geometry, MetadataKind};
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+mod flush;
+mod refcount;
+mod tables;
+
+/// Why a refcount is being dropped (QEMU's discard types), deciding whether
+/// the freed host range is discarded in the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DiscardType {
+    /// Never pass the discard down.
+    Never,
+    /// A guest discard or write-zeroes with unmap (`pass-discard-request`).
+    Request,
+    /// Snapshot operations (`pass-discard-snapshot`).
+    #[allow(dead_code)] // used once internal snapshots can be created and deleted
+    Snapshot,
+    /// Anything else: COW, table relocation (`pass-discard-other`).
+    Other,
+    /// Always passed down, whatever the options (QEMU's `QCOW2_DISCARD_ALWAYS`:
+    /// clusters cut off by shrinking an image).
+    Always,
+}
+
+/// Which kinds of freed ranges are discarded in the file.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct DiscardPolicy {
+    pub request: bool,
+    pub snapshot: bool,
+    pub other: bool,
+}
+
+/// One L2 entry as stored: the descriptor word and, with extended L2, the
+/// subcluster bitmap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RawL2 {
+    pub word: u64,
+    pub bitmap: u64,
+}
+
+/// Where an L2 entry lives in the cache.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct L2Slot {
+    /// Host offset of the slice (cache key).
+    pub slice: u64,
+    /// Byte offset of the entry within the slice.
+    pub pos: usize,
+    /// Host offset of the L2 table.
+    pub table: u64,
+    /// Index of the entry in its table.
+    pub index: u64,
+}
+
+/// The metadata of an open image.
+#[derive(Debug)]
+pub(crate) struct Meta {
+    pub file: Arc<dyn Storage>,
+    pub header: Header,
+    pub geom: Geometry,
+    pub efmt: EntryFormat,
+    pub l1: Vec<u64>,
+    pub l1_dirty: BTreeSet<usize>,
+    pub reftable: Vec<u64>,
+    pub reftable_dirty: BTreeSet<usize>,
+    pub l2_cache: TableCache,
+    pub rc_cache: TableCache,
+    pub checker: OverlapChecker,
+    /// Lowest cluster index that may be free (QEMU's `free_cluster_index`).
+    pub free_hint: u64,
+    /// Host length of the image file as far as this handle knows.
+    pub file_end: u64,
+    /// Refcount decrements waiting until the references are durably gone.
+    pub pending_frees: Vec<(u64, DiscardType)>,
+    /// Host ranges of freed clusters still to be discarded in the file
+    /// (adjacent ranges merged); passed down before any allocation.
+    pub discards: Vec<(u64, u64)>,
+    /// Skip syncs (image creation, like QEMU's `BDRV_O_NO_FLUSH`): the image
+    /// is not valid before creation ends anyway; one sync at the end.
+    pub no_flush: bool,
+    pub discard: DiscardPolicy,
+    /// Guest data was written to new clusters since the last sync.
+    pub data_unsynced: bool,
+    /// A metadata write failed: the in-memory state may be ahead of the file.
+    pub poisoned: bool,
+    /// Reusable buffer for COW and table I/O (no allocation per request).
+    pub scratch: Vec<u8>,
+    /// `cache-clean-interval` and when the current interval started.
+    pub clean_interval: Option<(std::time::Duration, std::time::Instant)>,
+    /// The image was dirty when opened (only a repair may clear the bit).
+    pub dirty_at_open: bool,
+    /// Lazy refcounts in effect: refcount writes are deferred behind the dirty bit.
+    pub lazy_refcounts: bool,
+    /// The internal snapshots.
+    #[allow(dead_code)] // read by snapshot operations (apply/delete) when they land
+    pub snapshots: Vec<crate::format::snapshot::SnapshotEntry>,
+}
+
+impl Meta {
+    // ------------------------------------------------------------------
+    // The write gate: every write to the image file goes through here.
+    // ------------------------------------------------------------------
+
+    /// Checks that writing `len` bytes at `offset` does not hit metadata other
+    /// than the kinds in `exempt`.
+    ///
+    /// # Errors
+    /// `Error::OverlapPrevented` naming the structure hit.
+    pub fn gate_check(&self, offset: u64, len: u64, exempt: u16) -> Result<()> {
+        match self.checker.check(offset, len, exempt) {
+            Some(o) => Err(Error::OverlapPrevented {
+                kind: o.kind,
+                offset,
+                size: len,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Writes metadata of kind `kind` (or guest data with `None`) at `offset`
+    /// after the overlap check.
+    pub fn gate_write(
+        &mut self,
+        buf: &[u8],
+        offset: u64,
+        kind: Option<MetadataKind>,
+    ) -> Result<()> {
+        self.gate_check(offset, buf.len() as u64, kind.map_or(0, MetadataKind::bit))?;
+        write_file(&*self.file, buf, offset)?;
+        self.file_end = self.file_end.max(offset + buf.len() as u64);
+        Ok(())
+    }
+
+    /// Writes metadata; a failure poisons the handle (the in-memory state is
+    /// ahead of the file).
+    pub(crate) fn meta_write(&mut self, buf: &[u8], offset: u64, kind: MetadataKind) -> Result<()> {
+        let r = self.gate_write(buf, offset, Some(kind));
+        if matches!(r, Err(Error::Io { .. })) {
+            self.poisoned = true;
+        }
+        r
+    }
+
+    /// Syncs the image file.
+    pub fn sync(&mut self) -> Result<()> {
+        if self.no_flush {
+            self.data_unsynced = false;
+            return Ok(());
+        }
+        if let Err(e) = self.file.flush() {
+            // After a failed fsync nothing written since the last good one can
+            // be trusted to be durable: stop using this handle.
+            self.poisoned = true;
+            return Err(Error::io(IoOp::Flush, 0, e));
+        }
+        self.data_unsynced = false;
+        Ok(())
+    }
+
+    /// Writes one header field (`bytes` at header offset `pos`) and syncs.
+    pub fn write_header_field(&mut self, pos: u64, bytes: &[u8]) -> Result<()> {
+        self.meta_write(bytes, pos, MetadataKind::MainHeader)?;
+        self.sync()
+    }
+
+    /// Persists `incompatible_features` (dirty/corrupt bits) with one write.
+    pub fn write_incompatible_features(&mut self) -> Result<()> {
+        if self.header.version < 3 {
+            return Ok(());
+        }
+        let v = self.header.incompatible_features.to_be_bytes();
+        self.write_header_field(72, &v)
+    }
+
+    /// Persists `autoclear_features` with one write.
+    pub fn write_autoclear_features(&mut self) -> Result<()> {
+        if self.header.version < 3 {
+            return Ok(());
+        }
+        let v = self.header.autoclear_features.to_be_bytes();
+        self.write_header_field(88, &v)
+    }
+
+    // ------------------------------------------------------------------
+    // L1 / L2 lookups.
+    // ------------------------------------------------------------------
+
+    /// The L2 table offset for L1 index `l1i` (0 if none), validated.
+    pub fn l2_table_offset(&self, l1i: u64) -> Result<(u64, bool)> {
+        let Some(&raw) = usize::try_from(l1i).ok().and_then(|i| self.l1.get(i)) else {
+            return Ok((0, false));
+        };
+        match L1Entry::decode(raw, self.geom.cluster_bits) {
+            Ok(e) => Ok((e.l2_offset, e.copied)),
+            Err(_) => Err(Error::Corrupt {
+                what: "L1 table",
+                offset: raw & L1E_OFFSET_MASK,
+                msg: format!(
+                    "L2 table offset {:#x} unaligned (L1 index: {:#x})",
+                    raw & L1E_OFFSET_MASK,
+                    l1i
+                ),
+            }),
+        }
+    }
+
+    /// Locates the L2 entry for guest offset `guest` inside a table at `table`.
+    pub fn l2_slot(&self, table: u64, guest: u64) -> L2Slot {
+        let index = self.geom.l2_index(guest);
+        let slice_bytes = self.l2_cache.entry_bytes() as u64;
+        let byte = index * self.geom.l2_entry_bytes;
+        let slice = table + byte / slice_bytes * slice_bytes;
+        L2Slot {
+            slice,
+            pos: (byte % slice_bytes) as usize,
+            table,
+            index,
+        }
+    }
+
+    /// Number of L2 entries in one cache slice.
+    pub fn slice_entries(&self) -> u64 {
+        self.l2_cache.entry_bytes() as u64 / self.geom.l2_entry_bytes
+    }
+
+    /// Makes sure the slice at `slice` is cached, loading it (and writing back
+    /// a dirty victim in the right order) if needed.
+    pub fn load_l2_slice(&mut self, slice: u64) -> Result<()> {
+        if self.l2_cache.get(slice).is_some() {
+            return Ok(());
+        }
+        self.make_room_l2()?;
+        let n = self.l2_cache.entry_bytes();
+        let mut buf = vec![0u8; n].into_boxed_slice();
+        read_file(&*self.file, &mut buf, slice)?;
+        self.l2_cache.insert(slice, buf, false);
+        Ok(())
+    }
+
+    fn make_room_l2(&mut self) -> Result<()> {
+        while self.l2_cache.is_full() {
+            let Some((victim, dirty)) = self.l2_cache.lru_victim() else {
+                break;
+            };
+            if dirty {
+                self.flush_l2_dependencies()?;
+                self.write_l2_slice(victim)?;
+            }
+            self.l2_cache.remove(victim);
+        }
+        Ok(())
+    }
+
+    /// Reads the raw L2 entry at `slot` (the slice must be cached).
+    pub fn read_slot(&self, slot: &L2Slot) -> RawL2 {
+        let Some(t) = self.l2_cache.peek(slot.slice) else {
+            return RawL2 { word: 0, bitmap: 0 };
+        };
+        let word = be_u64(&t.data, slot.pos).unwrap_or(0);
+        let bitmap = if self.geom.extended_l2 {
+            be_u64(&t.data, slot.pos + 8).unwrap_or(0)
+        } else {
+            0
+        };
+        RawL2 { word, bitmap }
+    }
+
+    /// Updates the raw L2 entry at `slot` (the slice must be cached) and marks it dirty.
+    pub fn write_slot(&mut self, slot: &L2Slot, raw: RawL2) {
+        let ext = self.geom.extended_l2;
+        if let Some(t) = self.l2_cache.get_mut(slot.slice) {
+            put_be_u64(&mut t.data, slot.pos, raw.word);
+            if ext {
+                put_be_u64(&mut t.data, slot.pos + 8, raw.bitmap);
+            }
+            t.dirty = true;
+        }
+    }
+
+    /// Decodes a raw L2 entry, turning format violations into corruption
+    /// errors with QEMU's messages.
+    pub fn decode_l2(&self, raw: RawL2, slot: &L2Slot) -> Result<(L2Entry, Subclusters)> {
+        let corrupt = |msg: String| Error::Corrupt {
+            what: "L2 table",
+            offset: slot.table,
+            msg,
+        };
+        let e = match L2Entry::decode(raw.word, &self.efmt) {
+            Ok(e) => e,
+            Err(EntryError::UnalignedData { offset }) => {
+                return Err(corrupt(format!(
+                    "Cluster allocation offset {:#x} unaligned (L2 offset: {:#x}, L2 index: {:#x})",
+                    offset, slot.table, slot.index
+                )))
+            }
+            Err(EntryError::ZeroInV2) => {
+                return Err(corrupt(format!(
+                    "Zero cluster entry found in pre-v3 image (L2 offset: {:#x}, L2 index: {:#x})",
+                    slot.table, slot.index
+                )))
+            }
+            Err(EntryError::CompressedWithDataFile) => {
+                return Err(corrupt(format!(
+                    "Compressed cluster entry found in image with external data file (L2 offset: {:#x}, L2 index: {:#x})",
+                    slot.table, slot.index
+                )))
+            }
+            Err(_) => {
+                return Err(corrupt(format!(
+                    "Invalid cluster entry found  (L2 offset: {:#x}, L2 index: {:#x})",
+                    slot.table, slot.index
+                )))
+            }
+        };
+        let bitmap = Subclusters(raw.bitmap);
+        if self.geom.extended_l2 && bitmap.validate(e).is_err() {
+            return Err(corrupt(format!(
+                "Invalid cluster entry found  (L2 offset: {:#x}, L2 index: {:#x})",
+                slot.table, slot.index
+            )));
+        }
+        Ok((e, bitmap))
+    }
+}
+
+/// Reads from the image file, attaching the offset to errors.
+pub(crate) fn read_file(file: &dyn Storage, buf: &mut [u8], offset: u64) -> Result<()> {
+    file.read_at(buf, offset)
+        .map_err(|e| Error::io(IoOp::Read, offset, e))
+}
+
+/// Writes to a file. Only the write gate and data paths that passed the
+/// overlap check call this.
+pub(crate) fn write_file(file: &dyn Storage, buf: &[u8], offset: u64) -> Result<()> {
+    file.write_at(buf, offset)
+        .map_err(|e| Error::io(IoOp::Write, offset, e))
+}

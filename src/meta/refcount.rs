@@ -1,0 +1,652 @@
+//! Refcounts: loading refcount blocks, the allocator (QEMU 10's algorithm,
+//! worked a refcount block at a time), refcount updates with undo, queued
+//! reference drops and discards, and `refcount_area` for refcount-table
+//! growth and preallocation.
+
+use super::{read_file, DiscardType, Meta};
+use crate::error::{Error, Result};
+use crate::format::consts::*;
+use crate::format::{put_be_u64, refcount};
+use crate::types::MetadataKind;
+
+/// Result of a refcount update that may have had to allocate metadata first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub(crate) enum Update {
+    Done,
+    /// New refcount metadata was allocated, possibly where the caller wanted
+    /// to allocate: search for free space again (QEMU's `-EAGAIN`).
+    Again,
+}
+
+impl Meta {
+    // ------------------------------------------------------------------
+    // Refcounts.
+    // ------------------------------------------------------------------
+
+    /// Loads the refcount block at host offset `block` into the cache.
+    pub(super) fn load_refblock(&mut self, block: u64) -> Result<()> {
+        if self.rc_cache.get(block).is_some() {
+            return Ok(());
+        }
+        while self.rc_cache.is_full() {
+            let Some((victim, dirty)) = self.rc_cache.lru_victim() else {
+                break;
+            };
+            if dirty {
+                self.write_refblock(victim)?;
+            }
+            self.rc_cache.remove(victim);
+        }
+        let mut buf = vec![0u8; self.geom.cluster_size as usize].into_boxed_slice();
+        read_file(&*self.file, &mut buf, block)?;
+        self.rc_cache.insert(block, buf, false);
+        Ok(())
+    }
+
+    /// The refcount block covering reftable index `ri`, validated; 0 if none.
+    pub(super) fn refblock_offset(&self, ri: u64) -> Result<u64> {
+        let Some(&raw) = usize::try_from(ri).ok().and_then(|i| self.reftable.get(i)) else {
+            return Ok(0);
+        };
+        let off = raw & REFT_OFFSET_MASK;
+        if !self.geom.is_aligned(off) {
+            return Err(Error::Corrupt {
+                what: "refcount table",
+                offset: off,
+                msg: format!("Refblock offset {off:#x} unaligned (reftable index: {ri:#x})"),
+            });
+        }
+        Ok(off)
+    }
+
+    /// The refcount of host cluster `cluster` (0 where no block exists).
+    pub fn refcount(&mut self, cluster: u64) -> Result<u64> {
+        let (ri, bi) = self.geom.refcount_position(cluster);
+        let block = self.refblock_offset(ri)?;
+        if block == 0 {
+            return Ok(0);
+        }
+        self.load_refblock(block)?;
+        let order = self.geom.refcount_order;
+        Ok(self
+            .rc_cache
+            .peek(block)
+            .and_then(|t| refcount::get(&t.data, order, bi))
+            .unwrap_or(0))
+    }
+
+    /// Finds `n` contiguous clusters with refcount 0, scanning from the free
+    /// hint, without changing refcounts (QEMU's `alloc_clusters_noref`).
+    /// Leaves the hint just past the run.
+    ///
+    /// The scan works a refcount block at a time: a range without a block is
+    /// free as a whole, a loaded block is scanned in place.
+    fn alloc_noref(&mut self, n: u64) -> Result<u64> {
+        // Freed clusters must not be discarded after they are reused.
+        self.process_discards();
+        let max = MAX_HOST_OFFSET >> self.geom.cluster_bits;
+        let rb_bits = self.geom.refcount_block_bits;
+        let order = self.geom.refcount_order;
+        let too_large =
+            || Error::TooLarge("image file would exceed the largest host offset".into());
+        let mut run = 0u64;
+        loop {
+            let c = self.free_hint;
+            if c >= max {
+                return Err(too_large());
+            }
+            let ri = c >> rb_bits;
+            let range_end = (ri + 1) << rb_bits;
+            let block = self.refblock_offset(ri)?;
+            if block == 0 {
+                let take = (range_end - c).min(n - run);
+                self.free_hint += take;
+                run += take;
+            } else {
+                self.load_refblock(block)?;
+                let Some(t) = self.rc_cache.peek(block) else {
+                    return Err(Error::InvalidArgument("refcount block not cached".into()));
+                };
+                let mut i = (c - (ri << rb_bits)) as usize;
+                let entries = 1usize << rb_bits;
+                while i < entries && run < n {
+                    if refcount::get(&t.data, order, i).unwrap_or(0) == 0 {
+                        run += 1;
+                    } else {
+                        run = 0;
+                    }
+                    i += 1;
+                }
+                self.free_hint = (ri << rb_bits) + i as u64;
+            }
+            if run == n {
+                if self.free_hint > max {
+                    return Err(too_large());
+                }
+                return Ok(self.free_hint - n);
+            }
+        }
+    }
+
+    /// Makes sure the refcount block covering `cluster` exists. Allocating one
+    /// returns [`Update::Again`], as it may have taken space the caller chose
+    /// (QEMU's `alloc_refcount_block`).
+    fn ensure_refblock(&mut self, cluster: u64) -> Result<Update> {
+        let (ri, _) = self.geom.refcount_position(cluster);
+        if self.refblock_offset(ri)? != 0 {
+            return Ok(Update::Done);
+        }
+        let new_cluster = self.alloc_noref(1)?;
+        if new_cluster == 0 {
+            return Err(Error::Corrupt {
+                what: "refcount block",
+                offset: 0,
+                msg: "Preventing invalid allocation of refcount block at offset 0".into(),
+            });
+        }
+        let new_block = new_cluster << self.geom.cluster_bits;
+        let cs = self.geom.cluster_size as usize;
+        let mut buf = vec![0u8; cs].into_boxed_slice();
+        let (own_ri, own_bi) = self.geom.refcount_position(new_cluster);
+        if own_ri == ri {
+            // The block describes itself.
+            refcount::set(&mut buf, self.geom.refcount_order, own_bi, 1);
+        } else {
+            // Described by another block, which may need allocating first.
+            if self.update_refcount(new_cluster, 1, 1, DiscardType::Never)? == Update::Again {
+                return Ok(Update::Again);
+            }
+            self.flush_refcounts()?;
+        }
+        self.checker.add_refcount_block(new_block);
+        if let Err(e) = self.meta_write(&buf, new_block, MetadataKind::RefcountBlock) {
+            self.checker.remove_refcount_block(new_block);
+            return Err(e);
+        }
+        self.sync()?;
+        self.make_room_rc()?;
+        self.rc_cache.insert(new_block, buf, false);
+        let idx = usize::try_from(ri).map_err(|_| Error::TooLarge("refcount table".into()))?;
+        if idx < self.reftable.len() && idx < self.on_disk_reftable_entries() {
+            self.reftable[idx] = new_block;
+            let off = self.header.refcount_table_offset + ri * 8;
+            self.meta_write(&new_block.to_be_bytes(), off, MetadataKind::RefcountTable)?;
+            self.sync()?;
+        } else {
+            // Grow the table: a self-describing area starting at the first
+            // cluster not covered by any existing refcount block slot.
+            let per_block = self.geom.refcount_block_entries();
+            let blocks_used = (cluster + 1).max(new_cluster + 1).div_ceil(per_block);
+            let area = (blocks_used * per_block) << self.geom.cluster_bits;
+            self.refcount_area(area, 0, false, Some((idx, new_block)))?;
+        }
+        Ok(Update::Again)
+    }
+
+    fn on_disk_reftable_entries(&self) -> usize {
+        (u64::from(self.header.refcount_table_clusters) << (self.geom.cluster_bits - 3)) as usize
+    }
+
+    /// Makes room in the refcount block cache, writing back a dirty victim.
+    fn make_room_rc(&mut self) -> Result<()> {
+        while self.rc_cache.is_full() {
+            let Some((victim, dirty)) = self.rc_cache.lru_victim() else {
+                break;
+            };
+            if dirty {
+                self.write_refblock(victim)?;
+            }
+            self.rc_cache.remove(victim);
+        }
+        Ok(())
+    }
+
+    /// Adds `addend` to the refcounts of `count` clusters from `start`
+    /// (QEMU's `update_refcount`). On [`Update::Again`] or an error nothing
+    /// was changed; after `Again` the free hint is at most `start`, so the
+    /// caller's next search tries the same clusters first (QEMU 10).
+    ///
+    /// The work is done a refcount block at a time, directly in the cached
+    /// block, so a long run costs one cache lookup per block.
+    pub fn update_refcount(
+        &mut self,
+        start: u64,
+        count: u64,
+        addend: i64,
+        dtype: DiscardType,
+    ) -> Result<Update> {
+        let end = start + count;
+        let mut c = start;
+        while c < end {
+            let step = match self.ensure_refblock(c) {
+                Ok(Update::Done) => self.add_to_segment(c, end, addend, dtype),
+                Ok(Update::Again) => {
+                    self.undo_refcounts(start, c, addend);
+                    self.free_hint = self.free_hint.min(start);
+                    return Ok(Update::Again);
+                }
+                Err(e) => Err(e),
+            };
+            match step {
+                Ok(next) => c = next,
+                Err(e) => {
+                    self.undo_refcounts(start, c, addend);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(Update::Done)
+    }
+
+    /// Adds `addend` to the refcounts of clusters `[c, min(end, end of c's
+    /// refcount block range))`, whose block exists, and returns where the
+    /// segment ended. Nothing is changed if any value would leave its range.
+    fn add_to_segment(&mut self, c: u64, end: u64, addend: i64, dtype: DiscardType) -> Result<u64> {
+        let rb_bits = self.geom.refcount_block_bits;
+        let order = self.geom.refcount_order;
+        let max = refcount::max_value(order);
+        let (ri, bi) = self.geom.refcount_position(c);
+        let seg_end = end.min((ri + 1) << rb_bits);
+        let n = (seg_end - c) as usize;
+        let block = self.refblock_offset(ri)?;
+        self.load_refblock(block)?;
+        let cb = self.geom.cluster_bits;
+        let mut zeroed: Vec<(u64, u64)> = Vec::new();
+        {
+            let Some(t) = self.rc_cache.get_mut(block) else {
+                return Err(Error::InvalidArgument("refcount block not cached".into()));
+            };
+            // Check the whole segment first so a failure changes nothing.
+            for k in 0..n {
+                let cur = refcount::get(&t.data, order, bi + k).unwrap_or(0);
+                let ok = if addend >= 0 {
+                    cur.checked_add(addend as u64).is_some_and(|v| v <= max)
+                } else {
+                    cur >= addend.unsigned_abs()
+                };
+                if !ok {
+                    let cl = c + k as u64;
+                    return Err(if addend >= 0 {
+                        Error::RefcountOverflow { cluster: cl, max }
+                    } else {
+                        Error::Corrupt {
+                            what: "refcount block",
+                            offset: cl << cb,
+                            msg: format!("Refcount of cluster {cl:#x} would drop below zero"),
+                        }
+                    });
+                }
+            }
+            for k in 0..n {
+                let cur = refcount::get(&t.data, order, bi + k).unwrap_or(0);
+                let new = if addend >= 0 {
+                    cur + addend as u64
+                } else {
+                    cur - addend.unsigned_abs()
+                };
+                refcount::set(&mut t.data, order, bi + k, new);
+                if new == 0 {
+                    let cl = c + k as u64;
+                    match zeroed.last_mut() {
+                        Some((s, l)) if *s + *l == cl => *l += 1,
+                        _ => zeroed.push((cl, 1)),
+                    }
+                }
+            }
+            if n > 0 {
+                t.dirty = true;
+            }
+        }
+        for (s, l) in zeroed {
+            for cl in s..s + l {
+                self.cluster_freed(cl, dtype);
+            }
+        }
+        Ok(seg_end)
+    }
+
+    /// Reverts `addend` on `[start, upto)` after a failed or restarted
+    /// update (the blocks exist: the update went through them). Clusters
+    /// that drop back to 0 only lower the free hint, as in QEMU.
+    fn undo_refcounts(&mut self, start: u64, upto: u64, addend: i64) {
+        let order = self.geom.refcount_order;
+        let rb_bits = self.geom.refcount_block_bits;
+        let mut c = start;
+        while c < upto {
+            let (ri, bi) = self.geom.refcount_position(c);
+            let seg_end = upto.min((ri + 1) << rb_bits);
+            let block = match self.refblock_offset(ri) {
+                Ok(b) if b != 0 => b,
+                _ => {
+                    c = seg_end;
+                    continue;
+                }
+            };
+            if self.load_refblock(block).is_err() {
+                c = seg_end;
+                continue;
+            }
+            let mut lowest_zero = None;
+            if let Some(t) = self.rc_cache.get_mut(block) {
+                for k in 0..(seg_end - c) as usize {
+                    let cur = refcount::get(&t.data, order, bi + k).unwrap_or(0);
+                    let v = if addend > 0 {
+                        cur.saturating_sub(addend as u64)
+                    } else {
+                        cur.saturating_add(addend.unsigned_abs())
+                    };
+                    refcount::set(&mut t.data, order, bi + k, v);
+                    if v == 0 && lowest_zero.is_none() {
+                        lowest_zero = Some(c + k as u64);
+                    }
+                }
+                t.dirty = true;
+            }
+            if let Some(z) = lowest_zero {
+                self.free_hint = self.free_hint.min(z);
+            }
+            c = seg_end;
+        }
+    }
+
+    /// Bookkeeping when a cluster's refcount reaches 0.
+    fn cluster_freed(&mut self, c: u64, dtype: DiscardType) {
+        let off = c << self.geom.cluster_bits;
+        self.free_hint = self.free_hint.min(c);
+        // A freed L2 table must not stay cached under this offset.
+        self.l2_cache
+            .forget_range(off, off + self.geom.cluster_size);
+        // A table the active L1 table still points at (its refcount was
+        // wrong) stays protected, as QEMU's L1-based check keeps it. The
+        // check first, so only L2 tables pay for the L1 scan.
+        let active_l2 = self
+            .checker
+            .check(off, self.geom.cluster_size, !MetadataKind::ActiveL2.bit())
+            .is_some();
+        if active_l2 && !self.l1_references(off) {
+            self.checker.remove_active_l2(off);
+        }
+        let pass = match dtype {
+            DiscardType::Never => false,
+            DiscardType::Request => self.discard.request,
+            DiscardType::Snapshot => self.discard.snapshot,
+            DiscardType::Other => self.discard.other,
+            DiscardType::Always => true,
+        };
+        if pass {
+            let len = self.geom.cluster_size;
+            match self.discards.last_mut() {
+                Some((s, l)) if *s + *l == off => *l += len,
+                _ => self.discards.push((off, len)),
+            }
+        }
+    }
+
+    /// Passes the queued discards of freed clusters down to the file
+    /// (adjacent clusters merged into one request). Advisory: a failed
+    /// discard loses nothing.
+    pub fn process_discards(&mut self) {
+        for (off, len) in std::mem::take(&mut self.discards) {
+            let _ = self.file.discard(off, len);
+        }
+    }
+
+    /// Allocates `n` contiguous clusters with refcount 1 and returns the host
+    /// offset of the first (QEMU's `qcow2_alloc_clusters`).
+    pub fn alloc_clusters(&mut self, n: u64) -> Result<u64> {
+        loop {
+            let start = self.alloc_noref(n)?;
+            if self.update_refcount(start, n, 1, DiscardType::Never)? == Update::Done {
+                return Ok(start << self.geom.cluster_bits);
+            }
+        }
+    }
+
+    /// Allocates as many of the `n` clusters starting at host cluster
+    /// `cluster` as are free in a row, and returns how many
+    /// (QEMU's `qcow2_alloc_clusters_at`). The free hint is not moved.
+    pub fn alloc_clusters_at(&mut self, cluster: u64, n: u64) -> Result<u64> {
+        if n == 0 {
+            return Ok(0);
+        }
+        self.process_discards();
+        loop {
+            let free = self.count_free(cluster, n)?;
+            if self.update_refcount(cluster, free, 1, DiscardType::Never)? == Update::Done {
+                return Ok(free);
+            }
+        }
+    }
+
+    /// How many of the `n` clusters from `cluster` have refcount 0 in a row.
+    fn count_free(&mut self, cluster: u64, n: u64) -> Result<u64> {
+        let rb_bits = self.geom.refcount_block_bits;
+        let order = self.geom.refcount_order;
+        let mut done = 0u64;
+        while done < n {
+            let c = cluster + done;
+            let ri = c >> rb_bits;
+            let seg = (((ri + 1) << rb_bits) - c).min(n - done);
+            let block = self.refblock_offset(ri)?;
+            if block == 0 {
+                done += seg;
+                continue;
+            }
+            self.load_refblock(block)?;
+            let Some(t) = self.rc_cache.peek(block) else {
+                return Err(Error::InvalidArgument("refcount block not cached".into()));
+            };
+            let bi = (c - (ri << rb_bits)) as usize;
+            for k in 0..seg as usize {
+                if refcount::get(&t.data, order, bi + k).unwrap_or(0) != 0 {
+                    return Ok(done + k as u64);
+                }
+            }
+            done += seg;
+        }
+        Ok(done)
+    }
+
+    /// Queues one reference drop of host cluster at `offset`, applied after
+    /// the references are durably gone (see the module docs).
+    pub fn queue_free(&mut self, offset: u64, dtype: DiscardType) {
+        self.pending_frees
+            .push((offset >> self.geom.cluster_bits, dtype));
+    }
+
+    /// Queues the reference drops of a compressed cluster (every host cluster
+    /// its byte range touches).
+    pub fn queue_free_compressed(&mut self, offset: u64, len: u64, dtype: DiscardType) {
+        let first = offset >> self.geom.cluster_bits;
+        let last = (offset + len.max(1) - 1) >> self.geom.cluster_bits;
+        for c in first..=last {
+            self.pending_frees.push((c, dtype));
+        }
+    }
+
+    /// The highest reftable index with a refcount block (0 if none), QEMU's
+    /// `max_refcount_table_index`.
+    fn max_reftable_index(&self) -> usize {
+        self.reftable.iter().rposition(|e| *e != 0).unwrap_or(0)
+    }
+
+    /// Builds new self-covering refcount structures at host offset `start`
+    /// (which must be at the end of the used space): the refcount blocks
+    /// still missing for everything up to the new structures plus
+    /// `additional` clusters beyond them, then a new refcount table right
+    /// after those blocks (50 % larger than needed unless `exact`). The
+    /// blocks and the table are written and synced, the header is switched
+    /// to the new table with one write, and the old table's clusters are
+    /// freed. `new_block` is a refcount block to enter at the given index.
+    ///
+    /// Returns the offset just past the new table, where the `additional`
+    /// clusters may go (QEMU's `qcow2_refcount_area`).
+    ///
+    /// # Errors
+    /// `Error::TooLarge` when the table would exceed 8 MiB, I/O errors.
+    pub fn refcount_area(
+        &mut self,
+        start: u64,
+        additional: u64,
+        exact: bool,
+        new_block: Option<(usize, u64)>,
+    ) -> Result<u64> {
+        let g = self.geom;
+        let cs = g.cluster_size;
+        let cb = g.cluster_bits;
+        let too_large = || Error::TooLarge("Reference count table too large".into());
+        let (total_blocks, _) =
+            refcount_metadata_size((start >> cb) + additional, cs, g.refcount_order, !exact);
+        let per_table_cluster = cs / 8;
+        let mut table_size = if exact {
+            total_blocks
+        } else {
+            total_blocks + total_blocks.div_ceil(2)
+        };
+        table_size = table_size.div_ceil(per_table_cluster) * per_table_cluster;
+        if table_size * 8 > MAX_REFTABLE_BYTES {
+            return Err(too_large());
+        }
+        let table_size = table_size as usize;
+        let total_blocks = total_blocks as usize;
+        let table_clusters = (table_size as u64) / per_table_cluster;
+        let area_ri = ((start >> cb) >> g.refcount_block_bits) as usize;
+
+        let mut table = vec![0u64; table_size];
+        let max_idx = self.max_reftable_index();
+        let copy = if table_size > max_idx {
+            (max_idx + 1).min(self.reftable.len())
+        } else {
+            table_size
+        };
+        table[..copy].copy_from_slice(&self.reftable[..copy]);
+        if let Some((idx, off)) = new_block {
+            if idx >= total_blocks {
+                return Err(too_large());
+            }
+            table[idx] = off;
+        }
+        let new_count = (area_ri..total_blocks).filter(|i| table[*i] == 0).count() as u64;
+        let table_off = start + new_count * cs;
+        let end = table_off + table_clusters * cs;
+
+        // Fill the refcount blocks, creating the missing ones from `start`.
+        let order = g.refcount_order;
+        let per_block = g.refcount_block_entries();
+        let mut block_off = start;
+        for (i, slot) in table
+            .iter_mut()
+            .enumerate()
+            .take(total_blocks)
+            .skip(area_ri)
+        {
+            let block = if *slot != 0 {
+                let b = *slot & REFT_OFFSET_MASK;
+                self.load_refblock(b)?;
+                b
+            } else {
+                let b = block_off;
+                block_off += cs;
+                *slot = b;
+                self.checker.add_refcount_block(b);
+                self.make_room_rc()?;
+                self.rc_cache
+                    .insert(b, vec![0u8; cs as usize].into_boxed_slice(), true);
+                b
+            };
+            let first = (i as u64 * per_block) << cb;
+            if first < end {
+                let from = if first < start {
+                    ((start - first) >> cb) as usize
+                } else {
+                    0
+                };
+                let to = (((end - first) >> cb).min(per_block)) as usize;
+                let Some(t) = self.rc_cache.get_mut(block) else {
+                    return Err(Error::InvalidArgument("refcount block not cached".into()));
+                };
+                for j in from..to {
+                    if refcount::get(&t.data, order, j).unwrap_or(0) != 0 {
+                        return Err(Error::Corrupt {
+                            what: "refcount block",
+                            offset: block,
+                            msg: format!(
+                                "Cluster {:#x} of the new refcount area is already in use",
+                                (first >> cb) + j as u64
+                            ),
+                        });
+                    }
+                    refcount::set(&mut t.data, order, j, 1);
+                }
+                t.dirty = true;
+            }
+        }
+        // Blocks first (and synced), then the table (synced), then the header.
+        self.flush_refcounts()?;
+        self.sync()?;
+        let mut bytes = vec![0u8; table_size * 8];
+        for (i, e) in table.iter().enumerate() {
+            put_be_u64(&mut bytes, i * 8, *e);
+        }
+        self.meta_write(&bytes, table_off, MetadataKind::RefcountTable)?;
+        self.sync()?;
+        let mut sw = [0u8; 12];
+        sw[..8].copy_from_slice(&table_off.to_be_bytes());
+        sw[8..].copy_from_slice(&(table_clusters as u32).to_be_bytes());
+        self.write_header_field(48, &sw)?;
+        let old_off = self.header.refcount_table_offset;
+        let old_clusters = u64::from(self.header.refcount_table_clusters);
+        self.header.refcount_table_offset = table_off;
+        self.header.refcount_table_clusters = table_clusters as u32;
+        self.checker
+            .set_refcount_table(table_off, table_size as u64 * 8);
+        // Blocks the new table dropped (only beyond the used space) are gone.
+        for e in self.reftable.iter().skip(table_size) {
+            if *e != 0 {
+                self.checker.remove_refcount_block(*e & REFT_OFFSET_MASK);
+            }
+        }
+        self.reftable = table;
+        self.reftable_dirty.clear();
+        // Nothing refers to the old table any more: free it now, as QEMU
+        // does (later allocations may reuse its clusters).
+        if old_clusters > 0 {
+            // A decrement of counted clusters never allocates (never `Again`).
+            let _ = self.update_refcount(old_off >> cb, old_clusters, -1, DiscardType::Other)?;
+        }
+        Ok(end)
+    }
+}
+
+/// How many refcount blocks and refcount table clusters it takes to count
+/// `clusters` clusters plus the refcount structures themselves: the fixed
+/// point QEMU's `qcow2_refcount_metadata_size` computes. With `generous`, the
+/// table gets room for 50 % more blocks (folded in once, as QEMU does).
+/// Returns `(blocks, table_clusters)`.
+pub(crate) fn refcount_metadata_size(
+    clusters: u64,
+    cluster_size: u64,
+    refcount_order: u32,
+    generous: bool,
+) -> (u64, u64) {
+    let per_table_cluster = cluster_size / 8;
+    let per_block = (cluster_size * 8) >> refcount_order;
+    let (mut table, mut blocks, mut n) = (0u64, 0u64, 0u64);
+    let mut clusters = clusters;
+    let mut generous = generous;
+    loop {
+        let last = n;
+        blocks = (clusters + table + blocks).div_ceil(per_block);
+        table = blocks.div_ceil(per_table_cluster);
+        n = clusters + blocks + table;
+        if n == last && generous {
+            clusters += table.div_ceil(2);
+            n = 0;
+            generous = false;
+        }
+        if n == last {
+            return (blocks, table);
+        }
+    }
+}
