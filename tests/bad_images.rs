@@ -724,3 +724,33 @@ fn l1_entry_copied_with_offset_zero() {
         }
     }
 }
+
+/// QEMU counts the disk in 512-byte sectors: a size that is not a multiple
+/// of 512 loses its partial sector (reads, writes and `qemu-img info`).
+#[test]
+fn partial_last_sector_is_dropped() {
+    let mut b = valid_image();
+    put_u64(&mut b, 24, 1000);
+    let (_, img) = open_bytes(b.clone(), false);
+    let img = img.unwrap();
+    assert_eq!(img.size(), 512);
+    let mut buf = [0u8; 8];
+    assert!(
+        img.read_at(&mut buf, 600).is_err(),
+        "read past the last whole sector"
+    );
+    assert!(
+        img.write_at(&buf, 600).is_err(),
+        "write past the last whole sector"
+    );
+    img.read_at(&mut buf, 504).unwrap();
+    assert_eq!(buf[0], (504 % 253) as u8 + 1);
+    drop(img);
+    if support::have_qemu() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("odd.qcow2");
+        std::fs::write(&path, &b).unwrap();
+        let info = support::qemu_img(&["info", "--output=json", path.to_str().unwrap()]);
+        assert!(info.contains("\"virtual-size\": 512,"), "{info}");
+    }
+}

@@ -87,12 +87,16 @@ impl Image {
         let file_len = file.len().map_err(|e| Error::io(IoOp::Read, 0, e))?;
         let mut head = vec![0u8; file_len.min(MAX_HEADER_READ) as usize];
         read_file(&*file, &mut head, 0)?;
-        let header = if mode.check {
+        let mut header = if mode.check {
             Header::decode_for_check(&head)?
         } else {
             Header::decode(&head)?
         };
         drop(head);
+        // QEMU counts the disk in 512-byte sectors (`total_sectors = size /
+        // 512`): a crafted size that is not a multiple of 512 loses its
+        // partial sector, in reads, writes, info and any header rewrite.
+        header.size &= !(SECTOR_SIZE - 1);
         let repair = mode.repair || mode.check;
         if header.incompatible_features & INCOMPAT_CORRUPT != 0 && !read_only && !repair {
             return Err(Error::ImageCorrupt);
