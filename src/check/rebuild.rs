@@ -52,24 +52,19 @@ impl Pass<'_, '_> {
                 return Err(Error::TooLarge("File too large".into()));
             }
             let in_array = (cluster as usize) < imrt.len();
-            let referenced = in_array && imrt.get(cluster as usize) != 0;
-            if !referenced {
-                // Step over a protected structure in one go (not free).
-                if let Some(next) = self.protected_until(cluster) {
-                    contiguous = 0;
-                    cluster = next.max(cluster + 1);
-                    continue;
-                }
-            }
-            let free = !referenced;
-            if free {
+            if in_array && imrt.get(cluster as usize) != 0 {
+                contiguous = 0;
+            } else if let Some(next) = self.protected_until(cluster) {
+                // Not free either: step over the protected structure at once.
+                contiguous = 0;
+                cluster = next.max(cluster + 1);
+                continue;
+            } else {
                 contiguous += 1;
                 if first_gap {
                     *first_free = cluster;
                     first_gap = false;
                 }
-            } else {
-                contiguous = 0;
             }
             cluster += 1;
         }
