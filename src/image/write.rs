@@ -207,15 +207,32 @@ impl Image {
         // Write each cluster's range: [lo, hi) within the cluster.
         let mut written = 0u64;
         let mut buf = std::mem::take(&mut meta.scratch);
-        for p in &plans {
+        let mut i = 0;
+        while i < plans.len() {
+            let p = &plans[i];
             let host = p.host.unwrap_or(0);
             let (lo, hi) = self.cow_range(p);
-            let src = &data[(p.guest + p.lo_w - g) as usize..(p.guest + p.hi_w - g) as usize];
-            if !meta.efmt.external_data && host + lo >= meta.file_end && self.old_reads_zero(p, lo)
-            {
+            if self.fast_path(meta, p, lo) {
                 // Fast path: the untouched parts read as zero and the cluster
                 // lies past the end of the file, where unwritten bytes read as
-                // zero too: write only the guest data, straight from the caller.
+                // zero too: write only the guest data, straight from the
+                // caller, in one request for the whole run of clusters whose
+                // guest data and host clusters are both contiguous.
+                let mut end = i + 1;
+                while end < plans.len() {
+                    let (prev, next) = (&plans[end - 1], &plans[end]);
+                    let contiguous = prev.hi_w == cs
+                        && next.lo_w == 0
+                        && next.host == prev.host.map(|h| h + cs)
+                        && self.fast_path(meta, next, self.cow_range(next).0);
+                    if !contiguous {
+                        break;
+                    }
+                    end += 1;
+                }
+                let last = &plans[end - 1];
+                let src =
+                    &data[(p.guest + p.lo_w - g) as usize..(last.guest + last.hi_w - g) as usize];
                 if let Err(e) = meta.gate_write(src, host + p.lo_w, None) {
                     meta.scratch = buf;
                     return Err(e);
@@ -224,12 +241,18 @@ impl Image {
                 if meta.lazy_refcounts {
                     meta.mark_dirty()?;
                 }
-                let new = self.new_entry(p, host, lo, hi);
-                meta.write_slot(&p.slot, new);
-                self.drop_old(meta, p);
-                written += p.hi_w - p.lo_w;
+                for q in &plans[i..end] {
+                    let (qlo, qhi) = self.cow_range(q);
+                    let new = self.new_entry(q, q.host.unwrap_or(0), qlo, qhi);
+                    meta.write_slot(&q.slot, new);
+                    self.drop_old(meta, q);
+                    written += q.hi_w - q.lo_w;
+                }
+                i = end;
                 continue;
             }
+            i += 1;
+            let src = &data[(p.guest + p.lo_w - g) as usize..(p.guest + p.hi_w - g) as usize];
             buf.clear();
             buf.resize((hi - lo) as usize, 0);
             // Old content for the parts outside the write.
@@ -269,6 +292,15 @@ impl Image {
         }
         meta.scratch = buf;
         Ok(written)
+    }
+
+    /// Whether cluster `p` (with copy-on-write range starting at `lo`) can be
+    /// written with its guest data alone: it lies past the end of the image
+    /// file and everything it does not write reads as zero.
+    fn fast_path(&self, meta: &Meta, p: &ClusterPlan, lo: u64) -> bool {
+        !meta.efmt.external_data
+            && p.host.is_some_and(|host| host + lo >= meta.file_end)
+            && self.old_reads_zero(p, lo)
     }
 
     /// Drops the reference the cluster's old entry held (COW replaced it).
