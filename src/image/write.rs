@@ -212,19 +212,17 @@ impl Image {
             let p = &plans[i];
             let host = p.host.unwrap_or(0);
             let (lo, hi) = self.cow_range(p);
-            if self.fast_path(meta, p, lo) {
-                // Fast path: the untouched parts read as zero and the cluster
-                // lies past the end of the file, where unwritten bytes read as
-                // zero too: write only the guest data, straight from the
-                // caller, in one request for the whole run of clusters whose
-                // guest data and host clusters are both contiguous.
+            if self.fast_path(meta, p, (lo, hi)) {
+                // Nothing to copy: write only the guest data, straight from
+                // the caller, in one request for the whole run of clusters
+                // whose guest data and host clusters are both contiguous.
                 let mut end = i + 1;
                 while end < plans.len() {
                     let (prev, next) = (&plans[end - 1], &plans[end]);
                     let contiguous = prev.hi_w == cs
                         && next.lo_w == 0
                         && next.host == prev.host.map(|h| h + cs)
-                        && self.fast_path(meta, next, self.cow_range(next).0);
+                        && self.fast_path(meta, next, self.cow_range(next));
                     if !contiguous {
                         break;
                     }
@@ -233,7 +231,12 @@ impl Image {
                 let last = &plans[end - 1];
                 let src =
                     &data[(p.guest + p.lo_w - g) as usize..(last.guest + last.hi_w - g) as usize];
-                if let Err(e) = meta.gate_write(src, host + p.lo_w, None) {
+                let r = if meta.efmt.external_data {
+                    write_file(&*self.data, src, host + p.lo_w)
+                } else {
+                    meta.gate_write(src, host + p.lo_w, None)
+                };
+                if let Err(e) = r {
                     meta.scratch = buf;
                     return Err(e);
                 }
@@ -294,13 +297,17 @@ impl Image {
         Ok(written)
     }
 
-    /// Whether cluster `p` (with copy-on-write range starting at `lo`) can be
-    /// written with its guest data alone: it lies past the end of the image
-    /// file and everything it does not write reads as zero.
-    fn fast_path(&self, meta: &Meta, p: &ClusterPlan, lo: u64) -> bool {
-        !meta.efmt.external_data
-            && p.host.is_some_and(|host| host + lo >= meta.file_end)
-            && self.old_reads_zero(p, lo)
+    /// Whether cluster `p` can be written with its guest data alone, straight
+    /// from the caller's buffer: the write covers its whole copy-on-write
+    /// range `[lo, hi)`, or the cluster lies past the end of the image file
+    /// (where unwritten bytes read as zero) and everything the write does not
+    /// cover reads as zero.
+    fn fast_path(&self, meta: &Meta, p: &ClusterPlan, (lo, hi): (u64, u64)) -> bool {
+        let covers = p.lo_w == lo && p.hi_w == hi;
+        covers
+            || (!meta.efmt.external_data
+                && p.host.is_some_and(|host| host + lo >= meta.file_end)
+                && self.old_reads_zero(p, lo))
     }
 
     /// Drops the reference the cluster's old entry held (COW replaced it).
