@@ -2,31 +2,12 @@
 //! way by qcow2kit and by `qemu-io` are identical byte for byte, including
 //! across refcount block allocation and refcount table growth.
 
+mod support;
+
 use qcow2kit::create::create;
 use qcow2kit::options::CreateOptions;
 use qcow2kit::{Image, OpenOptions};
 use std::path::Path;
-use std::process::Command;
-
-fn have_qemu() -> bool {
-    let ok = Command::new("qemu-io")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        eprintln!("skipping: qemu-io not installed");
-    }
-    ok
-}
-
-fn run(cmd: &str, args: &[&str]) {
-    let out = Command::new(cmd).args(args).output().expect("run");
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 fn be(buf: &[u8], off: usize, n: usize) -> u64 {
     buf[off..off + n]
@@ -39,14 +20,7 @@ fn write_both(ours: &Path, theirs: &Path, offset: u64, len: usize, pattern: u8) 
     let img = Image::open(ours, &OpenOptions::new()).unwrap();
     img.write_at(&vec![pattern; len], offset).unwrap();
     img.close().unwrap();
-    run(
-        "qemu-io",
-        &[
-            "-c",
-            &format!("write -P {pattern} {offset} {len}"),
-            theirs.to_str().unwrap(),
-        ],
-    );
+    support::qemu_io(theirs, &[format!("write -P {pattern} {offset} {len}")]);
 }
 
 fn assert_same_file(ours: &Path, theirs: &Path) {
@@ -70,19 +44,16 @@ fn twins(dir: &Path, opts: &str, size: &str) -> (std::path::PathBuf, std::path::
     let o = CreateOptions::from_qemu_str(opts).unwrap();
     let bytes = qcow2kit::options::parse_size(size).unwrap();
     create(&ours, &o, bytes).unwrap();
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            opts,
-            theirs.to_str().unwrap(),
-            size,
-        ],
-    );
+    support::qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        opts,
+        theirs.to_str().unwrap(),
+        size,
+    ]);
     (ours, theirs)
 }
 
@@ -91,7 +62,7 @@ fn twins(dir: &Path, opts: &str, size: &str) -> (std::path::PathBuf, std::path::
 /// and moves the refcount table to 0x208400 (2 clusters).
 #[test]
 fn refcount_table_growth_matches_qemu() {
-    if !have_qemu() {
+    if !support::have_qemu() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -105,7 +76,7 @@ fn refcount_table_growth_matches_qemu() {
 /// cluster of a run (QEMU 10 then retries the same clusters first).
 #[test]
 fn refcount_block_allocation_matches_qemu() {
-    if !have_qemu() {
+    if !support::have_qemu() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

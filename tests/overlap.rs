@@ -3,34 +3,15 @@
 //! write through it must be blocked (or, with that check disabled, go
 //! through), with the corrupt bit set and the right event.
 
+mod support;
+
 use qcow2kit::options::{OverlapCheckMode, OverlapChecks};
 use qcow2kit::types::MetadataKind;
 use qcow2kit::{Error, Event, Image, OpenOptions};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::{Arc, Mutex};
-
-fn have_qemu() -> bool {
-    let ok = Command::new("qemu-img")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        eprintln!("skipping: qemu-img not installed");
-    }
-    ok
-}
-
-fn run(cmd: &str, args: &[&str]) {
-    let out = Command::new(cmd).args(args).output().expect("run");
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 fn be64(f: &File, off: u64) -> u64 {
     let mut b = [0u8; 8];
@@ -63,24 +44,18 @@ fn set_l2_entry(path: &Path, index: u64, value: u64) {
 fn image(dir: &Path, name: &str, snapshot: bool, bitmap: bool) -> PathBuf {
     let p = dir.join(name);
     let ps = p.to_str().unwrap();
-    run("qemu-img", &["create", "-q", "-f", "qcow2", ps, "1M"]);
-    run(
-        "qemu-io",
-        &[
-            "-c",
-            "write -P 0x11 0 64k",
-            "-c",
-            "write -P 0x12 64k 64k",
-            ps,
-        ],
+    support::qemu_img(&["create", "-q", "-f", "qcow2", ps, "1M"]);
+    support::qemu_io(
+        &p,
+        &["write -P 0x11 0 64k".into(), "write -P 0x12 64k 64k".into()],
     );
     if snapshot {
-        run("qemu-img", &["snapshot", "-c", "snap1", ps]);
+        support::qemu_img(&["snapshot", "-c", "snap1", ps]);
         // Unshare cluster 0 again so the active L2 table is COPIED.
-        run("qemu-io", &["-c", "write -P 0x13 0 64k", ps]);
+        support::qemu_io(&p, &["write -P 0x13 0 64k".into()]);
     }
     if bitmap {
-        run("qemu-img", &["bitmap", "--add", ps, "bitmap0"]);
+        support::qemu_img(&["bitmap", "--add", ps, "bitmap0"]);
     }
     p
 }
@@ -180,7 +155,7 @@ fn modes_enabling(kind: MetadataKind) -> Vec<(String, OpenOptions, bool)> {
 }
 
 fn scenario(kind: MetadataKind) {
-    if !have_qemu() {
+    if !support::have_qemu() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -235,12 +210,8 @@ fn scenario(kind: MetadataKind) {
                 e => panic!("unexpected event {e:?}"),
             }
             assert!(corrupt_bit(&p), "{label}: corrupt bit set on disk");
-            let info = Command::new("qemu-img")
-                .args(["info", "--output", "json"])
-                .arg(&p)
-                .output()
-                .unwrap();
-            assert!(String::from_utf8_lossy(&info.stdout).contains("\"corrupt\": true"));
+            let info = support::qemu_img(&["info", "--output", "json", p.to_str().unwrap()]);
+            assert!(info.contains("\"corrupt\": true"));
             assert!(matches!(
                 Image::open(&p, &OpenOptions::new()),
                 Err(Error::ImageCorrupt)

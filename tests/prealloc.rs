@@ -5,6 +5,8 @@
 //! Crash replay checks that every prefix of the writes of a resize leaves an
 //! image that opens, has no corruption and still holds the old data.
 
+mod support;
+
 use qcow2kit::create::create;
 use qcow2kit::options::{parse_size, CreateOptions, Preallocation};
 use qcow2kit::storage::{FaultyStorage, FileStorage, RecordedOp, Storage};
@@ -22,19 +24,6 @@ const MODES: [Preallocation; 4] = [
     Preallocation::Falloc,
     Preallocation::Full,
 ];
-
-fn have_qemu() -> bool {
-    let ok = ["qemu-img", "qemu-io"].iter().all(|c| {
-        Command::new(c)
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success())
-    });
-    if !ok {
-        eprintln!("skipping: qemu-img/qemu-io not installed");
-    }
-    ok
-}
 
 fn cmd(prog: &str, args: &[&str], dir: &Path) -> Output {
     Command::new(prog)
@@ -177,7 +166,7 @@ const GEOMETRIES: [(&str, &str, &str, &str); 3] = [
 
 #[test]
 fn create_matches_qemu() {
-    if !have_qemu() {
+    if !support::have_qemu() {
         return;
     }
     for (cs, size, _, _) in GEOMETRIES {
@@ -194,7 +183,7 @@ fn create_matches_qemu() {
 /// builds a refcount area even for no data).
 #[test]
 fn create_zero_size_matches_qemu() {
-    if !have_qemu() {
+    if !support::have_qemu() {
         return;
     }
     for mode in MODES {
@@ -206,7 +195,7 @@ fn create_zero_size_matches_qemu() {
 
 #[test]
 fn grow_matches_qemu() {
-    if !have_qemu() {
+    if !support::have_qemu() {
         return;
     }
     for (cs, _, from, to) in GEOMETRIES {
@@ -246,7 +235,7 @@ fn grow_matches_qemu() {
 /// already allocated (kept by `metadata`, replaced by `falloc`).
 #[test]
 fn grow_preallocated_matches_qemu() {
-    if !have_qemu() {
+    if !support::have_qemu() {
         return;
     }
     for first in [Preallocation::Metadata, Preallocation::Falloc] {
@@ -262,7 +251,7 @@ fn grow_preallocated_matches_qemu() {
 
 #[test]
 fn external_data_file_matches_qemu() {
-    if !have_qemu() {
+    if !support::have_qemu() {
         return;
     }
     for mode in MODES {
@@ -292,7 +281,7 @@ fn external_data_file_matches_qemu() {
 /// (header, refcount table and block, L1, one L2 table).
 #[test]
 fn data_file_raw_preallocates_metadata() {
-    if !have_qemu() {
+    if !support::have_qemu() {
         return;
     }
     let t = Twins::new();
@@ -312,7 +301,7 @@ fn data_file_raw_preallocates_metadata() {
 /// stay unallocated: the backing data still shows through.
 #[test]
 fn extended_l2_backing_preallocation() {
-    if !have_qemu() {
+    if !support::have_qemu() {
         return;
     }
     for mode in [
@@ -345,7 +334,7 @@ fn extended_l2_backing_preallocation() {
 /// as zeroes (zero clusters), as in QEMU.
 #[test]
 fn grow_over_longer_backing_file() {
-    if !have_qemu() {
+    if !support::have_qemu() {
         return;
     }
     for mode in MODES {
@@ -396,7 +385,7 @@ type ShrinkCase<'a> = (&'a str, &'a str, &'a [(u64, u64)], &'a str);
 
 #[test]
 fn shrink_matches_qemu() {
-    if !have_qemu() {
+    if !support::have_qemu() {
         return;
     }
     // (create options, size, writes, new size)
@@ -466,7 +455,7 @@ fn shrink_matches_qemu() {
 
 #[test]
 fn shrink_with_snapshot_and_data_file() {
-    if !have_qemu() {
+    if !support::have_qemu() {
         return;
     }
     let t = Twins::new();
@@ -561,7 +550,7 @@ fn refused_resizes_leave_the_image_untouched() {
 
 #[test]
 fn v2_with_snapshots_cannot_be_resized() {
-    if !have_qemu() {
+    if !support::have_qemu() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -682,7 +671,7 @@ fn check_old(img: &Image) {
 /// Growing 256 MiB -> 1.5 GiB moves the L1 table (1 -> 3 entries).
 #[test]
 fn crash_replay_grow_moves_l1() {
-    if !have_qemu() {
+    if !support::have_qemu() {
         return;
     }
     for mode in [
@@ -700,7 +689,7 @@ fn crash_replay_grow_moves_l1() {
 
 #[test]
 fn crash_replay_shrink() {
-    if !have_qemu() {
+    if !support::have_qemu() {
         return;
     }
     crash_replay(
@@ -721,7 +710,7 @@ fn crash_replay_shrink() {
 /// only speed-insensitive facts are checked. The file size is QEMU's.
 #[test]
 fn one_tebibyte_metadata() {
-    if !have_qemu() {
+    if !support::have_qemu() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
