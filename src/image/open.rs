@@ -359,8 +359,8 @@ pub(crate) struct OpenMode {
     /// Check/repair mode: corrupt and dirty images open read-write.
     pub repair: bool,
     /// QEMU's `BDRV_O_CHECK` (implies `repair`): the header is decoded with
-    /// [`Header::decode_for_check`], the L1 and refcount tables may lie
-    /// (partly) beyond the end of the file and read as zeroes there, and the
+    /// [`Header::decode_for_check`], refcounts past the end of the file do
+    /// not stop allocations (the repair allocates on its own terms), and the
     /// snapshot table is not loaded (the checker reads, validates and
     /// registers it itself).
     pub check: bool,
