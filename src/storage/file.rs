@@ -106,6 +106,10 @@ impl Storage for FileStorage {
         sys::is_hole(&self.file, offset, len)
     }
 
+    fn data_extent(&self, offset: u64, max: u64) -> io::Result<(bool, u64)> {
+        sys::data_extent(&self.file, offset, max)
+    }
+
     fn allocated_bytes(&self) -> io::Result<u64> {
         Ok(self.file.metadata()?.blocks() * 512)
     }
