@@ -122,3 +122,45 @@ fn repair_does_not_write_into_an_unaligned_snapshot_l1_table() {
     assert_eq!(get_u64(&d.join("o.qcow2"), 72) & 2, 2, "corrupt bit");
     assert_eq!(get_u64(&d.join("q.qcow2"), 72) & 2, 2, "corrupt bit (QEMU)");
 }
+
+#[test]
+fn an_unaligned_l2_table_is_protected_by_its_raw_range() {
+    if !have_qemu("an_unaligned_l2_table_is_protected_by_its_raw_range") {
+        return;
+    }
+    let d = scratch();
+    let d = d.path();
+    qemu_ok(
+        d,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "u.qcow2", "1G"],
+    );
+    qemu_ok(d, "qemu-io", &["-c", "write -P 0xab 0 64k", "u.qcow2"]);
+    // L1 entry 1 names an "L2 table" 512 bytes into the first free cluster
+    // (the end of the file): QEMU protects [end + 512, end + 512 + 64k), so
+    // the data cluster a new write would take there is refused.
+    let path = d.join("u.qcow2");
+    let end = std::fs::metadata(&path).unwrap().len();
+    let l1 = get_u64(&path, 40);
+    put_u64(&path, l1 + 8, (1 << 63) | (end + 512));
+    let original = std::fs::read(&path).unwrap();
+    std::fs::write(d.join("q.qcow2"), &original).unwrap();
+    std::fs::write(d.join("o.qcow2"), &original).unwrap();
+    let q = qemu(d, "qemu-io", &["-c", "write -P 0x22 1M 64k", "q.qcow2"]);
+    let o = ours(d, &["io", "-c", "write -P 0x22 1M 64k", "o.qcow2"]);
+    assert_eq!(
+        (o.code, &o.out),
+        (q.code, &q.out),
+        "ours: {o:#?}\nqemu: {q:#?}"
+    );
+    assert_eq!(o.code, 1);
+    assert!(o.err.contains("overlaps with active L2 table"), "{}", o.err);
+    let after = std::fs::read(d.join("o.qcow2")).unwrap();
+    assert_eq!(
+        after.len(),
+        original.len(),
+        "nothing was written past the end"
+    );
+    assert_eq!(get_u64(&d.join("o.qcow2"), 72) & 2, 2, "corrupt bit");
+    assert_eq!(get_u64(&d.join("q.qcow2"), 72) & 2, 2, "corrupt bit (QEMU)");
+}

@@ -149,16 +149,23 @@ impl Image {
         let mut checker = OverlapChecker::new(opts.get_overlap_check().mask(), geom.cluster_bits);
         checker.set_active_l1(header.l1_table_offset, l1_bytes);
         checker.set_refcount_table(header.refcount_table_offset, rt_bytes);
+        // Every table the image names is protected by its raw range, as in
+        // QEMU's overlap check: an unaligned one covers two clusters.
+        let covered = |off: u64| {
+            let first = off & !(geom.cluster_size - 1);
+            let second = (!geom.is_aligned(off)).then(|| first.checked_add(geom.cluster_size));
+            std::iter::once(first).chain(second.flatten())
+        };
         for e in &reftable {
             let off = e & REFT_OFFSET_MASK;
-            if off != 0 && geom.is_aligned(off) {
-                checker.add_refcount_block(off);
+            if off != 0 {
+                covered(off).for_each(|c| checker.add_refcount_block(c));
             }
         }
         for e in &l1 {
             let off = e & L1E_OFFSET_MASK;
-            if off != 0 && geom.is_aligned(off) {
-                checker.add_active_l2(off);
+            if off != 0 {
+                covered(off).for_each(|c| checker.add_active_l2(c));
             }
         }
         // Check mode does not load the snapshot table (QEMU skips it with
