@@ -97,7 +97,7 @@ fn files_without_format_are_qcow2_and_special_files_are_refused() {
     std::fs::create_dir(dir.join("adir")).unwrap();
     // qcow2-check checks qcow2 only: without -f a file is taken as qcow2
     // (qemu-img would probe raw and exit 63), as `qemu-img check -f qcow2`.
-    for f in ["plain.raw", "empty.raw", "/dev/null"] {
+    for f in ["plain.raw", "empty.raw", "/dev/null", "/dev/zero"] {
         assert_same_as(&dir, &[f], &["-f", "qcow2", f]);
         assert_same_as(&dir, &["-r", "all", f], &["-r", "all", "-f", "qcow2", f]);
         let (_, o) = runs(&dir, &[f]);
@@ -124,6 +124,25 @@ fn files_without_format_are_qcow2_and_special_files_are_refused() {
         &["-r", "leaks", "-f", "qcow2", "adir"],
     ] {
         assert_same(&dir, args);
+    }
+    // A socket cannot be opened: the open's own error, as in QEMU.
+    let _sock = std::os::unix::net::UnixListener::bind(dir.join("sock")).unwrap();
+    assert_same(&dir, &["sock"]);
+    assert_same(&dir, &["-f", "raw", "sock"]);
+    // A FIFO: QEMU blocks opening it; ours refuses it as the file driver
+    // refuses any other non-regular file.
+    let made = Command::new("mkfifo").arg(dir.join("fifo")).status();
+    if made.map(|s| s.success()).unwrap_or(false) {
+        let o = Command::new(qcow2_check_bin())
+            .arg("fifo")
+            .current_dir(&dir)
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(1));
+        assert_eq!(
+            String::from_utf8_lossy(&o.stderr),
+            "qcow2-check: Could not open 'fifo': 'file' driver requires 'fifo' to be a regular file\n"
+        );
     }
     let (_, o) = runs(&dir, &["adir"]);
     assert_eq!(
