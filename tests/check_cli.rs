@@ -51,8 +51,7 @@ fn usage_and_open_errors() {
         &["nonexist.qcow2"][..],
         &["-f", "qcow2", "plain.raw"],
         &["-f", "raw", "plain.raw"],
-        &["plain.raw"],
-        &["empty.raw"],
+        &["-f", "qcow2", "empty.raw"],
         &["--output", "json", "-f", "raw", "plain.raw"],
         &[],
         &[NAME, "extra"],
@@ -74,6 +73,109 @@ fn usage_and_open_errors() {
         &["--o", "json", NAME],
     ] {
         assert_same(&dir, args);
+    }
+}
+
+/// Asserts that `qcow2-check OURS` prints and exits as `qemu-img check QEMU`.
+fn assert_same_as(dir: &std::path::Path, our_args: &[&str], qemu_args: &[&str]) {
+    let (q, _) = runs(dir, qemu_args);
+    let (_, o) = runs(dir, our_args);
+    assert_eq!(o.code, q.code, "{our_args:?}\nqemu: {q:#?}\nours: {o:#?}");
+    assert_eq!(o.stdout, ours(&q.stdout), "stdout of {our_args:?}");
+    assert_eq!(o.stderr, ours(&q.stderr), "stderr of {our_args:?}");
+}
+
+#[test]
+fn files_without_format_are_qcow2_and_special_files_are_refused() {
+    if !have_qemu() {
+        return;
+    }
+    let t = Twin::create(&[], "64M");
+    let dir = t.q.dir.clone();
+    std::fs::write(dir.join("plain.raw"), vec![7u8; 1 << 20]).unwrap();
+    std::fs::write(dir.join("empty.raw"), b"").unwrap();
+    std::fs::create_dir(dir.join("adir")).unwrap();
+    // qcow2-check checks qcow2 only: without -f a file is taken as qcow2
+    // (qemu-img would probe raw and exit 63), as `qemu-img check -f qcow2`.
+    for f in ["plain.raw", "empty.raw", "/dev/null", "/dev/zero"] {
+        assert_same_as(&dir, &[f], &["-f", "qcow2", f]);
+        assert_same_as(&dir, &["-r", "all", f], &["-r", "all", "-f", "qcow2", f]);
+        let (_, o) = runs(&dir, &[f]);
+        assert_eq!(o.code, 1);
+        assert_eq!(
+            o.stderr,
+            format!("qcow2-check: Could not open '{f}': Image is not in qcow2 format\n")
+        );
+    }
+    // Exit 63 only for an explicit non-qcow2 format.
+    for f in ["plain.raw", "/dev/null"] {
+        assert_same(&dir, &["-f", "raw", f]);
+        let (_, o) = runs(&dir, &["-f", "raw", f]);
+        assert_eq!(o.code, 63);
+    }
+    // A directory: QEMU's file driver message (read-only), or the open's
+    // error (read-write), with or without -f.
+    for args in [
+        &["adir"][..],
+        &["-f", "qcow2", "adir"],
+        &["-f", "raw", "adir"],
+        &["--output", "json", "adir"],
+        &["-r", "all", "adir"],
+        &["-r", "leaks", "-f", "qcow2", "adir"],
+    ] {
+        assert_same(&dir, args);
+    }
+    // A socket cannot be opened: the open's own error, as in QEMU.
+    let _sock = std::os::unix::net::UnixListener::bind(dir.join("sock")).unwrap();
+    assert_same(&dir, &["sock"]);
+    assert_same(&dir, &["-f", "raw", "sock"]);
+    // A FIFO: QEMU blocks opening it; ours refuses it as the file driver
+    // refuses any other non-regular file.
+    let made = Command::new("mkfifo").arg(dir.join("fifo")).status();
+    if made.map(|s| s.success()).unwrap_or(false) {
+        let o = Command::new(qcow2_check_bin())
+            .arg("fifo")
+            .current_dir(&dir)
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(1));
+        assert_eq!(
+            String::from_utf8_lossy(&o.stderr),
+            "qcow2-check: Could not open 'fifo': 'file' driver requires 'fifo' to be a regular file\n"
+        );
+    }
+    let (_, o) = runs(&dir, &["adir"]);
+    assert_eq!(
+        o.stderr,
+        "qcow2-check: Could not open 'adir': 'file' driver requires 'adir' to be a regular file\n"
+    );
+    // qcow2-img check probes as qemu-img check does.
+    let img = |args: &[&str]| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_qcow2-img"))
+            .arg("check")
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    for args in [
+        &["plain.raw"][..],
+        &["/dev/null"],
+        &["-r", "all", "plain.raw"],
+        &["adir"],
+    ] {
+        let (q, _) = runs(&dir, args);
+        let (code, err) = img(args);
+        assert_eq!(code, Some(q.code), "qcow2-img check {args:?}");
+        assert_eq!(
+            err,
+            q.stderr.replace("qemu-img:", "qcow2-img:"),
+            "qcow2-img check {args:?}"
+        );
     }
 }
 

@@ -2,7 +2,9 @@
 //! `qcow2-img check`: option parsing with qemu-img's messages, output on
 //! stdout/stderr exactly as `qemu-img check` prints it, and its exit codes
 //! (0 clean, 1 check failed, 2 corruptions, 3 leaks only, 63 format
-//! without checks).
+//! without checks). `qcow2-check` differs in one point: without `-f` it
+//! takes the file as qcow2 rather than probing it, so a raw file is "not in
+//! qcow2 format" (exit 1) and 63 needs an explicit `-f raw`.
 //!
 //! `qcow2-img` calls [`run_check_cli`] with [`CliName::QCOW2_IMG_CHECK`] and
 //! the arguments after `check`.
@@ -14,6 +16,7 @@ use crate::storage::{FileStorage, Storage};
 use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{Arg, ArgAction, Command};
 use std::io::{IsTerminal, Write};
+use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -392,6 +395,14 @@ where
         }
     }
     let path = Path::new(&filename);
+    // QEMU's file driver takes regular files only (character and block
+    // devices go to its host_device driver); it refuses anything else after
+    // opening it. A FIFO is refused before opening, where QEMU would block.
+    let not_regular = || format!("'file' driver requires '{filename}' to be a regular file");
+    let file_type = |p: &Path| std::fs::metadata(p).ok().map(|m| m.file_type());
+    if file_type(path).is_some_and(|t| t.is_fifo()) {
+        return could_not_open(out, &not_regular());
+    }
     let file = match FileStorage::open(path, repair != Repair::None) {
         Ok(f) => f,
         Err(e) => {
@@ -399,9 +410,17 @@ where
             return could_not_open(out, &format!("Could not open '{filename}': {text}"));
         }
     };
+    if file_type(path).is_some_and(|t| !(t.is_file() || t.is_char_device() || t.is_block_device()))
+    {
+        return could_not_open(out, &not_regular());
+    }
     let is_qcow2 = match format.as_deref() {
         Some("raw") => false,
         Some(_) => true,
+        // `qcow2-check` checks qcow2 only: an unnamed format is qcow2, and
+        // anything else is "not in qcow2 format" (exit 1). `qcow2-img check`
+        // probes as `qemu-img check` does.
+        None if name.command.is_none() => true,
         None => {
             let mut magic = [0u8; 4];
             let ok =
@@ -410,6 +429,15 @@ where
         }
     };
     if !is_qcow2 {
+        if format.is_none() && repair != Repair::None {
+            // QEMU's raw driver warns on a probed read-write open.
+            let _ = writeln!(
+                out.stderr,
+                "WARNING: Image format was not specified for '{filename}' and probing guessed raw.\n         \
+                 Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n         \
+                 Specify the 'raw' format explicitly to remove the restrictions."
+            );
+        }
         let _ = writeln!(
             out.stderr,
             "{}: This image format does not support checks",

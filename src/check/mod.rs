@@ -242,6 +242,9 @@ impl Checker {
     /// Repairs a dirty image opened read-write (QEMU's automatic repair of a
     /// dirty image on open): runs `check -r all` on it and hands it back.
     pub(crate) fn repair_dirty(image: Image) -> Result<(Image, CheckReport)> {
+        // The repair reads what is past the end of the file as `check -r all`
+        // does, and allocates on its own terms.
+        image.lock_meta()?.refcounts_past_eof = None;
         let filename = image
             .path()
             .map(|p| p.display().to_string())

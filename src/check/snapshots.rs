@@ -313,8 +313,12 @@ impl<'a, 's> Pass<'a, 's> {
 
     /// Registers the snapshot table and the snapshot L1 tables with the
     /// overlap checker (once per image: a second pass replaces them).
+    ///
+    /// Every snapshot L1 table is registered by its raw range, as QEMU's
+    /// overlap check reads `s->snapshots`: an unaligned offset or an absurd
+    /// size (which the check reports as a corrupted entry) still protects
+    /// the bytes it names, so a repair never writes into them.
     fn register_snapshots(&mut self) {
-        let cs = self.geom.cluster_size;
         for (off, _) in std::mem::take(&mut self.registered_l1) {
             self.meta.checker.remove_inactive_l1(off);
         }
@@ -324,7 +328,7 @@ impl<'a, 's> Pass<'a, 's> {
         let mut added = Vec::new();
         for s in &self.snaps.entries {
             let bytes = u64::from(s.l1_size) * 8;
-            if s.l1_table_offset % cs == 0 && bytes <= MAX_L1_BYTES && bytes > 0 {
+            if bytes > 0 {
                 self.meta.checker.add_inactive_l1(s.l1_table_offset, bytes);
                 added.push((s.l1_table_offset, bytes));
             }

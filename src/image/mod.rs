@@ -484,6 +484,17 @@ impl Image {
         self.data.is_hole(offset, len).unwrap_or(false)
     }
 
+    /// The run of the data file at host offset `offset` (at most `max`
+    /// bytes) that is all data or all hole: `(is_data, len)`, as the file
+    /// system reports it ([`Storage::data_extent`]); "all data" when it
+    /// cannot say, as QEMU assumes.
+    pub fn data_extent(&self, offset: u64, max: u64) -> (bool, u64) {
+        match self.data.data_extent(offset, max) {
+            Ok((is_data, len)) if len > 0 => (is_data, len.min(max)),
+            _ => (true, max),
+        }
+    }
+
     /// Flushes every dirty table in the crash-safe order and syncs the file.
     ///
     /// # Errors

@@ -116,42 +116,30 @@ impl Image {
             extended_l2: geom.extended_l2,
             external_data,
         };
-        // Tables must lie inside the file before anything is allocated for them.
-        // In check mode they read as zeroes past the end, as QEMU reads them,
-        // and the checker reports what is missing.
+        // QEMU's open-time rules only (size caps, alignment, overflow: see
+        // `Header::decode`): a table that runs past the end of the file reads
+        // as zeroes there, as in QEMU, so a truncated image can still be
+        // inspected and copied. The caps bound both buffers (32 MiB and
+        // 8 MiB); the write path refuses allocations on such an image.
         let l1_bytes = u64::from(header.l1_size) * 8;
-        if !mode.check && l1_bytes > 0 && header.l1_table_offset.saturating_add(l1_bytes) > file_len
-        {
-            return Err(crate::format::FormatError::invalid(
-                crate::format::Structure::L1Table,
-                Some(header.l1_table_offset),
-                "Active L1 table lies beyond the end of the file",
-            )
-            .into());
-        }
         let rt_bytes = u64::from(header.refcount_table_clusters) << geom.cluster_bits;
-        if !mode.check && header.refcount_table_offset.saturating_add(rt_bytes) > file_len {
-            return Err(crate::format::FormatError::invalid(
-                crate::format::Structure::RefcountTable,
-                Some(header.refcount_table_offset),
-                "Reference count table lies beyond the end of the file",
-            )
-            .into());
-        }
-        let mut l1_raw = vec![0u8; l1_bytes as usize];
-        read_file(&*file, &mut l1_raw, header.l1_table_offset)?;
-        let l1: Vec<u64> = l1_raw
-            .chunks_exact(8)
-            .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
-            .collect();
-        drop(l1_raw);
-        let mut rt_raw = vec![0u8; rt_bytes as usize];
-        read_file(&*file, &mut rt_raw, header.refcount_table_offset)?;
-        let reftable: Vec<u64> = rt_raw
-            .chunks_exact(8)
-            .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
-            .collect();
-        drop(rt_raw);
+        let l1 = read_table(&*file, header.l1_table_offset, l1_bytes, file_len)?;
+        let reftable = read_table(&*file, header.refcount_table_offset, rt_bytes, file_len)?;
+
+        // Refcounts read from past the end of the file are zeroes that may
+        // hide clusters in use: such a handle must not allocate. A partly
+        // present last cluster counts as past the end.
+        let refcounts_past_eof = if mode.check {
+            None
+        } else if header.refcount_table_offset.saturating_add(rt_bytes) > file_len {
+            Some(("refcount table", header.refcount_table_offset))
+        } else {
+            reftable
+                .iter()
+                .map(|e| e & REFT_OFFSET_MASK)
+                .find(|&off| off != 0 && off.saturating_add(geom.cluster_size) > file_len)
+                .map(|off| ("refcount block", off))
+        };
 
         opts.check_image_version(header.version)
             .map_err(|e| Error::InvalidArgument(e.to_string()))?;
@@ -161,16 +149,23 @@ impl Image {
         let mut checker = OverlapChecker::new(opts.get_overlap_check().mask(), geom.cluster_bits);
         checker.set_active_l1(header.l1_table_offset, l1_bytes);
         checker.set_refcount_table(header.refcount_table_offset, rt_bytes);
+        // Every table the image names is protected by its raw range, as in
+        // QEMU's overlap check: an unaligned one covers two clusters.
+        let covered = |off: u64| {
+            let first = off & !(geom.cluster_size - 1);
+            let second = (!geom.is_aligned(off)).then(|| first.checked_add(geom.cluster_size));
+            std::iter::once(first).chain(second.flatten())
+        };
         for e in &reftable {
             let off = e & REFT_OFFSET_MASK;
-            if off != 0 && geom.is_aligned(off) {
-                checker.add_refcount_block(off);
+            if off != 0 {
+                covered(off).for_each(|c| checker.add_refcount_block(c));
             }
         }
         for e in &l1 {
             let off = e & L1E_OFFSET_MASK;
-            if off != 0 && geom.is_aligned(off) {
-                checker.add_active_l2(off);
+            if off != 0 {
+                covered(off).for_each(|c| checker.add_active_l2(c));
             }
         }
         // Check mode does not load the snapshot table (QEMU skips it with
@@ -230,6 +225,7 @@ impl Image {
                 && opts
                     .get_lazy_refcounts()
                     .unwrap_or(header.compatible_features & COMPAT_LAZY_REFCOUNTS != 0),
+            refcounts_past_eof,
             snapshots,
             header,
         };
@@ -370,13 +366,38 @@ pub(crate) struct OpenMode {
     /// Check/repair mode: corrupt and dirty images open read-write.
     pub repair: bool,
     /// QEMU's `BDRV_O_CHECK` (implies `repair`): the header is decoded with
-    /// [`Header::decode_for_check`], the L1 and refcount tables may lie
-    /// (partly) beyond the end of the file and read as zeroes there, and the
+    /// [`Header::decode_for_check`], refcounts past the end of the file do
+    /// not stop allocations (the repair allocates on its own terms), and the
     /// snapshot table is not loaded (the checker reads, validates and
     /// registers it itself).
     pub check: bool,
     /// Do not open the backing file.
     pub skip_backing: bool,
+}
+
+/// Reads a table of big-endian u64 entries of `bytes` bytes at `offset`.
+/// Entries past `file_len` are zeroes and are not read; the rest is read a
+/// chunk at a time, so the only buffer the size of the table is the result
+/// (whose size the header validation caps).
+fn read_table(file: &dyn Storage, offset: u64, bytes: u64, file_len: u64) -> Result<Vec<u64>> {
+    const CHUNK: u64 = 64 << 10;
+    let entries = usize::try_from(bytes / 8).map_err(|_| Error::TooLarge("table".into()))?;
+    let mut table = vec![0u64; entries];
+    // Whole entries: a cut inside an entry keeps its leading bytes.
+    let present = bytes.min(file_len.saturating_sub(offset).saturating_add(7) & !7);
+    let mut buf = vec![0u8; present.min(CHUNK) as usize];
+    let mut done = 0u64;
+    while done < present {
+        let n = (present - done).min(CHUNK);
+        let chunk = &mut buf[..n as usize];
+        read_file(file, chunk, offset + done)?;
+        let first = (done / 8) as usize;
+        for (slot, raw) in table[first..].iter_mut().zip(chunk.chunks_exact(8)) {
+            *slot = u64::from_be_bytes(raw.try_into().unwrap_or([0; 8]));
+        }
+        done += n;
+    }
+    Ok(table)
 }
 
 /// Resolves a file name stored in an image against the image's directory.

@@ -123,6 +123,12 @@ pub(crate) struct Meta {
     pub dirty_at_open: bool,
     /// Lazy refcounts in effect: refcount writes are deferred behind the dirty bit.
     pub lazy_refcounts: bool,
+    /// A refcount structure ran past the end of the file at open (what it is
+    /// and where it starts) and reads as zeroes there, as in QEMU: clusters
+    /// in use may look free, so the allocator refuses to run on this handle
+    /// (the image is marked corrupt instead of being corrupted further). A
+    /// repair (`check -r`) does not consult this.
+    pub refcounts_past_eof: Option<(&'static str, u64)>,
     /// The internal snapshots.
     #[allow(dead_code)] // read by snapshot operations (apply/delete) when they land
     pub snapshots: Vec<crate::format::snapshot::SnapshotEntry>,

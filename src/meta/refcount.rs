@@ -60,6 +60,21 @@ impl Meta {
         Ok(off)
     }
 
+    /// Refuses to allocate when refcount metadata lay past the end of the
+    /// file at open: its zeroes would hand out clusters that are in use.
+    fn check_allocatable(&self) -> Result<()> {
+        match self.refcounts_past_eof {
+            None => Ok(()),
+            Some((what, offset)) => Err(Error::Corrupt {
+                what,
+                offset,
+                msg: format!(
+                    "Preventing allocation: {what} at offset {offset:#x} lies beyond the end of the file"
+                ),
+            }),
+        }
+    }
+
     /// The refcount of host cluster `cluster` (0 where no block exists).
     pub fn refcount(&mut self, cluster: u64) -> Result<u64> {
         let (ri, bi) = self.geom.refcount_position(cluster);
@@ -83,6 +98,7 @@ impl Meta {
     /// The scan works a refcount block at a time: a range without a block is
     /// free as a whole, a loaded block is scanned in place.
     fn alloc_noref(&mut self, n: u64) -> Result<u64> {
+        self.check_allocatable()?;
         // Freed clusters must not be discarded after they are reused.
         self.process_discards();
         let max = MAX_HOST_OFFSET >> self.geom.cluster_bits;
@@ -410,6 +426,7 @@ impl Meta {
         if n == 0 {
             return Ok(0);
         }
+        self.check_allocatable()?;
         self.process_discards();
         loop {
             let free = self.count_free(cluster, n)?;
@@ -492,6 +509,7 @@ impl Meta {
         exact: bool,
         new_block: Option<(usize, u64)>,
     ) -> Result<u64> {
+        self.check_allocatable()?;
         let g = self.geom;
         let cs = g.cluster_size;
         let cb = g.cluster_bits;

@@ -106,7 +106,45 @@ impl Storage for FileStorage {
         sys::is_hole(&self.file, offset, len)
     }
 
+    fn data_extent(&self, offset: u64, max: u64) -> io::Result<(bool, u64)> {
+        sys::data_extent(&self.file, offset, max)
+    }
+
     fn allocated_bytes(&self) -> io::Result<u64> {
         Ok(self.file.metadata()?.blocks() * 512)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may panic
+mod tests {
+    use super::*;
+
+    /// The runs are whatever SEEK_DATA/SEEK_HOLE say (file-system blocks),
+    /// they tile the file, and past the last data everything is hole.
+    #[test]
+    fn data_extent_tiles_a_sparse_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let s = FileStorage::create(&path, false).unwrap();
+        let len = 1u64 << 20;
+        s.set_len(len).unwrap();
+        s.write_at(&[7u8; 512], 70_000).unwrap();
+        let mut runs = Vec::new();
+        let mut pos = 0;
+        while pos < len {
+            let (data, n) = s.data_extent(pos, len - pos).unwrap();
+            assert!(n > 0 && n <= len - pos, "run at {pos}: {n}");
+            runs.push((data, pos, n));
+            pos += n;
+        }
+        // Exactly one data run, covering the written bytes, unless the file
+        // system reports no holes at all (one data run over everything).
+        let data: Vec<_> = runs.iter().filter(|r| r.0).collect();
+        assert_eq!(data.len(), 1, "{runs:?}");
+        let (_, start, n) = *data[0];
+        assert!(start <= 70_000 && start + n >= 70_512, "{runs:?}");
+        // Past the end of the file: a hole of the asked length.
+        assert_eq!(s.data_extent(len + 4096, 512).unwrap(), (false, 512));
     }
 }

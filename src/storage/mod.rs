@@ -97,6 +97,19 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
         Ok(false)
     }
 
+    /// The run starting at `offset` that is all data or all hole, as the
+    /// host file system reports it (`SEEK_DATA`/`SEEK_HOLE`): `(is_data,
+    /// len)` with `0 < len <= max` for `max > 0`. Past the end of the
+    /// storage is a hole. This is what QEMU's file driver answers for block
+    /// status; the default says "all data" (no information).
+    ///
+    /// # Errors
+    /// Any I/O error of the backend (callers may treat it as "all data", as
+    /// QEMU does).
+    fn data_extent(&self, _offset: u64, max: u64) -> io::Result<(bool, u64)> {
+        Ok((true, max))
+    }
+
     /// Bytes really allocated on the host (`st_blocks * 512` for a file).
     ///
     /// # Errors
@@ -130,6 +143,9 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     }
     fn is_hole(&self, offset: u64, len: u64) -> io::Result<bool> {
         (**self).is_hole(offset, len)
+    }
+    fn data_extent(&self, offset: u64, max: u64) -> io::Result<(bool, u64)> {
+        (**self).data_extent(offset, max)
     }
     fn allocated_bytes(&self) -> io::Result<u64> {
         (**self).allocated_bytes()

@@ -75,6 +75,47 @@ pub fn is_hole(file: &File, offset: u64, len: u64) -> io::Result<bool> {
     Ok((r as u64) >= offset.saturating_add(len))
 }
 
+/// `lseek` with `whence`, `None` for ENXIO (no data, or no hole, at or
+/// after `offset`).
+fn seek(file: &File, offset: libc::off_t, whence: libc::c_int) -> io::Result<Option<u64>> {
+    // SAFETY: lseek only reads its integer arguments; the descriptor is valid
+    // for the lifetime of `file`.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), offset, whence) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        return if e.raw_os_error() == Some(libc::ENXIO) {
+            Ok(None)
+        } else {
+            Err(e)
+        };
+    }
+    Ok(Some(r as u64))
+}
+
+/// The run at `offset` (at most `max` bytes) that is all data or all hole:
+/// `(is_data, len)`, from `SEEK_DATA` then `SEEK_HOLE`, as QEMU's
+/// `find_allocation` asks them. No data at or after `offset` (ENXIO) is a
+/// hole to the end; a position that is both data and hole (a racing
+/// writer) is reported as data.
+pub fn data_extent(file: &File, offset: u64, max: u64) -> io::Result<(bool, u64)> {
+    let o = off(offset)?;
+    let Some(data) = seek(file, o, libc::SEEK_DATA)? else {
+        return Ok((false, max));
+    };
+    if data < offset {
+        return Err(io::Error::from_raw_os_error(libc::EIO));
+    }
+    if data > offset {
+        return Ok((false, (data - offset).min(max)));
+    }
+    match seek(file, o, libc::SEEK_HOLE)? {
+        Some(hole) if hole > offset => Ok((true, (hole - offset).min(max))),
+        Some(hole) if hole < offset => Err(io::Error::from_raw_os_error(libc::EIO)),
+        // Data and hole at once, or no hole after data: no information.
+        _ => Ok((true, max)),
+    }
+}
+
 const FS_IOC_GETFLAGS: libc::c_ulong = 0x8008_6601;
 const FS_IOC_SETFLAGS: libc::c_ulong = 0x4008_6602;
 const FS_NOCOW_FL: libc::c_long = 0x0080_0000;

@@ -133,14 +133,13 @@ fn layer_status(layer: &Layer<'_>, offset: u64, bytes: u64) -> Result<(u8, u64, 
     let bytes = bytes.min(layer.size - offset);
     match layer.kind {
         LayerKind::Raw(storage) => {
-            let unit = 65536u64;
-            let hole = |o: u64, n: u64| storage.is_hole(o, n).unwrap_or(false);
-            let first = hole(offset, unit.min(bytes));
-            let mut len = unit.min(bytes);
-            while len < bytes && hole(offset + len, unit.min(bytes - len)) == first {
-                len += unit.min(bytes - len);
-            }
-            let flags = if first { ZERO } else { DATA };
+            // file-posix's answer: the data or hole run from SEEK_DATA and
+            // SEEK_HOLE; all data when the file system cannot say.
+            let (is_data, len) = match storage.data_extent(offset, bytes) {
+                Ok((d, n)) if n > 0 => (d, n.min(bytes)),
+                _ => (true, bytes),
+            };
+            let flags = if is_data { DATA } else { ZERO };
             Ok((flags | OFFSET_VALID, len, offset))
         }
         LayerKind::Qcow2(img) => {
@@ -173,40 +172,11 @@ fn layer_status(layer: &Layer<'_>, offset: u64, bytes: u64) -> Result<(u8, u64, 
     }
 }
 
-/// File granularity of hole detection (file-posix reports holes in blocks).
-const FILE_BLOCK: u64 = 4096;
-
 /// The run of `[host, host+max)` in the data file that is all hole or all
 /// data: `(is_hole, length)` (file-posix's `SEEK_DATA`/`SEEK_HOLE` answer).
 fn file_run(img: &Image, host: u64, max: u64) -> (bool, u64) {
-    let first = FILE_BLOCK.min(max);
-    if img.data_is_hole(host, first) {
-        if img.data_is_hole(host, max) {
-            return (true, max);
-        }
-        // Largest all-hole prefix, in blocks: is_hole is monotone in length.
-        let (mut lo, mut hi) = (first, max);
-        while hi - lo > FILE_BLOCK {
-            let mid = lo + ((hi - lo) / 2).div_ceil(FILE_BLOCK) * FILE_BLOCK;
-            let mid = mid.min(hi - 1);
-            if img.data_is_hole(host, mid) {
-                lo = mid;
-            } else {
-                hi = mid;
-            }
-        }
-        (true, lo)
-    } else {
-        let mut len = first;
-        while len < max {
-            let n = FILE_BLOCK.min(max - len);
-            if img.data_is_hole(host + len, n) {
-                break;
-            }
-            len += n;
-        }
-        (false, len)
-    }
+    let (is_data, len) = img.data_extent(host, max);
+    (!is_data, len)
 }
 
 /// For an unallocated run of an extended-L2 layer: the host offset of its
