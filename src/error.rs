@@ -46,6 +46,18 @@ pub enum Error {
         #[source]
         source: Box<Error>,
     },
+    /// Reading the backing image failed for a reason of its own (corruption
+    /// found in the backing image's tables, a damaged compressed cluster):
+    /// the backing image reported it (a non-fatal
+    /// [`ImageCorrupted`](crate::Event::ImageCorrupted) event on its handle),
+    /// and this image, whose own metadata is fine, is not marked corrupt.
+    /// I/O errors of the backing file are reported as [`Error::Io`].
+    #[error("reading the backing image failed: {source}")]
+    BackingRead {
+        /// What the backing image reported.
+        #[source]
+        source: Box<Error>,
+    },
     /// The backing file is not permitted by the embedder's policy.
     #[error("backing file '{}' is not permitted by the backing policy", path.display())]
     BackingNotPermitted {
@@ -163,6 +175,7 @@ impl Error {
     pub fn errno_text(&self) -> String {
         match self {
             Error::MediumGone => "No medium found".into(),
+            Error::BackingRead { source } => source.errno_text(),
             Error::ReadOnly => "Permission denied".into(),
             Error::Io { source, .. } => match source.raw_os_error() {
                 Some(code) => strerror(code),

@@ -244,6 +244,11 @@ impl Image {
         }
     }
 
+    /// The registered event callback, if any.
+    pub(crate) fn event_sink(&self) -> Option<EventSink> {
+        self.events.read().ok().and_then(|e| e.clone())
+    }
+
     // ------------------------------------------------------------------
     // Error handling: corruption and I/O error events.
     // ------------------------------------------------------------------
@@ -419,9 +424,18 @@ impl Image {
         Ok(())
     }
 
+    /// Reads `buf` from the backing image. Corruption met inside the backing
+    /// image is that image's (it raised its own event): it comes back as
+    /// [`Error::BackingRead`] so that this image does not signal it as its
+    /// own corruption (QEMU's top node sees only -EIO from its backing child).
     pub(crate) fn read_backing(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         match &self.backing {
-            Some(b) => b.read_at(buf, offset),
+            Some(b) => b.read_at(buf, offset).map_err(|e| match e {
+                Error::Io { .. } | Error::BackingRead { .. } => e,
+                other => Error::BackingRead {
+                    source: Box::new(other),
+                },
+            }),
             None => {
                 buf.fill(0);
                 Ok(())
