@@ -251,7 +251,27 @@ impl Checker {
             repair: Repair::All,
             filename,
         };
-        let report = checker.run(CheckOptions::default())?;
+        // Corruption met by the repair reaches the embedder's event callback
+        // (given in `OpenOptions::on_event`) like corruption met by a request.
+        let sink = checker.image.event_sink();
+        let node_name = checker.image.options().get_node_name().map(str::to_owned);
+        let forward = move |ev: CheckEvent<'_>| {
+            if let (Some(sink), CheckEvent::Finding(Finding::CorruptionEvent { message, fatal })) =
+                (sink.as_ref(), ev)
+            {
+                sink(&crate::Event::ImageCorrupted {
+                    node_name: node_name.clone(),
+                    msg: message.clone(),
+                    offset: None,
+                    size: None,
+                    fatal: *fatal,
+                });
+            }
+        };
+        let report = checker.run(CheckOptions {
+            on_event: Some(Box::new(forward)),
+            filename: None,
+        })?;
         Ok((checker.image, report))
     }
 

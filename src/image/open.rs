@@ -283,7 +283,7 @@ impl Image {
             read_only,
             gone: AtomicBool::new(false),
             corruption_signalled: AtomicBool::new(false),
-            events: RwLock::new(None),
+            events: RwLock::new(opts.get_event_sink()),
             opts: opts.clone(),
             geom,
             dirty_repair: None,
