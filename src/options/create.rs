@@ -218,6 +218,10 @@ pub struct CreateOptions {
     pub preallocation_given: bool,
     /// `nocow` (Btrfs `chattr +C`), if given.
     pub nocow: Option<bool>,
+    /// Refuse to overwrite an existing image file (or data file): creation
+    /// fails with an I/O error of kind `AlreadyExists` and leaves it alone.
+    /// Off by default, as `qemu-img create` truncates an existing file.
+    pub create_new: bool,
     /// Other values as given, keyed by qemu-img option name (`preallocation`,
     /// `compression_type`, `lazy_refcounts`, `extended_l2`, `data_file_raw`, `nocow`,
     /// `refcount_bits`).
@@ -250,6 +254,7 @@ impl CreateOptions {
             preallocation: Preallocation::Off,
             preallocation_given: false,
             nocow: None,
+            create_new: false,
             spellings: BTreeMap::new(),
         }
     }
@@ -264,7 +269,16 @@ impl CreateOptions {
         Ok(opts)
     }
 
-    /// Virtual size in bytes.
+    /// Refuse to overwrite an existing file (see [`CreateOptions::create_new`]).
+    #[must_use]
+    pub fn create_new(mut self, on: bool) -> Self {
+        self.create_new = on;
+        self
+    }
+
+    /// Virtual size in bytes, used by [`crate::create::create_image`]; the
+    /// explicit size of [`crate::create::create`] must agree with it when both
+    /// are given.
     #[must_use]
     pub fn size(mut self, bytes: u64) -> Self {
         self.size = Some(bytes);

@@ -30,12 +30,24 @@ impl FileStorage {
     /// # Errors
     /// The error of `open(2)`.
     pub fn create(path: &Path, nocow: bool) -> io::Result<Self> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(path)?;
+        Self::create_with(path, nocow, false)
+    }
+
+    /// Like [`FileStorage::create`], but with `new_only` an existing file is
+    /// not touched and the call fails with `ErrorKind::AlreadyExists`
+    /// (`O_CREAT | O_EXCL`).
+    ///
+    /// # Errors
+    /// The error of `open(2)`.
+    pub fn create_with(path: &Path, nocow: bool, new_only: bool) -> io::Result<Self> {
+        let mut oo = OpenOptions::new();
+        oo.read(true).write(true);
+        if new_only {
+            oo.create_new(true);
+        } else {
+            oo.create(true).truncate(true);
+        }
+        let file = oo.open(path)?;
         if nocow {
             // Like QEMU: failure to set the attribute is not an error.
             let _ = sys::set_nocow(&file);
