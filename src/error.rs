@@ -131,6 +131,9 @@ pub enum Error {
     /// A write on a read-only handle.
     #[error("the image is open read-only")]
     ReadOnly,
+    /// The handle was closed with [`Image::shutdown`](crate::Image::shutdown).
+    #[error("the image was closed")]
+    Closed,
     /// A refcount would exceed its maximum (small refcount widths).
     #[error("refcount of host cluster {cluster} would exceed {max}")]
     RefcountOverflow {
@@ -175,6 +178,7 @@ impl Error {
     pub fn errno_text(&self) -> String {
         match self {
             Error::MediumGone => "No medium found".into(),
+            Error::Closed => "Bad file descriptor".into(),
             Error::BackingRead { source } => source.errno_text(),
             Error::ReadOnly => "Permission denied".into(),
             Error::Io { source, .. } => match source.raw_os_error() {

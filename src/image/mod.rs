@@ -96,6 +96,8 @@ pub struct Image {
     pub(crate) io_barrier: RwLock<()>,
     read_only: bool,
     gone: AtomicBool,
+    /// [`Image::shutdown`] ran: requests fail with [`Error::Closed`].
+    closed: AtomicBool,
     corruption_signalled: AtomicBool,
     events: RwLock<Option<EventSink>>,
     opts: OpenOptions,
@@ -272,6 +274,14 @@ impl Image {
     }
 
     pub(crate) fn lock(&self) -> Result<MutexGuard<'_, Meta>> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(Error::Closed);
+        }
+        self.lock_open()
+    }
+
+    /// [`Image::lock`] without the "closed" check (for the close itself).
+    fn lock_open(&self) -> Result<MutexGuard<'_, Meta>> {
         if self.gone.load(Ordering::SeqCst) {
             return Err(Error::MediumGone);
         }
@@ -529,11 +539,48 @@ impl Image {
         Ok(())
     }
 
-    /// Flushes and closes the image.
+    /// Flushes and closes the image: every table is written in the crash-safe
+    /// order, the file synced and (with lazy refcounts) the dirty bit cleared.
+    /// Dropping an image does the same but cannot report a failure; call
+    /// `close` (or [`Image::shutdown`] when the image is shared) to see it.
     ///
     /// # Errors
     /// As for [`Image::flush`].
     pub fn close(self) -> Result<()> {
+        self.shutdown()
+    }
+
+    /// Closes the image through a shared reference, for an image shared with
+    /// [`Arc`] by several I/O threads: flushes as [`Image::close`] does and
+    /// returns that result; from then on every request on this handle fails
+    /// with [`Error::Closed`] (and dropping the last reference writes
+    /// nothing more). Calling it again returns `Ok(())`.
+    ///
+    /// ```
+    /// use qcow2kit::{CreateOptions, Error, Image, OpenOptions, storage::MemStorage};
+    /// use std::sync::Arc;
+    ///
+    /// # fn main() -> qcow2kit::Result<()> {
+    /// let file = Arc::new(MemStorage::new());
+    /// qcow2kit::create::create_on(file.clone(), &CreateOptions::new(), 1 << 20)?;
+    /// let img = Arc::new(Image::open_storage(file, &OpenOptions::new())?);
+    /// let worker = {
+    ///     let img = img.clone();
+    ///     std::thread::spawn(move || img.write_at(&[1; 4096], 0))
+    /// };
+    /// worker.join().expect("worker")?;
+    /// img.shutdown()?; // the flush error, if any, comes back here
+    /// assert!(matches!(img.write_at(&[2; 512], 0), Err(Error::Closed)));
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// As for [`Image::flush`].
+    pub fn shutdown(&self) -> Result<()> {
+        if self.closed.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
         self.close_ref()
     }
 
@@ -541,7 +588,7 @@ impl Image {
         if self.read_only {
             return Ok(());
         }
-        let mut meta = self.lock()?;
+        let mut meta = self.lock_open()?;
         let r = (|| {
             let _barrier = self
                 .io_barrier
@@ -605,8 +652,11 @@ impl Image {
 
 impl Drop for Image {
     fn drop(&mut self) {
-        if !self.read_only && !self.gone.load(Ordering::SeqCst) {
-            // Best effort; callers who care use close() or flush().
+        if !self.read_only
+            && !self.gone.load(Ordering::SeqCst)
+            && !self.closed.load(Ordering::SeqCst)
+        {
+            // Best effort; callers who care use close() or shutdown().
             let _ = self.close_ref();
         }
     }

@@ -282,6 +282,7 @@ impl Image {
             io_barrier: RwLock::new(()),
             read_only,
             gone: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
             corruption_signalled: AtomicBool::new(false),
             events: RwLock::new(opts.get_event_sink()),
             opts: opts.clone(),
