@@ -175,6 +175,15 @@ impl Error {
 
     /// The `strerror` text QEMU's tools print for a failed request
     /// (`read failed: <this>`): `Input/output error`, `No medium found`, ...
+    ///
+    /// ```
+    /// use qcow2kit::Error;
+    ///
+    /// let e = Error::io(qcow2kit::error::IoOp::Write, 0, std::io::Error::from_raw_os_error(28));
+    /// assert_eq!(e.errno_text(), "No space left on device");
+    /// assert!(e.is_nospace());
+    /// assert_eq!(Error::MediumGone.errno_text(), "No medium found");
+    /// ```
     pub fn errno_text(&self) -> String {
         match self {
             Error::MediumGone => "No medium found".into(),

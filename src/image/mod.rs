@@ -144,6 +144,22 @@ impl Image {
     }
 
     /// A copy of the current header.
+    ///
+    /// ```
+    /// use qcow2kit::storage::{MemStorage, Storage};
+    /// use qcow2kit::{CreateOptions, Image, OpenOptions};
+    /// use std::sync::Arc;
+    ///
+    /// # fn main() -> qcow2kit::Result<()> {
+    /// let file: Arc<dyn Storage> = Arc::new(MemStorage::new());
+    /// qcow2kit::create::create_on(file.clone(), &CreateOptions::new(), 8 << 20)?;
+    /// let img = Image::open_storage(file, &OpenOptions::new())?;
+    /// let h = img.header();
+    /// assert_eq!(h.version, 3);
+    /// assert_eq!(1u64 << h.cluster_bits, img.cluster_size());
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn header(&self) -> Header {
         self.meta
             .lock()
@@ -240,6 +256,26 @@ impl Image {
     }
 
     /// Registers the callback that receives [`Event`]s (replacing any earlier one).
+    ///
+    /// ```
+    /// use qcow2kit::Event;
+    /// use qcow2kit::storage::{MemStorage, Storage};
+    /// use qcow2kit::{CreateOptions, Image, OpenOptions};
+    /// use std::sync::Arc;
+    ///
+    /// # fn main() -> qcow2kit::Result<()> {
+    /// let file: Arc<dyn Storage> = Arc::new(MemStorage::new());
+    /// qcow2kit::create::create_on(file.clone(), &CreateOptions::new(), 8 << 20)?;
+    /// let img = Image::open_storage(file, &OpenOptions::new())?;
+    /// img.on_event(|e| match e {
+    ///     Event::ImageCorrupted { msg, fatal, .. } => eprintln!("corrupt ({fatal}): {msg}"),
+    ///     Event::IoError { operation, reason, .. } => eprintln!("{operation:?} failed: {reason}"),
+    ///     other => eprintln!("{other}"),
+    /// });
+    /// img.write_at(&[0; 512], 0)?; // a healthy image raises nothing
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn on_event(&self, sink: impl Fn(&Event) + Send + Sync + 'static) {
         if let Ok(mut e) = self.events.write() {
             *e = Some(Arc::new(sink));
@@ -372,6 +408,28 @@ impl Image {
 
     /// Reads `buf.len()` bytes of the virtual disk at guest offset `offset`.
     ///
+    /// ```
+    /// use qcow2kit::storage::{MemStorage, Storage};
+    /// use qcow2kit::{CreateOptions, Image, OpenOptions};
+    /// use std::sync::Arc;
+    ///
+    /// # fn main() -> qcow2kit::Result<()> {
+    /// let file: Arc<dyn Storage> = Arc::new(MemStorage::new());
+    /// qcow2kit::create::create_on(file.clone(), &CreateOptions::new(), 8 << 20)?;
+    /// let img = Image::open_storage(file, &OpenOptions::new())?;
+    /// img.write_at(b"boot sector", 0)?;
+    /// let mut buf = [0u8; 11];
+    /// img.read_at(&mut buf, 0)?;
+    /// assert_eq!(&buf, b"boot sector");
+    /// // Unallocated clusters read as zeroes (or from the backing file).
+    /// img.read_at(&mut buf, 4 << 20)?;
+    /// assert_eq!(buf, [0; 11]);
+    /// // Past the end of the disk is an error, not a short read.
+    /// assert!(img.read_at(&mut buf, 8 << 20).is_err());
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
     /// # Errors
     /// `Error::OutOfRange` past the end of the disk; `Error::Corrupt` when the
     /// tables on the way are corrupt (the image is marked corrupt when it is
@@ -466,6 +524,26 @@ impl Image {
     /// Describes the run of guest bytes starting at `offset` (at most `len`):
     /// what it maps to in this image (not looking into backing files).
     ///
+    /// ```
+    /// use qcow2kit::mapping::Extent;
+    /// use qcow2kit::storage::{MemStorage, Storage};
+    /// use qcow2kit::{CreateOptions, Image, OpenOptions};
+    /// use std::sync::Arc;
+    ///
+    /// # fn main() -> qcow2kit::Result<()> {
+    /// let file: Arc<dyn Storage> = Arc::new(MemStorage::new());
+    /// qcow2kit::create::create_on(file.clone(), &CreateOptions::new(), 8 << 20)?;
+    /// let img = Image::open_storage(file, &OpenOptions::new())?;
+    /// img.write_at(&[7; 128 << 10], 0)?;
+    /// let st = img.block_status(0, 8 << 20)?;
+    /// assert!(matches!(st.extent, Extent::Data { .. }));
+    /// assert_eq!(st.len, 128 << 10); // the two clusters are contiguous on the host
+    /// let rest = img.block_status(st.len, (8 << 20) - st.len)?; // within the disk
+    /// assert_eq!(rest.extent, Extent::Unallocated);
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
     /// # Errors
     /// As for [`Image::read_at`].
     pub fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
@@ -509,6 +587,21 @@ impl Image {
     }
 
     /// Flushes every dirty table in the crash-safe order and syncs the file.
+    ///
+    /// ```
+    /// use qcow2kit::storage::{MemStorage, Storage};
+    /// use qcow2kit::{CreateOptions, Image, OpenOptions};
+    /// use std::sync::Arc;
+    ///
+    /// # fn main() -> qcow2kit::Result<()> {
+    /// let file: Arc<dyn Storage> = Arc::new(MemStorage::new());
+    /// qcow2kit::create::create_on(file.clone(), &CreateOptions::new(), 8 << 20)?;
+    /// let img = Image::open_storage(file, &OpenOptions::new())?;
+    /// img.write_at(&[1; 4096], 0)?;
+    /// img.flush()?; // the write and the tables that point at it are on stable storage
+    /// # Ok(())
+    /// # }
+    /// ```
     ///
     /// # Errors
     /// I/O errors (the handle is then poisoned: reopen the image).

@@ -236,6 +236,22 @@ impl Default for CreateOptions {
 
 impl CreateOptions {
     /// qemu-img's defaults: v3, 64 KiB clusters, 16-bit refcounts, zlib, no preallocation.
+    ///
+    /// ```
+    /// use qcow2kit::options::{CompressionType, Preallocation};
+    /// use qcow2kit::CreateOptions;
+    ///
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// let opts = CreateOptions::new()
+    ///     .size(10 << 30)
+    ///     .cluster_size(256 << 10)
+    ///     .compression_type(CompressionType::Zstd)
+    ///     .preallocation(Preallocation::Metadata);
+    /// qcow2kit::create::create_image(&dir.path().join("vm.qcow2"), &opts)?;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn new() -> Self {
         CreateOptions {
             size: None,
@@ -260,6 +276,21 @@ impl CreateOptions {
     }
 
     /// Parses a `-o` string over the defaults (see [`CreateOptions::apply_qemu_str`]).
+    ///
+    /// ```
+    /// use qcow2kit::options::Compat;
+    /// use qcow2kit::CreateOptions;
+    ///
+    /// # fn main() -> Result<(), qcow2kit::options::OptionError> {
+    /// // The syntax of qemu-img create -o.
+    /// let opts = CreateOptions::from_qemu_str("cluster_size=2M,lazy_refcounts=on,compat=1.1")?;
+    /// assert_eq!(opts.cluster_size, 2 << 20);
+    /// assert!(opts.lazy_refcounts);
+    /// assert_eq!(opts.compat, Compat::V3);
+    /// assert!(CreateOptions::from_qemu_str("cluster_size=3k")?.validate().is_err());
+    /// # Ok(())
+    /// # }
+    /// ```
     ///
     /// # Errors
     /// As [`CreateOptions::apply_qemu_str`].

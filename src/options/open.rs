@@ -50,6 +50,17 @@ impl OpenOptions {
     /// QEMU's defaults: read-write, caches sized by [`cache_config`], `cached` overlap checks,
     /// lazy refcounts as the header says, `pass-discard-snapshot` on, the other discard options
     /// off, follow backing files, report I/O errors.
+    ///
+    /// ```
+    /// use qcow2kit::options::{BackingPolicy, OverlapCheckMode, OverlapChecks};
+    /// use qcow2kit::OpenOptions;
+    ///
+    /// let opts = OpenOptions::new()
+    ///     .l2_cache_size(8 << 20)
+    ///     .overlap_check(OverlapChecks::from_mode(OverlapCheckMode::All))
+    ///     .backing_policy(BackingPolicy::Refuse); // an untrusted image opens no other file
+    /// assert!(!opts.get_read_only());
+    /// ```
     pub fn new() -> Self {
         OpenOptions {
             read_only: false,
@@ -76,6 +87,20 @@ impl OpenOptions {
     }
 
     /// Parses QEMU runtime options (see [`OpenOptions::apply_qemu_str`]) over the defaults.
+    ///
+    /// ```
+    /// use qcow2kit::OpenOptions;
+    ///
+    /// # fn main() -> Result<(), qcow2kit::options::OptionError> {
+    /// // The syntax of qemu-io --image-opts (QEMU's runtime option names).
+    /// let opts = OpenOptions::from_qemu_str("l2-cache-size=4M,overlap-check=all,read-only=on")?;
+    /// assert!(opts.get_read_only());
+    /// // Unknown values are refused with QEMU's message.
+    /// let err = OpenOptions::from_qemu_str("overlap-check=sometimes").unwrap_err();
+    /// assert!(err.to_string().contains("sometimes"));
+    /// # Ok(())
+    /// # }
+    /// ```
     ///
     /// # Errors
     /// As [`OpenOptions::apply_qemu_str`].

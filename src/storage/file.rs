@@ -27,6 +27,21 @@ impl FileStorage {
     /// no-copy-on-write attribute is set while the file is still empty
     /// (effective on Btrfs, ignored elsewhere, as QEMU does).
     ///
+    /// ```
+    /// use qcow2kit::storage::{FileStorage, Storage};
+    ///
+    /// # fn main() -> std::io::Result<()> {
+    /// # let dir = tempfile::tempdir()?;
+    /// let path = dir.path().join("raw.img");
+    /// let f = FileStorage::create(&path, false)?;
+    /// f.write_at(&[1; 512], 4096)?;
+    /// f.flush()?; // fdatasync
+    /// let ro = FileStorage::open(&path, false)?;
+    /// assert_eq!(ro.len()?, 4608);
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
     /// # Errors
     /// The error of `open(2)`.
     pub fn create(path: &Path, nocow: bool) -> io::Result<Self> {
