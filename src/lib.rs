@@ -55,3 +55,8 @@ pub use error::{Error, Result};
 pub use events::Event;
 pub use image::Image;
 pub use options::{CreateOptions, OpenOptions};
+
+/// The README's code blocks, compiled as doctests so they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
