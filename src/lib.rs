@@ -29,7 +29,7 @@
 //! # }
 //! ```
 #![deny(unsafe_code)]
-#![warn(missing_debug_implementations)]
+#![warn(missing_debug_implementations, clippy::undocumented_unsafe_blocks)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod amend;
