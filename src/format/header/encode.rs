@@ -216,4 +216,5 @@ fn encode_ext_data(ext: &HeaderExtension) -> Result<Vec<u8>, FormatError> {
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic
+#[path = "encode_tests.rs"]
 mod tests;
