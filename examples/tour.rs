@@ -1,17 +1,24 @@
 //! A tour of qcow2kit: create an image, write through the library, read back,
 //! and show what `qemu-img check` thinks of the result.
 //!
-//! Run with `cargo run --release --example tour [DIR]`.
+//! Run with `cargo run --release --example tour [DIR]`; without `DIR` the
+//! image is made in a temporary directory that is removed at the end.
 
 use qcow2kit::{CreateOptions, Image, OpenOptions};
 use std::path::PathBuf;
 use std::process::Command;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let dir = std::env::args()
-        .nth(1)
-        .map(PathBuf::from)
-        .unwrap_or_else(std::env::temp_dir);
+    // Without a directory argument the image lives in a fresh temporary
+    // directory that is removed when `scratch` is dropped.
+    let scratch;
+    let dir = match std::env::args().nth(1) {
+        Some(d) => PathBuf::from(d),
+        None => {
+            scratch = tempfile::Builder::new().prefix("qcow2kit-tour").tempdir()?;
+            scratch.path().to_path_buf()
+        }
+    };
     let path = dir.join("qcow2kit-tour.qcow2");
     let size = 1 << 30;
 

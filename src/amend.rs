@@ -15,6 +15,21 @@ use std::path::Path;
 /// (the read-write open does that); turning lazy refcounts off writes every
 /// refcount and clears the dirty bit.
 ///
+/// ```
+/// use qcow2kit::options::AmendOptions;
+/// use qcow2kit::{CreateOptions, Image, OpenOptions};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let dir = tempfile::tempdir()?;
+/// let path = dir.path().join("disk.qcow2");
+/// qcow2kit::create::create(&path, &CreateOptions::new(), 1 << 20)?;
+/// qcow2kit::amend::amend(&path, &AmendOptions::from_qemu_str("lazy_refcounts=on")?)?;
+/// let h = Image::open(&path, &OpenOptions::new().read_only(true))?.header();
+/// assert_eq!(h.compatible_features & 1, 1);
+/// # Ok(())
+/// # }
+/// ```
+///
 /// # Errors
 /// Open errors, `Error::InvalidArgument` for options the image cannot take
 /// (QEMU's messages), `Error::Unsupported` for amendments not implemented.

@@ -155,18 +155,116 @@ fn sector_aligned(size: u64) -> u64 {
 pub fn create(path: &Path, opts: &CreateOptions, size: u64) -> Result<()> {
     opts.validate()
         .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    if let Some(given) = opts.size.filter(|&s| s != size) {
+        return Err(Error::InvalidArgument(format!(
+            "Image size given twice: {size} bytes and {given} bytes in the options"
+        )));
+    }
     let nocow = opts.nocow.unwrap_or(false);
+    let new_only = opts.create_new;
+    let mut data_path = None;
     let data = match &opts.data_file {
         Some(df) => {
             let dpath = crate::image::resolve(path.parent(), Path::new(df));
-            let d = FileStorage::create(&dpath, nocow).map_err(|e| Error::io(IoOp::Write, 0, e))?;
+            let d = FileStorage::create_with(&dpath, nocow, new_only)
+                .map_err(|e| Error::io(IoOp::Write, 0, e))?;
             if opts.effective_preallocation() == Preallocation::Off {
                 crate::resize::resize_data_file(&d, sector_aligned(size), Preallocation::Off)?;
             }
+            data_path = Some(dpath);
             Some(Arc::new(d) as Arc<dyn Storage>)
         }
         None => None,
     };
-    let f = FileStorage::create(path, nocow).map_err(|e| Error::io(IoOp::Write, 0, e))?;
+    let f = match FileStorage::create_with(path, nocow, new_only) {
+        Ok(f) => f,
+        Err(e) => {
+            if let (true, Some(dpath)) = (new_only, data_path) {
+                // Leave nothing behind that this call created.
+                let _ = std::fs::remove_file(dpath);
+            }
+            return Err(Error::io(IoOp::Write, 0, e));
+        }
+    };
     create_with(Arc::new(f), data, Some(path), opts, size)
+}
+
+/// Creates the image file at `path` with the virtual size given in the
+/// options ([`CreateOptions::size`]); otherwise as [`create`].
+///
+/// ```
+/// use qcow2kit::{CreateOptions, Image, OpenOptions};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let dir = tempfile::tempdir()?;
+/// let path = dir.path().join("disk.qcow2");
+/// let opts = CreateOptions::new().size(1 << 30).create_new(true);
+/// qcow2kit::create::create_image(&path, &opts)?;
+/// assert_eq!(Image::open(&path, &OpenOptions::new().read_only(true))?.size(), 1 << 30);
+/// // `create_new` leaves an existing file alone.
+/// assert!(qcow2kit::create::create_image(&path, &opts).is_err());
+/// # Ok(())
+/// # }
+/// ```
+///
+/// # Errors
+/// `Error::InvalidArgument` when the options give no size; as [`create`].
+pub fn create_image(path: &Path, opts: &CreateOptions) -> Result<()> {
+    let size = opts
+        .require_size()
+        .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    create(path, opts, size)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_new_leaves_existing_files_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("a.qcow2");
+        std::fs::write(&img, b"precious").unwrap();
+        let opts = CreateOptions::new().create_new(true);
+        let e = create(&img, &opts, 1 << 20).unwrap_err();
+        assert!(
+            matches!(&e, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::AlreadyExists),
+            "{e:?}"
+        );
+        assert_eq!(std::fs::read(&img).unwrap(), b"precious");
+
+        // With a data file: an existing image leaves no new data file behind,
+        // and an existing data file is not truncated.
+        let mut opts = opts;
+        opts.data_file = Some("a.data".into());
+        assert!(create(&img, &opts, 1 << 20).is_err());
+        assert!(!dir.path().join("a.data").exists());
+        std::fs::write(dir.path().join("a.data"), b"also precious").unwrap();
+        let fresh = dir.path().join("b.qcow2");
+        assert!(create(&fresh, &opts, 1 << 20).is_err());
+        assert_eq!(
+            std::fs::read(dir.path().join("a.data")).unwrap(),
+            b"also precious"
+        );
+        assert!(!fresh.exists());
+
+        // Without create_new the file is overwritten, as by qemu-img.
+        create(&img, &CreateOptions::new(), 1 << 20).unwrap();
+        assert_ne!(std::fs::read(&img).unwrap(), b"precious");
+    }
+
+    #[test]
+    fn the_size_in_the_options_is_honoured() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("a.qcow2");
+        let opts = CreateOptions::new().size(3 << 20);
+        let e = create(&img, &opts, 1 << 20).unwrap_err();
+        assert!(matches!(e, Error::InvalidArgument(_)), "{e:?}");
+        create(&img, &opts, 3 << 20).unwrap();
+        create_image(&img, &opts).unwrap();
+        let h = Image::open(&img, &crate::OpenOptions::new().read_only(true)).unwrap();
+        assert_eq!(h.size(), 3 << 20);
+        let e = create_image(&img, &CreateOptions::new()).unwrap_err();
+        assert!(matches!(e, Error::InvalidArgument(_)), "{e:?}");
+    }
 }

@@ -46,6 +46,18 @@ pub enum Error {
         #[source]
         source: Box<Error>,
     },
+    /// Reading the backing image failed for a reason of its own (corruption
+    /// found in the backing image's tables, a damaged compressed cluster):
+    /// the backing image reported it (a non-fatal
+    /// [`ImageCorrupted`](crate::Event::ImageCorrupted) event on its handle),
+    /// and this image, whose own metadata is fine, is not marked corrupt.
+    /// I/O errors of the backing file are reported as [`Error::Io`].
+    #[error("reading the backing image failed: {source}")]
+    BackingRead {
+        /// What the backing image reported.
+        #[source]
+        source: Box<Error>,
+    },
     /// The backing file is not permitted by the embedder's policy.
     #[error("backing file '{}' is not permitted by the backing policy", path.display())]
     BackingNotPermitted {
@@ -119,6 +131,9 @@ pub enum Error {
     /// A write on a read-only handle.
     #[error("the image is open read-only")]
     ReadOnly,
+    /// The handle was closed with [`Image::shutdown`](crate::Image::shutdown).
+    #[error("the image was closed")]
+    Closed,
     /// A refcount would exceed its maximum (small refcount widths).
     #[error("refcount of host cluster {cluster} would exceed {max}")]
     RefcountOverflow {
@@ -160,9 +175,20 @@ impl Error {
 
     /// The `strerror` text QEMU's tools print for a failed request
     /// (`read failed: <this>`): `Input/output error`, `No medium found`, ...
+    ///
+    /// ```
+    /// use qcow2kit::Error;
+    ///
+    /// let e = Error::io(qcow2kit::error::IoOp::Write, 0, std::io::Error::from_raw_os_error(28));
+    /// assert_eq!(e.errno_text(), "No space left on device");
+    /// assert!(e.is_nospace());
+    /// assert_eq!(Error::MediumGone.errno_text(), "No medium found");
+    /// ```
     pub fn errno_text(&self) -> String {
         match self {
             Error::MediumGone => "No medium found".into(),
+            Error::Closed => "Bad file descriptor".into(),
+            Error::BackingRead { source } => source.errno_text(),
             Error::ReadOnly => "Permission denied".into(),
             Error::Io { source, .. } => match source.raw_os_error() {
                 Some(code) => strerror(code),

@@ -7,6 +7,7 @@ use std::sync::Arc;
 /// Which direction of guest I/O failed (`IoOperationType`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
+#[non_exhaustive]
 pub enum IoOperation {
     /// A read.
     Read,
@@ -19,6 +20,7 @@ pub use crate::options::ErrorAction;
 /// An event of an open image.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[serde(tag = "event", content = "data", rename_all = "SCREAMING_SNAKE_CASE")]
+#[non_exhaustive]
 pub enum Event {
     /// Corruption was detected (`BLOCK_IMAGE_CORRUPTED`).
     #[serde(rename = "BLOCK_IMAGE_CORRUPTED")]
@@ -76,3 +78,32 @@ impl fmt::Display for Event {
 /// possibly with the image's metadata lock held, so it must not call back
 /// into the same image.
 pub type EventSink = Arc<dyn Fn(&Event) + Send + Sync>;
+
+/// An optional [`EventSink`] carried by [`crate::OpenOptions`], so that events
+/// raised while an image opens (the repair of a dirty image, corruption found
+/// while loading it) reach the embedder. Two handlers are equal when they are
+/// the same callback.
+#[derive(Clone, Default)]
+pub(crate) struct EventHandler(pub(crate) Option<EventSink>);
+
+impl fmt::Debug for EventHandler {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Some(<event sink>)"
+        } else {
+            "None"
+        })
+    }
+}
+
+impl PartialEq for EventHandler {
+    fn eq(&self, other: &Self) -> bool {
+        match (&self.0, &other.0) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        }
+    }
+}
+
+impl Eq for EventHandler {}

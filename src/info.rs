@@ -156,6 +156,23 @@ impl ImageInfo {
     /// user gave it); it is also what a relative backing file name is
     /// resolved against for `full-backing-filename`.
     ///
+    /// ```
+    /// use qcow2kit::info::ImageInfo;
+    /// use qcow2kit::storage::{MemStorage, Storage};
+    /// use qcow2kit::{CreateOptions, Image, OpenOptions};
+    /// use std::sync::Arc;
+    ///
+    /// # fn main() -> qcow2kit::Result<()> {
+    /// let file: Arc<dyn Storage> = Arc::new(MemStorage::new());
+    /// qcow2kit::create::create_on(file.clone(), &CreateOptions::new(), 8 << 20)?;
+    /// let img = Image::open_storage(file, &OpenOptions::new())?;
+    /// let info = ImageInfo::from_image(&img, "disk.qcow2")?;
+    /// let text = info.to_human(); // what `qemu-img info` prints
+    /// assert!(text.contains("virtual size: 8 MiB (8388608 bytes)"));
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
     /// # Errors
     /// I/O errors reading the host file's size or the bitmap directory;
     /// format errors of the bitmap directory.

@@ -29,7 +29,7 @@
 //! # }
 //! ```
 #![deny(unsafe_code)]
-#![warn(missing_debug_implementations)]
+#![warn(missing_debug_implementations, clippy::undocumented_unsafe_blocks)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod amend;
@@ -55,3 +55,8 @@ pub use error::{Error, Result};
 pub use events::Event;
 pub use image::Image;
 pub use options::{CreateOptions, OpenOptions};
+
+/// The README's code blocks, compiled as doctests so they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -235,3 +235,91 @@ fn io_errors_raise_events() {
         }
     }
 }
+
+/// Events given in `OpenOptions` are seen without `Image::on_event`, and a
+/// backing image opened with the same options reports to the same callback
+/// (its corruption would otherwise go unseen).
+#[test]
+fn open_options_event_callback_also_hears_the_backing_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut base = image();
+    let l2 = l2_offset(&base);
+    let e = be64(&base, l2) | 0x200;
+    base[l2..l2 + 8].copy_from_slice(&e.to_be_bytes());
+    std::fs::write(dir.path().join("base.qcow2"), &base).unwrap();
+    let top = dir.path().join("top.qcow2");
+    qcow2kit::create::create(
+        &top,
+        &CreateOptions::new()
+            .backing_file("base.qcow2")
+            .backing_fmt("qcow2"),
+        1 << 20,
+    )
+    .unwrap();
+
+    let ev = Arc::new(Mutex::new(Vec::new()));
+    let e2 = ev.clone();
+    let opts = OpenOptions::new()
+        .read_only(true)
+        .on_event(move |e| e2.lock().unwrap().push(e.clone()));
+    let img = Image::open(&top, &opts).unwrap();
+    let mut buf = [0u8; 512];
+    match img.read_at(&mut buf, 0) {
+        Err(Error::BackingRead { source }) => {
+            assert!(matches!(*source, Error::Corrupt { .. }), "{source:?}")
+        }
+        r => panic!("{r:?}"),
+    }
+    let ev = ev.lock().unwrap();
+    assert_eq!(ev.len(), 1, "{ev:?}");
+    match &ev[0] {
+        Event::ImageCorrupted { msg, fatal, .. } => {
+            assert_eq!(
+                msg,
+                "Cluster allocation offset 0x50200 unaligned (L2 offset: 0x40000, L2 index: 0x0)"
+            );
+            assert!(!fatal);
+        }
+        e => panic!("{e:?}"),
+    }
+}
+
+/// Corruption in a backing image is the backing image's: a writable overlay
+/// whose copy-on-write read hits it fails the request but is not marked
+/// corrupt, and stays usable (QEMU's top node only sees -EIO).
+#[test]
+fn corrupt_backing_does_not_mark_the_overlay_corrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut base = image();
+    let l2 = l2_offset(&base);
+    let e = be64(&base, l2) | 0x200;
+    base[l2..l2 + 8].copy_from_slice(&e.to_be_bytes());
+    std::fs::write(dir.path().join("base.qcow2"), &base).unwrap();
+    let top = dir.path().join("top.qcow2");
+    qcow2kit::create::create(
+        &top,
+        &CreateOptions::new()
+            .backing_file("base.qcow2")
+            .backing_fmt("qcow2"),
+        1 << 20,
+    )
+    .unwrap();
+    let img = Image::open(&top, &OpenOptions::new()).unwrap();
+    let ev = events_of(&img);
+    // A partial-cluster write copies the rest of the cluster from the backing file.
+    assert!(matches!(
+        img.write_at(&[7; 512], 512),
+        Err(Error::BackingRead { .. })
+    ));
+    assert!(ev.lock().unwrap().is_empty(), "{:?}", ev.lock().unwrap());
+    assert!(!img.is_disabled());
+    // Elsewhere the overlay works, and it closes clean.
+    img.write_at(&[9; 65536], 65536).unwrap();
+    img.close().unwrap();
+    let bytes = std::fs::read(&top).unwrap();
+    assert_eq!(be64(&bytes, 72) & 2, 0, "corrupt bit must not be set");
+    let img = Image::open(&top, &OpenOptions::new()).unwrap();
+    let mut buf = [0u8; 512];
+    img.read_at(&mut buf, 65536).unwrap();
+    assert_eq!(buf, [9; 512]);
+}

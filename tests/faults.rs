@@ -358,3 +358,38 @@ fn full_disk() {
         );
     }
 }
+
+/// `shutdown` through a shared handle returns the flush error that `close`
+/// would (here: the sync fails), and the handle is closed either way.
+#[test]
+fn shutdown_reports_the_flush_error_through_arc() {
+    let fs = Arc::new(FaultyStorage::new(MemStorage::from_bytes(base_image())));
+    let img = Arc::new(Image::open_storage(fs.clone(), &OpenOptions::new()).unwrap());
+    let writer = {
+        let img = img.clone();
+        std::thread::spawn(move || img.write_at(&[5; 4096], 0))
+    };
+    writer.join().unwrap().unwrap();
+    fs.set_fault(Some(Fault {
+        op: FaultOp::Flush,
+        nth: 0,
+        kind: FaultKind::Eio,
+        persistent: true,
+    }));
+    let e = img.shutdown().unwrap_err();
+    assert!(matches!(e, Error::Io { .. }), "{e:?}");
+    assert!(
+        img.shutdown().is_ok(),
+        "a second shutdown has nothing to do"
+    );
+    let mut b = [0u8; 512];
+    assert!(matches!(img.read_at(&mut b, 0), Err(Error::Closed)));
+    assert!(matches!(img.write_at(&b, 0), Err(Error::Closed)));
+    let writes = fs.counts();
+    drop(img);
+    assert_eq!(
+        fs.counts(),
+        writes,
+        "dropping a shut-down image writes nothing"
+    );
+}

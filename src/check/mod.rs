@@ -254,7 +254,27 @@ impl Checker {
             repair: Repair::All,
             filename,
         };
-        let report = checker.run(CheckOptions::default())?;
+        // Corruption met by the repair reaches the embedder's event callback
+        // (given in `OpenOptions::on_event`) like corruption met by a request.
+        let sink = checker.image.event_sink();
+        let node_name = checker.image.options().get_node_name().map(str::to_owned);
+        let forward = move |ev: CheckEvent<'_>| {
+            if let (Some(sink), CheckEvent::Finding(Finding::CorruptionEvent { message, fatal })) =
+                (sink.as_ref(), ev)
+            {
+                sink(&crate::Event::ImageCorrupted {
+                    node_name: node_name.clone(),
+                    msg: message.clone(),
+                    offset: None,
+                    size: None,
+                    fatal: *fatal,
+                });
+            }
+        };
+        let report = checker.run(CheckOptions {
+            on_event: Some(Box::new(forward)),
+            filename: None,
+        })?;
         Ok((checker.image, report))
     }
 
@@ -463,6 +483,25 @@ fn run_pass(
 
 /// Checks (and with `repair`, repairs) the image at `path`.
 ///
+/// ```
+/// use qcow2kit::check::{self, Repair};
+/// use qcow2kit::{CreateOptions, Image, OpenOptions};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let dir = tempfile::tempdir()?;
+/// let path = dir.path().join("disk.qcow2");
+/// qcow2kit::create::create(&path, &CreateOptions::new(), 1 << 30)?;
+/// Image::open(&path, &OpenOptions::new())?.write_at(&[1; 4096], 0)?;
+///
+/// // Without a repair mode the file is opened read-only and never written.
+/// let report = check::check(&path, Repair::None)?;
+/// assert_eq!(report.counts.corruptions, 0);
+/// assert_eq!(report.counts.leaks, 0);
+/// assert_eq!(report.exit_code(), 0); // qemu-img check's exit code
+/// # Ok(())
+/// # }
+/// ```
+///
 /// # Errors
 /// Opening errors and the errors of [`Checker::run`].
 pub fn check(path: &Path, repair: Repair) -> Result<CheckReport> {
@@ -470,6 +509,31 @@ pub fn check(path: &Path, repair: Repair) -> Result<CheckReport> {
 }
 
 /// Checks (and with `repair`, repairs) an image held in any [`Storage`].
+///
+/// ```
+/// use qcow2kit::check::{self, CheckEvent, CheckOptions, Repair};
+/// use qcow2kit::storage::{MemStorage, Storage};
+/// use qcow2kit::CreateOptions;
+/// use std::sync::Arc;
+///
+/// # fn main() -> qcow2kit::Result<()> {
+/// let file: Arc<dyn Storage> = Arc::new(MemStorage::new());
+/// qcow2kit::create::create_on(file.clone(), &CreateOptions::new(), 1 << 20)?;
+/// let mut lines = Vec::new();
+/// let opts = CheckOptions {
+///     // Findings stream out as they are found (qcow2-check prints them).
+///     on_event: Some(Box::new(|e| {
+///         if let CheckEvent::Finding(f) = e {
+///             lines.push(f.to_string());
+///         }
+///     })),
+///     ..Default::default()
+/// };
+/// let report = check::check_storage(file, Repair::All, opts)?;
+/// assert_eq!(report.counts.corruptions + report.counts.leaks, 0);
+/// # Ok(())
+/// # }
+/// ```
 ///
 /// # Errors
 /// Opening errors and the errors of [`Checker::run`].

@@ -177,13 +177,14 @@ pub fn decode_bitmap_directory(
         return Err(invalid(None, "Requested bitmap directory size is too big"));
     }
     let broken = |at: usize| invalid(Some(at as u64), "Broken bitmap directory");
-    let capacity = (buf.len() / BITMAP_DIR_ENTRY_HEADER_SIZE as usize).min(nb_bitmaps as usize);
+    let capacity =
+        (buf.len() / super::fixed_len(BITMAP_DIR_ENTRY_HEADER_SIZE)).min(nb_bitmaps as usize);
     let mut entries = Vec::with_capacity(capacity);
     let mut pos: usize = 0;
     while pos < buf.len() {
         let at = Some(pos as u64);
         let header = pos
-            .checked_add(BITMAP_DIR_ENTRY_HEADER_SIZE as usize)
+            .checked_add(super::fixed_len(BITMAP_DIR_ENTRY_HEADER_SIZE))
             .and_then(|end| buf.get(pos..end))
             .ok_or_else(|| broken(pos))?;
         if entries.len() >= nb_bitmaps as usize {
@@ -211,7 +212,7 @@ pub fn decode_bitmap_directory(
         if extra_data_size != 0 {
             return Err(invalid(at, "Bitmap extra data is not supported"));
         }
-        let name_start = pos + BITMAP_DIR_ENTRY_HEADER_SIZE as usize;
+        let name_start = pos + super::fixed_len(BITMAP_DIR_ENTRY_HEADER_SIZE);
         let name_bytes = buf
             .get(name_start..name_start + usize::from(name_size))
             .ok_or_else(|| broken(pos))?;
@@ -280,7 +281,7 @@ pub fn encode_bitmap_directory(entries: &[BitmapDirEntry]) -> Result<Vec<u8>, Fo
                 format!("bitmap {:?}: name or extra data too long", entry.name),
             ));
         };
-        let mut header = [0u8; BITMAP_DIR_ENTRY_HEADER_SIZE as usize];
+        let mut header = [0u8; super::fixed_len(BITMAP_DIR_ENTRY_HEADER_SIZE)];
         put_be_u64(&mut header, 0, entry.bitmap_table_offset);
         put_be_u32(&mut header, 8, entry.bitmap_table_size);
         put_be_u32(&mut header, 12, entry.flags);

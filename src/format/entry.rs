@@ -238,6 +238,10 @@ impl Subclusters {
     pub const ALL_ZERO: Subclusters = Subclusters(0xffff_ffff_0000_0000);
 
     /// Allocation bits (low word).
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "the low word, by definition"
+    )]
     pub fn alloc(self) -> u32 {
         self.0 as u32
     }

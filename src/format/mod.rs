@@ -8,6 +8,13 @@
 //! The spec is QEMU's `docs/interop/qcow2.rst`; section numbers in the module
 //! docs refer to `qcow2-format.md` of this project.
 
+// Untrusted bytes are decoded here: no silent narrowing, no indexing that can panic
+// (tests may do both).
+#![cfg_attr(
+    not(test),
+    warn(clippy::cast_possible_truncation, clippy::indexing_slicing)
+)]
+
 pub mod bitmap;
 pub mod consts;
 pub mod entry;
@@ -16,6 +23,17 @@ pub mod refcount;
 pub mod snapshot;
 
 use std::fmt;
+
+/// A fixed on-disk length (a `u64` constant of the spec) as `usize`, checked
+/// at compile time when used in a constant: every such length is tiny.
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "asserted to fit 32 bits first"
+)]
+pub(crate) const fn fixed_len(n: u64) -> usize {
+    assert!(n <= u32::MAX as u64, "fixed lengths are small");
+    n as usize
+}
 
 /// A decode or validation failure of an on-disk structure.
 ///
@@ -145,8 +163,8 @@ pub fn be_u32(buf: &[u8], pos: usize) -> Option<u32> {
 /// Reads a big-endian `u16` at `pos`, or `None` if `buf` is too short.
 #[inline]
 pub fn be_u16(buf: &[u8], pos: usize) -> Option<u16> {
-    let b = buf.get(pos..pos.checked_add(2)?)?;
-    Some(u16::from_be_bytes([b[0], b[1]]))
+    let b: [u8; 2] = buf.get(pos..pos.checked_add(2)?)?.try_into().ok()?;
+    Some(u16::from_be_bytes(b))
 }
 
 /// Writes a big-endian `u64` at `pos`; returns `false` if `buf` is too short.

@@ -43,6 +43,10 @@ pub fn max_value(order: u32) -> u64 {
 
 /// Writes `value` into cell `index`. Returns `false` (changing nothing) if the
 /// cell lies outside `block` or `value` does not fit the width.
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "`value` was checked against the width's maximum above, so each narrowing is exact"
+)]
 pub fn set(block: &mut [u8], order: u32, index: usize, value: u64) -> bool {
     if value > max_value(order) {
         return false;

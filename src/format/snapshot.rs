@@ -238,7 +238,7 @@ pub fn decode_snapshot_table(
     }
     let reader = TableReader { buf, table_offset };
     // Each entry takes at least 40 bytes, so this bounds the allocation by `buf`.
-    let capacity = (buf.len() / SNAPSHOT_HEADER_SIZE as usize).min(nb_snapshots as usize);
+    let capacity = (buf.len() / super::fixed_len(SNAPSHOT_HEADER_SIZE)).min(nb_snapshots as usize);
     let mut entries = Vec::with_capacity(capacity);
     let mut pos = table_offset;
     let mut table_length: u64 = 0;
@@ -396,7 +396,7 @@ pub fn encode_snapshot_table(entries: &[SnapshotEntry]) -> Result<Vec<u8>, Forma
             ));
         };
         out.resize(out.len().next_multiple_of(8), 0);
-        let mut fixed = [0u8; (SNAPSHOT_HEADER_SIZE + 24) as usize];
+        let mut fixed = [0u8; super::fixed_len(SNAPSHOT_HEADER_SIZE + 24)];
         put_be_u64(&mut fixed, 0, entry.l1_table_offset);
         put_be_u32(&mut fixed, 8, entry.l1_size);
         put_be_u16(&mut fixed, 12, id_size);

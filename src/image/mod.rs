@@ -96,6 +96,8 @@ pub struct Image {
     pub(crate) io_barrier: RwLock<()>,
     read_only: bool,
     gone: AtomicBool,
+    /// [`Image::shutdown`] ran: requests fail with [`Error::Closed`].
+    closed: AtomicBool,
     corruption_signalled: AtomicBool,
     events: RwLock<Option<EventSink>>,
     opts: OpenOptions,
@@ -142,6 +144,22 @@ impl Image {
     }
 
     /// A copy of the current header.
+    ///
+    /// ```
+    /// use qcow2kit::storage::{MemStorage, Storage};
+    /// use qcow2kit::{CreateOptions, Image, OpenOptions};
+    /// use std::sync::Arc;
+    ///
+    /// # fn main() -> qcow2kit::Result<()> {
+    /// let file: Arc<dyn Storage> = Arc::new(MemStorage::new());
+    /// qcow2kit::create::create_on(file.clone(), &CreateOptions::new(), 8 << 20)?;
+    /// let img = Image::open_storage(file, &OpenOptions::new())?;
+    /// let h = img.header();
+    /// assert_eq!(h.version, 3);
+    /// assert_eq!(1u64 << h.cluster_bits, img.cluster_size());
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn header(&self) -> Header {
         self.meta
             .lock()
@@ -238,10 +256,35 @@ impl Image {
     }
 
     /// Registers the callback that receives [`Event`]s (replacing any earlier one).
+    ///
+    /// ```
+    /// use qcow2kit::Event;
+    /// use qcow2kit::storage::{MemStorage, Storage};
+    /// use qcow2kit::{CreateOptions, Image, OpenOptions};
+    /// use std::sync::Arc;
+    ///
+    /// # fn main() -> qcow2kit::Result<()> {
+    /// let file: Arc<dyn Storage> = Arc::new(MemStorage::new());
+    /// qcow2kit::create::create_on(file.clone(), &CreateOptions::new(), 8 << 20)?;
+    /// let img = Image::open_storage(file, &OpenOptions::new())?;
+    /// img.on_event(|e| match e {
+    ///     Event::ImageCorrupted { msg, fatal, .. } => eprintln!("corrupt ({fatal}): {msg}"),
+    ///     Event::IoError { operation, reason, .. } => eprintln!("{operation:?} failed: {reason}"),
+    ///     other => eprintln!("{other}"),
+    /// });
+    /// img.write_at(&[0; 512], 0)?; // a healthy image raises nothing
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn on_event(&self, sink: impl Fn(&Event) + Send + Sync + 'static) {
         if let Ok(mut e) = self.events.write() {
             *e = Some(Arc::new(sink));
         }
+    }
+
+    /// The registered event callback, if any.
+    pub(crate) fn event_sink(&self) -> Option<EventSink> {
+        self.events.read().ok().and_then(|e| e.clone())
     }
 
     // ------------------------------------------------------------------
@@ -267,6 +310,14 @@ impl Image {
     }
 
     pub(crate) fn lock(&self) -> Result<MutexGuard<'_, Meta>> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(Error::Closed);
+        }
+        self.lock_open()
+    }
+
+    /// [`Image::lock`] without the "closed" check (for the close itself).
+    fn lock_open(&self) -> Result<MutexGuard<'_, Meta>> {
         if self.gone.load(Ordering::SeqCst) {
             return Err(Error::MediumGone);
         }
@@ -357,6 +408,28 @@ impl Image {
 
     /// Reads `buf.len()` bytes of the virtual disk at guest offset `offset`.
     ///
+    /// ```
+    /// use qcow2kit::storage::{MemStorage, Storage};
+    /// use qcow2kit::{CreateOptions, Image, OpenOptions};
+    /// use std::sync::Arc;
+    ///
+    /// # fn main() -> qcow2kit::Result<()> {
+    /// let file: Arc<dyn Storage> = Arc::new(MemStorage::new());
+    /// qcow2kit::create::create_on(file.clone(), &CreateOptions::new(), 8 << 20)?;
+    /// let img = Image::open_storage(file, &OpenOptions::new())?;
+    /// img.write_at(b"boot sector", 0)?;
+    /// let mut buf = [0u8; 11];
+    /// img.read_at(&mut buf, 0)?;
+    /// assert_eq!(&buf, b"boot sector");
+    /// // Unallocated clusters read as zeroes (or from the backing file).
+    /// img.read_at(&mut buf, 4 << 20)?;
+    /// assert_eq!(buf, [0; 11]);
+    /// // Past the end of the disk is an error, not a short read.
+    /// assert!(img.read_at(&mut buf, 8 << 20).is_err());
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
     /// # Errors
     /// `Error::OutOfRange` past the end of the disk; `Error::Corrupt` when the
     /// tables on the way are corrupt (the image is marked corrupt when it is
@@ -419,9 +492,18 @@ impl Image {
         Ok(())
     }
 
+    /// Reads `buf` from the backing image. Corruption met inside the backing
+    /// image is that image's (it raised its own event): it comes back as
+    /// [`Error::BackingRead`] so that this image does not signal it as its
+    /// own corruption (QEMU's top node sees only -EIO from its backing child).
     pub(crate) fn read_backing(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         match &self.backing {
-            Some(b) => b.read_at(buf, offset),
+            Some(b) => b.read_at(buf, offset).map_err(|e| match e {
+                Error::Io { .. } | Error::BackingRead { .. } => e,
+                other => Error::BackingRead {
+                    source: Box::new(other),
+                },
+            }),
             None => {
                 buf.fill(0);
                 Ok(())
@@ -441,6 +523,26 @@ impl Image {
 
     /// Describes the run of guest bytes starting at `offset` (at most `len`):
     /// what it maps to in this image (not looking into backing files).
+    ///
+    /// ```
+    /// use qcow2kit::mapping::Extent;
+    /// use qcow2kit::storage::{MemStorage, Storage};
+    /// use qcow2kit::{CreateOptions, Image, OpenOptions};
+    /// use std::sync::Arc;
+    ///
+    /// # fn main() -> qcow2kit::Result<()> {
+    /// let file: Arc<dyn Storage> = Arc::new(MemStorage::new());
+    /// qcow2kit::create::create_on(file.clone(), &CreateOptions::new(), 8 << 20)?;
+    /// let img = Image::open_storage(file, &OpenOptions::new())?;
+    /// img.write_at(&[7; 128 << 10], 0)?;
+    /// let st = img.block_status(0, 8 << 20)?;
+    /// assert!(matches!(st.extent, Extent::Data { .. }));
+    /// assert_eq!(st.len, 128 << 10); // the two clusters are contiguous on the host
+    /// let rest = img.block_status(st.len, (8 << 20) - st.len)?; // within the disk
+    /// assert_eq!(rest.extent, Extent::Unallocated);
+    /// # Ok(())
+    /// # }
+    /// ```
     ///
     /// # Errors
     /// As for [`Image::read_at`].
@@ -497,6 +599,21 @@ impl Image {
 
     /// Flushes every dirty table in the crash-safe order and syncs the file.
     ///
+    /// ```
+    /// use qcow2kit::storage::{MemStorage, Storage};
+    /// use qcow2kit::{CreateOptions, Image, OpenOptions};
+    /// use std::sync::Arc;
+    ///
+    /// # fn main() -> qcow2kit::Result<()> {
+    /// let file: Arc<dyn Storage> = Arc::new(MemStorage::new());
+    /// qcow2kit::create::create_on(file.clone(), &CreateOptions::new(), 8 << 20)?;
+    /// let img = Image::open_storage(file, &OpenOptions::new())?;
+    /// img.write_at(&[1; 4096], 0)?;
+    /// img.flush()?; // the write and the tables that point at it are on stable storage
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
     /// # Errors
     /// I/O errors (the handle is then poisoned: reopen the image).
     pub fn flush(&self) -> Result<()> {
@@ -526,11 +643,48 @@ impl Image {
         Ok(())
     }
 
-    /// Flushes and closes the image.
+    /// Flushes and closes the image: every table is written in the crash-safe
+    /// order, the file synced and (with lazy refcounts) the dirty bit cleared.
+    /// Dropping an image does the same but cannot report a failure; call
+    /// `close` (or [`Image::shutdown`] when the image is shared) to see it.
     ///
     /// # Errors
     /// As for [`Image::flush`].
     pub fn close(self) -> Result<()> {
+        self.shutdown()
+    }
+
+    /// Closes the image through a shared reference, for an image shared with
+    /// [`Arc`] by several I/O threads: flushes as [`Image::close`] does and
+    /// returns that result; from then on every request on this handle fails
+    /// with [`Error::Closed`] (and dropping the last reference writes
+    /// nothing more). Calling it again returns `Ok(())`.
+    ///
+    /// ```
+    /// use qcow2kit::{CreateOptions, Error, Image, OpenOptions, storage::MemStorage};
+    /// use std::sync::Arc;
+    ///
+    /// # fn main() -> qcow2kit::Result<()> {
+    /// let file = Arc::new(MemStorage::new());
+    /// qcow2kit::create::create_on(file.clone(), &CreateOptions::new(), 1 << 20)?;
+    /// let img = Arc::new(Image::open_storage(file, &OpenOptions::new())?);
+    /// let worker = {
+    ///     let img = img.clone();
+    ///     std::thread::spawn(move || img.write_at(&[1; 4096], 0))
+    /// };
+    /// worker.join().expect("worker")?;
+    /// img.shutdown()?; // the flush error, if any, comes back here
+    /// assert!(matches!(img.write_at(&[2; 512], 0), Err(Error::Closed)));
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// As for [`Image::flush`].
+    pub fn shutdown(&self) -> Result<()> {
+        if self.closed.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
         self.close_ref()
     }
 
@@ -538,7 +692,7 @@ impl Image {
         if self.read_only {
             return Ok(());
         }
-        let mut meta = self.lock()?;
+        let mut meta = self.lock_open()?;
         let r = (|| {
             let _barrier = self
                 .io_barrier
@@ -602,8 +756,11 @@ impl Image {
 
 impl Drop for Image {
     fn drop(&mut self) {
-        if !self.read_only && !self.gone.load(Ordering::SeqCst) {
-            // Best effort; callers who care use close() or flush().
+        if !self.read_only
+            && !self.gone.load(Ordering::SeqCst)
+            && !self.closed.load(Ordering::SeqCst)
+        {
+            // Best effort; callers who care use close() or shutdown().
             let _ = self.close_ref();
         }
     }

@@ -9,6 +9,26 @@ const MAX_HEADER_READ: u64 = 2 << 20;
 impl Image {
     /// Opens the image at `path`.
     ///
+    /// ```
+    /// use qcow2kit::{CreateOptions, Image, OpenOptions};
+    ///
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// let path = dir.path().join("disk.qcow2");
+    /// qcow2kit::create::create(&path, &CreateOptions::new(), 1 << 30)?;
+    ///
+    /// let img = Image::open(&path, &OpenOptions::new())?;
+    /// assert_eq!(img.size(), 1 << 30);
+    /// assert_eq!(img.cluster_size(), 64 << 10);
+    /// img.close()?;
+    ///
+    /// // Read-only handles never write the file.
+    /// let ro = Image::open(&path, &OpenOptions::new().read_only(true))?;
+    /// assert!(ro.write_at(&[0; 512], 0).is_err());
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
     /// # Errors
     /// Open failures (`Error::Io` for the file, `Error::Format` for an
     /// invalid or unsupported header, `Error::ImageCorrupt` for a read-write
@@ -29,6 +49,24 @@ impl Image {
     /// Opens the image at `path` without opening its backing file: clusters
     /// not allocated in this image read as zeroes. For inspecting an image
     /// whose backing chain is missing or untrusted (like `qemu-img info`).
+    ///
+    /// ```
+    /// use qcow2kit::{CreateOptions, Image, OpenOptions};
+    ///
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// let top = dir.path().join("top.qcow2");
+    /// let opts = CreateOptions::new().backing_file("gone.qcow2").backing_fmt("qcow2");
+    /// qcow2kit::create::create(&top, &opts, 1 << 20)?;
+    ///
+    /// let ro = OpenOptions::new().read_only(true);
+    /// assert!(Image::open(&top, &ro).is_err()); // the backing file is missing
+    /// let img = Image::open_without_backing(&top, &ro)?;
+    /// assert_eq!(img.header().backing_file.as_deref(), Some("gone.qcow2"));
+    /// assert!(img.backing().is_none());
+    /// # Ok(())
+    /// # }
+    /// ```
     ///
     /// # Errors
     /// As for [`Image::open`].
@@ -69,6 +107,21 @@ impl Image {
 
     /// Opens an image held in any [`Storage`] (for example [`crate::storage::MemStorage`]).
     /// Relative backing file names are resolved against the current directory.
+    ///
+    /// ```
+    /// use qcow2kit::storage::{MemStorage, Storage};
+    /// use qcow2kit::{CreateOptions, Image, OpenOptions};
+    /// use std::sync::Arc;
+    ///
+    /// # fn main() -> qcow2kit::Result<()> {
+    /// let file: Arc<dyn Storage> = Arc::new(MemStorage::new());
+    /// qcow2kit::create::create_on(file.clone(), &CreateOptions::new(), 8 << 20)?;
+    /// let img = Image::open_storage(file, &OpenOptions::new())?;
+    /// img.write_at(&[0xab; 4096], 0)?;
+    /// img.close()?;
+    /// # Ok(())
+    /// # }
+    /// ```
     ///
     /// # Errors
     /// As for [`Image::open`].
@@ -278,8 +331,9 @@ impl Image {
             io_barrier: RwLock::new(()),
             read_only,
             gone: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
             corruption_signalled: AtomicBool::new(false),
-            events: RwLock::new(None),
+            events: RwLock::new(opts.get_event_sink()),
             opts: opts.clone(),
             geom,
             dirty_repair: None,

@@ -32,6 +32,23 @@ impl Image {
 
     /// Writes `buf` at guest offset `offset`.
     ///
+    /// ```
+    /// use qcow2kit::storage::{MemStorage, Storage};
+    /// use qcow2kit::{CreateOptions, Image, OpenOptions};
+    /// use std::sync::Arc;
+    ///
+    /// # fn main() -> qcow2kit::Result<()> {
+    /// let file: Arc<dyn Storage> = Arc::new(MemStorage::new());
+    /// qcow2kit::create::create_on(file.clone(), &CreateOptions::new(), 8 << 20)?;
+    /// let img = Image::open_storage(file, &OpenOptions::new())?;
+    /// // Any offset and length: partial clusters are completed by copy-on-write.
+    /// img.write_at(&[1; 100], 12_345)?;
+    /// img.write_at(&[2; 128 << 10], 1 << 20)?; // two whole clusters, one data write
+    /// img.flush()?; // durable from here on
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
     /// # Errors
     /// `Error::ReadOnly`, `Error::OutOfRange`, `Error::OverlapPrevented` when
     /// the write would overwrite metadata (the image is then marked corrupt and

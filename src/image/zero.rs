@@ -16,6 +16,24 @@ impl Image {
     /// backing file the discard does nothing, as in QEMU: without the zero
     /// flag it would expose stale backing data.
     ///
+    /// ```
+    /// use qcow2kit::storage::{MemStorage, Storage};
+    /// use qcow2kit::{CreateOptions, Image, OpenOptions};
+    /// use std::sync::Arc;
+    ///
+    /// # fn main() -> qcow2kit::Result<()> {
+    /// let file: Arc<dyn Storage> = Arc::new(MemStorage::new());
+    /// qcow2kit::create::create_on(file.clone(), &CreateOptions::new(), 8 << 20)?;
+    /// let img = Image::open_storage(file, &OpenOptions::new())?;
+    /// img.write_at(&[9; 64 << 10], 0)?;
+    /// img.discard(0, 64 << 10)?;
+    /// let mut buf = [0xffu8; 512];
+    /// img.read_at(&mut buf, 0)?;
+    /// assert_eq!(buf, [0; 512]); // v3: discarded clusters read as zeroes
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
     /// # Errors
     /// As for [`Image::write_at`].
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
@@ -156,6 +174,25 @@ impl Image {
     /// is written as zero data, as is everything on v2 images with a backing
     /// file. With `data_file_raw` the external data file is zeroed too, so
     /// that it stays a valid raw image.
+    ///
+    /// ```
+    /// use qcow2kit::storage::{MemStorage, Storage};
+    /// use qcow2kit::{CreateOptions, Image, OpenOptions};
+    /// use std::sync::Arc;
+    ///
+    /// # fn main() -> qcow2kit::Result<()> {
+    /// let file: Arc<dyn Storage> = Arc::new(MemStorage::new());
+    /// qcow2kit::create::create_on(file.clone(), &CreateOptions::new(), 8 << 20)?;
+    /// let img = Image::open_storage(file, &OpenOptions::new())?;
+    /// img.write_at(&[9; 256 << 10], 0)?;
+    /// // Whole clusters become zero clusters in metadata; `unmap` frees their space.
+    /// img.write_zeroes(64 << 10, 128 << 10, true)?;
+    /// let mut buf = [0xffu8; 512];
+    /// img.read_at(&mut buf, 64 << 10)?;
+    /// assert_eq!(buf, [0; 512]);
+    /// # Ok(())
+    /// # }
+    /// ```
     ///
     /// # Errors
     /// As for [`Image::write_at`].

@@ -218,6 +218,10 @@ pub struct CreateOptions {
     pub preallocation_given: bool,
     /// `nocow` (Btrfs `chattr +C`), if given.
     pub nocow: Option<bool>,
+    /// Refuse to overwrite an existing image file (or data file): creation
+    /// fails with an I/O error of kind `AlreadyExists` and leaves it alone.
+    /// Off by default, as `qemu-img create` truncates an existing file.
+    pub create_new: bool,
     /// Other values as given, keyed by qemu-img option name (`preallocation`,
     /// `compression_type`, `lazy_refcounts`, `extended_l2`, `data_file_raw`, `nocow`,
     /// `refcount_bits`).
@@ -232,6 +236,22 @@ impl Default for CreateOptions {
 
 impl CreateOptions {
     /// qemu-img's defaults: v3, 64 KiB clusters, 16-bit refcounts, zlib, no preallocation.
+    ///
+    /// ```
+    /// use qcow2kit::options::{CompressionType, Preallocation};
+    /// use qcow2kit::CreateOptions;
+    ///
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// let opts = CreateOptions::new()
+    ///     .size(10 << 30)
+    ///     .cluster_size(256 << 10)
+    ///     .compression_type(CompressionType::Zstd)
+    ///     .preallocation(Preallocation::Metadata);
+    /// qcow2kit::create::create_image(&dir.path().join("vm.qcow2"), &opts)?;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn new() -> Self {
         CreateOptions {
             size: None,
@@ -250,11 +270,27 @@ impl CreateOptions {
             preallocation: Preallocation::Off,
             preallocation_given: false,
             nocow: None,
+            create_new: false,
             spellings: BTreeMap::new(),
         }
     }
 
     /// Parses a `-o` string over the defaults (see [`CreateOptions::apply_qemu_str`]).
+    ///
+    /// ```
+    /// use qcow2kit::options::Compat;
+    /// use qcow2kit::CreateOptions;
+    ///
+    /// # fn main() -> Result<(), qcow2kit::options::OptionError> {
+    /// // The syntax of qemu-img create -o.
+    /// let opts = CreateOptions::from_qemu_str("cluster_size=2M,lazy_refcounts=on,compat=1.1")?;
+    /// assert_eq!(opts.cluster_size, 2 << 20);
+    /// assert!(opts.lazy_refcounts);
+    /// assert_eq!(opts.compat, Compat::V3);
+    /// assert!(CreateOptions::from_qemu_str("cluster_size=3k")?.validate().is_err());
+    /// # Ok(())
+    /// # }
+    /// ```
     ///
     /// # Errors
     /// As [`CreateOptions::apply_qemu_str`].
@@ -264,7 +300,16 @@ impl CreateOptions {
         Ok(opts)
     }
 
-    /// Virtual size in bytes.
+    /// Refuse to overwrite an existing file (see [`CreateOptions::create_new`]).
+    #[must_use]
+    pub fn create_new(mut self, on: bool) -> Self {
+        self.create_new = on;
+        self
+    }
+
+    /// Virtual size in bytes, used by [`crate::create::create_image`]; the
+    /// explicit size of [`crate::create::create`] must agree with it when both
+    /// are given.
     #[must_use]
     pub fn size(mut self, bytes: u64) -> Self {
         self.size = Some(bytes);

@@ -37,6 +37,7 @@ pub struct OpenOptions {
     rerror: ErrorPolicy,
     werror: ErrorPolicy,
     node_name: Option<String>,
+    event_handler: crate::events::EventHandler,
 }
 
 impl Default for OpenOptions {
@@ -49,6 +50,17 @@ impl OpenOptions {
     /// QEMU's defaults: read-write, caches sized by [`cache_config`], `cached` overlap checks,
     /// lazy refcounts as the header says, `pass-discard-snapshot` on, the other discard options
     /// off, follow backing files, report I/O errors.
+    ///
+    /// ```
+    /// use qcow2kit::options::{BackingPolicy, OverlapCheckMode, OverlapChecks};
+    /// use qcow2kit::OpenOptions;
+    ///
+    /// let opts = OpenOptions::new()
+    ///     .l2_cache_size(8 << 20)
+    ///     .overlap_check(OverlapChecks::from_mode(OverlapCheckMode::All))
+    ///     .backing_policy(BackingPolicy::Refuse); // an untrusted image opens no other file
+    /// assert!(!opts.get_read_only());
+    /// ```
     pub fn new() -> Self {
         OpenOptions {
             read_only: false,
@@ -70,10 +82,25 @@ impl OpenOptions {
             rerror: ErrorPolicy::Report,
             werror: ErrorPolicy::Report,
             node_name: None,
+            event_handler: crate::events::EventHandler::default(),
         }
     }
 
     /// Parses QEMU runtime options (see [`OpenOptions::apply_qemu_str`]) over the defaults.
+    ///
+    /// ```
+    /// use qcow2kit::OpenOptions;
+    ///
+    /// # fn main() -> Result<(), qcow2kit::options::OptionError> {
+    /// // The syntax of qemu-io --image-opts (QEMU's runtime option names).
+    /// let opts = OpenOptions::from_qemu_str("l2-cache-size=4M,overlap-check=all,read-only=on")?;
+    /// assert!(opts.get_read_only());
+    /// // Unknown values are refused with QEMU's message.
+    /// let err = OpenOptions::from_qemu_str("overlap-check=sometimes").unwrap_err();
+    /// assert!(err.to_string().contains("sometimes"));
+    /// # Ok(())
+    /// # }
+    /// ```
     ///
     /// # Errors
     /// As [`OpenOptions::apply_qemu_str`].
@@ -211,6 +238,44 @@ impl OpenOptions {
     pub fn node_name(mut self, name: String) -> Self {
         self.node_name = Some(name);
         self
+    }
+
+    /// Registers the callback that receives the image's [`Event`](crate::Event)s from the
+    /// moment it opens, so events raised during the open itself (the automatic repair of a
+    /// dirty image, corruption found while loading tables) are seen too. Backing images
+    /// opened with these options report to the same callback. [`Image::on_event`] replaces
+    /// it later.
+    ///
+    /// The callback runs on the thread that hit the condition, possibly with the image's
+    /// metadata lock held: it must not call back into the same image.
+    ///
+    /// ```
+    /// use qcow2kit::{Event, Image, OpenOptions, storage::MemStorage};
+    /// use std::sync::{Arc, Mutex};
+    ///
+    /// # fn main() -> qcow2kit::Result<()> {
+    /// let file = Arc::new(MemStorage::new());
+    /// qcow2kit::create::create_on(file.clone(), &qcow2kit::CreateOptions::new(), 1 << 20)?;
+    /// let seen = Arc::new(Mutex::new(Vec::<Event>::new()));
+    /// let log = seen.clone();
+    /// let opts = OpenOptions::new().on_event(move |e| log.lock().unwrap().push(e.clone()));
+    /// let img = Image::open_storage(file, &opts)?;
+    /// img.write_at(&[1; 512], 0)?;
+    /// assert!(seen.lock().unwrap().is_empty()); // nothing went wrong
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// [`Image::on_event`]: crate::Image::on_event
+    #[must_use]
+    pub fn on_event(mut self, sink: impl Fn(&crate::Event) + Send + Sync + 'static) -> Self {
+        self.event_handler = crate::events::EventHandler(Some(std::sync::Arc::new(sink)));
+        self
+    }
+
+    /// The event callback given with [`OpenOptions::on_event`], if any.
+    pub(crate) fn get_event_sink(&self) -> Option<crate::events::EventSink> {
+        self.event_handler.0.clone()
     }
 
     /// Whether the image is opened read-only.

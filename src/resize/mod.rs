@@ -58,6 +58,26 @@ impl Image {
     /// are released and the file is truncated after its last used cluster;
     /// an external data file is truncated to the new size.
     ///
+    /// ```
+    /// use qcow2kit::options::Preallocation;
+    /// use qcow2kit::storage::{MemStorage, Storage};
+    /// use qcow2kit::{CreateOptions, Image, OpenOptions};
+    /// use std::sync::Arc;
+    ///
+    /// # fn main() -> qcow2kit::Result<()> {
+    /// let file: Arc<dyn Storage> = Arc::new(MemStorage::new());
+    /// qcow2kit::create::create_on(file.clone(), &CreateOptions::new(), 8 << 20)?;
+    /// let img = Image::open_storage(file, &OpenOptions::new())?;
+    /// img.resize_with(16 << 20, Preallocation::Off, false)?;
+    /// assert_eq!(img.size(), 16 << 20);
+    /// // Shrinking must be asked for.
+    /// assert!(img.resize_with(4 << 20, Preallocation::Off, false).is_err());
+    /// img.resize_with(4 << 20, Preallocation::Off, true)?;
+    /// assert_eq!(img.size(), 4 << 20);
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
     /// # Errors
     /// `Error::InvalidArgument` with QEMU's messages: "Preallocation can only
     /// be used for growing images", "Use the --shrink option to perform a

@@ -27,15 +27,42 @@ impl FileStorage {
     /// no-copy-on-write attribute is set while the file is still empty
     /// (effective on Btrfs, ignored elsewhere, as QEMU does).
     ///
+    /// ```
+    /// use qcow2kit::storage::{FileStorage, Storage};
+    ///
+    /// # fn main() -> std::io::Result<()> {
+    /// # let dir = tempfile::tempdir()?;
+    /// let path = dir.path().join("raw.img");
+    /// let f = FileStorage::create(&path, false)?;
+    /// f.write_at(&[1; 512], 4096)?;
+    /// f.flush()?; // fdatasync
+    /// let ro = FileStorage::open(&path, false)?;
+    /// assert_eq!(ro.len()?, 4608);
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
     /// # Errors
     /// The error of `open(2)`.
     pub fn create(path: &Path, nocow: bool) -> io::Result<Self> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(path)?;
+        Self::create_with(path, nocow, false)
+    }
+
+    /// Like [`FileStorage::create`], but with `new_only` an existing file is
+    /// not touched and the call fails with `ErrorKind::AlreadyExists`
+    /// (`O_CREAT | O_EXCL`).
+    ///
+    /// # Errors
+    /// The error of `open(2)`.
+    pub fn create_with(path: &Path, nocow: bool, new_only: bool) -> io::Result<Self> {
+        let mut oo = OpenOptions::new();
+        oo.read(true).write(true);
+        if new_only {
+            oo.create_new(true);
+        } else {
+            oo.create(true).truncate(true);
+        }
+        let file = oo.open(path)?;
         if nocow {
             // Like QEMU: failure to set the attribute is not an error.
             let _ = sys::set_nocow(&file);

@@ -14,6 +14,20 @@ pub struct MemStorage {
 
 impl MemStorage {
     /// An empty storage.
+    ///
+    /// ```
+    /// use qcow2kit::storage::{MemStorage, Storage};
+    ///
+    /// # fn main() -> std::io::Result<()> {
+    /// let m = MemStorage::new();
+    /// m.write_at(b"qcow2", 10)?;
+    /// assert_eq!(m.len()?, 15);
+    /// let mut buf = [0xffu8; 4];
+    /// m.read_at(&mut buf, 13)?; // two bytes of data, then zeroes past the end
+    /// assert_eq!(buf, [b'w', b'2', 0, 0]);
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn new() -> Self {
         Self::default()
     }

@@ -22,6 +22,52 @@ use std::io;
 /// lock. Reads past the end of the storage return zeroes for the missing part
 /// (as QEMU's file driver does); writes past the end extend it, filling any gap
 /// with zeroes.
+///
+/// A storage of your own: here a wrapper counting the syncs qcow2kit asks for.
+/// Only the five required methods need an implementation.
+/// ```
+/// use qcow2kit::storage::{MemStorage, Storage};
+/// use qcow2kit::{CreateOptions, Image, OpenOptions};
+/// use std::io;
+/// use std::sync::atomic::{AtomicU64, Ordering};
+/// use std::sync::Arc;
+///
+/// #[derive(Debug, Default)]
+/// struct CountingSyncs {
+///     inner: MemStorage,
+///     syncs: AtomicU64,
+/// }
+///
+/// impl Storage for CountingSyncs {
+///     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+///         self.inner.read_at(buf, offset)
+///     }
+///     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+///         self.inner.write_at(buf, offset)
+///     }
+///     fn flush(&self) -> io::Result<()> {
+///         self.syncs.fetch_add(1, Ordering::Relaxed);
+///         self.inner.flush()
+///     }
+///     fn len(&self) -> io::Result<u64> {
+///         self.inner.len()
+///     }
+///     fn set_len(&self, len: u64) -> io::Result<()> {
+///         self.inner.set_len(len)
+///     }
+/// }
+///
+/// # fn main() -> qcow2kit::Result<()> {
+/// let file = Arc::new(CountingSyncs::default());
+/// qcow2kit::create::create_on(file.clone(), &CreateOptions::new(), 1 << 20)?;
+/// let img = Image::open_storage(file.clone(), &OpenOptions::new())?;
+/// img.write_at(&[1; 512], 0)?;
+/// let before = file.syncs.load(Ordering::Relaxed);
+/// img.flush()?;
+/// assert!(file.syncs.load(Ordering::Relaxed) > before);
+/// # Ok(())
+/// # }
+/// ```
 #[allow(clippy::len_without_is_empty)] // a file of length 0 is not "empty" in any useful sense
 pub trait Storage: Send + Sync + std::fmt::Debug {
     /// Reads exactly `buf.len()` bytes at `offset`; bytes past the end read as zero.

@@ -398,4 +398,5 @@ pub(super) fn decode_impl(buf: &[u8], check_mode: bool) -> Result<Header, Format
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic
+#[path = "decode_tests.rs"]
 mod tests;

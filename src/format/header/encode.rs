@@ -107,7 +107,7 @@ impl Header {
                 );
             }
         }
-        bytes.extend_from_slice(&[0u8; EXT_HEADER_LEN as usize]);
+        bytes.extend_from_slice(&[0u8; crate::format::fixed_len(EXT_HEADER_LEN)]);
 
         let (backing_file_offset, backing_file_size) = match &self.backing_file {
             Some(name) => {
@@ -216,4 +216,5 @@ fn encode_ext_data(ext: &HeaderExtension) -> Result<Vec<u8>, FormatError> {
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic
+#[path = "encode_tests.rs"]
 mod tests;

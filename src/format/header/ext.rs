@@ -412,4 +412,5 @@ pub(super) fn unsupported_features_message(table: Option<&[u8]>, mut mask: u64) 
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic
+#[path = "ext_tests.rs"]
 mod tests;

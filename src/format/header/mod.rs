@@ -167,6 +167,22 @@ impl Header {
     /// so that all of cluster 0 is covered. Bytes beyond `buf` read as zero, as
     /// QEMU reads past the end of the file.
     ///
+    /// ```
+    /// use qcow2kit::format::header::Header;
+    /// use qcow2kit::storage::{MemStorage, Storage};
+    ///
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let file = std::sync::Arc::new(MemStorage::new());
+    /// qcow2kit::create::create_on(file.clone(), &qcow2kit::CreateOptions::new(), 1 << 30)?;
+    /// let mut cluster0 = vec![0u8; 65536];
+    /// file.read_at(&mut cluster0, 0)?;
+    /// let h = Header::decode(&cluster0)?; // pure: no I/O, QEMU's validation
+    /// assert_eq!((h.version, h.size, h.cluster_bits), (3, 1 << 30, 16));
+    /// assert!(Header::decode(b"not an image").is_err());
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
     /// # Errors
     ///
     /// With QEMU's message and errno class, in QEMU's order:
