@@ -10,7 +10,7 @@ use crate::format::header::{Header, HeaderExtension};
 use crate::format::{put_be_u64, refcount};
 use crate::image::Image;
 use crate::options::{Compat, CompressionType, CreateOptions, Preallocation};
-use crate::storage::{FileStorage, Storage};
+use crate::storage::{FileStorage, LockRequest, Locking, Storage};
 use crate::types::Geometry;
 use std::path::Path;
 use std::sync::Arc;
@@ -150,8 +150,14 @@ fn sector_aligned(size: u64) -> u64 {
 /// the no-copy-on-write attribute while still empty (Btrfs; ignored by other
 /// file systems, as QEMU does).
 ///
+/// Each file is locked ([`LockRequest::create`]) before it is truncated, as
+/// `qemu-img create` does: a file another process holds open is left as it
+/// is and the creation fails with [`Error::Lock`]. The image file is
+/// prepared first, then the data file (QEMU's order).
+///
 /// # Errors
-/// `Error::Io` if a file cannot be created, invalid options.
+/// `Error::Io` if a file cannot be created, `Error::Lock` if one is in use,
+/// invalid options.
 pub fn create(path: &Path, opts: &CreateOptions, size: u64) -> Result<()> {
     opts.validate()
         .map_err(|e| Error::InvalidArgument(e.to_string()))?;
@@ -162,31 +168,43 @@ pub fn create(path: &Path, opts: &CreateOptions, size: u64) -> Result<()> {
     }
     let nocow = opts.nocow.unwrap_or(false);
     let new_only = opts.create_new;
-    let mut data_path = None;
+    let f = create_file(path, nocow, new_only)?;
     let data = match &opts.data_file {
         Some(df) => {
             let dpath = crate::image::resolve(path.parent(), Path::new(df));
-            let d = FileStorage::create_with(&dpath, nocow, new_only)
-                .map_err(|e| Error::io(IoOp::Write, 0, e))?;
+            let d = match create_file(&dpath, nocow, new_only) {
+                Ok(d) => d,
+                Err(e) => {
+                    if new_only {
+                        // Leave nothing behind that this call created.
+                        drop(f);
+                        let _ = std::fs::remove_file(path);
+                    }
+                    return Err(e);
+                }
+            };
             if opts.effective_preallocation() == Preallocation::Off {
                 crate::resize::resize_data_file(&d, sector_aligned(size), Preallocation::Off)?;
             }
-            data_path = Some(dpath);
             Some(Arc::new(d) as Arc<dyn Storage>)
         }
         None => None,
     };
-    let f = match FileStorage::create_with(path, nocow, new_only) {
-        Ok(f) => f,
-        Err(e) => {
-            if let (true, Some(dpath)) = (new_only, data_path) {
-                // Leave nothing behind that this call created.
-                let _ = std::fs::remove_file(dpath);
-            }
-            return Err(Error::io(IoOp::Write, 0, e));
-        }
-    };
     create_with(Arc::new(f), data, Some(path), opts, size)
+}
+
+/// Opens (or creates; with `new_only` only creates) `path`, locks it for creation, then empties it and
+/// sets the nocow attribute (QEMU's `raw_co_create` steps).
+fn create_file(path: &Path, nocow: bool, new_only: bool) -> Result<FileStorage> {
+    let io = |e| Error::io(IoOp::Write, 0, e);
+    let f = FileStorage::open_for_create(path, new_only).map_err(io)?;
+    f.lock(&LockRequest::create(Locking::Auto))?;
+    f.set_len(0).map_err(io)?;
+    if nocow {
+        // Like QEMU: failure to set the attribute is not an error.
+        let _ = f.set_nocow();
+    }
+    Ok(f)
 }
 
 /// Creates the image file at `path` with the virtual size given in the

@@ -102,6 +102,10 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// Another process (or another open in this one) uses the file in a way this open
+    /// cannot share: QEMU's image locking (see [`crate::storage::lock`]).
+    #[error("{0}")]
+    Lock(#[from] crate::storage::LockError),
     /// The handle was disabled by a fatal corruption event; reopen the image.
     #[error("no medium found: the image was disabled after a corruption event")]
     MediumGone,
@@ -211,6 +215,11 @@ impl Error {
                 Some(code) => strerror(code),
                 None => source.to_string(),
             },
+            Error::Lock(e) => e.qemu_message(),
+            // QEMU's file layer fails the backing open without naming the file first.
+            Error::Backing { source, .. } if matches!(**source, Error::Lock(_)) => {
+                format!("Could not open backing file: {}", source.qemu_message())
+            }
             Error::Backing { path, source } => {
                 format!(
                     "Could not open backing file: Could not open '{}': {}",

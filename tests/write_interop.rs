@@ -250,7 +250,11 @@ fn qemu_images_modified_by_qcow2kit() {
             modify_big(&path);
             continue;
         }
+        // qemu-img cannot read the image while it is open read-write here
+        // (image locking): take the model first.
+        drop(img);
         let mut model = support::qemu_raw(&path);
+        let img = Image::open(&path, &OpenOptions::new()).unwrap();
         let mut rng = Rng::new(i as u64 + 100);
         let mut rnd = |n: u64| {
             let mut d = vec![0u8; n as usize];

@@ -447,7 +447,8 @@ where
     }
     let file_len = file.len().unwrap_or(0);
     let file: Arc<dyn Storage> = Arc::new(file);
-    let checker = match Checker::open_storage_at(file.clone(), Some(path), repair) {
+    let open_opts = crate::options::OpenOptions::new().force_share(force_share);
+    let checker = match Checker::open_storage_with(file.clone(), Some(path), repair, &open_opts) {
         Ok(c) => c,
         Err(e) => {
             // QEMU warns about stale bitmaps while reading the header,

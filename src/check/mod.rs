@@ -214,8 +214,24 @@ impl Checker {
         path: Option<&Path>,
         repair: Repair,
     ) -> Result<Checker> {
+        Self::open_storage_with(storage, path, repair, &OpenOptions::new())
+    }
+
+    /// As [`Checker::open_storage_at`], with runtime options for the image
+    /// and its backing chain (locking, `force-share`, ...); read-only is
+    /// set from `repair`, whatever `opts` says.
+    ///
+    /// # Errors
+    /// As for [`Checker::open`]; `force-share` with a repair is refused
+    /// with QEMU's message.
+    pub fn open_storage_with(
+        storage: Arc<dyn Storage>,
+        path: Option<&Path>,
+        repair: Repair,
+        opts: &OpenOptions,
+    ) -> Result<Checker> {
         let name = path.map(|p| p.display().to_string()).unwrap_or_default();
-        Self::open_inner(storage, path.map(Path::to_path_buf), repair, name)
+        Self::open_inner_with(storage, path.map(Path::to_path_buf), repair, name, opts)
     }
 
     fn open_inner(
@@ -224,7 +240,17 @@ impl Checker {
         repair: Repair,
         filename: String,
     ) -> Result<Checker> {
-        let opts = OpenOptions::new().read_only(repair == Repair::None);
+        Self::open_inner_with(storage, path, repair, filename, &OpenOptions::new())
+    }
+
+    fn open_inner_with(
+        storage: Arc<dyn Storage>,
+        path: Option<std::path::PathBuf>,
+        repair: Repair,
+        filename: String,
+        opts: &OpenOptions,
+    ) -> Result<Checker> {
+        let opts = opts.clone().read_only(repair == Repair::None);
         let mode = OpenMode {
             repair: true,
             check: true,

@@ -2,12 +2,16 @@
 //! corrupt/dirty checks, and the automatic repair of a dirty image.
 
 use super::*;
+use crate::storage::LockRequest;
 
 /// Most bytes of cluster 0 read to decode the header and its extensions.
 const MAX_HEADER_READ: u64 = 2 << 20;
 
 impl Image {
     /// Opens the image at `path`.
+    ///
+    /// Takes QEMU's image locks on every file it opens (see
+    /// [Image locking](crate::OpenOptions#image-locking)).
     ///
     /// ```
     /// use qcow2kit::{CreateOptions, Image, OpenOptions};
@@ -32,9 +36,11 @@ impl Image {
     /// # Errors
     /// Open failures (`Error::Io` for the file, `Error::Format` for an
     /// invalid or unsupported header, `Error::ImageCorrupt` for a read-write
-    /// open of an image marked corrupt, backing file errors).
+    /// open of an image marked corrupt, `Error::Lock` when another process
+    /// uses a file in a conflicting way, backing file errors).
     pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Image> {
         let path = path.as_ref();
+        check_force_share(opts)?;
         let file = FileStorage::open(path, !opts.get_read_only())
             .map_err(|e| Error::io(IoOp::Read, 0, e))?;
         Self::open_inner(
@@ -72,6 +78,7 @@ impl Image {
     /// As for [`Image::open`].
     pub fn open_without_backing(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Image> {
         let path = path.as_ref();
+        check_force_share(opts)?;
         let file = FileStorage::open(path, !opts.get_read_only())
             .map_err(|e| Error::io(IoOp::Read, 0, e))?;
         let mode = OpenMode {
@@ -137,6 +144,14 @@ impl Image {
         data_override: Option<Arc<dyn Storage>>,
     ) -> Result<Image> {
         let read_only = opts.get_read_only();
+        check_force_share(opts)?;
+        // QEMU locks the file when the format driver attaches it, before
+        // reading the header.
+        file.lock(&LockRequest::image_file(
+            read_only,
+            opts.get_force_share(),
+            opts.get_locking(),
+        ))?;
         let file_len = file.len().map_err(|e| Error::io(IoOp::Read, 0, e))?;
         let mut head = vec![0u8; file_len.min(MAX_HEADER_READ) as usize];
         read_file(&*file, &mut head, 0)?;
@@ -310,6 +325,11 @@ impl Image {
                 path: resolved.clone(),
                 source: Box::new(Error::io(IoOp::Read, 0, e)),
             })?;
+            // As QEMU: first what attaching the data file asks, then what
+            // the image's users add (so the first conflict is QEMU's).
+            let (share, locking) = (opts.get_force_share(), opts.get_locking());
+            s.lock(&LockRequest::data_file_attach(share, locking))?;
+            s.lock(&LockRequest::data_file(read_only, share, locking))?;
             (Arc::new(s) as Arc<dyn Storage>, Some(resolved))
         } else {
             // QEMU refuses the "raw external data" bit without a data file.
@@ -399,6 +419,9 @@ impl Image {
             .map_err(wrap)?;
             Ok(Some(Backing::Qcow2(Box::new(img))))
         } else {
+            storage
+                .lock(&LockRequest::raw_backing(opts.get_locking()))
+                .map_err(|e| wrap(e.into()))?;
             // QEMU sizes a raw file in whole sectors (the tail reads as zero).
             let size = storage
                 .len()
@@ -412,6 +435,12 @@ impl Image {
             }))
         }
     }
+}
+
+/// QEMU's refusal of `force-share=on` for a read-write open.
+fn check_force_share(opts: &OpenOptions) -> Result<()> {
+    opts.check_force_share()
+        .map_err(|e| Error::InvalidArgument(e.to_string()))
 }
 
 /// How an image is opened beyond its options.

@@ -135,6 +135,9 @@ pub enum OptionError {
     /// open: `file=NAME` together with `file.*` options (or `data-file` likewise).
     #[error("Cannot reference an existing block device with additional options or a new filename")]
     FileConflict,
+    /// open: `force-share=on` for a read-write open.
+    #[error("force-share=on can only be used with read-only images")]
+    ForceShareReadWrite,
     /// create: the image size, rounded up to 512 bytes, exceeds the block layer's maximum.
     #[error("Could not resize image: offset({size}) exceeds maximum(9223372035781033984)")]
     ImageSizeExceedsMaximum {
@@ -162,6 +165,15 @@ pub enum OptionError {
     InvalidOptionList {
         /// The list as given.
         list: String,
+    },
+    /// open: an on/off/auto option (`file.locking`) got another value (QEMU's
+    /// `qapi_enum_parse` text, which does not name the option).
+    #[error("invalid parameter value: {value}")]
+    InvalidParameterValue {
+        /// QEMU's spelling of the option.
+        option: &'static str,
+        /// The value as given.
+        value: String,
     },
     /// create/amend: an unknown option.
     #[error("Invalid parameter '{option}'")]
@@ -299,7 +311,7 @@ impl OptionError {
             E::AmendRefcountBitsV2 | E::RefcountBitsV2 | E::RefcountWidth => "refcount_bits",
             E::BackingFmtWithoutFile => "backing_fmt",
             E::BackingWithPreallocation | E::PreallocationMode { .. } => "preallocation",
-            E::BadEnumValue { option, .. } => option,
+            E::BadEnumValue { option, .. } | E::InvalidParameterValue { option, .. } => option,
             E::BadErrorAction { operation, .. } => {
                 if *operation == "read" {
                     "rerror"
@@ -325,6 +337,7 @@ impl OptionError {
             E::DiscardNoUnrefV2 => "discard-no-unref",
             E::ExtendedL2ClusterSize | E::ExtendedL2V2 => "extended_l2",
             E::FileConflict => "file",
+            E::ForceShareReadWrite => "force-share",
             E::ImageSizeExceedsMaximum { .. }
             | E::ImageSizeNegative
             | E::ImageTooLarge

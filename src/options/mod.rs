@@ -34,6 +34,8 @@ mod policy;
 #[cfg(test)]
 mod testutil;
 
+/// `file.locking` values (defined with the locks in [`crate::storage::lock`]).
+pub use crate::storage::Locking;
 pub use amend::{AmendImageState, AmendOptions};
 pub use cache::{cache_config, CacheConfig};
 pub use create::{Compat, CompressionType, CreateOptions, Preallocation};

@@ -10,12 +10,34 @@ use super::parse::{
     parse_bool_onoff, parse_number, parse_size_option, split_option_string, validate_node_name,
 };
 use super::policy::{BackingPolicy, ErrorPolicy};
+use crate::storage::Locking;
 
 /// Options for opening an image (QEMU's qcow2 runtime options plus a few block-layer ones).
 ///
 /// Build with [`OpenOptions::new`] and the builder methods, or from QEMU's `--image-opts`
 /// syntax with [`OpenOptions::from_qemu_str`]. Getters are prefixed `get_` (the plain names are
 /// the builders).
+///
+/// # Image locking
+///
+/// Opening an image file takes the byte-range locks QEMU's file driver takes
+/// (see [`crate::storage::lock`] for the bytes), on the image file, the external data file and
+/// every backing file, and keeps them until the image is dropped. So a qcow2kit process and a
+/// QEMU process (or two of either) exclude each other as two QEMU processes do:
+///
+/// * a read-write open blocks every other open of the file (it fails with
+///   [`Error::Lock`](crate::Error::Lock): `Failed to get shared "write" lock` for a read-only
+///   opener, `Failed to get "write" lock` for a writer);
+/// * a read-only open blocks writers, not other readers;
+/// * a read-only open with [`force_share`](OpenOptions::force_share) (`-U`) blocks nobody and is
+///   blocked by nobody (what it reads may change under it).
+///
+/// The locks are open-file-description locks: two opens of one file in the same process
+/// exclude each other too. [`locking`](OpenOptions::locking) (QEMU's `file.locking`) turns
+/// this off; unlike QEMU, where `file.locking` concerns the image file only, it applies to
+/// every file of the open. Images opened from a caller's [`Storage`](crate::storage::Storage)
+/// are locked through [`Storage::lock`](crate::storage::Storage::lock), which only
+/// [`FileStorage`](crate::storage::FileStorage) implements.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OpenOptions {
     read_only: bool,
@@ -38,6 +60,8 @@ pub struct OpenOptions {
     werror: ErrorPolicy,
     node_name: Option<String>,
     event_handler: crate::events::EventHandler,
+    locking: Locking,
+    force_share: bool,
 }
 
 impl Default for OpenOptions {
@@ -83,6 +107,8 @@ impl OpenOptions {
             werror: ErrorPolicy::Report,
             node_name: None,
             event_handler: crate::events::EventHandler::default(),
+            locking: Locking::Auto,
+            force_share: false,
         }
     }
 
@@ -278,6 +304,44 @@ impl OpenOptions {
         self.event_handler.0.clone()
     }
 
+    /// Whether to take QEMU-compatible image locks (`file.locking`, default
+    /// [`Locking::Auto`]); see [Image locking](OpenOptions#image-locking).
+    #[must_use]
+    pub fn locking(mut self, locking: Locking) -> Self {
+        self.locking = locking;
+        self
+    }
+
+    /// Shares every permission with other users of the files (`force-share`, qemu-img's
+    /// `-U`): the open neither blocks nor is blocked by others. Only for read-only opens: a
+    /// read-write open with it fails with [`OptionError::ForceShareReadWrite`]'s message.
+    #[must_use]
+    pub fn force_share(mut self, on: bool) -> Self {
+        self.force_share = on;
+        self
+    }
+
+    /// `file.locking`.
+    pub fn get_locking(&self) -> Locking {
+        self.locking
+    }
+
+    /// `force-share`.
+    pub fn get_force_share(&self) -> bool {
+        self.force_share
+    }
+
+    /// QEMU's check of `force-share` against the open mode, made before any file is opened.
+    ///
+    /// # Errors
+    /// [`OptionError::ForceShareReadWrite`] for `force-share=on` without read-only.
+    pub fn check_force_share(&self) -> Result<(), OptionError> {
+        if self.force_share && !self.read_only {
+            return Err(OptionError::ForceShareReadWrite);
+        }
+        Ok(())
+    }
+
     /// Whether the image is opened read-only.
     pub fn get_read_only(&self) -> bool {
         self.read_only
@@ -403,7 +467,8 @@ impl OpenOptions {
     ///
     /// * `driver` (only `qcow2`), `file.filename` or `file` (the image file), `file.driver`
     ///   (only `file`), `data-file` / `data-file.filename` (a path), `read-only`, `node-name`,
-    ///   `rerror`, `werror` (the last two are `-drive` options in QEMU; accepted here);
+    ///   `rerror`, `werror` (the last two are `-drive` options in QEMU; accepted here),
+    ///   `force-share` (a boolean), `file.locking` (`on`, `off` or `auto`);
     /// * `l2-cache-size`, `l2-cache-entry-size`, `refcount-cache-size`, `cache-size` (sizes,
     ///   [`parse_size`](super::parse_size) syntax), `cache-clean-interval` (a number);
     /// * `lazy-refcounts`, `pass-discard-request`, `pass-discard-snapshot`,
@@ -497,6 +562,15 @@ impl OpenOptions {
             "file" => files.reference = Some(value.into()),
             "file.filename" => files.filename = Some(value.into()),
             "file.driver" => files.set_driver(value)?,
+            "file.locking" => {
+                files.other = true;
+                self.locking =
+                    Locking::parse(value).ok_or_else(|| OptionError::InvalidParameterValue {
+                        option: "file.locking",
+                        value: value.to_owned(),
+                    })?;
+            }
+            "force-share" => self.force_share = bool_value()?,
             "data-file" => data_files.reference = Some(value.into()),
             "data-file.filename" => data_files.filename = Some(value.into()),
             "data-file.driver" => data_files.set_driver(value)?,
@@ -546,6 +620,8 @@ struct FileKeys {
     reference: Option<PathBuf>,
     filename: Option<PathBuf>,
     driver: bool,
+    /// Another `file.*` option was given.
+    other: bool,
 }
 
 impl FileKeys {
@@ -562,7 +638,7 @@ impl FileKeys {
     /// The path given, or a conflict if both a reference and `.filename`/`.driver` were given.
     fn resolve(&self) -> Result<Option<PathBuf>, OptionError> {
         match (&self.reference, &self.filename) {
-            (Some(_), _) if self.filename.is_some() || self.driver => {
+            (Some(_), _) if self.filename.is_some() || self.driver || self.other => {
                 Err(OptionError::FileConflict)
             }
             (Some(path), None) | (None, Some(path)) => Ok(Some(path.clone())),

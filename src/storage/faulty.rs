@@ -223,6 +223,10 @@ impl<S: Storage> Storage for FaultyStorage<S> {
         self.record(RecordedOp::Discard { offset, len });
         Ok(())
     }
+
+    fn lock(&self, req: &super::LockRequest) -> Result<(), super::LockError> {
+        self.inner.lock(req)
+    }
 }
 
 /// Applies `ops` to `base`, producing the bytes a file would hold after them.

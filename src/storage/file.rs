@@ -1,16 +1,25 @@
 //! A host file, accessed with `pread`/`pwrite` (no shared seek position).
 
+use super::lock::{self, HeldLocks, LockError, LockRequest};
 use super::{sys, Storage};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 /// A [`Storage`] over a host file using positioned I/O, safe to share between
 /// threads.
+///
+/// Opening takes no locks; [`Storage::lock`] takes QEMU-compatible ones (see
+/// [`crate::storage::lock`]), which are released when the storage is dropped.
 #[derive(Debug)]
 pub struct FileStorage {
     file: File,
+    /// The name it was opened by (for lock messages).
+    path: Option<PathBuf>,
+    /// The lock bytes this open holds.
+    locks: Mutex<HeldLocks>,
 }
 
 impl FileStorage {
@@ -20,7 +29,42 @@ impl FileStorage {
     /// The error of `open(2)`.
     pub fn open(path: &Path, writable: bool) -> io::Result<Self> {
         let file = OpenOptions::new().read(true).write(writable).open(path)?;
-        Ok(Self { file })
+        Ok(Self::with_path(file, path))
+    }
+
+    fn with_path(file: File, path: &Path) -> Self {
+        Self {
+            file,
+            path: Some(path.to_path_buf()),
+            locks: Mutex::default(),
+        }
+    }
+
+    /// Opens a file for creating an image in it: read-write, created if missing, but **not**
+    /// truncated, so that locks can be taken ([`LockRequest::create`]) before the old contents
+    /// are dropped with `set_len(0)` (as QEMU's `raw_co_create` does).
+    ///
+    /// # Errors
+    /// The error of `open(2)`.
+    pub fn open_for_create(path: &Path, new_only: bool) -> io::Result<Self> {
+        let mut oo = OpenOptions::new();
+        oo.read(true).write(true);
+        if new_only {
+            oo.create_new(true);
+        } else {
+            oo.create(true).truncate(false);
+        }
+        let file = oo.open(path)?;
+        Ok(Self::with_path(file, path))
+    }
+
+    /// Sets the no-copy-on-write attribute (`chattr +C`; effective on Btrfs for an empty
+    /// file).
+    ///
+    /// # Errors
+    /// The error of the `FS_IOC_SETFLAGS` ioctl.
+    pub fn set_nocow(&self) -> io::Result<()> {
+        sys::set_nocow(&self.file)
     }
 
     /// Creates (or truncates) a file for writing. With `nocow`, the
@@ -67,17 +111,31 @@ impl FileStorage {
             // Like QEMU: failure to set the attribute is not an error.
             let _ = sys::set_nocow(&file);
         }
-        Ok(Self { file })
+        Ok(Self::with_path(file, path))
     }
 
     /// Wraps an already open file.
     pub fn from_file(file: File) -> Self {
-        Self { file }
+        Self {
+            file,
+            path: None,
+            locks: Mutex::default(),
+        }
     }
 
     /// Whether the file has the no-copy-on-write attribute (`chattr +C`).
     pub fn is_nocow(&self) -> bool {
         sys::is_nocow(&self.file).unwrap_or(false)
+    }
+}
+
+impl Drop for FileStorage {
+    /// Releases the locks explicitly instead of leaving it to `close(2)`: a
+    /// child process forked by another thread shares the open file
+    /// description until it execs, and would keep them alive meanwhile.
+    fn drop(&mut self) {
+        let held = self.locks.get_mut().unwrap_or_else(|p| p.into_inner());
+        lock::release(&self.file, held);
     }
 }
 
@@ -139,6 +197,12 @@ impl Storage for FileStorage {
 
     fn allocated_bytes(&self) -> io::Result<u64> {
         Ok(self.file.metadata()?.blocks() * 512)
+    }
+
+    fn lock(&self, req: &LockRequest) -> Result<(), LockError> {
+        let mut held = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        let path = self.path.as_deref().unwrap_or(Path::new(""));
+        lock::apply(&self.file, path, &mut held, req)
     }
 }
 

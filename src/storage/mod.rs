@@ -6,11 +6,13 @@
 
 mod faulty;
 mod file;
+pub mod lock;
 mod memory;
 pub(crate) mod sys;
 
 pub use faulty::{replay, Fault, FaultKind, FaultOp, FaultyStorage, RecordedOp};
 pub use file::FileStorage;
+pub use lock::{LockError, LockRequest, Locking, Permissions};
 pub use memory::MemStorage;
 
 use std::io;
@@ -163,6 +165,18 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn allocated_bytes(&self) -> io::Result<u64> {
         self.len()
     }
+
+    /// Takes (or changes) QEMU-compatible advisory locks for `req` on the underlying file
+    /// (see [`lock`]): on success this storage holds exactly the request's lock bytes until it
+    /// is dropped or locked again; on a conflict it keeps what it held before. The default
+    /// (storage that no other process can open, such as [`MemStorage`]) takes none.
+    ///
+    /// # Errors
+    /// [`LockError::Conflict`] when another open of the file holds a conflicting lock,
+    /// [`LockError::Syscall`] when `fcntl` fails.
+    fn lock(&self, _req: &LockRequest) -> Result<(), LockError> {
+        Ok(())
+    }
 }
 
 impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
@@ -195,5 +209,8 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     }
     fn allocated_bytes(&self) -> io::Result<u64> {
         (**self).allocated_bytes()
+    }
+    fn lock(&self, req: &LockRequest) -> Result<(), LockError> {
+        (**self).lock(req)
     }
 }

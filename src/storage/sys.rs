@@ -1,5 +1,6 @@
 //! The only module with `unsafe`: thin wrappers over Linux system calls that
-//! std does not expose (fallocate, hole punching, SEEK_DATA, the nocow ioctl).
+//! std does not expose (fallocate, hole punching, SEEK_DATA, the nocow ioctl,
+//! fcntl byte-range locks).
 #![allow(unsafe_code)]
 
 use std::fs::File;
@@ -113,6 +114,74 @@ pub fn data_extent(file: &File, offset: u64, max: u64) -> io::Result<(bool, u64)
         Some(hole) if hole < offset => Err(io::Error::from_raw_os_error(libc::EIO)),
         // Data and hole at once, or no hole after data: no information.
         _ => Ok((true, max)),
+    }
+}
+
+/// A one-byte `struct flock` at `byte` of the given type (`F_RDLCK`,
+/// `F_WRLCK`, `F_UNLCK`); `l_pid` is 0, as open-file-description locks
+/// require.
+fn one_byte_flock(byte: u64, kind: libc::c_int) -> io::Result<libc::flock> {
+    let l_type =
+        libc::c_short::try_from(kind).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: `flock` is plain old data for which all-zero bytes are valid.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = l_type;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = off(byte)?;
+    fl.l_len = 1;
+    fl.l_pid = 0;
+    Ok(fl)
+}
+
+/// The fcntl commands for setting and testing a lock: open-file-description
+/// locks (`F_OFD_SETLK`/`F_OFD_GETLK`, owned by the open file, as QEMU uses
+/// them) or, with `ofd` false, process-associated POSIX locks.
+fn lock_cmds(ofd: bool) -> (libc::c_int, libc::c_int) {
+    if ofd {
+        (libc::F_OFD_SETLK, libc::F_OFD_GETLK)
+    } else {
+        (libc::F_SETLK, libc::F_GETLK)
+    }
+}
+
+/// Takes a shared (read) lock on one byte of the file (`shared`), or
+/// releases this file's lock on it. Never waits: a conflicting exclusive lock
+/// makes it fail with `EAGAIN`/`EACCES`.
+pub fn set_byte_lock(file: &File, byte: u64, shared: bool, ofd: bool) -> io::Result<()> {
+    let mut fl = one_byte_flock(byte, if shared { libc::F_RDLCK } else { libc::F_UNLCK })?;
+    let (set, _) = lock_cmds(ofd);
+    // SAFETY: F_(OFD_)SETLK reads one `struct flock` through the pointer,
+    // which points to a live, initialised local; the descriptor is owned by
+    // `file`, which outlives the call.
+    let r = unsafe { libc::fcntl(file.as_raw_fd(), set, &mut fl as *mut libc::flock) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Whether an exclusive lock on one byte would conflict with a lock that
+/// another open file (another process, or another open of the same file in
+/// this process) holds on it. This file's own locks never conflict.
+pub fn byte_lock_conflicts(file: &File, byte: u64, ofd: bool) -> io::Result<bool> {
+    let mut fl = one_byte_flock(byte, libc::F_WRLCK)?;
+    let (_, get) = lock_cmds(ofd);
+    // SAFETY: F_(OFD_)GETLK reads and rewrites one `struct flock` through
+    // the pointer, which points to a live, initialised local.
+    let r = unsafe { libc::fcntl(file.as_raw_fd(), get, &mut fl as *mut libc::flock) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(libc::c_int::from(fl.l_type) != libc::F_UNLCK)
+}
+
+/// Whether the kernel offers open-file-description locks (`F_OFD_GETLK` is
+/// not refused with `EINVAL`), QEMU's `qemu_has_ofd_lock()`.
+pub fn ofd_locks_supported(file: &File) -> bool {
+    match byte_lock_conflicts(file, 0, true) {
+        Ok(_) => true,
+        Err(e) => e.raw_os_error() != Some(libc::EINVAL),
     }
 }
 

@@ -71,11 +71,11 @@ pub fn run(argv: &[String]) -> CmdResult {
     if a.help {
         crate::print_help(
             "bench [-f qcow2] [-c COUNT] [-d DEPTH] [-o OFFSET] [-s BUFFER_SIZE] [-S STEP_SIZE] \
-             [-n] [-t CACHE] [-i AIO] [-w [--pattern=BYTE] [--flush-interval=N [--no-drain]]] FILE",
+             [-n] [-t CACHE] [-i AIO] [-w [--pattern=BYTE] [--flush-interval=N [--no-drain]]] [-U] FILE",
         );
         return Ok(());
     }
-    let _ = (a.native, &a.aio, &a.cache, a.force_share, a.quiet);
+    let _ = (a.native, &a.aio, &a.cache, a.quiet);
     let count = match &a.count {
         None => 75000,
         Some(s) => parse_int(s)
@@ -138,12 +138,14 @@ pub fn run(argv: &[String]) -> CmdResult {
     }
     let filename = &a.rest[0];
     let opts = if a.image_opts {
-        OpenOptions::from_qemu_str(filename)
-            .map_err(|e| Fail::Msg(e.to_string()))?
-            .read_only(!a.write)
+        let o = OpenOptions::from_qemu_str(filename).map_err(|e| Fail::Msg(e.to_string()))?;
+        let share = a.force_share || o.get_force_share();
+        o.read_only(!a.write).force_share(share)
     } else {
         check_format(a.format.as_deref(), filename)?;
-        OpenOptions::new().read_only(!a.write)
+        OpenOptions::new()
+            .read_only(!a.write)
+            .force_share(a.force_share)
     };
     let path = opts
         .filename()

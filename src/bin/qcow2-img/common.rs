@@ -140,8 +140,15 @@ pub fn open_fail(filename: &str, e: &Error) -> Fail {
 }
 
 /// Opens `filename` read-only; with `backing`, its whole chain too.
+#[allow(dead_code)] // for commands without -U
 pub fn open_ro(filename: &str, backing: bool) -> Result<Image, Fail> {
-    let opts = OpenOptions::new().read_only(true);
+    open_ro_shared(filename, backing, false)
+}
+
+/// [`open_ro`], with `-U` (`force-share=on`: QEMU's locks neither block nor
+/// are blocked by other users of the files).
+pub fn open_ro_shared(filename: &str, backing: bool, force_share: bool) -> Result<Image, Fail> {
+    let opts = OpenOptions::new().read_only(true).force_share(force_share);
     let r = if backing {
         Image::open(filename, &opts)
     } else {

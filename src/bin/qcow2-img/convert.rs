@@ -4,11 +4,11 @@
 //! unallocated and zero extents, and data buffers that are all zeroes are
 //! skipped too, so raw output is sparse.
 
-use crate::common::{check_format, open_ro, parse_args, CmdResult, Fail};
+use crate::common::{check_format, open_ro_shared, parse_args, CmdResult, Fail};
 use crate::map::{block_status, layers};
 use clap::Parser;
 use qcow2kit::options::{check_option_list, split_option_string, CreateOptions};
-use qcow2kit::storage::{FileStorage, Storage};
+use qcow2kit::storage::{FileStorage, LockRequest, Locking, Storage};
 use qcow2kit::{Error, Image, OpenOptions};
 use std::path::Path;
 
@@ -57,13 +57,12 @@ const ZERO_UNIT: usize = 4096;
 pub fn run(argv: &[String]) -> CmdResult {
     let a: Args = parse_args(SUB, argv)?;
     if a.help {
-        crate::print_help("convert [-f qcow2] -O raw|qcow2 [-o OPTS] [-c] SRC DST");
+        crate::print_help("convert [-f qcow2] [-U] -O raw|qcow2 [-o OPTS] [-c] SRC DST");
         return Ok(());
     }
     let _ = (
         a.quiet,
         a.progress,
-        a.force_share,
         &a.cache,
         &a.src_cache,
         &a.coroutines,
@@ -82,7 +81,7 @@ pub fn run(argv: &[String]) -> CmdResult {
     }
     let (src_name, dst_name) = (&a.rest[0], &a.rest[1]);
     check_format(a.format.as_deref(), src_name)?;
-    let src = open_ro(src_name, true)?;
+    let src = open_ro_shared(src_name, true, a.force_share)?;
 
     let out_fmt = a.out_format.as_deref().unwrap_or("raw");
     let raw = match out_fmt {
@@ -124,13 +123,17 @@ pub fn run(argv: &[String]) -> CmdResult {
     }
 
     let dst_path = Path::new(dst_name);
+    // Set when the target is in use by another process: it stays as it is.
+    let mut dst_busy = false;
     let result = if let Some(opts) = create_opts {
-        convert_to_qcow2(&src, src_name, dst_name, &opts)
+        convert_to_qcow2(&src, src_name, dst_name, &opts, &mut dst_busy)
     } else {
-        convert_to_raw(&src, src_name, dst_path, size)
+        convert_to_raw(&src, src_name, dst_path, size, &mut dst_busy)
     };
     if let Err(f) = result {
-        let _ = std::fs::remove_file(dst_path);
+        if !dst_busy {
+            let _ = std::fs::remove_file(dst_path);
+        }
         return Err(f);
     }
     Ok(())
@@ -194,14 +197,31 @@ fn copy_data(
     Ok(())
 }
 
-fn convert_to_raw(src: &Image, src_name: &str, dst: &Path, size: u64) -> CmdResult {
+fn convert_to_raw(
+    src: &Image,
+    src_name: &str,
+    dst: &Path,
+    size: u64,
+    dst_busy: &mut bool,
+) -> CmdResult {
     let name = dst.display().to_string();
-    let file = FileStorage::create(dst, false).map_err(|e| {
+    let file = FileStorage::open_for_create(dst, false).map_err(|e| {
         Fail::Msg(format!(
             "{name}: Could not create '{name}': {}",
             Error::io(qcow2kit::error::IoOp::Write, 0, e).qemu_message()
         ))
     })?;
+    // Locked before it is emptied, as QEMU's file creation does.
+    file.lock(&LockRequest::create(Locking::Auto))
+        .map_err(|e| {
+            *dst_busy = true;
+            Fail::Msg(format!(
+                "{name}: error while converting raw: {}",
+                e.qemu_message()
+            ))
+        })?;
+    file.set_len(0)
+        .map_err(|e| Fail::Msg(format!("{name}: Could not resize file: {e}")))?;
     file.set_len(size)
         .map_err(|e| Fail::Msg(format!("{name}: Could not resize file: {e}")))?;
     copy_data(src, src_name, |off, data| {
@@ -213,11 +233,26 @@ fn convert_to_raw(src: &Image, src_name: &str, dst: &Path, size: u64) -> CmdResu
     Ok(())
 }
 
-fn convert_to_qcow2(src: &Image, src_name: &str, dst: &str, opts: &CreateOptions) -> CmdResult {
+fn convert_to_qcow2(
+    src: &Image,
+    src_name: &str,
+    dst: &str,
+    opts: &CreateOptions,
+    dst_busy: &mut bool,
+) -> CmdResult {
     let size = opts.size.unwrap_or_else(|| src.size());
     let fail = |m: String| Fail::Msg(format!("{dst}: {m}"));
     opts.validate().map_err(|e| fail(e.to_string()))?;
-    qcow2kit::create::create(Path::new(dst), opts, size).map_err(|e| fail(e.qemu_message()))?;
+    qcow2kit::create::create(Path::new(dst), opts, size).map_err(|e| match e {
+        Error::Lock(_) => {
+            *dst_busy = true;
+            fail(format!(
+                "error while converting qcow2: {}",
+                e.qemu_message()
+            ))
+        }
+        _ => fail(e.qemu_message()),
+    })?;
     let out =
         Image::open(dst, &OpenOptions::new()).map_err(|e| crate::common::open_fail(dst, &e))?;
     copy_data(src, src_name, |off, data| {

@@ -125,7 +125,8 @@ pub fn run(argv: &[String]) -> CmdResult {
     let path = Path::new(&filename);
     if let Err(e) = qcow2kit::create::create(path, &opts, size) {
         let created = path.exists();
-        if created {
+        // A file another process holds was left untouched: it stays.
+        if created && !matches!(e, Error::Lock(_)) {
             let _ = std::fs::remove_file(path);
         }
         let msg = match &e {
@@ -159,7 +160,9 @@ fn probe_backing(full: &str, fmt: Option<&str>) -> Result<(&'static str, u64), S
         None => is_qcow2,
     };
     if as_qcow2 {
-        let img = Image::open(full, &OpenOptions::new().read_only(true))
+        // As qemu-img create: the backing file is opened with force-share,
+        // so an image in use by another process can still be a backing file.
+        let img = Image::open(full, &OpenOptions::new().read_only(true).force_share(true))
             .map_err(|e| crate::common::open_error_text(full, &e))?;
         Ok(("qcow2", img.size()))
     } else {

@@ -48,7 +48,6 @@ pub fn run(argv: &[String]) -> CmdResult {
         crate::print_help("info [-f qcow2] [--output human|json] [--backing-chain] [-U] FILE");
         return Ok(());
     }
-    let _ = a.force_share;
     let output = parse_output(a.output.as_deref(), SUB)?;
     if a.rest.len() != 1 {
         return Err(Fail::Usage("Expecting one image file name".into(), SUB));
@@ -73,8 +72,11 @@ pub fn run(argv: &[String]) -> CmdResult {
             })?;
             ImageInfo::raw(&f, &name).map_err(|e| Fail::Msg(e.qemu_message()))?
         } else {
-            let img = Image::open_without_backing(&name, &OpenOptions::new().read_only(true))
-                .map_err(|e| open_fail(&name, &e))?;
+            let opts = OpenOptions::new()
+                .read_only(true)
+                .force_share(a.force_share);
+            let img =
+                Image::open_without_backing(&name, &opts).map_err(|e| open_fail(&name, &e))?;
             ImageInfo::from_image(&img, &name).map_err(|e| Fail::Msg(e.qemu_message()))?
         };
         let next = info.backing_filename.clone();

@@ -58,7 +58,7 @@ QEMU Disk exerciser
                        from the given string
   -h, --help           display this help and exit
 
-Commands: read, write, discard, flush, map, open, close, abort
+Commands: read, write, discard, flush, map, open, close, sleep, abort
 ";
 
 /// qemu-io's `BDRV_REQUEST_MAX_BYTES`.
@@ -72,7 +72,6 @@ pub fn run(argv: &[String]) -> Result<(), Fail> {
         return Ok(());
     }
     let _ = (
-        a.force_share,
         a.nocache,
         a.copy_on_read,
         a.native_aio,
@@ -93,11 +92,15 @@ pub fn run(argv: &[String]) -> Result<(), Fail> {
         let r = if a.image_opts {
             OpenOptions::from_qemu_str(arg)
                 .map_err(|e| format!("can't open: {e}"))
-                .and_then(|o| state.open(None, o.read_only(a.read_only)))
+                .and_then(|o| {
+                    let share = a.force_share || o.get_force_share();
+                    state.open(None, o.read_only(a.read_only).force_share(share))
+                })
         } else {
             check_format(a.format.as_deref(), arg).and_then(|_| {
                 let o = OpenOptions::new()
                     .read_only(a.read_only)
+                    .force_share(a.force_share)
                     .with_filename(PathBuf::from(arg));
                 state.open(Some(arg), o)
             })
@@ -214,6 +217,15 @@ const CMDS: &[Cmd] = &[
         usage: "close -- close the current open file",
     },
     Cmd {
+        name: "sleep",
+        alt: None,
+        argmin: 1,
+        argmax: Some(1),
+        needs_file: false,
+        write: false,
+        usage: "sleep -- waits for the given value in milliseconds",
+    },
+    Cmd {
         name: "abort",
         alt: None,
         argmin: 0,
@@ -308,6 +320,7 @@ impl State {
                 }
                 true
             }
+            "sleep" => sleep(rest[0]),
             "abort" => std::process::abort(),
             _ => false,
         }
@@ -557,9 +570,10 @@ impl State {
                 }
             }
         }
-        let ro = opts.iter().any(|(c, _)| *c == 'r');
-        let ro = ro || o.get_read_only();
-        let mut o = o.read_only(ro);
+        let has = |f: char| opts.iter().any(|(c, _)| *c == f);
+        let ro = has('r') || o.get_read_only();
+        let share = has('U') || o.get_force_share();
+        let mut o = o.read_only(ro).force_share(share);
         if let Some(p) = pos.first() {
             o = o.with_filename(PathBuf::from(p));
         }
@@ -571,6 +585,59 @@ impl State {
             }
         }
     }
+}
+
+/// qemu-io's `sleep MS`: C `strtol` (base 0) must consume the whole
+/// argument and give a non-negative number, else `X is not a valid number`
+/// (stdout). Prints nothing on success.
+fn sleep(arg: &str) -> Done {
+    match parse_strtol_ms(arg) {
+        Some(ms) => {
+            std::thread::sleep(Duration::from_millis(ms));
+            true
+        }
+        None => {
+            println!("{arg} is not a valid number");
+            false
+        }
+    }
+}
+
+/// `strtol(s, &end, 0)` with `*end == '\0'` and a result `>= 0`: optional
+/// leading white space and sign, `0x` hex, `0` octal, decimal. Overflow
+/// saturates, as `strtol` does. The empty string is 0.
+fn parse_strtol_ms(s: &str) -> Option<u64> {
+    let t = s.trim_start_matches([' ', '\t', '\n', '\r', '\x0b', '\x0c']);
+    let (neg, t) = match t.as_bytes().first() {
+        Some(b'-') => (true, &t[1..]),
+        Some(b'+') => (false, &t[1..]),
+        _ => (false, t),
+    };
+    let (radix, digits) = if let Some(h) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        if h.chars().next().is_some_and(|c| c.is_ascii_hexdigit()) {
+            (16, h)
+        } else {
+            // strtol parses the "0" and stops at the "x".
+            return (s.is_empty() || t.len() == 1).then_some(0);
+        }
+    } else if t.len() > 1 && t.starts_with('0') {
+        (8, &t[1..])
+    } else {
+        (10, t)
+    };
+    if digits.is_empty() {
+        // No digits at all: strtol returns 0 with end = s (valid only if s is "").
+        return s.is_empty().then_some(0);
+    }
+    if !digits.chars().all(|c| c.is_digit(radix)) {
+        return None;
+    }
+    let v = u64::from_str_radix(digits, radix).unwrap_or(i64::MAX as u64);
+    let v = v.min(i64::MAX as u64);
+    if neg && v != 0 {
+        return None;
+    }
+    Some(v)
 }
 
 /// A small getopt (glibc style: options may follow operands). Returns the
@@ -768,6 +835,25 @@ mod tests {
         assert_eq!(cvtstr(0.0), "0 bytes");
         assert_eq!(cvtstr(1536.0), "1.500 KiB");
         assert_eq!(cvtstr(786432.0), "768 KiB");
+    }
+
+    #[test]
+    fn sleep_argument_like_strtol() {
+        assert_eq!(parse_strtol_ms("3000"), Some(3000));
+        assert_eq!(parse_strtol_ms("0x10"), Some(16));
+        assert_eq!(parse_strtol_ms("010"), Some(8));
+        assert_eq!(parse_strtol_ms("0"), Some(0));
+        assert_eq!(parse_strtol_ms("+5"), Some(5));
+        assert_eq!(parse_strtol_ms("-0"), Some(0));
+        assert_eq!(parse_strtol_ms("1.5"), None);
+        assert_eq!(parse_strtol_ms("x"), None);
+        assert_eq!(parse_strtol_ms("-1"), None);
+        assert_eq!(parse_strtol_ms("08"), None);
+        assert_eq!(parse_strtol_ms("0x"), None);
+        assert_eq!(
+            parse_strtol_ms("99999999999999999999"),
+            Some(i64::MAX as u64)
+        );
     }
 
     #[test]

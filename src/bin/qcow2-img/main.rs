@@ -26,13 +26,13 @@ QEMU disk image utility for qcow2 images (qcow2kit)
 Command syntax:
   amend [-f qcow2] [-q] -o OPTS FILE
   bench [-f qcow2] [-c COUNT] [-d DEPTH] [-o OFFSET] [-s BUFFER_SIZE] [-S STEP_SIZE] [-n]
-        [-t CACHE] [-i AIO] [-w [--pattern=BYTE] [--flush-interval=N [--no-drain]]] FILE
+        [-t CACHE] [-i AIO] [-w [--pattern=BYTE] [--flush-interval=N [--no-drain]]] [-U] FILE
   check [-f qcow2] [-r leaks|all] [--output human|json] [-q] [-U] FILE
-  convert [-f qcow2] -O raw|qcow2 [-o OPTS] [-c] SRC DST
+  convert [-f qcow2] [-U] -O raw|qcow2 [-o OPTS] [-c] SRC DST
   create -f qcow2 [-o OPTS]... [-b BACKING [-F FMT]] [-q] FILE [SIZE]
   info [-f qcow2] [--output human|json] [--backing-chain] [-U] FILE
   io [-r] [-f qcow2] [-U] [--image-opts] [-c CMD]... [FILE|OPTSTRING]
-  map [-f qcow2] [--output human|json] FILE
+  map [-f qcow2] [--output human|json] [-U] FILE
   resize [-f qcow2] [-q] [--preallocation=MODE] [--shrink] FILE [+|-]SIZE
 ";
 

@@ -2,7 +2,9 @@
 //! `convert`: QEMU's `get_block_status` over [`Image::block_status`] of each
 //! layer, with `bdrv_co_block_status`'s rules for unallocated ranges.
 
-use crate::common::{check_format, open_ro, parse_args, parse_output, CmdResult, Fail, Output};
+use crate::common::{
+    check_format, open_ro_shared, parse_args, parse_output, CmdResult, Fail, Output,
+};
 use clap::Parser;
 use qcow2kit::image::Backing;
 use qcow2kit::info::path_combine;
@@ -316,10 +318,9 @@ fn dump(output: Output, e: &MapEntry, next: Option<&mut MapEntry>) -> Result<(),
 pub fn run(argv: &[String]) -> CmdResult {
     let a: Args = parse_args(SUB, argv)?;
     if a.help {
-        crate::print_help("map [-f qcow2] [--output human|json] [-s OFFSET] [-l LENGTH] FILE");
+        crate::print_help("map [-f qcow2] [--output human|json] [-s OFFSET] [-l LENGTH] [-U] FILE");
         return Ok(());
     }
-    let _ = a.force_share;
     let output = parse_output(a.output.as_deref(), SUB)?;
     if a.rest.len() != 1 {
         return Err(Fail::Usage("Expecting one image file name".into(), SUB));
@@ -336,7 +337,7 @@ pub fn run(argv: &[String]) -> CmdResult {
     let max_len = size_arg(&a.max_length, "length")?;
     let filename = &a.rest[0];
     check_format(a.format.as_deref(), filename)?;
-    let img = open_ro(filename, true)?;
+    let img = open_ro_shared(filename, true, a.force_share)?;
     let ls = layers(&img, filename).map_err(|e| Fail::Msg(e.qemu_message()))?;
     let mut length = img.size();
     if let Some(m) = max_len {

@@ -23,8 +23,6 @@ struct Args {
     preallocation: Option<String>,
     #[arg(long = "shrink")]
     shrink: bool,
-    #[arg(short = 'U', long = "force-share")]
-    force_share: bool,
     #[arg(num_args = 0..)]
     rest: Vec<String>,
 }
@@ -67,7 +65,6 @@ pub fn run(argv: &[String]) -> CmdResult {
     };
     let n = parse_size(digits).map_err(|e| Fail::Msg(e.into_option_error("size").to_string()))?;
     check_format(a.format.as_deref(), filename)?;
-    let _ = a.force_share;
 
     let img = Image::open(filename, &OpenOptions::new()).map_err(|e| open_fail(filename, &e))?;
     let current = i128::from(img.size());

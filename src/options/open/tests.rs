@@ -13,6 +13,34 @@ fn open_err(s: &str) -> String {
 }
 
 #[test]
+fn locking_and_force_share() {
+    let o = OpenOptions::new();
+    assert_eq!(
+        (o.get_locking(), o.get_force_share()),
+        (Locking::Auto, false)
+    );
+    let o = OpenOptions::from_qemu_str("file.locking=off,force-share=on").unwrap();
+    assert_eq!((o.get_locking(), o.get_force_share()), (Locking::Off, true));
+    assert_eq!(
+        o.check_force_share().unwrap_err().to_string(),
+        "force-share=on can only be used with read-only images"
+    );
+    assert_eq!(o.read_only(true).check_force_share(), Ok(()));
+    assert_eq!(open_err("file.locking=yes"), "invalid parameter value: yes");
+    assert_eq!(
+        open_err("force-share=2"),
+        "Parameter 'force-share' expects 'on' or 'off'"
+    );
+    // `file=NAME` excludes every other `file.*` option.
+    assert_eq!(
+        open_err("file=a.qcow2,file.locking=off"),
+        "Cannot reference an existing block device with additional options or a new filename"
+    );
+    let o = OpenOptions::new().locking(Locking::On).force_share(true);
+    assert_eq!((o.get_locking(), o.get_force_share()), (Locking::On, true));
+}
+
+#[test]
 fn open_options_defaults_and_builders() {
     let o = OpenOptions::new();
     assert!(!o.get_read_only());
@@ -280,6 +308,13 @@ fn qemu_io_image_opts_errors() {
         "read-only=on",
         "file.driver=foo",
         "file.driver=file",
+        "file.locking=off",
+        "file.locking=auto",
+        "file.locking=on",
+        "file.locking=bogus",
+        "file.locking=OFF",
+        "force-share=on",
+        "force-share=maybe",
     ];
     for case in cases {
         let opts = if case.is_empty() {
