@@ -8,10 +8,12 @@ mod faulty;
 mod file;
 mod memory;
 pub(crate) mod sys;
+mod tracked;
 
 pub use faulty::{replay, Fault, FaultKind, FaultOp, FaultyStorage, RecordedOp};
 pub use file::FileStorage;
 pub use memory::MemStorage;
+pub(crate) use tracked::Tracked;
 
 use std::io;
 
