@@ -226,15 +226,28 @@ pub fn run(argv: &[String]) -> CmdResult {
         })
         .collect();
     for w in workers {
-        let _ = w.join();
+        if w.join().is_err() {
+            // A worker that panicked did not finish its requests.
+            failed.store(true, Ordering::SeqCst);
+        }
     }
     let elapsed = start.elapsed().as_secs_f64();
-    if failed.load(Ordering::SeqCst) {
-        return Err(Fail::Exit(1));
+    let ok = !failed.load(Ordering::SeqCst);
+    if ok {
+        println!("Run completed in {elapsed:.3} seconds.");
     }
-    println!("Run completed in {elapsed:.3} seconds.");
-    if let Ok(img) = Arc::try_unwrap(img) {
-        img.close().map_err(|e| Fail::Msg(e.qemu_message()))?;
+    // Every worker has ended, so this is the last handle; it is closed
+    // (and a failure reported) whether or not the run failed.
+    let closed = match Arc::try_unwrap(img) {
+        Ok(img) => img.close().map_err(|e| Fail::Msg(e.qemu_message())),
+        Err(_) => Err(Fail::Msg("image still in use at close".into())),
+    };
+    match (ok, closed) {
+        (true, r) => r,
+        (false, Ok(())) => Err(Fail::Exit(1)),
+        (false, Err(f)) => {
+            let code = f.report();
+            Err(Fail::Exit(code))
+        }
     }
-    Ok(())
 }
