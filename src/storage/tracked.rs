@@ -153,6 +153,60 @@ mod tests {
         assert!(!t.is_dirty());
     }
 
+    /// A storage whose writes wait until released, to hold one in flight.
+    #[derive(Debug)]
+    struct Gate {
+        inner: MemStorage,
+        entered: std::sync::Mutex<std::sync::mpsc::Sender<()>>,
+        release: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+    }
+
+    impl Storage for Gate {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+            self.inner.read_at(buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+            self.entered.lock().unwrap().send(()).unwrap();
+            self.release.lock().unwrap().recv().unwrap();
+            self.inner.write_at(buf, offset)
+        }
+        fn flush(&self) -> io::Result<()> {
+            self.inner.flush()
+        }
+        fn len(&self) -> io::Result<u64> {
+            self.inner.len()
+        }
+        fn set_len(&self, len: u64) -> io::Result<()> {
+            self.inner.set_len(len)
+        }
+    }
+
+    #[test]
+    fn a_write_completing_during_a_sync_stays_unsynced() {
+        let (entered_tx, entered_rx) = std::sync::mpsc::channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel();
+        let gate = Arc::new(Gate {
+            inner: MemStorage::new(),
+            entered: std::sync::Mutex::new(entered_tx),
+            release: std::sync::Mutex::new(release_rx),
+        });
+        let t = Arc::new(Tracked::new(gate, false));
+        // An earlier completed write makes the flag set.
+        release_tx.send(()).unwrap();
+        t.write_at(b"a", 0).unwrap();
+        entered_rx.recv().unwrap();
+        // A second write is in flight while a flush syncs.
+        let t2 = t.clone();
+        let writer = std::thread::spawn(move || t2.write_at(b"b", 1).unwrap());
+        entered_rx.recv().unwrap();
+        t.flush().unwrap();
+        assert!(!t.is_dirty());
+        release_tx.send(()).unwrap();
+        writer.join().unwrap();
+        // The sync did not cover it: the next flush must sync again.
+        assert!(t.is_dirty());
+    }
+
     #[test]
     fn no_flush_skips_the_sync() {
         let f = Arc::new(FaultyStorage::new(MemStorage::new()));
