@@ -14,7 +14,8 @@ fn unsynced(log: &[RecordedOp]) -> bool {
     log.iter()
         .rev()
         .take_while(|o| **o != RecordedOp::Flush)
-        .any(|o| !matches!(o, RecordedOp::Flush))
+        .next()
+        .is_some()
 }
 
 fn changed(log: &[RecordedOp]) -> bool {
@@ -227,4 +228,24 @@ fn injected_eio_at_close_is_reported() {
             "{op:?}: {e:?}"
         );
     }
+}
+
+#[test]
+fn lazy_refcounts_flush_and_close_leave_nothing_unsynced() {
+    let mem = Arc::new(MemStorage::new());
+    crate::create::create_on(mem.clone(), &CreateOptions::default(), 1 << 20).unwrap();
+    let file = Arc::new(FaultyStorage::new(MemStorage::from_bytes(mem.to_vec())));
+    let img = Image::open_storage(file.clone(), &OpenOptions::new().lazy_refcounts(true)).unwrap();
+    file.start_recording();
+    img.write_at(&[1u8; 65536], 0).unwrap();
+    img.flush().unwrap();
+    assert!(!unsynced(&file.take_log()));
+    file.start_recording();
+    img.write_at(&[2u8; 4096], 0).unwrap();
+    img.close().unwrap();
+    let log = file.take_log();
+    assert!(!unsynced(&log), "{log:?}");
+    // The dirty bit (incompatible bit 0) is cleared by the clean close.
+    let bytes = file.inner().to_vec();
+    assert_eq!(bytes[79] & 1, 0);
 }

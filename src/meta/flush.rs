@@ -251,7 +251,11 @@ impl Meta {
         // A dirty bit found at open (stale refcounts from a crash) is only
         // cleared by a repair, never by closing.
         if self.header.incompatible_features & INCOMPAT_DIRTY != 0 && !self.dirty_at_open {
-            self.sync()?;
+            // Everything is durable before the bit goes (already so when
+            // nothing changed since the last sync).
+            if self.file.is_dirty() || self.data_unsynced {
+                self.sync()?;
+            }
             self.header.incompatible_features &= !INCOMPAT_DIRTY;
             self.write_incompatible_features()?;
         }
