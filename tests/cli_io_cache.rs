@@ -183,3 +183,37 @@ fn io_overlap_found_at_write_back_matches_qemu_io() {
         }
     }
 }
+
+#[test]
+fn bench_cache_modes_match_qemu_img() {
+    if !have_qemu("bench_cache_modes_match_qemu_img") {
+        return;
+    }
+    let (qd, od) = (scratch(), scratch());
+    let (q, o) = (qd.path(), od.path());
+    for d in [q, o] {
+        create(d, "b.qcow2");
+    }
+    for mode in [
+        "bogus",
+        "writeback",
+        "writethrough",
+        "none",
+        "directsync",
+        "unsafe",
+    ] {
+        let args = [
+            "-w", "-t", mode, "-c", "8", "-d", "1", "-s", "4k", "b.qcow2",
+        ];
+        let mut qargs = vec!["bench", "-i", "threads"];
+        qargs.extend_from_slice(&args);
+        let r = qemu(q, "qemu-img", &qargs);
+        let mut oargs = vec!["bench"];
+        oargs.extend_from_slice(&args);
+        let s = ours(o, &oargs);
+        assert_eq!(s.code, r.code, "{mode}: {s:?} vs {r:?}");
+        assert_eq!(s.err, r.err, "{mode}");
+        let first = |t: &str| t.lines().next().unwrap_or("").to_owned();
+        assert_eq!(first(&s.out), first(&r.out), "{mode}");
+    }
+}

@@ -75,7 +75,10 @@ pub fn run(argv: &[String]) -> CmdResult {
         );
         return Ok(());
     }
-    let _ = (a.native, &a.aio, &a.cache, a.force_share, a.quiet);
+    let _ = (a.native, &a.aio, a.force_share, a.quiet);
+    // qemu-img's cache modes; its commands default to write-back.
+    let cache = crate::io::CacheMode::parse(a.cache.as_deref().unwrap_or("writeback"))
+        .ok_or_else(|| Fail::Msg("Invalid cache mode".into()))?;
     let count = match &a.count {
         None => 75000,
         Some(s) => parse_int(s)
@@ -138,13 +141,15 @@ pub fn run(argv: &[String]) -> CmdResult {
     }
     let filename = &a.rest[0];
     let opts = if a.image_opts {
-        OpenOptions::from_qemu_str(filename)
-            .map_err(|e| Fail::Msg(e.to_string()))?
-            .read_only(!a.write)
+        let mut o = cache.apply(OpenOptions::new());
+        o.apply_qemu_str(filename)
+            .map_err(|e| Fail::Msg(e.to_string()))?;
+        o.read_only(!a.write)
     } else {
         check_format(a.format.as_deref(), filename)?;
-        OpenOptions::new().read_only(!a.write)
+        cache.apply(OpenOptions::new()).read_only(!a.write)
     };
+    let writethrough = cache.writethrough;
     let path = opts
         .filename()
         .map(|p| p.to_path_buf())
@@ -191,7 +196,15 @@ pub fn run(argv: &[String]) -> CmdResult {
                     let len = bufsize.min(image_size.saturating_sub(off)) as usize;
                     let r = if write {
                         let _g = drain.read();
-                        img.write_at(&buf[..len], off)
+                        // Write-through: each write is flushed (QEMU's
+                        // FUA emulation); a failed flush fails the request.
+                        img.write_at(&buf[..len], off).and_then(|_| {
+                            if writethrough {
+                                img.flush()
+                            } else {
+                                Ok(())
+                            }
+                        })
                     } else {
                         img.read_at(&mut buf[..len], off)
                     };

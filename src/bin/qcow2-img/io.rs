@@ -643,13 +643,13 @@ fn report_close(img: Image) {
 /// qemu-io's cache settings (`-t MODE`, `-n`), as QEMU's
 /// `bdrv_parse_cache_mode` sets them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct CacheMode {
+pub(crate) struct CacheMode {
     /// `O_DIRECT` (`cache.direct=on`).
     direct: bool,
     /// Flushes do nothing (`cache.no-flush=on`).
     no_flush: bool,
     /// Flush after every write (the block backend's write cache is off).
-    writethrough: bool,
+    pub(crate) writethrough: bool,
 }
 
 impl CacheMode {
@@ -661,7 +661,7 @@ impl CacheMode {
     };
 
     /// `none`/`off`, `directsync`, `writeback`, `unsafe`, `writethrough`.
-    fn parse(mode: &str) -> Option<CacheMode> {
+    pub(crate) fn parse(mode: &str) -> Option<CacheMode> {
         let (direct, no_flush, writethrough) = match mode {
             "none" | "off" => (true, false, false),
             "directsync" => (true, false, true),
@@ -704,7 +704,7 @@ impl CacheMode {
         })
     }
 
-    fn apply(self, o: OpenOptions) -> OpenOptions {
+    pub(crate) fn apply(self, o: OpenOptions) -> OpenOptions {
         o.cache_direct(self.direct).cache_no_flush(self.no_flush)
     }
 }
