@@ -217,3 +217,52 @@ fn bench_cache_modes_match_qemu_img() {
         assert_eq!(first(&s.out), first(&r.out), "{mode}");
     }
 }
+
+#[test]
+fn convert_cache_modes_match_qemu_img() {
+    if !have_qemu("convert_cache_modes_match_qemu_img") {
+        return;
+    }
+    let (qd, od) = (scratch(), scratch());
+    let (q, o) = (qd.path(), od.path());
+    for d in [q, o] {
+        create(d, "s.qcow2");
+        qemu_ok(d, "qemu-io", &["-c", "write -q -P 5 1000 300k", "s.qcow2"]);
+    }
+    let cases: &[&[&str]] = &[
+        &[],
+        &["-t", "writeback"],
+        &["-t", "none"],
+        &["-t", "directsync"],
+        &["-t", "writethrough"],
+        &["-t", "unsafe"],
+        &["-T", "none"],
+        &["-T", "directsync", "-t", "off"],
+        &["-t", "bogus"],
+        &["-T", "bogus"],
+    ];
+    for fmt in ["raw", "qcow2"] {
+        for (k, mode) in cases.iter().enumerate() {
+            let out = format!("o{k}.{fmt}");
+            let mut args = vec!["convert", "-O", fmt];
+            args.extend_from_slice(mode);
+            args.extend_from_slice(&["s.qcow2", &out]);
+            let r = qemu(q, "qemu-img", &args);
+            let s = ours(o, &args);
+            assert_eq!(s.code, r.code, "{args:?}: {s:?} vs {r:?}");
+            assert_eq!(s.err, r.err, "{args:?}");
+            if r.code == 0 {
+                let c = qemu(
+                    q,
+                    "qemu-img",
+                    &["compare", "-q", &out, o.join(&out).to_str().unwrap()],
+                );
+                assert_eq!(c.code, 0, "{args:?}: {c:?}");
+            }
+        }
+    }
+    // No sources: that error comes first.
+    let r = qemu(q, "qemu-img", &["convert", "-T", "bogus"]);
+    let s = ours(o, &["convert", "-T", "bogus"]);
+    assert_eq!((s.code, s.err), (r.code, r.err));
+}

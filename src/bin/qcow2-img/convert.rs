@@ -4,7 +4,8 @@
 //! unallocated and zero extents, and data buffers that are all zeroes are
 //! skipped too, so raw output is sparse.
 
-use crate::common::{check_format, open_ro, parse_args, CmdResult, Fail};
+use crate::common::{check_format, open_ro_with, parse_args, CmdResult, Fail};
+use crate::io::CacheMode;
 use crate::map::{block_status, layers};
 use clap::Parser;
 use qcow2kit::options::{check_option_list, split_option_string, CreateOptions};
@@ -64,8 +65,6 @@ pub fn run(argv: &[String]) -> CmdResult {
         a.quiet,
         a.progress,
         a.force_share,
-        &a.cache,
-        &a.src_cache,
         &a.coroutines,
         a.out_of_order,
     );
@@ -81,8 +80,20 @@ pub fn run(argv: &[String]) -> CmdResult {
         ));
     }
     let (src_name, dst_name) = (&a.rest[0], &a.rest[1]);
+    // qemu-img's defaults: the source write-back, the target unsafe (no
+    // syncs at all).
+    let src_cache =
+        CacheMode::parse(a.src_cache.as_deref().unwrap_or("writeback")).ok_or_else(|| {
+            Fail::Msg(format!(
+                "Invalid source cache option: {}",
+                a.src_cache.as_deref().unwrap_or("")
+            ))
+        })?;
     check_format(a.format.as_deref(), src_name)?;
-    let src = open_ro(src_name, true)?;
+    let src = open_ro_with(
+        src_name,
+        src_cache.apply(OpenOptions::new().read_only(true)),
+    )?;
 
     let out_fmt = a.out_format.as_deref().unwrap_or("raw");
     let raw = match out_fmt {
@@ -123,11 +134,14 @@ pub fn run(argv: &[String]) -> CmdResult {
         ));
     }
 
+    let cache = a.cache.as_deref().unwrap_or("unsafe");
+    let cache = CacheMode::parse(cache)
+        .ok_or_else(|| Fail::Msg(format!("Invalid cache option: {cache}")))?;
     let dst_path = Path::new(dst_name);
     let result = if let Some(opts) = create_opts {
-        convert_to_qcow2(&src, src_name, dst_name, &opts)
+        convert_to_qcow2(&src, src_name, dst_name, &opts, cache)
     } else {
-        convert_to_raw(&src, src_name, dst_path, size)
+        convert_to_raw(&src, src_name, dst_path, size, cache)
     };
     if let Err(f) = result {
         let _ = std::fs::remove_file(dst_path);
@@ -194,7 +208,13 @@ fn copy_data(
     Ok(())
 }
 
-fn convert_to_raw(src: &Image, src_name: &str, dst: &Path, size: u64) -> CmdResult {
+fn convert_to_raw(
+    src: &Image,
+    src_name: &str,
+    dst: &Path,
+    size: u64,
+    cache: CacheMode,
+) -> CmdResult {
     let name = dst.display().to_string();
     let file = FileStorage::create(dst, false).map_err(|e| {
         Fail::Msg(format!(
@@ -202,31 +222,65 @@ fn convert_to_raw(src: &Image, src_name: &str, dst: &Path, size: u64) -> CmdResu
             Error::io(qcow2kit::error::IoOp::Write, 0, e).qemu_message()
         ))
     })?;
+    let file = if cache.direct() {
+        drop(file);
+        FileStorage::open_with(dst, true, true).map_err(|e| {
+            Fail::Msg(format!(
+                "Could not open '{name}': {}",
+                Error::io(qcow2kit::error::IoOp::Write, 0, e).qemu_message()
+            ))
+        })?
+    } else {
+        file
+    };
+    let sync = |file: &FileStorage| {
+        file.flush()
+            .map_err(|e| Fail::Msg(format!("error while flushing: {e}")))
+    };
     file.set_len(size)
         .map_err(|e| Fail::Msg(format!("{name}: Could not resize file: {e}")))?;
     copy_data(src, src_name, |off, data| {
         file.write_at(data, off)
-            .map_err(|e| Fail::Msg(format!("error while writing at byte {off}: {e}")))
+            .map_err(|e| Fail::Msg(format!("error while writing at byte {off}: {e}")))?;
+        if cache.writethrough && !cache.no_flush() {
+            sync(&file)?;
+        }
+        Ok(())
     })?;
-    file.flush()
-        .map_err(|e| Fail::Msg(format!("error while flushing: {e}")))?;
+    if !cache.no_flush() {
+        sync(&file)?;
+    }
     Ok(())
 }
 
-fn convert_to_qcow2(src: &Image, src_name: &str, dst: &str, opts: &CreateOptions) -> CmdResult {
+fn convert_to_qcow2(
+    src: &Image,
+    src_name: &str,
+    dst: &str,
+    opts: &CreateOptions,
+    cache: CacheMode,
+) -> CmdResult {
     let size = opts.size.unwrap_or_else(|| src.size());
     let fail = |m: String| Fail::Msg(format!("{dst}: {m}"));
     opts.validate().map_err(|e| fail(e.to_string()))?;
     qcow2kit::create::create(Path::new(dst), opts, size).map_err(|e| fail(e.qemu_message()))?;
-    let out =
-        Image::open(dst, &OpenOptions::new()).map_err(|e| crate::common::open_fail(dst, &e))?;
+    let out = Image::open(dst, &cache.apply(OpenOptions::new()))
+        .map_err(|e| crate::common::open_fail(dst, &e))?;
     copy_data(src, src_name, |off, data| {
-        out.write_at(data, off).map_err(|e| {
-            Fail::Msg(format!(
-                "error while writing at byte {off}: {}",
-                e.errno_text()
-            ))
-        })
+        out.write_at(data, off)
+            .and_then(|_| {
+                if cache.writethrough {
+                    out.flush()
+                } else {
+                    Ok(())
+                }
+            })
+            .map_err(|e| {
+                Fail::Msg(format!(
+                    "error while writing at byte {off}: {}",
+                    e.errno_text()
+                ))
+            })
     })?;
     out.close()
         .map_err(|e| Fail::Msg(format!("error while flushing: {}", e.errno_text())))?;

@@ -704,6 +704,16 @@ impl CacheMode {
         })
     }
 
+    /// Whether the files are opened with `O_DIRECT`.
+    pub(crate) fn direct(self) -> bool {
+        self.direct
+    }
+
+    /// Whether flushes do nothing.
+    pub(crate) fn no_flush(self) -> bool {
+        self.no_flush
+    }
+
     pub(crate) fn apply(self, o: OpenOptions) -> OpenOptions {
         o.cache_direct(self.direct).cache_no_flush(self.no_flush)
     }
