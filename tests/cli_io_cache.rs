@@ -112,6 +112,9 @@ fn io_bad_cache_modes_match_qemu_io() {
         r.err,
         "qcow2-img: Invalid cache option: bogus\nno file open, try 'help open'\n"
     );
+    // Refused even with an image open (while parsing the options).
+    let r = twin(q, o, &[], &["open -t bogus c.qcow2"], &["c.qcow2"]);
+    assert_eq!(r.err, "qcow2-img: Invalid cache option: bogus\n");
     for mode in [
         "-t writeback",
         "-n",

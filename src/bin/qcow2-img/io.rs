@@ -559,15 +559,8 @@ impl State {
         let Some((opts, pos)) = getopt(cmd, args, "rsCnkUt:d:o:") else {
             return false;
         };
-        if self.img.is_some() {
-            eprintln!("{PROG}: file open already, try 'help close'");
-            return false;
-        }
-        if pos.len() > 1 {
-            println!("{}", cmd.usage);
-            return false;
-        }
-        // The open command has its own cache mode (default writethrough).
+        // The open command has its own cache mode (default writethrough);
+        // a bad one is refused while parsing the options, as in qemu-io.
         let mut cache = CacheMode::DEFAULT;
         for (c, v) in &opts {
             match (c, v) {
@@ -581,6 +574,14 @@ impl State {
                 },
                 _ => {}
             }
+        }
+        if self.img.is_some() {
+            eprintln!("{PROG}: file open already, try 'help close'");
+            return false;
+        }
+        if pos.len() > 1 {
+            println!("{}", cmd.usage);
+            return false;
         }
         let mut o = cache.apply(OpenOptions::new());
         for (c, v) in &opts {
