@@ -525,7 +525,7 @@ where
             let _ = write!(out.stdout, "{p}");
         }
     }
-    match report {
+    let code = match report {
         Ok(report) => {
             if !quiet {
                 if json {
@@ -536,9 +536,10 @@ where
             }
             if report.counts.check_errors != 0 {
                 let _ = writeln!(out.stderr, "{}: Check failed", name.program);
-                return 1;
+                1
+            } else {
+                report.exit_code()
             }
-            report.exit_code()
         }
         Err(e) => {
             let _ = writeln!(
@@ -549,7 +550,23 @@ where
             );
             1
         }
+    };
+    // A repair that could not finish leaves its writes in the caches: the
+    // close writes them back. A failure is reported as qemu-img's qcow2
+    // driver reports it; as there, the exit code stays the check's.
+    if let Err(e) = checker.close() {
+        if !matches!(e, Error::MediumGone | Error::PreviousIoFailed) {
+            let text = e.errno_text();
+            for cache in ["L2 table", "refcount block"] {
+                let _ = writeln!(
+                    out.stderr,
+                    "{}: Failed to flush the {cache} cache: {text}",
+                    name.program
+                );
+            }
+        }
     }
+    code
 }
 
 /// A finding as the command prints it on stderr.

@@ -304,6 +304,15 @@ impl Checker {
         Ok((checker.image, report))
     }
 
+    /// Closes the image: with a repair, whatever the repair left in the
+    /// caches is written back and synced (see [`Image::close`]).
+    ///
+    /// # Errors
+    /// As for [`Image::close`].
+    pub fn close(self) -> Result<()> {
+        self.image.close()
+    }
+
     /// The open image.
     pub fn image(&self) -> &Image {
         &self.image

@@ -25,13 +25,16 @@ use crate::mapping::Extent;
 use crate::meta::{read_file, write_file, DiscardPolicy, DiscardType, Meta, RawL2};
 use crate::options::OpenOptions;
 use crate::overlap::OverlapChecker;
-use crate::storage::{FileStorage, Storage};
+use crate::storage::{FileStorage, Storage, Tracked};
 use crate::types::{Geometry, MetadataKind};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 mod open;
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may panic
+mod sync_tests;
 mod write;
 mod zero;
 
@@ -635,10 +638,19 @@ impl Image {
             .write()
             .map_err(|_| Error::PreviousIoFailed)?;
         meta.flush_all(true)?;
-        if !Arc::ptr_eq(&self.data, &self.file) {
-            self.data
-                .flush()
-                .map_err(|e| Error::io(IoOp::Flush, 0, e))?;
+        Self::sync_data_file(meta)
+    }
+
+    /// Syncs the external data file if anything changed in it since its last
+    /// sync (guest data overwritten in place is written outside the lock).
+    /// A failed sync poisons the handle, as for the image file: what was
+    /// written since the last good sync may be lost.
+    fn sync_data_file(meta: &mut Meta) -> Result<()> {
+        if let Some(d) = &meta.data_file {
+            if let Err(e) = d.flush_if_dirty() {
+                meta.poisoned = true;
+                return Err(Error::io(IoOp::Flush, 0, e));
+            }
         }
         Ok(())
     }
@@ -699,12 +711,7 @@ impl Image {
                 .write()
                 .map_err(|_| Error::PreviousIoFailed)?;
             meta.mark_clean()?;
-            if !Arc::ptr_eq(&self.data, &self.file) {
-                self.data
-                    .flush()
-                    .map_err(|e| Error::io(IoOp::Flush, 0, e))?;
-            }
-            Ok(())
+            Self::sync_data_file(&mut meta)
         })();
         match r {
             Ok(()) => Ok(()),

@@ -41,7 +41,7 @@ impl Image {
     pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Image> {
         let path = path.as_ref();
         check_force_share(opts)?;
-        let file = FileStorage::open(path, !opts.get_read_only())
+        let file = FileStorage::open_with(path, !opts.get_read_only(), opts.get_cache_direct())
             .map_err(|e| Error::io(IoOp::Read, 0, e))?;
         Self::open_inner(
             Arc::new(file),
@@ -79,7 +79,7 @@ impl Image {
     pub fn open_without_backing(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Image> {
         let path = path.as_ref();
         check_force_share(opts)?;
-        let file = FileStorage::open(path, !opts.get_read_only())
+        let file = FileStorage::open_with(path, !opts.get_read_only(), opts.get_cache_direct())
             .map_err(|e| Error::io(IoOp::Read, 0, e))?;
         let mode = OpenMode {
             skip_backing: true,
@@ -152,6 +152,10 @@ impl Image {
             opts.get_force_share(),
             opts.get_locking(),
         ))?;
+        // Every change to the file is tracked, so that a flush syncs exactly
+        // when something changed since the last sync.
+        let tracked = Arc::new(Tracked::new(file, opts.get_cache_no_flush()));
+        let file: Arc<dyn Storage> = tracked.clone();
         let file_len = file.len().map_err(|e| Error::io(IoOp::Read, 0, e))?;
         let mut head = vec![0u8; file_len.min(MAX_HEADER_READ) as usize];
         read_file(&*file, &mut head, 0)?;
@@ -258,8 +262,9 @@ impl Image {
             }));
         }
 
-        let meta = Meta {
-            file: file.clone(),
+        let mut meta = Meta {
+            file: tracked,
+            data_file: None,
             geom,
             efmt,
             l1,
@@ -308,7 +313,9 @@ impl Image {
             Self::open_backing(&meta.header, base_dir.as_deref(), opts)?
         };
         let (data, data_file_path) = if let (true, Some(d)) = (external_data, data_override) {
-            (d, None)
+            let d = Arc::new(Tracked::new(d, opts.get_cache_no_flush()));
+            meta.data_file = Some(d.clone());
+            (d as Arc<dyn Storage>, None)
         } else if external_data {
             let name = opts
                 .get_data_file()
@@ -321,16 +328,19 @@ impl Image {
             if opts.get_data_file().is_none() && !opts.get_backing_policy().permits(&resolved) {
                 return Err(Error::BackingNotPermitted { path: resolved });
             }
-            let s = FileStorage::open(&resolved, !read_only).map_err(|e| Error::Backing {
-                path: resolved.clone(),
-                source: Box::new(Error::io(IoOp::Read, 0, e)),
-            })?;
+            let s = FileStorage::open_with(&resolved, !read_only, opts.get_cache_direct())
+                .map_err(|e| Error::Backing {
+                    path: resolved.clone(),
+                    source: Box::new(Error::io(IoOp::Read, 0, e)),
+                })?;
             // As QEMU: first what attaching the data file asks, then what
             // the image's users add (so the first conflict is QEMU's).
             let (share, locking) = (opts.get_force_share(), opts.get_locking());
             s.lock(&LockRequest::data_file_attach(share, locking))?;
             s.lock(&LockRequest::data_file(read_only, share, locking))?;
-            (Arc::new(s) as Arc<dyn Storage>, Some(resolved))
+            let d = Arc::new(Tracked::new(Arc::new(s), opts.get_cache_no_flush()));
+            meta.data_file = Some(d.clone());
+            (d as Arc<dyn Storage>, Some(resolved))
         } else {
             // QEMU refuses the "raw external data" bit without a data file.
             if meta.header.autoclear_features & AUTOCLEAR_DATA_FILE_RAW != 0 {

@@ -184,7 +184,11 @@ impl Meta {
             self.sync()?;
         }
         let wrote_l1 = self.write_l1_entries()?;
-        if wrote_l2 || wrote_l1 || self.data_unsynced {
+        // Anything changed in the image file since its last sync (tables
+        // just written, guest data overwritten in place outside the lock,
+        // discards, size changes) is made durable; nothing is synced when
+        // nothing changed.
+        if wrote_l2 || wrote_l1 || self.data_unsynced || self.file.is_dirty() {
             self.sync()?;
         }
         if apply_frees && !self.pending_frees.is_empty() {
@@ -247,7 +251,11 @@ impl Meta {
         // A dirty bit found at open (stale refcounts from a crash) is only
         // cleared by a repair, never by closing.
         if self.header.incompatible_features & INCOMPAT_DIRTY != 0 && !self.dirty_at_open {
-            self.sync()?;
+            // Everything is durable before the bit goes (already so when
+            // nothing changed since the last sync).
+            if self.file.is_dirty() || self.data_unsynced {
+                self.sync()?;
+            }
             self.header.incompatible_features &= !INCOMPAT_DIRTY;
             self.write_incompatible_features()?;
         }

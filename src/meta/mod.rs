@@ -28,7 +28,7 @@ use crate::format::entry::{EntryError, EntryFormat, L1Entry, L2Entry, Subcluster
 use crate::format::header::Header;
 use crate::format::{be_u64, put_be_u64};
 use crate::overlap::OverlapChecker;
-use crate::storage::Storage;
+use crate::storage::{Storage, Tracked};
 use crate::types::{Geometry, MetadataKind};
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -87,7 +87,11 @@ pub(crate) struct L2Slot {
 /// The metadata of an open image.
 #[derive(Debug)]
 pub(crate) struct Meta {
-    pub file: Arc<dyn Storage>,
+    /// The image file; it knows whether it changed since its last sync.
+    pub file: Arc<Tracked>,
+    /// The external data file, if any (synced before L2 entries that point
+    /// at new data in it are written).
+    pub data_file: Option<Arc<Tracked>>,
     pub header: Header,
     pub geom: Geometry,
     pub efmt: EntryFormat,
@@ -111,7 +115,9 @@ pub(crate) struct Meta {
     /// is not valid before creation ends anyway; one sync at the end.
     pub no_flush: bool,
     pub discard: DiscardPolicy,
-    /// Guest data was written to new clusters since the last sync.
+    /// Guest data was written to new clusters since the last sync (in the
+    /// image file or the external data file): it must be synced before the
+    /// L2 entries pointing at it are written.
     pub data_unsynced: bool,
     /// A metadata write failed: the in-memory state may be ahead of the file.
     pub poisoned: bool,
@@ -179,11 +185,20 @@ impl Meta {
         r
     }
 
-    /// Syncs the image file.
+    /// Syncs the image file, and first the external data file if guest data
+    /// was written to new clusters in it since its last sync.
     pub fn sync(&mut self) -> Result<()> {
         if self.no_flush {
             self.data_unsynced = false;
             return Ok(());
+        }
+        if self.data_unsynced {
+            if let Some(d) = &self.data_file {
+                if let Err(e) = d.flush_if_dirty() {
+                    self.poisoned = true;
+                    return Err(Error::io(IoOp::Flush, 0, e));
+                }
+            }
         }
         if let Err(e) = self.file.flush() {
             // After a failed fsync nothing written since the last good one can

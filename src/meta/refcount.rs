@@ -7,6 +7,7 @@ use super::{read_file, DiscardType, Meta};
 use crate::error::{Error, Result};
 use crate::format::consts::*;
 use crate::format::{put_be_u64, refcount};
+use crate::storage::Storage;
 use crate::types::MetadataKind;
 
 /// Result of a refcount update that may have had to allocate metadata first.

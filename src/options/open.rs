@@ -62,6 +62,8 @@ pub struct OpenOptions {
     event_handler: crate::events::EventHandler,
     locking: Locking,
     force_share: bool,
+    cache_direct: bool,
+    cache_no_flush: bool,
 }
 
 impl Default for OpenOptions {
@@ -109,6 +111,8 @@ impl OpenOptions {
             event_handler: crate::events::EventHandler::default(),
             locking: Locking::Auto,
             force_share: false,
+            cache_direct: false,
+            cache_no_flush: false,
         }
     }
 
@@ -342,6 +346,35 @@ impl OpenOptions {
         Ok(())
     }
 
+    /// Bypasses the host page cache: the image file (and an external data
+    /// file) is opened with `O_DIRECT` (`cache.direct`, QEMU's
+    /// `cache=none`/`directsync`). File systems without `O_DIRECT` (tmpfs)
+    /// make the open fail with `EINVAL`, as in QEMU.
+    #[must_use]
+    pub fn cache_direct(mut self, on: bool) -> Self {
+        self.cache_direct = on;
+        self
+    }
+
+    /// Makes flushes skip the sync (`cache.no-flush`, QEMU's `cache=unsafe`):
+    /// dirty metadata is still written to the file, but nothing is made
+    /// durable, so a host crash can lose or corrupt the image.
+    #[must_use]
+    pub fn cache_no_flush(mut self, on: bool) -> Self {
+        self.cache_no_flush = on;
+        self
+    }
+
+    /// `cache.direct`.
+    pub fn get_cache_direct(&self) -> bool {
+        self.cache_direct
+    }
+
+    /// `cache.no-flush`.
+    pub fn get_cache_no_flush(&self) -> bool {
+        self.cache_no_flush
+    }
+
     /// Whether the image is opened read-only.
     pub fn get_read_only(&self) -> bool {
         self.read_only
@@ -469,6 +502,8 @@ impl OpenOptions {
     ///   (only `file`), `data-file` / `data-file.filename` (a path), `read-only`, `node-name`,
     ///   `rerror`, `werror` (the last two are `-drive` options in QEMU; accepted here),
     ///   `force-share` (a boolean), `file.locking` (`on`, `off` or `auto`);
+    ///   `cache.direct`, `cache.no-flush` (booleans; see [`OpenOptions::cache_direct`] and
+    ///   [`OpenOptions::cache_no_flush`]);
     /// * `l2-cache-size`, `l2-cache-entry-size`, `refcount-cache-size`, `cache-size` (sizes,
     ///   [`parse_size`](super::parse_size) syntax), `cache-clean-interval` (a number);
     /// * `lazy-refcounts`, `pass-discard-request`, `pass-discard-snapshot`,
@@ -575,6 +610,8 @@ impl OpenOptions {
             "data-file.filename" => data_files.filename = Some(value.into()),
             "data-file.driver" => data_files.set_driver(value)?,
             "read-only" => self.read_only = bool_value()?,
+            "cache.direct" => self.cache_direct = bool_value()?,
+            "cache.no-flush" => self.cache_no_flush = bool_value()?,
             "node-name" => {
                 validate_node_name(value)?;
                 self.node_name = Some(value.to_owned());

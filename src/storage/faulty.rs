@@ -227,6 +227,18 @@ impl<S: Storage> Storage for FaultyStorage<S> {
     fn lock(&self, req: &super::LockRequest) -> Result<(), super::LockError> {
         self.inner.lock(req)
     }
+
+    fn is_hole(&self, offset: u64, len: u64) -> io::Result<bool> {
+        self.inner.is_hole(offset, len)
+    }
+
+    fn data_extent(&self, offset: u64, max: u64) -> io::Result<(bool, u64)> {
+        self.inner.data_extent(offset, max)
+    }
+
+    fn allocated_bytes(&self) -> io::Result<u64> {
+        self.inner.allocated_bytes()
+    }
 }
 
 /// Applies `ops` to `base`, producing the bytes a file would hold after them.

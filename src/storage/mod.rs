@@ -9,11 +9,13 @@ mod file;
 pub mod lock;
 mod memory;
 pub(crate) mod sys;
+mod tracked;
 
 pub use faulty::{replay, Fault, FaultKind, FaultOp, FaultyStorage, RecordedOp};
 pub use file::FileStorage;
 pub use lock::{LockError, LockRequest, Locking, Permissions};
 pub use memory::MemStorage;
+pub(crate) use tracked::Tracked;
 
 use std::io;
 

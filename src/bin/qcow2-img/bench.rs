@@ -75,7 +75,10 @@ pub fn run(argv: &[String]) -> CmdResult {
         );
         return Ok(());
     }
-    let _ = (a.native, &a.aio, &a.cache, a.quiet);
+    let _ = (a.native, &a.aio, a.quiet);
+    // qemu-img's cache modes; its commands default to write-back.
+    let cache = crate::io::CacheMode::parse(a.cache.as_deref().unwrap_or("writeback"))
+        .ok_or_else(|| Fail::Msg("Invalid cache mode".into()))?;
     let count = match &a.count {
         None => 75000,
         Some(s) => parse_int(s)
@@ -138,15 +141,19 @@ pub fn run(argv: &[String]) -> CmdResult {
     }
     let filename = &a.rest[0];
     let opts = if a.image_opts {
-        let o = OpenOptions::from_qemu_str(filename).map_err(|e| Fail::Msg(e.to_string()))?;
+        let mut o = cache.apply(OpenOptions::new());
+        o.apply_qemu_str(filename)
+            .map_err(|e| Fail::Msg(e.to_string()))?;
         let share = a.force_share || o.get_force_share();
         o.read_only(!a.write).force_share(share)
     } else {
         check_format(a.format.as_deref(), filename)?;
-        OpenOptions::new()
+        cache
+            .apply(OpenOptions::new())
             .read_only(!a.write)
             .force_share(a.force_share)
     };
+    let writethrough = cache.writethrough;
     let path = opts
         .filename()
         .map(|p| p.to_path_buf())
@@ -193,7 +200,15 @@ pub fn run(argv: &[String]) -> CmdResult {
                     let len = bufsize.min(image_size.saturating_sub(off)) as usize;
                     let r = if write {
                         let _g = drain.read();
-                        img.write_at(&buf[..len], off)
+                        // Write-through: each write is flushed (QEMU's
+                        // FUA emulation); a failed flush fails the request.
+                        img.write_at(&buf[..len], off).and_then(|_| {
+                            if writethrough {
+                                img.flush()
+                            } else {
+                                Ok(())
+                            }
+                        })
                     } else {
                         img.read_at(&mut buf[..len], off)
                     };
@@ -228,15 +243,28 @@ pub fn run(argv: &[String]) -> CmdResult {
         })
         .collect();
     for w in workers {
-        let _ = w.join();
+        if w.join().is_err() {
+            // A worker that panicked did not finish its requests.
+            failed.store(true, Ordering::SeqCst);
+        }
     }
     let elapsed = start.elapsed().as_secs_f64();
-    if failed.load(Ordering::SeqCst) {
-        return Err(Fail::Exit(1));
+    let ok = !failed.load(Ordering::SeqCst);
+    if ok {
+        println!("Run completed in {elapsed:.3} seconds.");
     }
-    println!("Run completed in {elapsed:.3} seconds.");
-    if let Ok(img) = Arc::try_unwrap(img) {
-        img.close().map_err(|e| Fail::Msg(e.qemu_message()))?;
+    // Every worker has ended, so this is the last handle; it is closed
+    // (and a failure reported) whether or not the run failed.
+    let closed = match Arc::try_unwrap(img) {
+        Ok(img) => img.close().map_err(|e| Fail::Msg(e.qemu_message())),
+        Err(_) => Err(Fail::Msg("image still in use at close".into())),
+    };
+    match (ok, closed) {
+        (true, r) => r,
+        (false, Ok(())) => Err(Fail::Exit(1)),
+        (false, Err(f)) => {
+            let code = f.report();
+            Err(Fail::Exit(code))
+        }
     }
-    Ok(())
 }

@@ -157,6 +157,12 @@ pub fn open_ro_shared(filename: &str, backing: bool, force_share: bool) -> Resul
     r.map_err(|e| open_fail(filename, &e))
 }
 
+/// Opens an image with its backing chain and the given (read-only)
+/// options, mapping failures to qemu-img's messages.
+pub fn open_ro_with(filename: &str, opts: OpenOptions) -> Result<Image, Fail> {
+    Image::open(filename, &opts).map_err(|e| open_fail(filename, &e))
+}
+
 /// Whether an `-o` argument asks for the option list (`-o help`).
 pub fn wants_help(options: &[String]) -> bool {
     options

@@ -4,7 +4,8 @@
 //! unallocated and zero extents, and data buffers that are all zeroes are
 //! skipped too, so raw output is sparse.
 
-use crate::common::{check_format, open_ro_shared, parse_args, CmdResult, Fail};
+use crate::common::{check_format, open_ro_with, parse_args, CmdResult, Fail};
+use crate::io::CacheMode;
 use crate::map::{block_status, layers};
 use clap::Parser;
 use qcow2kit::options::{check_option_list, split_option_string, CreateOptions};
@@ -60,14 +61,7 @@ pub fn run(argv: &[String]) -> CmdResult {
         crate::print_help("convert [-f qcow2] [-U] -O raw|qcow2 [-o OPTS] [-c] SRC DST");
         return Ok(());
     }
-    let _ = (
-        a.quiet,
-        a.progress,
-        &a.cache,
-        &a.src_cache,
-        &a.coroutines,
-        a.out_of_order,
-    );
+    let _ = (a.quiet, a.progress, &a.coroutines, a.out_of_order);
     for o in &a.options {
         check_option_list(o).map_err(|e| Fail::Msg(e.to_string()))?;
     }
@@ -80,8 +74,22 @@ pub fn run(argv: &[String]) -> CmdResult {
         ));
     }
     let (src_name, dst_name) = (&a.rest[0], &a.rest[1]);
+    // qemu-img's defaults: the source write-back, the target unsafe (no
+    // syncs at all).
+    let src_cache =
+        CacheMode::parse(a.src_cache.as_deref().unwrap_or("writeback")).ok_or_else(|| {
+            Fail::Msg(format!(
+                "Invalid source cache option: {}",
+                a.src_cache.as_deref().unwrap_or("")
+            ))
+        })?;
     check_format(a.format.as_deref(), src_name)?;
-    let src = open_ro_shared(src_name, true, a.force_share)?;
+    let src = open_ro_with(
+        src_name,
+        src_cache
+            .apply(OpenOptions::new().read_only(true))
+            .force_share(a.force_share),
+    )?;
 
     let out_fmt = a.out_format.as_deref().unwrap_or("raw");
     let raw = match out_fmt {
@@ -122,13 +130,16 @@ pub fn run(argv: &[String]) -> CmdResult {
         ));
     }
 
+    let cache = a.cache.as_deref().unwrap_or("unsafe");
+    let cache = CacheMode::parse(cache)
+        .ok_or_else(|| Fail::Msg(format!("Invalid cache option: {cache}")))?;
     let dst_path = Path::new(dst_name);
     // Set when the target is in use by another process: it stays as it is.
     let mut dst_busy = false;
     let result = if let Some(opts) = create_opts {
-        convert_to_qcow2(&src, src_name, dst_name, &opts, &mut dst_busy)
+        convert_to_qcow2(&src, src_name, dst_name, &opts, cache, &mut dst_busy)
     } else {
-        convert_to_raw(&src, src_name, dst_path, size, &mut dst_busy)
+        convert_to_raw(&src, src_name, dst_path, size, cache, &mut dst_busy)
     };
     if let Err(f) = result {
         if !dst_busy {
@@ -202,6 +213,7 @@ fn convert_to_raw(
     src_name: &str,
     dst: &Path,
     size: u64,
+    cache: CacheMode,
     dst_busy: &mut bool,
 ) -> CmdResult {
     let name = dst.display().to_string();
@@ -211,6 +223,17 @@ fn convert_to_raw(
             Error::io(qcow2kit::error::IoOp::Write, 0, e).qemu_message()
         ))
     })?;
+    let file = if cache.direct() {
+        drop(file);
+        FileStorage::open_with(dst, true, true).map_err(|e| {
+            Fail::Msg(format!(
+                "Could not open '{name}': {}",
+                Error::io(qcow2kit::error::IoOp::Write, 0, e).qemu_message()
+            ))
+        })?
+    } else {
+        file
+    };
     // Locked before it is emptied, as QEMU's file creation does.
     file.lock(&LockRequest::create(Locking::Auto))
         .map_err(|e| {
@@ -222,14 +245,23 @@ fn convert_to_raw(
         })?;
     file.set_len(0)
         .map_err(|e| Fail::Msg(format!("{name}: Could not resize file: {e}")))?;
+    let sync = |file: &FileStorage| {
+        file.flush()
+            .map_err(|e| Fail::Msg(format!("error while flushing: {e}")))
+    };
     file.set_len(size)
         .map_err(|e| Fail::Msg(format!("{name}: Could not resize file: {e}")))?;
     copy_data(src, src_name, |off, data| {
         file.write_at(data, off)
-            .map_err(|e| Fail::Msg(format!("error while writing at byte {off}: {e}")))
+            .map_err(|e| Fail::Msg(format!("error while writing at byte {off}: {e}")))?;
+        if cache.writethrough && !cache.no_flush() {
+            sync(&file)?;
+        }
+        Ok(())
     })?;
-    file.flush()
-        .map_err(|e| Fail::Msg(format!("error while flushing: {e}")))?;
+    if !cache.no_flush() {
+        sync(&file)?;
+    }
     Ok(())
 }
 
@@ -238,6 +270,7 @@ fn convert_to_qcow2(
     src_name: &str,
     dst: &str,
     opts: &CreateOptions,
+    cache: CacheMode,
     dst_busy: &mut bool,
 ) -> CmdResult {
     let size = opts.size.unwrap_or_else(|| src.size());
@@ -253,15 +286,23 @@ fn convert_to_qcow2(
         }
         _ => fail(e.qemu_message()),
     })?;
-    let out =
-        Image::open(dst, &OpenOptions::new()).map_err(|e| crate::common::open_fail(dst, &e))?;
+    let out = Image::open(dst, &cache.apply(OpenOptions::new()))
+        .map_err(|e| crate::common::open_fail(dst, &e))?;
     copy_data(src, src_name, |off, data| {
-        out.write_at(data, off).map_err(|e| {
-            Fail::Msg(format!(
-                "error while writing at byte {off}: {}",
-                e.errno_text()
-            ))
-        })
+        out.write_at(data, off)
+            .and_then(|_| {
+                if cache.writethrough {
+                    out.flush()
+                } else {
+                    Ok(())
+                }
+            })
+            .map_err(|e| {
+                Fail::Msg(format!(
+                    "error while writing at byte {off}: {}",
+                    e.errno_text()
+                ))
+            })
     })?;
     out.close()
         .map_err(|e| Fail::Msg(format!("error while flushing: {}", e.errno_text())))?;

@@ -2,6 +2,13 @@
 //! against one open image. Messages, streams and exit codes follow
 //! qemu-io 10.0.2: results and most command failures on stdout, `qemu-io:`
 //! errors and command-lookup errors on stderr; exit 1 if any command failed.
+//!
+//! Cache modes (`-t`, `-n`, and the same options of `open`) are qemu-io's:
+//! write-through by default (a flush after every write, write-zeroes and
+//! discard, whose failure fails the request), `none`/`directsync` open the
+//! files with `O_DIRECT`, `unsafe` turns flushes into no-ops. A failed close
+//! is reported as qemu-io reports it and, as there, leaves the exit code
+//! alone.
 
 use crate::common::{parse_args, Fail, PROG};
 use clap::Parser;
@@ -52,6 +59,10 @@ QEMU Disk exerciser
 
   -r, --read-only      export read-only
   -f, --format         specifies the block driver to use
+  -n, --nocache        disable host cache, short for -t none
+  -t, --cache=MODE     use the given cache mode for the image
+                       (writethrough [default], writeback, none,
+                       directsync, unsafe)
   -U, --force-share    force shared permissions
       --image-opts     treat file as option string
   -c, --cmd STRING     execute command with its arguments
@@ -71,13 +82,11 @@ pub fn run(argv: &[String]) -> Result<(), Fail> {
         print!("{USAGE}");
         return Ok(());
     }
-    let _ = (
-        a.nocache,
-        a.copy_on_read,
-        a.native_aio,
-        &a.cache,
-        &a.discard,
-    );
+    let _ = (a.copy_on_read, a.native_aio, &a.discard);
+    let cache = match CacheMode::from_args(argv, a.cache.as_deref(), a.nocache) {
+        Ok(c) => c,
+        Err(m) => return Err(Fail::Msg(m)),
+    };
     if a.rest.len() > 1 {
         print!("{USAGE}");
         return Err(Fail::Exit(1));
@@ -87,18 +96,25 @@ pub fn run(argv: &[String]) -> Result<(), Fail> {
             "--image-opts and -f are mutually exclusive".into(),
         ));
     }
-    let mut state = State { img: None };
+    let mut state = State {
+        img: None,
+        writethrough: cache.writethrough,
+    };
     if let Some(arg) = a.rest.first() {
         let r = if a.image_opts {
-            OpenOptions::from_qemu_str(arg)
+            // The cache mode sets the defaults; the option string may
+            // override them (cache.direct=..., cache.no-flush=...).
+            let mut o = cache.apply(OpenOptions::new());
+            o.apply_qemu_str(arg)
                 .map_err(|e| format!("can't open: {e}"))
-                .and_then(|o| {
+                .and_then(|_| {
                     let share = a.force_share || o.get_force_share();
                     state.open(None, o.read_only(a.read_only).force_share(share))
                 })
         } else {
             check_format(a.format.as_deref(), arg).and_then(|_| {
-                let o = OpenOptions::new()
+                let o = cache
+                    .apply(OpenOptions::new())
                     .read_only(a.read_only)
                     .force_share(a.force_share)
                     .with_filename(PathBuf::from(arg));
@@ -116,7 +132,9 @@ pub fn run(argv: &[String]) -> Result<(), Fail> {
         }
     }
     if let Some(img) = state.img.take() {
-        let _ = img.close();
+        // Like qemu-io: a failed close is reported but does not change
+        // the exit code.
+        report_close(img);
     }
     if failed {
         Err(Fail::Exit(1))
@@ -139,6 +157,9 @@ fn check_format(fmt: Option<&str>, name: &str) -> Result<(), String> {
 
 struct State {
     img: Option<Image>,
+    /// Flush after every write, write-zeroes and discard (qemu-io's
+    /// default cache mode, `writethrough`).
+    writethrough: bool,
 }
 
 /// One command of the table: name, alias, argument counts, needs write permission.
@@ -311,12 +332,13 @@ impl State {
             "read" => self.read(cmd, rest),
             "write" => self.write(cmd, rest),
             "discard" => self.discard(cmd, rest),
+            // A failed flush prints nothing in qemu-io; it only fails.
             "flush" => self.img.as_ref().is_some_and(|i| i.flush().is_ok()),
             "map" => self.map(),
             "open" => self.open_cmd(cmd, rest),
             "close" => {
                 if let Some(img) = self.img.take() {
-                    let _ = img.close();
+                    report_close(img);
                 }
                 true
             }
@@ -459,6 +481,7 @@ impl State {
             let buf = vec![pattern; count as usize];
             img.write_at(&buf, offset).map_err(|e| e.errno_text())
         };
+        let r = r.and_then(|_| self.write_through());
         let t = t1.elapsed();
         if let Err(text) = r {
             println!("write failed: {text}");
@@ -484,10 +507,11 @@ impl State {
         let has = |c: char| opts.iter().any(|(o, _)| *o == c);
         let Some(img) = &self.img else { return false };
         let t1 = Instant::now();
-        let r = img.discard(offset, count);
+        let r = img.discard(offset, count).map_err(|e| e.errno_text());
+        let r = r.and_then(|_| self.write_through());
         let t = t1.elapsed();
-        if let Err(e) = r {
-            println!("discard failed: {}", e.errno_text());
+        if let Err(text) = r {
+            println!("discard failed: {text}");
             return false;
         }
         if !has('q') {
@@ -549,6 +573,22 @@ impl State {
         let Some((opts, pos)) = getopt(cmd, args, "rsCnkUt:d:o:") else {
             return false;
         };
+        // The open command has its own cache mode (default writethrough);
+        // a bad one is refused while parsing the options, as in qemu-io.
+        let mut cache = CacheMode::DEFAULT;
+        for (c, v) in &opts {
+            match (c, v) {
+                ('n', _) => cache = cache.nocache(),
+                ('t', Some(m)) => match CacheMode::parse(m) {
+                    Some(c) => cache = c,
+                    None => {
+                        eprintln!("{PROG}: Invalid cache option: {m}");
+                        return false;
+                    }
+                },
+                _ => {}
+            }
+        }
         if self.img.is_some() {
             eprintln!("{PROG}: file open already, try 'help close'");
             return false;
@@ -557,7 +597,7 @@ impl State {
             println!("{}", cmd.usage);
             return false;
         }
-        let mut o = OpenOptions::new();
+        let mut o = cache.apply(OpenOptions::new());
         for (c, v) in &opts {
             if let ('o', Some(s)) = (c, v) {
                 if let Err(e) = o.apply_qemu_str(s) {
@@ -578,7 +618,10 @@ impl State {
             o = o.with_filename(PathBuf::from(p));
         }
         match self.open(pos.first().copied(), o) {
-            Ok(()) => true,
+            Ok(()) => {
+                self.writethrough = cache.writethrough;
+                true
+            }
             Err(m) => {
                 eprintln!("{PROG}: {m}");
                 false
@@ -599,6 +642,17 @@ fn sleep(arg: &str) -> Done {
         None => {
             println!("{arg} is not a valid number");
             false
+        }
+    }
+}
+
+impl State {
+    /// In write-through mode, flushes after a request (QEMU's FUA
+    /// emulation): a failed flush fails the request.
+    fn write_through(&self) -> Result<(), String> {
+        match (&self.img, self.writethrough) {
+            (Some(img), true) => img.flush().map_err(|e| e.errno_text()),
+            _ => Ok(()),
         }
     }
 }
@@ -638,6 +692,144 @@ fn parse_strtol_ms(s: &str) -> Option<u64> {
         return None;
     }
     Some(v)
+}
+
+/// Closes the image, reporting a failure as qemu-io does (its qcow2 driver
+/// prints why each cache could not be written back). A handle disabled by
+/// a corruption event was already reported by the event.
+fn report_close(img: Image) {
+    match img.close() {
+        Ok(()) | Err(Error::MediumGone) => {}
+        Err(Error::OverlapPrevented { .. } | Error::Corrupt { .. }) => {}
+        Err(e) => {
+            let text = e.errno_text();
+            eprintln!("{PROG}: Failed to flush the L2 table cache: {text}");
+            eprintln!("{PROG}: Failed to flush the refcount block cache: {text}");
+        }
+    }
+}
+
+/// qemu-io's cache settings (`-t MODE`, `-n`), as QEMU's
+/// `bdrv_parse_cache_mode` sets them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct CacheMode {
+    /// `O_DIRECT` (`cache.direct=on`).
+    direct: bool,
+    /// Flushes do nothing (`cache.no-flush=on`).
+    no_flush: bool,
+    /// Flush after every write (the block backend's write cache is off).
+    pub(crate) writethrough: bool,
+}
+
+impl CacheMode {
+    /// qemu-io's default: `writethrough`.
+    const DEFAULT: CacheMode = CacheMode {
+        direct: false,
+        no_flush: false,
+        writethrough: true,
+    };
+
+    /// `none`/`off`, `directsync`, `writeback`, `unsafe`, `writethrough`.
+    pub(crate) fn parse(mode: &str) -> Option<CacheMode> {
+        let (direct, no_flush, writethrough) = match mode {
+            "none" | "off" => (true, false, false),
+            "directsync" => (true, false, true),
+            "writeback" => (false, false, false),
+            "unsafe" => (false, true, false),
+            "writethrough" => (false, false, true),
+            _ => return None,
+        };
+        Some(CacheMode {
+            direct,
+            no_flush,
+            writethrough,
+        })
+    }
+
+    /// `-n`: `O_DIRECT`, write-back (the other flags stay).
+    fn nocache(self) -> CacheMode {
+        CacheMode {
+            direct: true,
+            writethrough: false,
+            ..self
+        }
+    }
+
+    /// The mode of the command line: `-t` resets what an earlier `-n` set,
+    /// a later `-n` applies on top of `-t`.
+    fn from_args(argv: &[String], mode: Option<&str>, nocache: bool) -> Result<CacheMode, String> {
+        let base = match mode {
+            Some(m) => CacheMode::parse(m).ok_or_else(|| format!("Invalid cache option: {m}"))?,
+            None => CacheMode::DEFAULT,
+        };
+        if !nocache {
+            return Ok(base);
+        }
+        let (n_at, t_at) = cache_option_positions(argv);
+        Ok(if mode.is_some() && t_at > n_at {
+            base
+        } else {
+            base.nocache()
+        })
+    }
+
+    /// Whether the files are opened with `O_DIRECT`.
+    pub(crate) fn direct(self) -> bool {
+        self.direct
+    }
+
+    /// Whether flushes do nothing.
+    pub(crate) fn no_flush(self) -> bool {
+        self.no_flush
+    }
+
+    pub(crate) fn apply(self, o: OpenOptions) -> OpenOptions {
+        o.cache_direct(self.direct).cache_no_flush(self.no_flush)
+    }
+}
+
+/// Where the last `-n`/`--nocache` and the last `-t`/`--cache` are in the
+/// command line (getopt order), as indices into `argv`.
+fn cache_option_positions(argv: &[String]) -> (Option<usize>, Option<usize>) {
+    let takes_arg = |c: char| matches!(c, 'f' | 'c' | 't' | 'd');
+    let (mut n_at, mut t_at) = (None, None);
+    let mut i = 0;
+    while i < argv.len() {
+        let a = argv[i].as_str();
+        if a == "--" {
+            break;
+        }
+        if let Some(long) = a.strip_prefix("--") {
+            let (name, inline) = match long.split_once('=') {
+                Some((n, _)) => (n, true),
+                None => (long, false),
+            };
+            match name {
+                "nocache" => n_at = Some(i),
+                "cache" => t_at = Some(i),
+                _ => {}
+            }
+            if !inline && matches!(name, "cache" | "format" | "cmd" | "discard") {
+                i += 1;
+            }
+        } else if let Some(flags) = a.strip_prefix('-') {
+            for (k, c) in flags.char_indices() {
+                match c {
+                    'n' => n_at = Some(i),
+                    't' => t_at = Some(i),
+                    _ => {}
+                }
+                if takes_arg(c) {
+                    if k + c.len_utf8() == flags.len() {
+                        i += 1;
+                    }
+                    break;
+                }
+            }
+        }
+        i += 1;
+    }
+    (n_at, t_at)
 }
 
 /// A small getopt (glibc style: options may follow operands). Returns the
@@ -853,6 +1045,57 @@ mod tests {
         assert_eq!(
             parse_strtol_ms("99999999999999999999"),
             Some(i64::MAX as u64)
+        );
+    }
+
+    #[test]
+    fn cache_modes_like_qemu_io() {
+        let args = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let mode = |v: &[&str], t: Option<&str>, n: bool| CacheMode::from_args(&args(v), t, n);
+        let m = |direct, no_flush, writethrough| CacheMode {
+            direct,
+            no_flush,
+            writethrough,
+        };
+        assert_eq!(mode(&[], None, false), Ok(m(false, false, true)));
+        assert_eq!(mode(&["-n"], None, true), Ok(m(true, false, false)));
+        assert_eq!(
+            mode(&["-t", "directsync"], Some("directsync"), false),
+            Ok(m(true, false, true))
+        );
+        assert_eq!(
+            mode(&["-tnone"], Some("none"), false),
+            Ok(m(true, false, false))
+        );
+        assert_eq!(
+            mode(&["-t", "off"], Some("off"), false),
+            Ok(m(true, false, false))
+        );
+        assert_eq!(
+            mode(&["-t", "unsafe"], Some("unsafe"), false),
+            Ok(m(false, true, false))
+        );
+        // -t resets an earlier -n; a later -n applies on top of -t.
+        assert_eq!(
+            mode(&["-n", "-t", "writeback"], Some("writeback"), true),
+            Ok(m(false, false, false))
+        );
+        assert_eq!(
+            mode(&["-t", "unsafe", "-rn"], Some("unsafe"), true),
+            Ok(m(true, true, false))
+        );
+        // `-c 'write -n …'` is a command, not the option.
+        assert_eq!(
+            mode(
+                &["-n", "-c", "-t", "-t", "writethrough"],
+                Some("writethrough"),
+                true
+            ),
+            Ok(m(false, false, true))
+        );
+        assert_eq!(
+            mode(&["-t", "bogus"], Some("bogus"), false),
+            Err("Invalid cache option: bogus".to_string())
         );
     }
 

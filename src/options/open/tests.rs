@@ -337,3 +337,25 @@ fn qemu_io_image_opts_errors() {
         assert_eq!(stderr, want, "case {case:?}");
     }
 }
+
+#[test]
+fn cache_direct_and_no_flush() {
+    let o = OpenOptions::new();
+    assert!(!o.get_cache_direct() && !o.get_cache_no_flush());
+    let o = OpenOptions::new().cache_direct(true).cache_no_flush(true);
+    assert!(o.get_cache_direct() && o.get_cache_no_flush());
+    let o = OpenOptions::from_qemu_str("file.filename=d.qcow2,cache.direct=on,cache.no-flush=on")
+        .unwrap();
+    assert!(o.get_cache_direct() && o.get_cache_no_flush());
+    let o = OpenOptions::from_qemu_str("cache.direct=off,cache.no-flush=off").unwrap();
+    assert!(!o.get_cache_direct() && !o.get_cache_no_flush());
+    // QEMU's messages (qemu-io --image-opts).
+    assert_eq!(
+        open_err("cache.direct=maybe"),
+        "Parameter 'cache.direct' expects 'on' or 'off'"
+    );
+    assert_eq!(
+        open_err("cache.no-flush=2"),
+        "Parameter 'cache.no-flush' expects 'on' or 'off'"
+    );
+}
