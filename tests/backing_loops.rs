@@ -192,6 +192,23 @@ fn loops_fail_everywhere_with_qemus_message() {
         ));
         let info = Image::open_for_info(dir.join(top), &OpenOptions::new()).unwrap();
         assert!(info.backing().is_none());
+        // create -b opens the chain for its size (qemu-img hangs here).
+        let o = img(
+            dir,
+            &[
+                "create",
+                "-f",
+                "qcow2",
+                "-b",
+                top,
+                "-F",
+                "qcow2",
+                "new.qcow2",
+            ],
+        );
+        assert_eq!(o.code, 1, "{o:?}");
+        assert!(o.err.contains(&msg), "{o:?}");
+        let _ = std::fs::remove_file(dir.join("new.qcow2"));
     }
     let after: Vec<_> = ["a", "b1", "b2", "c1", "c2", "c3", "s"]
         .iter()

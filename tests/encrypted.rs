@@ -351,3 +351,38 @@ fn library_refuses_guest_data_without_a_key() {
     );
     assert_eq!(snapshot(dir), before, "the library wrote nothing");
 }
+
+#[test]
+fn create_over_an_encrypted_backing_file_needs_no_key() {
+    if !have_qemu("create_over_an_encrypted_backing_file_needs_no_key") {
+        return;
+    }
+    let d = scratch();
+    let dir = d.path();
+    make_images(dir);
+    for backing in ["luks.qcow2", "aes.qcow2", "over.qcow2"] {
+        let args = [
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            backing,
+            "-F",
+            "qcow2",
+            "new.qcow2",
+        ];
+        let q = qemu(dir, "qemu-img", &args);
+        std::fs::remove_file(dir.join("new.qcow2")).unwrap();
+        let o = ours(dir, &args);
+        assert_eq!(
+            (o.code, &o.out, &o.err),
+            (q.code, &q.out, &q.err),
+            "{args:?}"
+        );
+        assert_eq!(o.code, 0);
+        let info = Image::open_for_info(dir.join("new.qcow2"), &OpenOptions::new()).unwrap();
+        assert_eq!(info.size(), 1 << 20);
+        drop(info);
+        std::fs::remove_file(dir.join("new.qcow2")).unwrap();
+    }
+}

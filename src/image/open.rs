@@ -68,6 +68,26 @@ impl Image {
         Self::open_inner(Arc::new(file), Some(path.to_path_buf()), &opts, mode, None)
     }
 
+    /// Opens the image at `path` and its backing chain without guest I/O, the
+    /// way qemu-img opens a backing file to learn its size (`qemu-img create
+    /// -b`, QEMU's `BDRV_O_NO_IO`): read-only whatever `opts` say; encrypted
+    /// images anywhere in the chain open without a key, and their handles
+    /// refuse guest data requests as with [`Image::open_for_info`]. Loops and
+    /// the depth bound are enforced as in [`Image::open`].
+    ///
+    /// # Errors
+    /// As for [`Image::open`], without [`Error::EncryptionKeyRequired`].
+    pub fn open_no_io(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Image> {
+        let path = path.as_ref();
+        let opts = opts.clone().read_only(true);
+        let file = FileStorage::open(path, false).map_err(|e| Error::io(IoOp::Read, 0, e))?;
+        let mode = OpenMode {
+            no_io: true,
+            ..Default::default()
+        };
+        Self::open_inner(Arc::new(file), Some(path.to_path_buf()), &opts, mode, None)
+    }
+
     /// Opens for checking or repair: corrupt and dirty images open read-write.
     pub(crate) fn open_with_mode(
         file: Arc<dyn Storage>,
@@ -299,7 +319,7 @@ impl Image {
         let backing = if mode.skip_backing {
             None
         } else {
-            open_backing_chain(&meta.header, path.as_deref(), opts)?
+            open_backing_chain(&meta.header, path.as_deref(), opts, mode.no_io)?
         };
         let encrypted = meta.header.crypt_method != 0;
         let image = Image {
@@ -384,11 +404,13 @@ fn wrap_chain(chain: &[PathBuf], e: Error) -> Error {
 /// bottom-up at the end. A file that is already in the chain (same device
 /// and inode, whatever its name) is [`Error::BackingLoop`]; more than
 /// [`MAX_BACKING_DEPTH`] backing files is [`Error::BackingChainTooDeep`]
-/// (neither is wrapped in [`Error::Backing`]: they name the file).
+/// (neither is wrapped in [`Error::Backing`]: they name the file). With
+/// `no_io`, backing images are opened as [`OpenMode::no_io`] too.
 fn open_backing_chain(
     header: &Header,
     top: Option<&Path>,
     opts: &OpenOptions,
+    no_io: bool,
 ) -> Result<Option<Backing>> {
     let mut seen: Vec<(u64, u64)> = top.and_then(file_id).into_iter().collect();
     let bopts = opts.clone().read_only(true);
@@ -451,6 +473,7 @@ fn open_backing_chain(
         }
         let mode = OpenMode {
             skip_backing: true,
+            no_io,
             ..Default::default()
         };
         let img = Image::open_inner(Arc::new(storage), Some(path.clone()), &bopts, mode, None)

@@ -159,7 +159,8 @@ fn probe_backing(full: &str, fmt: Option<&str>) -> Result<(&'static str, u64), S
         None => is_qcow2,
     };
     if as_qcow2 {
-        let img = Image::open(full, &OpenOptions::new().read_only(true))
+        // Like QEMU (BDRV_O_NO_IO): an encrypted backing chain needs no key.
+        let img = Image::open_no_io(full, &OpenOptions::new().read_only(true))
             .map_err(|e| crate::common::open_error_text(full, &e))?;
         Ok(("qcow2", img.size()))
     } else {
