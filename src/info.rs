@@ -127,7 +127,7 @@ pub struct Qcow2Info {
     /// The encryption (only for an encrypted image whose encryption QEMU
     /// could describe: AES, or LUKS with its header).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub encrypt: Option<EncryptInfo>,
+    pub encrypt: Option<Box<EncryptInfo>>,
     /// Autoclear bit 1 (only with an external data file).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data_file_raw: Option<bool>,
@@ -324,7 +324,7 @@ impl ImageInfo {
         let snapshots = (!snapshots.is_empty())
             .then(|| snapshots.iter().map(SnapshotInfo::from_entry).collect());
         let mut specific = qcow2_info(&header, &**storage)?;
-        specific.encrypt = EncryptInfo::from_image(image);
+        specific.encrypt = EncryptInfo::from_image(image).map(Box::new);
         let backing = header.backing_file_name().map(str::to_owned);
         Ok(ImageInfo {
             actual_size: file.actual_size,
