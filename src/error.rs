@@ -58,6 +58,22 @@ pub enum Error {
         #[source]
         source: Box<Error>,
     },
+    /// The backing chain is deeper than [`crate::image::MAX_BACKING_DEPTH`]
+    /// images below the image opened.
+    #[error("Backing file '{}' exceeds the maximum backing chain depth of {max}", path.display())]
+    BackingChainTooDeep {
+        /// The backing file that would have been one too many.
+        path: PathBuf,
+        /// The bound.
+        max: usize,
+    },
+    /// The backing chain comes back to a file already in it (same device
+    /// and inode); QEMU's `qemu-img info --backing-chain` text.
+    #[error("Backing file '{}' creates an infinite loop.", path.display())]
+    BackingLoop {
+        /// The backing file name (resolved) that was already open in the chain.
+        path: PathBuf,
+    },
     /// The backing file is not permitted by the embedder's policy.
     #[error("backing file '{}' is not permitted by the backing policy", path.display())]
     BackingNotPermitted {
@@ -82,6 +98,12 @@ pub enum Error {
         /// What the decompressor said.
         reason: String,
     },
+    /// The image is encrypted (`crypt_method` 1 or 2) and no key was given:
+    /// guest data can be neither read nor written. QEMU's text. Opening for
+    /// inspection ([`crate::Image::open_for_info`]) works; every guest data
+    /// request on such a handle fails with this error.
+    #[error("Parameter 'encrypt.key-secret' is required for cipher")]
+    EncryptionKeyRequired,
     /// The header or a table is invalid or unsupported (refused at open).
     #[error("{0}")]
     Format(#[from] FormatError),
@@ -198,7 +220,11 @@ impl Error {
                 Some(code) => strerror(code),
                 None => source.to_string(),
             },
-            Error::InvalidArgument(_) | Error::RefcountOverflow { .. } => "Invalid argument".into(),
+            Error::InvalidArgument(_)
+            | Error::RefcountOverflow { .. }
+            | Error::EncryptionKeyRequired
+            | Error::BackingLoop { .. }
+            | Error::BackingChainTooDeep { .. } => "Invalid argument".into(),
             Error::TooLarge(_) => "File too large".into(),
             Error::Unsupported(_) => "Operation not supported".into(),
             _ => "Input/output error".into(),
@@ -216,17 +242,15 @@ impl Error {
                 None => source.to_string(),
             },
             Error::Lock(e) => e.qemu_message(),
-            // QEMU's file layer fails the backing open without naming the file first.
-            Error::Backing { source, .. } if matches!(**source, Error::Lock(_)) => {
-                format!("Could not open backing file: {}", source.qemu_message())
-            }
-            Error::Backing { path, source } => {
-                format!(
+            // QEMU's file layer names the file only for its own (OS) errors.
+            Error::Backing { path, source } => match **source {
+                Error::Io { .. } => format!(
                     "Could not open backing file: Could not open '{}': {}",
                     path.display(),
                     source.qemu_message()
-                )
-            }
+                ),
+                _ => format!("Could not open backing file: {}", source.qemu_message()),
+            },
             Error::InvalidArgument(m) | Error::TooLarge(m) => m.clone(),
             other => other.to_string(),
         }

@@ -11,8 +11,8 @@
 use crate::error::{Error, IoOp, Result};
 use crate::format::bitmap::{decode_bitmap_directory, BME_FLAG_AUTO, BME_FLAG_IN_USE};
 use crate::format::consts::{
-    AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE,
-    INCOMPAT_DIRTY,
+    AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, CRYPT_AES, CRYPT_LUKS, INCOMPAT_CORRUPT,
+    INCOMPAT_DATA_FILE, INCOMPAT_DIRTY,
 };
 use crate::format::header::Header;
 use crate::format::snapshot::SnapshotEntry;
@@ -52,6 +52,9 @@ pub struct ImageInfo {
     /// The backing file name resolved against the image's name ([`path_combine`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub full_backing_filename: Option<String>,
+    /// `true` for an encrypted image (omitted otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encrypted: Option<bool>,
     /// The backing file name as recorded in the image.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backing_filename: Option<String>,
@@ -121,6 +124,10 @@ pub struct Qcow2Info {
     /// External data file name (only with an external data file).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data_file: Option<String>,
+    /// The encryption (only for an encrypted image whose encryption QEMU
+    /// could describe: AES, or LUKS with its header).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encrypt: Option<Box<EncryptInfo>>,
     /// Autoclear bit 1 (only with an external data file).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data_file_raw: Option<bool>,
@@ -130,6 +137,156 @@ pub struct Qcow2Info {
     /// Extended L2 entries (v3 only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub extended_l2: Option<bool>,
+}
+
+/// How an image is encrypted (`ImageInfoSpecificQCow2Encryption`): only
+/// `format` for AES; for LUKS the header's fields. Keys are in the order
+/// qemu-img prints them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct EncryptInfo {
+    /// IV generator (LUKS).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ivgen_alg: Option<String>,
+    /// Whether the LUKS header is detached (never, in a qcow2 image).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detached_header: Option<bool>,
+    /// Key derivation hash (LUKS).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hash_alg: Option<String>,
+    /// Cipher algorithm with key size (LUKS).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cipher_alg: Option<String>,
+    /// Volume UUID (LUKS).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
+    /// IV generator hash (LUKS with `essiv` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ivgen_hash_alg: Option<String>,
+    /// `aes` or `luks`.
+    pub format: String,
+    /// Cipher mode (LUKS).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cipher_mode: Option<String>,
+    /// The eight key slots (LUKS).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slots: Option<Vec<LuksSlotInfo>>,
+    /// Byte offset of the encrypted payload in the LUKS volume (LUKS).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub payload_offset: Option<u64>,
+    /// PBKDF2 iterations of the master key digest (LUKS).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub master_key_iters: Option<u64>,
+}
+
+/// One LUKS key slot (`QCryptoBlockInfoLUKSSlot`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct LuksSlotInfo {
+    /// Whether the slot holds a key.
+    pub active: bool,
+    /// PBKDF2 iterations (active slots only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub iters: Option<u64>,
+    /// Byte offset of the key material in the LUKS volume.
+    pub key_offset: u64,
+    /// Anti-forensic stripes (active slots only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stripes: Option<u64>,
+}
+
+impl EncryptInfo {
+    /// What qemu-img shows for an image opened for inspection: `None` for an
+    /// unencrypted image and for a LUKS image without its crypto extension
+    /// (QEMU then has no crypto context to describe).
+    pub fn from_image(image: &Image) -> Option<EncryptInfo> {
+        let empty = |format: &str| EncryptInfo {
+            ivgen_alg: None,
+            detached_header: None,
+            hash_alg: None,
+            cipher_alg: None,
+            uuid: None,
+            ivgen_hash_alg: None,
+            format: format.to_owned(),
+            cipher_mode: None,
+            slots: None,
+            payload_offset: None,
+            master_key_iters: None,
+        };
+        match image.header().crypt_method {
+            CRYPT_AES => Some(empty("aes")),
+            CRYPT_LUKS => image.luks_header().map(|h| EncryptInfo {
+                ivgen_alg: Some(h.ivgen_alg.to_owned()),
+                detached_header: Some(false),
+                hash_alg: Some(h.hash_alg.to_owned()),
+                cipher_alg: Some(h.cipher_alg.to_owned()),
+                uuid: Some(h.uuid.clone()),
+                ivgen_hash_alg: h
+                    .ivgen_hash_alg
+                    .filter(|_| h.ivgen_alg == "essiv")
+                    .map(str::to_owned),
+                cipher_mode: Some(h.cipher_mode.to_owned()),
+                slots: Some(
+                    h.slots
+                        .iter()
+                        .map(|s| LuksSlotInfo {
+                            active: s.active,
+                            iters: s.active.then_some(u64::from(s.iterations)),
+                            key_offset: s.key_offset,
+                            stripes: s.active.then_some(u64::from(s.stripes)),
+                        })
+                        .collect(),
+                ),
+                payload_offset: Some(h.payload_offset),
+                master_key_iters: Some(u64::from(h.master_key_iters)),
+                ..empty("luks")
+            }),
+            _ => None,
+        }
+    }
+
+    /// The lines of the `encrypt:` block (indented by 4 under it), as
+    /// QEMU's `dump_qobject` prints them.
+    pub fn human_lines(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        let mut opt = |key: &str, val: &Option<String>| {
+            if let Some(x) = val {
+                v.push(format!("    {key}: {x}"));
+            }
+        };
+        opt("ivgen alg", &self.ivgen_alg);
+        opt(
+            "detached header",
+            &self.detached_header.map(|b| b.to_string()),
+        );
+        opt("hash alg", &self.hash_alg);
+        opt("cipher alg", &self.cipher_alg);
+        opt("uuid", &self.uuid);
+        opt("ivgen hash alg", &self.ivgen_hash_alg);
+        opt("format", &Some(self.format.clone()));
+        opt("cipher mode", &self.cipher_mode);
+        if let Some(slots) = &self.slots {
+            v.push("    slots:".into());
+            for (i, s) in slots.iter().enumerate() {
+                v.push(format!("        [{i}]:"));
+                v.push(format!("            active: {}", s.active));
+                if let Some(it) = s.iters {
+                    v.push(format!("            iters: {it}"));
+                }
+                v.push(format!("            key offset: {}", s.key_offset));
+                if let Some(st) = s.stripes {
+                    v.push(format!("            stripes: {st}"));
+                }
+            }
+        }
+        if let Some(p) = self.payload_offset {
+            v.push(format!("    payload offset: {p}"));
+        }
+        if let Some(m) = self.master_key_iters {
+            v.push(format!("    master key iters: {m}"));
+        }
+        v
+    }
 }
 
 /// One persistent dirty bitmap (`Qcow2BitmapInfo`).
@@ -183,7 +340,8 @@ impl ImageInfo {
         let snapshots = image.snapshots();
         let snapshots = (!snapshots.is_empty())
             .then(|| snapshots.iter().map(SnapshotInfo::from_entry).collect());
-        let specific = qcow2_info(&header, &**storage)?;
+        let mut specific = qcow2_info(&header, &**storage)?;
+        specific.encrypt = EncryptInfo::from_image(image).map(Box::new);
         let backing = header.backing_file_name().map(str::to_owned);
         Ok(ImageInfo {
             actual_size: file.actual_size,
@@ -201,6 +359,7 @@ impl ImageInfo {
             format: "qcow2".into(),
             format_specific: Some(FormatSpecific::Qcow2(specific)),
             full_backing_filename: backing.as_deref().map(|b| path_combine(filename, b)),
+            encrypted: (header.crypt_method != 0).then_some(true),
             backing_filename: backing,
             dirty_flag: header.incompatible_features & INCOMPAT_DIRTY != 0,
         })
@@ -226,6 +385,7 @@ impl ImageInfo {
             format: "raw".into(),
             format_specific: None,
             full_backing_filename: None,
+            encrypted: None,
             backing_filename: None,
             dirty_flag: false,
         })
@@ -274,6 +434,9 @@ impl ImageInfo {
             self.virtual_size
         );
         let _ = writeln!(out, "{ind}disk size: {dsize}");
+        if self.encrypted == Some(true) {
+            let _ = writeln!(out, "{ind}encrypted: yes");
+        }
         if let Some(cs) = self.cluster_size {
             let _ = writeln!(out, "{ind}cluster_size: {cs}");
         }
@@ -346,6 +509,10 @@ impl FormatSpecific {
                 if let Some(d) = &q.data_file {
                     v.push(format!("data file: {d}"));
                 }
+                if let Some(e) = &q.encrypt {
+                    v.push("encrypt:".into());
+                    v.extend(e.human_lines());
+                }
                 if let Some(r) = q.data_file_raw {
                     v.push(format!("data file raw: {r}"));
                 }
@@ -412,6 +579,7 @@ fn file_node_info(
             nocow: nocow.then_some(true),
         })),
         full_backing_filename: None,
+        encrypted: None,
         backing_filename: None,
         dirty_flag: false,
     })
@@ -431,6 +599,7 @@ fn qcow2_info(header: &Header, storage: &dyn Storage) -> Result<Qcow2Info> {
             bitmaps: None,
             refcount_bits: header.refcount_bits(),
             data_file: None,
+            encrypt: None,
             data_file_raw: None,
             corrupt: None,
             extended_l2: None,
@@ -444,6 +613,7 @@ fn qcow2_info(header: &Header, storage: &dyn Storage) -> Result<Qcow2Info> {
         bitmaps: read_bitmaps(header, storage)?,
         refcount_bits: header.refcount_bits(),
         data_file: header.data_file_name().map(str::to_owned),
+        encrypt: None,
         data_file_raw: has_data_file
             .then_some(header.autoclear_features & AUTOCLEAR_DATA_FILE_RAW != 0),
         corrupt: Some(header.incompatible_features & INCOMPAT_CORRUPT != 0),

@@ -254,7 +254,7 @@ impl Checker {
         let mode = OpenMode {
             repair: true,
             check: true,
-            skip_backing: false,
+            ..Default::default()
         };
         let image = Image::open_with_mode(storage, path, &opts, mode)?;
         validate_bitmaps(&image)?;

@@ -47,6 +47,11 @@ pub const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 pub const EXT_FEATURE_TABLE: u32 = 0x6803_f857;
 /// Header extension: persistent bitmaps.
 pub const EXT_BITMAPS: u32 = 0x2385_2875;
+/// `crypt_method`: legacy AES-CBC encryption (QEMU's `QCOW_CRYPT_AES`).
+pub const CRYPT_AES: u32 = 1;
+/// `crypt_method`: LUKS encryption (QEMU's `QCOW_CRYPT_LUKS`).
+pub const CRYPT_LUKS: u32 = 2;
+
 /// Header extension: full disk encryption header pointer.
 pub const EXT_CRYPTO: u32 = 0x0537_be77;
 /// Header extension: external data file name.

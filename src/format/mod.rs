@@ -19,6 +19,7 @@ pub mod bitmap;
 pub mod consts;
 pub mod entry;
 pub mod header;
+pub mod luks;
 pub mod refcount;
 pub mod snapshot;
 
@@ -88,6 +89,8 @@ pub enum Structure {
     BitmapDirectory,
     /// A compressed cluster.
     CompressedCluster,
+    /// The LUKS header of an encrypted image.
+    LuksHeader,
 }
 
 impl fmt::Display for Structure {
@@ -103,6 +106,7 @@ impl fmt::Display for Structure {
             Structure::SnapshotTable => "snapshot table",
             Structure::BitmapDirectory => "bitmap directory",
             Structure::CompressedCluster => "compressed cluster",
+            Structure::LuksHeader => "LUKS header",
         })
     }
 }

@@ -38,6 +38,7 @@ mod sync_tests;
 mod write;
 mod zero;
 
+pub use open::MAX_BACKING_DEPTH;
 pub(crate) use open::{resolve, OpenMode};
 
 /// The image a qcow2 image reads unallocated clusters from.
@@ -107,6 +108,11 @@ pub struct Image {
     pub(crate) geom: Geometry,
     /// What the automatic repair of a dirty image fixed at open.
     dirty_repair: Option<crate::check::CheckReport>,
+    /// The image is encrypted and no key was given (only an inspection
+    /// open gets this far): every guest data request is refused.
+    encrypted: bool,
+    /// The LUKS header of a LUKS image opened for inspection.
+    luks: Option<Box<crate::format::luks::LuksHeader>>,
 }
 
 impl std::fmt::Debug for Image {
@@ -185,6 +191,19 @@ impl Image {
     /// The backing image, if one was opened.
     pub fn backing(&self) -> Option<&Backing> {
         self.backing.as_ref()
+    }
+
+    /// Whether the image is encrypted (`crypt_method` 1 or 2). Such a handle
+    /// comes only from [`Image::open_for_info`] and refuses guest data
+    /// requests with [`Error::EncryptionKeyRequired`].
+    pub fn is_encrypted(&self) -> bool {
+        self.encrypted
+    }
+
+    /// The validated LUKS header of a LUKS image opened with
+    /// [`Image::open_for_info`]; `None` otherwise.
+    pub fn luks_header(&self) -> Option<&crate::format::luks::LuksHeader> {
+        self.luks.as_deref()
     }
 
     /// The external data file, if the image has one.
@@ -316,10 +335,16 @@ impl Image {
         if self.closed.load(Ordering::SeqCst) {
             return Err(Error::Closed);
         }
+        // Without a key no guest data may be read or written: every data
+        // path takes this lock first.
+        if self.encrypted {
+            return Err(Error::EncryptionKeyRequired);
+        }
         self.lock_open()
     }
 
-    /// [`Image::lock`] without the "closed" check (for the close itself).
+    /// [`Image::lock`] without the "closed" and encryption checks (for the
+    /// close itself).
     fn lock_open(&self) -> Result<MutexGuard<'_, Meta>> {
         if self.gone.load(Ordering::SeqCst) {
             return Err(Error::MediumGone);

@@ -2,6 +2,7 @@
 //! corrupt/dirty checks, and the automatic repair of a dirty image.
 
 use super::*;
+use crate::format::luks::LuksHeader;
 use crate::storage::LockRequest;
 
 /// Most bytes of cluster 0 read to decode the header and its extensions.
@@ -86,6 +87,50 @@ impl Image {
             ..Default::default()
         };
         Self::open_inner(Arc::new(file), Some(path.to_path_buf()), opts, mode, None)
+    }
+
+    /// Opens the image at `path` for inspection, as `qemu-img info` does
+    /// (QEMU's `BDRV_O_NO_IO | BDRV_O_NO_BACKING`): read-only whatever
+    /// `opts` say, without its backing file. An encrypted image opens too, and
+    /// its LUKS header is read and validated ([`Image::luks_header`]), but no
+    /// guest data can be accessed through the handle: every data request
+    /// ([`Image::read_at`], [`Image::block_status`], ...) fails with
+    /// [`Error::EncryptionKeyRequired`]. Unencrypted images behave as with
+    /// [`Image::open_without_backing`].
+    ///
+    /// # Errors
+    /// As for [`Image::open`]; for a LUKS image, QEMU's messages for an
+    /// invalid LUKS header (`Volume is not in LUKS format`, ...).
+    pub fn open_for_info(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Image> {
+        let path = path.as_ref();
+        let opts = opts.clone().read_only(true);
+        let file = FileStorage::open(path, false).map_err(|e| Error::io(IoOp::Read, 0, e))?;
+        let mode = OpenMode {
+            skip_backing: true,
+            no_io: true,
+            ..Default::default()
+        };
+        Self::open_inner(Arc::new(file), Some(path.to_path_buf()), &opts, mode, None)
+    }
+
+    /// Opens the image at `path` and its backing chain without guest I/O, the
+    /// way qemu-img opens a backing file to learn its size (`qemu-img create
+    /// -b`, QEMU's `BDRV_O_NO_IO`): read-only whatever `opts` say; encrypted
+    /// images anywhere in the chain open without a key, and their handles
+    /// refuse guest data requests as with [`Image::open_for_info`]. Loops and
+    /// the depth bound are enforced as in [`Image::open`].
+    ///
+    /// # Errors
+    /// As for [`Image::open`], without [`Error::EncryptionKeyRequired`].
+    pub fn open_no_io(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Image> {
+        let path = path.as_ref();
+        let opts = opts.clone().read_only(true);
+        let file = FileStorage::open(path, false).map_err(|e| Error::io(IoOp::Read, 0, e))?;
+        let mode = OpenMode {
+            no_io: true,
+            ..Default::default()
+        };
+        Self::open_inner(Arc::new(file), Some(path.to_path_buf()), &opts, mode, None)
     }
 
     /// Opens for checking or repair: corrupt and dirty images open read-write.
@@ -176,6 +221,7 @@ impl Image {
         // A dirty image opened read-write is repaired before use (below).
         let repair_dirty =
             header.incompatible_features & INCOMPAT_DIRTY != 0 && !read_only && !repair;
+        let luks = check_encryption(&header, &*file, mode)?;
         let geom = Geometry::new(
             header.cluster_bits,
             header.is_extended_l2(),
@@ -307,11 +353,6 @@ impl Image {
             .as_deref()
             .and_then(Path::parent)
             .map(Path::to_path_buf);
-        let backing = if mode.skip_backing {
-            None
-        } else {
-            Self::open_backing(&meta.header, base_dir.as_deref(), opts)?
-        };
         let (data, data_file_path) = if let (true, Some(d)) = (external_data, data_override) {
             let d = Arc::new(Tracked::new(d, opts.get_cache_no_flush()));
             meta.data_file = Some(d.clone());
@@ -351,6 +392,15 @@ impl Image {
             (file.clone(), None)
         };
 
+        // QEMU opens the backing chain after the image itself (data file
+        // included). Before the handle exists, so that a failure here cannot
+        // write anything (dropping a writable handle would close it).
+        let backing = if mode.skip_backing {
+            None
+        } else {
+            open_backing_chain(&meta.header, path.as_deref(), opts, mode.no_io)?
+        };
+        let encrypted = meta.header.crypt_method != 0;
         let image = Image {
             path,
             file,
@@ -367,6 +417,8 @@ impl Image {
             opts: opts.clone(),
             geom,
             dirty_repair: None,
+            encrypted,
+            luks,
         };
         if !repair_dirty {
             return Ok(image);
@@ -380,70 +432,6 @@ impl Image {
         }
         image.dirty_repair = Some(report);
         Ok(image)
-    }
-
-    fn open_backing(
-        header: &Header,
-        base: Option<&Path>,
-        opts: &OpenOptions,
-    ) -> Result<Option<Backing>> {
-        let Some(name) = header.backing_file_name() else {
-            return Ok(None);
-        };
-        let path = resolve(base, Path::new(name));
-        if !opts.get_backing_policy().permits(&path) {
-            return Err(Error::BackingNotPermitted { path });
-        }
-        let wrap = |e: Error| Error::Backing {
-            path: path.clone(),
-            source: Box::new(e),
-        };
-        let storage =
-            FileStorage::open(&path, false).map_err(|e| wrap(Error::io(IoOp::Read, 0, e)))?;
-        let fmt = header.backing_format().map(str::to_owned);
-        let is_qcow2 = match fmt.as_deref() {
-            Some("raw") => false,
-            Some("qcow2") => true,
-            Some(other) => {
-                return Err(wrap(Error::Unsupported(format!(
-                    "backing file format '{other}'"
-                ))));
-            }
-            None => {
-                let mut magic = [0u8; 4];
-                storage
-                    .read_at(&mut magic, 0)
-                    .map_err(|e| wrap(Error::io(IoOp::Read, 0, e)))?;
-                u32::from_be_bytes(magic) == QCOW2_MAGIC
-            }
-        };
-        if is_qcow2 {
-            let bopts = opts.clone().read_only(true);
-            let img = Image::open_inner(
-                Arc::new(storage),
-                Some(path.clone()),
-                &bopts,
-                OpenMode::default(),
-                None,
-            )
-            .map_err(wrap)?;
-            Ok(Some(Backing::Qcow2(Box::new(img))))
-        } else {
-            storage
-                .lock(&LockRequest::raw_backing(opts.get_locking()))
-                .map_err(|e| wrap(e.into()))?;
-            // QEMU sizes a raw file in whole sectors (the tail reads as zero).
-            let size = storage
-                .len()
-                .map_err(|e| wrap(Error::io(IoOp::Read, 0, e)))?
-                .div_ceil(512)
-                * 512;
-            Ok(Some(Backing::Raw {
-                storage: Arc::new(storage),
-                size,
-                path,
-            }))
-        }
     }
 }
 
@@ -466,6 +454,175 @@ pub(crate) struct OpenMode {
     pub check: bool,
     /// Do not open the backing file.
     pub skip_backing: bool,
+    /// QEMU's `BDRV_O_NO_IO` (what `qemu-img info` opens with): an
+    /// encrypted image opens without a key (its LUKS header is validated),
+    /// and the handle refuses every guest data request.
+    pub no_io: bool,
+}
+
+/// Most images a backing chain may have below the image opened. QEMU has no
+/// bound; ours keeps the recursion of reads that fall through the chain, the
+/// open file descriptors and the time to open a crafted chain small, far
+/// above any real chain. A deeper chain fails to open with
+/// [`Error::BackingChainTooDeep`].
+pub const MAX_BACKING_DEPTH: usize = 200;
+
+/// The identity of a file: device and inode (`st_dev`, `st_ino`), so that a
+/// chain that comes back to a file under another name is still a loop.
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// Wraps `e`, an error of the backing file at `chain[k]`'s depth, in one
+/// [`Error::Backing`] per image of `chain` (innermost last), as a recursive
+/// open would have.
+fn wrap_chain(chain: &[PathBuf], e: Error) -> Error {
+    chain.iter().rev().fold(e, |source, path| Error::Backing {
+        path: path.clone(),
+        source: Box::new(source),
+    })
+}
+
+/// Opens the backing chain of the image whose header is `header` (opened
+/// from `top`, if it was opened from a file), iteratively: each backing
+/// image is opened without its own backing file, and the chain is linked
+/// bottom-up at the end. A file that is already in the chain (same device
+/// and inode, whatever its name) is [`Error::BackingLoop`]; more than
+/// [`MAX_BACKING_DEPTH`] backing files is [`Error::BackingChainTooDeep`]
+/// (neither is wrapped in [`Error::Backing`]: they name the file). With
+/// `no_io`, backing images are opened as [`OpenMode::no_io`] too.
+fn open_backing_chain(
+    header: &Header,
+    top: Option<&Path>,
+    opts: &OpenOptions,
+    no_io: bool,
+) -> Result<Option<Backing>> {
+    let mut seen: Vec<(u64, u64)> = top.and_then(file_id).into_iter().collect();
+    let bopts = opts.clone().read_only(true);
+    // The backing images opened so far, top first, and their paths.
+    let mut images: Vec<Image> = Vec::new();
+    let mut paths: Vec<PathBuf> = Vec::new();
+    let mut header = header.clone();
+    let mut base = top.and_then(Path::parent).map(Path::to_path_buf);
+    let mut tail: Option<Backing> = None;
+    while let Some(name) = header.backing_file_name() {
+        let path = resolve(base.as_deref(), Path::new(name));
+        if !opts.get_backing_policy().permits(&path) {
+            return Err(wrap_chain(&paths, Error::BackingNotPermitted { path }));
+        }
+        if images.len() >= MAX_BACKING_DEPTH {
+            return Err(Error::BackingChainTooDeep {
+                path,
+                max: MAX_BACKING_DEPTH,
+            });
+        }
+        paths.push(path.clone());
+        let storage = FileStorage::open(&path, false)
+            .map_err(|e| wrap_chain(&paths, Error::io(IoOp::Read, 0, e)))?;
+        if let Some(id) = file_id(&path) {
+            if seen.contains(&id) {
+                return Err(Error::BackingLoop { path });
+            }
+            seen.push(id);
+        }
+        let is_qcow2 = match header.backing_format() {
+            Some("raw") => false,
+            Some("qcow2") => true,
+            Some(other) => {
+                return Err(wrap_chain(
+                    &paths,
+                    Error::Unsupported(format!("backing file format '{other}'")),
+                ));
+            }
+            None => {
+                let mut magic = [0u8; 4];
+                storage
+                    .read_at(&mut magic, 0)
+                    .map_err(|e| wrap_chain(&paths, Error::io(IoOp::Read, 0, e)))?;
+                u32::from_be_bytes(magic) == QCOW2_MAGIC
+            }
+        };
+        if !is_qcow2 {
+            storage
+                .lock(&LockRequest::raw_backing(opts.get_locking()))
+                .map_err(|e| wrap_chain(&paths, e.into()))?;
+            // QEMU sizes a raw file in whole sectors (the tail reads as zero).
+            let size = storage
+                .len()
+                .map_err(|e| wrap_chain(&paths, Error::io(IoOp::Read, 0, e)))?
+                .div_ceil(512)
+                * 512;
+            tail = Some(Backing::Raw {
+                storage: Arc::new(storage),
+                size,
+                path,
+            });
+            break;
+        }
+        let mode = OpenMode {
+            skip_backing: true,
+            no_io,
+            ..Default::default()
+        };
+        let img = Image::open_inner(Arc::new(storage), Some(path.clone()), &bopts, mode, None)
+            .map_err(|e| wrap_chain(&paths, e))?;
+        header = img.header();
+        base = path.parent().map(Path::to_path_buf);
+        images.push(img);
+    }
+    while let Some(mut img) = images.pop() {
+        img.backing = tail;
+        tail = Some(Backing::Qcow2(Box::new(img)));
+    }
+    Ok(tail)
+}
+
+/// QEMU's refusal to open an encrypted image without a key, and for an
+/// inspection open ([`OpenMode::no_io`]) of a LUKS image, its LUKS header.
+///
+/// This is the one place where the missing key is decided: when keys are
+/// supported, a key given in the options (`encrypt.key-secret`) lets the
+/// open go on and sets up the cipher here.
+fn check_encryption(
+    header: &Header,
+    file: &dyn Storage,
+    mode: OpenMode,
+) -> Result<Option<Box<LuksHeader>>> {
+    if header.crypt_method == 0 {
+        return Ok(None);
+    }
+    let crypto = header.crypto_header();
+    if !mode.no_io {
+        if header.crypt_method == CRYPT_LUKS && crypto.is_none() {
+            return Err(crate::format::FormatError::invalid(
+                crate::format::Structure::HeaderExtension,
+                None,
+                format!(
+                    "Missing CRYPTO header for crypt method {}",
+                    header.crypt_method
+                ),
+            )
+            .into());
+        }
+        return Err(Error::EncryptionKeyRequired);
+    }
+    // QEMU reads the LUKS header only through the extension's range.
+    let Some((offset, length)) = crypto else {
+        return Ok(None);
+    };
+    let len = crate::format::luks::LUKS_HEADER_LEN;
+    let mut buf = vec![0u8; len];
+    if length >= len as u64 {
+        read_file(file, &mut buf, offset)?;
+    } else {
+        buf.truncate(0);
+    }
+    let luks = LuksHeader::decode(&buf).map_err(|mut e| {
+        e.offset = Some(offset);
+        e
+    })?;
+    Ok(Some(Box::new(luks)))
 }
 
 /// Reads a table of big-endian u64 entries of `bytes` bytes at `offset`.

@@ -161,8 +161,9 @@ fn probe_backing(full: &str, fmt: Option<&str>) -> Result<(&'static str, u64), S
     };
     if as_qcow2 {
         // As qemu-img create: the backing file is opened with force-share,
-        // so an image in use by another process can still be a backing file.
-        let img = Image::open(full, &OpenOptions::new().read_only(true).force_share(true))
+        // so an image in use by another process can still be a backing file,
+        // and without I/O (BDRV_O_NO_IO), so an encrypted chain needs no key.
+        let img = Image::open_no_io(full, &OpenOptions::new().read_only(true).force_share(true))
             .map_err(|e| crate::common::open_error_text(full, &e))?;
         Ok(("qcow2", img.size()))
     } else {

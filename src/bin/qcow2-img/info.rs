@@ -2,6 +2,7 @@
 
 use crate::common::{check_format, open_fail, parse_args, parse_output, CmdResult, Fail, Output};
 use clap::Parser;
+use qcow2kit::image::MAX_BACKING_DEPTH;
 use qcow2kit::info::{path_combine, to_json_pretty, ImageInfo};
 use qcow2kit::storage::FileStorage;
 use qcow2kit::storage::Storage;
@@ -16,6 +17,12 @@ fn is_qcow2(name: &str) -> bool {
     };
     let mut magic = [0u8; 4];
     f.read_at(&mut magic, 0).is_err() || magic == *b"QFI\xfb"
+}
+
+/// Device and inode of a file, when it can be stat'ed.
+fn file_id(name: &str) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(name).ok().map(|m| (m.dev(), m.ino()))
 }
 
 #[derive(Parser, Debug)]
@@ -58,7 +65,26 @@ pub fn run(argv: &[String]) -> CmdResult {
     let mut infos = Vec::new();
     let mut name = filename;
     let mut fmt: Option<String> = None;
+    // Files already in the chain, by device and inode (QEMU compares names).
+    let mut seen: Vec<(u64, u64)> = Vec::new();
     loop {
+        if let Some(id) = file_id(&name) {
+            if seen.contains(&id) {
+                return Err(Fail::Msg(format!(
+                    "Backing file '{name}' creates an infinite loop."
+                )));
+            }
+            seen.push(id);
+        }
+        if infos.len() > MAX_BACKING_DEPTH {
+            return Err(Fail::Msg(
+                qcow2kit::Error::BackingChainTooDeep {
+                    path: name.into(),
+                    max: MAX_BACKING_DEPTH,
+                }
+                .to_string(),
+            ));
+        }
         // Without a recorded format, probe like QEMU: qcow2 by its magic, else raw.
         if fmt.is_none() && !infos.is_empty() && !is_qcow2(&name) {
             fmt = Some("raw".into());
@@ -75,8 +101,7 @@ pub fn run(argv: &[String]) -> CmdResult {
             let opts = OpenOptions::new()
                 .read_only(true)
                 .force_share(a.force_share);
-            let img =
-                Image::open_without_backing(&name, &opts).map_err(|e| open_fail(&name, &e))?;
+            let img = Image::open_for_info(&name, &opts).map_err(|e| open_fail(&name, &e))?;
             ImageInfo::from_image(&img, &name).map_err(|e| Fail::Msg(e.qemu_message()))?
         };
         let next = info.backing_filename.clone();

@@ -256,6 +256,16 @@ impl Header {
         })
     }
 
+    /// Host offset and length of the LUKS header from the full disk
+    /// encryption extension (the last one if there are several, as QEMU
+    /// keeps the last).
+    pub fn crypto_header(&self) -> Option<(u64, u64)> {
+        self.extensions.iter().rev().find_map(|ext| match ext {
+            HeaderExtension::Crypto { offset, length } => Some((*offset, *length)),
+            _ => None,
+        })
+    }
+
     /// The bitmaps extension (the last one if there are several).
     pub fn bitmaps(&self) -> Option<&BitmapsExtension> {
         self.extensions.iter().rev().find_map(|ext| match ext {

@@ -1,0 +1,388 @@
+//! Encrypted images (cli.md §21) are never read or written as plaintext:
+//! without a key every command that touches guest data refuses, as
+//! qemu-img/qemu-io 10 do, with the same message and exit code, and the
+//! file is left byte for byte as it was; `info` works and its encryption
+//! lines equal qemu-img's.
+
+// Helpers outside #[test] functions panic on purpose when a tool misbehaves.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::*;
+use qcow2kit::check::{Checker, Repair};
+use qcow2kit::storage::MemStorage;
+use qcow2kit::{Error, Image, OpenOptions};
+use std::path::Path;
+use std::sync::Arc;
+
+const SECRET: &str = "secret,id=sec0,data=abc123";
+
+/// Makes, in `dir`: `luks.qcow2` (LUKS, 0x5a written at 0 through the key),
+/// `essiv.qcow2` (LUKS aes-128-cbc-essiv:sha256, sha1, with a backing
+/// file `base.qcow2`), `aes.qcow2` (legacy AES, 0x5a written through the
+/// key) and `over.qcow2` (plain, backed by `luks.qcow2`).
+fn make_images(dir: &Path) {
+    let luks_opts = "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10";
+    qemu_ok(
+        dir,
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "--object",
+            SECRET,
+            "-f",
+            "qcow2",
+            "-o",
+            luks_opts,
+            "luks.qcow2",
+            "1M",
+        ],
+    );
+    qemu_ok(
+        dir,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "base.qcow2", "1M"],
+    );
+    qemu_ok(
+        dir,
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "--object",
+            SECRET,
+            "-f",
+            "qcow2",
+            "-o",
+            "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10,\
+             encrypt.cipher-alg=aes-128,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv,\
+             encrypt.ivgen-hash-alg=sha256,encrypt.hash-alg=sha1",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "essiv.qcow2",
+        ],
+    );
+    qemu_ok(
+        dir,
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "--object",
+            SECRET,
+            "-f",
+            "qcow2",
+            "-o",
+            "encrypt.format=aes,encrypt.key-secret=sec0",
+            "aes.qcow2",
+            "1M",
+        ],
+    );
+    for f in ["luks.qcow2", "aes.qcow2"] {
+        let opts = format!("driver=qcow2,encrypt.key-secret=sec0,file.filename={f}");
+        qemu_ok(
+            dir,
+            "qemu-io",
+            &[
+                "--object",
+                SECRET,
+                "--image-opts",
+                "-c",
+                "write -P 0x5a 0 64k",
+                &opts,
+            ],
+        );
+    }
+    qemu_ok(
+        dir,
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "luks.qcow2",
+            "-F",
+            "qcow2",
+            "over.qcow2",
+        ],
+    );
+}
+
+const IMAGES: [&str; 4] = ["luks.qcow2", "essiv.qcow2", "aes.qcow2", "over.qcow2"];
+
+fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let name = e.file_name().to_string_lossy().into_owned();
+            (name, std::fs::read(e.path()).unwrap())
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn data_commands_refuse_like_qemu_and_write_nothing() {
+    if !have_qemu("data_commands_refuse_like_qemu_and_write_nothing") {
+        return;
+    }
+    let d = scratch();
+    let dir = d.path();
+    make_images(dir);
+    let before = snapshot(dir);
+    for img in IMAGES {
+        let cmds: Vec<Vec<&str>> = vec![
+            vec!["check", img],
+            vec!["check", "-r", "leaks", img],
+            vec!["check", "-r", "all", img],
+            vec!["check", "--output=json", img],
+            vec!["map", img],
+            vec!["map", "--output=json", img],
+            vec!["convert", "-O", "raw", img, "out.raw"],
+            vec!["convert", "-O", "qcow2", img, "out.qcow2"],
+            vec!["amend", "-o", "lazy_refcounts=on", img],
+            vec!["resize", img, "2M"],
+            vec!["bench", "-c", "1", img],
+            vec!["bench", "-w", "-c", "1", img],
+        ];
+        for args in &cmds {
+            let q = qemu(dir, "qemu-img", args);
+            let o = ours(dir, args);
+            assert_eq!(o.err, q.err, "stderr of {args:?}");
+            assert_eq!((o.code, q.code), (1, 1), "exit codes of {args:?}: {o:?}");
+            assert_eq!(o.out, q.out, "stdout of {args:?}");
+        }
+        for cmd in ["read -P 0x5a 0 4k", "write -P 0x11 0 4k", "write -z 0 64k"] {
+            let args = ["-c", cmd, img];
+            let q = qemu(dir, "qemu-io", &args);
+            let o = ours(dir, &[&["io"][..], &args[..]].concat());
+            assert_eq!(o.err, q.err, "stderr of io {args:?}");
+            assert_eq!((o.code, q.code), (1, 1), "exit codes of io {args:?}: {o:?}");
+        }
+        for args in [vec![img], vec!["-r", "all", img]] {
+            let q = qemu(dir, "qemu-img", &[&["check"][..], &args[..]].concat());
+            let o = run_check(dir, &args);
+            assert_eq!(
+                o.err,
+                q.err.replace("qcow2-img", "qcow2-check"),
+                "qcow2-check {args:?}"
+            );
+            assert_eq!((o.code, q.code), (1, 1), "qcow2-check {args:?}");
+        }
+    }
+    assert_eq!(
+        snapshot(dir),
+        before,
+        "no file may change (and none be created) when a command refuses"
+    );
+}
+
+fn run_check(dir: &Path, args: &[&str]) -> Run {
+    use std::os::unix::process::ExitStatusExt;
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_qcow2-check"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    Run {
+        out: String::from_utf8_lossy(&o.stdout).into_owned(),
+        err: String::from_utf8_lossy(&o.stderr).into_owned(),
+        code: o
+            .status
+            .code()
+            .unwrap_or_else(|| 128 + o.status.signal().unwrap_or(0)),
+    }
+}
+
+/// `disk size` depends on the file system's allocation at the moment of
+/// the call: compared by shape only.
+fn without_disk_size(s: &str) -> String {
+    s.lines()
+        .filter(|l| !l.trim_start().starts_with("disk size: "))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn info_shows_the_encryption_like_qemu_img() {
+    if !have_qemu("info_shows_the_encryption_like_qemu_img") {
+        return;
+    }
+    let d = scratch();
+    let dir = d.path();
+    make_images(dir);
+    let before = snapshot(dir);
+    for img in IMAGES {
+        for chain in [false, true] {
+            let mut args = vec!["info", img];
+            if chain {
+                args.insert(1, "--backing-chain");
+            }
+            let q = qemu_ok(dir, "qemu-img", &args);
+            let o = ours(dir, &args);
+            assert_eq!(o.code, 0, "{args:?}: {o:?}");
+            assert_eq!(
+                without_disk_size(&o.out),
+                without_disk_size(&q.out),
+                "{args:?}"
+            );
+            assert_eq!(o.err, q.err, "{args:?}");
+            if img != "over.qcow2" || chain {
+                assert!(o.out.contains("\nencrypted: yes\n"), "{args:?}: {}", o.out);
+                assert!(o.out.contains("\n    encrypt:\n"), "{args:?}: {}", o.out);
+            }
+            args.push("--output=json");
+            let q = qemu_ok(dir, "qemu-img", &args);
+            let o = ours(dir, &args);
+            assert_eq!(o.code, 0, "{args:?}: {o:?}");
+            let (mut qj, mut oj) = (json(&q.out), json(&o.out));
+            strip_actual_size(&mut qj);
+            strip_actual_size(&mut oj);
+            assert_eq!(oj, qj, "{args:?}");
+        }
+    }
+    // The JSON key order is qemu-img's too (the parsed comparison above
+    // does not see it).
+    let q = qemu_ok(dir, "qemu-img", &["info", "--output=json", "essiv.qcow2"]);
+    let o = ours(dir, &["info", "--output=json", "essiv.qcow2"]);
+    let keys = |s: &str| -> Vec<String> {
+        s.lines()
+            .filter_map(|l| l.trim_start().strip_prefix('"'))
+            .filter_map(|l| l.split_once("\":").map(|(k, _)| k.to_owned()))
+            .filter(|k| k != "actual-size")
+            .collect()
+    };
+    assert_eq!(keys(&o.out), keys(&q.out));
+    assert_eq!(snapshot(dir), before, "info writes nothing");
+}
+
+#[test]
+fn library_refuses_guest_data_without_a_key() {
+    if !have_qemu("library_refuses_guest_data_without_a_key") {
+        return;
+    }
+    let d = scratch();
+    let dir = d.path();
+    make_images(dir);
+    let before = snapshot(dir);
+    let ro = OpenOptions::new().read_only(true);
+    for img in ["luks.qcow2", "essiv.qcow2", "aes.qcow2"] {
+        let path = dir.join(img);
+        for opts in [OpenOptions::new(), ro.clone()] {
+            assert!(matches!(
+                Image::open(&path, &opts),
+                Err(Error::EncryptionKeyRequired)
+            ));
+            assert!(matches!(
+                Image::open_without_backing(&path, &opts),
+                Err(Error::EncryptionKeyRequired)
+            ));
+        }
+        let mem = Arc::new(MemStorage::from_bytes(std::fs::read(&path).unwrap()));
+        assert!(matches!(
+            Image::open_storage(mem.clone(), &OpenOptions::new()),
+            Err(Error::EncryptionKeyRequired)
+        ));
+        assert_eq!(mem.to_vec(), std::fs::read(&path).unwrap());
+        for repair in [Repair::None, Repair::Leaks, Repair::All] {
+            assert!(matches!(
+                Checker::open(&path, repair),
+                Err(Error::EncryptionKeyRequired)
+            ));
+        }
+        assert_eq!(
+            Error::EncryptionKeyRequired.to_string(),
+            "Parameter 'encrypt.key-secret' is required for cipher"
+        );
+
+        // The inspection handle describes the image but refuses guest data.
+        let info = Image::open_for_info(&path, &OpenOptions::new()).unwrap();
+        assert!(info.is_encrypted());
+        assert!(info.is_read_only());
+        let mut buf = vec![0u8; 4096];
+        assert!(matches!(
+            info.read_at(&mut buf, 0),
+            Err(Error::EncryptionKeyRequired)
+        ));
+        assert!(buf.iter().all(|&b| b == 0), "no ciphertext handed out");
+        assert!(matches!(
+            info.block_status(0, 4096),
+            Err(Error::EncryptionKeyRequired)
+        ));
+        assert!(info.write_at(&[0x11; 512], 0).is_err());
+        assert!(info.write_zeroes(0, 65536, false).is_err());
+        assert!(info.discard(0, 65536).is_err());
+        match img {
+            "aes.qcow2" => assert!(info.luks_header().is_none()),
+            "luks.qcow2" => {
+                let h = info.luks_header().unwrap();
+                assert_eq!((h.cipher_alg, h.cipher_mode), ("aes-256", "xts"));
+                assert_eq!((h.ivgen_alg, h.hash_alg), ("plain64", "sha256"));
+                assert!(h.slots[0].active && !h.slots[1].active);
+            }
+            _ => {
+                let h = info.luks_header().unwrap();
+                assert_eq!((h.cipher_alg, h.cipher_mode), ("aes-128", "cbc"));
+                assert_eq!((h.ivgen_alg, h.ivgen_hash_alg), ("essiv", Some("sha256")));
+                assert_eq!(h.hash_alg, "sha1");
+            }
+        }
+        info.close().unwrap();
+    }
+    // An encrypted backing file refuses the whole chain.
+    let e = Image::open(dir.join("over.qcow2"), &ro).unwrap_err();
+    match &e {
+        Error::Backing { source, .. } => {
+            assert!(matches!(**source, Error::EncryptionKeyRequired), "{e:?}")
+        }
+        other => panic!("expected a backing error, got {other:?}"),
+    }
+    assert_eq!(
+        e.qemu_message(),
+        "Could not open backing file: Parameter 'encrypt.key-secret' is required for cipher"
+    );
+    assert_eq!(snapshot(dir), before, "the library wrote nothing");
+}
+
+#[test]
+fn create_over_an_encrypted_backing_file_needs_no_key() {
+    if !have_qemu("create_over_an_encrypted_backing_file_needs_no_key") {
+        return;
+    }
+    let d = scratch();
+    let dir = d.path();
+    make_images(dir);
+    for backing in ["luks.qcow2", "aes.qcow2", "over.qcow2"] {
+        let args = [
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            backing,
+            "-F",
+            "qcow2",
+            "new.qcow2",
+        ];
+        let q = qemu(dir, "qemu-img", &args);
+        std::fs::remove_file(dir.join("new.qcow2")).unwrap();
+        let o = ours(dir, &args);
+        assert_eq!(
+            (o.code, &o.out, &o.err),
+            (q.code, &q.out, &q.err),
+            "{args:?}"
+        );
+        assert_eq!(o.code, 0);
+        let info = Image::open_for_info(dir.join("new.qcow2"), &OpenOptions::new()).unwrap();
+        assert_eq!(info.size(), 1 << 20);
+        drop(info);
+        std::fs::remove_file(dir.join("new.qcow2")).unwrap();
+    }
+}
