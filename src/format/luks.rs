@@ -274,7 +274,10 @@ impl LuksHeader {
             }
         }
         let payload_sectors = u32_at(PAYLOAD_OFFSET);
-        let header_sectors = (KEY_SLOT_OFFSET / SECTOR_SIZE) as u32;
+        // The fixed header and key slot area end at 4 KiB: 8 sectors.
+        const HEADER_SECTORS: u32 = 8;
+        const _: () = assert!(KEY_SLOT_OFFSET / SECTOR_SIZE == HEADER_SECTORS as u64);
+        let header_sectors = HEADER_SECTORS;
         if payload_sectors < header_sectors {
             return Err(invalid(
                 "LUKS payload is overlapping with the header".into(),
