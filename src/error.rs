@@ -107,6 +107,26 @@ pub enum Error {
     /// The header or a table is invalid or unsupported (refused at open).
     #[error("{0}")]
     Format(#[from] FormatError),
+    /// A file could not be opened (`open(2)` failed): the image file itself,
+    /// or, inside [`Error::Backing`] / [`Error::DataFile`], one it names.
+    #[error("could not open '{}': {source}", path.display())]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// The error of `open(2)`.
+        #[source]
+        source: io::Error,
+    },
+    /// The external data file named by the image (or the `data-file`
+    /// option) could not be opened.
+    #[error("could not open the data file '{}': {source}", path.display())]
+    DataFile {
+        /// The path that was tried.
+        path: PathBuf,
+        /// Why it failed.
+        #[source]
+        source: Box<Error>,
+    },
     /// Opening a corrupt image read-write.
     #[error("image is corrupt; cannot be opened read/write")]
     ImageCorrupt,
@@ -188,8 +208,8 @@ impl Error {
     /// The underlying OS error number, when this is an I/O error.
     pub fn raw_os_error(&self) -> Option<i32> {
         match self {
-            Error::Io { source, .. } => source.raw_os_error(),
-            Error::Backing { source, .. } => source.raw_os_error(),
+            Error::Io { source, .. } | Error::Open { source, .. } => source.raw_os_error(),
+            Error::Backing { source, .. } | Error::DataFile { source, .. } => source.raw_os_error(),
             _ => None,
         }
     }
@@ -216,7 +236,7 @@ impl Error {
             Error::Closed => "Bad file descriptor".into(),
             Error::BackingRead { source } => source.errno_text(),
             Error::ReadOnly => "Permission denied".into(),
-            Error::Io { source, .. } => match source.raw_os_error() {
+            Error::Io { source, .. } | Error::Open { source, .. } => match source.raw_os_error() {
                 Some(code) => strerror(code),
                 None => source.to_string(),
             },
@@ -237,19 +257,28 @@ impl Error {
         match self {
             Error::Format(e) => e.reason.clone(),
             Error::ImageCorrupt => "qcow2: Image is corrupt; cannot be opened read/write".into(),
-            Error::Io { source, .. } => match source.raw_os_error() {
+            Error::Io { source, .. } | Error::Open { source, .. } => match source.raw_os_error() {
                 Some(code) => strerror(code),
                 None => source.to_string(),
             },
             Error::Lock(e) => e.qemu_message(),
             // QEMU's file layer names the file only for its own (OS) errors.
             Error::Backing { path, source } => match **source {
-                Error::Io { .. } => format!(
+                Error::Io { .. } | Error::Open { .. } => format!(
                     "Could not open backing file: Could not open '{}': {}",
                     path.display(),
                     source.qemu_message()
                 ),
                 _ => format!("Could not open backing file: {}", source.qemu_message()),
+            },
+            // QEMU opens the data file as a child node: no "backing file" prefix.
+            Error::DataFile { path, source } => match **source {
+                Error::Io { .. } | Error::Open { .. } => format!(
+                    "Could not open '{}': {}",
+                    path.display(),
+                    source.qemu_message()
+                ),
+                _ => source.qemu_message(),
             },
             Error::InvalidArgument(m) | Error::TooLarge(m) => m.clone(),
             other => other.to_string(),

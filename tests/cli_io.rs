@@ -395,3 +395,36 @@ fn io_abort_dies_without_closing() {
     let c = qemu(d, "qemu-img", &["check", "dirty.qcow2"]);
     assert_eq!(c.code, 0, "{c:?}");
 }
+
+/// Files that cannot be opened are named as QEMU names them: the image
+/// itself, and an external data file (a child node, not a "backing file").
+#[test]
+fn io_open_errors_name_the_file_like_qemu_io() {
+    if !have_qemu("io_open_errors_name_the_file_like_qemu_io") {
+        return;
+    }
+    let (qd, od) = twin_dirs();
+    let (q, o) = (qd.path(), od.path());
+    for d in [q, o] {
+        qemu_ok(
+            d,
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                "data_file=d.data",
+                "df.qcow2",
+                "1M",
+            ],
+        );
+        std::fs::remove_file(d.join("d.data")).unwrap();
+    }
+    let r = twin(q, o, &[], &["read 0 4k"], &["df.qcow2"]);
+    assert!(r.err.contains("Could not open 'd.data'"), "{}", r.err);
+    assert_eq!(r.code, 1);
+    twin(q, o, &[], &["read 0 4k"], &["missing.qcow2"]);
+    twin(q, o, &["-r"], &["read 0 4k"], &["missing.qcow2"]);
+}

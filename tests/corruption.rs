@@ -323,3 +323,31 @@ fn corrupt_backing_does_not_mark_the_overlay_corrupt() {
     img.read_at(&mut buf, 65536).unwrap();
     assert_eq!(buf, [9; 512]);
 }
+
+/// Open failures are typed and name the file (not "read failed at host
+/// offset 0x0").
+#[test]
+fn open_errors_name_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.qcow2");
+    match Image::open(&missing, &OpenOptions::new()) {
+        Err(Error::Open { path, source }) => {
+            assert_eq!(path, missing);
+            assert_eq!(source.kind(), std::io::ErrorKind::NotFound);
+        }
+        r => panic!("{r:?}"),
+    }
+    let top = dir.path().join("df.qcow2");
+    let opts = CreateOptions::new().size(1 << 20);
+    let mut opts = opts;
+    opts.data_file = Some("d.data".into());
+    qcow2kit::create::create_image(&top, &opts).unwrap();
+    std::fs::remove_file(dir.path().join("d.data")).unwrap();
+    match Image::open(&top, &OpenOptions::new()) {
+        Err(Error::DataFile { path, source }) => {
+            assert_eq!(path, dir.path().join("d.data"));
+            assert!(matches!(*source, Error::Open { .. }), "{source:?}");
+        }
+        r => panic!("{r:?}"),
+    }
+}

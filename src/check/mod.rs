@@ -59,7 +59,7 @@ mod walk;
 
 pub use report::{CheckCounts, CheckReport, Finding, RefcountVerdict};
 
-use crate::error::{Error, IoOp, Result};
+use crate::error::{Error, Result};
 use crate::format::consts::{AUTOCLEAR_MASK, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
 use crate::image::{Image, OpenMode};
 use crate::options::OpenOptions;
@@ -186,7 +186,8 @@ impl Checker {
     /// `Error::Format` for an invalid header, `Error::Backing`, ...).
     pub fn open(path: &Path, repair: Repair) -> Result<Checker> {
         let writable = repair != Repair::None;
-        let file = FileStorage::open(path, writable).map_err(|e| Error::io(IoOp::Read, 0, e))?;
+        let file =
+            FileStorage::open(path, writable).map_err(|e| crate::image::open_error(path, e))?;
         Self::open_inner(
             Arc::new(file),
             Some(path.to_path_buf()),

@@ -39,7 +39,7 @@ mod write;
 mod zero;
 
 pub use open::MAX_BACKING_DEPTH;
-pub(crate) use open::{resolve, OpenMode};
+pub(crate) use open::{open_error, resolve, OpenMode};
 
 /// The image a qcow2 image reads unallocated clusters from.
 #[derive(Debug)]

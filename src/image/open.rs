@@ -43,7 +43,7 @@ impl Image {
         let path = path.as_ref();
         check_force_share(opts)?;
         let file = FileStorage::open_with(path, !opts.get_read_only(), opts.get_cache_direct())
-            .map_err(|e| Error::io(IoOp::Read, 0, e))?;
+            .map_err(|e| open_error(path, e))?;
         Self::open_inner(
             Arc::new(file),
             Some(path.to_path_buf()),
@@ -81,7 +81,7 @@ impl Image {
         let path = path.as_ref();
         check_force_share(opts)?;
         let file = FileStorage::open_with(path, !opts.get_read_only(), opts.get_cache_direct())
-            .map_err(|e| Error::io(IoOp::Read, 0, e))?;
+            .map_err(|e| open_error(path, e))?;
         let mode = OpenMode {
             skip_backing: true,
             ..Default::default()
@@ -104,7 +104,7 @@ impl Image {
     pub fn open_for_info(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Image> {
         let path = path.as_ref();
         let opts = opts.clone().read_only(true);
-        let file = FileStorage::open(path, false).map_err(|e| Error::io(IoOp::Read, 0, e))?;
+        let file = FileStorage::open(path, false).map_err(|e| open_error(path, e))?;
         let mode = OpenMode {
             skip_backing: true,
             no_io: true,
@@ -125,7 +125,7 @@ impl Image {
     pub fn open_no_io(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Image> {
         let path = path.as_ref();
         let opts = opts.clone().read_only(true);
-        let file = FileStorage::open(path, false).map_err(|e| Error::io(IoOp::Read, 0, e))?;
+        let file = FileStorage::open(path, false).map_err(|e| open_error(path, e))?;
         let mode = OpenMode {
             no_io: true,
             ..Default::default()
@@ -370,9 +370,9 @@ impl Image {
                 return Err(Error::BackingNotPermitted { path: resolved });
             }
             let s = FileStorage::open_with(&resolved, !read_only, opts.get_cache_direct())
-                .map_err(|e| Error::Backing {
+                .map_err(|e| Error::DataFile {
                     path: resolved.clone(),
-                    source: Box::new(Error::io(IoOp::Read, 0, e)),
+                    source: Box::new(open_error(&resolved, e)),
                 })?;
             // As QEMU: first what attaching the data file asks, then what
             // the image's users add (so the first conflict is QEMU's).
@@ -519,7 +519,7 @@ fn open_backing_chain(
         }
         paths.push(path.clone());
         let storage = FileStorage::open(&path, false)
-            .map_err(|e| wrap_chain(&paths, Error::io(IoOp::Read, 0, e)))?;
+            .map_err(|e| wrap_chain(&paths, open_error(&path, e)))?;
         if let Some(id) = file_id(&path) {
             if seen.contains(&id) {
                 return Err(Error::BackingLoop { path });
@@ -648,6 +648,14 @@ fn read_table(file: &dyn Storage, offset: u64, bytes: u64, file_len: u64) -> Res
         done += n;
     }
     Ok(table)
+}
+
+/// `open(2)` of `path` failed.
+pub(crate) fn open_error(path: &Path, source: std::io::Error) -> Error {
+    Error::Open {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Resolves a file name stored in an image against the image's directory.

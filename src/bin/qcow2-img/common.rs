@@ -126,7 +126,9 @@ pub fn check_format(fmt: Option<&str>, filename: &str) -> Result<(), Fail> {
 /// layer repeats `Could not open 'FILE': ` before the OS error.
 pub fn open_error_text(filename: &str, e: &Error) -> String {
     match e {
-        Error::Io { .. } => format!("Could not open '{filename}': {}", e.qemu_message()),
+        Error::Io { .. } | Error::Open { .. } => {
+            format!("Could not open '{filename}': {}", e.qemu_message())
+        }
         _ => e.qemu_message(),
     }
 }

@@ -275,7 +275,9 @@ impl State {
         let shown = path.display().to_string();
         let img = Image::open(&path, &opts).map_err(|e| {
             let text = match &e {
-                Error::Io { .. } => format!("Could not open '{shown}': {}", e.qemu_message()),
+                Error::Io { .. } | Error::Open { .. } => {
+                    format!("Could not open '{shown}': {}", e.qemu_message())
+                }
                 _ => e.qemu_message(),
             };
             format!("{prefix}{text}")
