@@ -32,6 +32,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 mod open;
+mod resolver;
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // tests may panic
 mod sync_tests;
@@ -40,6 +41,8 @@ mod zero;
 
 pub use open::MAX_BACKING_DEPTH;
 pub(crate) use open::{open_error, resolve, OpenMode};
+pub(crate) use resolver::ResolverHandle;
+pub use resolver::{FileResolver, FileRole};
 
 /// The image a qcow2 image reads unallocated clusters from.
 #[derive(Debug)]

@@ -365,21 +365,38 @@ impl Image {
                 .ok_or_else(|| {
                     Error::InvalidArgument("'data-file' is required for this image".into())
                 })?;
-            let resolved = resolve(base_dir.as_deref(), &name);
-            if opts.get_data_file().is_none() && !opts.get_backing_policy().permits(&resolved) {
-                return Err(Error::BackingNotPermitted { path: resolved });
-            }
-            let s = FileStorage::open_with(&resolved, !read_only, opts.get_cache_direct())
-                .map_err(|e| Error::DataFile {
-                    path: resolved.clone(),
-                    source: Box::new(open_error(&resolved, e)),
-                })?;
+            let (s, resolved): (Arc<dyn Storage>, PathBuf) = match opts.get_file_resolver() {
+                Some(r) => {
+                    let shown = name.to_string_lossy().into_owned();
+                    let s = r
+                        .open(super::FileRole::DataFile, &shown, !read_only)
+                        .map_err(|e| Error::DataFile {
+                            path: name.clone(),
+                            source: Box::new(e),
+                        })?;
+                    (s, name)
+                }
+                None => {
+                    let resolved = resolve(base_dir.as_deref(), &name);
+                    if opts.get_data_file().is_none()
+                        && !opts.get_backing_policy().permits(&resolved)
+                    {
+                        return Err(Error::BackingNotPermitted { path: resolved });
+                    }
+                    let s = FileStorage::open_with(&resolved, !read_only, opts.get_cache_direct())
+                        .map_err(|e| Error::DataFile {
+                            path: resolved.clone(),
+                            source: Box::new(open_error(&resolved, e)),
+                        })?;
+                    (Arc::new(s), resolved)
+                }
+            };
             // As QEMU: first what attaching the data file asks, then what
             // the image's users add (so the first conflict is QEMU's).
             let (share, locking) = (opts.get_force_share(), opts.get_locking());
             s.lock(&LockRequest::data_file_attach(share, locking))?;
             s.lock(&LockRequest::data_file(read_only, share, locking))?;
-            let d = Arc::new(Tracked::new(Arc::new(s), opts.get_cache_no_flush()));
+            let d = Arc::new(Tracked::new(s, opts.get_cache_no_flush()));
             meta.data_file = Some(d.clone());
             (d as Arc<dyn Storage>, Some(resolved))
         } else {
@@ -498,7 +515,10 @@ fn open_backing_chain(
     opts: &OpenOptions,
     no_io: bool,
 ) -> Result<Option<Backing>> {
+    let resolver = opts.get_file_resolver();
     let mut seen: Vec<(u64, u64)> = top.and_then(file_id).into_iter().collect();
+    // Storages a resolver returned, by identity (a loop returns one again).
+    let mut seen_storages: Vec<usize> = Vec::new();
     let bopts = opts.clone().read_only(true);
     // The backing images opened so far, top first, and their paths.
     let mut images: Vec<Image> = Vec::new();
@@ -507,8 +527,13 @@ fn open_backing_chain(
     let mut base = top.and_then(Path::parent).map(Path::to_path_buf);
     let mut tail: Option<Backing> = None;
     while let Some(name) = header.backing_file_name() {
-        let path = resolve(base.as_deref(), Path::new(name));
-        if !opts.get_backing_policy().permits(&path) {
+        // With a resolver, names are the embedder's: no file system lookup
+        // and no backing policy (the resolver is the policy).
+        let path = match resolver {
+            Some(_) => PathBuf::from(name),
+            None => resolve(base.as_deref(), Path::new(name)),
+        };
+        if resolver.is_none() && !opts.get_backing_policy().permits(&path) {
             return Err(wrap_chain(&paths, Error::BackingNotPermitted { path }));
         }
         if images.len() >= MAX_BACKING_DEPTH {
@@ -518,14 +543,30 @@ fn open_backing_chain(
             });
         }
         paths.push(path.clone());
-        let storage = FileStorage::open(&path, false)
-            .map_err(|e| wrap_chain(&paths, open_error(&path, e)))?;
-        if let Some(id) = file_id(&path) {
-            if seen.contains(&id) {
-                return Err(Error::BackingLoop { path });
+        let storage: Arc<dyn Storage> = match &resolver {
+            Some(r) => {
+                let s = r
+                    .open(super::FileRole::Backing, name, false)
+                    .map_err(|e| wrap_chain(&paths, e))?;
+                let id = super::resolver::storage_id(&s);
+                if seen_storages.contains(&id) {
+                    return Err(Error::BackingLoop { path });
+                }
+                seen_storages.push(id);
+                s
             }
-            seen.push(id);
-        }
+            None => {
+                let s = FileStorage::open(&path, false)
+                    .map_err(|e| wrap_chain(&paths, open_error(&path, e)))?;
+                if let Some(id) = file_id(&path) {
+                    if seen.contains(&id) {
+                        return Err(Error::BackingLoop { path });
+                    }
+                    seen.push(id);
+                }
+                Arc::new(s)
+            }
+        };
         let is_qcow2 = match header.backing_format() {
             Some("raw") => false,
             Some("qcow2") => true,
@@ -554,7 +595,7 @@ fn open_backing_chain(
                 .div_ceil(512)
                 * 512;
             tail = Some(Backing::Raw {
-                storage: Arc::new(storage),
+                storage,
                 size,
                 path,
             });
@@ -565,7 +606,7 @@ fn open_backing_chain(
             no_io,
             ..Default::default()
         };
-        let img = Image::open_inner(Arc::new(storage), Some(path.clone()), &bopts, mode, None)
+        let img = Image::open_inner(storage, Some(path.clone()), &bopts, mode, None)
             .map_err(|e| wrap_chain(&paths, e))?;
         header = img.header();
         base = path.parent().map(Path::to_path_buf);

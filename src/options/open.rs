@@ -60,6 +60,7 @@ pub struct OpenOptions {
     werror: ErrorPolicy,
     node_name: Option<String>,
     event_handler: crate::events::EventHandler,
+    file_resolver: crate::image::ResolverHandle,
     locking: Locking,
     force_share: bool,
     cache_direct: bool,
@@ -109,6 +110,7 @@ impl OpenOptions {
             werror: ErrorPolicy::Report,
             node_name: None,
             event_handler: crate::events::EventHandler::default(),
+            file_resolver: crate::image::ResolverHandle::default(),
             locking: Locking::Auto,
             force_share: false,
             cache_direct: false,
@@ -301,6 +303,27 @@ impl OpenOptions {
     pub fn on_event(mut self, sink: impl Fn(&crate::Event) + Send + Sync + 'static) -> Self {
         self.event_handler = crate::events::EventHandler(Some(std::sync::Arc::new(sink)));
         self
+    }
+
+    /// Opens the backing files and the external data file through `resolver`
+    /// instead of the file system (see [`FileResolver`](crate::image::FileResolver)):
+    /// for embedders that hand out storages themselves, such as a sandboxed
+    /// VMM that receives file descriptors. The backing policy does not apply
+    /// then: the resolver decides.
+    #[must_use]
+    pub fn file_resolver(
+        mut self,
+        resolver: std::sync::Arc<dyn crate::image::FileResolver>,
+    ) -> Self {
+        self.file_resolver = crate::image::ResolverHandle(Some(resolver));
+        self
+    }
+
+    /// The resolver given with [`OpenOptions::file_resolver`], if any.
+    pub(crate) fn get_file_resolver(
+        &self,
+    ) -> Option<std::sync::Arc<dyn crate::image::FileResolver>> {
+        self.file_resolver.0.clone()
     }
 
     /// The event callback given with [`OpenOptions::on_event`], if any.
