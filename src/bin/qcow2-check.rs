@@ -2,9 +2,18 @@
 //! `qemu-img check`'s options, output and exit codes.
 
 fn main() {
-    let code = qcow2kit::check::cli::run_check_cli(
-        qcow2kit::check::cli::CliName::QCOW2_CHECK,
-        std::env::args_os().skip(1),
-    );
+    let mut args = std::env::args_os().skip(1).peekable();
+    // `-V`/`--version` as the first argument, like qemu-img's.
+    if args.peek().is_some_and(|a| a == "-V" || a == "--version") {
+        println!("qcow2-check version {}", env!("CARGO_PKG_VERSION"));
+        println!(
+            "part of qcow2kit {}: {}",
+            env!("CARGO_PKG_VERSION"),
+            env!("CARGO_PKG_DESCRIPTION")
+        );
+        return;
+    }
+    let code =
+        qcow2kit::check::cli::run_check_cli(qcow2kit::check::cli::CliName::QCOW2_CHECK, args);
     std::process::exit(code);
 }

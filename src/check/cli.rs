@@ -56,14 +56,70 @@ const PROGRESS_MIN_BYTES: u64 = 1 << 30;
 /// Exit code when the format does not support checks.
 const EXIT_UNSUPPORTED: i32 = 63;
 
+/// The `--help` text: synopsis, each option, the exit codes.
+fn help_text(name: CliName) -> String {
+    let full = name.full();
+    let pad = " ".repeat(full.len() + 8);
+    let (format_default, version) = match name.command {
+        // qcow2-check takes the file as qcow2 unless told otherwise.
+        None => (
+            "default qcow2, so a file that is not qcow2 is an\n      \
+             error (exit 1); -f raw gives exit 63, raw images having no checks",
+            "  -V, --version\n      print the version and exit (as the first argument)\n",
+        ),
+        Some(_) => (
+            "default: probed from the file; a raw file, or\n      \
+             -f raw, gives exit 63, raw images having no checks",
+            "",
+        ),
+    };
+    format!(
+        "\
+Usage: {full} [-f qcow2|raw] [-r leaks|all] [--output human|json] [-q]
+{pad}[-T CACHE_MODE] [-U] FILE
+
+Check a qcow2 image for consistency and optionally repair it. Without -r the
+image is opened read-only; with -r read-write.
+
+Options:
+  -h, --help
+      print this help and exit
+{version}  -f, --format qcow2|raw
+      format of FILE; {format_default}
+  -r, --repair leaks|all
+      repair leaked clusters only, or all errors (opens FILE read-write;
+      incompatible with -U)
+  --output human|json
+      output format (default human)
+  -q, --quiet
+      print nothing on stdout (errors still go to stderr)
+  -T, --cache CACHE_MODE
+      cache mode: none, off, writeback, unsafe, directsync or writethrough;
+      checked, otherwise accepted for compatibility
+  -U, --force-share
+      open FILE in shared mode, so an image another process holds can be
+      checked (no lock conflict; read-only checks only)
+  Long options may be abbreviated (--rep for --repair).
+
+Arguments:
+  FILE
+      the image file; exactly one
+
+Exit codes:
+  0   check done, the image is consistent (or was made so by -r)
+  1   check not done: bad argument, FILE cannot be opened, not a qcow2 image,
+      or the repair failed
+  2   check done, corruptions remain (they take precedence over leaks)
+  3   check done, only leaked clusters remain
+  63  the format has no checks (-f raw)
+"
+    )
+}
+
 fn command(name: CliName) -> Command {
     Command::new(name.program)
         .bin_name(name.full())
-        .about("Check a qcow2 image for consistency and optionally repair it")
-        .override_usage(format!(
-            "{} [-f qcow2] [-r leaks|all] [--output human|json] [-q] [-U] FILE",
-            name.full()
-        ))
+        .override_help(help_text(name))
         .disable_version_flag(true)
         .arg(
             Arg::new("format")

@@ -31,7 +31,7 @@ const SUB: &str = "amend";
 pub fn run(argv: &[String]) -> CmdResult {
     let a: Args = parse_args(SUB, argv)?;
     if a.help {
-        crate::print_help("amend [-f qcow2] [-q] -o OPTS FILE");
+        crate::help::print(crate::help::AMEND);
         return Ok(());
     }
     if a.options.is_empty() {

@@ -69,10 +69,7 @@ fn parse_int(s: &str) -> Option<u64> {
 pub fn run(argv: &[String]) -> CmdResult {
     let a: Args = parse_args(SUB, argv)?;
     if a.help {
-        crate::print_help(
-            "bench [-f qcow2] [-c COUNT] [-d DEPTH] [-o OFFSET] [-s BUFFER_SIZE] [-S STEP_SIZE] \
-             [-n] [-t CACHE] [-i AIO] [-w [--pattern=BYTE] [--flush-interval=N [--no-drain]]] [-U] FILE",
-        );
+        crate::help::print(crate::help::BENCH);
         return Ok(());
     }
     let _ = (a.native, &a.aio, a.quiet);

@@ -58,7 +58,7 @@ const ZERO_UNIT: usize = 4096;
 pub fn run(argv: &[String]) -> CmdResult {
     let a: Args = parse_args(SUB, argv)?;
     if a.help {
-        crate::print_help("convert [-f qcow2] [-U] -O raw|qcow2 [-o OPTS] [-c] SRC DST");
+        crate::help::print(crate::help::CONVERT);
         return Ok(());
     }
     let _ = (a.quiet, a.progress, &a.coroutines, a.out_of_order);

@@ -38,9 +38,7 @@ const SUB: &str = "create";
 pub fn run(argv: &[String]) -> CmdResult {
     let a: Args = parse_args(SUB, argv)?;
     if a.help {
-        crate::print_help(
-            "create -f qcow2 [-o OPTS]... [-b BACKING [-F FMT]] [-u] [-q] FILE [SIZE]",
-        );
+        crate::help::print(crate::help::CREATE);
         return Ok(());
     }
     for o in &a.options {

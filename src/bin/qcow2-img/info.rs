@@ -52,7 +52,7 @@ const SUB: &str = "info";
 pub fn run(argv: &[String]) -> CmdResult {
     let a: Args = parse_args(SUB, argv)?;
     if a.help {
-        crate::print_help("info [-f qcow2] [--output human|json] [--backing-chain] [-U] FILE");
+        crate::help::print(crate::help::INFO);
         return Ok(());
     }
     let output = parse_output(a.output.as_deref(), SUB)?;

@@ -11,6 +11,7 @@ mod bench;
 mod common;
 mod convert;
 mod create;
+mod help;
 mod info;
 mod io;
 mod map;
@@ -18,23 +19,6 @@ mod resize;
 
 use common::{Fail, PROG};
 use std::process::ExitCode;
-
-const USAGE: &str = "\
-usage: qcow2-img [standard options] command [command options]
-QEMU disk image utility for qcow2 images (qcow2kit)
-
-Command syntax:
-  amend [-f qcow2] [-q] -o OPTS FILE
-  bench [-f qcow2] [-c COUNT] [-d DEPTH] [-o OFFSET] [-s BUFFER_SIZE] [-S STEP_SIZE] [-n]
-        [-t CACHE] [-i AIO] [-w [--pattern=BYTE] [--flush-interval=N [--no-drain]]] [-U] FILE
-  check [-f qcow2] [-r leaks|all] [--output human|json] [-q] [-U] FILE
-  convert [-f qcow2] [-U] -O raw|qcow2 [-o OPTS] [-c] SRC DST
-  create -f qcow2 [-o OPTS]... [-b BACKING [-F FMT]] [-q] FILE [SIZE]
-  info [-f qcow2] [--output human|json] [--backing-chain] [-U] FILE
-  io [-r] [-f qcow2] [-U] [--image-opts] [-c CMD]... [FILE|OPTSTRING]
-  map [-f qcow2] [--output human|json] [-U] FILE
-  resize [-f qcow2] [-q] [--preallocation=MODE] [--shrink] FILE [+|-]SIZE
-";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args_os()
@@ -49,11 +33,16 @@ fn main() -> ExitCode {
     let rest = &args[1..];
     let result = match cmd.as_str() {
         "-h" | "--help" => {
-            print!("{USAGE}");
+            help::print(help::MAIN);
             Ok(())
         }
         "-V" | "--version" => {
             println!("{PROG} version {}", env!("CARGO_PKG_VERSION"));
+            println!(
+                "part of qcow2kit {}: {}",
+                env!("CARGO_PKG_VERSION"),
+                env!("CARGO_PKG_DESCRIPTION")
+            );
             Ok(())
         }
         "create" => create::run(rest),
@@ -79,9 +68,4 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => ExitCode::from(f.report()),
     }
-}
-
-/// Prints a subcommand's synopsis line (its `--help`).
-pub fn print_help(synopsis: &str) {
-    println!("Usage: {PROG} {synopsis}");
 }

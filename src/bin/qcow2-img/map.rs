@@ -318,7 +318,7 @@ fn dump(output: Output, e: &MapEntry, next: Option<&mut MapEntry>) -> Result<(),
 pub fn run(argv: &[String]) -> CmdResult {
     let a: Args = parse_args(SUB, argv)?;
     if a.help {
-        crate::print_help("map [-f qcow2] [--output human|json] [-s OFFSET] [-l LENGTH] [-U] FILE");
+        crate::help::print(crate::help::MAP);
         return Ok(());
     }
     let output = parse_output(a.output.as_deref(), SUB)?;

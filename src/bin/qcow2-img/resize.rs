@@ -32,9 +32,7 @@ const SUB: &str = "resize";
 /// Runs `resize`.
 pub fn run(argv: &[String]) -> CmdResult {
     if argv.iter().any(|a| a == "-h" || a == "--help") {
-        crate::print_help(
-            "resize [-f qcow2] [-q] [--preallocation=MODE] [--shrink] FILE [+|-]SIZE",
-        );
+        crate::help::print(crate::help::RESIZE);
         return Ok(());
     }
     if argv.len() < 2 {

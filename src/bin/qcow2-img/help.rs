@@ -1,0 +1,310 @@
+//! Every `--help` text of `qcow2-img` (`qcow2-img --help` and
+//! `qcow2-img SUB --help`), in the spirit of qemu-img 10's: a synopsis, a
+//! line on what the command does, each option explained, and the exit
+//! codes. Only the options our parsers accept are listed. `io --help` lives
+//! in `io.rs` (qemu-io's text); `check --help` in the library's check CLI,
+//! which `qcow2-check` shares.
+
+/// `qcow2-img --help`: the commands, one line each.
+pub const MAIN: &str = "\
+Usage: qcow2-img [-h | -V] COMMAND [COMMAND OPTIONS]
+QEMU disk image utility for qcow2 images (qcow2kit)
+
+Commands:
+  amend    change header options (compat, refcount_bits, size, ...) of an image
+  bench    run a simple read or write benchmark on an image
+  check    check an image for consistency and optionally repair it
+  convert  copy an image's guest data (through its backing chain) to a new image
+  create   create a new qcow2 image, optionally over a backing file
+  info     show information about an image (and its backing chain)
+  io       run qemu-io commands (read, write, discard, ...) on an image
+  map      show where an image's guest data is and which layer holds it
+  resize   grow or shrink an image's virtual size
+
+Options:
+  -h, --help
+      print this help and exit
+  -V, --version
+      print the version and exit
+
+Run 'qcow2-img COMMAND --help' for a command's options and exit codes.
+";
+
+/// `qcow2-img create --help`.
+pub const CREATE: &str = "\
+Usage: qcow2-img create -f qcow2 [-o OPTS]... [-b BACKING [-F BACKING_FMT]] [-u] [-q]
+                        FILE [SIZE]
+
+Create a new qcow2 image. Prints a 'Formatting ...' line naming its options.
+
+Options:
+  -h, --help
+      print this help and exit
+  -f, --format qcow2
+      format of the new image: required, and qcow2 is the only one
+  -o, --options OPTS
+      creation options as key=value[,key=value...] (write a comma inside a
+      value as ',,'); may be repeated; '-o help' lists the options
+  -b, --backing BACKING
+      make the new image a copy-on-write overlay of BACKING (a relative name
+      is taken relative to FILE's directory)
+  -F, --backing-format BACKING_FMT
+      format of BACKING (qcow2 or raw); required with -b unless -u is given
+  -u, --backing-unsafe
+      do not open BACKING: it need not exist, and neither its format nor its
+      size is checked or read, so SIZE must be given
+  -q, --quiet
+      do not print the 'Formatting ...' line
+
+Arguments:
+  FILE
+      the image file to create (an existing file is overwritten)
+  SIZE
+      virtual size in bytes, with an optional suffix b, k, M, G, T, P or E
+      (1024-based); required unless BACKING is opened (then its size is used)
+
+Exit codes:
+  0  the image was created, or '-o help' listed the options
+  1  error: bad argument or option, BACKING cannot be opened, or the image
+     cannot be created (a partly written file is removed)
+";
+
+/// `qcow2-img info --help`.
+pub const INFO: &str = "\
+Usage: qcow2-img info [-f qcow2] [--output human|json] [--backing-chain] [-U] FILE
+
+Show information about an image: virtual and disk size, cluster size, backing
+file, format-specific details.
+
+Options:
+  -h, --help
+      print this help and exit
+  -f, --format qcow2
+      format of FILE; only qcow2 is supported (default: qcow2)
+  --output human|json
+      output format (default human)
+  --backing-chain
+      also show every image of the backing chain, top first (with --output
+      json: an array)
+  -U, --force-share
+      open the image in shared mode, so an image another process holds can
+      be read (no lock conflict)
+
+Arguments:
+  FILE
+      the image file
+
+Exit codes:
+  0  the information was printed
+  1  error: bad argument, or an image of the chain cannot be opened
+";
+
+/// `qcow2-img map --help`.
+pub const MAP: &str = "\
+Usage: qcow2-img map [-f qcow2] [--output human|json] [-s OFFSET] [-l LENGTH] [-U]
+                     FILE
+
+Show how the guest data of an image is stored: for each run of guest bytes,
+whether it is data or zeroes, which layer of the backing chain holds it, and
+at which host offset of which file.
+
+Options:
+  -h, --help
+      print this help and exit
+  -f, --format qcow2
+      format of FILE; only qcow2 is supported (default: qcow2)
+  --output human|json
+      output format (default human)
+  -s, --start-offset OFFSET
+      start at this guest offset (default 0; suffixes k, M, G ... allowed)
+  -l, --max-length LENGTH
+      map at most LENGTH bytes (default: up to the end of the image)
+  -U, --force-share
+      open the images in shared mode, so an image another process holds can
+      be read (no lock conflict)
+
+Arguments:
+  FILE
+      the image file
+
+Exit codes:
+  0  the map was printed
+  1  error: bad argument, an image cannot be opened or its metadata read
+";
+
+/// `qcow2-img convert --help`.
+pub const CONVERT: &str = "\
+Usage: qcow2-img convert [-f qcow2] [-T SRC_CACHE] [-U] [-O raw|qcow2] [-o OPTS]...
+                         [-t TGT_CACHE] [-c] [-p] [-q] [-m NUM] [-W] SRC DST
+
+Copy the guest data of SRC, read through its backing chain, into a new image
+DST. Only ranges that hold non-zero data are written, so DST is sparse.
+
+Options:
+  -h, --help
+      print this help and exit
+  -f, --format qcow2
+      format of SRC; only qcow2 is supported (default: qcow2)
+  -T SRC_CACHE
+      cache mode for SRC: none, off, writeback, unsafe, directsync or
+      writethrough (default writeback)
+  -U, --force-share
+      open SRC in shared mode, so an image another process holds can be read
+      (no lock conflict)
+  -O raw|qcow2
+      format of DST (default raw)
+  -o, --options OPTS
+      creation options of DST as key=value[,key=value...]; may be repeated;
+      with -O raw only size, nocow and preallocation are accepted
+  -t TGT_CACHE
+      cache mode for DST, values as for -T (default unsafe: no syncs at all)
+  -c, --compress
+      write compressed clusters: not supported yet (refused with an error)
+  -p, --progress
+      accepted for compatibility; no progress is shown
+  -q, --quiet
+      accepted for compatibility; convert prints nothing on success anyway
+  -m NUM
+      number of parallel copy requests: accepted for compatibility, ignored
+  -W
+      out-of-order writes: accepted for compatibility, ignored
+
+Arguments:
+  SRC
+      the image to copy from
+  DST
+      the image file to create (an existing file is overwritten)
+
+Exit codes:
+  0  the data was copied
+  1  error: bad argument, SRC cannot be opened or read, or DST cannot be
+     created or written
+";
+
+/// `qcow2-img resize --help`.
+pub const RESIZE: &str = "\
+Usage: qcow2-img resize [-f qcow2] [-q] [--preallocation=MODE] [--shrink]
+                        FILE [+|-]SIZE
+
+Change the virtual size of an image. Prints 'Image resized.' on success.
+
+Options:
+  -h, --help
+      print this help and exit
+  -f, --format qcow2
+      format of FILE; only qcow2 is supported (default: qcow2)
+  -q, --quiet
+      do not print 'Image resized.'
+  --preallocation=MODE
+      how to allocate the added area when growing: off (default), metadata,
+      falloc or full
+  --shrink
+      allow a size smaller than the current one; the data beyond the new
+      end is lost
+
+Arguments:
+  FILE
+      the image file
+  [+|-]SIZE
+      the new size, or with + or - the amount to grow or shrink by; an
+      optional suffix b, k, M, G, T, P or E (1024-based); always the last
+      argument, so -1M is a size, not an option
+
+Exit codes:
+  0  the image has the new size
+  1  error: bad argument, the image cannot be opened, a shrink without
+     --shrink, or the resize failed
+";
+
+/// `qcow2-img amend --help`.
+pub const AMEND: &str = "\
+Usage: qcow2-img amend [-f qcow2] [-q] -o OPTS... FILE
+
+Change header options of an existing image in place. Prints nothing on
+success.
+
+Options:
+  -h, --help
+      print this help and exit
+  -f, --format qcow2
+      format of FILE; only qcow2 is supported (default: qcow2)
+  -q, --quiet
+      accepted for compatibility; amend prints nothing on success anyway
+  -o OPTS
+      the options to change, as key=value[,key=value...]: compat,
+      lazy_refcounts, refcount_bits, size, backing_file, backing_fmt,
+      data_file, data_file_raw; required, may be repeated
+
+Arguments:
+  FILE
+      the image file (opened read-write)
+
+Exit codes:
+  0  the options were changed
+  1  error: bad argument or option, the image cannot be opened, or the
+     change failed
+";
+
+/// `qcow2-img bench --help`.
+pub const BENCH: &str = "\
+Usage: qcow2-img bench [-f qcow2 | --image-opts] [-t CACHE] [-c COUNT] [-d DEPTH]
+                       [-o OFFSET] [-s BUFFER_SIZE] [-S STEP_SIZE] [-i AIO] [-n] [-q]
+                       [-w [--pattern=BYTE] [--flush-interval=N [--no-drain]]]
+                       [-U] FILE
+
+Run a simple benchmark: COUNT requests of BUFFER_SIZE bytes, DEPTH of them in
+flight, then print how long it took.
+
+Options:
+  -h, --help
+      print this help and exit
+  -f, --format qcow2
+      format of FILE; only qcow2 is supported (default: qcow2)
+  --image-opts
+      FILE is an option string (for example
+      'driver=qcow2,file.filename=disk.qcow2') instead of a file name; -f is
+      then ignored
+  -t, --cache CACHE
+      cache mode: none, off, writeback, unsafe, directsync or writethrough
+      (default writeback)
+  -c, --count COUNT
+      number of requests (default 75000)
+  -d, --depth DEPTH
+      number of requests in flight at once (default 64)
+  -o, --offset OFFSET
+      guest offset of the first request (default 0)
+  -s, --buffer-size BUFFER_SIZE
+      size of each request (default 4096; suffixes k, M ... allowed)
+  -S, --step-size STEP_SIZE
+      offset increment from one request to the next (default BUFFER_SIZE)
+  -i, --aio AIO
+      asynchronous I/O backend: accepted for compatibility, ignored
+  -n, --native
+      native AIO: accepted for compatibility, ignored
+  -q, --quiet
+      accepted for compatibility; like qemu-img, bench still prints
+  -w, --write
+      write instead of read (opens the image read-write)
+  --pattern=BYTE
+      byte value written by -w (0-255, default 0)
+  --flush-interval=N
+      with -w: flush after every N requests (N at least DEPTH)
+  --no-drain
+      with --flush-interval: flush without waiting for the requests in flight
+  -U, --force-share
+      open the image in shared mode, so an image another process holds can
+      be used (no lock conflict)
+
+Arguments:
+  FILE
+      the image file (or option string with --image-opts)
+
+Exit codes:
+  0  the benchmark ran
+  1  error: bad argument, the image cannot be opened, or a request failed
+";
+
+/// Prints a help text on stdout.
+pub fn print(text: &str) {
+    print!("{text}");
+}
