@@ -108,7 +108,7 @@ fn long_help(name: &str) -> Option<&'static str> {
  Example:
  'open -n -o driver=raw /tmp/data' - opens raw data file read-write, uncached
 
- Opens a file for subsequent use by all of the other qemu-io commands.
+ Opens a file for subsequent use by all of the other qcow2-img commands.
  -r, -- open file read-only
  -s, -- use snapshot file
  -C, -- use copy-on-read
