@@ -548,3 +548,43 @@ impl State {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn iovec_total_sums_and_bounds() {
+        assert_eq!(iovec_total(&["4k", "4k"]), Some(8192));
+        assert_eq!(iovec_total(&["512", "1k", "2k"]), Some(3584));
+        assert_eq!(iovec_total(&["0"]), Some(0));
+        assert_eq!(iovec_total(&["x"]), None);
+        assert_eq!(iovec_total(&["2G"]), None);
+        assert_eq!(iovec_total(&["1G", "1G"]), None);
+    }
+
+    #[test]
+    fn every_command_has_a_synopsis_and_known_help() {
+        for c in CMDS {
+            assert!(c.usage.starts_with(&format!("{} ", c.name)), "{}", c.name);
+            assert!(c.usage.contains(" -- "), "{}", c.name);
+        }
+        for n in [
+            "read",
+            "write",
+            "discard",
+            "open",
+            "readv",
+            "writev",
+            "aio_read",
+            "aio_write",
+        ] {
+            assert!(long_help(n).is_some_and(|t| t.starts_with('\n')), "{n}");
+        }
+        for n in [
+            "alloc", "map", "length", "info", "truncate", "flush", "quit",
+        ] {
+            assert!(long_help(n).is_none(), "{n}");
+        }
+    }
+}
