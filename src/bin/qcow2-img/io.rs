@@ -18,6 +18,10 @@ use qcow2kit::{Error, Event, Image, OpenOptions};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+#[path = "io_cmds.rs"]
+mod io_cmds;
+use io_cmds::help;
+
 #[derive(Parser, Debug)]
 #[command(
     no_binary_name = true,
@@ -69,7 +73,9 @@ QEMU Disk exerciser
                        from the given string
   -h, --help           display this help and exit
 
-Commands: read, write, discard, flush, map, open, close, sleep, abort
+Commands: read, write, discard, flush, map, open, close, sleep, abort,
+help, quit, length, info, alloc, truncate, readv, writev, aio_read,
+aio_write, aio_flush (`-c help` lists them with their arguments)
 ";
 
 /// qemu-io's `BDRV_REQUEST_MAX_BYTES`.
@@ -99,6 +105,7 @@ pub fn run(argv: &[String]) -> Result<(), Fail> {
     let mut state = State {
         img: None,
         writethrough: cache.writethrough,
+        quit: false,
     };
     if let Some(arg) = a.rest.first() {
         let r = if a.image_opts {
@@ -130,6 +137,9 @@ pub fn run(argv: &[String]) -> Result<(), Fail> {
         if !state.command(cmd) {
             failed = true;
         }
+        if state.quit {
+            break;
+        }
     }
     if let Some(img) = state.img.take() {
         // Like qemu-io: a failed close is reported but does not change
@@ -160,6 +170,8 @@ struct State {
     /// Flush after every write, write-zeroes and discard (qemu-io's
     /// default cache mode, `writethrough`).
     writethrough: bool,
+    /// `quit` ran: the remaining commands are skipped.
+    quit: bool,
 }
 
 /// One command of the table: name, alias, argument counts, needs write permission.
@@ -217,7 +229,7 @@ const CMDS: &[Cmd] = &[
         argmax: Some(0),
         needs_file: true,
         write: false,
-        usage: "map -- prints the allocated areas of a file",
+        usage: "map  -- prints the allocated areas of a file",
     },
     Cmd {
         name: "open",
@@ -254,6 +266,105 @@ const CMDS: &[Cmd] = &[
         needs_file: false,
         write: false,
         usage: "abort -- simulate a program crash using abort(3)",
+    },
+    Cmd {
+        name: "help",
+        alt: Some("?"),
+        argmin: 0,
+        argmax: Some(1),
+        needs_file: false,
+        write: false,
+        usage: "help [command] -- help for one or all commands",
+    },
+    Cmd {
+        name: "quit",
+        alt: Some("q"),
+        argmin: 0,
+        argmax: Some(0),
+        needs_file: false,
+        write: false,
+        usage: "quit -- exit the program",
+    },
+    Cmd {
+        name: "length",
+        alt: Some("l"),
+        argmin: 0,
+        argmax: Some(0),
+        needs_file: true,
+        write: false,
+        usage: "length -- gets the length of the current file",
+    },
+    Cmd {
+        name: "info",
+        alt: Some("i"),
+        argmin: 0,
+        argmax: Some(0),
+        needs_file: true,
+        write: false,
+        usage: "info -- prints information about the current file",
+    },
+    Cmd {
+        name: "alloc",
+        alt: Some("a"),
+        argmin: 1,
+        argmax: Some(2),
+        needs_file: true,
+        write: false,
+        usage: "alloc offset [count] -- checks if offset is allocated in the file",
+    },
+    Cmd {
+        name: "truncate",
+        alt: Some("t"),
+        argmin: 1,
+        argmax: Some(3),
+        needs_file: true,
+        write: true,
+        usage: "truncate [-m prealloc_mode] off -- truncates the current file at the given offset",
+    },
+    Cmd {
+        name: "readv",
+        alt: None,
+        argmin: 2,
+        argmax: None,
+        needs_file: true,
+        write: false,
+        usage: "readv [-Cqrv] [-P pattern] off len [len..] -- reads a number of bytes at a specified offset",
+    },
+    Cmd {
+        name: "writev",
+        alt: None,
+        argmin: 2,
+        argmax: None,
+        needs_file: true,
+        write: true,
+        usage: "writev [-Cfqr] [-P pattern] off len [len..] -- writes a number of bytes at a specified offset",
+    },
+    Cmd {
+        name: "aio_read",
+        alt: None,
+        argmin: 2,
+        argmax: None,
+        needs_file: true,
+        write: false,
+        usage: "aio_read [-Ciqrv] [-P pattern] off len [len..] -- asynchronously reads a number of bytes",
+    },
+    Cmd {
+        name: "aio_write",
+        alt: None,
+        argmin: 2,
+        argmax: None,
+        needs_file: true,
+        write: true,
+        usage: "aio_write [-Cfiqruz] [-P pattern] off len [len..] -- asynchronously writes a number of bytes",
+    },
+    Cmd {
+        name: "aio_flush",
+        alt: None,
+        argmin: 0,
+        argmax: Some(0),
+        needs_file: true,
+        write: false,
+        usage: "aio_flush -- completes all outstanding aio requests",
     },
 ];
 
@@ -346,6 +457,21 @@ impl State {
             }
             "sleep" => sleep(rest[0]),
             "abort" => std::process::abort(),
+            "help" => help(rest.first().copied()),
+            "quit" => {
+                self.quit = true;
+                true
+            }
+            "length" => self.length(),
+            "info" => self.info(),
+            "alloc" => self.alloc(rest),
+            "truncate" => self.truncate(cmd, rest),
+            "readv" => self.readv(cmd, rest, false),
+            "aio_read" => self.readv(cmd, rest, true),
+            "writev" => self.writev(cmd, rest, false),
+            "aio_write" => self.writev(cmd, rest, true),
+            // Requests complete before their command returns: nothing waits.
+            "aio_flush" => true,
             _ => false,
         }
     }
