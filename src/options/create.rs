@@ -748,4 +748,5 @@ fn check_image_size(size: u64, cluster_size: u64, extended_l2: bool) -> Result<(
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
+#[path = "create_tests.rs"]
 mod tests;

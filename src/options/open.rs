@@ -709,4 +709,5 @@ impl FileKeys {
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
+#[path = "open_tests.rs"]
 mod tests;
