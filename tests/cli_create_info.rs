@@ -562,4 +562,27 @@ fn info_matches_qemu_on_qemu_made_images() {
         assert_eq!(o, q, "{args:?}");
         assert_eq!(o.code, 1);
     }
+
+    // Like qemu-img, info does not open the external data file: it works
+    // when the data file is gone.
+    let dname = std::fs::read_dir(d)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with("df") && !n.ends_with(".qcow2"))
+        .expect("df.qcow2's data file");
+    std::fs::rename(d.join(&dname), d.join("moved.data")).unwrap();
+    for args in [
+        &["info", "df.qcow2"][..],
+        &["info", "--output", "json", "df.qcow2"],
+    ] {
+        let q = qemu(d, "qemu-img", args);
+        let o = ours(d, args);
+        assert_eq!(o.code, 0, "{args:?}: {o:?}");
+        if args.contains(&"json") {
+            assert_info_json_eq(&q, &o, "missing data file");
+        } else {
+            assert_info_human_eq(&q, &o, "missing data file");
+        }
+    }
 }

@@ -357,6 +357,12 @@ impl Image {
             let d = Arc::new(Tracked::new(d, opts.get_cache_no_flush()));
             meta.data_file = Some(d.clone());
             (d as Arc<dyn Storage>, None)
+        } else if external_data && mode.no_io {
+            // QEMU's BDRV_O_NO_IO open (qemu-img info) does not open the
+            // data file: inspecting an image does not need it, and a missing
+            // or locked data file must not stop it. No guest data can be
+            // reached through this handle anyway.
+            (file.clone(), None)
         } else if external_data {
             let name = opts
                 .get_data_file()
