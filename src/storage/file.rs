@@ -336,25 +336,12 @@ impl FileStorage {
 }
 
 impl Storage for FileStorage {
-    fn read_at(&self, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         if self.direct.is_some() {
-            return self.read_direct(buf, offset);
+            self.read_direct(buf, offset)
+        } else {
+            self.read_raw(buf, offset)
         }
-        while !buf.is_empty() {
-            match self.file.read_at(buf, offset) {
-                Ok(0) => {
-                    buf.fill(0);
-                    return Ok(());
-                }
-                Ok(n) => {
-                    buf = &mut buf[n..];
-                    offset += n as u64;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
