@@ -102,15 +102,7 @@ impl Image {
     /// As for [`Image::open`]; for a LUKS image, QEMU's messages for an
     /// invalid LUKS header (`Volume is not in LUKS format`, ...).
     pub fn open_for_info(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Image> {
-        let path = path.as_ref();
-        let opts = opts.clone().read_only(true);
-        let file = FileStorage::open(path, false).map_err(|e| open_error(path, e))?;
-        let mode = OpenMode {
-            skip_backing: true,
-            no_io: true,
-            ..Default::default()
-        };
-        Self::open_inner(Arc::new(file), Some(path.to_path_buf()), &opts, mode, None)
+        Self::open_path_no_io(path.as_ref(), opts, true)
     }
 
     /// Opens the image at `path` and its backing chain without guest I/O, the
@@ -123,10 +115,16 @@ impl Image {
     /// # Errors
     /// As for [`Image::open`], without [`Error::EncryptionKeyRequired`].
     pub fn open_no_io(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Image> {
-        let path = path.as_ref();
+        Self::open_path_no_io(path.as_ref(), opts, false)
+    }
+
+    /// QEMU's `BDRV_O_NO_IO` open of `path`, read-only, with or without the
+    /// backing chain.
+    fn open_path_no_io(path: &Path, opts: &OpenOptions, skip_backing: bool) -> Result<Image> {
         let opts = opts.clone().read_only(true);
         let file = FileStorage::open(path, false).map_err(|e| open_error(path, e))?;
         let mode = OpenMode {
+            skip_backing,
             no_io: true,
             ..Default::default()
         };
