@@ -5,7 +5,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
 
-mod support;
+use crate::support;
 
 use qcow2kit::{Error, Image, OpenOptions};
 use std::os::unix::fs::FileExt;

@@ -5,9 +5,7 @@
 // Helpers outside #[test] functions panic on purpose when a tool misbehaves.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use std::path::Path;
 
 /// Runs the same invocation with qemu-io in `qd` and `qcow2-img io` in `od`

@@ -9,7 +9,7 @@
 //! `QCOW2KIT_CRASH_ALL=1` to replay every prefix.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
 
-mod support;
+use crate::support;
 
 use qcow2kit::options::Compat;
 use qcow2kit::storage::{replay, FaultyStorage, MemStorage, RecordedOp, Storage};

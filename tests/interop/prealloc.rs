@@ -5,7 +5,7 @@
 //! Crash replay checks that every prefix of the writes of a resize leaves an
 //! image that opens, has no corruption and still holds the old data.
 
-mod support;
+use crate::support;
 
 use qcow2kit::create::create;
 use qcow2kit::options::{parse_size, CreateOptions, Preallocation};

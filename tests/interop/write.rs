@@ -4,7 +4,7 @@
 //! the same L2 encodings as QEMU (compared through `qemu-img map`).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
 
-mod support;
+use crate::support;
 
 use qcow2kit::format::consts::*;
 use qcow2kit::options::Compat;

@@ -7,9 +7,7 @@
 // Helpers outside #[test] functions panic on purpose when a tool misbehaves.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use qcow2kit::check::{Checker, Repair};
 use qcow2kit::storage::MemStorage;
 use qcow2kit::{Error, Image, OpenOptions};

@@ -5,9 +5,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use std::path::Path;
 
 /// `s.qcow2`: 64 MiB, data, snapshot `s1`, then a write that unshares the

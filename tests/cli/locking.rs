@@ -10,9 +10,7 @@
 // Helpers outside #[test] functions panic on purpose when a tool misbehaves.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use qcow2kit::error::Error;
 use qcow2kit::options::Locking;
 use qcow2kit::{Image, OpenOptions};

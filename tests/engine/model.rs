@@ -6,7 +6,7 @@
 //! 24 cases by default; `PROPTEST_CASES=N` runs N.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
 
-mod support;
+use crate::support;
 
 use proptest::prelude::*;
 use qcow2kit::options::Compat;

@@ -2,7 +2,7 @@
 //! way by qcow2kit and by `qemu-io` are identical byte for byte, including
 //! across refcount block allocation and refcount table growth.
 
-mod support;
+use crate::support;
 
 use qcow2kit::create::create;
 use qcow2kit::options::CreateOptions;

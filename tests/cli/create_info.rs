@@ -4,9 +4,7 @@
 // Helpers outside #[test] functions panic on purpose when a tool misbehaves.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use std::path::Path;
 
 /// Runs `create ARGS` with qemu-img in `qd` and with qcow2-img in `od`;

@@ -5,9 +5,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use std::path::Path;
 
 const CLUSTER: u64 = 0x10000;

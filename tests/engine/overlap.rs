@@ -3,7 +3,7 @@
 //! write through it must be blocked (or, with that check disabled, go
 //! through), with the corrupt bit set and the right event.
 
-mod support;
+use crate::support;
 
 use qcow2kit::options::{OverlapCheckMode, OverlapChecks};
 use qcow2kit::types::MetadataKind;

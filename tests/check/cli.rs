@@ -3,9 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic
 
-#[path = "check_support/mod.rs"]
-mod common;
-use common::*;
+use crate::check_support::*;
 use std::process::Command;
 
 fn runs(dir: &std::path::Path, args: &[&str]) -> (Run, Run) {

@@ -7,7 +7,7 @@
 // forwards to `System`.
 #![allow(unsafe_code)]
 
-mod support;
+use crate::support;
 
 use qcow2kit::format::consts::*;
 use qcow2kit::format::FormatErrorKind;

@@ -6,9 +6,7 @@
 // Helpers outside #[test] functions panic on purpose when a tool misbehaves.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use std::path::Path;
 
 /// Runs `qemu-io PRE -c CMD... POST` in `qd` and `qcow2-img io` with the

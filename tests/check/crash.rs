@@ -7,9 +7,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic
 
-#[path = "check_support/mod.rs"]
-mod common;
-use common::*;
+use crate::check_support::*;
 use qcow2kit::check::{check_storage, CheckOptions, Repair};
 use qcow2kit::storage::{replay, Fault, FaultKind, FaultOp, FaultyStorage, MemStorage, RecordedOp};
 use std::sync::Arc;

@@ -5,9 +5,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic
 
-#[path = "check_support/mod.rs"]
-mod common;
-use common::*;
+use crate::check_support::*;
 
 /// A 64 MiB image with 64 KiB clusters: header 0, refcount table 0x10000,
 /// refcount block 0x20000, L1 0x30000, L2 0x40000, data from 0x50000

@@ -5,7 +5,7 @@
 //! never a mix; `qemu-img check` is clean afterwards.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
 
-mod support;
+use crate::support;
 
 use qcow2kit::{CreateOptions, Image, OpenOptions};
 use std::collections::HashSet;

@@ -1,8 +1,7 @@
 //! `qcow2-img amend` and `qcow2-img check` against qemu-img on twin images
 //! (cli.md §7 and §1).
 
-mod common;
-use common::*;
+use crate::common::*;
 
 #[test]
 fn amend_messages_and_effects_match_qemu_img() {

@@ -1,0 +1,16 @@
+//! The library on memory and fault-injecting storage: crafted bad images,
+//! corruption events, crash replay, fault matrices, lazy refcounts, the
+//! random-operation model, overlap checks and concurrency.
+//! One test binary; each module was once a test file of its own.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod bad_images;
+mod corruption;
+mod crash_replay;
+mod faults;
+mod lazy;
+mod model;
+mod overlap;
+mod threads;

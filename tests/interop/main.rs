@@ -1,0 +1,12 @@
+//! The library's reads and writes against QEMU's on files: reference images
+//! read like `qemu-img convert`, written images check clean, allocation
+//! layout and preallocation equal QEMU's byte for byte.
+//! One test binary; each module was once a test file of its own.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod alloc_layout;
+mod prealloc;
+mod read;
+mod write;
