@@ -3,21 +3,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic
 
-use crate::check_support::*;
+use crate::support::*;
 use std::process::Command;
 
 fn runs(dir: &std::path::Path, args: &[&str]) -> (Run, Run) {
-    let run = |c: &mut Command| {
-        let o = c.current_dir(dir).output().unwrap();
-        Run {
-            code: o.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
-        }
-    };
-    let q = run(Command::new("qemu-img").arg("check").args(args));
-    let o = run(Command::new(qcow2_check_bin()).args(args));
-    (q, o)
+    let mut qemu_args = vec!["check"];
+    qemu_args.extend_from_slice(args);
+    (run_in(dir, "qemu-img", &qemu_args), ours_check(dir, args))
 }
 
 /// qemu-img's text with our program name.
@@ -32,8 +24,8 @@ fn assert_same(dir: &std::path::Path, args: &[&str]) {
         o.code, q.code,
         "exit code of {args:?}\nqemu: {q:#?}\nours: {o:#?}"
     );
-    assert_eq!(o.stdout, ours(&q.stdout), "stdout of {args:?}");
-    assert_eq!(o.stderr, ours(&q.stderr), "stderr of {args:?}");
+    assert_eq!(o.out, ours(&q.out), "stdout of {args:?}");
+    assert_eq!(o.err, ours(&q.err), "stderr of {args:?}");
 }
 
 #[test]
@@ -79,8 +71,8 @@ fn assert_same_as(dir: &std::path::Path, our_args: &[&str], qemu_args: &[&str]) 
     let (q, _) = runs(dir, qemu_args);
     let (_, o) = runs(dir, our_args);
     assert_eq!(o.code, q.code, "{our_args:?}\nqemu: {q:#?}\nours: {o:#?}");
-    assert_eq!(o.stdout, ours(&q.stdout), "stdout of {our_args:?}");
-    assert_eq!(o.stderr, ours(&q.stderr), "stderr of {our_args:?}");
+    assert_eq!(o.out, ours(&q.out), "stdout of {our_args:?}");
+    assert_eq!(o.err, ours(&q.err), "stderr of {our_args:?}");
 }
 
 #[test]
@@ -101,7 +93,7 @@ fn files_without_format_are_qcow2_and_special_files_are_refused() {
         let (_, o) = runs(&dir, &[f]);
         assert_eq!(o.code, 1);
         assert_eq!(
-            o.stderr,
+            o.err,
             format!("qcow2-check: Could not open '{f}': Image is not in qcow2 format\n")
         );
     }
@@ -131,7 +123,7 @@ fn files_without_format_are_qcow2_and_special_files_are_refused() {
     // refuses any other non-regular file.
     let made = Command::new("mkfifo").arg(dir.join("fifo")).status();
     if made.map(|s| s.success()).unwrap_or(false) {
-        let o = Command::new(qcow2_check_bin())
+        let o = Command::new(QCOW2_CHECK)
             .arg("fifo")
             .current_dir(&dir)
             .output()
@@ -144,12 +136,12 @@ fn files_without_format_are_qcow2_and_special_files_are_refused() {
     }
     let (_, o) = runs(&dir, &["adir"]);
     assert_eq!(
-        o.stderr,
+        o.err,
         "qcow2-check: Could not open 'adir': 'file' driver requires 'adir' to be a regular file\n"
     );
     // qcow2-img check probes as qemu-img check does.
     let img = |args: &[&str]| {
-        let o = std::process::Command::new(env!("CARGO_BIN_EXE_qcow2-img"))
+        let o = Command::new(QCOW2_IMG)
             .arg("check")
             .args(args)
             .current_dir(&dir)
@@ -171,7 +163,7 @@ fn files_without_format_are_qcow2_and_special_files_are_refused() {
         assert_eq!(code, Some(q.code), "qcow2-img check {args:?}");
         assert_eq!(
             err,
-            q.stderr.replace("qemu-img:", "qcow2-img:"),
+            q.err.replace("qemu-img:", "qcow2-img:"),
             "qcow2-img check {args:?}"
         );
     }
@@ -216,23 +208,20 @@ fn leaky_and_corrupt_outputs_exactly() {
     t.split();
     let (q, o) = runs(&t.q.dir, &[NAME]);
     assert_eq!(
-        q.stdout,
+        q.out,
         "\n1 leaked clusters were found on the image.\nThis means waste of disk space, but no \
          harm to data.\n17/1024 = 1.66% allocated, 0.00% fragmented, 0.00% compressed \
          clusters\nImage end offset: 1441792\n"
     );
-    assert_eq!((o.code, &o.stdout, &o.stderr), (3, &q.stdout, &q.stderr));
+    assert_eq!((o.code, &o.out, &o.err), (3, &q.out, &q.err));
     // -q: nothing on stdout, the diagnostics still on stderr.
     assert_same(&t.q.dir, &["-q", NAME]);
     // -r leaks on the twins.
     let q = t.q.qemu_check(&["-r", "leaks"]);
     let o = t.o.our_check(&["-r", "leaks"]);
-    assert_eq!(
-        (o.code, &o.stdout, &o.stderr),
-        (q.code, &q.stdout, &q.stderr)
-    );
+    assert_eq!((o.code, &o.out, &o.err), (q.code, &q.out, &q.err));
     assert!(o
-        .stdout
+        .out
         .starts_with("The following inconsistencies were found and repaired:"));
 
     // Refcount of data cluster 5 lowered to 0: two errors; -r all rebuilds.
@@ -245,7 +234,7 @@ fn leaky_and_corrupt_outputs_exactly() {
     let q = t.q.qemu_check(&["-r", "all"]);
     let o = t.o.our_check(&["-r", "all"]);
     assert_eq!(o.code, q.code);
-    assert_eq!(o.stderr, q.stderr, "the same rebuild lines");
+    assert_eq!(o.err, q.err, "the same rebuild lines");
     // The image end offset after a rebuild is layout, not contract.
     let cut = |s: &str| {
         s.lines()
@@ -253,7 +242,7 @@ fn leaky_and_corrupt_outputs_exactly() {
             .collect::<Vec<_>>()
             .join("\n")
     };
-    assert_eq!(cut(&o.stdout), cut(&q.stdout));
+    assert_eq!(cut(&o.out), cut(&q.out));
 }
 
 #[test]
@@ -290,7 +279,7 @@ fn missing_backing_file_fails_to_open() {
         "qcow2",
         "top.qcow2",
     ]);
-    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.code, 0, "{}", r.err);
     assert_same(&t.q.dir, &["top.qcow2"]);
     std::fs::remove_file(t.q.path()).unwrap();
     assert_same(&t.q.dir, &["top.qcow2"]);

@@ -7,9 +7,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic
 
-use crate::check_support::*;
+use crate::support::testing::{replay, Fault, FaultKind, FaultOp, FaultyStorage, RecordedOp};
+use crate::support::*;
 use qcow2kit::check::{check_storage, CheckOptions, Repair};
-use qcow2kit::storage::{replay, Fault, FaultKind, FaultOp, FaultyStorage, MemStorage, RecordedOp};
+use qcow2kit::storage::MemStorage;
 use std::sync::Arc;
 
 fn qemu_counts(dir: &std::path::Path, bytes: &[u8]) -> (i32, (u64, u64, u64)) {
@@ -18,10 +19,10 @@ fn qemu_counts(dir: &std::path::Path, bytes: &[u8]) -> (i32, (u64, u64, u64)) {
     };
     std::fs::write(img.path(), bytes).unwrap();
     let r = img.qemu_check(&["--output", "json"]);
-    if r.stdout.trim().is_empty() {
+    if r.out.trim().is_empty() {
         return (r.code, (u64::MAX, u64::MAX, u64::MAX));
     }
-    (r.code, counts(&json(&r.stdout)))
+    (r.code, counts(&json(&r.out)))
 }
 
 /// Repairs `damaged` in memory while recording, then replays every prefix.
@@ -78,7 +79,7 @@ fn damaged(setup: impl Fn(&Img)) -> Vec<u8> {
         "write -P 3 20M 64k",
     ]);
     let r = t.img().qemu_img(&["snapshot", "-c", "s", NAME]);
-    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.code, 0, "{}", r.err);
     t.img().io(&["write -P 4 0 64k"]);
     setup(t.img());
     t.img().bytes()

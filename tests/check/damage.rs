@@ -5,7 +5,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic
 
-use crate::check_support::*;
+use crate::support::*;
 
 /// A 64 MiB image with 64 KiB clusters: header 0, refcount table 0x10000,
 /// refcount block 0x20000, L1 0x30000, L2 0x40000, data from 0x50000
@@ -122,8 +122,8 @@ fn dirty_bit_with_stale_refcounts() {
     let q = t.q.qemu_check(&["-r", "leaks"]);
     assert_eq!((o.code, q.code), (1, 1));
     assert_eq!(
-        o.stderr,
-        q.stderr.replace("qemu-img:", "qcow2-check:"),
+        o.err,
+        q.err.replace("qemu-img:", "qcow2-check:"),
         "stderr of the failed repair"
     );
     assert_eq!(t.o.incompatible() & 1, 1, "dirty bit kept");
@@ -155,11 +155,11 @@ fn l1_entry_points_into_header() {
     let o = t.o.our_check(&["-r", "all"]);
     assert_eq!((o.code, q.code), (1, 1));
     assert_eq!(
-        o.stderr,
-        q.stderr.replace("qemu-img:", "qcow2-check:"),
+        o.err,
+        q.err.replace("qemu-img:", "qcow2-check:"),
         "the same repair steps and failure"
     );
-    let after = json(&t.o.qemu_check(&["--output", "json"]).stdout);
+    let after = json(&t.o.qemu_check(&["--output", "json"]).out);
     assert!(counts(&after).0 <= counts(&before).0, "{after} vs {before}");
     assert_eq!(counts(&after), (2, 0, 0));
 }
@@ -327,7 +327,7 @@ fn copied_flag_set_on_shared_clusters() {
     skip_without_qemu!();
     let t = base(&[]);
     let r = t.img().qemu_img(&["snapshot", "-c", "s1", NAME]);
-    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.code, 0, "{}", r.err);
     let e = t.img().l2_entry(7);
     t.img().set_l2_entry(7, e | (1 << 63));
     let l1 = t.img().l1_entry(0);
@@ -379,7 +379,7 @@ fn refcount_table_entry_unaligned_or_reserved() {
 fn with_snapshot() -> Twin {
     let t = base(&[]);
     let r = t.img().qemu_img(&["snapshot", "-c", "snap1", NAME]);
-    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.code, 0, "{}", r.err);
     t.img().io(&["write -P 0x33 0 128k"]);
     t
 }
@@ -569,11 +569,11 @@ fn bitmaps_are_counted() {
     skip_without_qemu!();
     let t = Twin::create(&[], "64M");
     let r = t.img().qemu_img(&["bitmap", "--add", NAME, "b0"]);
-    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.code, 0, "{}", r.err);
     let r = t
         .img()
         .qemu_img(&["bitmap", "--add", "-g", "512", NAME, "b1"]);
-    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.code, 0, "{}", r.err);
     t.img().io(&["write -P 1 0 5M"]);
     let v = assert_check_same(&t, Strict::All);
     assert_eq!(counts(&v), (0, 0, 0));
@@ -664,7 +664,7 @@ fn unaligned_preallocated_zero_in_shared_l2_table() {
     skip_without_qemu!();
     let t = base(&[]);
     let r = t.img().qemu_img(&["snapshot", "-c", "s", NAME]);
-    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.code, 0, "{}", r.err);
     let e = t.img().l2_entry(9);
     t.img().set_l2_entry(9, e | 0x400 | 1);
     assert_check_same(&t, Strict::All);
@@ -703,7 +703,7 @@ fn unknown_autoclear_bits_are_cleared_and_snapshots_kept() {
     assert_eq!(t.o.u64_at(88), 0);
     assert_eq!(t.o.u32_at(60), 1, "the snapshot is kept");
     let r = t.o.qemu_img(&["snapshot", "-l", NAME]);
-    assert!(r.stdout.contains("snap1"), "{r:#?}");
+    assert!(r.out.contains("snap1"), "{r:#?}");
     assert_eq!(t.o.qemu_check(&[]).code, 0);
 }
 
@@ -716,22 +716,22 @@ fn bitmaps_with_snapshot_are_kept_by_a_repair() {
     // clean image alone.
     let t = Twin::create(&[], "32M");
     let r = t.img().qemu_img(&["bitmap", "--add", NAME, "b0"]);
-    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.code, 0, "{}", r.err);
     t.img().io(&["write -P 1 0 1M"]);
     let r = t.img().qemu_img(&["snapshot", "-c", "s1", NAME]);
-    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.code, 0, "{}", r.err);
     t.img().io(&["write -P 5 0 128k"]);
     assert_eq!(counts(&assert_check_same(&t, Strict::All)), (0, 0, 0));
     t.split();
     let before = t.o.bytes();
     let o = t.o.our_check(&["-r", "leaks"]);
-    assert_eq!((o.code, o.stderr.as_str()), (0, ""), "{o:#?}");
+    assert_eq!((o.code, o.err.as_str()), (0, ""), "{o:#?}");
     assert!(
         t.o.bytes() == before,
         "a clean image is not changed by a repair"
     );
     let q = t.q.qemu_check(&["-r", "leaks"]);
-    assert!(q.stdout.contains("leaked clusters"), "{q:#?}");
+    assert!(q.out.contains("leaked clusters"), "{q:#?}");
     assert_eq!(t.q.u32_at(60), 0, "qemu-img dropped the snapshot");
     assert_eq!(t.o.u32_at(60), 1);
 }
@@ -741,7 +741,7 @@ fn invalid_bitmap_directory_fails_the_open() {
     skip_without_qemu!();
     let t = Twin::create(&[], "32M");
     let r = t.img().qemu_img(&["bitmap", "--add", NAME, "b0"]);
-    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.code, 0, "{}", r.err);
     t.img().io(&["write -P 1 0 1M"]);
     // Find the directory through the header extension and break the entry's
     // granularity (QEMU: "Bitmap 'b0' doesn't satisfy the constraints").

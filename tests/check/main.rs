@@ -2,10 +2,8 @@
 //! damaged twins, and crash replay of repairs.
 //! One test binary; each module was once a test file of its own.
 
-#[path = "../check_support/mod.rs"]
-mod check_support;
-#[path = "../common/mod.rs"]
-mod common;
+#[path = "../support/mod.rs"]
+mod support;
 
 mod cli;
 mod crash;

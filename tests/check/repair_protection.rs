@@ -5,7 +5,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic
 
-use crate::common::*;
+use crate::support::*;
 use std::path::Path;
 
 /// `s.qcow2`: 64 MiB, data, snapshot `s1`, then a write that unshares the
@@ -45,7 +45,7 @@ fn set_snapshot_l1(path: &Path, table: u64, offset: u64, size: u32) {
 
 #[test]
 fn repair_does_not_write_into_an_oversized_snapshot_l1_table() {
-    if !have_qemu("repair_does_not_write_into_an_oversized_snapshot_l1_table") {
+    if !have_qemu() {
         return;
     }
     let d = scratch();
@@ -87,7 +87,7 @@ fn repair_does_not_write_into_an_oversized_snapshot_l1_table() {
 
 #[test]
 fn repair_does_not_write_into_an_unaligned_snapshot_l1_table() {
-    if !have_qemu("repair_does_not_write_into_an_unaligned_snapshot_l1_table") {
+    if !have_qemu() {
         return;
     }
     let d = scratch();
@@ -123,7 +123,7 @@ fn repair_does_not_write_into_an_unaligned_snapshot_l1_table() {
 
 #[test]
 fn an_unaligned_l2_table_is_protected_by_its_raw_range() {
-    if !have_qemu("an_unaligned_l2_table_is_protected_by_its_raw_range") {
+    if !have_qemu() {
         return;
     }
     let d = scratch();

@@ -1,11 +1,11 @@
 //! `qcow2-img amend` and `qcow2-img check` against qemu-img on twin images
 //! (cli.md §7 and §1).
 
-use crate::common::*;
+use crate::support::*;
 
 #[test]
 fn amend_messages_and_effects_match_qemu_img() {
-    if !have_qemu("amend") {
+    if !have_qemu() {
         return;
     }
     let d = scratch();
@@ -50,7 +50,7 @@ fn amend_messages_and_effects_match_qemu_img() {
 
 #[test]
 fn qcow2_img_check_is_qcow2_check() {
-    if !have_qemu("check") {
+    if !have_qemu() {
         return;
     }
     let d = scratch();

@@ -9,7 +9,7 @@
 // Helpers outside #[test] functions panic on purpose when a tool misbehaves.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use crate::common::*;
+use crate::support::*;
 use qcow2kit::check::{Checker, Repair};
 use qcow2kit::image::MAX_BACKING_DEPTH;
 use qcow2kit::{Error, Image, OpenOptions};
@@ -64,7 +64,7 @@ fn bounded(dir: &Path, prog: &str, args: &[&str]) -> Run {
 }
 
 fn img(dir: &Path, args: &[&str]) -> Run {
-    bounded(dir, env!("CARGO_BIN_EXE_qcow2-img"), args)
+    bounded(dir, QCOW2_IMG, args)
 }
 
 /// Points `file`'s backing file name at `name` (same length as the old one).
@@ -121,7 +121,7 @@ fn assert_all_fail(dir: &Path, top: &str, msg: &str) {
         assert_eq!(o.err, expected_err(&args, top, msg), "{args:?}");
         assert_eq!(o.out, "", "{args:?}");
     }
-    let o = bounded(dir, env!("CARGO_BIN_EXE_qcow2-check"), &[top]);
+    let o = bounded(dir, QCOW2_CHECK, &[top]);
     assert_eq!(o.code, 1, "qcow2-check: {o:?}");
     assert_eq!(
         o.err,
@@ -134,7 +134,7 @@ fn assert_all_fail(dir: &Path, top: &str, msg: &str) {
 
 #[test]
 fn loops_fail_everywhere_with_qemus_message() {
-    if !have_qemu("loops_fail_everywhere_with_qemus_message") {
+    if !have_qemu() {
         return;
     }
     let d = scratch();
@@ -236,7 +236,7 @@ fn deep_chain(dir: &Path, depth: usize) {
 
 #[test]
 fn chains_deeper_than_the_bound_fail_cleanly() {
-    if !have_qemu("chains_deeper_than_the_bound_fail_cleanly") {
+    if !have_qemu() {
         return;
     }
     let d = scratch();

@@ -4,7 +4,7 @@
 // Helpers outside #[test] functions panic on purpose when a tool misbehaves.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use crate::common::*;
+use crate::support::*;
 use std::path::Path;
 
 /// Runs `create ARGS` with qemu-img in `qd` and with qcow2-img in `od`;
@@ -12,25 +12,15 @@ use std::path::Path;
 fn create_twins(qd: &Path, od: &Path, args: &[&str]) -> (Run, Run) {
     let mut full = vec!["create"];
     full.extend_from_slice(args);
-    let q = qemu(qd, "qemu-img", &full);
-    let o = ours(od, &full);
-    assert_eq!(o, q, "create {args:?}");
-    (q, o)
+    twins(qd, od, "qemu-img", &[], &full)
 }
 
 #[test]
 fn create_lines_and_errors_match_qemu() {
-    if !have_qemu("create_lines_and_errors_match_qemu") {
+    if !have_qemu() {
         return;
     }
-    let (qd, od) = (scratch(), scratch());
-    for d in [qd.path(), od.path()] {
-        qemu_ok(
-            d,
-            "qemu-img",
-            &["create", "-q", "-f", "qcow2", "base.qcow2", "64M"],
-        );
-    }
+    let (qd, od) = twin_dirs(|d| qemu_create(d, "base.qcow2", "64M"));
     let ok: &[&[&str]] = &[
         &["-f", "qcow2", "c1.qcow2", "1G"],
         &["-f", "qcow2", "-q", "c2.qcow2", "1G"],
@@ -264,17 +254,10 @@ fn assert_info_human_eq(q: &Run, o: &Run, what: &str) {
 
 #[test]
 fn create_twins_have_equal_info_and_check_clean() {
-    if !have_qemu("create_twins_have_equal_info_and_check_clean") {
+    if !have_qemu() {
         return;
     }
-    let (qd, od) = (scratch(), scratch());
-    for d in [qd.path(), od.path()] {
-        qemu_ok(
-            d,
-            "qemu-img",
-            &["create", "-q", "-f", "qcow2", "base.qcow2", "64M"],
-        );
-    }
+    let (qd, od) = twin_dirs(|d| qemu_create(d, "base.qcow2", "64M"));
     let cases: &[&[&str]] = &[
         &["64M"],
         &["-o", "compat=0.10", "64M"],
@@ -479,7 +462,7 @@ fn make_info_images(d: &Path) {
 
 #[test]
 fn info_matches_qemu_on_qemu_made_images() {
-    if !have_qemu("info_matches_qemu_on_qemu_made_images") {
+    if !have_qemu() {
         return;
     }
     let d = scratch();

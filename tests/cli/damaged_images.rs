@@ -5,7 +5,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic
 
-use crate::common::*;
+use crate::support::*;
 use std::path::Path;
 
 const CLUSTER: u64 = 0x10000;
@@ -67,7 +67,7 @@ fn info_shape(s: &str) -> String {
 
 #[test]
 fn truncated_images_inspect_as_in_qemu() {
-    if !have_qemu("truncated_images_inspect_as_in_qemu") {
+    if !have_qemu() {
         return;
     }
     let d = scratch();
@@ -126,7 +126,7 @@ fn corrupt_bit(path: &Path) -> bool {
 
 #[test]
 fn writes_needing_missing_refcounts_are_refused() {
-    if !have_qemu("writes_needing_missing_refcounts_are_refused") {
+    if !have_qemu() {
         return;
     }
     let d = scratch();

@@ -7,7 +7,7 @@
 // Helpers outside #[test] functions panic on purpose when a tool misbehaves.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use crate::common::*;
+use crate::support::*;
 use qcow2kit::check::{Checker, Repair};
 use qcow2kit::storage::MemStorage;
 use qcow2kit::{Error, Image, OpenOptions};
@@ -129,7 +129,7 @@ fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>)> {
 
 #[test]
 fn data_commands_refuse_like_qemu_and_write_nothing() {
-    if !have_qemu("data_commands_refuse_like_qemu_and_write_nothing") {
+    if !have_qemu() {
         return;
     }
     let d = scratch();
@@ -167,7 +167,7 @@ fn data_commands_refuse_like_qemu_and_write_nothing() {
         }
         for args in [vec![img], vec!["-r", "all", img]] {
             let q = qemu(dir, "qemu-img", &[&["check"][..], &args[..]].concat());
-            let o = run_check(dir, &args);
+            let o = ours_check(dir, &args);
             assert_eq!(
                 o.err,
                 q.err.replace("qcow2-img", "qcow2-check"),
@@ -183,23 +183,6 @@ fn data_commands_refuse_like_qemu_and_write_nothing() {
     );
 }
 
-fn run_check(dir: &Path, args: &[&str]) -> Run {
-    use std::os::unix::process::ExitStatusExt;
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_qcow2-check"))
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    Run {
-        out: String::from_utf8_lossy(&o.stdout).into_owned(),
-        err: String::from_utf8_lossy(&o.stderr).into_owned(),
-        code: o
-            .status
-            .code()
-            .unwrap_or_else(|| 128 + o.status.signal().unwrap_or(0)),
-    }
-}
-
 /// `disk size` depends on the file system's allocation at the moment of
 /// the call: compared by shape only.
 fn without_disk_size(s: &str) -> String {
@@ -211,7 +194,7 @@ fn without_disk_size(s: &str) -> String {
 
 #[test]
 fn info_shows_the_encryption_like_qemu_img() {
-    if !have_qemu("info_shows_the_encryption_like_qemu_img") {
+    if !have_qemu() {
         return;
     }
     let d = scratch();
@@ -264,7 +247,7 @@ fn info_shows_the_encryption_like_qemu_img() {
 
 #[test]
 fn library_refuses_guest_data_without_a_key() {
-    if !have_qemu("library_refuses_guest_data_without_a_key") {
+    if !have_qemu() {
         return;
     }
     let d = scratch();
@@ -352,7 +335,7 @@ fn library_refuses_guest_data_without_a_key() {
 
 #[test]
 fn create_over_an_encrypted_backing_file_needs_no_key() {
-    if !have_qemu("create_over_an_encrypted_backing_file_needs_no_key") {
+    if !have_qemu() {
         return;
     }
     let d = scratch();

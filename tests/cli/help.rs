@@ -6,30 +6,12 @@
 //! `src/bin/qcow2-img/*.rs` and the `Command` of `src/check/cli.rs`: a new
 //! option there needs a line here and in the help text.
 
+use crate::support::{run_cmd, Run, QCOW2_CHECK as CHECK, QCOW2_IMG as IMG};
 use std::process::Command;
 
-/// What one run printed.
-#[derive(Debug)]
-struct Run {
-    code: i32,
-    out: String,
-    err: String,
-}
-
 fn run(bin: &str, args: &[&str]) -> Run {
-    let o = Command::new(bin)
-        .args(args)
-        .output()
-        .expect("run the binary");
-    Run {
-        code: o.status.code().unwrap_or(-1),
-        out: String::from_utf8_lossy(&o.stdout).into_owned(),
-        err: String::from_utf8_lossy(&o.stderr).into_owned(),
-    }
+    run_cmd(Command::new(bin).args(args))
 }
-
-const IMG: &str = env!("CARGO_BIN_EXE_qcow2-img");
-const CHECK: &str = env!("CARGO_BIN_EXE_qcow2-check");
 
 /// One help text to test.
 struct Case {

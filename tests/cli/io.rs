@@ -5,66 +5,33 @@
 // Helpers outside #[test] functions panic on purpose when a tool misbehaves.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use crate::common::*;
+use crate::support::*;
 use std::path::Path;
 
-/// `-c` arguments for each command, then the trailing arguments.
-fn io_args<'a>(pre: &[&'a str], cmds: &[&'a str], post: &[&'a str]) -> Vec<&'a str> {
-    let mut v = pre.to_vec();
-    for c in cmds {
-        v.push("-c");
-        v.push(c);
-    }
-    v.extend_from_slice(post);
-    v
-}
-
-/// Runs the same qemu-io invocation with qemu-io in `qd` and qcow2-img io in
-/// `od` and compares.
-fn twin(qd: &Path, od: &Path, pre: &[&str], cmds: &[&str], post: &[&str]) -> Run {
-    let args = io_args(pre, cmds, post);
-    let q = qemu(qd, "qemu-io", &args);
-    let mut full = vec!["io"];
-    full.extend_from_slice(&args);
-    let o = ours(od, &full);
-    assert_eq!(untime(&o.out), untime(&q.out), "stdout of {args:?}");
-    assert_eq!(o.err, q.err, "stderr of {args:?}");
-    assert_eq!(o.code, q.code, "exit code of {args:?}");
-    o
-}
-
-fn twin_dirs() -> (tempfile::TempDir, tempfile::TempDir) {
-    let (qd, od) = (scratch(), scratch());
-    for d in [qd.path(), od.path()] {
-        qemu_ok(
-            d,
-            "qemu-img",
-            &["create", "-q", "-f", "qcow2", "disk.qcow2", "1M"],
-        );
-        qemu_ok(
-            d,
-            "qemu-img",
-            &["create", "-q", "-f", "qcow2", "d.qcow2", "1M"],
-        );
+/// Twin directories holding `disk.qcow2` and `d.qcow2` (1 MiB) and a
+/// 64 KiB `raw.img`.
+fn io_dirs() -> (tempfile::TempDir, tempfile::TempDir) {
+    twin_dirs(|d| {
+        qemu_create(d, "disk.qcow2", "1M");
+        qemu_create(d, "d.qcow2", "1M");
         std::fs::write(d.join("raw.img"), vec![0u8; 65536]).unwrap();
-    }
-    (qd, od)
+    })
 }
 
 #[test]
 fn io_requests_match_qemu_io() {
-    if !have_qemu("io_requests_match_qemu_io") {
+    if !have_qemu() {
         return;
     }
-    let (qd, od) = twin_dirs();
+    let (qd, od) = io_dirs();
     let (q, o) = (qd.path(), od.path());
     let disk = ["disk.qcow2"];
-    let r = twin(q, o, &[], &["write -P 0xab 0 64k"], &disk);
+    let r = io_twin(q, o, &[], &["write -P 0xab 0 64k"], &disk);
     assert!(r
         .out
         .starts_with("wrote 65536/65536 bytes at offset 0\n64 KiB, 1 ops; "));
-    twin(q, o, &[], &["read -P 0xab 0 64k"], &disk);
-    let r = twin(
+    io_twin(q, o, &[], &["read -P 0xab 0 64k"], &disk);
+    let r = io_twin(
         q,
         o,
         &[],
@@ -72,8 +39,8 @@ fn io_requests_match_qemu_io() {
         &disk,
     );
     assert_eq!((r.out.as_str(), r.code), ("", 0));
-    twin(q, o, &[], &["write -q -P 1 0 256k"], &["d.qcow2"]);
-    let r = twin(
+    io_twin(q, o, &[], &["write -q -P 1 0 256k"], &["d.qcow2"]);
+    let r = io_twin(
         q,
         o,
         &[],
@@ -90,21 +57,21 @@ fn io_requests_match_qemu_io() {
         "256 KiB (0x40000) bytes     allocated at offset 0 bytes (0x0)\n\
          768 KiB (0xc0000) bytes not allocated at offset 256 KiB (0x40000)\n"
     ));
-    twin(q, o, &[], &["write -q -P 0x41 128k 64k"], &disk);
-    let r = twin(q, o, &[], &["read -v 0 48", "read -v 131070 20"], &disk);
+    io_twin(q, o, &[], &["write -q -P 0x41 128k 64k"], &disk);
+    let r = io_twin(q, o, &[], &["read -v 0 48", "read -v 131070 20"], &disk);
     assert!(r.out.contains(
         "0001fffe:  00 00 41 41 41 41 41 41 41 41 41 41 41 41 41 41  ..AAAAAAAAAAAAAA\n\
          0002000e:  41 41 41 41  AAAA\n"
     ));
-    twin(q, o, &["-r"], &["read -v 65530 12"], &disk);
-    twin(
+    io_twin(q, o, &["-r"], &["read -v 65530 12"], &disk);
+    io_twin(
         q,
         o,
         &[],
         &["write -P 7 3 1000", "read -P 7 3 1000", "map"],
         &disk,
     );
-    twin(
+    io_twin(
         q,
         o,
         &[],
@@ -115,7 +82,7 @@ fn io_requests_match_qemu_io() {
         ],
         &disk,
     );
-    twin(
+    io_twin(
         q,
         o,
         &[],
@@ -126,21 +93,21 @@ fn io_requests_match_qemu_io() {
 
 #[test]
 fn io_failures_match_qemu_io() {
-    if !have_qemu("io_failures_match_qemu_io") {
+    if !have_qemu() {
         return;
     }
-    let (qd, od) = twin_dirs();
+    let (qd, od) = io_dirs();
     let (q, o) = (qd.path(), od.path());
     let disk = ["disk.qcow2"];
-    twin(q, o, &[], &["write -q -P 0xab 0 64k"], &disk);
+    io_twin(q, o, &[], &["write -q -P 0xab 0 64k"], &disk);
     // Pattern failures (stdout), exit 1.
-    let r = twin(q, o, &[], &["read -P 0xff 0 4k"], &disk);
+    let r = io_twin(q, o, &[], &["read -P 0xff 0 4k"], &disk);
     assert!(r
         .out
         .starts_with("Pattern verification failed at offset 0, 4096 bytes\nread 4096/4096"));
     assert_eq!(r.code, 1);
-    twin(q, o, &[], &["read -P 0xab 60k 8k"], &disk);
-    let r = twin(q, o, &[], &["read -q 0 4k", "read -q -P 0 0 4k"], &disk);
+    io_twin(q, o, &[], &["read -P 0xab 60k 8k"], &disk);
+    let r = io_twin(q, o, &[], &["read -q 0 4k", "read -q -P 0 0 4k"], &disk);
     assert_eq!(
         r.out,
         "Pattern verification failed at offset 0, 4096 bytes\n"
@@ -152,15 +119,15 @@ fn io_failures_match_qemu_io() {
         "write 1M 512",
         "discard 1M 64k",
     ] {
-        let r = twin(q, o, &[], &[cmd], &disk);
+        let r = io_twin(q, o, &[], &[cmd], &disk);
         assert_eq!(r.code, 1, "{cmd}");
     }
-    let r = twin(q, o, &[], &["read 0 4k", "read 2M 4k", "read 0 4k"], &disk);
+    let r = io_twin(q, o, &[], &["read 0 4k", "read 2M 4k", "read 0 4k"], &disk);
     assert_eq!(r.out.matches("read 4096/4096 bytes at offset 0").count(), 2);
     // Read-only handle.
-    let r = twin(q, o, &["-r"], &["write 0 4k"], &["d.qcow2"]);
+    let r = io_twin(q, o, &["-r"], &["write 0 4k"], &["d.qcow2"]);
     assert_eq!(r.err, "qcow2-img: Block node is read-only\n");
-    twin(
+    io_twin(
         q,
         o,
         &["-r"],
@@ -186,13 +153,13 @@ fn io_failures_match_qemu_io() {
         &["open disk.qcow2"],
         &["flush 0"],
     ] {
-        let r = twin(q, o, &[], cmds, &disk);
+        let r = io_twin(q, o, &[], cmds, &disk);
         assert_eq!(r.code, 1, "{cmds:?}");
     }
     // Open failures.
-    twin(q, o, &[], &["read 0 4k"], &["nosuch.qcow2"]);
-    twin(q, o, &["-f", "qcow2"], &["read 0 4k"], &["raw.img"]);
-    twin(q, o, &[], &["read 0 4k"], &[]);
+    io_twin(q, o, &[], &["read 0 4k"], &["nosuch.qcow2"]);
+    io_twin(q, o, &["-f", "qcow2"], &["read 0 4k"], &["raw.img"]);
+    io_twin(q, o, &[], &["read 0 4k"], &[]);
     let mut a = vec![
         "io",
         "-f",
@@ -211,22 +178,22 @@ fn io_failures_match_qemu_io() {
 
 #[test]
 fn io_image_opts_and_open_match_qemu_io() {
-    if !have_qemu("io_image_opts_and_open_match_qemu_io") {
+    if !have_qemu() {
         return;
     }
-    let (qd, od) = twin_dirs();
+    let (qd, od) = io_dirs();
     let (q, o) = (qd.path(), od.path());
-    twin(q, o, &[], &["write -q -P 0xab 0 64k"], &["disk.qcow2"]);
+    io_twin(q, o, &[], &["write -q -P 0xab 0 64k"], &["disk.qcow2"]);
     let ok = [
         "driver=qcow2,file.filename=disk.qcow2,overlap-check=all,l2-cache-size=1M,lazy-refcounts=on",
         "file.filename=disk.qcow2",
         "driver=qcow2,file.filename=disk.qcow2,overlap-check.template=all,overlap-check.inactive-l2=off",
     ];
     for opts in ok {
-        let r = twin(q, o, &["--image-opts"], &["read -q -P 0xab 0 4k"], &[opts]);
+        let r = io_twin(q, o, &["--image-opts"], &["read -q -P 0xab 0 4k"], &[opts]);
         assert_eq!(r.code, 0, "{opts}");
     }
-    twin(
+    io_twin(
         q,
         o,
         &["--image-opts", "-r"],
@@ -249,10 +216,10 @@ fn io_image_opts_and_open_match_qemu_io() {
         (&["--image-opts"], "driver=qcow2,file.filename=nosuch.qcow2"),
     ];
     for (pre, opts) in bad {
-        let r = twin(q, o, pre, &["read 0 4k"], &[opts]);
+        let r = io_twin(q, o, pre, &["read 0 4k"], &[opts]);
         assert_eq!(r.code, 1, "{opts}");
     }
-    let r = twin(
+    let r = io_twin(
         q,
         o,
         &[],
@@ -263,15 +230,15 @@ fn io_image_opts_and_open_match_qemu_io() {
         &[],
     );
     assert_eq!(r.code, 0);
-    twin(q, o, &[], &["open -o bogus=1 disk.qcow2"], &[]);
-    twin(
+    io_twin(q, o, &[], &["open -o bogus=1 disk.qcow2"], &[]);
+    io_twin(
         q,
         o,
         &[],
         &["open -o file.filename=disk.qcow2", "read -q -P 0xab 0 1"],
         &[],
     );
-    twin(
+    io_twin(
         q,
         o,
         &[],
@@ -300,15 +267,15 @@ fn make_overlap_image(d: &Path, name: &str) {
 
 #[test]
 fn io_overlap_corruption_matches_qemu_io() {
-    if !have_qemu("io_overlap_corruption_matches_qemu_io") {
+    if !have_qemu() {
         return;
     }
-    let (qd, od) = twin_dirs();
+    let (qd, od) = io_dirs();
     let (q, o) = (qd.path(), od.path());
     for d in [q, o] {
         make_overlap_image(d, "ovl1.qcow2");
     }
-    let r = twin(
+    let r = io_twin(
         q,
         o,
         &[],
@@ -341,12 +308,12 @@ fn io_overlap_corruption_matches_qemu_io() {
         std::fs::read(q.join("ovl1.qcow2")).unwrap()[0x30000..0x30008]
     );
     // Read-write reopen refused, -r works.
-    let r = twin(q, o, &[], &["read -q 0 4k"], &["ovl1.qcow2"]);
+    let r = io_twin(q, o, &[], &["read -q 0 4k"], &["ovl1.qcow2"]);
     assert_eq!(
         r.err,
         "qcow2-img: can't open device ovl1.qcow2: qcow2: Image is corrupt; cannot be opened read/write\n"
     );
-    let r = twin(
+    let r = io_twin(
         q,
         o,
         &["-r"],
@@ -354,7 +321,7 @@ fn io_overlap_corruption_matches_qemu_io() {
         &["ovl1.qcow2"],
     );
     assert_eq!(r.code, 0);
-    twin(q, o, &[], &["write -q 0 4k"], &["ovl1.qcow2"]);
+    io_twin(q, o, &[], &["write -q 0 4k"], &["ovl1.qcow2"]);
     // info reports the bit.
     let i = ours(o, &["info", "--output", "json", "ovl1.qcow2"]);
     assert_eq!(json(&i.out)["format-specific"]["data"]["corrupt"], true);
@@ -365,7 +332,7 @@ fn io_overlap_corruption_matches_qemu_io() {
 /// refcounts are always up to date, and the image must check clean.)
 #[test]
 fn io_abort_dies_without_closing() {
-    if !have_qemu("io_abort_dies_without_closing") {
+    if !have_qemu() {
         return;
     }
     let d = scratch();
@@ -398,10 +365,10 @@ fn io_abort_dies_without_closing() {
 /// itself, and an external data file (a child node, not a "backing file").
 #[test]
 fn io_open_errors_name_the_file_like_qemu_io() {
-    if !have_qemu("io_open_errors_name_the_file_like_qemu_io") {
+    if !have_qemu() {
         return;
     }
-    let (qd, od) = twin_dirs();
+    let (qd, od) = io_dirs();
     let (q, o) = (qd.path(), od.path());
     for d in [q, o] {
         qemu_ok(
@@ -420,9 +387,9 @@ fn io_open_errors_name_the_file_like_qemu_io() {
         );
         std::fs::remove_file(d.join("d.data")).unwrap();
     }
-    let r = twin(q, o, &[], &["read 0 4k"], &["df.qcow2"]);
+    let r = io_twin(q, o, &[], &["read 0 4k"], &["df.qcow2"]);
     assert!(r.err.contains("Could not open 'd.data'"), "{}", r.err);
     assert_eq!(r.code, 1);
-    twin(q, o, &[], &["read 0 4k"], &["missing.qcow2"]);
-    twin(q, o, &["-r"], &["read 0 4k"], &["missing.qcow2"]);
+    io_twin(q, o, &[], &["read 0 4k"], &["missing.qcow2"]);
+    io_twin(q, o, &["-r"], &["read 0 4k"], &["missing.qcow2"]);
 }

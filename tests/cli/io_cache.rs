@@ -5,31 +5,8 @@
 // Helpers outside #[test] functions panic on purpose when a tool misbehaves.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use crate::common::*;
+use crate::support::*;
 use std::path::Path;
-
-/// Runs the same invocation with qemu-io in `qd` and `qcow2-img io` in `od`
-/// and compares.
-fn twin(qd: &Path, od: &Path, pre: &[&str], cmds: &[&str], post: &[&str]) -> Run {
-    let mut args = pre.to_vec();
-    for c in cmds {
-        args.push("-c");
-        args.push(c);
-    }
-    args.extend_from_slice(post);
-    let q = qemu(qd, "qemu-io", &args);
-    let mut full = vec!["io"];
-    full.extend_from_slice(&args);
-    let o = ours(od, &full);
-    assert_eq!(untime(&o.out), untime(&q.out), "stdout of {args:?}");
-    assert_eq!(o.err, q.err, "stderr of {args:?}");
-    assert_eq!(o.code, q.code, "exit code of {args:?}");
-    o
-}
-
-fn create(d: &Path, name: &str) {
-    qemu_ok(d, "qemu-img", &["create", "-q", "-f", "qcow2", name, "1M"]);
-}
 
 const MODES: &[&[&str]] = &[
     &[],
@@ -46,18 +23,18 @@ const MODES: &[&[&str]] = &[
 
 #[test]
 fn io_cache_modes_match_qemu_io() {
-    if !have_qemu("io_cache_modes_match_qemu_io") {
+    if !have_qemu() {
         return;
     }
     let (qd, od) = (scratch(), scratch());
     let (q, o) = (qd.path(), od.path());
     for mode in MODES {
         for d in [q, o] {
-            create(d, "c.qcow2");
+            qemu_create(d, "c.qcow2", "1M");
         }
         // Unaligned requests too: with -n / none / directsync they go
         // through O_DIRECT.
-        twin(
+        io_twin(
             q,
             o,
             mode,
@@ -91,27 +68,27 @@ fn io_cache_modes_match_qemu_io() {
 
 #[test]
 fn io_bad_cache_modes_match_qemu_io() {
-    if !have_qemu("io_bad_cache_modes_match_qemu_io") {
+    if !have_qemu() {
         return;
     }
     let (qd, od) = (scratch(), scratch());
     let (q, o) = (qd.path(), od.path());
     for d in [q, o] {
-        create(d, "c.qcow2");
+        qemu_create(d, "c.qcow2", "1M");
     }
-    let r = twin(q, o, &["-t", "bogus"], &["read 0 4k"], &["c.qcow2"]);
+    let r = io_twin(q, o, &["-t", "bogus"], &["read 0 4k"], &["c.qcow2"]);
     assert_eq!(r.err, "qcow2-img: Invalid cache option: bogus\n");
     assert_eq!(r.code, 1);
-    twin(q, o, &["-t", "Writeback"], &["read 0 4k"], &["c.qcow2"]);
-    twin(q, o, &["-t", "bogus"], &[], &[]);
+    io_twin(q, o, &["-t", "Writeback"], &["read 0 4k"], &["c.qcow2"]);
+    io_twin(q, o, &["-t", "bogus"], &[], &[]);
     // The open command has its own -t / -n (and its own default).
-    let r = twin(q, o, &[], &["open -t bogus c.qcow2", "read -q 0 4k"], &[]);
+    let r = io_twin(q, o, &[], &["open -t bogus c.qcow2", "read -q 0 4k"], &[]);
     assert_eq!(
         r.err,
         "qcow2-img: Invalid cache option: bogus\nno file open, try 'help open'\n"
     );
     // Refused even with an image open (while parsing the options).
-    let r = twin(q, o, &[], &["open -t bogus c.qcow2"], &["c.qcow2"]);
+    let r = io_twin(q, o, &[], &["open -t bogus c.qcow2"], &["c.qcow2"]);
     assert_eq!(r.err, "qcow2-img: Invalid cache option: bogus\n");
     for mode in [
         "-t writeback",
@@ -121,7 +98,7 @@ fn io_bad_cache_modes_match_qemu_io() {
         "-n -t none",
     ] {
         let open = format!("open {mode} c.qcow2");
-        twin(
+        io_twin(
             q,
             o,
             &[],
@@ -138,7 +115,7 @@ fn io_bad_cache_modes_match_qemu_io() {
 /// which is the refcount table: the overlap is found only when the L2
 /// table is written back.
 fn make_writeback_overlap_image(d: &Path, name: &str) {
-    create(d, name);
+    qemu_create(d, name, "1M");
     qemu_ok(d, "qemu-io", &["-c", "write -P 0x11 0 64k", name]);
     let p = d.join(name);
     let (l1, reftable) = (get_u64(&p, 40), get_u64(&p, 48));
@@ -148,7 +125,7 @@ fn make_writeback_overlap_image(d: &Path, name: &str) {
 
 #[test]
 fn io_overlap_found_at_write_back_matches_qemu_io() {
-    if !have_qemu("io_overlap_found_at_write_back_matches_qemu_io") {
+    if !have_qemu() {
         return;
     }
     let (qd, od) = (scratch(), scratch());
@@ -159,7 +136,7 @@ fn io_overlap_found_at_write_back_matches_qemu_io() {
         for d in [q, o] {
             make_writeback_overlap_image(d, "w.qcow2");
         }
-        let r = twin(
+        let r = io_twin(
             q,
             o,
             mode,
@@ -187,13 +164,13 @@ fn io_overlap_found_at_write_back_matches_qemu_io() {
 
 #[test]
 fn bench_cache_modes_match_qemu_img() {
-    if !have_qemu("bench_cache_modes_match_qemu_img") {
+    if !have_qemu() {
         return;
     }
     let (qd, od) = (scratch(), scratch());
     let (q, o) = (qd.path(), od.path());
     for d in [q, o] {
-        create(d, "b.qcow2");
+        qemu_create(d, "b.qcow2", "1M");
     }
     for mode in [
         "bogus",
@@ -221,13 +198,13 @@ fn bench_cache_modes_match_qemu_img() {
 
 #[test]
 fn convert_cache_modes_match_qemu_img() {
-    if !have_qemu("convert_cache_modes_match_qemu_img") {
+    if !have_qemu() {
         return;
     }
     let (qd, od) = (scratch(), scratch());
     let (q, o) = (qd.path(), od.path());
     for d in [q, o] {
-        create(d, "s.qcow2");
+        qemu_create(d, "s.qcow2", "1M");
         qemu_ok(d, "qemu-io", &["-c", "write -q -P 5 1000 300k", "s.qcow2"]);
     }
     let cases: &[&[&str]] = &[

@@ -6,39 +6,15 @@
 // Helpers outside #[test] functions panic on purpose when a tool misbehaves.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use crate::common::*;
+use crate::support::*;
 use std::path::Path;
-
-/// Runs `qemu-io PRE -c CMD... POST` in `qd` and `qcow2-img io` with the
-/// same arguments in `od`, and compares.
-fn twin(qd: &Path, od: &Path, pre: &[&str], cmds: &[&str], post: &[&str]) -> Run {
-    let mut args = pre.to_vec();
-    for c in cmds {
-        args.push("-c");
-        args.push(c);
-    }
-    args.extend_from_slice(post);
-    let q = qemu(qd, "qemu-io", &args);
-    let mut full = vec!["io"];
-    full.extend_from_slice(&args);
-    let o = ours(od, &full);
-    assert_eq!(untime(&o.out), untime(&q.out), "stdout of {args:?}");
-    assert_eq!(o.err, q.err, "stderr of {args:?}");
-    assert_eq!(o.code, q.code, "exit code of {args:?}");
-    o
-}
 
 /// Two scratch directories, each with `t.qcow2` of cli.md §23 (1 MiB:
 /// data at 0, a zero cluster at 128k, data at 512k..640k) and its copies
 /// `u.qcow2`, `v.qcow2`, `w.qcow2`.
-fn twin_dirs() -> (tempfile::TempDir, tempfile::TempDir) {
-    let (qd, od) = (scratch(), scratch());
-    for d in [qd.path(), od.path()] {
-        qemu_ok(
-            d,
-            "qemu-img",
-            &["create", "-q", "-f", "qcow2", "t.qcow2", "1M"],
-        );
+fn io_dirs() -> (tempfile::TempDir, tempfile::TempDir) {
+    twin_dirs(|d| {
+        qemu_create(d, "t.qcow2", "1M");
         qemu_ok(
             d,
             "qemu-io",
@@ -55,18 +31,17 @@ fn twin_dirs() -> (tempfile::TempDir, tempfile::TempDir) {
         for n in ["u.qcow2", "v.qcow2", "w.qcow2"] {
             std::fs::copy(d.join("t.qcow2"), d.join(n)).unwrap();
         }
-    }
-    (qd, od)
+    })
 }
 
 const T: &[&str] = &["t.qcow2"];
 
 #[test]
 fn io_help_matches_qemu_io() {
-    if !have_qemu("io_help_matches_qemu_io") {
+    if !have_qemu() {
         return;
     }
-    let (qd, od) = twin_dirs();
+    let (qd, od) = io_dirs();
     let (q, o) = (qd.path(), od.path());
     // The full list: ours is qemu-io's without the commands we lack.
     let qh = qemu(q, "qemu-io", &["-c", "help", "t.qcow2"]);
@@ -143,27 +118,27 @@ fn io_help_matches_qemu_io() {
         "a",
         "t",
     ] {
-        twin(q, o, &[], &[&format!("help {c}")], T);
+        io_twin(q, o, &[], &[&format!("help {c}")], T);
     }
     // No `compare` in qemu-io; wrong argument count.
-    let r = twin(q, o, &[], &["help compare"], T);
+    let r = io_twin(q, o, &[], &["help compare"], T);
     assert_eq!((r.out.as_str(), r.code), ("command compare not found\n", 1));
-    twin(q, o, &[], &["compare 0 4k"], T);
-    twin(q, o, &[], &["help read x"], T);
+    io_twin(q, o, &[], &["compare 0 4k"], T);
+    io_twin(q, o, &[], &["help read x"], T);
     // quit: later commands do not run.
-    let r = twin(q, o, &[], &["length", "quit", "length", "bogus"], T);
+    let r = io_twin(q, o, &[], &["length", "quit", "length", "bogus"], T);
     assert_eq!((r.out.as_str(), r.code), ("1 MiB\n", 0));
-    twin(q, o, &[], &["q", "read 0 x"], &[]);
+    io_twin(q, o, &[], &["q", "read 0 x"], &[]);
 }
 
 #[test]
 fn io_length_alloc_info_match_qemu_io() {
-    if !have_qemu("io_length_alloc_info_match_qemu_io") {
+    if !have_qemu() {
         return;
     }
-    let (qd, od) = twin_dirs();
+    let (qd, od) = io_dirs();
     let (q, o) = (qd.path(), od.path());
-    let r = twin(
+    let r = io_twin(
         q,
         o,
         &["-r"],
@@ -188,9 +163,9 @@ fn io_length_alloc_info_match_qemu_io() {
          262144/1048576 bytes allocated at offset 0 bytes\n"
     ));
     assert!(r.out.contains("0/0 bytes allocated at offset 2 MiB\n"));
-    let r = twin(q, o, &["-r"], &["length", "l", "map"], T);
+    let r = io_twin(q, o, &["-r"], &["length", "l", "map"], T);
     assert!(r.out.starts_with("1 MiB\n1 MiB\n"));
-    let r = twin(q, o, &["-r"], &["info", "i"], T);
+    let r = io_twin(q, o, &["-r"], &["info", "i"], T);
     assert!(r.out.starts_with(
         "format name: qcow2\ncluster size: 64 KiB\nvm state offset: 512 MiB\n\
          Format specific information:\n    compat: 1.1\n"
@@ -204,11 +179,11 @@ fn io_length_alloc_info_match_qemu_io() {
         "length extra",
         "info extra",
     ] {
-        let r = twin(q, o, &["-r"], &[c], T);
+        let r = io_twin(q, o, &["-r"], &[c], T);
         assert_eq!(r.code, 1, "{c}");
     }
     // No image open.
-    twin(q, o, &[], &["length", "info", "alloc 0"], &[]);
+    io_twin(q, o, &[], &["length", "info", "alloc 0"], &[]);
 
     // info on other kinds of images.
     for (name, opts, size) in [
@@ -229,19 +204,19 @@ fn io_length_alloc_info_match_qemu_io() {
                 &["create", "-q", "-f", "qcow2", "-o", opts, name, size],
             );
         }
-        twin(q, o, &["-r"], &["info", "length", "alloc 0 1G"], &[name]);
+        io_twin(q, o, &["-r"], &["info", "length", "alloc 0 1G"], &[name]);
     }
 }
 
 #[test]
 fn io_truncate_matches_qemu_io() {
-    if !have_qemu("io_truncate_matches_qemu_io") {
+    if !have_qemu() {
         return;
     }
-    let (qd, od) = twin_dirs();
+    let (qd, od) = io_dirs();
     let (q, o) = (qd.path(), od.path());
     let u = &["u.qcow2"];
-    let r = twin(
+    let r = io_twin(
         q,
         o,
         &[],
@@ -257,17 +232,17 @@ fn io_truncate_matches_qemu_io() {
     );
     assert_eq!(r.out, "2 MiB\n1.500 MiB\n1.500 MiB\n");
     assert_eq!(r.code, 1);
-    let r = twin(q, o, &[], &["truncate 64k", "length", "map"], u);
+    let r = io_twin(q, o, &[], &["truncate 64k", "length", "map"], u);
     assert_eq!(
         r.out,
         "64 KiB\n64 KiB (0x10000) bytes     allocated at offset 0 bytes (0x0)\n"
     );
-    let r = twin(q, o, &[], &["truncate -m full 1M", "length", "map"], u);
+    let r = io_twin(q, o, &[], &["truncate -m full 1M", "length", "map"], u);
     assert_eq!(
         r.out,
         "1 MiB\n1 MiB (0x100000) bytes     allocated at offset 0 bytes (0x0)\n"
     );
-    twin(
+    io_twin(
         q,
         o,
         &[],
@@ -299,11 +274,11 @@ fn io_truncate_matches_qemu_io() {
         "truncate x",
         "truncate 1 2 3 4",
     ] {
-        let r = twin(q, o, &[], &[c], u);
+        let r = io_twin(q, o, &[], &[c], u);
         assert_eq!(r.code, 1, "{c}");
     }
-    twin(q, o, &["-r"], &["truncate 4M"], u);
-    twin(q, o, &[], &["truncate 4M"], &[]);
+    io_twin(q, o, &["-r"], &["truncate 4M"], u);
+    io_twin(q, o, &[], &["truncate 4M"], &[]);
     // A v2 image with a snapshot cannot be resized.
     for d in [q, o] {
         qemu_ok(
@@ -322,9 +297,9 @@ fn io_truncate_matches_qemu_io() {
         );
         qemu_ok(d, "qemu-img", &["snapshot", "-c", "s1", "v2.qcow2"]);
     }
-    twin(q, o, &[], &["truncate 2M", "length"], &["v2.qcow2"]);
+    io_twin(q, o, &[], &["truncate 2M", "length"], &["v2.qcow2"]);
     // The result on disk is a valid image of the new size.
-    twin(
+    io_twin(
         q,
         o,
         &[],
@@ -334,7 +309,7 @@ fn io_truncate_matches_qemu_io() {
     let qc = qemu(q, "qemu-img", &["check", "w.qcow2"]);
     let oc = qemu(o, "qemu-img", &["check", "w.qcow2"]);
     assert_eq!((oc.code, oc.out), (qc.code, qc.out));
-    twin(
+    io_twin(
         q,
         o,
         &["-r"],
@@ -345,13 +320,13 @@ fn io_truncate_matches_qemu_io() {
 
 #[test]
 fn io_readv_writev_match_qemu_io() {
-    if !have_qemu("io_readv_writev_match_qemu_io") {
+    if !have_qemu() {
         return;
     }
-    let (qd, od) = twin_dirs();
+    let (qd, od) = io_dirs();
     let (q, o) = (qd.path(), od.path());
     let v = &["v.qcow2"];
-    let r = twin(
+    let r = io_twin(
         q,
         o,
         &[],
@@ -368,11 +343,11 @@ fn io_readv_writev_match_qemu_io() {
     assert!(r
         .out
         .contains("read 3584/3584 bytes at offset 0\n3.500 KiB, 1 ops; "));
-    let r = twin(q, o, &[], &["readv -v 0 16 16"], v);
+    let r = io_twin(q, o, &[], &["readv -v 0 16 16"], v);
     assert!(r.out.starts_with(
         "00000000:  05 05 05 05 05 05 05 05 05 05 05 05 05 05 05 05  ................\n"
     ));
-    twin(
+    io_twin(
         q,
         o,
         &[],
@@ -400,24 +375,24 @@ fn io_readv_writev_match_qemu_io() {
         "readv 0",
         "writev -z 0 4k",
     ] {
-        let r = twin(q, o, &[], &[c], v);
+        let r = io_twin(q, o, &[], &[c], v);
         assert_eq!(r.code, 1, "{c}");
     }
-    twin(q, o, &["-r"], &["writev 0 4k"], v);
-    twin(q, o, &[], &["readv 0 4k", "writev 0 4k"], &[]);
+    io_twin(q, o, &["-r"], &["writev 0 4k"], v);
+    io_twin(q, o, &[], &["readv 0 4k", "writev 0 4k"], &[]);
 }
 
 #[test]
 fn io_aio_matches_qemu_io() {
-    if !have_qemu("io_aio_matches_qemu_io") {
+    if !have_qemu() {
         return;
     }
-    let (qd, od) = twin_dirs();
+    let (qd, od) = io_dirs();
     let (q, o) = (qd.path(), od.path());
     let w = &["w.qcow2"];
     // One request outstanding at a time, so that qemu-io's completion
     // order is the submission order.
-    let r = twin(
+    let r = io_twin(
         q,
         o,
         &[],
@@ -446,13 +421,13 @@ fn io_aio_matches_qemu_io() {
         "aio_read -v 0 20",
         "aio_read -q -v 0 20",
     ] {
-        let r = twin(q, o, &[], &[c, "aio_flush"], w);
+        let r = io_twin(q, o, &[], &[c, "aio_flush"], w);
         assert_eq!(r.code, 0, "{c}");
     }
     // A trailing request still prints.
-    twin(q, o, &[], &["aio_read -P 8 0 4k"], w);
+    io_twin(q, o, &[], &["aio_read -P 8 0 4k"], w);
     // Zeroes (quiet: qemu-io's timing for them is garbage).
-    twin(
+    io_twin(
         q,
         o,
         &[],
@@ -476,11 +451,11 @@ fn io_aio_matches_qemu_io() {
         "aio_read -z 0 4k",
         "aio_flush 1",
     ] {
-        let r = twin(q, o, &[], &[c], w);
+        let r = io_twin(q, o, &[], &[c], w);
         assert_eq!(r.code, 1, "{c}");
     }
-    twin(q, o, &["-r"], &["aio_write 0 4k", "aio_flush"], w);
-    twin(q, o, &[], &["aio_read 0 4k", "aio_flush"], &[]);
+    io_twin(q, o, &["-r"], &["aio_write 0 4k", "aio_flush"], w);
+    io_twin(q, o, &[], &["aio_read 0 4k", "aio_flush"], &[]);
 }
 
 /// `ovl1.qcow2` of cli.md §12.6: guest cluster 0 mapped (COPIED) onto the
@@ -497,7 +472,7 @@ fn make_overlap_image(d: &Path, name: &str) {
 
 #[test]
 fn io_commands_after_corruption_match_qemu_io() {
-    if !have_qemu("io_commands_after_corruption_match_qemu_io") {
+    if !have_qemu() {
         return;
     }
     let (qd, od) = (scratch(), scratch());
@@ -517,7 +492,7 @@ fn io_commands_after_corruption_match_qemu_io() {
         let name = format!("ovl{n}.qcow2");
         make_overlap_image(q, &name);
         make_overlap_image(o, &name);
-        let r = twin(q, o, &[], &["write -q 0 4k", cmd, "aio_flush"], &[&name]);
+        let r = io_twin(q, o, &[], &["write -q 0 4k", cmd, "aio_flush"], &[&name]);
         assert_eq!(r.code, 1, "{cmd}");
     }
 }

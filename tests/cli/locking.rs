@@ -10,7 +10,7 @@
 // Helpers outside #[test] functions panic on purpose when a tool misbehaves.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use crate::common::*;
+use crate::support::*;
 use qcow2kit::error::Error;
 use qcow2kit::options::Locking;
 use qcow2kit::{Image, OpenOptions};
@@ -76,7 +76,7 @@ fn our_holder(dir: &Path, flags: &[&str], image: &str) -> Holder {
     let mut args = vec!["io"];
     args.extend_from_slice(flags);
     args.extend_from_slice(&["-c", "sleep 600000", image]);
-    hold(dir, env!("CARGO_BIN_EXE_qcow2-img"), &args, image)
+    hold(dir, QCOW2_IMG, &args, image)
 }
 
 /// An image with data, made by qemu-img/qemu-io in `dir`.
@@ -109,7 +109,7 @@ fn hash(path: &Path) -> Vec<u8> {
 
 #[test]
 fn qemu_writer_blocks_our_commands_with_qemus_messages() {
-    if !have_qemu("qemu_writer_blocks_our_commands_with_qemus_messages") {
+    if !have_qemu() {
         return;
     }
     let d = scratch();
@@ -187,7 +187,7 @@ fn qemu_writer_blocks_our_commands_with_qemus_messages() {
     assert_eq!((o.err.as_str(), o.code), ("", 0));
     // qcow2-check speaks as qemu-img check does.
     let q = qemu(dir, "qemu-img", &["check", "-r", "all", "h.qcow2"]);
-    let o = run_check(dir, &["-r", "all", "h.qcow2"]);
+    let o = ours_check(dir, &["-r", "all", "h.qcow2"]);
     assert_eq!(o.err, q.err.replace("qcow2-img", "qcow2-check"));
     assert_eq!(o.code, 1);
 
@@ -211,7 +211,7 @@ fn qemu_writer_blocks_our_commands_with_qemus_messages() {
         &["io", "-r", "-U", "-c", "read -q -P 7 0 64k", "h.qcow2"],
     );
     assert_eq!((o.out.as_str(), o.err.as_str(), o.code), ("", "", 0));
-    assert_eq!(run_check(dir, &["-U", "h.qcow2"]).code, 0);
+    assert_eq!(ours_check(dir, &["-U", "h.qcow2"]).code, 0);
 
     // -U with a write is refused as QEMU refuses it.
     for (prog, args) in [
@@ -249,23 +249,9 @@ fn qemu_writer_blocks_our_commands_with_qemus_messages() {
     );
 }
 
-/// Runs `qcow2-check ARGS` in `dir`.
-fn run_check(dir: &Path, args: &[&str]) -> Run {
-    let o = Command::new(env!("CARGO_BIN_EXE_qcow2-check"))
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    Run {
-        out: String::from_utf8_lossy(&o.stdout).into_owned(),
-        err: String::from_utf8_lossy(&o.stderr).into_owned(),
-        code: o.status.code().unwrap_or(-1),
-    }
-}
-
 #[test]
 fn our_writer_blocks_qemu() {
-    if !have_qemu("our_writer_blocks_qemu") {
+    if !have_qemu() {
         return;
     }
     let d = scratch();
@@ -318,7 +304,7 @@ fn our_writer_blocks_qemu() {
 
 #[test]
 fn readers_coexist_and_block_writers() {
-    if !have_qemu("readers_coexist_and_block_writers") {
+    if !have_qemu() {
         return;
     }
     let d = scratch();
@@ -332,7 +318,7 @@ fn readers_coexist_and_block_writers() {
         let o = ours(dir, &["io", "-r", "-c", "read -q -P 7 0 64k", "h.qcow2"]);
         assert_eq!(o.code, 0, "{o:?}");
         assert_eq!(ours(dir, &["info", "h.qcow2"]).code, 0);
-        assert_eq!(run_check(dir, &["h.qcow2"]).code, 0);
+        assert_eq!(ours_check(dir, &["h.qcow2"]).code, 0);
         // Writers do not.
         let o = same_failure(
             dir,
@@ -373,7 +359,7 @@ fn readers_coexist_and_block_writers() {
 
 #[test]
 fn force_share_holder_blocks_nobody() {
-    if !have_qemu("force_share_holder_blocks_nobody") {
+    if !have_qemu() {
         return;
     }
     let d = scratch();
@@ -395,7 +381,7 @@ fn force_share_holder_blocks_nobody() {
 
 #[test]
 fn locking_off_and_its_option_errors() {
-    if !have_qemu("locking_off_and_its_option_errors") {
+    if !have_qemu() {
         return;
     }
     let d = scratch();
@@ -435,7 +421,7 @@ fn locking_off_and_its_option_errors() {
 
 #[test]
 fn held_backing_and_data_files_block_like_qemu() {
-    if !have_qemu("held_backing_and_data_files_block_like_qemu") {
+    if !have_qemu() {
         return;
     }
     let d = scratch();

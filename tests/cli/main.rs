@@ -3,8 +3,8 @@
 //! streams and exit codes (`/work/shared/docs/cli.md` is the contract).
 //! One test binary; each module was once a test file of its own.
 
-#[path = "../common/mod.rs"]
-mod common;
+#[path = "../support/mod.rs"]
+mod support;
 
 mod amend;
 mod backing_loops;

@@ -4,7 +4,7 @@
 // Helpers outside #[test] functions panic on purpose when a tool misbehaves.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use crate::common::*;
+use crate::support::*;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -140,7 +140,7 @@ const MAP_IMAGES: [&str; 8] = [
 
 #[test]
 fn map_matches_qemu() {
-    if !have_qemu("map_matches_qemu") {
+    if !have_qemu() {
         return;
     }
     let d = scratch();
@@ -192,7 +192,7 @@ fn allocated(path: &Path) -> u64 {
 
 #[test]
 fn convert_matches_qemu() {
-    if !have_qemu("convert_matches_qemu") {
+    if !have_qemu() {
         return;
     }
     let d = scratch();
@@ -261,7 +261,7 @@ fn convert_matches_qemu() {
 
 #[test]
 fn convert_of_a_sparse_terabyte_is_quick() {
-    if !have_qemu("convert_of_a_sparse_terabyte_is_quick") {
+    if !have_qemu() {
         return;
     }
     let d = scratch();
@@ -313,7 +313,7 @@ fn convert_of_a_sparse_terabyte_is_quick() {
 
 #[test]
 fn resize_matches_qemu() {
-    if !have_qemu("resize_matches_qemu") {
+    if !have_qemu() {
         return;
     }
     let (qd, od) = (scratch(), scratch());
@@ -378,7 +378,7 @@ fn resize_matches_qemu() {
 
 #[test]
 fn bench_prints_qemus_lines() {
-    if !have_qemu("bench_prints_qemus_lines") {
+    if !have_qemu() {
         return;
     }
     let d = scratch();

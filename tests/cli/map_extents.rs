@@ -4,7 +4,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic
 
-use crate::common::*;
+use crate::support::*;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
@@ -40,7 +40,7 @@ fn assert_map_same(d: &Path, img: &str) {
 
 #[test]
 fn raw_backing_runs_match_qemu() {
-    if !have_qemu("raw_backing_runs_match_qemu") {
+    if !have_qemu() {
         return;
     }
     let d = scratch();
@@ -117,7 +117,7 @@ fn raw_backing_runs_match_qemu() {
 
 #[test]
 fn data_file_and_preallocated_runs_match_qemu() {
-    if !have_qemu("data_file_and_preallocated_runs_match_qemu") {
+    if !have_qemu() {
         return;
     }
     let d = scratch();

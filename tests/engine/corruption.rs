@@ -1,9 +1,10 @@
 //! Structural corruption found while translating, and I/O error events.
 
+use crate::support::testing::{Fault, FaultKind, FaultOp, FaultyStorage};
 use qcow2kit::events::ErrorAction;
 use qcow2kit::events::IoOperation;
 use qcow2kit::options::ErrorPolicy;
-use qcow2kit::storage::{Fault, FaultKind, FaultOp, FaultyStorage, MemStorage, Storage};
+use qcow2kit::storage::{MemStorage, Storage};
 use qcow2kit::{CreateOptions, Error, Event, Image, OpenOptions};
 use std::sync::{Arc, Mutex};
 

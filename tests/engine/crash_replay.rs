@@ -11,8 +11,9 @@
 
 use crate::support;
 
+use crate::support::testing::{replay, FaultyStorage, RecordedOp};
 use qcow2kit::options::Compat;
-use qcow2kit::storage::{replay, FaultyStorage, MemStorage, RecordedOp, Storage};
+use qcow2kit::storage::{MemStorage, Storage};
 use qcow2kit::{CreateOptions, Image, OpenOptions};
 use std::ops::Range;
 use std::sync::Arc;
@@ -419,7 +420,7 @@ fn extended_l2_subclusters() {
 /// `qemu-img check` without corruption.
 #[test]
 fn injected_io_errors_leave_a_consistent_image() {
-    use qcow2kit::storage::{Fault, FaultKind, FaultOp};
+    use crate::support::testing::{Fault, FaultKind, FaultOp};
     let opts = CreateOptions::new().cluster_size(512).refcount_bits(16);
     let k = 1024;
     let ops = vec![

@@ -7,8 +7,9 @@
 //! The matrix is generated from a counting run of the script, so new
 //! operations in the script are covered automatically.
 
+use crate::support::testing::{Fault, FaultKind, FaultOp, FaultyStorage};
 use qcow2kit::options::CreateOptions;
-use qcow2kit::storage::{Fault, FaultKind, FaultOp, FaultyStorage, MemStorage, Storage};
+use qcow2kit::storage::{MemStorage, Storage};
 use qcow2kit::{Error, Event, Image, OpenOptions};
 use std::process::Command;
 use std::sync::{Arc, Mutex};

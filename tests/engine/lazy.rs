@@ -1,7 +1,8 @@
 //! Lazy refcounts: the dirty bit is set (and synced) before refcounts go
 //! stale, and cleared by a clean close.
 
-use qcow2kit::storage::{FaultyStorage, MemStorage, RecordedOp, Storage};
+use crate::support::testing::{FaultyStorage, RecordedOp};
+use qcow2kit::storage::{MemStorage, Storage};
 use qcow2kit::{CreateOptions, Error, Image, OpenOptions};
 use std::sync::Arc;
 
@@ -191,7 +192,7 @@ fn lazy_crash_replay_is_repaired_on_open() {
     cuts.extend(checkpoints.iter().map(|c| c.0));
     cuts.push(rec.len());
     for cut in cuts {
-        let bytes = qcow2kit::storage::replay(&base, &rec[..cut]);
+        let bytes = crate::support::testing::replay(&base, &rec[..cut]);
         // Read-only: opens and reads without repair or writes.
         let ro = Arc::new(MemStorage::from_bytes(bytes.clone()));
         let img = Image::open_storage(ro.clone(), &OpenOptions::new().read_only(true)).unwrap();

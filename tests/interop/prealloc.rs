@@ -7,15 +7,15 @@
 
 use crate::support;
 
+use crate::support::testing::{FaultyStorage, RecordedOp};
 use qcow2kit::create::create;
 use qcow2kit::options::{parse_size, CreateOptions, Preallocation};
-use qcow2kit::storage::{FaultyStorage, FileStorage, RecordedOp, Storage};
+use qcow2kit::storage::{FileStorage, Storage};
 use qcow2kit::{Error, Image, OpenOptions};
 use serde_json::Value;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::sync::Arc;
 
 const MODES: [Preallocation; 4] = [
@@ -25,22 +25,8 @@ const MODES: [Preallocation; 4] = [
     Preallocation::Full,
 ];
 
-fn cmd(prog: &str, args: &[&str], dir: &Path) -> Output {
-    Command::new(prog)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("run qemu tool")
-}
-
 fn run(prog: &str, args: &[&str], dir: &Path) -> String {
-    let out = cmd(prog, args, dir);
-    assert!(
-        out.status.success(),
-        "{prog} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    support::run_ok(dir, prog, args).out
 }
 
 /// Two directories with the same file names: `a` for qcow2kit, `b` for QEMU.
@@ -78,10 +64,9 @@ fn map_json(dir: &Path, name: &str) -> Value {
 
 /// `qemu-img check --output json` (exit 0, or 3 with leaks).
 fn check_json(dir: &Path, name: &str) -> (i32, Value) {
-    let out = cmd("qemu-img", &["check", "--output", "json", name], dir);
-    let code = out.status.code().unwrap_or(-1);
-    let v: Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|_| panic!("check: {}", String::from_utf8_lossy(&out.stderr)));
+    let out = support::run_in(dir, "qemu-img", &["check", "--output", "json", name]);
+    let code = out.code;
+    let v: Value = serde_json::from_str(&out.out).unwrap_or_else(|_| panic!("check: {}", out.err));
     (code, v)
 }
 

@@ -1,369 +1,255 @@
-//! Helpers shared by the integration tests: QEMU's tools, reference images,
-//! map comparison, a small deterministic RNG and in-memory images.
-#![allow(dead_code)]
+//! The one support module of the integration tests, included by every test
+//! binary (`#[path = "../support/mod.rs"] mod support;`):
+//!
+//! - here: whether QEMU is installed ([`have_qemu`]), the one way to run a
+//!   program ([`Run`], [`ours`], [`ours_check`], [`qemu`]) and the one "run
+//!   ours and QEMU's on twin directories, compare" helper ([`twins`],
+//!   [`io_twin`]), plus small byte and JSON helpers;
+//! - [`image`]: QEMU as a reference for the library (`qemu-img` output,
+//!   check results, maps, reference images), a deterministic RNG and
+//!   in-memory images;
+//! - [`check`]: damaged twin images for `qcow2-check` against `qemu-img check`;
+//! - [`testing`]: the library's fault-injection and write-replay helpers,
+//!   imported in this one place only.
+#![allow(dead_code, unused_imports)] // Each test binary uses a different subset.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // Test helpers fail loudly.
 
-use qcow2kit::image::BlockStatus;
-use qcow2kit::mapping::Extent;
-use qcow2kit::storage::{MemStorage, Storage};
-use qcow2kit::{CreateOptions, Image, OpenOptions};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::sync::{Arc, OnceLock};
+pub mod check;
+pub mod image;
 
-/// Whether qemu-img and qemu-io are installed. Tests that need them print a
-/// reason and return when they are not (CI installs them first).
+pub use check::*;
+pub use image::*;
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// The library's test helpers: storage that injects faults and records
+/// writes, and the replay of recorded writes. Tests import them from here
+/// only, so moving them (e.g. behind a `testing` feature) is a change of
+/// this one line.
+pub mod testing {
+    pub use qcow2kit::storage::{replay, Fault, FaultKind, FaultOp, FaultyStorage, RecordedOp};
+}
+
+/// Our `qcow2-img`.
+pub const QCOW2_IMG: &str = env!("CARGO_BIN_EXE_qcow2-img");
+/// Our `qcow2-check`.
+pub const QCOW2_CHECK: &str = env!("CARGO_BIN_EXE_qcow2-check");
+
+/// Whether qemu-img and qemu-io are installed. A test that needs them
+/// returns early when they are not, and this prints why (naming the test:
+/// libtest names each test's thread after it). CI installs them first.
 pub fn have_qemu() -> bool {
     static HAVE: OnceLock<bool> = OnceLock::new();
-    *HAVE.get_or_init(|| {
-        let ok = ["qemu-img", "qemu-io"].iter().all(|t| {
-            Command::new(t)
+    let ok = *HAVE.get_or_init(|| {
+        ["qemu-img", "qemu-io"].iter().all(|p| {
+            Command::new(p)
                 .arg("--version")
                 .output()
                 .map(|o| o.status.success())
                 .unwrap_or(false)
-        });
-        if !ok {
-            eprintln!("qemu-img/qemu-io not installed: skipping the QEMU interop parts");
-        }
-        ok
-    })
-}
-
-fn run(cmd: &mut Command) -> Output {
-    cmd.output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
-}
-
-fn describe(cmd: &str, out: &Output) -> String {
-    format!(
-        "{cmd} exited with {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-/// Runs `qemu-img ARGS`, panicking on failure; returns stdout.
-pub fn qemu_img(args: &[&str]) -> String {
-    qemu_img_in(Path::new("."), args)
-}
-
-/// The directory QEMU's tools run in for an image: QEMU resolves a relative
-/// external data file name against the current directory (not the image's).
-fn img_dir(img: &Path) -> &Path {
-    match img.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
+        })
+    });
+    if !ok {
+        let thread = std::thread::current();
+        eprintln!(
+            "skipping {}: qemu-img/qemu-io not found",
+            thread.name().unwrap_or("a test")
+        );
     }
+    ok
 }
 
-/// Runs `qemu-img ARGS` in `dir`, panicking on failure; returns stdout.
-pub fn qemu_img_in(dir: &Path, args: &[&str]) -> String {
-    let out = run(Command::new("qemu-img").args(args).current_dir(dir));
-    assert!(
-        out.status.success(),
-        "{}",
-        describe(&format!("qemu-img {args:?}"), &out)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Runs `qemu-io -f qcow2 -c CMD... IMG`; panics if qemu-io fails or
-/// reports a failed/mismatching command.
-pub fn qemu_io(img: &Path, cmds: &[String]) -> String {
-    qemu_io_fmt(img, "qcow2", cmds)
-}
-
-/// As [`qemu_io`] with an explicit format.
-pub fn qemu_io_fmt(img: &Path, fmt: &str, cmds: &[String]) -> String {
-    let mut c = Command::new("qemu-io");
-    c.arg("-f").arg(fmt);
-    for cmd in cmds {
-        c.arg("-c").arg(cmd);
-    }
-    c.arg(img).current_dir(img_dir(img));
-    let out = run(&mut c);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success()
-            && !text.contains("Pattern verification failed")
-            && !text.contains("failed:"),
-        "{}",
-        describe(&format!("qemu-io {cmds:?} {}", img.display()), &out)
-    );
-    text
-}
-
-/// The result of `qemu-img check --output=json`.
-#[derive(Debug, Clone)]
-pub struct Check {
-    pub exit: i32,
-    pub corruptions: u64,
-    pub leaks: u64,
-    pub check_errors: u64,
-    pub json: serde_json::Value,
-    pub stderr: String,
-}
-
-impl Check {
-    pub fn is_clean(&self) -> bool {
-        self.exit == 0 && self.corruptions == 0 && self.leaks == 0 && self.check_errors == 0
-    }
-}
-
-/// Runs `qemu-img check --output=json` (never repairs).
-pub fn qemu_check(img: &Path) -> Check {
-    let out = run(Command::new("qemu-img")
-        .args(["check", "-f", "qcow2", "--output=json"])
-        .arg(img)
-        .current_dir(img_dir(img)));
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let json: serde_json::Value = serde_json::from_str(&stdout).unwrap_or(serde_json::Value::Null);
-    let n = |k: &str| json.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
-    Check {
-        exit: out.status.code().unwrap_or(-1),
-        corruptions: n("corruptions"),
-        leaks: n("leaks"),
-        check_errors: n("check-errors"),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        json,
-    }
-}
-
-/// Asserts that `qemu-img check` finds neither corruption nor leaks.
-pub fn assert_check_clean(img: &Path, what: &str) {
-    let c = qemu_check(img);
-    assert!(
-        c.is_clean(),
-        "qemu-img check of {what} ({}) is not clean: {c:?}\nhuman output:\n{}",
-        img.display(),
-        human_check(img)
-    );
-}
-
-/// Asserts that `qemu-img check` finds no corruption (leaks are allowed).
-pub fn assert_no_corruption(img: &Path, what: &str) {
-    let c = qemu_check(img);
-    assert!(
-        c.corruptions == 0 && c.check_errors == 0 && (c.exit == 0 || c.exit == 3),
-        "qemu-img check of {what} ({}) finds corruption: {c:?}\nhuman output:\n{}",
-        img.display(),
-        human_check(img)
-    );
-}
-
-pub fn human_check(img: &Path) -> String {
-    let out = run(Command::new("qemu-img")
-        .args(["check", "-f", "qcow2"])
-        .arg(img)
-        .current_dir(img_dir(img)));
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-/// The guest content of `img` as QEMU sees it (`qemu-img convert -O raw`).
-pub fn qemu_raw(img: &Path) -> Vec<u8> {
-    let dir = tempfile::tempdir().unwrap();
-    let raw = dir.path().join("out.raw");
-    qemu_img_in(
-        img_dir(img),
-        &[
-            "convert",
-            "-O",
-            "raw",
-            img.to_str().unwrap(),
-            raw.to_str().unwrap(),
-        ],
-    );
-    std::fs::read(&raw).unwrap()
-}
-
-/// The directory of reference images made by `testdata/make-images.sh`, made
-/// once per test binary (under cargo's target tmpdir, replaced each run).
-pub fn reference_images() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let exe = std::env::current_exe().unwrap();
-        let stem = exe.file_stem().unwrap().to_string_lossy().into_owned();
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("images-{stem}"));
-        let _ = std::fs::remove_dir_all(&dir);
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/make-images.sh");
-        let out = run(Command::new("bash").arg(&script).arg(&dir));
-        assert!(out.status.success(), "{}", describe("make-images.sh", &out));
-        dir
-    })
-}
-
-/// What a guest range maps to in one image (not looking into backing files).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    Unallocated,
-    Zero(Option<u64>),
-    Data(u64),
-    Compressed,
-}
-
-/// A run of guest bytes of one kind.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What a process printed and how it ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Run {
-    pub start: u64,
-    pub len: u64,
-    pub kind: Kind,
+    /// stdout.
+    pub out: String,
+    /// stderr.
+    pub err: String,
+    /// Exit code (128 + signal when killed).
+    pub code: i32,
 }
 
-/// Appends a run, merging it into the previous one where QEMU's map would
-/// (same kind, contiguous host offsets).
-pub fn push_run(v: &mut Vec<Run>, r: Run) {
-    if r.len == 0 {
-        return;
-    }
-    if let Some(last) = v.last_mut() {
-        let merge = match (last.kind, r.kind) {
-            (Kind::Unallocated, Kind::Unallocated) => true,
-            (Kind::Compressed, Kind::Compressed) => true,
-            (Kind::Zero(None), Kind::Zero(None)) => true,
-            (Kind::Zero(Some(a)), Kind::Zero(Some(b))) | (Kind::Data(a), Kind::Data(b)) => {
-                a + last.len == b
-            }
-            _ => false,
-        };
-        if merge && last.start + last.len == r.start {
-            last.len += r.len;
-            return;
-        }
-    }
-    v.push(r);
-}
-
-/// `qemu-img map --output=json` reduced to what this image itself says.
-pub fn qemu_map(img: &Path) -> Vec<Run> {
-    let out = qemu_img_in(
-        img_dir(img),
-        &["map", "--output=json", img.to_str().unwrap()],
-    );
-    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let mut v = Vec::new();
-    for e in json.as_array().unwrap() {
-        let g = |k: &str| e.get(k).and_then(|x| x.as_u64());
-        let b = |k: &str| e.get(k).and_then(|x| x.as_bool()).unwrap_or(false);
-        let start = g("start").unwrap();
-        let len = g("length").unwrap();
-        let kind = if g("depth") != Some(0) || !b("present") {
-            Kind::Unallocated
-        } else if b("compressed") {
-            Kind::Compressed
-        } else if b("data") {
-            Kind::Data(g("offset").unwrap())
-        } else {
-            Kind::Zero(g("offset"))
-        };
-        push_run(&mut v, Run { start, len, kind });
-    }
-    v
-}
-
-/// The same map built from `Image::block_status`.
-pub fn our_map(img: &Image) -> Vec<Run> {
-    let size = img.size();
-    let mut v = Vec::new();
-    let mut off = 0;
-    while off < size {
-        let BlockStatus { len, extent } = img.block_status(off, size - off).unwrap();
-        assert!(len > 0 && len <= size - off, "block_status({off}) = {len}");
-        let kind = match extent {
-            Extent::Unallocated => Kind::Unallocated,
-            Extent::Zero { host } => Kind::Zero(host),
-            Extent::Data { host } => Kind::Data(host),
-            Extent::Compressed { .. } => Kind::Compressed,
-        };
-        push_run(
-            &mut v,
-            Run {
-                start: off,
-                len,
-                kind,
-            },
-        );
-        off += len;
-    }
-    v
-}
-
-/// A small deterministic PRNG (xorshift64*).
-#[derive(Debug, Clone)]
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    pub fn next_u64(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    /// Uniform in `0..n` (n > 0).
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n
-    }
-    pub fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-    pub fn fill(&mut self, buf: &mut [u8]) {
-        for c in buf.chunks_mut(8) {
-            let v = self.next_u64().to_le_bytes();
-            c.copy_from_slice(&v[..c.len()]);
-        }
+/// Runs a prepared command to its end (the one place tests spawn and wait).
+pub fn run_cmd(cmd: &mut Command) -> Run {
+    use std::os::unix::process::ExitStatusExt;
+    let o = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let code = o
+        .status
+        .code()
+        .unwrap_or_else(|| 128 + o.status.signal().unwrap_or(0));
+    Run {
+        out: String::from_utf8_lossy(&o.stdout).into_owned(),
+        err: String::from_utf8_lossy(&o.stderr).into_owned(),
+        code,
     }
 }
 
-/// Creates an image in memory with `create_on`.
-pub fn mem_create(opts: &CreateOptions, size: u64) -> Arc<MemStorage> {
-    let mem = Arc::new(MemStorage::new());
-    qcow2kit::create::create_on(mem.clone(), opts, size).unwrap();
-    mem
+/// Runs `prog ARGS` in `dir`.
+pub fn run_in(dir: &Path, prog: &str, args: &[&str]) -> Run {
+    run_cmd(Command::new(prog).args(args).current_dir(dir))
 }
 
-/// Opens an image held in memory.
-pub fn mem_open(mem: &Arc<MemStorage>, opts: &OpenOptions) -> qcow2kit::Result<Image> {
-    Image::open_storage(mem.clone() as Arc<dyn Storage>, opts)
-}
-
-/// Writes `bytes` to `dir/name` and returns the path.
-pub fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, bytes).unwrap();
-    p
-}
-
-/// Index of the first differing byte, for readable assertion messages.
-pub fn first_diff(a: &[u8], b: &[u8]) -> Option<usize> {
-    if a.len() != b.len() {
-        return Some(a.len().min(b.len()));
-    }
-    a.iter().zip(b).position(|(x, y)| x != y)
-}
-
-/// Asserts two byte slices are equal, reporting the first difference.
+/// Runs `prog ARGS` in `dir` and asserts success.
 #[track_caller]
-pub fn assert_bytes_eq(got: &[u8], want: &[u8], what: &str) {
-    if let Some(i) = first_diff(got, want) {
-        panic!(
-            "{what}: differs at byte {i} (len {} vs {}): got {:02x?} want {:02x?}",
-            got.len(),
-            want.len(),
-            &got[i..(i + 16).min(got.len())],
-            &want[i..(i + 16).min(want.len())]
-        );
+pub fn run_ok(dir: &Path, prog: &str, args: &[&str]) -> Run {
+    let r = run_in(dir, prog, args);
+    assert_eq!(r.code, 0, "{prog} {args:?} failed: {r:?}");
+    r
+}
+
+/// Runs `qcow2-img ARGS` in `dir`.
+pub fn ours(dir: &Path, args: &[&str]) -> Run {
+    run_in(dir, QCOW2_IMG, args)
+}
+
+/// Runs `qcow2-check ARGS` in `dir`.
+pub fn ours_check(dir: &Path, args: &[&str]) -> Run {
+    run_in(dir, QCOW2_CHECK, args)
+}
+
+/// Runs QEMU's `prog` (`qemu-img`, `qemu-io`) in `dir`; its program name in
+/// messages is replaced by `qcow2-img` (for `qemu-img SUB:` getopt lines,
+/// by `qcow2-img SUB:`).
+pub fn qemu(dir: &Path, prog: &str, args: &[&str]) -> Run {
+    let mut r = run_in(dir, prog, args);
+    r.err = r.err.replace(prog, "qcow2-img");
+    r.out = r.out.replace(prog, "qcow2-img");
+    r
+}
+
+/// Runs QEMU's `prog` and asserts success.
+#[track_caller]
+pub fn qemu_ok(dir: &Path, prog: &str, args: &[&str]) -> Run {
+    let r = qemu(dir, prog, args);
+    assert_eq!(r.code, 0, "{prog} {args:?} failed: {r:?}");
+    r
+}
+
+/// Runs QEMU's `prog ARGS` in `qd` and `qcow2-img OURS ARGS` in `od` (twin
+/// directories holding the same files) and asserts the same stdout (timing
+/// lines compared by shape, see [`untime`]), stderr and exit code. Returns
+/// (QEMU's run, ours).
+#[track_caller]
+pub fn twins(qd: &Path, od: &Path, prog: &str, ours_sub: &[&str], args: &[&str]) -> (Run, Run) {
+    let q = qemu(qd, prog, args);
+    let mut full = ours_sub.to_vec();
+    full.extend_from_slice(args);
+    let o = ours(od, &full);
+    assert_eq!(untime(&o.out), untime(&q.out), "stdout of {full:?}");
+    assert_eq!(o.err, q.err, "stderr of {full:?}");
+    assert_eq!(o.code, q.code, "exit code of {full:?}");
+    (q, o)
+}
+
+/// `-c` arguments for each command, then the trailing arguments.
+pub fn io_args<'a>(pre: &[&'a str], cmds: &[&'a str], post: &[&'a str]) -> Vec<&'a str> {
+    let mut v = pre.to_vec();
+    for c in cmds {
+        v.push("-c");
+        v.push(c);
     }
+    v.extend_from_slice(post);
+    v
+}
+
+/// [`twins`] for `qemu-io PRE -c CMD... POST` against `qcow2-img io` with
+/// the same arguments; returns our run.
+#[track_caller]
+pub fn io_twin(qd: &Path, od: &Path, pre: &[&str], cmds: &[&str], post: &[&str]) -> Run {
+    twins(qd, od, "qemu-io", &["io"], &io_args(pre, cmds, post)).1
+}
+
+/// A scratch directory.
+pub fn scratch() -> tempfile::TempDir {
+    tempfile::tempdir().expect("tempdir")
+}
+
+/// Twin scratch directories (QEMU's, ours), each set up by `setup`.
+pub fn twin_dirs(setup: impl Fn(&Path)) -> (tempfile::TempDir, tempfile::TempDir) {
+    let (qd, od) = (scratch(), scratch());
+    for d in [qd.path(), od.path()] {
+        setup(d);
+    }
+    (qd, od)
+}
+
+/// `qemu-img create -q -f qcow2 NAME SIZE` in `dir`.
+pub fn qemu_create(dir: &Path, name: &str, size: &str) {
+    qemu_ok(
+        dir,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", name, size],
+    );
+}
+
+/// Writes a big-endian u64 at `offset` of the file.
+pub fn put_u64(path: &Path, offset: u64, v: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(&v.to_be_bytes(), offset).unwrap();
+}
+
+/// Reads a big-endian u64 at `offset` of the file.
+pub fn get_u64(path: &Path, offset: u64) -> u64 {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(path).unwrap();
+    let mut b = [0u8; 8];
+    f.read_exact_at(&mut b, offset).unwrap();
+    u64::from_be_bytes(b)
+}
+
+/// ORs `bits` into the incompatible-features field (header byte 72).
+pub fn set_incompat(path: &Path, bits: u64) {
+    let v = get_u64(path, 72);
+    put_u64(path, 72, v | bits);
+}
+
+/// Replaces the structure-only part of qemu-io timing lines
+/// (`64 KiB, 1 ops; 00.00 sec (… ops/sec)` keeps `64 KiB, 1 ops;`); other
+/// lines, and whether the text ends in a newline, are kept.
+pub fn untime(s: &str) -> String {
+    let mut t = s
+        .lines()
+        .map(|l| match l.find(" ops; ") {
+            Some(p) => {
+                let rest = &l[p + 6..];
+                assert!(
+                    rest.ends_with(" ops/sec)") && rest.contains(" sec ("),
+                    "timing line shape: {l}"
+                );
+                format!("{} ops; TIME", &l[..p])
+            }
+            None => l.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    if s.ends_with('\n') {
+        t.push('\n');
+    }
+    t
+}
+
+/// Removes `actual-size` keys everywhere in a JSON value.
+pub fn strip_actual_size(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(m) => {
+            m.remove("actual-size");
+            for x in m.values_mut() {
+                strip_actual_size(x);
+            }
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(strip_actual_size),
+        _ => {}
+    }
+}
+
+/// Parses JSON output.
+#[track_caller]
+pub fn json(s: &str) -> serde_json::Value {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("bad JSON ({e}): {s}"))
 }

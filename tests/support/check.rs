@@ -1,43 +1,12 @@
-//! Shared helpers of the check tests: images made with qemu-img/qemu-io in
-//! a temporary directory, damaged by code, and checked side by side with
+//! Twins for the check tests: images made with qemu-img/qemu-io in a
+//! temporary directory, damaged by code, and checked side by side with
 //! `qemu-img check` on a twin copy.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// Whether qemu-img and qemu-io are installed; tests print why they skip.
-pub fn have_qemu() -> bool {
-    let ok = Command::new("qemu-img").arg("--version").output().is_ok()
-        && Command::new("qemu-io").arg("--version").output().is_ok();
-    if !ok {
-        eprintln!("skipping: qemu-img/qemu-io not installed");
-    }
-    ok
-}
-
-/// The output of a command run.
-#[derive(Debug, Clone)]
-pub struct Run {
-    pub code: i32,
-    pub stdout: String,
-    pub stderr: String,
-}
-
-fn run(cmd: &mut Command) -> Run {
-    let o = cmd.output().expect("spawn");
-    Run {
-        code: o.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
-    }
-}
-
-/// Our binary.
-pub fn qcow2_check_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_qcow2-check")
-}
+use super::{json, run_cmd as run, Run, QCOW2_CHECK};
 
 /// An image file and its directory (the file is always `img.qcow2` there, so
 /// reports of twins carry the same file name).
@@ -237,7 +206,7 @@ impl Img {
         }
         c.arg(NAME);
         let r = run(&mut c);
-        assert_eq!(r.code, 0, "qemu-io {cmds:?}: {}", r.stderr);
+        assert_eq!(r.code, 0, "qemu-io {cmds:?}: {}", r.err);
     }
 
     /// Runs qemu-io commands that end in a crash (`abort`).
@@ -268,7 +237,7 @@ impl Img {
 
     /// `qcow2-check ARGS img.qcow2`.
     pub fn our_check(&self, args: &[&str]) -> Run {
-        run(Command::new(qcow2_check_bin())
+        run(Command::new(QCOW2_CHECK)
             .current_dir(&self.dir)
             .args(args)
             .arg(NAME))
@@ -317,7 +286,7 @@ impl Twin {
         args.push(NAME);
         args.push(size);
         let r = q.qemu_img(&args);
-        assert_eq!(r.code, 0, "create: {}", r.stderr);
+        assert_eq!(r.code, 0, "create: {}", r.err);
         Twin { _tmp: tmp, q, o }
     }
 
@@ -330,10 +299,6 @@ impl Twin {
     pub fn split(&self) {
         std::fs::copy(self.q.path(), self.o.path()).unwrap();
     }
-}
-
-pub fn json(s: &str) -> Value {
-    serde_json::from_str(s).unwrap_or_else(|e| panic!("bad JSON {s:?}: {e}"))
 }
 
 /// The three counters and the exit code of a JSON check.
@@ -370,17 +335,17 @@ pub fn assert_check_same(t: &Twin, strict: Strict) -> Value {
         o.code, q.code,
         "exit codes differ\nqemu: {q:#?}\nours: {o:#?}"
     );
-    let (qj, oj) = if q.stdout.trim().is_empty() {
+    let (qj, oj) = if q.out.trim().is_empty() {
         (Value::Null, Value::Null)
     } else {
-        (json(&q.stdout), json(&o.stdout))
+        (json(&q.out), json(&o.out))
     };
     assert_eq!(oj, qj, "JSON differs\nqemu: {q:#?}\nours: {o:#?}");
     if strict == Strict::All {
-        assert_eq!(o.stderr, qemu_stderr_as_ours(&q.stderr), "stderr differs");
+        assert_eq!(o.err, qemu_stderr_as_ours(&q.err), "stderr differs");
         let qh = t.q.qemu_check(&[]);
         let oh = t.o.our_check(&[]);
-        assert_eq!(oh.stdout, qh.stdout, "human output differs");
+        assert_eq!(oh.out, qh.out, "human output differs");
         assert_eq!(oh.code, qh.code);
     }
     assert!(
@@ -401,14 +366,10 @@ pub fn assert_repair_same(t: &Twin, mode: &str) -> Value {
         o.code, q.code,
         "repair exit codes differ\nqemu: {q:#?}\nours: {o:#?}"
     );
-    if !q.stdout.trim().is_empty() {
-        let (qj, oj) = (json(&q.stdout), json(&o.stdout));
+    if !q.out.trim().is_empty() {
+        let (qj, oj) = (json(&q.out), json(&o.out));
         assert_eq!(oj, qj, "repair JSON differs\nqemu: {q:#?}\nours: {o:#?}");
-        assert_eq!(
-            o.stderr,
-            qemu_stderr_as_ours(&q.stderr),
-            "repair stderr differs"
-        );
+        assert_eq!(o.err, qemu_stderr_as_ours(&q.err), "repair stderr differs");
     }
     let qr = t.q.qemu_check(&["--output", "json"]);
     let or = t.o.qemu_check(&["--output", "json"]);
@@ -416,8 +377,8 @@ pub fn assert_repair_same(t: &Twin, mode: &str) -> Value {
         or.code, qr.code,
         "re-check exit codes differ\nqemu: {qr:#?}\nours: {or:#?}"
     );
-    if !qr.stdout.trim().is_empty() {
-        let (qj, oj) = (json(&qr.stdout), json(&or.stdout));
+    if !qr.out.trim().is_empty() {
+        let (qj, oj) = (json(&qr.out), json(&or.out));
         assert_eq!(
             counts(&oj),
             counts(&qj),
@@ -446,10 +407,10 @@ pub fn assert_repair_same(t: &Twin, mode: &str) -> Value {
 }
 
 fn qr_json(r: &Run) -> Value {
-    if r.stdout.trim().is_empty() {
+    if r.out.trim().is_empty() {
         Value::Null
     } else {
-        json(&r.stdout)
+        json(&r.out)
     }
 }
 
