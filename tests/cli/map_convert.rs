@@ -152,9 +152,7 @@ fn map_matches_qemu() {
             &["map", "--output", "json", img],
             &["map", "--output=json", "-f", "qcow2", img],
         ] {
-            let q = qemu(d, "qemu-img", args);
-            let o = ours(d, args);
-            assert_eq!(o, q, "{args:?}");
+            twins(d, d, "qemu-img", &[], args);
         }
     }
     // The cli.md §4.2 example, literally.
@@ -178,9 +176,7 @@ fn map_matches_qemu() {
         &["map", "--output", "xml", "z.qcow2"],
         &["map"],
     ] {
-        let q = qemu(d, "qemu-img", args);
-        let o = ours(d, args);
-        assert_eq!(o, q, "{args:?}");
+        twins(d, d, "qemu-img", &[], args);
     }
 }
 
@@ -247,9 +243,7 @@ fn convert_matches_qemu() {
         &["convert", "z.qcow2"],
         &["convert", "-O", "vdi2", "z.qcow2", "x"],
     ] {
-        let q = qemu(d, "qemu-img", args);
-        let o = ours(d, args);
-        assert_eq!(o, q, "{args:?}");
+        twins(d, d, "qemu-img", &[], args);
     }
     // No compressed writes yet: an error, not silently uncompressed output.
     let _ = std::fs::remove_file(d.join("c.qcow2"));
@@ -316,15 +310,10 @@ fn resize_matches_qemu() {
     if !have_qemu() {
         return;
     }
-    let (qd, od) = (scratch(), scratch());
-    for d in [qd.path(), od.path()] {
-        qemu_ok(
-            d,
-            "qemu-img",
-            &["create", "-q", "-f", "qcow2", "rs.qcow2", "4M"],
-        );
+    let (qd, od) = twin_dirs(|d| {
+        qemu_create(d, "rs.qcow2", "4M");
         qemu_ok(d, "qemu-io", &["-c", "write -P 1 1M 64k", "rs.qcow2"]);
-    }
+    });
     for args in [
         &["resize", "rs.qcow2", "8M"][..],
         &["resize", "rs.qcow2", "+1M"],
@@ -338,9 +327,7 @@ fn resize_matches_qemu() {
         &["resize", "-q", "rs.qcow2", "1G"],
         &["resize", "-f", "qcow2", "rs.qcow2", "+512"],
     ] {
-        let q = qemu(qd.path(), "qemu-img", args);
-        let o = ours(od.path(), args);
-        assert_eq!(o, q, "{args:?}");
+        twins(qd.path(), od.path(), "qemu-img", &[], args);
     }
     let q = qemu(
         qd.path(),
@@ -367,9 +354,7 @@ fn resize_matches_qemu() {
         &["resize", "--preallocation=metadata", "rs.qcow2", "2G"],
         &["resize", "--preallocation=falloc", "rs.qcow2", "+1M"],
     ] {
-        let q = qemu(qd.path(), "qemu-img", args);
-        let o = ours(od.path(), args);
-        assert_eq!(o, q, "{args:?}");
+        twins(qd.path(), od.path(), "qemu-img", &[], args);
         let a = std::fs::read(od.path().join("rs.qcow2")).unwrap();
         let b = std::fs::read(qd.path().join("rs.qcow2")).unwrap();
         assert!(a == b, "{args:?}: the images differ");
@@ -432,8 +417,6 @@ fn bench_prints_qemus_lines() {
         &["bench", "--flush-interval=3", "b.qcow2"],
         &["bench", "-w", "--pattern=300", "b.qcow2"],
     ] {
-        let q = qemu(d, "qemu-img", args);
-        let o = ours(d, args);
-        assert_eq!(o, q, "{args:?}");
+        twins(d, d, "qemu-img", &[], args);
     }
 }
