@@ -33,19 +33,19 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod amend;
-pub mod cache;
+mod cache;
 pub mod check;
-pub mod compress;
+mod compress;
 pub mod create;
 pub mod error;
 pub mod events;
 pub mod format;
 pub mod image;
 pub mod info;
-pub mod mapping;
+mod mapping;
 mod meta;
 pub mod options;
-pub mod overlap;
+mod overlap;
 pub mod resize;
 mod snapshot;
 pub mod storage;
@@ -54,6 +54,8 @@ pub mod types;
 pub use error::{Error, Result};
 pub use events::Event;
 pub use image::Image;
+pub use cache::CacheStats;
+pub use mapping::Extent;
 pub use options::{CreateOptions, OpenOptions};
 
 /// The README's code blocks, compiled as doctests so they stay true.

@@ -556,7 +556,7 @@ impl Image {
     /// what it maps to in this image (not looking into backing files).
     ///
     /// ```
-    /// use qcow2kit::mapping::Extent;
+    /// use qcow2kit::Extent;
     /// use qcow2kit::storage::{MemStorage, Storage};
     /// use qcow2kit::{CreateOptions, Image, OpenOptions};
     /// use std::sync::Arc;

@@ -12,7 +12,7 @@ use super::{cvtnum, cvtstr, dump_buffer, getopt, parse_pattern, print_report};
 use super::{Cmd, Done, State, CMDS, REQUEST_MAX_BYTES};
 use crate::common::PROG;
 use qcow2kit::info::ImageInfo;
-use qcow2kit::mapping::Extent;
+use qcow2kit::Extent;
 use qcow2kit::options::{parse_size, Preallocation, SizeError};
 use std::time::Instant;
 
