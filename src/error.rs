@@ -1,16 +1,22 @@
 //! The crate's one public error type.
 
-use crate::format::FormatError;
+use crate::format::{FormatError, Structure};
 use crate::types::MetadataKind;
 use std::io;
 use std::path::PathBuf;
 
-/// Which direction of I/O failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Which I/O operation failed: in [`Error::Io`], and as the `operation` of an
+/// [`Event::IoError`](crate::Event::IoError) (there only `Read` or `Write`,
+/// QEMU's `IoOperationType`: flush, discard and write-zeroes report `Write`).
+///
+/// Serialized (in events) and displayed lower-case: `read`, `write`, ...
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
 pub enum IoOp {
     /// Reading the image (or a backing file).
     Read,
-    /// Writing the image.
+    /// Writing the image (also discard and write-zeroes).
     Write,
     /// Flushing (syncing) the image.
     Flush,
@@ -83,8 +89,8 @@ pub enum Error {
     /// Structural corruption found while translating or updating metadata.
     #[error("corrupt {what} at host offset {offset:#x}: {msg}")]
     Corrupt {
-        /// The structure (QEMU name).
-        what: &'static str,
+        /// The structure that is corrupt.
+        what: Structure,
         /// Host offset of the offending entry or table.
         offset: u64,
         /// QEMU's message for the event.

@@ -51,10 +51,10 @@ mod snapshot;
 pub mod storage;
 pub mod types;
 
+pub use cache::CacheStats;
 pub use error::{Error, Result};
 pub use events::Event;
 pub use image::Image;
-pub use cache::CacheStats;
 pub use mapping::Extent;
 pub use options::{CreateOptions, OpenOptions};
 

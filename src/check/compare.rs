@@ -14,6 +14,7 @@ use super::pass::{Fix, Pass, MAX_CHECK_CLUSTERS};
 use super::report::{hash_x, CheckCounts, Finding, RefcountVerdict};
 use crate::error::{Error, Result};
 use crate::format::consts::*;
+use crate::format::Structure;
 use crate::types::MetadataKind;
 
 impl Pass<'_, '_> {
@@ -76,7 +77,7 @@ impl Pass<'_, '_> {
                 self.report(Finding::NeedRebuild);
                 res.check_errors += 1;
                 return Err(Error::Corrupt {
-                    what: "refcount table",
+                    what: Structure::RefcountTable,
                     offset: self.meta.header.refcount_table_offset,
                     msg: "need to rebuild refcount structures".into(),
                 });

@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::format::luks::LuksHeader;
+use crate::format::Structure;
 use crate::storage::LockRequest;
 
 /// Most bytes of cluster 0 read to decode the header and its extensions.
@@ -248,13 +249,13 @@ impl Image {
         let refcounts_past_eof = if mode.check {
             None
         } else if header.refcount_table_offset.saturating_add(rt_bytes) > file_len {
-            Some(("refcount table", header.refcount_table_offset))
+            Some((Structure::RefcountTable, header.refcount_table_offset))
         } else {
             reftable
                 .iter()
                 .map(|e| e & REFT_OFFSET_MASK)
                 .find(|&off| off != 0 && off.saturating_add(geom.cluster_size) > file_len)
-                .map(|off| ("refcount block", off))
+                .map(|off| (Structure::RefcountBlock, off))
         };
 
         opts.check_image_version(header.version)

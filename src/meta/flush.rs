@@ -7,6 +7,7 @@ use super::{read_file, DiscardType, Meta};
 use crate::error::{Error, Result};
 use crate::format::consts::*;
 use crate::format::put_be_u64;
+use crate::format::Structure;
 use crate::types::MetadataKind;
 
 impl Meta {
@@ -30,7 +31,7 @@ impl Meta {
         let new = self.alloc_clusters(1)?;
         if new == 0 {
             return Err(Error::Corrupt {
-                what: "L2 table",
+                what: Structure::L2Table,
                 offset: 0,
                 msg: "Preventing invalid allocation of L2 table at offset 0".into(),
             });

@@ -6,6 +6,7 @@
 use super::{read_file, DiscardType, Meta};
 use crate::error::{Error, Result};
 use crate::format::consts::*;
+use crate::format::Structure;
 use crate::format::{put_be_u64, refcount};
 use crate::storage::Storage;
 use crate::types::MetadataKind;
@@ -53,7 +54,7 @@ impl Meta {
         let off = raw & REFT_OFFSET_MASK;
         if !self.geom.is_aligned(off) {
             return Err(Error::Corrupt {
-                what: "refcount table",
+                what: Structure::RefcountTable,
                 offset: off,
                 msg: format!("Refblock offset {off:#x} unaligned (reftable index: {ri:#x})"),
             });
@@ -157,7 +158,7 @@ impl Meta {
         let new_cluster = self.alloc_noref(1)?;
         if new_cluster == 0 {
             return Err(Error::Corrupt {
-                what: "refcount block",
+                what: Structure::RefcountBlock,
                 offset: 0,
                 msg: "Preventing invalid allocation of refcount block at offset 0".into(),
             });
@@ -288,7 +289,7 @@ impl Meta {
                         Error::RefcountOverflow { cluster: cl, max }
                     } else {
                         Error::Corrupt {
-                            what: "refcount block",
+                            what: Structure::RefcountBlock,
                             offset: cl << cb,
                             msg: format!("Refcount of cluster {cl:#x} would drop below zero"),
                         }
@@ -588,7 +589,7 @@ impl Meta {
                 for j in from..to {
                     if refcount::get(&t.data, order, j).unwrap_or(0) != 0 {
                         return Err(Error::Corrupt {
-                            what: "refcount block",
+                            what: Structure::RefcountBlock,
                             offset: block,
                             msg: format!(
                                 "Cluster {:#x} of the new refcount area is already in use",

@@ -29,9 +29,9 @@
 //! after the last used cluster.
 
 use crate::error::{Error, IoOp, Result};
-use crate::events::IoOperation;
 use crate::format::consts::*;
 use crate::format::entry::L2Entry;
+use crate::format::Structure;
 use crate::image::Image;
 use crate::meta::{write_file, DiscardType, Meta, RawL2};
 use crate::options::Preallocation;
@@ -161,7 +161,7 @@ impl Image {
             meta.write_size(new_size)
         })();
         drop(barrier);
-        r.map_err(|e| self.fail(&mut meta, e, IoOperation::Write))
+        r.map_err(|e| self.fail(&mut meta, e, IoOp::Write))
     }
 
     /// Grows the virtual disk to `new_size` bytes without preallocation
@@ -296,7 +296,7 @@ impl Image {
             }
             None => {
                 return Err(Error::Corrupt {
-                    what: "refcount table",
+                    what: Structure::RefcountTable,
                     offset: meta.header.refcount_table_offset,
                     msg: "There are no references in the refcount table.".into(),
                 })

@@ -7,6 +7,7 @@ use super::resize_data_file;
 use crate::error::{Error, IoOp, Result};
 use crate::format::consts::*;
 use crate::format::entry::{L2Entry, Subclusters};
+use crate::format::Structure;
 use crate::format::{be_u64, put_be_u64};
 use crate::image::Image;
 use crate::mapping::Extent;
@@ -89,7 +90,7 @@ impl Prealloc {
 
 fn corrupt_entry(table: u64, index: u64) -> Error {
     Error::Corrupt {
-        what: "L2 table",
+        what: Structure::L2Table,
         offset: table,
         msg: format!("Invalid cluster entry found  (L2 offset: {table:#x}, L2 index: {index:#x})"),
     }
@@ -588,7 +589,7 @@ impl Image {
         let host = meta.alloc_clusters(1)?;
         if host == 0 {
             return Err(Error::Corrupt {
-                what: "L2 table",
+                what: Structure::L2Table,
                 offset: 0,
                 msg: "Preventing invalid allocation of L2 table at offset 0".into(),
             });
