@@ -12,7 +12,7 @@
 use super::imrt::RefArray;
 use super::pass::{Fix, Pass, MAX_CHECK_CLUSTERS};
 use super::report::{hash_x, CheckCounts, Finding, RefcountVerdict};
-use crate::error::{Error, Result};
+use crate::error::{Error, Limit, Result};
 use crate::format::consts::*;
 use crate::format::Structure;
 use crate::types::MetadataKind;
@@ -25,7 +25,7 @@ impl Pass<'_, '_> {
         let nb = self.file_clusters();
         if nb > MAX_CHECK_CLUSTERS {
             res.check_errors += 1;
-            return Err(Error::TooLarge("File too large".into()));
+            return Err(Error::TooLarge(Limit::CheckedClusters));
         }
         let sectors_bytes = self.meta.header.size / 512 * 512;
         res.total_clusters = sectors_bytes.div_ceil(cs);

@@ -25,7 +25,7 @@ impl Meta {
         let idx = usize::try_from(l1i)
             .ok()
             .filter(|i| *i < self.l1.len())
-            .ok_or_else(|| Error::InvalidArgument(format!("L1 index {l1i} beyond the L1 table")))?;
+            .ok_or_else(|| Error::Internal(format!("L1 index {l1i} beyond the L1 table")))?;
         // The new table's refcount must be durable before the L1 entry: it is,
         // because L1 entries are only written after a refcount flush + sync.
         let new = self.alloc_clusters(1)?;

@@ -3,7 +3,7 @@
 //! and finding the last used cluster (for resizing).
 
 use super::{DiscardType, Meta};
-use crate::error::{Error, Result};
+use crate::error::{Error, Limit, Result};
 use crate::format::consts::*;
 use crate::format::Structure;
 use crate::format::{put_be_u64, refcount};
@@ -20,7 +20,7 @@ impl Meta {
             return Ok(());
         }
         if entries * 8 > MAX_L1_BYTES {
-            return Err(Error::TooLarge("Active L1 table too large".into()));
+            return Err(Error::TooLarge(Limit::ActiveL1Table { entries }));
         }
         // Pending entries must land in the old table first? No: they are
         // copied into the new table from memory, so drop them.

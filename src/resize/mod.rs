@@ -28,7 +28,7 @@
 //! refcount blocks that count nothing but themselves and truncates the file
 //! after the last used cluster.
 
-use crate::error::{Error, IoOp, Result};
+use crate::error::{Error, IoOp, Limit, Result};
 use crate::format::consts::*;
 use crate::format::entry::L2Entry;
 use crate::format::Structure;
@@ -131,10 +131,7 @@ impl Image {
         }
         let need = self.geom.l1_entries_for(new_size);
         if need > MAX_L1_BYTES / 8 {
-            return Err(Error::TooLarge(
-                "The image size is too large for file format 'qcow2' (try using a larger cluster size)"
-                    .into(),
-            ));
+            return Err(Error::TooLarge(Limit::DiskSize { size: new_size }));
         }
         // No data I/O may be in flight: clusters are freed (and reused) as
         // soon as nothing refers to them, as in QEMU.

@@ -182,7 +182,7 @@ impl Image {
         let done = bytes - remaining;
         match host_offset {
             Some(h) if done > 0 => Ok((h, done)),
-            _ => Err(Error::InvalidArgument(format!(
+            _ => Err(Error::Internal(format!(
                 "preallocation made no progress at guest offset {offset:#x}"
             ))),
         }
@@ -251,7 +251,7 @@ impl Image {
         let t = self.table_for(meta, ctx, start)?;
         let mut nb = self.count_single_write(meta, ctx, t, start, nb, true)?;
         if nb == 0 {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::Internal(format!(
                 "no cluster to allocate at guest offset {start:#x}"
             )));
         }
@@ -575,7 +575,7 @@ impl Image {
         let idx = usize::try_from(l1i)
             .ok()
             .filter(|i| *i < meta.l1.len())
-            .ok_or_else(|| Error::InvalidArgument(format!("L1 index {l1i} beyond the L1 table")))?;
+            .ok_or_else(|| Error::Internal(format!("L1 index {l1i} beyond the L1 table")))?;
         if let Some(i) = ctx.by_l1.get(&idx) {
             return Ok(Table::New(*i));
         }
