@@ -35,6 +35,8 @@
 pub mod amend;
 mod cache;
 pub mod check;
+#[doc(hidden)]
+pub mod cli_support;
 mod compress;
 pub mod create;
 pub mod error;

@@ -160,7 +160,7 @@ pub enum OptionError {
         name: String,
     },
     /// An option list that starts with `,` or ends with an odd number of `,` (qemu-img also
-    /// rejects an empty `-o`, see [`check_option_list`](super::check_option_list)).
+    /// rejects an empty `-o`, see `check_option_list` in the `parse` module).
     #[error("Invalid option list: {list}")]
     InvalidOptionList {
         /// The list as given.

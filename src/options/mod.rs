@@ -29,7 +29,7 @@ mod create;
 mod error;
 mod open;
 mod overlap;
-mod parse;
+pub(crate) mod parse;
 mod policy;
 #[cfg(test)]
 mod testutil;
@@ -42,10 +42,9 @@ pub use create::{Compat, CompressionType, CreateOptions, Preallocation};
 pub use error::{OptionError, SizeError};
 pub use open::OpenOptions;
 pub use overlap::{OverlapCheckMode, OverlapCheckOptions, OverlapChecks};
-pub use parse::{
-    check_option_list, escape_option_value, option_string_wants_help, parse_bool_onoff,
-    parse_image_size, parse_number, parse_size, split_option_string, validate_node_name,
-};
+// The rest of QEMU's option-string syntax (`parse`) is used inside this
+// module and by the command-line tools, through `crate::cli_support`.
+pub use parse::{parse_image_size, parse_size};
 pub use policy::{BackingPolicy, ErrorAction, ErrorPolicy};
 
 /// Smallest cluster size QEMU accepts (512 bytes).
@@ -84,6 +83,7 @@ fn valid_cluster_size(cluster_size: u64) -> bool {
 mod tests {
     use proptest::prelude::*;
 
+    use super::parse::*;
     use super::*;
     use crate::options::testutil::fresh_image;
 
