@@ -15,3 +15,5 @@ fi
 export PROPTEST_CASES="${PROPTEST_CASES:-64}"
 cargo test --all-targets "$@"
 cargo test --doc
+# The test helpers stay behind the `testing` feature for embedders.
+bash scripts/check_testing_gate.sh

@@ -151,6 +151,41 @@ impl std::fmt::Display for Unsupported {
 /// `Display` is lower-case and names the structure and host offset where
 /// there is one; [`Error::qemu_message`] gives the text `qemu-img`/`qemu-io`
 /// print for the same condition.
+///
+/// The enum is `#[non_exhaustive]`, as are the typed payloads
+/// ([`Structure`], [`Limit`], [`Unsupported`], [`IoOp`]): match what you
+/// handle and keep a catch-all arm.
+///
+/// ```
+/// use qcow2kit::error::{IoOp, Limit};
+/// use qcow2kit::format::Structure;
+/// use qcow2kit::Error;
+///
+/// fn advice(e: &Error) -> String {
+///     match e {
+///         Error::Corrupt { what: Structure::L2Table, offset, .. } => {
+///             format!("an L2 table at {offset:#x} is damaged: run qcow2-check -r all")
+///         }
+///         Error::Corrupt { what, .. } => format!("the {what} is damaged"),
+///         Error::Io { op: IoOp::Write, .. } if e.is_nospace() => "the disk is full".into(),
+///         Error::TooLarge(Limit::DiskSize { size }) => {
+///             format!("{size} bytes need a larger cluster size")
+///         }
+///         Error::Unsupported(what) => format!("not implemented: {what}"),
+///         other => other.to_string(),
+///     }
+/// }
+///
+/// let full = Error::io(IoOp::Write, 0x1_0000, std::io::Error::from_raw_os_error(28)); // ENOSPC;
+/// assert_eq!(advice(&full), "the disk is full");
+/// let big = Error::TooLarge(Limit::DiskSize { size: 1 << 60 });
+/// assert_eq!(advice(&big), "1152921504606846976 bytes need a larger cluster size");
+/// // Display keeps QEMU's message where the tools print it.
+/// assert_eq!(
+///     big.to_string(),
+///     "The image size is too large for file format 'qcow2' (try using a larger cluster size)"
+/// );
+/// ```
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
