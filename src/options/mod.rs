@@ -2,8 +2,9 @@
 //! §9.4, §11.1, §12; `cli.md` §0, §2, §7, §12.2).
 //!
 //! * [`parse_size`]: qemu-img's size syntax (`1536b`, `512k`, `1.5G`, ...).
-//! * [`split_option_string`]: QemuOpts `key=value,key=value` lists (`,,` is a literal comma,
-//!   a bare `key` means `key=on`, a bare `nokey` means `key=off`).
+//! * QemuOpts `key=value,key=value` lists (`,,` is a literal comma,
+//!   a bare `key` means `key=on`, a bare `nokey` means `key=off`): parsed by the typed
+//!   `from_qemu_str` constructors below.
 //! * [`OverlapChecks`]: the metadata overlap-check set and its `overlap-check*` options.
 //! * [`OpenOptions`]: runtime (open) options, including QEMU's `--image-opts` spellings.
 //! * [`cache_config`]: QEMU 10's L2 / refcount cache sizing algorithm.
