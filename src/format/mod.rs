@@ -55,6 +55,7 @@ pub struct FormatError {
 
 /// The class of a [`FormatError`], mirroring the errno QEMU returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum FormatErrorKind {
     /// Not a qcow2 image at all (bad magic).
     NotQcow2,

@@ -377,6 +377,7 @@ impl OptionError {
 /// [`SizeError::into_option_error`] (QemuOpts option values), [`SizeError::qemu_img_message`]
 /// (qemu-img arguments) and [`SizeError::qemu_io_message`] (qemu-io command arguments).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum SizeError {
     /// Not a size at all (bad syntax, trailing characters, a fraction without a suffix, ...).
     #[error("invalid size '{input}'")]

@@ -375,7 +375,7 @@ impl State {
                 println!("{}", SizeError::OutOfRange { input }.qemu_io_message());
                 return false;
             }
-            Err(SizeError::Invalid { .. }) => {
+            Err(_) => {
                 let input = args[0].to_owned();
                 println!("{}", SizeError::Invalid { input }.qemu_io_message());
                 return false;
