@@ -19,3 +19,5 @@ export PROPTEST_CASES="${PROPTEST_CASES:-64}"
 # then the doctests (README's snippets included).
 cargo test --all-targets "$@"
 cargo test --doc
+# The test helpers stay behind the `testing` feature for embedders.
+bash scripts/check_testing_gate.sh

@@ -5,7 +5,7 @@
 //! and data file names) are refused with `Error::Unsupported` rather than
 //! half done.
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Unsupported};
 use crate::format::consts::*;
 use crate::image::Image;
 use crate::options::{AmendImageState, AmendOptions, Compat, OpenOptions};
@@ -64,15 +64,13 @@ pub fn amend_image(img: &Image, opts: &AmendOptions) -> Result<()> {
         .target_compat()
         .map_err(|e| Error::InvalidArgument(e.to_string()))?;
     if target.is_some_and(|c| c != state.compat) {
-        return Err(Error::Unsupported(
-            "changing the compatibility level".into(),
-        ));
+        return Err(Error::Unsupported(Unsupported::AmendCompat));
     }
     if opts
         .refcount_bits
         .is_some_and(|b| b != u64::from(state.refcount_bits))
     {
-        return Err(Error::Unsupported("changing the refcount width".into()));
+        return Err(Error::Unsupported(Unsupported::AmendRefcountBits));
     }
     if opts
         .backing_file
@@ -83,21 +81,17 @@ pub fn amend_image(img: &Image, opts: &AmendOptions) -> Result<()> {
             .as_ref()
             .is_some_and(|f| Some(f) != state.backing_fmt.as_ref())
     {
-        return Err(Error::Unsupported(
-            "changing the backing file (use rebase -u)".into(),
-        ));
+        return Err(Error::Unsupported(Unsupported::AmendBackingFile));
     }
     if opts.data_file.is_some() || opts.data_file_raw.is_some_and(|r| r != state.data_file_raw) {
-        return Err(Error::Unsupported("changing the external data file".into()));
+        return Err(Error::Unsupported(Unsupported::AmendDataFile));
     }
     if let Some(on) = opts.lazy_refcounts {
         img.set_lazy_refcounts(on)?;
     }
     if let Some(size) = opts.size {
         if size < img.size() {
-            return Err(Error::Unsupported(
-                "shrinking with amend (use resize --shrink)".into(),
-            ));
+            return Err(Error::Unsupported(Unsupported::AmendShrink));
         }
         img.resize(size)?;
     }

@@ -1,16 +1,22 @@
 //! The crate's one public error type.
 
-use crate::format::FormatError;
+use crate::format::{FormatError, Structure};
 use crate::types::MetadataKind;
 use std::io;
 use std::path::PathBuf;
 
-/// Which direction of I/O failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Which I/O operation failed: in [`Error::Io`], and as the `operation` of an
+/// [`Event::IoError`](crate::Event::IoError) (there only `Read` or `Write`,
+/// QEMU's `IoOperationType`: flush, discard and write-zeroes report `Write`).
+///
+/// Serialized (in events) and displayed lower-case: `read`, `write`, ...
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
 pub enum IoOp {
     /// Reading the image (or a backing file).
     Read,
-    /// Writing the image.
+    /// Writing the image (also discard and write-zeroes).
     Write,
     /// Flushing (syncing) the image.
     Flush,
@@ -29,11 +35,157 @@ impl std::fmt::Display for IoOp {
     }
 }
 
+/// What would exceed a limit of the format (or of QEMU, whose limits this
+/// crate keeps): the payload of [`Error::TooLarge`]. `Display` is the message
+/// QEMU prints for the same condition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Limit {
+    /// A virtual disk of `size` bytes would need an L1 table larger than
+    /// 32 MiB (resize).
+    DiskSize {
+        /// The requested virtual size in bytes.
+        size: u64,
+    },
+    /// The active L1 table would grow to `entries` entries, beyond 32 MiB.
+    ActiveL1Table {
+        /// The entries needed.
+        entries: u64,
+    },
+    /// The refcount table would exceed its maximum size (8 MiB).
+    RefcountTable,
+    /// A new cluster would lie beyond the largest host offset the format can
+    /// address.
+    HostOffset,
+    /// The snapshot table has more than the allowed 65536 entries.
+    SnapshotTable {
+        /// Number of snapshots the header claims.
+        count: u32,
+    },
+    /// A snapshot table entry's extra data exceeds 1 KiB.
+    SnapshotExtraData {
+        /// Index of the entry in the snapshot table.
+        index: u32,
+        /// Its extra data size in bytes.
+        size: u32,
+    },
+    /// The snapshot table (with its entries' extra data and names) would
+    /// exceed 64 MiB.
+    SnapshotTableSize {
+        /// Its size in bytes, counted up to the entry that went over.
+        bytes: u64,
+    },
+    /// The image file has more clusters than `check` can track (2^31 - 1), or
+    /// a table names a host offset at or beyond 2^63.
+    CheckedClusters,
+    /// A table of `bytes` bytes does not fit in this process's address space.
+    Memory {
+        /// The table.
+        what: Structure,
+        /// Its size in bytes.
+        bytes: u64,
+    },
+}
+
+impl std::fmt::Display for Limit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Limit::DiskSize { .. } => f.write_str(
+                "The image size is too large for file format 'qcow2' (try using a larger cluster size)",
+            ),
+            Limit::ActiveL1Table { .. } => f.write_str("Active L1 table too large"),
+            Limit::RefcountTable => f.write_str("Reference count table too large"),
+            Limit::HostOffset => f.write_str("image file would exceed the largest host offset"),
+            Limit::SnapshotTable { .. } => f.write_str("snapshot table too large"),
+            Limit::SnapshotExtraData { .. }
+            | Limit::SnapshotTableSize { .. }
+            | Limit::CheckedClusters => {
+                f.write_str("File too large")
+            }
+            Limit::Memory { what, bytes } => {
+                write!(f, "{what} of {bytes} bytes does not fit in memory")
+            }
+        }
+    }
+}
+
+/// A feature or operation this crate does not implement: the payload of
+/// [`Error::Unsupported`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Unsupported {
+    /// A backing file in a format other than qcow2 and raw.
+    BackingFormat {
+        /// The format named (`backing_fmt` or the `backing.driver` option).
+        format: String,
+    },
+    /// `amend` changing the compatibility level (`compat`).
+    AmendCompat,
+    /// `amend` changing `refcount_bits`.
+    AmendRefcountBits,
+    /// `amend` changing the backing file or its format.
+    AmendBackingFile,
+    /// `amend` changing the external data file.
+    AmendDataFile,
+    /// `amend` shrinking the disk.
+    AmendShrink,
+}
+
+impl std::fmt::Display for Unsupported {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unsupported::BackingFormat { format } => write!(f, "backing file format '{format}'"),
+            Unsupported::AmendCompat => f.write_str("changing the compatibility level"),
+            Unsupported::AmendRefcountBits => f.write_str("changing the refcount width"),
+            Unsupported::AmendBackingFile => {
+                f.write_str("changing the backing file (use rebase -u)")
+            }
+            Unsupported::AmendDataFile => f.write_str("changing the external data file"),
+            Unsupported::AmendShrink => f.write_str("shrinking with amend (use resize --shrink)"),
+        }
+    }
+}
+
 /// Every error of the library.
 ///
 /// `Display` is lower-case and names the structure and host offset where
 /// there is one; [`Error::qemu_message`] gives the text `qemu-img`/`qemu-io`
 /// print for the same condition.
+///
+/// The enum is `#[non_exhaustive]`, as are the typed payloads
+/// ([`Structure`], [`Limit`], [`Unsupported`], [`IoOp`]): match what you
+/// handle and keep a catch-all arm.
+///
+/// ```
+/// use qcow2kit::error::{IoOp, Limit};
+/// use qcow2kit::format::Structure;
+/// use qcow2kit::Error;
+///
+/// fn advice(e: &Error) -> String {
+///     match e {
+///         Error::Corrupt { what: Structure::L2Table, offset, .. } => {
+///             format!("an L2 table at {offset:#x} is damaged: run qcow2-check -r all")
+///         }
+///         Error::Corrupt { what, .. } => format!("the {what} is damaged"),
+///         Error::Io { op: IoOp::Write, .. } if e.is_nospace() => "the disk is full".into(),
+///         Error::TooLarge(Limit::DiskSize { size }) => {
+///             format!("{size} bytes need a larger cluster size")
+///         }
+///         Error::Unsupported(what) => format!("not implemented: {what}"),
+///         other => other.to_string(),
+///     }
+/// }
+///
+/// let full = Error::io(IoOp::Write, 0x1_0000, std::io::Error::from_raw_os_error(28)); // ENOSPC;
+/// assert_eq!(advice(&full), "the disk is full");
+/// let big = Error::TooLarge(Limit::DiskSize { size: 1 << 60 });
+/// assert_eq!(advice(&big), "1152921504606846976 bytes need a larger cluster size");
+/// // Display keeps QEMU's message where the tools print it.
+/// assert_eq!(
+///     big.to_string(),
+///     "The image size is too large for file format 'qcow2' (try using a larger cluster size)"
+/// );
+/// ```
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -83,8 +235,8 @@ pub enum Error {
     /// Structural corruption found while translating or updating metadata.
     #[error("corrupt {what} at host offset {offset:#x}: {msg}")]
     Corrupt {
-        /// The structure (QEMU name).
-        what: &'static str,
+        /// The structure that is corrupt.
+        what: Structure,
         /// Host offset of the offending entry or table.
         offset: u64,
         /// QEMU's message for the event.
@@ -133,6 +285,11 @@ pub enum Error {
     /// Invalid argument (options, sizes, requests).
     #[error("{0}")]
     InvalidArgument(String),
+    /// An internal invariant did not hold: a bug in this crate, not a
+    /// property of the image or of the request. The handle should be
+    /// reopened; please report it.
+    #[error("internal error (a bug in qcow2kit): {0}")]
+    Internal(String),
     /// An I/O error of the storage.
     #[error("{op} failed at host offset {offset:#x}: {source}")]
     Io {
@@ -188,12 +345,12 @@ pub enum Error {
         /// Largest refcount of the width.
         max: u64,
     },
-    /// The image would need a table larger than the format allows.
+    /// The image would need a table (or a file) larger than the format allows.
     #[error("{0}")]
-    TooLarge(String),
+    TooLarge(Limit),
     /// A feature this crate does not implement (yet).
     #[error("unsupported: {0}")]
-    Unsupported(String),
+    Unsupported(Unsupported),
 }
 
 /// Shorthand for results of this crate.
@@ -280,7 +437,8 @@ impl Error {
                 ),
                 _ => source.qemu_message(),
             },
-            Error::InvalidArgument(m) | Error::TooLarge(m) => m.clone(),
+            Error::InvalidArgument(m) => m.clone(),
+            Error::TooLarge(limit) => limit.to_string(),
             other => other.to_string(),
         }
     }

@@ -4,16 +4,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-/// Which direction of guest I/O failed (`IoOperationType`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-#[non_exhaustive]
-pub enum IoOperation {
-    /// A read.
-    Read,
-    /// A write (also flush, discard and write-zeroes).
-    Write,
-}
+use crate::error::IoOp;
 
 pub use crate::options::ErrorAction;
 
@@ -45,8 +36,9 @@ pub enum Event {
         /// The node name given at open, if any.
         #[serde(rename = "node-name", skip_serializing_if = "Option::is_none")]
         node_name: Option<String>,
-        /// Read or write.
-        operation: IoOperation,
+        /// [`IoOp::Read`] or [`IoOp::Write`] (flush, discard and write-zeroes
+        /// report `Write`, as QEMU's `IoOperationType` does).
+        operation: IoOp,
         /// The action the configured policy (`rerror`/`werror`) asks for.
         action: ErrorAction,
         /// The error was ENOSPC.

@@ -2,11 +2,11 @@
 //! QEMU's JSON keys, `cli.md` §3.3) and its human-readable text
 //! ([`ImageInfo::to_human`], `cli.md` §3.2).
 //!
-//! Also the helpers the tools share with QEMU's output: [`size_to_str`]
-//! (QEMU's `size_to_str`, `1.31 MiB`), [`snapshot_table`] (the `Snapshot list:`
-//! table of `info` and `snapshot -l`), [`path_combine`] (how QEMU resolves a
-//! backing file name against the image's name) and [`to_json_pretty`]
-//! (QEMU's 4-space JSON layout).
+//! Also two helpers tools need to match QEMU's output: [`path_combine`] (how
+//! QEMU resolves a backing file name against the image's name) and
+//! [`to_json_pretty`] (QEMU's 4-space JSON layout). The text formatting
+//! (`size_to_str`, the `Snapshot list:` table) is internal to
+//! [`ImageInfo::to_human`].
 
 use crate::error::{Error, IoOp, Result};
 use crate::format::bitmap::{decode_bitmap_directory, BME_FLAG_AUTO, BME_FLAG_IN_USE};
@@ -675,7 +675,7 @@ pub fn path_combine(base: &str, name: &str) -> String {
 /// QEMU's `size_to_str`: the value divided by the largest power of 1024
 /// that keeps it below 1000 (roughly), printed with `%0.3g` and a binary
 /// unit: `0 B`, `512 B`, `192 KiB`, `1.31 MiB`, `64 GiB`.
-pub fn size_to_str(val: u64) -> String {
+pub(crate) fn size_to_str(val: u64) -> String {
     const SUFFIXES: [&str; 7] = ["", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"];
     // frexp(val / (1000.0 / 1024.0), &i); i = (i - 1) / 10;
     let x = val as f64 / (1000.0 / 1024.0);
@@ -693,7 +693,7 @@ pub fn size_to_str(val: u64) -> String {
 }
 
 /// C's `%.{prec}g` for a non-negative finite value.
-pub fn format_g(v: f64, prec: usize) -> String {
+pub(crate) fn format_g(v: f64, prec: usize) -> String {
     if v == 0.0 {
         return "0".into();
     }
@@ -723,7 +723,7 @@ fn trim_zeros(s: &str) -> &str {
 /// The `Snapshot list:` table without that title: the header line and one
 /// line per snapshot, each C `"%-7s %-16s %8s %19s %15s %10s"` of ID, TAG,
 /// VM_SIZE, DATE (local time), VM_CLOCK, ICOUNT.
-pub fn snapshot_table(snaps: &[SnapshotInfo]) -> Vec<String> {
+pub(crate) fn snapshot_table(snaps: &[SnapshotInfo]) -> Vec<String> {
     let mut v = vec![format!(
         "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
         "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
@@ -752,7 +752,7 @@ pub fn snapshot_table(snaps: &[SnapshotInfo]) -> Vec<String> {
 }
 
 /// `%Y-%m-%d %H:%M:%S` of Unix time `secs` in the local time zone.
-pub fn local_date(secs: u64) -> String {
+pub(crate) fn local_date(secs: u64) -> String {
     let secs = i64::try_from(secs).unwrap_or(i64::MAX);
     let t = secs.saturating_add(crate::storage::sys::local_utc_offset(secs));
     let days = t.div_euclid(86_400);

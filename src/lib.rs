@@ -33,27 +33,31 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod amend;
-pub mod cache;
+mod cache;
 pub mod check;
-pub mod compress;
+#[doc(hidden)]
+pub mod cli_support;
+mod compress;
 pub mod create;
 pub mod error;
 pub mod events;
 pub mod format;
 pub mod image;
 pub mod info;
-pub mod mapping;
+mod mapping;
 mod meta;
 pub mod options;
-pub mod overlap;
+mod overlap;
 pub mod resize;
 mod snapshot;
 pub mod storage;
 pub mod types;
 
+pub use cache::CacheStats;
 pub use error::{Error, Result};
 pub use events::Event;
 pub use image::Image;
+pub use mapping::Extent;
 pub use options::{CreateOptions, OpenOptions};
 
 /// The README's code blocks, compiled as doctests so they stay true.

@@ -3,6 +3,7 @@
 
 use crate::error::{Error, Result};
 use crate::format::entry::{subcluster_state, L2Entry, SubclusterState, Subclusters};
+use crate::format::Structure;
 use crate::meta::{L2Slot, Meta};
 
 /// Where a run of guest bytes reads from.
@@ -56,7 +57,7 @@ impl Meta {
             let (offset, len) = entry.compressed_range().unwrap_or((0, 0));
             if offset >= self.file_end {
                 return Err(Error::Corrupt {
-                    what: "L2 table",
+                    what: Structure::L2Table,
                     offset: slot.table,
                     msg: format!(
                         "Compressed cluster at host offset {offset:#x} lies beyond the end of the file (L2 offset: {:#x}, L2 index: {:#x})",
@@ -148,7 +149,7 @@ impl Meta {
             let unit = self.geom.subcluster_size();
             if h != guest & !(unit - 1) {
                 return Err(Error::Corrupt {
-                    what: "L2 table",
+                    what: Structure::L2Table,
                     offset: slot.table,
                     msg: format!(
                         "External data file host cluster offset {:#x} does not match guest cluster offset: {:#x}",

@@ -66,7 +66,7 @@ pub(crate) fn register_snapshots(
         if want_l2 && bytes > 0 {
             if s.l1_table_offset.saturating_add(bytes) > file_len || bytes > MAX_L1_BYTES {
                 return Err(Error::Corrupt {
-                    what: "snapshot L1 table",
+                    what: Structure::SnapshotL1Table,
                     offset: s.l1_table_offset,
                     msg: "Snapshot L1 table lies beyond the end of the file".into(),
                 });

@@ -90,7 +90,7 @@ impl fmt::Display for MetadataKind {
 /// 9..=21 and `refcount_order` in 0..=6; the methods do no further checks
 /// beyond overflow-safe arithmetic on caller-supplied offsets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Geometry {
+pub(crate) struct Geometry {
     /// log2 of the cluster size.
     pub cluster_bits: u32,
     /// Cluster size in bytes.
@@ -138,6 +138,7 @@ impl Geometry {
     }
 
     /// Guest bytes covered by one L2 table.
+    #[cfg(test)]
     pub fn l2_coverage(&self) -> u64 {
         1 << (self.cluster_bits + self.l2_bits)
     }
@@ -172,19 +173,9 @@ impl Geometry {
         off & !(self.cluster_size - 1)
     }
 
-    /// Cluster index of a host or guest offset.
-    pub fn cluster_index(&self, off: u64) -> u64 {
-        off >> self.cluster_bits
-    }
-
     /// Whether `off` is cluster aligned.
     pub fn is_aligned(&self, off: u64) -> bool {
         off & (self.cluster_size - 1) == 0
-    }
-
-    /// Rounds up to a whole number of clusters (`None` on overflow).
-    pub fn round_up(&self, bytes: u64) -> Option<u64> {
-        Some(bytes.checked_add(self.cluster_size - 1)? & !(self.cluster_size - 1))
     }
 
     /// Number of clusters needed for `bytes` (rounding up).

@@ -12,8 +12,9 @@
 use super::imrt::RefArray;
 use super::pass::{Fix, Pass, MAX_CHECK_CLUSTERS};
 use super::report::{hash_x, CheckCounts, Finding, RefcountVerdict};
-use crate::error::{Error, Result};
+use crate::error::{Error, Limit, Result};
 use crate::format::consts::*;
+use crate::format::Structure;
 use crate::types::MetadataKind;
 
 impl Pass<'_, '_> {
@@ -24,7 +25,7 @@ impl Pass<'_, '_> {
         let nb = self.file_clusters();
         if nb > MAX_CHECK_CLUSTERS {
             res.check_errors += 1;
-            return Err(Error::TooLarge("File too large".into()));
+            return Err(Error::TooLarge(Limit::CheckedClusters));
         }
         let sectors_bytes = self.meta.header.size / 512 * 512;
         res.total_clusters = sectors_bytes.div_ceil(cs);
@@ -76,7 +77,7 @@ impl Pass<'_, '_> {
                 self.report(Finding::NeedRebuild);
                 res.check_errors += 1;
                 return Err(Error::Corrupt {
-                    what: "refcount table",
+                    what: Structure::RefcountTable,
                     offset: self.meta.header.refcount_table_offset,
                     msg: "need to rebuild refcount structures".into(),
                 });

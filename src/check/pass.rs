@@ -12,7 +12,7 @@ use super::imrt::RefArray;
 use super::report::{CheckCounts, Finding};
 use super::snapshots::SnapTable;
 use super::{CheckEvent, Sink};
-use crate::error::{Error, IoOp, Result};
+use crate::error::{Error, IoOp, Limit, Result};
 use crate::format::consts::*;
 use crate::format::entry::EntryFormat;
 use crate::meta::Meta;
@@ -173,7 +173,7 @@ impl<'a, 's> Pass<'a, 's> {
         if last as usize >= imrt.len() {
             if last >= MAX_CHECK_CLUSTERS {
                 res.check_errors += 1;
-                return Err(Error::TooLarge("File too large".into()));
+                return Err(Error::TooLarge(Limit::CheckedClusters));
             }
             imrt.resize(last as usize + 1);
         }

@@ -21,7 +21,7 @@
 use super::imrt::RefArray;
 use super::pass::{Pass, MAX_CHECK_CLUSTERS};
 use super::report::Finding;
-use crate::error::{Error, Result};
+use crate::error::{Error, Limit, Result};
 use crate::format::consts::*;
 use crate::format::put_be_u64;
 
@@ -49,7 +49,7 @@ impl Pass<'_, '_> {
         let mut first_gap = true;
         while contiguous < count {
             if cluster >= MAX_CHECK_CLUSTERS {
-                return Err(Error::TooLarge("File too large".into()));
+                return Err(Error::TooLarge(Limit::CheckedClusters));
             }
             let in_array = (cluster as usize) < imrt.len();
             if in_array && imrt.get(cluster as usize) != 0 {
@@ -167,7 +167,7 @@ impl Pass<'_, '_> {
                 self.report(Finding::Message(
                     "ERROR allocating reftable: File too large".into(),
                 ));
-                return Err(Error::TooLarge("Reference count table too large".into()));
+                return Err(Error::TooLarge(Limit::RefcountTable));
             }
             let start = match self.alloc_clusters_imrt(imrt, tclusters, &mut first_free) {
                 Ok(c) => c,

@@ -21,7 +21,7 @@ impl Meta {
     pub(crate) fn write_header_field_for_repair(&mut self, pos: u64, bytes: &[u8]) -> Result<()> {
         let len = bytes.len() as u64;
         if pos + len > u64::from(V3_HEADER_LENGTH) {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::Internal(format!(
                 "header field at {pos} of {len} bytes is outside the fixed header"
             )));
         }

@@ -12,7 +12,7 @@
 
 use super::pass::Pass;
 use super::report::{CheckCounts, Finding};
-use crate::error::{Error, Result};
+use crate::error::{Error, Limit, Result};
 use crate::format::consts::*;
 use crate::format::snapshot::{encode_snapshot_table, snapshot_table_size, SnapshotEntry};
 use crate::format::{be_u16, be_u32, be_u64};
@@ -121,7 +121,7 @@ impl<'a, 's> Pass<'a, 's> {
             }
             self.snaps.offset = 0;
             return Err(if too_large {
-                Error::TooLarge(msg.into())
+                Error::TooLarge(Limit::SnapshotTable { count: nb })
             } else {
                 Error::InvalidArgument(msg.into())
             });
@@ -227,7 +227,10 @@ impl<'a, 's> Pass<'a, 's> {
                             "You can force-remove this extra metadata with qcow2-check -r all"
                                 .into(),
                         ),
-                        Error::TooLarge("File too large".into()),
+                        Error::TooLarge(Limit::SnapshotExtraData {
+                            index: i,
+                            size: sn.extra_data_size,
+                        }),
                     ));
                     break;
                 }
@@ -287,7 +290,9 @@ impl<'a, 's> Pass<'a, 's> {
                              -r all",
                             nb - i
                         )),
-                        Error::TooLarge("File too large".into()),
+                        Error::TooLarge(Limit::SnapshotTableSize {
+                            bytes: table_length,
+                        }),
                     ));
                     break;
                 }

@@ -12,7 +12,7 @@
 use super::imrt::RefArray;
 use super::pass::{Pass, MAX_CHECK_CLUSTERS};
 use super::report::{CheckCounts, Finding};
-use crate::error::{Error, Result};
+use crate::error::{Error, Limit, Result};
 use crate::format::bitmap::{decode_bitmap_directory, decode_bitmap_table_entry};
 use crate::format::consts::*;
 use crate::format::header::HeaderExtension;
@@ -152,7 +152,7 @@ impl Pass<'_, '_> {
             if off >= 1 << 63 {
                 // QEMU would try to allocate an array for this offset and fail.
                 res.check_errors += 1;
-                return Err(Error::TooLarge("File too large".into()));
+                return Err(Error::TooLarge(Limit::CheckedClusters));
             }
             self.check_refcounts_l1(res, imrt, off, size, false, fix_errors)?;
         }

@@ -106,6 +106,7 @@ pub enum L2Entry {
 
 /// Why an entry cannot be used (QEMU signals these as corruption).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum EntryError {
     /// L1 entry: L2 table offset not cluster aligned.
     UnalignedL2 {

@@ -55,6 +55,7 @@ pub struct FormatError {
 
 /// The class of a [`FormatError`], mirroring the errno QEMU returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum FormatErrorKind {
     /// Not a qcow2 image at all (bad magic).
     NotQcow2,
@@ -66,8 +67,10 @@ pub enum FormatErrorKind {
     TooLarge,
 }
 
-/// The on-disk structures, named as in the spec.
+/// The on-disk structures, named as in the spec: which structure a
+/// [`FormatError`] or an [`Error::Corrupt`](crate::Error::Corrupt) is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Structure {
     /// The image header (cluster 0).
     Header,
@@ -85,6 +88,8 @@ pub enum Structure {
     RefcountBlock,
     /// The snapshot table.
     SnapshotTable,
+    /// A snapshot's L1 table.
+    SnapshotL1Table,
     /// The bitmap directory.
     BitmapDirectory,
     /// A compressed cluster.
@@ -104,6 +109,7 @@ impl fmt::Display for Structure {
             Structure::RefcountTable => "refcount table",
             Structure::RefcountBlock => "refcount block",
             Structure::SnapshotTable => "snapshot table",
+            Structure::SnapshotL1Table => "snapshot L1 table",
             Structure::BitmapDirectory => "bitmap directory",
             Structure::CompressedCluster => "compressed cluster",
             Structure::LuksHeader => "LUKS header",

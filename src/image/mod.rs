@@ -17,7 +17,7 @@
 
 use crate::cache::{CacheStats, TableCache};
 use crate::error::{Error, IoOp, Result};
-use crate::events::{Event, EventSink, IoOperation};
+use crate::events::{Event, EventSink};
 use crate::format::consts::*;
 use crate::format::entry::{EntryFormat, L2Entry, Subclusters};
 use crate::format::header::Header;
@@ -362,7 +362,7 @@ impl Image {
 
     /// Turns an internal error into what the caller sees, raising events:
     /// corruption is signalled as QEMU does, I/O errors raise `IoError`.
-    pub(crate) fn fail(&self, meta: &mut Meta, e: Error, op: IoOperation) -> Error {
+    pub(crate) fn fail(&self, meta: &mut Meta, e: Error, op: IoOp) -> Error {
         match &e {
             Error::OverlapPrevented { kind, offset, size } => {
                 let msg = format!(
@@ -377,8 +377,8 @@ impl Image {
             Error::Io { source, .. } => {
                 let nospace = source.raw_os_error() == Some(libc::ENOSPC);
                 let policy = match op {
-                    IoOperation::Read => self.opts.get_rerror(),
-                    IoOperation::Write => self.opts.get_werror(),
+                    IoOp::Read => self.opts.get_rerror(),
+                    _ => self.opts.get_werror(),
                 };
                 let action = policy.action_for(nospace);
                 self.emit(Event::IoError {
@@ -477,7 +477,7 @@ impl Image {
             let rem = (buf.len() - done) as u64;
             let (ext, len) = match meta.map_extent(g, rem) {
                 Ok(x) => x,
-                Err(e) => return Err(self.fail(&mut meta, e, IoOperation::Read)),
+                Err(e) => return Err(self.fail(&mut meta, e, IoOp::Read)),
             };
             let chunk = &mut buf[done..done + len as usize];
             let r = match ext {
@@ -516,7 +516,7 @@ impl Image {
             };
             if let Err(e) = r {
                 let mut meta = self.meta.lock().map_err(|_| Error::PreviousIoFailed)?;
-                return Err(self.fail(&mut meta, e, IoOperation::Read));
+                return Err(self.fail(&mut meta, e, IoOp::Read));
             }
             done += len as usize;
         }
@@ -556,7 +556,7 @@ impl Image {
     /// what it maps to in this image (not looking into backing files).
     ///
     /// ```
-    /// use qcow2kit::mapping::Extent;
+    /// use qcow2kit::Extent;
     /// use qcow2kit::storage::{MemStorage, Storage};
     /// use qcow2kit::{CreateOptions, Image, OpenOptions};
     /// use std::sync::Arc;
@@ -582,7 +582,7 @@ impl Image {
         self.check_range(meta.header.size, offset, len)?;
         match meta.map_extent(offset, len) {
             Ok((extent, len)) => Ok(BlockStatus { len, extent }),
-            Err(e) => Err(self.fail(&mut meta, e, IoOperation::Read)),
+            Err(e) => Err(self.fail(&mut meta, e, IoOp::Read)),
         }
     }
 
@@ -608,7 +608,7 @@ impl Image {
             let (e, _) = meta.decode_l2(meta.read_slot(&slot), &slot)?;
             Ok(e.host_cluster())
         })();
-        r.map_err(|e| self.fail(&mut meta, e, IoOperation::Read))
+        r.map_err(|e| self.fail(&mut meta, e, IoOp::Read))
     }
 
     /// Whether the host range `[offset, offset+len)` of the data file is a hole
@@ -654,7 +654,7 @@ impl Image {
         let mut meta = self.lock()?;
         match self.flush_locked(&mut meta) {
             Ok(()) => Ok(()),
-            Err(e) => Err(self.fail(&mut meta, e, IoOperation::Write)),
+            Err(e) => Err(self.fail(&mut meta, e, IoOp::Write)),
         }
     }
 
@@ -743,7 +743,7 @@ impl Image {
         })();
         match r {
             Ok(()) => Ok(()),
-            Err(e) => Err(self.fail(&mut meta, e, IoOperation::Write)),
+            Err(e) => Err(self.fail(&mut meta, e, IoOp::Write)),
         }
     }
 }
@@ -785,7 +785,7 @@ impl Image {
             }
             Ok(())
         })();
-        r.map_err(|e| self.fail(&mut meta, e, IoOperation::Write))
+        r.map_err(|e| self.fail(&mut meta, e, IoOp::Write))
     }
 }
 

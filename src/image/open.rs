@@ -2,7 +2,9 @@
 //! corrupt/dirty checks, and the automatic repair of a dirty image.
 
 use super::*;
+use crate::error::{Limit, Unsupported};
 use crate::format::luks::LuksHeader;
+use crate::format::Structure;
 use crate::storage::LockRequest;
 
 /// Most bytes of cluster 0 read to decode the header and its extensions.
@@ -239,8 +241,20 @@ impl Image {
         // 8 MiB); the write path refuses allocations on such an image.
         let l1_bytes = u64::from(header.l1_size) * 8;
         let rt_bytes = u64::from(header.refcount_table_clusters) << geom.cluster_bits;
-        let l1 = read_table(&*file, header.l1_table_offset, l1_bytes, file_len)?;
-        let reftable = read_table(&*file, header.refcount_table_offset, rt_bytes, file_len)?;
+        let l1 = read_table(
+            &*file,
+            Structure::L1Table,
+            header.l1_table_offset,
+            l1_bytes,
+            file_len,
+        )?;
+        let reftable = read_table(
+            &*file,
+            Structure::RefcountTable,
+            header.refcount_table_offset,
+            rt_bytes,
+            file_len,
+        )?;
 
         // Refcounts read from past the end of the file are zeroes that may
         // hide clusters in use: such a handle must not allocate. A partly
@@ -248,13 +262,13 @@ impl Image {
         let refcounts_past_eof = if mode.check {
             None
         } else if header.refcount_table_offset.saturating_add(rt_bytes) > file_len {
-            Some(("refcount table", header.refcount_table_offset))
+            Some((Structure::RefcountTable, header.refcount_table_offset))
         } else {
             reftable
                 .iter()
                 .map(|e| e & REFT_OFFSET_MASK)
                 .find(|&off| off != 0 && off.saturating_add(geom.cluster_size) > file_len)
-                .map(|off| ("refcount block", off))
+                .map(|off| (Structure::RefcountBlock, off))
         };
 
         opts.check_image_version(header.version)
@@ -577,7 +591,9 @@ fn open_backing_chain(
             Some(other) => {
                 return Err(wrap_chain(
                     &paths,
-                    Error::Unsupported(format!("backing file format '{other}'")),
+                    Error::Unsupported(Unsupported::BackingFormat {
+                        format: other.to_owned(),
+                    }),
                 ));
             }
             None => {
@@ -674,9 +690,16 @@ fn check_encryption(
 /// Entries past `file_len` are zeroes and are not read; the rest is read a
 /// chunk at a time, so the only buffer the size of the table is the result
 /// (whose size the header validation caps).
-fn read_table(file: &dyn Storage, offset: u64, bytes: u64, file_len: u64) -> Result<Vec<u64>> {
+fn read_table(
+    file: &dyn Storage,
+    what: Structure,
+    offset: u64,
+    bytes: u64,
+    file_len: u64,
+) -> Result<Vec<u64>> {
     const CHUNK: u64 = 64 << 10;
-    let entries = usize::try_from(bytes / 8).map_err(|_| Error::TooLarge("table".into()))?;
+    let entries =
+        usize::try_from(bytes / 8).map_err(|_| Error::TooLarge(Limit::Memory { what, bytes }))?;
     let mut table = vec![0u64; entries];
     // Whole entries: a cut inside an entry keeps its leading bytes.
     let present = bytes.min(file_len.saturating_sub(offset).saturating_add(7) & !7);

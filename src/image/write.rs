@@ -62,13 +62,13 @@ impl Image {
             if done == 0 {
                 self.check_range(meta.header.size, offset, buf.len() as u64)?;
                 if let Err(e) = self.before_first_write(&mut meta) {
-                    return Err(self.fail(&mut meta, e, IoOperation::Write));
+                    return Err(self.fail(&mut meta, e, IoOp::Write));
                 }
             }
             let rest = &buf[done..];
             let step = match self.write_step(&mut meta, g, rest) {
                 Ok(s) => s,
-                Err(e) => return Err(self.fail(&mut meta, e, IoOperation::Write)),
+                Err(e) => return Err(self.fail(&mut meta, e, IoOp::Write)),
             };
             match step {
                 WriteStep::InPlace { host, len } => {
@@ -83,7 +83,7 @@ impl Image {
                     drop(io);
                     if let Err(e) = r {
                         let mut meta = self.meta.lock().map_err(|_| Error::PreviousIoFailed)?;
-                        return Err(self.fail(&mut meta, e, IoOperation::Write));
+                        return Err(self.fail(&mut meta, e, IoOp::Write));
                     }
                     done += len as usize;
                 }
@@ -91,7 +91,7 @@ impl Image {
                     done += len as usize;
                     if meta.pending_frees.len() > MAX_PENDING_FREES {
                         if let Err(e) = self.flush_locked(&mut meta) {
-                            return Err(self.fail(&mut meta, e, IoOperation::Write));
+                            return Err(self.fail(&mut meta, e, IoOp::Write));
                         }
                     }
                 }

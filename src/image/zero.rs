@@ -50,7 +50,7 @@ impl Image {
             .and_then(|_| self.discard_locked(&mut meta, offset, len, false));
         match r {
             Ok(()) => Ok(()),
-            Err(e) => Err(self.fail(&mut meta, e, IoOperation::Write)),
+            Err(e) => Err(self.fail(&mut meta, e, IoOp::Write)),
         }
     }
 
@@ -269,7 +269,7 @@ impl Image {
                 }
             })();
             if let Err(e) = r {
-                return Err(self.fail(&mut meta, e, IoOperation::Write));
+                return Err(self.fail(&mut meta, e, IoOp::Write));
             }
         }
         if a >= b {

@@ -7,6 +7,7 @@ use super::{read_file, DiscardType, Meta};
 use crate::error::{Error, Result};
 use crate::format::consts::*;
 use crate::format::put_be_u64;
+use crate::format::Structure;
 use crate::types::MetadataKind;
 
 impl Meta {
@@ -24,13 +25,13 @@ impl Meta {
         let idx = usize::try_from(l1i)
             .ok()
             .filter(|i| *i < self.l1.len())
-            .ok_or_else(|| Error::InvalidArgument(format!("L1 index {l1i} beyond the L1 table")))?;
+            .ok_or_else(|| Error::Internal(format!("L1 index {l1i} beyond the L1 table")))?;
         // The new table's refcount must be durable before the L1 entry: it is,
         // because L1 entries are only written after a refcount flush + sync.
         let new = self.alloc_clusters(1)?;
         if new == 0 {
             return Err(Error::Corrupt {
-                what: "L2 table",
+                what: Structure::L2Table,
                 offset: 0,
                 msg: "Preventing invalid allocation of L2 table at offset 0".into(),
             });

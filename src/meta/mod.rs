@@ -26,6 +26,7 @@ use crate::error::{Error, IoOp, Result};
 use crate::format::consts::*;
 use crate::format::entry::{EntryError, EntryFormat, L1Entry, L2Entry, Subclusters};
 use crate::format::header::Header;
+use crate::format::Structure;
 use crate::format::{be_u64, put_be_u64};
 use crate::overlap::OverlapChecker;
 use crate::storage::{Storage, Tracked};
@@ -134,7 +135,7 @@ pub(crate) struct Meta {
     /// in use may look free, so the allocator refuses to run on this handle
     /// (the image is marked corrupt instead of being corrupted further). A
     /// repair (`check -r`) does not consult this.
-    pub refcounts_past_eof: Option<(&'static str, u64)>,
+    pub refcounts_past_eof: Option<(Structure, u64)>,
     /// The internal snapshots.
     #[allow(dead_code)] // read by snapshot operations (apply/delete) when they land
     pub snapshots: Vec<crate::format::snapshot::SnapshotEntry>,
@@ -246,7 +247,7 @@ impl Meta {
         match L1Entry::decode(raw, self.geom.cluster_bits) {
             Ok(e) => Ok((e.l2_offset, e.copied)),
             Err(_) => Err(Error::Corrupt {
-                what: "L1 table",
+                what: Structure::L1Table,
                 offset: raw & L1E_OFFSET_MASK,
                 msg: format!(
                     "L2 table offset {:#x} unaligned (L1 index: {:#x})",
@@ -334,7 +335,7 @@ impl Meta {
     /// errors with QEMU's messages.
     pub fn decode_l2(&self, raw: RawL2, slot: &L2Slot) -> Result<(L2Entry, Subclusters)> {
         let corrupt = |msg: String| Error::Corrupt {
-            what: "L2 table",
+            what: Structure::L2Table,
             offset: slot.table,
             msg,
         };

@@ -4,8 +4,9 @@
 //! growth and preallocation.
 
 use super::{read_file, DiscardType, Meta};
-use crate::error::{Error, Result};
+use crate::error::{Error, Limit, Result};
 use crate::format::consts::*;
+use crate::format::Structure;
 use crate::format::{put_be_u64, refcount};
 use crate::storage::Storage;
 use crate::types::MetadataKind;
@@ -53,7 +54,7 @@ impl Meta {
         let off = raw & REFT_OFFSET_MASK;
         if !self.geom.is_aligned(off) {
             return Err(Error::Corrupt {
-                what: "refcount table",
+                what: Structure::RefcountTable,
                 offset: off,
                 msg: format!("Refblock offset {off:#x} unaligned (reftable index: {ri:#x})"),
             });
@@ -105,8 +106,7 @@ impl Meta {
         let max = MAX_HOST_OFFSET >> self.geom.cluster_bits;
         let rb_bits = self.geom.refcount_block_bits;
         let order = self.geom.refcount_order;
-        let too_large =
-            || Error::TooLarge("image file would exceed the largest host offset".into());
+        let too_large = || Error::TooLarge(Limit::HostOffset);
         let mut run = 0u64;
         loop {
             let c = self.free_hint;
@@ -123,7 +123,7 @@ impl Meta {
             } else {
                 self.load_refblock(block)?;
                 let Some(t) = self.rc_cache.peek(block) else {
-                    return Err(Error::InvalidArgument("refcount block not cached".into()));
+                    return Err(Error::Internal("refcount block not cached".into()));
                 };
                 let mut i = (c - (ri << rb_bits)) as usize;
                 let entries = 1usize << rb_bits;
@@ -157,7 +157,7 @@ impl Meta {
         let new_cluster = self.alloc_noref(1)?;
         if new_cluster == 0 {
             return Err(Error::Corrupt {
-                what: "refcount block",
+                what: Structure::RefcountBlock,
                 offset: 0,
                 msg: "Preventing invalid allocation of refcount block at offset 0".into(),
             });
@@ -184,7 +184,12 @@ impl Meta {
         self.sync()?;
         self.make_room_rc()?;
         self.rc_cache.insert(new_block, buf, false);
-        let idx = usize::try_from(ri).map_err(|_| Error::TooLarge("refcount table".into()))?;
+        let idx = usize::try_from(ri).map_err(|_| {
+            Error::TooLarge(Limit::Memory {
+                what: Structure::RefcountTable,
+                bytes: ri.saturating_mul(8),
+            })
+        })?;
         if idx < self.reftable.len() && idx < self.on_disk_reftable_entries() {
             self.reftable[idx] = new_block;
             let off = self.header.refcount_table_offset + ri * 8;
@@ -272,7 +277,7 @@ impl Meta {
         let mut zeroed: Vec<(u64, u64)> = Vec::new();
         {
             let Some(t) = self.rc_cache.get_mut(block) else {
-                return Err(Error::InvalidArgument("refcount block not cached".into()));
+                return Err(Error::Internal("refcount block not cached".into()));
             };
             // Check the whole segment first so a failure changes nothing.
             for k in 0..n {
@@ -288,7 +293,7 @@ impl Meta {
                         Error::RefcountOverflow { cluster: cl, max }
                     } else {
                         Error::Corrupt {
-                            what: "refcount block",
+                            what: Structure::RefcountBlock,
                             offset: cl << cb,
                             msg: format!("Refcount of cluster {cl:#x} would drop below zero"),
                         }
@@ -453,7 +458,7 @@ impl Meta {
             }
             self.load_refblock(block)?;
             let Some(t) = self.rc_cache.peek(block) else {
-                return Err(Error::InvalidArgument("refcount block not cached".into()));
+                return Err(Error::Internal("refcount block not cached".into()));
             };
             let bi = (c - (ri << rb_bits)) as usize;
             for k in 0..seg as usize {
@@ -514,7 +519,7 @@ impl Meta {
         let g = self.geom;
         let cs = g.cluster_size;
         let cb = g.cluster_bits;
-        let too_large = || Error::TooLarge("Reference count table too large".into());
+        let too_large = || Error::TooLarge(Limit::RefcountTable);
         let (total_blocks, _) =
             refcount_metadata_size((start >> cb) + additional, cs, g.refcount_order, !exact);
         let per_table_cluster = cs / 8;
@@ -583,12 +588,12 @@ impl Meta {
                 };
                 let to = (((end - first) >> cb).min(per_block)) as usize;
                 let Some(t) = self.rc_cache.get_mut(block) else {
-                    return Err(Error::InvalidArgument("refcount block not cached".into()));
+                    return Err(Error::Internal("refcount block not cached".into()));
                 };
                 for j in from..to {
                     if refcount::get(&t.data, order, j).unwrap_or(0) != 0 {
                         return Err(Error::Corrupt {
-                            what: "refcount block",
+                            what: Structure::RefcountBlock,
                             offset: block,
                             msg: format!(
                                 "Cluster {:#x} of the new refcount area is already in use",

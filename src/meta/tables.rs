@@ -3,8 +3,9 @@
 //! and finding the last used cluster (for resizing).
 
 use super::{DiscardType, Meta};
-use crate::error::{Error, Result};
+use crate::error::{Error, Limit, Result};
 use crate::format::consts::*;
+use crate::format::Structure;
 use crate::format::{put_be_u64, refcount};
 use crate::types::MetadataKind;
 
@@ -19,7 +20,7 @@ impl Meta {
             return Ok(());
         }
         if entries * 8 > MAX_L1_BYTES {
-            return Err(Error::TooLarge("Active L1 table too large".into()));
+            return Err(Error::TooLarge(Limit::ActiveL1Table { entries }));
         }
         // Pending entries must land in the old table first? No: they are
         // copied into the new table from memory, so drop them.
@@ -147,7 +148,7 @@ impl Meta {
             let cover = self.refblock_offset(ri)?;
             if cover == 0 {
                 return Err(Error::Corrupt {
-                    what: "refcount table",
+                    what: Structure::RefcountTable,
                     offset: block,
                     msg: format!(
                         "Refblock at {block:#x} is not covered by the refcount structures"
@@ -159,7 +160,7 @@ impl Meta {
                 let rc = refcount::get(&t.data, order, bi).unwrap_or(0);
                 if rc != 1 {
                     return Err(Error::Corrupt {
-                        what: "refcount block",
+                        what: Structure::RefcountBlock,
                         offset: cover,
                         msg: format!(
                             "Invalid refcount: refblock offset {cover:#x}, reftable index {ri}, block offset {block:#x}, refcount {rc:#x}"

@@ -208,7 +208,7 @@ impl AmendOptions {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
-    use crate::options::check_option_list;
+    use crate::options::parse::check_option_list;
     use crate::options::testutil::{fresh_image, have, run};
 
     fn amend_err(s: &str) -> String {

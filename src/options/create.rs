@@ -179,21 +179,22 @@ pub(super) enum CreateKeys {
 
 /// Options of `qemu-img create -f qcow2` (`-o` keys, `-b`/`-F`, the positional size).
 ///
-/// The `*_spelling`/`spellings` fields keep values exactly as the user wrote them, for the
-/// `Formatting` line (QEMU echoes them) and for values that [`CreateOptions::validate`] rejects
-/// after that line is printed (`compat=0.9`, `preallocation=bogus`). The builder methods keep
-/// them consistent; code that assigns the typed fields directly should not rely on a stale
-/// spelling (a spelling that parses to a different value than its field is ignored).
+/// Besides the public typed fields, private bookkeeping keeps values exactly as the user wrote
+/// them in a `-o` string, for the `Formatting` line (QEMU echoes them) and for values that
+/// [`CreateOptions::validate`] rejects after that line is printed (`compat=0.9`,
+/// `preallocation=bogus`). The builder methods keep it consistent; a remembered spelling that
+/// parses to a different value than its typed field is ignored, so assigning the typed fields
+/// directly is safe.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CreateOptions {
     /// Virtual size in bytes (`-o size=`, the positional size or the backing file's).
     pub size: Option<u64>,
     /// Whether `size` came from `-o size=` (a positional size then is an error).
-    pub size_in_options: bool,
+    pub(crate) size_in_options: bool,
     /// Image version.
     pub compat: Compat,
     /// `compat` as the user spelled it (`0.10`, `v2`, `1.1`, `v3`, or an invalid value).
-    pub compat_spelling: Option<String>,
+    pub(crate) compat_spelling: Option<String>,
     /// Cluster size in bytes (default 65536).
     pub cluster_size: u64,
     /// Refcount width in bits (default 16; values beyond `u32` are stored as `u32::MAX`).
@@ -215,7 +216,7 @@ pub struct CreateOptions {
     /// Preallocation mode.
     pub preallocation: Preallocation,
     /// Whether `preallocation` was given (the `Formatting` line shows it only then).
-    pub preallocation_given: bool,
+    pub(crate) preallocation_given: bool,
     /// `nocow` (Btrfs `chattr +C`), if given.
     pub nocow: Option<bool>,
     /// Refuse to overwrite an existing image file (or data file): creation
@@ -225,7 +226,7 @@ pub struct CreateOptions {
     /// Other values as given, keyed by qemu-img option name (`preallocation`,
     /// `compression_type`, `lazy_refcounts`, `extended_l2`, `data_file_raw`, `nocow`,
     /// `refcount_bits`).
-    pub spellings: BTreeMap<String, String>,
+    pub(crate) spellings: BTreeMap<String, String>,
 }
 
 impl Default for CreateOptions {

@@ -2,8 +2,8 @@
 //! cross-check against `qemu-img create`.
 
 use super::*;
+use crate::options::parse::{check_option_list, parse_image_size};
 use crate::options::testutil::{have, run, GIB, MIB, TIB};
-use crate::options::{check_option_list, parse_image_size};
 
 fn create_err(s: &str) -> String {
     let mut c = CreateOptions::new().size(MIB);

@@ -160,7 +160,7 @@ pub enum OptionError {
         name: String,
     },
     /// An option list that starts with `,` or ends with an odd number of `,` (qemu-img also
-    /// rejects an empty `-o`, see [`check_option_list`](super::check_option_list)).
+    /// rejects an empty `-o`, see `check_option_list` in the `parse` module).
     #[error("Invalid option list: {list}")]
     InvalidOptionList {
         /// The list as given.
@@ -377,6 +377,7 @@ impl OptionError {
 /// [`SizeError::into_option_error`] (QemuOpts option values), [`SizeError::qemu_img_message`]
 /// (qemu-img arguments) and [`SizeError::qemu_io_message`] (qemu-io command arguments).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum SizeError {
     /// Not a size at all (bad syntax, trailing characters, a fraction without a suffix, ...).
     #[error("invalid size '{input}'")]

@@ -2,8 +2,9 @@
 //! §9.4, §11.1, §12; `cli.md` §0, §2, §7, §12.2).
 //!
 //! * [`parse_size`]: qemu-img's size syntax (`1536b`, `512k`, `1.5G`, ...).
-//! * [`split_option_string`]: QemuOpts `key=value,key=value` lists (`,,` is a literal comma,
-//!   a bare `key` means `key=on`, a bare `nokey` means `key=off`).
+//! * QemuOpts `key=value,key=value` lists (`,,` is a literal comma,
+//!   a bare `key` means `key=on`, a bare `nokey` means `key=off`): parsed by the typed
+//!   `from_qemu_str` constructors below.
 //! * [`OverlapChecks`]: the metadata overlap-check set and its `overlap-check*` options.
 //! * [`OpenOptions`]: runtime (open) options, including QEMU's `--image-opts` spellings.
 //! * [`cache_config`]: QEMU 10's L2 / refcount cache sizing algorithm.
@@ -29,7 +30,7 @@ mod create;
 mod error;
 mod open;
 mod overlap;
-mod parse;
+pub(crate) mod parse;
 mod policy;
 #[cfg(test)]
 mod testutil;
@@ -42,10 +43,9 @@ pub use create::{Compat, CompressionType, CreateOptions, Preallocation};
 pub use error::{OptionError, SizeError};
 pub use open::OpenOptions;
 pub use overlap::{OverlapCheckMode, OverlapCheckOptions, OverlapChecks};
-pub use parse::{
-    check_option_list, escape_option_value, option_string_wants_help, parse_bool_onoff,
-    parse_image_size, parse_number, parse_size, split_option_string, validate_node_name,
-};
+// The rest of QEMU's option-string syntax (`parse`) is used inside this
+// module and by the command-line tools, through `crate::cli_support`.
+pub use parse::{parse_image_size, parse_size};
 pub use policy::{BackingPolicy, ErrorAction, ErrorPolicy};
 
 /// Smallest cluster size QEMU accepts (512 bytes).
@@ -84,6 +84,7 @@ fn valid_cluster_size(cluster_size: u64) -> bool {
 mod tests {
     use proptest::prelude::*;
 
+    use super::parse::*;
     use super::*;
     use crate::options::testutil::fresh_image;
 

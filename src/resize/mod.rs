@@ -28,10 +28,10 @@
 //! refcount blocks that count nothing but themselves and truncates the file
 //! after the last used cluster.
 
-use crate::error::{Error, IoOp, Result};
-use crate::events::IoOperation;
+use crate::error::{Error, IoOp, Limit, Result};
 use crate::format::consts::*;
 use crate::format::entry::L2Entry;
+use crate::format::Structure;
 use crate::image::Image;
 use crate::meta::{write_file, DiscardType, Meta, RawL2};
 use crate::options::Preallocation;
@@ -131,10 +131,7 @@ impl Image {
         }
         let need = self.geom.l1_entries_for(new_size);
         if need > MAX_L1_BYTES / 8 {
-            return Err(Error::TooLarge(
-                "The image size is too large for file format 'qcow2' (try using a larger cluster size)"
-                    .into(),
-            ));
+            return Err(Error::TooLarge(Limit::DiskSize { size: new_size }));
         }
         // No data I/O may be in flight: clusters are freed (and reused) as
         // soon as nothing refers to them, as in QEMU.
@@ -161,7 +158,7 @@ impl Image {
             meta.write_size(new_size)
         })();
         drop(barrier);
-        r.map_err(|e| self.fail(&mut meta, e, IoOperation::Write))
+        r.map_err(|e| self.fail(&mut meta, e, IoOp::Write))
     }
 
     /// Grows the virtual disk to `new_size` bytes without preallocation
@@ -296,7 +293,7 @@ impl Image {
             }
             None => {
                 return Err(Error::Corrupt {
-                    what: "refcount table",
+                    what: Structure::RefcountTable,
                     offset: meta.header.refcount_table_offset,
                     msg: "There are no references in the refcount table.".into(),
                 })

@@ -7,6 +7,7 @@ use super::resize_data_file;
 use crate::error::{Error, IoOp, Result};
 use crate::format::consts::*;
 use crate::format::entry::{L2Entry, Subclusters};
+use crate::format::Structure;
 use crate::format::{be_u64, put_be_u64};
 use crate::image::Image;
 use crate::mapping::Extent;
@@ -89,7 +90,7 @@ impl Prealloc {
 
 fn corrupt_entry(table: u64, index: u64) -> Error {
     Error::Corrupt {
-        what: "L2 table",
+        what: Structure::L2Table,
         offset: table,
         msg: format!("Invalid cluster entry found  (L2 offset: {table:#x}, L2 index: {index:#x})"),
     }
@@ -181,7 +182,7 @@ impl Image {
         let done = bytes - remaining;
         match host_offset {
             Some(h) if done > 0 => Ok((h, done)),
-            _ => Err(Error::InvalidArgument(format!(
+            _ => Err(Error::Internal(format!(
                 "preallocation made no progress at guest offset {offset:#x}"
             ))),
         }
@@ -250,7 +251,7 @@ impl Image {
         let t = self.table_for(meta, ctx, start)?;
         let mut nb = self.count_single_write(meta, ctx, t, start, nb, true)?;
         if nb == 0 {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::Internal(format!(
                 "no cluster to allocate at guest offset {start:#x}"
             )));
         }
@@ -574,7 +575,7 @@ impl Image {
         let idx = usize::try_from(l1i)
             .ok()
             .filter(|i| *i < meta.l1.len())
-            .ok_or_else(|| Error::InvalidArgument(format!("L1 index {l1i} beyond the L1 table")))?;
+            .ok_or_else(|| Error::Internal(format!("L1 index {l1i} beyond the L1 table")))?;
         if let Some(i) = ctx.by_l1.get(&idx) {
             return Ok(Table::New(*i));
         }
@@ -588,7 +589,7 @@ impl Image {
         let host = meta.alloc_clusters(1)?;
         if host == 0 {
             return Err(Error::Corrupt {
-                what: "L2 table",
+                what: Structure::L2Table,
                 offset: 0,
                 msg: "Preventing invalid allocation of L2 table at offset 0".into(),
             });

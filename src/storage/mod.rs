@@ -2,8 +2,11 @@
 //!
 //! Everything above this module talks to a [`Storage`], never to a
 //! `std::fs::File` directly, so tests can substitute an in-memory image
-//! ([`MemStorage`]), inject faults and record writes ([`FaultyStorage`]).
+//! ([`MemStorage`]). With the `testing` cargo feature, tests can also inject
+//! faults and record writes (`FaultyStorage`, `replay`); those helpers are not
+//! part of the default public API.
 
+#[cfg(any(test, feature = "testing"))]
 mod faulty;
 mod file;
 pub mod lock;
@@ -11,6 +14,7 @@ mod memory;
 pub(crate) mod sys;
 mod tracked;
 
+#[cfg(any(test, feature = "testing"))]
 pub use faulty::{replay, Fault, FaultKind, FaultOp, FaultyStorage, RecordedOp};
 pub use file::FileStorage;
 pub use lock::{LockError, LockRequest, Locking, Permissions};

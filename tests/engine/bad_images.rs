@@ -669,7 +669,7 @@ fn garbage_compressed_cluster() {
     let img = r.unwrap();
     match img.read_at(&mut buf, 0) {
         Err(Error::Corrupt { what, msg, .. }) => {
-            assert_eq!(what, "L2 table");
+            assert_eq!(what.to_string(), "L2 table");
             assert_eq!(
                 msg,
                 format!(

@@ -1,8 +1,8 @@
 //! Structural corruption found while translating, and I/O error events.
 
 use crate::support::testing::{Fault, FaultKind, FaultOp, FaultyStorage};
+use qcow2kit::error::IoOp;
 use qcow2kit::events::ErrorAction;
-use qcow2kit::events::IoOperation;
 use qcow2kit::options::ErrorPolicy;
 use qcow2kit::storage::{MemStorage, Storage};
 use qcow2kit::{CreateOptions, Error, Event, Image, OpenOptions};
@@ -194,15 +194,15 @@ fn io_error_case(op: FaultOp, kind: FaultKind) {
     }));
     let mut buf = [0u8; 4096];
     let (r, operation) = match op {
-        FaultOp::Read => (img.read_at(&mut buf, 0), IoOperation::Read),
-        _ => (img.write_at(&buf, 0), IoOperation::Write),
+        FaultOp::Read => (img.read_at(&mut buf, 0), IoOp::Read),
+        _ => (img.write_at(&buf, 0), IoOp::Write),
     };
     let err = r.expect_err("the request fails");
     assert_eq!(err.is_nospace(), kind == FaultKind::Enospc);
     let ev = ev.lock().unwrap().clone();
     assert_eq!(ev.len(), 1, "{ev:?}");
     let nospace = kind == FaultKind::Enospc;
-    let action = if nospace && operation == IoOperation::Write {
+    let action = if nospace && operation == IoOp::Write {
         ErrorAction::Stop
     } else {
         ErrorAction::Report

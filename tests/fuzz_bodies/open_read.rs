@@ -17,9 +17,9 @@
 //! offsets far past the end fail with ENOSPC instead of allocating).
 
 use qcow2kit::image::BlockStatus;
-use qcow2kit::mapping::Extent;
 use qcow2kit::options::BackingPolicy;
 use qcow2kit::storage::{MemStorage, Storage};
+use qcow2kit::Extent;
 use qcow2kit::{Image, OpenOptions};
 use std::sync::Arc;
 

@@ -16,11 +16,13 @@
 //!
 //! Every error is formatted (`Display`, `hint`), since messages are API here.
 
+use qcow2kit::cli_support::{
+    escape_option_value, parse_bool_onoff, parse_number, split_option_string,
+};
 use qcow2kit::create::create_on;
 use qcow2kit::format::header::Header;
 use qcow2kit::options::{
-    escape_option_value, parse_bool_onoff, parse_image_size, parse_number, parse_size,
-    split_option_string, AmendImageState, AmendOptions, Compat, OptionError,
+    parse_image_size, parse_size, AmendImageState, AmendOptions, Compat, OptionError,
 };
 use qcow2kit::storage::{MemStorage, Storage};
 use qcow2kit::{CreateOptions, Image, OpenOptions};

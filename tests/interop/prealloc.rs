@@ -279,7 +279,7 @@ fn data_file_raw_preallocates_metadata() {
     // Guest cluster N is data-file offset N.
     let img = open(&t.a.join("r.qcow2"));
     let st = img.block_status(5 << 20, 65536).unwrap();
-    assert_eq!(st.extent, qcow2kit::mapping::Extent::Data { host: 5 << 20 });
+    assert_eq!(st.extent, qcow2kit::Extent::Data { host: 5 << 20 });
 }
 
 /// With extended L2 entries and a backing file, preallocated subclusters

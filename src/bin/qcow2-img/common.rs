@@ -169,7 +169,7 @@ pub fn open_ro_with(filename: &str, opts: OpenOptions) -> Result<Image, Fail> {
 pub fn wants_help(options: &[String]) -> bool {
     options
         .iter()
-        .any(|o| qcow2kit::options::option_string_wants_help(o))
+        .any(|o| qcow2kit::cli_support::option_string_wants_help(o))
 }
 
 /// The option list printed for `-o help` (qemu-img's text differs; the

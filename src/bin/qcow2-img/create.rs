@@ -2,7 +2,8 @@
 
 use crate::common::{parse_args, wants_help, CmdResult, Fail};
 use clap::Parser;
-use qcow2kit::options::{check_option_list, parse_image_size, CreateOptions};
+use qcow2kit::cli_support::check_option_list;
+use qcow2kit::options::{parse_image_size, CreateOptions};
 use qcow2kit::storage::{FileStorage, Storage};
 use qcow2kit::{Error, Image, OpenOptions};
 use std::path::Path;

@@ -12,8 +12,8 @@
 
 use crate::common::{parse_args, Fail, PROG};
 use clap::Parser;
-use qcow2kit::mapping::Extent;
 use qcow2kit::options::{parse_size, SizeError};
+use qcow2kit::Extent;
 use qcow2kit::{Error, Event, Image, OpenOptions};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};

@@ -12,8 +12,8 @@ use super::{cvtnum, cvtstr, dump_buffer, getopt, parse_pattern, print_report};
 use super::{Cmd, Done, State, CMDS, REQUEST_MAX_BYTES};
 use crate::common::PROG;
 use qcow2kit::info::ImageInfo;
-use qcow2kit::mapping::Extent;
 use qcow2kit::options::{parse_size, Preallocation, SizeError};
+use qcow2kit::Extent;
 use std::time::Instant;
 
 /// qemu-io's `help [command]` (stdout): all commands sorted by name, or
@@ -375,7 +375,7 @@ impl State {
                 println!("{}", SizeError::OutOfRange { input }.qemu_io_message());
                 return false;
             }
-            Err(SizeError::Invalid { .. }) => {
+            Err(_) => {
                 let input = args[0].to_owned();
                 println!("{}", SizeError::Invalid { input }.qemu_io_message());
                 return false;

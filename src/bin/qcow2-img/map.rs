@@ -8,8 +8,8 @@ use crate::common::{
 use clap::Parser;
 use qcow2kit::image::Backing;
 use qcow2kit::info::path_combine;
-use qcow2kit::mapping::Extent;
 use qcow2kit::storage::Storage;
+use qcow2kit::Extent;
 use qcow2kit::{Error, Image};
 
 #[derive(Parser, Debug)]
