@@ -46,6 +46,7 @@ pub mod mapping;
 mod meta;
 pub mod options;
 pub mod overlap;
+mod repair;
 pub mod resize;
 mod snapshot;
 pub mod storage;

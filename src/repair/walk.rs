@@ -9,9 +9,9 @@
 //! read, then they are processed in L1 order (so findings come out in
 //! QEMU's order).
 
+use super::findings::{CheckCounts, Finding};
 use super::imrt::RefArray;
 use super::pass::{Pass, MAX_CHECK_CLUSTERS};
-use super::report::{CheckCounts, Finding};
 use crate::error::{Error, Result};
 use crate::format::bitmap::{decode_bitmap_directory, decode_bitmap_table_entry};
 use crate::format::consts::*;

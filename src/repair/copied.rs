@@ -8,8 +8,8 @@
 //! at a time (synchronously), an L2 table in one write once all its entries
 //! are fixed.
 
+use super::findings::{CheckCounts, Finding};
 use super::pass::Pass;
-use super::report::{CheckCounts, Finding};
 use super::walk::{cluster_type, ClusterType};
 use crate::error::Result;
 use crate::format::consts::*;

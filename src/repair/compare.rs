@@ -9,9 +9,9 @@
 //!
 //! Rebuilding the refcount structures is in `rebuild.rs`.
 
+use super::findings::{hash_x, CheckCounts, Finding, RefcountVerdict};
 use super::imrt::RefArray;
 use super::pass::{Fix, Pass, MAX_CHECK_CLUSTERS};
-use super::report::{hash_x, CheckCounts, Finding, RefcountVerdict};
 use crate::error::{Error, Result};
 use crate::format::consts::*;
 use crate::types::MetadataKind;
