@@ -39,8 +39,6 @@
 //! through the image's write gate, ordered so that an interrupted repair
 //! leaves an image that checks no worse than before it.
 
-#[cfg(feature = "cli")]
-pub mod cli;
 mod report;
 
 pub use crate::repair::{

@@ -7,14 +7,14 @@
 //! qcow2 format" (exit 1) and 63 needs an explicit `-f raw`.
 //!
 //! `qcow2-img` calls [`run_check_cli`] with [`CliName::QCOW2_IMG_CHECK`] and
-//! the arguments after `check`.
+//! the arguments after `check`. Both binaries include this file (with
+//! `#[path]`), so the library itself knows nothing of the command line.
 
-use super::{CheckEvent, CheckOptions, Checker, Repair};
-use crate::error::{Error, IoOp};
-use crate::format::consts::QCOW2_MAGIC;
-use crate::storage::{FileStorage, Storage};
 use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{Arg, ArgAction, Command};
+use qcow2kit::check::{CheckEvent, CheckOptions, Checker, Repair};
+use qcow2kit::error::{Error, IoOp};
+use qcow2kit::storage::{FileStorage, Storage};
 use std::io::{IsTerminal, Write};
 use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
@@ -31,11 +31,19 @@ pub struct CliName {
 
 impl CliName {
     /// The standalone `qcow2-check` binary.
+    #[allow(
+        dead_code,
+        reason = "each binary that includes this file uses one name"
+    )]
     pub const QCOW2_CHECK: CliName = CliName {
         program: "qcow2-check",
         command: None,
     };
     /// `qcow2-img check`.
+    #[allow(
+        dead_code,
+        reason = "each binary that includes this file uses one name"
+    )]
     pub const QCOW2_IMG_CHECK: CliName = CliName {
         program: "qcow2-img",
         command: Some("check"),
@@ -52,6 +60,9 @@ impl CliName {
 
 /// Images at least this large get a progress bar (when stderr is a terminal).
 const PROGRESS_MIN_BYTES: u64 = 1 << 30;
+
+/// The qcow2 magic, "QFI\xfb" (probing the format of `qcow2-img check`'s FILE).
+const QCOW2_MAGIC: u32 = 0x5146_49fb;
 
 /// Exit code when the format does not support checks.
 const EXIT_UNSUPPORTED: i32 = 63;
@@ -462,7 +473,7 @@ where
     let file = match FileStorage::open(path, repair != Repair::None) {
         Ok(f) => f,
         Err(e) => {
-            let text = crate::error::strerror(e.raw_os_error().unwrap_or(libc::EIO));
+            let text = qcow2kit::error::strerror(e.raw_os_error().unwrap_or(libc::EIO));
             return could_not_open(out, &format!("Could not open '{filename}': {text}"));
         }
     };
@@ -503,7 +514,7 @@ where
     }
     let file_len = file.len().unwrap_or(0);
     let file: Arc<dyn Storage> = Arc::new(file);
-    let open_opts = crate::options::OpenOptions::new().force_share(force_share);
+    let open_opts = qcow2kit::options::OpenOptions::new().force_share(force_share);
     let checker = match Checker::open_storage_with(file.clone(), Some(path), repair, &open_opts) {
         Ok(c) => c,
         Err(e) => {
@@ -511,8 +522,8 @@ where
             // before whatever makes the open fail.
             let mut head = vec![0u8; file_len.min(2 << 20) as usize];
             if file.read_at(&mut head, 0).is_ok() {
-                if let Ok(h) = crate::format::header::Header::decode_for_check(&head) {
-                    for f in super::stale_bitmaps_findings(&h) {
+                if let Ok(h) = qcow2kit::format::header::Header::decode_for_check(&head) {
+                    for f in qcow2kit::check::stale_bitmaps_findings(&h) {
                         let _ = writeln!(out.stderr, "{}", cli_line(name, &f));
                     }
                 }
@@ -555,7 +566,7 @@ where
                 leaks_fixed,
                 corruptions_fixed,
             } => {
-                *paragraph_ref = Some(super::CheckReport::repaired_paragraph(
+                *paragraph_ref = Some(qcow2kit::check::CheckReport::repaired_paragraph(
                     leaks_fixed,
                     corruptions_fixed,
                 ));
@@ -567,6 +578,7 @@ where
                     b.set_position(done);
                 }
             }
+            _ => {}
         };
         checker.run(CheckOptions {
             on_event: Some(Box::new(on_event)),
@@ -626,7 +638,7 @@ where
 }
 
 /// A finding as the command prints it on stderr.
-fn cli_line(name: CliName, f: &super::Finding) -> String {
+fn cli_line(name: CliName, f: &qcow2kit::check::Finding) -> String {
     if f.is_error_report() {
         format!("{}: {f}", name.program)
     } else {
@@ -643,7 +655,7 @@ fn open_message(e: &Error) -> String {
             ..
         } => format!(
             "Could not read image header: {}",
-            crate::error::strerror(source.raw_os_error().unwrap_or(libc::EIO))
+            qcow2kit::error::strerror(source.raw_os_error().unwrap_or(libc::EIO))
         ),
         other => other.qemu_message(),
     }
