@@ -204,7 +204,7 @@ impl Pass<'_, '_> {
                 wrote = true;
             }
             if r % 8 == 7 || end == nb {
-                self.progress("Comparing refcounts", end as u64, nb as u64);
+                self.progress(super::PHASES[1], end as u64, nb as u64);
             }
         }
         if wrote {

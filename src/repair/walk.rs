@@ -246,7 +246,7 @@ impl Pass<'_, '_> {
             self.batch_buf = std::mem::take(&mut batch.data);
             if active {
                 let done = chunk.last().map_or(0, |&i| i as u64 + 1);
-                self.progress("Checking L1/L2 tables", done, total);
+                self.progress(super::PHASES[0], done, total);
             }
         }
         Ok(())

@@ -64,6 +64,75 @@ const PROGRESS_MIN_BYTES: u64 = 1 << 30;
 /// The qcow2 magic, "QFI\xfb" (probing the format of `qcow2-img check`'s FILE).
 const QCOW2_MAGIC: u32 = 0x5146_49fb;
 
+/// Steps of the progress bar (0 to 100% in hundredths of a percent).
+const BAR_STEPS: u64 = 10_000;
+
+/// One progress model over every phase of a check, so the bar only moves
+/// forward from 0 to 100%: each pass is a share of the whole (all of it for
+/// a check; half of it for each of the two passes a repair may run), and
+/// inside a pass each phase of [`qcow2kit::check::PHASES`] a share by
+/// weight. A phase that runs again (the walk after a refcount rebuild) or
+/// counts that go backwards never move the bar back.
+#[derive(Debug, Clone)]
+struct CheckProgress {
+    /// Where the current pass starts, in [`BAR_STEPS`].
+    pass_start: u64,
+    /// How many steps the current pass spans.
+    pass_span: u64,
+    /// The position shown last.
+    shown: u64,
+}
+
+/// Relative cost of the phases of a pass, in the order of
+/// [`qcow2kit::check::PHASES`]: the walk reads every table, the comparison
+/// every refcount block, the COPIED check the active L2 tables again.
+const PHASE_WEIGHTS: [u64; 3] = [6, 3, 1];
+
+impl CheckProgress {
+    /// The model for a run that may (`repairing`) or will not repair.
+    fn new(repairing: bool) -> CheckProgress {
+        let pass_span = if repairing { BAR_STEPS / 2 } else { BAR_STEPS };
+        CheckProgress {
+            pass_start: 0,
+            pass_span,
+            shown: 0,
+        }
+    }
+
+    /// Position after `done` of `total` units of `phase`.
+    fn phase(&mut self, phase: &str, done: u64, total: u64) -> u64 {
+        let Some(i) = qcow2kit::check::PHASES.iter().position(|p| *p == phase) else {
+            return self.shown;
+        };
+        let weights = u128::from(PHASE_WEIGHTS.iter().sum::<u64>());
+        let before = u128::from(PHASE_WEIGHTS.iter().take(i).sum::<u64>());
+        let w = u128::from(PHASE_WEIGHTS.get(i).copied().unwrap_or(0));
+        // The pass's share times (weights before + w * done/total) / weights.
+        let total = u128::from(total.max(1));
+        let done = u128::from(done).min(total);
+        let in_pass = u128::from(self.pass_span) * (before * total + w * done) / (weights * total);
+        let pos = self.pass_start + u64::try_from(in_pass).unwrap_or(self.pass_span);
+        self.advance(pos)
+    }
+
+    /// The repair fixed something: the double check takes the rest.
+    fn second_pass(&mut self) -> u64 {
+        self.pass_start = self.shown.clamp(BAR_STEPS / 2, BAR_STEPS);
+        self.pass_span = BAR_STEPS - self.pass_start;
+        self.advance(self.pass_start)
+    }
+
+    /// The run is over.
+    fn finish(&mut self) -> u64 {
+        self.advance(BAR_STEPS)
+    }
+
+    fn advance(&mut self, pos: u64) -> u64 {
+        self.shown = self.shown.max(pos.min(BAR_STEPS));
+        self.shown
+    }
+}
+
 /// Exit code when the format does not support checks.
 const EXIT_UNSUPPORTED: i32 = 63;
 
@@ -535,7 +604,7 @@ where
     // Findings go to stderr as they come; the repaired paragraph to stdout.
     let bar = (progress && !quiet && file_len >= PROGRESS_MIN_BYTES).then(|| {
         let b = indicatif::ProgressBar::with_draw_target(
-            Some(0),
+            Some(BAR_STEPS),
             indicatif::ProgressDrawTarget::stderr(),
         );
         if let Ok(style) =
@@ -545,11 +614,13 @@ where
         }
         b
     });
+    let mut model = CheckProgress::new(repair != Repair::None);
     let mut paragraph: Option<String> = None;
     let report = {
         let stderr = &mut *out.stderr;
         let bar_ref = bar.as_ref();
         let paragraph_ref = &mut paragraph;
+        let model_ref = &mut model;
         let on_event = move |ev: CheckEvent<'_>| match ev {
             CheckEvent::Finding(f) => {
                 let line = cli_line(name, f);
@@ -570,12 +641,16 @@ where
                     leaks_fixed,
                     corruptions_fixed,
                 ));
+                let pos = model_ref.second_pass();
+                if let Some(b) = bar_ref {
+                    b.set_position(pos);
+                }
             }
             CheckEvent::Progress { phase, done, total } => {
+                let pos = model_ref.phase(phase, done, total);
                 if let Some(b) = bar_ref {
                     b.set_message(phase);
-                    b.set_length(total);
-                    b.set_position(done);
+                    b.set_position(pos);
                 }
             }
             _ => {}
@@ -586,6 +661,7 @@ where
         })
     };
     if let Some(b) = &bar {
+        b.set_position(model.finish());
         b.finish_and_clear();
     }
     if let Some(p) = &paragraph {
@@ -658,5 +734,102 @@ fn open_message(e: &Error) -> String {
             qcow2kit::error::strerror(source.raw_os_error().unwrap_or(libc::EIO))
         ),
         other => other.qemu_message(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use qcow2kit::check::PHASES;
+
+    /// Feeds `events` (phase index, done, total; `None` for the repair's
+    /// second pass) and asserts the bar never moves back and ends at 100%.
+    fn assert_monotonic(repairing: bool, events: &[Option<(usize, u64, u64)>]) -> Vec<u64> {
+        let mut m = CheckProgress::new(repairing);
+        let mut shown = vec![0];
+        for e in events {
+            let pos = match *e {
+                Some((i, done, total)) => m.phase(PHASES[i], done, total),
+                None => m.second_pass(),
+            };
+            assert!(pos <= BAR_STEPS, "{pos} past the end after {e:?}");
+            assert!(
+                pos >= *shown.last().unwrap(),
+                "moved back at {e:?}: {shown:?}"
+            );
+            shown.push(pos);
+        }
+        assert_eq!(m.finish(), BAR_STEPS);
+        shown
+    }
+
+    #[test]
+    fn one_pass_moves_forward_through_all_phases() {
+        let mut events = Vec::new();
+        for (i, total) in [(0, 10), (1, 7), (2, 10)] {
+            for done in 0..=total {
+                events.push(Some((i, done, total)));
+            }
+        }
+        let shown = assert_monotonic(false, &events);
+        // Each phase ends at its cumulative weight: 60%, 90%, 100%.
+        assert_eq!(shown[11], 6_000);
+        assert_eq!(shown[19], 9_000);
+        assert_eq!(*shown.last().unwrap(), BAR_STEPS);
+    }
+
+    #[test]
+    fn phases_running_again_or_odd_counts_never_move_back() {
+        let events = [
+            Some((0, 5, 10)),
+            Some((1, 3, 4)),
+            // The walk again after a rebuild, counts going down, a phase
+            // with nothing to do, more done than total.
+            Some((0, 1, 10)),
+            Some((1, 0, 4)),
+            Some((2, 0, 0)),
+            Some((1, 9, 4)),
+            Some((0, 10, 10)),
+        ];
+        assert_monotonic(false, &events);
+        let mut m = CheckProgress::new(false);
+        assert_eq!(m.phase("not a phase", 1, 2), 0);
+    }
+
+    #[test]
+    fn repair_with_double_check_spans_both_passes() {
+        let mut events: Vec<_> = (0..3).map(|i| Some((i, 1, 1))).collect();
+        events.push(None);
+        events.extend((0..3).map(|i| Some((i, 1, 2))));
+        events.extend((0..3).map(|i| Some((i, 2, 2))));
+        let shown = assert_monotonic(true, &events);
+        // The first pass fills half the bar, the double check the rest.
+        assert_eq!(shown[3], BAR_STEPS / 2);
+        assert_eq!(*shown.last().unwrap(), BAR_STEPS);
+        // A repair that found nothing to fix jumps from 50% to the end.
+        assert_monotonic(true, &[Some((2, 1, 1))]);
+    }
+
+    #[test]
+    fn a_real_check_reports_forward_progress() {
+        use qcow2kit::check::{check_storage, CheckOptions};
+        use qcow2kit::storage::MemStorage;
+        let disk: Arc<dyn Storage> = Arc::new(MemStorage::new());
+        qcow2kit::create::create_on(disk.clone(), &qcow2kit::CreateOptions::default(), 1 << 30)
+            .unwrap();
+        let mut events = Vec::new();
+        let opts = CheckOptions {
+            on_event: Some(Box::new(|e| {
+                if let CheckEvent::Progress { phase, done, total } = e {
+                    let i = PHASES.iter().position(|p| *p == phase).unwrap();
+                    events.push(Some((i, done, total)));
+                }
+            })),
+            ..Default::default()
+        };
+        let report = check_storage(disk, Repair::All, opts).unwrap();
+        assert_eq!(report.exit_code(), 0);
+        assert!(!events.is_empty());
+        assert_monotonic(true, &events);
     }
 }
