@@ -171,7 +171,17 @@ const CASES: &[Case] = &[
     Case {
         bin: IMG,
         sub: &["amend"],
-        options: &["-h", "--help", "-f", "--format", "-q", "--quiet", "-o"],
+        options: &[
+            "-h",
+            "--help",
+            "-f",
+            "--format",
+            "-q",
+            "--quiet",
+            "-p",
+            "--progress",
+            "-o",
+        ],
         codes: &[0, 1],
         not_options: &[],
     },

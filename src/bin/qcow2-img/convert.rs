@@ -7,6 +7,7 @@
 use crate::common::{check_format, open_ro_with, parse_args, CmdResult, Fail};
 use crate::io::CacheMode;
 use crate::map::{block_status, layers};
+use crate::progress::Progress;
 use clap::Parser;
 use qcow2kit::options::{check_option_list, split_option_string, CreateOptions};
 use qcow2kit::storage::{FileStorage, LockRequest, Locking, Storage};
@@ -61,13 +62,17 @@ pub fn run(argv: &[String]) -> CmdResult {
         crate::help::print(crate::help::CONVERT);
         return Ok(());
     }
-    let _ = (a.quiet, a.progress, &a.coroutines, a.out_of_order);
+    let _ = (&a.coroutines, a.out_of_order);
     for o in &a.options {
         check_option_list(o).map_err(|e| Fail::Msg(e.to_string()))?;
     }
     if a.rest.len() < 2 {
         return Err(Fail::Msg("Must specify image file name".into()));
     }
+    // qemu-img starts its indicator here: every later failure closes it
+    // with a newline before the error.
+    let mut progress = Progress::new(a.progress && !a.quiet);
+    progress.start();
     if a.rest.len() > 2 {
         return Err(Fail::Msg(
             "Converting several source images into one is not supported".into(),
@@ -137,9 +142,25 @@ pub fn run(argv: &[String]) -> CmdResult {
     // Set when the target is in use by another process: it stays as it is.
     let mut dst_busy = false;
     let result = if let Some(opts) = create_opts {
-        convert_to_qcow2(&src, src_name, dst_name, &opts, cache, &mut dst_busy)
+        convert_to_qcow2(
+            &src,
+            src_name,
+            dst_name,
+            &opts,
+            cache,
+            &mut dst_busy,
+            &mut progress,
+        )
     } else {
-        convert_to_raw(&src, src_name, dst_path, size, cache, &mut dst_busy)
+        convert_to_raw(
+            &src,
+            src_name,
+            dst_path,
+            size,
+            cache,
+            &mut dst_busy,
+            &mut progress,
+        )
     };
     if let Err(f) = result {
         if !dst_busy {
@@ -147,13 +168,16 @@ pub fn run(argv: &[String]) -> CmdResult {
         }
         return Err(f);
     }
+    progress.finish();
     Ok(())
 }
 
-/// Calls `write(offset, data)` for every run of non-zero guest data of `src`.
+/// Calls `write(offset, data)` for every run of non-zero guest data of
+/// `src`, updating `progress` with the share of the guest size done.
 fn copy_data(
     src: &Image,
     src_name: &str,
+    progress: &mut Progress,
     mut write: impl FnMut(u64, &[u8]) -> Result<(), Fail>,
 ) -> CmdResult {
     let ls = layers(src, src_name).map_err(|e| Fail::Msg(e.qemu_message()))?;
@@ -201,9 +225,11 @@ fn copy_data(
                     i = j;
                 }
                 pos += n as u64;
+                progress.set(pos, size);
             }
         }
         offset = end;
+        progress.set(offset, size);
     }
     Ok(())
 }
@@ -215,6 +241,7 @@ fn convert_to_raw(
     size: u64,
     cache: CacheMode,
     dst_busy: &mut bool,
+    progress: &mut Progress,
 ) -> CmdResult {
     let name = dst.display().to_string();
     let file = FileStorage::open_for_create(dst, false).map_err(|e| {
@@ -251,7 +278,7 @@ fn convert_to_raw(
     };
     file.set_len(size)
         .map_err(|e| Fail::Msg(format!("{name}: Could not resize file: {e}")))?;
-    copy_data(src, src_name, |off, data| {
+    copy_data(src, src_name, progress, |off, data| {
         file.write_at(data, off)
             .map_err(|e| Fail::Msg(format!("error while writing at byte {off}: {e}")))?;
         if cache.writethrough && !cache.no_flush() {
@@ -272,6 +299,7 @@ fn convert_to_qcow2(
     opts: &CreateOptions,
     cache: CacheMode,
     dst_busy: &mut bool,
+    progress: &mut Progress,
 ) -> CmdResult {
     let size = opts.size.unwrap_or_else(|| src.size());
     let fail = |m: String| Fail::Msg(format!("{dst}: {m}"));
@@ -288,7 +316,7 @@ fn convert_to_qcow2(
     })?;
     let out = Image::open(dst, &cache.apply(OpenOptions::new()))
         .map_err(|e| crate::common::open_fail(dst, &e))?;
-    copy_data(src, src_name, |off, data| {
+    copy_data(src, src_name, progress, |off, data| {
         out.write_at(data, off)
             .and_then(|_| {
                 if cache.writethrough {

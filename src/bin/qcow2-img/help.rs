@@ -161,9 +161,10 @@ Options:
   -c, --compress
       write compressed clusters: not supported yet (refused with an error)
   -p, --progress
-      accepted for compatibility; no progress is shown
+      print qemu-img's progress indicator on stdout: updates of the form
+      (PERCENT/100%), each ended by a carriage return, and a newline at the end
   -q, --quiet
-      accepted for compatibility; convert prints nothing on success anyway
+      print no progress (convert prints nothing else on success anyway)
   -m NUM
       number of parallel copy requests: accepted for compatibility, ignored
   -W
@@ -218,18 +219,21 @@ Exit codes:
 
 /// `qcow2-img amend --help`.
 pub const AMEND: &str = "\
-Usage: qcow2-img amend [-f qcow2] [-q] -o OPTS... FILE
+Usage: qcow2-img amend [-f qcow2] [-p] [-q] -o OPTS... FILE
 
 Change header options of an existing image in place. Prints nothing on
-success.
+success (with -p: the progress indicator only).
 
 Options:
   -h, --help
       print this help and exit
   -f, --format qcow2
       format of FILE; only qcow2 is supported (default: qcow2)
+  -p, --progress
+      print qemu-img's progress indicator on stdout: updates of the form
+      (PERCENT/100%), each ended by a carriage return, and a newline at the end
   -q, --quiet
-      accepted for compatibility; amend prints nothing on success anyway
+      print no progress (amend prints nothing else on success anyway)
   -o OPTS
       the options to change, as key=value[,key=value...]: compat,
       lazy_refcounts, refcount_bits, size, backing_file, backing_fmt,

@@ -17,6 +17,7 @@ mod help;
 mod info;
 mod io;
 mod map;
+mod progress;
 mod resize;
 
 use common::{Fail, PROG};
