@@ -9,7 +9,9 @@ use crate::io::CacheMode;
 use crate::map::{block_status, layers};
 use crate::progress::Progress;
 use clap::Parser;
-use qcow2kit::options::{check_option_list, split_option_string, CreateOptions};
+use qcow2kit::options::{
+    check_option_list, parse_bool_onoff, parse_size, split_option_string, CreateOptions,
+};
 use qcow2kit::storage::{FileStorage, LockRequest, Locking, Storage};
 use qcow2kit::{Error, Image, OpenOptions};
 use std::path::Path;
@@ -104,12 +106,30 @@ pub fn run(argv: &[String]) -> CmdResult {
     };
     let size = src.size();
     let create_opts = if raw {
+        let mut prealloc = None;
         for o in &a.options {
-            for (k, _) in split_option_string(o).map_err(|e| Fail::Msg(e.to_string()))? {
-                if !matches!(k.as_str(), "size" | "nocow" | "preallocation") {
-                    return Err(Fail::Msg(format!("Invalid parameter '{k}'")));
+            for (k, v) in split_option_string(o).map_err(|e| Fail::Msg(e.to_string()))? {
+                match k.as_str() {
+                    "size" => {
+                        parse_size(&v)
+                            .map_err(|e| Fail::Msg(e.into_option_error("size").to_string()))?;
+                    }
+                    "nocow" => {
+                        parse_bool_onoff(&k, &v).map_err(|e| Fail::Msg(e.to_string()))?;
+                    }
+                    "preallocation" => prealloc = Some(v),
+                    _ => return Err(Fail::Msg(format!("Invalid parameter '{k}'"))),
                 }
             }
+        }
+        // The file driver's creation refuses what it cannot preallocate.
+        let fail = |m: String| Fail::Msg(format!("{dst_name}: error while converting raw: {m}"));
+        match prealloc.as_deref() {
+            None | Some("off" | "falloc" | "full") => {}
+            Some(m @ "metadata") => {
+                return Err(fail(format!("Unsupported preallocation mode: {m}")))
+            }
+            Some(other) => return Err(fail(format!("invalid parameter value: {other}"))),
         }
         None
     } else {
@@ -118,9 +138,9 @@ pub fn run(argv: &[String]) -> CmdResult {
             opts.apply_qemu_str(o)
                 .map_err(|e| Fail::Msg(e.to_string()))?;
         }
-        if opts.size.is_none() {
-            opts.size = Some(size);
-        }
+        // qemu-img convert creates the target with the source's size,
+        // whatever `-o size=` says.
+        opts.size = Some(size);
         Some(opts)
     };
     if a.compress {
@@ -246,7 +266,7 @@ fn convert_to_raw(
     let name = dst.display().to_string();
     let file = FileStorage::open_for_create(dst, false).map_err(|e| {
         Fail::Msg(format!(
-            "{name}: Could not create '{name}': {}",
+            "{name}: error while converting raw: Could not create '{name}': {}",
             Error::io(qcow2kit::error::IoOp::Write, 0, e).qemu_message()
         ))
     })?;
@@ -302,15 +322,18 @@ fn convert_to_qcow2(
     progress: &mut Progress,
 ) -> CmdResult {
     let size = opts.size.unwrap_or_else(|| src.size());
-    let fail = |m: String| Fail::Msg(format!("{dst}: {m}"));
+    // qemu-img's prefix for whatever the target's creation refuses.
+    let fail = |m: String| Fail::Msg(format!("{dst}: error while converting qcow2: {m}"));
     opts.validate().map_err(|e| fail(e.to_string()))?;
+    let existed = Path::new(dst).exists();
     qcow2kit::create::create(Path::new(dst), opts, size).map_err(|e| match e {
         Error::Lock(_) => {
             *dst_busy = true;
-            fail(format!(
-                "error while converting qcow2: {}",
-                e.qemu_message()
-            ))
+            fail(e.qemu_message())
+        }
+        // The target itself could not be created.
+        Error::Io { .. } if !existed && !Path::new(dst).exists() => {
+            fail(format!("Could not create '{dst}': {}", e.qemu_message()))
         }
         _ => fail(e.qemu_message()),
     })?;

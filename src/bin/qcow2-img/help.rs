@@ -155,7 +155,8 @@ Options:
       format of DST (default raw)
   -o, --options OPTS
       creation options of DST as key=value[,key=value...]; may be repeated;
-      with -O raw only size, nocow and preallocation are accepted
+      with -O raw only size, nocow and preallocation are accepted; DST always
+      has the size of SRC (size= is checked but does not change it)
   -t TGT_CACHE
       cache mode for DST, values as for -T (default unsafe: no syncs at all)
   -c, --compress
