@@ -58,6 +58,8 @@ const CHECK_OPTIONS: &[&str] = &[
     "--force-share",
     "-T",
     "--cache",
+    "--image-opts",
+    "--object",
 ];
 
 const CASES: &[Case] = &[

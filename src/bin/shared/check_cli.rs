@@ -155,8 +155,8 @@ fn help_text(name: CliName) -> String {
     };
     format!(
         "\
-Usage: {full} [-f qcow2|raw] [-r leaks|all] [--output human|json] [-q]
-{pad}[-T CACHE_MODE] [-U] FILE
+Usage: {full} [-f qcow2|raw | --image-opts] [-r leaks|all] [--output human|json]
+{pad}[-q] [-T CACHE_MODE] [-U] [--object OBJECTDEF] FILE
 
 Check a qcow2 image for consistency and optionally repair it. Without -r the
 image is opened read-only; with -r read-write.
@@ -179,11 +179,18 @@ Options:
   -U, --force-share
       open FILE in shared mode, so an image another process holds can be
       checked (no lock conflict; read-only checks only)
+  --image-opts
+      FILE is an option string naming the image and its runtime options,
+      driver=qcow2,file.filename=PATH[,...] (driver=raw gives exit 63);
+      incompatible with -f
+  --object OBJECTDEF
+      an object definition (such as a secret): accepted for compatibility
+      and ignored, as no option refers to objects here
   Long options may be abbreviated (--rep for --repair).
 
 Arguments:
   FILE
-      the image file; exactly one
+      the image file (with --image-opts: its option string); exactly one
 
 Exit codes:
   0   check done, the image is consistent (or was made so by -r)
@@ -245,6 +252,19 @@ fn command(name: CliName) -> Command {
                 .value_name("CACHE_MODE")
                 .action(ArgAction::Append)
                 .help("cache mode (accepted for compatibility)"),
+        )
+        .arg(
+            Arg::new("image-opts")
+                .long("image-opts")
+                .action(ArgAction::SetTrue)
+                .help("FILE is an option string (driver=qcow2,file.filename=...)"),
+        )
+        .arg(
+            Arg::new("object")
+                .long("object")
+                .value_name("OBJECTDEF")
+                .action(ArgAction::Append)
+                .help("object definition (accepted for compatibility, ignored)"),
         )
         .arg(
             Arg::new("file")
@@ -386,6 +406,9 @@ fn expand_long_options(args: &[String]) -> std::result::Result<Vec<String>, Stri
                 .collect(),
         };
         match matches.as_slice() {
+            [(full, false)] if value.is_some() => {
+                return Err(format!("option '--{full}' doesn't allow an argument"));
+            }
             [(full, takes_value)] => {
                 out.push(match value {
                     Some(v) => format!("--{full}={v}"),
@@ -513,7 +536,8 @@ where
     }
     let quiet = m.get_flag("quiet");
     let force_share = m.get_flag("force-share");
-    let format = last_value(&m, "format").map(|(_, f)| f);
+    let mut format = last_value(&m, "format").map(|(_, f)| f);
+    let image_opts = m.get_flag("image-opts");
     let could_not_open = |out: &mut Out<'_>, msg: &str| {
         let _ = writeln!(
             out.stderr,
@@ -530,11 +554,68 @@ where
             return could_not_open(out, &format!("Unknown driver '{f}'"));
         }
     }
-    let path = Path::new(&filename);
+    // With --image-opts FILE is an option string (`driver=qcow2,
+    // file.filename=disk.qcow2,...`) naming the image file.
+    let mut open_opts = qcow2kit::options::OpenOptions::new();
+    let image_file = if image_opts {
+        if format.is_some() {
+            let _ = writeln!(
+                out.stderr,
+                "{}: --image-opts and --format are mutually exclusive",
+                name.program
+            );
+            return 1;
+        }
+        let pairs = match qcow2kit::options::split_option_string(&filename) {
+            Ok(p) => p,
+            Err(e) => return could_not_open(out, &e.to_string()),
+        };
+        let value_of = |key: &str| {
+            pairs
+                .iter()
+                .rev()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.clone())
+        };
+        // `file=NAME` (also a leading bare NAME, qemu-img's implied key)
+        // names a block node, and there are none to refer to.
+        let implied = filename
+            .split(',')
+            .next()
+            .filter(|h| !h.is_empty() && !h.contains('='))
+            .map(str::to_owned);
+        if let Some(node) = implied.or_else(|| value_of("file")) {
+            return could_not_open(
+                out,
+                &format!("Cannot find device='{node}' nor node-name='{node}'"),
+            );
+        }
+        let file = if value_of("driver").as_deref() == Some("raw") {
+            // Raw images have no checks: only the file matters.
+            format = Some("raw".into());
+            value_of("file.filename")
+        } else {
+            if value_of("driver").is_some() {
+                format = Some("qcow2".into());
+            }
+            match qcow2kit::options::OpenOptions::from_qemu_str(&filename) {
+                Ok(o) => open_opts = o,
+                Err(e) => return could_not_open(out, &e.to_string()),
+            }
+            open_opts.filename().map(|p| p.display().to_string())
+        };
+        match file {
+            Some(f) => f,
+            None => return could_not_open(out, "A block device must be specified for \"file\""),
+        }
+    } else {
+        filename.clone()
+    };
+    let path = Path::new(&image_file);
     // QEMU's file driver takes regular files only (character and block
     // devices go to its host_device driver); it refuses anything else after
     // opening it. A FIFO is refused before opening, where QEMU would block.
-    let not_regular = || format!("'file' driver requires '{filename}' to be a regular file");
+    let not_regular = || format!("'file' driver requires '{image_file}' to be a regular file");
     let file_type = |p: &Path| std::fs::metadata(p).ok().map(|m| m.file_type());
     if file_type(path).is_some_and(|t| t.is_fifo()) {
         return could_not_open(out, &not_regular());
@@ -543,7 +624,7 @@ where
         Ok(f) => f,
         Err(e) => {
             let text = qcow2kit::error::strerror(e.raw_os_error().unwrap_or(libc::EIO));
-            return could_not_open(out, &format!("Could not open '{filename}': {text}"));
+            return could_not_open(out, &format!("Could not open '{image_file}': {text}"));
         }
     };
     if file_type(path).is_some_and(|t| !(t.is_file() || t.is_char_device() || t.is_block_device()))
@@ -583,7 +664,8 @@ where
     }
     let file_len = file.len().unwrap_or(0);
     let file: Arc<dyn Storage> = Arc::new(file);
-    let open_opts = qcow2kit::options::OpenOptions::new().force_share(force_share);
+    let share = force_share || open_opts.get_force_share();
+    let open_opts = open_opts.force_share(share);
     let checker = match Checker::open_storage_with(file.clone(), Some(path), repair, &open_opts) {
         Ok(c) => c,
         Err(e) => {
