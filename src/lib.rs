@@ -48,6 +48,7 @@ mod mapping;
 mod meta;
 pub mod options;
 mod overlap;
+mod repair;
 pub mod resize;
 mod snapshot;
 pub mod storage;

@@ -1,6 +1,9 @@
 //! `qcow2-check`: checks a qcow2 image and optionally repairs it, with
 //! `qemu-img check`'s options, output and exit codes.
 
+#[path = "shared/check_cli.rs"]
+mod check_cli;
+
 fn main() {
     let mut args = std::env::args_os().skip(1).peekable();
     // `-V`/`--version` as the first argument, like qemu-img's.
@@ -13,7 +16,6 @@ fn main() {
         );
         return;
     }
-    let code =
-        qcow2kit::check::cli::run_check_cli(qcow2kit::check::cli::CliName::QCOW2_CHECK, args);
+    let code = check_cli::run_check_cli(check_cli::CliName::QCOW2_CHECK, args);
     std::process::exit(code);
 }

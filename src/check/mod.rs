@@ -30,103 +30,28 @@
 //! # Ok::<(), qcow2kit::Error>(())
 //! ```
 //!
-//! For a file, [`check`] takes a path; `cli::run_check_cli` (feature `cli`) is the whole
-//! `qemu-img check` command line.
+//! For a file, [`check`] takes a path; the `qemu-img check` command line
+//! itself is the `qcow2-check` binary's (and `qcow2-img check`'s).
 //!
-//! # Write ordering of repairs
-//! Every repair write goes through the image's write gate
-//! (`Meta::gate_write`) with the exemption of the structure
-//! being written, so a repair can never overwrite other metadata. Leak
-//! repairs only lower refcounts towards the counted value, refcounts that are
-//! too low are only raised, a rebuild writes the new structures before the
-//! header points at them (see `compare.rs`), COPIED flags are fixed after the
-//! refcounts are right, and the dirty/corrupt bits are cleared last. An
-//! interrupted repair therefore leaves an image that checks no worse than
-//! before it.
+//! This module opens the image for a check and renders the report; the
+//! walk and the repairs are the repair engine's (`crate::repair`), which the
+//! image open also uses to repair a dirty image. Every repair write goes
+//! through the image's write gate, ordered so that an interrupted repair
+//! leaves an image that checks no worse than before it.
 
-#[cfg(feature = "cli")]
-#[cfg(feature = "cli")]
-pub mod cli;
-mod compare;
-mod copied;
-mod imrt;
-mod pass;
-mod rebuild;
-mod repair;
 mod report;
-mod snapshots;
-mod walk;
 
-pub use report::{CheckCounts, CheckReport, Finding, RefcountVerdict};
+pub use crate::repair::{
+    stale_bitmaps_findings, CheckCounts, CheckEvent, CheckReport, EventCallback, Finding,
+    RefcountVerdict, Repair, PHASES,
+};
 
 use crate::error::{Error, Result};
-use crate::format::consts::{AUTOCLEAR_MASK, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
 use crate::image::{Image, OpenMode};
 use crate::options::OpenOptions;
 use crate::storage::{FileStorage, Storage};
-use pass::{Fix, Pass};
 use std::path::Path;
 use std::sync::Arc;
-
-/// What a check may repair (`qemu-img check -r`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
-pub enum Repair {
-    /// Only check; the image is opened read-only and never written.
-    #[default]
-    None,
-    /// `-r leaks`: lower refcounts that are higher than the references.
-    Leaks,
-    /// `-r all`: repair leaks and corruptions, rebuilding the refcount
-    /// structures if needed.
-    All,
-}
-
-impl Repair {
-    fn fix(self) -> Fix {
-        match self {
-            Repair::None => Fix::default(),
-            Repair::Leaks => Fix {
-                leaks: true,
-                errors: false,
-            },
-            Repair::All => Fix {
-                leaks: true,
-                errors: true,
-            },
-        }
-    }
-}
-
-/// Something a running check reports, in order.
-#[derive(Debug, Clone, Copy)]
-#[non_exhaustive]
-pub enum CheckEvent<'a> {
-    /// A diagnostic line.
-    Finding(&'a Finding),
-    /// The repair run fixed something; the image is about to be checked a
-    /// second time (`qemu-img` prints "The following inconsistencies were
-    /// found and repaired" here).
-    Repaired {
-        /// Leaks fixed.
-        leaks_fixed: u64,
-        /// Corruptions fixed.
-        corruptions_fixed: u64,
-    },
-    /// Progress of the current phase of a run (`done` out of `total` work
-    /// units).
-    Progress {
-        /// What is being done ("Checking L1/L2 tables", "Comparing refcounts",
-        /// "Checking COPIED flags").
-        phase: &'static str,
-        /// Units done.
-        done: u64,
-        /// Units in this phase.
-        total: u64,
-    },
-}
-
-/// The callback receiving [`CheckEvent`]s.
-pub type EventCallback<'a> = Box<dyn FnMut(CheckEvent<'_>) + 'a>;
 
 /// Options of a check run.
 #[derive(Default)]
@@ -144,27 +69,6 @@ impl std::fmt::Debug for CheckOptions<'_> {
             .field("on_event", &self.on_event.is_some())
             .field("filename", &self.filename)
             .finish()
-    }
-}
-
-/// Collects findings and forwards events.
-pub(crate) struct Sink<'s> {
-    findings: Vec<Finding>,
-    on_event: Option<EventCallback<'s>>,
-}
-
-impl Sink<'_> {
-    pub(crate) fn push(&mut self, f: Finding) {
-        if let Some(cb) = self.on_event.as_mut() {
-            cb(CheckEvent::Finding(&f));
-        }
-        self.findings.push(f);
-    }
-
-    pub(crate) fn event(&mut self, e: CheckEvent<'_>) {
-        if let Some(cb) = self.on_event.as_mut() {
-            cb(e);
-        }
     }
 }
 
@@ -266,45 +170,6 @@ impl Checker {
         })
     }
 
-    /// Repairs a dirty image opened read-write (QEMU's automatic repair of a
-    /// dirty image on open): runs `check -r all` on it and hands it back.
-    pub(crate) fn repair_dirty(image: Image) -> Result<(Image, CheckReport)> {
-        // The repair reads what is past the end of the file as `check -r all`
-        // does, and allocates on its own terms.
-        image.lock_meta()?.refcounts_past_eof = None;
-        let filename = image
-            .path()
-            .map(|p| p.display().to_string())
-            .unwrap_or_default();
-        let checker = Checker {
-            image,
-            repair: Repair::All,
-            filename,
-        };
-        // Corruption met by the repair reaches the embedder's event callback
-        // (given in `OpenOptions::on_event`) like corruption met by a request.
-        let sink = checker.image.event_sink();
-        let node_name = checker.image.options().get_node_name().map(str::to_owned);
-        let forward = move |ev: CheckEvent<'_>| {
-            if let (Some(sink), CheckEvent::Finding(Finding::CorruptionEvent { message, fatal })) =
-                (sink.as_ref(), ev)
-            {
-                sink(&crate::Event::ImageCorrupted {
-                    node_name: node_name.clone(),
-                    msg: message.clone(),
-                    offset: None,
-                    size: None,
-                    fatal: *fatal,
-                });
-            }
-        };
-        let report = checker.run(CheckOptions {
-            on_event: Some(Box::new(forward)),
-            filename: None,
-        })?;
-        Ok((checker.image, report))
-    }
-
     /// Closes the image: with a repair, whatever the repair left in the
     /// caches is written back and synced (see [`Image::close`]).
     ///
@@ -330,63 +195,9 @@ impl Checker {
     /// failure went to [`CheckOptions::on_event`].
     pub fn run(&self, opts: CheckOptions<'_>) -> Result<CheckReport> {
         let mut meta = self.image.lock_meta()?;
-        let mut sink = Sink {
-            findings: Vec::new(),
-            on_event: opts.on_event,
-        };
-        stale_bitmaps_warning(&meta.header, &mut sink);
-        let fix = self.repair.fix();
         let writable = !self.image.is_read_only();
-        // A writer must clear autoclear bits it does not understand (QEMU
-        // does it when it opens the image read-write). One field write:
-        // unlike QEMU's header rewrite in check mode, it keeps the snapshots.
-        let unknown = meta.header.autoclear_features & !AUTOCLEAR_MASK;
-        if fix.any() && unknown != 0 && meta.header.version >= 3 {
-            meta.header.autoclear_features &= AUTOCLEAR_MASK;
-            let v = meta.header.autoclear_features.to_be_bytes();
-            meta.write_header_field_for_repair(88, &v)?;
-        }
-        let mut registered = Vec::new();
-        let (first, rebuilt) = run_pass(&mut meta, &mut sink, fix, writable, &mut registered)?;
-        let mut counts = first;
-        let mut double_checked = false;
-        if first.corruptions_fixed != 0 || first.leaks_fixed != 0 {
-            sink.event(CheckEvent::Repaired {
-                leaks_fixed: first.leaks_fixed,
-                corruptions_fixed: first.corruptions_fixed,
-            });
-            let (second, _) = run_pass(
-                &mut meta,
-                &mut sink,
-                Fix::default(),
-                writable,
-                &mut registered,
-            )?;
-            counts = second;
-            counts.leaks_fixed = first.leaks_fixed;
-            counts.corruptions_fixed = first.corruptions_fixed;
-            double_checked = true;
-        }
-        let mut marked_clean = false;
-        if fix.any() && counts.corruptions == 0 && counts.check_errors == 0 {
-            meta.flush_all(true)?;
-            let bits = INCOMPAT_DIRTY | INCOMPAT_CORRUPT;
-            if meta.header.incompatible_features & bits != 0 {
-                meta.header.incompatible_features &= !bits;
-                meta.write_incompatible_features_for_repair()?;
-                meta.dirty_at_open = false;
-                marked_clean = true;
-            }
-        }
-        Ok(CheckReport {
-            counts,
-            findings: sink.findings,
-            rebuilt,
-            double_checked,
-            marked_clean,
-            filename: opts.filename.unwrap_or_else(|| self.filename.clone()),
-            format: "qcow2".into(),
-        })
+        let filename = opts.filename.unwrap_or_else(|| self.filename.clone());
+        crate::repair::run(&mut meta, self.repair, writable, filename, opts.on_event)
     }
 }
 
@@ -451,70 +262,6 @@ fn validate_bitmaps(image: &Image) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// The warning QEMU prints when opening an image whose bitmaps extension
-/// is present but stale (autoclear bit 0 clear): the bitmap clusters will
-/// show up as leaks.
-fn stale_bitmaps_warning(h: &crate::format::header::Header, sink: &mut Sink<'_>) {
-    for f in stale_bitmaps_findings(h) {
-        sink.push(f);
-    }
-}
-
-/// The lines of [`stale_bitmaps_warning`] (none if the bitmaps are valid
-/// or absent).
-pub(crate) fn stale_bitmaps_findings(h: &crate::format::header::Header) -> Vec<Finding> {
-    let present = h
-        .extensions
-        .iter()
-        .any(|e| e.ext_type() == crate::format::consts::EXT_BITMAPS);
-    if !present || h.autoclear_features & crate::format::consts::AUTOCLEAR_BITMAPS != 0 {
-        return Vec::new();
-    }
-    vec![
-        Finding::Report(if h.version < 3 {
-            "warning: This qcow2 v2 image contains bitmaps, but they may have been modified by \
-             a program without persistent bitmap support; so now they must all be considered \
-             inconsistent"
-                .into()
-        } else {
-            "warning: a program lacking bitmap support modified this file, so all bitmaps are \
-             now considered inconsistent"
-                .into()
-        }),
-        Finding::Message(
-            "Some clusters may be leaked, run 'qcow2-check -r' on the image file to fix.".into(),
-        ),
-    ]
-}
-
-/// One check run (QEMU's `qcow2_co_check_locked`, without marking the image
-/// clean): snapshot table, refcounts, snapshot table repair.
-fn run_pass(
-    meta: &mut crate::meta::Meta,
-    sink: &mut Sink<'_>,
-    fix: Fix,
-    writable: bool,
-    registered: &mut Vec<(u64, u64)>,
-) -> Result<(CheckCounts, bool)> {
-    let mut pass = Pass::new(meta, sink, fix, writable);
-    pass.registered_l1 = std::mem::take(registered);
-    let mut snap_res = CheckCounts::default();
-    let mut result = CheckCounts::default();
-    let r = (|| {
-        pass.check_read_snapshot_table(&mut snap_res)?;
-        let mut ref_res = CheckCounts::default();
-        let rebuilt = pass.check_refcounts(&mut ref_res);
-        result.add(&ref_res, true);
-        let rebuilt = rebuilt?;
-        let fixed = pass.check_fix_snapshot_table(&mut snap_res);
-        result.add(&snap_res, false);
-        fixed?;
-        Ok(rebuilt)
-    })();
-    *registered = std::mem::take(&mut pass.registered_l1);
-    r.map(|rebuilt| (result, rebuilt))
 }
 
 /// Checks (and with `repair`, repairs) the image at `path`.

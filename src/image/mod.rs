@@ -110,7 +110,7 @@ pub struct Image {
     opts: OpenOptions,
     pub(crate) geom: Geometry,
     /// What the automatic repair of a dirty image fixed at open.
-    dirty_repair: Option<crate::check::CheckReport>,
+    dirty_repair: Option<crate::repair::CheckReport>,
     /// The image is encrypted and no key was given (only an inspection
     /// open gets this far): every guest data request is refused.
     encrypted: bool,
@@ -187,7 +187,7 @@ impl Image {
     /// The report of the refcount repair that ran because the image was
     /// dirty (lazy refcounts, not closed cleanly) when it was opened
     /// read-write; `None` if no repair was needed.
-    pub fn dirty_repair_report(&self) -> Option<&crate::check::CheckReport> {
+    pub fn dirty_repair_report(&self) -> Option<&crate::repair::CheckReport> {
         self.dirty_repair.as_ref()
     }
 

@@ -459,7 +459,7 @@ impl Image {
             return Ok(image);
         }
         // QEMU repairs a dirty image on a read-write open (`check -r all`).
-        let (mut image, report) = crate::check::Checker::repair_dirty(image)?;
+        let (mut image, report) = repair_dirty_at_open(image)?;
         if report.counts.corruptions > 0 || report.counts.check_errors > 0 {
             return Err(Error::InvalidArgument(
                 "Could not repair dirty image".into(),
@@ -468,6 +468,36 @@ impl Image {
         image.dirty_repair = Some(report);
         Ok(image)
     }
+}
+
+/// Repairs a dirty image opened read-write with the repair service
+/// (QEMU's `check -r all` at open) and hands it back with the report.
+/// Corruption met by the repair reaches the embedder's event callback
+/// (given in `OpenOptions::on_event`) like corruption met by a request.
+fn repair_dirty_at_open(image: Image) -> Result<(Image, crate::repair::CheckReport)> {
+    use crate::repair::{CheckEvent, Finding};
+    let sink = image.event_sink();
+    let node_name = image.options().get_node_name().map(str::to_owned);
+    let forward = move |ev: CheckEvent<'_>| {
+        if let (Some(sink), CheckEvent::Finding(Finding::CorruptionEvent { message, fatal })) =
+            (sink.as_ref(), ev)
+        {
+            sink(&crate::Event::ImageCorrupted {
+                node_name: node_name.clone(),
+                msg: message.clone(),
+                offset: None,
+                size: None,
+                fatal: *fatal,
+            });
+        }
+    };
+    let mut report =
+        crate::repair::repair_dirty(&mut *image.lock_meta()?, Some(Box::new(forward)))?;
+    report.filename = image
+        .path()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    Ok((image, report))
 }
 
 /// QEMU's refusal of `force-share=on` for a read-write open.

@@ -8,4 +8,5 @@ mod support;
 mod cli;
 mod crash;
 mod damage;
+mod image_opts;
 mod repair_protection;

@@ -40,6 +40,8 @@ const CHECK_OPTIONS: &[&str] = &[
     "--force-share",
     "-T",
     "--cache",
+    "--image-opts",
+    "--object",
 ];
 
 const CASES: &[Case] = &[
@@ -153,7 +155,17 @@ const CASES: &[Case] = &[
     Case {
         bin: IMG,
         sub: &["amend"],
-        options: &["-h", "--help", "-f", "--format", "-q", "--quiet", "-o"],
+        options: &[
+            "-h",
+            "--help",
+            "-f",
+            "--format",
+            "-q",
+            "--quiet",
+            "-p",
+            "--progress",
+            "-o",
+        ],
         codes: &[0, 1],
         not_options: &[],
     },

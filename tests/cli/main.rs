@@ -8,13 +8,16 @@ mod support;
 
 mod amend;
 mod backing_loops;
+mod convert_errors;
 mod create_info;
 mod damaged_images;
 mod encrypted;
 mod help;
 mod io;
 mod io_cache;
+mod io_help;
 mod io_more;
 mod locking;
 mod map_convert;
 mod map_extents;
+mod progress;

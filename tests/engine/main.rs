@@ -3,6 +3,7 @@
 //! random-operation model, overlap checks and concurrency.
 //! One test binary; each module was once a test file of its own.
 
+mod lib_features;
 #[path = "../support/mod.rs"]
 mod support;
 

@@ -3,8 +3,8 @@
 //! in-memory images.
 
 use qcow2kit::image::BlockStatus;
-use qcow2kit::Extent;
 use qcow2kit::storage::{MemStorage, Storage};
+use qcow2kit::Extent;
 use qcow2kit::{CreateOptions, Image, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -1,7 +1,8 @@
 //! `qcow2-img amend -o OPTS FILE` (`cli.md` §7): changes header options in
-//! place. Silent on success.
+//! place. Silent on success; `-p` prints qemu-img's progress indicator.
 
 use crate::common::{check_format, open_fail, parse_args, CmdResult, Fail};
+use crate::progress::Progress;
 use clap::Parser;
 use qcow2kit::options::AmendOptions;
 use qcow2kit::{Image, OpenOptions};
@@ -19,6 +20,8 @@ struct Args {
     format: Option<String>,
     #[arg(short = 'q', long = "quiet")]
     quiet: bool,
+    #[arg(short = 'p', long = "progress")]
+    progress: bool,
     #[arg(short = 'o', action = clap::ArgAction::Append)]
     options: Vec<String>,
     #[arg(num_args = 0..)]
@@ -40,7 +43,9 @@ pub fn run(argv: &[String]) -> CmdResult {
     let [filename] = a.rest.as_slice() else {
         return Err(Fail::Usage("Expecting one image file name".into(), SUB));
     };
-    let _ = a.quiet;
+    // From here on qemu-img has started its indicator: whatever fails
+    // closes it with a newline first.
+    let mut progress = Progress::new(a.progress && !a.quiet);
     let mut opts = AmendOptions::new();
     for o in &a.options {
         opts.apply_qemu_str(o).map_err(|e| {
@@ -50,6 +55,10 @@ pub fn run(argv: &[String]) -> CmdResult {
     }
     check_format(a.format.as_deref(), filename)?;
     let img = Image::open(filename, &OpenOptions::new()).map_err(|e| open_fail(filename, &e))?;
-    qcow2kit::amend::amend_image(&img, &opts).map_err(|e| Fail::Msg(e.qemu_message()))?;
+    progress.start();
+    let amended = qcow2kit::amend::amend_image(&img, &opts);
+    // qemu-img reports the end of the amendment whether it worked or not.
+    progress.finish();
+    amended.map_err(|e| Fail::Msg(e.qemu_message()))?;
     img.close().map_err(|e| Fail::Msg(e.qemu_message()))
 }

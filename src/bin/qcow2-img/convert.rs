@@ -7,9 +7,10 @@
 use crate::common::{check_format, open_ro_with, parse_args, CmdResult, Fail};
 use crate::io::CacheMode;
 use crate::map::{block_status, layers};
+use crate::progress::Progress;
 use clap::Parser;
-use qcow2kit::cli_support::{check_option_list, split_option_string};
-use qcow2kit::options::CreateOptions;
+use qcow2kit::cli_support::{check_option_list, parse_bool_onoff, split_option_string};
+use qcow2kit::options::{parse_size, CreateOptions};
 use qcow2kit::storage::{FileStorage, LockRequest, Locking, Storage};
 use qcow2kit::{Error, Image, OpenOptions};
 use std::path::Path;
@@ -62,13 +63,17 @@ pub fn run(argv: &[String]) -> CmdResult {
         crate::help::print(crate::help::CONVERT);
         return Ok(());
     }
-    let _ = (a.quiet, a.progress, &a.coroutines, a.out_of_order);
+    let _ = (&a.coroutines, a.out_of_order);
     for o in &a.options {
         check_option_list(o).map_err(|e| Fail::Msg(e.to_string()))?;
     }
     if a.rest.len() < 2 {
         return Err(Fail::Msg("Must specify image file name".into()));
     }
+    // qemu-img starts its indicator here: every later failure closes it
+    // with a newline before the error.
+    let mut progress = Progress::new(a.progress && !a.quiet);
+    progress.start();
     if a.rest.len() > 2 {
         return Err(Fail::Msg(
             "Converting several source images into one is not supported".into(),
@@ -100,12 +105,30 @@ pub fn run(argv: &[String]) -> CmdResult {
     };
     let size = src.size();
     let create_opts = if raw {
+        let mut prealloc = None;
         for o in &a.options {
-            for (k, _) in split_option_string(o).map_err(|e| Fail::Msg(e.to_string()))? {
-                if !matches!(k.as_str(), "size" | "nocow" | "preallocation") {
-                    return Err(Fail::Msg(format!("Invalid parameter '{k}'")));
+            for (k, v) in split_option_string(o).map_err(|e| Fail::Msg(e.to_string()))? {
+                match k.as_str() {
+                    "size" => {
+                        parse_size(&v)
+                            .map_err(|e| Fail::Msg(e.into_option_error("size").to_string()))?;
+                    }
+                    "nocow" => {
+                        parse_bool_onoff(&k, &v).map_err(|e| Fail::Msg(e.to_string()))?;
+                    }
+                    "preallocation" => prealloc = Some(v),
+                    _ => return Err(Fail::Msg(format!("Invalid parameter '{k}'"))),
                 }
             }
+        }
+        // The file driver's creation refuses what it cannot preallocate.
+        let fail = |m: String| Fail::Msg(format!("{dst_name}: error while converting raw: {m}"));
+        match prealloc.as_deref() {
+            None | Some("off" | "falloc" | "full") => {}
+            Some(m @ "metadata") => {
+                return Err(fail(format!("Unsupported preallocation mode: {m}")))
+            }
+            Some(other) => return Err(fail(format!("invalid parameter value: {other}"))),
         }
         None
     } else {
@@ -114,9 +137,9 @@ pub fn run(argv: &[String]) -> CmdResult {
             opts.apply_qemu_str(o)
                 .map_err(|e| Fail::Msg(e.to_string()))?;
         }
-        if opts.size.is_none() {
-            opts.size = Some(size);
-        }
+        // qemu-img convert creates the target with the source's size,
+        // whatever `-o size=` says.
+        opts.size = Some(size);
         Some(opts)
     };
     if a.compress {
@@ -138,9 +161,25 @@ pub fn run(argv: &[String]) -> CmdResult {
     // Set when the target is in use by another process: it stays as it is.
     let mut dst_busy = false;
     let result = if let Some(opts) = create_opts {
-        convert_to_qcow2(&src, src_name, dst_name, &opts, cache, &mut dst_busy)
+        convert_to_qcow2(
+            &src,
+            src_name,
+            dst_name,
+            &opts,
+            cache,
+            &mut dst_busy,
+            &mut progress,
+        )
     } else {
-        convert_to_raw(&src, src_name, dst_path, size, cache, &mut dst_busy)
+        convert_to_raw(
+            &src,
+            src_name,
+            dst_path,
+            size,
+            cache,
+            &mut dst_busy,
+            &mut progress,
+        )
     };
     if let Err(f) = result {
         if !dst_busy {
@@ -148,13 +187,16 @@ pub fn run(argv: &[String]) -> CmdResult {
         }
         return Err(f);
     }
+    progress.finish();
     Ok(())
 }
 
-/// Calls `write(offset, data)` for every run of non-zero guest data of `src`.
+/// Calls `write(offset, data)` for every run of non-zero guest data of
+/// `src`, updating `progress` with the share of the guest size done.
 fn copy_data(
     src: &Image,
     src_name: &str,
+    progress: &mut Progress,
     mut write: impl FnMut(u64, &[u8]) -> Result<(), Fail>,
 ) -> CmdResult {
     let ls = layers(src, src_name).map_err(|e| Fail::Msg(e.qemu_message()))?;
@@ -202,9 +244,11 @@ fn copy_data(
                     i = j;
                 }
                 pos += n as u64;
+                progress.set(pos, size);
             }
         }
         offset = end;
+        progress.set(offset, size);
     }
     Ok(())
 }
@@ -216,11 +260,12 @@ fn convert_to_raw(
     size: u64,
     cache: CacheMode,
     dst_busy: &mut bool,
+    progress: &mut Progress,
 ) -> CmdResult {
     let name = dst.display().to_string();
     let file = FileStorage::open_for_create(dst, false).map_err(|e| {
         Fail::Msg(format!(
-            "{name}: Could not create '{name}': {}",
+            "{name}: error while converting raw: Could not create '{name}': {}",
             Error::io(qcow2kit::error::IoOp::Write, 0, e).qemu_message()
         ))
     })?;
@@ -252,7 +297,7 @@ fn convert_to_raw(
     };
     file.set_len(size)
         .map_err(|e| Fail::Msg(format!("{name}: Could not resize file: {e}")))?;
-    copy_data(src, src_name, |off, data| {
+    copy_data(src, src_name, progress, |off, data| {
         file.write_at(data, off)
             .map_err(|e| Fail::Msg(format!("error while writing at byte {off}: {e}")))?;
         if cache.writethrough && !cache.no_flush() {
@@ -273,23 +318,27 @@ fn convert_to_qcow2(
     opts: &CreateOptions,
     cache: CacheMode,
     dst_busy: &mut bool,
+    progress: &mut Progress,
 ) -> CmdResult {
     let size = opts.size.unwrap_or_else(|| src.size());
-    let fail = |m: String| Fail::Msg(format!("{dst}: {m}"));
+    // qemu-img's prefix for whatever the target's creation refuses.
+    let fail = |m: String| Fail::Msg(format!("{dst}: error while converting qcow2: {m}"));
     opts.validate().map_err(|e| fail(e.to_string()))?;
+    let existed = Path::new(dst).exists();
     qcow2kit::create::create(Path::new(dst), opts, size).map_err(|e| match e {
         Error::Lock(_) => {
             *dst_busy = true;
-            fail(format!(
-                "error while converting qcow2: {}",
-                e.qemu_message()
-            ))
+            fail(e.qemu_message())
+        }
+        // The target itself could not be created.
+        Error::Io { .. } if !existed && !Path::new(dst).exists() => {
+            fail(format!("Could not create '{dst}': {}", e.qemu_message()))
         }
         _ => fail(e.qemu_message()),
     })?;
     let out = Image::open(dst, &cache.apply(OpenOptions::new()))
         .map_err(|e| crate::common::open_fail(dst, &e))?;
-    copy_data(src, src_name, |off, data| {
+    copy_data(src, src_name, progress, |off, data| {
         out.write_at(data, off)
             .and_then(|_| {
                 if cache.writethrough {

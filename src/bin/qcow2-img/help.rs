@@ -155,15 +155,17 @@ Options:
       format of DST (default raw)
   -o, --options OPTS
       creation options of DST as key=value[,key=value...]; may be repeated;
-      with -O raw only size, nocow and preallocation are accepted
+      with -O raw only size, nocow and preallocation are accepted; DST always
+      has the size of SRC (size= is checked but does not change it)
   -t TGT_CACHE
       cache mode for DST, values as for -T (default unsafe: no syncs at all)
   -c, --compress
       write compressed clusters: not supported yet (refused with an error)
   -p, --progress
-      accepted for compatibility; no progress is shown
+      print qemu-img's progress indicator on stdout: updates of the form
+      (PERCENT/100%), each ended by a carriage return, and a newline at the end
   -q, --quiet
-      accepted for compatibility; convert prints nothing on success anyway
+      print no progress (convert prints nothing else on success anyway)
   -m NUM
       number of parallel copy requests: accepted for compatibility, ignored
   -W
@@ -218,18 +220,21 @@ Exit codes:
 
 /// `qcow2-img amend --help`.
 pub const AMEND: &str = "\
-Usage: qcow2-img amend [-f qcow2] [-q] -o OPTS... FILE
+Usage: qcow2-img amend [-f qcow2] [-p] [-q] -o OPTS... FILE
 
 Change header options of an existing image in place. Prints nothing on
-success.
+success (with -p: the progress indicator only).
 
 Options:
   -h, --help
       print this help and exit
   -f, --format qcow2
       format of FILE; only qcow2 is supported (default: qcow2)
+  -p, --progress
+      print qemu-img's progress indicator on stdout: updates of the form
+      (PERCENT/100%), each ended by a carriage return, and a newline at the end
   -q, --quiet
-      accepted for compatibility; amend prints nothing on success anyway
+      print no progress (amend prints nothing else on success anyway)
   -o OPTS
       the options to change, as key=value[,key=value...]: compat,
       lazy_refcounts, refcount_bits, size, backing_file, backing_fmt,

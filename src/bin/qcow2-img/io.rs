@@ -57,25 +57,40 @@ struct Args {
 
 const SUB: &str = "io";
 
+/// `qcow2-img io --help`: qemu-io's usage, with the options this
+/// implementation accepts (in qemu-io's order and words), and the exit codes.
 const USAGE: &str = "\
 Usage: qcow2-img io [OPTIONS]... [-c STRING]... [file]
 QEMU Disk exerciser
 
+  --image-opts         treat file as option string
+  -c, --cmd STRING     execute command with its arguments
+                       from the given string
+  -f, --format FMT     specifies the block driver to use
+                       (qcow2 or raw)
   -r, --read-only      export read-only
-  -f, --format         specifies the block driver to use
   -n, --nocache        disable host cache, short for -t none
+  -C, --copy-on-read   enable copy-on-read
+                       (accepted for compatibility, no effect)
+  -k, --native-aio     use kernel AIO implementation
+                       (accepted for compatibility, no effect)
   -t, --cache=MODE     use the given cache mode for the image
                        (writethrough [default], writeback, none,
                        directsync, unsafe)
+  -d, --discard=MODE   use the given discard mode for the image
+                       (accepted for compatibility, no effect)
   -U, --force-share    force shared permissions
-      --image-opts     treat file as option string
-  -c, --cmd STRING     execute command with its arguments
-                       from the given string
   -h, --help           display this help and exit
 
-Commands: read, write, discard, flush, map, open, close, sleep, abort,
-help, quit, length, info, alloc, truncate, readv, writev, aio_read,
-aio_write, aio_flush (`-c help` lists them with their arguments)
+See 'qcow2-img io -c help' for information on available commands:
+read, write, discard, flush, map, open, close, sleep, abort, help, quit,
+length, info, alloc, truncate, readv, writev, aio_read, aio_write,
+aio_flush.
+
+Exit codes:
+  0    every command succeeded (or there was none)
+  1    bad argument, the file cannot be opened, or a command failed
+  134  the abort command ran (the process ends with SIGABRT)
 ";
 
 /// qemu-io's `BDRV_REQUEST_MAX_BYTES`.

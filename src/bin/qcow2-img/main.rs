@@ -8,6 +8,8 @@
 
 mod amend;
 mod bench;
+#[path = "../shared/check_cli.rs"]
+mod check_cli;
 mod common;
 mod convert;
 mod create;
@@ -15,6 +17,7 @@ mod help;
 mod info;
 mod io;
 mod map;
+mod progress;
 mod resize;
 
 use common::{Fail, PROG};
@@ -54,10 +57,8 @@ fn main() -> ExitCode {
         "io" => io::run(rest),
         "amend" => amend::run(rest),
         "check" => {
-            let code = qcow2kit::check::cli::run_check_cli(
-                qcow2kit::check::cli::CliName::QCOW2_IMG_CHECK,
-                rest.iter().cloned(),
-            );
+            let code =
+                check_cli::run_check_cli(check_cli::CliName::QCOW2_IMG_CHECK, rest.iter().cloned());
             Err(Fail::Exit(u8::try_from(code).unwrap_or(1)))
         }
         other => Err(Fail::Msg(format!(

@@ -8,8 +8,8 @@
 //! in-memory L1 table, refcount table and header it changes stay those of
 //! the open image, so a second ("double check") pass sees the repaired state.
 
+use super::findings::{CheckCounts, Finding};
 use super::imrt::RefArray;
-use super::report::{CheckCounts, Finding};
 use super::snapshots::SnapTable;
 use super::{CheckEvent, Sink};
 use crate::error::{Error, IoOp, Limit, Result};

@@ -8,8 +8,8 @@
 //! at a time (synchronously), an L2 table in one write once all its entries
 //! are fixed.
 
+use super::findings::{CheckCounts, Finding};
 use super::pass::Pass;
-use super::report::{CheckCounts, Finding};
 use super::walk::{cluster_type, ClusterType};
 use crate::error::Result;
 use crate::format::consts::*;
@@ -171,7 +171,7 @@ impl Pass<'_, '_> {
             }
             self.batch_buf = std::mem::take(&mut batch.data);
             let done = chunk.last().map_or(0, |&i| i as u64 + 1);
-            self.progress("Checking COPIED flags", done, total);
+            self.progress(super::PHASES[2], done, total);
         }
         if wrote {
             self.meta.sync()?;

@@ -10,8 +10,8 @@
 //! right: allocate, write, sync, switch the header with one write, free the
 //! old table.
 
+use super::findings::{CheckCounts, Finding};
 use super::pass::Pass;
-use super::report::{CheckCounts, Finding};
 use crate::error::{Error, Limit, Result};
 use crate::format::consts::*;
 use crate::format::snapshot::{encode_snapshot_table, snapshot_table_size, SnapshotEntry};

@@ -9,9 +9,9 @@
 //!
 //! Rebuilding the refcount structures is in `rebuild.rs`.
 
+use super::findings::{hash_x, CheckCounts, Finding, RefcountVerdict};
 use super::imrt::RefArray;
 use super::pass::{Fix, Pass, MAX_CHECK_CLUSTERS};
-use super::report::{hash_x, CheckCounts, Finding, RefcountVerdict};
 use crate::error::{Error, Limit, Result};
 use crate::format::consts::*;
 use crate::format::Structure;
@@ -205,7 +205,7 @@ impl Pass<'_, '_> {
                 wrote = true;
             }
             if r % 8 == 7 || end == nb {
-                self.progress("Comparing refcounts", end as u64, nb as u64);
+                self.progress(super::PHASES[1], end as u64, nb as u64);
             }
         }
         if wrote {

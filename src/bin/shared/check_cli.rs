@@ -7,14 +7,14 @@
 //! qcow2 format" (exit 1) and 63 needs an explicit `-f raw`.
 //!
 //! `qcow2-img` calls [`run_check_cli`] with [`CliName::QCOW2_IMG_CHECK`] and
-//! the arguments after `check`.
+//! the arguments after `check`. Both binaries include this file (with
+//! `#[path]`), so the library itself knows nothing of the command line.
 
-use super::{CheckEvent, CheckOptions, Checker, Repair};
-use crate::error::{Error, IoOp};
-use crate::format::consts::QCOW2_MAGIC;
-use crate::storage::{FileStorage, Storage};
 use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{Arg, ArgAction, Command};
+use qcow2kit::check::{CheckEvent, CheckOptions, Checker, Repair};
+use qcow2kit::error::{Error, IoOp};
+use qcow2kit::storage::{FileStorage, Storage};
 use std::io::{IsTerminal, Write};
 use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
@@ -31,11 +31,19 @@ pub struct CliName {
 
 impl CliName {
     /// The standalone `qcow2-check` binary.
+    #[allow(
+        dead_code,
+        reason = "each binary that includes this file uses one name"
+    )]
     pub const QCOW2_CHECK: CliName = CliName {
         program: "qcow2-check",
         command: None,
     };
     /// `qcow2-img check`.
+    #[allow(
+        dead_code,
+        reason = "each binary that includes this file uses one name"
+    )]
     pub const QCOW2_IMG_CHECK: CliName = CliName {
         program: "qcow2-img",
         command: Some("check"),
@@ -52,6 +60,78 @@ impl CliName {
 
 /// Images at least this large get a progress bar (when stderr is a terminal).
 const PROGRESS_MIN_BYTES: u64 = 1 << 30;
+
+/// The qcow2 magic, "QFI\xfb" (probing the format of `qcow2-img check`'s FILE).
+const QCOW2_MAGIC: u32 = 0x5146_49fb;
+
+/// Steps of the progress bar (0 to 100% in hundredths of a percent).
+const BAR_STEPS: u64 = 10_000;
+
+/// One progress model over every phase of a check, so the bar only moves
+/// forward from 0 to 100%: each pass is a share of the whole (all of it for
+/// a check; half of it for each of the two passes a repair may run), and
+/// inside a pass each phase of [`qcow2kit::check::PHASES`] a share by
+/// weight. A phase that runs again (the walk after a refcount rebuild) or
+/// counts that go backwards never move the bar back.
+#[derive(Debug, Clone)]
+struct CheckProgress {
+    /// Where the current pass starts, in [`BAR_STEPS`].
+    pass_start: u64,
+    /// How many steps the current pass spans.
+    pass_span: u64,
+    /// The position shown last.
+    shown: u64,
+}
+
+/// Relative cost of the phases of a pass, in the order of
+/// [`qcow2kit::check::PHASES`]: the walk reads every table, the comparison
+/// every refcount block, the COPIED check the active L2 tables again.
+const PHASE_WEIGHTS: [u64; 3] = [6, 3, 1];
+
+impl CheckProgress {
+    /// The model for a run that may (`repairing`) or will not repair.
+    fn new(repairing: bool) -> CheckProgress {
+        let pass_span = if repairing { BAR_STEPS / 2 } else { BAR_STEPS };
+        CheckProgress {
+            pass_start: 0,
+            pass_span,
+            shown: 0,
+        }
+    }
+
+    /// Position after `done` of `total` units of `phase`.
+    fn phase(&mut self, phase: &str, done: u64, total: u64) -> u64 {
+        let Some(i) = qcow2kit::check::PHASES.iter().position(|p| *p == phase) else {
+            return self.shown;
+        };
+        let weights = u128::from(PHASE_WEIGHTS.iter().sum::<u64>());
+        let before = u128::from(PHASE_WEIGHTS.iter().take(i).sum::<u64>());
+        let w = u128::from(PHASE_WEIGHTS.get(i).copied().unwrap_or(0));
+        // The pass's share times (weights before + w * done/total) / weights.
+        let total = u128::from(total.max(1));
+        let done = u128::from(done).min(total);
+        let in_pass = u128::from(self.pass_span) * (before * total + w * done) / (weights * total);
+        let pos = self.pass_start + u64::try_from(in_pass).unwrap_or(self.pass_span);
+        self.advance(pos)
+    }
+
+    /// The repair fixed something: the double check takes the rest.
+    fn second_pass(&mut self) -> u64 {
+        self.pass_start = self.shown.clamp(BAR_STEPS / 2, BAR_STEPS);
+        self.pass_span = BAR_STEPS - self.pass_start;
+        self.advance(self.pass_start)
+    }
+
+    /// The run is over.
+    fn finish(&mut self) -> u64 {
+        self.advance(BAR_STEPS)
+    }
+
+    fn advance(&mut self, pos: u64) -> u64 {
+        self.shown = self.shown.max(pos.min(BAR_STEPS));
+        self.shown
+    }
+}
 
 /// Exit code when the format does not support checks.
 const EXIT_UNSUPPORTED: i32 = 63;
@@ -75,8 +155,8 @@ fn help_text(name: CliName) -> String {
     };
     format!(
         "\
-Usage: {full} [-f qcow2|raw] [-r leaks|all] [--output human|json] [-q]
-{pad}[-T CACHE_MODE] [-U] FILE
+Usage: {full} [-f qcow2|raw | --image-opts] [-r leaks|all] [--output human|json]
+{pad}[-q] [-T CACHE_MODE] [-U] [--object OBJECTDEF] FILE
 
 Check a qcow2 image for consistency and optionally repair it. Without -r the
 image is opened read-only; with -r read-write.
@@ -99,11 +179,18 @@ Options:
   -U, --force-share
       open FILE in shared mode, so an image another process holds can be
       checked (no lock conflict; read-only checks only)
+  --image-opts
+      FILE is an option string naming the image and its runtime options,
+      driver=qcow2,file.filename=PATH[,...] (driver=raw gives exit 63);
+      incompatible with -f
+  --object OBJECTDEF
+      an object definition (such as a secret): accepted for compatibility
+      and ignored, as no option refers to objects here
   Long options may be abbreviated (--rep for --repair).
 
 Arguments:
   FILE
-      the image file; exactly one
+      the image file (with --image-opts: its option string); exactly one
 
 Exit codes:
   0   check done, the image is consistent (or was made so by -r)
@@ -165,6 +252,19 @@ fn command(name: CliName) -> Command {
                 .value_name("CACHE_MODE")
                 .action(ArgAction::Append)
                 .help("cache mode (accepted for compatibility)"),
+        )
+        .arg(
+            Arg::new("image-opts")
+                .long("image-opts")
+                .action(ArgAction::SetTrue)
+                .help("FILE is an option string (driver=qcow2,file.filename=...)"),
+        )
+        .arg(
+            Arg::new("object")
+                .long("object")
+                .value_name("OBJECTDEF")
+                .action(ArgAction::Append)
+                .help("object definition (accepted for compatibility, ignored)"),
         )
         .arg(
             Arg::new("file")
@@ -306,6 +406,9 @@ fn expand_long_options(args: &[String]) -> std::result::Result<Vec<String>, Stri
                 .collect(),
         };
         match matches.as_slice() {
+            [(full, false)] if value.is_some() => {
+                return Err(format!("option '--{full}' doesn't allow an argument"));
+            }
             [(full, takes_value)] => {
                 out.push(match value {
                     Some(v) => format!("--{full}={v}"),
@@ -433,7 +536,8 @@ where
     }
     let quiet = m.get_flag("quiet");
     let force_share = m.get_flag("force-share");
-    let format = last_value(&m, "format").map(|(_, f)| f);
+    let mut format = last_value(&m, "format").map(|(_, f)| f);
+    let image_opts = m.get_flag("image-opts");
     let could_not_open = |out: &mut Out<'_>, msg: &str| {
         let _ = writeln!(
             out.stderr,
@@ -450,11 +554,68 @@ where
             return could_not_open(out, &format!("Unknown driver '{f}'"));
         }
     }
-    let path = Path::new(&filename);
+    // With --image-opts FILE is an option string (`driver=qcow2,
+    // file.filename=disk.qcow2,...`) naming the image file.
+    let mut open_opts = qcow2kit::options::OpenOptions::new();
+    let image_file = if image_opts {
+        if format.is_some() {
+            let _ = writeln!(
+                out.stderr,
+                "{}: --image-opts and --format are mutually exclusive",
+                name.program
+            );
+            return 1;
+        }
+        let pairs = match qcow2kit::cli_support::split_option_string(&filename) {
+            Ok(p) => p,
+            Err(e) => return could_not_open(out, &e.to_string()),
+        };
+        let value_of = |key: &str| {
+            pairs
+                .iter()
+                .rev()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.clone())
+        };
+        // `file=NAME` (also a leading bare NAME, qemu-img's implied key)
+        // names a block node, and there are none to refer to.
+        let implied = filename
+            .split(',')
+            .next()
+            .filter(|h| !h.is_empty() && !h.contains('='))
+            .map(str::to_owned);
+        if let Some(node) = implied.or_else(|| value_of("file")) {
+            return could_not_open(
+                out,
+                &format!("Cannot find device='{node}' nor node-name='{node}'"),
+            );
+        }
+        let file = if value_of("driver").as_deref() == Some("raw") {
+            // Raw images have no checks: only the file matters.
+            format = Some("raw".into());
+            value_of("file.filename")
+        } else {
+            if value_of("driver").is_some() {
+                format = Some("qcow2".into());
+            }
+            match qcow2kit::options::OpenOptions::from_qemu_str(&filename) {
+                Ok(o) => open_opts = o,
+                Err(e) => return could_not_open(out, &e.to_string()),
+            }
+            open_opts.filename().map(|p| p.display().to_string())
+        };
+        match file {
+            Some(f) => f,
+            None => return could_not_open(out, "A block device must be specified for \"file\""),
+        }
+    } else {
+        filename.clone()
+    };
+    let path = Path::new(&image_file);
     // QEMU's file driver takes regular files only (character and block
     // devices go to its host_device driver); it refuses anything else after
     // opening it. A FIFO is refused before opening, where QEMU would block.
-    let not_regular = || format!("'file' driver requires '{filename}' to be a regular file");
+    let not_regular = || format!("'file' driver requires '{image_file}' to be a regular file");
     let file_type = |p: &Path| std::fs::metadata(p).ok().map(|m| m.file_type());
     if file_type(path).is_some_and(|t| t.is_fifo()) {
         return could_not_open(out, &not_regular());
@@ -462,8 +623,8 @@ where
     let file = match FileStorage::open(path, repair != Repair::None) {
         Ok(f) => f,
         Err(e) => {
-            let text = crate::error::strerror(e.raw_os_error().unwrap_or(libc::EIO));
-            return could_not_open(out, &format!("Could not open '{filename}': {text}"));
+            let text = qcow2kit::error::strerror(e.raw_os_error().unwrap_or(libc::EIO));
+            return could_not_open(out, &format!("Could not open '{image_file}': {text}"));
         }
     };
     if file_type(path).is_some_and(|t| !(t.is_file() || t.is_char_device() || t.is_block_device()))
@@ -503,7 +664,8 @@ where
     }
     let file_len = file.len().unwrap_or(0);
     let file: Arc<dyn Storage> = Arc::new(file);
-    let open_opts = crate::options::OpenOptions::new().force_share(force_share);
+    let share = force_share || open_opts.get_force_share();
+    let open_opts = open_opts.force_share(share);
     let checker = match Checker::open_storage_with(file.clone(), Some(path), repair, &open_opts) {
         Ok(c) => c,
         Err(e) => {
@@ -511,8 +673,8 @@ where
             // before whatever makes the open fail.
             let mut head = vec![0u8; file_len.min(2 << 20) as usize];
             if file.read_at(&mut head, 0).is_ok() {
-                if let Ok(h) = crate::format::header::Header::decode_for_check(&head) {
-                    for f in super::stale_bitmaps_findings(&h) {
+                if let Ok(h) = qcow2kit::format::header::Header::decode_for_check(&head) {
+                    for f in qcow2kit::check::stale_bitmaps_findings(&h) {
                         let _ = writeln!(out.stderr, "{}", cli_line(name, &f));
                     }
                 }
@@ -524,7 +686,7 @@ where
     // Findings go to stderr as they come; the repaired paragraph to stdout.
     let bar = (progress && !quiet && file_len >= PROGRESS_MIN_BYTES).then(|| {
         let b = indicatif::ProgressBar::with_draw_target(
-            Some(0),
+            Some(BAR_STEPS),
             indicatif::ProgressDrawTarget::stderr(),
         );
         if let Ok(style) =
@@ -534,11 +696,13 @@ where
         }
         b
     });
+    let mut model = CheckProgress::new(repair != Repair::None);
     let mut paragraph: Option<String> = None;
     let report = {
         let stderr = &mut *out.stderr;
         let bar_ref = bar.as_ref();
         let paragraph_ref = &mut paragraph;
+        let model_ref = &mut model;
         let on_event = move |ev: CheckEvent<'_>| match ev {
             CheckEvent::Finding(f) => {
                 let line = cli_line(name, f);
@@ -555,18 +719,23 @@ where
                 leaks_fixed,
                 corruptions_fixed,
             } => {
-                *paragraph_ref = Some(super::CheckReport::repaired_paragraph(
+                *paragraph_ref = Some(qcow2kit::check::CheckReport::repaired_paragraph(
                     leaks_fixed,
                     corruptions_fixed,
                 ));
-            }
-            CheckEvent::Progress { phase, done, total } => {
+                let pos = model_ref.second_pass();
                 if let Some(b) = bar_ref {
-                    b.set_message(phase);
-                    b.set_length(total);
-                    b.set_position(done);
+                    b.set_position(pos);
                 }
             }
+            CheckEvent::Progress { phase, done, total } => {
+                let pos = model_ref.phase(phase, done, total);
+                if let Some(b) = bar_ref {
+                    b.set_message(phase);
+                    b.set_position(pos);
+                }
+            }
+            _ => {}
         };
         checker.run(CheckOptions {
             on_event: Some(Box::new(on_event)),
@@ -574,6 +743,7 @@ where
         })
     };
     if let Some(b) = &bar {
+        b.set_position(model.finish());
         b.finish_and_clear();
     }
     if let Some(p) = &paragraph {
@@ -626,7 +796,7 @@ where
 }
 
 /// A finding as the command prints it on stderr.
-fn cli_line(name: CliName, f: &super::Finding) -> String {
+fn cli_line(name: CliName, f: &qcow2kit::check::Finding) -> String {
     if f.is_error_report() {
         format!("{}: {f}", name.program)
     } else {
@@ -643,8 +813,105 @@ fn open_message(e: &Error) -> String {
             ..
         } => format!(
             "Could not read image header: {}",
-            crate::error::strerror(source.raw_os_error().unwrap_or(libc::EIO))
+            qcow2kit::error::strerror(source.raw_os_error().unwrap_or(libc::EIO))
         ),
         other => other.qemu_message(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use qcow2kit::check::PHASES;
+
+    /// Feeds `events` (phase index, done, total; `None` for the repair's
+    /// second pass) and asserts the bar never moves back and ends at 100%.
+    fn assert_monotonic(repairing: bool, events: &[Option<(usize, u64, u64)>]) -> Vec<u64> {
+        let mut m = CheckProgress::new(repairing);
+        let mut shown = vec![0];
+        for e in events {
+            let pos = match *e {
+                Some((i, done, total)) => m.phase(PHASES[i], done, total),
+                None => m.second_pass(),
+            };
+            assert!(pos <= BAR_STEPS, "{pos} past the end after {e:?}");
+            assert!(
+                pos >= *shown.last().unwrap(),
+                "moved back at {e:?}: {shown:?}"
+            );
+            shown.push(pos);
+        }
+        assert_eq!(m.finish(), BAR_STEPS);
+        shown
+    }
+
+    #[test]
+    fn one_pass_moves_forward_through_all_phases() {
+        let mut events = Vec::new();
+        for (i, total) in [(0, 10), (1, 7), (2, 10)] {
+            for done in 0..=total {
+                events.push(Some((i, done, total)));
+            }
+        }
+        let shown = assert_monotonic(false, &events);
+        // Each phase ends at its cumulative weight: 60%, 90%, 100%.
+        assert_eq!(shown[11], 6_000);
+        assert_eq!(shown[19], 9_000);
+        assert_eq!(*shown.last().unwrap(), BAR_STEPS);
+    }
+
+    #[test]
+    fn phases_running_again_or_odd_counts_never_move_back() {
+        let events = [
+            Some((0, 5, 10)),
+            Some((1, 3, 4)),
+            // The walk again after a rebuild, counts going down, a phase
+            // with nothing to do, more done than total.
+            Some((0, 1, 10)),
+            Some((1, 0, 4)),
+            Some((2, 0, 0)),
+            Some((1, 9, 4)),
+            Some((0, 10, 10)),
+        ];
+        assert_monotonic(false, &events);
+        let mut m = CheckProgress::new(false);
+        assert_eq!(m.phase("not a phase", 1, 2), 0);
+    }
+
+    #[test]
+    fn repair_with_double_check_spans_both_passes() {
+        let mut events: Vec<_> = (0..3).map(|i| Some((i, 1, 1))).collect();
+        events.push(None);
+        events.extend((0..3).map(|i| Some((i, 1, 2))));
+        events.extend((0..3).map(|i| Some((i, 2, 2))));
+        let shown = assert_monotonic(true, &events);
+        // The first pass fills half the bar, the double check the rest.
+        assert_eq!(shown[3], BAR_STEPS / 2);
+        assert_eq!(*shown.last().unwrap(), BAR_STEPS);
+        // A repair that found nothing to fix jumps from 50% to the end.
+        assert_monotonic(true, &[Some((2, 1, 1))]);
+    }
+
+    #[test]
+    fn a_real_check_reports_forward_progress() {
+        use qcow2kit::check::{check_storage, CheckOptions};
+        use qcow2kit::storage::MemStorage;
+        let disk: Arc<dyn Storage> = Arc::new(MemStorage::new());
+        qcow2kit::create::create_on(disk.clone(), &qcow2kit::CreateOptions::default(), 1 << 30)
+            .unwrap();
+        let mut events = Vec::new();
+        let opts = CheckOptions {
+            on_event: Some(Box::new(|e| {
+                if let CheckEvent::Progress { phase, done, total } = e {
+                    let i = PHASES.iter().position(|p| *p == phase).unwrap();
+                    events.push(Some((i, done, total)));
+                }
+            })),
+            ..Default::default()
+        };
+        let report = check_storage(disk, Repair::All, opts).unwrap();
+        assert_eq!(report.exit_code(), 0);
+        assert!(!events.is_empty());
+        assert_monotonic(true, &events);
     }
 }

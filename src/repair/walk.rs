@@ -9,9 +9,9 @@
 //! read, then they are processed in L1 order (so findings come out in
 //! QEMU's order).
 
+use super::findings::{CheckCounts, Finding};
 use super::imrt::RefArray;
 use super::pass::{Pass, MAX_CHECK_CLUSTERS};
-use super::report::{CheckCounts, Finding};
 use crate::error::{Error, Limit, Result};
 use crate::format::bitmap::{decode_bitmap_directory, decode_bitmap_table_entry};
 use crate::format::consts::*;
@@ -246,7 +246,7 @@ impl Pass<'_, '_> {
             self.batch_buf = std::mem::take(&mut batch.data);
             if active {
                 let done = chunk.last().map_or(0, |&i| i as u64 + 1);
-                self.progress("Checking L1/L2 tables", done, total);
+                self.progress(super::PHASES[0], done, total);
             }
         }
         Ok(())

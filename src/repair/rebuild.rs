@@ -18,9 +18,9 @@
 //! clusters are at most leaked); after it, the old structures are merely
 //! leaked, and the leak repair that follows frees them.
 
+use super::findings::Finding;
 use super::imrt::RefArray;
 use super::pass::{Pass, MAX_CHECK_CLUSTERS};
-use super::report::Finding;
 use crate::error::{Error, Limit, Result};
 use crate::format::consts::*;
 use crate::format::put_be_u64;
