@@ -82,8 +82,10 @@ Options:
   -q, --quiet
       do not log the address, connects and disconnects on stderr
 
-Exit status: 0 after a clean shutdown, 1 if the image cannot be opened, the
-socket cannot be bound or the final flush fails.
+Exit codes:
+  0  stopped by SIGTERM or SIGINT, the image flushed and closed cleanly
+  1  error: bad argument, FILE cannot be opened, the socket cannot be bound,
+     or the final flush fails
 ";
 
 /// Runs `serve`.
