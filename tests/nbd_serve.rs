@@ -153,7 +153,11 @@ fn rand_suffix() -> usize {
 
 /// cli.md §24's image: 1 MiB, data at 0 and 512k, a zero cluster at 128k.
 fn make_d(dir: &Path, name: &str) {
-    ok(dir, "qemu-img", &["create", "-q", "-f", "qcow2", name, "1M"]);
+    ok(
+        dir,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", name, "1M"],
+    );
     ok(
         dir,
         "qemu-io",
@@ -175,7 +179,10 @@ const URI: &str = "nbd+unix:///?socket=s.sock";
 /// server equal qemu-nbd serving a twin on which the same operations ran.
 #[test]
 fn qemu_and_libnbd_clients_see_what_qemu_nbd_shows() {
-    if !have(&["qemu-img", "qemu-io", "qemu-nbd", "nbdinfo"], "nbd clients") {
+    if !have(
+        &["qemu-img", "qemu-io", "qemu-nbd", "nbdinfo"],
+        "nbd clients",
+    ) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -259,6 +266,14 @@ fn qemu_and_libnbd_clients_see_what_qemu_nbd_shows() {
     }
     args.push("t.qcow2");
     ok(d, "qemu-io", &args);
+    // qemu-img compare reads the export against the twin file.
+    let cmp = run(
+        d,
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "qcow2", URI, "t.qcow2"],
+    );
+    assert_eq!(cmp.code, 0, "{cmp:?}");
+    assert_eq!(cmp.out, "Images are identical.\n");
     let ours_map = ok(d, "nbdinfo", &["--map", URI]);
     let ours_depth = ok(d, "nbdinfo", &["--map=qemu:allocation-depth", URI]);
     let ours_qmap = ok(d, "qemu-img", &["map", "--output=json", "-f", "raw", URI]);
@@ -316,7 +331,11 @@ fn read_only_named_export_and_client_errors() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     make_d(d, "d.qcow2");
-    let srv = Served::ours_unix(d, &["--read-only", "--export", "disk0", "--shared", "1"], "d.qcow2");
+    let srv = Served::ours_unix(
+        d,
+        &["--read-only", "--export", "disk0", "--shared", "1"],
+        "d.qcow2",
+    );
     let u = "nbd+unix:///disk0?socket=s.sock";
     let info = ok(d, "nbdinfo", &[u]);
     for line in [
@@ -345,7 +364,13 @@ fn read_only_named_export_and_client_errors() {
     let n = run(
         d,
         "qemu-io",
-        &["-f", "raw", "-c", "read 0 4k", "nbd+unix:///nosuch?socket=s.sock"],
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "read 0 4k",
+            "nbd+unix:///nosuch?socket=s.sock",
+        ],
     );
     assert_eq!(
         n.err,
@@ -358,7 +383,11 @@ fn read_only_named_export_and_client_errors() {
         def.err.contains("server replied with error to opt_go request: No such file or directory for the default export"),
         "{def:?}"
     );
-    let r = ok(d, "qemu-io", &["-r", "-f", "raw", "-c", "read -P 0x11 0 4k", u]);
+    let r = ok(
+        d,
+        "qemu-io",
+        &["-r", "-f", "raw", "-c", "read -P 0x11 0 4k", u],
+    );
     assert!(r.starts_with("read 4096/4096 bytes at offset 0\n"), "{r}");
     let (code, log) = srv.stop();
     assert_eq!(code, 0, "{log}");
@@ -388,20 +417,34 @@ fn tcp_nbdcopy_round_trip() {
         .unwrap()
         .to_owned();
     let uri = format!("nbd://{addr}");
-    ok(d, "qemu-img", &["convert", "-U", "-O", "raw", "d.qcow2", "want.raw"]);
+    ok(
+        d,
+        "qemu-img",
+        &["convert", "-U", "-O", "raw", "d.qcow2", "want.raw"],
+    );
     ok(d, "nbdcopy", &[&uri, "got.raw"]);
-    assert!(std::fs::read(d.join("got.raw")).unwrap() == std::fs::read(d.join("want.raw")).unwrap());
+    assert!(
+        std::fs::read(d.join("got.raw")).unwrap() == std::fs::read(d.join("want.raw")).unwrap()
+    );
 
     // Write a pattern file into the export.
     let mut pat = vec![0u8; 1 << 20];
     for (i, b) in pat.iter_mut().enumerate() {
-        *b = if (i / 65536) % 3 == 0 { 0 } else { (i % 251) as u8 };
+        *b = if (i / 65536) % 3 == 0 {
+            0
+        } else {
+            (i % 251) as u8
+        };
     }
     std::fs::write(d.join("pat.raw"), &pat).unwrap();
     ok(d, "nbdcopy", &["pat.raw", &uri]);
     let (code, log) = srv.stop();
     assert_eq!(code, 0, "{log}");
-    let cmp = run(d, "qemu-img", &["compare", "-f", "qcow2", "-F", "raw", "d.qcow2", "pat.raw"]);
+    let cmp = run(
+        d,
+        "qemu-img",
+        &["compare", "-f", "qcow2", "-F", "raw", "d.qcow2", "pat.raw"],
+    );
     assert_eq!(cmp.code, 0, "{cmp:?}");
     assert_eq!(run(d, "qemu-img", &["check", "d.qcow2"]).code, 0);
 }
@@ -546,7 +589,8 @@ impl Client {
                             data[at..at + p.len() - 8].copy_from_slice(&p[8..]);
                         }
                         2 => {
-                            let at = (u64::from_be_bytes(p[..8].try_into().unwrap()) - offset) as usize;
+                            let at =
+                                (u64::from_be_bytes(p[..8].try_into().unwrap()) - offset) as usize;
                             let n = be32(&p[8..]) as usize;
                             data[at..at + n].fill(0);
                         }
@@ -611,7 +655,16 @@ fn four_concurrent_clients_against_a_model() {
     ok(
         d,
         "qemu-img",
-        &["create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", "c.qcow2", "16M"],
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=65536",
+            "c.qcow2",
+            "16M",
+        ],
     );
     let srv = Served::ours_unix(d, &["--shared", "4"], "c.qcow2");
     let sock = d.join("s.sock");
@@ -675,7 +728,10 @@ fn four_concurrent_clients_against_a_model() {
     let chk = run(d, "qemu-img", &["check", "c.qcow2"]);
     assert_eq!(chk.code, 0, "{chk:?}");
     ok(d, "qemu-img", &["convert", "-O", "raw", "c.qcow2", "c.raw"]);
-    assert!(std::fs::read(d.join("c.raw")).unwrap() == want, "image differs from the model");
+    assert!(
+        std::fs::read(d.join("c.raw")).unwrap() == want,
+        "image differs from the model"
+    );
 }
 
 /// Malformed handshakes and requests get errors (or lose their own
@@ -754,14 +810,28 @@ fn malformed_input_gets_errors_and_others_are_served() {
 
     // The first client was served throughout, and a real client still is.
     assert_eq!(good.read(512 << 10, 4096).unwrap(), vec![0x22; 4096]);
-    let out = ok(d, "qemu-io", &["-f", "raw", "-c", "read -P 0x11 0 64k", URI]);
+    let out = ok(
+        d,
+        "qemu-io",
+        &["-f", "raw", "-c", "read -P 0x11 0 64k", URI],
+    );
     assert!(out.starts_with("read 65536/65536"), "{out}");
     good.send(0, 2, 0, 0, &[]);
     let (code, log) = srv.stop();
     assert_eq!(code, 0, "{log}");
     assert!(log.contains("protocol error"), "{log}");
     assert_eq!(run(d, "qemu-img", &["check", "d.qcow2"]).code, 0);
-    let r = ok(d, "qemu-io", &["-c", "read -P 0x11 0 64k", "-c", "read -P 0x22 512k 128k", "d.qcow2"]);
+    let r = ok(
+        d,
+        "qemu-io",
+        &[
+            "-c",
+            "read -P 0x11 0 64k",
+            "-c",
+            "read -P 0x22 512k 128k",
+            "d.qcow2",
+        ],
+    );
     assert!(!r.contains("fail"), "{r}");
 }
 
@@ -778,7 +848,16 @@ fn sigterm_with_connected_clients_leaves_a_clean_image() {
     ok(
         d,
         "qemu-img",
-        &["create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", "l.qcow2", "4M"],
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "lazy_refcounts=on",
+            "l.qcow2",
+            "4M",
+        ],
     );
     let srv = Served::ours_unix(d, &[], "l.qcow2");
     let sock = d.join("s.sock");
@@ -796,7 +875,13 @@ fn sigterm_with_connected_clients_leaves_a_clean_image() {
     let r = ok(
         d,
         "qemu-io",
-        &["-c", "read -P 0x5a 64k 8k", "-c", "read -P 0xa5 3M 4k", "l.qcow2"],
+        &[
+            "-c",
+            "read -P 0x5a 64k 8k",
+            "-c",
+            "read -P 0xa5 3M 4k",
+            "l.qcow2",
+        ],
     );
     assert!(!r.contains("fail"), "{r}");
 }

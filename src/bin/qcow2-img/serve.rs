@@ -96,10 +96,7 @@ pub fn run(argv: &[String]) -> CmdResult {
         return Ok(());
     }
     if !a.nbd {
-        return Err(Fail::Usage(
-            "Expecting an export type (--nbd)".into(),
-            SUB,
-        ));
+        return Err(Fail::Usage("Expecting an export type (--nbd)".into(), SUB));
     }
     let [filename] = a.rest.as_slice() else {
         return Err(Fail::Usage("Expecting one image file name".into(), SUB));
@@ -108,11 +105,7 @@ pub fn run(argv: &[String]) -> CmdResult {
         None => 8,
         Some(s) => match s.parse::<usize>() {
             Ok(n) if (1..=1024).contains(&n) => n,
-            _ => {
-                return Err(Fail::Msg(format!(
-                    "Invalid shared device number '{s}'"
-                )))
-            }
+            _ => return Err(Fail::Msg(format!("Invalid shared device number '{s}'"))),
         },
     };
     let discard = match a.discard.as_deref() {

@@ -310,11 +310,8 @@ impl<'a, S: Read + Write> Conn<'a, S> {
                 if go.infos.contains(&proto::info::NAME) {
                     self.opt_reply(option, rep::INFO, &proto::encode_info_name(&name))?;
                 }
-                let bs = proto::encode_info_block_size(
-                    1,
-                    proto::PREFERRED_BLOCK,
-                    proto::MAX_PAYLOAD,
-                );
+                let bs =
+                    proto::encode_info_block_size(1, proto::PREFERRED_BLOCK, proto::MAX_PAYLOAD);
                 self.opt_reply(option, rep::INFO, &bs)?;
                 self.opt_reply(option, rep::ACK, &[])?;
                 Ok(if option == opt::GO {
@@ -398,7 +395,10 @@ impl<'a, S: Read + Write> Conn<'a, S> {
                 // stream is out of sync).
                 self.reply_error(
                     &req,
-                    Fail::new(errno::EINVAL, "request length exceeds the maximum block size"),
+                    Fail::new(
+                        errno::EINVAL,
+                        "request length exceeds the maximum block size",
+                    ),
                 )?;
                 return Err(End::Protocol(format!(
                     "write of {} bytes exceeds the maximum",
@@ -438,12 +438,7 @@ impl<'a, S: Read + Write> Conn<'a, S> {
             cmd::WRITE_ZEROES => cflag::FUA | cflag::NO_HOLE | cflag::FAST_ZERO,
             cmd::BLOCK_STATUS => cflag::REQ_ONE,
             cmd::FLUSH | cmd::CACHE => 0,
-            other => {
-                return Err(Fail::new(
-                    errno::EINVAL,
-                    format!("unknown command {other}"),
-                ))
-            }
+            other => return Err(Fail::new(errno::EINVAL, format!("unknown command {other}"))),
         };
         // FUA is harmless on any command; others only where they mean something.
         if req.flags & !(allowed | cflag::FUA) != 0 {
@@ -462,7 +457,8 @@ impl<'a, S: Read + Write> Conn<'a, S> {
             cmd::WRITE => {
                 self.in_range(req)
                     .ok_or_else(|| Fail::new(errno::ENOSPC, "write past the end of the export"))?;
-                self.img.write_at(&self.buf[..req.len as usize], req.offset)?;
+                self.img
+                    .write_at(&self.buf[..req.len as usize], req.offset)?;
                 self.fua(fua)
             }
             cmd::FLUSH => {
@@ -605,9 +601,8 @@ impl<'a, S: Read + Write> Conn<'a, S> {
         if req.len == 0 {
             return Err(Fail::new(errno::EINVAL, "block status of no bytes"));
         }
-        self.in_range(req).ok_or_else(|| {
-            Fail::new(errno::EINVAL, "block status past the end of the export")
-        })?;
+        self.in_range(req)
+            .ok_or_else(|| Fail::new(errno::EINVAL, "block status past the end of the export"))?;
         let one = req.flags & cflag::REQ_ONE != 0;
         let mut chunks = Vec::with_capacity(self.contexts.len());
         for c in self.contexts.clone() {

@@ -113,7 +113,10 @@ impl Listener {
     /// The socket errors.
     pub fn bind_unix(path: impl AsRef<Path>) -> io::Result<Listener> {
         let path = path.as_ref();
-        Ok(Listener::Unix(UnixListener::bind(path)?, path.to_path_buf()))
+        Ok(Listener::Unix(
+            UnixListener::bind(path)?,
+            path.to_path_buf(),
+        ))
     }
 
     /// The address clients connect to: `IP:PORT` or the socket path.
@@ -230,7 +233,9 @@ impl Server {
     /// [`ServeError::Socket`] when the listening socket cannot be set up,
     /// [`ServeError::Image`] when the final flush fails.
     pub fn run(self) -> Result<(), ServeError> {
-        self.listener.set_nonblocking().map_err(ServeError::Socket)?;
+        self.listener
+            .set_nonblocking()
+            .map_err(ServeError::Socket)?;
         let export = Arc::new(ExportConfig {
             name: self.cfg.export_name.clone(),
             discard: self.cfg.discard,

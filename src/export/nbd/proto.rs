@@ -705,10 +705,7 @@ mod tests {
         b[0] = b'X';
         assert!(matches!(
             decode_option_header(&b),
-            Err(ProtoError::BadMagic {
-                what: "option",
-                ..
-            })
+            Err(ProtoError::BadMagic { what: "option", .. })
         ));
     }
 
@@ -839,9 +836,10 @@ mod tests {
         let x = encode_export_name_reply(1 << 20, 3, false);
         assert_eq!(x.len(), 134);
         assert_eq!(encode_export_name_reply(1 << 20, 3, true).len(), 10);
-        assert_eq!(&encode_info_export(1 << 20, 0x4d)[..], &[
-            0, 0, 0, 0, 0, 0, 0, 0x10, 0, 0, 0, 0x4d
-        ]);
+        assert_eq!(
+            &encode_info_export(1 << 20, 0x4d)[..],
+            &[0, 0, 0, 0, 0, 0, 0, 0x10, 0, 0, 0, 0x4d]
+        );
         assert_eq!(encode_info_block_size(1, 4096, MAX_PAYLOAD).len(), 14);
         assert_eq!(&encode_info_name("a")[..], &[0, 1, b'a']);
     }

@@ -150,8 +150,7 @@ mod tests {
         let img = Image::open_storage(file, &OpenOptions::new()).expect("open");
         img.write_at(&[0x11; 65536], 0).expect("write");
         img.write_zeroes(128 << 10, 64 << 10, false).expect("zero");
-        img.write_at(&[0x22; 128 << 10], 512 << 10)
-            .expect("write");
+        img.write_at(&[0x22; 128 << 10], 512 << 10).expect("write");
         img
     }
 
@@ -164,12 +163,7 @@ mod tests {
         // cli.md §24: data, hole+zero, data, hole+zero.
         assert_eq!(
             base,
-            vec![
-                e(65536, 0),
-                e(458752, 3),
-                e(131072, 0),
-                e(393216, 3)
-            ]
+            vec![e(65536, 0), e(458752, 3), e(131072, 0), e(393216, 3)]
         );
         // The zero cluster is local (1), unallocated ones absent (0).
         assert_eq!(
@@ -190,11 +184,35 @@ mod tests {
         let img = image();
         let base = extents(&img, 65536, 1 << 19, true, MetaContext::BaseAllocation).expect("b");
         let depth = extents(&img, 65536, 1 << 19, true, MetaContext::AllocationDepth).expect("d");
-        assert_eq!(base, vec![StatusExtent { len: 458752, flags: 3 }]);
-        assert_eq!(depth, vec![StatusExtent { len: 65536, flags: 0 }]);
+        assert_eq!(
+            base,
+            vec![StatusExtent {
+                len: 458752,
+                flags: 3
+            }]
+        );
+        assert_eq!(
+            depth,
+            vec![StatusExtent {
+                len: 65536,
+                flags: 0
+            }]
+        );
         let base = extents(&img, 4096, 4096, true, MetaContext::BaseAllocation).expect("b");
         let depth = extents(&img, 4096, 4096, true, MetaContext::AllocationDepth).expect("d");
-        assert_eq!(base, vec![StatusExtent { len: 4096, flags: 0 }]);
-        assert_eq!(depth, vec![StatusExtent { len: 4096, flags: 1 }]);
+        assert_eq!(
+            base,
+            vec![StatusExtent {
+                len: 4096,
+                flags: 0
+            }]
+        );
+        assert_eq!(
+            depth,
+            vec![StatusExtent {
+                len: 4096,
+                flags: 1
+            }]
+        );
     }
 }
