@@ -449,6 +449,69 @@ fn tcp_nbdcopy_round_trip() {
     assert_eq!(run(d, "qemu-img", &["check", "d.qcow2"]).code, 0);
 }
 
+/// `serve --help` names every option the parser accepts and the exit
+/// codes; argument errors exit 1 with qemu-img's usage shape.
+#[test]
+fn serve_help_and_argument_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let h = run(d, BIN, &["serve", "--help"]);
+    assert_eq!(h.code, 0, "{h:?}");
+    for o in [
+        "--nbd",
+        "-k, --socket",
+        "-b, --bind",
+        "-r, --read-only",
+        "-x, --export",
+        "-e, --shared",
+        "--discard=unmap|ignore",
+        "-f, --format",
+        "--image-opts",
+        "-q, --quiet",
+        "-h, --help",
+    ] {
+        assert!(h.out.contains(o), "serve --help lacks {o}:\n{}", h.out);
+    }
+    let codes = h.out.split_once("\nExit codes:\n").expect("exit codes").1;
+    assert!(
+        codes.contains("  0  ") && codes.contains("  1  "),
+        "{codes}"
+    );
+    let e = run(d, BIN, &["serve", "x.qcow2"]);
+    assert_eq!(
+        (e.code, e.err.as_str()),
+        (
+            1,
+            "qcow2-img: Expecting an export type (--nbd)\nTry 'qcow2-img serve --help' for more info\n"
+        )
+    );
+    let e = run(d, BIN, &["serve", "--nbd", "x.qcow2"]);
+    assert_eq!(e.code, 1);
+    assert!(
+        e.err
+            .starts_with("qcow2-img: Expecting --socket PATH or --bind ADDR:PORT\n"),
+        "{e:?}"
+    );
+    let e = run(
+        d,
+        BIN,
+        &[
+            "serve", "--nbd", "--socket", "s.sock", "--shared", "0", "x.qcow2",
+        ],
+    );
+    assert_eq!(
+        (e.code, e.err.as_str()),
+        (1, "qcow2-img: Invalid shared device number '0'\n")
+    );
+    let e = run(d, BIN, &["serve", "--nbd", "--socket", "s.sock", "x.qcow2"]);
+    assert_eq!(e.code, 1);
+    assert!(e.err.contains("Could not open 'x.qcow2'"), "{e:?}");
+    assert!(
+        !d.join("s.sock").exists(),
+        "the socket is removed when the open fails"
+    );
+}
+
 // ----------------------------------------------------------------------
 // A small NBD client of our own, for what real clients never send.
 // ----------------------------------------------------------------------

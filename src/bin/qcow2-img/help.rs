@@ -20,7 +20,6 @@ Commands:
   io       run qemu-io commands (read, write, discard, ...) on an image
   map      show where an image's guest data is and which layer holds it
   resize   grow or shrink an image's virtual size
-  serve    export an image's guest view over NBD until SIGTERM
 
 Options:
   -h, --help

@@ -53,7 +53,8 @@ Usage: qcow2-img serve --nbd (--socket PATH | --bind ADDR:PORT) [--read-only]
 
 Export the image's guest view (its virtual disk, backing chain included) over
 NBD until SIGTERM or SIGINT, like 'qemu-nbd -t -f qcow2'. On a signal it stops
-accepting, lets requests in progress finish, flushes and closes the image.
+accepting, lets requests in progress finish, flushes and closes the image; a
+second signal while it stops exits at once.
 
 Options:
   -h, --help
@@ -85,7 +86,7 @@ Options:
 Exit codes:
   0  stopped by SIGTERM or SIGINT, the image flushed and closed cleanly
   1  error: bad argument, FILE cannot be opened, the socket cannot be bound,
-     or the final flush fails
+     the final flush fails, or a second signal cut the stop short
 ";
 
 /// Runs `serve`.
@@ -174,7 +175,10 @@ pub fn run(argv: &[String]) -> CmdResult {
     let server = Server::new(img.clone(), listener, cfg);
     let stop = server.stop_flag();
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(sig, stop.clone())
+        // The first signal stops the server gracefully; a second one, while
+        // it is still stopping, exits at once (exit 1).
+        signal_hook::flag::register_conditional_shutdown(sig, 1, stop.clone())
+            .and_then(|_| signal_hook::flag::register(sig, stop.clone()))
             .map_err(|e| Fail::Msg(format!("cannot handle signal {sig}: {e}")))?;
     }
     if !quiet {

@@ -44,10 +44,12 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How often idle loops look at the stop flag.
 const POLL: Duration = Duration::from_millis(50);
+/// How long a stop waits for connections before shutting their sockets.
+const GRACE: Duration = Duration::from_secs(10);
 
 /// A log sink for connects, disconnects and errors (one line each).
 pub type LogFn = Arc<dyn Fn(&str) + Send + Sync>;
@@ -162,6 +164,24 @@ enum Stream {
     Unix(UnixStream),
 }
 
+impl Stream {
+    /// A second handle on the socket, to shut it down from the server.
+    fn try_clone(&self) -> io::Result<Stream> {
+        Ok(match self {
+            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+        })
+    }
+
+    /// Shuts the socket down both ways: blocked reads and writes return.
+    fn shutdown(&self) {
+        let _ = match self {
+            Stream::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
+            Stream::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+        };
+    }
+}
+
 impl Read for Stream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
@@ -242,7 +262,7 @@ impl Server {
             multi_conn: self.cfg.max_clients > 1,
         });
         let max = self.cfg.max_clients.max(1);
-        let mut clients: Vec<JoinHandle<()>> = Vec::new();
+        let mut clients: Vec<Client> = Vec::new();
         let mut next_id = 0u64;
         while !self.stop.load(Ordering::SeqCst) {
             reap(&mut clients, false);
@@ -267,6 +287,7 @@ impl Server {
             next_id += 1;
             let id = next_id;
             self.log(&format!("client {id} connected ({peer})"));
+            let handle = stream.try_clone().ok();
             let img = self.img.clone();
             let export = export.clone();
             let stop = self.stop.clone();
@@ -287,7 +308,7 @@ impl Server {
                     }
                 });
             match spawned {
-                Ok(h) => clients.push(h),
+                Ok(thread) => clients.push(Client { thread, handle }),
                 Err(e) => self.log(&format!("cannot start a client thread: {e}")),
             }
         }
@@ -297,6 +318,19 @@ impl Server {
             let _ = std::fs::remove_file(path);
         }
         drop(listener);
+        // Each connection notices the flag at its next idle moment; one
+        // whose client stopped reading its replies is cut off after a grace
+        // period.
+        let t0 = Instant::now();
+        while !clients.is_empty() && t0.elapsed() < GRACE {
+            reap(&mut clients, false);
+            std::thread::sleep(POLL);
+        }
+        for c in &clients {
+            if let Some(h) = &c.handle {
+                h.shutdown();
+            }
+        }
         reap(&mut clients, true);
         img.flush().map_err(ServeError::Image)
     }
@@ -314,13 +348,19 @@ pub enum ServeError {
     Image(#[source] crate::Error),
 }
 
+/// A client's thread and a handle on its socket.
+struct Client {
+    thread: JoinHandle<()>,
+    handle: Option<Stream>,
+}
+
 /// Joins finished client threads (all of them with `all`).
-fn reap(clients: &mut Vec<JoinHandle<()>>, all: bool) {
+fn reap(clients: &mut Vec<Client>, all: bool) {
     let mut i = 0;
     while i < clients.len() {
-        if all || clients[i].is_finished() {
+        if all || clients[i].thread.is_finished() {
             // A client thread that panicked has already reported it.
-            let _ = clients.swap_remove(i).join();
+            let _ = clients.swap_remove(i).thread.join();
         } else {
             i += 1;
         }
