@@ -449,6 +449,105 @@ fn tcp_nbdcopy_round_trip() {
     assert_eq!(run(d, "qemu-img", &["check", "d.qcow2"]).code, 0);
 }
 
+/// `--discard=ignore` accepts TRIM and leaves the clusters allocated (as
+/// qemu-nbd does by default); `--image-opts` names the file in an option
+/// string.
+#[test]
+fn discard_ignore_and_image_opts() {
+    if !have(&["qemu-img", "qemu-io", "nbdinfo"], "nbd discard=ignore") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    make_d(d, "d.qcow2");
+    let srv = Served::ours_unix(
+        d,
+        &["--discard=ignore", "--image-opts"],
+        "driver=qcow2,file.filename=d.qcow2",
+    );
+    let out = ok(d, "qemu-io", &["-f", "raw", "-c", "discard 0 64k", URI]);
+    assert!(
+        out.starts_with("discard 65536/65536 bytes at offset 0\n"),
+        "{out}"
+    );
+    let map = ok(d, "nbdinfo", &["--map", URI]);
+    assert!(
+        map.starts_with("         0       65536    0  data\n"),
+        "{map}"
+    );
+    assert_eq!(srv.stop().0, 0);
+    let r = ok(d, "qemu-io", &["-c", "read -P 0x11 0 64k", "d.qcow2"]);
+    assert!(!r.contains("fail"), "{r}");
+}
+
+/// Over a backing chain, `qemu:allocation-depth` names the layer and
+/// `base:allocation` reports whole clusters (cli.md §24's overlay).
+#[test]
+fn backing_chain_allocation_depth() {
+    if !have(&["qemu-img", "qemu-io", "nbdinfo"], "nbd backing chain") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ok(
+        d,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "b.qcow2", "1M"],
+    );
+    ok(d, "qemu-io", &["-c", "write -P 0x11 0 128k", "b.qcow2"]);
+    ok(
+        d,
+        "qemu-img",
+        &[
+            "create", "-q", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", "o.qcow2",
+        ],
+    );
+    ok(
+        d,
+        "qemu-io",
+        &[
+            "-c",
+            "write -P 0x22 64k 4k",
+            "-c",
+            "write -P 0x33 512k 4k",
+            "o.qcow2",
+        ],
+    );
+    let srv = Served::ours_unix(d, &["--read-only"], "o.qcow2");
+    let depth = ok(d, "nbdinfo", &["--map=qemu:allocation-depth", URI]);
+    let lines: Vec<&str> = depth.lines().collect();
+    assert_eq!(
+        lines[0], "         0       65536    2  backing depth 2",
+        "{depth}"
+    );
+    assert_eq!(lines[1], "     65536       65536    1  local", "{depth}");
+    let base = ok(d, "nbdinfo", &["--map", URI]);
+    assert!(
+        base.starts_with("         0      131072    0  data\n"),
+        "{base}"
+    );
+    let r = ok(
+        d,
+        "qemu-io",
+        &[
+            "-r",
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0x11 0 64k",
+            "-c",
+            "read -P 0x22 64k 4k",
+            "-c",
+            "read -P 0x11 68k 60k",
+            "-c",
+            "read -P 0x33 512k 4k",
+            URI,
+        ],
+    );
+    assert!(!r.contains("fail"), "{r}");
+    assert_eq!(srv.stop().0, 0);
+}
+
 /// `serve --help` names every option the parser accepts and the exit
 /// codes; argument errors exit 1 with qemu-img's usage shape.
 #[test]
@@ -866,6 +965,28 @@ fn malformed_input_gets_errors_and_others_are_served() {
         assert_eq!(c.recv(k, 0, 0, false), Err(EINVAL));
         assert!(c.closed());
     }
+    // Legacy NBD_OPT_EXPORT_NAME: size and flags (no zeroes asked), then
+    // simple replies; an unknown name can only be answered by hanging up.
+    let mut s = Client::greet(&sock);
+    Client::option(&mut s, 1, b"");
+    let mut x = [0u8; 10];
+    s.read_exact(&mut x).unwrap();
+    assert_eq!(u64::from_be_bytes(x[..8].try_into().unwrap()), 1 << 20);
+    assert_eq!(
+        u16::from_be_bytes([x[8], x[9]]) & 3,
+        1,
+        "has flags, writable"
+    );
+    let mut c = Client {
+        s,
+        structured: false,
+        cookie: 0,
+    };
+    assert_eq!(c.read(0, 16).unwrap(), vec![0x11; 16]);
+    let mut s = Client::greet(&sock);
+    Client::option(&mut s, 1, b"nosuch");
+    assert!(matches!(s.read(&mut b), Ok(0) | Err(_)));
+
     // A bad request magic drops only that connection.
     let mut c = Client::go(&sock, false);
     c.s.write_all(&[0xde; 28]).unwrap();
