@@ -111,6 +111,13 @@ impl Served {
         Self::start(dir, BIN, &args, |d, _| d.join("s.sock").exists())
     }
 
+    /// SIGKILL, and wait for it to die.
+    fn kill(mut self) {
+        let mut child = self.child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -1068,4 +1075,44 @@ fn sigterm_with_connected_clients_leaves_a_clean_image() {
         ],
     );
     assert!(!r.contains("fail"), "{r}");
+}
+
+/// SIGKILL after a flushed write and an unflushed one: the lazy-refcounts
+/// image opens again (the dirty bit repaired on a read-write open), holds
+/// the flushed data and then checks clean.
+#[test]
+fn sigkill_leaves_an_image_that_opens() {
+    if !have(&["qemu-img"], "nbd sigkill") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ok(
+        d,
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "lazy_refcounts=on",
+            "k.qcow2",
+            "4M",
+        ],
+    );
+    let srv = Served::ours_unix(d, &["-q"], "k.qcow2");
+    let mut c = Client::go(&d.join("s.sock"), false);
+    c.cmd(0, 1, 0, 65536, &[0x77; 65536]).unwrap();
+    c.cmd(0, 3, 0, 0, &[]).unwrap();
+    c.cmd(0, 1, 1 << 20, 65536, &[0x88; 65536]).unwrap();
+    srv.kill();
+    let r = run(d, BIN, &["io", "-c", "read -P 0x77 0 64k", "k.qcow2"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(
+        r.out.starts_with("read 65536/65536 bytes at offset 0\n"),
+        "{r:?}"
+    );
+    let chk = run(d, "qemu-img", &["check", "k.qcow2"]);
+    assert_eq!(chk.code, 0, "{chk:?}");
 }

@@ -9,6 +9,9 @@ use crate::{Error, Image};
 use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 
+/// Largest request buffer kept between requests.
+const KEEP_BUFFER: usize = 4 << 20;
+
 /// What a connection serves and how (shared by all connections).
 #[derive(Debug, Clone)]
 pub(crate) struct ExportConfig {
@@ -412,6 +415,10 @@ impl<'a, S: Read + Write> Conn<'a, S> {
             Ok(Done::Replied) => {}
             Ok(Done::Simple) => self.send(&proto::encode_simple_reply(0, req.cookie))?,
             Err(f) => self.reply_error(&req, f)?,
+        }
+        if self.buf.capacity() > KEEP_BUFFER {
+            // Do not hold a 32 MiB buffer per idle client.
+            self.buf = Vec::new();
         }
         Ok(true)
     }
