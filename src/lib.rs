@@ -41,6 +41,7 @@ mod compress;
 pub mod create;
 pub mod error;
 pub mod events;
+pub mod export;
 pub mod format;
 pub mod image;
 pub mod info;

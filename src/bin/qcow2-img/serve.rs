@@ -1,0 +1,204 @@
+//! `qcow2-img serve --nbd` (`cli.md` §24): exports the image's guest view
+//! over NBD (≙ `qemu-nbd -t -f qcow2`) until SIGTERM or SIGINT, then stops
+//! accepting, lets requests in progress finish, flushes and closes the
+//! image cleanly.
+
+use crate::common::{check_format, open_fail, parse_args, CmdResult, Fail};
+use clap::Parser;
+use qcow2kit::export::nbd::{Listener, ServeConfig, Server};
+use qcow2kit::{Image, OpenOptions};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+#[derive(Parser, Debug)]
+#[command(
+    no_binary_name = true,
+    disable_help_flag = true,
+    disable_version_flag = true
+)]
+struct Args {
+    #[arg(short = 'h', long = "help")]
+    help: bool,
+    #[arg(long = "nbd")]
+    nbd: bool,
+    #[arg(short = 'k', long = "socket")]
+    socket: Option<String>,
+    #[arg(short = 'b', long = "bind")]
+    bind: Option<String>,
+    #[arg(short = 'r', long = "read-only")]
+    read_only: bool,
+    #[arg(short = 'x', long = "export")]
+    export: Option<String>,
+    #[arg(short = 'e', long = "shared")]
+    shared: Option<String>,
+    #[arg(long = "discard")]
+    discard: Option<String>,
+    #[arg(short = 'f', long = "format")]
+    format: Option<String>,
+    #[arg(long = "image-opts")]
+    image_opts: bool,
+    #[arg(short = 'q', long = "quiet")]
+    quiet: bool,
+    #[arg(num_args = 0..)]
+    rest: Vec<String>,
+}
+
+const SUB: &str = "serve";
+
+/// `qcow2-img serve --help`.
+pub const HELP: &str = "\
+Usage: qcow2-img serve --nbd (--socket PATH | --bind ADDR:PORT) [--read-only]
+                       [--export NAME] [--shared N] [--discard=unmap|ignore]
+                       [-f qcow2 | --image-opts] [-q] FILE
+
+Export the image's guest view (its virtual disk, backing chain included) over
+NBD until SIGTERM or SIGINT, like 'qemu-nbd -t -f qcow2'. On a signal it stops
+accepting, lets requests in progress finish, flushes and closes the image; a
+second signal while it stops exits at once.
+
+Options:
+  -h, --help
+      print this help and exit
+  --nbd
+      serve over NBD (the only kind of export so far; required)
+  -k, --socket PATH
+      listen on the Unix domain socket PATH (removed when the server stops);
+      client URI: nbd+unix:///NAME?socket=PATH
+  -b, --bind ADDR:PORT
+      listen on TCP (port 0 picks a free port; the address is logged);
+      client URI: nbd://ADDR:PORT/NAME
+  -r, --read-only
+      open the image read-only and export it read-only
+  -x, --export NAME
+      the export's name (default: the empty name, the default export)
+  -e, --shared N
+      serve up to N clients at once (default 8); more wait until one leaves
+  --discard=unmap|ignore
+      client TRIM requests discard clusters in the image (unmap, the
+      default) or are accepted and ignored
+  -f, --format qcow2
+      format of FILE (only qcow2)
+  --image-opts
+      FILE is an option string (driver=qcow2,file.filename=...)
+  -q, --quiet
+      do not log the address, connects and disconnects on stderr
+
+Exit codes:
+  0  stopped by SIGTERM or SIGINT, the image flushed and closed cleanly
+  1  error: bad argument, FILE cannot be opened, the socket cannot be bound,
+     the final flush fails, or a second signal cut the stop short
+";
+
+/// Runs `serve`.
+pub fn run(argv: &[String]) -> CmdResult {
+    let a: Args = parse_args(SUB, argv)?;
+    if a.help {
+        print!("{HELP}");
+        return Ok(());
+    }
+    if !a.nbd {
+        return Err(Fail::Usage("Expecting an export type (--nbd)".into(), SUB));
+    }
+    let [filename] = a.rest.as_slice() else {
+        return Err(Fail::Usage("Expecting one image file name".into(), SUB));
+    };
+    let max_clients = match a.shared.as_deref() {
+        None => 8,
+        Some(s) => match s.parse::<usize>() {
+            Ok(n) if (1..=1024).contains(&n) => n,
+            _ => return Err(Fail::Msg(format!("Invalid shared device number '{s}'"))),
+        },
+    };
+    let discard = match a.discard.as_deref() {
+        None | Some("unmap") | Some("on") => true,
+        Some("ignore") | Some("off") => false,
+        Some(other) => return Err(Fail::Msg(format!("Invalid discard mode '{other}'"))),
+    };
+    if a.image_opts && a.format.is_some() {
+        return Err(Fail::Msg(
+            "--image-opts and -f are mutually exclusive".into(),
+        ));
+    }
+    let (path, opts) = if a.image_opts {
+        let mut o = OpenOptions::new();
+        o.apply_qemu_str(filename)
+            .map_err(|e| Fail::Msg(e.to_string()))?;
+        let o = o.read_only(a.read_only);
+        let path = o
+            .filename()
+            .map(|p| p.to_path_buf())
+            .unwrap_or_else(|| PathBuf::from(filename));
+        (path, o)
+    } else {
+        check_format(a.format.as_deref(), filename)?;
+        (
+            PathBuf::from(filename),
+            OpenOptions::new().read_only(a.read_only),
+        )
+    };
+    let listener = match (&a.socket, &a.bind) {
+        (Some(_), Some(_)) => {
+            return Err(Fail::Msg(
+                "--socket and --bind are mutually exclusive".into(),
+            ))
+        }
+        (None, None) => {
+            return Err(Fail::Usage(
+                "Expecting --socket PATH or --bind ADDR:PORT".into(),
+                SUB,
+            ))
+        }
+        (Some(p), None) => Listener::bind_unix(p)
+            .map_err(|e| Fail::Msg(format!("Failed to bind socket to {p}: {e}")))?,
+        (None, Some(b)) => Listener::bind_tcp(b.as_str())
+            .map_err(|e| Fail::Msg(format!("Failed to bind socket to {b}: {e}")))?,
+    };
+    let img = match Image::open(&path, &opts) {
+        Ok(i) => Arc::new(i),
+        Err(e) => {
+            if let Listener::Unix(_, p) = &listener {
+                let _ = std::fs::remove_file(p);
+            }
+            return Err(open_fail(filename, &e));
+        }
+    };
+    let quiet = a.quiet;
+    let cfg = ServeConfig {
+        export_name: a.export.clone().unwrap_or_default(),
+        max_clients,
+        discard,
+        log: (!quiet).then(|| {
+            Arc::new(|m: &str| eprintln!("{}: {m}", crate::common::PROG))
+                as qcow2kit::export::nbd::LogFn
+        }),
+    };
+    let server = Server::new(img.clone(), listener, cfg);
+    let stop = server.stop_flag();
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        // The first signal stops the server gracefully; a second one, while
+        // it is still stopping, exits at once (exit 1).
+        signal_hook::flag::register_conditional_shutdown(sig, 1, stop.clone())
+            .and_then(|_| signal_hook::flag::register(sig, stop.clone()))
+            .map_err(|e| Fail::Msg(format!("cannot handle signal {sig}: {e}")))?;
+    }
+    if !quiet {
+        eprintln!(
+            "{}: serving '{}' over NBD on {}{}",
+            crate::common::PROG,
+            a.export.as_deref().unwrap_or(""),
+            server.address(),
+            if img.is_read_only() {
+                " (read-only)"
+            } else {
+                ""
+            }
+        );
+    }
+    let served = server.run();
+    let closed = img.shutdown();
+    if !quiet {
+        eprintln!("{}: stopped", crate::common::PROG);
+    }
+    served.map_err(|e| Fail::Msg(e.to_string()))?;
+    closed.map_err(|e| Fail::Msg(e.qemu_message()))
+}
