@@ -414,7 +414,10 @@ fn img_help_lists_each_command_on_one_line() {
             .collect();
         assert_eq!(
             names,
-            ["amend", "bench", "check", "convert", "create", "info", "io", "map", "resize"],
+            [
+                "amend", "bench", "check", "convert", "create", "info", "io", "map", "resize",
+                "serve"
+            ],
             "{}",
             r.out
         );

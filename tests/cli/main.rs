@@ -20,4 +20,5 @@ mod io_more;
 mod locking;
 mod map_convert;
 mod map_extents;
+mod nbd_serve;
 mod progress;

@@ -20,6 +20,7 @@ Commands:
   io       run qemu-io commands (read, write, discard, ...) on an image
   map      show where an image's guest data is and which layer holds it
   resize   grow or shrink an image's virtual size
+  serve    export an image to other processes (--nbd: an NBD server)
 
 Options:
   -h, --help
