@@ -33,7 +33,6 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod amend;
-pub mod cache;
 pub mod check;
 pub mod compress;
 pub mod create;
@@ -45,7 +44,6 @@ pub mod info;
 pub mod mapping;
 mod meta;
 pub mod options;
-pub mod overlap;
 pub mod resize;
 mod snapshot;
 pub mod storage;

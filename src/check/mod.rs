@@ -35,7 +35,7 @@
 //!
 //! # Write ordering of repairs
 //! Every repair write goes through the image's write gate
-//! (`Meta::gate_write`) with the exemption of the structure
+//! (`WriteGate::write`) with the exemption of the structure
 //! being written, so a repair can never overwrite other metadata. Leak
 //! repairs only lower refcounts towards the counted value, refcounts that are
 //! too low are only raised, a rebuild writes the new structures before the
@@ -271,7 +271,7 @@ impl Checker {
     pub(crate) fn repair_dirty(image: Image) -> Result<(Image, CheckReport)> {
         // The repair reads what is past the end of the file as `check -r all`
         // does, and allocates on its own terms.
-        image.lock_meta()?.refcounts_past_eof = None;
+        image.lock_meta()?.rc.allow_past_eof();
         let filename = image
             .path()
             .map(|p| p.display().to_string())
@@ -406,7 +406,8 @@ fn validate_bitmaps(image: &Image) -> Result<()> {
     };
     let invalid = |m: String| Error::InvalidArgument(m);
     let mut dir = vec![0u8; ext.bitmap_directory_size as usize];
-    meta.file
+    meta.gate
+        .reader()
         .read_at(&mut dir, ext.bitmap_directory_offset)
         .map_err(|e| {
             invalid(format!(
@@ -438,7 +439,8 @@ fn validate_bitmaps(image: &Image) -> Result<()> {
                     crate::error::strerror(errno)
                 ))
             };
-            meta.file
+            meta.gate
+                .reader()
                 .read_at(&mut chunk[..n], bm.bitmap_table_offset + pos)
                 .map_err(|e| bad(e.raw_os_error().unwrap_or(libc::EIO)))?;
             for c in chunk[..n].chunks_exact(8) {

@@ -71,13 +71,13 @@ impl Image {
                 Err(e) => return Err(self.fail(&mut meta, e, IoOperation::Write)),
             };
             match step {
-                WriteStep::InPlace { host, len } => {
+                WriteStep::InPlace { permit, len } => {
                     let io = self
                         .io_barrier
                         .read()
                         .map_err(|_| Error::PreviousIoFailed)?;
                     drop(meta);
-                    let r = write_file(&*self.data, &rest[..len as usize], host);
+                    let r = self.data.write(permit, &rest[..len as usize]);
                     // Never wait for the metadata lock while holding the
                     // barrier: flush takes them in the other order.
                     drop(io);
@@ -89,7 +89,7 @@ impl Image {
                 }
                 WriteStep::Done { len } => {
                     done += len as usize;
-                    if meta.pending_frees.len() > MAX_PENDING_FREES {
+                    if meta.rc.pending_frees() > MAX_PENDING_FREES {
                         if let Err(e) = self.flush_locked(&mut meta) {
                             return Err(self.fail(&mut meta, e, IoOperation::Write));
                         }
@@ -139,16 +139,11 @@ impl Image {
                 run += n;
             }
             if run > 0 {
-                if !meta.efmt.external_data {
-                    meta.gate_check(host0, run, 0)?;
-                    // The write may extend the file (a cluster whose tail was
-                    // never written): keep the known end an upper bound.
-                    meta.file_end = meta.file_end.max(host0 + run);
-                }
-                return Ok(WriteStep::InPlace {
-                    host: host0,
-                    len: run,
-                });
+                // Overlap-checked when data lives in the image file; the
+                // write may extend the file (a cluster whose tail was never
+                // written), so the known end covers it from here on.
+                let permit = meta.gate.permit_data(host0, run)?;
+                return Ok(WriteStep::InPlace { permit, len: run });
             }
         }
         let written = self.allocating_write(meta, g, &data[..len as usize])?;
@@ -248,11 +243,7 @@ impl Image {
                 let last = &plans[end - 1];
                 let src =
                     &data[(p.guest + p.lo_w - g) as usize..(last.guest + last.hi_w - g) as usize];
-                let r = if meta.efmt.external_data {
-                    write_file(&*self.data, src, host + p.lo_w)
-                } else {
-                    meta.gate_write(src, host + p.lo_w, None)
-                };
+                let r = meta.gate.write_data(src, host + p.lo_w);
                 if let Err(e) = r {
                     meta.scratch = buf;
                     return Err(e);
@@ -289,11 +280,7 @@ impl Image {
             buf[(p.lo_w - lo) as usize..(p.hi_w - lo) as usize].copy_from_slice(src);
             let (wlo, whi) = (lo, hi);
             let out = &buf[(wlo - lo) as usize..(whi - lo) as usize];
-            let r = if meta.efmt.external_data {
-                write_file(&*self.data, out, host + wlo)
-            } else {
-                meta.gate_write(out, host + wlo, None)
-            };
+            let r = meta.gate.write_data(out, host + wlo);
             if let Err(e) = r {
                 meta.scratch = buf;
                 return Err(e);
@@ -323,7 +310,7 @@ impl Image {
         let covers = p.lo_w == lo && p.hi_w == hi;
         covers
             || (!meta.efmt.external_data
-                && p.host.is_some_and(|host| host + lo >= meta.file_end)
+                && p.host.is_some_and(|host| host + lo >= meta.gate.file_end())
                 && self.old_reads_zero(p, lo))
     }
 
@@ -431,7 +418,7 @@ impl Image {
                         unit,
                     ) {
                         crate::format::entry::SubclusterState::Data(h) => {
-                            read_file(&*self.data, dst, h + (pos & (unit - 1)))?
+                            self.data.read(dst, h + (pos & (unit - 1)))?
                         }
                         crate::format::entry::SubclusterState::Unallocated => {
                             self.read_backing(dst, p.guest + pos)?
@@ -460,8 +447,14 @@ struct ClusterPlan {
 }
 
 enum WriteStep {
-    InPlace { host: u64, len: u64 },
-    Done { len: u64 },
+    /// Overwrite `len` bytes in place, outside the lock, with `permit`.
+    InPlace {
+        permit: crate::meta::DataPermit,
+        len: u64,
+    },
+    Done {
+        len: u64,
+    },
 }
 
 pub(super) fn range_mask(lo: u64, hi: u64) -> u32 {
