@@ -252,6 +252,102 @@ fn four_threads_share_clusters_and_match_the_model() {
     }
 }
 
+/// Memory storage whose writes take a while, so that requests overlap in
+/// time even on a busy machine (no timing is asserted).
+#[derive(Debug)]
+struct SlowStorage(MemStorage);
+
+impl Storage for SlowStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.0.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        std::thread::sleep(std::time::Duration::from_micros(200));
+        self.0.write_at(buf, offset)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.0.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.0.set_len(len)
+    }
+    fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.0.discard(offset, len)
+    }
+}
+
+#[test]
+fn slow_writes_under_four_threads_match_the_model() {
+    if !support::have_qemu() {
+        eprintln!("skipping: qemu-img not installed");
+        return;
+    }
+    let o = CreateOptions::from_qemu_str("cluster_size=4096").unwrap();
+    let cs = o.cluster_size;
+    let mem = support::mem_create(&o, disk_size(cs));
+    let slow = Arc::new(SlowStorage(MemStorage::from_bytes(mem.to_vec())));
+    let img = Arc::new(
+        Image::open_storage(slow.clone() as Arc<dyn Storage>, &OpenOptions::new()).unwrap(),
+    );
+    let models = run_threads(&img, 400, false);
+    verify(&models, cs, &|b, off| img.read_at(b, off).unwrap(), "slow");
+    Arc::try_unwrap(img).unwrap().close().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = support::write_file(dir.path(), "slow.qcow2", &slow.0.to_vec());
+    support::assert_check_clean(&path, "slow writes");
+}
+
+/// All four threads write their stripe of the same fresh clusters in the
+/// same order, so each cluster's first allocation is contended: the later
+/// writers must wait for (and then see) the first one's allocation instead
+/// of allocating the cluster again.
+#[test]
+fn contended_first_allocations_keep_every_stripe() {
+    if !support::have_qemu() {
+        eprintln!("skipping: qemu-img not installed");
+        return;
+    }
+    for opts in ["cluster_size=4096", "cluster_size=16384,extended_l2=on"] {
+        let o = CreateOptions::from_qemu_str(opts).unwrap();
+        let cs = o.cluster_size;
+        let n = 96u64;
+        let mem = support::mem_create(&o, n * cs);
+        let slow = Arc::new(SlowStorage(MemStorage::from_bytes(mem.to_vec())));
+        let img = Arc::new(
+            Image::open_storage(slow.clone() as Arc<dyn Storage>, &OpenOptions::new()).unwrap(),
+        );
+        let stripe = cs / THREADS;
+        let pattern = move |t: u64, c: u64| vec![(1 + t + 4 * (c % 60)) as u8; stripe as usize];
+        let handles: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let img = img.clone();
+                std::thread::spawn(move || {
+                    for c in 0..n {
+                        img.write_at(&pattern(t, c), c * cs + t * stripe).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+        for c in 0..n {
+            for t in 0..THREADS {
+                let mut b = vec![0u8; stripe as usize];
+                img.read_at(&mut b, c * cs + t * stripe).unwrap();
+                assert!(b == pattern(t, c), "{opts}: cluster {c} stripe {t} lost");
+            }
+        }
+        Arc::try_unwrap(img).unwrap().close().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = support::write_file(dir.path(), "race.qcow2", &slow.0.to_vec());
+        support::assert_check_clean(&path, opts);
+    }
+}
+
 #[test]
 fn failed_requests_under_four_threads_leave_a_consistent_image() {
     if !support::have_qemu() {

@@ -6,9 +6,22 @@
 //! under that mutex, then releases it and does guest data I/O outside it:
 //! reads of allocated clusters, reads of backing files and overwrites of
 //! clusters that are already allocated in place never hold the lock across
-//! file I/O. Allocating writes (new clusters, copy-on-write) hold the lock
-//! while they write, so two writers can never allocate the same guest cluster
-//! twice.
+//! file I/O.
+//!
+//! Allocating writes (new clusters, copy-on-write) from [`Image::write_at`]
+//! work in three phases: under the lock they reserve their host clusters
+//! (refcount raised, nothing points at them yet), read the old content that
+//! copy-on-write keeps, get overlap-checked permits for their data writes
+//! and record their guest clusters as in flight; they write the data with
+//! no lock held; then, under the lock again, they point the L2 entries at
+//! the new clusters (the entries reach the file only after the data is
+//! synced, as before). A write that touches a guest cluster in flight waits
+//! until it is linked and translates again, so a guest cluster is never
+//! allocated twice; discard, write-zeroes, resize and close wait until no
+//! allocation is in flight. A failed data write releases its reservation
+//! through the deferred-free path (a crash before the next flush leaves a
+//! leak, never a dangling entry). Write-zeroes and resize allocate under
+//! the lock, as before.
 //!
 //! A host cluster that stops being referenced is not reused while a request
 //! that translated to it may still be doing I/O: reference drops are queued
@@ -27,7 +40,7 @@ use crate::storage::{FileStorage, Storage, Tracked};
 use crate::types::{Geometry, MetadataKind};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 
 mod open;
 mod resolver;
@@ -104,6 +117,9 @@ pub struct Image {
     pub(crate) backing: Option<Backing>,
     meta: Mutex<Meta>,
     pub(crate) io_barrier: RwLock<()>,
+    /// Signalled (with the metadata mutex) when allocating writes leave
+    /// `Meta::in_flight`.
+    in_flight_done: Condvar,
     read_only: bool,
     gone: AtomicBool,
     /// [`Image::shutdown`] ran: requests fail with [`Error::Closed`].
@@ -350,6 +366,33 @@ impl Image {
             return Err(Error::EncryptionKeyRequired);
         }
         self.lock_open()
+    }
+
+    /// Waits (releasing the lock) until no allocating write is in flight on
+    /// guest clusters `first..=last`.
+    pub(crate) fn wait_in_flight<'a>(
+        &'a self,
+        mut meta: MutexGuard<'a, Meta>,
+        first: u64,
+        last: u64,
+    ) -> Result<MutexGuard<'a, Meta>> {
+        while !meta.in_flight.is_empty()
+            && meta.in_flight.iter().any(|c| (first..=last).contains(c))
+        {
+            meta = self
+                .in_flight_done
+                .wait(meta)
+                .map_err(|_| Error::PreviousIoFailed)?;
+        }
+        Ok(meta)
+    }
+
+    /// [`Image::lock`], then waits until no allocating write is in flight
+    /// (for requests that change mappings wholesale: discard, write-zeroes,
+    /// resize, close).
+    pub(crate) fn lock_idle(&self) -> Result<MutexGuard<'_, Meta>> {
+        let meta = self.lock()?;
+        self.wait_in_flight(meta, 0, u64::MAX)
     }
 
     /// [`Image::lock`] without the "closed" and encryption checks (for the
@@ -736,7 +779,8 @@ impl Image {
         if self.read_only {
             return Ok(());
         }
-        let mut meta = self.lock_open()?;
+        let meta = self.lock_open()?;
+        let mut meta = self.wait_in_flight(meta, 0, u64::MAX)?;
         let r = (|| {
             let _barrier = self
                 .io_barrier
@@ -761,7 +805,7 @@ impl Image {
     /// `Error::InvalidArgument` on a v2 image (QEMU's message), I/O errors.
     pub fn set_lazy_refcounts(&self, on: bool) -> Result<()> {
         self.writable()?;
-        let mut meta = self.lock()?;
+        let mut meta = self.lock_idle()?;
         let r = (|| {
             if on && meta.header.version < 3 {
                 return Err(Error::InvalidArgument(

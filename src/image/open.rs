@@ -316,6 +316,7 @@ impl Image {
             backing,
             meta: Mutex::new(meta),
             io_barrier: RwLock::new(()),
+            in_flight_done: Condvar::new(),
             read_only,
             gone: AtomicBool::new(false),
             closed: AtomicBool::new(false),

@@ -38,7 +38,7 @@ impl Image {
     /// As for [`Image::write_at`].
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.writable()?;
-        let mut meta = self.lock()?;
+        let mut meta = self.lock_idle()?;
         self.check_range(meta.header.size, offset, len)?;
         if meta.header.version < 3 && meta.header.backing_file_name().is_some() {
             // Without the zero flag a discard would expose stale backing
@@ -236,7 +236,7 @@ impl Image {
             return self.write_zero_data(offset, len);
         }
         {
-            let mut meta = self.lock()?;
+            let mut meta = self.lock_idle()?;
             let r = (|| {
                 // A write may have allocated a partial unit since it was
                 // checked: check its state again under the lock (as QEMU

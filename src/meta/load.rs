@@ -140,6 +140,7 @@ pub(crate) fn load(
         }),
         dirty_at_open: header.incompatible_features & INCOMPAT_DIRTY != 0,
         lazy_refcounts,
+        in_flight: Default::default(),
         snapshots,
         header,
     })

@@ -262,6 +262,10 @@ pub(crate) struct Meta {
     pub dirty_at_open: bool,
     /// Lazy refcounts in effect: refcount writes are deferred behind the dirty bit.
     pub lazy_refcounts: bool,
+    /// Guest clusters (indices) with an allocating write between its
+    /// reservation and its link: other requests that would change their
+    /// mapping wait (see [`crate::Image`]'s module docs).
+    pub in_flight: std::collections::HashSet<u64>,
     /// The internal snapshots.
     #[allow(dead_code)] // read by snapshot operations (apply/delete) when they land
     pub snapshots: Vec<crate::format::snapshot::SnapshotEntry>,

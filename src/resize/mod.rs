@@ -107,7 +107,7 @@ impl Image {
     /// for a zero size).
     pub(crate) fn truncate(&self, new_size: u64, prealloc: Preallocation) -> Result<()> {
         self.writable()?;
-        let mut meta = self.lock()?;
+        let mut meta = self.lock_idle()?;
         let old = meta.header.size;
         if new_size < old && prealloc != Preallocation::Off {
             return Err(Error::InvalidArgument(
