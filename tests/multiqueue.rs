@@ -348,6 +348,47 @@ fn contended_first_allocations_keep_every_stripe() {
     }
 }
 
+/// A failed data write of an allocating write releases the clusters it
+/// reserved: after the next flush nothing is leaked and the guest range
+/// still reads as before.
+#[test]
+fn a_failed_allocating_data_write_releases_its_clusters() {
+    if !support::have_qemu() {
+        eprintln!("skipping: qemu-img not installed");
+        return;
+    }
+    let o = CreateOptions::from_qemu_str("cluster_size=4096").unwrap();
+    let cs = o.cluster_size;
+    let mem = support::mem_create(&o, 1 << 20);
+    let faulty = Arc::new(FaultyStorage::new(MemStorage::from_bytes(mem.to_vec())));
+    let img = Image::open_storage(faulty.clone() as Arc<dyn Storage>, &OpenOptions::new()).unwrap();
+    // The L2 table and refcount block exist: the next allocating write's
+    // first file write is its data.
+    img.write_at(&[1; 4096], 0).unwrap();
+    img.flush().unwrap();
+    faulty.set_fault(Some(Fault {
+        op: FaultOp::Write,
+        nth: 0,
+        kind: FaultKind::Eio,
+        persistent: false,
+    }));
+    let r = img.write_at(&vec![2; 3 * cs as usize], 5 * cs);
+    assert!(matches!(r, Err(Error::Io { .. })), "{r:?}");
+    faulty.set_fault(None);
+    let mut b = vec![9u8; 3 * cs as usize];
+    img.read_at(&mut b, 5 * cs).unwrap();
+    assert!(
+        b.iter().all(|&x| x == 0),
+        "the failed write left no mapping"
+    );
+    // The handle is not poisoned: a data write failure fails that request.
+    img.write_at(&[3; 4096], 9 * cs).unwrap();
+    img.close().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = support::write_file(dir.path(), "rel.qcow2", &faulty.inner().to_vec());
+    support::assert_check_clean(&path, "after a failed allocating write");
+}
+
 #[test]
 fn failed_requests_under_four_threads_leave_a_consistent_image() {
     if !support::have_qemu() {
