@@ -33,7 +33,6 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod amend;
-mod cache;
 pub mod check;
 #[doc(hidden)]
 pub mod cli_support;
@@ -48,16 +47,15 @@ pub mod info;
 mod mapping;
 mod meta;
 pub mod options;
-mod overlap;
 mod repair;
 pub mod resize;
 mod snapshot;
 pub mod storage;
 pub mod types;
 
-pub use cache::CacheStats;
 pub use error::{Error, Result};
 pub use events::Event;
+pub use image::CacheStats;
 pub use image::Image;
 pub use mapping::Extent;
 pub use options::{CreateOptions, OpenOptions};

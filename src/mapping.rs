@@ -55,7 +55,7 @@ impl Meta {
         let (entry, bitmap) = self.decode_l2(self.read_slot(&slot), &slot)?;
         if let L2Entry::Compressed { .. } = entry {
             let (offset, len) = entry.compressed_range().unwrap_or((0, 0));
-            if offset >= self.file_end {
+            if offset >= self.gate.file_end() {
                 return Err(Error::Corrupt {
                     what: Structure::L2Table,
                     offset: slot.table,

@@ -6,8 +6,8 @@ use crate::format::consts::*;
 use crate::format::header::Header;
 use crate::format::snapshot::{decode_snapshot_table, SnapshotEntry};
 use crate::format::{FormatError, FormatErrorKind, Structure};
+use crate::meta::overlap_map::OverlapChecker;
 use crate::meta::read_file;
-use crate::overlap::OverlapChecker;
 use crate::storage::Storage;
 
 /// Reads and decodes the snapshot table (bounded by the file length and the

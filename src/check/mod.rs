@@ -217,7 +217,8 @@ fn validate_bitmaps(image: &Image) -> Result<()> {
     };
     let invalid = |m: String| Error::InvalidArgument(m);
     let mut dir = vec![0u8; ext.bitmap_directory_size as usize];
-    meta.file
+    meta.gate
+        .reader()
         .read_at(&mut dir, ext.bitmap_directory_offset)
         .map_err(|e| {
             invalid(format!(
@@ -249,7 +250,8 @@ fn validate_bitmaps(image: &Image) -> Result<()> {
                     crate::error::strerror(errno)
                 ))
             };
-            meta.file
+            meta.gate
+                .reader()
                 .read_at(&mut chunk[..n], bm.bitmap_table_offset + pos)
                 .map_err(|e| bad(e.raw_os_error().unwrap_or(libc::EIO)))?;
             for c in chunk[..n].chunks_exact(8) {

@@ -6,30 +6,41 @@
 //! under that mutex, then releases it and does guest data I/O outside it:
 //! reads of allocated clusters, reads of backing files and overwrites of
 //! clusters that are already allocated in place never hold the lock across
-//! file I/O. Allocating writes (new clusters, copy-on-write) hold the lock
-//! while they write, so two writers can never allocate the same guest cluster
-//! twice.
+//! file I/O.
+//!
+//! Allocating writes (new clusters, copy-on-write) from [`Image::write_at`]
+//! work in three phases: under the lock they reserve their host clusters
+//! (refcount raised, nothing points at them yet), read the old content that
+//! copy-on-write keeps, get overlap-checked permits for their data writes
+//! and record their guest clusters as in flight; they write the data with
+//! no lock held; then, under the lock again, they point the L2 entries at
+//! the new clusters (the entries reach the file only after the data is
+//! synced, as before). A write that touches a guest cluster in flight waits
+//! until it is linked and translates again, so a guest cluster is never
+//! allocated twice; discard, write-zeroes, resize and close wait until no
+//! allocation is in flight. A failed data write releases its reservation
+//! through the deferred-free path (a crash before the next flush leaves a
+//! leak, never a dangling entry). Write-zeroes and resize allocate under
+//! the lock, as before.
 //!
 //! A host cluster that stops being referenced is not reused while a request
 //! that translated to it may still be doing I/O: reference drops are queued
 //! and applied only under the write side of an I/O barrier that every
 //! outside-the-lock data transfer holds for reading.
 
-use crate::cache::{CacheStats, TableCache};
 use crate::error::{Error, IoOp, Result};
 use crate::events::{Event, EventSink};
 use crate::format::consts::*;
-use crate::format::entry::{EntryFormat, L2Entry, Subclusters};
+use crate::format::entry::{L2Entry, Subclusters};
 use crate::format::header::Header;
 use crate::mapping::Extent;
-use crate::meta::{read_file, write_file, DiscardPolicy, DiscardType, Meta, RawL2};
+use crate::meta::{read_file, DataTarget, DiscardType, FileReader, Meta, RawL2};
 use crate::options::OpenOptions;
-use crate::overlap::OverlapChecker;
 use crate::storage::{FileStorage, Storage, Tracked};
 use crate::types::{Geometry, MetadataKind};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 
 mod open;
 mod resolver;
@@ -39,6 +50,7 @@ mod sync_tests;
 mod write;
 mod zero;
 
+pub use crate::meta::cache::CacheStats;
 pub use open::MAX_BACKING_DEPTH;
 pub(crate) use open::{open_error, resolve, OpenMode};
 pub(crate) use resolver::ResolverHandle;
@@ -94,13 +106,20 @@ impl Backing {
 /// See the [module docs](self) for the concurrency model.
 pub struct Image {
     path: Option<PathBuf>,
-    pub(crate) file: Arc<dyn Storage>,
+    /// The image file as given (only for [`Image::storage`]: the crate
+    /// reads through `file` and writes through the write gate).
+    storage: Arc<dyn Storage>,
+    /// The image file, read-only.
+    pub(crate) file: FileReader,
     /// Where guest data lives: the image file, or the external data file.
-    pub(crate) data: Arc<dyn Storage>,
+    pub(crate) data: DataTarget,
     data_file_path: Option<PathBuf>,
     pub(crate) backing: Option<Backing>,
     meta: Mutex<Meta>,
     pub(crate) io_barrier: RwLock<()>,
+    /// Signalled (with the metadata mutex) when allocating writes leave
+    /// `Meta::in_flight`.
+    in_flight_done: Condvar,
     read_only: bool,
     gone: AtomicBool,
     /// [`Image::shutdown`] ran: requests fail with [`Error::Closed`].
@@ -225,14 +244,17 @@ impl Image {
     }
 
     /// The image file's storage.
+    ///
+    /// Writing through it bypasses the overlap check and the image's
+    /// caches: use it to inspect the file (length, allocation).
     pub fn storage(&self) -> &Arc<dyn Storage> {
-        &self.file
+        &self.storage
     }
 
     /// Hit/miss counters of the L2 cache and the refcount cache.
     pub fn cache_stats(&self) -> (CacheStats, CacheStats) {
         match self.meta.lock() {
-            Ok(m) => (m.l2_cache.stats(), m.rc_cache.stats()),
+            Ok(m) => (m.l2.cache().stats(), m.rc.cache().stats()),
             Err(_) => Default::default(),
         }
     }
@@ -260,7 +282,7 @@ impl Image {
     /// # Errors
     /// I/O errors and corruption of the refcount structures.
     pub fn detect_metadata_preallocation(&self) -> Result<bool> {
-        let file_len = self.file.len().map_err(|e| Error::io(IoOp::Read, 0, e))?;
+        let file_len = self.file.len()?;
         let real = self
             .file
             .allocated_bytes()
@@ -346,6 +368,33 @@ impl Image {
         self.lock_open()
     }
 
+    /// Waits (releasing the lock) until no allocating write is in flight on
+    /// guest clusters `first..=last`.
+    pub(crate) fn wait_in_flight<'a>(
+        &'a self,
+        mut meta: MutexGuard<'a, Meta>,
+        first: u64,
+        last: u64,
+    ) -> Result<MutexGuard<'a, Meta>> {
+        while !meta.in_flight.is_empty()
+            && meta.in_flight.iter().any(|c| (first..=last).contains(c))
+        {
+            meta = self
+                .in_flight_done
+                .wait(meta)
+                .map_err(|_| Error::PreviousIoFailed)?;
+        }
+        Ok(meta)
+    }
+
+    /// [`Image::lock`], then waits until no allocating write is in flight
+    /// (for requests that change mappings wholesale: discard, write-zeroes,
+    /// resize, close).
+    pub(crate) fn lock_idle(&self) -> Result<MutexGuard<'_, Meta>> {
+        let meta = self.lock()?;
+        self.wait_in_flight(meta, 0, u64::MAX)
+    }
+
     /// [`Image::lock`] without the "closed" and encryption checks (for the
     /// close itself).
     fn lock_open(&self) -> Result<MutexGuard<'_, Meta>> {
@@ -353,7 +402,7 @@ impl Image {
             return Err(Error::MediumGone);
         }
         let mut m = self.meta.lock().map_err(|_| Error::PreviousIoFailed)?;
-        if m.poisoned {
+        if m.gate.is_poisoned() {
             return Err(Error::PreviousIoFailed);
         }
         m.maybe_clean_caches();
@@ -420,7 +469,11 @@ impl Image {
         if fatal {
             meta.header.incompatible_features |= INCOMPAT_CORRUPT;
             // Best effort: the handle is disabled whether or not the bit sticks.
-            let _ = meta.write_incompatible_features();
+            if meta.header.version >= 3 {
+                let _ = meta
+                    .gate
+                    .write_corrupt_bit(meta.header.incompatible_features);
+            }
             self.gone.store(true, Ordering::SeqCst);
         }
         self.corruption_signalled.store(true, Ordering::SeqCst);
@@ -487,7 +540,7 @@ impl Image {
                         .read()
                         .map_err(|_| Error::PreviousIoFailed)?;
                     drop(meta);
-                    read_file(&*self.data, chunk, host)
+                    self.data.read(chunk, host)
                 }
                 Extent::Zero { .. } => {
                     drop(meta);
@@ -547,7 +600,7 @@ impl Image {
     pub(crate) fn read_compressed(&self, ctype: u8, offset: u64, len: u64) -> Result<Vec<u8>> {
         let cs = self.geom.cluster_size as usize;
         let mut input = vec![0u8; len as usize];
-        read_file(&*self.file, &mut input, offset)?;
+        self.file.read(&mut input, offset)?;
         crate::compress::decompress(ctype, &input, cs)
             .map_err(|reason| Error::Decompress { offset, reason })
     }
@@ -614,7 +667,7 @@ impl Image {
     /// Whether the host range `[offset, offset+len)` of the data file is a hole
     /// (used by `map` for preallocated metadata).
     pub fn data_is_hole(&self, offset: u64, len: u64) -> bool {
-        self.data.is_hole(offset, len).unwrap_or(false)
+        self.data.is_hole(offset, len)
     }
 
     /// The run of the data file at host offset `offset` (at most `max`
@@ -674,13 +727,7 @@ impl Image {
     /// A failed sync poisons the handle, as for the image file: what was
     /// written since the last good sync may be lost.
     fn sync_data_file(meta: &mut Meta) -> Result<()> {
-        if let Some(d) = &meta.data_file {
-            if let Err(e) = d.flush_if_dirty() {
-                meta.poisoned = true;
-                return Err(Error::io(IoOp::Flush, 0, e));
-            }
-        }
-        Ok(())
+        meta.gate.sync_data_file()
     }
 
     /// Flushes and closes the image: every table is written in the crash-safe
@@ -732,7 +779,8 @@ impl Image {
         if self.read_only {
             return Ok(());
         }
-        let mut meta = self.lock_open()?;
+        let meta = self.lock_open()?;
+        let mut meta = self.wait_in_flight(meta, 0, u64::MAX)?;
         let r = (|| {
             let _barrier = self
                 .io_barrier
@@ -757,7 +805,7 @@ impl Image {
     /// `Error::InvalidArgument` on a v2 image (QEMU's message), I/O errors.
     pub fn set_lazy_refcounts(&self, on: bool) -> Result<()> {
         self.writable()?;
-        let mut meta = self.lock()?;
+        let mut meta = self.lock_idle()?;
         let r = (|| {
             if on && meta.header.version < 3 {
                 return Err(Error::InvalidArgument(

@@ -2,9 +2,8 @@
 //! corrupt/dirty checks, and the automatic repair of a dirty image.
 
 use super::*;
-use crate::error::{Limit, Unsupported};
+use crate::error::Unsupported;
 use crate::format::luks::LuksHeader;
-use crate::format::Structure;
 use crate::storage::LockRequest;
 
 /// Most bytes of cluster 0 read to decode the header and its extensions.
@@ -228,153 +227,24 @@ impl Image {
             header.refcount_order,
         );
         let external_data = header.incompatible_features & INCOMPAT_DATA_FILE != 0;
-        let efmt = EntryFormat {
-            cluster_bits: header.cluster_bits,
-            version: header.version,
-            extended_l2: geom.extended_l2,
-            external_data,
-        };
-        // QEMU's open-time rules only (size caps, alignment, overflow: see
-        // `Header::decode`): a table that runs past the end of the file reads
-        // as zeroes there, as in QEMU, so a truncated image can still be
-        // inspected and copied. The caps bound both buffers (32 MiB and
-        // 8 MiB); the write path refuses allocations on such an image.
-        let l1_bytes = u64::from(header.l1_size) * 8;
-        let rt_bytes = u64::from(header.refcount_table_clusters) << geom.cluster_bits;
-        let l1 = read_table(
-            &*file,
-            Structure::L1Table,
-            header.l1_table_offset,
-            l1_bytes,
-            file_len,
-        )?;
-        let reftable = read_table(
-            &*file,
-            Structure::RefcountTable,
-            header.refcount_table_offset,
-            rt_bytes,
-            file_len,
-        )?;
-
-        // Refcounts read from past the end of the file are zeroes that may
-        // hide clusters in use: such a handle must not allocate. A partly
-        // present last cluster counts as past the end.
-        let refcounts_past_eof = if mode.check {
-            None
-        } else if header.refcount_table_offset.saturating_add(rt_bytes) > file_len {
-            Some((Structure::RefcountTable, header.refcount_table_offset))
-        } else {
-            reftable
-                .iter()
-                .map(|e| e & REFT_OFFSET_MASK)
-                .find(|&off| off != 0 && off.saturating_add(geom.cluster_size) > file_len)
-                .map(|off| (Structure::RefcountBlock, off))
-        };
-
         opts.check_image_version(header.version)
             .map_err(|e| Error::InvalidArgument(e.to_string()))?;
-        let cache =
-            crate::options::cache_config(opts, header.size, geom.cluster_size, geom.l2_entry_bytes)
-                .map_err(|e| Error::InvalidArgument(e.to_string()))?;
-        let mut checker = OverlapChecker::new(opts.get_overlap_check().mask(), geom.cluster_bits);
-        checker.set_active_l1(header.l1_table_offset, l1_bytes);
-        checker.set_refcount_table(header.refcount_table_offset, rt_bytes);
-        // Every table the image names is protected by its raw range, as in
-        // QEMU's overlap check: an unaligned one covers two clusters.
-        let covered = |off: u64| {
-            let first = off & !(geom.cluster_size - 1);
-            let second = (!geom.is_aligned(off)).then(|| first.checked_add(geom.cluster_size));
-            std::iter::once(first).chain(second.flatten())
-        };
-        for e in &reftable {
-            let off = e & REFT_OFFSET_MASK;
-            if off != 0 {
-                covered(off).for_each(|c| checker.add_refcount_block(c));
-            }
-        }
-        for e in &l1 {
-            let off = e & L1E_OFFSET_MASK;
-            if off != 0 {
-                covered(off).for_each(|c| checker.add_active_l2(c));
-            }
-        }
-        // Check mode does not load the snapshot table (QEMU skips it with
-        // BDRV_O_CHECK): the checker reads, validates and registers it.
-        let snapshots = if mode.check {
-            Vec::new()
-        } else {
-            let snapshots = crate::snapshot::load_snapshots(&*file, &header, file_len)?;
-            crate::snapshot::register_snapshots(
-                &*file,
-                &header,
-                &snapshots,
-                &mut checker,
-                file_len,
-            )?;
-            snapshots
-        };
-        if header.autoclear_features & AUTOCLEAR_BITMAPS != 0 {
-            checker.set_bitmap_directory(Some(match header.bitmaps() {
-                Some(b) => (b.bitmap_directory_offset, b.bitmap_directory_size),
-                None => (0, 0),
-            }));
-        }
-
-        let mut meta = Meta {
-            file: tracked,
-            data_file: None,
-            geom,
-            efmt,
-            l1,
-            l1_dirty: Default::default(),
-            reftable,
-            reftable_dirty: Default::default(),
-            l2_cache: TableCache::new(cache.l2_slices, cache.l2_slice_bytes as usize),
-            rc_cache: TableCache::new(cache.refcount_blocks, geom.cluster_size as usize),
-            checker,
-            free_hint: 0,
-            file_end: file_len,
-            pending_frees: Vec::new(),
-            discards: Vec::new(),
-            no_flush: false,
-            discard: DiscardPolicy {
-                request: opts.get_pass_discard_request(),
-                snapshot: opts.get_pass_discard_snapshot(),
-                other: opts.get_pass_discard_other(),
-            },
-            data_unsynced: false,
-            poisoned: false,
-            scratch: Vec::new(),
-            clean_interval: (cache.clean_interval_secs > 0).then(|| {
-                (
-                    std::time::Duration::from_secs(cache.clean_interval_secs),
-                    std::time::Instant::now(),
-                )
-            }),
-            dirty_at_open: header.incompatible_features & INCOMPAT_DIRTY != 0,
-            lazy_refcounts: !read_only
-                && opts
-                    .get_lazy_refcounts()
-                    .unwrap_or(header.compatible_features & COMPAT_LAZY_REFCOUNTS != 0),
-            refcounts_past_eof,
-            snapshots,
-            header,
-        };
+        let mut meta = crate::meta::load(tracked, header, opts, mode.check, file_len)?;
 
         let base_dir = path
             .as_deref()
             .and_then(Path::parent)
             .map(Path::to_path_buf);
-        let (data, data_file_path) = if let (true, Some(d)) = (external_data, data_override) {
-            let d = Arc::new(Tracked::new(d, opts.get_cache_no_flush()));
-            meta.data_file = Some(d.clone());
-            (d as Arc<dyn Storage>, None)
+        let data_file_path = if let (true, Some(d)) = (external_data, data_override) {
+            meta.gate
+                .set_data_file(Arc::new(Tracked::new(d, opts.get_cache_no_flush())));
+            None
         } else if external_data && mode.no_io {
             // QEMU's BDRV_O_NO_IO open (qemu-img info) does not open the
             // data file: inspecting an image does not need it, and a missing
             // or locked data file must not stop it. No guest data can be
             // reached through this handle anyway.
-            (file.clone(), None)
+            None
         } else if external_data {
             let name = opts
                 .get_data_file()
@@ -414,9 +284,9 @@ impl Image {
             let (share, locking) = (opts.get_force_share(), opts.get_locking());
             s.lock(&LockRequest::data_file_attach(share, locking))?;
             s.lock(&LockRequest::data_file(read_only, share, locking))?;
-            let d = Arc::new(Tracked::new(s, opts.get_cache_no_flush()));
-            meta.data_file = Some(d.clone());
-            (d as Arc<dyn Storage>, Some(resolved))
+            meta.gate
+                .set_data_file(Arc::new(Tracked::new(s, opts.get_cache_no_flush())));
+            Some(resolved)
         } else {
             // QEMU refuses the "raw external data" bit without a data file.
             if meta.header.autoclear_features & AUTOCLEAR_DATA_FILE_RAW != 0 {
@@ -424,8 +294,10 @@ impl Image {
                     "data-file-raw requires a data file".into(),
                 ));
             }
-            (file.clone(), None)
+            None
         };
+        let data = meta.gate.data().clone();
+        let reader = meta.gate.reader();
 
         // QEMU opens the backing chain after the image itself (data file
         // included). Before the handle exists, so that a failure here cannot
@@ -438,12 +310,14 @@ impl Image {
         let encrypted = meta.header.crypt_method != 0;
         let image = Image {
             path,
-            file,
+            storage: file,
+            file: reader,
             data,
             data_file_path,
             backing,
             meta: Mutex::new(meta),
             io_barrier: RwLock::new(()),
+            in_flight_done: Condvar::new(),
             read_only,
             gone: AtomicBool::new(false),
             closed: AtomicBool::new(false),
@@ -714,38 +588,6 @@ fn check_encryption(
         e
     })?;
     Ok(Some(Box::new(luks)))
-}
-
-/// Reads a table of big-endian u64 entries of `bytes` bytes at `offset`.
-/// Entries past `file_len` are zeroes and are not read; the rest is read a
-/// chunk at a time, so the only buffer the size of the table is the result
-/// (whose size the header validation caps).
-fn read_table(
-    file: &dyn Storage,
-    what: Structure,
-    offset: u64,
-    bytes: u64,
-    file_len: u64,
-) -> Result<Vec<u64>> {
-    const CHUNK: u64 = 64 << 10;
-    let entries =
-        usize::try_from(bytes / 8).map_err(|_| Error::TooLarge(Limit::Memory { what, bytes }))?;
-    let mut table = vec![0u64; entries];
-    // Whole entries: a cut inside an entry keeps its leading bytes.
-    let present = bytes.min(file_len.saturating_sub(offset).saturating_add(7) & !7);
-    let mut buf = vec![0u8; present.min(CHUNK) as usize];
-    let mut done = 0u64;
-    while done < present {
-        let n = (present - done).min(CHUNK);
-        let chunk = &mut buf[..n as usize];
-        read_file(file, chunk, offset + done)?;
-        let first = (done / 8) as usize;
-        for (slot, raw) in table[first..].iter_mut().zip(chunk.chunks_exact(8)) {
-            *slot = u64::from_be_bytes(raw.try_into().unwrap_or([0; 8]));
-        }
-        done += n;
-    }
-    Ok(table)
 }
 
 /// `open(2)` of `path` failed.

@@ -59,6 +59,10 @@ impl Image {
         while done < buf.len() {
             let g = offset + done as u64;
             let mut meta = self.lock()?;
+            // A guest cluster with an allocation in flight: wait until it is
+            // linked, then translate again.
+            let last = (offset + buf.len() as u64 - 1) >> self.geom.cluster_bits;
+            meta = self.wait_in_flight(meta, g >> self.geom.cluster_bits, last)?;
             if done == 0 {
                 self.check_range(meta.header.size, offset, buf.len() as u64)?;
                 if let Err(e) = self.before_first_write(&mut meta) {
@@ -71,13 +75,13 @@ impl Image {
                 Err(e) => return Err(self.fail(&mut meta, e, IoOp::Write)),
             };
             match step {
-                WriteStep::InPlace { host, len } => {
+                WriteStep::InPlace { permit, len } => {
                     let io = self
                         .io_barrier
                         .read()
                         .map_err(|_| Error::PreviousIoFailed)?;
                     drop(meta);
-                    let r = write_file(&*self.data, &rest[..len as usize], host);
+                    let r = self.data.write(permit, &rest[..len as usize]);
                     // Never wait for the metadata lock while holding the
                     // barrier: flush takes them in the other order.
                     drop(io);
@@ -87,9 +91,32 @@ impl Image {
                     }
                     done += len as usize;
                 }
-                WriteStep::Done { len } => {
-                    done += len as usize;
-                    if meta.pending_frees.len() > MAX_PENDING_FREES {
+                WriteStep::Alloc(job) => {
+                    let cb = self.geom.cluster_bits;
+                    meta.in_flight.extend(job.clusters(cb));
+                    let AllocJob { plans, writes } = job;
+                    drop(meta);
+                    // The reserved clusters are referenced by nothing a
+                    // reader can reach and cannot be handed out again: no
+                    // lock and no barrier are needed to fill them.
+                    let r = self.run_alloc(writes, rest);
+                    let mut meta = self.meta.lock().map_err(|_| Error::PreviousIoFailed)?;
+                    for p in &plans {
+                        meta.in_flight.remove(&(p.guest >> cb));
+                    }
+                    self.in_flight_done.notify_all();
+                    let r = match r {
+                        Ok(()) => self.link_alloc(&mut meta, &plans),
+                        Err(e) => {
+                            self.release_alloc(&mut meta, &plans);
+                            Err(e)
+                        }
+                    };
+                    match r {
+                        Ok(n) => done += n as usize,
+                        Err(e) => return Err(self.fail(&mut meta, e, IoOp::Write)),
+                    }
+                    if meta.rc.pending_frees() > MAX_PENDING_FREES {
                         if let Err(e) = self.flush_locked(&mut meta) {
                             return Err(self.fail(&mut meta, e, IoOp::Write));
                         }
@@ -139,27 +166,36 @@ impl Image {
                 run += n;
             }
             if run > 0 {
-                if !meta.efmt.external_data {
-                    meta.gate_check(host0, run, 0)?;
-                    // The write may extend the file (a cluster whose tail was
-                    // never written): keep the known end an upper bound.
-                    meta.file_end = meta.file_end.max(host0 + run);
-                }
-                return Ok(WriteStep::InPlace {
-                    host: host0,
-                    len: run,
-                });
+                // Overlap-checked when data lives in the image file; the
+                // write may extend the file (a cluster whose tail was never
+                // written), so the known end covers it from here on.
+                let permit = meta.gate.permit_data(host0, run)?;
+                return Ok(WriteStep::InPlace { permit, len: run });
             }
         }
-        let written = self.allocating_write(meta, g, &data[..len as usize])?;
-        Ok(WriteStep::Done { len: written })
+        let job = self.prepare_alloc(meta, g, &data[..len as usize])?;
+        Ok(WriteStep::Alloc(job))
     }
 
     /// Allocates clusters for (a prefix of) `data` at guest offset `g`,
     /// copying the untouched parts of partially written clusters from their
-    /// old content, writes the data and updates the L2 entries. Returns how
-    /// many bytes were written.
+    /// old content, writes the data and updates the L2 entries, all under
+    /// the lock. Returns how many bytes were written.
     pub(crate) fn allocating_write(&self, meta: &mut Meta, g: u64, data: &[u8]) -> Result<u64> {
+        let job = self.prepare_alloc(meta, g, data)?;
+        let AllocJob { plans, writes } = job;
+        if let Err(e) = self.run_alloc(writes, data) {
+            self.release_alloc(meta, &plans);
+            return Err(e);
+        }
+        self.link_alloc(meta, &plans)
+    }
+
+    /// The first phase of an allocating write, under the lock: classifies
+    /// the clusters from `g` on, reserves new host clusters (refcount 1, not
+    /// yet linked), reads the old content that copy-on-write keeps and gets
+    /// the permits for the data writes. Nothing a reader can see changes.
+    fn prepare_alloc(&self, meta: &mut Meta, g: u64, data: &[u8]) -> Result<AllocJob> {
         let geom = self.geom;
         let cs = geom.cluster_size;
         let len = data.len() as u64;
@@ -191,6 +227,7 @@ impl Image {
                     old: e,
                     bitmap: b,
                     host: Some(cg),
+                    fresh: false,
                     lo_w,
                     hi_w,
                     slot,
@@ -205,6 +242,7 @@ impl Image {
                 old: e,
                 bitmap: b,
                 host: reuse,
+                fresh: false,
                 lo_w,
                 hi_w,
                 slot,
@@ -219,11 +257,35 @@ impl Image {
             let first = meta.alloc_clusters(need)?;
             for (k, p) in plans.iter_mut().filter(|p| p.host.is_none()).enumerate() {
                 p.host = Some(first + k as u64 * cs);
+                p.fresh = true;
             }
         }
-        // Write each cluster's range: [lo, hi) within the cluster.
-        let mut written = 0u64;
-        let mut buf = std::mem::take(&mut meta.scratch);
+        let mut job = AllocJob {
+            plans: Vec::new(),
+            writes: Vec::new(),
+        };
+        let r = self.plan_writes(meta, g, data, &plans, &mut job.writes);
+        job.plans = plans;
+        if let Err(e) = r {
+            self.release_alloc(meta, &job.plans);
+            return Err(e);
+        }
+        Ok(job)
+    }
+
+    /// The data writes of an allocating write: each cluster's range `[lo,
+    /// hi)` (see [`Image::cow_range`]), straight from the caller's buffer for
+    /// runs that need no copy, or a buffer with the old content around the
+    /// guest data.
+    fn plan_writes(
+        &self,
+        meta: &mut Meta,
+        g: u64,
+        data: &[u8],
+        plans: &[ClusterPlan],
+        writes: &mut Vec<PendingWrite>,
+    ) -> Result<()> {
+        let cs = self.geom.cluster_size;
         let mut i = 0;
         while i < plans.len() {
             let p = &plans[i];
@@ -246,72 +308,89 @@ impl Image {
                     end += 1;
                 }
                 let last = &plans[end - 1];
-                let src =
-                    &data[(p.guest + p.lo_w - g) as usize..(last.guest + last.hi_w - g) as usize];
-                let r = if meta.efmt.external_data {
-                    write_file(&*self.data, src, host + p.lo_w)
-                } else {
-                    meta.gate_write(src, host + p.lo_w, None)
-                };
-                if let Err(e) = r {
-                    meta.scratch = buf;
-                    return Err(e);
-                }
-                meta.data_unsynced = true;
-                if meta.lazy_refcounts {
-                    meta.mark_dirty()?;
-                }
-                for q in &plans[i..end] {
-                    let (qlo, qhi) = self.cow_range(q);
-                    let new = self.new_entry(q, q.host.unwrap_or(0), qlo, qhi);
-                    meta.write_slot(&q.slot, new);
-                    self.drop_old(meta, q);
-                    written += q.hi_w - q.lo_w;
-                }
+                let src = (p.guest + p.lo_w - g) as usize..(last.guest + last.hi_w - g) as usize;
+                let permit = meta.gate.permit_data(host + p.lo_w, src.len() as u64)?;
+                writes.push(PendingWrite::Caller { permit, src });
                 i = end;
                 continue;
             }
             i += 1;
             let src = &data[(p.guest + p.lo_w - g) as usize..(p.guest + p.hi_w - g) as usize];
-            buf.clear();
-            buf.resize((hi - lo) as usize, 0);
+            let mut buf = vec![0u8; (hi - lo) as usize];
             // Old content for the parts outside the write.
-            let r = self
-                .fill_old(meta, p, lo, p.lo_w, &mut buf[..(p.lo_w - lo) as usize])
-                .and_then(|_| {
-                    let tail = (p.hi_w - lo) as usize;
-                    self.fill_old(meta, p, p.hi_w, hi, &mut buf[tail..])
-                });
-            if let Err(e) = r {
-                meta.scratch = buf;
-                return Err(e);
-            }
+            self.fill_old(meta, p, lo, p.lo_w, &mut buf[..(p.lo_w - lo) as usize])?;
+            let tail = (p.hi_w - lo) as usize;
+            self.fill_old(meta, p, p.hi_w, hi, &mut buf[tail..])?;
             buf[(p.lo_w - lo) as usize..(p.hi_w - lo) as usize].copy_from_slice(src);
-            let (wlo, whi) = (lo, hi);
-            let out = &buf[(wlo - lo) as usize..(whi - lo) as usize];
-            let r = if meta.efmt.external_data {
-                write_file(&*self.data, out, host + wlo)
-            } else {
-                meta.gate_write(out, host + wlo, None)
-            };
-            if let Err(e) = r {
-                meta.scratch = buf;
-                return Err(e);
+            let permit = meta.gate.permit_data(host + lo, buf.len() as u64)?;
+            writes.push(PendingWrite::Cow { permit, buf });
+        }
+        Ok(())
+    }
+
+    /// The second phase: the data writes, with or without the lock held.
+    fn run_alloc(&self, writes: Vec<PendingWrite>, data: &[u8]) -> Result<()> {
+        for w in writes {
+            match w {
+                PendingWrite::Caller { permit, src } => {
+                    let bytes = data.get(src).ok_or_else(|| {
+                        Error::InvalidArgument("allocating write outside its buffer".into())
+                    })?;
+                    self.data.write(permit, bytes)?;
+                }
+                PendingWrite::Cow { permit, buf } => self.data.write(permit, &buf)?,
             }
-            meta.data_unsynced = true;
-            // Update the entry.
+        }
+        Ok(())
+    }
+
+    /// The last phase, under the lock: the data is written; the L2 entries
+    /// are pointed at it (written back after the data is synced) and the old
+    /// clusters' references are queued for dropping. Returns the bytes of
+    /// the request written. On an error nothing was linked.
+    fn link_alloc(&self, meta: &mut Meta, plans: &[ClusterPlan]) -> Result<u64> {
+        meta.data_unsynced = true;
+        let prepared = (|| {
             if meta.lazy_refcounts {
                 // As QEMU: the image is marked dirty before the first entry
                 // that relies on refcounts not yet written.
                 meta.mark_dirty()?;
             }
-            let new = self.new_entry(p, host, lo, hi);
+            // The slices may have been evicted while the data was written.
+            for p in plans {
+                meta.load_l2_slice(p.slot.slice)?;
+            }
+            for p in plans {
+                if meta.l2.cache().peek(p.slot.slice).is_none() {
+                    return Err(Error::InvalidArgument("L2 slice not cached".into()));
+                }
+            }
+            Ok(())
+        })();
+        if let Err(e) = prepared {
+            self.release_alloc(meta, plans);
+            return Err(e);
+        }
+        let mut written = 0u64;
+        for p in plans {
+            let (lo, hi) = self.cow_range(p);
+            let new = self.new_entry(p, p.host.unwrap_or(0), lo, hi);
             meta.write_slot(&p.slot, new);
             self.drop_old(meta, p);
             written += p.hi_w - p.lo_w;
         }
-        meta.scratch = buf;
         Ok(written)
+    }
+
+    /// Gives back the clusters reserved for an allocating write that will not
+    /// be linked (through the deferred-free path: a crash before the next
+    /// flush leaves them leaked, never referenced twice).
+    fn release_alloc(&self, meta: &mut Meta, plans: &[ClusterPlan]) {
+        for p in plans.iter().filter(|p| p.fresh) {
+            if let Some(h) = p.host {
+                meta.queue_free(h, DiscardType::Never);
+            }
+        }
     }
 
     /// Whether cluster `p` can be written with its guest data alone, straight
@@ -323,7 +402,7 @@ impl Image {
         let covers = p.lo_w == lo && p.hi_w == hi;
         covers
             || (!meta.efmt.external_data
-                && p.host.is_some_and(|host| host + lo >= meta.file_end)
+                && p.host.is_some_and(|host| host + lo >= meta.gate.file_end())
                 && self.old_reads_zero(p, lo))
     }
 
@@ -431,7 +510,7 @@ impl Image {
                         unit,
                     ) {
                         crate::format::entry::SubclusterState::Data(h) => {
-                            read_file(&*self.data, dst, h + (pos & (unit - 1)))?
+                            self.data.read(dst, h + (pos & (unit - 1)))?
                         }
                         crate::format::entry::SubclusterState::Unallocated => {
                             self.read_backing(dst, p.guest + pos)?
@@ -453,15 +532,51 @@ struct ClusterPlan {
     old: L2Entry,
     bitmap: Subclusters,
     host: Option<u64>,
+    /// `host` was reserved for this write (released if it fails).
+    fresh: bool,
     /// Range written by the guest within the cluster.
     lo_w: u64,
     hi_w: u64,
     slot: crate::meta::L2Slot,
 }
 
+/// An allocating write between its phases: the reserved clusters and the
+/// data writes still to do.
+struct AllocJob {
+    plans: Vec<ClusterPlan>,
+    writes: Vec<PendingWrite>,
+}
+
+impl AllocJob {
+    /// The guest clusters the job links (as cluster indices).
+    fn clusters(&self, cluster_bits: u32) -> impl Iterator<Item = u64> + '_ {
+        self.plans.iter().map(move |p| p.guest >> cluster_bits)
+    }
+}
+
+/// One data write of an allocating write.
+enum PendingWrite {
+    /// Bytes `src` of the caller's buffer.
+    Caller {
+        permit: crate::meta::DataPermit,
+        src: std::ops::Range<usize>,
+    },
+    /// A cluster range with copied old content around the guest data.
+    Cow {
+        permit: crate::meta::DataPermit,
+        buf: Vec<u8>,
+    },
+}
+
 enum WriteStep {
-    InPlace { host: u64, len: u64 },
-    Done { len: u64 },
+    /// Overwrite `len` bytes in place, outside the lock, with `permit`.
+    InPlace {
+        permit: crate::meta::DataPermit,
+        len: u64,
+    },
+    /// An allocating write prepared under the lock: its data is written
+    /// outside it, then linked under it.
+    Alloc(AllocJob),
 }
 
 pub(super) fn range_mask(lo: u64, hi: u64) -> u32 {

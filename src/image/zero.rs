@@ -38,7 +38,7 @@ impl Image {
     /// As for [`Image::write_at`].
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.writable()?;
-        let mut meta = self.lock()?;
+        let mut meta = self.lock_idle()?;
         self.check_range(meta.header.size, offset, len)?;
         if meta.header.version < 3 && meta.header.backing_file_name().is_some() {
             // Without the zero flag a discard would expose stale backing
@@ -128,10 +128,12 @@ impl Image {
                 }
                 if no_unref && !full {
                     if let Some(h) = e.host_cluster() {
-                        if meta.discard.request {
+                        if meta.rc.policy().request {
                             // Where the data lives: with an external data
                             // file `h` is an offset in that file.
-                            let _ = self.data.discard(h, cs);
+                            if let Ok(p) = meta.gate.permit_data(h, cs) {
+                                let _ = self.data.discard(p);
+                            }
                         }
                     }
                 } else {
@@ -140,7 +142,7 @@ impl Image {
             }
             g += cs;
         }
-        if meta.pending_frees.len() > MAX_PENDING_FREES {
+        if meta.rc.pending_frees() > MAX_PENDING_FREES {
             self.flush_locked(meta)?;
         }
         Ok(())
@@ -234,7 +236,7 @@ impl Image {
             return self.write_zero_data(offset, len);
         }
         {
-            let mut meta = self.lock()?;
+            let mut meta = self.lock_idle()?;
             let r = (|| {
                 // A write may have allocated a partial unit since it was
                 // checked: check its state again under the lock (as QEMU
@@ -286,11 +288,14 @@ impl Image {
 
     /// Writes zeroes to `[start, end)` of the external data file (mapped 1:1).
     fn zero_data_file(&self, start: u64, end: u64) -> Result<()> {
+        let Some(data) = self.data.external() else {
+            return Ok(());
+        };
         let zeros = vec![0u8; (end - start).min(1 << 20) as usize];
         let mut pos = start;
         while pos < end {
             let n = (end - pos).min(zeros.len() as u64) as usize;
-            write_file(&*self.data, &zeros[..n], pos)?;
+            data.write_data(&zeros[..n], pos)?;
             pos += n as u64;
         }
         Ok(())
@@ -436,7 +441,7 @@ impl Image {
             }
             g = upto;
         }
-        if meta.pending_frees.len() > MAX_PENDING_FREES {
+        if meta.rc.pending_frees() > MAX_PENDING_FREES {
             self.flush_locked(meta)?;
         }
         Ok(())

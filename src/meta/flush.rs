@@ -3,7 +3,7 @@
 //! docs list, and the dirty bit for lazy refcounts.
 
 use super::refcount::Update;
-use super::{read_file, DiscardType, Meta};
+use super::{DiscardType, Meta};
 use crate::error::{Error, Result};
 use crate::format::consts::*;
 use crate::format::put_be_u64;
@@ -24,7 +24,7 @@ impl Meta {
         }
         let idx = usize::try_from(l1i)
             .ok()
-            .filter(|i| *i < self.l1.len())
+            .filter(|i| *i < self.l2.l1.len())
             .ok_or_else(|| Error::Internal(format!("L1 index {l1i} beyond the L1 table")))?;
         // The new table's refcount must be durable before the L1 entry: it is,
         // because L1 entries are only written after a refcount flush + sync.
@@ -40,25 +40,25 @@ impl Meta {
         let mut buf = vec![0u8; cs];
         if old != 0 {
             // Copy the shared table, taking the content from dirty cached slices too.
-            read_file(&*self.file, &mut buf, old)?;
-            let sb = self.l2_cache.entry_bytes();
+            self.gate.read(&mut buf, old)?;
+            let sb = self.l2.cache.entry_bytes();
             for s in 0..cs / sb {
-                if let Some(t) = self.l2_cache.peek(old + (s * sb) as u64) {
+                if let Some(t) = self.l2.cache.peek(old + (s * sb) as u64) {
                     buf[s * sb..(s + 1) * sb].copy_from_slice(&t.data);
                 }
             }
         }
-        self.checker.add_active_l2(new);
+        self.gate.checker_mut().add_active_l2(new);
         self.meta_write(&buf, new, MetadataKind::ActiveL2)?;
         self.data_unsynced = true;
-        self.l1[idx] = new | OFLAG_COPIED;
-        self.l1_dirty.insert(idx);
+        self.l2.l1[idx] = new | OFLAG_COPIED;
+        self.l2.l1_dirty.insert(idx);
         if old != 0 {
             // On a corrupt image another L1 entry may share the old table, or
             // the allocator may even have returned it (its refcount was 0):
             // it stays protected while the L1 table points at it.
             if !self.l1_references(old) {
-                self.checker.remove_active_l2(old);
+                self.gate.checker_mut().remove_active_l2(old);
             }
             self.queue_free(old, DiscardType::Other);
         }
@@ -67,7 +67,7 @@ impl Meta {
 
     /// Whether an entry of the active L1 table points at the L2 table at `table`.
     pub(super) fn l1_references(&self, table: u64) -> bool {
-        self.l1.iter().any(|e| e & L1E_OFFSET_MASK == table)
+        self.l2.l1.iter().any(|e| e & L1E_OFFSET_MASK == table)
     }
 
     // ------------------------------------------------------------------
@@ -75,7 +75,7 @@ impl Meta {
     // ------------------------------------------------------------------
 
     pub(super) fn write_l2_slice(&mut self, slice: u64) -> Result<()> {
-        let Some(t) = self.l2_cache.peek(slice) else {
+        let Some(t) = self.l2.cache.peek(slice) else {
             return Ok(());
         };
         if !t.dirty {
@@ -88,14 +88,14 @@ impl Meta {
         let r = self.meta_write(&data, slice, MetadataKind::ActiveL2);
         self.scratch = data;
         r?;
-        if let Some(t) = self.l2_cache.get_mut(slice) {
+        if let Some(t) = self.l2.cache.get_mut(slice) {
             t.dirty = false;
         }
         Ok(())
     }
 
     pub(super) fn write_refblock(&mut self, block: u64) -> Result<()> {
-        let Some(t) = self.rc_cache.peek(block) else {
+        let Some(t) = self.rc.cache.peek(block) else {
             return Ok(());
         };
         if !t.dirty {
@@ -103,7 +103,7 @@ impl Meta {
         }
         let data = t.data.to_vec();
         self.meta_write(&data, block, MetadataKind::RefcountBlock)?;
-        if let Some(t) = self.rc_cache.get_mut(block) {
+        if let Some(t) = self.rc.cache.get_mut(block) {
             t.dirty = false;
         }
         Ok(())
@@ -112,8 +112,8 @@ impl Meta {
     /// Writes dirty refcount blocks and refcount table entries, then syncs
     /// (if anything was written).
     pub fn flush_refcounts(&mut self) -> Result<()> {
-        let blocks = self.rc_cache.dirty_offsets();
-        let entries: Vec<usize> = std::mem::take(&mut self.reftable_dirty)
+        let blocks = self.rc.cache.dirty_offsets();
+        let entries: Vec<usize> = std::mem::take(&mut self.rc.table_dirty)
             .into_iter()
             .collect();
         if blocks.is_empty() && entries.is_empty() {
@@ -124,7 +124,7 @@ impl Meta {
         }
         for i in entries {
             let off = self.header.refcount_table_offset + i as u64 * 8;
-            let v = self.reftable[i];
+            let v = self.rc.table[i];
             self.meta_write(&v.to_be_bytes(), off, MetadataKind::RefcountTable)?;
         }
         self.sync()
@@ -133,7 +133,7 @@ impl Meta {
     /// What must be durable before a dirty L2 slice may be written: the
     /// refcounts of clusters it references and the data in them.
     pub fn flush_l2_dependencies(&mut self) -> Result<()> {
-        let refcounts_dirty = self.rc_cache.has_dirty() || !self.reftable_dirty.is_empty();
+        let refcounts_dirty = self.rc.cache.has_dirty() || !self.rc.table_dirty.is_empty();
         if refcounts_dirty && self.lazy_refcounts {
             // Lazy refcounts: instead of writing refcounts first, make sure
             // the image says its refcounts may be stale (dirty bit, synced).
@@ -148,10 +148,10 @@ impl Meta {
     }
 
     fn write_l1_entries(&mut self) -> Result<bool> {
-        if self.l1_dirty.is_empty() {
+        if self.l2.l1_dirty.is_empty() {
             return Ok(false);
         }
-        let dirty: Vec<usize> = std::mem::take(&mut self.l1_dirty).into_iter().collect();
+        let dirty: Vec<usize> = std::mem::take(&mut self.l2.l1_dirty).into_iter().collect();
         // Coalesce runs of adjacent entries into one write each.
         let mut i = 0;
         while i < dirty.len() {
@@ -162,7 +162,7 @@ impl Meta {
             let (a, b) = (dirty[i], dirty[j - 1] + 1);
             let mut buf = vec![0u8; (b - a) * 8];
             for (k, idx) in (a..b).enumerate() {
-                put_be_u64(&mut buf, k * 8, self.l1[idx]);
+                put_be_u64(&mut buf, k * 8, self.l2.l1[idx]);
             }
             let off = self.header.l1_table_offset + a as u64 * 8;
             self.meta_write(&buf, off, MetadataKind::ActiveL1)?;
@@ -175,12 +175,12 @@ impl Meta {
     /// refcount drops (if `apply_frees`), then syncs.
     pub fn flush_all(&mut self, apply_frees: bool) -> Result<()> {
         self.flush_l2_dependencies()?;
-        let slices = self.l2_cache.dirty_offsets();
+        let slices = self.l2.cache.dirty_offsets();
         let wrote_l2 = !slices.is_empty();
         for s in slices {
             self.write_l2_slice(s)?;
         }
-        if wrote_l2 && !self.l1_dirty.is_empty() {
+        if wrote_l2 && !self.l2.l1_dirty.is_empty() {
             // The L2 tables must be durable before L1 entries point at them.
             self.sync()?;
         }
@@ -189,11 +189,11 @@ impl Meta {
         // just written, guest data overwritten in place outside the lock,
         // discards, size changes) is made durable; nothing is synced when
         // nothing changed.
-        if wrote_l2 || wrote_l1 || self.data_unsynced || self.file.is_dirty() {
+        if wrote_l2 || wrote_l1 || self.data_unsynced || self.gate.is_dirty() {
             self.sync()?;
         }
-        if apply_frees && !self.pending_frees.is_empty() {
-            let frees = std::mem::take(&mut self.pending_frees);
+        if apply_frees && !self.rc.pending_frees.is_empty() {
+            let frees = std::mem::take(&mut self.rc.pending_frees);
             // Runs of consecutive clusters (in queue order) go in one update.
             let mut i = 0;
             while i < frees.len() {
@@ -206,7 +206,7 @@ impl Meta {
                     Update::Done => {}
                     Update::Again => {
                         // Cannot happen for clusters that have a refcount; keep them queued.
-                        self.pending_frees.extend_from_slice(&frees[i..j]);
+                        self.rc.pending_frees.extend_from_slice(&frees[i..j]);
                     }
                 }
                 i = j;
@@ -226,8 +226,8 @@ impl Meta {
     pub fn maybe_clean_caches(&mut self) {
         if let Some((every, since)) = self.clean_interval {
             if since.elapsed() >= every {
-                self.l2_cache.clean_unused();
-                self.rc_cache.clean_unused();
+                self.l2.cache.clean_unused();
+                self.rc.cache.clean_unused();
                 self.clean_interval = Some((every, std::time::Instant::now()));
             }
         }
@@ -254,7 +254,7 @@ impl Meta {
         if self.header.incompatible_features & INCOMPAT_DIRTY != 0 && !self.dirty_at_open {
             // Everything is durable before the bit goes (already so when
             // nothing changed since the last sync).
-            if self.file.is_dirty() || self.data_unsynced {
+            if self.gate.is_dirty() || self.data_unsynced {
                 self.sync()?;
             }
             self.header.incompatible_features &= !INCOMPAT_DIRTY;

@@ -14,29 +14,37 @@
 //! * L1 entries are written after the L2 tables they point at (new L2 tables
 //!   are written in full at allocation, L1 entries at flush time after a sync).
 //! * An entry is removed before the refcount it held drops: decrements are
-//!   queued ([`Meta::pending_frees`]) and applied only after the L2/L1 tables
+//!   queued ([`Refcounts`] keeps them) and applied only after the L2/L1 tables
 //!   that dropped the references are durable, and only when no data I/O that
 //!   translated before them is still in flight.
 //! * New refcount blocks are written and synced before the refcount table
 //!   entry that points at them; a new refcount table is written and synced
 //!   before the header is switched to it with one write.
 
-use crate::cache::TableCache;
 use crate::error::{Error, IoOp, Result};
 use crate::format::consts::*;
 use crate::format::entry::{EntryError, EntryFormat, L1Entry, L2Entry, Subclusters};
 use crate::format::header::Header;
 use crate::format::Structure;
 use crate::format::{be_u64, put_be_u64};
-use crate::overlap::OverlapChecker;
-use crate::storage::{Storage, Tracked};
+use crate::storage::Storage;
 use crate::types::{Geometry, MetadataKind};
 use std::collections::BTreeSet;
-use std::sync::Arc;
 
+pub(crate) mod cache;
 mod flush;
+mod gate;
+mod load;
+pub(crate) mod overlap_map;
 mod refcount;
 mod tables;
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::panic)] // tests may panic
+mod tests;
+
+pub(crate) use cache::TableCache;
+pub(crate) use gate::{DataPermit, DataTarget, FileReader, WriteGate};
+pub(crate) use load::load;
 
 /// Why a refcount is being dropped (QEMU's discard types), deciding whether
 /// the freed host range is discarded in the file.
@@ -85,43 +93,168 @@ pub(crate) struct L2Slot {
     pub index: u64,
 }
 
+/// The L1 table and the L2 slice cache.
+#[derive(Debug)]
+pub(crate) struct L2Tables {
+    /// The active L1 table.
+    l1: Vec<u64>,
+    /// L1 indices changed since the last flush.
+    l1_dirty: BTreeSet<usize>,
+    /// Cached L2 slices keyed by host offset.
+    cache: TableCache,
+}
+
+impl L2Tables {
+    /// Wraps a loaded L1 table and an empty cache.
+    pub fn new(l1: Vec<u64>, cache: TableCache) -> Self {
+        L2Tables {
+            l1,
+            l1_dirty: BTreeSet::new(),
+            cache,
+        }
+    }
+
+    /// The active L1 table.
+    pub fn l1(&self) -> &[u64] {
+        &self.l1
+    }
+
+    /// Sets L1 entry `i` (which must exist) and marks it dirty.
+    pub fn set_l1(&mut self, i: usize, v: u64) {
+        if let Some(e) = self.l1.get_mut(i) {
+            *e = v;
+            self.l1_dirty.insert(i);
+        }
+    }
+
+    /// Sets L1 entry `i` (which must exist) to `v` already written to the
+    /// file (a repair): it is not marked dirty.
+    pub fn set_l1_written(&mut self, i: usize, v: u64) {
+        if let Some(e) = self.l1.get_mut(i) {
+            *e = v;
+        }
+    }
+
+    /// The L2 slice cache.
+    pub fn cache(&self) -> &TableCache {
+        &self.cache
+    }
+
+    /// The L2 slice cache, to load, update or evict slices.
+    pub fn cache_mut(&mut self) -> &mut TableCache {
+        &mut self.cache
+    }
+}
+
+/// The refcount table, the refcount block cache, the allocator's state and
+/// the queued reference drops and discards.
+#[derive(Debug)]
+pub(crate) struct Refcounts {
+    /// The refcount table.
+    table: Vec<u64>,
+    /// Refcount table indices changed since the last flush.
+    table_dirty: BTreeSet<usize>,
+    /// Cached refcount blocks keyed by host offset.
+    cache: TableCache,
+    /// Lowest cluster index that may be free (QEMU's `free_cluster_index`).
+    free_hint: u64,
+    /// Refcount decrements waiting until the references are durably gone.
+    pending_frees: Vec<(u64, DiscardType)>,
+    /// Host ranges of freed clusters still to be discarded in the file
+    /// (adjacent ranges merged); passed down before any allocation.
+    discards: Vec<(u64, u64)>,
+    /// Which freed ranges are discarded in the file.
+    policy: DiscardPolicy,
+    /// A refcount structure ran past the end of the file at open (what it is
+    /// and where it starts) and reads as zeroes there, as in QEMU: clusters
+    /// in use may look free, so the allocator refuses to run on this handle
+    /// (the image is marked corrupt instead of being corrupted further). A
+    /// repair (`check -r`) does not consult this.
+    past_eof: Option<(Structure, u64)>,
+}
+
+impl Refcounts {
+    /// Wraps a loaded refcount table and an empty block cache.
+    pub fn new(
+        table: Vec<u64>,
+        cache: TableCache,
+        policy: DiscardPolicy,
+        past_eof: Option<(Structure, u64)>,
+    ) -> Self {
+        Refcounts {
+            table,
+            table_dirty: BTreeSet::new(),
+            cache,
+            free_hint: 0,
+            pending_frees: Vec::new(),
+            discards: Vec::new(),
+            policy,
+            past_eof,
+        }
+    }
+
+    /// The refcount table.
+    pub fn table(&self) -> &[u64] {
+        &self.table
+    }
+
+    /// The refcount block cache.
+    pub fn cache(&self) -> &TableCache {
+        &self.cache
+    }
+
+    /// The refcount block cache, to update or evict blocks.
+    pub fn cache_mut(&mut self) -> &mut TableCache {
+        &mut self.cache
+    }
+
+    /// Switches to a refcount table already written to the file (a
+    /// rebuild): nothing is dirty, clean cached blocks are dropped and the
+    /// allocator starts over.
+    pub fn replace_table(&mut self, table: Vec<u64>) {
+        self.table = table;
+        self.table_dirty.clear();
+        self.cache.drop_clean();
+        self.free_hint = 0;
+    }
+
+    /// Lets the allocator run although refcount structures ran past the end
+    /// of the file at open (a repair rebuilds them).
+    pub fn allow_past_eof(&mut self) {
+        self.past_eof = None;
+    }
+
+    /// Which freed ranges are discarded in the file.
+    pub fn policy(&self) -> DiscardPolicy {
+        self.policy
+    }
+
+    /// How many reference drops are queued.
+    pub fn pending_frees(&self) -> usize {
+        self.pending_frees.len()
+    }
+}
+
 /// The metadata of an open image.
 #[derive(Debug)]
 pub(crate) struct Meta {
-    /// The image file; it knows whether it changed since its last sync.
-    pub file: Arc<Tracked>,
-    /// The external data file, if any (synced before L2 entries that point
-    /// at new data in it are written).
-    pub data_file: Option<Arc<Tracked>>,
+    /// The write gate: the image file, the overlap map, the known end of
+    /// the file and the poison flag.
+    pub gate: WriteGate,
+    /// The L1 table and the L2 cache.
+    pub l2: L2Tables,
+    /// The refcount state and the allocator.
+    pub rc: Refcounts,
     pub header: Header,
     pub geom: Geometry,
     pub efmt: EntryFormat,
-    pub l1: Vec<u64>,
-    pub l1_dirty: BTreeSet<usize>,
-    pub reftable: Vec<u64>,
-    pub reftable_dirty: BTreeSet<usize>,
-    pub l2_cache: TableCache,
-    pub rc_cache: TableCache,
-    pub checker: OverlapChecker,
-    /// Lowest cluster index that may be free (QEMU's `free_cluster_index`).
-    pub free_hint: u64,
-    /// Host length of the image file as far as this handle knows.
-    pub file_end: u64,
-    /// Refcount decrements waiting until the references are durably gone.
-    pub pending_frees: Vec<(u64, DiscardType)>,
-    /// Host ranges of freed clusters still to be discarded in the file
-    /// (adjacent ranges merged); passed down before any allocation.
-    pub discards: Vec<(u64, u64)>,
     /// Skip syncs (image creation, like QEMU's `BDRV_O_NO_FLUSH`): the image
     /// is not valid before creation ends anyway; one sync at the end.
     pub no_flush: bool,
-    pub discard: DiscardPolicy,
     /// Guest data was written to new clusters since the last sync (in the
     /// image file or the external data file): it must be synced before the
     /// L2 entries pointing at it are written.
     pub data_unsynced: bool,
-    /// A metadata write failed: the in-memory state may be ahead of the file.
-    pub poisoned: bool,
     /// Reusable buffer for COW and table I/O (no allocation per request).
     pub scratch: Vec<u8>,
     /// `cache-clean-interval` and when the current interval started.
@@ -130,60 +263,20 @@ pub(crate) struct Meta {
     pub dirty_at_open: bool,
     /// Lazy refcounts in effect: refcount writes are deferred behind the dirty bit.
     pub lazy_refcounts: bool,
-    /// A refcount structure ran past the end of the file at open (what it is
-    /// and where it starts) and reads as zeroes there, as in QEMU: clusters
-    /// in use may look free, so the allocator refuses to run on this handle
-    /// (the image is marked corrupt instead of being corrupted further). A
-    /// repair (`check -r`) does not consult this.
-    pub refcounts_past_eof: Option<(Structure, u64)>,
+    /// Guest clusters (indices) with an allocating write between its
+    /// reservation and its link: other requests that would change their
+    /// mapping wait (see [`crate::Image`]'s module docs).
+    pub in_flight: std::collections::HashSet<u64>,
     /// The internal snapshots.
     #[allow(dead_code)] // read by snapshot operations (apply/delete) when they land
     pub snapshots: Vec<crate::format::snapshot::SnapshotEntry>,
 }
 
 impl Meta {
-    // ------------------------------------------------------------------
-    // The write gate: every write to the image file goes through here.
-    // ------------------------------------------------------------------
-
-    /// Checks that writing `len` bytes at `offset` does not hit metadata other
-    /// than the kinds in `exempt`.
-    ///
-    /// # Errors
-    /// `Error::OverlapPrevented` naming the structure hit.
-    pub fn gate_check(&self, offset: u64, len: u64, exempt: u16) -> Result<()> {
-        match self.checker.check(offset, len, exempt) {
-            Some(o) => Err(Error::OverlapPrevented {
-                kind: o.kind,
-                offset,
-                size: len,
-            }),
-            None => Ok(()),
-        }
-    }
-
-    /// Writes metadata of kind `kind` (or guest data with `None`) at `offset`
-    /// after the overlap check.
-    pub fn gate_write(
-        &mut self,
-        buf: &[u8],
-        offset: u64,
-        kind: Option<MetadataKind>,
-    ) -> Result<()> {
-        self.gate_check(offset, buf.len() as u64, kind.map_or(0, MetadataKind::bit))?;
-        write_file(&*self.file, buf, offset)?;
-        self.file_end = self.file_end.max(offset + buf.len() as u64);
-        Ok(())
-    }
-
     /// Writes metadata; a failure poisons the handle (the in-memory state is
     /// ahead of the file).
     pub(crate) fn meta_write(&mut self, buf: &[u8], offset: u64, kind: MetadataKind) -> Result<()> {
-        let r = self.gate_write(buf, offset, Some(kind));
-        if matches!(r, Err(Error::Io { .. })) {
-            self.poisoned = true;
-        }
-        r
+        self.gate.write_metadata(kind, buf, offset)
     }
 
     /// Syncs the image file, and first the external data file if guest data
@@ -194,19 +287,9 @@ impl Meta {
             return Ok(());
         }
         if self.data_unsynced {
-            if let Some(d) = &self.data_file {
-                if let Err(e) = d.flush_if_dirty() {
-                    self.poisoned = true;
-                    return Err(Error::io(IoOp::Flush, 0, e));
-                }
-            }
+            self.gate.sync_data_file()?;
         }
-        if let Err(e) = self.file.flush() {
-            // After a failed fsync nothing written since the last good one can
-            // be trusted to be durable: stop using this handle.
-            self.poisoned = true;
-            return Err(Error::io(IoOp::Flush, 0, e));
-        }
+        self.gate.sync_image()?;
         self.data_unsynced = false;
         Ok(())
     }
@@ -241,7 +324,7 @@ impl Meta {
 
     /// The L2 table offset for L1 index `l1i` (0 if none), validated.
     pub fn l2_table_offset(&self, l1i: u64) -> Result<(u64, bool)> {
-        let Some(&raw) = usize::try_from(l1i).ok().and_then(|i| self.l1.get(i)) else {
+        let Some(&raw) = usize::try_from(l1i).ok().and_then(|i| self.l2.l1.get(i)) else {
             return Ok((0, false));
         };
         match L1Entry::decode(raw, self.geom.cluster_bits) {
@@ -261,7 +344,7 @@ impl Meta {
     /// Locates the L2 entry for guest offset `guest` inside a table at `table`.
     pub fn l2_slot(&self, table: u64, guest: u64) -> L2Slot {
         let index = self.geom.l2_index(guest);
-        let slice_bytes = self.l2_cache.entry_bytes() as u64;
+        let slice_bytes = self.l2.cache.entry_bytes() as u64;
         let byte = index * self.geom.l2_entry_bytes;
         let slice = table + byte / slice_bytes * slice_bytes;
         L2Slot {
@@ -274,40 +357,40 @@ impl Meta {
 
     /// Number of L2 entries in one cache slice.
     pub fn slice_entries(&self) -> u64 {
-        self.l2_cache.entry_bytes() as u64 / self.geom.l2_entry_bytes
+        self.l2.cache.entry_bytes() as u64 / self.geom.l2_entry_bytes
     }
 
     /// Makes sure the slice at `slice` is cached, loading it (and writing back
     /// a dirty victim in the right order) if needed.
     pub fn load_l2_slice(&mut self, slice: u64) -> Result<()> {
-        if self.l2_cache.get(slice).is_some() {
+        if self.l2.cache.get(slice).is_some() {
             return Ok(());
         }
         self.make_room_l2()?;
-        let n = self.l2_cache.entry_bytes();
+        let n = self.l2.cache.entry_bytes();
         let mut buf = vec![0u8; n].into_boxed_slice();
-        read_file(&*self.file, &mut buf, slice)?;
-        self.l2_cache.insert(slice, buf, false);
+        self.gate.read(&mut buf, slice)?;
+        self.l2.cache.insert(slice, buf, false);
         Ok(())
     }
 
     fn make_room_l2(&mut self) -> Result<()> {
-        while self.l2_cache.is_full() {
-            let Some((victim, dirty)) = self.l2_cache.lru_victim() else {
+        while self.l2.cache.is_full() {
+            let Some((victim, dirty)) = self.l2.cache.lru_victim() else {
                 break;
             };
             if dirty {
                 self.flush_l2_dependencies()?;
                 self.write_l2_slice(victim)?;
             }
-            self.l2_cache.remove(victim);
+            self.l2.cache.remove(victim);
         }
         Ok(())
     }
 
     /// Reads the raw L2 entry at `slot` (the slice must be cached).
     pub fn read_slot(&self, slot: &L2Slot) -> RawL2 {
-        let Some(t) = self.l2_cache.peek(slot.slice) else {
+        let Some(t) = self.l2.cache.peek(slot.slice) else {
             return RawL2 { word: 0, bitmap: 0 };
         };
         let word = be_u64(&t.data, slot.pos).unwrap_or(0);
@@ -322,7 +405,7 @@ impl Meta {
     /// Updates the raw L2 entry at `slot` (the slice must be cached) and marks it dirty.
     pub fn write_slot(&mut self, slot: &L2Slot, raw: RawL2) {
         let ext = self.geom.extended_l2;
-        if let Some(t) = self.l2_cache.get_mut(slot.slice) {
+        if let Some(t) = self.l2.cache.get_mut(slot.slice) {
             put_be_u64(&mut t.data, slot.pos, raw.word);
             if ext {
                 put_be_u64(&mut t.data, slot.pos + 8, raw.bitmap);
@@ -381,11 +464,4 @@ impl Meta {
 pub(crate) fn read_file(file: &dyn Storage, buf: &mut [u8], offset: u64) -> Result<()> {
     file.read_at(buf, offset)
         .map_err(|e| Error::io(IoOp::Read, offset, e))
-}
-
-/// Writes to a file. Only the write gate and data paths that passed the
-/// overlap check call this.
-pub(crate) fn write_file(file: &dyn Storage, buf: &[u8], offset: u64) -> Result<()> {
-    file.write_at(buf, offset)
-        .map_err(|e| Error::io(IoOp::Write, offset, e))
 }

@@ -3,12 +3,11 @@
 //! reference drops and discards, and `refcount_area` for refcount-table
 //! growth and preallocation.
 
-use super::{read_file, DiscardType, Meta};
+use super::{DiscardType, Meta};
 use crate::error::{Error, Limit, Result};
 use crate::format::consts::*;
 use crate::format::Structure;
 use crate::format::{put_be_u64, refcount};
-use crate::storage::Storage;
 use crate::types::MetadataKind;
 
 /// Result of a refcount update that may have had to allocate metadata first.
@@ -28,27 +27,27 @@ impl Meta {
 
     /// Loads the refcount block at host offset `block` into the cache.
     pub(super) fn load_refblock(&mut self, block: u64) -> Result<()> {
-        if self.rc_cache.get(block).is_some() {
+        if self.rc.cache.get(block).is_some() {
             return Ok(());
         }
-        while self.rc_cache.is_full() {
-            let Some((victim, dirty)) = self.rc_cache.lru_victim() else {
+        while self.rc.cache.is_full() {
+            let Some((victim, dirty)) = self.rc.cache.lru_victim() else {
                 break;
             };
             if dirty {
                 self.write_refblock(victim)?;
             }
-            self.rc_cache.remove(victim);
+            self.rc.cache.remove(victim);
         }
         let mut buf = vec![0u8; self.geom.cluster_size as usize].into_boxed_slice();
-        read_file(&*self.file, &mut buf, block)?;
-        self.rc_cache.insert(block, buf, false);
+        self.gate.read(&mut buf, block)?;
+        self.rc.cache.insert(block, buf, false);
         Ok(())
     }
 
     /// The refcount block covering reftable index `ri`, validated; 0 if none.
     pub(super) fn refblock_offset(&self, ri: u64) -> Result<u64> {
-        let Some(&raw) = usize::try_from(ri).ok().and_then(|i| self.reftable.get(i)) else {
+        let Some(&raw) = usize::try_from(ri).ok().and_then(|i| self.rc.table.get(i)) else {
             return Ok(0);
         };
         let off = raw & REFT_OFFSET_MASK;
@@ -65,7 +64,7 @@ impl Meta {
     /// Refuses to allocate when refcount metadata lay past the end of the
     /// file at open: its zeroes would hand out clusters that are in use.
     fn check_allocatable(&self) -> Result<()> {
-        match self.refcounts_past_eof {
+        match self.rc.past_eof {
             None => Ok(()),
             Some((what, offset)) => Err(Error::Corrupt {
                 what,
@@ -87,7 +86,8 @@ impl Meta {
         self.load_refblock(block)?;
         let order = self.geom.refcount_order;
         Ok(self
-            .rc_cache
+            .rc
+            .cache
             .peek(block)
             .and_then(|t| refcount::get(&t.data, order, bi))
             .unwrap_or(0))
@@ -109,7 +109,7 @@ impl Meta {
         let too_large = || Error::TooLarge(Limit::HostOffset);
         let mut run = 0u64;
         loop {
-            let c = self.free_hint;
+            let c = self.rc.free_hint;
             if c >= max {
                 return Err(too_large());
             }
@@ -118,11 +118,11 @@ impl Meta {
             let block = self.refblock_offset(ri)?;
             if block == 0 {
                 let take = (range_end - c).min(n - run);
-                self.free_hint += take;
+                self.rc.free_hint += take;
                 run += take;
             } else {
                 self.load_refblock(block)?;
-                let Some(t) = self.rc_cache.peek(block) else {
+                let Some(t) = self.rc.cache.peek(block) else {
                     return Err(Error::Internal("refcount block not cached".into()));
                 };
                 let mut i = (c - (ri << rb_bits)) as usize;
@@ -135,13 +135,13 @@ impl Meta {
                     }
                     i += 1;
                 }
-                self.free_hint = (ri << rb_bits) + i as u64;
+                self.rc.free_hint = (ri << rb_bits) + i as u64;
             }
             if run == n {
-                if self.free_hint > max {
+                if self.rc.free_hint > max {
                     return Err(too_large());
                 }
-                return Ok(self.free_hint - n);
+                return Ok(self.rc.free_hint - n);
             }
         }
     }
@@ -176,22 +176,22 @@ impl Meta {
             }
             self.flush_refcounts()?;
         }
-        self.checker.add_refcount_block(new_block);
+        self.gate.checker_mut().add_refcount_block(new_block);
         if let Err(e) = self.meta_write(&buf, new_block, MetadataKind::RefcountBlock) {
-            self.checker.remove_refcount_block(new_block);
+            self.gate.checker_mut().remove_refcount_block(new_block);
             return Err(e);
         }
         self.sync()?;
         self.make_room_rc()?;
-        self.rc_cache.insert(new_block, buf, false);
+        self.rc.cache.insert(new_block, buf, false);
         let idx = usize::try_from(ri).map_err(|_| {
             Error::TooLarge(Limit::Memory {
                 what: Structure::RefcountTable,
                 bytes: ri.saturating_mul(8),
             })
         })?;
-        if idx < self.reftable.len() && idx < self.on_disk_reftable_entries() {
-            self.reftable[idx] = new_block;
+        if idx < self.rc.table.len() && idx < self.on_disk_reftable_entries() {
+            self.rc.table[idx] = new_block;
             let off = self.header.refcount_table_offset + ri * 8;
             self.meta_write(&new_block.to_be_bytes(), off, MetadataKind::RefcountTable)?;
             self.sync()?;
@@ -212,14 +212,14 @@ impl Meta {
 
     /// Makes room in the refcount block cache, writing back a dirty victim.
     fn make_room_rc(&mut self) -> Result<()> {
-        while self.rc_cache.is_full() {
-            let Some((victim, dirty)) = self.rc_cache.lru_victim() else {
+        while self.rc.cache.is_full() {
+            let Some((victim, dirty)) = self.rc.cache.lru_victim() else {
                 break;
             };
             if dirty {
                 self.write_refblock(victim)?;
             }
-            self.rc_cache.remove(victim);
+            self.rc.cache.remove(victim);
         }
         Ok(())
     }
@@ -245,7 +245,7 @@ impl Meta {
                 Ok(Update::Done) => self.add_to_segment(c, end, addend, dtype),
                 Ok(Update::Again) => {
                     self.undo_refcounts(start, c, addend);
-                    self.free_hint = self.free_hint.min(start);
+                    self.rc.free_hint = self.rc.free_hint.min(start);
                     return Ok(Update::Again);
                 }
                 Err(e) => Err(e),
@@ -276,7 +276,7 @@ impl Meta {
         let cb = self.geom.cluster_bits;
         let mut zeroed: Vec<(u64, u64)> = Vec::new();
         {
-            let Some(t) = self.rc_cache.get_mut(block) else {
+            let Some(t) = self.rc.cache.get_mut(block) else {
                 return Err(Error::Internal("refcount block not cached".into()));
             };
             // Check the whole segment first so a failure changes nothing.
@@ -350,7 +350,7 @@ impl Meta {
                 continue;
             }
             let mut lowest_zero = None;
-            if let Some(t) = self.rc_cache.get_mut(block) {
+            if let Some(t) = self.rc.cache.get_mut(block) {
                 for k in 0..(seg_end - c) as usize {
                     let cur = refcount::get(&t.data, order, bi + k).unwrap_or(0);
                     let v = if addend > 0 {
@@ -366,7 +366,7 @@ impl Meta {
                 t.dirty = true;
             }
             if let Some(z) = lowest_zero {
-                self.free_hint = self.free_hint.min(z);
+                self.rc.free_hint = self.rc.free_hint.min(z);
             }
             c = seg_end;
         }
@@ -375,32 +375,34 @@ impl Meta {
     /// Bookkeeping when a cluster's refcount reaches 0.
     fn cluster_freed(&mut self, c: u64, dtype: DiscardType) {
         let off = c << self.geom.cluster_bits;
-        self.free_hint = self.free_hint.min(c);
+        self.rc.free_hint = self.rc.free_hint.min(c);
         // A freed L2 table must not stay cached under this offset.
-        self.l2_cache
+        self.l2
+            .cache
             .forget_range(off, off + self.geom.cluster_size);
         // A table the active L1 table still points at (its refcount was
         // wrong) stays protected, as QEMU's L1-based check keeps it. The
         // check first, so only L2 tables pay for the L1 scan.
         let active_l2 = self
-            .checker
+            .gate
+            .checker()
             .check(off, self.geom.cluster_size, !MetadataKind::ActiveL2.bit())
             .is_some();
         if active_l2 && !self.l1_references(off) {
-            self.checker.remove_active_l2(off);
+            self.gate.checker_mut().remove_active_l2(off);
         }
         let pass = match dtype {
             DiscardType::Never => false,
-            DiscardType::Request => self.discard.request,
-            DiscardType::Snapshot => self.discard.snapshot,
-            DiscardType::Other => self.discard.other,
+            DiscardType::Request => self.rc.policy.request,
+            DiscardType::Snapshot => self.rc.policy.snapshot,
+            DiscardType::Other => self.rc.policy.other,
             DiscardType::Always => true,
         };
         if pass {
             let len = self.geom.cluster_size;
-            match self.discards.last_mut() {
+            match self.rc.discards.last_mut() {
                 Some((s, l)) if *s + *l == off => *l += len,
-                _ => self.discards.push((off, len)),
+                _ => self.rc.discards.push((off, len)),
             }
         }
     }
@@ -409,8 +411,8 @@ impl Meta {
     /// (adjacent clusters merged into one request). Advisory: a failed
     /// discard loses nothing.
     pub fn process_discards(&mut self) {
-        for (off, len) in std::mem::take(&mut self.discards) {
-            let _ = self.file.discard(off, len);
+        for (off, len) in std::mem::take(&mut self.rc.discards) {
+            let _ = self.gate.discard(off, len);
         }
     }
 
@@ -457,7 +459,7 @@ impl Meta {
                 continue;
             }
             self.load_refblock(block)?;
-            let Some(t) = self.rc_cache.peek(block) else {
+            let Some(t) = self.rc.cache.peek(block) else {
                 return Err(Error::Internal("refcount block not cached".into()));
             };
             let bi = (c - (ri << rb_bits)) as usize;
@@ -474,7 +476,8 @@ impl Meta {
     /// Queues one reference drop of host cluster at `offset`, applied after
     /// the references are durably gone (see the module docs).
     pub fn queue_free(&mut self, offset: u64, dtype: DiscardType) {
-        self.pending_frees
+        self.rc
+            .pending_frees
             .push((offset >> self.geom.cluster_bits, dtype));
     }
 
@@ -484,14 +487,14 @@ impl Meta {
         let first = offset >> self.geom.cluster_bits;
         let last = (offset + len.max(1) - 1) >> self.geom.cluster_bits;
         for c in first..=last {
-            self.pending_frees.push((c, dtype));
+            self.rc.pending_frees.push((c, dtype));
         }
     }
 
     /// The highest reftable index with a refcount block (0 if none), QEMU's
     /// `max_refcount_table_index`.
     fn max_reftable_index(&self) -> usize {
-        self.reftable.iter().rposition(|e| *e != 0).unwrap_or(0)
+        self.rc.table.iter().rposition(|e| *e != 0).unwrap_or(0)
     }
 
     /// Builds new self-covering refcount structures at host offset `start`
@@ -540,11 +543,11 @@ impl Meta {
         let mut table = vec![0u64; table_size];
         let max_idx = self.max_reftable_index();
         let copy = if table_size > max_idx {
-            (max_idx + 1).min(self.reftable.len())
+            (max_idx + 1).min(self.rc.table.len())
         } else {
             table_size
         };
-        table[..copy].copy_from_slice(&self.reftable[..copy]);
+        table[..copy].copy_from_slice(&self.rc.table[..copy]);
         if let Some((idx, off)) = new_block {
             if idx >= total_blocks {
                 return Err(too_large());
@@ -573,9 +576,10 @@ impl Meta {
                 let b = block_off;
                 block_off += cs;
                 *slot = b;
-                self.checker.add_refcount_block(b);
+                self.gate.checker_mut().add_refcount_block(b);
                 self.make_room_rc()?;
-                self.rc_cache
+                self.rc
+                    .cache
                     .insert(b, vec![0u8; cs as usize].into_boxed_slice(), true);
                 b
             };
@@ -587,7 +591,7 @@ impl Meta {
                     0
                 };
                 let to = (((end - first) >> cb).min(per_block)) as usize;
-                let Some(t) = self.rc_cache.get_mut(block) else {
+                let Some(t) = self.rc.cache.get_mut(block) else {
                     return Err(Error::Internal("refcount block not cached".into()));
                 };
                 for j in from..to {
@@ -623,16 +627,19 @@ impl Meta {
         let old_clusters = u64::from(self.header.refcount_table_clusters);
         self.header.refcount_table_offset = table_off;
         self.header.refcount_table_clusters = table_clusters as u32;
-        self.checker
+        self.gate
+            .checker_mut()
             .set_refcount_table(table_off, table_size as u64 * 8);
         // Blocks the new table dropped (only beyond the used space) are gone.
-        for e in self.reftable.iter().skip(table_size) {
+        for e in self.rc.table.iter().skip(table_size) {
             if *e != 0 {
-                self.checker.remove_refcount_block(*e & REFT_OFFSET_MASK);
+                self.gate
+                    .checker_mut()
+                    .remove_refcount_block(*e & REFT_OFFSET_MASK);
             }
         }
-        self.reftable = table;
-        self.reftable_dirty.clear();
+        self.rc.table = table;
+        self.rc.table_dirty.clear();
         // Nothing refers to the old table any more: free it now, as QEMU
         // does (later allocations may reuse its clusters).
         if old_clusters > 0 {

@@ -15,7 +15,7 @@ impl Meta {
     /// header switched (`l1_size` + `l1_table_offset` in one 12-byte write),
     /// then the old table's clusters are freed.
     pub fn grow_l1(&mut self, entries: u64) -> Result<()> {
-        let old_len = self.l1.len() as u64;
+        let old_len = self.l2.l1.len() as u64;
         if entries <= old_len {
             return Ok(());
         }
@@ -28,7 +28,7 @@ impl Meta {
         let clusters = self.geom.clusters_for(bytes);
         let new_off = self.alloc_clusters(clusters)?;
         self.flush_refcounts()?;
-        let mut new_l1 = self.l1.clone();
+        let mut new_l1 = self.l2.l1.clone();
         new_l1.resize(entries as usize, 0);
         let mut buf = vec![0u8; bytes as usize];
         for (i, e) in new_l1.iter().enumerate() {
@@ -45,9 +45,9 @@ impl Meta {
         let old_clusters = self.geom.clusters_for(old_len * 8);
         self.header.l1_size = entries as u32;
         self.header.l1_table_offset = new_off;
-        self.checker.set_active_l1(new_off, bytes);
-        self.l1 = new_l1;
-        self.l1_dirty.clear();
+        self.gate.checker_mut().set_active_l1(new_off, bytes);
+        self.l2.l1 = new_l1;
+        self.l2.l1_dirty.clear();
         if old_off != 0 && old_clusters > 0 {
             // The header switch is durable and the L1 table is only read from
             // memory: nothing uses the old table any more. Free it now, as
@@ -76,7 +76,7 @@ impl Meta {
     /// # Errors
     /// I/O errors, an overlap with other metadata.
     pub fn shrink_l1(&mut self, keep: u64) -> Result<()> {
-        let len = self.l1.len() as u64;
+        let len = self.l2.l1.len() as u64;
         if keep >= len {
             return Ok(());
         }
@@ -87,13 +87,13 @@ impl Meta {
         let cs = self.geom.cluster_size;
         for i in (keep..len).rev() {
             let i = i as usize;
-            self.l1_dirty.remove(&i);
-            let table = self.l1[i] & L1E_OFFSET_MASK;
-            self.l1[i] = 0;
+            self.l2.l1_dirty.remove(&i);
+            let table = self.l2.l1[i] & L1E_OFFSET_MASK;
+            self.l2.l1[i] = 0;
             if table != 0 {
-                self.checker.remove_active_l2(table);
+                self.gate.checker_mut().remove_active_l2(table);
                 // Not active any more: its cached slices are not written back.
-                self.l2_cache.forget_range(table, table + cs);
+                self.l2.cache.forget_range(table, table + cs);
                 self.queue_free(table, DiscardType::Always);
             }
         }
@@ -113,13 +113,13 @@ impl Meta {
         let order = self.geom.refcount_order;
         let entries = 1usize << self.geom.refcount_block_bits;
         let mut unused = Vec::new();
-        for i in 0..self.reftable.len() {
+        for i in 0..self.rc.table.len() {
             let block = self.refblock_offset(i as u64)?;
             if block == 0 {
                 continue;
             }
             self.load_refblock(block)?;
-            let Some(t) = self.rc_cache.peek(block) else {
+            let Some(t) = self.rc.cache.peek(block) else {
                 continue;
             };
             let (own_ri, own_bi) = self.geom.refcount_position(block >> cb);
@@ -133,8 +133,8 @@ impl Meta {
         if unused.is_empty() {
             return Ok(());
         }
-        let mut bytes = vec![0u8; self.reftable.len() * 8];
-        for (i, e) in self.reftable.iter().enumerate() {
+        let mut bytes = vec![0u8; self.rc.table.len() * 8];
+        for (i, e) in self.rc.table.iter().enumerate() {
             if unused.binary_search(&i).is_err() {
                 put_be_u64(&mut bytes, i * 8, *e);
             }
@@ -143,7 +143,7 @@ impl Meta {
         self.meta_write(&bytes, table_off, MetadataKind::RefcountTable)?;
         self.sync()?;
         for i in unused {
-            let block = self.reftable[i] & REFT_OFFSET_MASK;
+            let block = self.rc.table[i] & REFT_OFFSET_MASK;
             let (ri, bi) = self.geom.refcount_position(block >> cb);
             let cover = self.refblock_offset(ri)?;
             if cover == 0 {
@@ -156,7 +156,7 @@ impl Meta {
                 });
             }
             self.load_refblock(cover)?;
-            if let Some(t) = self.rc_cache.get_mut(cover) {
+            if let Some(t) = self.rc.cache.get_mut(cover) {
                 let rc = refcount::get(&t.data, order, bi).unwrap_or(0);
                 if rc != 1 {
                     return Err(Error::Corrupt {
@@ -170,14 +170,14 @@ impl Meta {
                 refcount::set(&mut t.data, order, bi, 0);
                 t.dirty = true;
             }
-            self.free_hint = self.free_hint.min(block >> cb);
-            self.rc_cache.remove(block);
-            self.checker.remove_refcount_block(block);
-            self.reftable[i] = 0;
+            self.rc.free_hint = self.rc.free_hint.min(block >> cb);
+            self.rc.cache.remove(block);
+            self.gate.checker_mut().remove_refcount_block(block);
+            self.rc.table[i] = 0;
             let cs = self.geom.cluster_size;
-            match self.discards.last_mut() {
+            match self.rc.discards.last_mut() {
                 Some((s, l)) if *s + *l == block => *l += cs,
-                _ => self.discards.push((block, cs)),
+                _ => self.rc.discards.push((block, cs)),
             }
         }
         self.process_discards();
@@ -199,7 +199,7 @@ impl Meta {
             let block = self.refblock_offset(ri)?;
             if block != 0 {
                 self.load_refblock(block)?;
-                if let Some(t) = self.rc_cache.peek(block) {
+                if let Some(t) = self.rc.cache.peek(block) {
                     for k in (0..(end - base) as usize).rev() {
                         if refcount::get(&t.data, order, k).unwrap_or(0) != 0 {
                             return Ok(Some(base + k as u64));

@@ -121,7 +121,7 @@ impl Pass<'_, '_> {
         for r in 0..blocks {
             let start = r * per_block;
             let end = (start + per_block).min(nb);
-            let off = self.meta.reftable.get(r).copied().unwrap_or(0) & REFT_OFFSET_MASK;
+            let off = self.meta.rc.table().get(r).copied().unwrap_or(0) & REFT_OFFSET_MASK;
             let mut unreadable: Option<String> = None;
             if off == 0 {
                 block.fill(0);
@@ -213,9 +213,8 @@ impl Pass<'_, '_> {
             // QEMU discards clusters whose refcount dropped to 0 (DISCARD_ALWAYS).
             for c in freed {
                 let off = c << self.geom.cluster_bits;
-                if self.meta.gate_check(off, cs as u64, 0).is_ok() {
-                    let _ = self.file.discard(off, cs as u64);
-                }
+                // Best effort, and refused over metadata.
+                let _ = self.meta.gate.discard(off, cs as u64);
             }
         }
         Ok(())
@@ -224,7 +223,7 @@ impl Pass<'_, '_> {
     /// Writes a whole refcount block that the comparison repaired, and
     /// drops any cached copy of it.
     fn write_refblock_direct(&mut self, block: &[u8], off: u64) -> Result<()> {
-        self.meta.rc_cache.remove(off);
+        self.meta.rc.cache_mut().remove(off);
         self.gate_write(block, off, Some(MetadataKind::RefcountBlock))
     }
 
@@ -247,7 +246,7 @@ impl Pass<'_, '_> {
     fn disk_refcount_slow(&self, r: u64, c: u64) -> Option<u64> {
         let raw = usize::try_from(r)
             .ok()
-            .and_then(|i| self.meta.reftable.get(i))
+            .and_then(|i| self.meta.rc.table().get(i))
             .copied()
             .unwrap_or(0);
         let off = raw & REFT_OFFSET_MASK;

@@ -34,20 +34,20 @@ impl Pass<'_, '_> {
         let entries = self.geom.l2_entries() as usize;
         let data_file = self.data_file;
         let l1_off = self.meta.header.l1_table_offset;
-        let nonzero: Vec<usize> = (0..self.meta.l1.len())
-            .filter(|&i| self.meta.l1[i] & L1E_OFFSET_MASK != 0)
+        let nonzero: Vec<usize> = (0..self.meta.l2.l1().len())
+            .filter(|&i| self.meta.l2.l1()[i] & L1E_OFFSET_MASK != 0)
             .collect();
         let window = (1usize << 20).div_ceil(cs).max(1);
-        let total = self.meta.l1.len() as u64;
+        let total = self.meta.l2.l1().len() as u64;
         let mut wrote = false;
         for chunk in nonzero.chunks(window) {
             let offsets: Vec<u64> = chunk
                 .iter()
-                .map(|&i| self.meta.l1[i] & L1E_OFFSET_MASK)
+                .map(|&i| self.meta.l2.l1()[i] & L1E_OFFSET_MASK)
                 .collect();
             let mut batch = self.read_tables(&offsets, cs);
             for (k, &i) in chunk.iter().enumerate() {
-                let l1_entry = self.meta.l1[i];
+                let l1_entry = self.meta.l2.l1()[i];
                 let l2_off = l1_entry & L1E_OFFSET_MASK;
                 let Some(refcount) = self.disk_refcount(l2_off >> cb) else {
                     continue;
@@ -74,7 +74,7 @@ impl Pass<'_, '_> {
                             res.check_errors += 1;
                             return Err(e);
                         }
-                        self.meta.l1[i] = new;
+                        self.meta.l2.set_l1_written(i, new);
                         res.corruptions -= 1;
                         res.corruptions_fixed += 1;
                     }
@@ -163,7 +163,10 @@ impl Pass<'_, '_> {
                         res.check_errors += 1;
                         return Err(e);
                     }
-                    self.meta.l2_cache.forget_range(l2_off, l2_off + cs as u64);
+                    self.meta
+                        .l2
+                        .cache_mut()
+                        .forget_range(l2_off, l2_off + cs as u64);
                     wrote = true;
                     res.corruptions -= dirty;
                     res.corruptions_fixed += dirty;

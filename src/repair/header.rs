@@ -6,10 +6,8 @@
 //! fields with every metadata kind exempt. The write still goes through the
 //! gate's check, and is limited to the fixed header fields.
 
-use crate::error::{Error, Result};
-use crate::format::consts::V3_HEADER_LENGTH;
-use crate::meta::{write_file, Meta};
-use crate::types::MetadataKind;
+use crate::error::Result;
+use crate::meta::Meta;
 
 impl Meta {
     /// Writes `bytes` at header offset `pos` (within the fixed header
@@ -19,15 +17,7 @@ impl Meta {
     /// `Error::InvalidArgument` for a range outside the fixed header; I/O
     /// errors.
     pub(crate) fn write_header_field_for_repair(&mut self, pos: u64, bytes: &[u8]) -> Result<()> {
-        let len = bytes.len() as u64;
-        if pos + len > u64::from(V3_HEADER_LENGTH) {
-            return Err(Error::Internal(format!(
-                "header field at {pos} of {len} bytes is outside the fixed header"
-            )));
-        }
-        let all = MetadataKind::ALL.iter().fold(0u16, |m, k| m | k.bit());
-        self.gate_check(pos, len, all)?;
-        write_file(&*self.file, bytes, pos)?;
+        self.gate.write_header_fields(bytes, pos)?;
         self.sync()
     }
 

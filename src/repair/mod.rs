@@ -211,7 +211,7 @@ pub(crate) fn repair_dirty(
     meta: &mut Meta,
     on_event: Option<EventCallback<'_>>,
 ) -> Result<CheckReport> {
-    meta.refcounts_past_eof = None;
+    meta.rc.allow_past_eof();
     run(meta, Repair::All, true, String::new(), on_event)
 }
 

@@ -4,7 +4,7 @@
 //! rebuilding them), check the COPIED flags, rewrite a broken snapshot table.
 //!
 //! A `Pass` borrows the image's metadata state ([`Meta`]) for its whole
-//! duration: every repair write goes through [`Meta::gate_write`], and the
+//! duration: every repair write goes through [`WriteGate::write`](crate::meta::WriteGate::write), and the
 //! in-memory L1 table, refcount table and header it changes stay those of
 //! the open image, so a second ("double check") pass sees the repaired state.
 
@@ -15,11 +15,9 @@ use super::{CheckEvent, Sink};
 use crate::error::{Error, IoOp, Limit, Result};
 use crate::format::consts::*;
 use crate::format::entry::EntryFormat;
-use crate::meta::Meta;
-use crate::storage::Storage;
+use crate::meta::{FileReader, Meta};
 use crate::types::Geometry;
 use std::collections::HashSet;
-use std::sync::Arc;
 
 /// What a pass may repair (QEMU's `BdrvCheckMode` bits).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -47,7 +45,7 @@ pub(crate) struct Pass<'a, 's> {
     /// the overlap map, the write gate.
     pub meta: &'a mut Meta,
     /// The image file (reads bypass the caches).
-    pub file: Arc<dyn Storage>,
+    pub file: FileReader,
     /// Shifts and masks of the image.
     pub geom: Geometry,
     /// How L2 entries decode.
@@ -81,7 +79,7 @@ pub(crate) struct Pass<'a, 's> {
 impl<'a, 's> Pass<'a, 's> {
     /// A pass over the image whose metadata is `meta`.
     pub fn new(meta: &'a mut Meta, sink: &'a mut Sink<'s>, fix: Fix, writable: bool) -> Self {
-        let file = meta.file.clone();
+        let file = meta.gate.reader();
         let geom = meta.geom;
         let efmt = meta.efmt;
         let data_file = efmt.external_data;
@@ -117,7 +115,7 @@ impl<'a, 's> Pass<'a, 's> {
 
     /// Re-reads the length of the image file.
     pub fn refresh_file_len(&mut self) -> Result<u64> {
-        self.file_len = self.file.len().map_err(|e| Error::io(IoOp::Read, 0, e))?;
+        self.file_len = self.file.len()?;
         Ok(self.file_len)
     }
 
@@ -197,13 +195,13 @@ impl<'a, 's> Pass<'a, 's> {
         kind: Option<crate::types::MetadataKind>,
     ) -> Result<()> {
         self.gate_check(offset, buf.len() as u64, kind.map_or(0, |k| k.bit()))?;
-        self.meta.gate_write(buf, offset, kind)
+        self.meta.gate.write(buf, offset, kind)
     }
 
     /// The write gate's overlap check; a write that would hit metadata other
     /// than `exempt` is refused and reported as QEMU's corruption event.
     pub fn gate_check(&mut self, offset: u64, len: u64, exempt: u16) -> Result<()> {
-        let r = self.meta.gate_check(offset, len, exempt);
+        let r = self.meta.gate.check(offset, len, exempt);
         if let Err(Error::OverlapPrevented { kind, .. }) = &r {
             self.signal_corruption(format!(
                 "Preventing invalid write on metadata (overlaps with {})",

@@ -30,7 +30,7 @@ impl Pass<'_, '_> {
     /// cluster after the protected structure(s) covering it.
     fn protected_until(&self, c: u64) -> Option<u64> {
         let cb = self.geom.cluster_bits;
-        let end = self.meta.checker.protected_until(c << cb)?;
+        let end = self.meta.gate.checker().protected_until(c << cb)?;
         Some(end >> cb)
     }
 
@@ -152,10 +152,10 @@ impl Pass<'_, '_> {
         let cb = self.geom.cluster_bits;
         let cs = self.geom.cluster_size;
         // Nothing cached may survive: every block is about to be replaced.
-        if self.meta.rc_cache.has_dirty() {
+        if self.meta.rc.cache().has_dirty() {
             self.meta.flush_refcounts()?;
         }
-        self.meta.rc_cache.drop_clean();
+        self.meta.rc.cache_mut().drop_clean();
 
         let mut reftable: Vec<u64> = Vec::new();
         let len = imrt.len() as u64;
@@ -212,27 +212,26 @@ impl Pass<'_, '_> {
         // The image now uses the new structures.
         let old_blocks: Vec<u64> = self
             .meta
-            .reftable
+            .rc
+            .table()
             .iter()
             .map(|e| e & REFT_OFFSET_MASK)
             .filter(|o| *o != 0 && self.geom.is_aligned(*o))
             .collect();
         for o in old_blocks {
-            self.meta.checker.remove_refcount_block(o);
+            self.meta.gate.checker_mut().remove_refcount_block(o);
         }
         for o in reftable.iter().filter(|o| **o != 0) {
-            self.meta.checker.add_refcount_block(*o);
+            self.meta.gate.checker_mut().add_refcount_block(*o);
         }
         reftable.resize((tclusters * cs / 8) as usize, 0);
         self.meta
-            .checker
+            .gate
+            .checker_mut()
             .set_refcount_table(table_off, tclusters * cs);
         self.meta.header.refcount_table_offset = table_off;
         self.meta.header.refcount_table_clusters = tclusters as u32;
-        self.meta.reftable = reftable;
-        self.meta.reftable_dirty.clear();
-        self.meta.rc_cache.drop_clean();
-        self.meta.free_hint = 0;
+        self.meta.rc.replace_table(reftable);
         self.refresh_file_len()?;
         Ok(())
     }

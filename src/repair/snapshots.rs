@@ -55,7 +55,7 @@ pub(crate) struct SnapTable {
 
 /// Reads the file through a window, zeroes past its end.
 struct Reader {
-    file: std::sync::Arc<dyn crate::storage::Storage>,
+    file: crate::meta::FileReader,
     start: u64,
     buf: Vec<u8>,
 }
@@ -325,16 +325,20 @@ impl<'a, 's> Pass<'a, 's> {
     /// the bytes it names, so a repair never writes into them.
     fn register_snapshots(&mut self) {
         for (off, _) in std::mem::take(&mut self.registered_l1) {
-            self.meta.checker.remove_inactive_l1(off);
+            self.meta.gate.checker_mut().remove_inactive_l1(off);
         }
         self.meta
-            .checker
+            .gate
+            .checker_mut()
             .set_snapshot_table(self.snaps.offset, self.snaps.size);
         let mut added = Vec::new();
         for s in &self.snaps.entries {
             let bytes = u64::from(s.l1_size) * 8;
             if bytes > 0 {
-                self.meta.checker.add_inactive_l1(s.l1_table_offset, bytes);
+                self.meta
+                    .gate
+                    .checker_mut()
+                    .add_inactive_l1(s.l1_table_offset, bytes);
                 added.push((s.l1_table_offset, bytes));
             }
         }
@@ -391,7 +395,7 @@ impl<'a, 's> Pass<'a, 's> {
         let size = snapshot_table_size(&entries);
         let cs = self.geom.cluster_size;
         // Refcount blocks this pass wrote directly may be cached stale.
-        self.meta.rc_cache.drop_clean();
+        self.meta.rc.cache_mut().drop_clean();
         let new_off = if size == 0 {
             0
         } else {
@@ -409,7 +413,10 @@ impl<'a, 's> Pass<'a, 's> {
         let (old_off, old_size) = (self.snaps.offset, self.snaps.size);
         self.meta.header.nb_snapshots = entries.len() as u32;
         self.meta.header.snapshots_offset = new_off;
-        self.meta.checker.set_snapshot_table(new_off, size);
+        self.meta
+            .gate
+            .checker_mut()
+            .set_snapshot_table(new_off, size);
         self.snaps.offset = new_off;
         self.snaps.size = size;
         if old_size > 0 {

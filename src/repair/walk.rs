@@ -160,7 +160,7 @@ impl Pass<'_, '_> {
         self.inc_refcounts(res, imrt, soff, ssize)?;
         // Refcount table.
         let rt_off = self.meta.header.refcount_table_offset;
-        let rt_bytes = self.meta.reftable.len() as u64 * 8;
+        let rt_bytes = self.meta.rc.table().len() as u64 * 8;
         self.inc_refcounts(res, imrt, rt_off, rt_bytes)?;
         // LUKS header.
         let crypto = self.meta.header.extensions.iter().find_map(|e| match e {
@@ -427,7 +427,8 @@ impl Pass<'_, '_> {
             .gate_write(&bytes, entry_off, Some(kind))
             .and_then(|()| self.meta.sync());
         self.meta
-            .l2_cache
+            .l2
+            .cache_mut()
             .forget_range(entry_off, entry_off + esize as u64);
         match r {
             Ok(()) => {
@@ -456,9 +457,9 @@ impl Pass<'_, '_> {
         fix_errors: bool,
     ) -> Result<()> {
         let cs = self.geom.cluster_size;
-        let n = self.meta.reftable.len();
+        let n = self.meta.rc.table().len();
         for i in 0..n {
-            let raw = self.meta.reftable[i];
+            let raw = self.meta.rc.table()[i];
             let offset = raw & REFT_OFFSET_MASK;
             let cluster = offset >> self.geom.cluster_bits;
             if raw & REFT_RESERVED_MASK != 0 {
@@ -528,10 +529,12 @@ impl Pass<'_, '_> {
             return Err("File too large".into());
         }
         if new_len > self.file_len {
-            self.file
-                .set_len(new_len)
-                .map_err(|e| crate::error::strerror(e.raw_os_error().unwrap_or(libc::EIO)))?;
-            self.meta.file_end = self.meta.file_end.max(new_len);
+            self.meta.gate.set_len(new_len).map_err(|e| match e {
+                Error::Io { source, .. } => {
+                    crate::error::strerror(source.raw_os_error().unwrap_or(libc::EIO))
+                }
+                e => e.errno_text(),
+            })?;
         }
         self.refresh_file_len().map_err(|e| e.errno_text())?;
         let clusters = self.file_clusters();

@@ -33,7 +33,7 @@ use crate::format::consts::*;
 use crate::format::entry::L2Entry;
 use crate::format::Structure;
 use crate::image::Image;
-use crate::meta::{write_file, DiscardType, Meta, RawL2};
+use crate::meta::{DiscardType, Meta, RawL2};
 use crate::options::Preallocation;
 
 mod prealloc;
@@ -107,7 +107,7 @@ impl Image {
     /// for a zero size).
     pub(crate) fn truncate(&self, new_size: u64, prealloc: Preallocation) -> Result<()> {
         self.writable()?;
-        let mut meta = self.lock()?;
+        let mut meta = self.lock_idle()?;
         let old = meta.header.size;
         if new_size < old && prealloc != Preallocation::Off {
             return Err(Error::InvalidArgument(
@@ -150,10 +150,8 @@ impl Image {
                 self.grow_locked(&mut meta, old, new_size, prealloc)?;
             }
             meta.flush_all(true)?;
-            if !std::sync::Arc::ptr_eq(&self.data, &self.file) {
-                self.data
-                    .flush()
-                    .map_err(|e| Error::io(IoOp::Flush, 0, e))?;
+            if let Some(d) = self.data.external() {
+                d.flush()?;
             }
             meta.write_size(new_size)
         })();
@@ -200,8 +198,8 @@ impl Image {
         let mut zero_write = new > old && self.backing.as_ref().is_some_and(|b| b.size() > old);
         match mode {
             Preallocation::Off => {
-                if external {
-                    resize_data_file(&*self.data, new, Preallocation::Off)?;
+                if let (true, Some(d)) = (external, self.data.external()) {
+                    resize_data_file(d.storage(), new, Preallocation::Off)?;
                 }
             }
             Preallocation::Metadata => self.preallocate_metadata(meta, old, new, mode)?,
@@ -250,19 +248,14 @@ impl Image {
     /// `falloc`, zeroes written for `full`. The range is overlap-checked
     /// first.
     fn allocate_area(&self, meta: &mut Meta, end: u64, mode: Preallocation) -> Result<()> {
-        let len = self.file.len().map_err(|e| Error::io(IoOp::Read, 0, e))?;
+        let len = self.file.len()?;
         if end <= len {
             return Ok(());
         }
-        meta.gate_check(len, end - len, 0)?;
         match mode {
-            Preallocation::Full => fill_zeroes(&*self.file, len, end)?,
-            _ => self
-                .file
-                .allocate(len, end - len)
-                .map_err(|e| Error::io(IoOp::Resize, len, e))?,
+            Preallocation::Full => meta.gate.fill_zeroes(len, end, ZERO_CHUNK)?,
+            _ => meta.gate.allocate(len, end - len)?,
         }
-        meta.file_end = meta.file_end.max(end);
         Ok(())
     }
 
@@ -280,15 +273,13 @@ impl Image {
         meta.shrink_l1(keep_l1)?;
         meta.flush_all(true)?;
         meta.shrink_reftable()?;
-        let len = self.file.len().map_err(|e| Error::io(IoOp::Read, 0, e))?;
+        let len = self.file.len()?;
         match meta.last_used_cluster(len)? {
             Some(last) => {
                 let end = (last + 1) * cs;
                 if end < len {
                     // Like QEMU: failing to cut the tail only wastes space.
-                    if self.file.set_len(end).is_ok() {
-                        meta.file_end = end;
-                    }
+                    let _ = meta.gate.set_len(end);
                 }
             }
             None => {
@@ -299,8 +290,8 @@ impl Image {
                 })
             }
         }
-        if meta.efmt.external_data {
-            resize_data_file(&*self.data, new, Preallocation::Off)?;
+        if let Some(d) = self.data.external() {
+            resize_data_file(d.storage(), new, Preallocation::Off)?;
         }
         Ok(())
     }
@@ -348,7 +339,7 @@ impl Image {
                 }
                 guest += cs;
             }
-            if meta.pending_frees.len() > DISCARD_FLUSH_FREES {
+            if meta.rc.pending_frees() > DISCARD_FLUSH_FREES {
                 meta.flush_all(true)?;
             }
         }
@@ -380,7 +371,8 @@ pub(crate) fn resize_data_file(
         }
         if len == 0 && mode != Preallocation::Full {
             let n = if new < 4096 { 512.min(new) } else { 4096 };
-            write_file(data, &vec![0u8; n as usize], 0)?;
+            data.write_at(&vec![0u8; n as usize], 0)
+                .map_err(|e| Error::io(IoOp::Write, 0, e))?;
         }
     }
     Ok(())
@@ -392,7 +384,8 @@ fn fill_zeroes(file: &dyn crate::storage::Storage, from: u64, to: u64) -> Result
     let mut pos = from;
     while pos < to {
         let n = (to - pos).min(ZERO_CHUNK) as usize;
-        write_file(file, &zeros[..n], pos)?;
+        file.write_at(&zeros[..n], pos)
+            .map_err(|e| Error::io(IoOp::Write, pos, e))?;
         pos += n as u64;
     }
     Ok(())

@@ -4,14 +4,14 @@
 //! in-memory L2 tables both use (see the parent module's docs).
 
 use super::resize_data_file;
-use crate::error::{Error, IoOp, Result};
+use crate::error::{Error, Result};
 use crate::format::consts::*;
 use crate::format::entry::{L2Entry, Subclusters};
 use crate::format::Structure;
 use crate::format::{be_u64, put_be_u64};
 use crate::image::Image;
 use crate::mapping::Extent;
-use crate::meta::{read_file, write_file, DiscardType, Meta, RawL2};
+use crate::meta::{DiscardType, Meta, RawL2};
 use crate::options::Preallocation;
 use crate::types::MetadataKind;
 use std::collections::HashMap;
@@ -484,11 +484,7 @@ impl Image {
             }
             let mut buf = vec![0u8; len as usize];
             self.read_guest_locked(meta, m.offset + off, &mut buf)?;
-            if external {
-                write_file(&*self.data, &buf, m.alloc + off)?;
-            } else {
-                meta.gate_write(&buf, m.alloc + off, None)?;
-            }
+            meta.gate.write_data(&buf, m.alloc + off)?;
             meta.data_unsynced = true;
         }
         let t = self.table_for(meta, ctx, m.offset)?;
@@ -554,7 +550,7 @@ impl Image {
             let (ext, len) = meta.map_extent(g, (buf.len() - done) as u64)?;
             let chunk = &mut buf[done..done + len as usize];
             match ext {
-                Extent::Data { host } => read_file(&*self.data, chunk, host)?,
+                Extent::Data { host } => self.data.read(chunk, host)?,
                 Extent::Zero { .. } => chunk.fill(0),
                 Extent::Unallocated => self.read_backing(chunk, g)?,
                 Extent::Compressed { offset, len: clen } => {
@@ -574,7 +570,7 @@ impl Image {
         let l1i = self.geom.l1_index(guest);
         let idx = usize::try_from(l1i)
             .ok()
-            .filter(|i| *i < meta.l1.len())
+            .filter(|i| *i < meta.l2.l1().len())
             .ok_or_else(|| Error::Internal(format!("L1 index {l1i} beyond the L1 table")))?;
         if let Some(i) = ctx.by_l1.get(&idx) {
             return Ok(Table::New(*i));
@@ -594,7 +590,7 @@ impl Image {
                 msg: "Preventing invalid allocation of L2 table at offset 0".into(),
             });
         }
-        meta.checker.add_active_l2(host);
+        meta.gate.checker_mut().add_active_l2(host);
         let cs = self.geom.cluster_size as usize;
         ctx.tables.push(NewTable {
             l1i: idx,
@@ -668,19 +664,16 @@ impl Image {
     /// mode) so it covers the data clusters allocated so far.
     fn extend_for_data(&self, meta: &mut Meta, ctx: &Prealloc) -> Result<()> {
         let end = ctx.data_end;
-        if meta.efmt.external_data {
-            let len = self.data.len().map_err(|e| Error::io(IoOp::Read, 0, e))?;
+        if let Some(d) = self.data.external() {
+            let len = d.len()?;
             if end > len {
-                resize_data_file(&*self.data, end, ctx.mode)?;
+                resize_data_file(d.storage(), end, ctx.mode)?;
             }
         } else {
-            let len = self.file.len().map_err(|e| Error::io(IoOp::Read, 0, e))?;
+            let len = self.file.len()?;
             if end > len {
                 // Only extends the file (no byte of it is overwritten).
-                self.file
-                    .set_len(end)
-                    .map_err(|e| Error::io(IoOp::Resize, len, e))?;
-                meta.file_end = meta.file_end.max(end);
+                meta.gate.set_len(end)?;
             }
         }
         Ok(())
@@ -707,8 +700,7 @@ impl Image {
         }
         meta.sync()?;
         for t in &tables {
-            meta.l1[t.l1i] = t.host | OFLAG_COPIED;
-            meta.l1_dirty.insert(t.l1i);
+            meta.l2.set_l1(t.l1i, t.host | OFLAG_COPIED);
         }
         meta.flush_all(false)
     }
@@ -727,7 +719,7 @@ impl Image {
         let g = self.geom;
         let cs = g.cluster_size;
         let cb = g.cluster_bits;
-        let file_len = self.file.len().map_err(|e| Error::io(IoOp::Read, 0, e))?;
+        let file_len = self.file.len()?;
         let used_end = match meta.last_used_cluster(file_len)? {
             Some(last) => (last + 1) * cs,
             None => file_len.div_ceil(cs) * cs,

@@ -13,5 +13,6 @@ mod crash_replay;
 mod faults;
 mod lazy;
 mod model;
+mod multiqueue;
 mod overlap;
 mod threads;

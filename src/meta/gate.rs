@@ -1,0 +1,393 @@
+//! The write gate: the only writable handle of the image file.
+//!
+//! [`WriteGate`] owns the image file, the overlap map, the known end of the
+//! file and the poison flag. Its fields are private to this module, and no
+//! other part of the crate holds a writable handle of the image file: the
+//! rest of the crate reads through a [`FileReader`] and writes guest data
+//! through a [`DataTarget`] with a [`DataPermit`] that only the gate issues
+//! (after the overlap check when guest data lives in the image file). A
+//! forgotten overlap check therefore does not compile.
+//!
+//! The external data file holds no metadata, so its writes need no check;
+//! they still go through a separate, greppable handle ([`DataFile`]).
+
+use crate::error::{Error, IoOp, Result};
+use crate::format::consts::{INCOMPAT_CORRUPT, V3_HEADER_LENGTH};
+use crate::storage::{Storage, Tracked};
+use crate::types::MetadataKind;
+use std::sync::Arc;
+
+use super::overlap_map::{Overlap, OverlapChecker};
+
+/// Offset of `incompatible_features` in the header.
+const INCOMPATIBLE_FEATURES_OFFSET: u64 = 72;
+
+/// A read-only view of the image file.
+#[derive(Debug, Clone)]
+pub(crate) struct FileReader(Arc<Tracked>);
+
+impl FileReader {
+    /// Reads `buf.len()` bytes at `offset`, naming the offset on failure.
+    pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.0
+            .read_at(buf, offset)
+            .map_err(|e| Error::io(IoOp::Read, offset, e))
+    }
+
+    /// The file's current length.
+    pub fn len(&self) -> Result<u64> {
+        self.0.len().map_err(|e| Error::io(IoOp::Read, 0, e))
+    }
+
+    /// Reads `buf.len()` bytes at `offset` ([`Storage::read_at`]).
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.0.read_at(buf, offset)
+    }
+
+    /// Bytes the file occupies on its device ([`Storage::allocated_bytes`]).
+    pub fn allocated_bytes(&self) -> std::io::Result<u64> {
+        self.0.allocated_bytes()
+    }
+}
+
+/// Permission to write guest data to `[host, host + len)` of the data
+/// target, issued by [`WriteGate::permit_data`] after the overlap check.
+/// Consumed by the write; it cannot be copied or forged outside this module.
+#[derive(Debug)]
+#[must_use = "a permit is only useful for a write"]
+pub(crate) struct DataPermit {
+    host: u64,
+    len: u64,
+}
+
+/// The external data file: guest data only, mapped by the L2 tables. Writes
+/// need no overlap check (there is no metadata in it).
+#[derive(Debug, Clone)]
+pub(crate) struct DataFile(Arc<Tracked>);
+
+impl DataFile {
+    /// Writes guest data at `offset`.
+    pub fn write_data(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.0
+            .write_at(buf, offset)
+            .map_err(|e| Error::io(IoOp::Write, offset, e))
+    }
+
+    /// The file's current length.
+    pub fn len(&self) -> Result<u64> {
+        self.0.len().map_err(|e| Error::io(IoOp::Read, 0, e))
+    }
+
+    /// Syncs the file.
+    pub fn flush(&self) -> Result<()> {
+        self.0.flush().map_err(|e| Error::io(IoOp::Flush, 0, e))
+    }
+
+    /// The file as a storage (it holds no metadata: nothing to check).
+    pub fn storage(&self) -> &dyn Storage {
+        &*self.0
+    }
+}
+
+/// Where guest data lives: the image file (writes need a permit that passed
+/// the overlap check) or the external data file.
+#[derive(Debug, Clone)]
+pub(crate) struct DataTarget {
+    file: Arc<Tracked>,
+    external: bool,
+}
+
+impl DataTarget {
+    /// The external data file, if guest data lives in one.
+    pub fn external(&self) -> Option<DataFile> {
+        self.external.then(|| DataFile(self.file.clone()))
+    }
+
+    /// Reads guest data at host offset `offset`.
+    pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.file
+            .read_at(buf, offset)
+            .map_err(|e| Error::io(IoOp::Read, offset, e))
+    }
+
+    /// Writes `buf` at the start of `permit`'s range (at most its length).
+    ///
+    /// # Errors
+    /// `Error::InvalidArgument` if `buf` is longer than the permit (a bug,
+    /// reported rather than written); I/O errors.
+    pub fn write(&self, permit: DataPermit, buf: &[u8]) -> Result<()> {
+        if buf.len() as u64 > permit.len {
+            return Err(Error::InvalidArgument(format!(
+                "data write of {} bytes at {:#x} exceeds its permit of {} bytes",
+                buf.len(),
+                permit.host,
+                permit.len
+            )));
+        }
+        self.file
+            .write_at(buf, permit.host)
+            .map_err(|e| Error::io(IoOp::Write, permit.host, e))
+    }
+
+    /// Passes a discard of `[offset, offset + len)` down (best effort: a
+    /// guest discard of clusters that keep their mapping).
+    pub fn discard(&self, _permit: DataPermit) -> Result<()> {
+        let DataPermit { host, len } = _permit;
+        self.file
+            .discard(host, len)
+            .map_err(|e| Error::io(IoOp::Write, host, e))
+    }
+
+    /// Whether `[offset, offset + len)` is a hole in the file.
+    pub fn is_hole(&self, offset: u64, len: u64) -> bool {
+        self.file.is_hole(offset, len).unwrap_or(false)
+    }
+
+    /// The data-or-hole run at `offset` (at most `max` bytes).
+    pub fn data_extent(&self, offset: u64, max: u64) -> std::io::Result<(bool, u64)> {
+        self.file.data_extent(offset, max)
+    }
+}
+
+/// The only writable handle of the image file, with the overlap map, the
+/// known end of the file and the poison flag.
+#[derive(Debug)]
+pub(crate) struct WriteGate {
+    file: Arc<Tracked>,
+    data: DataTarget,
+    checker: OverlapChecker,
+    /// Host length of the image file as far as this handle knows (an upper
+    /// bound: writes outside the lock are counted before they start).
+    file_end: u64,
+    /// A metadata write or sync failed: the in-memory state may be ahead of
+    /// the file.
+    poisoned: bool,
+}
+
+impl WriteGate {
+    /// Wraps the image file; guest data lives in it until
+    /// [`WriteGate::set_data_file`].
+    pub fn new(file: Arc<Tracked>, checker: OverlapChecker, file_end: u64) -> Self {
+        let data = DataTarget {
+            file: file.clone(),
+            external: false,
+        };
+        WriteGate {
+            file,
+            data,
+            checker,
+            file_end,
+            poisoned: false,
+        }
+    }
+
+    /// Guest data lives in the external data file `file` from now on.
+    pub fn set_data_file(&mut self, file: Arc<Tracked>) {
+        self.data = DataTarget {
+            file,
+            external: true,
+        };
+    }
+
+    /// Reads `buf.len()` bytes of the image file at `offset`.
+    pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.file
+            .read_at(buf, offset)
+            .map_err(|e| Error::io(IoOp::Read, offset, e))
+    }
+
+    /// A read-only view of the image file.
+    pub fn reader(&self) -> FileReader {
+        FileReader(self.file.clone())
+    }
+
+    /// Where guest data lives.
+    pub fn data(&self) -> &DataTarget {
+        &self.data
+    }
+
+    /// The overlap map.
+    pub fn checker(&self) -> &OverlapChecker {
+        &self.checker
+    }
+
+    /// The overlap map, to add or remove structures.
+    pub fn checker_mut(&mut self) -> &mut OverlapChecker {
+        &mut self.checker
+    }
+
+    /// Host length of the image file as far as this handle knows.
+    pub fn file_end(&self) -> u64 {
+        self.file_end
+    }
+
+    /// Whether a failed metadata write or sync poisoned the handle.
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned
+    }
+
+    /// Whether the image file changed since its last sync.
+    pub fn is_dirty(&self) -> bool {
+        self.file.is_dirty()
+    }
+
+    /// Checks that writing `len` bytes at `offset` does not hit metadata
+    /// other than the kinds in `exempt`.
+    ///
+    /// # Errors
+    /// `Error::OverlapPrevented` naming the structure hit.
+    pub fn check(&self, offset: u64, len: u64, exempt: u16) -> Result<()> {
+        match self.checker.check(offset, len, exempt) {
+            Some(Overlap { kind, .. }) => Err(Error::OverlapPrevented {
+                kind,
+                offset,
+                size: len,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    fn raw_write(&mut self, buf: &[u8], offset: u64) -> Result<()> {
+        self.file
+            .write_at(buf, offset)
+            .map_err(|e| Error::io(IoOp::Write, offset, e))?;
+        self.file_end = self.file_end.max(offset.saturating_add(buf.len() as u64));
+        Ok(())
+    }
+
+    /// Writes to the image file after the overlap check, exempting `kind`
+    /// (guest data with `None`). A failed write does not poison: the check
+    /// and repair code decides.
+    pub fn write(&mut self, buf: &[u8], offset: u64, kind: Option<MetadataKind>) -> Result<()> {
+        self.check(offset, buf.len() as u64, kind.map_or(0, MetadataKind::bit))?;
+        self.raw_write(buf, offset)
+    }
+
+    /// Writes metadata of `kind`; a failed write poisons the handle (the
+    /// in-memory state is ahead of the file).
+    pub fn write_metadata(&mut self, kind: MetadataKind, buf: &[u8], offset: u64) -> Result<()> {
+        let r = self.write(buf, offset, Some(kind));
+        if matches!(r, Err(Error::Io { .. })) {
+            self.poisoned = true;
+        }
+        r
+    }
+
+    /// Writes fixed header fields with every metadata kind exempt (QEMU never
+    /// overlap-checks its header updates, and cluster 0 is the header
+    /// whatever else wrongly claims it).
+    ///
+    /// # Errors
+    /// `Error::InvalidArgument` for a range outside the fixed header.
+    pub fn write_header_fields(&mut self, bytes: &[u8], pos: u64) -> Result<()> {
+        let len = bytes.len() as u64;
+        if pos.saturating_add(len) > u64::from(V3_HEADER_LENGTH) {
+            return Err(Error::InvalidArgument(format!(
+                "header field at {pos} of {len} bytes is outside the fixed header"
+            )));
+        }
+        let all = MetadataKind::ALL.iter().fold(0u16, |m, k| m | k.bit());
+        self.check(pos, len, all)?;
+        self.raw_write(bytes, pos)
+    }
+
+    /// Writes `incompatible` (with the corrupt bit set) to the header: the
+    /// one write exempt from the overlap check, done when corruption was
+    /// found. Best effort: the caller disables the handle either way.
+    pub fn write_corrupt_bit(&mut self, incompatible: u64) -> Result<()> {
+        let v = (incompatible | INCOMPAT_CORRUPT).to_be_bytes();
+        self.write_header_fields(&v, INCOMPATIBLE_FEATURES_OFFSET)?;
+        self.sync_image()
+    }
+
+    /// Writes guest data (under the metadata lock) to the data target.
+    pub fn write_data(&mut self, buf: &[u8], offset: u64) -> Result<()> {
+        let permit = self.permit_data(offset, buf.len() as u64)?;
+        self.data.write(permit, buf)
+    }
+
+    /// Permission to write guest data to `[host, host + len)` of the data
+    /// target from outside the lock: overlap-checked when data lives in the
+    /// image file (whose known end then covers the range).
+    ///
+    /// # Errors
+    /// `Error::OverlapPrevented`.
+    pub fn permit_data(&mut self, host: u64, len: u64) -> Result<DataPermit> {
+        if !self.data.external {
+            self.check(host, len, 0)?;
+            self.file_end = self.file_end.max(host.saturating_add(len));
+        }
+        Ok(DataPermit { host, len })
+    }
+
+    /// Sets the image file's length (the known end follows).
+    pub fn set_len(&mut self, len: u64) -> Result<()> {
+        self.file
+            .set_len(len)
+            .map_err(|e| Error::io(IoOp::Resize, len, e))?;
+        self.file_end = len;
+        Ok(())
+    }
+
+    /// Extends the known end of the file to at least `end` (the file was
+    /// grown through [`WriteGate::set_len`] or [`WriteGate::allocate`]).
+    fn note_end(&mut self, end: u64) {
+        self.file_end = self.file_end.max(end);
+    }
+
+    /// Allocates `[offset, offset + len)` of the image file (`fallocate`)
+    /// after the overlap check.
+    pub fn allocate(&mut self, offset: u64, len: u64) -> Result<()> {
+        self.check(offset, len, 0)?;
+        self.file
+            .allocate(offset, len)
+            .map_err(|e| Error::io(IoOp::Resize, offset, e))?;
+        self.note_end(offset.saturating_add(len));
+        Ok(())
+    }
+
+    /// Writes zeroes to `[from, to)` of the image file (after the overlap
+    /// check), in large requests.
+    pub fn fill_zeroes(&mut self, from: u64, to: u64, chunk: u64) -> Result<()> {
+        self.check(from, to.saturating_sub(from), 0)?;
+        let zeros = vec![0u8; chunk.min(to.saturating_sub(from)) as usize];
+        let mut pos = from;
+        while pos < to {
+            let n = (to - pos).min(zeros.len() as u64) as usize;
+            self.raw_write(&zeros[..n], pos)?;
+            pos += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Discards `[offset, offset + len)` of the image file (best effort:
+    /// freed clusters). Refused over metadata.
+    pub fn discard(&mut self, offset: u64, len: u64) -> Result<()> {
+        self.check(offset, len, 0)?;
+        self.file
+            .discard(offset, len)
+            .map_err(|e| Error::io(IoOp::Write, offset, e))
+    }
+
+    /// Syncs the image file; a failure poisons the handle (after a failed
+    /// fsync nothing written since the last good one can be trusted).
+    pub fn sync_image(&mut self) -> Result<()> {
+        if let Err(e) = self.file.flush() {
+            self.poisoned = true;
+            return Err(Error::io(IoOp::Flush, 0, e));
+        }
+        Ok(())
+    }
+
+    /// Syncs the external data file if it changed since its last sync; a
+    /// failure poisons the handle.
+    pub fn sync_data_file(&mut self) -> Result<()> {
+        if self.data.external {
+            if let Err(e) = self.data.file.flush_if_dirty() {
+                self.poisoned = true;
+                return Err(Error::io(IoOp::Flush, 0, e));
+            }
+        }
+        Ok(())
+    }
+}
