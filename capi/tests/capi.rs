@@ -1,5 +1,5 @@
 //! The C ABI from C: `examples/c/demo.c` is compiled with `cc` against
-//! `include/qcow2kit.h` and the built `libqcow2kit_c.so`, run, and its output
+//! `include/qcow2kit.h` and the built `libqcow2kit_c.so` (and `.a`), run, and its output
 //! asserted; the committed header is checked against cbindgen's output.
 
 use std::fs::File;
@@ -13,8 +13,8 @@ fn crate_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// The directory holding this build's `libqcow2kit_c.so`: the test binary
-/// lives in `target/<profile>/deps`, next to the library built with it.
+/// The directory holding this build's `libqcow2kit_c.so` and `.a`: the test
+/// binary lives in `target/<profile>/deps`, next to the library built with it.
 fn lib_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let deps = exe.parent().unwrap().to_path_buf();
@@ -174,6 +174,45 @@ fn c_demo_round_trips_sees_events_and_errors() {
         assert!(String::from_utf8_lossy(&bad_info.stdout).contains("\"corrupt\": true"));
     } else {
         eprintln!("qemu-img not found: skipping the QEMU cross-checks");
+    }
+}
+
+/// The same demo linked statically against `libqcow2kit_c.a` (with the
+/// system libraries `rustc --print native-static-libs` lists on Linux).
+#[test]
+fn c_demo_links_statically() {
+    if !have("cc") {
+        eprintln!("skipped: no C compiler (cc) on PATH");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let exe = tmp.path().join("demo_static");
+    let out = Command::new("cc")
+        .args(["-std=c99", "-Wall", "-Wextra", "-Werror"])
+        .arg("-I")
+        .arg(crate_dir().join("include"))
+        .arg(crate_dir().join("examples/c/demo.c"))
+        .arg(lib_dir().join("libqcow2kit_c.a"))
+        .args(["-lgcc_s", "-lutil", "-lrt", "-lpthread", "-lm", "-ldl"])
+        .arg("-o")
+        .arg(&exe)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "cc failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run = Command::new(&exe).arg(tmp.path()).output().unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(run.status.success(), "{stdout}");
+    for want in [
+        "round trip: equal",
+        "vectored round trip: equal",
+        "persisted: equal",
+        "failures: 0",
+    ] {
+        assert!(stdout.contains(want), "missing {want:?} in:\n{stdout}");
     }
 }
 
