@@ -19,5 +19,7 @@ export PROPTEST_CASES="${PROPTEST_CASES:-64}"
 # then the doctests (README's snippets included).
 cargo test --all-targets "$@"
 cargo test --doc
+# The C ABI (capi/): its unit tests and the C demo, compiled and run.
+cargo test -p qcow2kit-capi
 # The test helpers stay behind the `testing` feature for embedders.
 bash scripts/check_testing_gate.sh
