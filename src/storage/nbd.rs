@@ -316,7 +316,11 @@ impl NbdStorage {
         }
         let mut into = into;
         let mut error = None;
+        let mut first = true;
         loop {
+            if !std::mem::take(&mut first) && read_u32(s)? != proto::STRUCTURED_REPLY_MAGIC {
+                return Err(protocol("bad reply magic"));
+            }
             let cflags = read_u16(s)?;
             let ty = read_u16(s)?;
             if read_u64(s)? != cookie {

@@ -123,8 +123,9 @@ pub struct QuorumReport {
     pub sectors_count: u64,
 }
 
-/// A storage replicated on `children` (see [`QuorumConfig`]). Reads vote over the whole
-/// request; writes go to every child and succeed when at least `vote-threshold` do.
+/// A storage replicated on `children` (see [`QuorumConfig`]). Reads vote per 512-byte
+/// sector of the request (QEMU votes over the whole request, but the format layer here
+/// may read far more than one guest request at once); writes go to every child and succeed when at least `vote-threshold` do.
 #[derive(Debug)]
 pub struct QuorumStorage {
     cfg: QuorumConfig,
@@ -233,38 +234,65 @@ impl Storage for QuorumStorage {
             }
             return Err(last.unwrap_or_else(|| io::Error::from_raw_os_error(libc::EIO)));
         }
-        // Read every child; group identical versions.
-        let mut versions: Vec<(Vec<u8>, Vec<usize>)> = Vec::new();
+        // Read every child, then vote sector by sector (512-byte aligned pieces): the
+        // format layer may read much more than one guest request at once (the whole
+        // metadata area when opening), and a bad byte must only fail the sectors it is in.
+        let mut copies: Vec<(usize, Vec<u8>)> = Vec::new();
         for (i, c) in self.children.iter().enumerate() {
             let mut b = vec![0u8; buf.len()];
             match c.read_at(&mut b, offset) {
-                Ok(()) => match versions.iter_mut().find(|(v, _)| *v == b) {
-                    Some((_, who)) => who.push(i),
-                    None => versions.push((b, vec![i])),
-                },
+                Ok(()) => copies.push((i, b)),
                 Err(e) => self.report(i, "read", Some(e.to_string()), offset, buf.len()),
             }
         }
-        let Some(win) = (0..versions.len()).max_by_key(|&v| versions[v].1.len()) else {
-            return Err(io::Error::from_raw_os_error(libc::EIO));
-        };
-        if versions[win].1.len() < self.cfg.threshold || (self.cfg.blkverify && versions.len() > 1)
-        {
-            return Err(io::Error::from_raw_os_error(libc::EIO));
+        let mut pos = 0usize;
+        let mut bad: Vec<Vec<(usize, usize)>> = vec![Vec::new(); self.children.len()];
+        while pos < buf.len() {
+            let at = offset + pos as u64;
+            let n = ((512 - at % 512) as usize).min(buf.len() - pos);
+            // Versions of this piece: (index into copies of the first holder, holders).
+            let mut versions: Vec<(usize, Vec<usize>)> = Vec::new();
+            for (k, (_, b)) in copies.iter().enumerate() {
+                let piece = &b[pos..pos + n];
+                match versions
+                    .iter_mut()
+                    .find(|(f, _)| &copies[*f].1[pos..pos + n] == piece)
+                {
+                    Some((_, who)) => who.push(k),
+                    None => versions.push((k, vec![k])),
+                }
+            }
+            let Some(win) = (0..versions.len()).max_by_key(|&v| versions[v].1.len()) else {
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            };
+            if versions[win].1.len() < self.cfg.threshold
+                || (self.cfg.blkverify && versions.len() > 1)
+            {
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
+            let src = versions[win].0;
+            buf[pos..pos + n].copy_from_slice(&copies[src].1[pos..pos + n]);
+            for (v, (_, who)) in versions.iter().enumerate() {
+                if v != win {
+                    for &k in who {
+                        bad[copies[k].0].push((pos, n));
+                    }
+                }
+            }
+            pos += n;
         }
-        for (v, (_, who)) in versions.iter().enumerate() {
-            if v == win {
+        for (child, pieces) in bad.iter().enumerate() {
+            if pieces.is_empty() {
                 continue;
             }
-            for &i in who {
-                self.report(i, "read", None, offset, buf.len());
-                if self.cfg.rewrite_corrupted {
+            self.report(child, "read", None, offset, buf.len());
+            if self.cfg.rewrite_corrupted {
+                for &(p, n) in pieces {
                     // Best effort, as QEMU's: a failed rewrite does not fail the read.
-                    let _ = self.children[i].write_at(&versions[win].0, offset);
+                    let _ = self.children[child].write_at(&buf[p..p + n], offset + p as u64);
                 }
             }
         }
-        buf.copy_from_slice(&versions[win].0);
         Ok(())
     }
 
