@@ -135,6 +135,15 @@ pub enum OptionError {
     /// open: `file=NAME` together with `file.*` options (or `data-file` likewise).
     #[error("Cannot reference an existing block device with additional options or a new filename")]
     FileConflict,
+    /// open: a bad option of a storage backend (`file.driver=nbd|quorum|blkdebug|null-co`);
+    /// the message is QEMU's for that driver.
+    #[error("{message}")]
+    Backend {
+        /// The driver (`file.driver`).
+        driver: String,
+        /// QEMU's message.
+        message: String,
+    },
     /// open: `force-share=on` for a read-write open.
     #[error("force-share=on can only be used with read-only images")]
     ForceShareReadWrite,
@@ -336,7 +345,7 @@ impl OptionError {
             E::ClusterSize => "cluster_size",
             E::DiscardNoUnrefV2 => "discard-no-unref",
             E::ExtendedL2ClusterSize | E::ExtendedL2V2 => "extended_l2",
-            E::FileConflict => "file",
+            E::FileConflict | E::Backend { .. } => "file",
             E::ForceShareReadWrite => "force-share",
             E::ImageSizeExceedsMaximum { .. }
             | E::ImageSizeNegative

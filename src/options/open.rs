@@ -65,6 +65,7 @@ pub struct OpenOptions {
     force_share: bool,
     cache_direct: bool,
     cache_no_flush: bool,
+    file_backend: Option<crate::storage::BackendSpec>,
 }
 
 impl Default for OpenOptions {
@@ -115,6 +116,7 @@ impl OpenOptions {
             force_share: false,
             cache_direct: false,
             cache_no_flush: false,
+            file_backend: None,
         }
     }
 
@@ -463,6 +465,13 @@ impl OpenOptions {
         self.filename.as_deref()
     }
 
+    /// The storage backend given as `file.driver=null-co|null-aio|nbd|quorum|blkdebug`
+    /// and its `file.*` options (open it with
+    /// [`open_from_options`](crate::storage::open_from_options)).
+    pub fn file_backend(&self) -> Option<&crate::storage::BackendSpec> {
+        self.file_backend.as_ref()
+    }
+
     /// The external data file override.
     pub fn get_data_file(&self) -> Option<&Path> {
         self.data_file.as_deref()
@@ -549,8 +558,11 @@ impl OpenOptions {
     /// [`OptionError::UnsupportedOption`] / [`OptionError::UnknownOverlapFlag`] for unknown keys,
     /// [`OptionError::InvalidOptionList`].
     pub fn apply_qemu_str(&mut self, s: &str) -> Result<(), OptionError> {
-        let pairs = split_option_string(s)?;
+        let mut pairs = split_option_string(s)?;
         let mut next = self.clone();
+        if let Some(spec) = take_backend(&mut pairs)? {
+            next.file_backend = Some(spec);
+        }
         let mut driver_error = None;
         let mut value_error = None;
         let mut unknown_error = None;
@@ -672,6 +684,37 @@ impl OpenOptions {
         }
         Ok(())
     }
+}
+
+/// When `file.driver` names a storage backend ([`BACKEND_DRIVERS`](crate::storage::BACKEND_DRIVERS)),
+/// removes every `file.*` pair from `pairs` and returns them as a checked spec.
+fn take_backend(
+    pairs: &mut Vec<(String, String)>,
+) -> Result<Option<crate::storage::BackendSpec>, OptionError> {
+    let driver = pairs
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "file.driver")
+        .map(|(_, v)| v.clone());
+    let Some(driver) = driver.filter(|d| crate::storage::BACKEND_DRIVERS.contains(&d.as_str()))
+    else {
+        return Ok(None);
+    };
+    let mut options = Vec::new();
+    pairs.retain(|(k, v)| match k.strip_prefix("file.") {
+        Some("driver") => false,
+        Some(rest) => {
+            options.push((rest.to_owned(), v.clone()));
+            false
+        }
+        None => true,
+    });
+    let spec = crate::storage::BackendSpec { driver, options };
+    spec.validate().map_err(|message| OptionError::Backend {
+        driver: spec.driver.clone(),
+        message,
+    })?;
+    Ok(Some(spec))
 }
 
 /// `file=` / `file.filename=` / `file.driver=` (or the `data-file` equivalents) of one list.

@@ -86,7 +86,7 @@ pub fn parse_bool_onoff(key: &str, value: &str) -> Result<bool, OptionError> {
 }
 
 /// Parses a size-valued option, with QemuOpts' error messages.
-pub(super) fn parse_size_option(key: &str, value: &str) -> Result<u64, OptionError> {
+pub(crate) fn parse_size_option(key: &str, value: &str) -> Result<u64, OptionError> {
     parse_size(value).map_err(|e| e.into_option_error(key))
 }
 

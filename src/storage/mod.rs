@@ -6,19 +6,29 @@
 //! faults and record writes (`FaultyStorage`, `replay`); those helpers are not
 //! part of the default public API.
 
+mod backend;
+mod blkdebug;
 #[cfg(any(test, feature = "testing"))]
 mod faulty;
 mod file;
 pub mod lock;
 mod memory;
+mod nbd;
+mod null;
+mod quorum;
 pub(crate) mod sys;
 mod tracked;
 
+pub use backend::{open_from_options, BackendSpec, BACKEND_DRIVERS};
+pub use blkdebug::{BlkdebugConfig, BlkdebugEvent, BlkdebugStorage, InjectError, SetState};
 #[cfg(any(test, feature = "testing"))]
 pub use faulty::{replay, Fault, FaultKind, FaultOp, FaultyStorage, RecordedOp};
 pub use file::FileStorage;
 pub use lock::{LockError, LockRequest, Locking, Permissions};
 pub use memory::MemStorage;
+pub use nbd::{NbdConfig, NbdServer, NbdStorage};
+pub use null::NullStorage;
+pub use quorum::{QuorumConfig, QuorumReport, QuorumStorage, ReadPattern};
 pub(crate) use tracked::Tracked;
 
 use std::io;
@@ -183,6 +193,12 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn lock(&self, _req: &LockRequest) -> Result<(), LockError> {
         Ok(())
     }
+
+    /// Reports a blkdebug event (QEMU's `BLKDBG_EVENT`) to this storage: the format
+    /// layer calls it at the points QEMU does (`l2_update`, `cluster_alloc`, ...), so
+    /// that a [`BlkdebugStorage`] below can switch its rules on. Other storages ignore it
+    /// (the default).
+    fn debug_event(&self, _event: BlkdebugEvent) {}
 }
 
 impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
@@ -218,5 +234,8 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     }
     fn lock(&self, req: &LockRequest) -> Result<(), LockError> {
         (**self).lock(req)
+    }
+    fn debug_event(&self, event: BlkdebugEvent) {
+        (**self).debug_event(event)
     }
 }

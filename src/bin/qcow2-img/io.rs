@@ -393,6 +393,15 @@ impl State {
             Some(n) => format!("can't open device {n}: "),
             None => "can't open: ".to_owned(),
         };
+        if let Some(spec) = opts.file_backend() {
+            // file.driver=nbd|quorum|blkdebug|null-co: the storage comes from the options.
+            let storage = qcow2kit::storage::open_from_options(spec, opts.get_read_only())
+                .map_err(|m| format!("{prefix}{m}"))?;
+            let img = Image::open_storage(storage, &opts)
+                .map_err(|e| format!("{prefix}{}", e.qemu_message()))?;
+            self.img = Some(img);
+            return Ok(());
+        }
         let Some(path) = opts.filename().map(|p| p.to_path_buf()) else {
             return Err(format!(
                 "{prefix}A block device must be specified for \"file\""

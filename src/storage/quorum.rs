@@ -1,0 +1,322 @@
+//! `quorum`: one storage replicated on several children, reads decided by a vote.
+
+use super::backend::{open_from_options, BackendSpec};
+use super::Storage;
+use crate::options::parse::{parse_bool_onoff, parse_number};
+use std::io;
+use std::sync::{Arc, Mutex};
+
+/// How reads pick their data (`read-pattern`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadPattern {
+    /// Read every child and vote (the default).
+    Quorum,
+    /// Read the first child that does not fail.
+    Fifo,
+}
+
+/// The options of a `quorum` node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuorumConfig {
+    /// `vote-threshold`: identical versions a read needs, successes a write needs.
+    pub threshold: usize,
+    /// `rewrite-corrupted`: write the winning data over the children that lost the vote.
+    pub rewrite_corrupted: bool,
+    /// `read-pattern`.
+    pub read_pattern: ReadPattern,
+    /// `blkverify`: 2 children, threshold 2, a mismatch fails the read.
+    pub blkverify: bool,
+    /// `children.N.*`, in index order.
+    pub children: Vec<BackendSpec>,
+}
+
+impl QuorumConfig {
+    /// Parses the `quorum` options of `spec` (QEMU's texts on error).
+    ///
+    /// # Errors
+    /// QEMU's message for a missing or bad option.
+    pub fn parse(spec: &BackendSpec) -> Result<QuorumConfig, String> {
+        let mut threshold = 0u64;
+        let mut rewrite = false;
+        let mut pattern = ReadPattern::Quorum;
+        let mut blkverify = false;
+        let mut max_child: Option<usize> = None;
+        for (k, v) in &spec.options {
+            match k.as_str() {
+                "vote-threshold" => threshold = parse_number(k, v).map_err(|e| e.to_string())?,
+                "rewrite-corrupted" => {
+                    rewrite = parse_bool_onoff(k, v).map_err(|e| e.to_string())?
+                }
+                "blkverify" => blkverify = parse_bool_onoff(k, v).map_err(|e| e.to_string())?,
+                "read-pattern" => {
+                    pattern = match v.as_str() {
+                        "quorum" => ReadPattern::Quorum,
+                        "fifo" => ReadPattern::Fifo,
+                        _ => return Err(format!("invalid parameter value: {v}")),
+                    }
+                }
+                "node-name" | "read-only" => {}
+                _ => {
+                    let idx = k
+                        .strip_prefix("children.")
+                        .and_then(|r| r.split_once('.'))
+                        .and_then(|(i, _)| i.parse::<usize>().ok())
+                        .filter(|&i| i < 64)
+                        .ok_or_else(|| format!("Invalid parameter '{k}'"))?;
+                    max_child = Some(max_child.map_or(idx, |m| m.max(idx)));
+                }
+            }
+        }
+        let mut children = Vec::new();
+        for i in 0..max_child.map_or(0, |m| m + 1) {
+            let mut c = spec.child(&format!("children.{i}"));
+            if c.driver.is_empty() && c.options.is_empty() {
+                return Err(format!("Parameter 'children.{i}' is missing"));
+            }
+            if c.driver.is_empty() {
+                c.driver = "file".into();
+            }
+            c.validate()?;
+            children.push(c);
+        }
+        if threshold < 1 {
+            return Err("Parameter 'vote-threshold' expects a value >= 1".into());
+        }
+        if children.is_empty() {
+            return Err("Number of provided children must be 1 or more".into());
+        }
+        let threshold = usize::try_from(threshold).unwrap_or(usize::MAX);
+        if threshold > children.len() {
+            return Err("threshold may not exceed children count".into());
+        }
+        if rewrite && pattern == ReadPattern::Fifo {
+            return Err("rewrite-corrupted=on cannot be used with read-pattern=fifo".into());
+        }
+        if blkverify && (children.len() != 2 || threshold != 2) {
+            return Err(
+                "blkverify=on can only be set if there are exactly two files and vote-threshold is 2"
+                    .into(),
+            );
+        }
+        Ok(QuorumConfig {
+            threshold,
+            rewrite_corrupted: rewrite,
+            read_pattern: pattern,
+            blkverify,
+            children,
+        })
+    }
+}
+
+/// A child that failed or lost a vote (QEMU's `QUORUM_REPORT_BAD` event).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuorumReport {
+    /// The child's index (`children.N`).
+    pub child: usize,
+    /// `read` or `write` (QEMU's `type`).
+    pub kind: &'static str,
+    /// The error text when the child failed; `None` when its data lost the vote.
+    pub error: Option<String>,
+    /// First 512-byte sector of the request.
+    pub sector_num: u64,
+    /// Length of the request in sectors.
+    pub sectors_count: u64,
+}
+
+/// A storage replicated on `children` (see [`QuorumConfig`]). Reads vote per 512-byte
+/// sector of the request (QEMU votes over the whole request, but the format layer here
+/// may read far more than one guest request at once); writes go to every child and succeed when at least `vote-threshold` do.
+#[derive(Debug)]
+pub struct QuorumStorage {
+    cfg: QuorumConfig,
+    children: Vec<Arc<dyn Storage>>,
+    reports: Mutex<Vec<QuorumReport>>,
+}
+
+fn sectors(offset: u64, len: usize) -> (u64, u64) {
+    let end = offset.saturating_add(len as u64);
+    (offset / 512, end.div_ceil(512) - offset / 512)
+}
+
+impl QuorumStorage {
+    /// Opens the children of the `quorum` node `spec`.
+    ///
+    /// # Errors
+    /// QEMU's message for bad options or a child that cannot be opened.
+    pub fn open(spec: &BackendSpec, read_only: bool) -> Result<QuorumStorage, String> {
+        let cfg = QuorumConfig::parse(spec)?;
+        let children = cfg
+            .children
+            .iter()
+            .map(|c| open_from_options(c, read_only))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self::from_children(cfg, children))
+    }
+
+    /// A quorum over already opened children (`cfg.children` is not used to open them).
+    pub fn from_children(cfg: QuorumConfig, children: Vec<Arc<dyn Storage>>) -> QuorumStorage {
+        QuorumStorage {
+            cfg,
+            children,
+            reports: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The `QUORUM_REPORT_BAD` reports collected since the last call.
+    pub fn take_reports(&self) -> Vec<QuorumReport> {
+        self.reports
+            .lock()
+            .map(|mut r| std::mem::take(&mut *r))
+            .unwrap_or_default()
+    }
+
+    fn report(
+        &self,
+        child: usize,
+        kind: &'static str,
+        error: Option<String>,
+        off: u64,
+        len: usize,
+    ) {
+        let (sector_num, sectors_count) = sectors(off, len);
+        if let Ok(mut r) = self.reports.lock() {
+            if r.len() < 4096 {
+                r.push(QuorumReport {
+                    child,
+                    kind,
+                    error,
+                    sector_num,
+                    sectors_count,
+                });
+            }
+        }
+    }
+
+    /// Runs `f` on every child; Ok when at least `threshold` succeed.
+    fn all(
+        &self,
+        kind: &'static str,
+        off: u64,
+        len: usize,
+        f: impl Fn(&dyn Storage) -> io::Result<()>,
+    ) -> io::Result<()> {
+        let mut ok = 0;
+        let mut first_err = None;
+        for (i, c) in self.children.iter().enumerate() {
+            match f(&**c) {
+                Ok(()) => ok += 1,
+                Err(e) => {
+                    self.report(i, kind, Some(e.to_string()), off, len);
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        if ok >= self.cfg.threshold {
+            Ok(())
+        } else {
+            Err(first_err.unwrap_or_else(|| io::Error::from_raw_os_error(libc::EIO)))
+        }
+    }
+}
+
+impl Storage for QuorumStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        if self.cfg.read_pattern == ReadPattern::Fifo {
+            let mut last = None;
+            for (i, c) in self.children.iter().enumerate() {
+                match c.read_at(buf, offset) {
+                    Ok(()) => return Ok(()),
+                    Err(e) => {
+                        self.report(i, "read", Some(e.to_string()), offset, buf.len());
+                        last = Some(e);
+                    }
+                }
+            }
+            return Err(last.unwrap_or_else(|| io::Error::from_raw_os_error(libc::EIO)));
+        }
+        // Read every child, then vote sector by sector (512-byte aligned pieces): the
+        // format layer may read much more than one guest request at once (the whole
+        // metadata area when opening), and a bad byte must only fail the sectors it is in.
+        let mut copies: Vec<(usize, Vec<u8>)> = Vec::new();
+        for (i, c) in self.children.iter().enumerate() {
+            let mut b = vec![0u8; buf.len()];
+            match c.read_at(&mut b, offset) {
+                Ok(()) => copies.push((i, b)),
+                Err(e) => self.report(i, "read", Some(e.to_string()), offset, buf.len()),
+            }
+        }
+        let mut pos = 0usize;
+        let mut bad: Vec<Vec<(usize, usize)>> = vec![Vec::new(); self.children.len()];
+        while pos < buf.len() {
+            let at = offset + pos as u64;
+            let n = ((512 - at % 512) as usize).min(buf.len() - pos);
+            // Versions of this piece: (index into copies of the first holder, holders).
+            let mut versions: Vec<(usize, Vec<usize>)> = Vec::new();
+            for (k, (_, b)) in copies.iter().enumerate() {
+                let piece = &b[pos..pos + n];
+                match versions
+                    .iter_mut()
+                    .find(|(f, _)| &copies[*f].1[pos..pos + n] == piece)
+                {
+                    Some((_, who)) => who.push(k),
+                    None => versions.push((k, vec![k])),
+                }
+            }
+            let Some(win) = (0..versions.len()).max_by_key(|&v| versions[v].1.len()) else {
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            };
+            if versions[win].1.len() < self.cfg.threshold
+                || (self.cfg.blkverify && versions.len() > 1)
+            {
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
+            let src = versions[win].0;
+            buf[pos..pos + n].copy_from_slice(&copies[src].1[pos..pos + n]);
+            for (v, (_, who)) in versions.iter().enumerate() {
+                if v != win {
+                    for &k in who {
+                        bad[copies[k].0].push((pos, n));
+                    }
+                }
+            }
+            pos += n;
+        }
+        for (child, pieces) in bad.iter().enumerate() {
+            if pieces.is_empty() {
+                continue;
+            }
+            self.report(child, "read", None, offset, buf.len());
+            if self.cfg.rewrite_corrupted {
+                for &(p, n) in pieces {
+                    // Best effort, as QEMU's: a failed rewrite does not fail the read.
+                    let _ = self.children[child].write_at(&buf[p..p + n], offset + p as u64);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.all("write", offset, buf.len(), |c| c.write_at(buf, offset))
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.all("flush", 0, 0, |c| c.flush())
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        self.children
+            .first()
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EIO))?
+            .len()
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.all("write", len, 0, |c| c.set_len(len))
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        let n = usize::try_from(len).unwrap_or(usize::MAX);
+        self.all("write", offset, n, |c| c.discard(offset, len))
+    }
+}
