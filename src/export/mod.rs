@@ -6,3 +6,5 @@
 //! qemu, the kernel, libnbd and nbdkit speak.
 
 pub mod nbd;
+#[cfg(all(feature = "vhost-user", target_os = "linux"))]
+pub mod vhost_user_blk;

@@ -22,3 +22,4 @@ mod map_convert;
 mod map_extents;
 mod nbd_serve;
 mod progress;
+mod vhost_user;

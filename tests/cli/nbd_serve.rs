@@ -588,7 +588,7 @@ fn serve_help_and_argument_errors() {
         (e.code, e.err.as_str()),
         (
             1,
-            "qcow2-img: Expecting an export type (--nbd)\nTry 'qcow2-img serve --help' for more info\n"
+            "qcow2-img: Expecting an export type (--nbd or --vhost-user-blk)\nTry 'qcow2-img serve --help' for more info\n"
         )
     );
     let e = run(d, BIN, &["serve", "--nbd", "x.qcow2"]);

@@ -1,7 +1,9 @@
 //! `qcow2-img serve --nbd` (`cli.md` §24): exports the image's guest view
 //! over NBD (≙ `qemu-nbd -t -f qcow2`) until SIGTERM or SIGINT, then stops
 //! accepting, lets requests in progress finish, flushes and closes the
-//! image cleanly.
+//! image cleanly. `qcow2-img serve --vhost-user-blk` (Linux, feature
+//! `vhost-user`) does the same over a vhost-user socket (≙
+//! `qemu-storage-daemon --export type=vhost-user-blk`).
 
 use crate::common::{check_format, open_fail, parse_args, CmdResult, Fail};
 use clap::Parser;
@@ -21,6 +23,12 @@ struct Args {
     help: bool,
     #[arg(long = "nbd")]
     nbd: bool,
+    #[arg(long = "vhost-user-blk")]
+    vhost_user_blk: bool,
+    #[arg(long = "num-queues")]
+    num_queues: Option<String>,
+    #[arg(long = "serial")]
+    serial: Option<String>,
     #[arg(short = 'k', long = "socket")]
     socket: Option<String>,
     #[arg(short = 'b', long = "bind")]
@@ -50,17 +58,30 @@ pub const HELP: &str = "\
 Usage: qcow2-img serve --nbd (--socket PATH | --bind ADDR:PORT) [--read-only]
                        [--export NAME] [--shared N] [--discard=unmap|ignore]
                        [-f qcow2 | --image-opts] [-q] FILE
+       qcow2-img serve --vhost-user-blk --socket PATH [--num-queues N]
+                       [--serial ID] [--read-only] [-f qcow2 | --image-opts]
+                       [-q] FILE
 
 Export the image's guest view (its virtual disk, backing chain included) over
-NBD until SIGTERM or SIGINT, like 'qemu-nbd -t -f qcow2'. On a signal it stops
-accepting, lets requests in progress finish, flushes and closes the image; a
-second signal while it stops exits at once.
+NBD until SIGTERM or SIGINT, like 'qemu-nbd -t -f qcow2', or as a
+vhost-user-blk device, like 'qemu-storage-daemon --export
+type=vhost-user-blk' (Linux builds with the vhost-user feature). On a signal
+it stops accepting, lets requests in progress finish, flushes and closes the
+image; a second signal while it stops exits at once.
 
 Options:
   -h, --help
       print this help and exit
   --nbd
-      serve over NBD (the only kind of export so far; required)
+      serve over NBD
+  --vhost-user-blk
+      serve a virtio-blk device over the vhost-user socket --socket PATH,
+      one front-end at a time (the next one may connect when it leaves)
+  --num-queues N
+      vhost-user-blk: number of request queues, one worker thread each
+      (1..64, default 1)
+  --serial ID
+      vhost-user-blk: the device id the guest reads (up to 20 bytes)
   -k, --socket PATH
       listen on the Unix domain socket PATH (removed when the server stops);
       client URI: nbd+unix:///NAME?socket=PATH
@@ -96,8 +117,21 @@ pub fn run(argv: &[String]) -> CmdResult {
         print!("{HELP}");
         return Ok(());
     }
-    if !a.nbd {
-        return Err(Fail::Usage("Expecting an export type (--nbd)".into(), SUB));
+    if a.nbd && a.vhost_user_blk {
+        return Err(Fail::Msg(
+            "--nbd and --vhost-user-blk are mutually exclusive".into(),
+        ));
+    }
+    if !a.nbd && !a.vhost_user_blk {
+        return Err(Fail::Usage(
+            "Expecting an export type (--nbd or --vhost-user-blk)".into(),
+            SUB,
+        ));
+    }
+    if !a.vhost_user_blk && (a.num_queues.is_some() || a.serial.is_some()) {
+        return Err(Fail::Msg(
+            "--num-queues and --serial need --vhost-user-blk".into(),
+        ));
     }
     let [filename] = a.rest.as_slice() else {
         return Err(Fail::Usage("Expecting one image file name".into(), SUB));
@@ -136,6 +170,9 @@ pub fn run(argv: &[String]) -> CmdResult {
             OpenOptions::new().read_only(a.read_only),
         )
     };
+    if a.vhost_user_blk {
+        return vhost::run(&a, filename, &path, &opts);
+    }
     let listener = match (&a.socket, &a.bind) {
         (Some(_), Some(_)) => {
             return Err(Fail::Msg(
@@ -201,4 +238,116 @@ pub fn run(argv: &[String]) -> CmdResult {
     }
     served.map_err(|e| Fail::Msg(e.to_string()))?;
     closed.map_err(|e| Fail::Msg(e.qemu_message()))
+}
+
+/// `--vhost-user-blk`: not in this build.
+#[cfg(not(all(feature = "vhost-user", target_os = "linux")))]
+mod vhost {
+    use super::*;
+
+    pub(super) fn run(_: &Args, _: &str, _: &std::path::Path, _: &OpenOptions) -> CmdResult {
+        Err(Fail::Msg(
+            "vhost-user-blk exports need a Linux build with the 'vhost-user' feature".into(),
+        ))
+    }
+}
+
+/// `--vhost-user-blk`: serve until SIGTERM/SIGINT.
+#[cfg(all(feature = "vhost-user", target_os = "linux"))]
+mod vhost {
+    use super::*;
+    use qcow2kit::export::vhost_user_blk::{self as vub, BlkBackend, BlkConfig};
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    pub(super) fn run(
+        a: &Args,
+        filename: &str,
+        path: &std::path::Path,
+        opts: &OpenOptions,
+    ) -> CmdResult {
+        if a.bind.is_some() || a.export.is_some() || a.shared.is_some() || a.discard.is_some() {
+            return Err(Fail::Msg(
+                "--bind, --export, --shared and --discard are NBD options".into(),
+            ));
+        }
+        let Some(sock) = a.socket.as_deref() else {
+            return Err(Fail::Usage("Expecting --socket PATH".into(), SUB));
+        };
+        let num_queues = match a.num_queues.as_deref() {
+            None => 1,
+            Some(s) => match s.parse::<u16>() {
+                Ok(n) if (1..=vub::MAX_QUEUES).contains(&n) => n,
+                _ => return Err(Fail::Msg(format!("Invalid number of queues '{s}'"))),
+            },
+        };
+        let sock_path = PathBuf::from(sock);
+        let listener = vub::bind(&sock_path).map_err(|e| Fail::Msg(e.to_string()))?;
+        let img = match Image::open(path, opts) {
+            Ok(i) => Arc::new(i),
+            Err(e) => {
+                let _ = std::fs::remove_file(&sock_path);
+                return Err(open_fail(filename, &e));
+            }
+        };
+        let cfg = BlkConfig {
+            num_queues,
+            read_only: a.read_only,
+            serial: a.serial.clone().unwrap_or_default(),
+        };
+        let backend = BlkBackend::new(img.clone(), cfg).map_err(|e| Fail::Msg(e.to_string()))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+            signal_hook::flag::register_conditional_shutdown(sig, 1, stop.clone())
+                .and_then(|_| signal_hook::flag::register(sig, stop.clone()))
+                .map_err(|e| Fail::Msg(format!("cannot handle signal {sig}: {e}")))?;
+        }
+        let quiet = a.quiet;
+        if !quiet {
+            eprintln!(
+                "{}: serving vhost-user-blk on {} ({num_queues} queue{}){}",
+                crate::common::PROG,
+                sock_path.display(),
+                if num_queues == 1 { "" } else { "s" },
+                if backend.is_read_only() {
+                    " (read-only)"
+                } else {
+                    ""
+                }
+            );
+        }
+        // The daemon blocks in accept() and in the socket's request loop, so
+        // it runs on its own thread; this one waits for a signal (or for the
+        // daemon to fail), then quiesces the workers and closes the image.
+        // A daemon thread still blocked then ends with the process.
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        {
+            let backend = backend.clone();
+            let stop = stop.clone();
+            let sock_path = sock_path.clone();
+            std::thread::Builder::new()
+                .name("vhost-user".into())
+                .spawn(move || {
+                    let _ = done_tx.send(vub::serve(backend, listener, &sock_path, &stop));
+                })
+                .map_err(|e| Fail::Msg(format!("cannot start the vhost-user thread: {e}")))?;
+        }
+        let served = loop {
+            if stop.load(Ordering::SeqCst) {
+                break Ok(());
+            }
+            match done_rx.recv_timeout(std::time::Duration::from_millis(50)) {
+                Ok(r) => break r,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break Ok(()),
+            }
+        };
+        backend.quiesce();
+        let closed = img.shutdown();
+        let _ = std::fs::remove_file(&sock_path);
+        if !quiet {
+            eprintln!("{}: stopped", crate::common::PROG);
+        }
+        served.map_err(|e| Fail::Msg(e.to_string()))?;
+        closed.map_err(|e| Fail::Msg(e.qemu_message()))
+    }
 }
