@@ -400,7 +400,7 @@ impl State {
         };
         let shown = path.display().to_string();
         let img = Image::open(&path, &opts).map_err(|e| {
-            let text = match &e {
+            let text = match e.inner() {
                 Error::Io { .. } | Error::Open { .. } => {
                     format!("Could not open '{shown}': {}", e.qemu_message())
                 }
