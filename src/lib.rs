@@ -32,13 +32,11 @@
 #![warn(missing_debug_implementations, clippy::undocumented_unsafe_blocks)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
-pub mod amend;
 mod cache;
 pub mod check;
 #[doc(hidden)]
 pub mod cli_support;
 mod compress;
-pub mod create;
 pub mod error;
 pub mod events;
 pub mod export;
@@ -56,6 +54,9 @@ pub mod storage;
 pub mod types;
 
 pub use cache::CacheStats;
+// Creating and amending live in the image layer (`image::create`,
+// `image::amend`); the short paths stay the documented ones.
+pub use image::{amend, create};
 pub use error::{Error, Result};
 pub use events::Event;
 pub use image::Image;
