@@ -54,12 +54,12 @@ pub mod storage;
 pub mod types;
 
 pub use cache::CacheStats;
-// Creating and amending live in the image layer (`image::create`,
-// `image::amend`); the short paths stay the documented ones.
-pub use image::{amend, create};
 pub use error::{Error, Result};
 pub use events::Event;
 pub use image::Image;
+// Creating and amending live in the image layer (`image::create`,
+// `image::amend`); the short paths stay the documented ones.
+pub use image::{amend, create};
 pub use mapping::Extent;
 pub use options::{CreateOptions, OpenOptions};
 

@@ -177,7 +177,10 @@ fn loops_fail_everywhere_with_qemus_message() {
         }
         // The library.
         for opts in [OpenOptions::new(), OpenOptions::new().read_only(true)] {
-            match Image::open(dir.join(top), &opts).as_ref().map_err(Error::inner) {
+            match Image::open(dir.join(top), &opts)
+                .as_ref()
+                .map_err(Error::inner)
+            {
                 Err(Error::BackingLoop { path }) => {
                     assert_eq!(*path, dir.join(again));
                 }

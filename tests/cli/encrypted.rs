@@ -263,7 +263,9 @@ fn library_refuses_guest_data_without_a_key() {
                 Err(Error::EncryptionKeyRequired)
             ));
             assert!(matches!(
-                Image::open_without_backing(&path, &opts).as_ref().map_err(Error::inner),
+                Image::open_without_backing(&path, &opts)
+                    .as_ref()
+                    .map_err(Error::inner),
                 Err(Error::EncryptionKeyRequired)
             ));
         }
