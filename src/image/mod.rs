@@ -42,6 +42,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 
+pub mod amend;
+pub mod create;
 mod open;
 mod resolver;
 #[cfg(test)]
