@@ -47,6 +47,7 @@ mod resolver;
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // tests may panic
 mod sync_tests;
+mod vectored;
 mod write;
 mod zero;
 
