@@ -43,6 +43,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 
 mod open;
+mod read_map;
+pub use read_map::{MappedExtent, ReadMapping, MAX_READ_EXTENTS};
 mod resolver;
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // tests may panic
