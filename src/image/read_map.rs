@@ -79,7 +79,7 @@ impl Image {
     /// assert_eq!(ext[0].kind, Extent::Unallocated);
     /// let Extent::Data { host } = ext[1].kind else { panic!("data") };
     /// let mut buf = [0u8; 5];
-    /// file.read_at(&mut buf, host)?; // the caller's own I/O
+    /// file.read_at(&mut buf, host).expect("the caller's own I/O");
     /// assert_eq!(&buf, b"hello");
     /// # Ok(())
     /// # }
