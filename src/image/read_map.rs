@@ -31,6 +31,7 @@ pub struct ReadMapping<'a> {
     _ticket: RwLockReadGuard<'a, ()>,
     extents: Vec<MappedExtent>,
     in_data_file: bool,
+    compression_type: u8,
 }
 
 impl ReadMapping<'_> {
@@ -48,6 +49,12 @@ impl ReadMapping<'_> {
     /// Whether nothing is covered (a request of length 0).
     pub fn is_empty(&self) -> bool {
         self.extents.is_empty()
+    }
+
+    /// The image's compression type (header field) for
+    /// [`Extent::Compressed`] runs.
+    pub fn compression_type(&self) -> u8 {
+        self.compression_type
     }
 
     /// Whether [`Extent::Data`] host offsets are in the external data file
@@ -107,6 +114,7 @@ impl Image {
             done += n;
         }
         let in_data_file = meta.efmt.external_data;
+        let compression_type = meta.header.compression_type;
         // Taken with the metadata lock held (the order flush uses), then
         // the lock is released: the barrier alone keeps the clusters.
         let ticket = self
@@ -118,6 +126,7 @@ impl Image {
             _ticket: ticket,
             extents,
             in_data_file,
+            compression_type,
         })
     }
 }
