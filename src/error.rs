@@ -3,7 +3,7 @@
 use crate::format::{FormatError, Structure};
 use crate::types::MetadataKind;
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Which I/O operation failed: in [`Error::Io`], and as the `operation` of an
 /// [`Event::IoError`](crate::Event::IoError) (there only `Read` or `Write`,
@@ -259,6 +259,24 @@ pub enum Error {
     /// The header or a table is invalid or unsupported (refused at open).
     #[error("{0}")]
     Format(#[from] FormatError),
+    /// Opening the image at `path` failed after the file itself was opened
+    /// (reading or decoding its header and tables, its locks, its backing
+    /// chain, ...): the wrapper every path-based open
+    /// ([`Image::open`](crate::Image::open) and its siblings,
+    /// [`Checker::open`](crate::check::Checker::open),
+    /// [`amend`](crate::amend::amend)) puts around the error, so that its
+    /// `Display` names the file. Match [`Error::inner`] to see the cause
+    /// whether or not it is wrapped; [`Error::qemu_message`],
+    /// [`Error::errno_text`] and [`Error::raw_os_error`] look through it.
+    /// A failed `open(2)` is [`Error::Open`], which names the file itself.
+    #[error("could not open '{}': {source}", path.display())]
+    Opening {
+        /// The image file that was being opened.
+        path: PathBuf,
+        /// What went wrong (never itself an `Opening`).
+        #[source]
+        source: Box<Error>,
+    },
     /// A file could not be opened (`open(2)` failed): the image file itself,
     /// or, inside [`Error::Backing`] / [`Error::DataFile`], one it names.
     #[error("could not open '{}': {source}", path.display())]
@@ -362,9 +380,59 @@ impl Error {
         Error::Io { op, offset, source }
     }
 
+    /// Names the image file `path` in an error of opening it (see
+    /// [`Error::Opening`]); errors that already name it (a failed `open(2)`
+    /// of `path`, an error already wrapped) are returned as they are.
+    pub(crate) fn opening(self, path: &Path) -> Self {
+        match self {
+            Error::Opening { .. } => self,
+            Error::Open { path: ref p, .. } if p == path => self,
+            other => Error::Opening {
+                path: path.to_path_buf(),
+                source: Box::new(other),
+            },
+        }
+    }
+
+    /// The error without the file name a path-based open adds: the cause
+    /// inside [`Error::Opening`], `self` for every other variant. Match on
+    /// this to handle a cause the same way whether the image was opened by
+    /// path or from a [`Storage`](crate::storage::Storage).
+    ///
+    /// ```
+    /// use qcow2kit::{Error, Image, OpenOptions};
+    ///
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// let path = dir.path().join("not-an-image");
+    /// std::fs::write(&path, b"this is not a qcow2 header")?;
+    /// let e = Image::open(&path, &OpenOptions::new().read_only(true)).unwrap_err();
+    /// assert!(e.to_string().contains("not-an-image"));
+    /// assert_eq!(e.path(), Some(path.as_path()));
+    /// assert!(matches!(e.inner(), Error::Format(_)));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn inner(&self) -> &Error {
+        match self {
+            Error::Opening { source, .. } => source,
+            other => other,
+        }
+    }
+
+    /// The image file a failed open names ([`Error::Opening`] and
+    /// [`Error::Open`]), if any.
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            Error::Opening { path, .. } | Error::Open { path, .. } => Some(path),
+            _ => None,
+        }
+    }
+
     /// The underlying OS error number, when this is an I/O error.
     pub fn raw_os_error(&self) -> Option<i32> {
         match self {
+            Error::Opening { source, .. } => source.raw_os_error(),
             Error::Io { source, .. } | Error::Open { source, .. } => source.raw_os_error(),
             Error::Backing { source, .. } | Error::DataFile { source, .. } => source.raw_os_error(),
             _ => None,
@@ -389,6 +457,7 @@ impl Error {
     /// ```
     pub fn errno_text(&self) -> String {
         match self {
+            Error::Opening { source, .. } => source.errno_text(),
             Error::MediumGone => "No medium found".into(),
             Error::Closed => "Bad file descriptor".into(),
             Error::BackingRead { source } => source.errno_text(),
@@ -412,6 +481,8 @@ impl Error {
     /// (after `Could not open 'FILE': `).
     pub fn qemu_message(&self) -> String {
         match self {
+            // QEMU's caller prints the file name (`Could not open 'FILE': `).
+            Error::Opening { source, .. } => source.qemu_message(),
             Error::Format(e) => e.reason.clone(),
             Error::ImageCorrupt => "qcow2: Image is corrupt; cannot be opened read/write".into(),
             Error::Io { source, .. } | Error::Open { source, .. } => match source.raw_os_error() {
@@ -450,5 +521,94 @@ pub fn strerror(code: i32) -> String {
     match s.rfind(" (os error") {
         Some(p) => s[..p].to_string(),
         None => s,
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may panic
+mod tests {
+    use super::*;
+    use crate::check::{Checker, Repair};
+    use crate::options::{AmendOptions, CreateOptions, OpenOptions};
+    use crate::Image;
+
+    /// Every path-based open names the file in `Display`, keeps the cause
+    /// reachable through `inner()`, and keeps QEMU's message (which the
+    /// tools prefix with the file name themselves) unchanged.
+    fn assert_names(e: &Error, path: &Path) {
+        let shown = e.to_string();
+        assert!(
+            shown.contains(&path.display().to_string()),
+            "{shown:?} does not name {}",
+            path.display()
+        );
+        assert_eq!(e.path(), Some(path));
+        assert!(!matches!(e.inner(), Error::Opening { .. }), "{e:?}");
+        assert_eq!(e.qemu_message(), e.inner().qemu_message());
+        assert_eq!(e.errno_text(), e.inner().errno_text());
+        assert_eq!(e.raw_os_error(), e.inner().raw_os_error());
+    }
+
+    #[test]
+    fn path_based_opens_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let ro = OpenOptions::new().read_only(true);
+
+        // Garbage: the header does not decode.
+        let garbage = dir.path().join("garbage.img");
+        std::fs::write(&garbage, vec![0x5a; 4096]).unwrap();
+        let e = Image::open(&garbage, &ro).unwrap_err();
+        assert_names(&e, &garbage);
+        assert!(matches!(e.inner(), Error::Format(_)), "{e:?}");
+        assert!(!e.qemu_message().contains("garbage.img"));
+
+        // Truncated: a real image cut inside its header; and an empty file.
+        let img = dir.path().join("truncated.qcow2");
+        crate::create::create(&img, &CreateOptions::new(), 1 << 20).unwrap();
+        let file = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+        file.set_len(40).unwrap();
+        drop(file);
+        let empty = dir.path().join("empty.qcow2");
+        std::fs::write(&empty, b"").unwrap();
+        for path in [&img, &empty] {
+            for e in [
+                Image::open(path, &ro).unwrap_err(),
+                Image::open(path, &OpenOptions::new()).unwrap_err(),
+                Image::open_without_backing(path, &ro).unwrap_err(),
+                Image::open_for_info(path, &ro).unwrap_err(),
+                Image::open_no_io(path, &ro).unwrap_err(),
+                Checker::open(path, Repair::None).map(|_| ()).unwrap_err(),
+                crate::amend::amend(path, &AmendOptions::default()).unwrap_err(),
+            ] {
+                assert_names(&e, path);
+                // Not just "read failed at host offset 0x0".
+                let prefix = format!("could not open '{}': ", path.display());
+                assert!(e.to_string().starts_with(&prefix), "{e}");
+            }
+        }
+
+        // A missing file: `open(2)` fails, and the error names it once.
+        let missing = dir.path().join("missing.qcow2");
+        let e = Image::open(&missing, &ro).unwrap_err();
+        assert!(matches!(e, Error::Open { .. }), "{e:?}");
+        assert_names(&e, &missing);
+        assert_eq!(e.to_string().matches("missing.qcow2").count(), 1, "{e}");
+        assert_eq!(e.qemu_message(), "No such file or directory");
+    }
+
+    #[test]
+    fn opening_wraps_once() {
+        let p = Path::new("/x/y.qcow2");
+        let e = Error::ImageCorrupt.opening(p).opening(Path::new("/other"));
+        assert_eq!(e.path(), Some(p));
+        assert!(matches!(e.inner(), Error::ImageCorrupt));
+        assert_eq!(
+            e.to_string(),
+            "could not open '/x/y.qcow2': image is corrupt; cannot be opened read/write"
+        );
+        assert_eq!(
+            e.qemu_message(),
+            "qcow2: Image is corrupt; cannot be opened read/write"
+        );
     }
 }

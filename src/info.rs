@@ -780,18 +780,96 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
-/// Serialises `value` the way QEMU prints JSON: 4-space indentation,
-/// `"key": value`, one key per line (empty arrays and objects print as
-/// `[]`/`{}` where QEMU breaks the line; parsed values are equal).
+/// Serialises `value` the way QEMU prints JSON (its `qobject_to_json_pretty`):
+/// 4-space indentation, `"key": value`, one key or element per line, and
+/// empty arrays and objects broken over two lines (`[` then `]` on the next
+/// line at the same indentation), as `qemu-img info --output json` prints
+/// `"children": [` / `]` and `"data": {` / `}`.
 ///
 /// # Errors
 /// Serialisation errors of `value` (none for this module's types).
 pub fn to_json_pretty<T: Serialize>(value: &T) -> serde_json::Result<String> {
     let mut out = Vec::new();
-    let fmt = serde_json::ser::PrettyFormatter::with_indent(b"    ");
-    let mut ser = serde_json::Serializer::with_formatter(&mut out, fmt);
+    let mut ser = serde_json::Serializer::with_formatter(&mut out, QemuJsonFormatter::default());
     value.serialize(&mut ser)?;
     Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// serde_json's pretty layout, except that a container always closes on a
+/// line of its own, even when empty (QEMU's layout).
+#[derive(Debug, Default)]
+struct QemuJsonFormatter {
+    /// Containers open around the current position.
+    depth: usize,
+}
+
+impl QemuJsonFormatter {
+    /// A line break and the indentation of the current depth.
+    fn newline<W: ?Sized + std::io::Write>(&self, w: &mut W) -> std::io::Result<()> {
+        w.write_all(b"\n")?;
+        for _ in 0..self.depth {
+            w.write_all(b"    ")?;
+        }
+        Ok(())
+    }
+}
+
+impl serde_json::ser::Formatter for QemuJsonFormatter {
+    fn begin_array<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.depth += 1;
+        w.write_all(b"[")
+    }
+
+    fn end_array<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.depth = self.depth.saturating_sub(1);
+        self.newline(w)?;
+        w.write_all(b"]")
+    }
+
+    fn begin_array_value<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        if !first {
+            w.write_all(b",")?;
+        }
+        self.newline(w)
+    }
+
+    fn end_array_value<W: ?Sized + std::io::Write>(&mut self, _w: &mut W) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    fn begin_object<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.depth += 1;
+        w.write_all(b"{")
+    }
+
+    fn end_object<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.depth = self.depth.saturating_sub(1);
+        self.newline(w)?;
+        w.write_all(b"}")
+    }
+
+    fn begin_object_key<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        if !first {
+            w.write_all(b",")?;
+        }
+        self.newline(w)
+    }
+
+    fn begin_object_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        w.write_all(b": ")
+    }
+
+    fn end_object_value<W: ?Sized + std::io::Write>(&mut self, _w: &mut W) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -826,6 +904,15 @@ mod tests {
         assert_eq!(path_combine("ov.qcow2", "base.qcow2"), "base.qcow2");
         assert_eq!(path_combine("d/ov.qcow2", "base.qcow2"), "d/base.qcow2");
         assert_eq!(path_combine("/x/ov.qcow2", "/y/b"), "/y/b");
+    }
+
+    #[test]
+    fn json_layout_like_qemu() {
+        let v = serde_json::json!({"children": [], "data": {}, "list": [1, {"a": true}]});
+        assert_eq!(
+            to_json_pretty(&v).unwrap(),
+            "{\n    \"children\": [\n    ],\n    \"data\": {\n    },\n    \"list\": [\n        1,\n        {\n            \"a\": true\n        }\n    ]\n}"
+        );
     }
 
     #[test]

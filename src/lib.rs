@@ -32,12 +32,10 @@
 #![warn(missing_debug_implementations, clippy::undocumented_unsafe_blocks)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
-pub mod amend;
 pub mod check;
 #[doc(hidden)]
 pub mod cli_support;
 mod compress;
-pub mod create;
 pub mod error;
 pub mod events;
 pub mod export;
@@ -57,6 +55,9 @@ pub use error::{Error, Result};
 pub use events::Event;
 pub use image::CacheStats;
 pub use image::Image;
+// Creating and amending live in the image layer (`image::create`,
+// `image::amend`); the short paths stay the documented ones.
+pub use image::{amend, create};
 pub use mapping::Extent;
 pub use options::{CreateOptions, OpenOptions};
 

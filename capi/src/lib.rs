@@ -162,7 +162,8 @@ fn errno_of(e: &Error) -> c_int {
             return -n;
         }
     }
-    -match e {
+    // A path-based open wraps its cause (`Error::Opening`): classify the cause.
+    -match e.inner() {
         Error::InvalidArgument(_) | Error::OutOfRange { .. } | Error::Format(_) => libc::EINVAL,
         Error::ReadOnly => libc::EPERM,
         Error::ImageCorrupt => libc::EACCES,

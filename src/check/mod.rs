@@ -86,8 +86,10 @@ impl Checker {
     /// otherwise. The backing file is opened too, as `qemu-img check` does.
     ///
     /// # Errors
-    /// What opening the image fails with (`Error::Io` for the file,
-    /// `Error::Format` for an invalid header, `Error::Backing`, ...).
+    /// What opening the image fails with, named by the file as for
+    /// [`Image::open`] (`Error::Open`, or `Error::Opening` around `Error::Io`
+    /// for the file, `Error::Format` for an invalid header,
+    /// `Error::Backing`, ...).
     pub fn open(path: &Path, repair: Repair) -> Result<Checker> {
         let writable = repair != Repair::None;
         let file =
@@ -98,6 +100,7 @@ impl Checker {
             repair,
             path.display().to_string(),
         )
+        .map_err(|e| e.opening(path))
     }
 
     /// Opens an image held in any [`Storage`]. The storage must be writable

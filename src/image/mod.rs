@@ -42,11 +42,16 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 
+pub mod amend;
+pub mod create;
 mod open;
+mod read_map;
+pub use read_map::{MappedExtent, ReadMapping, MAX_READ_EXTENTS};
 mod resolver;
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // tests may panic
 mod sync_tests;
+mod vectored;
 mod write;
 mod zero;
 
@@ -520,58 +525,54 @@ impl Image {
     /// writable, see [`Event::ImageCorrupted`]); I/O errors;
     /// `Error::MediumGone` after a fatal corruption event.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        // Built on the mapping API: translate (a prefix), then do the I/O
+        // with the clusters held valid by the mapping.
         let mut done = 0usize;
         while done < buf.len() {
             let g = offset + done as u64;
-            let mut meta = self.lock()?;
-            if done == 0 {
-                self.check_range(meta.header.size, offset, buf.len() as u64)?;
+            let map = self.map_read(g, (buf.len() - done) as u64)?;
+            let mut r = Ok(());
+            for e in map.extents() {
+                let at = (e.guest - offset) as usize;
+                let chunk = &mut buf[at..at + e.len as usize];
+                r = match e.kind {
+                    Extent::Data { host } => self.data.read(chunk, host),
+                    Extent::Zero { .. } => {
+                        chunk.fill(0);
+                        Ok(())
+                    }
+                    Extent::Unallocated => self.read_backing(chunk, e.guest),
+                    Extent::Compressed {
+                        offset: coff,
+                        len: clen,
+                    } => {
+                        let in_cluster = (e.guest & (self.geom.cluster_size - 1)) as usize;
+                        self.read_compressed(map.compression_type(), coff, clen)
+                            .and_then(|data| {
+                                let src = data
+                                    .get(in_cluster..in_cluster + chunk.len())
+                                    .ok_or_else(|| {
+                                        Error::InvalidArgument(
+                                            "compressed extent past its cluster".into(),
+                                        )
+                                    })?;
+                                chunk.copy_from_slice(src);
+                                Ok(())
+                            })
+                    }
+                };
+                if r.is_err() {
+                    break;
+                }
             }
-            let rem = (buf.len() - done) as u64;
-            let (ext, len) = match meta.map_extent(g, rem) {
-                Ok(x) => x,
-                Err(e) => return Err(self.fail(&mut meta, e, IoOp::Read)),
-            };
-            let chunk = &mut buf[done..done + len as usize];
-            let r = match ext {
-                Extent::Data { host } => {
-                    let _io = self
-                        .io_barrier
-                        .read()
-                        .map_err(|_| Error::PreviousIoFailed)?;
-                    drop(meta);
-                    self.data.read(chunk, host)
-                }
-                Extent::Zero { .. } => {
-                    drop(meta);
-                    chunk.fill(0);
-                    Ok(())
-                }
-                Extent::Unallocated => {
-                    drop(meta);
-                    self.read_backing(chunk, g)
-                }
-                Extent::Compressed {
-                    offset: coff,
-                    len: clen,
-                } => {
-                    let _io = self
-                        .io_barrier
-                        .read()
-                        .map_err(|_| Error::PreviousIoFailed)?;
-                    let ctype = meta.header.compression_type;
-                    drop(meta);
-                    let in_cluster = (g & (self.geom.cluster_size - 1)) as usize;
-                    self.read_compressed(ctype, coff, clen).map(|data| {
-                        chunk.copy_from_slice(&data[in_cluster..in_cluster + chunk.len()]);
-                    })
-                }
-            };
+            let mapped = map.len() as usize;
+            // Never wait for the metadata lock while holding the barrier.
+            drop(map);
             if let Err(e) = r {
                 let mut meta = self.meta.lock().map_err(|_| Error::PreviousIoFailed)?;
                 return Err(self.fail(&mut meta, e, IoOp::Read));
             }
-            done += len as usize;
+            done += mapped;
         }
         Ok(())
     }

@@ -36,13 +36,15 @@ impl Image {
     /// ```
     ///
     /// # Errors
-    /// Open failures (`Error::Io` for the file, `Error::Format` for an
+    /// Open failures, named by the file: `Error::Open` when `open(2)` fails,
+    /// otherwise [`Error::Opening`] around the cause (match
+    /// [`Error::inner`]): `Error::Io` for the file, `Error::Format` for an
     /// invalid or unsupported header, `Error::ImageCorrupt` for a read-write
     /// open of an image marked corrupt, `Error::Lock` when another process
     /// uses a file in a conflicting way, backing file errors).
     pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Image> {
         let path = path.as_ref();
-        check_force_share(opts)?;
+        check_force_share(opts).map_err(|e| e.opening(path))?;
         let file = FileStorage::open_with(path, !opts.get_read_only(), opts.get_cache_direct())
             .map_err(|e| open_error(path, e))?;
         Self::open_inner(
@@ -52,6 +54,7 @@ impl Image {
             OpenMode::default(),
             None,
         )
+        .map_err(|e| e.opening(path))
     }
 
     /// Opens the image at `path` without opening its backing file: clusters
@@ -80,7 +83,7 @@ impl Image {
     /// As for [`Image::open`].
     pub fn open_without_backing(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Image> {
         let path = path.as_ref();
-        check_force_share(opts)?;
+        check_force_share(opts).map_err(|e| e.opening(path))?;
         let file = FileStorage::open_with(path, !opts.get_read_only(), opts.get_cache_direct())
             .map_err(|e| open_error(path, e))?;
         let mode = OpenMode {
@@ -88,6 +91,7 @@ impl Image {
             ..Default::default()
         };
         Self::open_inner(Arc::new(file), Some(path.to_path_buf()), opts, mode, None)
+            .map_err(|e| e.opening(path))
     }
 
     /// Opens the image at `path` for inspection, as `qemu-img info` does
@@ -130,6 +134,7 @@ impl Image {
             ..Default::default()
         };
         Self::open_inner(Arc::new(file), Some(path.to_path_buf()), &opts, mode, None)
+            .map_err(|e| e.opening(path))
     }
 
     /// Opens for checking or repair: corrupt and dirty images open read-write.

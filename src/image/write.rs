@@ -3,6 +3,7 @@
 //! and partially allocated (extended L2) clusters.
 
 use super::*;
+use std::io::IoSlice;
 
 impl Image {
     // ------------------------------------------------------------------
@@ -70,72 +71,102 @@ impl Image {
                 }
             }
             let rest = &buf[done..];
-            let step = match self.write_step(&mut meta, g, rest) {
+            let step = match self.write_step(&mut meta, g, rest.len() as u64) {
                 Ok(s) => s,
                 Err(e) => return Err(self.fail(&mut meta, e, IoOp::Write)),
             };
-            match step {
+            done += match step {
                 WriteStep::InPlace { permit, len } => {
-                    let io = self
-                        .io_barrier
-                        .read()
-                        .map_err(|_| Error::PreviousIoFailed)?;
-                    drop(meta);
-                    let r = self.data.write(permit, &rest[..len as usize]);
-                    // Never wait for the metadata lock while holding the
-                    // barrier: flush takes them in the other order.
-                    drop(io);
-                    if let Err(e) = r {
-                        let mut meta = self.meta.lock().map_err(|_| Error::PreviousIoFailed)?;
-                        return Err(self.fail(&mut meta, e, IoOp::Write));
-                    }
-                    done += len as usize;
+                    self.in_place(meta, permit, &[IoSlice::new(&rest[..len as usize])])?;
+                    len as usize
                 }
-                WriteStep::Alloc(job) => {
-                    let cb = self.geom.cluster_bits;
-                    meta.in_flight.extend(job.clusters(cb));
-                    let AllocJob { plans, writes } = job;
-                    drop(meta);
-                    // The reserved clusters are referenced by nothing a
-                    // reader can reach and cannot be handed out again: no
-                    // lock and no barrier are needed to fill them.
-                    let r = self.run_alloc(writes, rest);
-                    let mut meta = self.meta.lock().map_err(|_| Error::PreviousIoFailed)?;
-                    for p in &plans {
-                        meta.in_flight.remove(&(p.guest >> cb));
-                    }
-                    self.in_flight_done.notify_all();
-                    let r = match r {
-                        Ok(()) => self.link_alloc(&mut meta, &plans),
-                        Err(e) => {
-                            self.release_alloc(&mut meta, &plans);
-                            Err(e)
-                        }
-                    };
-                    match r {
-                        Ok(n) => done += n as usize,
-                        Err(e) => return Err(self.fail(&mut meta, e, IoOp::Write)),
-                    }
-                    if meta.rc.pending_frees() > MAX_PENDING_FREES {
-                        if let Err(e) = self.flush_locked(&mut meta) {
-                            return Err(self.fail(&mut meta, e, IoOp::Write));
-                        }
-                    }
+                WriteStep::Alloc { len } => {
+                    self.alloc_step(meta, g, &rest[..len as usize])? as usize
                 }
-            }
+            };
         }
         Ok(())
     }
 
-    /// One step of a write: either an in-place run (done by the caller
-    /// outside the lock) or an allocating write (done here, under the lock).
-    fn write_step(&self, meta: &mut Meta, g: u64, data: &[u8]) -> Result<WriteStep> {
+    /// Writes an in-place run outside the lock (released here), holding the
+    /// I/O barrier; on an error the image is failed as for any write.
+    pub(super) fn in_place(
+        &self,
+        meta: MutexGuard<'_, Meta>,
+        permit: crate::meta::DataPermit,
+        bufs: &[IoSlice<'_>],
+    ) -> Result<()> {
+        let io = self
+            .io_barrier
+            .read()
+            .map_err(|_| Error::PreviousIoFailed)?;
+        drop(meta);
+        let r = self.data.write_vectored(permit, bufs);
+        // Never wait for the metadata lock while holding the barrier: flush
+        // takes them in the other order.
+        drop(io);
+        if let Err(e) = r {
+            let mut meta = self.meta.lock().map_err(|_| Error::PreviousIoFailed)?;
+            return Err(self.fail(&mut meta, e, IoOp::Write));
+        }
+        Ok(())
+    }
+
+    /// An allocating write of (a prefix of) `data` at `g`: reserve under
+    /// the lock (held on entry), write with no lock held, link under the
+    /// lock. Returns the bytes written.
+    pub(super) fn alloc_step(
+        &self,
+        mut meta: MutexGuard<'_, Meta>,
+        g: u64,
+        data: &[u8],
+    ) -> Result<u64> {
+        let job = match self.prepare_alloc(&mut meta, g, data) {
+            Ok(j) => j,
+            Err(e) => return Err(self.fail(&mut meta, e, IoOp::Write)),
+        };
+        let cb = self.geom.cluster_bits;
+        meta.in_flight.extend(job.clusters(cb));
+        let AllocJob { plans, writes } = job;
+        drop(meta);
+        // The reserved clusters are referenced by nothing a reader can
+        // reach and cannot be handed out again: no lock and no barrier are
+        // needed to fill them.
+        let r = self.run_alloc(writes, data);
+        let mut meta = self.meta.lock().map_err(|_| Error::PreviousIoFailed)?;
+        for p in &plans {
+            meta.in_flight.remove(&(p.guest >> cb));
+        }
+        self.in_flight_done.notify_all();
+        let r = match r {
+            Ok(()) => self.link_alloc(&mut meta, &plans),
+            Err(e) => {
+                self.release_alloc(&mut meta, &plans);
+                Err(e)
+            }
+        };
+        let n = match r {
+            Ok(n) => n,
+            Err(e) => return Err(self.fail(&mut meta, e, IoOp::Write)),
+        };
+        if meta.rc.pending_frees() > MAX_PENDING_FREES {
+            if let Err(e) = self.flush_locked(&mut meta) {
+                return Err(self.fail(&mut meta, e, IoOp::Write));
+            }
+        }
+        Ok(n)
+    }
+
+    /// One step of a write of `rest` bytes at `g`: either an in-place run
+    /// (permit issued, written by the caller outside the lock) or the length
+    /// of the allocating write to do next ([`Image::alloc_step`]).
+    pub(super) fn write_step(&self, meta: &mut Meta, g: u64, rest: u64) -> Result<WriteStep> {
         let geom = self.geom;
         let cs = geom.cluster_size;
         let slice_entries = meta.slice_entries();
         let cluster = g >> geom.cluster_bits;
         let slice_end = ((cluster | (slice_entries - 1)) + 1) << geom.cluster_bits;
-        let len = (data.len() as u64).min(slice_end - g);
+        let len = rest.min(slice_end - g);
         let l1i = geom.l1_index(g);
 
         // Fast path: the first cluster can be overwritten in place.
@@ -173,8 +204,7 @@ impl Image {
                 return Ok(WriteStep::InPlace { permit, len: run });
             }
         }
-        let job = self.prepare_alloc(meta, g, &data[..len as usize])?;
-        Ok(WriteStep::Alloc(job))
+        Ok(WriteStep::Alloc { len })
     }
 
     /// Allocates clusters for (a prefix of) `data` at guest offset `g`,
@@ -568,15 +598,15 @@ enum PendingWrite {
     },
 }
 
-enum WriteStep {
+pub(super) enum WriteStep {
     /// Overwrite `len` bytes in place, outside the lock, with `permit`.
     InPlace {
         permit: crate::meta::DataPermit,
         len: u64,
     },
-    /// An allocating write prepared under the lock: its data is written
-    /// outside it, then linked under it.
-    Alloc(AllocJob),
+    /// An allocating write of (a prefix of) the next `len` bytes: prepared
+    /// under the lock, its data written outside it, then linked under it.
+    Alloc { len: u64 },
 }
 
 pub(super) fn range_mask(lo: u64, hi: u64) -> u32 {

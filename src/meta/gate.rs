@@ -129,6 +129,40 @@ impl DataTarget {
             .map_err(|e| Error::io(IoOp::Write, permit.host, e))
     }
 
+    /// Reads guest data at host offset `offset` into `bufs`, one after the
+    /// other (one `preadv` on a file).
+    pub fn read_vectored(&self, bufs: &mut [std::io::IoSliceMut<'_>], offset: u64) -> Result<()> {
+        let r = match bufs {
+            [one] => self.file.read_at(one, offset),
+            _ => self.file.read_vectored_at(bufs, offset),
+        };
+        r.map_err(|e| Error::io(IoOp::Read, offset, e))
+    }
+
+    /// Writes `bufs`, one after the other, at the start of `permit`'s range
+    /// (one `pwritev` on a file).
+    ///
+    /// # Errors
+    /// `Error::InvalidArgument` if `bufs` hold more than the permit (a bug,
+    /// reported rather than written); I/O errors.
+    pub fn write_vectored(&self, permit: DataPermit, bufs: &[std::io::IoSlice<'_>]) -> Result<()> {
+        if let [one] = bufs {
+            return self.write(permit, one);
+        }
+        let total = bufs
+            .iter()
+            .try_fold(0u64, |t, b| t.checked_add(b.len() as u64));
+        if total.is_none_or(|t| t > permit.len) {
+            return Err(Error::InvalidArgument(format!(
+                "vectored data write at {:#x} exceeds its permit of {} bytes",
+                permit.host, permit.len
+            )));
+        }
+        self.file
+            .write_vectored_at(bufs, permit.host)
+            .map_err(|e| Error::io(IoOp::Write, permit.host, e))
+    }
+
     /// Passes a discard of `[offset, offset + len)` down (best effort: a
     /// guest discard of clusters that keep their mapping).
     pub fn discard(&self, _permit: DataPermit) -> Result<()> {

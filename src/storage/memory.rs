@@ -1,7 +1,7 @@
 //! In-memory storage for tests and fuzzing.
 
 use super::Storage;
-use std::io;
+use std::io::{self, IoSlice, IoSliceMut};
 use std::sync::RwLock;
 
 /// A `Vec<u8>`-backed [`Storage`]. Cloning is not provided; share it with `Arc`.
@@ -95,6 +95,42 @@ impl Storage for MemStorage {
         self.grow_to(&mut data, end)?;
         let start = offset as usize;
         data[start..start + buf.len()].copy_from_slice(buf);
+        Ok(())
+    }
+
+    fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> io::Result<()> {
+        // One lock for the whole request: the buffers see one state.
+        let data = self.data.read().map_err(|_| poisoned())?;
+        let mut pos = offset;
+        for buf in bufs.iter_mut() {
+            let len = data.len() as u64;
+            if pos >= len {
+                buf.fill(0);
+            } else {
+                let start = pos as usize;
+                let avail = (data.len() - start).min(buf.len());
+                buf[..avail].copy_from_slice(&data[start..start + avail]);
+                buf[avail..].fill(0);
+            }
+            pos = pos.saturating_add(buf.len() as u64);
+        }
+        Ok(())
+    }
+
+    fn write_vectored_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> io::Result<()> {
+        let total = bufs
+            .iter()
+            .try_fold(0u64, |t, b| t.checked_add(b.len() as u64));
+        let end = total
+            .and_then(|t| offset.checked_add(t))
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EFBIG))?;
+        let mut data = self.data.write().map_err(|_| poisoned())?;
+        self.grow_to(&mut data, end)?;
+        let mut start = offset as usize;
+        for b in bufs {
+            data[start..start + b.len()].copy_from_slice(b);
+            start += b.len();
+        }
         Ok(())
     }
 

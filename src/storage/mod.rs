@@ -31,7 +31,7 @@ pub use null::NullStorage;
 pub use quorum::{QuorumConfig, QuorumReport, QuorumStorage, ReadPattern};
 pub(crate) use tracked::Tracked;
 
-use std::io;
+use std::io::{self, IoSlice, IoSliceMut};
 
 /// Positioned I/O on a file-like object.
 ///
@@ -117,6 +117,44 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     /// # Errors
     /// Any I/O error of the backend.
     fn set_len(&self, len: u64) -> io::Result<()>;
+
+    /// Reads into `bufs`, one after the other, from `offset` on (`preadv`):
+    /// the same bytes as one [`Storage::read_at`] per buffer at consecutive
+    /// offsets, which is what the default does. `bufs` themselves are not
+    /// changed (only the memory they point to).
+    ///
+    /// # Errors
+    /// Any I/O error of the backend; `InvalidInput` if the range overflows.
+    fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> io::Result<()> {
+        let mut pos = offset;
+        for b in bufs.iter_mut() {
+            let next = pos
+                .checked_add(b.len() as u64)
+                .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+            self.read_at(b, pos)?;
+            pos = next;
+        }
+        Ok(())
+    }
+
+    /// Writes `bufs`, one after the other, from `offset` on (`pwritev`): the
+    /// same bytes as one [`Storage::write_at`] per buffer at consecutive
+    /// offsets, which is what the default does. On an error, any prefix of
+    /// the range may have been written.
+    ///
+    /// # Errors
+    /// Any I/O error of the backend; `InvalidInput` if the range overflows.
+    fn write_vectored_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> io::Result<()> {
+        let mut pos = offset;
+        for b in bufs {
+            let next = pos
+                .checked_add(b.len() as u64)
+                .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+            self.write_at(b, pos)?;
+            pos = next;
+        }
+        Ok(())
+    }
 
     /// Reserves space for `[offset, offset + len)` (`fallocate`), extending the
     /// storage if needed. The default writes nothing and only extends.
@@ -207,6 +245,12 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         (**self).write_at(buf, offset)
+    }
+    fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> io::Result<()> {
+        (**self).read_vectored_at(bufs, offset)
+    }
+    fn write_vectored_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> io::Result<()> {
+        (**self).write_vectored_at(bufs, offset)
     }
     fn flush(&self) -> io::Result<()> {
         (**self).flush()

@@ -1,14 +1,62 @@
 //! The only module with `unsafe`: thin wrappers over Linux system calls that
-//! std does not expose (fallocate, hole punching, SEEK_DATA, the nocow ioctl,
+//! std does not expose (preadv/pwritev, fallocate, hole punching, SEEK_DATA, the nocow ioctl,
 //! fcntl byte-range locks).
 #![allow(unsafe_code)]
 
 use std::fs::File;
-use std::io;
+use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::AsRawFd;
 
 fn off(v: u64) -> io::Result<libc::off_t> {
     libc::off_t::try_from(v).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))
+}
+
+/// Most buffers one `preadv`/`pwritev` takes (`IOV_MAX` on Linux).
+pub const IOV_MAX: usize = 1024;
+
+/// One `preadv(fd, bufs, offset)` call (at most [`IOV_MAX`] buffers are
+/// passed): the number of bytes read, which may be short (end of file,
+/// signal). `EINTR` is returned as an error for the caller to retry.
+pub fn preadv(file: &File, bufs: &mut [IoSliceMut<'_>], offset: u64) -> io::Result<usize> {
+    let o = off(offset)?;
+    let n = bufs.len().min(IOV_MAX);
+    // IOV_MAX fits in a c_int.
+    let cnt = n as libc::c_int;
+    // SAFETY: `IoSliceMut` is ABI-compatible with `struct iovec` (guaranteed
+    // by std on Unix); the first `n` elements are valid, writable buffers
+    // borrowed mutably for the duration of the call, so the kernel may fill
+    // them. The descriptor is owned by `file`, which outlives the call.
+    let r = unsafe {
+        libc::preadv(
+            file.as_raw_fd(),
+            bufs.as_mut_ptr().cast::<libc::iovec>(),
+            cnt,
+            o,
+        )
+    };
+    usize::try_from(r).map_err(|_| io::Error::last_os_error())
+}
+
+/// One `pwritev(fd, bufs, offset)` call (at most [`IOV_MAX`] buffers are
+/// passed): the number of bytes written, which may be short. `EINTR` is
+/// returned as an error for the caller to retry.
+pub fn pwritev(file: &File, bufs: &[IoSlice<'_>], offset: u64) -> io::Result<usize> {
+    let o = off(offset)?;
+    let n = bufs.len().min(IOV_MAX);
+    let cnt = n as libc::c_int;
+    // SAFETY: `IoSlice` is ABI-compatible with `struct iovec` (guaranteed by
+    // std on Unix); the first `n` elements are valid buffers borrowed for
+    // the duration of the call, which the kernel only reads. The descriptor
+    // is owned by `file`, which outlives the call.
+    let r = unsafe {
+        libc::pwritev(
+            file.as_raw_fd(),
+            bufs.as_ptr().cast::<libc::iovec>(),
+            cnt,
+            o,
+        )
+    };
+    usize::try_from(r).map_err(|_| io::Error::last_os_error())
 }
 
 /// `fallocate(fd, 0, offset, len)`: reserve blocks, extending the file.

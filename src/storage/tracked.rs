@@ -69,6 +69,15 @@ impl Storage for Tracked {
         self.changed(r)
     }
 
+    fn read_vectored_at(&self, bufs: &mut [io::IoSliceMut<'_>], offset: u64) -> io::Result<()> {
+        self.inner.read_vectored_at(bufs, offset)
+    }
+
+    fn write_vectored_at(&self, bufs: &[io::IoSlice<'_>], offset: u64) -> io::Result<()> {
+        let r = self.inner.write_vectored_at(bufs, offset);
+        self.changed(r)
+    }
+
     fn flush(&self) -> io::Result<()> {
         // Cleared before the sync: see the module docs.
         self.dirty.store(false, Ordering::SeqCst);

@@ -259,11 +259,13 @@ fn library_refuses_guest_data_without_a_key() {
         let path = dir.join(img);
         for opts in [OpenOptions::new(), ro.clone()] {
             assert!(matches!(
-                Image::open(&path, &opts),
+                Image::open(&path, &opts).as_ref().map_err(Error::inner),
                 Err(Error::EncryptionKeyRequired)
             ));
             assert!(matches!(
-                Image::open_without_backing(&path, &opts),
+                Image::open_without_backing(&path, &opts)
+                    .as_ref()
+                    .map_err(Error::inner),
                 Err(Error::EncryptionKeyRequired)
             ));
         }
@@ -275,7 +277,7 @@ fn library_refuses_guest_data_without_a_key() {
         assert_eq!(mem.to_vec(), std::fs::read(&path).unwrap());
         for repair in [Repair::None, Repair::Leaks, Repair::All] {
             assert!(matches!(
-                Checker::open(&path, repair),
+                Checker::open(&path, repair).as_ref().map_err(Error::inner),
                 Err(Error::EncryptionKeyRequired)
             ));
         }
@@ -320,7 +322,7 @@ fn library_refuses_guest_data_without_a_key() {
     }
     // An encrypted backing file refuses the whole chain.
     let e = Image::open(dir.join("over.qcow2"), &ro).unwrap_err();
-    match &e {
+    match e.inner() {
         Error::Backing { source, .. } => {
             assert!(matches!(**source, Error::EncryptionKeyRequired), "{e:?}")
         }

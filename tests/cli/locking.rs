@@ -492,7 +492,7 @@ fn library_opens_exclude_each_other() {
     qcow2kit::create::create(&path, &qcow2kit::CreateOptions::new(), 1 << 20).unwrap();
     let rw = Image::open(&path, &OpenOptions::new()).unwrap();
     let ro = OpenOptions::new().read_only(true);
-    match Image::open(&path, &ro) {
+    match Image::open(&path, &ro).as_ref().map_err(Error::inner) {
         Err(e @ Error::Lock(_)) => assert_eq!(
             e.qemu_message(),
             format!(
@@ -512,7 +512,9 @@ fn library_opens_exclude_each_other() {
     let r1 = Image::open(&path, &ro).unwrap();
     let r2 = Image::open(&path, &ro).unwrap();
     assert!(matches!(
-        Image::open(&path, &OpenOptions::new()),
+        Image::open(&path, &OpenOptions::new())
+            .as_ref()
+            .map_err(Error::inner),
         Err(Error::Lock(_))
     ));
     drop((r1, r2));

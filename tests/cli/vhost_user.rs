@@ -340,6 +340,11 @@ fn connect(sock: &Path, nq: u16) -> Client {
             last_used: 0,
         });
     }
+    // SET_VRING_ENABLE gets no reply, and a kick that reaches a worker before
+    // the back-end's message thread has enabled the ring is consumed and
+    // dropped (vhost-user-backend checks `enabled` when it reads the kick).
+    // A request that is answered orders us after every message sent so far.
+    fe.get_features().unwrap();
     Client {
         _fe: fe,
         _call: calls,

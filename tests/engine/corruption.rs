@@ -344,10 +344,13 @@ fn open_errors_name_the_file() {
     opts.data_file = Some("d.data".into());
     qcow2kit::create::create_image(&top, &opts).unwrap();
     std::fs::remove_file(dir.path().join("d.data")).unwrap();
-    match Image::open(&top, &OpenOptions::new()) {
+    match Image::open(&top, &OpenOptions::new())
+        .as_ref()
+        .map_err(Error::inner)
+    {
         Err(Error::DataFile { path, source }) => {
-            assert_eq!(path, dir.path().join("d.data"));
-            assert!(matches!(*source, Error::Open { .. }), "{source:?}");
+            assert_eq!(*path, dir.path().join("d.data"));
+            assert!(matches!(**source, Error::Open { .. }), "{source:?}");
         }
         r => panic!("{r:?}"),
     }

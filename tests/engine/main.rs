@@ -16,3 +16,4 @@ mod model;
 mod multiqueue;
 mod overlap;
 mod threads;
+mod vectored;

@@ -213,7 +213,9 @@ fn scenario(kind: MetadataKind) {
             let info = support::qemu_img(&["info", "--output", "json", p.to_str().unwrap()]);
             assert!(info.contains("\"corrupt\": true"));
             assert!(matches!(
-                Image::open(&p, &OpenOptions::new()),
+                Image::open(&p, &OpenOptions::new())
+                    .as_ref()
+                    .map_err(Error::inner),
                 Err(Error::ImageCorrupt)
             ));
             let ro =

@@ -1,7 +1,8 @@
 //! `write_ops`: a valid image made by `create_on` with fuzz-chosen options
 //! (cluster size, refcount width, v2/v3, extended L2), then a sequence of
 //! operations (write, write-zeroes with or without unmap, discard, read,
-//! flush, grow, close-and-reopen with fuzz-chosen cache and discard options)
+//! flush, grow, close-and-reopen with fuzz-chosen cache and discard options;
+//! some writes are gather writes and every read is also done as a scatter read)
 //! against a model of the disk (64 KiB pages; absent pages are zeroes).
 //!
 //! Disks are small (up to 4 MiB) or, one time in four, large (16 MiB up to
@@ -27,6 +28,7 @@ use qcow2kit::options::{Compat, CompressionType};
 use qcow2kit::storage::{MemStorage, Storage};
 use qcow2kit::{CreateOptions, Image, OpenOptions};
 use std::collections::HashMap;
+use std::io::{IoSlice, IoSliceMut};
 use std::sync::Arc;
 
 /// Largest small disk; operations on larger disks land in windows this big.
@@ -383,9 +385,15 @@ impl Test {
             } => {
                 let (offset, len) = range(size, offset, len.into(), align.then_some(cs));
                 let buf = pattern(i, seed, len as usize);
-                self.img()
-                    .write_at(&buf, offset)
-                    .unwrap_or_else(|e| panic!("op {i} {op:?}: write failed: {e}"));
+                let r = if seed % 4 == 3 {
+                    // Same bytes as a gather write, cut at three points.
+                    let cuts = pieces_of(buf.len(), seed);
+                    let bufs: Vec<_> = cuts.iter().map(|r| IoSlice::new(&buf[r.clone()])).collect();
+                    self.img().write_vectored_at(&bufs, offset)
+                } else {
+                    self.img().write_at(&buf, offset)
+                };
+                r.unwrap_or_else(|e| panic!("op {i} {op:?}: write failed: {e}"));
                 self.model.write(offset, &buf);
             }
             Op::WriteZeroes {
@@ -419,6 +427,7 @@ impl Test {
             Op::Read { offset, len } => {
                 let (offset, len) = range(size, offset, len.into(), None);
                 self.compare(offset, len, &format!("op {i} {op:?}"));
+                self.compare_vectored(offset, len, &format!("op {i} {op:?} (vectored)"));
             }
             Op::Flush => self
                 .img()
@@ -501,6 +510,40 @@ impl Test {
         }
     }
 
+    /// Reads `[offset, offset+len)` (at most `READ_CHUNK`) as a scatter read
+    /// into pieces and compares it with the model.
+    fn compare_vectored(&mut self, offset: u64, len: u64, when: &str) {
+        let img = self.img.as_ref().expect("open");
+        let n = len.min(READ_CHUNK) as usize;
+        let (buf, want) = (&mut self.buf[..n], &mut self.want[..n]);
+        buf.fill(0xa5);
+        {
+            let mut rest: &mut [u8] = buf;
+            let mut bufs = Vec::new();
+            for r in pieces_of(n, (offset ^ len) as u8) {
+                let (a, b) = rest.split_at_mut(r.len());
+                bufs.push(IoSliceMut::new(a));
+                rest = b;
+            }
+            img.read_vectored_at(&mut bufs, offset)
+                .unwrap_or_else(|e| panic!("{when}: read {offset:#x}+{n:#x} failed: {e}"));
+        }
+        self.model.read(offset, want);
+        if buf != want {
+            let at = buf
+                .iter()
+                .zip(want.iter())
+                .position(|(a, b)| a != b)
+                .unwrap_or(0);
+            panic!(
+                "{when}: guest byte {:#x} reads {:#04x}, model has {:#04x}",
+                offset + at as u64,
+                buf[at],
+                want[at]
+            );
+        }
+    }
+
     /// Compares the whole disk (small), or both windows and every page ever
     /// written (large).
     fn compare_all(&mut self, when: &str) {
@@ -522,6 +565,20 @@ impl Test {
 /// The guest range a discard of `[offset, offset+len)` zeroes: the whole
 /// clusters inside it, and the partial last cluster of the disk when the
 /// range covers it entirely.
+/// `0..len` cut at three points chosen from `seed` (empty pieces possible).
+fn pieces_of(len: usize, seed: u8) -> Vec<std::ops::Range<usize>> {
+    let s = usize::from(seed);
+    let mut cuts = [
+        0,
+        len * (s % 7) / 7,
+        len * (s % 5) / 5,
+        len / (s % 3 + 1),
+        len,
+    ];
+    cuts.sort_unstable();
+    cuts.windows(2).map(|w| w[0]..w[1]).collect()
+}
+
 fn discarded(offset: u64, len: u64, size: u64, cs: u64) -> (u64, u64) {
     let start = offset.div_ceil(cs) * cs;
     let mut end = (offset + len) / cs * cs;

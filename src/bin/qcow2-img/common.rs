@@ -125,7 +125,8 @@ pub fn check_format(fmt: Option<&str>, filename: &str) -> Result<(), Fail> {
 /// The text after `Could not open 'FILE': ` for a failed open: QEMU's file
 /// layer repeats `Could not open 'FILE': ` before the OS error.
 pub fn open_error_text(filename: &str, e: &Error) -> String {
-    match e {
+    // The caller names the file: see through the library's `Error::Opening`.
+    match e.inner() {
         Error::Io { .. } | Error::Open { .. } => {
             format!("Could not open '{filename}': {}", e.qemu_message())
         }

@@ -130,6 +130,11 @@ pub fn run(argv: &[String]) -> Result<(), Fail> {
             o.apply_qemu_str(arg)
                 .map_err(|e| format!("can't open: {e}"))
                 .and_then(|_| {
+                    // As qemu-io: without -r the image is opened for writing,
+                    // which a `read-only=on` node refuses.
+                    if o.get_read_only() && !a.read_only {
+                        return Err("can't open: Block node is read-only".into());
+                    }
                     let share = a.force_share || o.get_force_share();
                     state.open(None, o.read_only(a.read_only).force_share(share))
                 })
@@ -409,7 +414,7 @@ impl State {
         };
         let shown = path.display().to_string();
         let img = Image::open(&path, &opts).map_err(|e| {
-            let text = match &e {
+            let text = match e.inner() {
                 Error::Io { .. } | Error::Open { .. } => {
                     format!("Could not open '{shown}': {}", e.qemu_message())
                 }
@@ -763,7 +768,16 @@ impl State {
             }
         }
         let has = |f: char| opts.iter().any(|(c, _)| *c == f);
-        let ro = has('r') || o.get_read_only();
+        // As qemu-io: without -r the image is opened for writing, which a
+        // `read-only=on` node refuses.
+        if o.get_read_only() && !has('r') {
+            match pos.first() {
+                Some(d) => eprintln!("{PROG}: can't open device {d}: Block node is read-only"),
+                None => eprintln!("{PROG}: can't open: Block node is read-only"),
+            }
+            return false;
+        }
+        let ro = has('r');
         let share = has('U') || o.get_force_share();
         let mut o = o.read_only(ro).force_share(share);
         if let Some(p) = pos.first() {

@@ -806,7 +806,8 @@ fn cli_line(name: CliName, f: &qcow2kit::check::Finding) -> String {
 
 /// The text after "Could not open 'FILE': " for an open failure.
 fn open_message(e: &Error) -> String {
-    match e {
+    // The caller names the file; see through a path-based open's wrapper.
+    match e.inner() {
         Error::Io {
             op: IoOp::Read,
             source,

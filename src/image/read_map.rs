@@ -1,0 +1,199 @@
+//! The read side of the mapping API: [`Image::map_read`] translates a guest
+//! range once and hands back where each part lives, holding the I/O barrier
+//! so that the host clusters stay valid (not freed, not reused) while the
+//! caller does its own I/O.
+
+use super::*;
+use std::sync::RwLockReadGuard;
+
+/// Most extents one [`ReadMapping`] holds; a longer request maps a prefix.
+pub const MAX_READ_EXTENTS: usize = 64;
+
+/// One run of guest bytes and where it reads from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MappedExtent {
+    /// Guest offset of the run.
+    pub guest: u64,
+    /// Length of the run in bytes.
+    pub len: u64,
+    /// Where it reads from ([`Extent::Data`] hosts are in the external data
+    /// file when [`ReadMapping::in_data_file`] says so).
+    pub kind: Extent,
+}
+
+/// The translation of a guest range, from [`Image::map_read`]. While it is
+/// alive the host clusters it names are not freed or reused (it holds the
+/// image's I/O barrier, as a read in flight does); drop it as soon as the
+/// I/O is done: flushes, discards and other requests that free clusters
+/// wait for it.
+#[derive(Debug)]
+pub struct ReadMapping<'a> {
+    _ticket: RwLockReadGuard<'a, ()>,
+    extents: Vec<MappedExtent>,
+    in_data_file: bool,
+    compression_type: u8,
+}
+
+impl ReadMapping<'_> {
+    /// The runs, in guest order, contiguous, covering a prefix of the
+    /// request (all of it unless more than [`MAX_READ_EXTENTS`] runs).
+    pub fn extents(&self) -> &[MappedExtent] {
+        &self.extents
+    }
+
+    /// Bytes of the request covered.
+    pub fn len(&self) -> u64 {
+        self.extents.iter().map(|e| e.len).sum()
+    }
+
+    /// Whether nothing is covered (a request of length 0).
+    pub fn is_empty(&self) -> bool {
+        self.extents.is_empty()
+    }
+
+    /// The image's compression type (header field) for
+    /// [`Extent::Compressed`] runs.
+    pub fn compression_type(&self) -> u8 {
+        self.compression_type
+    }
+
+    /// Whether [`Extent::Data`] host offsets are in the external data file
+    /// (else in the image file).
+    pub fn in_data_file(&self) -> bool {
+        self.in_data_file
+    }
+}
+
+impl Image {
+    /// Translates `[offset, offset + len)` for a read done by the caller
+    /// (its own I/O engine): data runs with their host offsets, zero runs,
+    /// unallocated runs (read from the backing image, or zeroes) and
+    /// compressed clusters. The mapping keeps the clusters valid until it is
+    /// dropped.
+    ///
+    /// ```
+    /// use qcow2kit::storage::{MemStorage, Storage};
+    /// use qcow2kit::{CreateOptions, Extent, Image, OpenOptions};
+    /// use std::sync::Arc;
+    ///
+    /// # fn main() -> qcow2kit::Result<()> {
+    /// let file: Arc<dyn Storage> = Arc::new(MemStorage::new());
+    /// qcow2kit::create::create_on(file.clone(), &CreateOptions::new(), 8 << 20)?;
+    /// let img = Image::open_storage(file.clone(), &OpenOptions::new())?;
+    /// img.write_at(b"hello", 65536)?;
+    /// let map = img.map_read(0, 2 * 65536)?;
+    /// let ext = map.extents();
+    /// assert_eq!(ext[0].kind, Extent::Unallocated);
+    /// let Extent::Data { host } = ext[1].kind else { panic!("data") };
+    /// let mut buf = [0u8; 5];
+    /// file.read_at(&mut buf, host).expect("the caller's own I/O");
+    /// assert_eq!(&buf, b"hello");
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// As [`Image::read_at`] (out of range, corrupt tables, I/O errors
+    /// reading them, a disabled handle).
+    pub fn map_read(&self, offset: u64, len: u64) -> Result<ReadMapping<'_>> {
+        let mut meta = self.lock()?;
+        self.check_range(meta.header.size, offset, len)?;
+        let mut extents = Vec::new();
+        let mut done = 0u64;
+        while done < len && extents.len() < MAX_READ_EXTENTS {
+            let g = offset + done;
+            let (kind, n) = match meta.map_extent(g, len - done) {
+                Ok(x) => x,
+                Err(e) => return Err(self.fail(&mut meta, e, IoOp::Read)),
+            };
+            extents.push(MappedExtent {
+                guest: g,
+                len: n,
+                kind,
+            });
+            done += n;
+        }
+        let in_data_file = meta.efmt.external_data;
+        let compression_type = meta.header.compression_type;
+        // Taken with the metadata lock held (the order flush uses), then
+        // the lock is released: the barrier alone keeps the clusters.
+        let ticket = self
+            .io_barrier
+            .read()
+            .map_err(|_| Error::PreviousIoFailed)?;
+        drop(meta);
+        Ok(ReadMapping {
+            _ticket: ticket,
+            extents,
+            in_data_file,
+            compression_type,
+        })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may panic
+mod tests {
+    use super::*;
+    use crate::options::CreateOptions;
+    use crate::storage::MemStorage;
+
+    fn image() -> (Arc<MemStorage>, Image) {
+        let mem = Arc::new(MemStorage::new());
+        let file: Arc<dyn Storage> = mem.clone();
+        let o = CreateOptions::new().cluster_size(4096);
+        crate::create::create_on(file.clone(), &o, 8 << 20).unwrap();
+        (mem, Image::open_storage(file, &OpenOptions::new()).unwrap())
+    }
+
+    /// Doing the I/O the mapping describes gives the bytes `read_at` gives,
+    /// over data, zero and unallocated runs; the runs tile the request.
+    #[test]
+    fn caller_io_from_the_mapping_matches_read_at() {
+        let (mem, img) = image();
+        img.write_at(&[1; 10_000], 3000).unwrap();
+        img.write_at(&[2; 4096], 40_960).unwrap();
+        img.write_zeroes(16_384, 8192, false).unwrap();
+        let (off, len) = (1000u64, 60_000u64);
+        let map = img.map_read(off, len).unwrap();
+        assert_eq!(map.len(), len);
+        assert!(!map.in_data_file());
+        let mut got = vec![0xeeu8; len as usize];
+        let mut pos = off;
+        let mut kinds = Vec::new();
+        for e in map.extents() {
+            assert_eq!(e.guest, pos, "contiguous");
+            let dst = &mut got[(e.guest - off) as usize..(e.guest - off + e.len) as usize];
+            match e.kind {
+                Extent::Data { host } => mem.read_at(dst, host).unwrap(),
+                Extent::Zero { .. } | Extent::Unallocated => dst.fill(0),
+                Extent::Compressed { .. } => panic!("nothing compressed"),
+            }
+            kinds.push(std::mem::discriminant(&e.kind));
+            pos += e.len;
+        }
+        drop(map);
+        assert!(kinds.contains(&std::mem::discriminant(&Extent::Unallocated)));
+        assert!(kinds.contains(&std::mem::discriminant(&Extent::Zero { host: None })));
+        let mut want = vec![0u8; len as usize];
+        img.read_at(&mut want, off).unwrap();
+        assert_eq!(got, want);
+    }
+
+    /// A request of many runs maps a prefix of at most `MAX_READ_EXTENTS`
+    /// runs; out-of-range requests are refused; length 0 maps nothing.
+    #[test]
+    fn long_requests_map_a_prefix() {
+        let (_mem, img) = image();
+        // Every other cluster written: alternating data and unallocated.
+        for c in (0..400u64).step_by(2) {
+            img.write_at(&[3; 4096], c * 4096).unwrap();
+        }
+        let map = img.map_read(0, 400 * 4096).unwrap();
+        assert_eq!(map.extents().len(), MAX_READ_EXTENTS);
+        assert_eq!(map.len(), MAX_READ_EXTENTS as u64 * 4096);
+        drop(map);
+        assert!(img.map_read(8 << 20, 1).is_err());
+        assert!(img.map_read(0, 0).unwrap().is_empty());
+    }
+}

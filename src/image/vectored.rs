@@ -1,0 +1,269 @@
+//! Vectored guest I/O: [`Image::read_vectored_at`] and
+//! [`Image::write_vectored_at`]. Each contiguous host run is one
+//! `preadv`/`pwritev` over the part of the caller's buffer list it covers
+//! (sub-slices of the caller's buffers, no copy); only allocating writes copy
+//! their data, into a per-thread buffer.
+
+use super::write::WriteStep;
+use super::*;
+use std::cell::RefCell;
+use std::io::{IoSlice, IoSliceMut};
+
+/// Most bytes of an allocating vectored write copied (gathered) at once.
+const GATHER_MAX: u64 = 4 << 20;
+
+thread_local! {
+    /// The gather buffer of allocating vectored writes.
+    static GATHER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Total length of a buffer list, `None` on overflow.
+fn total(lens: impl Iterator<Item = usize>) -> Option<u64> {
+    lens.map(|l| l as u64).try_fold(0u64, u64::checked_add)
+}
+
+/// The parts of `bufs` covering bytes `[start, start + len)` of their
+/// concatenation, borrowed from the caller's buffers.
+fn sub_mut<'b>(bufs: &'b mut [IoSliceMut<'_>], start: usize, len: usize) -> Vec<IoSliceMut<'b>> {
+    let mut out = Vec::new();
+    let (mut pos, end) = (0usize, start + len);
+    for b in bufs.iter_mut() {
+        let (lo, hi) = (pos, pos + b.len());
+        pos = hi;
+        if hi <= start || b.is_empty() {
+            continue;
+        }
+        if lo >= end {
+            break;
+        }
+        let s = start.max(lo) - lo;
+        let e = end.min(hi) - lo;
+        out.push(IoSliceMut::new(&mut b[s..e]));
+    }
+    out
+}
+
+/// The parts of `bufs` covering bytes `[start, start + len)`.
+fn sub<'b>(bufs: &'b [IoSlice<'_>], start: usize, len: usize) -> Vec<IoSlice<'b>> {
+    let mut out = Vec::new();
+    let (mut pos, end) = (0usize, start + len);
+    for b in bufs {
+        let (lo, hi) = (pos, pos + b.len());
+        pos = hi;
+        if hi <= start || b.is_empty() {
+            continue;
+        }
+        if lo >= end {
+            break;
+        }
+        out.push(IoSlice::new(&b[start.max(lo) - lo..end.min(hi) - lo]));
+    }
+    out
+}
+
+/// Calls `f(piece, at)` for each part of `[start, start + len)` of `bufs`,
+/// `at` being the part's position relative to `start`.
+fn each_mut(
+    bufs: &mut [IoSliceMut<'_>],
+    start: usize,
+    len: usize,
+    mut f: impl FnMut(&mut [u8], usize) -> Result<()>,
+) -> Result<()> {
+    let mut at = 0usize;
+    for piece in sub_mut(bufs, start, len) {
+        let mut piece = piece;
+        let n = piece.len();
+        f(&mut piece, at)?;
+        at += n;
+    }
+    Ok(())
+}
+
+impl Image {
+    /// Reads the guest bytes at `offset` into `bufs`, one after the other
+    /// (scatter read): the same bytes as [`Image::read_at`] into their
+    /// concatenation. Each contiguous run of host data is one `preadv`
+    /// over the parts of `bufs` it covers; zero and unallocated clusters are
+    /// filled in place, backing and compressed data read as for `read_at`.
+    ///
+    /// ```
+    /// use qcow2kit::storage::{MemStorage, Storage};
+    /// use qcow2kit::{CreateOptions, Image, OpenOptions};
+    /// use std::io::{IoSlice, IoSliceMut};
+    /// use std::sync::Arc;
+    ///
+    /// # fn main() -> qcow2kit::Result<()> {
+    /// let file: Arc<dyn Storage> = Arc::new(MemStorage::new());
+    /// qcow2kit::create::create_on(file.clone(), &CreateOptions::new(), 8 << 20)?;
+    /// let img = Image::open_storage(file, &OpenOptions::new())?;
+    /// // A header and a payload written with one call...
+    /// img.write_vectored_at(&[IoSlice::new(b"head"), IoSlice::new(&[7; 60])], 4096)?;
+    /// // ...read back split differently.
+    /// let (mut a, mut b) = ([0u8; 10], [0u8; 54]);
+    /// img.read_vectored_at(&mut [IoSliceMut::new(&mut a), IoSliceMut::new(&mut b)], 4096)?;
+    /// assert_eq!(&a[..4], b"head");
+    /// assert_eq!(a[4..], [7; 6]);
+    /// assert_eq!(b, [7; 54]);
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// As [`Image::read_at`]; `Error::OutOfRange` also when the lengths of
+    /// `bufs` overflow.
+    pub fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> Result<()> {
+        let Some(len) = total(bufs.iter().map(|b| b.len())) else {
+            return Err(Error::OutOfRange {
+                offset,
+                len: u64::MAX,
+                size: self.size(),
+            });
+        };
+        let mut done = 0u64;
+        while done < len {
+            let g = offset + done;
+            let mut meta = self.lock()?;
+            if done == 0 {
+                self.check_range(meta.header.size, offset, len)?;
+            }
+            let (ext, n) = match meta.map_extent(g, len - done) {
+                Ok(x) => x,
+                Err(e) => return Err(self.fail(&mut meta, e, IoOp::Read)),
+            };
+            let (start, n_us) = (done as usize, n as usize);
+            let r = match ext {
+                Extent::Data { host } => {
+                    let _io = self
+                        .io_barrier
+                        .read()
+                        .map_err(|_| Error::PreviousIoFailed)?;
+                    drop(meta);
+                    self.data
+                        .read_vectored(&mut sub_mut(bufs, start, n_us), host)
+                }
+                Extent::Zero { .. } => {
+                    drop(meta);
+                    each_mut(bufs, start, n_us, |d, _| {
+                        d.fill(0);
+                        Ok(())
+                    })
+                }
+                Extent::Unallocated => {
+                    drop(meta);
+                    each_mut(bufs, start, n_us, |d, at| {
+                        self.read_backing(d, g + at as u64)
+                    })
+                }
+                Extent::Compressed {
+                    offset: coff,
+                    len: clen,
+                } => {
+                    let _io = self
+                        .io_barrier
+                        .read()
+                        .map_err(|_| Error::PreviousIoFailed)?;
+                    let ctype = meta.header.compression_type;
+                    drop(meta);
+                    let in_cluster = (g & (self.geom.cluster_size - 1)) as usize;
+                    self.read_compressed(ctype, coff, clen).and_then(|data| {
+                        each_mut(bufs, start, n_us, |d, at| {
+                            let from = in_cluster + at;
+                            let src = data.get(from..from + d.len()).ok_or_else(|| {
+                                Error::InvalidArgument("compressed extent past its cluster".into())
+                            })?;
+                            d.copy_from_slice(src);
+                            Ok(())
+                        })
+                    })
+                }
+            };
+            if let Err(e) = r {
+                let mut meta = self.meta.lock().map_err(|_| Error::PreviousIoFailed)?;
+                return Err(self.fail(&mut meta, e, IoOp::Read));
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Writes `bufs`, one after the other, at guest offset `offset` (gather
+    /// write): the same result as [`Image::write_at`] of their
+    /// concatenation. Runs overwritten in place are one `pwritev` over the
+    /// parts of `bufs` they cover; allocating runs (copy-on-write, new
+    /// clusters) gather their data into a per-thread buffer first and go
+    /// through the allocating path of `write_at`.
+    ///
+    /// ```
+    /// use qcow2kit::storage::{MemStorage, Storage};
+    /// use qcow2kit::{CreateOptions, Image, OpenOptions};
+    /// use std::io::IoSlice;
+    /// use std::sync::Arc;
+    ///
+    /// # fn main() -> qcow2kit::Result<()> {
+    /// let file: Arc<dyn Storage> = Arc::new(MemStorage::new());
+    /// qcow2kit::create::create_on(file.clone(), &CreateOptions::new(), 8 << 20)?;
+    /// let img = Image::open_storage(file, &OpenOptions::new())?;
+    /// img.write_vectored_at(&[IoSlice::new(b"qcow"), IoSlice::new(b"2kit")], 100)?;
+    /// let mut buf = [0u8; 8];
+    /// img.read_at(&mut buf, 100)?;
+    /// assert_eq!(&buf, b"qcow2kit");
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// As [`Image::write_at`]; `Error::OutOfRange` also when the lengths of
+    /// `bufs` overflow.
+    pub fn write_vectored_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> Result<()> {
+        self.writable()?;
+        let Some(len) = total(bufs.iter().map(|b| b.len())) else {
+            return Err(Error::OutOfRange {
+                offset,
+                len: u64::MAX,
+                size: self.size(),
+            });
+        };
+        let cb = self.geom.cluster_bits;
+        let mut done = 0u64;
+        while done < len {
+            let g = offset + done;
+            let mut meta = self.lock()?;
+            if done == 0 {
+                self.check_range(meta.header.size, offset, len)?;
+            }
+            let last = (offset + len - 1) >> cb;
+            meta = self.wait_in_flight(meta, g >> cb, last)?;
+            if done == 0 {
+                if let Err(e) = self.before_first_write(&mut meta) {
+                    return Err(self.fail(&mut meta, e, IoOp::Write));
+                }
+            }
+            let step = match self.write_step(&mut meta, g, len - done) {
+                Ok(s) => s,
+                Err(e) => return Err(self.fail(&mut meta, e, IoOp::Write)),
+            };
+            done += match step {
+                WriteStep::InPlace { permit, len: n } => {
+                    let parts = sub(bufs, done as usize, n as usize);
+                    self.in_place(meta, permit, &parts)?;
+                    n
+                }
+                WriteStep::Alloc { len: n } => {
+                    // Gather at most GATHER_MAX bytes, ending on a cluster
+                    // boundary unless the request ends first.
+                    let cap = ((g + GATHER_MAX) >> cb << cb).max(g + 1) - g;
+                    let n = n.min(cap) as usize;
+                    let mut tmp = GATHER.with(|b| std::mem::take(&mut *b.borrow_mut()));
+                    tmp.clear();
+                    for part in sub(bufs, done as usize, n) {
+                        tmp.extend_from_slice(&part);
+                    }
+                    let r = self.alloc_step(meta, g, &tmp);
+                    GATHER.with(|b| *b.borrow_mut() = tmp);
+                    r?
+                }
+            };
+        }
+        Ok(())
+    }
+}
