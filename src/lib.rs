@@ -47,7 +47,6 @@ mod meta;
 pub mod options;
 mod repair;
 pub mod resize;
-mod snapshot;
 pub mod storage;
 pub mod types;
 

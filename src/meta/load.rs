@@ -108,8 +108,8 @@ pub(crate) fn load(
     let snapshots = if check {
         Vec::new()
     } else {
-        let snapshots = crate::snapshot::load_snapshots(&*file, &header, file_len)?;
-        crate::snapshot::register_snapshots(&*file, &header, &snapshots, &mut checker, file_len)?;
+        let snapshots = super::snapshots::load_snapshots(&*file, &header, file_len)?;
+        super::snapshots::register_snapshots(&*file, &header, &snapshots, &mut checker, file_len)?;
         snapshots
     };
     if header.autoclear_features & AUTOCLEAR_BITMAPS != 0 {

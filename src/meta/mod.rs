@@ -37,6 +37,7 @@ mod gate;
 mod load;
 pub(crate) mod overlap_map;
 mod refcount;
+mod snapshots;
 mod tables;
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::panic)] // tests may panic
