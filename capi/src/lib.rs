@@ -633,19 +633,16 @@ pub unsafe extern "C" fn qcow2kit_readv(
         if let Err(c) = check_total(img, iov, offset) {
             return c;
         }
-        let mut off = offset;
+        let mut bufs = Vec::with_capacity(iov.len());
         for v in iov {
             // SAFETY: by contract each segment is valid for its length.
-            let buf = match unsafe { out_buf(v.iov_base, v.iov_len) } {
-                Ok(b) => b,
+            match unsafe { out_buf(v.iov_base, v.iov_len) } {
+                Ok(b) => bufs.push(std::io::IoSliceMut::new(b)),
                 Err(c) => return c,
-            };
-            if let Err(e) = img.read_at(buf, off) {
-                return fail_err(&e);
             }
-            off += v.iov_len as u64; // checked by check_total
         }
-        QCOW2KIT_OK
+        // One translation, one preadv per contiguous host run.
+        code(img.read_vectored_at(&mut bufs, offset))
     })
 }
 
@@ -672,19 +669,16 @@ pub unsafe extern "C" fn qcow2kit_writev(
         if let Err(c) = check_total(img, iov, offset) {
             return c;
         }
-        let mut off = offset;
+        let mut bufs = Vec::with_capacity(iov.len());
         for v in iov {
             // SAFETY: by contract each segment is valid for its length.
-            let buf = match unsafe { in_buf(v.iov_base, v.iov_len) } {
-                Ok(b) => b,
+            match unsafe { in_buf(v.iov_base, v.iov_len) } {
+                Ok(b) => bufs.push(std::io::IoSlice::new(b)),
                 Err(c) => return c,
-            };
-            if let Err(e) = img.write_at(buf, off) {
-                return fail_err(&e);
             }
-            off += v.iov_len as u64; // checked by check_total
         }
-        QCOW2KIT_OK
+        // One pwritev per contiguous host run of in-place clusters.
+        code(img.write_vectored_at(&bufs, offset))
     })
 }
 
