@@ -71,3 +71,385 @@ fn qcow2_img_check_is_qcow2_check() {
         "qcow2-img: --repair (-r) expects 'leaks' or 'all' not 'bogus'\nTry 'qcow2-img check --help' for more info\n"
     );
 }
+
+/// One twin case: how the image `t.qcow2` is made (`qemu-img create -o`
+/// options, size, qemu-io commands, then `qemu-img` commands such as a
+/// snapshot), with `base.qcow2` (data at 0 and 1 MiB) and `d.raw`/`e.raw`
+/// next to it, and the amend options.
+struct Case {
+    create: &'static str,
+    io: &'static [&'static str],
+    post: &'static [&'static [&'static str]],
+    amend: &'static str,
+}
+
+const DATA: &[&str] = &[
+    "write -P 1 0 64k",
+    "write -z 128k 64k",
+    "write -P 3 1M 64k",
+    "write -z 1M 64k",
+    "write -P 5 3M 200k",
+];
+
+/// Makes the twin's files in `dir` as `case` says.
+fn setup(dir: &std::path::Path, case: &Case) {
+    qemu_ok(
+        dir,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "base.qcow2", "4M"],
+    );
+    qemu_ok(dir, "qemu-io", &["-c", "write -P 7 0 2M", "base.qcow2"]);
+    for raw in ["d.raw", "e.raw"] {
+        qemu_ok(dir, "qemu-img", &["create", "-q", "-f", "raw", raw, "4M"]);
+    }
+    let mut args = vec!["create", "-q", "-f", "qcow2"];
+    if !case.create.is_empty() {
+        args.extend(["-o", case.create]);
+    }
+    args.extend(["t.qcow2", "4M"]);
+    qemu_ok(dir, "qemu-img", &args);
+    if !case.io.is_empty() {
+        let mut a = Vec::new();
+        for c in case.io {
+            a.extend(["-c", *c]);
+        }
+        a.push("t.qcow2");
+        qemu_ok(dir, "qemu-io", &a);
+    }
+    for p in case.post {
+        qemu_ok(dir, "qemu-img", p);
+    }
+}
+
+/// `qemu-img info --output json` of `t.qcow2` (its run, JSON or not), with
+/// what differs between twins for unrelated reasons removed.
+fn info(dir: &std::path::Path) -> (i32, String, serde_json::Value) {
+    let r = qemu(dir, "qemu-img", &["info", "--output", "json", "t.qcow2"]);
+    let mut j = serde_json::from_str(&r.out).unwrap_or(serde_json::Value::Null);
+    strip_actual_size(&mut j);
+    if j.is_object() {
+        j["children"] = serde_json::Value::Null;
+        j["snapshots"] = serde_json::Value::Null;
+    }
+    (r.code, r.err, j)
+}
+
+/// Runs every case on twins: qemu-img amend in one directory, ours in the
+/// other; same exit code, stderr and stdout; on success the images read the
+/// same (`qemu-img compare`), `qemu-img info` agrees and ours checks clean;
+/// on failure ours is byte-identical to before.
+fn run_cases(cases: &[Case]) {
+    for case in cases {
+        let what = format!("{} / {:?} / amend {}", case.create, case.io, case.amend);
+        let (qd, od) = twin_dirs(|d| setup(d, case));
+        let before = std::fs::read(od.path().join("t.qcow2")).unwrap();
+        let args = ["amend", "-f", "qcow2", "-o", case.amend, "t.qcow2"];
+        let mut q = qemu(qd.path(), "qemu-img", &args);
+        // The hint names QEMU's command on both sides.
+        q.err = q.err.replace("'qcow2-img rebase'", "'qemu-img rebase'");
+        let o = ours(od.path(), &args);
+        assert_eq!((o.code, &o.err, &o.out), (q.code, &q.err, &q.out), "{what}");
+        if o.code != 0 {
+            let after = std::fs::read(od.path().join("t.qcow2")).unwrap();
+            assert!(after == before, "{what}: a refused amend changed the image");
+            continue;
+        }
+        assert_eq!(info(od.path()), info(qd.path()), "{what}: info");
+        let q_img = qd.path().join("t.qcow2");
+        let o_img = od.path().join("t.qcow2");
+        let cmp = qemu(
+            od.path(),
+            "qemu-img",
+            &["compare", o_img.to_str().unwrap(), q_img.to_str().unwrap()],
+        );
+        // An image whose data file name was removed cannot be opened alone.
+        if !case.amend.starts_with("data_file=,") && case.amend != "data_file=" {
+            assert_eq!(cmp.code, 0, "{what}: contents differ: {cmp:?}");
+            let c = qemu(od.path(), "qemu-img", &["check", "t.qcow2"]);
+            assert_eq!(c.code, 0, "{what}: check: {c:?}");
+            assert!(c.out.starts_with("No errors were found"), "{what}: {c:?}");
+        }
+    }
+}
+
+#[test]
+fn amend_compat_matches_qemu_img() {
+    if !have_qemu() {
+        return;
+    }
+    run_cases(&[
+        // Downgrade: zero clusters expanded (plain ones dropped, preallocated ones zeroed).
+        Case {
+            create: "",
+            io: DATA,
+            post: &[],
+            amend: "compat=0.10",
+        },
+        Case {
+            create: "cluster_size=4k",
+            io: DATA,
+            post: &[],
+            amend: "compat=v2",
+        },
+        // With a backing file plain zero clusters get zeroed clusters.
+        Case {
+            create: "backing_file=base.qcow2,backing_fmt=qcow2",
+            io: DATA,
+            post: &[],
+            amend: "compat=0.10",
+        },
+        // Lazy refcounts and zstd without compressed clusters downgrade.
+        Case {
+            create: "lazy_refcounts=on",
+            io: DATA,
+            post: &[],
+            amend: "compat=0.10",
+        },
+        Case {
+            create: "compression_type=zstd",
+            io: DATA,
+            post: &[],
+            amend: "compat=0.10",
+        },
+        Case {
+            create: "refcount_bits=64",
+            io: DATA,
+            post: &[],
+            amend: "compat=0.10,refcount_bits=16",
+        },
+        Case {
+            create: "",
+            io: DATA,
+            post: &[],
+            amend: "compat=0.10,size=8M",
+        },
+        // Refused, with QEMU's messages.
+        Case {
+            create: "extended_l2=on",
+            io: DATA,
+            post: &[],
+            amend: "compat=0.10",
+        },
+        Case {
+            create: "compression_type=zstd",
+            io: &["write -c 0 64k"],
+            post: &[],
+            amend: "compat=0.10",
+        },
+        Case {
+            create: "refcount_bits=64",
+            io: DATA,
+            post: &[],
+            amend: "compat=0.10",
+        },
+        Case {
+            create: "data_file=d.raw",
+            io: DATA,
+            post: &[],
+            amend: "compat=0.10",
+        },
+        Case {
+            create: "",
+            io: DATA,
+            post: &[],
+            amend: "compat=0.9",
+        },
+        Case {
+            create: "",
+            io: DATA,
+            post: &[],
+            amend: "compat=0.10,lazy_refcounts=on",
+        },
+        // The backing check comes before the downgrade's.
+        Case {
+            create: "extended_l2=on,backing_file=base.qcow2,backing_fmt=qcow2",
+            io: &[],
+            post: &[],
+            amend: "compat=0.10,backing_file=x",
+        },
+        // Upgrade.
+        Case {
+            create: "compat=0.10",
+            io: DATA,
+            post: &[],
+            amend: "compat=1.1",
+        },
+        Case {
+            create: "compat=0.10,cluster_size=4k",
+            io: DATA,
+            post: &[],
+            amend: "compat=v3,lazy_refcounts=on",
+        },
+        Case {
+            create: "compat=0.10",
+            io: DATA,
+            post: &[],
+            amend: "compat=1.1,refcount_bits=64",
+        },
+        Case {
+            create: "compat=0.10",
+            io: DATA,
+            post: &[],
+            amend: "refcount_bits=8",
+        },
+    ]);
+}
+
+#[test]
+fn amend_refcount_bits_matches_qemu_img() {
+    if !have_qemu() {
+        return;
+    }
+    let snap: &[&[&str]] = &[&["snapshot", "-c", "s1", "t.qcow2"]];
+    let mut cases = Vec::new();
+    for bits in ["1", "2", "4", "8", "32", "64"] {
+        let amend: &'static str = Box::leak(format!("refcount_bits={bits}").into_boxed_str());
+        cases.push(Case {
+            create: "",
+            io: DATA,
+            post: &[],
+            amend,
+        });
+        cases.push(Case {
+            create: "cluster_size=512",
+            io: DATA,
+            post: &[],
+            amend,
+        });
+    }
+    cases.extend([
+        Case {
+            create: "refcount_bits=1",
+            io: DATA,
+            post: &[],
+            amend: "refcount_bits=64",
+        },
+        Case {
+            create: "refcount_bits=64,extended_l2=on",
+            io: DATA,
+            post: &[],
+            amend: "refcount_bits=2",
+        },
+        Case {
+            create: "lazy_refcounts=on",
+            io: DATA,
+            post: &[],
+            amend: "refcount_bits=4,lazy_refcounts=off",
+        },
+        // Snapshots keep their references (refcount 2 fits 2 bits, not 1).
+        Case {
+            create: "",
+            io: DATA,
+            post: snap,
+            amend: "refcount_bits=2",
+        },
+        Case {
+            create: "",
+            io: DATA,
+            post: snap,
+            amend: "refcount_bits=1",
+        },
+        Case {
+            create: "cluster_size=4k",
+            io: DATA,
+            post: snap,
+            amend: "refcount_bits=1,lazy_refcounts=on",
+        },
+        // The width error comes before the backing check.
+        Case {
+            create: "backing_file=base.qcow2,backing_fmt=qcow2",
+            io: DATA,
+            post: snap,
+            amend: "refcount_bits=1,backing_file=x",
+        },
+        Case {
+            create: "",
+            io: DATA,
+            post: &[],
+            amend: "refcount_bits=3",
+        },
+        Case {
+            create: "",
+            io: DATA,
+            post: &[],
+            amend: "refcount_bits=128",
+        },
+    ]);
+    run_cases(&cases);
+}
+
+#[test]
+fn amend_files_match_qemu_img() {
+    if !have_qemu() {
+        return;
+    }
+    let backed = "backing_file=base.qcow2,backing_fmt=qcow2";
+    run_cases(&[
+        Case {
+            create: "data_file=d.raw,data_file_raw=on",
+            io: DATA,
+            post: &[],
+            amend: "data_file_raw=off",
+        },
+        Case {
+            create: "data_file=d.raw,data_file_raw=on",
+            io: DATA,
+            post: &[],
+            amend: "data_file_raw=on",
+        },
+        Case {
+            create: "data_file=d.raw",
+            io: DATA,
+            post: &[],
+            amend: "data_file_raw=on",
+        },
+        Case {
+            create: "data_file=d.raw",
+            io: DATA,
+            post: &[],
+            amend: "data_file=e.raw",
+        },
+        Case {
+            create: "data_file=d.raw",
+            io: DATA,
+            post: &[],
+            amend: "data_file=",
+        },
+        Case {
+            create: "",
+            io: DATA,
+            post: &[],
+            amend: "data_file=e.raw",
+        },
+        Case {
+            create: backed,
+            io: DATA,
+            post: &[],
+            amend: "backing_file=base.qcow2,backing_fmt=qcow2",
+        },
+        Case {
+            create: backed,
+            io: DATA,
+            post: &[],
+            amend: "backing_file=base.qcow2",
+        },
+        Case {
+            create: backed,
+            io: DATA,
+            post: &[],
+            amend: "backing_fmt=raw",
+        },
+        Case {
+            create: backed,
+            io: DATA,
+            post: &[],
+            amend: "backing_file=x,backing_fmt=qcow2",
+        },
+        Case {
+            create: "",
+            io: DATA,
+            post: &[],
+            amend: "lazy_refcounts=on,size=16M",
+        },
+    ]);
+}
