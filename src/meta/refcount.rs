@@ -63,7 +63,7 @@ impl Meta {
 
     /// Refuses to allocate when refcount metadata lay past the end of the
     /// file at open: its zeroes would hand out clusters that are in use.
-    fn check_allocatable(&self) -> Result<()> {
+    pub(crate) fn check_allocatable(&self) -> Result<()> {
         match self.rc.past_eof {
             None => Ok(()),
             Some((what, offset)) => Err(Error::Corrupt {

@@ -75,6 +75,12 @@ impl OldRefcounts {
     }
 }
 
+/// `Error::TooLarge` for a refcount structure size past the limits (the
+/// sizes are bounded by `MAX_REFTABLE_BYTES` before they are used).
+fn too_large() -> Error {
+    Error::TooLarge(Limit::RefcountTable)
+}
+
 /// Host clusters of the old refcount table and blocks.
 fn old_structures(meta: &Meta) -> Result<HashSet<u64>> {
     let cb = meta.geom.cluster_bits;
@@ -116,6 +122,8 @@ pub(super) struct Survey {
 /// `Error::InvalidArgument` (`Cannot decrease refcount entry width to N
 /// bits: ...`), I/O errors, `Error::Corrupt` for an unaligned refcount block.
 pub(super) fn survey(meta: &mut Meta, new_order: u32) -> Result<Survey> {
+    // Refcounts past the end of the file read as zeroes: nothing to copy.
+    meta.check_allocatable()?;
     meta.flush_all(true)?;
     meta.flush_refcounts()?;
     if meta.gate.is_dirty() {
@@ -140,7 +148,7 @@ pub(super) fn survey(meta: &mut Meta, new_order: u32) -> Result<Survey> {
             }
             let cluster = index * per_old + i;
             if new_bits < 64 && v >> new_bits != 0 {
-                let offset = cluster << meta.geom.cluster_bits;
+                let offset = cluster.saturating_mul(meta.geom.cluster_size);
                 return Err(Error::InvalidArgument(format!(
                     "Cannot decrease refcount entry width to {new_bits} bits: Cluster at offset {} has a refcount of {v}",
                     c_hex(offset)
@@ -198,12 +206,15 @@ pub(super) fn change(
     let mut rounds = 0;
     loop {
         blocks = survey.blocks.clone();
-        let area_end = start
-            .checked_add(t + b)
-            .ok_or(Error::TooLarge(Limit::RefcountTable))?;
+        let area_end = start.checked_add(t + b).ok_or_else(too_large)?;
         blocks.extend((start >> nbb)..=((area_end - 1) >> nbb));
         let max = blocks.last().copied().unwrap_or(0);
-        let need_t = ((max + 1) * 8).div_ceil(cs).max(1);
+        let need_t = max
+            .checked_add(1)
+            .and_then(|n| n.checked_mul(8))
+            .ok_or_else(too_large)?
+            .div_ceil(cs)
+            .max(1);
         if need_t.saturating_mul(cs) > MAX_REFTABLE_BYTES {
             return Err(Error::TooLarge(Limit::RefcountTable));
         }
@@ -219,9 +230,13 @@ pub(super) fn change(
             ));
         }
     }
-    let area = start..start + t + b;
-    let table_offset = start << cb;
-    let mut table = vec![0u64; (t * cs / 8) as usize];
+    let area_end = start.checked_add(t + b).ok_or_else(too_large)?;
+    let area = start..area_end;
+    let table_offset = start.checked_mul(cs).ok_or_else(too_large)?;
+    // t * cs <= MAX_REFTABLE_BYTES (checked above).
+    let table_bytes = usize::try_from(t * cs).map_err(|_| too_large())?;
+    let table_clusters = u32::try_from(t).map_err(|_| too_large())?;
+    let mut table = vec![0u64; table_bytes / 8];
 
     // Write the blocks, then the table, then sync.
     let mut old = OldRefcounts::new(meta);
@@ -229,8 +244,8 @@ pub(super) fn change(
     let total = blocks.len() as u64;
     for (n, &k) in blocks.iter().enumerate() {
         buf.fill(0);
-        let first = k * per_new;
-        let last = (first + per_new).min(area.end.max(survey.end));
+        let first = k.checked_mul(per_new).ok_or_else(too_large)?;
+        let last = first.saturating_add(per_new).min(area.end.max(survey.end));
         for c in first..last {
             let v = if area.contains(&c) {
                 1
@@ -243,7 +258,9 @@ pub(super) fn change(
                 refcount::set(&mut buf, new_order, (c - first) as usize, v);
             }
         }
-        let at = (start + t + n as u64) << cb;
+        let at = (start + t + n as u64)
+            .checked_mul(cs)
+            .ok_or_else(too_large)?;
         meta.gate
             .write_metadata(MetadataKind::RefcountBlock, &buf, at)?;
         if let Some(slot) = table.get_mut(k as usize) {
@@ -251,7 +268,7 @@ pub(super) fn change(
         }
         progress(n as u64 + 1, total);
     }
-    let mut bytes = vec![0u8; (t * cs) as usize];
+    let mut bytes = vec![0u8; table_bytes];
     for (i, e) in table.iter().enumerate() {
         put_be_u64(&mut bytes, i * 8, *e);
     }
@@ -263,7 +280,7 @@ pub(super) fn change(
     let h = &meta.header;
     let mut sw = [0u8; 52];
     put_be_u64(&mut sw, 0, table_offset);
-    sw[8..12].copy_from_slice(&(t as u32).to_be_bytes());
+    sw[8..12].copy_from_slice(&table_clusters.to_be_bytes());
     sw[12..16].copy_from_slice(&h.nb_snapshots.to_be_bytes());
     put_be_u64(&mut sw, 16, h.snapshots_offset);
     put_be_u64(&mut sw, 24, h.incompatible_features);
@@ -286,7 +303,7 @@ pub(super) fn change(
         .checker_mut()
         .set_refcount_table(table_offset, t * cs);
     meta.header.refcount_table_offset = table_offset;
-    meta.header.refcount_table_clusters = t as u32;
+    meta.header.refcount_table_clusters = table_clusters;
     meta.header.refcount_order = new_order;
     meta.geom = new_geom;
     meta.rc.replace_table(table);
