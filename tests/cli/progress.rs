@@ -89,6 +89,19 @@ fn amend_progress_matches_qemu_img() {
         &["amend", "--progress", "-o", "size=128M", "FILE"],
         twins,
     );
+    // The steps that report progress of their own: refcount width, downgrade, upgrade.
+    for o in [
+        "refcount_bits=64",
+        "compat=0.10,refcount_bits=16",
+        "compat=1.1",
+    ] {
+        let run = compare(dir, &["amend", "-p", "-o", o, "FILE"], twins);
+        assert!(
+            run.out.ends_with("    (100.00/100%)\r\n"),
+            "{o}: {:?}",
+            run.out
+        );
+    }
     // -q silences the indicator.
     let quiet = compare(
         dir,
