@@ -9,17 +9,21 @@
 //! file, new clusters allocated for) the clusters that will hold them and
 //! synced, then the L2 entries change through the normal flush order
 //! (refcounts durable before the entries that use them); the v2 header comes
-//! last. A crash in between leaves a valid v3 image with some zero clusters
-//! already expanded (reading the same) and at most leaked clusters.
+//! last. The snapshots' tables follow the active ones: zeroes and refcounts
+//! durable, then each table written whole. A crash in between leaves a valid
+//! v3 image with some zero clusters already expanded (reading the same) and
+//! at most leaked clusters.
 
 use crate::error::{Error, Result, Unsupported};
 use crate::format::consts::*;
 use crate::format::entry::L2Entry;
 use crate::format::header::{qemu_feature_table, Header, HeaderExtension};
 use crate::format::FormatErrorKind;
+use crate::meta::DiscardType;
 use crate::meta::{Meta, RawL2};
 use crate::types::MetadataKind;
 use crate::Extent;
+use std::collections::HashSet;
 
 /// QEMU writes its feature name table only for clusters above 4 KiB.
 const FEATURE_TABLE_MIN_CLUSTER_BITS: u32 = 13;
@@ -92,10 +96,6 @@ pub(super) fn check_downgrade(meta: &mut Meta) -> Result<()> {
             "Cannot downgrade an image with incompatible features {incompat:#x} set"
         )));
     }
-    if !meta.snapshots.is_empty() {
-        // Zero clusters of snapshot tables are not expanded here.
-        return Err(Error::Unsupported(Unsupported::AmendCompat));
-    }
     if meta.header.incompatible_features & INCOMPAT_COMPRESSION != 0 {
         let mut guest = 0;
         while guest < size {
@@ -124,6 +124,7 @@ pub(super) fn downgrade(
     expand_zero_clusters(meta, has_backing, progress)?;
     meta.flush_all(true)?;
     meta.flush_refcounts()?;
+    expand_snapshot_zero_clusters(meta, has_backing)?;
     let mut h = meta.header.clone();
     h.version = 2;
     h.incompatible_features = 0;
@@ -178,7 +179,12 @@ fn expand_zero_clusters(
                 }
                 Some(h) => {
                     meta.gate.write_data(&zeroes, h)?;
-                    h | OFLAG_COPIED
+                    // Shared with a snapshot: not COPIED.
+                    if meta.refcount(h >> geom.cluster_bits)? == 1 {
+                        h | OFLAG_COPIED
+                    } else {
+                        h
+                    }
                 }
             };
             words.push((guest, word));
@@ -193,5 +199,97 @@ fn expand_zero_clusters(
         meta.flush_all(false)?;
     }
     progress(l1_len, l1_len);
+    Ok(())
+}
+
+/// The zero entries of the snapshots' L2 tables, expanded in place as QEMU
+/// does (after the active tables, whose shared tables were copied on write
+/// by then: a table changed here is no longer active). A new cluster gets
+/// the refcount of the table that points at it; COPIED is set where that is
+/// 1. Zeroes and refcounts are durable before the table is written.
+fn expand_snapshot_zero_clusters(meta: &mut Meta, has_backing: bool) -> Result<()> {
+    let geom = meta.geom;
+    let cs = geom.cluster_size;
+    let cb = geom.cluster_bits;
+    let zeroes = vec![0u8; cs as usize];
+    let active: HashSet<u64> = meta
+        .l2
+        .l1()
+        .iter()
+        .map(|e| e & L1E_OFFSET_MASK)
+        .filter(|o| *o != 0)
+        .collect();
+    let mut seen = HashSet::new();
+    let snapshots: Vec<(u64, u32)> = meta
+        .snapshots
+        .iter()
+        .map(|s| (s.l1_table_offset, s.l1_size))
+        .collect();
+    for (l1_offset, l1_size) in snapshots {
+        let mut l1 = vec![0u8; usize::try_from(u64::from(l1_size) * 8).unwrap_or(0)];
+        meta.gate.read(&mut l1, l1_offset)?;
+        for raw in l1.chunks_exact(8) {
+            let table = u64::from_be_bytes(raw.try_into().unwrap_or([0; 8])) & L1E_OFFSET_MASK;
+            if table == 0 || active.contains(&table) || !seen.insert(table) {
+                continue;
+            }
+            let mut buf = vec![0u8; cs as usize];
+            meta.gate.read(&mut buf, table)?;
+            let l2_refcount = meta.refcount(table >> cb)?;
+            let mut changed = false;
+            for entry in buf.chunks_exact_mut(geom.l2_entry_bytes as usize) {
+                let word = u64::from_be_bytes(entry[..8].try_into().unwrap_or([0; 8]));
+                let L2Entry::Zero { host, .. } =
+                    L2Entry::decode(word, &meta.efmt).map_err(|_| Error::Corrupt {
+                        what: crate::format::Structure::L2Table,
+                        offset: table,
+                        msg: format!("Invalid cluster entry found  (L2 offset: {table:#x})"),
+                    })?
+                else {
+                    continue;
+                };
+                let new = match host {
+                    None if !has_backing => 0,
+                    None => {
+                        let h = meta.alloc_clusters(1)?;
+                        let mut tries = 0;
+                        while l2_refcount > 1 && meta.refcount(h >> cb)? != l2_refcount {
+                            let delta = i64::try_from(l2_refcount - 1)
+                                .map_err(|_| Error::Internal("refcount overflow".into()))?;
+                            // `Again` (a new refcount block was needed) is retried by the loop.
+                            let _ = meta.update_refcount(h >> cb, 1, delta, DiscardType::Never)?;
+                            tries += 1;
+                            if tries > 8 {
+                                return Err(Error::Internal(
+                                    "cannot raise a new cluster's refcount".into(),
+                                ));
+                            }
+                        }
+                        meta.gate.write_data(&zeroes, h)?;
+                        h
+                    }
+                    Some(h) => {
+                        meta.gate.write_data(&zeroes, h)?;
+                        h
+                    }
+                };
+                let new = if new != 0 && meta.refcount(new >> cb)? == 1 {
+                    new | OFLAG_COPIED
+                } else {
+                    new
+                };
+                entry[..8].copy_from_slice(&new.to_be_bytes());
+                changed = true;
+            }
+            if changed {
+                meta.data_unsynced = true;
+                meta.flush_refcounts()?;
+                meta.sync()?;
+                meta.gate
+                    .write_metadata(MetadataKind::InactiveL2, &buf, table)?;
+                meta.sync()?;
+            }
+        }
+    }
     Ok(())
 }

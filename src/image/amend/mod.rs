@@ -45,8 +45,8 @@ use std::path::Path;
 /// # Errors
 /// Open errors, `Error::InvalidArgument` with QEMU's message for options
 /// the image cannot take, `Error::Unsupported` for what is not implemented
-/// (shrinking; a downgrade of an image with internal snapshots; an upgrade
-/// whose snapshot table lacks v3's extra data), I/O errors.
+/// (shrinking; an upgrade whose snapshot table lacks v3's extra data), I/O
+/// errors.
 pub fn amend(path: &Path, opts: &AmendOptions) -> Result<()> {
     let img = Image::open(path, &OpenOptions::new())?;
     amend_image(&img, opts)?;
