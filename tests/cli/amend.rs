@@ -91,6 +91,19 @@ const DATA: &[&str] = &[
     "write -P 5 3M 200k",
 ];
 
+/// A snapshot, then writes that leave zero clusters in shared and unshared tables.
+const SNAP_THEN_WRITE: &[&[&str]] = &[
+    &["snapshot", "-c", "s1", "t.qcow2"],
+    &[
+        "qemu-io",
+        "-c",
+        "write -P 3 1M 4k",
+        "-c",
+        "write -z 2M 64k",
+        "t.qcow2",
+    ],
+];
+
 /// Makes the twin's files in `dir` as `case` says.
 fn setup(dir: &std::path::Path, case: &Case) {
     qemu_ok(
@@ -117,7 +130,10 @@ fn setup(dir: &std::path::Path, case: &Case) {
         qemu_ok(dir, "qemu-io", &a);
     }
     for p in case.post {
-        qemu_ok(dir, "qemu-img", p);
+        match p.split_first() {
+            Some((&"qemu-io", rest)) => qemu_ok(dir, "qemu-io", rest),
+            _ => qemu_ok(dir, "qemu-img", p),
+        };
     }
 }
 
@@ -168,6 +184,29 @@ fn run_cases(cases: &[Case]) {
             let c = qemu(od.path(), "qemu-img", &["check", "t.qcow2"]);
             assert_eq!(c.code, 0, "{what}: check: {c:?}");
             assert!(c.out.starts_with("No errors were found"), "{what}: {c:?}");
+        }
+        // Snapshot contents read the same too.
+        if case.post.iter().any(|p| p.first() == Some(&"snapshot")) {
+            let raw = |d: &std::path::Path| {
+                qemu_ok(
+                    d,
+                    "qemu-img",
+                    &[
+                        "convert",
+                        "-l",
+                        "snapshot.name=s1",
+                        "-O",
+                        "raw",
+                        "t.qcow2",
+                        "s1.raw",
+                    ],
+                );
+                std::fs::read(d.join("s1.raw")).unwrap()
+            };
+            assert!(
+                raw(od.path()) == raw(qd.path()),
+                "{what}: snapshot contents differ"
+            );
         }
     }
 }
@@ -223,7 +262,35 @@ fn amend_compat_matches_qemu_img() {
             post: &[],
             amend: "compat=0.10,size=8M",
         },
+        // Snapshots: their tables' zero clusters are expanded too.
+        Case {
+            create: "",
+            io: DATA,
+            post: SNAP_THEN_WRITE,
+            amend: "compat=0.10",
+        },
+        Case {
+            create: "backing_file=base.qcow2,backing_fmt=qcow2,cluster_size=4k",
+            io: DATA,
+            post: SNAP_THEN_WRITE,
+            amend: "compat=0.10",
+        },
+        Case {
+            create: "compat=0.10",
+            io: &["write -P 1 0 64k"],
+            post: SNAP_THEN_WRITE,
+            amend: "compat=1.1",
+        },
         // Refused, with QEMU's messages.
+        Case {
+            create: "",
+            io: DATA,
+            post: &[
+                &["snapshot", "-c", "s1", "t.qcow2"],
+                &["resize", "-q", "t.qcow2", "8M"],
+            ],
+            amend: "compat=0.10",
+        },
         Case {
             create: "extended_l2=on",
             io: DATA,
