@@ -3,7 +3,7 @@
 //! Everything QEMU 10 amends: `compat` (upgrade, and downgrade with zero
 //! clusters expanded: [`compat`]), `refcount_bits` (new refcount structures:
 //! [`refcount_order`]), `lazy_refcounts`, `data_file` and `data_file_raw`
-//! (header rewrites), `size` (grow only; resize does the rest) and
+//! (header rewrites), `size` (QEMU's truncate: grow or shrink) and
 //! `backing_file`/`backing_fmt` (which QEMU 10 only accepts unchanged).
 //!
 //! The steps run in QEMU's order (upgrade, refcount width, data file, the
@@ -19,7 +19,7 @@ use crate::error::{Error, IoOp, Result, Unsupported};
 use crate::format::consts::*;
 use crate::format::header::HeaderExtension;
 use crate::image::Image;
-use crate::options::{AmendImageState, AmendOptions, Compat, OpenOptions};
+use crate::options::{AmendImageState, AmendOptions, Compat, OpenOptions, Preallocation};
 use std::path::Path;
 
 /// Applies `opts` to the image at `path`. A dirty image is repaired first
@@ -45,8 +45,7 @@ use std::path::Path;
 /// # Errors
 /// Open errors, `Error::InvalidArgument` with QEMU's message for options
 /// the image cannot take, `Error::Unsupported` for what is not implemented
-/// (shrinking; an upgrade whose snapshot table lacks v3's extra data), I/O
-/// errors.
+/// (an upgrade whose snapshot table lacks v3's extra data), I/O errors.
 pub fn amend(path: &Path, opts: &AmendOptions) -> Result<()> {
     let img = Image::open(path, &OpenOptions::new())?;
     amend_image(&img, opts)?;
@@ -108,8 +107,25 @@ pub fn amend_image_with_progress(
             None
         };
         opts.check_after_refcounts(&state).map_err(invalid)?;
-        if opts.size.is_some_and(|s| s != 0 && s < meta.header.size) {
-            return Err(Error::Unsupported(Unsupported::AmendShrink));
+        // qcow2_co_truncate's checks on the options, with the version the
+        // image has by then.
+        if let Some(size) = opts.size.filter(|s| *s != 0) {
+            if size > i64::MAX as u64 {
+                return Err(Error::InvalidArgument(
+                    "Invalid image size specified. Must be between 0 and 9223372036854775807."
+                        .into(),
+                ));
+            }
+            if size % 512 != 0 {
+                return Err(Error::InvalidArgument(
+                    "The new size must be a multiple of 512".into(),
+                ));
+            }
+            if !meta.snapshots.is_empty() && state.compat == Compat::V2 && !upgrade {
+                return Err(Error::InvalidArgument(
+                    "Can't resize a v2 image which has snapshots".into(),
+                ));
+            }
         }
         if downgrade {
             compat::check_downgrade(&mut meta).map_err(|e| img.fail(&mut meta, e, IoOp::Read))?;
@@ -165,7 +181,8 @@ pub fn amend_image_with_progress(
         img.set_lazy_refcounts(on)?;
     }
     if let Some(size) = opts.size.filter(|s| *s != 0) {
-        img.resize(size)?;
+        // QEMU's amend truncates to exactly this size, shrinking too.
+        img.truncate(size, Preallocation::Off)?;
     }
     if downgrade {
         let has_backing = img.backing.is_some();
