@@ -111,7 +111,7 @@ pub(super) fn check_downgrade(meta: &mut Meta) -> Result<()> {
     Ok(())
 }
 
-/// QEMU's `qcow2_downgrade` to v2 once [`check_downgrade`] passed: makes the
+/// QEMU's `qcow2_downgrade` to v2 ([`check_downgrade`] first): makes the
 /// image clean, expands zero clusters, clears the v3-only state and writes a
 /// v2 header. Reports `(done, total)` L1 entries.
 pub(super) fn downgrade(
@@ -119,6 +119,8 @@ pub(super) fn downgrade(
     has_backing: bool,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<()> {
+    // Again under this lock: the handle may have written since the checks.
+    check_downgrade(meta)?;
     meta.mark_clean()?;
     meta.lazy_refcounts = false;
     expand_zero_clusters(meta, has_backing, progress)?;

@@ -98,14 +98,12 @@ pub fn amend_image_with_progress(
 
     img.writable()?;
     // Every check first, in QEMU's order, under one lock.
-    let survey = {
+    {
         let mut meta = img.lock_idle()?;
-        let survey = if change_order {
+        if change_order {
             let r = refcount_order::survey(&mut meta, new_order);
-            Some(r.map_err(|e| img.fail(&mut meta, e, IoOp::Write))?)
-        } else {
-            None
-        };
+            r.map_err(|e| img.fail(&mut meta, e, IoOp::Write))?;
+        }
         opts.check_after_refcounts(&state).map_err(invalid)?;
         // qcow2_co_truncate's checks on the options, with the version the
         // image has by then.
@@ -133,8 +131,7 @@ pub fn amend_image_with_progress(
         if upgrade && meta.snapshots.iter().any(|s| s.extra_data_size < 16) {
             return Err(Error::Unsupported(Unsupported::AmendCompat));
         }
-        survey
-    };
+    }
 
     let parts = u64::from(upgrade || downgrade) + u64::from(change_order);
     let mut part = 0u64;
@@ -147,13 +144,13 @@ pub fn amend_image_with_progress(
         part += 1;
         report(part, 0, 1);
     }
-    if let Some(survey) = survey {
+    if change_order {
         img.with_meta(|meta| {
             let _barrier = img
                 .io_barrier
                 .write()
                 .map_err(|_| Error::PreviousIoFailed)?;
-            refcount_order::change(meta, new_order, survey, &mut |d, t| report(part, d, t))
+            refcount_order::change(meta, new_order, &mut |d, t| report(part, d, t))
         })?;
         part += 1;
         report(part, 0, 1);

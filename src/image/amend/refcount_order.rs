@@ -174,8 +174,8 @@ fn c_hex(v: u64) -> String {
 
 /// Rewrites the refcount structures with `1 << new_order`-bit refcounts
 /// (see the module docs), reporting `(done, total)` refcount blocks written.
-/// `survey` is [`survey`]'s result for the same order, taken under the same
-/// lock with nothing allocated since.
+/// Walks the old refcounts again first ([`survey`]): the handle may have
+/// allocated since the checks.
 ///
 /// # Errors
 /// I/O errors (the handle is then poisoned), `Error::TooLarge` when the new
@@ -183,9 +183,9 @@ fn c_hex(v: u64) -> String {
 pub(super) fn change(
     meta: &mut Meta,
     new_order: u32,
-    survey: Survey,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<()> {
+    let survey = survey(meta, new_order)?;
     if meta.rc.cache().has_dirty() {
         return Err(Error::Internal(
             "refcount blocks dirty after the survey".into(),
