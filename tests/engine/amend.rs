@@ -110,3 +110,60 @@ fn refused_amendments_change_nothing() {
         assert!(mem.to_vec() == before, "{o}: the image changed");
     }
 }
+
+/// A write or sync failing at any point of a refcount width change or a
+/// downgrade: the amendment fails, and the image left behind opens with
+/// its content and has no corruption (leaks allowed).
+#[test]
+fn faults_during_amend_leave_a_consistent_image() {
+    use crate::support::testing::{Fault, FaultKind, FaultOp, FaultyStorage};
+    for (create, o) in [
+        (CreateOptions::new().cluster_size(4096), "refcount_bits=64"),
+        (CreateOptions::new().cluster_size(512), "refcount_bits=1"),
+        (CreateOptions::new().cluster_size(4096), "compat=0.10"),
+    ] {
+        let (mem, model) = image(&create);
+        let base = mem.to_vec();
+        let opts = AmendOptions::from_qemu_str(o).unwrap();
+        let open = |fs: &Arc<FaultyStorage<MemStorage>>| {
+            Image::open_storage(fs.clone() as Arc<dyn Storage>, &OpenOptions::new()).unwrap()
+        };
+        // How many writes and syncs the amendment makes.
+        let fs = Arc::new(FaultyStorage::new(MemStorage::from_bytes(base.clone())));
+        let img = open(&fs);
+        fs.set_fault(None);
+        qcow2kit::amend::amend_image(&img, &opts).unwrap();
+        let counts = fs.counts();
+        drop(img);
+        for (op, n) in [(FaultOp::Write, counts[1]), (FaultOp::Flush, counts[2])] {
+            for nth in 0..n {
+                let what = format!("{o}: {op:?} {nth} of {n} fails");
+                let fs = Arc::new(FaultyStorage::new(MemStorage::from_bytes(base.clone())));
+                let img = open(&fs);
+                fs.set_fault(Some(Fault {
+                    op,
+                    nth,
+                    kind: FaultKind::Eio,
+                    persistent: true,
+                }));
+                assert!(qcow2kit::amend::amend_image(&img, &opts).is_err(), "{what}");
+                drop(img);
+                let left = Arc::new(MemStorage::from_bytes(fs.inner().to_vec()));
+                let img =
+                    Image::open_storage(left.clone() as Arc<dyn Storage>, &OpenOptions::new())
+                        .unwrap_or_else(|e| panic!("{what}: reopen: {e}"));
+                let mut back = vec![0u8; model.len()];
+                img.read_at(&mut back, 0).unwrap();
+                assert!(back == model, "{what}: content changed");
+                img.close().unwrap();
+                let report = check_storage(
+                    Arc::new(MemStorage::from_bytes(left.to_vec())),
+                    Repair::None,
+                    CheckOptions::default(),
+                )
+                .unwrap();
+                assert_eq!(report.counts.corruptions, 0, "{what}: {report:?}");
+            }
+        }
+    }
+}
