@@ -228,7 +228,16 @@ fn expand_snapshot_zero_clusters(meta: &mut Meta, has_backing: bool) -> Result<(
         .map(|s| (s.l1_table_offset, s.l1_size))
         .collect();
     for (l1_offset, l1_size) in snapshots {
-        let mut l1 = vec![0u8; usize::try_from(u64::from(l1_size) * 8).unwrap_or(0)];
+        // Checked when the snapshot table was loaded; kept bounded here too.
+        let bytes = u64::from(l1_size) * 8;
+        if bytes > MAX_L1_BYTES {
+            return Err(Error::Corrupt {
+                what: crate::format::Structure::SnapshotL1Table,
+                offset: l1_offset,
+                msg: "Snapshot L1 table too large".into(),
+            });
+        }
+        let mut l1 = vec![0u8; usize::try_from(bytes).unwrap_or(0)];
         meta.gate.read(&mut l1, l1_offset)?;
         for raw in l1.chunks_exact(8) {
             let table = u64::from_be_bytes(raw.try_into().unwrap_or([0; 8])) & L1E_OFFSET_MASK;
