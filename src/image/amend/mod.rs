@@ -15,7 +15,7 @@
 mod compat;
 mod refcount_order;
 
-use crate::error::{Error, IoOp, Result, Unsupported};
+use crate::error::{Error, IoOp, Result};
 use crate::format::consts::*;
 use crate::format::header::HeaderExtension;
 use crate::image::Image;
@@ -44,8 +44,8 @@ use std::path::Path;
 ///
 /// # Errors
 /// Open errors, `Error::InvalidArgument` with QEMU's message for options
-/// the image cannot take, `Error::Unsupported` for what is not implemented
-/// (an upgrade whose snapshot table lacks v3's extra data), I/O errors.
+/// the image cannot take, I/O errors; `Error::Corrupt` for damaged metadata
+/// met on the way.
 pub fn amend(path: &Path, opts: &AmendOptions) -> Result<()> {
     let img = Image::open(path, &OpenOptions::new())?;
     amend_image(&img, opts)?;
@@ -127,9 +127,6 @@ pub fn amend_image_with_progress(
         }
         if downgrade {
             compat::check_downgrade(&mut meta).map_err(|e| img.fail(&mut meta, e, IoOp::Read))?;
-        }
-        if upgrade && meta.snapshots.iter().any(|s| s.extra_data_size < 16) {
-            return Err(Error::Unsupported(Unsupported::AmendCompat));
         }
     }
 
