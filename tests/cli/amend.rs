@@ -158,56 +158,67 @@ fn run_cases(cases: &[Case]) {
     for case in cases {
         let what = format!("{} / {:?} / amend {}", case.create, case.io, case.amend);
         let (qd, od) = twin_dirs(|d| setup(d, case));
-        let before = std::fs::read(od.path().join("t.qcow2")).unwrap();
-        let args = ["amend", "-f", "qcow2", "-o", case.amend, "t.qcow2"];
-        let mut q = qemu(qd.path(), "qemu-img", &args);
-        // The hint names QEMU's command on both sides.
-        q.err = q.err.replace("'qcow2-img rebase'", "'qemu-img rebase'");
-        let o = ours(od.path(), &args);
-        assert_eq!((o.code, &o.err, &o.out), (q.code, &q.err, &q.out), "{what}");
-        if o.code != 0 {
-            let after = std::fs::read(od.path().join("t.qcow2")).unwrap();
-            assert!(after == before, "{what}: a refused amend changed the image");
-            continue;
-        }
-        assert_eq!(info(od.path()), info(qd.path()), "{what}: info");
-        let q_img = qd.path().join("t.qcow2");
-        let o_img = od.path().join("t.qcow2");
-        let cmp = qemu(
-            od.path(),
-            "qemu-img",
-            &["compare", o_img.to_str().unwrap(), q_img.to_str().unwrap()],
-        );
-        // An image whose data file name was removed cannot be opened alone.
-        if !case.amend.starts_with("data_file=,") && case.amend != "data_file=" {
-            assert_eq!(cmp.code, 0, "{what}: contents differ: {cmp:?}");
-            let c = qemu(od.path(), "qemu-img", &["check", "t.qcow2"]);
-            assert_eq!(c.code, 0, "{what}: check: {c:?}");
-            assert!(c.out.starts_with("No errors were found"), "{what}: {c:?}");
-        }
-        // Snapshot contents read the same too.
-        if case.post.iter().any(|p| p.first() == Some(&"snapshot")) {
-            let raw = |d: &std::path::Path| {
-                qemu_ok(
-                    d,
-                    "qemu-img",
-                    &[
-                        "convert",
-                        "-l",
-                        "snapshot.name=s1",
-                        "-O",
-                        "raw",
-                        "t.qcow2",
-                        "s1.raw",
-                    ],
-                );
-                std::fs::read(d.join("s1.raw")).unwrap()
-            };
-            assert!(
-                raw(od.path()) == raw(qd.path()),
-                "{what}: snapshot contents differ"
+        let snapshot = case.post.iter().any(|p| p.first() == Some(&"snapshot"));
+        compare_amend(qd.path(), od.path(), case.amend, &what, snapshot);
+    }
+}
+
+/// Runs `amend -o AMEND t.qcow2` with qemu-img in `qd` and with ours in `od`
+/// and compares as [`run_cases`] says (and the contents of snapshot `s1`
+/// when `snapshot`).
+fn compare_amend(
+    qd: &std::path::Path,
+    od: &std::path::Path,
+    amend: &str,
+    what: &str,
+    snapshot: bool,
+) {
+    let before = std::fs::read(od.join("t.qcow2")).unwrap();
+    let args = ["amend", "-f", "qcow2", "-o", amend, "t.qcow2"];
+    let mut q = qemu(qd, "qemu-img", &args);
+    // The hint names QEMU's command on both sides.
+    q.err = q.err.replace("'qcow2-img rebase'", "'qemu-img rebase'");
+    let o = ours(od, &args);
+    assert_eq!((o.code, &o.err, &o.out), (q.code, &q.err, &q.out), "{what}");
+    if o.code != 0 {
+        let after = std::fs::read(od.join("t.qcow2")).unwrap();
+        assert!(after == before, "{what}: a refused amend changed the image");
+        return;
+    }
+    assert_eq!(info(od), info(qd), "{what}: info");
+    let q_img = qd.join("t.qcow2");
+    let o_img = od.join("t.qcow2");
+    let cmp = qemu(
+        od,
+        "qemu-img",
+        &["compare", o_img.to_str().unwrap(), q_img.to_str().unwrap()],
+    );
+    // An image whose data file name was removed cannot be opened alone.
+    if !amend.starts_with("data_file=,") && amend != "data_file=" {
+        assert_eq!(cmp.code, 0, "{what}: contents differ: {cmp:?}");
+        let c = qemu(od, "qemu-img", &["check", "t.qcow2"]);
+        assert_eq!(c.code, 0, "{what}: check: {c:?}");
+        assert!(c.out.starts_with("No errors were found"), "{what}: {c:?}");
+    }
+    // Snapshot contents read the same too.
+    if snapshot {
+        let raw = |d: &std::path::Path| {
+            qemu_ok(
+                d,
+                "qemu-img",
+                &[
+                    "convert",
+                    "-l",
+                    "snapshot.name=s1",
+                    "-O",
+                    "raw",
+                    "t.qcow2",
+                    "s1.raw",
+                ],
             );
-        }
+            std::fs::read(d.join("s1.raw")).unwrap()
+        };
+        assert!(raw(od) == raw(qd), "{what}: snapshot contents differ");
     }
 }
 
@@ -519,4 +530,66 @@ fn amend_files_match_qemu_img() {
             amend: "lazy_refcounts=on,size=16M",
         },
     ]);
+}
+
+/// Strips the extra data from every entry of the snapshot table of a v2
+/// image (as QEMU before 1.1 wrote them), rewriting the table in place.
+fn strip_snapshot_extra(path: &std::path::Path) {
+    let mut f = std::fs::read(path).unwrap();
+    let be32 = |b: &[u8], o: usize| u32::from_be_bytes(b[o..o + 4].try_into().unwrap());
+    let be16 = |b: &[u8], o: usize| u16::from_be_bytes(b[o..o + 2].try_into().unwrap());
+    let n = be32(&f, 60) as usize;
+    let off = u64::from_be_bytes(f[64..72].try_into().unwrap()) as usize;
+    let (mut pos, mut out) = (off, Vec::new());
+    for _ in 0..n {
+        pos = pos.next_multiple_of(8);
+        let extra = be32(&f, pos + 36) as usize;
+        let (id, name) = (be16(&f, pos + 12) as usize, be16(&f, pos + 14) as usize);
+        out.resize(out.len().next_multiple_of(8), 0);
+        let mut fixed = f[pos..pos + 40].to_vec();
+        fixed[36..40].copy_from_slice(&0u32.to_be_bytes());
+        out.extend_from_slice(&fixed);
+        out.extend_from_slice(&f[pos + 40 + extra..pos + 40 + extra + id + name]);
+        pos += 40 + extra + id + name;
+    }
+    f[off..pos].fill(0);
+    f[off..off + out.len()].copy_from_slice(&out);
+    std::fs::write(path, f).unwrap();
+}
+
+#[test]
+fn amend_upgrade_rewrites_old_snapshot_tables_as_qemu_img() {
+    if !have_qemu() {
+        return;
+    }
+    let (qd, od) = twin_dirs(|d| {
+        qemu_ok(
+            d,
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                "compat=0.10",
+                "t.qcow2",
+                "4M",
+            ],
+        );
+        qemu_ok(d, "qemu-io", &["-c", "write -P 1 0 64k", "t.qcow2"]);
+        qemu_ok(d, "qemu-img", &["snapshot", "-c", "s1", "t.qcow2"]);
+        qemu_ok(d, "qemu-img", &["snapshot", "-c", "s2", "t.qcow2"]);
+        qemu_ok(d, "qemu-io", &["-c", "write -P 2 0 4k", "t.qcow2"]);
+        strip_snapshot_extra(&d.join("t.qcow2"));
+        let c = qemu(d, "qemu-img", &["check", "t.qcow2"]);
+        assert_eq!(c.code, 0, "{c:?}");
+    });
+    compare_amend(
+        qd.path(),
+        od.path(),
+        "compat=1.1",
+        "old snapshot table, compat=1.1",
+        true,
+    );
 }
