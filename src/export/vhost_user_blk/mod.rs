@@ -54,6 +54,7 @@ const VIRTIO_BLK_F_MQ: u64 = 1 << 12;
 const VIRTIO_BLK_F_DISCARD: u64 = 1 << 13;
 const VIRTIO_BLK_F_WRITE_ZEROES: u64 = 1 << 14;
 const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
+const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 
 /// Errors of the vhost-user-blk export.
@@ -238,7 +239,7 @@ impl VhostUserBackend for BlkBackend {
     fn features(&self) -> u64 {
         let mut f = VIRTIO_F_VERSION_1
             | VIRTIO_RING_F_INDIRECT_DESC
-            | virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX as u64
+            | VIRTIO_RING_F_EVENT_IDX
             | VIRTIO_BLK_F_SEG_MAX
             | VIRTIO_BLK_F_BLK_SIZE
             | VIRTIO_BLK_F_FLUSH
