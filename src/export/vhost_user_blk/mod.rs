@@ -7,16 +7,21 @@
 //! protocol on a Unix socket and one worker thread per virtqueue; each
 //! worker pops request chains from its split virtqueue, reads the request
 //! header and data out of guest memory (shared with the front-end through
-//! memfds) and calls the public [`Image`] API (`read_at`, `write_at`,
-//! `flush`, `discard`, `write_zeroes`) on the shared `Arc<Image>`.
+//! memfds) and calls the public [`Image`] API (`read_vectored_at`,
+//! `write_vectored_at`, `flush`, `discard`, `write_zeroes`) on the shared
+//! `Arc<Image>`.
 //!
-//! Data moves through a bounded per-worker buffer of at most
-//! [`CHUNK`] bytes, so a request of any length costs at most that much
-//! memory. Malformed requests complete with `VIRTIO_BLK_S_IOERR` or
+//! Data is read and written in guest memory in place: the data descriptors
+//! of a request are lent to the image's vectored calls as `IoSlice`s (the
+//! conversion is the `guest_io` module, the export's only `unsafe`). A
+//! buffer that is not contiguous in one guest memory region goes through a
+//! bounded per-worker buffer of at most [`CHUNK`] bytes instead.
+//! Malformed requests complete with `VIRTIO_BLK_S_IOERR` or
 //! `VIRTIO_BLK_S_UNSUPP`; a chain too broken to carry a status byte is
 //! returned to the driver with a used length of 0. Nothing here panics on
 //! what the front-end sends.
 
+mod guest_io;
 mod request;
 
 use crate::Image;
