@@ -126,10 +126,36 @@ impl Served {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    fn stop(mut self) -> (i32, String) {
+    /// Waits (bounded) until the log contains `text`.
+    fn wait_log(&self, text: &str) {
+        let t0 = Instant::now();
+        while !self.log().contains(text) {
+            assert!(
+                t0.elapsed() < WAIT,
+                "no {text:?} in the log: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL, and wait for it to die.
+    fn kill(mut self) {
+        let mut child = self.child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    fn stop(self) -> (i32, String) {
+        self.stop_with("-TERM")
+    }
+
+    /// Sends `sig` (a `kill` option such as `-INT`), then the exit code
+    /// (bounded wait).
+    fn stop_with(mut self, sig: &str) -> (i32, String) {
         let mut child = self.child.take().unwrap();
         let pid = child.id().to_string();
-        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let _ = Command::new("kill").args([sig, &pid]).status();
         let t0 = Instant::now();
         let st = loop {
             if let Some(st) = child.try_wait().unwrap() {
@@ -138,7 +164,7 @@ impl Served {
             if t0.elapsed() > WAIT {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!("server did not stop on SIGTERM: {}", self.log());
+                panic!("server did not stop on {sig}: {}", self.log());
             }
             std::thread::sleep(Duration::from_millis(20));
         };
@@ -892,4 +918,135 @@ fn read_only_export_refuses_writes() {
     let (code, log) = srv.stop();
     assert_eq!(code, 0, "{log}");
     ok(d, "qemu-img", &["check", "r.qcow2"]);
+}
+
+fn make_lazy(d: &Path, name: &str) {
+    ok(
+        d,
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "lazy_refcounts=on",
+            name,
+            "16M",
+        ],
+    );
+}
+
+fn serve_ours(d: &Path, sock: &Path, extra: &[&str], file: &str) -> Served {
+    let mut args = vec![
+        "serve",
+        "--vhost-user-blk",
+        "--socket",
+        sock.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    args.push(file);
+    Served::start(d, BIN, &args, sock)
+}
+
+/// Connects and disconnects are logged; SIGTERM with a front-end still
+/// connected (its last write not flushed) stops the server with exit 0, the
+/// lazy-refcounts image closed clean (dirty bit cleared), holding every
+/// completed write, and checking clean.
+#[test]
+fn sigterm_with_front_end_connected_leaves_a_clean_image() {
+    if !have(&["qemu-img", "qemu-io"], "vhost-user-blk sigterm") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    make_lazy(d, "l.qcow2");
+    let sock = d.join("l.sock");
+    let srv = serve_ours(d, &sock, &[], "l.qcow2");
+    let mut c = connect(&sock, 1);
+    c.queues[0].write(0, &[0x5a; 65536]);
+    drop(c);
+    srv.wait_log("front-end 1 disconnected");
+    let mut c = connect(&sock, 1);
+    c.queues[0].write(1 << 20, &[0xa5; 65536]);
+    let (code, log) = srv.stop();
+    drop(c);
+    assert_eq!(code, 0, "{log}");
+    for line in [
+        "serving vhost-user-blk on ",
+        "front-end 1 connected",
+        "front-end 1 disconnected",
+        "front-end 2 connected",
+        "stopped",
+    ] {
+        assert!(log.contains(line), "log lacks {line:?}: {log}");
+    }
+    assert!(!sock.exists(), "socket removed on stop");
+    let hdr = std::fs::read(d.join("l.qcow2")).unwrap();
+    assert_eq!(hdr[79] & 1, 0, "dirty bit cleared on a clean stop");
+    ok(d, "qemu-img", &["check", "l.qcow2"]);
+    let r = ok(
+        d,
+        "qemu-io",
+        &[
+            "-c",
+            "read -P 0x5a 0 64k",
+            "-c",
+            "read -P 0xa5 1M 64k",
+            "l.qcow2",
+        ],
+    );
+    assert!(!r.contains("fail"), "{r}");
+}
+
+/// `-q` logs nothing, and SIGINT stops like SIGTERM; SIGKILL after a
+/// flushed write and an unflushed one leaves a lazy-refcounts image that
+/// opens (repaired on the read-write open), holds the flushed data and
+/// checks clean.
+#[test]
+fn sigint_quiet_and_sigkill() {
+    if !have(&["qemu-img"], "vhost-user-blk sigint/sigkill") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    make_lazy(d, "k.qcow2");
+    let sock = d.join("k.sock");
+    let srv = serve_ours(d, &sock, &["-q"], "k.qcow2");
+    let mut c = connect(&sock, 1);
+    c.queues[0].write(2 << 20, &[0x66; 65536]);
+    drop(c);
+    let (code, log) = srv.stop_with("-INT");
+    assert_eq!((code, log.as_str()), (0, ""), "quiet and clean on SIGINT");
+    let hdr = std::fs::read(d.join("k.qcow2")).unwrap();
+    assert_eq!(hdr[79] & 1, 0, "dirty bit cleared on SIGINT");
+
+    let srv = serve_ours(d, &sock, &["-q"], "k.qcow2");
+    let mut c = connect(&sock, 1);
+    let q = &mut c.queues[0];
+    q.write(0, &[0x77; 65536]);
+    assert_eq!(q.request(T_FLUSH, 0, &[], 0).0, S_OK);
+    q.write(1 << 20, &[0x88; 65536]);
+    srv.kill();
+    drop(c);
+    let r = Command::new(BIN)
+        .args([
+            "io",
+            "-c",
+            "read -P 0x77 0 64k",
+            "-c",
+            "read -P 0x66 2M 64k",
+            "k.qcow2",
+        ])
+        .current_dir(d)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&r.stdout);
+    assert!(
+        r.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    assert!(!out.contains("fail"), "{out}");
+    ok(d, "qemu-img", &["check", "k.qcow2"]);
 }

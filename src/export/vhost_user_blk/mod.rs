@@ -324,16 +324,26 @@ pub fn bind(path: &Path) -> Result<Listener, Error> {
     })
 }
 
+/// A log sink for connects, disconnects and errors (one line each).
+pub type LogFn = Arc<dyn Fn(&str) + Send + Sync>;
+
 /// Serves front-ends on `listener`, one connection at a time, until `stop`
 /// is set (checked between connections) or the daemon fails. Each
 /// connection ends when the front-end hangs up; the socket at `path` is then
-/// bound again for the next one.
+/// bound again for the next one. Connects and disconnects go to `log`.
 pub fn serve(
     backend: Arc<BlkBackend>,
     mut listener: Listener,
     path: &Path,
     stop: &AtomicBool,
+    log: Option<LogFn>,
 ) -> Result<(), Error> {
+    let say = |m: &str| {
+        if let Some(l) = &log {
+            l(m)
+        }
+    };
+    let mut n = 0u64;
     loop {
         backend.reset_exits()?;
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
@@ -342,16 +352,21 @@ pub fn serve(
         daemon
             .start(listener)
             .map_err(|e| Error::Daemon(e.to_string()))?;
+        n += 1;
+        say(&format!("front-end {n} connected"));
         let r = daemon.wait();
         for h in daemon.get_epoll_handlers() {
             h.send_exit_event();
         }
         match r {
-            Ok(()) => {}
+            Ok(()) => say(&format!("front-end {n} disconnected")),
             Err(vhost_user_backend::Error::HandleRequest(
                 vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
-            )) => {}
-            Err(e) => return Err(Error::Daemon(e.to_string())),
+            )) => say(&format!("front-end {n} disconnected")),
+            Err(e) => {
+                say(&format!("front-end {n}: {e}"));
+                return Err(Error::Daemon(e.to_string()));
+            }
         }
         if stop.load(Ordering::SeqCst) {
             return Ok(());
