@@ -123,10 +123,18 @@ impl Served {
     }
 
     /// SIGTERM, then the exit code (bounded wait).
-    fn stop(mut self) -> (i32, String) {
+    fn stop(self) -> (i32, String) {
+        self.finish(Some("-TERM"))
+    }
+
+    /// Sends `sig` if given, then waits (bounded) for the exit code.
+    fn finish(mut self, sig: Option<&str>) -> (i32, String) {
         let mut child = self.child.take().unwrap();
         let pid = child.id().to_string();
-        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        if let Some(sig) = sig {
+            let _ = Command::new("kill").args([sig, &pid]).status();
+        }
+        let sig = sig.unwrap_or("an earlier signal");
         let t0 = Instant::now();
         let st = loop {
             if let Some(st) = child.try_wait().unwrap() {
@@ -135,7 +143,7 @@ impl Served {
             if t0.elapsed() > WAIT {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!("server did not stop on SIGTERM: {}", self.log());
+                panic!("server did not stop on {sig}: {}", self.log());
             }
             std::thread::sleep(Duration::from_millis(20));
         };
@@ -1115,4 +1123,61 @@ fn sigkill_leaves_an_image_that_opens() {
     );
     let chk = run(d, "qemu-img", &["check", "k.qcow2"]);
     assert_eq!(chk.code, 0, "{chk:?}");
+}
+
+/// SIGINT stops like SIGTERM, and requests the client sent before it are
+/// still answered: eight writes are pipelined (sent before any reply is
+/// read), then the signal; every reply is a success, the server exits 0,
+/// `-q` kept the log empty, and the lazy-refcounts image is closed clean
+/// with every write in it.
+#[test]
+fn sigint_answers_requests_sent_before_it_quietly() {
+    if !have(&["qemu-img", "qemu-io"], "nbd sigint") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ok(
+        d,
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "lazy_refcounts=on",
+            "i.qcow2",
+            "4M",
+        ],
+    );
+    let srv = Served::ours_unix(d, &["-q"], "i.qcow2");
+    let mut c = Client::go(&d.join("s.sock"), true);
+    let cookies: Vec<(u64, u64)> = (0..8u64)
+        .map(|k| {
+            let off = k * (256 << 10);
+            (c.send(0, 1, off, 4096, &[0x10 + k as u8; 4096]), off)
+        })
+        .collect();
+    let pid = srv.child.as_ref().unwrap().id().to_string();
+    let _ = Command::new("kill").args(["-INT", &pid]).status();
+    for (cookie, off) in cookies {
+        assert_eq!(c.recv(cookie, off, 0, false), Ok(vec![]), "write at {off}");
+    }
+    let (code, log) = srv.finish(None);
+    assert_eq!((code, log.as_str()), (0, ""), "quiet and clean on SIGINT");
+    assert!(!d.join("s.sock").exists(), "socket removed");
+    let hdr = std::fs::read(d.join("i.qcow2")).unwrap();
+    assert_eq!(hdr[79] & 1, 0, "dirty bit cleared on SIGINT");
+    assert_eq!(run(d, "qemu-img", &["check", "i.qcow2"]).code, 0);
+    let mut args = vec![];
+    let cmds: Vec<String> = (0..8u64)
+        .map(|k| format!("read -P {:#x} {} 4k", 0x10 + k, k * (256 << 10)))
+        .collect();
+    for cmd in &cmds {
+        args.extend_from_slice(&["-c", cmd.as_str()]);
+    }
+    args.push("i.qcow2");
+    let r = ok(d, "qemu-io", &args);
+    assert!(!r.contains("fail"), "{r}");
 }
