@@ -195,7 +195,7 @@ const URI: &str = "nbd+unix:///?socket=s.sock";
 #[test]
 fn qemu_and_libnbd_clients_see_what_qemu_nbd_shows() {
     if !have(
-        &["qemu-img", "qemu-io", "qemu-nbd", "nbdinfo"],
+        &["qemu-img", "qemu-io", "qemu-nbd", "nbdinfo", "nbdcopy"],
         "nbd clients",
     ) {
         return;
@@ -256,6 +256,21 @@ fn qemu_and_libnbd_clients_see_what_qemu_nbd_shows() {
         ],
     );
     assert!(!reads.contains("fail"), "{reads}");
+    // qemu-img convert and nbdcopy out of the export give the file's content.
+    ok(
+        d,
+        "qemu-img",
+        &["convert", "-U", "-O", "raw", "d.qcow2", "want.raw"],
+    );
+    ok(
+        d,
+        "qemu-img",
+        &["convert", "-f", "raw", "-O", "raw", URI, "conv.raw"],
+    );
+    ok(d, "nbdcopy", &[URI, "copy.raw"]);
+    let want = std::fs::read(d.join("want.raw")).unwrap();
+    assert!(std::fs::read(d.join("conv.raw")).unwrap() == want);
+    assert!(std::fs::read(d.join("copy.raw")).unwrap() == want);
 
     // The same operations over NBD and on the twin directly.
     let ops = [
@@ -408,11 +423,13 @@ fn read_only_named_export_and_client_errors() {
     assert_eq!(code, 0, "{log}");
 }
 
-/// Over TCP with an ephemeral port: nbdcopy out of the export equals
-/// `qemu-img convert`, nbdcopy into it writes what the file then holds.
+/// Over TCP with an ephemeral port: nbdinfo, `qemu-img map` and qemu-io
+/// see what they see over the Unix socket; nbdcopy and `qemu-img convert`
+/// out of the export equal `qemu-img convert` of the file and `qemu-img
+/// compare` agrees; nbdcopy into it writes what the file then holds.
 #[test]
 fn tcp_nbdcopy_round_trip() {
-    if !have(&["qemu-img", "qemu-io", "nbdcopy"], "nbd tcp") {
+    if !have(&["qemu-img", "qemu-io", "nbdcopy", "nbdinfo"], "nbd tcp") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -441,6 +458,50 @@ fn tcp_nbdcopy_round_trip() {
     assert!(
         std::fs::read(d.join("got.raw")).unwrap() == std::fs::read(d.join("want.raw")).unwrap()
     );
+    ok(
+        d,
+        "qemu-img",
+        &["convert", "-f", "raw", "-O", "raw", &uri, "conv.raw"],
+    );
+    assert!(
+        std::fs::read(d.join("conv.raw")).unwrap() == std::fs::read(d.join("want.raw")).unwrap()
+    );
+    let cmp = run(
+        d,
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "raw", &uri, "want.raw"],
+    );
+    assert_eq!(
+        (cmp.code, cmp.out.as_str()),
+        (0, "Images are identical.\n"),
+        "{cmp:?}"
+    );
+    // cli.md §24's map, as over the Unix socket.
+    assert_eq!(
+        ok(d, "nbdinfo", &["--map", &uri]),
+        "         0       65536    0  data\n     65536      458752    3  hole,zero\n    \
+         524288      131072    0  data\n    655360      393216    3  hole,zero\n"
+    );
+    let map_json = ok(d, "qemu-img", &["map", "--output=json", "-f", "raw", &uri]);
+    assert_eq!(map_json.lines().count(), 4, "{map_json}");
+    let reads = ok(
+        d,
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0x11 0 64k",
+            "-c",
+            "write -P 0x5c 64k 4k",
+            "-c",
+            "read -P 0x5c 64k 4k",
+            "-c",
+            "read -P 0x22 512k 128k",
+            &uri,
+        ],
+    );
+    assert!(!reads.contains("fail"), "{reads}");
 
     // Write a pattern file into the export.
     let mut pat = vec![0u8; 1 << 20];
