@@ -310,6 +310,7 @@ fn qemu_and_libnbd_clients_see_what_qemu_nbd_shows() {
     let (code, log) = srv.stop();
     assert_eq!(code, 0, "{log}");
     assert!(log.contains("client 1 connected"), "{log}");
+    assert!(log.contains("client 1 disconnected"), "{log}");
 
     // qemu-nbd on the twin (discards honoured, allocation depth on).
     let sock = d.join("s.sock");
