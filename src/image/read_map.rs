@@ -6,8 +6,16 @@
 use super::*;
 use std::sync::RwLockReadGuard;
 
-/// Most extents one [`ReadMapping`] holds; a longer request maps a prefix.
-pub const MAX_READ_EXTENTS: usize = 64;
+/// Most extents one [`ReadMapping`] holds (inline: mapping allocates
+/// nothing); a longer request maps a prefix.
+pub const MAX_READ_EXTENTS: usize = 16;
+
+/// An unused slot of [`ReadMapping`]'s inline array.
+const NO_EXTENT: MappedExtent = MappedExtent {
+    guest: 0,
+    len: 0,
+    kind: Extent::Unallocated,
+};
 
 /// One run of guest bytes and where it reads from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,7 +37,8 @@ pub struct MappedExtent {
 #[derive(Debug)]
 pub struct ReadMapping<'a> {
     _ticket: RwLockReadGuard<'a, ()>,
-    extents: Vec<MappedExtent>,
+    extents: [MappedExtent; MAX_READ_EXTENTS],
+    n: usize,
     in_data_file: bool,
     compression_type: u8,
 }
@@ -38,17 +47,17 @@ impl ReadMapping<'_> {
     /// The runs, in guest order, contiguous, covering a prefix of the
     /// request (all of it unless more than [`MAX_READ_EXTENTS`] runs).
     pub fn extents(&self) -> &[MappedExtent] {
-        &self.extents
+        self.extents.get(..self.n).unwrap_or_default()
     }
 
     /// Bytes of the request covered.
     pub fn len(&self) -> u64 {
-        self.extents.iter().map(|e| e.len).sum()
+        self.extents().iter().map(|e| e.len).sum()
     }
 
     /// Whether nothing is covered (a request of length 0).
     pub fn is_empty(&self) -> bool {
-        self.extents.is_empty()
+        self.n == 0
     }
 
     /// The image's compression type (header field) for
@@ -96,21 +105,26 @@ impl Image {
     /// As [`Image::read_at`] (out of range, corrupt tables, I/O errors
     /// reading them, a disabled handle).
     pub fn map_read(&self, offset: u64, len: u64) -> Result<ReadMapping<'_>> {
+        if let Some(map) = self.map_read_shared(offset, len)? {
+            return Ok(map);
+        }
         let mut meta = self.lock()?;
         self.check_range(meta.header.size, offset, len)?;
-        let mut extents = Vec::new();
+        let mut extents = [NO_EXTENT; MAX_READ_EXTENTS];
+        let mut n_ext = 0usize;
         let mut done = 0u64;
-        while done < len && extents.len() < MAX_READ_EXTENTS {
+        while done < len && n_ext < MAX_READ_EXTENTS {
             let g = offset + done;
             let (kind, n) = match meta.map_extent(g, len - done) {
                 Ok(x) => x,
                 Err(e) => return Err(self.fail(&mut meta, e, IoOp::Read)),
             };
-            extents.push(MappedExtent {
+            extents[n_ext] = MappedExtent {
                 guest: g,
                 len: n,
                 kind,
-            });
+            };
+            n_ext += 1;
             done += n;
         }
         let in_data_file = meta.efmt.external_data;
@@ -125,9 +139,62 @@ impl Image {
         Ok(ReadMapping {
             _ticket: ticket,
             extents,
+            n: n_ext,
             in_data_file,
             compression_type,
         })
+    }
+}
+
+impl Image {
+    /// [`Image::map_read`] under the shared lock, from cached L2 slices
+    /// only: the prefix of the request mapped before the first miss or
+    /// error, `None` when that is nothing (the exclusive path then loads,
+    /// or reports the error).
+    fn map_read_shared(&self, offset: u64, len: u64) -> Result<Option<ReadMapping<'_>>> {
+        let meta = self.lock_shared()?;
+        if Self::shared_defers(&meta)
+            || offset
+                .checked_add(len)
+                .is_none_or(|end| end > meta.header.size)
+        {
+            return Ok(None);
+        }
+        let mut extents = [NO_EXTENT; MAX_READ_EXTENTS];
+        let mut n_ext = 0usize;
+        let mut done = 0u64;
+        while done < len && n_ext < MAX_READ_EXTENTS {
+            let g = offset + done;
+            let Ok(Some((kind, n))) = meta.map_extent_cached(g, len - done) else {
+                break;
+            };
+            extents[n_ext] = MappedExtent {
+                guest: g,
+                len: n,
+                kind,
+            };
+            n_ext += 1;
+            done += n;
+        }
+        if done == 0 && len > 0 {
+            return Ok(None);
+        }
+        let in_data_file = meta.efmt.external_data;
+        let compression_type = meta.header.compression_type;
+        // Taken before the shared lock is released: clusters freed after
+        // this translation are not reused until the ticket is dropped.
+        let ticket = self
+            .io_barrier
+            .read()
+            .map_err(|_| Error::PreviousIoFailed)?;
+        drop(meta);
+        Ok(Some(ReadMapping {
+            _ticket: ticket,
+            extents,
+            n: n_ext,
+            in_data_file,
+            compression_type,
+        }))
     }
 }
 
