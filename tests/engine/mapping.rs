@@ -196,3 +196,50 @@ fn crash_between_data_write_and_commit_leaves_only_leaks() {
         }
     }
 }
+
+/// A reservation whose own first file write fails (after a discard freed a
+/// cluster inside the file, so the new cluster may have to be completed
+/// around the guest range) returns the error and releases its clusters; one
+/// whose caller's data write fails is aborted. Either way the image stays usable and closes clean.
+#[test]
+fn failed_writes_release_the_reservation() {
+    use crate::support::testing::{Fault, FaultKind, FaultOp};
+    let o = CreateOptions::from_qemu_str("cluster_size=4096").unwrap();
+    let mem = support::mem_create(&o, 1 << 20);
+    let fs = Arc::new(FaultyStorage::new(MemStorage::from_bytes(mem.to_vec())));
+    let img = Image::open_storage(fs.clone() as Arc<dyn Storage>, &OpenOptions::new()).unwrap();
+    img.write_at(&[1; 4 * 4096], 0).unwrap();
+    img.flush().unwrap();
+    img.discard(4096, 4096).unwrap();
+    img.flush().unwrap();
+    let eio = Some(Fault {
+        op: FaultOp::Write,
+        nth: 0,
+        kind: FaultKind::Eio,
+        persistent: false,
+    });
+    // The first file write the reservation does fails.
+    fs.set_fault(eio);
+    let r = img.reserve_write(40_000, 100);
+    assert!(matches!(r, Err(qcow2kit::Error::Io { .. })), "{r:?}");
+    drop(r);
+    fs.set_fault(None);
+    // The caller's own write fails: it aborts.
+    let res = img.reserve_write(80_000, 5000).unwrap();
+    fs.set_fault(eio);
+    let e = res.extents()[0];
+    assert!(fs.write_at(&[2; 5000], e.host).is_err());
+    fs.set_fault(None);
+    res.abort();
+    let mut back = vec![9u8; 100_000];
+    img.read_at(&mut back, 0).unwrap();
+    assert!(back[..4096].iter().all(|&b| b == 1));
+    assert!(back[16_384..].iter().all(|&b| b == 0), "nothing was linked");
+    img.write_at(&[3; 100], 40_000).unwrap();
+    img.close().unwrap();
+    if support::have_qemu() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = support::write_file(dir.path(), "f.qcow2", &fs.inner().to_vec());
+        support::assert_check_clean(&path, "after failed reservations");
+    }
+}
