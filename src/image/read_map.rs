@@ -247,6 +247,43 @@ mod tests {
         assert_eq!(got, want);
     }
 
+    /// Cache-hit reads, in-place overwrites and in-place reservations need
+    /// only the shared side of the metadata lock: they complete on another
+    /// thread while this one holds it (with an exclusive lock they could
+    /// not, and the test would hang), and they count as cache hits.
+    #[test]
+    fn cache_hits_translate_under_the_shared_lock() {
+        let (_mem, img) = image();
+        img.write_at(&[4; 3 * 4096], 0).unwrap();
+        let mut warm = [0u8; 4096];
+        img.read_at(&mut warm, 0).unwrap();
+        let before = img.cache_stats().0;
+        let held = img.lock_shared().unwrap();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let mut buf = [0u8; 5000];
+                img.read_at(&mut buf, 100).unwrap();
+                assert_eq!(buf, [4; 5000]);
+                let map = img.map_read(0, 3 * 4096).unwrap();
+                assert_eq!(map.extents().len(), 1);
+                drop(map);
+                img.write_at(&[5; 100], 200).unwrap();
+                let res = img.reserve_write(4096, 4096).unwrap();
+                assert_eq!(res.len(), 4096);
+                res.commit().unwrap();
+            })
+            .join()
+            .unwrap();
+        });
+        drop(held);
+        let after = img.cache_stats().0;
+        assert_eq!(after.misses, before.misses, "no miss");
+        assert!(after.hits >= before.hits + 4, "{before:?} -> {after:?}");
+        let mut b = [0u8; 300];
+        img.read_at(&mut b, 0).unwrap();
+        assert!(b[..200].iter().all(|&x| x == 4) && b[200..].iter().all(|&x| x == 5));
+    }
+
     /// A request of many runs maps a prefix of at most `MAX_READ_EXTENTS`
     /// runs; out-of-range requests are refused; length 0 maps nothing.
     #[test]
