@@ -53,6 +53,7 @@ pub mod types;
 pub use error::{Error, Result};
 pub use events::Event;
 pub use image::CacheStats;
+pub use image::CompressedCluster;
 pub use image::Image;
 // Creating and amending live in the image layer (`image::create`,
 // `image::amend`); the short paths stay the documented ones.

@@ -43,7 +43,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 
 pub mod amend;
+mod compressed;
 pub mod create;
+pub use compressed::CompressedCluster;
 mod open;
 mod read_map;
 pub use read_map::{MappedExtent, ReadMapping, MAX_READ_EXTENTS};
