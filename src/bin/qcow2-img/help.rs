@@ -135,7 +135,7 @@ Exit codes:
 
 /// `qcow2-img convert --help`.
 pub const CONVERT: &str = "\
-Usage: qcow2-img convert [-f qcow2] [-T SRC_CACHE] [-U] [-O raw|qcow2] [-o OPTS]...
+Usage: qcow2-img convert [-f qcow2|raw] [-T SRC_CACHE] [-U] [-O raw|qcow2] [-o OPTS]...
                          [-t TGT_CACHE] [-c] [-p] [-q] [-m NUM] [-W] SRC DST
 
 Copy the guest data of SRC, read through its backing chain, into a new image
@@ -144,8 +144,8 @@ DST. Only ranges that hold non-zero data are written, so DST is sparse.
 Options:
   -h, --help
       print this help and exit
-  -f, --format qcow2
-      format of SRC; only qcow2 is supported (default: qcow2)
+  -f, --format qcow2|raw
+      format of SRC (default: qcow2; a raw SRC needs -f raw)
   -T SRC_CACHE
       cache mode for SRC: none, off, writeback, unsafe, directsync or
       writethrough (default writeback)
@@ -161,7 +161,10 @@ Options:
   -t TGT_CACHE
       cache mode for DST, values as for -T (default unsafe: no syncs at all)
   -c, --compress
-      write compressed clusters: not supported yet (refused with an error)
+      write every cluster with data compressed (compression_type of DST:
+      zlib or zstd), as qemu-img does; clusters that do not compress are
+      written plainly and all-zero clusters not at all; only with -O qcow2.
+      Compression runs on several threads, writes stay in guest order
   -p, --progress
       print qemu-img's progress indicator on stdout: updates of the form
       (PERCENT/100%), each ended by a carriage return, and a newline at the end

@@ -12,6 +12,7 @@ mod bench;
 mod check_cli;
 mod common;
 mod convert;
+mod convert_src;
 mod create;
 mod help;
 mod info;
