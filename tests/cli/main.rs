@@ -8,6 +8,7 @@ mod support;
 
 mod amend;
 mod backing_loops;
+mod compare;
 mod compress;
 mod convert_errors;
 mod create_info;

@@ -75,6 +75,20 @@ impl Src {
     }
 }
 
+/// What block status says about a run (QEMU's `BDRV_BLOCK_ALLOCATED`,
+/// `_ZERO`, `_DATA` and `_EOF`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Status {
+    /// Some layer of the chain allocates it.
+    pub allocated: bool,
+    /// It reads as zeroes.
+    pub zero: bool,
+    /// It has data.
+    pub data: bool,
+    /// The run reaches the end of the image.
+    pub eof: bool,
+}
+
 impl Extents<'_> {
     /// Whether the run from `offset` (at most `max` bytes) may hold non-zero
     /// data, and its length (> 0).
@@ -88,6 +102,35 @@ impl Extents<'_> {
                 Ok((data, len)) => Ok((data, len.clamp(1, max))),
                 Err(_) => Ok((true, max)),
             },
+        }
+    }
+
+    /// The block status of the run from `offset` (at most `max` bytes) and
+    /// its length (> 0).
+    pub fn status(&self, offset: u64, max: u64) -> Result<(Status, u64), Error> {
+        match self {
+            Extents::Qcow2(ls) => {
+                let e = block_status(ls, offset, max)?;
+                let len = e.length.clamp(1, max);
+                let s = Status {
+                    allocated: e.present,
+                    zero: e.zero,
+                    data: e.data,
+                    eof: len == max,
+                };
+                Ok((s, len))
+            }
+            Extents::Raw(_) => {
+                // The raw driver allocates everything; holes read as zeroes.
+                let (data, len) = self.next(offset, max)?;
+                let s = Status {
+                    allocated: true,
+                    zero: !data,
+                    data,
+                    eof: len == max,
+                };
+                Ok((s, len))
+            }
         }
     }
 

@@ -14,6 +14,7 @@ Commands:
   amend    change header options (compat, refcount_bits, size, ...) of an image
   bench    run a simple read or write benchmark on an image
   check    check an image for consistency and optionally repair it
+  compare  compare the guest contents of two images
   convert  copy an image's guest data (through its backing chain) to a new image
   create   create a new qcow2 image, optionally over a backing file
   info     show information about an image (and its backing chain)
@@ -29,6 +30,35 @@ Options:
       print the version and exit
 
 Run 'qcow2-img COMMAND --help' for a command's options and exit codes.
+";
+
+/// `qcow2-img compare --help`.
+pub const COMPARE: &str = "\
+Usage: qcow2-img compare [-f FMT] [-F FMT] [-T SRC_CACHE] [-s] [-p] [-q] [-U] FILE1 FILE2
+
+Compare the guest contents of two images (through their backing chains).
+Unallocated and zero ranges equal zeroes; a size difference is a warning when
+the larger image's tail reads as zeroes.
+
+Options:
+  -h, --help
+      print this help and exit
+  -f FMT, -F FMT
+      format of FILE1 and FILE2: qcow2 or raw (default: probed)
+  -T SRC_CACHE
+      cache mode for both images (default writeback)
+  -s
+      strict: a size difference or a different allocation (data, zeroes,
+      unallocated) is a mismatch too
+  -p
+      print qemu-img's progress indicator on stdout
+  -q
+      print nothing
+  -U, --force-share
+      open the images in shared mode
+
+Exit status: 0 identical, 1 different (or a usage error), 2 an image could not
+be opened, 3 a block status query failed, 4 a read failed.
 ";
 
 /// `qcow2-img create --help`.
