@@ -57,7 +57,7 @@ pub use image::CompressedCluster;
 pub use image::Image;
 // Creating and amending live in the image layer (`image::create`,
 // `image::amend`); the short paths stay the documented ones.
-pub use image::{amend, create};
+pub use image::{amend, create, measure};
 pub use mapping::Extent;
 pub use options::{CreateOptions, OpenOptions};
 

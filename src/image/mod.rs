@@ -45,6 +45,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 pub mod amend;
 mod compressed;
 pub mod create;
+pub mod measure;
 pub use compressed::CompressedCluster;
 mod open;
 mod read_map;

@@ -47,6 +47,7 @@ mod tests;
 pub(crate) use cache::TableCache;
 pub(crate) use gate::{DataPermit, DataTarget, FileReader, WriteGate};
 pub(crate) use load::load;
+pub(crate) use refcount::refcount_metadata_size;
 
 /// Why a refcount is being dropped (QEMU's discard types), deciding whether
 /// the freed host range is discarded in the file.

@@ -22,6 +22,7 @@ mod io_more;
 mod locking;
 mod map_convert;
 mod map_extents;
+mod measure;
 mod nbd_serve;
 mod progress;
 mod vhost_user;

@@ -20,6 +20,7 @@ Commands:
   info     show information about an image (and its backing chain)
   io       run qemu-io commands (read, write, discard, ...) on an image
   map      show where an image's guest data is and which layer holds it
+  measure  compute the file size a new image would need
   resize   grow or shrink an image's virtual size
   serve    export an image to other processes (--nbd: an NBD server)
 
@@ -30,6 +31,37 @@ Options:
       print the version and exit
 
 Run 'qcow2-img COMMAND --help' for a command's options and exit codes.
+";
+
+/// `qcow2-img measure --help`.
+pub const MEASURE: &str = "\
+Usage: qcow2-img measure [--output human|json] [-O raw|qcow2] [-o OPTS]... [-U]
+                         (--size SIZE | [-f qcow2|raw] FILE)
+
+Print the file size a new image of format -O would need: `required size` (right
+after creating it, or after converting FILE into it) and `fully allocated size`
+(every cluster allocated); for a qcow2 target of compat=1.1 measured from a
+qcow2 FILE also `bitmaps size` (the space of FILE's persistent bitmaps).
+
+Options:
+  -h, --help
+      print this help and exit
+  --output human|json
+      output format (default human)
+  -O raw|qcow2
+      format of the new image (default raw)
+  -o, --options OPTS
+      creation options of the new image as key=value[,key=value...]; may be
+      repeated; for qcow2 cluster_size, extended_l2, refcount_bits, compat,
+      preallocation and backing_file count
+  --size SIZE
+      measure an empty image of SIZE bytes (suffixes k, M, G, T, ...)
+  -f, --format qcow2|raw
+      format of FILE (default qcow2)
+  -U, --force-share
+      open FILE in shared mode
+
+Exit status: 0 on success, 1 on an error.
 ";
 
 /// `qcow2-img compare --help`.
