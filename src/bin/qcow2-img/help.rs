@@ -55,13 +55,19 @@ Options:
       repeated; for qcow2 cluster_size, extended_l2, refcount_bits, compat,
       preallocation and backing_file count
   --size SIZE
-      measure an empty image of SIZE bytes (suffixes k, M, G, T, ...)
+      measure an empty image of SIZE bytes (suffixes k, M, G, T, P, E)
   -f, --format qcow2|raw
       format of FILE (default qcow2)
   -U, --force-share
       open FILE in shared mode
 
-Exit status: 0 on success, 1 on an error.
+Arguments:
+  FILE
+      the image whose conversion is measured (with its backing chain)
+
+Exit codes:
+  0  the sizes were printed
+  1  error: bad argument or option, or FILE cannot be opened
 ";
 
 /// `qcow2-img compare --help`.
@@ -89,8 +95,16 @@ Options:
   -U, --force-share
       open the images in shared mode
 
-Exit status: 0 identical, 1 different (or a usage error), 2 an image could not
-be opened, 3 a block status query failed, 4 a read failed.
+Arguments:
+  FILE1, FILE2
+      the images to compare
+
+Exit codes:
+  0  the images are identical
+  1  the images differ, or a bad argument
+  2  an image cannot be opened
+  3  a block status query failed
+  4  a read failed
 ";
 
 /// `qcow2-img create --help`.
