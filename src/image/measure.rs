@@ -71,9 +71,22 @@ pub fn fully_allocated_size(
 /// refcount width), `Error::TooLarge` for a disk the L1 table cannot map.
 pub fn qcow2(opts: &CreateOptions, virtual_size: u64, data: Option<u64>) -> Result<Measurement> {
     use crate::options::OptionError;
+    let invalid = |e: OptionError| Error::InvalidArgument(e.to_string());
+    // QEMU's order: cluster size, version, refcount width, preallocation.
     let cs = opts.cluster_size;
     if !(512..=(2 << 20)).contains(&cs) || !cs.is_power_of_two() {
-        return Err(Error::InvalidArgument(OptionError::ClusterSize.to_string()));
+        return Err(invalid(OptionError::ClusterSize));
+    }
+    if opts.extended_l2 && cs < crate::options::MIN_EXTENDED_L2_CLUSTER_SIZE {
+        return Err(invalid(OptionError::ExtendedL2ClusterSize));
+    }
+    if let Some(spelling) = &opts.compat_spelling {
+        if spelling.parse::<Compat>().is_err() {
+            // qcow2_opt_get_version_del's text (creation says it otherwise).
+            return Err(Error::InvalidArgument(format!(
+                "Invalid compatibility level: '{spelling}'"
+            )));
+        }
     }
     let bits = opts.refcount_bits;
     if !bits.is_power_of_two() || bits > 64 {
@@ -82,9 +95,20 @@ pub fn qcow2(opts: &CreateOptions, virtual_size: u64, data: Option<u64>) -> Resu
         ));
     }
     if opts.compat == Compat::V2 && bits != 16 {
+        // qcow2_opt_get_refcount_bits_del's text.
         return Err(Error::InvalidArgument(
-            OptionError::RefcountBitsV2.to_string(),
+            "Different refcount widths than 16 bits require compatibility level 1.1 or above \
+             (use compat=1.1 or greater)"
+                .into(),
         ));
+    }
+    if let Some(spelling) = opts.spellings.get("preallocation") {
+        if spelling.parse::<Preallocation>().is_err() {
+            return Err(invalid(OptionError::InvalidParameterValue {
+                option: "preallocation",
+                value: spelling.clone(),
+            }));
+        }
     }
     let aligned = virtual_size
         .checked_next_multiple_of(cs)

@@ -148,6 +148,43 @@ fn measure_matches_qemu_img() {
         &["--size", "-1", "-O", "qcow2"],
         &["--size", "1G", "--output=xml"],
         &["--size", "1G", "-O", "qcow2", "-o", "refcount_bits=3"],
+        &["--size", "1G", "-O", "qcow2", "-o", "compat=0.9"],
+        &["--size", "1G", "-O", "qcow2", "-o", "preallocation=bogus"],
+        &["--size", "1G", "-O", "qcow2", "-o", "cluster_size=abc"],
+        &[
+            "--size",
+            "1G",
+            "-O",
+            "qcow2",
+            "-o",
+            "extended_l2=on,cluster_size=4k",
+        ],
+        &[
+            "--size",
+            "1G",
+            "-O",
+            "qcow2",
+            "-o",
+            "compat=0.10,refcount_bits=8",
+        ],
+        &[
+            "--size",
+            "1G",
+            "-O",
+            "qcow2",
+            "-o",
+            "compat=0.10,lazy_refcounts=on",
+        ],
+        &[
+            "--size",
+            "1G",
+            "-O",
+            "qcow2",
+            "-o",
+            "size=2G,data_file=x,compression_type=zstd",
+        ],
+        &["--size", "1G", "-O", "raw", "-o", "preallocation=full"],
+        &["-O", "qcow2", "nosuch.qcow2"],
     ] {
         cases.push(s(e));
     }

@@ -109,7 +109,12 @@ fn open(name: &str, fmt: Option<&str>, force_share: bool) -> Result<Src, Fail> {
 /// qemu-img's message for an option list the target format refuses.
 fn invalid_options(e: &OptionError, fmt: &str) -> Fail {
     match e {
-        OptionError::InvalidParameter { .. } => Fail::Msg(format!(
+        OptionError::InvalidParameter { .. }
+        | OptionError::BadSize { .. }
+        | OptionError::BadNumber { .. }
+        | OptionError::BadBool { .. }
+        | OptionError::NumberTooLarge { .. }
+        | OptionError::SizeOutOfRange { .. } => Fail::Msg(format!(
             "{e}\nqcow2-img: Invalid options for file format '{fmt}'"
         )),
         _ => Fail::Msg(e.to_string()),
@@ -160,7 +165,10 @@ fn measure_qcow2(
         None => (size.unwrap_or(0), None),
         Some((name, s)) => (s.size(), Some(data_bytes(s, name, cs)?)),
     };
-    let m = measure::qcow2(&opts, virtual_size, data).map_err(|e| Fail::Msg(e.to_string()))?;
+    let m = measure::qcow2(&opts, virtual_size, data).map_err(|e| match e {
+        qcow2kit::Error::InvalidArgument(m) => Fail::Msg(m),
+        e => Fail::Msg(e.to_string()),
+    })?;
     let bitmaps = match src {
         Some((name, Src::Qcow2(img)))
             if opts.compat == qcow2kit::options::Compat::V3 && img.header().version >= 3 =>
