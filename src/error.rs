@@ -129,6 +129,9 @@ pub enum Unsupported {
     AmendDataFile,
     /// `amend` shrinking the disk.
     AmendShrink,
+    /// Compressed writes to an image with an external data file (QEMU
+    /// refuses them too: compressed clusters live in the image file).
+    CompressedWithDataFile,
 }
 
 impl std::fmt::Display for Unsupported {
@@ -142,6 +145,9 @@ impl std::fmt::Display for Unsupported {
             }
             Unsupported::AmendDataFile => f.write_str("changing the external data file"),
             Unsupported::AmendShrink => f.write_str("shrinking with amend (use resize --shrink)"),
+            Unsupported::CompressedWithDataFile => {
+                f.write_str("compressed writes with an external data file")
+            }
         }
     }
 }
@@ -366,6 +372,14 @@ pub enum Error {
     /// The image would need a table (or a file) larger than the format allows.
     #[error("{0}")]
     TooLarge(Limit),
+    /// A compressed write onto a guest cluster that already has a host
+    /// cluster (QEMU refuses it with `EIO`: compressed data is never
+    /// written over allocated data).
+    #[error("cannot write compressed data over the allocated cluster at guest offset {offset:#x}")]
+    ClusterAllocated {
+        /// Guest offset of the cluster.
+        offset: u64,
+    },
     /// A feature this crate does not implement (yet).
     #[error("unsupported: {0}")]
     Unsupported(Unsupported),

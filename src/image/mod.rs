@@ -47,7 +47,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 pub mod amend;
+mod compressed;
 pub mod create;
+pub mod measure;
+pub use compressed::CompressedCluster;
 mod open;
 mod read_map;
 pub use read_map::{MappedExtent, ReadMapping, MAX_READ_EXTENTS};

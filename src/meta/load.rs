@@ -154,6 +154,7 @@ pub(crate) fn load(
         dirty_at_open: header.incompatible_features & INCOMPAT_DIRTY != 0,
         lazy_refcounts,
         in_flight: Default::default(),
+        free_byte_offset: 0,
         snapshots,
         header,
     })

@@ -32,6 +32,7 @@ use crate::types::{Geometry, MetadataKind};
 use std::collections::BTreeSet;
 
 pub(crate) mod cache;
+mod compressed;
 mod flush;
 mod gate;
 mod load;
@@ -46,6 +47,7 @@ mod tests;
 pub(crate) use cache::TableCache;
 pub(crate) use gate::{DataPermit, DataTarget, FileReader, WriteGate};
 pub(crate) use load::load;
+pub(crate) use refcount::refcount_metadata_size;
 
 /// Why a refcount is being dropped (QEMU's discard types), deciding whether
 /// the freed host range is discarded in the file.
@@ -268,6 +270,10 @@ pub(crate) struct Meta {
     /// reservation and its link: other requests that would change their
     /// mapping wait (see [`crate::Image`]'s module docs).
     pub in_flight: std::collections::HashSet<u64>,
+    /// Where the next compressed cluster is packed (QEMU's
+    /// `free_byte_offset`): a byte inside a host cluster already holding
+    /// compressed data, or 0 to start a new host cluster.
+    pub free_byte_offset: u64,
     /// The internal snapshots.
     #[allow(dead_code)] // read by snapshot operations (apply/delete) when they land
     pub snapshots: Vec<crate::format::snapshot::SnapshotEntry>,

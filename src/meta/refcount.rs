@@ -99,7 +99,7 @@ impl Meta {
     ///
     /// The scan works a refcount block at a time: a range without a block is
     /// free as a whole, a loaded block is scanned in place.
-    fn alloc_noref(&mut self, n: u64) -> Result<u64> {
+    pub(super) fn alloc_noref(&mut self, n: u64) -> Result<u64> {
         self.check_allocatable()?;
         // Freed clusters must not be discarded after they are reused.
         self.process_discards();
@@ -376,6 +376,10 @@ impl Meta {
     fn cluster_freed(&mut self, c: u64, dtype: DiscardType) {
         let off = c << self.geom.cluster_bits;
         self.rc.free_hint = self.rc.free_hint.min(c);
+        // Compressed data is never packed into a cluster that may be reused.
+        if self.free_byte_offset >> self.geom.cluster_bits == c {
+            self.free_byte_offset = 0;
+        }
         // A freed L2 table must not stay cached under this offset.
         self.l2
             .cache

@@ -47,6 +47,43 @@ const CHECK_OPTIONS: &[&str] = &[
 const CASES: &[Case] = &[
     Case {
         bin: IMG,
+        sub: &["measure"],
+        options: &[
+            "-h",
+            "--help",
+            "--output",
+            "-O",
+            "-o",
+            "--options",
+            "--size",
+            "-f",
+            "--format",
+            "-U",
+            "--force-share",
+        ],
+        codes: &[0, 1],
+        not_options: &[],
+    },
+    Case {
+        bin: IMG,
+        sub: &["compare"],
+        options: &[
+            "-h",
+            "--help",
+            "-f",
+            "-F",
+            "-T",
+            "-s",
+            "-p",
+            "-q",
+            "-U",
+            "--force-share",
+        ],
+        codes: &[0, 1, 2, 3, 4],
+        not_options: &[],
+    },
+    Case {
+        bin: IMG,
         sub: &["create"],
         options: &[
             "-h",
@@ -314,50 +351,61 @@ fn check_case(case: &Case) {
 }
 
 #[test]
-fn img_create_help() {
+fn img_measure_help() {
     check_case(&CASES[0]);
 }
 
 #[test]
-fn img_info_help() {
+fn img_compare_help() {
     check_case(&CASES[1]);
 }
 
 #[test]
-fn img_map_help() {
+fn img_create_help() {
     check_case(&CASES[2]);
 }
 
 #[test]
-fn img_check_help() {
+fn img_info_help() {
     check_case(&CASES[3]);
 }
 
 #[test]
-fn img_convert_help() {
+fn img_map_help() {
     check_case(&CASES[4]);
 }
 
 #[test]
-fn img_resize_help() {
+fn img_check_help() {
     check_case(&CASES[5]);
 }
 
 #[test]
-fn img_amend_help() {
+fn img_convert_help() {
     check_case(&CASES[6]);
 }
 
 #[test]
-fn img_bench_help() {
+fn img_resize_help() {
     check_case(&CASES[7]);
+}
+
+#[test]
+fn img_amend_help() {
+    check_case(&CASES[8]);
+}
+
+#[test]
+fn img_bench_help() {
+    check_case(&CASES[9]);
 }
 
 #[test]
 fn every_subcommand_has_a_case() {
     let subs: Vec<&str> = CASES.iter().map(|c| c.sub[0]).collect();
     for sub in [
-        "create", "info", "map", "check", "convert", "resize", "amend", "bench",
+        "create", "info", "map", "check", "convert", "resize", "amend", "bench", "measure",
+        "compare",
     ] {
         assert!(subs.contains(&sub), "no help case for {sub}");
     }
@@ -415,8 +463,8 @@ fn img_help_lists_each_command_on_one_line() {
         assert_eq!(
             names,
             [
-                "amend", "bench", "check", "convert", "create", "info", "io", "map", "resize",
-                "serve"
+                "amend", "bench", "check", "compare", "convert", "create", "info", "io", "map",
+                "measure", "resize", "serve"
             ],
             "{}",
             r.out

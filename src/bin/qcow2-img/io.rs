@@ -629,8 +629,9 @@ impl State {
         let r = if has('s') {
             Err("Operation not supported".to_owned())
         } else if has('c') {
-            // qcow2kit has no compressed-write API yet.
-            Err("Operation not supported".to_owned())
+            let buf = vec![pattern; count as usize];
+            img.write_compressed_at(&buf, offset)
+                .map_err(|e| e.errno_text())
         } else if z {
             img.write_zeroes(offset, count, u)
                 .map_err(|e| e.errno_text())
