@@ -165,9 +165,9 @@ impl Image {
         // The reserved bytes are referenced by nothing a reader can reach
         // and cannot be handed out again: no lock is needed to fill them.
         let r = self.data.write(permit, &c.bytes);
-        let mut meta = self.meta.lock().map_err(|_| Error::PreviousIoFailed)?;
+        let mut meta = self.meta.write().map_err(|_| Error::PreviousIoFailed)?;
         meta.in_flight.remove(&cluster);
-        self.in_flight_done.notify_all();
+        self.notify_in_flight();
         let r = r.and_then(|()| self.link_compressed(&mut meta, offset, host, size));
         if let Err(e) = r {
             meta.release_bytes(host, size);
