@@ -48,6 +48,7 @@ mod open;
 mod read_map;
 pub use read_map::{MappedExtent, ReadMapping, MAX_READ_EXTENTS};
 mod resolver;
+mod snapshot;
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // tests may panic
 mod sync_tests;
