@@ -9,4 +9,5 @@ mod support;
 mod alloc_layout;
 mod prealloc;
 mod read;
+mod snapshot;
 mod write;
