@@ -22,4 +22,5 @@ mod map_convert;
 mod map_extents;
 mod nbd_serve;
 mod progress;
+mod snapshot;
 mod vhost_user;
