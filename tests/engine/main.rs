@@ -15,5 +15,6 @@ mod lazy;
 mod model;
 mod multiqueue;
 mod overlap;
+mod snapshot_crash;
 mod threads;
 mod vectored;
