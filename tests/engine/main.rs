@@ -16,5 +16,6 @@ mod model;
 mod multiqueue;
 mod overlap;
 mod snapshot_crash;
+mod snapshot_model;
 mod threads;
 mod vectored;
