@@ -315,3 +315,31 @@ fn overlap_check_all_protects_snapshot_tables() {
     want[3000..8000].fill(2);
     assert_bytes_eq(&qemu_raw(&path), &want, "content of b");
 }
+
+#[test]
+fn discard_no_unref_keeps_snapshot_data() {
+    // discard-no-unref keeps the host cluster and, with pass-discard-request,
+    // discards its data in the file: never for a cluster shared with a
+    // snapshot (the snapshot's data would be lost).
+    let dir = support::scratch();
+    let path = dir.path().join("n.qcow2");
+    qcow2kit::create::create(&path, &CreateOptions::new().cluster_size(4096), 1 << 20).unwrap();
+    let opts = OpenOptions::new()
+        .discard_no_unref(true)
+        .pass_discard_request(true);
+    let img = Image::open(&path, &opts).unwrap();
+    img.write_at(&[0x99; 64 << 10], 0).unwrap();
+    img.snapshot_create("keep").unwrap();
+    img.discard(0, 64 << 10).unwrap();
+    assert_eq!(our_read(&img)[..64 << 10], [0u8; 64 << 10]);
+    img.close().unwrap();
+    let view = Image::open(
+        &path,
+        &OpenOptions::new().read_only(true).load_snapshot("keep"),
+    )
+    .unwrap();
+    assert_eq!(our_read(&view)[..64 << 10], [0x99u8; 64 << 10]);
+    if support::have_qemu() {
+        assert_check_clean(&path, "after discard-no-unref over a snapshot");
+    }
+}
