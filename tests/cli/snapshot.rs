@@ -174,4 +174,18 @@ fn snapshot_refusals_match_qemu_img() {
     });
     same(qd.path(), od.path(), &["snapshot", "-c", "x", "df.qcow2"]);
     same(qd.path(), od.path(), &["snapshot", "-l", "df.qcow2"]);
+    // The backing chain is opened too: a missing backing file fails.
+    let (qd, od) = twin_dirs(|d| {
+        qemu_create(d, "b.qcow2", "1M");
+        qemu_ok(
+            d,
+            "qemu-img",
+            &[
+                "create", "-q", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", "ov.qcow2",
+            ],
+        );
+        std::fs::remove_file(d.join("b.qcow2")).unwrap();
+    });
+    same(qd.path(), od.path(), &["snapshot", "-l", "ov.qcow2"]);
+    same(qd.path(), od.path(), &["snapshot", "-c", "x", "ov.qcow2"]);
 }

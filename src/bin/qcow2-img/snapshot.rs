@@ -72,7 +72,8 @@ pub fn run(argv: &[String]) -> CmdResult {
     let opts = OpenOptions::new()
         .read_only(read_only)
         .force_share(a.force_share);
-    let img = Image::open_without_backing(filename, &opts).map_err(|e| open_fail(filename, &e))?;
+    // qemu-img opens the backing chain too (a missing backing file fails).
+    let img = Image::open(filename, &opts).map_err(|e| open_fail(filename, &e))?;
     let result = match &action {
         Action::List => {
             list(&img);
