@@ -343,3 +343,33 @@ fn discard_no_unref_keeps_snapshot_data() {
         assert_check_clean(&path, "after discard-no-unref over a snapshot");
     }
 }
+
+#[test]
+fn delete_discards_freed_clusters_as_pass_discard_snapshot_says() {
+    for pass in [true, false] {
+        let dir = support::scratch();
+        let path = dir.path().join("d.qcow2");
+        qcow2kit::create::create(&path, &CreateOptions::new().cluster_size(4096), 1 << 20).unwrap();
+        let opts = OpenOptions::new().pass_discard_snapshot(pass);
+        let img = Image::open(&path, &opts).unwrap();
+        img.write_at(&[0x77; 4096], 0).unwrap();
+        let old = img.host_cluster(0).unwrap().unwrap();
+        img.snapshot_create("s").unwrap();
+        // Copy-on-write moves guest cluster 0; the old cluster is the
+        // snapshot's alone and is freed with it.
+        img.write_at(&[0x11; 4096], 0).unwrap();
+        assert_ne!(img.host_cluster(0).unwrap(), Some(old));
+        img.snapshot_delete("s").unwrap();
+        img.close().unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let freed = &bytes[old as usize..old as usize + 4096];
+        if pass {
+            assert_eq!(freed, &[0u8; 4096][..], "pass-discard-snapshot=on");
+        } else {
+            assert_eq!(freed, &[0x77u8; 4096][..], "pass-discard-snapshot=off");
+        }
+        if support::have_qemu() {
+            assert_check_clean(&path, &format!("pass-discard-snapshot={pass}"));
+        }
+    }
+}
