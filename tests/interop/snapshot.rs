@@ -373,3 +373,51 @@ fn delete_discards_freed_clusters_as_pass_discard_snapshot_says() {
         }
     }
 }
+
+#[test]
+fn compressed_clusters_are_shared_and_released() {
+    // Compressed clusters (written by QEMU; several share a host cluster)
+    // gain and lose references per host cluster they touch, as in QEMU's
+    // qcow2_update_snapshot_refcount.
+    if !support::have_qemu() {
+        return;
+    }
+    let dir = support::scratch();
+    let d = dir.path();
+    let path = d.join("c.qcow2");
+    qemu_img_in(
+        d,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4096",
+            "c.qcow2",
+            "1M",
+        ],
+    );
+    let cmds: Vec<String> = (0..24)
+        .map(|i| format!("write -c -P {} {} 4k", i + 1, i * 4096))
+        .collect();
+    support::qemu_io(&path, &cmds);
+    let base = qemu_raw(&path);
+    let img = Image::open(&path, &OpenOptions::new()).unwrap();
+    img.snapshot_create("c1").unwrap();
+    img.write_at(&[0xee; 6000], 5000).unwrap();
+    let changed = our_read(&img);
+    img.snapshot_create("c2").unwrap();
+    img.close().unwrap();
+    assert_check_clean(&path, "two snapshots over compressed clusters");
+    let img = Image::open(&path, &OpenOptions::new()).unwrap();
+    img.snapshot_apply("c1").unwrap();
+    assert_bytes_eq(&our_read(&img), &base, "apply c1");
+    img.snapshot_delete("c1").unwrap();
+    img.close().unwrap();
+    assert_check_clean(&path, "after deleting c1");
+    assert_bytes_eq(&qemu_snapshot_raw(&path, "c2"), &changed, "c2");
+    qemu_img_in(d, &["snapshot", "-d", "c2", "c.qcow2"]);
+    assert_check_clean(&path, "after QEMU deleted c2");
+    assert_bytes_eq(&qemu_raw(&path), &base, "content");
+}
