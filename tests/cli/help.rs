@@ -416,7 +416,7 @@ fn img_help_lists_each_command_on_one_line() {
             names,
             [
                 "amend", "bench", "check", "convert", "create", "info", "io", "map", "resize",
-                "serve"
+                "serve", "snapshot"
             ],
             "{}",
             r.out
