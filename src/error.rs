@@ -132,6 +132,9 @@ pub enum Unsupported {
     /// Compressed writes to an image with an external data file (QEMU
     /// refuses them too: compressed clusters live in the image file).
     CompressedWithDataFile,
+    /// Internal snapshots of an image with an external data file (QEMU
+    /// refuses them too: the data file cannot be shared copy-on-write).
+    SnapshotWithDataFile,
 }
 
 impl std::fmt::Display for Unsupported {
@@ -147,6 +150,9 @@ impl std::fmt::Display for Unsupported {
             Unsupported::AmendShrink => f.write_str("shrinking with amend (use resize --shrink)"),
             Unsupported::CompressedWithDataFile => {
                 f.write_str("compressed writes with an external data file")
+            }
+            Unsupported::SnapshotWithDataFile => {
+                f.write_str("internal snapshots of an image with an external data file")
             }
         }
     }
@@ -369,6 +375,9 @@ pub enum Error {
         /// Largest refcount of the width.
         max: u64,
     },
+    /// No internal snapshot has the ID or name given.
+    #[error("snapshot '{0}' not found")]
+    SnapshotNotFound(String),
     /// The image would need a table (or a file) larger than the format allows.
     #[error("{0}")]
     TooLarge(Limit),
@@ -487,6 +496,7 @@ impl Error {
             | Error::BackingChainTooDeep { .. } => "Invalid argument".into(),
             Error::TooLarge(_) => "File too large".into(),
             Error::Unsupported(_) => "Operation not supported".into(),
+            Error::SnapshotNotFound(_) => "No such file or directory".into(),
             _ => "Input/output error".into(),
         }
     }

@@ -57,6 +57,7 @@ pub use read_map::{MappedExtent, ReadMapping, MAX_READ_EXTENTS};
 mod reserve;
 pub use reserve::{WriteExtent, WriteReservation};
 mod resolver;
+mod snapshot;
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // tests may panic
 mod sync_tests;

@@ -85,7 +85,13 @@ impl Meta {
         let mut data = data;
         data.clear();
         data.extend_from_slice(&t.data);
-        let r = self.meta_write(&data, slice, MetadataKind::ActiveL2);
+        // A cached L2 table may be shared with a snapshot (internal
+        // snapshots): it is then an active and an inactive L2 table at once.
+        let r = self.gate.write_metadata_as(
+            &[MetadataKind::ActiveL2, MetadataKind::InactiveL2],
+            &data,
+            slice,
+        );
         self.scratch = data;
         r?;
         if let Some(t) = self.l2.cache.get_mut(slice) {
@@ -147,7 +153,7 @@ impl Meta {
         Ok(())
     }
 
-    fn write_l1_entries(&mut self) -> Result<bool> {
+    pub(super) fn write_l1_entries(&mut self) -> Result<bool> {
         if self.l2.l1_dirty.is_empty() {
             return Ok(false);
         }

@@ -323,6 +323,24 @@ impl WriteGate {
         r
     }
 
+    /// Writes metadata exempting every kind in `kinds` (a table that is
+    /// legitimately two kinds at once: an L2 table shared by the active L1
+    /// table and a snapshot's); a failed write poisons the handle.
+    pub fn write_metadata_as(
+        &mut self,
+        kinds: &[MetadataKind],
+        buf: &[u8],
+        offset: u64,
+    ) -> Result<()> {
+        let exempt = kinds.iter().fold(0u16, |m, k| m | k.bit());
+        self.check(offset, buf.len() as u64, exempt)?;
+        let r = self.raw_write(buf, offset);
+        if r.is_err() {
+            self.poisoned = true;
+        }
+        r
+    }
+
     /// Writes fixed header fields with every metadata kind exempt (QEMU never
     /// overlap-checks its header updates, and cluster 0 is the header
     /// whatever else wrongly claims it).

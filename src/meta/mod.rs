@@ -38,7 +38,7 @@ mod gate;
 mod load;
 pub(crate) mod overlap_map;
 mod refcount;
-mod snapshots;
+pub(crate) mod snapshots;
 mod tables;
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::panic)] // tests may panic
@@ -58,7 +58,6 @@ pub(crate) enum DiscardType {
     /// A guest discard or write-zeroes with unmap (`pass-discard-request`).
     Request,
     /// Snapshot operations (`pass-discard-snapshot`).
-    #[allow(dead_code)] // used once internal snapshots can be created and deleted
     Snapshot,
     /// Anything else: COW, table relocation (`pass-discard-other`).
     Other,
@@ -275,7 +274,6 @@ pub(crate) struct Meta {
     /// compressed data, or 0 to start a new host cluster.
     pub free_byte_offset: u64,
     /// The internal snapshots.
-    #[allow(dead_code)] // read by snapshot operations (apply/delete) when they land
     pub snapshots: Vec<crate::format::snapshot::SnapshotEntry>,
 }
 

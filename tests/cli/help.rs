@@ -464,7 +464,7 @@ fn img_help_lists_each_command_on_one_line() {
             names,
             [
                 "amend", "bench", "check", "compare", "convert", "create", "info", "io", "map",
-                "measure", "resize", "serve"
+                "measure", "resize", "serve", "snapshot"
             ],
             "{}",
             r.out

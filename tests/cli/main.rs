@@ -25,4 +25,5 @@ mod map_extents;
 mod measure;
 mod nbd_serve;
 mod progress;
+mod snapshot;
 mod vhost_user;

@@ -16,5 +16,7 @@ mod mapping;
 mod model;
 mod multiqueue;
 mod overlap;
+mod snapshot_crash;
+mod snapshot_model;
 mod threads;
 mod vectored;

@@ -1,11 +1,11 @@
 //! `write_ops`: a valid image made by `create_on` with fuzz-chosen options
 //! (cluster size, refcount width, v2/v3, extended L2), then a sequence of
 //! operations (write, write-zeroes with or without unmap, discard, read,
-//! flush, grow, close-and-reopen with fuzz-chosen cache and discard options;
-//! some writes are gather writes, some go through the mapping API
-//! (`reserve_write`, the data written to the file by the test, `commit`;
-//! sometimes after an aborted reservation of the same range), and every read
-//! is also done as a scatter read and through `map_read`)
+//! flush, grow, close-and-reopen with fuzz-chosen cache and discard options,
+//! internal snapshot create/apply/delete; some writes are gather writes, some
+//! go through the mapping API (`reserve_write`, the data written to the file
+//! by the test, `commit`; sometimes after an aborted reservation of the same
+//! range), and every read is also done as a scatter read and through `map_read`)
 //! against a model of the disk (64 KiB pages; absent pages are zeroes).
 //!
 //! Disks are small (up to 4 MiB) or, one time in four, large (16 MiB up to
@@ -29,7 +29,7 @@ use qcow2kit::check::{check_storage, CheckOptions, Repair};
 use qcow2kit::create::create_on;
 use qcow2kit::options::{Compat, CompressionType};
 use qcow2kit::storage::{MemStorage, Storage};
-use qcow2kit::{CreateOptions, Image, OpenOptions};
+use qcow2kit::{CreateOptions, Error, Image, OpenOptions};
 use std::collections::HashMap;
 use std::io::{IoSlice, IoSliceMut};
 use std::sync::Arc;
@@ -117,6 +117,16 @@ enum Op {
     },
     Reopen {
         knobs: Knobs,
+    },
+    /// An internal snapshot of the current content.
+    SnapshotCreate,
+    /// Apply snapshot `index % count` (if any).
+    SnapshotApply {
+        index: u8,
+    },
+    /// Delete snapshot `index % count` (if any).
+    SnapshotDelete {
+        index: u8,
     },
 }
 
@@ -207,6 +217,8 @@ struct Test {
     file: Arc<MemStorage>,
     img: Option<Image>,
     model: Model,
+    /// Internal snapshots: name, disk size and pages when taken.
+    snaps: Vec<(String, u64, HashMap<u64, Vec<u8>>)>,
     cluster_size: u64,
     max_size: u64,
     buf: Vec<u8>,
@@ -349,6 +361,7 @@ impl Test {
                 size,
                 pages: HashMap::new(),
             },
+            snaps: Vec::new(),
             cluster_size,
             max_size: max_size(&opts),
             buf: vec![0; READ_CHUNK as usize],
@@ -447,9 +460,14 @@ impl Test {
                     add <<= shift / 4 % 24;
                 }
                 let new = (size + add).min(self.max_size).max(size);
-                self.img()
-                    .resize(new)
-                    .unwrap_or_else(|e| panic!("op {i}: resize {size} -> {new} failed: {e}"));
+                match self.img().resize(new) {
+                    Ok(()) => {}
+                    // QEMU cannot resize a v2 image with internal snapshots.
+                    Err(Error::InvalidArgument(_)) if !self.snaps.is_empty() => {
+                        return;
+                    }
+                    Err(e) => panic!("op {i}: resize {size} -> {new} failed: {e}"),
+                }
                 self.model.size = new;
                 assert_eq!(self.img().size(), new, "size after resize");
             }
@@ -462,6 +480,43 @@ impl Test {
                 self.check_closed(&format!("after close (op {i})"));
                 self.open(knobs);
                 self.compare_all(&format!("after reopen (op {i})"));
+            }
+            Op::SnapshotCreate => {
+                let name = format!("s{i}");
+                match self.img().snapshot_create(&name) {
+                    Ok(_) => self.snaps.push((name, size, self.model.pages.clone())),
+                    // 1- and 2-bit refcounts cannot share clusters that much:
+                    // refused, nothing changed.
+                    Err(Error::RefcountOverflow { .. }) => {}
+                    Err(e) => panic!("op {i}: snapshot create failed: {e}"),
+                }
+            }
+            Op::SnapshotApply { index } => {
+                if self.snaps.is_empty() {
+                    return;
+                }
+                let k = usize::from(index) % self.snaps.len();
+                let name = self.snaps[k].0.clone();
+                match self.img().snapshot_apply(&name) {
+                    Ok(()) => {
+                        self.model.size = self.snaps[k].1;
+                        self.model.pages = self.snaps[k].2.clone();
+                        assert_eq!(self.img().size(), self.model.size, "size after apply");
+                    }
+                    // Small refcount widths; a v2 image cannot change size.
+                    Err(Error::RefcountOverflow { .. } | Error::InvalidArgument(_)) => {}
+                    Err(e) => panic!("op {i}: snapshot apply of {name} failed: {e}"),
+                }
+            }
+            Op::SnapshotDelete { index } => {
+                if self.snaps.is_empty() {
+                    return;
+                }
+                let k = usize::from(index) % self.snaps.len();
+                let (name, _, _) = self.snaps.remove(k);
+                self.img()
+                    .snapshot_delete(&name)
+                    .unwrap_or_else(|e| panic!("op {i}: snapshot delete of {name} failed: {e}"));
             }
         }
     }

@@ -10,4 +10,5 @@ mod alloc_layout;
 mod compressed;
 mod prealloc;
 mod read;
+mod snapshot;
 mod write;

@@ -23,6 +23,7 @@ Commands:
   measure  compute the file size a new image would need
   resize   grow or shrink an image's virtual size
   serve    export an image to other processes (--nbd: an NBD server)
+  snapshot list, create, apply or delete internal snapshots
 
 Options:
   -h, --help
@@ -328,6 +329,44 @@ Exit codes:
   0  the options were changed
   1  error: bad argument or option, the image cannot be opened, or the
      change failed
+";
+
+/// `qcow2-img snapshot --help`.
+pub const SNAPSHOT: &str = "\
+Usage: qcow2-img snapshot [-f qcow2] [-q] [-U] -l|-c NAME|-a NAME|-d NAME FILE
+
+List, create, apply or delete the internal snapshots of an image. Only -l
+prints anything (nothing when the image has no snapshots).
+
+Options:
+  -h, --help
+      print this help and exit
+  -f, --format qcow2
+      format of FILE; only qcow2 is supported (default: qcow2)
+  -q, --quiet
+      accepted for qemu-img compatibility (the list is still printed)
+  -U, --force-share
+      open the image in shared mode (only with -l: a writable open refuses it)
+  -l, --list
+      list the snapshots (the default)
+  -c, --create NAME
+      create a snapshot of the current content named NAME (names need not be
+      unique; the ID is the highest ID + 1)
+  -a, --apply NAME
+      make snapshot NAME the current content (NAME is an ID or, if no ID
+      matches, a name)
+  -d, --delete NAME
+      delete the first snapshot named NAME
+
+Arguments:
+  FILE
+      the image file
+
+Exit codes:
+  0  done
+  1  error: bad argument, the image cannot be opened, no such snapshot, or
+     the operation failed (a refcount width too small to share clusters
+     refuses a snapshot and changes nothing)
 ";
 
 /// `qcow2-img bench --help`.
