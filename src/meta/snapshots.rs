@@ -1,11 +1,12 @@
 //! Internal snapshots as seen by an open image: loading the snapshot table
 //! and registering snapshot tables with the overlap checker.
 
+use super::conv;
 use crate::error::{Error, Result};
 use crate::format::consts::*;
 use crate::format::header::Header;
 use crate::format::snapshot::{decode_snapshot_table, SnapshotEntry};
-use crate::format::{FormatError, FormatErrorKind, Structure};
+use crate::format::{be_u64, FormatError, FormatErrorKind, Structure};
 use crate::meta::overlap_map::OverlapChecker;
 use crate::meta::read_file;
 use crate::storage::Storage;
@@ -71,10 +72,9 @@ pub(crate) fn register_snapshots(
                     msg: "Snapshot L1 table lies beyond the end of the file".into(),
                 });
             }
-            let mut buf = vec![0u8; bytes as usize];
+            let mut buf = vec![0u8; conv::mem_len(Structure::SnapshotL1Table, bytes)?];
             read_file(file, &mut buf, s.l1_table_offset)?;
-            for c in buf.chunks_exact(8) {
-                let e = u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+            for e in buf.chunks_exact(8).filter_map(|c| be_u64(c, 0)) {
                 let off = e & L1E_OFFSET_MASK;
                 if off != 0 && off & ((1u64 << cb) - 1) == 0 {
                     checker.add_inactive_l2(off);
