@@ -226,6 +226,13 @@ impl Meta {
         Ok(())
     }
 
+    /// Whether `cache-clean-interval` has elapsed, so the next exclusive
+    /// lock cleans the caches (the shared fast paths then defer to it).
+    pub fn clean_due(&self) -> bool {
+        self.clean_interval
+            .is_some_and(|(every, since)| since.elapsed() >= every)
+    }
+
     /// Drops cache entries not used during the last `cache-clean-interval`.
     pub fn maybe_clean_caches(&mut self) {
         if let Some((every, since)) = self.clean_interval {

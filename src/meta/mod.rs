@@ -2,8 +2,8 @@
 //! lookups through the caches, the write gate, the refcount allocator and the
 //! crash-safe flush order.
 //!
-//! All of it lives behind the image's metadata lock ([`crate::Image`] holds a
-//! `Mutex<Meta>`). Guest data I/O is done by the caller outside the lock.
+//! All of it lives behind the image's metadata lock ([`crate::Image`] holds an
+//! `RwLock<Meta>`: shared for cache-hit translations, exclusive otherwise). Guest data I/O is done by the caller outside the lock.
 //!
 //! # Write ordering
 //! * A cluster's refcount increase reaches the file before any L2/L1 entry
@@ -282,6 +282,13 @@ pub(crate) struct Meta {
 }
 
 impl Meta {
+    /// Whether an allocating write is in flight on any guest cluster in
+    /// `first..=last` (a walk over the few in-flight clusters, however long
+    /// the range).
+    pub fn in_flight_overlaps(&self, first: u64, last: u64) -> bool {
+        !self.in_flight.is_empty() && self.in_flight.iter().any(|c| (first..=last).contains(c))
+    }
+
     /// Writes metadata; a failure poisons the handle (the in-memory state is
     /// ahead of the file).
     pub(crate) fn meta_write(&mut self, buf: &[u8], offset: u64, kind: MetadataKind) -> Result<()> {

@@ -12,6 +12,7 @@ mod corruption;
 mod crash_replay;
 mod faults;
 mod lazy;
+mod mapping;
 mod model;
 mod multiqueue;
 mod overlap;
