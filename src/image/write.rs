@@ -516,7 +516,7 @@ impl Image {
             }
             for p in plans {
                 if meta.l2.cache().peek(p.slot.slice).is_none() {
-                    return Err(Error::InvalidArgument("L2 slice not cached".into()));
+                    return Err(Error::Internal("L2 slice not cached".into()));
                 }
             }
             Ok(())

@@ -418,11 +418,15 @@ impl WriteGate {
     /// check), in large requests.
     pub fn fill_zeroes(&mut self, from: u64, to: u64, chunk: u64) -> Result<()> {
         self.check(from, to.saturating_sub(from), 0)?;
-        let zeros = vec![0u8; chunk.min(to.saturating_sub(from)) as usize];
+        let zeros = vec![0u8; super::conv::usize_of(chunk.min(to.saturating_sub(from)))?];
         let mut pos = from;
         while pos < to {
-            let n = (to - pos).min(zeros.len() as u64) as usize;
-            self.raw_write(&zeros[..n], pos)?;
+            // At most `zeros.len()`, so it fits.
+            let n = usize::try_from(to - pos).map_or(zeros.len(), |r| r.min(zeros.len()));
+            let part = zeros
+                .get(..n)
+                .ok_or_else(|| Error::Internal("zero fill beyond its buffer".into()))?;
+            self.raw_write(part, pos)?;
             pos += n as u64;
         }
         Ok(())

@@ -21,6 +21,13 @@
 //!   entry that points at them; a new refcount table is written and synced
 //!   before the header is switched to it with one write.
 
+// Table contents come from the file: no silent narrowing, no indexing that can
+// panic (tests may do both).
+#![cfg_attr(
+    not(test),
+    warn(clippy::cast_possible_truncation, clippy::indexing_slicing)
+)]
+
 use crate::error::{Error, IoOp, Result};
 use crate::format::consts::*;
 use crate::format::entry::{EntryError, EntryFormat, L1Entry, L2Entry, Subclusters};
@@ -33,6 +40,7 @@ use std::collections::BTreeSet;
 
 pub(crate) mod cache;
 mod compressed;
+mod conv;
 mod flush;
 mod gate;
 mod load;
@@ -359,9 +367,14 @@ impl Meta {
         let slice_bytes = self.l2.cache.entry_bytes() as u64;
         let byte = index * self.geom.l2_entry_bytes;
         let slice = table + byte / slice_bytes * slice_bytes;
+        #[expect(
+            clippy::cast_possible_truncation,
+            reason = "a remainder of division by a usize"
+        )]
+        let pos = (byte % slice_bytes) as usize;
         L2Slot {
             slice,
-            pos: (byte % slice_bytes) as usize,
+            pos,
             table,
             index,
         }

@@ -5,6 +5,7 @@
 //! operations themselves, in their crash-safe order, are in
 //! `image/snapshot.rs`.
 
+use super::conv;
 use super::refcount::Update;
 use super::{DiscardType, Meta};
 use crate::error::{Error, Result};
@@ -13,7 +14,7 @@ use crate::format::entry::L2Entry;
 use crate::format::header::Header;
 use crate::format::put_be_u64;
 use crate::format::snapshot::{decode_snapshot_table, encode_snapshot_table, SnapshotEntry};
-use crate::format::{FormatError, FormatErrorKind, Structure};
+use crate::format::{be_u64, FormatError, FormatErrorKind, Structure};
 use crate::meta::overlap_map::OverlapChecker;
 use crate::meta::read_file;
 use crate::storage::Storage;
@@ -80,10 +81,9 @@ pub(crate) fn register_snapshots(
                     msg: "Snapshot L1 table lies beyond the end of the file".into(),
                 });
             }
-            let mut buf = vec![0u8; bytes as usize];
+            let mut buf = vec![0u8; conv::mem_len(Structure::SnapshotL1Table, bytes)?];
             read_file(file, &mut buf, s.l1_table_offset)?;
-            for c in buf.chunks_exact(8) {
-                let e = u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+            for e in buf.chunks_exact(8).filter_map(|c| be_u64(c, 0)) {
                 let off = e & L1E_OFFSET_MASK;
                 if off != 0 && off & ((1u64 << cb) - 1) == 0 {
                     checker.add_inactive_l2(off);
@@ -148,12 +148,9 @@ impl Meta {
     pub(crate) fn read_snapshot_l1(&self, sn: &SnapshotEntry) -> Result<Vec<u64>> {
         sn.validate_l1(self.geom.cluster_bits)?;
         let bytes = u64::from(sn.l1_size) * 8;
-        let mut buf = vec![0u8; bytes as usize];
+        let mut buf = vec![0u8; conv::mem_len(Structure::L1Table, bytes)?];
         self.gate.read(&mut buf, sn.l1_table_offset)?;
-        Ok(buf
-            .chunks_exact(8)
-            .map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
-            .collect())
+        Ok(buf.chunks_exact(8).map(conv::be_word).collect())
     }
 
     /// The L2 table offset of raw L1 entry `raw` (index `l1i`), validated.
@@ -174,19 +171,15 @@ impl Meta {
     fn l2_words(&mut self, table: u64) -> Result<Vec<u64>> {
         let cs = self.geom.cluster_size;
         let sb = self.l2.cache.entry_bytes() as u64;
-        let stride = self.geom.l2_entry_bytes as usize;
-        let mut words = Vec::with_capacity((cs / self.geom.l2_entry_bytes) as usize);
+        let stride = conv::usize_of(self.geom.l2_entry_bytes)?;
+        let mut words = Vec::with_capacity(conv::usize_of(cs / self.geom.l2_entry_bytes)?);
         for s in 0..cs / sb {
             let slice = table + s * sb;
             self.load_l2_slice(slice)?;
             let Some(t) = self.l2.cache.peek(slice) else {
                 return Err(Error::Internal("L2 slice not cached".into()));
             };
-            words.extend(
-                t.data
-                    .chunks_exact(stride)
-                    .map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])),
-            );
+            words.extend(t.data.chunks_exact(stride).map(conv::be_word));
         }
         Ok(words)
     }
@@ -302,8 +295,8 @@ impl Meta {
         let cb = self.geom.cluster_bits;
         let cs = self.geom.cluster_size;
         let sb = self.l2.cache.entry_bytes() as u64;
-        let stride = self.geom.l2_entry_bytes as usize;
-        let per_slice = (sb as usize) / stride;
+        let stride = conv::usize_of(self.geom.l2_entry_bytes)?;
+        let per_slice = conv::usize_of(sb)? / stride;
         let mut out = l1.to_vec();
         for (i, raw) in out.iter_mut().enumerate() {
             let table = self.table_of(*raw, i)?;
@@ -314,18 +307,12 @@ impl Meta {
                 let slice = table + s * sb;
                 self.load_l2_slice(slice)?;
                 let words: Vec<u64> = match self.l2.cache.peek(slice) {
-                    Some(t) => t
-                        .data
-                        .chunks_exact(stride)
-                        .map(|c| {
-                            u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])
-                        })
-                        .collect(),
+                    Some(t) => t.data.chunks_exact(stride).map(conv::be_word).collect(),
                     None => return Err(Error::Internal("L2 slice not cached".into())),
                 };
                 let mut changes = Vec::new();
                 for (k, word) in words.into_iter().enumerate() {
-                    let index = s as usize * per_slice + k;
+                    let index = conv::usize_of(s)? * per_slice + k;
                     let want = match self.decode_word(word, table, index)? {
                         L2Entry::Normal { host, .. }
                         | L2Entry::Zero {
@@ -565,7 +552,11 @@ impl Meta {
     pub(crate) fn view_snapshot(&mut self, id_or_name: &str) -> Result<()> {
         let i = find_by_id_or_name(&self.snapshots, id_or_name)
             .ok_or_else(|| Error::SnapshotNotFound(id_or_name.to_owned()))?;
-        let sn = self.snapshots[i].clone();
+        let sn = self
+            .snapshots
+            .get(i)
+            .cloned()
+            .ok_or_else(|| Error::Internal(format!("snapshot index {i} out of range")))?;
         let l1 = self.read_snapshot_l1(&sn)?;
         self.l2.l1 = l1;
         self.l2.l1_dirty.clear();

@@ -157,7 +157,7 @@ pub fn describe(data: &[u8]) -> String {
 
 fn initial_size(input: &Input) -> u64 {
     let small = (u64::from(input.sectors) * 512) % (WINDOW + 512);
-    let size = if input.big % 4 == 0 {
+    let size = if input.big.is_multiple_of(4) {
         small + (1 << (24 + u32::from(input.big / 4 % 16)))
     } else {
         small
@@ -728,7 +728,7 @@ fn discarded(offset: u64, len: u64, size: u64, cs: u64) -> (u64, u64) {
     let start = offset.div_ceil(cs) * cs;
     let mut end = (offset + len) / cs * cs;
     let last = size / cs * cs;
-    if offset + len == size && size % cs != 0 && offset <= last {
+    if offset + len == size && !size.is_multiple_of(cs) && offset <= last {
         end = size;
     }
     (start, end)

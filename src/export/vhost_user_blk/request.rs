@@ -249,7 +249,7 @@ where
 fn range(img: &Image, sector: u64, len: u64) -> Option<u64> {
     let off = sector.checked_mul(SECTOR)?;
     let end = off.checked_add(len)?;
-    (len % SECTOR == 0 && end <= img.size()).then_some(off)
+    (len.is_multiple_of(SECTOR) && end <= img.size()).then_some(off)
 }
 
 /// Reads `len(segs)` bytes of the image at `off` into guest memory.
