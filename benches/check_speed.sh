@@ -11,7 +11,7 @@ for tool in qemu-img qemu-io; do
     command -v "$tool" >/dev/null || { echo "$tool not found (install qemu-utils)" >&2; exit 1; }
 done
 cargo build --release --quiet --bin qcow2-check
-ours="$PWD/target/release/qcow2-check"
+ours="$(realpath "${CARGO_TARGET_DIR:-target}")/release/qcow2-check"
 dir="$(mktemp -d)"
 trap 'rm -rf "$dir"' EXIT
 img="$dir/big.qcow2"

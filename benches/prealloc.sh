@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Times `qemu-img create -o preallocation=metadata` of a 1 TiB image with
-# 64 KiB clusters next to qcow2kit's create (the `create` example; `qcow2-img
-# create` once the CLI has it), and checks both images agree. Not run in CI.
+# 64 KiB clusters next to `qcow2-img create`, and checks both images agree
+# (README, "Performance"). Not run in CI.
 #
 #   bash benches/prealloc.sh [SIZE] [OPTS]     (defaults: 1T, cluster_size=64k)
 set -euo pipefail
@@ -13,17 +13,8 @@ command -v qemu-img >/dev/null || { echo "qemu-img not found" >&2; exit 1; }
 DIR="$(mktemp -d "${TMPDIR:-/tmp}/qcow2kit-prealloc.XXXXXX")"
 trap 'rm -rf "$DIR"' EXIT
 
-# Use `qcow2-img create` if the built CLI really creates preallocated images.
-cargo build --release --quiet --bins 2>/dev/null || true
-if [ -x target/release/qcow2-img ] \
-    && target/release/qcow2-img create -q -f qcow2 -o preallocation=metadata \
-        "$DIR/probe.qcow2" 1M >/dev/null 2>&1 \
-    && [ -s "$DIR/probe.qcow2" ]; then
-    OURS=(target/release/qcow2-img create -q -f qcow2)
-else
-    cargo build --release --quiet --example create
-    OURS=(target/release/examples/create)
-fi
+cargo build --release --quiet --bin qcow2-img
+OURS=("${CARGO_TARGET_DIR:-target}/release/qcow2-img" create -q -f qcow2)
 echo "ours: ${OURS[*]}"
 
 now() { date +%s.%N; }

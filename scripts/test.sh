@@ -13,8 +13,8 @@ fi
 # Keep CI bounded: proptest case counts are capped in the tests themselves,
 # this caps any test that reads PROPTEST_CASES.
 export PROPTEST_CASES="${PROPTEST_CASES:-64}"
-# Unit tests, the five integration-test binaries (tests/cli, tests/check,
-# tests/engine, tests/interop, tests/fuzz_regressions.rs; few binaries keep
+# Unit tests, the six integration-test binaries (tests/cli, tests/check,
+# tests/engine, tests/interop, tests/backends, tests/fuzz_regressions.rs; few binaries keep
 # the link step short), the examples and the benches (run once as tests),
 # then the doctests (README's snippets included).
 cargo test --all-targets "$@"

@@ -11,3 +11,9 @@ pub use crate::options::parse::{
     check_option_list, escape_option_value, option_string_wants_help, parse_bool_onoff,
     parse_number, split_option_string, validate_node_name,
 };
+
+/// The `Snapshot list:` table of `qemu-img snapshot -l` and `info` without
+/// its title: the header line and one line per snapshot.
+pub fn snapshot_table(snaps: &[crate::info::SnapshotInfo]) -> Vec<String> {
+    crate::info::snapshot_table(snaps)
+}

@@ -57,13 +57,6 @@ pub fn decompress(ctype: u8, input: &[u8], cluster_size: usize) -> Result<Vec<u8
 
 /// Compresses one cluster; `None` if the result would not be smaller than
 /// the cluster (QEMU then writes it uncompressed).
-#[cfg_attr(
-    not(test),
-    expect(
-        dead_code,
-        reason = "the writer of compressed clusters is not implemented yet; the tests round-trip through it"
-    )
-)]
 pub fn compress(ctype: u8, data: &[u8]) -> Option<Vec<u8>> {
     match ctype {
         ZLIB => {

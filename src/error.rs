@@ -129,6 +129,12 @@ pub enum Unsupported {
     AmendDataFile,
     /// `amend` shrinking the disk.
     AmendShrink,
+    /// Compressed writes to an image with an external data file (QEMU
+    /// refuses them too: compressed clusters live in the image file).
+    CompressedWithDataFile,
+    /// Internal snapshots of an image with an external data file (QEMU
+    /// refuses them too: the data file cannot be shared copy-on-write).
+    SnapshotWithDataFile,
 }
 
 impl std::fmt::Display for Unsupported {
@@ -142,6 +148,12 @@ impl std::fmt::Display for Unsupported {
             }
             Unsupported::AmendDataFile => f.write_str("changing the external data file"),
             Unsupported::AmendShrink => f.write_str("shrinking with amend (use resize --shrink)"),
+            Unsupported::CompressedWithDataFile => {
+                f.write_str("compressed writes with an external data file")
+            }
+            Unsupported::SnapshotWithDataFile => {
+                f.write_str("internal snapshots of an image with an external data file")
+            }
         }
     }
 }
@@ -363,9 +375,20 @@ pub enum Error {
         /// Largest refcount of the width.
         max: u64,
     },
+    /// No internal snapshot has the ID or name given.
+    #[error("snapshot '{0}' not found")]
+    SnapshotNotFound(String),
     /// The image would need a table (or a file) larger than the format allows.
     #[error("{0}")]
     TooLarge(Limit),
+    /// A compressed write onto a guest cluster that already has a host
+    /// cluster (QEMU refuses it with `EIO`: compressed data is never
+    /// written over allocated data).
+    #[error("cannot write compressed data over the allocated cluster at guest offset {offset:#x}")]
+    ClusterAllocated {
+        /// Guest offset of the cluster.
+        offset: u64,
+    },
     /// A feature this crate does not implement (yet).
     #[error("unsupported: {0}")]
     Unsupported(Unsupported),
@@ -473,6 +496,7 @@ impl Error {
             | Error::BackingChainTooDeep { .. } => "Invalid argument".into(),
             Error::TooLarge(_) => "File too large".into(),
             Error::Unsupported(_) => "Operation not supported".into(),
+            Error::SnapshotNotFound(_) => "No such file or directory".into(),
             _ => "Input/output error".into(),
         }
     }

@@ -53,10 +53,11 @@ pub mod types;
 pub use error::{Error, Result};
 pub use events::Event;
 pub use image::CacheStats;
+pub use image::CompressedCluster;
 pub use image::Image;
 // Creating and amending live in the image layer (`image::create`,
 // `image::amend`); the short paths stay the documented ones.
-pub use image::{amend, create};
+pub use image::{amend, create, measure};
 pub use mapping::Extent;
 pub use options::{CreateOptions, OpenOptions};
 

@@ -30,6 +30,14 @@ pub enum Extent {
     },
 }
 
+/// The outcome of one translation step on the cached L2 slice.
+enum Mapped {
+    /// The extent and its length.
+    Done(Extent, u64),
+    /// The L2 slice at this host offset is not cached.
+    Miss(u64),
+}
+
 impl Meta {
     /// Translates guest offset `guest`: the extent kind and how many bytes
     /// (at most `max_len`, at least 1) share it, with contiguous host offsets.
@@ -37,11 +45,41 @@ impl Meta {
     /// # Errors
     /// Corruption of the tables on the way (`Error::Corrupt`) and I/O errors.
     pub fn map_extent(&mut self, guest: u64, max_len: u64) -> Result<(Extent, u64)> {
+        if let Mapped::Done(e, n) = self.map_extent_in(guest, max_len, true)? {
+            return Ok((e, n));
+        }
+        // A miss: load the slice (counted there) and translate again.
+        let (table, _) = self.l2_table_offset(self.geom.l1_index(guest))?;
+        let slot = self.l2_slot(table, guest);
+        self.load_l2_slice(slot.slice)?;
+        match self.map_extent_in(guest, max_len, false)? {
+            Mapped::Done(e, n) => Ok((e, n)),
+            Mapped::Miss(slice) => Err(Error::Internal(format!(
+                "L2 slice {slice:#x} not cached right after loading it"
+            ))),
+        }
+    }
+
+    /// [`Meta::map_extent`] through a shared reference (the image's shared
+    /// lock): `None` when the L2 slice it needs is not cached.
+    ///
+    /// # Errors
+    /// As [`Meta::map_extent`].
+    pub fn map_extent_cached(&self, guest: u64, max_len: u64) -> Result<Option<(Extent, u64)>> {
+        Ok(match self.map_extent_in(guest, max_len, true)? {
+            Mapped::Done(e, n) => Some((e, n)),
+            Mapped::Miss(_) => None,
+        })
+    }
+
+    /// The translation itself, on the cached slice; `Miss(slice)` when the
+    /// slice is not cached. `count`: count a cache hit.
+    fn map_extent_in(&self, guest: u64, max_len: u64, count: bool) -> Result<Mapped> {
         let g = self.geom;
         let (table, _) = self.l2_table_offset(g.l1_index(guest))?;
         if table == 0 {
             let end = (g.l1_index(guest) + 1) << (g.cluster_bits + g.l2_bits);
-            return Ok((Extent::Unallocated, max_len.min(end - guest)));
+            return Ok(Mapped::Done(Extent::Unallocated, max_len.min(end - guest)));
         }
         let slice_entries = self.slice_entries();
         let cluster = guest >> g.cluster_bits;
@@ -51,7 +89,9 @@ impl Meta {
         let unit = 1u64 << unit_bits;
 
         let mut slot = self.l2_slot(table, guest);
-        self.load_l2_slice(slot.slice)?;
+        if self.l2.cache().get_shared(slot.slice, count).is_none() {
+            return Ok(Mapped::Miss(slot.slice));
+        }
         let (entry, bitmap) = self.decode_l2(self.read_slot(&slot), &slot)?;
         if let L2Entry::Compressed { .. } = entry {
             let (offset, len) = entry.compressed_range().unwrap_or((0, 0));
@@ -66,7 +106,7 @@ impl Meta {
                 });
             }
             let cluster_end = (cluster + 1) << g.cluster_bits;
-            return Ok((
+            return Ok(Mapped::Done(
                 Extent::Compressed { offset, len },
                 limit.min(cluster_end - guest),
             ));
@@ -132,7 +172,7 @@ impl Meta {
             }
             len = (len + unit).min(limit);
         }
-        Ok((extent, len))
+        Ok(Mapped::Done(extent, len))
     }
 
     fn unit_state(&self, entry: L2Entry, bitmap: Subclusters, guest: u64) -> SubclusterState {

@@ -354,7 +354,7 @@ pub fn decode_bitmap_table_entry(
             format!("Bitmap table entry {raw:#x} has a data offset and the all-ones flag"),
         ));
     }
-    if offset % cluster_size != 0 {
+    if !offset.is_multiple_of(cluster_size) {
         return Err(invalid(
             None,
             format!("Bitmap table entry offset {offset:#x} is not cluster-aligned"),

@@ -105,7 +105,7 @@ impl SnapshotEntry {
         let fits = (i64::MAX as u64)
             .checked_sub(table_bytes)
             .is_some_and(|room| self.l1_table_offset <= room);
-        let aligned = self.l1_table_offset % (1u64 << cluster_bits) == 0;
+        let aligned = self.l1_table_offset.is_multiple_of(1u64 << cluster_bits);
         if !fits || !aligned {
             return Err(err(
                 FormatErrorKind::Invalid,

@@ -2,11 +2,15 @@
 //!
 //! # Concurrency
 //! `Image` is `Send + Sync`. All metadata (L1 table, caches, allocator,
-//! overlap map) sits behind one mutex. A request translates its guest range
-//! under that mutex, then releases it and does guest data I/O outside it:
-//! reads of allocated clusters, reads of backing files and overwrites of
-//! clusters that are already allocated in place never hold the lock across
-//! file I/O.
+//! overlap map) sits behind one `RwLock`. Reads ([`Image::map_read`], so
+//! `read_at` and `read_vectored_at`) and in-place overwrites translate under
+//! its shared side when the L2 slices they need are cached (the cache counts
+//! and marks hits through `&self`), so such requests from several threads
+//! translate at the same time; a cache miss, an error, or anything that
+//! changes metadata takes the exclusive side. Neither side is held across
+//! guest data I/O: reads of allocated clusters, reads of backing files and
+//! overwrites of clusters that are already allocated in place happen with
+//! no lock held.
 //!
 //! Allocating writes (new clusters, copy-on-write) from [`Image::write_at`]
 //! work in three phases: under the lock they reserve their host clusters
@@ -40,14 +44,20 @@ use crate::storage::{FileStorage, Storage, Tracked};
 use crate::types::{Geometry, MetadataKind};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Condvar, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 pub mod amend;
+mod compressed;
 pub mod create;
+pub mod measure;
+pub use compressed::CompressedCluster;
 mod open;
 mod read_map;
 pub use read_map::{MappedExtent, ReadMapping, MAX_READ_EXTENTS};
+mod reserve;
+pub use reserve::{WriteExtent, WriteReservation};
 mod resolver;
+mod snapshot;
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // tests may panic
 mod sync_tests;
@@ -120,10 +130,15 @@ pub struct Image {
     pub(crate) data: DataTarget,
     data_file_path: Option<PathBuf>,
     pub(crate) backing: Option<Backing>,
-    meta: Mutex<Meta>,
+    /// The metadata: shared for cache-hit translations, exclusive for
+    /// everything else (see the module docs).
+    meta: RwLock<Meta>,
     pub(crate) io_barrier: RwLock<()>,
-    /// Signalled (with the metadata mutex) when allocating writes leave
-    /// `Meta::in_flight`.
+    /// Pairs with `in_flight_done` (a condvar cannot wait on an `RwLock`
+    /// guard): taken by a waiter before it releases the exclusive metadata
+    /// lock and by a notifier after it updated `Meta::in_flight` under it.
+    in_flight_mx: Mutex<()>,
+    /// Signalled when allocating writes leave `Meta::in_flight`.
     in_flight_done: Condvar,
     read_only: bool,
     gone: AtomicBool,
@@ -161,6 +176,11 @@ pub struct BlockStatus {
     pub extent: Extent,
 }
 
+/// The exclusive side of the metadata lock.
+pub(crate) type MetaGuard<'a> = RwLockWriteGuard<'a, Meta>;
+/// The shared side of the metadata lock.
+pub(crate) type MetaRead<'a> = RwLockReadGuard<'a, Meta>;
+
 /// Apply queued reference drops once this many are waiting.
 pub(crate) const MAX_PENDING_FREES: usize = 4096;
 
@@ -171,7 +191,7 @@ impl Image {
 
     /// Virtual disk size in bytes.
     pub fn size(&self) -> u64 {
-        self.meta.lock().map(|m| m.header.size).unwrap_or(0)
+        self.meta.read().map(|m| m.header.size).unwrap_or(0)
     }
 
     /// Cluster size in bytes.
@@ -198,7 +218,7 @@ impl Image {
     /// ```
     pub fn header(&self) -> Header {
         self.meta
-            .lock()
+            .read()
             .map(|m| m.header.clone())
             .unwrap_or_else(|p| p.into_inner().header.clone())
     }
@@ -258,7 +278,7 @@ impl Image {
 
     /// Hit/miss counters of the L2 cache and the refcount cache.
     pub fn cache_stats(&self) -> (CacheStats, CacheStats) {
-        match self.meta.lock() {
+        match self.meta.read() {
             Ok(m) => (m.l2.cache().stats(), m.rc.cache().stats()),
             Err(_) => Default::default(),
         }
@@ -272,7 +292,7 @@ impl Image {
     /// The internal snapshots (the snapshot table as loaded at open).
     pub fn snapshots(&self) -> Vec<crate::format::snapshot::SnapshotEntry> {
         self.meta
-            .lock()
+            .read()
             .map(|m| m.snapshots.clone())
             .unwrap_or_else(|p| p.into_inner().snapshots.clone())
     }
@@ -357,11 +377,11 @@ impl Image {
     /// # Errors
     /// As for the internal lock: `Error::MediumGone` after a fatal corruption
     /// event, `Error::PreviousIoFailed` after a failed metadata write.
-    pub(crate) fn lock_meta(&self) -> Result<MutexGuard<'_, Meta>> {
+    pub(crate) fn lock_meta(&self) -> Result<MetaGuard<'_>> {
         self.lock()
     }
 
-    pub(crate) fn lock(&self) -> Result<MutexGuard<'_, Meta>> {
+    pub(crate) fn lock(&self) -> Result<MetaGuard<'_>> {
         if self.closed.load(Ordering::SeqCst) {
             return Err(Error::Closed);
         }
@@ -373,40 +393,81 @@ impl Image {
         self.lock_open()
     }
 
+    /// The shared side of the metadata lock, for the cache-hit fast paths
+    /// (which give up and take [`Image::lock`] on a miss or an error): the
+    /// same refusals as [`Image::lock`], no cache cleaning.
+    pub(crate) fn lock_shared(&self) -> Result<MetaRead<'_>> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(Error::Closed);
+        }
+        if self.encrypted {
+            return Err(Error::EncryptionKeyRequired);
+        }
+        if self.gone.load(Ordering::SeqCst) {
+            return Err(Error::MediumGone);
+        }
+        let m = self.meta.read().map_err(|_| Error::PreviousIoFailed)?;
+        if m.gate.is_poisoned() {
+            return Err(Error::PreviousIoFailed);
+        }
+        Ok(m)
+    }
+
+    /// Whether the shared fast paths should defer to the exclusive lock for
+    /// work it does on the way (cleaning the caches).
+    pub(crate) fn shared_defers(meta: &Meta) -> bool {
+        meta.clean_due()
+    }
+
     /// Waits (releasing the lock) until no allocating write is in flight on
     /// guest clusters `first..=last`.
     pub(crate) fn wait_in_flight<'a>(
         &'a self,
-        mut meta: MutexGuard<'a, Meta>,
+        mut meta: MetaGuard<'a>,
         first: u64,
         last: u64,
-    ) -> Result<MutexGuard<'a, Meta>> {
-        while !meta.in_flight.is_empty()
-            && meta.in_flight.iter().any(|c| (first..=last).contains(c))
-        {
-            meta = self
-                .in_flight_done
-                .wait(meta)
+    ) -> Result<MetaGuard<'a>> {
+        while meta.in_flight_overlaps(first, last) {
+            // Taken before the metadata lock is released, so the notifier
+            // (which takes it after updating `in_flight`) cannot slip in
+            // between the test and the wait.
+            let signal = self
+                .in_flight_mx
+                .lock()
                 .map_err(|_| Error::PreviousIoFailed)?;
+            drop(meta);
+            drop(
+                self.in_flight_done
+                    .wait(signal)
+                    .map_err(|_| Error::PreviousIoFailed)?,
+            );
+            meta = self.meta.write().map_err(|_| Error::PreviousIoFailed)?;
         }
         Ok(meta)
+    }
+
+    /// Wakes the requests waiting in [`Image::wait_in_flight`] (call with
+    /// the exclusive metadata lock held, after changing `Meta::in_flight`).
+    pub(crate) fn notify_in_flight(&self) {
+        let _signal = self.in_flight_mx.lock();
+        self.in_flight_done.notify_all();
     }
 
     /// [`Image::lock`], then waits until no allocating write is in flight
     /// (for requests that change mappings wholesale: discard, write-zeroes,
     /// resize, close).
-    pub(crate) fn lock_idle(&self) -> Result<MutexGuard<'_, Meta>> {
+    pub(crate) fn lock_idle(&self) -> Result<MetaGuard<'_>> {
         let meta = self.lock()?;
         self.wait_in_flight(meta, 0, u64::MAX)
     }
 
     /// [`Image::lock`] without the "closed" and encryption checks (for the
     /// close itself).
-    fn lock_open(&self) -> Result<MutexGuard<'_, Meta>> {
+    fn lock_open(&self) -> Result<MetaGuard<'_>> {
         if self.gone.load(Ordering::SeqCst) {
             return Err(Error::MediumGone);
         }
-        let mut m = self.meta.lock().map_err(|_| Error::PreviousIoFailed)?;
+        let mut m = self.meta.write().map_err(|_| Error::PreviousIoFailed)?;
         if m.gate.is_poisoned() {
             return Err(Error::PreviousIoFailed);
         }
@@ -569,7 +630,7 @@ impl Image {
             // Never wait for the metadata lock while holding the barrier.
             drop(map);
             if let Err(e) = r {
-                let mut meta = self.meta.lock().map_err(|_| Error::PreviousIoFailed)?;
+                let mut meta = self.meta.write().map_err(|_| Error::PreviousIoFailed)?;
                 return Err(self.fail(&mut meta, e, IoOp::Read));
             }
             done += mapped;

@@ -235,6 +235,14 @@ impl Image {
         opts.check_image_version(header.version)
             .map_err(|e| Error::InvalidArgument(e.to_string()))?;
         let mut meta = crate::meta::load(tracked, header, opts, mode.check, file_len)?;
+        if let Some(sn) = opts.get_load_snapshot() {
+            if !read_only {
+                return Err(Error::InvalidArgument(
+                    "A snapshot can only be loaded on a read-only image".into(),
+                ));
+            }
+            meta.view_snapshot(sn)?;
+        }
 
         let base_dir = path
             .as_deref()
@@ -320,8 +328,9 @@ impl Image {
             data,
             data_file_path,
             backing,
-            meta: Mutex::new(meta),
+            meta: RwLock::new(meta),
             io_barrier: RwLock::new(()),
+            in_flight_mx: Mutex::new(()),
             in_flight_done: Condvar::new(),
             read_only,
             gone: AtomicBool::new(false),

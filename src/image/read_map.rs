@@ -6,8 +6,16 @@
 use super::*;
 use std::sync::RwLockReadGuard;
 
-/// Most extents one [`ReadMapping`] holds; a longer request maps a prefix.
-pub const MAX_READ_EXTENTS: usize = 64;
+/// Most extents one [`ReadMapping`] holds (inline: mapping allocates
+/// nothing); a longer request maps a prefix.
+pub const MAX_READ_EXTENTS: usize = 16;
+
+/// An unused slot of [`ReadMapping`]'s inline array.
+const NO_EXTENT: MappedExtent = MappedExtent {
+    guest: 0,
+    len: 0,
+    kind: Extent::Unallocated,
+};
 
 /// One run of guest bytes and where it reads from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,7 +37,8 @@ pub struct MappedExtent {
 #[derive(Debug)]
 pub struct ReadMapping<'a> {
     _ticket: RwLockReadGuard<'a, ()>,
-    extents: Vec<MappedExtent>,
+    extents: [MappedExtent; MAX_READ_EXTENTS],
+    n: usize,
     in_data_file: bool,
     compression_type: u8,
 }
@@ -38,17 +47,17 @@ impl ReadMapping<'_> {
     /// The runs, in guest order, contiguous, covering a prefix of the
     /// request (all of it unless more than [`MAX_READ_EXTENTS`] runs).
     pub fn extents(&self) -> &[MappedExtent] {
-        &self.extents
+        self.extents.get(..self.n).unwrap_or_default()
     }
 
     /// Bytes of the request covered.
     pub fn len(&self) -> u64 {
-        self.extents.iter().map(|e| e.len).sum()
+        self.extents().iter().map(|e| e.len).sum()
     }
 
     /// Whether nothing is covered (a request of length 0).
     pub fn is_empty(&self) -> bool {
-        self.extents.is_empty()
+        self.n == 0
     }
 
     /// The image's compression type (header field) for
@@ -96,21 +105,26 @@ impl Image {
     /// As [`Image::read_at`] (out of range, corrupt tables, I/O errors
     /// reading them, a disabled handle).
     pub fn map_read(&self, offset: u64, len: u64) -> Result<ReadMapping<'_>> {
+        if let Some(map) = self.map_read_shared(offset, len)? {
+            return Ok(map);
+        }
         let mut meta = self.lock()?;
         self.check_range(meta.header.size, offset, len)?;
-        let mut extents = Vec::new();
+        let mut extents = [NO_EXTENT; MAX_READ_EXTENTS];
+        let mut n_ext = 0usize;
         let mut done = 0u64;
-        while done < len && extents.len() < MAX_READ_EXTENTS {
+        while done < len && n_ext < MAX_READ_EXTENTS {
             let g = offset + done;
             let (kind, n) = match meta.map_extent(g, len - done) {
                 Ok(x) => x,
                 Err(e) => return Err(self.fail(&mut meta, e, IoOp::Read)),
             };
-            extents.push(MappedExtent {
+            extents[n_ext] = MappedExtent {
                 guest: g,
                 len: n,
                 kind,
-            });
+            };
+            n_ext += 1;
             done += n;
         }
         let in_data_file = meta.efmt.external_data;
@@ -125,9 +139,62 @@ impl Image {
         Ok(ReadMapping {
             _ticket: ticket,
             extents,
+            n: n_ext,
             in_data_file,
             compression_type,
         })
+    }
+}
+
+impl Image {
+    /// [`Image::map_read`] under the shared lock, from cached L2 slices
+    /// only: the prefix of the request mapped before the first miss or
+    /// error, `None` when that is nothing (the exclusive path then loads,
+    /// or reports the error).
+    fn map_read_shared(&self, offset: u64, len: u64) -> Result<Option<ReadMapping<'_>>> {
+        let meta = self.lock_shared()?;
+        if Self::shared_defers(&meta)
+            || offset
+                .checked_add(len)
+                .is_none_or(|end| end > meta.header.size)
+        {
+            return Ok(None);
+        }
+        let mut extents = [NO_EXTENT; MAX_READ_EXTENTS];
+        let mut n_ext = 0usize;
+        let mut done = 0u64;
+        while done < len && n_ext < MAX_READ_EXTENTS {
+            let g = offset + done;
+            let Ok(Some((kind, n))) = meta.map_extent_cached(g, len - done) else {
+                break;
+            };
+            extents[n_ext] = MappedExtent {
+                guest: g,
+                len: n,
+                kind,
+            };
+            n_ext += 1;
+            done += n;
+        }
+        if done == 0 && len > 0 {
+            return Ok(None);
+        }
+        let in_data_file = meta.efmt.external_data;
+        let compression_type = meta.header.compression_type;
+        // Taken before the shared lock is released: clusters freed after
+        // this translation are not reused until the ticket is dropped.
+        let ticket = self
+            .io_barrier
+            .read()
+            .map_err(|_| Error::PreviousIoFailed)?;
+        drop(meta);
+        Ok(Some(ReadMapping {
+            _ticket: ticket,
+            extents,
+            n: n_ext,
+            in_data_file,
+            compression_type,
+        }))
     }
 }
 
@@ -178,6 +245,43 @@ mod tests {
         let mut want = vec![0u8; len as usize];
         img.read_at(&mut want, off).unwrap();
         assert_eq!(got, want);
+    }
+
+    /// Cache-hit reads, in-place overwrites and in-place reservations need
+    /// only the shared side of the metadata lock: they complete on another
+    /// thread while this one holds it (with an exclusive lock they could
+    /// not, and the test would hang), and they count as cache hits.
+    #[test]
+    fn cache_hits_translate_under_the_shared_lock() {
+        let (_mem, img) = image();
+        img.write_at(&[4; 3 * 4096], 0).unwrap();
+        let mut warm = [0u8; 4096];
+        img.read_at(&mut warm, 0).unwrap();
+        let before = img.cache_stats().0;
+        let held = img.lock_shared().unwrap();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let mut buf = [0u8; 5000];
+                img.read_at(&mut buf, 100).unwrap();
+                assert_eq!(buf, [4; 5000]);
+                let map = img.map_read(0, 3 * 4096).unwrap();
+                assert_eq!(map.extents().len(), 1);
+                drop(map);
+                img.write_at(&[5; 100], 200).unwrap();
+                let res = img.reserve_write(4096, 4096).unwrap();
+                assert_eq!(res.len(), 4096);
+                res.commit().unwrap();
+            })
+            .join()
+            .unwrap();
+        });
+        drop(held);
+        let after = img.cache_stats().0;
+        assert_eq!(after.misses, before.misses, "no miss");
+        assert!(after.hits >= before.hits + 4, "{before:?} -> {after:?}");
+        let mut b = [0u8; 300];
+        img.read_at(&mut b, 0).unwrap();
+        assert!(b[..200].iter().all(|&x| x == 4) && b[200..].iter().all(|&x| x == 5));
     }
 
     /// A request of many runs maps a prefix of at most `MAX_READ_EXTENTS`

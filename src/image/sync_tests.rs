@@ -101,6 +101,25 @@ fn scenarios(data_file: bool, raw: bool) {
     assert_durable(&img, &file, &data, "partial in-place overwrite", |i| {
         i.write_at(&pat(3, 100), 70000).unwrap()
     });
+    // The mapping API: the caller writes the data through its own handle
+    // (not the image's), and the flush must still sync it.
+    let mapped = |i: &Image, off: u64, len: u64, b: u8| {
+        let res = i.reserve_write(off, len).unwrap();
+        let target: &dyn Storage = match (&data, res.in_data_file()) {
+            (Some(d), true) => &**d,
+            _ => &*file,
+        };
+        for e in res.extents() {
+            target.write_at(&pat(b, e.len as usize), e.host).unwrap();
+        }
+        res.commit().unwrap();
+    };
+    assert_durable(&img, &file, &data, "reserved in-place write", |i| {
+        mapped(i, 8192, 4096, 5)
+    });
+    assert_durable(&img, &file, &data, "reserved allocating write", |i| {
+        mapped(i, 2 << 20, 5000, 6)
+    });
     assert_durable(&img, &file, &data, "write-zeroes", |i| {
         i.write_zeroes(0, 64 << 10, false).unwrap()
     });

@@ -22,43 +22,104 @@ fn total(lens: impl Iterator<Item = usize>) -> Option<u64> {
     lens.map(|l| l as u64).try_fold(0u64, u64::checked_add)
 }
 
-/// The parts of `bufs` covering bytes `[start, start + len)` of their
-/// concatenation, borrowed from the caller's buffers.
-fn sub_mut<'b>(bufs: &'b mut [IoSliceMut<'_>], start: usize, len: usize) -> Vec<IoSliceMut<'b>> {
-    let mut out = Vec::new();
-    let (mut pos, end) = (0usize, start + len);
-    for b in bufs.iter_mut() {
-        let (lo, hi) = (pos, pos + b.len());
-        pos = hi;
-        if hi <= start || b.is_empty() {
-            continue;
-        }
-        if lo >= end {
-            break;
-        }
-        let s = start.max(lo) - lo;
-        let e = end.min(hi) - lo;
-        out.push(IoSliceMut::new(&mut b[s..e]));
+/// Most buffer pieces one host run passes to `preadv`/`pwritev` from an
+/// inline array; a run over more of the caller's buffers builds a list on
+/// the heap.
+const INLINE_IOV: usize = 8;
+
+/// The part of a buffer of length `l` at position `lo` of the concatenation
+/// that lies in `[start, end)`: `None` before it or when empty, `Some(None)`
+/// past it (stop), else the range within the buffer.
+fn clip(lo: usize, l: usize, start: usize, end: usize) -> Option<Option<(usize, usize)>> {
+    let hi = lo + l;
+    if lo >= end {
+        return Some(None);
     }
-    out
+    if hi <= start || l == 0 {
+        return None;
+    }
+    Some(Some((start.max(lo) - lo, end.min(hi) - lo)))
 }
 
-/// The parts of `bufs` covering bytes `[start, start + len)`.
-fn sub<'b>(bufs: &'b [IoSlice<'_>], start: usize, len: usize) -> Vec<IoSlice<'b>> {
-    let mut out = Vec::new();
-    let (mut pos, end) = (0usize, start + len);
-    for b in bufs {
-        let (lo, hi) = (pos, pos + b.len());
-        pos = hi;
-        if hi <= start || b.is_empty() {
-            continue;
+/// Calls `f` with the parts of `bufs` covering bytes `[start, start +
+/// len)` of their concatenation, borrowed from the caller's buffers (no
+/// heap allocation for up to [`INLINE_IOV`] parts).
+fn with_sub_mut<R>(
+    bufs: &mut [IoSliceMut<'_>],
+    start: usize,
+    len: usize,
+    f: impl FnOnce(&mut [IoSliceMut<'_>]) -> R,
+) -> R {
+    let mut arr: [IoSliceMut<'_>; INLINE_IOV] = std::array::from_fn(|_| IoSliceMut::new(&mut []));
+    let mut n = 0usize;
+    let mut spill: Vec<IoSliceMut<'_>> = Vec::new();
+    let mut pos = 0usize;
+    for b in bufs.iter_mut() {
+        let lo = pos;
+        pos += b.len();
+        let (from, to) = match clip(lo, b.len(), start, start + len) {
+            None => continue,
+            Some(None) => break,
+            Some(Some(r)) => r,
+        };
+        let part = IoSliceMut::new(&mut b[from..to]);
+        if spill.is_empty() && n < INLINE_IOV {
+            arr[n] = part;
+            n += 1;
+        } else {
+            if spill.is_empty() {
+                spill.extend(
+                    arr.iter_mut()
+                        .take(n)
+                        .map(|x| std::mem::replace(x, IoSliceMut::new(&mut []))),
+                );
+            }
+            spill.push(part);
         }
-        if lo >= end {
-            break;
-        }
-        out.push(IoSlice::new(&b[start.max(lo) - lo..end.min(hi) - lo]));
     }
-    out
+    if spill.is_empty() {
+        f(&mut arr[..n])
+    } else {
+        f(&mut spill)
+    }
+}
+
+/// Calls `f` with the parts of `bufs` covering bytes `[start, start + len)`
+/// (no heap allocation for up to [`INLINE_IOV`] parts).
+fn with_sub<R>(
+    bufs: &[IoSlice<'_>],
+    start: usize,
+    len: usize,
+    f: impl FnOnce(&[IoSlice<'_>]) -> R,
+) -> R {
+    let mut arr = [IoSlice::new(&[]); INLINE_IOV];
+    let mut n = 0usize;
+    let mut spill: Vec<IoSlice<'_>> = Vec::new();
+    let mut pos = 0usize;
+    for b in bufs {
+        let lo = pos;
+        pos += b.len();
+        let (from, to) = match clip(lo, b.len(), start, start + len) {
+            None => continue,
+            Some(None) => break,
+            Some(Some(r)) => r,
+        };
+        let part = IoSlice::new(&b[from..to]);
+        if spill.is_empty() && n < INLINE_IOV {
+            arr[n] = part;
+            n += 1;
+        } else {
+            if spill.is_empty() {
+                spill.extend_from_slice(&arr[..n]);
+            }
+            spill.push(part);
+        }
+    }
+    if spill.is_empty() {
+        f(&arr[..n])
+    } else {
+        f(&spill)
+    }
 }
 
 /// Calls `f(piece, at)` for each part of `[start, start + len)` of `bufs`,
@@ -70,11 +131,17 @@ fn each_mut(
     mut f: impl FnMut(&mut [u8], usize) -> Result<()>,
 ) -> Result<()> {
     let mut at = 0usize;
-    for piece in sub_mut(bufs, start, len) {
-        let mut piece = piece;
-        let n = piece.len();
-        f(&mut piece, at)?;
-        at += n;
+    let mut pos = 0usize;
+    for b in bufs.iter_mut() {
+        let lo = pos;
+        pos += b.len();
+        let (from, to) = match clip(lo, b.len(), start, start + len) {
+            None => continue,
+            Some(None) => break,
+            Some(Some(r)) => r,
+        };
+        f(&mut b[from..to], at)?;
+        at += to - from;
     }
     Ok(())
 }
@@ -119,69 +186,57 @@ impl Image {
                 size: self.size(),
             });
         };
+        // Built on the mapping API: one translation per up to
+        // MAX_READ_EXTENTS runs, the I/O under the mapping's ticket.
         let mut done = 0u64;
         while done < len {
-            let g = offset + done;
-            let mut meta = self.lock()?;
-            if done == 0 {
-                self.check_range(meta.header.size, offset, len)?;
-            }
-            let (ext, n) = match meta.map_extent(g, len - done) {
-                Ok(x) => x,
-                Err(e) => return Err(self.fail(&mut meta, e, IoOp::Read)),
-            };
-            let (start, n_us) = (done as usize, n as usize);
-            let r = match ext {
-                Extent::Data { host } => {
-                    let _io = self
-                        .io_barrier
-                        .read()
-                        .map_err(|_| Error::PreviousIoFailed)?;
-                    drop(meta);
-                    self.data
-                        .read_vectored(&mut sub_mut(bufs, start, n_us), host)
-                }
-                Extent::Zero { .. } => {
-                    drop(meta);
-                    each_mut(bufs, start, n_us, |d, _| {
+            let map = self.map_read(offset + done, len - done)?;
+            let mut r = Ok(());
+            for e in map.extents() {
+                let (start, n) = ((e.guest - offset) as usize, e.len as usize);
+                r = match e.kind {
+                    Extent::Data { host } => {
+                        with_sub_mut(bufs, start, n, |parts| self.data.read_vectored(parts, host))
+                    }
+                    Extent::Zero { .. } => each_mut(bufs, start, n, |d, _| {
                         d.fill(0);
                         Ok(())
-                    })
+                    }),
+                    Extent::Unallocated => each_mut(bufs, start, n, |d, at| {
+                        self.read_backing(d, e.guest + at as u64)
+                    }),
+                    Extent::Compressed {
+                        offset: coff,
+                        len: clen,
+                    } => {
+                        let in_cluster = (e.guest & (self.geom.cluster_size - 1)) as usize;
+                        self.read_compressed(map.compression_type(), coff, clen)
+                            .and_then(|data| {
+                                each_mut(bufs, start, n, |d, at| {
+                                    let from = in_cluster + at;
+                                    let src = data.get(from..from + d.len()).ok_or_else(|| {
+                                        Error::InvalidArgument(
+                                            "compressed extent past its cluster".into(),
+                                        )
+                                    })?;
+                                    d.copy_from_slice(src);
+                                    Ok(())
+                                })
+                            })
+                    }
+                };
+                if r.is_err() {
+                    break;
                 }
-                Extent::Unallocated => {
-                    drop(meta);
-                    each_mut(bufs, start, n_us, |d, at| {
-                        self.read_backing(d, g + at as u64)
-                    })
-                }
-                Extent::Compressed {
-                    offset: coff,
-                    len: clen,
-                } => {
-                    let _io = self
-                        .io_barrier
-                        .read()
-                        .map_err(|_| Error::PreviousIoFailed)?;
-                    let ctype = meta.header.compression_type;
-                    drop(meta);
-                    let in_cluster = (g & (self.geom.cluster_size - 1)) as usize;
-                    self.read_compressed(ctype, coff, clen).and_then(|data| {
-                        each_mut(bufs, start, n_us, |d, at| {
-                            let from = in_cluster + at;
-                            let src = data.get(from..from + d.len()).ok_or_else(|| {
-                                Error::InvalidArgument("compressed extent past its cluster".into())
-                            })?;
-                            d.copy_from_slice(src);
-                            Ok(())
-                        })
-                    })
-                }
-            };
+            }
+            let mapped = map.len();
+            // Never wait for the metadata lock while holding the barrier.
+            drop(map);
             if let Err(e) = r {
-                let mut meta = self.meta.lock().map_err(|_| Error::PreviousIoFailed)?;
+                let mut meta = self.meta.write().map_err(|_| Error::PreviousIoFailed)?;
                 return Err(self.fail(&mut meta, e, IoOp::Read));
             }
-            done += n;
+            done += mapped;
         }
         Ok(())
     }
@@ -227,6 +282,13 @@ impl Image {
         let mut done = 0u64;
         while done < len {
             let g = offset + done;
+            if let Some((meta, permit, n)) = self.in_place_shared(offset, len, g, len - done)? {
+                with_sub(bufs, done as usize, n as usize, |parts| {
+                    self.in_place(meta, permit, parts)
+                })?;
+                done += n;
+                continue;
+            }
             let mut meta = self.lock()?;
             if done == 0 {
                 self.check_range(meta.header.size, offset, len)?;
@@ -244,8 +306,9 @@ impl Image {
             };
             done += match step {
                 WriteStep::InPlace { permit, len: n } => {
-                    let parts = sub(bufs, done as usize, n as usize);
-                    self.in_place(meta, permit, &parts)?;
+                    with_sub(bufs, done as usize, n as usize, |parts| {
+                        self.in_place(meta, permit, parts)
+                    })?;
                     n
                 }
                 WriteStep::Alloc { len: n } => {
@@ -255,9 +318,11 @@ impl Image {
                     let n = n.min(cap) as usize;
                     let mut tmp = GATHER.with(|b| std::mem::take(&mut *b.borrow_mut()));
                     tmp.clear();
-                    for part in sub(bufs, done as usize, n) {
-                        tmp.extend_from_slice(&part);
-                    }
+                    with_sub(bufs, done as usize, n, |parts| {
+                        for part in parts {
+                            tmp.extend_from_slice(part);
+                        }
+                    });
                     let r = self.alloc_step(meta, g, &tmp);
                     GATHER.with(|b| *b.borrow_mut() = tmp);
                     r?

@@ -59,6 +59,14 @@ impl Image {
         let mut done = 0usize;
         while done < buf.len() {
             let g = offset + done as u64;
+            let rest = &buf[done..];
+            if let Some((meta, permit, n)) =
+                self.in_place_shared(offset, buf.len() as u64, g, rest.len() as u64)?
+            {
+                self.in_place(meta, permit, &[IoSlice::new(&rest[..n as usize])])?;
+                done += n as usize;
+                continue;
+            }
             let mut meta = self.lock()?;
             // A guest cluster with an allocation in flight: wait until it is
             // linked, then translate again.
@@ -70,7 +78,6 @@ impl Image {
                     return Err(self.fail(&mut meta, e, IoOp::Write));
                 }
             }
-            let rest = &buf[done..];
             let step = match self.write_step(&mut meta, g, rest.len() as u64) {
                 Ok(s) => s,
                 Err(e) => return Err(self.fail(&mut meta, e, IoOp::Write)),
@@ -90,9 +97,9 @@ impl Image {
 
     /// Writes an in-place run outside the lock (released here), holding the
     /// I/O barrier; on an error the image is failed as for any write.
-    pub(super) fn in_place(
+    pub(super) fn in_place<G>(
         &self,
-        meta: MutexGuard<'_, Meta>,
+        meta: G,
         permit: crate::meta::DataPermit,
         bufs: &[IoSlice<'_>],
     ) -> Result<()> {
@@ -106,7 +113,7 @@ impl Image {
         // takes them in the other order.
         drop(io);
         if let Err(e) = r {
-            let mut meta = self.meta.lock().map_err(|_| Error::PreviousIoFailed)?;
+            let mut meta = self.meta.write().map_err(|_| Error::PreviousIoFailed)?;
             return Err(self.fail(&mut meta, e, IoOp::Write));
         }
         Ok(())
@@ -115,13 +122,8 @@ impl Image {
     /// An allocating write of (a prefix of) `data` at `g`: reserve under
     /// the lock (held on entry), write with no lock held, link under the
     /// lock. Returns the bytes written.
-    pub(super) fn alloc_step(
-        &self,
-        mut meta: MutexGuard<'_, Meta>,
-        g: u64,
-        data: &[u8],
-    ) -> Result<u64> {
-        let job = match self.prepare_alloc(&mut meta, g, data) {
+    pub(super) fn alloc_step(&self, mut meta: MetaGuard<'_>, g: u64, data: &[u8]) -> Result<u64> {
+        let job = match self.prepare_alloc(&mut meta, g, data.len() as u64, Some(data)) {
             Ok(j) => j,
             Err(e) => return Err(self.fail(&mut meta, e, IoOp::Write)),
         };
@@ -133,15 +135,24 @@ impl Image {
         // reach and cannot be handed out again: no lock and no barrier are
         // needed to fill them.
         let r = self.run_alloc(writes, data);
-        let mut meta = self.meta.lock().map_err(|_| Error::PreviousIoFailed)?;
-        for p in &plans {
+        self.finish_alloc(&plans, r)
+    }
+
+    /// The last phase of an allocating write (or a write reservation's
+    /// commit) after its data writes ended with `r`: under the exclusive
+    /// lock, the guest clusters leave the in-flight set and are linked, or on
+    /// an error their reservation is released. Returns the bytes linked.
+    pub(super) fn finish_alloc(&self, plans: &[ClusterPlan], r: Result<()>) -> Result<u64> {
+        let cb = self.geom.cluster_bits;
+        let mut meta = self.meta.write().map_err(|_| Error::PreviousIoFailed)?;
+        for p in plans {
             meta.in_flight.remove(&(p.guest >> cb));
         }
-        self.in_flight_done.notify_all();
+        self.notify_in_flight();
         let r = match r {
-            Ok(()) => self.link_alloc(&mut meta, &plans),
+            Ok(()) => self.link_alloc(&mut meta, plans),
             Err(e) => {
-                self.release_alloc(&mut meta, &plans);
+                self.release_alloc(&mut meta, plans);
                 Err(e)
             }
         };
@@ -162,49 +173,114 @@ impl Image {
     /// of the allocating write to do next ([`Image::alloc_step`]).
     pub(super) fn write_step(&self, meta: &mut Meta, g: u64, rest: u64) -> Result<WriteStep> {
         let geom = self.geom;
-        let cs = geom.cluster_size;
         let slice_entries = meta.slice_entries();
         let cluster = g >> geom.cluster_bits;
         let slice_end = ((cluster | (slice_entries - 1)) + 1) << geom.cluster_bits;
         let len = rest.min(slice_end - g);
-        let l1i = geom.l1_index(g);
 
         // Fast path: the first cluster can be overwritten in place.
-        let (table, table_copied) = meta.l2_table_offset(l1i)?;
-        if table != 0 && table_copied {
-            let mut run = 0u64;
-            let mut host0 = 0u64;
-            while run < len {
-                let gg = g + run;
-                let slot = meta.l2_slot(table, gg);
-                meta.load_l2_slice(slot.slice)?;
-                let (e, b) = meta.decode_l2(meta.read_slot(&slot), &slot)?;
-                let in_c = gg & (cs - 1);
-                let n = (cs - in_c).min(len - run);
-                let host = match e {
-                    L2Entry::Normal { host, copied: true }
-                        if !geom.extended_l2 || subclusters_allocated(&geom, b, in_c, n) =>
-                    {
-                        host
-                    }
-                    _ => break,
-                };
-                if run == 0 {
-                    host0 = host + in_c;
-                } else if host + in_c != host0 + run {
-                    break;
+        let mut count = true;
+        for _ in 0..2 {
+            match self.in_place_run(meta, g, len, count)? {
+                InPlaceRun::Run { permit, len } => return Ok(WriteStep::InPlace { permit, len }),
+                InPlaceRun::No => return Ok(WriteStep::Alloc { len }),
+                InPlaceRun::Miss(slice) => {
+                    meta.load_l2_slice(slice)?;
+                    count = false;
                 }
-                run += n;
-            }
-            if run > 0 {
-                // Overlap-checked when data lives in the image file; the
-                // write may extend the file (a cluster whose tail was never
-                // written), so the known end covers it from here on.
-                let permit = meta.gate.permit_data(host0, run)?;
-                return Ok(WriteStep::InPlace { permit, len: run });
             }
         }
-        Ok(WriteStep::Alloc { len })
+        Err(Error::Internal(
+            "L2 slice not cached right after loading it".into(),
+        ))
+    }
+
+    /// The run of `len` bytes at `g` (within one L2 slice) that can be
+    /// overwritten in place, from the cached L2 slice alone (`&Meta`: works
+    /// under the shared lock); `Miss` when the slice is not cached.
+    fn in_place_run(&self, meta: &Meta, g: u64, len: u64, count: bool) -> Result<InPlaceRun> {
+        let geom = self.geom;
+        let cs = geom.cluster_size;
+        let (table, table_copied) = meta.l2_table_offset(geom.l1_index(g))?;
+        if table == 0 || !table_copied {
+            return Ok(InPlaceRun::No);
+        }
+        let first = meta.l2_slot(table, g);
+        if meta.l2.cache().get_shared(first.slice, count).is_none() {
+            return Ok(InPlaceRun::Miss(first.slice));
+        }
+        let mut run = 0u64;
+        let mut host0 = 0u64;
+        while run < len {
+            let gg = g + run;
+            let slot = meta.l2_slot(table, gg);
+            let (e, b) = meta.decode_l2(meta.read_slot(&slot), &slot)?;
+            let in_c = gg & (cs - 1);
+            let n = (cs - in_c).min(len - run);
+            let host = match e {
+                L2Entry::Normal { host, copied: true }
+                    if !geom.extended_l2 || subclusters_allocated(&geom, b, in_c, n) =>
+                {
+                    host
+                }
+                _ => break,
+            };
+            if run == 0 {
+                host0 = host + in_c;
+            } else if host + in_c != host0 + run {
+                break;
+            }
+            run += n;
+        }
+        if run == 0 {
+            return Ok(InPlaceRun::No);
+        }
+        // Overlap-checked when data lives in the image file; the write may
+        // extend the file (a cluster whose tail was never written), so the
+        // known end covers it from here on.
+        let permit = meta.gate.permit_data(host0, run)?;
+        Ok(InPlaceRun::Run { permit, len: run })
+    }
+
+    /// The in-place step of a write under the shared lock (cache hit): the
+    /// guard, the permit and the length of the run at `g` (at most `rest`
+    /// bytes) of a request `[offset, offset + total)`. `None` sends the step
+    /// to the exclusive path: a cache miss, any error (reported there), a
+    /// request out of range, caches due for cleaning, an allocation in flight on the request's
+    /// clusters, autoclear bits still to clear, or no in-place run at `g`.
+    ///
+    /// # Errors
+    /// Only the refusals of [`Image::lock_shared`].
+    pub(super) fn in_place_shared(
+        &self,
+        offset: u64,
+        total: u64,
+        g: u64,
+        rest: u64,
+    ) -> Result<Option<(MetaRead<'_>, crate::meta::DataPermit, u64)>> {
+        let meta = self.lock_shared()?;
+        let Some(end) = offset.checked_add(total) else {
+            return Ok(None);
+        };
+        if end > meta.header.size
+            || total == 0
+            || Self::shared_defers(&meta)
+            || meta.header.autoclear_features & !AUTOCLEAR_DATA_FILE_RAW != 0
+        {
+            return Ok(None);
+        }
+        let cb = self.geom.cluster_bits;
+        if meta.in_flight_overlaps(g >> cb, (end - 1) >> cb) {
+            return Ok(None);
+        }
+        let slice_entries = meta.slice_entries();
+        let cluster = g >> cb;
+        let slice_end = ((cluster | (slice_entries - 1)) + 1) << cb;
+        let len = rest.min(slice_end - g);
+        match self.in_place_run(&meta, g, len, true) {
+            Ok(InPlaceRun::Run { permit, len }) => Ok(Some((meta, permit, len))),
+            _ => Ok(None),
+        }
     }
 
     /// Allocates clusters for (a prefix of) `data` at guest offset `g`,
@@ -212,7 +288,7 @@ impl Image {
     /// old content, writes the data and updates the L2 entries, all under
     /// the lock. Returns how many bytes were written.
     pub(crate) fn allocating_write(&self, meta: &mut Meta, g: u64, data: &[u8]) -> Result<u64> {
-        let job = self.prepare_alloc(meta, g, data)?;
+        let job = self.prepare_alloc(meta, g, data.len() as u64, Some(data))?;
         let AllocJob { plans, writes } = job;
         if let Err(e) = self.run_alloc(writes, data) {
             self.release_alloc(meta, &plans);
@@ -225,10 +301,20 @@ impl Image {
     /// the clusters from `g` on, reserves new host clusters (refcount 1, not
     /// yet linked), reads the old content that copy-on-write keeps and gets
     /// the permits for the data writes. Nothing a reader can see changes.
-    fn prepare_alloc(&self, meta: &mut Meta, g: u64, data: &[u8]) -> Result<AllocJob> {
+    ///
+    /// `data` is the guest data of `[g, g + len)`; `None` for a write
+    /// reservation, whose caller writes the guest data itself: the plan then
+    /// holds only the copy-on-write parts around it and, as
+    /// [`PendingWrite::Outside`], the permits of the caller's ranges.
+    pub(super) fn prepare_alloc(
+        &self,
+        meta: &mut Meta,
+        g: u64,
+        len: u64,
+        data: Option<&[u8]>,
+    ) -> Result<AllocJob> {
         let geom = self.geom;
         let cs = geom.cluster_size;
-        let len = data.len() as u64;
         let table = meta.writable_l2_table(geom.l1_index(g))?;
         let c0 = g >> geom.cluster_bits;
         let c_last = (g + len - 1) >> geom.cluster_bits;
@@ -311,10 +397,13 @@ impl Image {
         &self,
         meta: &mut Meta,
         g: u64,
-        data: &[u8],
+        data: Option<&[u8]>,
         plans: &[ClusterPlan],
         writes: &mut Vec<PendingWrite>,
     ) -> Result<()> {
+        let Some(data) = data else {
+            return self.plan_cow_only(meta, plans, writes);
+        };
         let cs = self.geom.cluster_size;
         let mut i = 0;
         while i < plans.len() {
@@ -358,8 +447,38 @@ impl Image {
         Ok(())
     }
 
+    /// [`Image::plan_writes`] for a write reservation: the permit of each
+    /// cluster's guest range (written by the caller) and, where the guest
+    /// range does not cover the copy-on-write range, the old content around
+    /// it as separate writes.
+    fn plan_cow_only(
+        &self,
+        meta: &mut Meta,
+        plans: &[ClusterPlan],
+        writes: &mut Vec<PendingWrite>,
+    ) -> Result<()> {
+        for p in plans {
+            let host = p.host.unwrap_or(0);
+            let (lo, hi) = self.cow_range(p);
+            let permit = meta.gate.permit_data(host + p.lo_w, p.hi_w - p.lo_w)?;
+            writes.push(PendingWrite::Outside { permit });
+            if self.fast_path(meta, p, (lo, hi)) {
+                continue;
+            }
+            for (from, to) in [(lo, p.lo_w), (p.hi_w, hi)] {
+                if from < to {
+                    let mut buf = vec![0u8; (to - from) as usize];
+                    self.fill_old(meta, p, from, to, &mut buf)?;
+                    let permit = meta.gate.permit_data(host + from, to - from)?;
+                    writes.push(PendingWrite::Cow { permit, buf });
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The second phase: the data writes, with or without the lock held.
-    fn run_alloc(&self, writes: Vec<PendingWrite>, data: &[u8]) -> Result<()> {
+    pub(super) fn run_alloc(&self, writes: Vec<PendingWrite>, data: &[u8]) -> Result<()> {
         for w in writes {
             match w {
                 PendingWrite::Caller { permit, src } => {
@@ -369,6 +488,11 @@ impl Image {
                     self.data.write(permit, bytes)?;
                 }
                 PendingWrite::Cow { permit, buf } => self.data.write(permit, &buf)?,
+                PendingWrite::Outside { .. } => {
+                    return Err(Error::Internal(
+                        "a reservation's guest range reached the data writes".into(),
+                    ))
+                }
             }
         }
         Ok(())
@@ -392,7 +516,7 @@ impl Image {
             }
             for p in plans {
                 if meta.l2.cache().peek(p.slot.slice).is_none() {
-                    return Err(Error::InvalidArgument("L2 slice not cached".into()));
+                    return Err(Error::Internal("L2 slice not cached".into()));
                 }
             }
             Ok(())
@@ -415,7 +539,7 @@ impl Image {
     /// Gives back the clusters reserved for an allocating write that will not
     /// be linked (through the deferred-free path: a crash before the next
     /// flush leaves them leaked, never referenced twice).
-    fn release_alloc(&self, meta: &mut Meta, plans: &[ClusterPlan]) {
+    pub(super) fn release_alloc(&self, meta: &mut Meta, plans: &[ClusterPlan]) {
         for p in plans.iter().filter(|p| p.fresh) {
             if let Some(h) = p.host {
                 meta.queue_free(h, DiscardType::Never);
@@ -557,35 +681,35 @@ impl Image {
 
 /// One guest cluster of an allocating write.
 #[derive(Debug, Clone, Copy)]
-struct ClusterPlan {
-    guest: u64,
+pub(super) struct ClusterPlan {
+    pub(super) guest: u64,
     old: L2Entry,
     bitmap: Subclusters,
-    host: Option<u64>,
+    pub(super) host: Option<u64>,
     /// `host` was reserved for this write (released if it fails).
     fresh: bool,
     /// Range written by the guest within the cluster.
-    lo_w: u64,
-    hi_w: u64,
+    pub(super) lo_w: u64,
+    pub(super) hi_w: u64,
     slot: crate::meta::L2Slot,
 }
 
 /// An allocating write between its phases: the reserved clusters and the
 /// data writes still to do.
-struct AllocJob {
-    plans: Vec<ClusterPlan>,
-    writes: Vec<PendingWrite>,
+pub(super) struct AllocJob {
+    pub(super) plans: Vec<ClusterPlan>,
+    pub(super) writes: Vec<PendingWrite>,
 }
 
 impl AllocJob {
     /// The guest clusters the job links (as cluster indices).
-    fn clusters(&self, cluster_bits: u32) -> impl Iterator<Item = u64> + '_ {
+    pub(super) fn clusters(&self, cluster_bits: u32) -> impl Iterator<Item = u64> + '_ {
         self.plans.iter().map(move |p| p.guest >> cluster_bits)
     }
 }
 
 /// One data write of an allocating write.
-enum PendingWrite {
+pub(super) enum PendingWrite {
     /// Bytes `src` of the caller's buffer.
     Caller {
         permit: crate::meta::DataPermit,
@@ -596,6 +720,21 @@ enum PendingWrite {
         permit: crate::meta::DataPermit,
         buf: Vec<u8>,
     },
+    /// A guest range of a write reservation: written by its caller.
+    Outside { permit: crate::meta::DataPermit },
+}
+
+/// What [`Image::in_place_run`] found.
+enum InPlaceRun {
+    /// Overwrite `len` bytes in place with `permit`.
+    Run {
+        permit: crate::meta::DataPermit,
+        len: u64,
+    },
+    /// The first cluster cannot be overwritten in place.
+    No,
+    /// The L2 slice at this host offset is not cached.
+    Miss(u64),
 }
 
 pub(super) enum WriteStep {

@@ -128,7 +128,10 @@ impl Image {
                 }
                 if no_unref && !full {
                     if let Some(h) = e.host_cluster() {
-                        if meta.rc.policy().request {
+                        // Only a cluster this entry owns alone (COPIED): a
+                        // cluster shared with an internal snapshot keeps
+                        // the snapshot's data.
+                        if meta.rc.policy().request && (e.copied() || meta.efmt.external_data) {
                             // Where the data lives: with an external data
                             // file `h` is an offset in that file.
                             if let Ok(p) = meta.gate.permit_data(h, cs) {

@@ -5,8 +5,15 @@
 //! (the metadata layer), which knows the write-ordering rules: a dirty L2
 //! slice may only be written after the refcount cache has been flushed, so
 //! eviction hands the victim back instead of writing it.
+//!
+//! Lookups under the image's shared lock ([`TableCache::get_shared`]) need
+//! only `&self`: they set the entry's atomic *referenced* bit and epoch
+//! stamp and count the hit atomically. The victim search gives referenced
+//! entries a second chance (moved to the most recently used end, bit
+//! cleared), so the LRU order stays approximately right for those hits.
 
 use lru::LruCache;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 /// One cached table (or slice of a table).
 #[derive(Debug)]
@@ -16,7 +23,9 @@ pub struct CachedTable {
     /// Modified in memory and not yet written back.
     pub dirty: bool,
     /// The cache's epoch when this entry was last used (`cache-clean-interval`).
-    epoch: u32,
+    epoch: AtomicU32,
+    /// Used under the shared lock since the victim search last looked at it.
+    referenced: AtomicBool,
 }
 
 /// Hit/miss counters of a cache.
@@ -38,8 +47,8 @@ pub struct TableCache {
     lru: LruCache<u64, CachedTable>,
     capacity: usize,
     entry_bytes: usize,
-    hits: u64,
-    misses: u64,
+    hits: AtomicU64,
+    misses: AtomicU64,
     epoch: u32,
 }
 
@@ -51,8 +60,8 @@ impl TableCache {
             lru: LruCache::unbounded(),
             capacity,
             entry_bytes,
-            hits: 0,
-            misses: 0,
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
             epoch: 0,
         }
     }
@@ -67,15 +76,34 @@ impl TableCache {
         let epoch = self.epoch;
         match self.lru.get_mut(&offset) {
             Some(t) => {
-                self.hits += 1;
-                t.epoch = epoch;
+                self.hits.fetch_add(1, Ordering::Relaxed);
+                *t.epoch.get_mut() = epoch;
                 Some(t)
             }
             None => {
-                self.misses += 1;
+                self.misses.fetch_add(1, Ordering::Relaxed);
                 None
             }
         }
+    }
+
+    /// Looks `offset` up through a shared reference (the image's shared
+    /// lock): a hit is counted and marks the entry referenced (see the
+    /// module docs); a miss is not counted (the caller retries under the
+    /// exclusive lock, whose [`get`](Self::get) counts it). `count: false`
+    /// counts nothing (a retry right after the load).
+    pub fn get_shared(&self, offset: u64, count: bool) -> Option<&CachedTable> {
+        let t = self.lru.peek(&offset)?;
+        if count {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+        }
+        if t.epoch.load(Ordering::Relaxed) != self.epoch {
+            t.epoch.store(self.epoch, Ordering::Relaxed);
+        }
+        if !t.referenced.load(Ordering::Relaxed) {
+            t.referenced.store(true, Ordering::Relaxed);
+        }
+        Some(t)
     }
 
     /// Mutable lookup that does not count a hit or a miss (used after `get`).
@@ -93,8 +121,23 @@ impl TableCache {
         self.lru.len() >= self.capacity
     }
 
-    /// The least recently used entry (the next victim), without removing it.
-    pub fn lru_victim(&self) -> Option<(u64, bool)> {
+    /// The next victim, without removing it: the least recently used entry
+    /// not referenced under the shared lock since the last search (a
+    /// referenced one is moved to the most recently used end instead, its
+    /// bit cleared: a second chance).
+    pub fn lru_victim(&mut self) -> Option<(u64, bool)> {
+        for _ in 0..self.lru.len() {
+            let (k, referenced) = match self.lru.peek_lru() {
+                Some((k, v)) => (*k, v.referenced.load(Ordering::Relaxed)),
+                None => return None,
+            };
+            if !referenced {
+                break;
+            }
+            if let Some(t) = self.lru.get_mut(&k) {
+                *t.referenced.get_mut() = false;
+            }
+        }
         self.lru.peek_lru().map(|(k, v)| (*k, v.dirty))
     }
 
@@ -110,7 +153,8 @@ impl TableCache {
             CachedTable {
                 data,
                 dirty,
-                epoch: self.epoch,
+                epoch: AtomicU32::new(self.epoch),
+                referenced: AtomicBool::new(false),
             },
         );
     }
@@ -152,7 +196,7 @@ impl TableCache {
         let stale: Vec<u64> = self
             .lru
             .iter()
-            .filter(|(_, t)| !t.dirty && t.epoch != epoch)
+            .filter(|(_, t)| !t.dirty && t.epoch.load(Ordering::Relaxed) != epoch)
             .map(|(k, _)| *k)
             .collect();
         for k in &stale {
@@ -194,8 +238,8 @@ impl TableCache {
     /// Counters for tests and benches.
     pub fn stats(&self) -> CacheStats {
         CacheStats {
-            hits: self.hits,
-            misses: self.misses,
+            hits: self.hits.load(Ordering::Relaxed),
+            misses: self.misses.load(Ordering::Relaxed),
             entries: self.lru.len(),
             capacity: self.capacity,
         }
@@ -228,6 +272,31 @@ mod tests {
         c.drop_clean();
         assert!(c.peek(0).is_none());
         assert!(c.peek(8).is_some());
+    }
+
+    /// A hit under the shared lock saves the entry from being the next
+    /// victim once (second chance) and counts as a hit.
+    #[test]
+    fn shared_hits_get_a_second_chance() {
+        let mut c = TableCache::new(3, 8);
+        for k in [0u64, 8, 16] {
+            c.insert(k, vec![0; 8].into(), false);
+        }
+        assert_eq!(c.lru_victim(), Some((0, false)));
+        assert!(c.get_shared(0, true).is_some());
+        assert!(c.get_shared(24, true).is_none());
+        assert_eq!(c.lru_victim(), Some((8, false)), "0 was referenced");
+        c.remove(8);
+        c.insert(32, vec![0; 8].into(), false);
+        // 16 is now the oldest entry, and not referenced.
+        assert_eq!(c.lru_victim(), Some((16, false)));
+        let s = c.stats();
+        assert_eq!((s.hits, s.misses), (1, 0));
+        // All referenced: the search still ends, on the oldest.
+        for k in [0u64, 16, 32] {
+            c.get_shared(k, false);
+        }
+        assert!(c.lru_victim().is_some());
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! refcount blocks and L1 entries are written in the order the parent module's
 //! docs list, and the dirty bit for lazy refcounts.
 
+use super::conv;
 use super::refcount::Update;
 use super::{DiscardType, Meta};
 use crate::error::{Error, Result};
@@ -36,22 +37,22 @@ impl Meta {
                 msg: "Preventing invalid allocation of L2 table at offset 0".into(),
             });
         }
-        let cs = self.geom.cluster_size as usize;
+        let cs = conv::cluster_bytes(&self.geom);
         let mut buf = vec![0u8; cs];
         if old != 0 {
             // Copy the shared table, taking the content from dirty cached slices too.
             self.gate.read(&mut buf, old)?;
             let sb = self.l2.cache.entry_bytes();
-            for s in 0..cs / sb {
+            for (s, slice) in buf.chunks_exact_mut(sb).enumerate() {
                 if let Some(t) = self.l2.cache.peek(old + (s * sb) as u64) {
-                    buf[s * sb..(s + 1) * sb].copy_from_slice(&t.data);
+                    slice.copy_from_slice(&t.data);
                 }
             }
         }
         self.gate.checker_mut().add_active_l2(new);
         self.meta_write(&buf, new, MetadataKind::ActiveL2)?;
         self.data_unsynced = true;
-        self.l2.l1[idx] = new | OFLAG_COPIED;
+        *conv::get_mut(&mut self.l2.l1, idx, "L1 table")? = new | OFLAG_COPIED;
         self.l2.l1_dirty.insert(idx);
         if old != 0 {
             // On a corrupt image another L1 entry may share the old table, or
@@ -85,7 +86,13 @@ impl Meta {
         let mut data = data;
         data.clear();
         data.extend_from_slice(&t.data);
-        let r = self.meta_write(&data, slice, MetadataKind::ActiveL2);
+        // A cached L2 table may be shared with a snapshot (internal
+        // snapshots): it is then an active and an inactive L2 table at once.
+        let r = self.gate.write_metadata_as(
+            &[MetadataKind::ActiveL2, MetadataKind::InactiveL2],
+            &data,
+            slice,
+        );
         self.scratch = data;
         r?;
         if let Some(t) = self.l2.cache.get_mut(slice) {
@@ -124,7 +131,7 @@ impl Meta {
         }
         for i in entries {
             let off = self.header.refcount_table_offset + i as u64 * 8;
-            let v = self.rc.table[i];
+            let v = conv::get(&self.rc.table, i, "refcount table")?;
             self.meta_write(&v.to_be_bytes(), off, MetadataKind::RefcountTable)?;
         }
         self.sync()
@@ -147,26 +154,28 @@ impl Meta {
         Ok(())
     }
 
-    fn write_l1_entries(&mut self) -> Result<bool> {
+    pub(super) fn write_l1_entries(&mut self) -> Result<bool> {
         if self.l2.l1_dirty.is_empty() {
             return Ok(false);
         }
-        let dirty: Vec<usize> = std::mem::take(&mut self.l2.l1_dirty).into_iter().collect();
-        // Coalesce runs of adjacent entries into one write each.
-        let mut i = 0;
-        while i < dirty.len() {
-            let mut j = i + 1;
-            while j < dirty.len() && dirty[j] == dirty[j - 1] + 1 {
-                j += 1;
+        // Coalesce runs of adjacent entries (the set is sorted) into one write each.
+        let mut runs: Vec<(usize, usize)> = Vec::new();
+        for idx in std::mem::take(&mut self.l2.l1_dirty) {
+            match runs.last_mut() {
+                Some((_, end)) if *end == idx => *end = idx + 1,
+                _ => runs.push((idx, idx + 1)),
             }
-            let (a, b) = (dirty[i], dirty[j - 1] + 1);
+        }
+        for (a, b) in runs {
+            let entries = self.l2.l1.get(a..b).ok_or_else(|| {
+                Error::Internal(format!("dirty L1 entries {a}..{b} beyond the L1 table"))
+            })?;
             let mut buf = vec![0u8; (b - a) * 8];
-            for (k, idx) in (a..b).enumerate() {
-                put_be_u64(&mut buf, k * 8, self.l2.l1[idx]);
+            for (k, e) in entries.iter().enumerate() {
+                put_be_u64(&mut buf, k * 8, *e);
             }
             let off = self.header.l1_table_offset + a as u64 * 8;
             self.meta_write(&buf, off, MetadataKind::ActiveL1)?;
-            i = j;
         }
         Ok(true)
     }
@@ -193,23 +202,24 @@ impl Meta {
             self.sync()?;
         }
         if apply_frees && !self.rc.pending_frees.is_empty() {
-            let frees = std::mem::take(&mut self.rc.pending_frees);
             // Runs of consecutive clusters (in queue order) go in one update.
-            let mut i = 0;
-            while i < frees.len() {
-                let (c, dtype) = frees[i];
-                let mut j = i + 1;
-                while j < frees.len() && frees[j] == (c + (j - i) as u64, dtype) {
-                    j += 1;
+            let mut runs: Vec<(u64, u64, DiscardType)> = Vec::new();
+            for (c, dtype) in std::mem::take(&mut self.rc.pending_frees) {
+                match runs.last_mut() {
+                    Some((start, n, d)) if *d == dtype && start.checked_add(*n) == Some(c) => {
+                        *n += 1;
+                    }
+                    _ => runs.push((c, 1, dtype)),
                 }
-                match self.update_refcount(c, (j - i) as u64, -1, dtype)? {
+            }
+            for (c, n, dtype) in runs {
+                match self.update_refcount(c, n, -1, dtype)? {
                     Update::Done => {}
                     Update::Again => {
                         // Cannot happen for clusters that have a refcount; keep them queued.
-                        self.rc.pending_frees.extend_from_slice(&frees[i..j]);
+                        self.rc.pending_frees.extend((0..n).map(|k| (c + k, dtype)));
                     }
                 }
-                i = j;
             }
             self.process_discards();
             self.flush_refcounts()?;
@@ -220,6 +230,13 @@ impl Meta {
             self.flush_refcounts()?;
         }
         Ok(())
+    }
+
+    /// Whether `cache-clean-interval` has elapsed, so the next exclusive
+    /// lock cleans the caches (the shared fast paths then defer to it).
+    pub fn clean_due(&self) -> bool {
+        self.clean_interval
+            .is_some_and(|(every, since)| since.elapsed() >= every)
     }
 
     /// Drops cache entries not used during the last `cache-clean-interval`.

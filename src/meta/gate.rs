@@ -15,6 +15,7 @@ use crate::error::{Error, IoOp, Result};
 use crate::format::consts::{INCOMPAT_CORRUPT, V3_HEADER_LENGTH};
 use crate::storage::{Storage, Tracked};
 use crate::types::MetadataKind;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use super::overlap_map::{Overlap, OverlapChecker};
@@ -60,6 +61,13 @@ pub(crate) struct DataPermit {
     len: u64,
 }
 
+impl DataPermit {
+    /// First host byte of the permitted range.
+    pub fn host(&self) -> u64 {
+        self.host
+    }
+}
+
 /// The external data file: guest data only, mapped by the L2 tables. Writes
 /// need no overlap check (there is no metadata in it).
 #[derive(Debug, Clone)]
@@ -101,6 +109,14 @@ impl DataTarget {
     /// The external data file, if guest data lives in one.
     pub fn external(&self) -> Option<DataFile> {
         self.external.then(|| DataFile(self.file.clone()))
+    }
+
+    /// Records that the caller of a write reservation wrote `permit`'s
+    /// range itself (through its own handle of the file), so that the next
+    /// flush syncs it.
+    pub fn note_outside_write(&self, permit: DataPermit) {
+        let DataPermit { .. } = permit;
+        self.file.mark_changed();
     }
 
     /// Reads guest data at host offset `offset`.
@@ -192,7 +208,7 @@ pub(crate) struct WriteGate {
     checker: OverlapChecker,
     /// Host length of the image file as far as this handle knows (an upper
     /// bound: writes outside the lock are counted before they start).
-    file_end: u64,
+    file_end: AtomicU64,
     /// A metadata write or sync failed: the in-memory state may be ahead of
     /// the file.
     poisoned: bool,
@@ -210,7 +226,7 @@ impl WriteGate {
             file,
             data,
             checker,
-            file_end,
+            file_end: AtomicU64::new(file_end),
             poisoned: false,
         }
     }
@@ -252,7 +268,7 @@ impl WriteGate {
 
     /// Host length of the image file as far as this handle knows.
     pub fn file_end(&self) -> u64 {
-        self.file_end
+        self.file_end.load(Ordering::SeqCst)
     }
 
     /// Whether a failed metadata write or sync poisoned the handle.
@@ -285,7 +301,7 @@ impl WriteGate {
         self.file
             .write_at(buf, offset)
             .map_err(|e| Error::io(IoOp::Write, offset, e))?;
-        self.file_end = self.file_end.max(offset.saturating_add(buf.len() as u64));
+        self.note_end(offset.saturating_add(buf.len() as u64));
         Ok(())
     }
 
@@ -302,6 +318,24 @@ impl WriteGate {
     pub fn write_metadata(&mut self, kind: MetadataKind, buf: &[u8], offset: u64) -> Result<()> {
         let r = self.write(buf, offset, Some(kind));
         if matches!(r, Err(Error::Io { .. })) {
+            self.poisoned = true;
+        }
+        r
+    }
+
+    /// Writes metadata exempting every kind in `kinds` (a table that is
+    /// legitimately two kinds at once: an L2 table shared by the active L1
+    /// table and a snapshot's); a failed write poisons the handle.
+    pub fn write_metadata_as(
+        &mut self,
+        kinds: &[MetadataKind],
+        buf: &[u8],
+        offset: u64,
+    ) -> Result<()> {
+        let exempt = kinds.iter().fold(0u16, |m, k| m | k.bit());
+        self.check(offset, buf.len() as u64, exempt)?;
+        let r = self.raw_write(buf, offset);
+        if r.is_err() {
             self.poisoned = true;
         }
         r
@@ -346,10 +380,10 @@ impl WriteGate {
     ///
     /// # Errors
     /// `Error::OverlapPrevented`.
-    pub fn permit_data(&mut self, host: u64, len: u64) -> Result<DataPermit> {
+    pub fn permit_data(&self, host: u64, len: u64) -> Result<DataPermit> {
         if !self.data.external {
             self.check(host, len, 0)?;
-            self.file_end = self.file_end.max(host.saturating_add(len));
+            self.note_end(host.saturating_add(len));
         }
         Ok(DataPermit { host, len })
     }
@@ -359,14 +393,14 @@ impl WriteGate {
         self.file
             .set_len(len)
             .map_err(|e| Error::io(IoOp::Resize, len, e))?;
-        self.file_end = len;
+        self.file_end.store(len, Ordering::SeqCst);
         Ok(())
     }
 
     /// Extends the known end of the file to at least `end` (the file was
     /// grown through [`WriteGate::set_len`] or [`WriteGate::allocate`]).
-    fn note_end(&mut self, end: u64) {
-        self.file_end = self.file_end.max(end);
+    fn note_end(&self, end: u64) {
+        self.file_end.fetch_max(end, Ordering::SeqCst);
     }
 
     /// Allocates `[offset, offset + len)` of the image file (`fallocate`)
@@ -384,11 +418,15 @@ impl WriteGate {
     /// check), in large requests.
     pub fn fill_zeroes(&mut self, from: u64, to: u64, chunk: u64) -> Result<()> {
         self.check(from, to.saturating_sub(from), 0)?;
-        let zeros = vec![0u8; chunk.min(to.saturating_sub(from)) as usize];
+        let zeros = vec![0u8; super::conv::usize_of(chunk.min(to.saturating_sub(from)))?];
         let mut pos = from;
         while pos < to {
-            let n = (to - pos).min(zeros.len() as u64) as usize;
-            self.raw_write(&zeros[..n], pos)?;
+            // At most `zeros.len()`, so it fits.
+            let n = usize::try_from(to - pos).map_or(zeros.len(), |r| r.min(zeros.len()));
+            let part = zeros
+                .get(..n)
+                .ok_or_else(|| Error::Internal("zero fill beyond its buffer".into()))?;
+            self.raw_write(part, pos)?;
             pos += n as u64;
         }
         Ok(())

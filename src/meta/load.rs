@@ -2,7 +2,7 @@
 //! the overlap map, the snapshot table and the caches, built into one
 //! [`Meta`] (its parts: [`WriteGate`], [`L2Tables`], [`Refcounts`]).
 
-use super::{DiscardPolicy, L2Tables, Meta, Refcounts, TableCache, WriteGate};
+use super::{conv, DiscardPolicy, L2Tables, Meta, Refcounts, TableCache, WriteGate};
 use crate::error::{Error, Limit, Result};
 use crate::format::consts::*;
 use crate::format::entry::EntryFormat;
@@ -132,11 +132,11 @@ pub(crate) fn load(
         gate: WriteGate::new(file, checker, file_len),
         l2: L2Tables::new(
             l1,
-            TableCache::new(cache.l2_slices, cache.l2_slice_bytes as usize),
+            TableCache::new(cache.l2_slices, conv::usize_of(cache.l2_slice_bytes)?),
         ),
         rc: Refcounts::new(
             reftable,
-            TableCache::new(cache.refcount_blocks, geom.cluster_size as usize),
+            TableCache::new(cache.refcount_blocks, conv::cluster_bytes(&geom)),
             discard,
             refcounts_past_eof,
         ),
@@ -154,6 +154,7 @@ pub(crate) fn load(
         dirty_at_open: header.incompatible_features & INCOMPAT_DIRTY != 0,
         lazy_refcounts,
         in_flight: Default::default(),
+        free_byte_offset: 0,
         snapshots,
         header,
     })
@@ -180,11 +181,15 @@ fn read_table(
     let mut done = 0u64;
     while done < present {
         let n = (present - done).min(CHUNK);
-        let chunk = &mut buf[..n as usize];
+        // `n` is at most CHUNK, `done / 8` below `entries`: both fit.
+        let chunk = buf
+            .get_mut(..conv::usize_of(n)?)
+            .ok_or_else(|| Error::Internal("table chunk beyond its buffer".into()))?;
         file.read_at(chunk, offset + done)
             .map_err(|e| Error::io(crate::error::IoOp::Read, offset + done, e))?;
-        let first = (done / 8) as usize;
-        for (slot, raw) in table[first..].iter_mut().zip(chunk.chunks_exact(8)) {
+        let first = conv::usize_of(done / 8)?;
+        let slots = table.get_mut(first..).unwrap_or_default();
+        for (slot, raw) in slots.iter_mut().zip(chunk.chunks_exact(8)) {
             *slot = u64::from_be_bytes(raw.try_into().unwrap_or([0; 8]));
         }
         done += n;

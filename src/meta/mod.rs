@@ -2,8 +2,8 @@
 //! lookups through the caches, the write gate, the refcount allocator and the
 //! crash-safe flush order.
 //!
-//! All of it lives behind the image's metadata lock ([`crate::Image`] holds a
-//! `Mutex<Meta>`). Guest data I/O is done by the caller outside the lock.
+//! All of it lives behind the image's metadata lock ([`crate::Image`] holds an
+//! `RwLock<Meta>`: shared for cache-hit translations, exclusive otherwise). Guest data I/O is done by the caller outside the lock.
 //!
 //! # Write ordering
 //! * A cluster's refcount increase reaches the file before any L2/L1 entry
@@ -21,6 +21,13 @@
 //!   entry that points at them; a new refcount table is written and synced
 //!   before the header is switched to it with one write.
 
+// Table contents come from the file: no silent narrowing, no indexing that can
+// panic (tests may do both).
+#![cfg_attr(
+    not(test),
+    warn(clippy::cast_possible_truncation, clippy::indexing_slicing)
+)]
+
 use crate::error::{Error, IoOp, Result};
 use crate::format::consts::*;
 use crate::format::entry::{EntryError, EntryFormat, L1Entry, L2Entry, Subclusters};
@@ -32,12 +39,14 @@ use crate::types::{Geometry, MetadataKind};
 use std::collections::BTreeSet;
 
 pub(crate) mod cache;
+mod compressed;
+mod conv;
 mod flush;
 mod gate;
 mod load;
 pub(crate) mod overlap_map;
 mod refcount;
-mod snapshots;
+pub(crate) mod snapshots;
 mod tables;
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::panic)] // tests may panic
@@ -46,6 +55,7 @@ mod tests;
 pub(crate) use cache::TableCache;
 pub(crate) use gate::{DataPermit, DataTarget, FileReader, WriteGate};
 pub(crate) use load::load;
+pub(crate) use refcount::refcount_metadata_size;
 
 /// Why a refcount is being dropped (QEMU's discard types), deciding whether
 /// the freed host range is discarded in the file.
@@ -56,7 +66,6 @@ pub(crate) enum DiscardType {
     /// A guest discard or write-zeroes with unmap (`pass-discard-request`).
     Request,
     /// Snapshot operations (`pass-discard-snapshot`).
-    #[allow(dead_code)] // used once internal snapshots can be created and deleted
     Snapshot,
     /// Anything else: COW, table relocation (`pass-discard-other`).
     Other,
@@ -268,12 +277,22 @@ pub(crate) struct Meta {
     /// reservation and its link: other requests that would change their
     /// mapping wait (see [`crate::Image`]'s module docs).
     pub in_flight: std::collections::HashSet<u64>,
+    /// Where the next compressed cluster is packed (QEMU's
+    /// `free_byte_offset`): a byte inside a host cluster already holding
+    /// compressed data, or 0 to start a new host cluster.
+    pub free_byte_offset: u64,
     /// The internal snapshots.
-    #[allow(dead_code)] // read by snapshot operations (apply/delete) when they land
     pub snapshots: Vec<crate::format::snapshot::SnapshotEntry>,
 }
 
 impl Meta {
+    /// Whether an allocating write is in flight on any guest cluster in
+    /// `first..=last` (a walk over the few in-flight clusters, however long
+    /// the range).
+    pub fn in_flight_overlaps(&self, first: u64, last: u64) -> bool {
+        !self.in_flight.is_empty() && self.in_flight.iter().any(|c| (first..=last).contains(c))
+    }
+
     /// Writes metadata; a failure poisons the handle (the in-memory state is
     /// ahead of the file).
     pub(crate) fn meta_write(&mut self, buf: &[u8], offset: u64, kind: MetadataKind) -> Result<()> {
@@ -348,9 +367,14 @@ impl Meta {
         let slice_bytes = self.l2.cache.entry_bytes() as u64;
         let byte = index * self.geom.l2_entry_bytes;
         let slice = table + byte / slice_bytes * slice_bytes;
+        #[expect(
+            clippy::cast_possible_truncation,
+            reason = "a remainder of division by a usize"
+        )]
+        let pos = (byte % slice_bytes) as usize;
         L2Slot {
             slice,
-            pos: (byte % slice_bytes) as usize,
+            pos,
             table,
             index,
         }

@@ -124,10 +124,6 @@ impl OverlapChecker {
     }
 
     /// Removes one reference to an inactive L2 table.
-    #[expect(
-        dead_code,
-        reason = "counterpart of add_inactive_l2 for snapshot deletion, not implemented yet"
-    )]
     pub fn remove_inactive_l2(&mut self, offset: u64) {
         let k = offset >> self.cluster_bits;
         if let Some(n) = self.inactive_l2.get_mut(&k) {

@@ -3,7 +3,7 @@
 //! reference drops and discards, and `refcount_area` for refcount-table
 //! growth and preallocation.
 
-use super::{DiscardType, Meta};
+use super::{conv, DiscardType, Meta};
 use crate::error::{Error, Limit, Result};
 use crate::format::consts::*;
 use crate::format::Structure;
@@ -39,7 +39,7 @@ impl Meta {
             }
             self.rc.cache.remove(victim);
         }
-        let mut buf = vec![0u8; self.geom.cluster_size as usize].into_boxed_slice();
+        let mut buf = vec![0u8; conv::cluster_bytes(&self.geom)].into_boxed_slice();
         self.gate.read(&mut buf, block)?;
         self.rc.cache.insert(block, buf, false);
         Ok(())
@@ -99,7 +99,7 @@ impl Meta {
     ///
     /// The scan works a refcount block at a time: a range without a block is
     /// free as a whole, a loaded block is scanned in place.
-    fn alloc_noref(&mut self, n: u64) -> Result<u64> {
+    pub(super) fn alloc_noref(&mut self, n: u64) -> Result<u64> {
         self.check_allocatable()?;
         // Freed clusters must not be discarded after they are reused.
         self.process_discards();
@@ -125,7 +125,7 @@ impl Meta {
                 let Some(t) = self.rc.cache.peek(block) else {
                     return Err(Error::Internal("refcount block not cached".into()));
                 };
-                let mut i = (c - (ri << rb_bits)) as usize;
+                let mut i = conv::usize_of(c - (ri << rb_bits))?;
                 let entries = 1usize << rb_bits;
                 while i < entries && run < n {
                     if refcount::get(&t.data, order, i).unwrap_or(0) == 0 {
@@ -163,7 +163,7 @@ impl Meta {
             });
         }
         let new_block = new_cluster << self.geom.cluster_bits;
-        let cs = self.geom.cluster_size as usize;
+        let cs = conv::cluster_bytes(&self.geom);
         let mut buf = vec![0u8; cs].into_boxed_slice();
         let (own_ri, own_bi) = self.geom.refcount_position(new_cluster);
         if own_ri == ri {
@@ -191,7 +191,7 @@ impl Meta {
             })
         })?;
         if idx < self.rc.table.len() && idx < self.on_disk_reftable_entries() {
-            self.rc.table[idx] = new_block;
+            *conv::get_mut(&mut self.rc.table, idx, "refcount table")? = new_block;
             let off = self.header.refcount_table_offset + ri * 8;
             self.meta_write(&new_block.to_be_bytes(), off, MetadataKind::RefcountTable)?;
             self.sync()?;
@@ -206,8 +206,11 @@ impl Meta {
         Ok(Update::Again)
     }
 
+    /// Entries of the refcount table's clusters on disk (saturating: only
+    /// compared with in-memory indices).
     fn on_disk_reftable_entries(&self) -> usize {
-        (u64::from(self.header.refcount_table_clusters) << (self.geom.cluster_bits - 3)) as usize
+        let n = u64::from(self.header.refcount_table_clusters) << (self.geom.cluster_bits - 3);
+        usize::try_from(n).unwrap_or(usize::MAX)
     }
 
     /// Makes room in the refcount block cache, writing back a dirty victim.
@@ -270,7 +273,7 @@ impl Meta {
         let max = refcount::max_value(order);
         let (ri, bi) = self.geom.refcount_position(c);
         let seg_end = end.min((ri + 1) << rb_bits);
-        let n = (seg_end - c) as usize;
+        let n = conv::usize_of(seg_end - c)?;
         let block = self.refblock_offset(ri)?;
         self.load_refblock(block)?;
         let cb = self.geom.cluster_bits;
@@ -351,7 +354,12 @@ impl Meta {
             }
             let mut lowest_zero = None;
             if let Some(t) = self.rc.cache.get_mut(block) {
-                for k in 0..(seg_end - c) as usize {
+                #[expect(
+                    clippy::cast_possible_truncation,
+                    reason = "a segment within one refcount block: at most 2^24 entries"
+                )]
+                let len = (seg_end - c) as usize;
+                for k in 0..len {
                     let cur = refcount::get(&t.data, order, bi + k).unwrap_or(0);
                     let v = if addend > 0 {
                         cur.saturating_sub(addend as u64)
@@ -376,6 +384,10 @@ impl Meta {
     fn cluster_freed(&mut self, c: u64, dtype: DiscardType) {
         let off = c << self.geom.cluster_bits;
         self.rc.free_hint = self.rc.free_hint.min(c);
+        // Compressed data is never packed into a cluster that may be reused.
+        if self.free_byte_offset >> self.geom.cluster_bits == c {
+            self.free_byte_offset = 0;
+        }
         // A freed L2 table must not stay cached under this offset.
         self.l2
             .cache
@@ -462,8 +474,8 @@ impl Meta {
             let Some(t) = self.rc.cache.peek(block) else {
                 return Err(Error::Internal("refcount block not cached".into()));
             };
-            let bi = (c - (ri << rb_bits)) as usize;
-            for k in 0..seg as usize {
+            let bi = conv::usize_of(c - (ri << rb_bits))?;
+            for k in 0..conv::usize_of(seg)? {
                 if refcount::get(&t.data, order, bi + k).unwrap_or(0) != 0 {
                     return Ok(done + k as u64);
                 }
@@ -535,10 +547,13 @@ impl Meta {
         if table_size * 8 > MAX_REFTABLE_BYTES {
             return Err(too_large());
         }
-        let table_size = table_size as usize;
-        let total_blocks = total_blocks as usize;
+        // At most 8 MiB / 8 entries (checked just above), so these fit.
+        let table_size = usize::try_from(table_size).map_err(|_| too_large())?;
+        let total_blocks = usize::try_from(total_blocks).map_err(|_| too_large())?;
         let table_clusters = (table_size as u64) / per_table_cluster;
-        let area_ri = ((start >> cb) >> g.refcount_block_bits) as usize;
+        let table_clusters_u32 = u32::try_from(table_clusters).map_err(|_| too_large())?;
+        let area_ri =
+            usize::try_from((start >> cb) >> g.refcount_block_bits).map_err(|_| too_large())?;
 
         let mut table = vec![0u64; table_size];
         let max_idx = self.max_reftable_index();
@@ -547,14 +562,21 @@ impl Meta {
         } else {
             table_size
         };
-        table[..copy].copy_from_slice(&self.rc.table[..copy]);
+        for (to, from) in table.iter_mut().zip(&self.rc.table).take(copy) {
+            *to = *from;
+        }
         if let Some((idx, off)) = new_block {
             if idx >= total_blocks {
                 return Err(too_large());
             }
-            table[idx] = off;
+            *table.get_mut(idx).ok_or_else(too_large)? = off;
         }
-        let new_count = (area_ri..total_blocks).filter(|i| table[*i] == 0).count() as u64;
+        let new_count = table
+            .iter()
+            .take(total_blocks)
+            .skip(area_ri)
+            .filter(|e| **e == 0)
+            .count() as u64;
         let table_off = start + new_count * cs;
         let end = table_off + table_clusters * cs;
 
@@ -578,19 +600,22 @@ impl Meta {
                 *slot = b;
                 self.gate.checker_mut().add_refcount_block(b);
                 self.make_room_rc()?;
-                self.rc
-                    .cache
-                    .insert(b, vec![0u8; cs as usize].into_boxed_slice(), true);
+                self.rc.cache.insert(
+                    b,
+                    vec![0u8; conv::cluster_bytes(&g)].into_boxed_slice(),
+                    true,
+                );
                 b
             };
             let first = (i as u64 * per_block) << cb;
             if first < end {
+                // Both within one refcount block's entries.
                 let from = if first < start {
-                    ((start - first) >> cb) as usize
+                    conv::usize_of((start - first) >> cb)?
                 } else {
                     0
                 };
-                let to = (((end - first) >> cb).min(per_block)) as usize;
+                let to = conv::usize_of(((end - first) >> cb).min(per_block))?;
                 let Some(t) = self.rc.cache.get_mut(block) else {
                     return Err(Error::Internal("refcount block not cached".into()));
                 };
@@ -621,12 +646,12 @@ impl Meta {
         self.sync()?;
         let mut sw = [0u8; 12];
         sw[..8].copy_from_slice(&table_off.to_be_bytes());
-        sw[8..].copy_from_slice(&(table_clusters as u32).to_be_bytes());
+        sw[8..].copy_from_slice(&table_clusters_u32.to_be_bytes());
         self.write_header_field(48, &sw)?;
         let old_off = self.header.refcount_table_offset;
         let old_clusters = u64::from(self.header.refcount_table_clusters);
         self.header.refcount_table_offset = table_off;
-        self.header.refcount_table_clusters = table_clusters as u32;
+        self.header.refcount_table_clusters = table_clusters_u32;
         self.gate
             .checker_mut()
             .set_refcount_table(table_off, table_size as u64 * 8);

@@ -2,7 +2,7 @@
 //! active L1 table, the virtual size field, dropping unused refcount blocks
 //! and finding the last used cluster (for resizing).
 
-use super::{DiscardType, Meta};
+use super::{conv, DiscardType, Meta};
 use crate::error::{Error, Limit, Result};
 use crate::format::consts::*;
 use crate::format::Structure;
@@ -19,18 +19,22 @@ impl Meta {
         if entries <= old_len {
             return Ok(());
         }
-        if entries * 8 > MAX_L1_BYTES {
-            return Err(Error::TooLarge(Limit::ActiveL1Table { entries }));
-        }
+        let too_large = || Error::TooLarge(Limit::ActiveL1Table { entries });
+        let bytes = entries
+            .checked_mul(8)
+            .filter(|b| *b <= MAX_L1_BYTES)
+            .ok_or_else(too_large)?;
+        // At most 32 MiB / 8 entries (checked just above): fits u32 and usize.
+        let l1_size = u32::try_from(entries).map_err(|_| too_large())?;
         // Pending entries must land in the old table first? No: they are
         // copied into the new table from memory, so drop them.
-        let bytes = entries * 8;
         let clusters = self.geom.clusters_for(bytes);
         let new_off = self.alloc_clusters(clusters)?;
         self.flush_refcounts()?;
         let mut new_l1 = self.l2.l1.clone();
-        new_l1.resize(entries as usize, 0);
-        let mut buf = vec![0u8; bytes as usize];
+        let len = conv::mem_len(Structure::L1Table, bytes)?;
+        new_l1.resize(len / 8, 0);
+        let mut buf = vec![0u8; len];
         for (i, e) in new_l1.iter().enumerate() {
             put_be_u64(&mut buf, i * 8, *e);
         }
@@ -38,12 +42,12 @@ impl Meta {
         self.meta_write(&buf, new_off, MetadataKind::ActiveL1)?;
         self.sync()?;
         let mut sw = [0u8; 12];
-        sw[..4].copy_from_slice(&(entries as u32).to_be_bytes());
+        sw[..4].copy_from_slice(&l1_size.to_be_bytes());
         sw[4..].copy_from_slice(&new_off.to_be_bytes());
         self.write_header_field(36, &sw)?;
         let old_off = self.header.l1_table_offset;
         let old_clusters = self.geom.clusters_for(old_len * 8);
-        self.header.l1_size = entries as u32;
+        self.header.l1_size = l1_size;
         self.header.l1_table_offset = new_off;
         self.gate.checker_mut().set_active_l1(new_off, bytes);
         self.l2.l1 = new_l1;
@@ -76,20 +80,21 @@ impl Meta {
     /// # Errors
     /// I/O errors, an overlap with other metadata.
     pub fn shrink_l1(&mut self, keep: u64) -> Result<()> {
-        let len = self.l2.l1.len() as u64;
-        if keep >= len {
+        let len = self.l2.l1.len();
+        // A `keep` beyond the address space is beyond the table too.
+        let Some(keep) = usize::try_from(keep).ok().filter(|k| *k < len) else {
             return Ok(());
-        }
-        let zeros = vec![0u8; ((len - keep) * 8) as usize];
-        let off = self.header.l1_table_offset + keep * 8;
+        };
+        let zeros = vec![0u8; (len - keep) * 8];
+        let off = self.header.l1_table_offset + keep as u64 * 8;
         self.meta_write(&zeros, off, MetadataKind::ActiveL1)?;
         self.sync()?;
         let cs = self.geom.cluster_size;
         for i in (keep..len).rev() {
-            let i = i as usize;
             self.l2.l1_dirty.remove(&i);
-            let table = self.l2.l1[i] & L1E_OFFSET_MASK;
-            self.l2.l1[i] = 0;
+            let slot = conv::get_mut(&mut self.l2.l1, i, "L1 table")?;
+            let table = *slot & L1E_OFFSET_MASK;
+            *slot = 0;
             if table != 0 {
                 self.gate.checker_mut().remove_active_l2(table);
                 // Not active any more: its cached slices are not written back.
@@ -143,7 +148,7 @@ impl Meta {
         self.meta_write(&bytes, table_off, MetadataKind::RefcountTable)?;
         self.sync()?;
         for i in unused {
-            let block = self.rc.table[i] & REFT_OFFSET_MASK;
+            let block = conv::get(&self.rc.table, i, "refcount table")? & REFT_OFFSET_MASK;
             let (ri, bi) = self.geom.refcount_position(block >> cb);
             let cover = self.refblock_offset(ri)?;
             if cover == 0 {
@@ -173,7 +178,7 @@ impl Meta {
             self.rc.free_hint = self.rc.free_hint.min(block >> cb);
             self.rc.cache.remove(block);
             self.gate.checker_mut().remove_refcount_block(block);
-            self.rc.table[i] = 0;
+            *conv::get_mut(&mut self.rc.table, i, "refcount table")? = 0;
             let cs = self.geom.cluster_size;
             match self.rc.discards.last_mut() {
                 Some((s, l)) if *s + *l == block => *l += cs,
@@ -200,7 +205,8 @@ impl Meta {
             if block != 0 {
                 self.load_refblock(block)?;
                 if let Some(t) = self.rc.cache.peek(block) {
-                    for k in (0..(end - base) as usize).rev() {
+                    // Below one refcount block's entries, which fit a usize.
+                    for k in (0..conv::usize_of(end - base)?).rev() {
                         if refcount::get(&t.data, order, k).unwrap_or(0) != 0 {
                             return Ok(Some(base + k as u64));
                         }

@@ -155,7 +155,7 @@ fn the_gate_refuses_metadata_and_counts_the_file_end() {
 #[test]
 fn a_permit_bounds_its_write() {
     let img = small_image();
-    let mut m = img.lock_meta().unwrap();
+    let m = img.lock_meta().unwrap();
     let end = m.gate.file_end();
     let p = m.gate.permit_data(end, 512).unwrap();
     let r = m.gate.data().write(p, &[0; 1024]);

@@ -66,6 +66,7 @@ pub struct OpenOptions {
     cache_direct: bool,
     cache_no_flush: bool,
     file_backend: Option<crate::storage::BackendSpec>,
+    load_snapshot: Option<String>,
 }
 
 impl Default for OpenOptions {
@@ -117,6 +118,7 @@ impl OpenOptions {
             cache_direct: false,
             cache_no_flush: false,
             file_backend: None,
+            load_snapshot: None,
         }
     }
 
@@ -213,6 +215,38 @@ impl OpenOptions {
     #[must_use]
     pub fn pass_discard_snapshot(mut self, on: bool) -> Self {
         self.pass_discard_snapshot = on;
+        self
+    }
+
+    /// Shows the content of internal snapshot `id_or_name` (looked up by ID
+    /// first, then by name) instead of the current content: QEMU's
+    /// `qcow2_snapshot_load_tmp`, what `qemu-img convert -l` and `measure -l`
+    /// do. Only for read-only opens; the virtual size stays the image's.
+    ///
+    /// ```
+    /// use qcow2kit::storage::{MemStorage, Storage};
+    /// use qcow2kit::{CreateOptions, Image, OpenOptions};
+    /// use std::sync::Arc;
+    ///
+    /// # fn main() -> qcow2kit::Result<()> {
+    /// let file: Arc<dyn Storage> = Arc::new(MemStorage::new());
+    /// qcow2kit::create::create_on(file.clone(), &CreateOptions::new(), 1 << 20)?;
+    /// let img = Image::open_storage(file.clone(), &OpenOptions::new())?;
+    /// img.write_at(b"old", 0)?;
+    /// img.snapshot_create("s1")?;
+    /// img.write_at(b"new", 0)?;
+    /// img.close()?;
+    /// let opts = OpenOptions::new().read_only(true).load_snapshot("s1");
+    /// let snap = Image::open_storage(file, &opts)?;
+    /// let mut buf = [0u8; 3];
+    /// snap.read_at(&mut buf, 0)?;
+    /// assert_eq!(&buf, b"old");
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn load_snapshot(mut self, id_or_name: impl Into<String>) -> Self {
+        self.load_snapshot = Some(id_or_name.into());
         self
     }
 
@@ -448,6 +482,11 @@ impl OpenOptions {
     /// `pass-discard-snapshot`.
     pub fn get_pass_discard_snapshot(&self) -> bool {
         self.pass_discard_snapshot
+    }
+
+    /// The snapshot whose content the image shows ([`OpenOptions::load_snapshot`]).
+    pub fn get_load_snapshot(&self) -> Option<&str> {
+        self.load_snapshot.as_deref()
     }
 
     /// `pass-discard-other`.

@@ -105,7 +105,9 @@ impl<'a, 's> Pass<'a, 's> {
         let cs = self.geom.cluster_size;
         let invalid = if u64::from(nb) > MAX_SNAPSHOTS as u64 {
             Some(("snapshot table too large", true))
-        } else if (i64::MAX as u64) - u64::from(nb) * HEADER_SIZE < offset || offset % cs != 0 {
+        } else if (i64::MAX as u64) - u64::from(nb) * HEADER_SIZE < offset
+            || !offset.is_multiple_of(cs)
+        {
             Some(("snapshot table offset invalid", false))
         } else {
             None

@@ -119,7 +119,7 @@ impl Image {
                 "Invalid image size specified. Must be between 0 and 9223372036854775807.".into(),
             ));
         }
-        if new_size % 512 != 0 {
+        if !new_size.is_multiple_of(512) {
             return Err(Error::InvalidArgument(
                 "The new size must be a multiple of 512".into(),
             ));

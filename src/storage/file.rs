@@ -209,7 +209,7 @@ fn lock_poisoned() -> io::Error {
 }
 
 fn is_aligned(v: u64) -> bool {
-    v % DIRECT_ALIGN as u64 == 0
+    v.is_multiple_of(DIRECT_ALIGN as u64)
 }
 
 fn buf_aligned(p: *const u8) -> bool {

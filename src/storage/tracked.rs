@@ -52,6 +52,12 @@ impl Tracked {
         }
     }
 
+    /// Records a change made to the file through another handle (a write
+    /// reservation's caller wrote guest data itself).
+    pub(crate) fn mark_changed(&self) {
+        self.dirty.store(true, Ordering::SeqCst);
+    }
+
     fn changed<T>(&self, r: io::Result<T>) -> io::Result<T> {
         // Even a failed write may have changed part of the range.
         self.dirty.store(true, Ordering::SeqCst);

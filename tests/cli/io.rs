@@ -253,6 +253,119 @@ fn io_image_opts_and_open_match_qemu_io() {
     );
 }
 
+/// `-r` and `read-only=` as qemu-io 10 combines them: `-r` only sets the
+/// default, an explicit `read-only=off` opens writable even with `-r`, an
+/// explicit `read-only=on` without `-r` is refused at open, and
+/// `force-share=on` (or `-U`) needs the result to be read-only. The same for
+/// `open -r -o ...`. Every scenario compares stdout, stderr and exit code
+/// with qemu-io's; the writes that succeed are read back with `-P`.
+#[test]
+fn io_read_only_flag_and_option_match_qemu_io() {
+    if !have_qemu() {
+        return;
+    }
+    let (qd, od) = io_dirs();
+    let (q, o) = (qd.path(), od.path());
+    let opts = |extra: &str| format!("driver=qcow2,file.filename=d.qcow2{extra}");
+    let io = |pre: &[&str], cmds: &[&str], extra: &str| {
+        let arg = opts(extra);
+        let mut p = vec!["--image-opts"];
+        p.extend_from_slice(pre);
+        io_twin(q, o, &p, cmds, &[arg.as_str()])
+    };
+    // -r alone, and with read-only=on: reads work, writes do not.
+    let r = io(&["-r"], &["read -q 0 4k", "write 0 4k"], "");
+    assert_eq!(
+        (r.err.as_str(), r.code),
+        (
+            "qcow2-img: Block node is read-only
+",
+            1
+        )
+    );
+    let r = io(&["-r"], &["read -q 0 4k", "write 0 4k"], ",read-only=on");
+    assert_eq!(
+        (r.err.as_str(), r.code),
+        (
+            "qcow2-img: Block node is read-only
+",
+            1
+        )
+    );
+    // read-only=on without -r: refused at open.
+    let r = io(&[], &["read -q 0 4k"], ",read-only=on");
+    assert_eq!(
+        (r.err.as_str(), r.code),
+        (
+            "qcow2-img: can't open: Block node is read-only
+",
+            1
+        )
+    );
+    // read-only=off (in any of QEMU's boolean spellings) wins over -r.
+    for (i, off) in ["off", "false", "no"].into_iter().enumerate() {
+        let w = format!("write -q -P {} 0 4k", i + 1);
+        let r = io(&["-r"], &[w.as_str()], &format!(",read-only={off}"));
+        assert_eq!(
+            (r.out.as_str(), r.err.as_str(), r.code),
+            ("", "", 0),
+            "{off}"
+        );
+        let p = format!("read -q -P {} 0 4k", i + 1);
+        let r = io(&["-r"], &[p.as_str()], "");
+        assert_eq!(r.code, 0, "{off}");
+    }
+    let r = io(
+        &[],
+        &["write -q -P 9 0 4k", "read -q -P 9 0 4k"],
+        ",read-only=off",
+    );
+    assert_eq!(r.code, 0);
+    // Bad values.
+    for bad in [",read-only=bogus", ",read-only=", ",read-only=OFF"] {
+        let r = io(&["-r"], &["read -q 0 4k"], bad);
+        assert_eq!(r.code, 1, "{bad}");
+    }
+    // force-share needs a read-only result: -r with read-only=off is not.
+    let r = io(&["-r"], &["read -q 0 4k"], ",read-only=off,force-share=on");
+    assert_eq!(
+        r.err,
+        "qcow2-img: can't open: force-share=on can only be used with read-only images
+"
+    );
+    io(&["-r", "-U"], &["read -q 0 4k"], ",read-only=off");
+    let r = io(&["-r"], &["read -q 0 4k"], ",force-share=on");
+    assert_eq!(r.code, 0);
+    // The open command: -r is its default too.
+    for cmds in [
+        &[
+            "open -r -o read-only=off d.qcow2",
+            "write -q -P 5 0 4k",
+            "read -q -P 5 0 4k",
+        ][..],
+        &["open -r -o read-only=on d.qcow2", "write 0 4k"],
+        &["open -o read-only=on d.qcow2", "read -q 0 4k"],
+        &["open -o read-only=off d.qcow2", "write -q 0 4k"],
+        &["open -r -U -o read-only=off d.qcow2"],
+        &["open -r -o read-only=off,force-share=on d.qcow2"],
+        &[
+            "open -o read-only=on,force-share=on d.qcow2",
+            "read -q 0 4k",
+        ],
+    ] {
+        io_twin(q, o, &[], cmds, &[]);
+    }
+    // -r on the command line leaves a later `open` writable.
+    let r = io_twin(
+        q,
+        o,
+        &["-r"],
+        &["close", "open d.qcow2", "write -q 0 4k"],
+        &["d.qcow2"],
+    );
+    assert_eq!(r.code, 0);
+}
+
 /// `ovl1.qcow2` of cli.md §12.6: 1 MiB, `write -P 0x11 0 64k`, then the L2
 /// entry of guest cluster 0 pointed (COPIED) at the active L1 table.
 fn make_overlap_image(d: &Path, name: &str) {

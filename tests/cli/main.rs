@@ -8,6 +8,8 @@ mod support;
 
 mod amend;
 mod backing_loops;
+mod compare;
+mod compress;
 mod convert_errors;
 mod create_info;
 mod damaged_images;
@@ -20,6 +22,8 @@ mod io_more;
 mod locking;
 mod map_convert;
 mod map_extents;
+mod measure;
 mod nbd_serve;
 mod progress;
+mod snapshot;
 mod vhost_user;

@@ -123,10 +123,18 @@ impl Served {
     }
 
     /// SIGTERM, then the exit code (bounded wait).
-    fn stop(mut self) -> (i32, String) {
+    fn stop(self) -> (i32, String) {
+        self.finish(Some("-TERM"))
+    }
+
+    /// Sends `sig` if given, then waits (bounded) for the exit code.
+    fn finish(mut self, sig: Option<&str>) -> (i32, String) {
         let mut child = self.child.take().unwrap();
         let pid = child.id().to_string();
-        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        if let Some(sig) = sig {
+            let _ = Command::new("kill").args([sig, &pid]).status();
+        }
+        let sig = sig.unwrap_or("an earlier signal");
         let t0 = Instant::now();
         let st = loop {
             if let Some(st) = child.try_wait().unwrap() {
@@ -135,7 +143,7 @@ impl Served {
             if t0.elapsed() > WAIT {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!("server did not stop on SIGTERM: {}", self.log());
+                panic!("server did not stop on {sig}: {}", self.log());
             }
             std::thread::sleep(Duration::from_millis(20));
         };
@@ -187,7 +195,7 @@ const URI: &str = "nbd+unix:///?socket=s.sock";
 #[test]
 fn qemu_and_libnbd_clients_see_what_qemu_nbd_shows() {
     if !have(
-        &["qemu-img", "qemu-io", "qemu-nbd", "nbdinfo"],
+        &["qemu-img", "qemu-io", "qemu-nbd", "nbdinfo", "nbdcopy"],
         "nbd clients",
     ) {
         return;
@@ -248,6 +256,21 @@ fn qemu_and_libnbd_clients_see_what_qemu_nbd_shows() {
         ],
     );
     assert!(!reads.contains("fail"), "{reads}");
+    // qemu-img convert and nbdcopy out of the export give the file's content.
+    ok(
+        d,
+        "qemu-img",
+        &["convert", "-U", "-O", "raw", "d.qcow2", "want.raw"],
+    );
+    ok(
+        d,
+        "qemu-img",
+        &["convert", "-f", "raw", "-O", "raw", URI, "conv.raw"],
+    );
+    ok(d, "nbdcopy", &[URI, "copy.raw"]);
+    let want = std::fs::read(d.join("want.raw")).unwrap();
+    assert!(std::fs::read(d.join("conv.raw")).unwrap() == want);
+    assert!(std::fs::read(d.join("copy.raw")).unwrap() == want);
 
     // The same operations over NBD and on the twin directly.
     let ops = [
@@ -287,6 +310,7 @@ fn qemu_and_libnbd_clients_see_what_qemu_nbd_shows() {
     let (code, log) = srv.stop();
     assert_eq!(code, 0, "{log}");
     assert!(log.contains("client 1 connected"), "{log}");
+    assert!(log.contains("client 1 disconnected"), "{log}");
 
     // qemu-nbd on the twin (discards honoured, allocation depth on).
     let sock = d.join("s.sock");
@@ -400,11 +424,13 @@ fn read_only_named_export_and_client_errors() {
     assert_eq!(code, 0, "{log}");
 }
 
-/// Over TCP with an ephemeral port: nbdcopy out of the export equals
-/// `qemu-img convert`, nbdcopy into it writes what the file then holds.
+/// Over TCP with an ephemeral port: nbdinfo, `qemu-img map` and qemu-io
+/// see what they see over the Unix socket; nbdcopy and `qemu-img convert`
+/// out of the export equal `qemu-img convert` of the file and `qemu-img
+/// compare` agrees; nbdcopy into it writes what the file then holds.
 #[test]
 fn tcp_nbdcopy_round_trip() {
-    if !have(&["qemu-img", "qemu-io", "nbdcopy"], "nbd tcp") {
+    if !have(&["qemu-img", "qemu-io", "nbdcopy", "nbdinfo"], "nbd tcp") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -433,6 +459,50 @@ fn tcp_nbdcopy_round_trip() {
     assert!(
         std::fs::read(d.join("got.raw")).unwrap() == std::fs::read(d.join("want.raw")).unwrap()
     );
+    ok(
+        d,
+        "qemu-img",
+        &["convert", "-f", "raw", "-O", "raw", &uri, "conv.raw"],
+    );
+    assert!(
+        std::fs::read(d.join("conv.raw")).unwrap() == std::fs::read(d.join("want.raw")).unwrap()
+    );
+    let cmp = run(
+        d,
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "raw", &uri, "want.raw"],
+    );
+    assert_eq!(
+        (cmp.code, cmp.out.as_str()),
+        (0, "Images are identical.\n"),
+        "{cmp:?}"
+    );
+    // cli.md §24's map, as over the Unix socket.
+    assert_eq!(
+        ok(d, "nbdinfo", &["--map", &uri]),
+        "         0       65536    0  data\n     65536      458752    3  hole,zero\n    \
+         524288      131072    0  data\n    655360      393216    3  hole,zero\n"
+    );
+    let map_json = ok(d, "qemu-img", &["map", "--output=json", "-f", "raw", &uri]);
+    assert_eq!(map_json.lines().count(), 4, "{map_json}");
+    let reads = ok(
+        d,
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0x11 0 64k",
+            "-c",
+            "write -P 0x5c 64k 4k",
+            "-c",
+            "read -P 0x5c 64k 4k",
+            "-c",
+            "read -P 0x22 512k 128k",
+            &uri,
+        ],
+    );
+    assert!(!reads.contains("fail"), "{reads}");
 
     // Write a pattern file into the export.
     let mut pat = vec![0u8; 1 << 20];
@@ -1115,4 +1185,61 @@ fn sigkill_leaves_an_image_that_opens() {
     );
     let chk = run(d, "qemu-img", &["check", "k.qcow2"]);
     assert_eq!(chk.code, 0, "{chk:?}");
+}
+
+/// SIGINT stops like SIGTERM, and requests the client sent before it are
+/// still answered: eight writes are pipelined (sent before any reply is
+/// read), then the signal; every reply is a success, the server exits 0,
+/// `-q` kept the log empty, and the lazy-refcounts image is closed clean
+/// with every write in it.
+#[test]
+fn sigint_answers_requests_sent_before_it_quietly() {
+    if !have(&["qemu-img", "qemu-io"], "nbd sigint") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ok(
+        d,
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "lazy_refcounts=on",
+            "i.qcow2",
+            "4M",
+        ],
+    );
+    let srv = Served::ours_unix(d, &["-q"], "i.qcow2");
+    let mut c = Client::go(&d.join("s.sock"), true);
+    let cookies: Vec<(u64, u64)> = (0..8u64)
+        .map(|k| {
+            let off = k * (256 << 10);
+            (c.send(0, 1, off, 4096, &[0x10 + k as u8; 4096]), off)
+        })
+        .collect();
+    let pid = srv.child.as_ref().unwrap().id().to_string();
+    let _ = Command::new("kill").args(["-INT", &pid]).status();
+    for (cookie, off) in cookies {
+        assert_eq!(c.recv(cookie, off, 0, false), Ok(vec![]), "write at {off}");
+    }
+    let (code, log) = srv.finish(None);
+    assert_eq!((code, log.as_str()), (0, ""), "quiet and clean on SIGINT");
+    assert!(!d.join("s.sock").exists(), "socket removed");
+    let hdr = std::fs::read(d.join("i.qcow2")).unwrap();
+    assert_eq!(hdr[79] & 1, 0, "dirty bit cleared on SIGINT");
+    assert_eq!(run(d, "qemu-img", &["check", "i.qcow2"]).code, 0);
+    let mut args = vec![];
+    let cmds: Vec<String> = (0..8u64)
+        .map(|k| format!("read -P {:#x} {} 4k", 0x10 + k, k * (256 << 10)))
+        .collect();
+    for cmd in &cmds {
+        args.extend_from_slice(&["-c", cmd.as_str()]);
+    }
+    args.push("i.qcow2");
+    let r = ok(d, "qemu-io", &args);
+    assert!(!r.contains("fail"), "{r}");
 }

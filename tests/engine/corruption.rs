@@ -285,6 +285,38 @@ fn open_options_event_callback_also_hears_the_backing_image() {
     }
 }
 
+/// An event raised while the image opens reaches the callback given in
+/// `OpenOptions` (issue 15, item 2): a read-write open of a dirty image runs
+/// the repair at open, which meets an unaligned refcount block offset and
+/// signals corruption before `open_storage` returns (so `Image::on_event`,
+/// registered after it, would be too late).
+#[test]
+fn open_options_event_callback_hears_corruption_found_at_open() {
+    let mut bytes = image();
+    let reftable = be64(&bytes, 48) as usize;
+    let rb = be64(&bytes, reftable) | 0x200;
+    bytes[reftable..reftable + 8].copy_from_slice(&rb.to_be_bytes());
+    // Incompatible bit 0: dirty (the repair at open runs).
+    let inc = be64(&bytes, 72) | 1;
+    bytes[72..80].copy_from_slice(&inc.to_be_bytes());
+    let ev = Arc::new(Mutex::new(Vec::new()));
+    let e2 = ev.clone();
+    let opts = OpenOptions::new().on_event(move |e| e2.lock().unwrap().push(e.clone()));
+    // Whether the open then succeeds is the repair's business; the event
+    // must have been delivered either way.
+    let _ = Image::open_storage(Arc::new(MemStorage::from_bytes(bytes)), &opts);
+    let ev = ev.lock().unwrap();
+    assert_eq!(ev.len(), 1, "{ev:?}");
+    match &ev[0] {
+        Event::ImageCorrupted { msg, fatal, .. } => {
+            assert!(msg.starts_with("Refblock offset 0x"), "{msg}");
+            assert!(msg.contains("unaligned (reftable index: 0"), "{msg}");
+            assert!(fatal);
+        }
+        e => panic!("{e:?}"),
+    }
+}
+
 /// Corruption in a backing image is the backing image's: a writable overlay
 /// whose copy-on-write read hits it fails the request but is not marked
 /// corrupt, and stays usable (QEMU's top node only sees -EIO).

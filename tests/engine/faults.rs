@@ -200,7 +200,7 @@ fn fault_matrix() {
             for kind in [FaultKind::Eio, FaultKind::Enospc] {
                 for persistent in [false, true] {
                     // qemu-img check on a deterministic sample keeps the run short.
-                    let check = qemu && (all || (nth + persistent as u64) % 3 == 0);
+                    let check = qemu && (all || (nth + persistent as u64).is_multiple_of(3));
                     run_case(
                         &base,
                         Fault {

@@ -176,7 +176,7 @@ fn run_case(cfg: &Config, ops: &[Op]) {
         let blen = size - size / 8;
         let mut b = vec![0u8; blen as usize];
         Rng::new(cfg.sectors).fill(&mut b);
-        if cfg.sectors % 2 == 0 {
+        if cfg.sectors.is_multiple_of(2) {
             let path = support::write_file(dir.path(), "backing.raw", &b);
             opts = opts.backing_file(path.to_str().unwrap()).backing_fmt("raw");
         } else {

@@ -1,6 +1,10 @@
 //! Multi-queue stress: four threads share one `Arc<Image>` and do random
 //! reads, writes, write-zeroes and discards over the same clusters at once.
 //!
+//! Writes also go through the mapping API (`reserve_write`, the thread's
+//! own data write on the storage, `commit`; a failed data write aborts) and
+//! as gather writes; reads also through `map_read` and as scatter reads.
+//!
 //! Every shared cluster is cut into four stripes, one per thread, so each
 //! thread's view is an exact model even though all threads allocate, COW and
 //! zero the same guest clusters concurrently (a lost or torn copy-on-write
@@ -19,7 +23,8 @@ use crate::support;
 use crate::support::testing::{Fault, FaultKind, FaultOp, FaultyStorage};
 use crate::support::Rng;
 use qcow2kit::storage::{MemStorage, Storage};
-use qcow2kit::{CreateOptions, Error, Image, OpenOptions};
+use qcow2kit::{CreateOptions, Error, Extent, Image, OpenOptions};
+use std::io::{IoSlice, IoSliceMut};
 use std::sync::Arc;
 
 const THREADS: u64 = 4;
@@ -117,16 +122,34 @@ fn worker(img: &Image, t: u64, iters: u64, faults: bool) -> Model {
         let disk = lay.disk(t, k0 + off);
         let op = rng.below(100);
         let r: Result<(), Error> = if op < 35 {
+            // Writes: a third through the mapping API (the data written by
+            // this thread on the storage itself), some as gather writes.
             let data = &mut buf[..len as usize];
             rng.fill(data);
-            let r = img.write_at(data, disk);
+            let r = match op % 3 {
+                0 => mapped_write(img, data, disk),
+                1 => {
+                    let (a, b) = data.split_at(data.len() / 2);
+                    img.write_vectored_at(&[IoSlice::new(a), IoSlice::new(b)], disk)
+                }
+                _ => img.write_at(data, disk),
+            };
             if r.is_ok() {
                 m.set(k, data);
             }
             r
         } else if op < 70 {
+            // Reads: also through map_read (this thread's own I/O) and as
+            // scatter reads.
             let data = &mut buf[..len as usize];
-            let r = img.read_at(data, disk);
+            let r = match op % 3 {
+                0 => mapped_read(img, data, disk),
+                1 => {
+                    let (a, b) = data.split_at_mut(len as usize / 3);
+                    img.read_vectored_at(&mut [IoSliceMut::new(a), IoSliceMut::new(b)], disk)
+                }
+                _ => img.read_at(data, disk),
+            };
             if r.is_ok() {
                 m.check(k, data, &format!("thread {t} read {i} at {disk:#x}"));
             }
@@ -176,6 +199,57 @@ fn worker(img: &Image, t: u64, iters: u64, faults: bool) -> Model {
         }
     }
     m
+}
+
+/// Writes `data` at `disk` with `reserve_write`, writing the data to the
+/// image's storage itself, then `commit`; a failed data write aborts the
+/// reservation (its clusters are released) and fails the request.
+fn mapped_write(img: &Image, data: &[u8], disk: u64) -> Result<(), Error> {
+    let mut done = 0usize;
+    while done < data.len() {
+        let res = img.reserve_write(disk + done as u64, (data.len() - done) as u64)?;
+        let mut failed = None;
+        for e in res.extents() {
+            let at = (e.guest - disk) as usize;
+            if let Err(err) = img
+                .storage()
+                .write_at(&data[at..at + e.len as usize], e.host)
+            {
+                failed = Some(Error::io(qcow2kit::error::IoOp::Write, e.host, err));
+                break;
+            }
+        }
+        if let Some(e) = failed {
+            res.abort();
+            return Err(e);
+        }
+        done += res.len() as usize;
+        res.commit()?;
+    }
+    Ok(())
+}
+
+/// Reads `data` at `disk` through `map_read`, reading data runs from the
+/// image's storage itself (nothing here is compressed or backed).
+fn mapped_read(img: &Image, data: &mut [u8], disk: u64) -> Result<(), Error> {
+    let mut done = 0usize;
+    while done < data.len() {
+        let map = img.map_read(disk + done as u64, (data.len() - done) as u64)?;
+        for e in map.extents() {
+            let at = (e.guest - disk) as usize;
+            let dst = &mut data[at..at + e.len as usize];
+            match e.kind {
+                Extent::Data { host } => img
+                    .storage()
+                    .read_at(dst, host)
+                    .map_err(|err| Error::io(qcow2kit::error::IoOp::Read, host, err))?,
+                Extent::Zero { .. } | Extent::Unallocated => dst.fill(0),
+                Extent::Compressed { .. } => panic!("nothing is compressed here"),
+            }
+        }
+        done += map.len() as usize;
+    }
+    Ok(())
 }
 
 fn run_threads(img: &Arc<Image>, iters: u64, faults: bool) -> Vec<Model> {

@@ -1,8 +1,11 @@
 //! `write_ops`: a valid image made by `create_on` with fuzz-chosen options
 //! (cluster size, refcount width, v2/v3, extended L2), then a sequence of
 //! operations (write, write-zeroes with or without unmap, discard, read,
-//! flush, grow, close-and-reopen with fuzz-chosen cache and discard options;
-//! some writes are gather writes and every read is also done as a scatter read)
+//! flush, grow, close-and-reopen with fuzz-chosen cache and discard options,
+//! internal snapshot create/apply/delete; some writes are gather writes, some
+//! go through the mapping API (`reserve_write`, the data written to the file
+//! by the test, `commit`; sometimes after an aborted reservation of the same
+//! range), and every read is also done as a scatter read and through `map_read`)
 //! against a model of the disk (64 KiB pages; absent pages are zeroes).
 //!
 //! Disks are small (up to 4 MiB) or, one time in four, large (16 MiB up to
@@ -26,7 +29,7 @@ use qcow2kit::check::{check_storage, CheckOptions, Repair};
 use qcow2kit::create::create_on;
 use qcow2kit::options::{Compat, CompressionType};
 use qcow2kit::storage::{MemStorage, Storage};
-use qcow2kit::{CreateOptions, Image, OpenOptions};
+use qcow2kit::{CreateOptions, Error, Image, OpenOptions};
 use std::collections::HashMap;
 use std::io::{IoSlice, IoSliceMut};
 use std::sync::Arc;
@@ -115,6 +118,16 @@ enum Op {
     Reopen {
         knobs: Knobs,
     },
+    /// An internal snapshot of the current content.
+    SnapshotCreate,
+    /// Apply snapshot `index % count` (if any).
+    SnapshotApply {
+        index: u8,
+    },
+    /// Delete snapshot `index % count` (if any).
+    SnapshotDelete {
+        index: u8,
+    },
 }
 
 /// The setup, then operations until the data runs out (at most `MAX_OPS`).
@@ -144,7 +157,7 @@ pub fn describe(data: &[u8]) -> String {
 
 fn initial_size(input: &Input) -> u64 {
     let small = (u64::from(input.sectors) * 512) % (WINDOW + 512);
-    let size = if input.big % 4 == 0 {
+    let size = if input.big.is_multiple_of(4) {
         small + (1 << (24 + u32::from(input.big / 4 % 16)))
     } else {
         small
@@ -204,6 +217,8 @@ struct Test {
     file: Arc<MemStorage>,
     img: Option<Image>,
     model: Model,
+    /// Internal snapshots: name, disk size and pages when taken.
+    snaps: Vec<(String, u64, HashMap<u64, Vec<u8>>)>,
     cluster_size: u64,
     max_size: u64,
     buf: Vec<u8>,
@@ -346,6 +361,7 @@ impl Test {
                 size,
                 pages: HashMap::new(),
             },
+            snaps: Vec::new(),
             cluster_size,
             max_size: max_size(&opts),
             buf: vec![0; READ_CHUNK as usize],
@@ -390,6 +406,10 @@ impl Test {
                     let cuts = pieces_of(buf.len(), seed);
                     let bufs: Vec<_> = cuts.iter().map(|r| IoSlice::new(&buf[r.clone()])).collect();
                     self.img().write_vectored_at(&bufs, offset)
+                } else if seed % 4 == 2 {
+                    // Through the mapping API, the data written by "the
+                    // caller"; sometimes a reservation given up first.
+                    mapped_write(self.img(), &self.file, &buf, offset, seed & 0x10 != 0)
                 } else {
                     self.img().write_at(&buf, offset)
                 };
@@ -428,6 +448,7 @@ impl Test {
                 let (offset, len) = range(size, offset, len.into(), None);
                 self.compare(offset, len, &format!("op {i} {op:?}"));
                 self.compare_vectored(offset, len, &format!("op {i} {op:?} (vectored)"));
+                self.compare_mapped(offset, len, &format!("op {i} {op:?} (mapped)"));
             }
             Op::Flush => self
                 .img()
@@ -439,9 +460,14 @@ impl Test {
                     add <<= shift / 4 % 24;
                 }
                 let new = (size + add).min(self.max_size).max(size);
-                self.img()
-                    .resize(new)
-                    .unwrap_or_else(|e| panic!("op {i}: resize {size} -> {new} failed: {e}"));
+                match self.img().resize(new) {
+                    Ok(()) => {}
+                    // QEMU cannot resize a v2 image with internal snapshots.
+                    Err(Error::InvalidArgument(_)) if !self.snaps.is_empty() => {
+                        return;
+                    }
+                    Err(e) => panic!("op {i}: resize {size} -> {new} failed: {e}"),
+                }
                 self.model.size = new;
                 assert_eq!(self.img().size(), new, "size after resize");
             }
@@ -454,6 +480,43 @@ impl Test {
                 self.check_closed(&format!("after close (op {i})"));
                 self.open(knobs);
                 self.compare_all(&format!("after reopen (op {i})"));
+            }
+            Op::SnapshotCreate => {
+                let name = format!("s{i}");
+                match self.img().snapshot_create(&name) {
+                    Ok(_) => self.snaps.push((name, size, self.model.pages.clone())),
+                    // 1- and 2-bit refcounts cannot share clusters that much:
+                    // refused, nothing changed.
+                    Err(Error::RefcountOverflow { .. }) => {}
+                    Err(e) => panic!("op {i}: snapshot create failed: {e}"),
+                }
+            }
+            Op::SnapshotApply { index } => {
+                if self.snaps.is_empty() {
+                    return;
+                }
+                let k = usize::from(index) % self.snaps.len();
+                let name = self.snaps[k].0.clone();
+                match self.img().snapshot_apply(&name) {
+                    Ok(()) => {
+                        self.model.size = self.snaps[k].1;
+                        self.model.pages = self.snaps[k].2.clone();
+                        assert_eq!(self.img().size(), self.model.size, "size after apply");
+                    }
+                    // Small refcount widths; a v2 image cannot change size.
+                    Err(Error::RefcountOverflow { .. } | Error::InvalidArgument(_)) => {}
+                    Err(e) => panic!("op {i}: snapshot apply of {name} failed: {e}"),
+                }
+            }
+            Op::SnapshotDelete { index } => {
+                if self.snaps.is_empty() {
+                    return;
+                }
+                let k = usize::from(index) % self.snaps.len();
+                let (name, _, _) = self.snaps.remove(k);
+                self.img()
+                    .snapshot_delete(&name)
+                    .unwrap_or_else(|e| panic!("op {i}: snapshot delete of {name} failed: {e}"));
             }
         }
     }
@@ -544,6 +607,60 @@ impl Test {
         }
     }
 
+    /// Reads `[offset, offset+len)` (at most `READ_CHUNK`) through
+    /// `map_read`, doing the I/O of data runs on the file itself (compressed
+    /// runs through `read_at`), and compares it with the model.
+    fn compare_mapped(&mut self, offset: u64, len: u64, when: &str) {
+        let img = self.img.as_ref().expect("open");
+        let n = len.min(READ_CHUNK) as usize;
+        let (buf, want) = (&mut self.buf[..n], &mut self.want[..n]);
+        buf.fill(0x5a);
+        let mut compressed = Vec::new();
+        let mut done = 0usize;
+        while done < n {
+            let map = img
+                .map_read(offset + done as u64, (n - done) as u64)
+                .unwrap_or_else(|e| panic!("{when}: map_read failed: {e}"));
+            assert!(!map.is_empty(), "{when}: empty mapping");
+            assert!(!map.in_data_file(), "{when}: no data file here");
+            for e in map.extents() {
+                let at = (e.guest - offset) as usize;
+                let dst = &mut buf[at..at + e.len as usize];
+                match e.kind {
+                    qcow2kit::Extent::Data { host } => self
+                        .file
+                        .read_at(dst, host)
+                        .unwrap_or_else(|e| panic!("{when}: file read failed: {e}")),
+                    qcow2kit::Extent::Zero { .. } | qcow2kit::Extent::Unallocated => dst.fill(0),
+                    qcow2kit::Extent::Compressed { .. } => compressed.push((e.guest, e.len)),
+                }
+            }
+            done += map.len() as usize;
+            // Compressed runs through `read_at`, after the mapping is dropped
+            // (nothing may wait for the image while holding one).
+            drop(map);
+            for (guest, len) in compressed.drain(..) {
+                let at = (guest - offset) as usize;
+                img.read_at(&mut buf[at..at + len as usize], guest)
+                    .unwrap_or_else(|e| panic!("{when}: read of a compressed run failed: {e}"));
+            }
+        }
+        self.model.read(offset, want);
+        if buf != want {
+            let at = buf
+                .iter()
+                .zip(want.iter())
+                .position(|(a, b)| a != b)
+                .unwrap_or(0);
+            panic!(
+                "{when}: guest byte {:#x} reads {:#04x}, model has {:#04x}",
+                offset + at as u64,
+                buf[at],
+                want[at]
+            );
+        }
+    }
+
     /// Compares the whole disk (small), or both windows and every page ever
     /// written (large).
     fn compare_all(&mut self, when: &str) {
@@ -566,6 +683,34 @@ impl Test {
 /// clusters inside it, and the partial last cluster of the disk when the
 /// range covers it entirely.
 /// `0..len` cut at three points chosen from `seed` (empty pieces possible).
+/// Writes `buf` at `offset` with `reserve_write`, the data going straight
+/// to `file` as a caller with its own I/O would do it, then `commit`;
+/// `abort_first`: a reservation of the same range is given up before.
+fn mapped_write(
+    img: &Image,
+    file: &MemStorage,
+    buf: &[u8],
+    offset: u64,
+    abort_first: bool,
+) -> qcow2kit::Result<()> {
+    if abort_first && !buf.is_empty() {
+        img.reserve_write(offset, buf.len() as u64)?.abort();
+    }
+    let mut done = 0usize;
+    while done < buf.len() {
+        let res = img.reserve_write(offset + done as u64, (buf.len() - done) as u64)?;
+        assert!(!res.is_empty() && !res.in_data_file(), "{res:?}");
+        for e in res.extents() {
+            let at = (e.guest - offset) as usize;
+            file.write_at(&buf[at..at + e.len as usize], e.host)
+                .map_err(|err| qcow2kit::Error::io(qcow2kit::error::IoOp::Write, e.host, err))?;
+        }
+        done += res.len() as usize;
+        res.commit()?;
+    }
+    Ok(())
+}
+
 fn pieces_of(len: usize, seed: u8) -> Vec<std::ops::Range<usize>> {
     let s = usize::from(seed);
     let mut cuts = [
@@ -583,7 +728,7 @@ fn discarded(offset: u64, len: u64, size: u64, cs: u64) -> (u64, u64) {
     let start = offset.div_ceil(cs) * cs;
     let mut end = (offset + len) / cs * cs;
     let last = size / cs * cs;
-    if offset + len == size && size % cs != 0 && offset <= last {
+    if offset + len == size && !size.is_multiple_of(cs) && offset <= last {
         end = size;
     }
     (start, end)

@@ -7,6 +7,8 @@
 mod support;
 
 mod alloc_layout;
+mod compressed;
 mod prealloc;
 mod read;
+mod snapshot;
 mod write;

@@ -5,8 +5,8 @@
 //! skipped too, so raw output is sparse.
 
 use crate::common::{check_format, open_ro_with, parse_args, CmdResult, Fail};
+use crate::convert_src::{copy_compressed, Src};
 use crate::io::CacheMode;
-use crate::map::{block_status, layers};
 use crate::progress::Progress;
 use clap::Parser;
 use qcow2kit::cli_support::{check_option_list, parse_bool_onoff, split_option_string};
@@ -89,13 +89,18 @@ pub fn run(argv: &[String]) -> CmdResult {
                 a.src_cache.as_deref().unwrap_or("")
             ))
         })?;
-    check_format(a.format.as_deref(), src_name)?;
-    let src = open_ro_with(
-        src_name,
-        src_cache
-            .apply(OpenOptions::new().read_only(true))
-            .force_share(a.force_share),
-    )?;
+    let src = match a.format.as_deref() {
+        Some("raw") => Src::open_raw(src_name, src_cache.direct())?,
+        f => {
+            check_format(f, src_name)?;
+            Src::Qcow2(Box::new(open_ro_with(
+                src_name,
+                src_cache
+                    .apply(OpenOptions::new().read_only(true))
+                    .force_share(a.force_share),
+            )?))
+        }
+    };
 
     let out_fmt = a.out_format.as_deref().unwrap_or("raw");
     let raw = match out_fmt {
@@ -142,15 +147,9 @@ pub fn run(argv: &[String]) -> CmdResult {
         opts.size = Some(size);
         Some(opts)
     };
-    if a.compress {
-        if raw {
-            return Err(Fail::Msg(
-                "Compression not supported for this file format".into(),
-            ));
-        }
+    if a.compress && raw {
         return Err(Fail::Msg(
-            "Compression (-c) is not supported yet: qcow2kit cannot write compressed clusters"
-                .into(),
+            "Compression not supported for this file format".into(),
         ));
     }
 
@@ -167,6 +166,7 @@ pub fn run(argv: &[String]) -> CmdResult {
             dst_name,
             &opts,
             cache,
+            a.compress,
             &mut dst_busy,
             &mut progress,
         )
@@ -194,12 +194,14 @@ pub fn run(argv: &[String]) -> CmdResult {
 /// Calls `write(offset, data)` for every run of non-zero guest data of
 /// `src`, updating `progress` with the share of the guest size done.
 fn copy_data(
-    src: &Image,
+    src: &Src,
     src_name: &str,
     progress: &mut Progress,
     mut write: impl FnMut(u64, &[u8]) -> Result<(), Fail>,
 ) -> CmdResult {
-    let ls = layers(src, src_name).map_err(|e| Fail::Msg(e.qemu_message()))?;
+    let ext = src
+        .extents(src_name)
+        .map_err(|e| Fail::Msg(e.qemu_message()))?;
     let size = src.size();
     let read_err = |e: Error| {
         Fail::Msg(format!(
@@ -211,9 +213,9 @@ fn copy_data(
     let mut buf = vec![0u8; CHUNK as usize];
     let mut offset = 0u64;
     while offset < size {
-        let e = block_status(&ls, offset, size - offset).map_err(read_err)?;
-        let end = offset + e.length;
-        if e.data && !e.zero {
+        let (data, length) = ext.next(offset, size - offset).map_err(read_err)?;
+        let end = offset + length;
+        if data {
             let mut pos = offset;
             while pos < end {
                 let n = (end - pos).min(CHUNK) as usize;
@@ -254,7 +256,7 @@ fn copy_data(
 }
 
 fn convert_to_raw(
-    src: &Image,
+    src: &Src,
     src_name: &str,
     dst: &Path,
     size: u64,
@@ -311,12 +313,14 @@ fn convert_to_raw(
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)] // the command's settings, passed through once
 fn convert_to_qcow2(
-    src: &Image,
+    src: &Src,
     src_name: &str,
     dst: &str,
     opts: &CreateOptions,
     cache: CacheMode,
+    compress: bool,
     dst_busy: &mut bool,
     progress: &mut Progress,
 ) -> CmdResult {
@@ -338,6 +342,12 @@ fn convert_to_qcow2(
     })?;
     let out = Image::open(dst, &cache.apply(OpenOptions::new()))
         .map_err(|e| crate::common::open_fail(dst, &e))?;
+    if compress {
+        copy_compressed(src, src_name, &out, progress)?;
+        out.close()
+            .map_err(|e| Fail::Msg(format!("error while flushing: {}", e.errno_text())))?;
+        return Ok(());
+    }
     copy_data(src, src_name, progress, |off, data| {
         out.write_at(data, off)
             .and_then(|_| {

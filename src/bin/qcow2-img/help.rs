@@ -14,13 +14,16 @@ Commands:
   amend    change header options (compat, refcount_bits, size, ...) of an image
   bench    run a simple read or write benchmark on an image
   check    check an image for consistency and optionally repair it
+  compare  compare the guest contents of two images
   convert  copy an image's guest data (through its backing chain) to a new image
   create   create a new qcow2 image, optionally over a backing file
   info     show information about an image (and its backing chain)
   io       run qemu-io commands (read, write, discard, ...) on an image
   map      show where an image's guest data is and which layer holds it
+  measure  compute the file size a new image would need
   resize   grow or shrink an image's virtual size
   serve    export an image to other processes (--nbd: an NBD server)
+  snapshot list, create, apply or delete internal snapshots
 
 Options:
   -h, --help
@@ -29,6 +32,80 @@ Options:
       print the version and exit
 
 Run 'qcow2-img COMMAND --help' for a command's options and exit codes.
+";
+
+/// `qcow2-img measure --help`.
+pub const MEASURE: &str = "\
+Usage: qcow2-img measure [--output human|json] [-O raw|qcow2] [-o OPTS]... [-U]
+                         (--size SIZE | [-f qcow2|raw] FILE)
+
+Print the file size a new image of format -O would need: `required size` (right
+after creating it, or after converting FILE into it) and `fully allocated size`
+(every cluster allocated); for a qcow2 target of compat=1.1 measured from a
+qcow2 FILE also `bitmaps size` (the space of FILE's persistent bitmaps).
+
+Options:
+  -h, --help
+      print this help and exit
+  --output human|json
+      output format (default human)
+  -O raw|qcow2
+      format of the new image (default raw)
+  -o, --options OPTS
+      creation options of the new image as key=value[,key=value...]; may be
+      repeated; for qcow2 cluster_size, extended_l2, refcount_bits, compat,
+      preallocation and backing_file count
+  --size SIZE
+      measure an empty image of SIZE bytes (suffixes k, M, G, T, P, E)
+  -f, --format qcow2|raw
+      format of FILE (default qcow2)
+  -U, --force-share
+      open FILE in shared mode
+
+Arguments:
+  FILE
+      the image whose conversion is measured (with its backing chain)
+
+Exit codes:
+  0  the sizes were printed
+  1  error: bad argument or option, or FILE cannot be opened
+";
+
+/// `qcow2-img compare --help`.
+pub const COMPARE: &str = "\
+Usage: qcow2-img compare [-f FMT] [-F FMT] [-T SRC_CACHE] [-s] [-p] [-q] [-U] FILE1 FILE2
+
+Compare the guest contents of two images (through their backing chains).
+Unallocated and zero ranges equal zeroes; a size difference is a warning when
+the larger image's tail reads as zeroes.
+
+Options:
+  -h, --help
+      print this help and exit
+  -f FMT, -F FMT
+      format of FILE1 and FILE2: qcow2 or raw (default: probed)
+  -T SRC_CACHE
+      cache mode for both images (default writeback)
+  -s
+      strict: a size difference or a different allocation (data, zeroes,
+      unallocated) is a mismatch too
+  -p
+      print qemu-img's progress indicator on stdout
+  -q
+      print nothing
+  -U, --force-share
+      open the images in shared mode
+
+Arguments:
+  FILE1, FILE2
+      the images to compare
+
+Exit codes:
+  0  the images are identical
+  1  the images differ, or a bad argument
+  2  an image cannot be opened
+  3  a block status query failed
+  4  a read failed
 ";
 
 /// `qcow2-img create --help`.
@@ -135,7 +212,7 @@ Exit codes:
 
 /// `qcow2-img convert --help`.
 pub const CONVERT: &str = "\
-Usage: qcow2-img convert [-f qcow2] [-T SRC_CACHE] [-U] [-O raw|qcow2] [-o OPTS]...
+Usage: qcow2-img convert [-f qcow2|raw] [-T SRC_CACHE] [-U] [-O raw|qcow2] [-o OPTS]...
                          [-t TGT_CACHE] [-c] [-p] [-q] [-m NUM] [-W] SRC DST
 
 Copy the guest data of SRC, read through its backing chain, into a new image
@@ -144,8 +221,8 @@ DST. Only ranges that hold non-zero data are written, so DST is sparse.
 Options:
   -h, --help
       print this help and exit
-  -f, --format qcow2
-      format of SRC; only qcow2 is supported (default: qcow2)
+  -f, --format qcow2|raw
+      format of SRC (default: qcow2; a raw SRC needs -f raw)
   -T SRC_CACHE
       cache mode for SRC: none, off, writeback, unsafe, directsync or
       writethrough (default writeback)
@@ -161,7 +238,10 @@ Options:
   -t TGT_CACHE
       cache mode for DST, values as for -T (default unsafe: no syncs at all)
   -c, --compress
-      write compressed clusters: not supported yet (refused with an error)
+      write every cluster with data compressed (compression_type of DST:
+      zlib or zstd), as qemu-img does; clusters that do not compress are
+      written plainly and all-zero clusters not at all; only with -O qcow2.
+      Compression runs on several threads, writes stay in guest order
   -p, --progress
       print qemu-img's progress indicator on stdout: updates of the form
       (PERCENT/100%), each ended by a carriage return, and a newline at the end
@@ -249,6 +329,44 @@ Exit codes:
   0  the options were changed
   1  error: bad argument or option, the image cannot be opened, or the
      change failed
+";
+
+/// `qcow2-img snapshot --help`.
+pub const SNAPSHOT: &str = "\
+Usage: qcow2-img snapshot [-f qcow2] [-q] [-U] -l|-c NAME|-a NAME|-d NAME FILE
+
+List, create, apply or delete the internal snapshots of an image. Only -l
+prints anything (nothing when the image has no snapshots).
+
+Options:
+  -h, --help
+      print this help and exit
+  -f, --format qcow2
+      format of FILE; only qcow2 is supported (default: qcow2)
+  -q, --quiet
+      accepted for qemu-img compatibility (the list is still printed)
+  -U, --force-share
+      open the image in shared mode (only with -l: a writable open refuses it)
+  -l, --list
+      list the snapshots (the default)
+  -c, --create NAME
+      create a snapshot of the current content named NAME (names need not be
+      unique; the ID is the highest ID + 1)
+  -a, --apply NAME
+      make snapshot NAME the current content (NAME is an ID or, if no ID
+      matches, a name)
+  -d, --delete NAME
+      delete the first snapshot named NAME
+
+Arguments:
+  FILE
+      the image file
+
+Exit codes:
+  0  done
+  1  error: bad argument, the image cannot be opened, no such snapshot, or
+     the operation failed (a refcount width too small to share clusters
+     refuses a snapshot and changes nothing)
 ";
 
 /// `qcow2-img bench --help`.

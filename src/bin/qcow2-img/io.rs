@@ -124,19 +124,15 @@ pub fn run(argv: &[String]) -> Result<(), Fail> {
     };
     if let Some(arg) = a.rest.first() {
         let r = if a.image_opts {
-            // The cache mode sets the defaults; the option string may
-            // override them (cache.direct=..., cache.no-flush=...).
-            let mut o = cache.apply(OpenOptions::new());
+            // The cache mode and -r set the defaults; the option string may
+            // override them (cache.direct=..., read-only=...).
+            let mut o = cache.apply(OpenOptions::new()).read_only(a.read_only);
             o.apply_qemu_str(arg)
                 .map_err(|e| format!("can't open: {e}"))
                 .and_then(|_| {
-                    // As qemu-io: without -r the image is opened for writing,
-                    // which a `read-only=on` node refuses.
-                    if o.get_read_only() && !a.read_only {
-                        return Err("can't open: Block node is read-only".into());
-                    }
+                    check_read_only(&o, a.read_only).map_err(|m| format!("can't open: {m}"))?;
                     let share = a.force_share || o.get_force_share();
-                    state.open(None, o.read_only(a.read_only).force_share(share))
+                    state.open(None, o.force_share(share))
                 })
         } else {
             check_format(a.format.as_deref(), arg).and_then(|_| {
@@ -171,6 +167,19 @@ pub fn run(argv: &[String]) -> Result<(), Fail> {
     } else {
         Ok(())
     }
+}
+
+/// qemu-io's read-only rules for an option string, given whether `-r` was
+/// given (`-r` only sets the default of `read-only`, as in qemu-io, where it
+/// decides whether the block backend asks for write permission):
+/// * an explicit `read-only=off` wins over `-r`: the image opens writable;
+/// * an explicit `read-only=on` without `-r` is refused, because the
+///   backend asks for write permission the node cannot give.
+fn check_read_only(o: &OpenOptions, dash_r: bool) -> Result<(), String> {
+    if o.get_read_only() && !dash_r {
+        return Err("Block node is read-only".into());
+    }
+    Ok(())
 }
 
 fn check_format(fmt: Option<&str>, name: &str) -> Result<(), String> {
@@ -629,8 +638,9 @@ impl State {
         let r = if has('s') {
             Err("Operation not supported".to_owned())
         } else if has('c') {
-            // qcow2kit has no compressed-write API yet.
-            Err("Operation not supported".to_owned())
+            let buf = vec![pattern; count as usize];
+            img.write_compressed_at(&buf, offset)
+                .map_err(|e| e.errno_text())
         } else if z {
             img.write_zeroes(offset, count, u)
                 .map_err(|e| e.errno_text())
@@ -754,7 +764,9 @@ impl State {
             println!("{}", cmd.usage);
             return false;
         }
-        let mut o = cache.apply(OpenOptions::new());
+        let has = |f: char| opts.iter().any(|(c, _)| *c == f);
+        // -r sets the default of `read-only`; `-o read-only=...` overrides it.
+        let mut o = cache.apply(OpenOptions::new()).read_only(has('r'));
         for (c, v) in &opts {
             if let ('o', Some(s)) = (c, v) {
                 if let Err(e) = o.apply_qemu_str(s) {
@@ -767,19 +779,15 @@ impl State {
                 }
             }
         }
-        let has = |f: char| opts.iter().any(|(c, _)| *c == f);
-        // As qemu-io: without -r the image is opened for writing, which a
-        // `read-only=on` node refuses.
-        if o.get_read_only() && !has('r') {
+        if let Err(m) = check_read_only(&o, has('r')) {
             match pos.first() {
-                Some(d) => eprintln!("{PROG}: can't open device {d}: Block node is read-only"),
-                None => eprintln!("{PROG}: can't open: Block node is read-only"),
+                Some(d) => eprintln!("{PROG}: can't open device {d}: {m}"),
+                None => eprintln!("{PROG}: can't open: {m}"),
             }
             return false;
         }
-        let ro = has('r');
         let share = has('U') || o.get_force_share();
-        let mut o = o.read_only(ro).force_share(share);
+        let mut o = o.force_share(share);
         if let Some(p) = pos.first() {
             o = o.with_filename(PathBuf::from(p));
         }

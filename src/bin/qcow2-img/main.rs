@@ -1,5 +1,5 @@
 //! `qcow2-img`: qemu-img's commands over qcow2kit (`create`, `info`, `map`,
-//! `check`, `convert`, `resize`, `amend`, `bench`, `serve`) and qemu-io as `qcow2-img io`.
+//! `check`, `convert`, `resize`, `amend`, `bench`, `serve`, `measure`, `compare`, `snapshot`) and qemu-io as `qcow2-img io`.
 //!
 //! Outputs, streams, exit codes and messages follow `cli.md` (qemu-img /
 //! qemu-io 10.0.2), with `qcow2-img` where QEMU prints its program name.
@@ -11,15 +11,19 @@ mod bench;
 #[path = "../shared/check_cli.rs"]
 mod check_cli;
 mod common;
+mod compare;
 mod convert;
+mod convert_src;
 mod create;
 mod help;
 mod info;
 mod io;
 mod map;
+mod measure;
 mod progress;
 mod resize;
 mod serve;
+mod snapshot;
 
 use common::{Fail, PROG};
 use std::process::ExitCode;
@@ -58,6 +62,9 @@ fn main() -> ExitCode {
         "io" => io::run(rest),
         "amend" => amend::run(rest),
         "serve" => serve::run(rest),
+        "compare" => compare::run(rest),
+        "measure" => measure::run(rest),
+        "snapshot" => snapshot::run(rest),
         "check" => {
             let code =
                 check_cli::run_check_cli(check_cli::CliName::QCOW2_IMG_CHECK, rest.iter().cloned());

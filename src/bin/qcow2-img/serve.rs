@@ -102,7 +102,8 @@ Options:
   --image-opts
       FILE is an option string (driver=qcow2,file.filename=...)
   -q, --quiet
-      do not log the address, connects and disconnects on stderr
+      do not log the address, connects and disconnects on stderr (both
+      export types)
 
 Exit codes:
   0  stopped by SIGTERM or SIGINT, the image flushed and closed cleanly
@@ -324,10 +325,13 @@ mod vhost {
             let backend = backend.clone();
             let stop = stop.clone();
             let sock_path = sock_path.clone();
+            let log = (!quiet).then(|| {
+                Arc::new(|m: &str| eprintln!("{}: {m}", crate::common::PROG)) as vub::LogFn
+            });
             std::thread::Builder::new()
                 .name("vhost-user".into())
                 .spawn(move || {
-                    let _ = done_tx.send(vub::serve(backend, listener, &sock_path, &stop));
+                    let _ = done_tx.send(vub::serve(backend, listener, &sock_path, &stop, log));
                 })
                 .map_err(|e| Fail::Msg(format!("cannot start the vhost-user thread: {e}")))?;
         }

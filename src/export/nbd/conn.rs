@@ -491,7 +491,7 @@ impl<'a, S: Read + Write> Conn<'a, S> {
                     // Whole clusters become zero clusters in metadata; a
                     // partial cluster would be written with data.
                     let cs = self.img.cluster_size();
-                    let fast = req.offset % cs == 0 && (end % cs == 0 || end == self.size);
+                    let fast = req.offset.is_multiple_of(cs) && (end % cs == 0 || end == self.size);
                     if !fast {
                         return Err(Fail::new(errno::ENOTSUP, "zeroing would not be fast"));
                     }
@@ -752,7 +752,7 @@ mod tests {
                     _ => (rng.next() % 64) << 16,
                 };
                 let req = Request {
-                    flags: if r % 3 == 0 {
+                    flags: if r.is_multiple_of(3) {
                         (rng.next() % 64) as u16
                     } else {
                         0
@@ -766,7 +766,7 @@ mod tests {
                 if cmd == cmd::WRITE && len <= 70_000 {
                     v.extend((0..len).map(|i| i as u8));
                 }
-                if r % 17 == 0 {
+                if r.is_multiple_of(17) {
                     // Garbage in the middle of the stream.
                     v.extend((0..(r % 40)).map(|_| rng.next() as u8));
                 }

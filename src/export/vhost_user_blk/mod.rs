@@ -7,16 +7,21 @@
 //! protocol on a Unix socket and one worker thread per virtqueue; each
 //! worker pops request chains from its split virtqueue, reads the request
 //! header and data out of guest memory (shared with the front-end through
-//! memfds) and calls the public [`Image`] API (`read_at`, `write_at`,
-//! `flush`, `discard`, `write_zeroes`) on the shared `Arc<Image>`.
+//! memfds) and calls the public [`Image`] API (`read_vectored_at`,
+//! `write_vectored_at`, `flush`, `discard`, `write_zeroes`) on the shared
+//! `Arc<Image>`.
 //!
-//! Data moves through a bounded per-worker buffer of at most
-//! [`CHUNK`] bytes, so a request of any length costs at most that much
-//! memory. Malformed requests complete with `VIRTIO_BLK_S_IOERR` or
+//! Data is read and written in guest memory in place: the data descriptors
+//! of a request are lent to the image's vectored calls as `IoSlice`s (the
+//! conversion is the `guest_io` module, the export's only `unsafe`). A
+//! buffer that is not contiguous in one guest memory region goes through a
+//! bounded per-worker buffer of at most [`CHUNK`] bytes instead.
+//! Malformed requests complete with `VIRTIO_BLK_S_IOERR` or
 //! `VIRTIO_BLK_S_UNSUPP`; a chain too broken to carry a status byte is
 //! returned to the driver with a used length of 0. Nothing here panics on
 //! what the front-end sends.
 
+mod guest_io;
 mod request;
 
 use crate::Image;
@@ -54,6 +59,7 @@ const VIRTIO_BLK_F_MQ: u64 = 1 << 12;
 const VIRTIO_BLK_F_DISCARD: u64 = 1 << 13;
 const VIRTIO_BLK_F_WRITE_ZEROES: u64 = 1 << 14;
 const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
+const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 
 /// Errors of the vhost-user-blk export.
@@ -238,7 +244,7 @@ impl VhostUserBackend for BlkBackend {
     fn features(&self) -> u64 {
         let mut f = VIRTIO_F_VERSION_1
             | VIRTIO_RING_F_INDIRECT_DESC
-            | virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX as u64
+            | VIRTIO_RING_F_EVENT_IDX
             | VIRTIO_BLK_F_SEG_MAX
             | VIRTIO_BLK_F_BLK_SIZE
             | VIRTIO_BLK_F_FLUSH
@@ -318,16 +324,26 @@ pub fn bind(path: &Path) -> Result<Listener, Error> {
     })
 }
 
+/// A log sink for connects, disconnects and errors (one line each).
+pub type LogFn = Arc<dyn Fn(&str) + Send + Sync>;
+
 /// Serves front-ends on `listener`, one connection at a time, until `stop`
 /// is set (checked between connections) or the daemon fails. Each
 /// connection ends when the front-end hangs up; the socket at `path` is then
-/// bound again for the next one.
+/// bound again for the next one. Connects and disconnects go to `log`.
 pub fn serve(
     backend: Arc<BlkBackend>,
     mut listener: Listener,
     path: &Path,
     stop: &AtomicBool,
+    log: Option<LogFn>,
 ) -> Result<(), Error> {
+    let say = |m: &str| {
+        if let Some(l) = &log {
+            l(m)
+        }
+    };
+    let mut n = 0u64;
     loop {
         backend.reset_exits()?;
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
@@ -336,16 +352,21 @@ pub fn serve(
         daemon
             .start(listener)
             .map_err(|e| Error::Daemon(e.to_string()))?;
+        n += 1;
+        say(&format!("front-end {n} connected"));
         let r = daemon.wait();
         for h in daemon.get_epoll_handlers() {
             h.send_exit_event();
         }
         match r {
-            Ok(()) => {}
+            Ok(()) => say(&format!("front-end {n} disconnected")),
             Err(vhost_user_backend::Error::HandleRequest(
                 vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
-            )) => {}
-            Err(e) => return Err(Error::Daemon(e.to_string())),
+            )) => say(&format!("front-end {n} disconnected")),
+            Err(e) => {
+                say(&format!("front-end {n}: {e}"));
+                return Err(Error::Daemon(e.to_string()));
+            }
         }
         if stop.load(Ordering::SeqCst) {
             return Ok(());

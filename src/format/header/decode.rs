@@ -121,7 +121,7 @@ fn validate_table(
     let end_ok = (i64::MAX as u64)
         .checked_sub(table_bytes)
         .is_some_and(|room| offset <= room);
-    if !end_ok || cluster_size == 0 || offset % cluster_size != 0 {
+    if !end_ok || cluster_size == 0 || !offset.is_multiple_of(cluster_size) {
         return Err(FormatError::invalid(
             what,
             Some(offset),

@@ -257,7 +257,7 @@ pub(super) fn scan_extensions(
                 }
                 let crypto_offset = read_u64(area.buf, offset);
                 let length = read_u64(area.buf, offset.saturating_add(8));
-                if area.cluster_size == 0 || crypto_offset % area.cluster_size != 0 {
+                if area.cluster_size == 0 || !crypto_offset.is_multiple_of(area.cluster_size) {
                     return Err(ext_err(
                         ext_start,
                         format!(
@@ -334,7 +334,7 @@ fn check_bitmaps_ext(raw: &[u8], cluster_size: u64) -> Result<BitmapsExtension, 
     if nb_bitmaps == 0 {
         return Err("found bitmaps extension with zero bitmaps".into());
     }
-    if cluster_size == 0 || bitmap_directory_offset % cluster_size != 0 {
+    if cluster_size == 0 || !bitmap_directory_offset.is_multiple_of(cluster_size) {
         return Err("bitmaps_ext: invalid bitmap directory offset".into());
     }
     if bitmap_directory_size > MAX_BITMAP_DIRECTORY_BYTES {
@@ -353,7 +353,7 @@ fn check_bitmaps_ext(raw: &[u8], cluster_size: u64) -> Result<BitmapsExtension, 
 /// The typed feature name table, or `None` if `raw` cannot be represented
 /// exactly by [`FeatureName`]s.
 fn parse_feature_table(raw: &[u8]) -> Option<Vec<FeatureName>> {
-    if raw.len() % FEATURE_ENTRY_LEN != 0 {
+    if !raw.len().is_multiple_of(FEATURE_ENTRY_LEN) {
         return None;
     }
     raw.chunks_exact(FEATURE_ENTRY_LEN)
