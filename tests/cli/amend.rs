@@ -534,7 +534,7 @@ fn amend_files_match_qemu_img() {
 
 /// Strips the extra data from every entry of the snapshot table of a v2
 /// image (as QEMU before 1.1 wrote them), rewriting the table in place.
-fn strip_snapshot_extra(path: &std::path::Path) {
+pub(crate) fn strip_snapshot_extra(path: &std::path::Path) {
     let mut f = std::fs::read(path).unwrap();
     let be32 = |b: &[u8], o: usize| u32::from_be_bytes(b[o..o + 4].try_into().unwrap());
     let be16 = |b: &[u8], o: usize| u16::from_be_bytes(b[o..o + 2].try_into().unwrap());
