@@ -18,7 +18,6 @@ use crate::error::{Error, Result};
 use crate::format::consts::*;
 use crate::format::entry::L2Entry;
 use crate::format::header::{qemu_feature_table, Header, HeaderExtension};
-use crate::format::snapshot::encode_snapshot_table;
 use crate::format::FormatErrorKind;
 use crate::meta::DiscardType;
 use crate::meta::{Meta, RawL2};
@@ -68,7 +67,9 @@ pub(super) fn upgrade(meta: &mut Meta) -> Result<()> {
         .iter()
         .any(|s| s.extra_data_size < V3_SNAPSHOT_EXTRA)
     {
-        rewrite_snapshot_table(meta)?;
+        // In v3's layout, to new clusters, one header write, the old
+        // clusters freed (QEMU's qcow2_write_snapshots).
+        meta.write_snapshot_table(meta.snapshots.clone())?;
     }
     let mut h = meta.header.clone();
     h.version = 3;
@@ -302,66 +303,6 @@ fn expand_snapshot_zero_clusters(meta: &mut Meta, has_backing: bool) -> Result<(
                 meta.sync()?;
             }
         }
-    }
-    Ok(())
-}
-
-/// QEMU's `qcow2_write_snapshots` for the upgrade: the table in the v3
-/// layout (a missing disk size is the current one, as QEMU assumes at open)
-/// in new clusters, their refcounts and the table durable, then one header
-/// write of `nb_snapshots` and `snapshots_offset`, then the old clusters
-/// freed. A crash leaks the new or the old table at most.
-fn rewrite_snapshot_table(meta: &mut Meta) -> Result<()> {
-    let cs = meta.geom.cluster_size;
-    let cb = meta.geom.cluster_bits;
-    let size = meta.header.size;
-    let old_offset = meta.header.snapshots_offset;
-    // The old table as stored: entries 8-byte aligned, the last unpadded.
-    let mut old_len = 0u64;
-    for e in &meta.snapshots {
-        old_len = old_len.next_multiple_of(8)
-            + 40
-            + u64::from(e.extra_data_size)
-            + e.id.len() as u64
-            + e.name.len() as u64;
-    }
-    let mut entries = meta.snapshots.clone();
-    for e in &mut entries {
-        e.disk_size.get_or_insert(size);
-    }
-    let mut buf = encode_snapshot_table(&entries)?;
-    let clusters = (buf.len() as u64).div_ceil(cs).max(1);
-    let table_bytes = clusters
-        .checked_mul(cs)
-        .ok_or_else(|| Error::Internal("snapshot table size overflows".into()))?;
-    buf.resize(
-        usize::try_from(table_bytes).map_err(|_| Error::Internal("snapshot table size".into()))?,
-        0,
-    );
-    let offset = meta.alloc_clusters(clusters)?;
-    meta.gate
-        .write_metadata(MetadataKind::SnapshotTable, &buf, offset)?;
-    meta.flush_refcounts()?;
-    meta.sync()?;
-    let mut sw = [0u8; 12];
-    sw[..4].copy_from_slice(&meta.header.nb_snapshots.to_be_bytes());
-    sw[4..].copy_from_slice(&offset.to_be_bytes());
-    meta.gate.write_header_fields(&sw, 60)?;
-    meta.sync()?;
-    meta.header.snapshots_offset = offset;
-    meta.gate
-        .checker_mut()
-        .set_snapshot_table(offset, table_bytes);
-    for e in &mut entries {
-        e.extra_data_size = e.extra_data_size.max(24);
-        e.icount.get_or_insert(u64::MAX);
-    }
-    meta.snapshots = entries;
-    let old_clusters = (old_offset + old_len).div_ceil(cs) - (old_offset >> cb);
-    if old_offset != 0 && old_len != 0 {
-        // Nothing refers to them since the header write.
-        let _ = meta.update_refcount(old_offset >> cb, old_clusters, -1, DiscardType::Other)?;
-        meta.flush_refcounts()?;
     }
     Ok(())
 }
