@@ -18,7 +18,7 @@ use crate::error::{Error, Result};
 use crate::format::consts::*;
 use crate::format::entry::L2Entry;
 use crate::format::header::{qemu_feature_table, Header, HeaderExtension};
-use crate::format::FormatErrorKind;
+use crate::format::{be_u64, put_be_u64, FormatErrorKind, Structure};
 use crate::meta::DiscardType;
 use crate::meta::{Meta, RawL2};
 use crate::types::MetadataKind;
@@ -211,11 +211,24 @@ fn expand_zero_clusters(
 /// by then: a table changed here is no longer active). A new cluster gets
 /// the refcount of the table that points at it; COPIED is set where that is
 /// 1. Zeroes and refcounts are durable before the table is written.
+///
+/// The tables are read and written in the file, behind the L2 cache (which
+/// holds snapshot-only tables too once a snapshot operation walked them), so
+/// the cache must be clean first and each table written here leaves it, as
+/// QEMU's `qcow2_cache_empty` before the same walk ensures.
 fn expand_snapshot_zero_clusters(meta: &mut Meta, has_backing: bool) -> Result<()> {
+    if meta.l2.cache().has_dirty() {
+        return Err(Error::Internal(
+            "L2 slices dirty before the snapshot tables are expanded".into(),
+        ));
+    }
     let geom = meta.geom;
     let cs = geom.cluster_size;
     let cb = geom.cluster_bits;
-    let zeroes = vec![0u8; cs as usize];
+    let eb = usize::try_from(geom.l2_entry_bytes)
+        .map_err(|_| Error::Internal("L2 entry size".into()))?;
+    let zeroes =
+        vec![0u8; usize::try_from(cs).map_err(|_| Error::Internal("cluster size".into()))?];
     let active: HashSet<u64> = meta
         .l2
         .l1()
@@ -224,39 +237,26 @@ fn expand_snapshot_zero_clusters(meta: &mut Meta, has_backing: bool) -> Result<(
         .filter(|o| *o != 0)
         .collect();
     let mut seen = HashSet::new();
-    let snapshots: Vec<(u64, u32)> = meta
-        .snapshots
-        .iter()
-        .map(|s| (s.l1_table_offset, s.l1_size))
-        .collect();
-    for (l1_offset, l1_size) in snapshots {
-        // Checked when the snapshot table was loaded; kept bounded here too.
-        let bytes = u64::from(l1_size) * 8;
-        if bytes > MAX_L1_BYTES {
-            return Err(Error::Corrupt {
-                what: crate::format::Structure::SnapshotL1Table,
-                offset: l1_offset,
-                msg: "Snapshot L1 table too large".into(),
-            });
-        }
-        let mut l1 = vec![0u8; usize::try_from(bytes).unwrap_or(0)];
-        meta.gate.read(&mut l1, l1_offset)?;
-        for raw in l1.chunks_exact(8) {
-            let table = u64::from_be_bytes(raw.try_into().unwrap_or([0; 8])) & L1E_OFFSET_MASK;
+    for sn in meta.snapshots.clone() {
+        // Validated as QEMU's qcow2_validate_table does.
+        for raw in meta.read_snapshot_l1(&sn)? {
+            let table = raw & L1E_OFFSET_MASK;
             if table == 0 || active.contains(&table) || !seen.insert(table) {
                 continue;
             }
-            let mut buf = vec![0u8; cs as usize];
+            let mut buf = zeroes.clone();
             meta.gate.read(&mut buf, table)?;
             let l2_refcount = meta.refcount(table >> cb)?;
             let mut changed = false;
-            for entry in buf.chunks_exact_mut(geom.l2_entry_bytes as usize) {
-                let word = u64::from_be_bytes(entry[..8].try_into().unwrap_or([0; 8]));
+            for (index, entry) in buf.chunks_exact_mut(eb).enumerate() {
+                let word = be_u64(entry, 0).unwrap_or(0);
                 let L2Entry::Zero { host, .. } =
                     L2Entry::decode(word, &meta.efmt).map_err(|_| Error::Corrupt {
-                        what: crate::format::Structure::L2Table,
+                        what: Structure::L2Table,
                         offset: table,
-                        msg: format!("Invalid cluster entry found  (L2 offset: {table:#x})"),
+                        msg: format!(
+                            "Invalid cluster entry found  (L2 offset: {table:#x}, L2 index: {index:#x})"
+                        ),
                     })?
                 else {
                     continue;
@@ -291,7 +291,7 @@ fn expand_snapshot_zero_clusters(meta: &mut Meta, has_backing: bool) -> Result<(
                 } else {
                     new
                 };
-                entry[..8].copy_from_slice(&new.to_be_bytes());
+                put_be_u64(entry, 0, new);
                 changed = true;
             }
             if changed {
@@ -300,6 +300,9 @@ fn expand_snapshot_zero_clusters(meta: &mut Meta, has_backing: bool) -> Result<(
                 meta.sync()?;
                 meta.gate
                     .write_metadata(MetadataKind::InactiveL2, &buf, table)?;
+                meta.l2
+                    .cache_mut()
+                    .forget_range(table, table.saturating_add(cs));
                 meta.sync()?;
             }
         }
