@@ -593,3 +593,49 @@ fn amend_upgrade_rewrites_old_snapshot_tables_as_qemu_img() {
         true,
     );
 }
+
+/// A snapshot whose L1 table offset is not cluster aligned: QEMU's
+/// downgrade finds it while expanding zero clusters, after it changed the
+/// image, and fails with two lines; ours checks the snapshots' L1 tables
+/// before the first change and fails with QEMU's first line, exit 1, the
+/// file untouched.
+#[test]
+fn amend_downgrade_refuses_an_invalid_snapshot_l1_table_first() {
+    if !have_qemu() {
+        return;
+    }
+    let (qd, od) = twin_dirs(|d| {
+        qemu_create(d, "t.qcow2", "4M");
+        qemu_ok(
+            d,
+            "qemu-io",
+            &[
+                "-c",
+                "write -P 1 0 64k",
+                "-c",
+                "write -z 64k 64k",
+                "t.qcow2",
+            ],
+        );
+        qemu_ok(d, "qemu-img", &["snapshot", "-c", "s1", "t.qcow2"]);
+        let path = d.join("t.qcow2");
+        let mut f = std::fs::read(&path).unwrap();
+        let table = u64::from_be_bytes(f[64..72].try_into().unwrap()) as usize;
+        let l1 = u64::from_be_bytes(f[table..table + 8].try_into().unwrap());
+        f[table..table + 8].copy_from_slice(&(l1 + 512).to_be_bytes());
+        std::fs::write(&path, f).unwrap();
+    });
+    let before = std::fs::read(od.path().join("t.qcow2")).unwrap();
+    let args = ["amend", "-o", "compat=0.10", "t.qcow2"];
+    let q = qemu(qd.path(), "qemu-img", &args);
+    let o = ours(od.path(), &args);
+    assert_eq!(
+        q.err,
+        "qcow2-img: Snapshot L1 table offset invalid\n\
+         qcow2-img: Failed to turn zero into data clusters: Invalid argument\n"
+    );
+    assert_eq!((o.code, o.out.as_str()), (q.code, q.out.as_str()));
+    assert_eq!(o.err, "qcow2-img: Snapshot L1 table offset invalid\n");
+    let after = std::fs::read(od.path().join("t.qcow2")).unwrap();
+    assert!(after == before, "the refused amend changed the image");
+}

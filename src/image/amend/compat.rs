@@ -78,9 +78,11 @@ pub(super) fn upgrade(meta: &mut Meta) -> Result<()> {
 
 /// QEMU's content checks of `qcow2_downgrade` (after those on the options),
 /// in its order: internal snapshots, incompatible features other than the
-/// dirty bit and the compression type, then zstd compressed clusters. QEMU
-/// expands zero clusters before it looks for compressed ones; here nothing is
-/// changed before every check passed.
+/// dirty bit and the compression type, the snapshots' L1 tables
+/// (`qcow2_validate_table` in the zero-cluster expansion), then zstd
+/// compressed clusters. QEMU expands zero clusters before it looks at
+/// snapshot tables and compressed clusters; here nothing is changed before
+/// every check passed.
 pub(super) fn check_downgrade(meta: &mut Meta) -> Result<()> {
     let size = meta.header.size;
     if meta
@@ -97,6 +99,9 @@ pub(super) fn check_downgrade(meta: &mut Meta) -> Result<()> {
         return Err(Error::InvalidArgument(format!(
             "Cannot downgrade an image with incompatible features {incompat:#x} set"
         )));
+    }
+    for sn in &meta.snapshots {
+        sn.validate_l1(meta.geom.cluster_bits)?;
     }
     if meta.header.incompatible_features & INCOMPAT_COMPRESSION != 0 {
         let mut guest = 0;
@@ -238,7 +243,8 @@ fn expand_snapshot_zero_clusters(meta: &mut Meta, has_backing: bool) -> Result<(
         .collect();
     let mut seen = HashSet::new();
     for sn in meta.snapshots.clone() {
-        // Validated as QEMU's qcow2_validate_table does.
+        // Validated as QEMU's qcow2_validate_table does (check_downgrade
+        // made sure it passes).
         for raw in meta.read_snapshot_l1(&sn)? {
             let table = raw & L1E_OFFSET_MASK;
             if table == 0 || active.contains(&table) || !seen.insert(table) {
