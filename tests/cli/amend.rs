@@ -639,3 +639,36 @@ fn amend_downgrade_refuses_an_invalid_snapshot_l1_table_first() {
     let after = std::fs::read(od.path().join("t.qcow2")).unwrap();
     assert!(after == before, "the refused amend changed the image");
 }
+
+/// A v3 image whose snapshot entries lost their extra data (`check` calls
+/// that an error): QEMU takes the missing disk size for the current one
+/// and downgrades; so do we.
+#[test]
+fn amend_downgrade_takes_a_missing_snapshot_disk_size_as_current() {
+    if !have_qemu() {
+        return;
+    }
+    let (qd, od) = twin_dirs(|d| {
+        qemu_create(d, "t.qcow2", "4M");
+        qemu_ok(
+            d,
+            "qemu-io",
+            &[
+                "-c",
+                "write -P 1 0 64k",
+                "-c",
+                "write -z 64k 64k",
+                "t.qcow2",
+            ],
+        );
+        qemu_ok(d, "qemu-img", &["snapshot", "-c", "s1", "t.qcow2"]);
+        strip_snapshot_extra(&d.join("t.qcow2"));
+    });
+    compare_amend(
+        qd.path(),
+        od.path(),
+        "compat=0.10",
+        "v3 snapshot table without extra data, compat=0.10",
+        true,
+    );
+}

@@ -85,10 +85,12 @@ pub(super) fn upgrade(meta: &mut Meta) -> Result<()> {
 /// every check passed.
 pub(super) fn check_downgrade(meta: &mut Meta) -> Result<()> {
     let size = meta.header.size;
+    // An entry without a disk size has the current one (QEMU fills it in
+    // when it reads the table).
     if meta
         .snapshots
         .iter()
-        .any(|s| s.vm_state_size > u64::from(u32::MAX) || s.disk_size != Some(size))
+        .any(|s| s.vm_state_size > u64::from(u32::MAX) || s.disk_size.unwrap_or(size) != size)
     {
         return Err(Error::InvalidArgument(
             "Internal snapshots prevent downgrade of image".into(),
