@@ -22,7 +22,7 @@ use crate::format::put_be_u64;
 use crate::format::refcount;
 use crate::format::Structure;
 use crate::meta::Meta;
-use crate::types::{Geometry, MetadataKind};
+use crate::types::{MetadataKind, RefcountGeometry};
 use std::collections::{BTreeSet, HashSet};
 
 /// Reads refcounts of the old structures from the file, one block at a time.
@@ -39,8 +39,8 @@ impl OldRefcounts {
     fn new(meta: &Meta) -> Self {
         OldRefcounts {
             table: meta.rc.table().to_vec(),
-            order: meta.geom.refcount_order,
-            block_bits: meta.geom.refcount_block_bits,
+            order: meta.rgeom.refcount_order,
+            block_bits: meta.rgeom.refcount_block_bits,
             cluster_size: meta.geom.cluster_size as usize,
             current: None,
         }
@@ -131,8 +131,9 @@ pub(super) fn survey(meta: &mut Meta, new_order: u32) -> Result<Survey> {
     }
     let old_set = old_structures(meta)?;
     let new_bits = 1u32 << new_order;
-    let new_block_bits = meta.geom.cluster_bits + 3 - new_order;
-    let per_old = 1u64 << meta.geom.refcount_block_bits;
+    let new_block_bits =
+        RefcountGeometry::new(meta.geom.cluster_bits, new_order).refcount_block_bits;
+    let per_old = meta.rgeom.refcount_block_entries();
     let mut old = OldRefcounts::new(meta);
     let mut blocks = BTreeSet::new();
     let mut end = 0u64;
@@ -193,7 +194,7 @@ pub(super) fn change(
     }
     let cb = meta.geom.cluster_bits;
     let cs = meta.geom.cluster_size;
-    let new_geom = Geometry::new(cb, meta.geom.extended_l2, new_order);
+    let new_geom = RefcountGeometry::new(cb, new_order);
     let nbb = new_geom.refcount_block_bits;
     let per_new = 1u64 << nbb;
     let old_set = old_structures(meta)?;
@@ -305,7 +306,7 @@ pub(super) fn change(
     meta.header.refcount_table_offset = table_offset;
     meta.header.refcount_table_clusters = table_clusters;
     meta.header.refcount_order = new_order;
-    meta.geom = new_geom;
+    meta.rgeom = new_geom;
     meta.rc.replace_table(table);
     Ok(())
 }
