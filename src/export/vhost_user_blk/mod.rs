@@ -32,6 +32,12 @@ use std::sync::{Arc, Mutex};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
+    VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
+};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -50,17 +56,10 @@ pub const MAX_QUEUE_SIZE: u16 = 1024;
 /// Largest number of request queues.
 pub const MAX_QUEUES: u16 = 64;
 
-// virtio-blk feature bits (virtio spec 5.2.3).
-const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
-const VIRTIO_BLK_F_RO: u64 = 1 << 5;
-const VIRTIO_BLK_F_BLK_SIZE: u64 = 1 << 6;
-const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
-const VIRTIO_BLK_F_MQ: u64 = 1 << 12;
-const VIRTIO_BLK_F_DISCARD: u64 = 1 << 13;
-const VIRTIO_BLK_F_WRITE_ZEROES: u64 = 1 << 14;
-const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
-const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
-const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// The feature bit `bit` as a mask (the bindings give bit numbers).
+const fn bit(bit: u32) -> u64 {
+    1 << bit
+}
 
 /// Errors of the vhost-user-blk export.
 #[derive(Debug, thiserror::Error)]
@@ -242,18 +241,18 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn features(&self) -> u64 {
-        let mut f = VIRTIO_F_VERSION_1
-            | VIRTIO_RING_F_INDIRECT_DESC
-            | VIRTIO_RING_F_EVENT_IDX
-            | VIRTIO_BLK_F_SEG_MAX
-            | VIRTIO_BLK_F_BLK_SIZE
-            | VIRTIO_BLK_F_FLUSH
-            | VIRTIO_BLK_F_MQ
+        let mut f = bit(VIRTIO_F_VERSION_1)
+            | bit(VIRTIO_RING_F_INDIRECT_DESC)
+            | bit(VIRTIO_RING_F_EVENT_IDX)
+            | bit(VIRTIO_BLK_F_SEG_MAX)
+            | bit(VIRTIO_BLK_F_BLK_SIZE)
+            | bit(VIRTIO_BLK_F_FLUSH)
+            | bit(VIRTIO_BLK_F_MQ)
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         if self.read_only {
-            f |= VIRTIO_BLK_F_RO;
+            f |= bit(VIRTIO_BLK_F_RO);
         } else {
-            f |= VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES;
+            f |= bit(VIRTIO_BLK_F_DISCARD) | bit(VIRTIO_BLK_F_WRITE_ZEROES);
         }
         f
     }
