@@ -44,7 +44,7 @@ impl Image {
     /// uses a file in a conflicting way, backing file errors).
     pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Image> {
         let path = path.as_ref();
-        check_force_share(opts).map_err(|e| e.opening(path))?;
+        check_open_mode(opts).map_err(|e| e.opening(path))?;
         let file = FileStorage::open_with(path, !opts.get_read_only(), opts.get_cache_direct())
             .map_err(|e| open_error(path, e))?;
         Self::open_inner(
@@ -83,7 +83,7 @@ impl Image {
     /// As for [`Image::open`].
     pub fn open_without_backing(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Image> {
         let path = path.as_ref();
-        check_force_share(opts).map_err(|e| e.opening(path))?;
+        check_open_mode(opts).map_err(|e| e.opening(path))?;
         let file = FileStorage::open_with(path, !opts.get_read_only(), opts.get_cache_direct())
             .map_err(|e| open_error(path, e))?;
         let mode = OpenMode {
@@ -193,7 +193,7 @@ impl Image {
         data_override: Option<Arc<dyn Storage>>,
     ) -> Result<Image> {
         let read_only = opts.get_read_only();
-        check_force_share(opts)?;
+        check_open_mode(opts)?;
         // QEMU locks the file when the format driver attaches it, before
         // reading the header.
         file.lock(&LockRequest::image_file(
@@ -388,9 +388,11 @@ fn repair_dirty_at_open(image: Image) -> Result<(Image, crate::repair::CheckRepo
     Ok((image, report))
 }
 
-/// QEMU's refusal of `force-share=on` for a read-write open.
-fn check_force_share(opts: &OpenOptions) -> Result<()> {
+/// QEMU's refusals of `force-share=on` and `file.read-only=on` for a
+/// read-write open.
+fn check_open_mode(opts: &OpenOptions) -> Result<()> {
     opts.check_force_share()
+        .and_then(|()| opts.check_file_read_only())
         .map_err(|e| Error::InvalidArgument(e.to_string()))
 }
 

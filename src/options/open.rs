@@ -63,6 +63,7 @@ pub struct OpenOptions {
     file_resolver: crate::image::ResolverHandle,
     locking: Locking,
     force_share: bool,
+    file_read_only: bool,
     cache_direct: bool,
     cache_no_flush: bool,
     file_backend: Option<crate::storage::BackendSpec>,
@@ -115,6 +116,7 @@ impl OpenOptions {
             file_resolver: crate::image::ResolverHandle::default(),
             locking: Locking::Auto,
             force_share: false,
+            file_read_only: false,
             cache_direct: false,
             cache_no_flush: false,
             file_backend: None,
@@ -405,6 +407,19 @@ impl OpenOptions {
         Ok(())
     }
 
+    /// QEMU's check of `file.read-only` against the open mode: the image
+    /// file's node may be read-only only when the image is.
+    ///
+    /// # Errors
+    /// [`OptionError::FileReadOnly`] for `file.read-only=on` under a
+    /// read-write open.
+    pub fn check_file_read_only(&self) -> Result<(), OptionError> {
+        if self.file_read_only && !self.read_only {
+            return Err(OptionError::FileReadOnly);
+        }
+        Ok(())
+    }
+
     /// Bypasses the host page cache: the image file (and an external data
     /// file) is opened with `O_DIRECT` (`cache.direct`, QEMU's
     /// `cache=none`/`directsync`). File systems without `O_DIRECT` (tmpfs)
@@ -572,7 +587,8 @@ impl OpenOptions {
     /// * `driver` (only `qcow2`), `file.filename` or `file` (the image file), `file.driver`
     ///   (only `file`), `data-file` / `data-file.filename` (a path), `read-only`, `node-name`,
     ///   `rerror`, `werror` (the last two are `-drive` options in QEMU; accepted here),
-    ///   `force-share` (a boolean), `file.locking` (`on`, `off` or `auto`);
+    ///   `force-share` (a boolean), `file.locking` (`on`, `off` or `auto`), `file.read-only`
+    ///   (a boolean; `on` requires a read-only open, as the image file node then is);
     ///   `cache.direct`, `cache.no-flush` (booleans; see [`OpenOptions::cache_direct`] and
     ///   [`OpenOptions::cache_no_flush`]);
     /// * `l2-cache-size`, `l2-cache-entry-size`, `refcount-cache-size`, `cache-size` (sizes,
@@ -678,6 +694,11 @@ impl OpenOptions {
                         option: "file.locking",
                         value: value.to_owned(),
                     })?;
+            }
+            "file.read-only" => {
+                files.other = true;
+                // QEMU names the option as the file node sees it.
+                self.file_read_only = parse_bool_onoff("read-only", value)?;
             }
             "force-share" => self.force_share = bool_value()?,
             "data-file" => data_files.reference = Some(value.into()),
