@@ -5,6 +5,8 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod events;
+
 use qcow2kit::storage::{
     BackendSpec, MemStorage, QuorumConfig, QuorumStorage, ReadPattern, Storage,
 };
