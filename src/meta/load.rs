@@ -52,6 +52,8 @@ pub(crate) fn load(
         l1_bytes,
         file_len,
     )?;
+    // QEMU's `qcow2_refcount_init`.
+    file.debug_event(crate::storage::BlkdebugEvent::ReftableLoad);
     let reftable = read_table(
         &*file,
         Structure::RefcountTable,

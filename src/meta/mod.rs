@@ -34,7 +34,7 @@ use crate::format::entry::{EntryError, EntryFormat, L1Entry, L2Entry, Subcluster
 use crate::format::header::Header;
 use crate::format::Structure;
 use crate::format::{be_u64, put_be_u64};
-use crate::storage::Storage;
+use crate::storage::{BlkdebugEvent, Storage};
 use crate::types::{Geometry, MetadataKind, RefcountGeometry};
 use std::collections::BTreeSet;
 
@@ -297,6 +297,14 @@ impl Meta {
         !self.in_flight.is_empty() && self.in_flight.iter().any(|c| (first..=last).contains(c))
     }
 
+    /// Reports the blkdebug event `event` to the image file at the point
+    /// QEMU's qcow2 driver reports it (see [`crate::storage::BlkdebugEvent`]
+    /// for the list); a no-op virtual call on other storages.
+    #[inline]
+    pub(crate) fn event(&self, event: crate::storage::BlkdebugEvent) {
+        self.gate.debug_event(event);
+    }
+
     /// Writes metadata; a failure poisons the handle (the in-memory state is
     /// ahead of the file).
     pub(crate) fn meta_write(&mut self, buf: &[u8], offset: u64, kind: MetadataKind) -> Result<()> {
@@ -398,6 +406,7 @@ impl Meta {
         self.make_room_l2()?;
         let n = self.l2.cache.entry_bytes();
         let mut buf = vec![0u8; n].into_boxed_slice();
+        self.event(BlkdebugEvent::L2Load);
         self.gate.read(&mut buf, slice)?;
         self.l2.cache.insert(slice, buf, false);
         Ok(())

@@ -8,6 +8,7 @@ use crate::error::{Error, Limit, Result};
 use crate::format::consts::*;
 use crate::format::Structure;
 use crate::format::{put_be_u64, refcount};
+use crate::storage::BlkdebugEvent;
 use crate::types::MetadataKind;
 
 /// Result of a refcount update that may have had to allocate metadata first.
@@ -27,6 +28,8 @@ impl Meta {
 
     /// Loads the refcount block at host offset `block` into the cache.
     pub(super) fn load_refblock(&mut self, block: u64) -> Result<()> {
+        // QEMU's `load_refcount_block` reports the event on cache hits too.
+        self.event(BlkdebugEvent::RefblockLoad);
         if self.rc.cache.get(block).is_some() {
             return Ok(());
         }
@@ -151,6 +154,9 @@ impl Meta {
     /// (QEMU's `alloc_refcount_block`).
     fn ensure_refblock(&mut self, cluster: u64) -> Result<Update> {
         let (ri, _) = self.rgeom.refcount_position(cluster);
+        // QEMU's `alloc_refcount_block` reports the event on every call,
+        // also when the block exists.
+        self.event(BlkdebugEvent::RefblockAlloc);
         if self.refblock_offset(ri)? != 0 {
             return Ok(Update::Done);
         }
@@ -177,6 +183,7 @@ impl Meta {
             self.flush_refcounts()?;
         }
         self.gate.checker_mut().add_refcount_block(new_block);
+        self.event(BlkdebugEvent::RefblockAllocWrite);
         if let Err(e) = self.meta_write(&buf, new_block, MetadataKind::RefcountBlock) {
             self.gate.checker_mut().remove_refcount_block(new_block);
             return Err(e);
@@ -193,11 +200,13 @@ impl Meta {
         if idx < self.rc.table.len() && idx < self.on_disk_reftable_entries() {
             *conv::get_mut(&mut self.rc.table, idx, "refcount table")? = new_block;
             let off = self.header.refcount_table_offset + ri * 8;
+            self.event(BlkdebugEvent::RefblockAllocHookup);
             self.meta_write(&new_block.to_be_bytes(), off, MetadataKind::RefcountTable)?;
             self.sync()?;
         } else {
             // Grow the table: a self-describing area starting at the first
             // cluster not covered by any existing refcount block slot.
+            self.event(BlkdebugEvent::ReftableGrow);
             let per_block = self.rgeom.refcount_block_entries();
             let blocks_used = (cluster + 1).max(new_cluster + 1).div_ceil(per_block);
             let area = (blocks_used * per_block) << self.geom.cluster_bits;
@@ -431,6 +440,7 @@ impl Meta {
     /// Allocates `n` contiguous clusters with refcount 1 and returns the host
     /// offset of the first (QEMU's `qcow2_alloc_clusters`).
     pub fn alloc_clusters(&mut self, n: u64) -> Result<u64> {
+        self.event(BlkdebugEvent::ClusterAlloc);
         loop {
             let start = self.alloc_noref(n)?;
             if self.update_refcount(start, n, 1, DiscardType::Never)? == Update::Done {
@@ -637,17 +647,20 @@ impl Meta {
             }
         }
         // Blocks first (and synced), then the table (synced), then the header.
+        self.event(BlkdebugEvent::RefblockAllocWriteBlocks);
         self.flush_refcounts()?;
         self.sync()?;
         let mut bytes = vec![0u8; table_size * 8];
         for (i, e) in table.iter().enumerate() {
             put_be_u64(&mut bytes, i * 8, *e);
         }
+        self.event(BlkdebugEvent::RefblockAllocWriteTable);
         self.meta_write(&bytes, table_off, MetadataKind::RefcountTable)?;
         self.sync()?;
         let mut sw = [0u8; 12];
         sw[..8].copy_from_slice(&table_off.to_be_bytes());
         sw[8..].copy_from_slice(&table_clusters_u32.to_be_bytes());
+        self.event(BlkdebugEvent::RefblockAllocSwitchTable);
         self.write_header_field(48, &sw)?;
         let old_off = self.header.refcount_table_offset;
         let old_clusters = u64::from(self.header.refcount_table_clusters);
@@ -670,6 +683,7 @@ impl Meta {
         // does (later allocations may reuse its clusters).
         if old_clusters > 0 {
             // A decrement of counted clusters never allocates (never `Again`).
+            self.event(BlkdebugEvent::ClusterFree);
             let _ = self.update_refcount(old_off >> cb, old_clusters, -1, DiscardType::Other)?;
         }
         Ok(end)
