@@ -1,7 +1,7 @@
 //! Small shared types: metadata kinds (QEMU's overlap classes) and the image
 //! geometry that owns every shift and mask derived from the header (the
-//! cluster and L2 layout in [`Geometry`], the refcount structures in
-//! [`RefcountGeometry`]).
+//! cluster and L2 layout in `Geometry`, the refcount structures in
+//! `RefcountGeometry`).
 
 use std::fmt;
 

@@ -1,8 +1,8 @@
 //! Changing options of an existing image (`qemu-img amend`).
 //!
 //! Everything QEMU 10 amends: `compat` (upgrade, and downgrade with zero
-//! clusters expanded: [`compat`]), `refcount_bits` (new refcount structures:
-//! [`refcount_order`]), `lazy_refcounts`, `data_file` and `data_file_raw`
+//! clusters expanded: `compat.rs`), `refcount_bits` (new refcount structures:
+//! `refcount_order.rs`), `lazy_refcounts`, `data_file` and `data_file_raw`
 //! (header rewrites), `size` (QEMU's truncate: grow or shrink) and
 //! `backing_file`/`backing_fmt` (which QEMU 10 only accepts unchanged).
 //!
