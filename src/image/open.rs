@@ -226,11 +226,7 @@ impl Image {
         let repair_dirty =
             header.incompatible_features & INCOMPAT_DIRTY != 0 && !read_only && !repair;
         let luks = check_encryption(&header, &*file, mode)?;
-        let geom = Geometry::new(
-            header.cluster_bits,
-            header.is_extended_l2(),
-            header.refcount_order,
-        );
+        let geom = Geometry::new(header.cluster_bits, header.is_extended_l2());
         let external_data = header.incompatible_features & INCOMPAT_DATA_FILE != 0;
         opts.check_image_version(header.version)
             .map_err(|e| Error::InvalidArgument(e.to_string()))?;

@@ -28,7 +28,7 @@ impl Meta {
                 "compressed allocation of {size} bytes"
             )));
         }
-        let max = refcount::max_value(self.geom.refcount_order);
+        let max = refcount::max_value(self.rgeom.refcount_order);
         let mut offset = self.free_byte_offset;
         if offset != 0 && self.refcount(offset >> cb)? >= max {
             offset = 0;

@@ -35,7 +35,7 @@ use crate::format::header::Header;
 use crate::format::Structure;
 use crate::format::{be_u64, put_be_u64};
 use crate::storage::{BlkdebugEvent, Storage};
-use crate::types::{Geometry, MetadataKind};
+use crate::types::{Geometry, MetadataKind, RefcountGeometry};
 use std::collections::BTreeSet;
 
 pub(crate) mod cache;
@@ -256,7 +256,11 @@ pub(crate) struct Meta {
     /// The refcount state and the allocator.
     pub rc: Refcounts,
     pub header: Header,
+    /// The cluster and L2 layout (fixed for the image's life).
     pub geom: Geometry,
+    /// The refcount structures' layout: changes with the refcount width
+    /// (only `amend`'s width change assigns it, when the header switches).
+    pub rgeom: RefcountGeometry,
     pub efmt: EntryFormat,
     /// Skip syncs (image creation, like QEMU's `BDRV_O_NO_FLUSH`): the image
     /// is not valid before creation ends anyway; one sync at the end.

@@ -66,7 +66,7 @@ impl Meta {
 
     /// Refuses to allocate when refcount metadata lay past the end of the
     /// file at open: its zeroes would hand out clusters that are in use.
-    fn check_allocatable(&self) -> Result<()> {
+    pub(crate) fn check_allocatable(&self) -> Result<()> {
         match self.rc.past_eof {
             None => Ok(()),
             Some((what, offset)) => Err(Error::Corrupt {
@@ -81,13 +81,13 @@ impl Meta {
 
     /// The refcount of host cluster `cluster` (0 where no block exists).
     pub fn refcount(&mut self, cluster: u64) -> Result<u64> {
-        let (ri, bi) = self.geom.refcount_position(cluster);
+        let (ri, bi) = self.rgeom.refcount_position(cluster);
         let block = self.refblock_offset(ri)?;
         if block == 0 {
             return Ok(0);
         }
         self.load_refblock(block)?;
-        let order = self.geom.refcount_order;
+        let order = self.rgeom.refcount_order;
         Ok(self
             .rc
             .cache
@@ -107,8 +107,8 @@ impl Meta {
         // Freed clusters must not be discarded after they are reused.
         self.process_discards();
         let max = MAX_HOST_OFFSET >> self.geom.cluster_bits;
-        let rb_bits = self.geom.refcount_block_bits;
-        let order = self.geom.refcount_order;
+        let rb_bits = self.rgeom.refcount_block_bits;
+        let order = self.rgeom.refcount_order;
         let too_large = || Error::TooLarge(Limit::HostOffset);
         let mut run = 0u64;
         loop {
@@ -153,7 +153,7 @@ impl Meta {
     /// returns [`Update::Again`], as it may have taken space the caller chose
     /// (QEMU's `alloc_refcount_block`).
     fn ensure_refblock(&mut self, cluster: u64) -> Result<Update> {
-        let (ri, _) = self.geom.refcount_position(cluster);
+        let (ri, _) = self.rgeom.refcount_position(cluster);
         // QEMU's `alloc_refcount_block` reports the event on every call,
         // also when the block exists.
         self.event(BlkdebugEvent::RefblockAlloc);
@@ -171,10 +171,10 @@ impl Meta {
         let new_block = new_cluster << self.geom.cluster_bits;
         let cs = conv::cluster_bytes(&self.geom);
         let mut buf = vec![0u8; cs].into_boxed_slice();
-        let (own_ri, own_bi) = self.geom.refcount_position(new_cluster);
+        let (own_ri, own_bi) = self.rgeom.refcount_position(new_cluster);
         if own_ri == ri {
             // The block describes itself.
-            refcount::set(&mut buf, self.geom.refcount_order, own_bi, 1);
+            refcount::set(&mut buf, self.rgeom.refcount_order, own_bi, 1);
         } else {
             // Described by another block, which may need allocating first.
             if self.update_refcount(new_cluster, 1, 1, DiscardType::Never)? == Update::Again {
@@ -207,7 +207,7 @@ impl Meta {
             // Grow the table: a self-describing area starting at the first
             // cluster not covered by any existing refcount block slot.
             self.event(BlkdebugEvent::ReftableGrow);
-            let per_block = self.geom.refcount_block_entries();
+            let per_block = self.rgeom.refcount_block_entries();
             let blocks_used = (cluster + 1).max(new_cluster + 1).div_ceil(per_block);
             let area = (blocks_used * per_block) << self.geom.cluster_bits;
             self.refcount_area(area, 0, false, Some((idx, new_block)))?;
@@ -277,10 +277,10 @@ impl Meta {
     /// refcount block range))`, whose block exists, and returns where the
     /// segment ended. Nothing is changed if any value would leave its range.
     fn add_to_segment(&mut self, c: u64, end: u64, addend: i64, dtype: DiscardType) -> Result<u64> {
-        let rb_bits = self.geom.refcount_block_bits;
-        let order = self.geom.refcount_order;
+        let rb_bits = self.rgeom.refcount_block_bits;
+        let order = self.rgeom.refcount_order;
         let max = refcount::max_value(order);
-        let (ri, bi) = self.geom.refcount_position(c);
+        let (ri, bi) = self.rgeom.refcount_position(c);
         let seg_end = end.min((ri + 1) << rb_bits);
         let n = conv::usize_of(seg_end - c)?;
         let block = self.refblock_offset(ri)?;
@@ -344,11 +344,11 @@ impl Meta {
     /// update (the blocks exist: the update went through them). Clusters
     /// that drop back to 0 only lower the free hint, as in QEMU.
     fn undo_refcounts(&mut self, start: u64, upto: u64, addend: i64) {
-        let order = self.geom.refcount_order;
-        let rb_bits = self.geom.refcount_block_bits;
+        let order = self.rgeom.refcount_order;
+        let rb_bits = self.rgeom.refcount_block_bits;
         let mut c = start;
         while c < upto {
-            let (ri, bi) = self.geom.refcount_position(c);
+            let (ri, bi) = self.rgeom.refcount_position(c);
             let seg_end = upto.min((ri + 1) << rb_bits);
             let block = match self.refblock_offset(ri) {
                 Ok(b) if b != 0 => b,
@@ -468,8 +468,8 @@ impl Meta {
 
     /// How many of the `n` clusters from `cluster` have refcount 0 in a row.
     fn count_free(&mut self, cluster: u64, n: u64) -> Result<u64> {
-        let rb_bits = self.geom.refcount_block_bits;
-        let order = self.geom.refcount_order;
+        let rb_bits = self.rgeom.refcount_block_bits;
+        let order = self.rgeom.refcount_order;
         let mut done = 0u64;
         while done < n {
             let c = cluster + done;
@@ -542,11 +542,12 @@ impl Meta {
     ) -> Result<u64> {
         self.check_allocatable()?;
         let g = self.geom;
+        let rg = self.rgeom;
         let cs = g.cluster_size;
         let cb = g.cluster_bits;
         let too_large = || Error::TooLarge(Limit::RefcountTable);
         let (total_blocks, _) =
-            refcount_metadata_size((start >> cb) + additional, cs, g.refcount_order, !exact);
+            refcount_metadata_size((start >> cb) + additional, cs, rg.refcount_order, !exact);
         let per_table_cluster = cs / 8;
         let mut table_size = if exact {
             total_blocks
@@ -563,7 +564,7 @@ impl Meta {
         let table_clusters = (table_size as u64) / per_table_cluster;
         let table_clusters_u32 = u32::try_from(table_clusters).map_err(|_| too_large())?;
         let area_ri =
-            usize::try_from((start >> cb) >> g.refcount_block_bits).map_err(|_| too_large())?;
+            usize::try_from((start >> cb) >> rg.refcount_block_bits).map_err(|_| too_large())?;
 
         let mut table = vec![0u64; table_size];
         let max_idx = self.max_reftable_index();
@@ -591,8 +592,8 @@ impl Meta {
         let end = table_off + table_clusters * cs;
 
         // Fill the refcount blocks, creating the missing ones from `start`.
-        let order = g.refcount_order;
-        let per_block = g.refcount_block_entries();
+        let order = rg.refcount_order;
+        let per_block = rg.refcount_block_entries();
         let mut block_off = start;
         for (i, slot) in table
             .iter_mut()

@@ -122,8 +122,8 @@ impl Meta {
     /// `Error::Corrupt` for a block not counted exactly once, I/O errors.
     pub fn shrink_reftable(&mut self) -> Result<()> {
         let cb = self.geom.cluster_bits;
-        let order = self.geom.refcount_order;
-        let entries = 1usize << self.geom.refcount_block_bits;
+        let order = self.rgeom.refcount_order;
+        let entries = 1usize << self.rgeom.refcount_block_bits;
         let mut unused = Vec::new();
         for i in 0..self.rc.table.len() {
             let block = self.refblock_offset(i as u64)?;
@@ -134,7 +134,7 @@ impl Meta {
             let Some(t) = self.rc.cache.peek(block) else {
                 continue;
             };
-            let (own_ri, own_bi) = self.geom.refcount_position(block >> cb);
+            let (own_ri, own_bi) = self.rgeom.refcount_position(block >> cb);
             let own = (own_ri == i as u64).then_some(own_bi);
             let empty = (0..entries)
                 .all(|j| Some(j) == own || refcount::get(&t.data, order, j).unwrap_or(0) == 0);
@@ -156,7 +156,7 @@ impl Meta {
         self.sync()?;
         for i in unused {
             let block = conv::get(&self.rc.table, i, "refcount table")? & REFT_OFFSET_MASK;
-            let (ri, bi) = self.geom.refcount_position(block >> cb);
+            let (ri, bi) = self.rgeom.refcount_position(block >> cb);
             let cover = self.refblock_offset(ri)?;
             if cover == 0 {
                 return Err(Error::Corrupt {
@@ -202,8 +202,8 @@ impl Meta {
     /// # Errors
     /// I/O errors, corrupt refcount table entries.
     pub fn last_used_cluster(&mut self, size: u64) -> Result<Option<u64>> {
-        let rb_bits = self.geom.refcount_block_bits;
-        let order = self.geom.refcount_order;
+        let rb_bits = self.rgeom.refcount_block_bits;
+        let order = self.rgeom.refcount_order;
         let mut end = self.geom.clusters_for(size);
         while end > 0 {
             let ri = (end - 1) >> rb_bits;
