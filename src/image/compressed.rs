@@ -164,7 +164,7 @@ impl Image {
         drop(meta);
         // The reserved bytes are referenced by nothing a reader can reach
         // and cannot be handed out again: no lock is needed to fill them.
-        let r = self.data.write(permit, &c.bytes);
+        let r = self.data.write_unencrypted(permit, &c.bytes);
         let mut meta = self.meta.write().map_err(|_| Error::PreviousIoFailed)?;
         meta.in_flight.remove(&cluster);
         self.notify_in_flight();

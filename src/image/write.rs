@@ -56,6 +56,20 @@ impl Image {
     /// the handle disabled), `Error::Corrupt`, I/O errors.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.writable()?;
+        if self.data.is_encrypted() {
+            if !super::crypt::sector_aligned(offset, buf.len() as u64) {
+                return self.write_unaligned_encrypted(buf, offset);
+            }
+            let _shared = self.crypt_rmw.read().map_err(|_| Error::PreviousIoFailed)?;
+            return self.write_sectors(buf, offset);
+        }
+        self.write_sectors(buf, offset)
+    }
+
+    /// [`Image::write_at`] without the widening of an encrypted image's
+    /// request to whole sectors (done by the caller).
+    pub(super) fn write_sectors(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.writable()?;
         let mut done = 0usize;
         while done < buf.len() {
             let g = offset + done as u64;
@@ -554,8 +568,11 @@ impl Image {
     /// cover reads as zero.
     fn fast_path(&self, meta: &Meta, p: &ClusterPlan, (lo, hi): (u64, u64)) -> bool {
         let covers = p.lo_w == lo && p.hi_w == hi;
+        // An encrypted cluster's unwritten bytes would decrypt to noise,
+        // not zeroes: it is always written whole.
         covers
             || (!meta.efmt.external_data
+                && !self.data.is_encrypted()
                 && p.host.is_some_and(|host| host + lo >= meta.gate.file_end())
                 && self.old_reads_zero(p, lo))
     }

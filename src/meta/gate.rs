@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use super::overlap_map::{Overlap, OverlapChecker};
+use crate::crypto::SectorCipher;
 
 /// Offset of `incompatible_features` in the header.
 const INCOMPATIBLE_FEATURES_OFFSET: u64 = 72;
@@ -103,7 +104,59 @@ impl DataFile {
 pub(crate) struct DataTarget {
     file: Arc<Tracked>,
     external: bool,
+    /// The payload cipher of an encrypted image opened with its key: guest
+    /// data is encrypted on the way to the file and decrypted on the way
+    /// back, each 512-byte sector with the IV of its host offset (QEMU's
+    /// `crypt_physical_offset` for LUKS). Requests must be whole sectors.
+    crypto: Option<Arc<SectorCipher>>,
 }
+
+/// Bytes of the thread's encryption buffer kept between requests.
+const SCRATCH_KEEP: usize = 2 << 20;
+
+thread_local! {
+    /// Each thread's buffer for encrypting a write (the caller's buffer is
+    /// read-only) and for gathering a vectored read: one per thread, reused,
+    /// so no request allocates once it has grown.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on the thread's scratch buffer, `len` bytes long.
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut v) => {
+            if v.len() < len {
+                v.resize(len, 0);
+            }
+            let r = f(v.get_mut(..len).unwrap_or_default());
+            // Guest data does not linger in a large buffer.
+            zeroize::Zeroize::zeroize(&mut v[..len]);
+            if v.len() > SCRATCH_KEEP {
+                v.truncate(SCRATCH_KEEP);
+                v.shrink_to_fit();
+            }
+            r
+        }
+        // Re-entered (not expected): a buffer of its own.
+        Err(_) => f(&mut vec![0u8; len]),
+    })
+}
+
+/// The sector of host offset `host` for an encrypted request of `len`
+/// bytes, which must be whole sectors.
+fn crypt_sector(host: u64, len: usize) -> Result<u64> {
+    let sector = host / SECTOR;
+    if host % SECTOR != 0 || len as u64 % SECTOR != 0 {
+        return Err(crate::crypto::CryptoError::Unaligned {
+            sector,
+            len: len as u64,
+        }
+        .into());
+    }
+    Ok(sector)
+}
+
+const SECTOR: u64 = crate::crypto::cipher::SECTOR_SIZE as u64;
 
 impl DataTarget {
     /// The external data file, if guest data lives in one.
@@ -119,11 +172,70 @@ impl DataTarget {
         self.file.mark_changed();
     }
 
-    /// Reads guest data at host offset `offset`.
+    /// Whether guest data is encrypted (requests must be whole sectors).
+    pub fn is_encrypted(&self) -> bool {
+        self.crypto.is_some()
+    }
+
+    /// Reads guest data at host offset `offset` (decrypted).
     pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let sector = match &self.crypto {
+            Some(_) => Some(crypt_sector(offset, buf.len())?),
+            None => None,
+        };
         self.file
             .read_at(buf, offset)
-            .map_err(|e| Error::io(IoOp::Read, offset, e))
+            .map_err(|e| Error::io(IoOp::Read, offset, e))?;
+        if let (Some(c), Some(sector)) = (&self.crypto, sector) {
+            c.decrypt(buf, sector)?;
+        }
+        Ok(())
+    }
+
+    /// Writes `buf` at the start of `permit`'s range as it is, never
+    /// encrypted: compressed clusters, which QEMU stores unencrypted even
+    /// in an encrypted image.
+    pub fn write_unencrypted(&self, permit: DataPermit, buf: &[u8]) -> Result<()> {
+        self.check_permit(&permit, buf.len() as u64)?;
+        self.file
+            .write_at(buf, permit.host)
+            .map_err(|e| Error::io(IoOp::Write, permit.host, e))
+    }
+
+    fn check_permit(&self, permit: &DataPermit, len: u64) -> Result<()> {
+        if len > permit.len {
+            return Err(Error::InvalidArgument(format!(
+                "data write of {len} bytes at {:#x} exceeds its permit of {} bytes",
+                permit.host, permit.len
+            )));
+        }
+        Ok(())
+    }
+
+    /// Encrypts `bufs` (gathered) into the thread's scratch buffer and
+    /// writes them at `host`.
+    fn write_encrypted(
+        &self,
+        c: &SectorCipher,
+        bufs: &[std::io::IoSlice<'_>],
+        host: u64,
+        len: usize,
+    ) -> Result<()> {
+        let sector = crypt_sector(host, len)?;
+        with_scratch(len, |scratch| {
+            let mut at = 0usize;
+            for b in bufs {
+                let end = at + b.len();
+                if let Some(dst) = scratch.get_mut(at..end) {
+                    dst.copy_from_slice(b);
+                }
+                at = end;
+            }
+            c.encrypt(scratch, sector)?;
+            self.file
+                .write_at(scratch, host)
+                .map_err(|e| Error::io(IoOp::Write, host, e))
+        })
     }
 
     /// Writes `buf` at the start of `permit`'s range (at most its length).
@@ -132,13 +244,9 @@ impl DataTarget {
     /// `Error::InvalidArgument` if `buf` is longer than the permit (a bug,
     /// reported rather than written); I/O errors.
     pub fn write(&self, permit: DataPermit, buf: &[u8]) -> Result<()> {
-        if buf.len() as u64 > permit.len {
-            return Err(Error::InvalidArgument(format!(
-                "data write of {} bytes at {:#x} exceeds its permit of {} bytes",
-                buf.len(),
-                permit.host,
-                permit.len
-            )));
+        self.check_permit(&permit, buf.len() as u64)?;
+        if let Some(c) = &self.crypto {
+            return self.write_encrypted(c, &[std::io::IoSlice::new(buf)], permit.host, buf.len());
         }
         self.file
             .write_at(buf, permit.host)
@@ -148,6 +256,23 @@ impl DataTarget {
     /// Reads guest data at host offset `offset` into `bufs`, one after the
     /// other (one `preadv` on a file).
     pub fn read_vectored(&self, bufs: &mut [std::io::IoSliceMut<'_>], offset: u64) -> Result<()> {
+        if let Some(c) = &self.crypto {
+            let len: usize = bufs.iter().map(|b| b.len()).sum();
+            let sector = crypt_sector(offset, len)?;
+            return with_scratch(len, |scratch| {
+                self.file
+                    .read_at(scratch, offset)
+                    .map_err(|e| Error::io(IoOp::Read, offset, e))?;
+                c.decrypt(scratch, sector)?;
+                let mut at = 0usize;
+                for b in bufs.iter_mut() {
+                    let end = at + b.len();
+                    b.copy_from_slice(scratch.get(at..end).unwrap_or_default());
+                    at = end;
+                }
+                Ok(())
+            });
+        }
         let r = match bufs {
             [one] => self.file.read_at(one, offset),
             _ => self.file.read_vectored_at(bufs, offset),
@@ -173,6 +298,10 @@ impl DataTarget {
                 "vectored data write at {:#x} exceeds its permit of {} bytes",
                 permit.host, permit.len
             )));
+        }
+        if let (Some(c), Some(t)) = (&self.crypto, total) {
+            let len = usize::try_from(t).map_err(|_| Error::Internal("write length".into()))?;
+            return self.write_encrypted(c, bufs, permit.host, len);
         }
         self.file
             .write_vectored_at(bufs, permit.host)
@@ -221,6 +350,7 @@ impl WriteGate {
         let data = DataTarget {
             file: file.clone(),
             external: false,
+            crypto: None,
         };
         WriteGate {
             file,
@@ -236,7 +366,14 @@ impl WriteGate {
         self.data = DataTarget {
             file,
             external: true,
+            crypto: self.data.crypto.clone(),
         };
+    }
+
+    /// Guest data is encrypted with `cipher` from now on (an encrypted
+    /// image opened with its key).
+    pub fn set_crypto(&mut self, cipher: Arc<SectorCipher>) {
+        self.data.crypto = Some(cipher);
     }
 
     /// Reads `buf.len()` bytes of the image file at `offset`.

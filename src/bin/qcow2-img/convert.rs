@@ -12,7 +12,7 @@ use clap::Parser;
 use qcow2kit::cli_support::{check_option_list, parse_bool_onoff, split_option_string};
 use qcow2kit::options::{parse_size, CreateOptions};
 use qcow2kit::storage::{FileStorage, LockRequest, Locking, Storage};
-use qcow2kit::{Error, Image, OpenOptions};
+use qcow2kit::{Error, Image};
 use std::path::Path;
 
 #[derive(Parser, Debug)]
@@ -96,7 +96,7 @@ pub fn run(argv: &[String]) -> CmdResult {
             Src::Qcow2(Box::new(open_ro_with(
                 src_name,
                 src_cache
-                    .apply(OpenOptions::new().read_only(true))
+                    .apply(crate::common::open_options().read_only(true))
                     .force_share(a.force_share),
             )?))
         }
@@ -340,7 +340,7 @@ fn convert_to_qcow2(
         }
         _ => fail(e.qemu_message()),
     })?;
-    let out = Image::open(dst, &cache.apply(OpenOptions::new()))
+    let out = Image::open(dst, &cache.apply(crate::common::open_options()))
         .map_err(|e| crate::common::open_fail(dst, &e))?;
     if compress {
         copy_compressed(src, src_name, &out, progress)?;
