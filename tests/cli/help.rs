@@ -157,6 +157,7 @@ const CASES: &[Case] = &[
         options: &[
             "-h",
             "--help",
+            "--image-opts",
             "--object",
             "-f",
             "--format",

@@ -232,7 +232,8 @@ Exit codes:
 
 /// `qcow2-img convert --help`.
 pub const CONVERT: &str = "\
-Usage: qcow2-img convert [-f qcow2|raw] [-T SRC_CACHE] [-U] [-O raw|qcow2] [-o OPTS]...
+Usage: qcow2-img convert [--object OBJECTDEF]... [-f qcow2|raw | --image-opts]
+                         [-T SRC_CACHE] [-U] [-O raw|qcow2] [-o OPTS]...
                          [-t TGT_CACHE] [-c] [-p] [-q] [-m NUM] [-W] SRC DST
 
 Copy the guest data of SRC, read through its backing chain, into a new image
@@ -247,6 +248,9 @@ Options:
       repeated
   -f, --format qcow2|raw
       format of SRC (default: qcow2; a raw SRC needs -f raw)
+  --image-opts
+      SRC is an option string (driver=qcow2,file.filename=...,
+      encrypt.key-secret=ID for an encrypted SRC)
   -T SRC_CACHE
       cache mode for SRC: none, off, writeback, unsafe, directsync or
       writethrough (default writeback)
@@ -258,7 +262,8 @@ Options:
   -o, --options OPTS
       creation options of DST as key=value[,key=value...]; may be repeated;
       with -O raw only size, nocow and preallocation are accepted; DST always
-      has the size of SRC (size= is checked but does not change it)
+      has the size of SRC (size= is checked but does not change it);
+      encrypt.format=luks,encrypt.key-secret=ID,... encrypts DST
   -t TGT_CACHE
       cache mode for DST, values as for -T (default unsafe: no syncs at all)
   -c, --compress
