@@ -77,9 +77,9 @@ impl Aes {
 
 /// AES-XTS with one of its three key sizes.
 enum Xts {
-    X128(Xts128<Aes128>),
-    X192(Xts128<Aes192>),
-    X256(Xts128<Aes256>),
+    X128(Box<Xts128<Aes128>>),
+    X192(Box<Xts128<Aes192>>),
+    X256(Box<Xts128<Aes256>>),
 }
 
 impl Xts {
@@ -87,18 +87,18 @@ impl Xts {
         let (k1, k2) = key.split_at(key.len() / 2);
         let bad = || CryptoError::Unsupported(format!("AES-XTS key of {} bytes", key.len()));
         Ok(match k1.len() {
-            16 => Xts::X128(Xts128::new(
+            16 => Xts::X128(Box::new(Xts128::new(
                 Aes128::new_from_slice(k1).map_err(|_| bad())?,
                 Aes128::new_from_slice(k2).map_err(|_| bad())?,
-            )),
-            24 => Xts::X192(Xts128::new(
+            ))),
+            24 => Xts::X192(Box::new(Xts128::new(
                 Aes192::new_from_slice(k1).map_err(|_| bad())?,
                 Aes192::new_from_slice(k2).map_err(|_| bad())?,
-            )),
-            32 => Xts::X256(Xts128::new(
+            ))),
+            32 => Xts::X256(Box::new(Xts128::new(
                 Aes256::new_from_slice(k1).map_err(|_| bad())?,
                 Aes256::new_from_slice(k2).map_err(|_| bad())?,
-            )),
+            ))),
             _ => return Err(bad()),
         })
     }
@@ -123,7 +123,7 @@ enum IvGen {
     /// Sector number, 64 bits, little-endian.
     Plain64,
     /// The `plain64` block encrypted with AES keyed by a hash of the key.
-    Essiv(Aes),
+    Essiv(Box<Aes>),
 }
 
 impl IvGen {
@@ -146,7 +146,7 @@ impl IvGen {
 
 enum Mode {
     Xts(Xts),
-    Cbc(Aes),
+    Cbc(Box<Aes>),
 }
 
 /// A cipher of whole 512-byte sectors, keyed and ready: what a LUKS key
@@ -218,7 +218,7 @@ impl SectorCipher {
         }
         let mode = match spec.cipher_mode {
             "xts" => Mode::Xts(Xts::new(key)?),
-            "cbc" => Mode::Cbc(Aes::new(key)?),
+            "cbc" => Mode::Cbc(Box::new(Aes::new(key)?)),
             other => return Err(CryptoError::Unsupported(format!("cipher mode '{other}'"))),
         };
         let ivgen = match (spec.ivgen_alg, spec.ivgen_hash_alg) {
@@ -228,7 +228,7 @@ impl SectorCipher {
                 let hash = HashAlg::from_name(h)?;
                 let mut digest = zeroize::Zeroizing::new([0u8; 64]);
                 let n = hash.digest(&[key], &mut digest[..]);
-                IvGen::Essiv(Aes::new(digest.get(..n).unwrap_or_default())?)
+                IvGen::Essiv(Box::new(Aes::new(digest.get(..n).unwrap_or_default())?))
             }
             (other, _) => return Err(CryptoError::Unsupported(format!("IV generator '{other}'"))),
         };
@@ -239,7 +239,7 @@ impl SectorCipher {
         // QEMU's `qcrypto_block_cipher_*_helper`: whole sectors, the last
         // one possibly shorter (key material of a 24-byte key), but whole
         // cipher blocks.
-        if buf.len() % BLOCK != 0 {
+        if !buf.len().is_multiple_of(BLOCK) {
             return Err(CryptoError::Unaligned {
                 sector: first_sector,
                 len: buf.len() as u64,

@@ -41,7 +41,7 @@ impl HashAlg {
     }
 
     /// Digest length in bytes.
-    pub fn len(self) -> usize {
+    pub fn digest_len(self) -> usize {
         match self {
             HashAlg::Sha1 => 20,
             HashAlg::Sha224 => 28,
@@ -52,7 +52,7 @@ impl HashAlg {
     }
 
     /// Hashes the concatenation of `parts` into the start of `out` (at
-    /// least [`HashAlg::len`] bytes); returns the digest length.
+    /// least [`HashAlg::digest_len`] bytes); returns the digest length.
     pub fn digest(self, parts: &[&[u8]], out: &mut [u8]) -> usize {
         fn run<D: Digest>(parts: &[&[u8]], out: &mut [u8]) -> usize {
             let mut d = D::new();
@@ -92,7 +92,7 @@ impl HashAlg {
 /// digest-sized block `i` of `block` becomes `H(be32(i) || block_i)`, a
 /// trailing partial block the same truncated.
 fn diffuse(hash: HashAlg, block: &mut [u8]) {
-    let len = hash.len();
+    let len = hash.digest_len();
     let mut out = [0u8; 64];
     for (i, chunk) in block.chunks_mut(len).enumerate() {
         let index = u32::try_from(i).unwrap_or(u32::MAX).to_be_bytes();

@@ -457,7 +457,7 @@ impl LuksHeader {
             }
         };
         let sectors = |bytes: u64, what: &str| -> Result<[u8; 4], FormatError> {
-            if bytes % SECTOR_SIZE != 0 {
+            if !bytes.is_multiple_of(SECTOR_SIZE) {
                 return Err(invalid(format!("{what} is not a whole number of sectors")));
             }
             u32::try_from(bytes / SECTOR_SIZE)

@@ -18,7 +18,7 @@ pub(super) const CRYPT_SECTOR: u64 = crate::crypto::cipher::SECTOR_SIZE as u64;
 
 /// Whether `[offset, offset + len)` is whole sectors.
 pub(super) fn sector_aligned(offset: u64, len: u64) -> bool {
-    offset % CRYPT_SECTOR == 0 && len % CRYPT_SECTOR == 0
+    offset.is_multiple_of(CRYPT_SECTOR) && len.is_multiple_of(CRYPT_SECTOR)
 }
 
 /// The whole sectors covering `[offset, offset + len)`, as (start, length).

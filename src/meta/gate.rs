@@ -129,8 +129,10 @@ fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
                 v.resize(len, 0);
             }
             let r = f(v.get_mut(..len).unwrap_or_default());
-            // Guest data does not linger in a large buffer.
-            zeroize::Zeroize::zeroize(&mut v[..len]);
+            // Guest data does not linger in the buffer.
+            if let Some(used) = v.get_mut(..len) {
+                zeroize::Zeroize::zeroize(used);
+            }
             if v.len() > SCRATCH_KEEP {
                 v.truncate(SCRATCH_KEEP);
                 v.shrink_to_fit();
@@ -146,7 +148,7 @@ fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
 /// bytes, which must be whole sectors.
 fn crypt_sector(host: u64, len: usize) -> Result<u64> {
     let sector = host / SECTOR;
-    if host % SECTOR != 0 || len as u64 % SECTOR != 0 {
+    if !host.is_multiple_of(SECTOR) || !(len as u64).is_multiple_of(SECTOR) {
         return Err(crate::crypto::CryptoError::Unaligned {
             sector,
             len: len as u64,
