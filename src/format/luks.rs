@@ -589,6 +589,25 @@ mod tests {
     }
 
     #[test]
+    fn encode_is_the_inverse_of_decode() {
+        let mut b = qemu_like();
+        // Salts and the digest survive too.
+        b[MK_DIGEST..MK_DIGEST + 20].fill(0x11);
+        b[MK_SALT..MK_SALT + 32].fill(0x22);
+        b[SLOTS + 8..SLOTS + 40].fill(0x33);
+        let h = LuksHeader::decode(&b).unwrap();
+        assert_eq!(h.encode().unwrap().to_vec(), b);
+        set_str(&mut b, CIPHER_MODE, b"cbc-essiv:sha256");
+        set32(&mut b, KEY_BYTES, 16);
+        let h = LuksHeader::decode(&b).unwrap();
+        assert_eq!(h.cipher_name(), "aes");
+        assert_eq!(h.encode().unwrap().to_vec(), b);
+        let mut odd = h.clone();
+        odd.payload_offset += 1;
+        assert!(odd.encode().is_err(), "not whole sectors");
+    }
+
+    #[test]
     fn essiv_and_other_ciphers() {
         let mut b = qemu_like();
         set_str(&mut b, CIPHER_MODE, b"cbc-essiv:sha256");

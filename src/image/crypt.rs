@@ -5,10 +5,15 @@
 //! block layer widens other requests). [`Image::read_at`] and
 //! [`Image::write_at`] do the same here: a request that is not whole sectors
 //! is widened to them, a write by read-modify-write of its first and last
-//! sector. Those read-modify-writes take [`Image::crypt_rmw`] exclusively and
-//! every other write on the image takes it shared, so that no write lands in
-//! a sector between the read and the write of a widened one (QEMU's
-//! serialising requests). The vectored calls gather into one buffer.
+//! sector. Those read-modify-writes take `Image::crypt_rmw` exclusively and
+//! every other data write (`write_at` and the vectored writes) takes it
+//! shared, so that no data write lands in a sector between the read and the
+//! write of a widened one (QEMU's serialising requests). `write_zeroes` and
+//! `discard` of whole clusters change only mappings and do not take it: one
+//! racing a partial-sector write to the same sector may see that sector's
+//! other bytes restored (callers that mix them concurrently on one sector
+//! must order them, as with any overlapping requests). The vectored calls
+//! gather into one buffer.
 
 use super::*;
 use std::io::{IoSlice, IoSliceMut};
