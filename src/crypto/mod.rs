@@ -11,6 +11,9 @@
 //! its **host** offset in the data file, as QEMU does for LUKS
 //! (`crypt_physical_offset`). Compressed clusters are stored unencrypted and
 //! zero or unallocated clusters read as zeroes without decryption, as in QEMU.
+//! The legacy `aes` format (`crypt_method` 1) is read and written too:
+//! AES-128-CBC keyed with the first 16 bytes of the password, `plain64` IVs
+//! of **guest** sectors, no key check (QEMU's `crypto/block-qcow.c`).
 //!
 //! The primitives are RustCrypto's (`aes`, `xts-mode`, `cbc`, `pbkdf2`,
 //! `sha1`, `sha2`); keys and secrets are zeroed when dropped (`zeroize`).

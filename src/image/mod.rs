@@ -613,7 +613,7 @@ impl Image {
                 let at = (e.guest - offset) as usize;
                 let chunk = &mut buf[at..at + e.len as usize];
                 r = match e.kind {
-                    Extent::Data { host } => self.data.read(chunk, host),
+                    Extent::Data { host } => self.data.read_guest(chunk, host, Some(e.guest)),
                     Extent::Zero { .. } => {
                         chunk.fill(0);
                         Ok(())

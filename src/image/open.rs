@@ -309,8 +309,8 @@ impl Image {
             }
             None
         };
-        if let Some(c) = cipher.clone() {
-            meta.gate.set_crypto(c);
+        if let Some((c, physical)) = cipher.clone() {
+            meta.gate.set_crypto(c, physical);
         }
         let data = meta.gate.data().clone();
         let reader = meta.gate.reader();
@@ -568,9 +568,11 @@ fn open_backing_chain(
 
 /// What [`check_encryption`] found: the LUKS header (for `info`) and, when
 /// the image was opened with its key, the payload cipher.
+/// The cipher comes with whether its IVs follow host offsets (LUKS) or
+/// guest offsets (the legacy `aes` format).
 type Encryption = (
     Option<Box<LuksHeader>>,
-    Option<Arc<crate::crypto::SectorCipher>>,
+    Option<(Arc<crate::crypto::SectorCipher>, bool)>,
 );
 
 /// The encryption of the image at open, in QEMU's order
@@ -640,10 +642,22 @@ fn check_encryption(
         .ok_or_else(|| CryptoError::SecretNotFound { id: id.to_owned() })?;
     let password = secret.as_utf8(id)?;
     let Some((offset, length)) = crypto else {
-        // Legacy AES (crypt_method 1).
-        return Err(
-            CryptoError::Unsupported("the legacy 'aes' format (crypt_method 1)".into()).into(),
-        );
+        // The legacy `aes` format (crypt_method 1): QEMU's
+        // `qcrypto_block_qcow_init`, the first 16 bytes of the password
+        // (zero-padded) as an AES-128-CBC key, `plain64` IVs of guest
+        // sectors. There is no key check: a wrong password reads noise.
+        let mut key = zeroize::Zeroizing::new([0u8; 16]);
+        let pw = password.as_bytes();
+        let n = pw.len().min(16);
+        key[..n].copy_from_slice(&pw[..n]);
+        let spec = crate::crypto::CipherSpec {
+            cipher_alg: "aes-128",
+            cipher_mode: "cbc",
+            ivgen_alg: "plain64",
+            ivgen_hash_alg: None,
+        };
+        let cipher = crate::crypto::SectorCipher::new(&spec, &key[..])?;
+        return Ok((None, Some((Arc::new(cipher), false))));
     };
     let luks = read_luks_header(file, offset, length)?;
     let mut read = |at: u64, buf: &mut [u8]| -> Result<()> {
@@ -660,7 +674,7 @@ fn check_encryption(
         read_file(file, buf, offset + at)
     };
     let cipher = crate::crypto::luks::unlock(&luks, password.as_bytes(), &mut read)?;
-    Ok((Some(Box::new(luks)), Some(Arc::new(cipher))))
+    Ok((Some(Box::new(luks)), Some((Arc::new(cipher), true))))
 }
 
 /// Reads and validates the LUKS header at host `offset` (the extension

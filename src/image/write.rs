@@ -252,7 +252,7 @@ impl Image {
         // Overlap-checked when data lives in the image file; the write may
         // extend the file (a cluster whose tail was never written), so the
         // known end covers it from here on.
-        let permit = meta.gate.permit_data(host0, run)?;
+        let permit = meta.gate.permit_data(host0, run)?.for_guest(g);
         Ok(InPlaceRun::Run { permit, len: run })
     }
 
@@ -442,7 +442,10 @@ impl Image {
                 }
                 let last = &plans[end - 1];
                 let src = (p.guest + p.lo_w - g) as usize..(last.guest + last.hi_w - g) as usize;
-                let permit = meta.gate.permit_data(host + p.lo_w, src.len() as u64)?;
+                let permit = meta
+                    .gate
+                    .permit_data(host + p.lo_w, src.len() as u64)?
+                    .for_guest(p.guest + p.lo_w);
                 writes.push(PendingWrite::Caller { permit, src });
                 i = end;
                 continue;
@@ -455,7 +458,10 @@ impl Image {
             let tail = (p.hi_w - lo) as usize;
             self.fill_old(meta, p, p.hi_w, hi, &mut buf[tail..])?;
             buf[(p.lo_w - lo) as usize..(p.hi_w - lo) as usize].copy_from_slice(src);
-            let permit = meta.gate.permit_data(host + lo, buf.len() as u64)?;
+            let permit = meta
+                .gate
+                .permit_data(host + lo, buf.len() as u64)?
+                .for_guest(p.guest + lo);
             writes.push(PendingWrite::Cow { permit, buf });
         }
         Ok(())
@@ -474,7 +480,10 @@ impl Image {
         for p in plans {
             let host = p.host.unwrap_or(0);
             let (lo, hi) = self.cow_range(p);
-            let permit = meta.gate.permit_data(host + p.lo_w, p.hi_w - p.lo_w)?;
+            let permit = meta
+                .gate
+                .permit_data(host + p.lo_w, p.hi_w - p.lo_w)?
+                .for_guest(p.guest + p.lo_w);
             writes.push(PendingWrite::Outside { permit });
             if self.fast_path(meta, p, (lo, hi)) {
                 continue;
@@ -483,7 +492,10 @@ impl Image {
                 if from < to {
                     let mut buf = vec![0u8; (to - from) as usize];
                     self.fill_old(meta, p, from, to, &mut buf)?;
-                    let permit = meta.gate.permit_data(host + from, to - from)?;
+                    let permit = meta
+                        .gate
+                        .permit_data(host + from, to - from)?
+                        .for_guest(p.guest + from);
                     writes.push(PendingWrite::Cow { permit, buf });
                 }
             }
@@ -680,9 +692,11 @@ impl Image {
                         geom.extended_l2,
                         unit,
                     ) {
-                        crate::format::entry::SubclusterState::Data(h) => {
-                            self.data.read(dst, h + (pos & (unit - 1)))?
-                        }
+                        crate::format::entry::SubclusterState::Data(h) => self.data.read_guest(
+                            dst,
+                            h + (pos & (unit - 1)),
+                            Some(p.guest + pos),
+                        )?,
                         crate::format::entry::SubclusterState::Unallocated => {
                             self.read_backing(dst, p.guest + pos)?
                         }

@@ -60,12 +60,21 @@ impl FileReader {
 pub(crate) struct DataPermit {
     host: u64,
     len: u64,
+    /// The guest offset of the range's first byte, where the caller knows
+    /// it (the legacy `aes` encryption derives its IVs from it).
+    guest: Option<u64>,
 }
 
 impl DataPermit {
     /// First host byte of the permitted range.
     pub fn host(&self) -> u64 {
         self.host
+    }
+
+    /// The same permit, for guest data at guest offset `guest`.
+    pub fn for_guest(mut self, guest: u64) -> Self {
+        self.guest = Some(guest);
+        self
     }
 }
 
@@ -109,6 +118,9 @@ pub(crate) struct DataTarget {
     /// back, each 512-byte sector with the IV of its host offset (QEMU's
     /// `crypt_physical_offset` for LUKS). Requests must be whole sectors.
     crypto: Option<Arc<SectorCipher>>,
+    /// IVs from host offsets (LUKS); otherwise from guest offsets (the
+    /// legacy `aes` format), which every request must then name.
+    physical: bool,
 }
 
 /// Bytes of the thread's encryption buffer kept between requests.
@@ -144,11 +156,21 @@ fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
     })
 }
 
-/// The sector of host offset `host` for an encrypted request of `len`
-/// bytes, which must be whole sectors.
-fn crypt_sector(host: u64, len: usize) -> Result<u64> {
-    let sector = host / SECTOR;
-    if !host.is_multiple_of(SECTOR) || !(len as u64).is_multiple_of(SECTOR) {
+/// The first IV sector of an encrypted request of `len` bytes at host
+/// offset `host` (guest offset `guest`, if known): the host sector with
+/// physical IVs, else the guest sector. Requests must be whole sectors.
+fn crypt_sector(physical: bool, host: u64, guest: Option<u64>, len: usize) -> Result<u64> {
+    let at = if physical {
+        host
+    } else {
+        guest.ok_or_else(|| {
+            Error::Internal(format!(
+                "encrypted data request at host offset {host:#x} without its guest offset"
+            ))
+        })?
+    };
+    let sector = at / SECTOR;
+    if !at.is_multiple_of(SECTOR) || !(len as u64).is_multiple_of(SECTOR) {
         return Err(crate::crypto::CryptoError::Unaligned {
             sector,
             len: len as u64,
@@ -179,10 +201,11 @@ impl DataTarget {
         self.crypto.is_some()
     }
 
-    /// Reads guest data at host offset `offset` (decrypted).
-    pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+    /// Reads guest data at host offset `offset`, guest offset `guest`
+    /// (decrypted).
+    pub fn read_guest(&self, buf: &mut [u8], offset: u64, guest: Option<u64>) -> Result<()> {
         let sector = match &self.crypto {
-            Some(_) => Some(crypt_sector(offset, buf.len())?),
+            Some(_) => Some(crypt_sector(self.physical, offset, guest, buf.len())?),
             None => None,
         };
         self.file
@@ -220,10 +243,11 @@ impl DataTarget {
         &self,
         c: &SectorCipher,
         bufs: &[std::io::IoSlice<'_>],
-        host: u64,
+        permit: &DataPermit,
         len: usize,
     ) -> Result<()> {
-        let sector = crypt_sector(host, len)?;
+        let host = permit.host;
+        let sector = crypt_sector(self.physical, host, permit.guest, len)?;
         with_scratch(len, |scratch| {
             let mut at = 0usize;
             for b in bufs {
@@ -248,7 +272,7 @@ impl DataTarget {
     pub fn write(&self, permit: DataPermit, buf: &[u8]) -> Result<()> {
         self.check_permit(&permit, buf.len() as u64)?;
         if let Some(c) = &self.crypto {
-            return self.write_encrypted(c, &[std::io::IoSlice::new(buf)], permit.host, buf.len());
+            return self.write_encrypted(c, &[std::io::IoSlice::new(buf)], &permit, buf.len());
         }
         self.file
             .write_at(buf, permit.host)
@@ -260,7 +284,7 @@ impl DataTarget {
     pub fn read_vectored(&self, bufs: &mut [std::io::IoSliceMut<'_>], offset: u64) -> Result<()> {
         if let Some(c) = &self.crypto {
             let len: usize = bufs.iter().map(|b| b.len()).sum();
-            let sector = crypt_sector(offset, len)?;
+            let sector = crypt_sector(self.physical, offset, None, len)?;
             return with_scratch(len, |scratch| {
                 self.file
                     .read_at(scratch, offset)
@@ -303,7 +327,7 @@ impl DataTarget {
         }
         if let (Some(c), Some(t)) = (&self.crypto, total) {
             let len = usize::try_from(t).map_err(|_| Error::Internal("write length".into()))?;
-            return self.write_encrypted(c, bufs, permit.host, len);
+            return self.write_encrypted(c, bufs, &permit, len);
         }
         self.file
             .write_vectored_at(bufs, permit.host)
@@ -313,7 +337,7 @@ impl DataTarget {
     /// Passes a discard of `[offset, offset + len)` down (best effort: a
     /// guest discard of clusters that keep their mapping).
     pub fn discard(&self, _permit: DataPermit) -> Result<()> {
-        let DataPermit { host, len } = _permit;
+        let DataPermit { host, len, .. } = _permit;
         self.file
             .discard(host, len)
             .map_err(|e| Error::io(IoOp::Write, host, e))
@@ -353,6 +377,7 @@ impl WriteGate {
             file: file.clone(),
             external: false,
             crypto: None,
+            physical: true,
         };
         WriteGate {
             file,
@@ -369,13 +394,16 @@ impl WriteGate {
             file,
             external: true,
             crypto: self.data.crypto.clone(),
+            physical: self.data.physical,
         };
     }
 
     /// Guest data is encrypted with `cipher` from now on (an encrypted
-    /// image opened with its key).
-    pub fn set_crypto(&mut self, cipher: Arc<SectorCipher>) {
+    /// image opened with its key), with IVs from host offsets (`physical`,
+    /// LUKS) or guest offsets (the legacy `aes` format).
+    pub fn set_crypto(&mut self, cipher: Arc<SectorCipher>, physical: bool) {
         self.data.crypto = Some(cipher);
+        self.data.physical = physical;
     }
 
     /// Reads `buf.len()` bytes of the image file at `offset`.
@@ -508,8 +536,15 @@ impl WriteGate {
     }
 
     /// Writes guest data (under the metadata lock) to the data target.
+    #[cfg(test)]
     pub fn write_data(&mut self, buf: &[u8], offset: u64) -> Result<()> {
         let permit = self.permit_data(offset, buf.len() as u64)?;
+        self.data.write(permit, buf)
+    }
+
+    /// [`WriteGate::write_data`] of guest data at guest offset `guest`.
+    pub fn write_data_guest(&mut self, buf: &[u8], offset: u64, guest: u64) -> Result<()> {
+        let permit = self.permit_data(offset, buf.len() as u64)?.for_guest(guest);
         self.data.write(permit, buf)
     }
 
@@ -524,7 +559,11 @@ impl WriteGate {
             self.check(host, len, 0)?;
             self.note_end(host.saturating_add(len));
         }
-        Ok(DataPermit { host, len })
+        Ok(DataPermit {
+            host,
+            len,
+            guest: None,
+        })
     }
 
     /// Sets the image file's length (the known end follows).

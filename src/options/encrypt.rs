@@ -146,8 +146,8 @@ impl EncryptOptions {
     /// `'encrypt.format' and its alias 'encryption' can't be used at the
     /// same time`; `Parameter 'X' does not accept value 'V'` for unknown
     /// formats, algorithms, modes, IV generators and hashes; a bad
-    /// `iter-time`; [`CryptoError`]s for the legacy `aes` format and
-    /// algorithms qcow2kit does not implement, a missing `key-secret`
+    /// `iter-time`; the legacy `aes` format (not created); [`CryptoError`]s
+    /// for algorithms qcow2kit does not implement, a missing `key-secret`
     /// (`Parameter 'encrypt.key-secret' is required for cipher`), an unknown
     /// secret, a secret that is not UTF-8.
     pub fn resolve(&self, secrets: &SecretStore) -> crate::Result<Option<LuksToCreate>> {
@@ -176,10 +176,11 @@ impl EncryptOptions {
         match format {
             "luks" => {}
             "aes" => {
-                return Err(CryptoError::Unsupported(
-                    "creating images in the legacy 'aes' format (use encrypt.format=luks)".into(),
-                )
-                .into())
+                return Err(crate::Error::InvalidArgument(
+                    "Creating images with the legacy AES-CBC encryption (encrypt.format=aes) \
+                     is not supported; use encrypt.format=luks"
+                        .into(),
+                ))
             }
             other => {
                 return Err(invalid(OptionError::BadEnumValue {
