@@ -237,6 +237,10 @@ pub enum Error {
         /// QEMU's message for the event.
         msg: String,
     },
+    /// A key or cipher problem of an encrypted image (wrong password, missing
+    /// secret, unsupported cipher): QEMU's text.
+    #[error("{0}")]
+    Crypto(#[from] crate::crypto::CryptoError),
     /// A compressed cluster's data could not be decompressed to one cluster.
     #[error("could not decompress the cluster at host offset {offset:#x}: {reason}")]
     Decompress {
@@ -475,6 +479,7 @@ impl Error {
             Error::InvalidArgument(_)
             | Error::RefcountOverflow { .. }
             | Error::EncryptionKeyRequired
+            | Error::Crypto(_)
             | Error::BackingLoop { .. }
             | Error::BackingChainTooDeep { .. } => "Invalid argument".into(),
             Error::TooLarge(_) => "File too large".into(),

@@ -36,6 +36,7 @@ pub mod check;
 #[doc(hidden)]
 pub mod cli_support;
 mod compress;
+pub mod crypto;
 pub mod error;
 pub mod events;
 pub mod export;

@@ -32,6 +32,14 @@ use super::{be_u16, be_u32, FormatError, FormatErrorKind, Structure};
 pub const LUKS_HEADER_LEN: usize = 592;
 /// Number of key slots of a LUKS1 header.
 pub const LUKS_NUM_KEY_SLOTS: usize = 8;
+/// Length of the master key digest.
+pub const LUKS_DIGEST_LEN: usize = 20;
+/// Length of the salts (master key digest, key slots).
+pub const LUKS_SALT_LEN: usize = 32;
+/// The anti-forensic stripe count of every key slot (QEMU requires it).
+pub const LUKS_STRIPES: u32 = STRIPES;
+/// LUKS sectors are 512 bytes (key material offsets, the payload offset).
+pub const LUKS_SECTOR_SIZE: u64 = SECTOR_SIZE;
 
 const MAGIC: &[u8; 6] = b"LUKS\xba\xbe";
 const VERSION: u16 = 1;
@@ -49,6 +57,8 @@ const HASH_SPEC: usize = 72;
 const STRING_LEN: usize = 32;
 const PAYLOAD_OFFSET: usize = 104;
 const KEY_BYTES: usize = 108;
+const MK_DIGEST: usize = 112;
+const MK_SALT: usize = 132;
 const MASTER_KEY_ITERS: usize = 164;
 const UUID: usize = 168;
 const UUID_LEN: usize = 40;
@@ -66,6 +76,8 @@ pub struct LuksKeySlot {
     pub key_offset: u64,
     /// Anti-forensic stripes (always 4000 in a header that decodes).
     pub stripes: u32,
+    /// PBKDF2 salt of the slot's key.
+    pub salt: [u8; LUKS_SALT_LEN],
 }
 
 /// A validated LUKS1 header, with its algorithm names resolved to QEMU's
@@ -93,6 +105,10 @@ pub struct LuksHeader {
     pub uuid: String,
     /// The eight key slots.
     pub slots: [LuksKeySlot; LUKS_NUM_KEY_SLOTS],
+    /// PBKDF2 digest of the master key (checks a candidate master key).
+    pub master_key_digest: [u8; LUKS_DIGEST_LEN],
+    /// PBKDF2 salt of the master key digest.
+    pub master_key_salt: [u8; LUKS_SALT_LEN],
 }
 
 /// QEMU's `QCryptoHashAlgo` names and digest lengths.
@@ -380,6 +396,13 @@ impl LuksHeader {
             check_essiv_cipher(cipher_alg, hash)?;
         }
 
+        let bytes = |pos: usize| {
+            let mut out = [0u8; LUKS_SALT_LEN];
+            if let Some(src) = buf.get(pos..pos + LUKS_SALT_LEN) {
+                out.copy_from_slice(src);
+            }
+            out
+        };
         let slots = std::array::from_fn(|i| {
             let (state, iterations, start, stripes) = raw_slot(i);
             LuksKeySlot {
@@ -387,8 +410,13 @@ impl LuksHeader {
                 iterations,
                 key_offset: u64::from(start) * SECTOR_SIZE,
                 stripes,
+                salt: bytes(SLOTS + i * SLOT_LEN + 8),
             }
         });
+        let mut master_key_digest = [0u8; LUKS_DIGEST_LEN];
+        if let Some(src) = buf.get(MK_DIGEST..MK_DIGEST + LUKS_DIGEST_LEN) {
+            master_key_digest.copy_from_slice(src);
+        }
         Ok(LuksHeader {
             cipher_alg,
             cipher_mode,
@@ -400,9 +428,102 @@ impl LuksHeader {
             master_key_iters,
             uuid: c_str(field(UUID, UUID_LEN)),
             slots,
+            master_key_digest,
+            master_key_salt: bytes(MK_SALT),
         })
     }
+
+    /// The cipher name as the header stores it (`aes` for `aes-256`).
+    pub fn cipher_name(&self) -> &'static str {
+        CIPHERS
+            .iter()
+            .find(|(_, sizes)| sizes.iter().any(|&(_, n)| n == self.cipher_alg))
+            .map_or("", |(name, _)| *name)
+    }
+
+    /// Encodes the header (the 592 bytes [`LuksHeader::decode`] reads):
+    /// QEMU's spellings of the cipher mode (`xts-plain64`,
+    /// `cbc-essiv:sha256`), disabled slots as `0x0000dead`.
+    ///
+    /// # Errors
+    /// A name that does not fit its 31-byte field, a payload or key
+    /// material offset that is not a whole number of sectors or does not
+    /// fit 32 bits.
+    pub fn encode(&self) -> Result<[u8; LUKS_HEADER_LEN], FormatError> {
+        let mut b = [0u8; LUKS_HEADER_LEN];
+        let put = |b: &mut [u8; LUKS_HEADER_LEN], pos: usize, src: &[u8]| {
+            if let Some(dst) = b.get_mut(pos..pos + src.len()) {
+                dst.copy_from_slice(src);
+            }
+        };
+        let sectors = |bytes: u64, what: &str| -> Result<[u8; 4], FormatError> {
+            if !bytes.is_multiple_of(SECTOR_SIZE) {
+                return Err(invalid(format!("{what} is not a whole number of sectors")));
+            }
+            u32::try_from(bytes / SECTOR_SIZE)
+                .map(u32::to_be_bytes)
+                .map_err(|_| invalid(format!("{what} is too large")))
+        };
+        let mode = match self.ivgen_hash_alg {
+            Some(h) => format!("{}-{}:{h}", self.cipher_mode, self.ivgen_alg),
+            None => format!("{}-{}", self.cipher_mode, self.ivgen_alg),
+        };
+        for (pos, text, len) in [
+            (CIPHER_NAME, self.cipher_name(), STRING_LEN),
+            (CIPHER_MODE, mode.as_str(), STRING_LEN),
+            (HASH_SPEC, self.hash_alg, STRING_LEN),
+            (UUID, self.uuid.as_str(), UUID_LEN),
+        ] {
+            if text.len() >= len {
+                return Err(invalid(format!("LUKS header field '{text}' is too long")));
+            }
+            put(&mut b, pos, text.as_bytes());
+        }
+        put(&mut b, 0, MAGIC);
+        put(&mut b, 6, &VERSION.to_be_bytes());
+        put(
+            &mut b,
+            PAYLOAD_OFFSET,
+            &sectors(self.payload_offset, "payload offset")?,
+        );
+        put(&mut b, KEY_BYTES, &self.master_key_len.to_be_bytes());
+        put(&mut b, MK_DIGEST, &self.master_key_digest);
+        put(&mut b, MK_SALT, &self.master_key_salt);
+        put(
+            &mut b,
+            MASTER_KEY_ITERS,
+            &self.master_key_iters.to_be_bytes(),
+        );
+        for (i, slot) in self.slots.iter().enumerate() {
+            let base = SLOTS + i * SLOT_LEN;
+            let state = if slot.active {
+                SLOT_ENABLED
+            } else {
+                SLOT_DISABLED
+            };
+            put(&mut b, base, &state.to_be_bytes());
+            put(&mut b, base + 4, &slot.iterations.to_be_bytes());
+            put(&mut b, base + 8, &slot.salt);
+            put(
+                &mut b,
+                base + 40,
+                &sectors(slot.key_offset, "key material offset")?,
+            );
+            put(&mut b, base + 44, &slot.stripes.to_be_bytes());
+        }
+        Ok(b)
+    }
 }
+
+/// Bytes of one key slot's (anti-forensically split) key material, rounded
+/// up to whole 4 KiB as QEMU lays it out
+/// (`qcrypto_block_luks_splitkeylen_sectors`), in bytes.
+pub fn key_material_len(master_key_len: u32) -> u64 {
+    u64::from(splitkey_sectors(master_key_len, STRIPES)) * SECTOR_SIZE
+}
+
+/// The first byte of key material, after the fixed header.
+pub const LUKS_KEY_SLOT_OFFSET: u64 = KEY_SLOT_OFFSET;
 
 #[cfg(test)]
 mod tests {
@@ -465,6 +586,25 @@ mod tests {
         assert_eq!(h.slots[0].key_offset, 4096);
         assert_eq!(h.slots[7].key_offset, 1_810_432);
         assert!(!h.slots[7].active);
+    }
+
+    #[test]
+    fn encode_is_the_inverse_of_decode() {
+        let mut b = qemu_like();
+        // Salts and the digest survive too.
+        b[MK_DIGEST..MK_DIGEST + 20].fill(0x11);
+        b[MK_SALT..MK_SALT + 32].fill(0x22);
+        b[SLOTS + 8..SLOTS + 40].fill(0x33);
+        let h = LuksHeader::decode(&b).unwrap();
+        assert_eq!(h.encode().unwrap().to_vec(), b);
+        set_str(&mut b, CIPHER_MODE, b"cbc-essiv:sha256");
+        set32(&mut b, KEY_BYTES, 16);
+        let h = LuksHeader::decode(&b).unwrap();
+        assert_eq!(h.cipher_name(), "aes");
+        assert_eq!(h.encode().unwrap().to_vec(), b);
+        let mut odd = h.clone();
+        odd.payload_offset += 1;
+        assert!(odd.encode().is_err(), "not whole sectors");
     }
 
     #[test]

@@ -166,7 +166,7 @@ impl Image {
         // and cannot be handed out again: no lock is needed to fill them.
         self.file
             .debug_event(crate::storage::BlkdebugEvent::WriteCompressed);
-        let r = self.data.write(permit, &c.bytes);
+        let r = self.data.write_unencrypted(permit, &c.bytes);
         let mut meta = self.meta.write().map_err(|_| Error::PreviousIoFailed)?;
         meta.in_flight.remove(&cluster);
         self.notify_in_flight();

@@ -9,7 +9,7 @@ use crate::format::consts::*;
 use crate::format::header::{Header, HeaderExtension};
 use crate::format::{put_be_u64, refcount};
 use crate::image::Image;
-use crate::options::{Compat, CompressionType, CreateOptions, Preallocation};
+use crate::options::{Compat, CompressionType, CreateOptions, LuksToCreate, Preallocation};
 use crate::storage::{FileStorage, LockRequest, Locking, Storage};
 use crate::types::{Geometry, RefcountGeometry};
 use std::path::Path;
@@ -72,7 +72,10 @@ pub fn build_header(opts: &CreateOptions, size: u64) -> Result<Header> {
 /// # Errors
 /// Invalid options, I/O errors.
 pub fn create_on(file: Arc<dyn Storage>, opts: &CreateOptions, size: u64) -> Result<()> {
-    create_with(file, None, None, opts, size)
+    opts.validate()
+        .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    let luks = opts.encrypt.resolve(opts.get_secrets())?;
+    create_with(file, None, None, opts, size, luks.as_ref())
 }
 
 fn create_with(
@@ -81,6 +84,7 @@ fn create_with(
     path: Option<&Path>,
     opts: &CreateOptions,
     size: u64,
+    luks: Option<&LuksToCreate>,
 ) -> Result<()> {
     let size = sector_aligned(size);
     let prealloc = opts.effective_preallocation();
@@ -126,7 +130,7 @@ fn create_with(
     }
     file.flush().map_err(|e| Error::io(IoOp::Flush, 0, e))?;
     if h.size != size || prealloc != Preallocation::Off {
-        let img = Image::open_created(file.clone(), data, path.map(Path::to_path_buf))?;
+        let img = Image::open_created(file.clone(), data.clone(), path.map(Path::to_path_buf))?;
         // Like QEMU's creation (BDRV_O_NO_FLUSH): no syncs until the end.
         img.set_no_flush(true)?;
         img.truncate(size, prealloc)?;
@@ -134,7 +138,72 @@ fn create_with(
         img.close()?;
         file.flush().map_err(|e| Error::io(IoOp::Flush, 0, e))?;
     }
+    if let Some(l) = luks {
+        set_up_luks(&file, data, path, cs, l)?;
+    }
     Ok(())
+}
+
+/// QEMU's `qcow2_set_up_encryption` on the new image: formats a LUKS volume
+/// (random master key, slot 0 keyed with the passphrase), writes it to
+/// clusters the allocator gives (after the L1 table, zero-filled first),
+/// then sets `crypt_method` 2 and the full disk encryption header
+/// extension with one header write.
+fn set_up_luks(
+    file: &Arc<dyn Storage>,
+    data: Option<Arc<dyn Storage>>,
+    path: Option<&Path>,
+    cs: u64,
+    l: &LuksToCreate,
+) -> Result<()> {
+    let formatted = crate::crypto::luks::format(&l.spec, l.password.as_bytes())?;
+    let img = Image::open_created(file.clone(), data, path.map(Path::to_path_buf))?;
+    let offset = img.write_luks_volume(&formatted)?;
+    img.close()?;
+    // The header, now naming the volume: one write of cluster 0.
+    let len = file.len().map_err(|e| Error::io(IoOp::Read, 0, e))?.min(cs);
+    let mut head = vec![0u8; usize::try_from(len).unwrap_or(0)];
+    file.read_at(&mut head, 0)
+        .map_err(|e| Error::io(IoOp::Read, 0, e))?;
+    let mut h = Header::decode(&head)?;
+    h.crypt_method = CRYPT_LUKS;
+    h.extensions.push(HeaderExtension::Crypto {
+        offset,
+        length: formatted.len,
+    });
+    h.normalize()?;
+    let buf = h.encode_into_cluster(cs)?;
+    file.write_at(&buf, 0)
+        .map_err(|e| Error::io(IoOp::Write, 0, e))?;
+    file.flush().map_err(|e| Error::io(IoOp::Flush, 0, e))
+}
+
+impl Image {
+    /// Allocates clusters for the LUKS volume `f`, zero-fills them and
+    /// writes its header and slot 0's key material (through the write gate);
+    /// returns the volume's host offset. The refcounts reach the file first.
+    fn write_luks_volume(&self, f: &crate::crypto::luks::LuksFormatted) -> Result<u64> {
+        let cs = self.geom.cluster_size;
+        let n = f.len.div_ceil(cs);
+        let mut meta = self.lock()?;
+        let offset = meta.alloc_clusters(n)?;
+        meta.flush_all(true)?;
+        let total =
+            usize::try_from(n * cs).map_err(|_| Error::Internal("LUKS volume size".into()))?;
+        let mut buf = vec![0u8; total];
+        let header = f.header.encode()?;
+        buf[..header.len()].copy_from_slice(&header);
+        let at = usize::try_from(f.header.slots[0].key_offset)
+            .map_err(|_| Error::Internal("LUKS key offset".into()))?;
+        let material = buf
+            .get_mut(at..at + f.key_material.len())
+            .ok_or_else(|| Error::Internal("LUKS key material past the volume".into()))?;
+        material.copy_from_slice(&f.key_material);
+        meta.gate.write(&buf, offset, None)?;
+        zeroize::Zeroize::zeroize(&mut buf);
+        meta.gate.sync_image()?;
+        Ok(offset)
+    }
 }
 
 /// `size` rounded up to whole 512-byte sectors, as `qemu-img create` does
@@ -167,6 +236,8 @@ pub fn create(path: &Path, opts: &CreateOptions, size: u64) -> Result<()> {
             "Image size given twice: {size} bytes and {given} bytes in the options"
         )));
     }
+    // Before any file is touched: a key problem leaves nothing behind.
+    let luks = opts.encrypt.resolve(opts.get_secrets())?;
     let nocow = opts.nocow.unwrap_or(false);
     let new_only = opts.create_new;
     let f = create_file(path, nocow, new_only)?;
@@ -191,7 +262,7 @@ pub fn create(path: &Path, opts: &CreateOptions, size: u64) -> Result<()> {
         }
         None => None,
     };
-    create_with(Arc::new(f), data, Some(path), opts, size)
+    create_with(Arc::new(f), data, Some(path), opts, size, luks.as_ref())
 }
 
 /// Opens (or creates; with `new_only` only creates) `path`, locks it for creation, then empties it and

@@ -49,6 +49,7 @@ use std::sync::{Arc, Condvar, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 pub mod amend;
 mod compressed;
 pub mod create;
+mod crypt;
 pub mod measure;
 pub use compressed::CompressedCluster;
 mod open;
@@ -152,9 +153,13 @@ pub struct Image {
     dirty_repair: Option<crate::repair::CheckReport>,
     /// The image is encrypted and no key was given (only an inspection
     /// open gets this far): every guest data request is refused.
-    encrypted: bool,
-    /// The LUKS header of a LUKS image opened for inspection.
+    no_key: bool,
+    /// The LUKS header of a LUKS image.
     luks: Option<Box<crate::format::luks::LuksHeader>>,
+    /// Writes of an encrypted image: shared for whole-sector writes,
+    /// exclusive for the read-modify-write of partial sectors (see
+    /// `image/crypt.rs`).
+    crypt_rmw: RwLock<()>,
 }
 
 impl std::fmt::Debug for Image {
@@ -240,15 +245,23 @@ impl Image {
         self.backing.as_ref()
     }
 
-    /// Whether the image is encrypted (`crypt_method` 1 or 2). Such a handle
-    /// comes only from [`Image::open_for_info`] and refuses guest data
-    /// requests with [`Error::EncryptionKeyRequired`].
+    /// Whether the image is encrypted (`crypt_method` 1 or 2). Opened with
+    /// its key ([`OpenOptions::key_secret`]) such a handle reads and writes
+    /// plaintext; opened for inspection without one
+    /// ([`Image::open_for_info`]) it refuses guest data requests with
+    /// [`Error::EncryptionKeyRequired`] ([`Image::has_key`] tells which).
     pub fn is_encrypted(&self) -> bool {
-        self.encrypted
+        self.header().crypt_method != 0
     }
 
-    /// The validated LUKS header of a LUKS image opened with
-    /// [`Image::open_for_info`]; `None` otherwise.
+    /// Whether guest data can be read and written: the image is not
+    /// encrypted, or it was opened with its key.
+    pub fn has_key(&self) -> bool {
+        !self.no_key
+    }
+
+    /// The validated LUKS header of a LUKS image (opened with its key or
+    /// with [`Image::open_for_info`]); `None` otherwise.
     pub fn luks_header(&self) -> Option<&crate::format::luks::LuksHeader> {
         self.luks.as_deref()
     }
@@ -387,7 +400,7 @@ impl Image {
         }
         // Without a key no guest data may be read or written: every data
         // path takes this lock first.
-        if self.encrypted {
+        if self.no_key {
             return Err(Error::EncryptionKeyRequired);
         }
         self.lock_open()
@@ -400,7 +413,7 @@ impl Image {
         if self.closed.load(Ordering::SeqCst) {
             return Err(Error::Closed);
         }
-        if self.encrypted {
+        if self.no_key {
             return Err(Error::EncryptionKeyRequired);
         }
         if self.gone.load(Ordering::SeqCst) {
@@ -586,6 +599,9 @@ impl Image {
     /// writable, see [`Event::ImageCorrupted`]); I/O errors;
     /// `Error::MediumGone` after a fatal corruption event.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        if self.data.is_encrypted() && !crypt::sector_aligned(offset, buf.len() as u64) {
+            return self.read_unaligned_encrypted(buf, offset);
+        }
         // Built on the mapping API: translate (a prefix), then do the I/O
         // with the clusters held valid by the mapping.
         let mut done = 0usize;
@@ -597,7 +613,7 @@ impl Image {
                 let at = (e.guest - offset) as usize;
                 let chunk = &mut buf[at..at + e.len as usize];
                 r = match e.kind {
-                    Extent::Data { host } => self.data.read(chunk, host),
+                    Extent::Data { host } => self.data.read_guest(chunk, host, Some(e.guest)),
                     Extent::Zero { .. } => {
                         chunk.fill(0);
                         Ok(())

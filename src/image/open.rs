@@ -225,7 +225,7 @@ impl Image {
         // A dirty image opened read-write is repaired before use (below).
         let repair_dirty =
             header.incompatible_features & INCOMPAT_DIRTY != 0 && !read_only && !repair;
-        let luks = check_encryption(&header, &*file, mode)?;
+        let (luks, cipher) = check_encryption(&header, &*file, mode, opts)?;
         let geom = Geometry::new(header.cluster_bits, header.is_extended_l2());
         let external_data = header.incompatible_features & INCOMPAT_DATA_FILE != 0;
         opts.check_image_version(header.version)
@@ -318,6 +318,9 @@ impl Image {
             }
             None
         };
+        if let Some((c, physical)) = cipher.clone() {
+            meta.gate.set_crypto(c, physical);
+        }
         let data = meta.gate.data().clone();
         let reader = meta.gate.reader();
 
@@ -329,7 +332,8 @@ impl Image {
         } else {
             open_backing_chain(&meta.header, path.as_deref(), opts, mode.no_io)?
         };
-        let encrypted = meta.header.crypt_method != 0;
+        // Encrypted and no key: an inspection handle, refusing guest data.
+        let no_key = meta.header.crypt_method != 0 && cipher.is_none();
         let image = Image {
             path,
             storage: file,
@@ -349,8 +353,9 @@ impl Image {
             opts: opts.clone(),
             geom,
             dirty_repair: None,
-            encrypted,
+            no_key,
             luks,
+            crypt_rmw: RwLock::new(()),
         };
         if !repair_dirty {
             return Ok(image);
@@ -466,7 +471,9 @@ fn open_backing_chain(
     let mut seen: Vec<(u64, u64)> = top.and_then(file_id).into_iter().collect();
     // Storages a resolver returned, by identity (a loop returns one again).
     let mut seen_storages: Vec<usize> = Vec::new();
-    let bopts = opts.clone().read_only(true);
+    // A backing file names its own key (QEMU's `backing.encrypt.*`), never
+    // the top image's.
+    let bopts = opts.clone().read_only(true).without_key();
     // The backing images opened so far, top first, and their paths.
     let mut images: Vec<Image> = Vec::new();
     let mut paths: Vec<PathBuf> = Vec::new();
@@ -581,39 +588,120 @@ fn open_backing_chain(
     Ok(tail)
 }
 
-/// QEMU's refusal to open an encrypted image without a key, and for an
-/// inspection open ([`OpenMode::no_io`]) of a LUKS image, its LUKS header.
+/// What [`check_encryption`] found: the LUKS header (for `info`) and, when
+/// the image was opened with its key, the payload cipher.
+/// The cipher comes with whether its IVs follow host offsets (LUKS) or
+/// guest offsets (the legacy `aes` format).
+type Encryption = (
+    Option<Box<LuksHeader>>,
+    Option<(Arc<crate::crypto::SectorCipher>, bool)>,
+);
+
+/// The encryption of the image at open, in QEMU's order
+/// (`qcow2_update_options_prepare`, then `qcrypto_block_luks_open`):
+/// `encrypt.format` against the header, the missing key
+/// (`Parameter 'encrypt.key-secret' is required for cipher`), the secret
+/// lookup, the LUKS header, then the key slots. An inspection open
+/// ([`OpenMode::no_io`]) needs no key and only reads the LUKS header.
 ///
-/// This is the one place where the missing key is decided: when keys are
-/// supported, a key given in the options (`encrypt.key-secret`) lets the
-/// open go on and sets up the cipher here.
+/// This is the one place where a key is turned into a cipher.
 fn check_encryption(
     header: &Header,
     file: &dyn Storage,
     mode: OpenMode,
-) -> Result<Option<Box<LuksHeader>>> {
-    if header.crypt_method == 0 {
-        return Ok(None);
+    opts: &OpenOptions,
+) -> Result<Encryption> {
+    use crate::crypto::CryptoError;
+    let format = match header.crypt_method {
+        0 => {
+            if let Some(f) = opts.get_encrypt_format() {
+                return Err(Error::InvalidArgument(format!(
+                    "No encryption in image header, but options specified format '{f}'"
+                )));
+            }
+            return Ok((None, None));
+        }
+        CRYPT_LUKS => "luks",
+        _ => "aes",
+    };
+    if let Some(f) = opts.get_encrypt_format() {
+        if f != format {
+            return Err(CryptoError::FormatMismatch {
+                header: format,
+                options: f.to_owned(),
+            }
+            .into());
+        }
     }
     let crypto = header.crypto_header();
-    if !mode.no_io {
-        if header.crypt_method == CRYPT_LUKS && crypto.is_none() {
+    if mode.no_io {
+        // QEMU reads the LUKS header only through the extension's range.
+        let Some((offset, length)) = crypto else {
+            return Ok((None, None));
+        };
+        return Ok((
+            Some(Box::new(read_luks_header(file, offset, length)?)),
+            None,
+        ));
+    }
+    if header.crypt_method == CRYPT_LUKS && crypto.is_none() {
+        return Err(crate::format::FormatError::invalid(
+            crate::format::Structure::HeaderExtension,
+            None,
+            format!(
+                "Missing CRYPTO header for crypt method {}",
+                header.crypt_method
+            ),
+        )
+        .into());
+    }
+    let Some(id) = opts.get_key_secret() else {
+        return Err(Error::EncryptionKeyRequired);
+    };
+    let secret = opts
+        .get_secrets()
+        .get(id)
+        .ok_or_else(|| CryptoError::SecretNotFound { id: id.to_owned() })?;
+    let password = secret.as_utf8(id)?;
+    let Some((offset, length)) = crypto else {
+        // The legacy `aes` format (crypt_method 1): QEMU's
+        // `qcrypto_block_qcow_init`, the first 16 bytes of the password
+        // (zero-padded) as an AES-128-CBC key, `plain64` IVs of guest
+        // sectors. There is no key check: a wrong password reads noise.
+        let mut key = zeroize::Zeroizing::new([0u8; 16]);
+        let pw = password.as_bytes();
+        let n = pw.len().min(16);
+        key[..n].copy_from_slice(&pw[..n]);
+        let spec = crate::crypto::CipherSpec {
+            cipher_alg: "aes-128",
+            cipher_mode: "cbc",
+            ivgen_alg: "plain64",
+            ivgen_hash_alg: None,
+        };
+        let cipher = crate::crypto::SectorCipher::new(&spec, &key[..])?;
+        return Ok((None, Some((Arc::new(cipher), false))));
+    };
+    let luks = read_luks_header(file, offset, length)?;
+    let mut read = |at: u64, buf: &mut [u8]| -> Result<()> {
+        // QEMU's `qcow2_crypto_hdr_read_func`: only inside the extension.
+        let end = at.checked_add(buf.len() as u64);
+        if end.is_none_or(|e| e > length) {
             return Err(crate::format::FormatError::invalid(
-                crate::format::Structure::HeaderExtension,
-                None,
-                format!(
-                    "Missing CRYPTO header for crypt method {}",
-                    header.crypt_method
-                ),
+                crate::format::Structure::LuksHeader,
+                Some(offset.saturating_add(at)),
+                "Request for data outside of extension header",
             )
             .into());
         }
-        return Err(Error::EncryptionKeyRequired);
-    }
-    // QEMU reads the LUKS header only through the extension's range.
-    let Some((offset, length)) = crypto else {
-        return Ok(None);
+        read_file(file, buf, offset + at)
     };
+    let cipher = crate::crypto::luks::unlock(&luks, password.as_bytes(), &mut read)?;
+    Ok((Some(Box::new(luks)), Some((Arc::new(cipher), true))))
+}
+
+/// Reads and validates the LUKS header at host `offset` (the extension
+/// names `length` bytes).
+fn read_luks_header(file: &dyn Storage, offset: u64, length: u64) -> Result<LuksHeader> {
     let len = crate::format::luks::LUKS_HEADER_LEN;
     let mut buf = vec![0u8; len];
     if length >= len as u64 {
@@ -621,11 +709,10 @@ fn check_encryption(
     } else {
         buf.truncate(0);
     }
-    let luks = LuksHeader::decode(&buf).map_err(|mut e| {
+    LuksHeader::decode(&buf).map_err(|mut e| {
         e.offset = Some(offset);
-        e
-    })?;
-    Ok(Some(Box::new(luks)))
+        e.into()
+    })
 }
 
 /// `open(2)` of `path` failed.

@@ -101,6 +101,10 @@ impl Image {
     /// # }
     /// ```
     ///
+    /// On an encrypted image the data extents hold ciphertext (each 512-byte
+    /// sector encrypted with the IV of its host offset): read guest data with
+    /// [`Image::read_at`] there.
+    ///
     /// # Errors
     /// As [`Image::read_at`] (out of range, corrupt tables, I/O errors
     /// reading them, a disabled handle).

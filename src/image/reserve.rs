@@ -240,9 +240,17 @@ impl Image {
     /// ```
     ///
     /// # Errors
-    /// As [`Image::write_at`].
+    /// As [`Image::write_at`]; [`crate::crypto::CryptoError::Unsupported`] on an
+    /// encrypted image (the caller's own I/O would write plaintext).
     pub fn reserve_write(&self, offset: u64, len: u64) -> Result<WriteReservation<'_>> {
         self.writable()?;
+        if self.data.is_encrypted() {
+            // The caller would write plaintext where ciphertext belongs.
+            return Err(crate::crypto::CryptoError::Unsupported(
+                "writes through reserve_write (the caller's own I/O)".into(),
+            )
+            .into());
+        }
         if len > 0 {
             if let Some((meta, permit, n)) = self.in_place_shared(offset, len, offset, len)? {
                 return self.reserve_in_place(meta, permit, offset, n);

@@ -186,6 +186,9 @@ impl Image {
                 size: self.size(),
             });
         };
+        if self.data.is_encrypted() {
+            return self.read_vectored_encrypted(bufs, offset, len);
+        }
         // Built on the mapping API: one translation per up to
         // MAX_READ_EXTENTS runs, the I/O under the mapping's ticket.
         let mut done = 0u64;
@@ -278,6 +281,9 @@ impl Image {
                 size: self.size(),
             });
         };
+        if self.data.is_encrypted() {
+            return self.write_vectored_encrypted(bufs, offset, len);
+        }
         let cb = self.geom.cluster_bits;
         let mut done = 0u64;
         while done < len {

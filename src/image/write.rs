@@ -57,6 +57,20 @@ impl Image {
     /// the handle disabled), `Error::Corrupt`, I/O errors.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.writable()?;
+        if self.data.is_encrypted() {
+            if !super::crypt::sector_aligned(offset, buf.len() as u64) {
+                return self.write_unaligned_encrypted(buf, offset);
+            }
+            let _shared = self.crypt_rmw.read().map_err(|_| Error::PreviousIoFailed)?;
+            return self.write_sectors(buf, offset);
+        }
+        self.write_sectors(buf, offset)
+    }
+
+    /// [`Image::write_at`] without the widening of an encrypted image's
+    /// request to whole sectors (done by the caller).
+    pub(super) fn write_sectors(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.writable()?;
         let mut done = 0usize;
         while done < buf.len() {
             let g = offset + done as u64;
@@ -239,7 +253,7 @@ impl Image {
         // Overlap-checked when data lives in the image file; the write may
         // extend the file (a cluster whose tail was never written), so the
         // known end covers it from here on.
-        let permit = meta.gate.permit_data(host0, run)?;
+        let permit = meta.gate.permit_data(host0, run)?.for_guest(g);
         Ok(InPlaceRun::Run { permit, len: run })
     }
 
@@ -429,7 +443,10 @@ impl Image {
                 }
                 let last = &plans[end - 1];
                 let src = (p.guest + p.lo_w - g) as usize..(last.guest + last.hi_w - g) as usize;
-                let permit = meta.gate.permit_data(host + p.lo_w, src.len() as u64)?;
+                let permit = meta
+                    .gate
+                    .permit_data(host + p.lo_w, src.len() as u64)?
+                    .for_guest(p.guest + p.lo_w);
                 writes.push(PendingWrite::Caller { permit, src });
                 i = end;
                 continue;
@@ -442,7 +459,10 @@ impl Image {
             let tail = (p.hi_w - lo) as usize;
             self.fill_old(meta, p, p.hi_w, hi, &mut buf[tail..])?;
             buf[(p.lo_w - lo) as usize..(p.hi_w - lo) as usize].copy_from_slice(src);
-            let permit = meta.gate.permit_data(host + lo, buf.len() as u64)?;
+            let permit = meta
+                .gate
+                .permit_data(host + lo, buf.len() as u64)?
+                .for_guest(p.guest + lo);
             writes.push(PendingWrite::Cow { permit, buf });
         }
         Ok(())
@@ -461,7 +481,10 @@ impl Image {
         for p in plans {
             let host = p.host.unwrap_or(0);
             let (lo, hi) = self.cow_range(p);
-            let permit = meta.gate.permit_data(host + p.lo_w, p.hi_w - p.lo_w)?;
+            let permit = meta
+                .gate
+                .permit_data(host + p.lo_w, p.hi_w - p.lo_w)?
+                .for_guest(p.guest + p.lo_w);
             writes.push(PendingWrite::Outside { permit });
             if self.fast_path(meta, p, (lo, hi)) {
                 continue;
@@ -470,7 +493,10 @@ impl Image {
                 if from < to {
                     let mut buf = vec![0u8; (to - from) as usize];
                     self.fill_old(meta, p, from, to, &mut buf)?;
-                    let permit = meta.gate.permit_data(host + from, to - from)?;
+                    let permit = meta
+                        .gate
+                        .permit_data(host + from, to - from)?
+                        .for_guest(p.guest + from);
                     writes.push(PendingWrite::Cow { permit, buf });
                 }
             }
@@ -558,8 +584,11 @@ impl Image {
     /// cover reads as zero.
     fn fast_path(&self, meta: &Meta, p: &ClusterPlan, (lo, hi): (u64, u64)) -> bool {
         let covers = p.lo_w == lo && p.hi_w == hi;
+        // An encrypted cluster's unwritten bytes would decrypt to noise,
+        // not zeroes: it is always written whole.
         covers
             || (!meta.efmt.external_data
+                && !self.data.is_encrypted()
                 && p.host.is_some_and(|host| host + lo >= meta.gate.file_end())
                 && self.old_reads_zero(p, lo))
     }
@@ -668,9 +697,11 @@ impl Image {
                         geom.extended_l2,
                         unit,
                     ) {
-                        crate::format::entry::SubclusterState::Data(h) => {
-                            self.data.read(dst, h + (pos & (unit - 1)))?
-                        }
+                        crate::format::entry::SubclusterState::Data(h) => self.data.read_guest(
+                            dst,
+                            h + (pos & (unit - 1)),
+                            Some(p.guest + pos),
+                        )?,
                         crate::format::entry::SubclusterState::Unallocated => {
                             self.read_backing(dst, p.guest + pos)?
                         }

@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use super::overlap_map::{Overlap, OverlapChecker};
+use crate::crypto::SectorCipher;
 
 /// Offset of `incompatible_features` in the header.
 const INCOMPATIBLE_FEATURES_OFFSET: u64 = 72;
@@ -64,12 +65,21 @@ impl FileReader {
 pub(crate) struct DataPermit {
     host: u64,
     len: u64,
+    /// The guest offset of the range's first byte, where the caller knows
+    /// it (the legacy `aes` encryption derives its IVs from it).
+    guest: Option<u64>,
 }
 
 impl DataPermit {
     /// First host byte of the permitted range.
     pub fn host(&self) -> u64 {
         self.host
+    }
+
+    /// The same permit, for guest data at guest offset `guest`.
+    pub fn for_guest(mut self, guest: u64) -> Self {
+        self.guest = Some(guest);
+        self
     }
 }
 
@@ -108,7 +118,74 @@ impl DataFile {
 pub(crate) struct DataTarget {
     file: Arc<Tracked>,
     external: bool,
+    /// The payload cipher of an encrypted image opened with its key: guest
+    /// data is encrypted on the way to the file and decrypted on the way
+    /// back, each 512-byte sector with the IV of its host offset (QEMU's
+    /// `crypt_physical_offset` for LUKS). Requests must be whole sectors.
+    crypto: Option<Arc<SectorCipher>>,
+    /// IVs from host offsets (LUKS); otherwise from guest offsets (the
+    /// legacy `aes` format), which every request must then name.
+    physical: bool,
 }
+
+/// Bytes of the thread's encryption buffer kept between requests.
+const SCRATCH_KEEP: usize = 2 << 20;
+
+thread_local! {
+    /// Each thread's buffer for encrypting a write (the caller's buffer is
+    /// read-only) and for gathering a vectored read: one per thread, reused,
+    /// so no request allocates once it has grown.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on the thread's scratch buffer, `len` bytes long.
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut v) => {
+            if v.len() < len {
+                v.resize(len, 0);
+            }
+            let r = f(v.get_mut(..len).unwrap_or_default());
+            // Guest data does not linger in the buffer.
+            if let Some(used) = v.get_mut(..len) {
+                zeroize::Zeroize::zeroize(used);
+            }
+            if v.len() > SCRATCH_KEEP {
+                v.truncate(SCRATCH_KEEP);
+                v.shrink_to_fit();
+            }
+            r
+        }
+        // Re-entered (not expected): a buffer of its own.
+        Err(_) => f(&mut vec![0u8; len]),
+    })
+}
+
+/// The first IV sector of an encrypted request of `len` bytes at host
+/// offset `host` (guest offset `guest`, if known): the host sector with
+/// physical IVs, else the guest sector. Requests must be whole sectors.
+fn crypt_sector(physical: bool, host: u64, guest: Option<u64>, len: usize) -> Result<u64> {
+    let at = if physical {
+        host
+    } else {
+        guest.ok_or_else(|| {
+            Error::Internal(format!(
+                "encrypted data request at host offset {host:#x} without its guest offset"
+            ))
+        })?
+    };
+    let sector = at / SECTOR;
+    if !at.is_multiple_of(SECTOR) || !(len as u64).is_multiple_of(SECTOR) {
+        return Err(crate::crypto::CryptoError::Unaligned {
+            sector,
+            len: len as u64,
+        }
+        .into());
+    }
+    Ok(sector)
+}
+
+const SECTOR: u64 = crate::crypto::cipher::SECTOR_SIZE as u64;
 
 impl DataTarget {
     /// The external data file, if guest data lives in one.
@@ -124,11 +201,72 @@ impl DataTarget {
         self.file.mark_changed();
     }
 
-    /// Reads guest data at host offset `offset`.
-    pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+    /// Whether guest data is encrypted (requests must be whole sectors).
+    pub fn is_encrypted(&self) -> bool {
+        self.crypto.is_some()
+    }
+
+    /// Reads guest data at host offset `offset`, guest offset `guest`
+    /// (decrypted).
+    pub fn read_guest(&self, buf: &mut [u8], offset: u64, guest: Option<u64>) -> Result<()> {
+        let sector = match &self.crypto {
+            Some(_) => Some(crypt_sector(self.physical, offset, guest, buf.len())?),
+            None => None,
+        };
         self.file
             .read_at(buf, offset)
-            .map_err(|e| Error::io(IoOp::Read, offset, e))
+            .map_err(|e| Error::io(IoOp::Read, offset, e))?;
+        if let (Some(c), Some(sector)) = (&self.crypto, sector) {
+            c.decrypt(buf, sector)?;
+        }
+        Ok(())
+    }
+
+    /// Writes `buf` at the start of `permit`'s range as it is, never
+    /// encrypted: compressed clusters, which QEMU stores unencrypted even
+    /// in an encrypted image.
+    pub fn write_unencrypted(&self, permit: DataPermit, buf: &[u8]) -> Result<()> {
+        self.check_permit(&permit, buf.len() as u64)?;
+        self.file
+            .write_at(buf, permit.host)
+            .map_err(|e| Error::io(IoOp::Write, permit.host, e))
+    }
+
+    fn check_permit(&self, permit: &DataPermit, len: u64) -> Result<()> {
+        if len > permit.len {
+            return Err(Error::InvalidArgument(format!(
+                "data write of {len} bytes at {:#x} exceeds its permit of {} bytes",
+                permit.host, permit.len
+            )));
+        }
+        Ok(())
+    }
+
+    /// Encrypts `bufs` (gathered) into the thread's scratch buffer and
+    /// writes them at `host`.
+    fn write_encrypted(
+        &self,
+        c: &SectorCipher,
+        bufs: &[std::io::IoSlice<'_>],
+        permit: &DataPermit,
+        len: usize,
+    ) -> Result<()> {
+        let host = permit.host;
+        let sector = crypt_sector(self.physical, host, permit.guest, len)?;
+        with_scratch(len, |scratch| {
+            let mut at = 0usize;
+            for b in bufs {
+                let end = at + b.len();
+                if let Some(dst) = scratch.get_mut(at..end) {
+                    dst.copy_from_slice(b);
+                }
+                at = end;
+            }
+            c.encrypt(scratch, sector)?;
+            self.file
+                .write_at(scratch, host)
+                .map_err(|e| Error::io(IoOp::Write, host, e))
+        })
     }
 
     /// Writes `buf` at the start of `permit`'s range (at most its length).
@@ -137,13 +275,9 @@ impl DataTarget {
     /// `Error::InvalidArgument` if `buf` is longer than the permit (a bug,
     /// reported rather than written); I/O errors.
     pub fn write(&self, permit: DataPermit, buf: &[u8]) -> Result<()> {
-        if buf.len() as u64 > permit.len {
-            return Err(Error::InvalidArgument(format!(
-                "data write of {} bytes at {:#x} exceeds its permit of {} bytes",
-                buf.len(),
-                permit.host,
-                permit.len
-            )));
+        self.check_permit(&permit, buf.len() as u64)?;
+        if let Some(c) = &self.crypto {
+            return self.write_encrypted(c, &[std::io::IoSlice::new(buf)], &permit, buf.len());
         }
         self.file
             .write_at(buf, permit.host)
@@ -153,6 +287,23 @@ impl DataTarget {
     /// Reads guest data at host offset `offset` into `bufs`, one after the
     /// other (one `preadv` on a file).
     pub fn read_vectored(&self, bufs: &mut [std::io::IoSliceMut<'_>], offset: u64) -> Result<()> {
+        if let Some(c) = &self.crypto {
+            let len: usize = bufs.iter().map(|b| b.len()).sum();
+            let sector = crypt_sector(self.physical, offset, None, len)?;
+            return with_scratch(len, |scratch| {
+                self.file
+                    .read_at(scratch, offset)
+                    .map_err(|e| Error::io(IoOp::Read, offset, e))?;
+                c.decrypt(scratch, sector)?;
+                let mut at = 0usize;
+                for b in bufs.iter_mut() {
+                    let end = at + b.len();
+                    b.copy_from_slice(scratch.get(at..end).unwrap_or_default());
+                    at = end;
+                }
+                Ok(())
+            });
+        }
         let r = match bufs {
             [one] => self.file.read_at(one, offset),
             _ => self.file.read_vectored_at(bufs, offset),
@@ -179,6 +330,10 @@ impl DataTarget {
                 permit.host, permit.len
             )));
         }
+        if let (Some(c), Some(t)) = (&self.crypto, total) {
+            let len = usize::try_from(t).map_err(|_| Error::Internal("write length".into()))?;
+            return self.write_encrypted(c, bufs, &permit, len);
+        }
         self.file
             .write_vectored_at(bufs, permit.host)
             .map_err(|e| Error::io(IoOp::Write, permit.host, e))
@@ -187,7 +342,7 @@ impl DataTarget {
     /// Passes a discard of `[offset, offset + len)` down (best effort: a
     /// guest discard of clusters that keep their mapping).
     pub fn discard(&self, _permit: DataPermit) -> Result<()> {
-        let DataPermit { host, len } = _permit;
+        let DataPermit { host, len, .. } = _permit;
         self.file
             .discard(host, len)
             .map_err(|e| Error::io(IoOp::Write, host, e))
@@ -226,6 +381,8 @@ impl WriteGate {
         let data = DataTarget {
             file: file.clone(),
             external: false,
+            crypto: None,
+            physical: true,
         };
         WriteGate {
             file,
@@ -241,7 +398,17 @@ impl WriteGate {
         self.data = DataTarget {
             file,
             external: true,
+            crypto: self.data.crypto.clone(),
+            physical: self.data.physical,
         };
+    }
+
+    /// Guest data is encrypted with `cipher` from now on (an encrypted
+    /// image opened with its key), with IVs from host offsets (`physical`,
+    /// LUKS) or guest offsets (the legacy `aes` format).
+    pub fn set_crypto(&mut self, cipher: Arc<SectorCipher>, physical: bool) {
+        self.data.crypto = Some(cipher);
+        self.data.physical = physical;
     }
 
     /// Reads `buf.len()` bytes of the image file at `offset`.
@@ -381,8 +548,15 @@ impl WriteGate {
     }
 
     /// Writes guest data (under the metadata lock) to the data target.
+    #[cfg(test)]
     pub fn write_data(&mut self, buf: &[u8], offset: u64) -> Result<()> {
         let permit = self.permit_data(offset, buf.len() as u64)?;
+        self.data.write(permit, buf)
+    }
+
+    /// [`WriteGate::write_data`] of guest data at guest offset `guest`.
+    pub fn write_data_guest(&mut self, buf: &[u8], offset: u64, guest: u64) -> Result<()> {
+        let permit = self.permit_data(offset, buf.len() as u64)?.for_guest(guest);
         self.data.write(permit, buf)
     }
 
@@ -397,7 +571,11 @@ impl WriteGate {
             self.check(host, len, 0)?;
             self.note_end(host.saturating_add(len));
         }
-        Ok(DataPermit { host, len })
+        Ok(DataPermit {
+            host,
+            len,
+            guest: None,
+        })
     }
 
     /// Sets the image file's length (the known end follows).

@@ -111,6 +111,12 @@ pub(crate) fn load(
         super::snapshots::register_snapshots(&*file, &header, &snapshots, &mut checker, file_len)?;
         snapshots
     };
+    // The LUKS header and key material (QEMU has no overlap class for them;
+    // a guest write there would destroy every key slot): protected with the
+    // main header.
+    if header.crypt_method == crate::format::consts::CRYPT_LUKS {
+        checker.set_crypto_header(header.crypto_header());
+    }
     if header.autoclear_features & AUTOCLEAR_BITMAPS != 0 {
         checker.set_bitmap_directory(Some(match header.bitmaps() {
             Some(b) => (b.bitmap_directory_offset, b.bitmap_directory_size),

@@ -18,6 +18,9 @@ pub struct OverlapChecker {
     refcount_table: Option<(u64, u64)>,
     snapshot_table: Option<(u64, u64)>,
     bitmap_directory: Option<(u64, u64)>,
+    /// The LUKS header clusters of an encrypted image (checked with the
+    /// main header).
+    crypto_header: Option<(u64, u64)>,
     /// start -> end of each snapshot L1 table (refcounted by how many snapshots share it).
     inactive_l1: BTreeMap<u64, (u64, u32)>,
     active_l2: HashSet<u64>,
@@ -65,6 +68,17 @@ impl OverlapChecker {
     /// Sets the snapshot table range.
     pub fn set_snapshot_table(&mut self, offset: u64, bytes: u64) {
         self.snapshot_table = (bytes > 0).then(|| (offset, offset.saturating_add(bytes)));
+    }
+
+    /// Sets the LUKS header range `(offset, length)` named by the full disk
+    /// encryption header extension. QEMU's overlap check has no class for it
+    /// (only its refcounts keep it from being reallocated); here a write
+    /// into it is refused as one into the main header would be, since it
+    /// would destroy the key slots and with them every byte of guest data.
+    pub fn set_crypto_header(&mut self, range: Option<(u64, u64)>) {
+        self.crypto_header = range
+            .filter(|&(_, len)| len > 0)
+            .map(|(o, len)| (o, o.saturating_add(len)));
     }
 
     /// Sets the bitmap directory range (QEMU checks it even when empty if the
@@ -154,6 +168,9 @@ impl OverlapChecker {
         // Widen to whole clusters, as QEMU does.
         let start = offset & !(cs - 1);
         let end = offset.saturating_add(size).saturating_add(cs - 1) & !(cs - 1);
+        if on(MetadataKind::MainHeader) && overlaps(start, end, self.crypto_header) {
+            return hit(MetadataKind::MainHeader);
+        }
         if on(MetadataKind::ActiveL1) && overlaps(start, end, self.active_l1) {
             return hit(MetadataKind::ActiveL1);
         }
@@ -225,6 +242,7 @@ impl OverlapChecker {
         let mut until = next;
         for (kind, range) in [
             (MetadataKind::MainHeader, Some((0, cs))),
+            (MetadataKind::MainHeader, self.crypto_header),
             (MetadataKind::ActiveL1, self.active_l1),
             (MetadataKind::RefcountTable, self.refcount_table),
             (MetadataKind::SnapshotTable, self.snapshot_table),
@@ -283,6 +301,13 @@ mod tests {
         );
         c.remove_active_l2(0x40000);
         assert_eq!(c.check(0x40000, 512, 0).map(|h| h.kind), None);
+        // The LUKS header clusters count as the main header.
+        c.set_crypto_header(Some((0xb0000, 0x1f9000)));
+        let k = |o| c.check(o, 512, 0).map(|h| h.kind);
+        assert_eq!(k(0xb0000), Some(MetadataKind::MainHeader));
+        assert_eq!(k(0x2a8e00), Some(MetadataKind::MainHeader));
+        assert_eq!(k(0x2b0000), None);
+        assert_eq!(c.protected_until(0xc0000), Some(0x2b0000));
     }
 
     #[test]

@@ -223,6 +223,11 @@ pub struct CreateOptions {
     /// fails with an I/O error of kind `AlreadyExists` and leaves it alone.
     /// Off by default, as `qemu-img create` truncates an existing file.
     pub create_new: bool,
+    /// `encryption` / `encrypt.*`, as given (resolved at creation with
+    /// [`CreateOptions::secrets`]).
+    pub encrypt: super::EncryptOptions,
+    /// The secrets `encrypt.key-secret` may name.
+    pub(crate) secrets: crate::crypto::SecretStore,
     /// Other values as given, keyed by qemu-img option name (`preallocation`,
     /// `compression_type`, `lazy_refcounts`, `extended_l2`, `data_file_raw`, `nocow`,
     /// `refcount_bits`).
@@ -272,8 +277,47 @@ impl CreateOptions {
             preallocation_given: false,
             nocow: None,
             create_new: false,
+            encrypt: super::EncryptOptions::default(),
+            secrets: crate::crypto::SecretStore::new(),
             spellings: BTreeMap::new(),
         }
+    }
+
+    /// The secrets `encrypt.key-secret` may name (QEMU's `--object
+    /// secret,...`).
+    ///
+    /// ```
+    /// use qcow2kit::crypto::{Secret, SecretStore};
+    /// use qcow2kit::{CreateOptions, Image, OpenOptions};
+    ///
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// let mut secrets = SecretStore::new();
+    /// secrets.insert("sec0", Secret::new("passphrase"));
+    /// let opts = CreateOptions::from_qemu_str(
+    ///     "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+    /// )?
+    /// .secrets(secrets.clone());
+    /// let path = dir.path().join("secret.qcow2");
+    /// qcow2kit::create::create(&path, &opts, 1 << 20)?;
+    ///
+    /// let img = Image::open(&path, &OpenOptions::new().secrets(secrets).key_secret("sec0"))?;
+    /// img.write_at(b"hello", 0)?;
+    /// let mut back = [0u8; 5];
+    /// img.read_at(&mut back, 0)?;
+    /// assert_eq!(&back, b"hello");
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn secrets(mut self, secrets: crate::crypto::SecretStore) -> Self {
+        self.secrets = secrets;
+        self
+    }
+
+    /// The secret store.
+    pub fn get_secrets(&self) -> &crate::crypto::SecretStore {
+        &self.secrets
     }
 
     /// Parses a `-o` string over the defaults (see [`CreateOptions::apply_qemu_str`]).
@@ -446,8 +490,8 @@ impl CreateOptions {
     /// [`OptionError::InvalidParameter`] for an unknown key, [`OptionError::BadSize`] /
     /// [`OptionError::SizeOutOfRange`] (`size`, `cluster_size`), [`OptionError::BadNumber`] /
     /// [`OptionError::NumberTooLarge`] (`refcount_bits`), [`OptionError::BadBool`],
-    /// [`OptionError::EncryptionUnsupported`] (`encryption`, `encrypt.*`),
-    /// [`OptionError::InvalidOptionList`]. All of these come without a `Formatting` line.
+    /// [`OptionError::InvalidOptionList`]. (`encryption` and `encrypt.*` are kept as given in
+    /// [`CreateOptions::encrypt`] and checked at creation.) All of these come without a `Formatting` line.
     pub fn apply_qemu_str(&mut self, s: &str) -> Result<(), OptionError> {
         let pairs = split_option_string(s)?;
         let mut next = self.clone();
@@ -520,11 +564,7 @@ impl CreateOptions {
                 parse_bool_onoff(key, value)?;
             }
             _ if keys == CreateKeys::DriverOnly && key.starts_with("encrypt.") => {}
-            _ if key == "encryption" || key.starts_with("encrypt.") => {
-                return Err(OptionError::EncryptionUnsupported {
-                    option: key.to_owned(),
-                })
-            }
+            _ if self.encrypt.apply(key, value)? => {}
             _ => {
                 return Err(OptionError::InvalidParameter {
                     option: key.to_owned(),
@@ -630,7 +670,7 @@ impl CreateOptions {
     /// numbers as signed 64-bit decimals (QEMU's `PRId64`), booleans and strings as spelled,
     /// commas in strings doubled.
     pub fn formatting_line(&self, filename: &str) -> String {
-        let mut items: Vec<(&str, String)> = Vec::new();
+        let mut items: Vec<(&str, String)> = self.encrypt.formatting_items();
         items.push(("cluster_size", (self.cluster_size as i64).to_string()));
         items.push((
             "extended_l2",

@@ -95,10 +95,19 @@ fn create_parse_errors() {
         "Value '99999999999999999999' is too large for parameter 'refcount_bits'"
     );
     assert_eq!(err(","), "Invalid option list: ,");
-    assert!(matches!(
-        CreateOptions::from_qemu_str("encryption=on"),
-        Err(OptionError::EncryptionUnsupported { .. })
+    // Encryption options are kept as given and echoed first, in QEMU's order.
+    let e = CreateOptions::from_qemu_str(
+        "encrypt.iter-time=10,encrypt.key-secret=k,encrypt.format=luks",
+    )
+    .unwrap();
+    assert!(e.encrypt.is_requested());
+    assert!(e.formatting_line("e.qcow2").starts_with(
+        "Formatting 'e.qcow2', fmt=qcow2 encrypt.format=luks encrypt.key-secret=k encrypt.iter-time=10 cluster_size=65536"
     ));
+    assert_eq!(
+        err("encryption=maybe"),
+        "Parameter 'encryption' expects 'on' or 'off'"
+    );
     // Stops at the first error, in order, and leaves self unchanged.
     assert_eq!(
         err("bogus=1,lazy_refcounts=maybe"),

@@ -124,6 +124,13 @@ pub enum OptionError {
         /// The option as given.
         option: String,
     },
+    /// open: an `encrypt.*` option LUKS does not take at open (`cipher-alg`,
+    /// ...): QEMU's text names it without the prefix.
+    #[error("Parameter '{option}' is unexpected")]
+    UnexpectedParameter {
+        /// The option without `encrypt.`.
+        option: String,
+    },
     /// create: extended L2 entries with clusters smaller than 16 KiB.
     #[error("Extended L2 entries are only supported with cluster sizes of at least 16384 bytes")]
     ExtendedL2ClusterSize,
@@ -341,6 +348,7 @@ impl OptionError {
             | E::NumberTooLarge { option, .. }
             | E::SizeOutOfRange { option, .. }
             | E::UnknownOverlapFlag { option }
+            | E::UnexpectedParameter { option }
             | E::UnsupportedOption { option } => option,
             E::CacheCleanIntervalTooBig | E::CacheCleanIntervalUnsupported => {
                 "cache-clean-interval"

@@ -70,6 +70,9 @@ pub struct OpenOptions {
     data_file_backend: Option<crate::storage::BackendSpec>,
     backing_backend: Option<BackingBackend>,
     load_snapshot: Option<String>,
+    secrets: crate::crypto::SecretStore,
+    key_secret: Option<String>,
+    encrypt_format: Option<String>,
 }
 
 impl Default for OpenOptions {
@@ -125,6 +128,9 @@ impl OpenOptions {
             data_file_backend: None,
             backing_backend: None,
             load_snapshot: None,
+            secrets: crate::crypto::SecretStore::new(),
+            key_secret: None,
+            encrypt_format: None,
         }
     }
 
@@ -253,6 +259,34 @@ impl OpenOptions {
     #[must_use]
     pub fn load_snapshot(mut self, id_or_name: impl Into<String>) -> Self {
         self.load_snapshot = Some(id_or_name.into());
+        self
+    }
+
+    /// The secrets `encrypt.key-secret` may name (QEMU's `--object secret,...`).
+    /// The same store is used for the backing files (each names its own key).
+    #[must_use]
+    pub fn secrets(mut self, secrets: crate::crypto::SecretStore) -> Self {
+        self.secrets = secrets;
+        self
+    }
+
+    /// The id of the secret holding the image's key: the LUKS passphrase
+    /// (`encrypt.key-secret`). Without it an encrypted image refuses to open
+    /// for I/O (`Parameter 'encrypt.key-secret' is required for cipher`).
+    ///
+    /// ```
+    /// use qcow2kit::crypto::{Secret, SecretStore};
+    /// use qcow2kit::OpenOptions;
+    ///
+    /// let mut secrets = SecretStore::new();
+    /// secrets.insert("sec0", Secret::new("abc"));
+    /// let opts = OpenOptions::new().secrets(secrets).key_secret("sec0");
+    /// assert_eq!(opts.get_key_secret(), Some("sec0"));
+    /// assert!(!format!("{opts:?}").contains("abc")); // secrets never show
+    /// ```
+    #[must_use]
+    pub fn key_secret(mut self, id: impl Into<String>) -> Self {
+        self.key_secret = Some(id.into());
         self
     }
 
@@ -508,6 +542,29 @@ impl OpenOptions {
         self.load_snapshot.as_deref()
     }
 
+    /// These options without `encrypt.key-secret`/`encrypt.format` (for
+    /// backing files, which take their own).
+    pub(crate) fn without_key(mut self) -> Self {
+        self.key_secret = None;
+        self.encrypt_format = None;
+        self
+    }
+
+    /// The secret store.
+    pub fn get_secrets(&self) -> &crate::crypto::SecretStore {
+        &self.secrets
+    }
+
+    /// `encrypt.key-secret`.
+    pub fn get_key_secret(&self) -> Option<&str> {
+        self.key_secret.as_deref()
+    }
+
+    /// `encrypt.format` (`luks` or `aes`), if given: the image must match.
+    pub fn get_encrypt_format(&self) -> Option<&str> {
+        self.encrypt_format.as_deref()
+    }
+
     /// `pass-discard-other`.
     pub fn get_pass_discard_other(&self) -> bool {
         self.pass_discard_other
@@ -627,7 +684,8 @@ impl OpenOptions {
     /// ([`OptionError::BadBool`], [`OptionError::BadSize`], [`OptionError::SizeOutOfRange`],
     /// [`OptionError::BadNumber`], [`OptionError::NumberTooLarge`],
     /// [`OptionError::BadErrorAction`], [`OptionError::InvalidNodeName`],
-    /// [`OptionError::NodeNameTooLong`], [`OptionError::EncryptionUnsupported`]), overlap
+    /// [`OptionError::NodeNameTooLong`], [`OptionError::UnexpectedParameter`] for `encrypt.*`
+    /// other than `encrypt.key-secret` and `encrypt.format`), overlap
     /// errors ([`OptionError::OverlapConflict`], [`OptionError::OverlapMode`]),
     /// [`OptionError::UnsupportedOption`] / [`OptionError::UnknownOverlapFlag`] for unknown keys,
     /// [`OptionError::InvalidOptionList`].
@@ -771,9 +829,12 @@ impl OpenOptions {
             "pass-discard-snapshot" => self.pass_discard_snapshot = bool_value()?,
             "pass-discard-other" => self.pass_discard_other = bool_value()?,
             "discard-no-unref" => self.discard_no_unref = bool_value()?,
+            "encrypt.key-secret" => self.key_secret = Some(value.to_owned()),
+            // Compared with the header at open, as QEMU does.
+            "encrypt.format" => self.encrypt_format = Some(value.to_owned()),
             _ if key.starts_with("encrypt.") => {
-                return Err(OptionError::EncryptionUnsupported {
-                    option: key.to_owned(),
+                return Err(OptionError::UnexpectedParameter {
+                    option: key.trim_start_matches("encrypt.").to_owned(),
                 })
             }
             _ => {

@@ -197,10 +197,13 @@ fn open_option_errors_match_qemu_io() {
         open_err("overlap-check.bogus=on"),
         "Block format 'qcow2' does not support the option 'overlap-check.bogus'"
     );
-    assert!(matches!(
-        OpenOptions::from_qemu_str("encrypt.key-secret=sec0"),
-        Err(OptionError::EncryptionUnsupported { .. })
-    ));
+    let o = OpenOptions::from_qemu_str("encrypt.key-secret=sec0,encrypt.format=luks").unwrap();
+    assert_eq!(o.get_key_secret(), Some("sec0"));
+    assert_eq!(o.get_encrypt_format(), Some("luks"));
+    assert_eq!(
+        open_err("encrypt.cipher-alg=aes-128"),
+        "Parameter 'cipher-alg' is unexpected"
+    );
     // QEMU's order (verified): driver first, then bad values, then overlap resolution,
     // then unknown keys.
     assert_eq!(open_err("bogus=1,driver=raw2"), "Unknown driver 'raw2'");

@@ -484,7 +484,8 @@ impl Image {
             }
             let mut buf = vec![0u8; len as usize];
             self.read_guest_locked(meta, m.offset + off, &mut buf)?;
-            meta.gate.write_data(&buf, m.alloc + off)?;
+            meta.gate
+                .write_data_guest(&buf, m.alloc + off, m.offset + off)?;
             meta.data_unsynced = true;
         }
         let t = self.table_for(meta, ctx, m.offset)?;
@@ -550,7 +551,7 @@ impl Image {
             let (ext, len) = meta.map_extent(g, (buf.len() - done) as u64)?;
             let chunk = &mut buf[done..done + len as usize];
             match ext {
-                Extent::Data { host } => self.data.read(chunk, host)?,
+                Extent::Data { host } => self.data.read_guest(chunk, host, Some(g))?,
                 Extent::Zero { .. } => chunk.fill(0),
                 Extent::Unallocated => self.read_backing(chunk, g)?,
                 Extent::Compressed { offset, len: clen } => {

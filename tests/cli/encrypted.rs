@@ -369,3 +369,331 @@ fn create_over_an_encrypted_backing_file_needs_no_key() {
         std::fs::remove_file(dir.join("new.qcow2")).unwrap();
     }
 }
+
+/// Copies every file of `from` into `to` (twins of the same images: LUKS
+/// keys are random, so each side must see the same bytes).
+fn copy_dir(from: &Path, to: &Path) {
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+#[test]
+fn keyed_io_and_check_match_qemu() {
+    if !have_qemu() {
+        return;
+    }
+    let (qd, od) = (scratch(), scratch());
+    let (q, o) = (qd.path(), od.path());
+    make_images(q);
+    copy_dir(q, o);
+    for img in ["luks.qcow2", "essiv.qcow2", "aes.qcow2"] {
+        let opts = format!("driver=qcow2,encrypt.key-secret=sec0,file.filename={img}");
+        let pre = ["--object", SECRET, "--image-opts"];
+        let r = io_twin(
+            q,
+            o,
+            &pre,
+            &[
+                "write -P 0x5a 0 64k",
+                "read -P 0x5a 0 64k",
+                "write -P 0x66 4k 1k",
+                "write -P 0x67 70000 333",
+                "read -P 0x66 4k 1k",
+                "read -P 0x67 70000 333",
+                "read -P 0 128k 64k",
+            ],
+            &[&opts],
+        );
+        assert_eq!(r.code, 0, "{img}: {r:?}");
+        // What each wrote reads back in the other.
+        for dir in [q, o] {
+            let r = qemu(
+                dir,
+                "qemu-io",
+                &io_args(
+                    &pre,
+                    &["read -P 0x67 70000 333", "read -P 0x5a 0 4k"],
+                    &[&opts],
+                ),
+            );
+            assert!(!r.out.contains("verification failed"), "{r:?}");
+            assert_eq!(r.code, 0, "{r:?}");
+        }
+        let check = ["check", "--object", SECRET, "--image-opts", &opts];
+        twins(q, o, "qemu-img", &[], &check);
+        let check_json = [&check[..], &["--output=json"]].concat();
+        twins(q, o, "qemu-img", &[], &check_json);
+        let r = ours_check(o, &check[1..]);
+        assert_eq!(r.code, 0, "{r:?}");
+        // Wrong password, missing secret, bad objects: qemu-io's messages.
+        for pre in [
+            vec!["--object", "secret,id=sec0,data=wrong", "--image-opts"],
+            vec!["--image-opts"],
+            vec!["--object", "secret,id=sec0", "--image-opts"],
+            vec!["--object", "secret,data=abc", "--image-opts"],
+            vec![
+                "--object",
+                "secret,id=sec0,data=a,format=hex",
+                "--image-opts",
+            ],
+            vec!["--object", "secret,id=sec0,data=a,file=b", "--image-opts"],
+            vec!["--object", "bogus,id=sec0", "--image-opts"],
+            vec!["--object", "secret,id=sec0,file=nosuch.txt", "--image-opts"],
+            vec![
+                "--object",
+                "secret,id=sec0,data=abc123,format=base64",
+                "--image-opts",
+            ],
+        ] {
+            let r = io_twin(q, o, &pre, &["read 0 4k"], &[&opts]);
+            // The legacy format has no key check: a wrong password opens
+            // (and reads noise) in QEMU as here.
+            let opens = img == "aes.qcow2" && pre.len() == 3 && pre[1].contains("wrong");
+            assert_eq!(r.code, i32::from(!opens), "{pre:?}: {r:?}");
+        }
+        let wrong = [
+            "check",
+            "--object",
+            "secret,id=s,data=wrong",
+            "--image-opts",
+        ];
+        let wrong_opts = opts.replace("sec0", "s");
+        twins(
+            q,
+            o,
+            "qemu-img",
+            &[],
+            &[&wrong[..], &[&wrong_opts]].concat(),
+        );
+    }
+    // The secret from a file, in base64.
+    std::fs::write(o.join("pw.b64"), "YWJjMTIz").unwrap();
+    let r = ours(
+        o,
+        &[
+            "io",
+            "--object",
+            "secret,id=s,file=pw.b64,format=base64",
+            "--image-opts",
+            "-c",
+            "read -P 0x5a 0 4k",
+            "driver=qcow2,encrypt.key-secret=s,file.filename=luks.qcow2",
+        ],
+    );
+    assert_eq!(r.code, 0, "{r:?}");
+}
+
+/// `info` without the values that differ on every creation (UUID,
+/// calibrated iteration counts) and the disk size.
+fn info_shape(s: &str) -> String {
+    without_disk_size(s)
+        .lines()
+        .map(|l| {
+            let t = l.trim_start();
+            for key in ["uuid: ", "iters: ", "master key iters: "] {
+                if t.starts_with(key) {
+                    return format!("{}{key}*", &l[..l.len() - t.len()]);
+                }
+            }
+            l.to_owned()
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// `qcow2-img create` of LUKS images (several ciphers) lays them out as
+/// `qemu-img create` does: `qemu-img info` of both reads the same apart
+/// from the random and calibrated values, both check clean, and the image
+/// we made takes writes in qemu-io and reads back here. Creation errors are
+/// QEMU's and leave no file.
+#[test]
+fn create_matches_qemu_img() {
+    if !have_qemu() {
+        return;
+    }
+    let (qd, od) = (scratch(), scratch());
+    let (q, o) = (qd.path(), od.path());
+    for (i, (extra, compat, size)) in [
+        ("", "1.1", "4M"),
+        ("", "0.10", "1G"),
+        (",encrypt.cipher-alg=aes-128,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv,encrypt.ivgen-hash-alg=sha256,encrypt.hash-alg=sha1", "1.1", "4M"),
+        (",encrypt.cipher-alg=aes-256,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=plain,encrypt.hash-alg=sha512", "1.1", "4M"),
+        (",encrypt.cipher-alg=aes-192,encrypt.hash-alg=sha1", "1.1", "4M"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        {
+            let name = format!("c{i}-{compat}.qcow2");
+            let o_opts = format!(
+                "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10,compat={compat}{extra}"
+            );
+            let args = [
+                "create", "--object", SECRET, "-f", "qcow2", "-o", &o_opts, &name, size,
+            ];
+            twins(q, o, "qemu-img", &[], &args);
+            let qi = qemu_ok(q, "qemu-img", &["info", &name]);
+            let oi = qemu_ok(o, "qemu-img", &["info", &name]);
+            assert_eq!(info_shape(&oi.out), info_shape(&qi.out), "{name}");
+            // Our info of our image equals qemu-img's.
+            let ours_info = ours(o, &["info", &name]);
+            assert_eq!(without_disk_size(&ours_info.out), without_disk_size(&oi.out));
+            // The same file length (the LUKS header clusters at the same place).
+            assert_eq!(
+                std::fs::metadata(o.join(&name)).unwrap().len(),
+                std::fs::metadata(q.join(&name)).unwrap().len(),
+                "{name}"
+            );
+            let opts = format!("driver=qcow2,encrypt.key-secret=sec0,file.filename={name}");
+            let r = qemu_ok(
+                o,
+                "qemu-io",
+                &io_args(
+                    &["--object", SECRET, "--image-opts"],
+                    &["write -P 0x3c 1000 70000", "read -P 0x3c 1000 70000"],
+                    &[&opts],
+                ),
+            );
+            assert!(!r.out.contains("verification failed"), "{r:?}");
+            let r = ours(
+                o,
+                &io_args(
+                    &["io", "--object", SECRET, "--image-opts"],
+                    &["read -P 0x3c 1000 70000", "read -P 0 71000 1000"],
+                    &[&opts],
+                ),
+            );
+            assert_eq!(r.code, 0, "{r:?}");
+            let r = qemu_ok(
+                o,
+                "qemu-img",
+                &["check", "--object", SECRET, "--image-opts", &opts],
+            );
+            assert!(r.out.contains("No errors were found"), "{r:?}");
+        }
+    }
+    // Errors: QEMU's text after the Formatting line, exit 1, no file.
+    for o_opts in [
+        "encrypt.format=luks,encrypt.iter-time=10",
+        "encrypt.format=luks,encrypt.key-secret=nosuch,encrypt.iter-time=10",
+        "encrypt.format=bogus,encrypt.key-secret=sec0",
+        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.cipher-alg=bogus",
+        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.cipher-mode=bogus",
+        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.hash-alg=bogus",
+        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10,encryption=on",
+        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=abc",
+    ] {
+        let args = [
+            "create",
+            "--object",
+            SECRET,
+            "-f",
+            "qcow2",
+            "-o",
+            o_opts,
+            "bad.qcow2",
+            "1M",
+        ];
+        let (qr, _) = twins(q, o, "qemu-img", &[], &args);
+        assert_eq!(qr.code, 1, "{o_opts}");
+        assert!(!o.join("bad.qcow2").exists(), "{o_opts}");
+    }
+}
+
+/// `convert` into and out of encrypted images: the same bytes as
+/// qemu-img's, QEMU's messages for a wrong or missing key, and no target
+/// file left by a failed conversion.
+#[test]
+fn convert_to_and_from_encrypted_images() {
+    if !have_qemu() {
+        return;
+    }
+    let (qd, od) = (scratch(), scratch());
+    let (q, o) = (qd.path(), od.path());
+    make_images(q);
+    copy_dir(q, o);
+    let src = "driver=qcow2,encrypt.key-secret=sec0,file.filename=luks.qcow2";
+    let args = [
+        "convert",
+        "--object",
+        SECRET,
+        "--image-opts",
+        src,
+        "-O",
+        "raw",
+        "plain.raw",
+    ];
+    twins(q, o, "qemu-img", &[], &args);
+    assert_eq!(
+        std::fs::read(o.join("plain.raw")).unwrap(),
+        std::fs::read(q.join("plain.raw")).unwrap()
+    );
+    // Into a new encrypted image (from the raw copy), read back by QEMU.
+    let args = [
+        "convert",
+        "--object",
+        SECRET,
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        "-o",
+        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+        "plain.raw",
+        "enc.qcow2",
+    ];
+    twins(q, o, "qemu-img", &[], &args);
+    let enc = "driver=qcow2,encrypt.key-secret=sec0,file.filename=enc.qcow2";
+    let back = [
+        "convert",
+        "--object",
+        SECRET,
+        "--image-opts",
+        enc,
+        "-O",
+        "raw",
+        "back.raw",
+    ];
+    qemu_ok(o, "qemu-img", &back);
+    assert_eq!(
+        std::fs::read(o.join("back.raw")).unwrap(),
+        std::fs::read(o.join("plain.raw")).unwrap()
+    );
+    let r = qemu_ok(
+        o,
+        "qemu-img",
+        &["check", "--object", SECRET, "--image-opts", enc],
+    );
+    assert!(r.out.contains("No errors were found"), "{r:?}");
+    // Failures: the same messages, no target left.
+    for args in [
+        vec![
+            "convert",
+            "--object",
+            "secret,id=sec0,data=wrong",
+            "--image-opts",
+            src,
+            "-O",
+            "raw",
+            "fail.raw",
+        ],
+        vec!["convert", "luks.qcow2", "-O", "raw", "fail.raw"],
+        vec![
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            "-o",
+            "encrypt.format=luks,encrypt.iter-time=10",
+            "plain.raw",
+            "fail.qcow2",
+        ],
+    ] {
+        let (qr, _) = twins(q, o, "qemu-img", &[], &args);
+        assert_eq!(qr.code, 1, "{args:?}");
+        assert!(!o.join("fail.raw").exists() && !o.join("fail.qcow2").exists());
+    }
+}

@@ -51,6 +51,7 @@ const CASES: &[Case] = &[
         options: &[
             "-h",
             "--help",
+            "--object",
             "--output",
             "-O",
             "-o",
@@ -70,6 +71,7 @@ const CASES: &[Case] = &[
         options: &[
             "-h",
             "--help",
+            "--object",
             "-f",
             "-F",
             "-T",
@@ -88,6 +90,7 @@ const CASES: &[Case] = &[
         options: &[
             "-h",
             "--help",
+            "--object",
             "-f",
             "--format",
             "-o",
@@ -110,6 +113,7 @@ const CASES: &[Case] = &[
         options: &[
             "-h",
             "--help",
+            "--object",
             "-f",
             "--format",
             "--output",
@@ -126,6 +130,7 @@ const CASES: &[Case] = &[
         options: &[
             "-h",
             "--help",
+            "--object",
             "-f",
             "--format",
             "--output",
@@ -152,6 +157,8 @@ const CASES: &[Case] = &[
         options: &[
             "-h",
             "--help",
+            "--image-opts",
+            "--object",
             "-f",
             "--format",
             "-O",
@@ -179,6 +186,7 @@ const CASES: &[Case] = &[
         options: &[
             "-h",
             "--help",
+            "--object",
             "-f",
             "--format",
             "-q",
@@ -195,6 +203,7 @@ const CASES: &[Case] = &[
         options: &[
             "-h",
             "--help",
+            "--object",
             "-f",
             "--format",
             "-q",
@@ -212,6 +221,7 @@ const CASES: &[Case] = &[
         options: &[
             "-h",
             "--help",
+            "--object",
             "-c",
             "--count",
             "-d",

@@ -7,6 +7,7 @@ use crate::support::*;
 
 /// The options `qcow2-img io` accepts.
 const ACCEPTED: &[&str] = &[
+    "--object",
     "--image-opts",
     "-c",
     "--cmd",
@@ -79,6 +80,7 @@ fn io_help_lists_every_accepted_option_and_the_exit_codes() {
             "--cache",
             "-d",
             "--discard",
+            "--object",
         ]
         .contains(opt)
         {
@@ -86,6 +88,7 @@ fn io_help_lists_every_accepted_option_and_the_exit_codes() {
                 "-f" | "--format" => "qcow2",
                 "-t" | "--cache" => "none",
                 "-d" | "--discard" => "unmap",
+                "--object" => "secret,id=s,data=x",
                 _ => "help",
             });
         }

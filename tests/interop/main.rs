@@ -8,6 +8,7 @@ mod support;
 
 mod alloc_layout;
 mod compressed;
+mod encrypted;
 mod prealloc;
 mod read;
 mod snapshot;

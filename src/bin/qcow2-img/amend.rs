@@ -5,7 +5,7 @@ use crate::common::{check_format, open_fail, parse_args, CmdResult, Fail};
 use crate::progress::Progress;
 use clap::Parser;
 use qcow2kit::options::AmendOptions;
-use qcow2kit::{Image, OpenOptions};
+use qcow2kit::Image;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -54,7 +54,8 @@ pub fn run(argv: &[String]) -> CmdResult {
         })?;
     }
     check_format(a.format.as_deref(), filename)?;
-    let img = Image::open(filename, &OpenOptions::new()).map_err(|e| open_fail(filename, &e))?;
+    let img = Image::open(filename, &crate::common::open_options())
+        .map_err(|e| open_fail(filename, &e))?;
     progress.start();
     let amended =
         qcow2kit::amend::amend_image_with_progress(&img, &opts, &mut |d, t| progress.set(d, t));

@@ -4,7 +4,7 @@
 use crate::common::{check_format, open_fail, parse_args, CmdResult, Fail};
 use clap::Parser;
 use qcow2kit::options::parse_size;
-use qcow2kit::{Image, OpenOptions};
+use qcow2kit::Image;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
@@ -138,7 +138,7 @@ pub fn run(argv: &[String]) -> CmdResult {
     }
     let filename = &a.rest[0];
     let opts = if a.image_opts {
-        let mut o = cache.apply(OpenOptions::new());
+        let mut o = cache.apply(crate::common::open_options());
         o.apply_qemu_str(filename)
             .map_err(|e| Fail::Msg(e.to_string()))?;
         let share = a.force_share || o.get_force_share();
@@ -146,7 +146,7 @@ pub fn run(argv: &[String]) -> CmdResult {
     } else {
         check_format(a.format.as_deref(), filename)?;
         cache
-            .apply(OpenOptions::new())
+            .apply(crate::common::open_options())
             .read_only(!a.write)
             .force_share(a.force_share)
     };

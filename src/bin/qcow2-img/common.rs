@@ -48,6 +48,52 @@ impl Fail {
 /// Result of a subcommand.
 pub type CmdResult = Result<(), Fail>;
 
+/// The secrets of the command line's `--object secret,...` arguments.
+static SECRETS: std::sync::OnceLock<qcow2kit::crypto::SecretStore> = std::sync::OnceLock::new();
+
+/// Removes every `--object OBJECTDEF` (or `--object=OBJECTDEF`) from `args`
+/// and defines the secrets they name, before the subcommand parses the rest
+/// (qemu-img creates objects before it opens anything).
+///
+/// # Errors
+/// QEMU's message for a bad object definition or an unreadable file.
+pub fn take_objects(args: &[String]) -> Result<Vec<String>, Fail> {
+    let mut store = qcow2kit::crypto::SecretStore::new();
+    let mut rest = Vec::with_capacity(args.len());
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let spec = if a == "--object" {
+            match it.next() {
+                Some(v) => v.as_str(),
+                None => {
+                    rest.push(a.clone());
+                    continue;
+                }
+            }
+        } else if let Some(v) = a.strip_prefix("--object=") {
+            v
+        } else {
+            rest.push(a.clone());
+            continue;
+        };
+        store
+            .add_object(spec)
+            .map_err(|e| Fail::Msg(e.to_string()))?;
+    }
+    let _ = SECRETS.set(store);
+    Ok(rest)
+}
+
+/// The secrets the command line defined (empty without `--object`).
+pub fn secrets() -> qcow2kit::crypto::SecretStore {
+    SECRETS.get().cloned().unwrap_or_default()
+}
+
+/// `OpenOptions::new()` with the command line's secrets.
+pub fn open_options() -> OpenOptions {
+    OpenOptions::new().secrets(secrets())
+}
+
 /// Parses `args` (without the program and subcommand names) with clap,
 /// mapping clap's errors to getopt's messages.
 pub fn parse_args<T: clap::Parser>(sub: &'static str, args: &[String]) -> Result<T, Fail> {
@@ -151,7 +197,7 @@ pub fn open_ro(filename: &str, backing: bool) -> Result<Image, Fail> {
 /// [`open_ro`], with `-U` (`force-share=on`: QEMU's locks neither block nor
 /// are blocked by other users of the files).
 pub fn open_ro_shared(filename: &str, backing: bool, force_share: bool) -> Result<Image, Fail> {
-    let opts = OpenOptions::new().read_only(true).force_share(force_share);
+    let opts = open_options().read_only(true).force_share(force_share);
     let r = if backing {
         Image::open(filename, &opts)
     } else {

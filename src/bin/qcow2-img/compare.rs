@@ -61,7 +61,7 @@ pub fn run(argv: &[String]) -> CmdResult {
     };
     let (n1, n2) = (&a.rest[0], &a.rest[1]);
     let opts = cache
-        .apply(OpenOptions::new().read_only(true))
+        .apply(crate::common::open_options().read_only(true))
         .force_share(a.force_share);
     let s1 = open(n1, a.fmt1.as_deref(), &opts, cache.direct()).map_err(|f| exit_with(f, 2))?;
     let s2 = open(n2, a.fmt2.as_deref(), &opts, cache.direct()).map_err(|f| exit_with(f, 2))?;

@@ -12,7 +12,7 @@ use clap::Parser;
 use qcow2kit::cli_support::{check_option_list, parse_bool_onoff, split_option_string};
 use qcow2kit::options::{parse_size, CreateOptions};
 use qcow2kit::storage::{FileStorage, LockRequest, Locking, Storage};
-use qcow2kit::{Error, Image, OpenOptions};
+use qcow2kit::{Error, Image};
 use std::path::Path;
 
 #[derive(Parser, Debug)]
@@ -46,6 +46,8 @@ struct Args {
     coroutines: Option<String>,
     #[arg(short = 'W')]
     out_of_order: bool,
+    #[arg(long = "image-opts")]
+    image_opts: bool,
     #[arg(num_args = 0..)]
     rest: Vec<String>,
 }
@@ -87,14 +89,35 @@ pub fn run(argv: &[String]) -> CmdResult {
                 a.src_cache.as_deref().unwrap_or("")
             ))
         })?;
+    if a.image_opts && a.format.is_some() {
+        return Err(Fail::Msg(
+            "--image-opts and --format are mutually exclusive".into(),
+        ));
+    }
     let src = match a.format.as_deref() {
+        // The source as an option string (`driver=qcow2,file.filename=F,
+        // encrypt.key-secret=ID,...`), as qemu-img takes it.
+        _ if a.image_opts => {
+            let mut o = src_cache
+                .apply(crate::common::open_options().read_only(true))
+                .force_share(a.force_share);
+            o.apply_qemu_str(src_name)
+                .map_err(|e| Fail::Msg(format!("Could not open '{src_name}': {e}")))?;
+            let file = o.filename().map(Path::to_path_buf).ok_or_else(|| {
+                Fail::Msg(format!(
+                    "Could not open '{src_name}': A block device must be specified for \"file\""
+                ))
+            })?;
+            let img = Image::open(&file, &o).map_err(|e| crate::common::open_fail(src_name, &e))?;
+            Src::Qcow2(Box::new(img))
+        }
         Some("raw") => Src::open_raw(src_name, src_cache.direct())?,
         f => {
             check_format(f, src_name)?;
             Src::Qcow2(Box::new(open_ro_with(
                 src_name,
                 src_cache
-                    .apply(OpenOptions::new().read_only(true))
+                    .apply(crate::common::open_options().read_only(true))
                     .force_share(a.force_share),
             )?))
         }
@@ -135,7 +158,7 @@ pub fn run(argv: &[String]) -> CmdResult {
         }
         None
     } else {
-        let mut opts = CreateOptions::new();
+        let mut opts = CreateOptions::new().secrets(crate::common::secrets());
         for o in &a.options {
             opts.apply_qemu_str(o)
                 .map_err(|e| Fail::Msg(e.to_string()))?;
@@ -339,8 +362,14 @@ fn convert_to_qcow2(
         }
         _ => fail(e.qemu_message()),
     })?;
-    let out = Image::open(dst, &cache.apply(OpenOptions::new()))
-        .map_err(|e| crate::common::open_fail(dst, &e))?;
+    // An encrypted target opens with the key it was created with.
+    let mut out_opts = cache.apply(crate::common::open_options());
+    if let Some(id) = opts.encrypt.key_secret.as_deref() {
+        if opts.encrypt.is_requested() {
+            out_opts = out_opts.key_secret(id);
+        }
+    }
+    let out = Image::open(dst, &out_opts).map_err(|e| crate::common::open_fail(dst, &e))?;
     if compress {
         copy_compressed(src, src_name, &out, progress)?;
         out.close()

@@ -77,7 +77,7 @@ pub fn run(argv: &[String]) -> CmdResult {
     let fail = |m: String| Fail::Msg(format!("{filename}: {m}"));
 
     // Parse -o (errors before the Formatting line).
-    let mut opts = CreateOptions::new();
+    let mut opts = CreateOptions::new().secrets(crate::common::secrets());
     for o in &a.options {
         opts.apply_qemu_str(o).map_err(|e| fail(e.to_string()))?;
     }

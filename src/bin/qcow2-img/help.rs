@@ -47,6 +47,10 @@ qcow2 FILE also `bitmaps size` (the space of FILE's persistent bitmaps).
 Options:
   -h, --help
       print this help and exit
+  --object OBJECTDEF
+      a secret, secret,id=ID,data=STRING|file=PATH[,format=raw|base64], that
+      encrypt.key-secret=ID names (the key of an encrypted image); may be
+      repeated
   --output human|json
       output format (default human)
   -O raw|qcow2
@@ -82,6 +86,10 @@ the larger image's tail reads as zeroes.
 Options:
   -h, --help
       print this help and exit
+  --object OBJECTDEF
+      a secret, secret,id=ID,data=STRING|file=PATH[,format=raw|base64], that
+      encrypt.key-secret=ID names (the key of an encrypted image); may be
+      repeated
   -f FMT, -F FMT
       format of FILE1 and FILE2: qcow2 or raw (default: probed)
   -T SRC_CACHE
@@ -118,6 +126,10 @@ Create a new qcow2 image. Prints a 'Formatting ...' line naming its options.
 Options:
   -h, --help
       print this help and exit
+  --object OBJECTDEF
+      a secret, secret,id=ID,data=STRING|file=PATH[,format=raw|base64], that
+      encrypt.key-secret=ID names (the key of an encrypted image); may be
+      repeated
   -f, --format qcow2
       format of the new image: required, and qcow2 is the only one
   -o, --options OPTS
@@ -157,6 +169,10 @@ file, format-specific details.
 Options:
   -h, --help
       print this help and exit
+  --object OBJECTDEF
+      a secret, secret,id=ID,data=STRING|file=PATH[,format=raw|base64], that
+      encrypt.key-secret=ID names (the key of an encrypted image); may be
+      repeated
   -f, --format qcow2
       format of FILE; only qcow2 is supported (default: qcow2)
   --output human|json
@@ -189,6 +205,10 @@ at which host offset of which file.
 Options:
   -h, --help
       print this help and exit
+  --object OBJECTDEF
+      a secret, secret,id=ID,data=STRING|file=PATH[,format=raw|base64], that
+      encrypt.key-secret=ID names (the key of an encrypted image); may be
+      repeated
   -f, --format qcow2
       format of FILE; only qcow2 is supported (default: qcow2)
   --output human|json
@@ -212,7 +232,8 @@ Exit codes:
 
 /// `qcow2-img convert --help`.
 pub const CONVERT: &str = "\
-Usage: qcow2-img convert [-f qcow2|raw] [-T SRC_CACHE] [-U] [-O raw|qcow2] [-o OPTS]...
+Usage: qcow2-img convert [--object OBJECTDEF]... [-f qcow2|raw | --image-opts]
+                         [-T SRC_CACHE] [-U] [-O raw|qcow2] [-o OPTS]...
                          [-t TGT_CACHE] [-c] [-p] [-q] [-m NUM] [-W] SRC DST
 
 Copy the guest data of SRC, read through its backing chain, into a new image
@@ -221,8 +242,15 @@ DST. Only ranges that hold non-zero data are written, so DST is sparse.
 Options:
   -h, --help
       print this help and exit
+  --object OBJECTDEF
+      a secret, secret,id=ID,data=STRING|file=PATH[,format=raw|base64], that
+      encrypt.key-secret=ID names (the key of an encrypted image); may be
+      repeated
   -f, --format qcow2|raw
       format of SRC (default: qcow2; a raw SRC needs -f raw)
+  --image-opts
+      SRC is an option string (driver=qcow2,file.filename=...,
+      encrypt.key-secret=ID for an encrypted SRC)
   -T SRC_CACHE
       cache mode for SRC: none, off, writeback, unsafe, directsync or
       writethrough (default writeback)
@@ -234,7 +262,8 @@ Options:
   -o, --options OPTS
       creation options of DST as key=value[,key=value...]; may be repeated;
       with -O raw only size, nocow and preallocation are accepted; DST always
-      has the size of SRC (size= is checked but does not change it)
+      has the size of SRC (size= is checked but does not change it);
+      encrypt.format=luks,encrypt.key-secret=ID,... encrypts DST
   -t TGT_CACHE
       cache mode for DST, values as for -T (default unsafe: no syncs at all)
   -c, --compress
@@ -274,6 +303,10 @@ Change the virtual size of an image. Prints 'Image resized.' on success.
 Options:
   -h, --help
       print this help and exit
+  --object OBJECTDEF
+      a secret, secret,id=ID,data=STRING|file=PATH[,format=raw|base64], that
+      encrypt.key-secret=ID names (the key of an encrypted image); may be
+      repeated
   -f, --format qcow2
       format of FILE; only qcow2 is supported (default: qcow2)
   -q, --quiet
@@ -309,6 +342,10 @@ success (with -p: the progress indicator only).
 Options:
   -h, --help
       print this help and exit
+  --object OBJECTDEF
+      a secret, secret,id=ID,data=STRING|file=PATH[,format=raw|base64], that
+      encrypt.key-secret=ID names (the key of an encrypted image); may be
+      repeated
   -f, --format qcow2
       format of FILE; only qcow2 is supported (default: qcow2)
   -p, --progress
@@ -341,6 +378,10 @@ prints anything (nothing when the image has no snapshots).
 Options:
   -h, --help
       print this help and exit
+  --object OBJECTDEF
+      a secret, secret,id=ID,data=STRING|file=PATH[,format=raw|base64], that
+      encrypt.key-secret=ID names (the key of an encrypted image); may be
+      repeated
   -f, --format qcow2
       format of FILE; only qcow2 is supported (default: qcow2)
   -q, --quiet
@@ -382,6 +423,10 @@ flight, then print how long it took.
 Options:
   -h, --help
       print this help and exit
+  --object OBJECTDEF
+      a secret, secret,id=ID,data=STRING|file=PATH[,format=raw|base64], that
+      encrypt.key-secret=ID names (the key of an encrypted image); may be
+      repeated
   -f, --format qcow2
       format of FILE; only qcow2 is supported (default: qcow2)
   --image-opts

@@ -6,7 +6,7 @@ use qcow2kit::image::MAX_BACKING_DEPTH;
 use qcow2kit::info::{path_combine, to_json_pretty, ImageInfo};
 use qcow2kit::storage::FileStorage;
 use qcow2kit::storage::Storage;
-use qcow2kit::{Image, OpenOptions};
+use qcow2kit::Image;
 use std::path::Path;
 
 /// Whether the file starts with the qcow2 magic (an unreadable file counts
@@ -98,7 +98,7 @@ pub fn run(argv: &[String]) -> CmdResult {
             })?;
             ImageInfo::raw(&f, &name).map_err(|e| Fail::Msg(e.qemu_message()))?
         } else {
-            let opts = OpenOptions::new()
+            let opts = crate::common::open_options()
                 .read_only(true)
                 .force_share(a.force_share);
             let img = Image::open_for_info(&name, &opts).map_err(|e| open_fail(&name, &e))?;

@@ -63,6 +63,8 @@ const USAGE: &str = "\
 Usage: qcow2-img io [OPTIONS]... [-c STRING]... [file]
 QEMU Disk exerciser
 
+  --object OBJECTDEF   define an object such as 'secret' for
+                       passwords and/or encryption keys
   --image-opts         treat file as option string
   -c, --cmd STRING     execute command with its arguments
                        from the given string
@@ -126,7 +128,9 @@ pub fn run(argv: &[String]) -> Result<(), Fail> {
         let r = if a.image_opts {
             // The cache mode and -r set the defaults; the option string may
             // override them (cache.direct=..., read-only=...).
-            let mut o = cache.apply(OpenOptions::new()).read_only(a.read_only);
+            let mut o = cache
+                .apply(crate::common::open_options())
+                .read_only(a.read_only);
             o.apply_qemu_str(arg)
                 .map_err(|e| format!("can't open: {e}"))
                 .and_then(|_| {
@@ -137,7 +141,7 @@ pub fn run(argv: &[String]) -> Result<(), Fail> {
         } else {
             check_format(a.format.as_deref(), arg).and_then(|_| {
                 let o = cache
-                    .apply(OpenOptions::new())
+                    .apply(crate::common::open_options())
                     .read_only(a.read_only)
                     .force_share(a.force_share)
                     .with_filename(PathBuf::from(arg));
@@ -766,7 +770,9 @@ impl State {
         }
         let has = |f: char| opts.iter().any(|(c, _)| *c == f);
         // -r sets the default of `read-only`; `-o read-only=...` overrides it.
-        let mut o = cache.apply(OpenOptions::new()).read_only(has('r'));
+        let mut o = cache
+            .apply(crate::common::open_options())
+            .read_only(has('r'));
         for (c, v) in &opts {
             if let ('o', Some(s)) = (c, v) {
                 if let Err(e) = o.apply_qemu_str(s) {

@@ -38,7 +38,16 @@ fn main() -> ExitCode {
         eprintln!("Try '{PROG} --help' for more info");
         return ExitCode::from(1);
     };
-    let rest = &args[1..];
+    // `--object` is taken by every command (qemu-io's and qemu-img's
+    // syntax), before the command parses the rest.
+    let rest = match cmd.as_str() {
+        "check" => args[1..].to_vec(),
+        _ => match common::take_objects(&args[1..]) {
+            Ok(r) => r,
+            Err(f) => return ExitCode::from(f.report()),
+        },
+    };
+    let rest = &rest[..];
     let result = match cmd.as_str() {
         "-h" | "--help" => {
             help::print(help::MAIN);

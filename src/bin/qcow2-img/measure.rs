@@ -8,8 +8,8 @@ use crate::convert_src::Src;
 use clap::Parser;
 use qcow2kit::cli_support::{check_option_list, split_option_string};
 use qcow2kit::info::{FormatSpecific, ImageInfo};
+use qcow2kit::measure;
 use qcow2kit::options::{parse_image_size, parse_size, CreateOptions, OptionError};
-use qcow2kit::{measure, OpenOptions};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -98,7 +98,9 @@ fn open(name: &str, fmt: Option<&str>, force_share: bool) -> Result<Src, Fail> {
         Some("raw") => Src::open_raw(name, false),
         f => {
             crate::common::check_format(f, name)?;
-            let opts = OpenOptions::new().read_only(true).force_share(force_share);
+            let opts = crate::common::open_options()
+                .read_only(true)
+                .force_share(force_share);
             Ok(Src::Qcow2(Box::new(crate::common::open_ro_with(
                 name, opts,
             )?)))

@@ -4,7 +4,7 @@
 use crate::common::{check_format, open_fail, parse_args, CmdResult, Fail};
 use clap::Parser;
 use qcow2kit::options::{parse_size, Preallocation};
-use qcow2kit::{Image, OpenOptions};
+use qcow2kit::Image;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -64,7 +64,8 @@ pub fn run(argv: &[String]) -> CmdResult {
     let n = parse_size(digits).map_err(|e| Fail::Msg(e.into_option_error("size").to_string()))?;
     check_format(a.format.as_deref(), filename)?;
 
-    let img = Image::open(filename, &OpenOptions::new()).map_err(|e| open_fail(filename, &e))?;
+    let img = Image::open(filename, &crate::common::open_options())
+        .map_err(|e| open_fail(filename, &e))?;
     let current = i128::from(img.size());
     let total = if relative != 0 {
         current + i128::from(n) * relative

@@ -72,6 +72,10 @@ image; a second signal while it stops exits at once.
 Options:
   -h, --help
       print this help and exit
+  --object OBJECTDEF
+      a secret, secret,id=ID,data=STRING|file=PATH[,format=raw|base64], that
+      encrypt.key-secret=ID names (the key of an encrypted image); may be
+      repeated
   --nbd
       serve over NBD
   --vhost-user-blk
@@ -155,7 +159,7 @@ pub fn run(argv: &[String]) -> CmdResult {
         ));
     }
     let (path, opts) = if a.image_opts {
-        let mut o = OpenOptions::new();
+        let mut o = crate::common::open_options();
         o.apply_qemu_str(filename)
             .map_err(|e| Fail::Msg(e.to_string()))?;
         let o = o.read_only(a.read_only);
@@ -168,7 +172,7 @@ pub fn run(argv: &[String]) -> CmdResult {
         check_format(a.format.as_deref(), filename)?;
         (
             PathBuf::from(filename),
-            OpenOptions::new().read_only(a.read_only),
+            crate::common::open_options().read_only(a.read_only),
         )
     };
     if a.vhost_user_blk {

@@ -4,7 +4,7 @@
 
 use crate::common::{check_format, open_fail, parse_args, CmdResult, Fail};
 use clap::{ArgAction, Parser};
-use qcow2kit::{Error, Image, OpenOptions};
+use qcow2kit::{Error, Image};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -69,7 +69,7 @@ pub fn run(argv: &[String]) -> CmdResult {
     let filename = &a.rest[0];
     check_format(a.format.as_deref(), filename)?;
     let read_only = matches!(action, Action::List);
-    let opts = OpenOptions::new()
+    let opts = crate::common::open_options()
         .read_only(read_only)
         .force_share(a.force_share);
     // qemu-img opens the backing chain too (a missing backing file fails).

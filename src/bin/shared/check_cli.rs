@@ -184,8 +184,9 @@ Options:
       driver=qcow2,file.filename=PATH[,...] (driver=raw gives exit 63);
       incompatible with -f
   --object OBJECTDEF
-      an object definition (such as a secret): accepted for compatibility
-      and ignored, as no option refers to objects here
+      a secret, secret,id=ID,data=STRING|file=PATH[,format=raw|base64],
+      that encrypt.key-secret=ID in the --image-opts string names (the key
+      of an encrypted image); may be repeated
   Long options may be abbreviated (--rep for --repair).
 
 Arguments:
@@ -264,7 +265,7 @@ fn command(name: CliName) -> Command {
                 .long("object")
                 .value_name("OBJECTDEF")
                 .action(ArgAction::Append)
-                .help("object definition (accepted for compatibility, ignored)"),
+                .help("a secret: secret,id=ID,data=STRING|file=PATH[,format=raw|base64]"),
         )
         .arg(
             Arg::new("file")
@@ -538,6 +539,15 @@ where
     let force_share = m.get_flag("force-share");
     let mut format = last_value(&m, "format").map(|(_, f)| f);
     let image_opts = m.get_flag("image-opts");
+    // `--object secret,...`: the secrets `encrypt.key-secret` may name,
+    // defined before anything is opened (QEMU's order).
+    let mut secrets = qcow2kit::crypto::SecretStore::new();
+    for spec in m.get_many::<String>("object").into_iter().flatten() {
+        if let Err(e) = secrets.add_object(spec) {
+            let _ = writeln!(out.stderr, "{}: {e}", name.program);
+            return 1;
+        }
+    }
     let could_not_open = |out: &mut Out<'_>, msg: &str| {
         let _ = writeln!(
             out.stderr,
@@ -556,7 +566,7 @@ where
     }
     // With --image-opts FILE is an option string (`driver=qcow2,
     // file.filename=disk.qcow2,...`) naming the image file.
-    let mut open_opts = qcow2kit::options::OpenOptions::new();
+    let mut open_opts = qcow2kit::options::OpenOptions::new().secrets(secrets.clone());
     let image_file = if image_opts {
         if format.is_some() {
             let _ = writeln!(
@@ -599,7 +609,7 @@ where
                 format = Some("qcow2".into());
             }
             match qcow2kit::options::OpenOptions::from_qemu_str(&filename) {
-                Ok(o) => open_opts = o,
+                Ok(o) => open_opts = o.secrets(secrets.clone()),
                 Err(e) => return could_not_open(out, &e.to_string()),
             }
             open_opts.filename().map(|p| p.display().to_string())

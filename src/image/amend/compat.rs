@@ -185,11 +185,11 @@ fn expand_zero_clusters(
                 None if !has_backing => 0,
                 None => {
                     let h = meta.alloc_clusters(1)?;
-                    meta.gate.write_data(&zeroes, h)?;
+                    meta.gate.write_data_guest(&zeroes, h, guest)?;
                     h | OFLAG_COPIED
                 }
                 Some(h) => {
-                    meta.gate.write_data(&zeroes, h)?;
+                    meta.gate.write_data_guest(&zeroes, h, guest)?;
                     // Shared with a snapshot: not COPIED.
                     if meta.refcount(h >> geom.cluster_bits)? == 1 {
                         h | OFLAG_COPIED
@@ -247,7 +247,7 @@ fn expand_snapshot_zero_clusters(meta: &mut Meta, has_backing: bool) -> Result<(
     for sn in meta.snapshots.clone() {
         // Validated as QEMU's qcow2_validate_table does (check_downgrade
         // made sure it passes).
-        for raw in meta.read_snapshot_l1(&sn)? {
+        for (l1i, raw) in meta.read_snapshot_l1(&sn)?.into_iter().enumerate() {
             let table = raw & L1E_OFFSET_MASK;
             if table == 0 || active.contains(&table) || !seen.insert(table) {
                 continue;
@@ -269,6 +269,9 @@ fn expand_snapshot_zero_clusters(meta: &mut Meta, has_backing: bool) -> Result<(
                 else {
                     continue;
                 };
+                // The guest offset this entry maps (an encrypted image's
+                // zeroes are encrypted; legacy `aes` derives IVs from it).
+                let guest = (l1i as u64) << (cb + geom.l2_bits) | (index as u64) << cb;
                 let new = match host {
                     None if !has_backing => 0,
                     None => {
@@ -286,11 +289,11 @@ fn expand_snapshot_zero_clusters(meta: &mut Meta, has_backing: bool) -> Result<(
                                 ));
                             }
                         }
-                        meta.gate.write_data(&zeroes, h)?;
+                        meta.gate.write_data_guest(&zeroes, h, guest)?;
                         h
                     }
                     Some(h) => {
-                        meta.gate.write_data(&zeroes, h)?;
+                        meta.gate.write_data_guest(&zeroes, h, guest)?;
                         h
                     }
                 };
