@@ -392,6 +392,9 @@ pub enum Error {
     /// A feature this crate does not implement (yet).
     #[error("unsupported: {0}")]
     Unsupported(Unsupported),
+    /// A block job could not be started or driven (QEMU's texts).
+    #[error("{0}")]
+    Job(#[from] crate::job::JobError),
 }
 
 /// Shorthand for results of this crate.
