@@ -15,7 +15,9 @@
 //! job type is a function run on the job thread with a [`JobCtx`], through
 //! which it reports progress, takes its rate-limit share, stops at pause and
 //! cancel points, applies the error policy and enters the ready state.
-//! Commit, stream and mirror plug in as such functions.
+//! [`commit`] is the first job type; stream and mirror plug in the same way.
+
+pub mod commit;
 
 use crate::error::{IoOp, Result};
 use crate::events::{Event, EventSink};
@@ -25,6 +27,8 @@ use std::fmt;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+pub use commit::{commit, CommitOptions};
 
 /// The kind of a block job (QEMU's `JobType`, the `type` of its events).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
@@ -314,7 +318,7 @@ impl Job {
     ///
     /// `work` returns `Ok(())` when all the work is done, or [`Stop`].
     /// Job types call this; embedders start jobs through their functions
-    /// (such as `commit`).
+    /// (such as [`commit`]).
     ///
     /// # Errors
     /// The thread could not be spawned.

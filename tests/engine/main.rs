@@ -11,6 +11,7 @@ mod bad_images;
 mod corruption;
 mod crash_replay;
 mod faults;
+mod jobs;
 mod lazy;
 mod mapping;
 mod model;
