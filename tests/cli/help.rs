@@ -208,6 +208,25 @@ const CASES: &[Case] = &[
     },
     Case {
         bin: IMG,
+        sub: &["commit"],
+        options: &[
+            "-h",
+            "--help",
+            "-f",
+            "--format",
+            "-q",
+            "--quiet",
+            "-d",
+            "-p",
+            "--progress",
+            "-b",
+            "-r",
+        ],
+        codes: &[0, 1],
+        not_options: &[],
+    },
+    Case {
+        bin: IMG,
         sub: &["bench"],
         options: &[
             "-h",
@@ -476,8 +495,8 @@ fn img_help_lists_each_command_on_one_line() {
         assert_eq!(
             names,
             [
-                "amend", "bench", "check", "compare", "convert", "create", "info", "io", "map",
-                "measure", "resize", "serve", "snapshot"
+                "amend", "bench", "check", "commit", "compare", "convert", "create", "info", "io",
+                "map", "measure", "resize", "serve", "snapshot"
             ],
             "{}",
             r.out

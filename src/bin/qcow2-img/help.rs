@@ -14,6 +14,7 @@ Commands:
   amend    change header options (compat, refcount_bits, size, ...) of an image
   bench    run a simple read or write benchmark on an image
   check    check an image for consistency and optionally repair it
+  commit   copy an image's data into its backing file (or a deeper base)
   compare  compare the guest contents of two images
   convert  copy an image's guest data (through its backing chain) to a new image
   create   create a new qcow2 image, optionally over a backing file
@@ -297,6 +298,42 @@ Exit codes:
   0  the image has the new size
   1  error: bad argument, the image cannot be opened, a shrink without
      --shrink, or the resize failed
+";
+
+/// `qcow2-img commit --help`.
+pub const COMMIT: &str = "\
+Usage: qcow2-img commit [-f qcow2] [-q] [-d] [-p] [-b BASE] [-r RATE] FILE
+
+Copy the data allocated in FILE (and in the images between FILE and BASE)
+into BASE, then empty FILE so that it reads through to BASE again. Prints
+'Image committed.' on success.
+
+Options:
+  -h, --help
+      print this help and exit
+  -f, --format qcow2
+      format of FILE; only qcow2 is supported (default: qcow2)
+  -q, --quiet
+      print nothing (no progress either)
+  -d
+      do not empty FILE afterwards
+  -p, --progress
+      print qemu-img's progress indicator on stdout: updates of the form
+      (PERCENT/100%), each ended by a carriage return, and a newline at the end
+  -b BASE
+      the image of FILE's backing chain that receives the data (found by file
+      identity; default: FILE's backing file); implies -d
+  -r RATE
+      copy at most RATE bytes per second (suffixes k, M, G, ...; 0: no limit)
+
+Arguments:
+  FILE
+      the image to commit (opened read-write)
+
+Exit codes:
+  0  the image was committed
+  1  error: bad argument, the image or BASE cannot be opened, BASE is not in
+     FILE's backing chain, FILE has no backing file, or an I/O error
 ";
 
 /// `qcow2-img amend --help`.
