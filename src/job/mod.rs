@@ -15,7 +15,7 @@
 //! job type is a function run on the job thread with a [`JobCtx`], through
 //! which it reports progress, takes its rate-limit share, stops at pause and
 //! cancel points, applies the error policy and enters the ready state.
-//! [`commit`] is the first job type; stream and mirror plug in the same way.
+//! [`commit()`] is the first job type; stream and mirror plug in the same way.
 
 pub mod commit;
 
@@ -318,7 +318,7 @@ impl Job {
     ///
     /// `work` returns `Ok(())` when all the work is done, or [`Stop`].
     /// Job types call this; embedders start jobs through their functions
-    /// (such as [`commit`]).
+    /// (such as [`commit()`]).
     ///
     /// # Errors
     /// The thread could not be spawned.
