@@ -355,7 +355,14 @@ impl Job {
         let thread = std::thread::Builder::new()
             .name(format!("job-{}", shared.id))
             .spawn(move || {
-                let r = work(&ctx);
+                // A broken invariant in the work must still conclude the
+                // job, or waiters would wait forever.
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(&ctx)))
+                    .unwrap_or_else(|_| {
+                        Err(Stop::Failed(Error::Internal(
+                            "the job's work panicked".into(),
+                        )))
+                    });
                 ctx.conclude(r);
             })
             .map_err(|e| Error::io(IoOp::Write, 0, e))?;

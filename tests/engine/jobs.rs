@@ -423,3 +423,73 @@ fn on_error_report_ends_the_job_with_the_error() {
         "{evs:?}"
     );
 }
+
+#[test]
+fn on_error_ignore_retries_and_enospc_stops_only_on_enospc() {
+    // ignore: the failed write is retried (a one-off fault), the job completes.
+    let c = chain();
+    let (events, seen) = sink();
+    c.faulty_base.set_fault(Some(Fault {
+        op: FaultOp::Write,
+        nth: 0,
+        kind: FaultKind::Eio,
+        persistent: false,
+    }));
+    let job = commit(
+        c.device(),
+        CommitOptions {
+            job: JobOptions {
+                on_error: ErrorPolicy::Ignore,
+                ..job_opts(events, 0)
+            },
+            top: Some(PathBuf::from("mid")),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(job.wait().unwrap(), JobOutcome::Completed);
+    assert!(matches!(
+        seen.lock().unwrap().as_slice(),
+        [
+            Event::BlockJobError {
+                action: ErrorAction::Ignore,
+                ..
+            },
+            Event::BlockJobCompleted { error: None, .. }
+        ]
+    ));
+    assert_eq!(c.read("base"), expected(&[(0x11, 0), (0x22, MIB)]));
+
+    // enospc: EIO is reported, ending the job.
+    let c = chain();
+    let (events, seen) = sink();
+    c.faulty_base.set_fault(Some(Fault {
+        op: FaultOp::Write,
+        nth: 0,
+        kind: FaultKind::Eio,
+        persistent: true,
+    }));
+    let job = commit(
+        c.device(),
+        CommitOptions {
+            job: JobOptions {
+                on_error: ErrorPolicy::Enospc,
+                ..job_opts(events, 0)
+            },
+            top: Some(PathBuf::from("mid")),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(job.wait().is_err());
+    assert!(matches!(
+        seen.lock().unwrap().as_slice(),
+        [
+            Event::BlockJobError {
+                action: ErrorAction::Report,
+                ..
+            },
+            Event::BlockJobCompleted { error: Some(_), .. }
+        ]
+    ));
+}
