@@ -186,11 +186,10 @@ impl RateLimit {
         if self.dispatched < quota {
             return Duration::ZERO;
         }
-        // As many slices as the bytes dispatched use up.
-        let slices = self.dispatched / quota;
-        let extend = SLICE
-            .checked_mul(u32::try_from(slices).unwrap_or(u32::MAX))
-            .unwrap_or(Duration::MAX);
+        // The slice stretches to as many slices (fractions included) as
+        // the bytes dispatched use up.
+        let ns = SLICE.as_nanos() * u128::from(self.dispatched) / u128::from(quota);
+        let extend = Duration::from_nanos(u64::try_from(ns).unwrap_or(u64::MAX));
         self.slice_end = self
             .slice_start
             .checked_add(extend)
@@ -704,6 +703,9 @@ mod tests {
         rl.processed(2 << 20);
         // Three slices' worth dispatched: the slice stretches to 300 ms.
         assert_eq!(rl.delay(speed, t0), SLICE * 3);
+        // Fractions of a slice count.
+        rl.processed(1 << 19);
+        assert_eq!(rl.delay(speed, t0), SLICE * 7 / 2);
         // No limit, no wait.
         assert_eq!(rl.delay(0, t0), Duration::ZERO);
     }

@@ -168,3 +168,30 @@ fn commit_progress_has_qemu_img_shape() {
         &["commit", "-p", "-q", "top.qcow2"],
     );
 }
+
+/// `-r` holds the copy back: 3 MiB at 2 MiB/s owes at least 1.25 s of waits
+/// under QEMU's slice accounting (the first request of each slice goes at
+/// once); the bound asserted is generous. The result is still qemu-img's.
+#[test]
+fn commit_rate_limit_holds_the_copy_back() {
+    if !have_qemu() {
+        return;
+    }
+    let (qd, od) = twin_dirs(|d| {
+        setup(d);
+        qemu_ok(d, "qemu-io", &["-c", "write -P 4 0 3M", "top.qcow2"]);
+    });
+    let (qd, od) = (qd.path(), od.path());
+    qemu_ok(qd, "qemu-img", &["commit", "-q", "top.qcow2"]);
+    let start = std::time::Instant::now();
+    let o = ours(od, &["commit", "-r", "2M", "top.qcow2"]);
+    let took = start.elapsed();
+    assert_eq!((o.code, o.out.as_str()), (0, "Image committed.\n"), "{o:?}");
+    assert!(took >= std::time::Duration::from_millis(750), "{took:?}");
+    let c = qemu(
+        od,
+        "qemu-img",
+        &["compare", &abs(qd, "mid.qcow2"), &abs(od, "mid.qcow2")],
+    );
+    assert_eq!(c.code, 0, "{c:?}");
+}
