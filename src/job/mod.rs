@@ -212,6 +212,9 @@ struct State {
     paused: bool,
     cancelled: bool,
     completed: bool,
+    /// `BLOCK_JOB_READY` was emitted (waiters of the ready state see the
+    /// event first).
+    ready_announced: bool,
     limit: RateLimit,
     throttled_bytes: u64,
     throttle_waits: u64,
@@ -340,6 +343,7 @@ impl Job {
                 paused: false,
                 cancelled: false,
                 completed: false,
+                ready_announced: false,
                 limit: RateLimit::new(now),
                 throttled_bytes: 0,
                 throttle_waits: 0,
@@ -440,11 +444,13 @@ impl Job {
         Ok(())
     }
 
-    /// Blocks until the job is in the ready state or has concluded; returns
-    /// the status it found.
+    /// Blocks until the job is in the ready state (its `BLOCK_JOB_READY`
+    /// emitted) or has concluded; returns the status it found.
     pub fn wait_ready(&self) -> JobStatus {
         let mut s = self.shared.lock();
-        while s.status != JobStatus::Ready && s.status != JobStatus::Concluded {
+        while !(s.status == JobStatus::Ready && s.ready_announced)
+            && s.status != JobStatus::Concluded
+        {
             s = self.shared.cond.wait(s).unwrap_or_else(|p| p.into_inner());
         }
         s.status
@@ -610,12 +616,15 @@ impl JobCtx {
         };
         self.shared.emit(&ev);
         let mut s = self.shared.lock();
+        s.ready_announced = true;
+        self.shared.cond.notify_all();
         loop {
             if s.cancelled {
                 return Err(Stop::Cancelled);
             }
             if s.completed {
                 s.status = JobStatus::Running;
+                s.ready_announced = false;
                 return Ok(());
             }
             s = self.shared.cond.wait(s).unwrap_or_else(|p| p.into_inner());
