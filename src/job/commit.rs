@@ -13,15 +13,18 @@
 //! The device's open chain holds its backing images read-only, so the job
 //! opens its own writable handles of the base (and of the overlay of an
 //! intermediate `top`) with the device's options: through the device's
-//! [`crate::image::FileResolver`] when it has one, else by path. With image
-//! locking on, the device must share write permission on them (QEMU
-//! reopens its nodes instead; a read-only device opened with
-//! `force_share`, as `qcow2-img commit` does, or `Locking::Off`).
+//! [`crate::image::FileResolver`] when it has one, else by path. QEMU
+//! updates the permissions of the chain's nodes for the job; here the
+//! device's read-only handles of those images first relax their locks to
+//! share write (other processes still cannot take write: the job's handle
+//! does not share it), and take their read-only locks back when the job
+//! ends.
 
 use super::{Job, JobCtx, JobOptions, JobType, Stop};
 use crate::error::{IoOp, Result};
 use crate::image::{Backing, FileRole};
 use crate::job::JobError;
+use crate::storage::{LockRequest, Permissions, Storage};
 use crate::{Error, Image};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -81,6 +84,37 @@ fn is_file(layer: &Image, name: &Path) -> bool {
     }
 }
 
+/// The device's read-only handle of an image the job writes, with its lock
+/// relaxed to share everything while the job's writable handle exists;
+/// dropping it takes the read-only lock back (best effort: a conflict then
+/// leaves it relaxed).
+struct SharedWrite {
+    storage: Arc<dyn Storage>,
+    restore: LockRequest,
+}
+
+impl SharedWrite {
+    fn new(layer: &Image) -> Result<SharedWrite> {
+        let o = layer.options();
+        let locking = o.get_locking();
+        layer.storage().lock(&LockRequest {
+            perm: Permissions::CONSISTENT_READ,
+            shared: Permissions::ALL,
+            locking,
+        })?;
+        Ok(SharedWrite {
+            storage: layer.storage().clone(),
+            restore: LockRequest::image_file(true, o.get_force_share(), locking),
+        })
+    }
+}
+
+impl Drop for SharedWrite {
+    fn drop(&mut self) {
+        let _ = self.storage.lock(&self.restore);
+    }
+}
+
 /// A writable handle of `layer` (an image of `device`'s chain), opened
 /// with the device's options and without a backing file.
 fn open_writable(device: &Image, layer: &Image) -> Result<Arc<Image>> {
@@ -112,8 +146,9 @@ fn open_writable(device: &Image, layer: &Image) -> Result<Arc<Image>> {
 /// qcow2kit::create::create(&base, &CreateOptions::new(), 4 << 20)?;
 /// let o = CreateOptions::new().backing_file("base.qcow2").backing_fmt("qcow2");
 /// qcow2kit::create::create(&top, &o, 4 << 20)?;
-/// // The job opens the base writable beside the device's read-only chain.
-/// let opts = OpenOptions::new().locking(qcow2kit::storage::Locking::Off);
+/// // Image locking on (the default): the job's writable handle of the base
+/// // coexists with the device's read-only one.
+/// let opts = OpenOptions::new();
 /// let device = Arc::new(Image::open(&top, &opts)?);
 /// device.write_at(&[7; 65536], 0)?;
 ///
@@ -122,7 +157,7 @@ fn open_writable(device: &Image, layer: &Image) -> Result<Arc<Image>> {
 /// job.complete()?;
 /// assert_eq!(job.wait()?, JobOutcome::Completed);
 ///
-/// let b = Image::open_without_backing(&base, &opts)?;
+/// let b = Image::open_without_backing(&base, &OpenOptions::new().read_only(true))?;
 /// let mut buf = [0u8; 4];
 /// b.read_at(&mut buf, 0)?;
 /// assert_eq!(buf, [7; 4]);
@@ -170,11 +205,16 @@ pub fn commit(device: Arc<Image>, opts: CommitOptions) -> Result<Job> {
     if top == 0 && opts.backing_file.is_some() {
         return Err(JobError::BackingFileForActive.into());
     }
+    // Declared before the writable handles, so dropped after them.
+    let mut shared = vec![SharedWrite::new(chain[base])?];
     let base_img = open_writable(&device, chain[base])?;
     let overlay = match top {
         0 => None,
         1 if !device.is_read_only() => Some(device.clone()),
-        t => Some(open_writable(&device, chain[t - 1])?),
+        t => {
+            shared.push(SharedWrite::new(chain[t - 1])?);
+            Some(open_writable(&device, chain[t - 1])?)
+        }
     };
     let backing_string = opts.backing_file.clone().unwrap_or_else(|| {
         chain[base]
@@ -185,7 +225,7 @@ pub fn commit(device: Arc<Image>, opts: CommitOptions) -> Result<Job> {
     drop(chain);
     let quiesced = opts.device_quiesced;
     Job::spawn(JobType::Commit, opts.job, move |ctx| {
-        run(
+        let r = run(
             ctx,
             &device,
             top,
@@ -194,7 +234,13 @@ pub fn commit(device: Arc<Image>, opts: CommitOptions) -> Result<Job> {
             overlay,
             &backing_string,
             quiesced,
-        )
+        );
+        // The writable handles go (flushed and closed) before the device's
+        // read-only handles take their locks back.
+        let closed = base_img.shutdown();
+        drop(base_img);
+        drop(shared);
+        r.and(closed.map_err(Stop::Failed))
     })
 }
 

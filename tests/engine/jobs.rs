@@ -566,3 +566,31 @@ fn a_crash_anywhere_in_a_commit_keeps_the_chain_readable() {
         assert!(got == want, "crash after {k} writes to the top");
     }
 }
+
+/// With image locking on files: the job writes the base while the device's
+/// read-only handle of it is open, and that handle takes its lock back
+/// when the job ends (a second writer is refused again).
+#[test]
+fn commit_on_locked_files_shares_the_base_only_while_it_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, top) = (dir.path().join("base.qcow2"), dir.path().join("top.qcow2"));
+    qcow2kit::create::create(&base, &CreateOptions::new(), SIZE).unwrap();
+    let o = CreateOptions::new()
+        .backing_file("base.qcow2")
+        .backing_fmt("qcow2");
+    qcow2kit::create::create(&top, &o, SIZE).unwrap();
+    let device = Arc::new(Image::open(&top, &OpenOptions::new()).unwrap());
+    device.write_at(&[5; 4096], MIB).unwrap();
+    assert!(Image::open_without_backing(&base, &OpenOptions::new()).is_err());
+    let job = commit(device.clone(), CommitOptions::default()).unwrap();
+    assert_eq!(job.wait_ready(), JobStatus::Ready);
+    job.complete().unwrap();
+    assert_eq!(job.wait().unwrap(), JobOutcome::Completed);
+    let e = Image::open_without_backing(&base, &OpenOptions::new()).unwrap_err();
+    assert!(matches!(e.inner(), Error::Lock(_)), "{e:?}");
+    drop(device);
+    let b = Image::open_without_backing(&base, &OpenOptions::new()).unwrap();
+    let mut buf = [0u8; 4096];
+    b.read_at(&mut buf, MIB).unwrap();
+    assert_eq!(buf, [5; 4096]);
+}
