@@ -3,11 +3,8 @@
 //! (default: FILE's backing file) hold into BASE with the library's commit
 //! job, then empties FILE unless `-d` or `-b` (which implies `-d`), as
 //! qemu-img does.
-//!
-//! FILE is opened twice: read-write without its backing chain (for the
-//! open errors and locks qemu-img's read-write open gives, and to empty it
-//! afterwards) and read-only with its chain, sharing it, so that the job can
-//! open BASE writable beside the chain (QEMU reopens the node instead).
+//! FILE is opened read-write with its chain, as qemu-img opens it; the job
+//! opens BASE writable beside the chain's read-only handle.
 
 use crate::common::{check_format, open_fail, parse_args, CmdResult, Fail};
 use crate::progress::Progress;
@@ -108,14 +105,8 @@ pub fn run(argv: &[String]) -> CmdResult {
         return Err(Fail::Usage("Expecting one image file name".into(), SUB));
     };
     check_format(a.format.as_deref(), filename)?;
-    let top = Image::open_without_backing(filename, &OpenOptions::new())
-        .map_err(|e| open_fail(filename, &e))?;
-    let device = Image::open(
-        filename,
-        &OpenOptions::new().read_only(true).force_share(true),
-    )
-    .map_err(|e| open_fail(filename, &e))?;
-    let device = Arc::new(device);
+    let device =
+        Arc::new(Image::open(filename, &OpenOptions::new()).map_err(|e| open_fail(filename, &e))?);
     let mut progress = Progress::new(a.progress && !a.quiet);
     progress.start();
 
@@ -169,12 +160,12 @@ pub fn run(argv: &[String]) -> CmdResult {
     }
     job.wait().map_err(|e| Fail::Msg(e.qemu_message()))?;
     progress.finish();
-    drop(device);
     if !keep {
-        top.make_empty()
+        device
+            .make_empty()
             .map_err(|e| Fail::Msg(format!("Could not empty {filename}: {}", e.errno_text())))?;
     }
-    top.close().map_err(|e| Fail::Msg(e.qemu_message()))?;
+    device.shutdown().map_err(|e| Fail::Msg(e.qemu_message()))?;
     drop(progress);
     if !a.quiet {
         println!("Image committed.");
