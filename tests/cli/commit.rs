@@ -195,3 +195,41 @@ fn commit_rate_limit_holds_the_copy_back() {
     );
     assert_eq!(c.code, 0, "{c:?}");
 }
+
+/// A base smaller than FILE grows to FILE's size, as qemu-img's does.
+#[test]
+fn commit_grows_a_smaller_base() {
+    if !have_qemu() {
+        return;
+    }
+    let (qd, od) = twin_dirs(|d| {
+        qemu_ok(
+            d,
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "b.qcow2", "1M"],
+        );
+        qemu_ok(d, "qemu-io", &["-c", "write -P 1 0 1M", "b.qcow2"]);
+        qemu_ok(
+            d,
+            "qemu-img",
+            &[
+                "create", "-q", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", "t.qcow2", "3M",
+            ],
+        );
+        qemu_ok(d, "qemu-io", &["-c", "write -P 2 2M 512k", "t.qcow2"]);
+    });
+    let (qd, od) = (qd.path(), od.path());
+    twins(qd, od, "qemu-img", &[], &["commit", "t.qcow2"]);
+    let size = |d: &Path| {
+        json(&qemu_ok(d, "qemu-img", &["info", "--output", "json", "b.qcow2"]).out)["virtual-size"]
+            .clone()
+    };
+    assert_eq!(size(qd), size(od));
+    let c = qemu(
+        od,
+        "qemu-img",
+        &["compare", &abs(qd, "b.qcow2"), &abs(od, "b.qcow2")],
+    );
+    assert_eq!(c.code, 0, "{c:?}");
+    assert_eq!(qemu(od, "qemu-img", &["check", "b.qcow2"]).code, 0);
+}
