@@ -1,5 +1,6 @@
 //! Events reported to the embedder (QEMU's `BLOCK_IMAGE_CORRUPTED` and
-//! `BLOCK_IO_ERROR`).
+//! `BLOCK_IO_ERROR` from an image; `BLOCK_JOB_READY`, `BLOCK_JOB_COMPLETED`,
+//! `BLOCK_JOB_CANCELLED` and `BLOCK_JOB_ERROR` from a [`crate::job`]).
 
 use std::fmt;
 use std::sync::Arc;
