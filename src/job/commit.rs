@@ -224,7 +224,8 @@ pub fn commit(device: Arc<Image>, opts: CommitOptions) -> Result<Job> {
     });
     drop(chain);
     let quiesced = opts.device_quiesced;
-    Job::spawn(JobType::Commit, opts.job, move |ctx| {
+    let job_opts = opts.job.or_device_sink(&device);
+    Job::spawn(JobType::Commit, job_opts, move |ctx| {
         let r = run(
             ctx,
             &device,

@@ -263,8 +263,21 @@ pub struct JobOptions {
     pub speed: u64,
     /// What an I/O error does (`on-error`).
     pub on_error: ErrorPolicy,
-    /// Where the job's events go.
+    /// Where the job's events go; none: to the device image's event
+    /// callback ([`crate::Image::on_event`]) as it is when the job starts,
+    /// so that an embedder (the C API's callback, say) sees job events
+    /// beside the image's own.
     pub events: Option<EventSink>,
+}
+
+impl JobOptions {
+    /// These options with the event sink defaulted to `device`'s.
+    pub(crate) fn or_device_sink(mut self, device: &crate::Image) -> JobOptions {
+        if self.events.is_none() {
+            self.events = device.event_sink();
+        }
+        self
+    }
 }
 
 impl fmt::Debug for JobOptions {
