@@ -282,7 +282,7 @@ fn run(
             }
         }
         Some(ov) => {
-            ov.write_backing_string(backing_string, Some("qcow2"))?;
+            ov.change_backing_file(backing_string, Some("qcow2"))?;
         }
     }
     Ok(())

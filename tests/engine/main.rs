@@ -17,6 +17,7 @@ mod mapping;
 mod model;
 mod multiqueue;
 mod overlap;
+mod rebase;
 mod snapshot_crash;
 mod snapshot_model;
 mod threads;
