@@ -263,6 +263,27 @@ const CASES: &[Case] = &[
         codes: &[0, 1],
         not_options: &[],
     },
+    Case {
+        bin: IMG,
+        sub: &["rebase"],
+        options: &[
+            "-h",
+            "--help",
+            "-f",
+            "--format",
+            "-q",
+            "--quiet",
+            "-p",
+            "--progress",
+            "-U",
+            "--force-share",
+            "-u",
+            "-b",
+            "-F",
+        ],
+        codes: &[0, 1],
+        not_options: &[],
+    },
 ];
 
 /// The words of a help text that look like options (`-x`, `--long`), with
@@ -418,8 +439,35 @@ fn img_amend_help() {
 }
 
 #[test]
-fn img_bench_help() {
+fn img_commit_help() {
     check_case(&CASES[9]);
+}
+
+#[test]
+fn img_bench_help() {
+    check_case(&CASES[10]);
+}
+
+#[test]
+fn img_rebase_help() {
+    check_case(&CASES[11]);
+}
+
+/// Each case is tested by the function named after its command (a case
+/// tested under another's name would leave its own untested).
+#[test]
+fn cases_are_in_the_order_the_tests_index() {
+    let subs: Vec<&str> = CASES
+        .iter()
+        .map(|c| c.sub.first().copied().unwrap_or(""))
+        .collect();
+    assert_eq!(
+        subs,
+        [
+            "measure", "compare", "create", "info", "map", "check", "convert", "resize", "amend",
+            "commit", "bench", "rebase"
+        ]
+    );
 }
 
 /// `snapshot --help` (its own test: the option table above has no case for
@@ -520,7 +568,7 @@ fn img_help_lists_each_command_on_one_line() {
             names,
             [
                 "amend", "bench", "check", "commit", "compare", "convert", "create", "info", "io",
-                "map", "measure", "resize", "serve", "snapshot"
+                "map", "measure", "rebase", "resize", "serve", "snapshot"
             ],
             "{}",
             r.out

@@ -26,5 +26,6 @@ mod map_extents;
 mod measure;
 mod nbd_serve;
 mod progress;
+mod rebase;
 mod snapshot;
 mod vhost_user;

@@ -22,6 +22,7 @@ Commands:
   io       run qemu-io commands (read, write, discard, ...) on an image
   map      show where an image's guest data is and which layer holds it
   measure  compute the file size a new image would need
+  rebase   change an image's backing file, keeping (or not: -u) what it reads
   resize   grow or shrink an image's virtual size
   serve    export an image to other processes (--nbd: an NBD server)
   snapshot list, create, apply or delete internal snapshots
@@ -334,6 +335,47 @@ Exit codes:
   0  the image was committed
   1  error: bad argument, the image or BASE cannot be opened, BASE is not in
      FILE's backing chain, FILE has no backing file, or an I/O error
+";
+
+/// `qcow2-img rebase --help`.
+pub const REBASE: &str = "\
+Usage: qcow2-img rebase [-f qcow2] [-q] [-p] [-U] [-u] [-b NEW [-F FMT]] FILE
+
+Change FILE's backing file to NEW. Safe mode (the default) first copies into
+FILE every range where the old and the new backing file read differently, so
+FILE's guest view does not change; -u only rewrites the backing file name.
+NEW empty (-b \"\") removes the backing file (safe mode first copies in all
+backing data). Prints nothing on success (with -p: the progress indicator).
+
+Options:
+  -h, --help
+      print this help and exit
+  -f, --format qcow2
+      format of FILE; only qcow2 is supported (default: qcow2)
+  -q, --quiet
+      print nothing (no progress either)
+  -p, --progress
+      print qemu-img's progress indicator on stdout: updates of the form
+      (PERCENT/100%), each ended by a carriage return, and a newline at the end
+  -U, --force-share
+      open NEW with force-share=on (another process may hold it)
+  -u
+      unsafe mode: only change the name in the header; neither backing file is
+      opened and nothing is copied (without -b: remove the backing file)
+  -b NEW
+      the new backing file, relative to FILE's directory unless absolute
+  -F FMT
+      the format of NEW, written into FILE's header (qcow2 or raw to be opened;
+      required with a non-empty NEW)
+
+Arguments:
+  FILE
+      the image to rebase (opened read-write)
+
+Exit codes:
+  0  the backing file was changed
+  1  error: bad argument, FILE or NEW cannot be opened, no -F with -b NEW, the
+     name does not fit in the header, or an I/O error
 ";
 
 /// `qcow2-img amend --help`.

@@ -1,5 +1,5 @@
 //! `qcow2-img`: qemu-img's commands over qcow2kit (`create`, `info`, `map`,
-//! `check`, `commit`, `convert`, `resize`, `amend`, `bench`, `serve`, `measure`, `compare`, `snapshot`) and qemu-io as `qcow2-img io`.
+//! `check`, `commit`, `rebase`, `convert`, `resize`, `amend`, `bench`, `serve`, `measure`, `compare`, `snapshot`) and qemu-io as `qcow2-img io`.
 //!
 //! Outputs, streams, exit codes and messages follow `cli.md` (qemu-img /
 //! qemu-io 10.0.2), with `qcow2-img` where QEMU prints its program name.
@@ -22,6 +22,7 @@ mod io;
 mod map;
 mod measure;
 mod progress;
+mod rebase;
 mod resize;
 mod serve;
 mod snapshot;
@@ -63,6 +64,7 @@ fn main() -> ExitCode {
         "io" => io::run(rest),
         "amend" => amend::run(rest),
         "commit" => commit::run(rest),
+        "rebase" => rebase::run(rest),
         "serve" => serve::run(rest),
         "compare" => compare::run(rest),
         "measure" => measure::run(rest),
