@@ -49,6 +49,7 @@ use std::sync::{Arc, Condvar, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 pub mod amend;
 mod chain;
 mod compressed;
+mod cor;
 pub mod create;
 pub mod measure;
 pub use compressed::CompressedCluster;

@@ -54,7 +54,7 @@ pub struct CommitOptions {
 
 /// The qcow2 images of `device`'s chain, the device first, and whether a raw
 /// file ends it.
-fn layers(device: &Image) -> (Vec<&Image>, bool) {
+pub(super) fn layers(device: &Image) -> (Vec<&Image>, bool) {
     let mut v = vec![device];
     let mut cur = device;
     loop {
@@ -71,7 +71,7 @@ fn layers(device: &Image) -> (Vec<&Image>, bool) {
 
 /// Whether `layer` is the file `name` names: same device and inode when
 /// both exist, else the same path.
-fn is_file(layer: &Image, name: &Path) -> bool {
+pub(super) fn is_file(layer: &Image, name: &Path) -> bool {
     let Some(path) = layer.path() else {
         return false;
     };

@@ -15,9 +15,10 @@
 //! job type is a function run on the job thread with a [`JobCtx`], through
 //! which it reports progress, takes its rate-limit share, stops at pause and
 //! cancel points, applies the error policy and enters the ready state.
-//! [`commit()`] is the first job type; stream and mirror plug in the same way.
+//! [`commit()`] and [`stream()`] are job types built this way.
 
 pub mod commit;
+pub mod stream;
 
 use crate::error::{IoOp, Result};
 use crate::events::{Event, EventSink};
@@ -29,6 +30,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 pub use commit::{commit, CommitOptions};
+pub use stream::{stream, StreamOptions};
 
 /// The kind of a block job (QEMU's `JobType`, the `type` of its events).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
@@ -82,6 +84,12 @@ pub enum JobError {
     /// `top` and `base` are the same image.
     #[error("cannot commit an image into itself")]
     IntoItself,
+    /// The `base` of a stream is not in the device's backing chain.
+    #[error("Can't find '{0}' in the backing chain")]
+    BaseNotInChain(String),
+    /// A stream of the whole chain was given a `backing-file`.
+    #[error("backing file specified, but streaming the entire chain")]
+    BackingFileWithoutBase,
     /// The top image has no backing file to commit into.
     #[error("Image does not have a backing file")]
     NoBacking,

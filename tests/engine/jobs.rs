@@ -16,11 +16,11 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-const MIB: u64 = 1 << 20;
-const SIZE: u64 = 4 * MIB;
+pub(crate) const MIB: u64 = 1 << 20;
+pub(crate) const SIZE: u64 = 4 * MIB;
 
 #[derive(Debug)]
-struct Files(HashMap<String, Arc<dyn Storage>>);
+pub(crate) struct Files(pub(crate) HashMap<String, Arc<dyn Storage>>);
 
 impl FileResolver for Files {
     fn open(&self, _role: FileRole, name: &str, _w: bool) -> qcow2kit::Result<Arc<dyn Storage>> {
@@ -31,14 +31,14 @@ impl FileResolver for Files {
     }
 }
 
-struct Chain {
-    files: Arc<Files>,
-    faulty: HashMap<&'static str, Arc<FaultyStorage<MemStorage>>>,
-    faulty_base: Arc<FaultyStorage<MemStorage>>,
+pub(crate) struct Chain {
+    pub(crate) files: Arc<Files>,
+    pub(crate) faulty: HashMap<&'static str, Arc<FaultyStorage<MemStorage>>>,
+    pub(crate) faulty_base: Arc<FaultyStorage<MemStorage>>,
 }
 
 /// base (0x11 in [0, 1M)) <- mid (0x22 in [1M, 2M)) <- top (0x33 in [2M, 3M)).
-fn chain() -> Chain {
+pub(crate) fn chain() -> Chain {
     let faulty: HashMap<&'static str, Arc<FaultyStorage<MemStorage>>> = ["base", "mid", "top"]
         .into_iter()
         .map(|n| (n, Arc::new(FaultyStorage::new(MemStorage::new()))))
@@ -73,15 +73,15 @@ fn chain() -> Chain {
 }
 
 impl Chain {
-    fn opts(&self) -> OpenOptions {
+    pub(crate) fn opts(&self) -> OpenOptions {
         OpenOptions::new().file_resolver(self.files.clone())
     }
-    fn device(&self) -> Arc<Image> {
+    pub(crate) fn device(&self) -> Arc<Image> {
         let top = self.files.0["top"].clone();
         Arc::new(Image::open_storage(top, &self.opts().with_filename("top".into())).unwrap())
     }
     /// `name` read on its own, through its own chain.
-    fn read(&self, name: &str) -> Vec<u8> {
+    pub(crate) fn read(&self, name: &str) -> Vec<u8> {
         let img = Image::open_storage(self.files.0[name].clone(), &self.opts()).unwrap();
         let mut buf = vec![0u8; SIZE as usize];
         img.read_at(&mut buf, 0).unwrap();
@@ -89,7 +89,7 @@ impl Chain {
     }
 }
 
-fn expected(layers: &[(u8, u64)]) -> Vec<u8> {
+pub(crate) fn expected(layers: &[(u8, u64)]) -> Vec<u8> {
     let mut v = vec![0u8; SIZE as usize];
     for &(b, at) in layers {
         v[at as usize..(at + MIB) as usize].fill(b);
@@ -97,7 +97,7 @@ fn expected(layers: &[(u8, u64)]) -> Vec<u8> {
     v
 }
 
-fn sink() -> (Option<qcow2kit::events::EventSink>, Arc<Mutex<Vec<Event>>>) {
+pub(crate) fn sink() -> (Option<qcow2kit::events::EventSink>, Arc<Mutex<Vec<Event>>>) {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let s = seen.clone();
     let f: qcow2kit::events::EventSink =
@@ -105,7 +105,7 @@ fn sink() -> (Option<qcow2kit::events::EventSink>, Arc<Mutex<Vec<Event>>>) {
     (Some(f), seen)
 }
 
-fn job_opts(events: Option<qcow2kit::events::EventSink>, speed: u64) -> JobOptions {
+pub(crate) fn job_opts(events: Option<qcow2kit::events::EventSink>, speed: u64) -> JobOptions {
     JobOptions {
         id: "drive0".into(),
         speed,
@@ -503,7 +503,7 @@ fn on_error_ignore_retries_and_enospc_stops_only_on_enospc() {
 }
 
 /// The view through `top` of a chain whose files hold these bytes.
-fn view(base: Vec<u8>, mid: Vec<u8>, top: Vec<u8>) -> Vec<u8> {
+pub(crate) fn view(base: Vec<u8>, mid: Vec<u8>, top: Vec<u8>) -> Vec<u8> {
     let st = |b: Vec<u8>| -> Arc<dyn Storage> { Arc::new(MemStorage::from_bytes(b)) };
     let files = Arc::new(Files(HashMap::from([
         ("base".to_string(), st(base)),

@@ -12,6 +12,7 @@ mod corruption;
 mod crash_replay;
 mod faults;
 mod jobs;
+mod jobs_more;
 mod lazy;
 mod mapping;
 mod model;
