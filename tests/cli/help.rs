@@ -284,6 +284,25 @@ const CASES: &[Case] = &[
         codes: &[0, 1],
         not_options: &[],
     },
+    Case {
+        bin: IMG,
+        sub: &["stream"],
+        options: &[
+            "-h",
+            "--help",
+            "-f",
+            "--format",
+            "-q",
+            "--quiet",
+            "-p",
+            "--progress",
+            "-b",
+            "--backing-file",
+            "-r",
+        ],
+        codes: &[0, 1],
+        not_options: &[],
+    },
 ];
 
 /// The words of a help text that look like options (`-x`, `--long`), with
@@ -453,6 +472,11 @@ fn img_rebase_help() {
     check_case(&CASES[11]);
 }
 
+#[test]
+fn img_stream_help() {
+    check_case(&CASES[12]);
+}
+
 /// Each case is tested by the function named after its command (a case
 /// tested under another's name would leave its own untested).
 #[test]
@@ -465,7 +489,7 @@ fn cases_are_in_the_order_the_tests_index() {
         subs,
         [
             "measure", "compare", "create", "info", "map", "check", "convert", "resize", "amend",
-            "commit", "bench", "rebase"
+            "commit", "bench", "rebase", "stream"
         ]
     );
 }
@@ -568,7 +592,7 @@ fn img_help_lists_each_command_on_one_line() {
             names,
             [
                 "amend", "bench", "check", "commit", "compare", "convert", "create", "info", "io",
-                "map", "measure", "rebase", "resize", "serve", "snapshot"
+                "map", "measure", "rebase", "resize", "serve", "snapshot", "stream"
             ],
             "{}",
             r.out

@@ -28,4 +28,5 @@ mod nbd_serve;
 mod progress;
 mod rebase;
 mod snapshot;
+mod stream;
 mod vhost_user;

@@ -45,7 +45,7 @@ struct Args {
 const SUB: &str = "commit";
 
 /// qemu-img's `cvtnum("rate limit", ...)`.
-fn parse_rate(s: &str) -> Result<u64, Fail> {
+pub fn parse_rate(s: &str) -> Result<u64, Fail> {
     match parse_size(s) {
         Ok(v) if i64::try_from(v).is_ok() => Ok(v),
         Err(SizeError::Invalid { .. }) => {

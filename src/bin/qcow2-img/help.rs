@@ -26,6 +26,7 @@ Commands:
   resize   grow or shrink an image's virtual size
   serve    export an image to other processes (--nbd: an NBD server)
   snapshot list, create, apply or delete internal snapshots
+  stream   copy the data of an image's backing chain into it (block-stream)
 
 Options:
   -h, --help
@@ -376,6 +377,46 @@ Exit codes:
   0  the backing file was changed
   1  error: bad argument, FILE or NEW cannot be opened, no -F with -b NEW, the
      name does not fit in the header, or an I/O error
+";
+
+/// `qcow2-img stream --help`.
+pub const STREAM: &str = "\
+Usage: qcow2-img stream [-f qcow2] [-q] [-p] [-b BASE] [--backing-file STR] [-r RATE] FILE
+
+Copy into FILE the data its backing chain holds above BASE (default: all of
+it), then make BASE its backing file (named as FILE's chain opened it, as
+QEMU does, or STR; with BASE's format), or, without BASE, remove its backing
+file. FILE reads the same
+before and after. QEMU's block-stream job, offline. Prints nothing on success
+(with -p: the progress indicator).
+
+Options:
+  -h, --help
+      print this help and exit
+  -f, --format qcow2
+      format of FILE; only qcow2 is supported (default: qcow2)
+  -q, --quiet
+      print nothing (no progress either)
+  -p, --progress
+      print qemu-img's progress indicator on stdout: updates of the form
+      (PERCENT/100%), each ended by a carriage return, and a newline at the end
+  -b BASE
+      the image of FILE's backing chain that stays its backing file (found by
+      file identity)
+  --backing-file STR
+      the backing file name written into FILE instead of BASE (not checked);
+      needs -b
+  -r RATE
+      copy at most RATE bytes per second (suffixes k, M, G, ...; 0: no limit)
+
+Arguments:
+  FILE
+      the image to stream into (opened read-write)
+
+Exit codes:
+  0  the data was streamed
+  1  error: bad argument, the image cannot be opened, BASE is not in FILE's
+     backing chain, --backing-file without -b, or an I/O error
 ";
 
 /// `qcow2-img amend --help`.

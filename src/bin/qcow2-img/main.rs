@@ -1,5 +1,5 @@
 //! `qcow2-img`: qemu-img's commands over qcow2kit (`create`, `info`, `map`,
-//! `check`, `commit`, `rebase`, `convert`, `resize`, `amend`, `bench`, `serve`, `measure`, `compare`, `snapshot`) and qemu-io as `qcow2-img io`.
+//! `check`, `commit`, `stream`, `rebase`, `convert`, `resize`, `amend`, `bench`, `serve`, `measure`, `compare`, `snapshot`) and qemu-io as `qcow2-img io`.
 //!
 //! Outputs, streams, exit codes and messages follow `cli.md` (qemu-img /
 //! qemu-io 10.0.2), with `qcow2-img` where QEMU prints its program name.
@@ -26,6 +26,7 @@ mod rebase;
 mod resize;
 mod serve;
 mod snapshot;
+mod stream;
 
 use common::{Fail, PROG};
 use std::process::ExitCode;
@@ -65,6 +66,7 @@ fn main() -> ExitCode {
         "amend" => amend::run(rest),
         "commit" => commit::run(rest),
         "rebase" => rebase::run(rest),
+        "stream" => stream::run(rest),
         "serve" => serve::run(rest),
         "compare" => compare::run(rest),
         "measure" => measure::run(rest),
