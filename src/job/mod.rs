@@ -15,9 +15,11 @@
 //! job type is a function run on the job thread with a [`JobCtx`], through
 //! which it reports progress, takes its rate-limit share, stops at pause and
 //! cancel points, applies the error policy and enters the ready state.
-//! [`commit()`] and [`stream()`] are job types built this way.
+//! [`commit()`], [`stream()`] and [`mirror()`] are job types built this
+//! way; a mirror works on a [`Drive`], the embedder's switchable handle.
 
 pub mod commit;
+pub mod mirror;
 pub mod stream;
 
 use crate::error::{IoOp, Result};
@@ -30,6 +32,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 pub use commit::{commit, CommitOptions};
+pub use mirror::{mirror, Drive, MirrorOptions, MirrorSync, MirrorTarget};
 pub use stream::{stream, StreamOptions};
 
 /// The kind of a block job (QEMU's `JobType`, the `type` of its events).
@@ -518,6 +521,11 @@ impl JobCtx {
     pub fn add_len(&self, n: u64) {
         let mut s = self.shared.lock();
         s.len = s.len.saturating_add(n);
+    }
+
+    /// Bytes of work done so far.
+    pub fn offset(&self) -> u64 {
+        self.shared.lock().offset
     }
 
     /// Records `n` more bytes of work done.

@@ -15,6 +15,7 @@ mod jobs;
 mod jobs_more;
 mod lazy;
 mod mapping;
+mod mirror;
 mod model;
 mod multiqueue;
 mod overlap;
