@@ -303,6 +303,13 @@ const CASES: &[Case] = &[
         codes: &[0, 1],
         not_options: &[],
     },
+    Case {
+        bin: IMG,
+        sub: &["mirror"],
+        options: &["-h", "--help", "-q", "--quiet", "-p", "--progress", "-O"],
+        codes: &[0, 1],
+        not_options: &[],
+    },
 ];
 
 /// The words of a help text that look like options (`-x`, `--long`), with
@@ -477,6 +484,11 @@ fn img_stream_help() {
     check_case(&CASES[12]);
 }
 
+#[test]
+fn img_mirror_help() {
+    check_case(&CASES[13]);
+}
+
 /// Each case is tested by the function named after its command (a case
 /// tested under another's name would leave its own untested).
 #[test]
@@ -489,7 +501,7 @@ fn cases_are_in_the_order_the_tests_index() {
         subs,
         [
             "measure", "compare", "create", "info", "map", "check", "convert", "resize", "amend",
-            "commit", "bench", "rebase", "stream"
+            "commit", "bench", "rebase", "stream", "mirror"
         ]
     );
 }
@@ -592,7 +604,7 @@ fn img_help_lists_each_command_on_one_line() {
             names,
             [
                 "amend", "bench", "check", "commit", "compare", "convert", "create", "info", "io",
-                "map", "measure", "rebase", "resize", "serve", "snapshot", "stream"
+                "map", "measure", "mirror", "rebase", "resize", "serve", "snapshot", "stream"
             ],
             "{}",
             r.out

@@ -55,6 +55,7 @@ impl Qsd {
                 "chardev=m",
             ])
             .stdin(Stdio::null())
+            .stdout(Stdio::null())
             .spawn()
             .expect("qemu-storage-daemon");
         let start = Instant::now();

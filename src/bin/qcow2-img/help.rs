@@ -22,6 +22,7 @@ Commands:
   io       run qemu-io commands (read, write, discard, ...) on an image
   map      show where an image's guest data is and which layer holds it
   measure  compute the file size a new image would need
+  mirror   copy an image's guest data to a new image (drive-mirror)
   rebase   change an image's backing file, keeping (or not: -u) what it reads
   resize   grow or shrink an image's virtual size
   serve    export an image to other processes (--nbd: an NBD server)
@@ -417,6 +418,38 @@ Exit codes:
   0  the data was streamed
   1  error: bad argument, the image cannot be opened, BASE is not in FILE's
      backing chain, --backing-file without -b, or an I/O error
+";
+
+/// `qcow2-img mirror --help`.
+pub const MIRROR: &str = "\
+Usage: qcow2-img mirror [-q] [-p] [-O qcow2|raw] SRC TARGET
+
+Create TARGET with SRC's virtual size and copy SRC's guest data (through its
+whole backing chain) into it with the mirror job (QEMU's drive-mirror,
+sync=full); TARGET has no backing file. Prints nothing on success (with -p:
+the progress indicator).
+
+Options:
+  -h, --help
+      print this help and exit
+  -q, --quiet
+      print nothing (no progress either)
+  -p, --progress
+      print qemu-img's progress indicator on stdout: updates of the form
+      (PERCENT/100%), each ended by a carriage return, and a newline at the end
+  -O qcow2|raw
+      format of TARGET (default: qcow2, created with default options)
+
+Arguments:
+  SRC
+      the image to copy (opened read-only, with its backing chain)
+  TARGET
+      the new image (replaced if it exists)
+
+Exit codes:
+  0  TARGET holds SRC's guest data
+  1  error: bad argument, SRC cannot be opened, TARGET cannot be created, or an
+     I/O error
 ";
 
 /// `qcow2-img amend --help`.

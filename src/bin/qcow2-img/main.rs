@@ -1,5 +1,5 @@
 //! `qcow2-img`: qemu-img's commands over qcow2kit (`create`, `info`, `map`,
-//! `check`, `commit`, `stream`, `rebase`, `convert`, `resize`, `amend`, `bench`, `serve`, `measure`, `compare`, `snapshot`) and qemu-io as `qcow2-img io`.
+//! `check`, `commit`, `stream`, `mirror`, `rebase`, `convert`, `resize`, `amend`, `bench`, `serve`, `measure`, `compare`, `snapshot`) and qemu-io as `qcow2-img io`.
 //!
 //! Outputs, streams, exit codes and messages follow `cli.md` (qemu-img /
 //! qemu-io 10.0.2), with `qcow2-img` where QEMU prints its program name.
@@ -21,6 +21,7 @@ mod info;
 mod io;
 mod map;
 mod measure;
+mod mirror;
 mod progress;
 mod rebase;
 mod resize;
@@ -67,6 +68,7 @@ fn main() -> ExitCode {
         "commit" => commit::run(rest),
         "rebase" => rebase::run(rest),
         "stream" => stream::run(rest),
+        "mirror" => mirror::run(rest),
         "serve" => serve::run(rest),
         "compare" => compare::run(rest),
         "measure" => measure::run(rest),
