@@ -27,6 +27,7 @@ mod measure;
 mod mirror;
 mod nbd_serve;
 mod progress;
+mod readme;
 mod rebase;
 mod snapshot;
 mod stream;
