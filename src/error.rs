@@ -78,6 +78,9 @@ pub enum Limit {
     /// The image file has more clusters than `check` can track (2^31 - 1), or
     /// a table names a host offset at or beyond 2^63.
     CheckedClusters,
+    /// The header, its extensions and the backing file name would not fit
+    /// in the first cluster (QEMU's `-ENOSPC` from `qcow2_update_header`).
+    HeaderSpace,
     /// A table of `bytes` bytes does not fit in this process's address space.
     Memory {
         /// The table.
@@ -102,6 +105,7 @@ impl std::fmt::Display for Limit {
             | Limit::CheckedClusters => {
                 f.write_str("File too large")
             }
+            Limit::HeaderSpace => f.write_str("No space left in the file header"),
             Limit::Memory { what, bytes } => {
                 write!(f, "{what} of {bytes} bytes does not fit in memory")
             }
@@ -379,6 +383,9 @@ pub enum Error {
     /// A feature this crate does not implement (yet).
     #[error("unsupported: {0}")]
     Unsupported(Unsupported),
+    /// A block job could not be started or driven (QEMU's texts).
+    #[error("{0}")]
+    Job(#[from] crate::job::JobError),
 }
 
 /// Shorthand for results of this crate.

@@ -1,10 +1,12 @@
 //! Events reported to the embedder (QEMU's `BLOCK_IMAGE_CORRUPTED` and
-//! `BLOCK_IO_ERROR`).
+//! `BLOCK_IO_ERROR` from an image; `BLOCK_JOB_READY`, `BLOCK_JOB_COMPLETED`,
+//! `BLOCK_JOB_CANCELLED` and `BLOCK_JOB_ERROR` from a [`crate::job`]).
 
 use std::fmt;
 use std::sync::Arc;
 
 use crate::error::IoOp;
+pub use crate::job::JobType;
 
 pub use crate::options::ErrorAction;
 
@@ -46,6 +48,67 @@ pub enum Event {
         /// `strerror` text, for humans.
         reason: String,
     },
+    /// A block job is ready to be completed (`BLOCK_JOB_READY`): an active
+    /// commit or a mirror has caught up with its source.
+    #[serde(rename = "BLOCK_JOB_READY")]
+    BlockJobReady {
+        /// The kind of job.
+        #[serde(rename = "type")]
+        job_type: JobType,
+        /// The job's id (QEMU's `device`).
+        device: String,
+        /// Bytes of work in total, as estimated now.
+        len: u64,
+        /// Bytes of work done.
+        offset: u64,
+        /// The rate limit, bytes per second (0: none).
+        speed: u64,
+    },
+    /// A block job ended (`BLOCK_JOB_COMPLETED`), successfully or with `error`.
+    #[serde(rename = "BLOCK_JOB_COMPLETED")]
+    BlockJobCompleted {
+        /// The kind of job.
+        #[serde(rename = "type")]
+        job_type: JobType,
+        /// The job's id (QEMU's `device`).
+        device: String,
+        /// Bytes of work in total.
+        len: u64,
+        /// Bytes of work done.
+        offset: u64,
+        /// The rate limit, bytes per second (0: none).
+        speed: u64,
+        /// Why the job failed; absent on success.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
+    /// A block job was cancelled (`BLOCK_JOB_CANCELLED`).
+    #[serde(rename = "BLOCK_JOB_CANCELLED")]
+    BlockJobCancelled {
+        /// The kind of job.
+        #[serde(rename = "type")]
+        job_type: JobType,
+        /// The job's id (QEMU's `device`).
+        device: String,
+        /// Bytes of work in total.
+        len: u64,
+        /// Bytes of work done.
+        offset: u64,
+        /// The rate limit, bytes per second (0: none).
+        speed: u64,
+    },
+    /// A block job met an I/O error (`BLOCK_JOB_ERROR`); `action` is what its
+    /// `on-error` policy made of it.
+    #[serde(rename = "BLOCK_JOB_ERROR")]
+    BlockJobError {
+        /// The job's id (QEMU's `device`).
+        device: String,
+        /// [`IoOp::Read`] or [`IoOp::Write`].
+        operation: IoOp,
+        /// `report` (the job ends), `ignore` (the request is retried) or
+        /// `stop` (the job pauses; resuming retries the request).
+        action: ErrorAction,
+    },
 }
 
 impl fmt::Display for Event {
@@ -62,6 +125,29 @@ impl fmt::Display for Event {
             Event::IoError { operation, action, reason, .. } => {
                 write!(f, "I/O error on {operation:?} ({action:?}): {reason}")
             }
+            Event::BlockJobReady { job_type, device, .. } => {
+                write!(f, "{job_type} job '{device}' is ready")
+            }
+            Event::BlockJobCompleted {
+                job_type,
+                device,
+                error: None,
+                ..
+            } => write!(f, "{job_type} job '{device}' completed"),
+            Event::BlockJobCompleted {
+                job_type,
+                device,
+                error: Some(e),
+                ..
+            } => write!(f, "{job_type} job '{device}' failed: {e}"),
+            Event::BlockJobCancelled { job_type, device, .. } => {
+                write!(f, "{job_type} job '{device}' cancelled")
+            }
+            Event::BlockJobError {
+                device,
+                operation,
+                action,
+            } => write!(f, "block job '{device}': I/O error on {operation} ({action})"),
         }
     }
 }

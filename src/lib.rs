@@ -43,6 +43,7 @@ pub mod export;
 pub mod format;
 pub mod image;
 pub mod info;
+pub mod job;
 mod mapping;
 mod meta;
 pub mod options;

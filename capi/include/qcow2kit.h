@@ -30,6 +30,34 @@
 // [`qcow2kit_event::kind`]: a storage I/O error (QEMU's `BLOCK_IO_ERROR`).
 #define QCOW2KIT_EVENT_IO_ERROR 2
 
+// [`qcow2kit_event::kind`]: a block job is ready to be completed (QEMU's
+// `BLOCK_JOB_READY`).
+#define QCOW2KIT_EVENT_BLOCK_JOB_READY 3
+
+// [`qcow2kit_event::kind`]: a block job ended (QEMU's
+// `BLOCK_JOB_COMPLETED`); `msg` is the error, NULL on success.
+#define QCOW2KIT_EVENT_BLOCK_JOB_COMPLETED 4
+
+// [`qcow2kit_event::kind`]: a block job was cancelled (QEMU's
+// `BLOCK_JOB_CANCELLED`).
+#define QCOW2KIT_EVENT_BLOCK_JOB_CANCELLED 5
+
+// [`qcow2kit_event::kind`]: a block job met an I/O error (QEMU's
+// `BLOCK_JOB_ERROR`); `operation` and `action` say which and what now.
+#define QCOW2KIT_EVENT_BLOCK_JOB_ERROR 6
+
+// [`qcow2kit_event::job_type`]: not a job event.
+#define QCOW2KIT_JOB_NONE 0
+
+// [`qcow2kit_event::job_type`]: `block-commit`.
+#define QCOW2KIT_JOB_COMMIT 1
+
+// [`qcow2kit_event::job_type`]: `block-stream`.
+#define QCOW2KIT_JOB_STREAM 2
+
+// [`qcow2kit_event::job_type`]: `drive-mirror`.
+#define QCOW2KIT_JOB_MIRROR 3
+
 // [`qcow2kit_event::operation`]: a read failed.
 #define QCOW2KIT_IO_READ 0
 
@@ -67,16 +95,20 @@ typedef struct qcow2kit_image qcow2kit_image;
 // An event of an open image, passed to a [`qcow2kit_event_cb`]. The strings
 // are valid only during the callback.
 typedef struct qcow2kit_event {
-  // [`QCOW2KIT_EVENT_IMAGE_CORRUPTED`] or [`QCOW2KIT_EVENT_IO_ERROR`].
+  // [`QCOW2KIT_EVENT_IMAGE_CORRUPTED`], [`QCOW2KIT_EVENT_IO_ERROR`] or
+  // one of the block-job kinds ([`QCOW2KIT_EVENT_BLOCK_JOB_READY`], ...).
   int kind;
   // The node name given at open (`node-name=`), or NULL.
   const char *node_name;
-  // What happened: QEMU's corruption message, or the `strerror` text of
-  // the I/O error.
+  // What happened: QEMU's corruption message, the `strerror` text of
+  // the I/O error, or the error a block job ended with (NULL for a job
+  // event without one).
   const char *msg;
-  // Corruption: `offset` is known.
+  // Corruption: `offset` is known. Job events other than
+  // [`QCOW2KIT_EVENT_BLOCK_JOB_ERROR`]: always set.
   bool has_offset;
-  // Corruption: host offset of the offending write or entry.
+  // Corruption: host offset of the offending write or entry. Job events:
+  // bytes of work done.
   uint64_t offset;
   // Corruption: `size` is known.
   bool has_size;
@@ -85,13 +117,24 @@ typedef struct qcow2kit_event {
   // Corruption: the image was marked corrupt and this handle disabled
   // (every later call fails with `-ENOMEDIUM`).
   bool fatal;
-  // I/O error: [`QCOW2KIT_IO_READ`] or [`QCOW2KIT_IO_WRITE`].
+  // I/O error and job error: [`QCOW2KIT_IO_READ`] or
+  // [`QCOW2KIT_IO_WRITE`].
   int operation;
-  // I/O error: the action of the `rerror`/`werror` policy
-  // ([`QCOW2KIT_ACTION_REPORT`], ...).
+  // I/O error: the action of the `rerror`/`werror` policy; job error: of
+  // the job's `on-error` policy ([`QCOW2KIT_ACTION_REPORT`], ...).
   int action;
   // I/O error: the error was ENOSPC.
   bool nospace;
+  // Job events: the kind of job ([`QCOW2KIT_JOB_COMMIT`], ...);
+  // [`QCOW2KIT_JOB_NONE`] otherwise and for
+  // [`QCOW2KIT_EVENT_BLOCK_JOB_ERROR`] (QEMU's event has no type).
+  int job_type;
+  // Job events: the job's id (QEMU's `device`); NULL otherwise.
+  const char *device;
+  // Job events: bytes of work in total.
+  uint64_t len;
+  // Job events: the rate limit in bytes per second (0: none).
+  uint64_t speed;
 } qcow2kit_event;
 
 // The event callback: `event` is valid only during the call. May be called

@@ -30,7 +30,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 
 use qcow2kit::error::IoOp;
-use qcow2kit::events::ErrorAction;
+use qcow2kit::events::{ErrorAction, JobType};
 use qcow2kit::{CreateOptions, Error, Event, Extent, Image, OpenOptions};
 
 /// Success.
@@ -44,6 +44,27 @@ pub const QCOW2KIT_OPEN_READ_ONLY: u32 = 1;
 pub const QCOW2KIT_EVENT_IMAGE_CORRUPTED: c_int = 1;
 /// [`qcow2kit_event::kind`]: a storage I/O error (QEMU's `BLOCK_IO_ERROR`).
 pub const QCOW2KIT_EVENT_IO_ERROR: c_int = 2;
+/// [`qcow2kit_event::kind`]: a block job is ready to be completed (QEMU's
+/// `BLOCK_JOB_READY`).
+pub const QCOW2KIT_EVENT_BLOCK_JOB_READY: c_int = 3;
+/// [`qcow2kit_event::kind`]: a block job ended (QEMU's
+/// `BLOCK_JOB_COMPLETED`); `msg` is the error, NULL on success.
+pub const QCOW2KIT_EVENT_BLOCK_JOB_COMPLETED: c_int = 4;
+/// [`qcow2kit_event::kind`]: a block job was cancelled (QEMU's
+/// `BLOCK_JOB_CANCELLED`).
+pub const QCOW2KIT_EVENT_BLOCK_JOB_CANCELLED: c_int = 5;
+/// [`qcow2kit_event::kind`]: a block job met an I/O error (QEMU's
+/// `BLOCK_JOB_ERROR`); `operation` and `action` say which and what now.
+pub const QCOW2KIT_EVENT_BLOCK_JOB_ERROR: c_int = 6;
+
+/// [`qcow2kit_event::job_type`]: not a job event.
+pub const QCOW2KIT_JOB_NONE: c_int = 0;
+/// [`qcow2kit_event::job_type`]: `block-commit`.
+pub const QCOW2KIT_JOB_COMMIT: c_int = 1;
+/// [`qcow2kit_event::job_type`]: `block-stream`.
+pub const QCOW2KIT_JOB_STREAM: c_int = 2;
+/// [`qcow2kit_event::job_type`]: `drive-mirror`.
+pub const QCOW2KIT_JOB_MIRROR: c_int = 3;
 
 /// [`qcow2kit_event::operation`]: a read failed.
 pub const QCOW2KIT_IO_READ: c_int = 0;
@@ -80,16 +101,20 @@ pub struct qcow2kit_image {
 #[repr(C)]
 #[derive(Debug)]
 pub struct qcow2kit_event {
-    /// [`QCOW2KIT_EVENT_IMAGE_CORRUPTED`] or [`QCOW2KIT_EVENT_IO_ERROR`].
+    /// [`QCOW2KIT_EVENT_IMAGE_CORRUPTED`], [`QCOW2KIT_EVENT_IO_ERROR`] or
+    /// one of the block-job kinds ([`QCOW2KIT_EVENT_BLOCK_JOB_READY`], ...).
     pub kind: c_int,
     /// The node name given at open (`node-name=`), or NULL.
     pub node_name: *const c_char,
-    /// What happened: QEMU's corruption message, or the `strerror` text of
-    /// the I/O error.
+    /// What happened: QEMU's corruption message, the `strerror` text of
+    /// the I/O error, or the error a block job ended with (NULL for a job
+    /// event without one).
     pub msg: *const c_char,
-    /// Corruption: `offset` is known.
+    /// Corruption: `offset` is known. Job events other than
+    /// [`QCOW2KIT_EVENT_BLOCK_JOB_ERROR`]: always set.
     pub has_offset: bool,
-    /// Corruption: host offset of the offending write or entry.
+    /// Corruption: host offset of the offending write or entry. Job events:
+    /// bytes of work done.
     pub offset: u64,
     /// Corruption: `size` is known.
     pub has_size: bool,
@@ -98,13 +123,24 @@ pub struct qcow2kit_event {
     /// Corruption: the image was marked corrupt and this handle disabled
     /// (every later call fails with `-ENOMEDIUM`).
     pub fatal: bool,
-    /// I/O error: [`QCOW2KIT_IO_READ`] or [`QCOW2KIT_IO_WRITE`].
+    /// I/O error and job error: [`QCOW2KIT_IO_READ`] or
+    /// [`QCOW2KIT_IO_WRITE`].
     pub operation: c_int,
-    /// I/O error: the action of the `rerror`/`werror` policy
-    /// ([`QCOW2KIT_ACTION_REPORT`], ...).
+    /// I/O error: the action of the `rerror`/`werror` policy; job error: of
+    /// the job's `on-error` policy ([`QCOW2KIT_ACTION_REPORT`], ...).
     pub action: c_int,
     /// I/O error: the error was ENOSPC.
     pub nospace: bool,
+    /// Job events: the kind of job ([`QCOW2KIT_JOB_COMMIT`], ...);
+    /// [`QCOW2KIT_JOB_NONE`] otherwise and for
+    /// [`QCOW2KIT_EVENT_BLOCK_JOB_ERROR`] (QEMU's event has no type).
+    pub job_type: c_int,
+    /// Job events: the job's id (QEMU's `device`); NULL otherwise.
+    pub device: *const c_char,
+    /// Job events: bytes of work in total.
+    pub len: u64,
+    /// Job events: the rate limit in bytes per second (0: none).
+    pub speed: u64,
 }
 
 /// The event callback: `event` is valid only during the call. May be called
@@ -259,6 +295,15 @@ fn action_code(a: ErrorAction) -> c_int {
     }
 }
 
+fn job_type_code(t: JobType) -> c_int {
+    match t {
+        JobType::Commit => QCOW2KIT_JOB_COMMIT,
+        JobType::Stream => QCOW2KIT_JOB_STREAM,
+        JobType::Mirror => QCOW2KIT_JOB_MIRROR,
+        _ => QCOW2KIT_JOB_NONE,
+    }
+}
+
 fn cstring(s: &str) -> CString {
     CString::new(s.replace('\0', "\\0")).unwrap_or_default()
 }
@@ -282,6 +327,20 @@ fn deliver(
             operation: QCOW2KIT_IO_READ,
             action: QCOW2KIT_ACTION_REPORT,
             nospace: false,
+            job_type: QCOW2KIT_JOB_NONE,
+            device: std::ptr::null(),
+            len: 0,
+            speed: 0,
+        };
+        // Job events: the job's id, kept alive until the callback returns.
+        let mut device: Option<CString> = None;
+        let job = |out: &mut qcow2kit_event, kind: c_int, t: JobType, len, offset, speed| {
+            out.kind = kind;
+            out.job_type = job_type_code(t);
+            out.len = len;
+            out.has_offset = true;
+            out.offset = offset;
+            out.speed = speed;
         };
         let (node, msg) = match ev {
             Event::ImageCorrupted {
@@ -297,7 +356,7 @@ fn deliver(
                 out.has_size = size.is_some();
                 out.size = size.unwrap_or(0);
                 out.fatal = *fatal;
-                (node_name.as_deref().map(cstring), cstring(msg))
+                (node_name.as_deref().map(cstring), Some(cstring(msg)))
             }
             Event::IoError {
                 node_name,
@@ -310,13 +369,80 @@ fn deliver(
                 out.operation = io_op_code(*operation);
                 out.action = action_code(*action);
                 out.nospace = *nospace;
-                (node_name.as_deref().map(cstring), cstring(reason))
+                (node_name.as_deref().map(cstring), Some(cstring(reason)))
+            }
+            Event::BlockJobReady {
+                job_type,
+                device: d,
+                len,
+                offset,
+                speed,
+            } => {
+                job(
+                    &mut out,
+                    QCOW2KIT_EVENT_BLOCK_JOB_READY,
+                    *job_type,
+                    *len,
+                    *offset,
+                    *speed,
+                );
+                device = Some(cstring(d));
+                (None, None)
+            }
+            Event::BlockJobCompleted {
+                job_type,
+                device: d,
+                len,
+                offset,
+                speed,
+                error,
+            } => {
+                job(
+                    &mut out,
+                    QCOW2KIT_EVENT_BLOCK_JOB_COMPLETED,
+                    *job_type,
+                    *len,
+                    *offset,
+                    *speed,
+                );
+                device = Some(cstring(d));
+                (None, error.as_deref().map(cstring))
+            }
+            Event::BlockJobCancelled {
+                job_type,
+                device: d,
+                len,
+                offset,
+                speed,
+            } => {
+                job(
+                    &mut out,
+                    QCOW2KIT_EVENT_BLOCK_JOB_CANCELLED,
+                    *job_type,
+                    *len,
+                    *offset,
+                    *speed,
+                );
+                device = Some(cstring(d));
+                (None, None)
+            }
+            Event::BlockJobError {
+                device: d,
+                operation,
+                action,
+            } => {
+                out.kind = QCOW2KIT_EVENT_BLOCK_JOB_ERROR;
+                out.operation = io_op_code(*operation);
+                out.action = action_code(*action);
+                device = Some(cstring(d));
+                (None, None)
             }
             // A kind of event this ABI does not know yet: not delivered.
             _ => return,
         };
+        out.device = device.as_ref().map_or(std::ptr::null(), |d| d.as_ptr());
         out.node_name = node.as_ref().map_or(std::ptr::null(), |n| n.as_ptr());
-        out.msg = msg.as_ptr();
+        out.msg = msg.as_ref().map_or(std::ptr::null(), |m| m.as_ptr());
         // SAFETY: `cb` is the caller's function with the documented
         // signature; `out` and the strings it points to live until it
         // returns.
@@ -927,5 +1053,72 @@ mod tests {
             assert_eq!(qcow2kit_close(img), 0);
             assert_eq!(qcow2kit_close(std::ptr::null_mut()), 0);
         }
+    }
+
+    /// What the test callback saw: (kind, job_type, device, msg is NULL).
+    type Seen = std::sync::Mutex<Vec<(c_int, c_int, String, bool)>>;
+
+    unsafe extern "C" fn record(ev: *const qcow2kit_event, user: *mut c_void) {
+        // SAFETY: the event is valid during the call; `user` is the `Seen`
+        // the test passed, alive for the whole test.
+        let (ev, seen) = unsafe { (&*ev, &*(user as *const Seen)) };
+        let device = if ev.device.is_null() {
+            String::new()
+        } else {
+            // SAFETY: a non-NULL device is a NUL-terminated string valid
+            // during the call.
+            unsafe { CStr::from_ptr(ev.device) }
+                .to_string_lossy()
+                .into_owned()
+        };
+        seen.lock()
+            .unwrap()
+            .push((ev.kind, ev.job_type, device, ev.msg.is_null()));
+    }
+
+    #[test]
+    fn job_events_reach_the_c_callback() {
+        use qcow2kit::job::{commit, CommitOptions, JobOptions, JobStatus};
+        use std::sync::Arc;
+        let dir = tempfile::tempdir().unwrap();
+        let (base, top) = (dir.path().join("b.qcow2"), dir.path().join("t.qcow2"));
+        qcow2kit::create::create(&base, &CreateOptions::new(), 1 << 20).unwrap();
+        let o = CreateOptions::new()
+            .backing_file("b.qcow2")
+            .backing_fmt("qcow2");
+        qcow2kit::create::create(&top, &o, 1 << 20).unwrap();
+        let seen: &'static Seen = Box::leak(Box::default());
+        let img = Arc::new(Image::open(&top, &OpenOptions::new()).unwrap());
+        img.on_event(sink(record, (seen as *const Seen).cast_mut().cast()));
+        img.write_at(&[5; 4096], 0).unwrap();
+        let opts = CommitOptions {
+            job: JobOptions {
+                id: "j0".into(),
+                ..JobOptions::default()
+            },
+            ..CommitOptions::default()
+        };
+        let job = commit(img.clone(), opts).unwrap();
+        assert_eq!(job.wait_ready(), JobStatus::Ready);
+        job.complete().unwrap();
+        job.wait().unwrap();
+        let seen = seen.lock().unwrap();
+        assert_eq!(
+            *seen,
+            vec![
+                (
+                    QCOW2KIT_EVENT_BLOCK_JOB_READY,
+                    QCOW2KIT_JOB_COMMIT,
+                    "j0".into(),
+                    true
+                ),
+                (
+                    QCOW2KIT_EVENT_BLOCK_JOB_COMPLETED,
+                    QCOW2KIT_JOB_COMMIT,
+                    "j0".into(),
+                    true
+                ),
+            ]
+        );
     }
 }

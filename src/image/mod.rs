@@ -47,7 +47,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 pub mod amend;
+mod chain;
 mod compressed;
+mod cor;
 pub mod create;
 mod crypt;
 pub mod measure;

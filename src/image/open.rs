@@ -588,6 +588,96 @@ fn open_backing_chain(
     Ok(tail)
 }
 
+impl Backing {
+    /// Opens `name` the way an image at `overlay` would open it as its
+    /// backing file (QEMU's `bdrv_get_full_backing_filename_from_filename`
+    /// then an open with the backing format), read-only: through `opts`'
+    /// [`crate::image::FileResolver`] when there is one, else resolved
+    /// against `overlay`'s directory. `format` is `"qcow2"`, `"raw"` or
+    /// `None` (probed: the qcow2 magic, else raw, as QEMU's probe between
+    /// the two); a qcow2 image comes with its own backing chain. This is
+    /// how `qemu-img rebase` opens the new backing file it compares with.
+    ///
+    /// ```
+    /// use qcow2kit::image::Backing;
+    /// use qcow2kit::{CreateOptions, OpenOptions};
+    ///
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// let (top, nb) = (dir.path().join("top.qcow2"), dir.path().join("nb.raw"));
+    /// qcow2kit::create::create(&top, &CreateOptions::new(), 1 << 20)?;
+    /// std::fs::write(&nb, vec![7u8; 4096])?;
+    /// let b = Backing::open("nb.raw", None, Some(&top), &OpenOptions::new())?;
+    /// assert!(matches!(b, Backing::Raw { size: 4096, .. }));
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// `Error::Open` when the file cannot be opened;
+    /// [`Error::Unsupported`] for a format other than qcow2 and raw; the
+    /// errors of opening a qcow2 image (wrapped in [`Error::Opening`]).
+    pub fn open(
+        name: &str,
+        format: Option<&str>,
+        overlay: Option<&Path>,
+        opts: &OpenOptions,
+    ) -> Result<Backing> {
+        let opts = opts.clone().read_only(true);
+        check_open_mode(&opts)?;
+        let resolver = opts.get_file_resolver();
+        let path = match resolver {
+            Some(_) => PathBuf::from(name),
+            None => resolve(overlay.and_then(Path::parent), Path::new(name)),
+        };
+        let storage: Arc<dyn Storage> = match resolver {
+            Some(r) => r.open(super::FileRole::Backing, name, false)?,
+            None => Arc::new(FileStorage::open(&path, false).map_err(|e| open_error(&path, e))?),
+        };
+        let is_qcow2 = match format {
+            Some("qcow2") => true,
+            Some("raw") => false,
+            Some(other) => {
+                return Err(Error::Unsupported(Unsupported::BackingFormat {
+                    format: other.to_owned(),
+                }))
+            }
+            None => {
+                let mut magic = [0u8; 4];
+                let n = storage.len().map_err(|e| Error::io(IoOp::Read, 0, e))?;
+                if n >= 4 {
+                    storage
+                        .read_at(&mut magic, 0)
+                        .map_err(|e| Error::io(IoOp::Read, 0, e))?;
+                }
+                u32::from_be_bytes(magic) == QCOW2_MAGIC
+            }
+        };
+        if !is_qcow2 {
+            storage.lock(&LockRequest::raw_backing(opts.get_locking()))?;
+            let size = storage
+                .len()
+                .map_err(|e| Error::io(IoOp::Read, 0, e))?
+                .div_ceil(512)
+                * 512;
+            return Ok(Backing::Raw {
+                storage,
+                size,
+                path,
+            });
+        }
+        let img = Image::open_inner(
+            storage,
+            Some(path.clone()),
+            &opts,
+            OpenMode::default(),
+            None,
+        )
+        .map_err(|e| e.opening(&path))?;
+        Ok(Backing::Qcow2(Box::new(img)))
+    }
+}
+
 /// What [`check_encryption`] found: the LUKS header (for `info`) and, when
 /// the image was opened with its key, the payload cipher.
 /// The cipher comes with whether its IVs follow host offsets (LUKS) or

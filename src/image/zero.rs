@@ -54,7 +54,13 @@ impl Image {
         }
     }
 
-    fn discard_locked(&self, meta: &mut Meta, offset: u64, len: u64, full: bool) -> Result<()> {
+    pub(crate) fn discard_locked(
+        &self,
+        meta: &mut Meta,
+        offset: u64,
+        len: u64,
+        full: bool,
+    ) -> Result<()> {
         let geom = self.geom;
         let cs = geom.cluster_size;
         let size = meta.header.size;

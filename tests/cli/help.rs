@@ -217,6 +217,25 @@ const CASES: &[Case] = &[
     },
     Case {
         bin: IMG,
+        sub: &["commit"],
+        options: &[
+            "-h",
+            "--help",
+            "-f",
+            "--format",
+            "-q",
+            "--quiet",
+            "-d",
+            "-p",
+            "--progress",
+            "-b",
+            "-r",
+        ],
+        codes: &[0, 1],
+        not_options: &[],
+    },
+    Case {
+        bin: IMG,
         sub: &["bench"],
         options: &[
             "-h",
@@ -251,6 +270,53 @@ const CASES: &[Case] = &[
             "--no-drain",
             "--image-opts",
         ],
+        codes: &[0, 1],
+        not_options: &[],
+    },
+    Case {
+        bin: IMG,
+        sub: &["rebase"],
+        options: &[
+            "-h",
+            "--help",
+            "-f",
+            "--format",
+            "-q",
+            "--quiet",
+            "-p",
+            "--progress",
+            "-U",
+            "--force-share",
+            "-u",
+            "-b",
+            "-F",
+        ],
+        codes: &[0, 1],
+        not_options: &[],
+    },
+    Case {
+        bin: IMG,
+        sub: &["stream"],
+        options: &[
+            "-h",
+            "--help",
+            "-f",
+            "--format",
+            "-q",
+            "--quiet",
+            "-p",
+            "--progress",
+            "-b",
+            "--backing-file",
+            "-r",
+        ],
+        codes: &[0, 1],
+        not_options: &[],
+    },
+    Case {
+        bin: IMG,
+        sub: &["mirror"],
+        options: &["-h", "--help", "-q", "--quiet", "-p", "--progress", "-O"],
         codes: &[0, 1],
         not_options: &[],
     },
@@ -409,8 +475,45 @@ fn img_amend_help() {
 }
 
 #[test]
-fn img_bench_help() {
+fn img_commit_help() {
     check_case(&CASES[9]);
+}
+
+#[test]
+fn img_bench_help() {
+    check_case(&CASES[10]);
+}
+
+#[test]
+fn img_rebase_help() {
+    check_case(&CASES[11]);
+}
+
+#[test]
+fn img_stream_help() {
+    check_case(&CASES[12]);
+}
+
+#[test]
+fn img_mirror_help() {
+    check_case(&CASES[13]);
+}
+
+/// Each case is tested by the function named after its command (a case
+/// tested under another's name would leave its own untested).
+#[test]
+fn cases_are_in_the_order_the_tests_index() {
+    let subs: Vec<&str> = CASES
+        .iter()
+        .map(|c| c.sub.first().copied().unwrap_or(""))
+        .collect();
+    assert_eq!(
+        subs,
+        [
+            "measure", "compare", "create", "info", "map", "check", "convert", "resize", "amend",
+            "commit", "bench", "rebase", "stream", "mirror"
+        ]
+    );
 }
 
 /// `snapshot --help` (its own test: the option table above has no case for
@@ -510,8 +613,8 @@ fn img_help_lists_each_command_on_one_line() {
         assert_eq!(
             names,
             [
-                "amend", "bench", "check", "compare", "convert", "create", "info", "io", "map",
-                "measure", "resize", "serve", "snapshot"
+                "amend", "bench", "check", "commit", "compare", "convert", "create", "info", "io",
+                "map", "measure", "mirror", "rebase", "resize", "serve", "snapshot", "stream"
             ],
             "{}",
             r.out

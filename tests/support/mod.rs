@@ -16,6 +16,7 @@
 
 pub mod check;
 pub mod image;
+pub mod qsd;
 
 pub use check::*;
 pub use image::*;

@@ -14,6 +14,7 @@ Commands:
   amend    change header options (compat, refcount_bits, size, ...) of an image
   bench    run a simple read or write benchmark on an image
   check    check an image for consistency and optionally repair it
+  commit   copy an image's data into its backing file (or a deeper base)
   compare  compare the guest contents of two images
   convert  copy an image's guest data (through its backing chain) to a new image
   create   create a new qcow2 image, optionally over a backing file
@@ -21,9 +22,12 @@ Commands:
   io       run qemu-io commands (read, write, discard, ...) on an image
   map      show where an image's guest data is and which layer holds it
   measure  compute the file size a new image would need
+  mirror   copy an image's guest data to a new image (drive-mirror)
+  rebase   change an image's backing file, keeping (or not: -u) what it reads
   resize   grow or shrink an image's virtual size
   serve    export an image to other processes (--nbd: an NBD server)
   snapshot list, create, apply or delete internal snapshots
+  stream   copy the data of an image's backing chain into it (block-stream)
 
 Options:
   -h, --help
@@ -330,6 +334,155 @@ Exit codes:
   0  the image has the new size
   1  error: bad argument, the image cannot be opened, a shrink without
      --shrink, or the resize failed
+";
+
+/// `qcow2-img commit --help`.
+pub const COMMIT: &str = "\
+Usage: qcow2-img commit [-f qcow2] [-q] [-d] [-p] [-b BASE] [-r RATE] FILE
+
+Copy the data allocated in FILE (and in the images between FILE and BASE)
+into BASE, then empty FILE so that it reads through to BASE again. Prints
+'Image committed.' on success.
+
+Options:
+  -h, --help
+      print this help and exit
+  -f, --format qcow2
+      format of FILE; only qcow2 is supported (default: qcow2)
+  -q, --quiet
+      print nothing (no progress either)
+  -d
+      do not empty FILE afterwards
+  -p, --progress
+      print qemu-img's progress indicator on stdout: updates of the form
+      (PERCENT/100%), each ended by a carriage return, and a newline at the end
+  -b BASE
+      the image of FILE's backing chain that receives the data (found by file
+      identity; default: FILE's backing file); implies -d
+  -r RATE
+      copy at most RATE bytes per second (suffixes k, M, G, ...; 0: no limit)
+
+Arguments:
+  FILE
+      the image to commit (opened read-write)
+
+Exit codes:
+  0  the image was committed
+  1  error: bad argument, the image or BASE cannot be opened, BASE is not in
+     FILE's backing chain, FILE has no backing file, or an I/O error
+";
+
+/// `qcow2-img rebase --help`.
+pub const REBASE: &str = "\
+Usage: qcow2-img rebase [-f qcow2] [-q] [-p] [-U] [-u] [-b NEW [-F FMT]] FILE
+
+Change FILE's backing file to NEW. Safe mode (the default) first copies into
+FILE every range where the old and the new backing file read differently, so
+FILE's guest view does not change; -u only rewrites the backing file name.
+NEW empty (-b \"\") removes the backing file (safe mode first copies in all
+backing data). Prints nothing on success (with -p: the progress indicator).
+
+Options:
+  -h, --help
+      print this help and exit
+  -f, --format qcow2
+      format of FILE; only qcow2 is supported (default: qcow2)
+  -q, --quiet
+      print nothing (no progress either)
+  -p, --progress
+      print qemu-img's progress indicator on stdout: updates of the form
+      (PERCENT/100%), each ended by a carriage return, and a newline at the end
+  -U, --force-share
+      open NEW with force-share=on (another process may hold it)
+  -u
+      unsafe mode: only change the name in the header; neither backing file is
+      opened and nothing is copied (without -b: remove the backing file)
+  -b NEW
+      the new backing file, relative to FILE's directory unless absolute
+  -F FMT
+      the format of NEW, written into FILE's header (qcow2 or raw to be opened;
+      required with a non-empty NEW)
+
+Arguments:
+  FILE
+      the image to rebase (opened read-write)
+
+Exit codes:
+  0  the backing file was changed
+  1  error: bad argument, FILE or NEW cannot be opened, no -F with -b NEW, the
+     name does not fit in the header, or an I/O error
+";
+
+/// `qcow2-img stream --help`.
+pub const STREAM: &str = "\
+Usage: qcow2-img stream [-f qcow2] [-q] [-p] [-b BASE] [--backing-file STR] [-r RATE] FILE
+
+Copy into FILE the data its backing chain holds above BASE (default: all of
+it), then make BASE its backing file (named as FILE's chain opened it, as
+QEMU does, or STR; with BASE's format), or, without BASE, remove its backing
+file. FILE reads the same
+before and after. QEMU's block-stream job, offline. Prints nothing on success
+(with -p: the progress indicator).
+
+Options:
+  -h, --help
+      print this help and exit
+  -f, --format qcow2
+      format of FILE; only qcow2 is supported (default: qcow2)
+  -q, --quiet
+      print nothing (no progress either)
+  -p, --progress
+      print qemu-img's progress indicator on stdout: updates of the form
+      (PERCENT/100%), each ended by a carriage return, and a newline at the end
+  -b BASE
+      the image of FILE's backing chain that stays its backing file (found by
+      file identity)
+  --backing-file STR
+      the backing file name written into FILE instead of BASE (not checked);
+      needs -b
+  -r RATE
+      copy at most RATE bytes per second (suffixes k, M, G, ...; 0: no limit)
+
+Arguments:
+  FILE
+      the image to stream into (opened read-write)
+
+Exit codes:
+  0  the data was streamed
+  1  error: bad argument, the image cannot be opened, BASE is not in FILE's
+     backing chain, --backing-file without -b, or an I/O error
+";
+
+/// `qcow2-img mirror --help`.
+pub const MIRROR: &str = "\
+Usage: qcow2-img mirror [-q] [-p] [-O qcow2|raw] SRC TARGET
+
+Create TARGET with SRC's virtual size and copy SRC's guest data (through its
+whole backing chain) into it with the mirror job (QEMU's drive-mirror,
+sync=full); TARGET has no backing file. Prints nothing on success (with -p:
+the progress indicator).
+
+Options:
+  -h, --help
+      print this help and exit
+  -q, --quiet
+      print nothing (no progress either)
+  -p, --progress
+      print qemu-img's progress indicator on stdout: updates of the form
+      (PERCENT/100%), each ended by a carriage return, and a newline at the end
+  -O qcow2|raw
+      format of TARGET (default: qcow2, created with default options)
+
+Arguments:
+  SRC
+      the image to copy (opened read-only, with its backing chain)
+  TARGET
+      the new image (replaced if it exists)
+
+Exit codes:
+  0  TARGET holds SRC's guest data
+  1  error: bad argument, SRC cannot be opened, TARGET cannot be created, or an
+     I/O error
 ";
 
 /// `qcow2-img amend --help`.

@@ -1,5 +1,5 @@
 //! `qcow2-img`: qemu-img's commands over qcow2kit (`create`, `info`, `map`,
-//! `check`, `convert`, `resize`, `amend`, `bench`, `serve`, `measure`, `compare`, `snapshot`) and qemu-io as `qcow2-img io`.
+//! `check`, `commit`, `stream`, `mirror`, `rebase`, `convert`, `resize`, `amend`, `bench`, `serve`, `measure`, `compare`, `snapshot`) and qemu-io as `qcow2-img io`.
 //!
 //! Outputs, streams, exit codes and messages follow `cli.md` (qemu-img /
 //! qemu-io 10.0.2), with `qcow2-img` where QEMU prints its program name.
@@ -10,6 +10,7 @@ mod amend;
 mod bench;
 #[path = "../shared/check_cli.rs"]
 mod check_cli;
+mod commit;
 mod common;
 mod compare;
 mod convert;
@@ -20,10 +21,13 @@ mod info;
 mod io;
 mod map;
 mod measure;
+mod mirror;
 mod progress;
+mod rebase;
 mod resize;
 mod serve;
 mod snapshot;
+mod stream;
 
 use common::{Fail, PROG};
 use std::process::ExitCode;
@@ -70,6 +74,10 @@ fn main() -> ExitCode {
         "bench" => bench::run(rest),
         "io" => io::run(rest),
         "amend" => amend::run(rest),
+        "commit" => commit::run(rest),
+        "rebase" => rebase::run(rest),
+        "stream" => stream::run(rest),
+        "mirror" => mirror::run(rest),
         "serve" => serve::run(rest),
         "compare" => compare::run(rest),
         "measure" => measure::run(rest),

@@ -1,0 +1,362 @@
+//! The commit job (QAPI `block-commit`): copies what the layers from `top`
+//! down to (not including) `base` hold into `base`.
+//!
+//! * Committing the active layer (`top` is the device itself, the default)
+//!   copies, then waits in the ready state (`BLOCK_JOB_READY`) until the
+//!   embedder calls [`Job::complete`]; completing copies once more what the
+//!   active layer holds (writes the embedder made meanwhile), unless the
+//!   device was declared quiesced ([`CommitOptions::device_quiesced`]).
+//!   The base then reads as the device did; the embedder switches to it.
+//! * Committing an intermediate image finishes on its own and writes
+//!   `backing-file` (default: the base's path) into the overlay of `top`.
+//!
+//! The device's open chain holds its backing images read-only, so the job
+//! opens its own writable handles of the base (and of the overlay of an
+//! intermediate `top`) with the device's options: through the device's
+//! [`crate::image::FileResolver`] when it has one, else by path. QEMU
+//! updates the permissions of the chain's nodes for the job; here the
+//! device's read-only handles of those images first relax their locks to
+//! share write (other processes still cannot take write: the job's handle
+//! does not share it), and take their read-only locks back when the job
+//! ends.
+
+use super::{Job, JobCtx, JobOptions, JobType, Stop};
+use crate::error::{IoOp, Result};
+use crate::image::{Backing, FileRole};
+use crate::job::JobError;
+use crate::storage::{LockRequest, Permissions, Storage};
+use crate::{Error, Image};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Bytes copied per request (QEMU's `COMMIT_BUFFER_SIZE`).
+const CHUNK: u64 = 512 << 10;
+
+/// Arguments of a commit (QAPI `block-commit`).
+#[derive(Debug, Clone, Default)]
+pub struct CommitOptions {
+    /// Id, speed, `on-error` and the event sink.
+    pub job: JobOptions,
+    /// The image whose data is committed (matched against the paths of the
+    /// device's chain by file identity); default: the device itself.
+    pub top: Option<PathBuf>,
+    /// The image receiving the data; default: the deepest backing image.
+    pub base: Option<PathBuf>,
+    /// For an intermediate `top`: the backing string written into the
+    /// overlay of `top` (not validated); default: the base's path. An error
+    /// when `top` is the active layer.
+    pub backing_file: Option<String>,
+    /// The embedder does not write to the device while the job runs (as
+    /// `qemu-img commit`): completing an active commit then copies nothing
+    /// more.
+    pub device_quiesced: bool,
+}
+
+/// The qcow2 images of `device`'s chain, the device first, and whether a raw
+/// file ends it.
+pub(super) fn layers(device: &Image) -> (Vec<&Image>, bool) {
+    let mut v = vec![device];
+    let mut cur = device;
+    loop {
+        match cur.backing() {
+            Some(Backing::Qcow2(b)) => {
+                v.push(b);
+                cur = b;
+            }
+            Some(Backing::Raw { .. }) => return (v, true),
+            None => return (v, false),
+        }
+    }
+}
+
+/// Whether `layer` is the file `name` names: same device and inode when
+/// both exist, else the same path.
+pub(super) fn is_file(layer: &Image, name: &Path) -> bool {
+    let Some(path) = layer.path() else {
+        return false;
+    };
+    match (std::fs::metadata(path), std::fs::metadata(name)) {
+        (Ok(a), Ok(b)) => {
+            use std::os::unix::fs::MetadataExt;
+            a.dev() == b.dev() && a.ino() == b.ino()
+        }
+        _ => path == name,
+    }
+}
+
+/// The device's read-only handle of an image the job writes, with its lock
+/// relaxed to share everything while the job's writable handle exists;
+/// dropping it takes the read-only lock back (best effort: a conflict then
+/// leaves it relaxed).
+struct SharedWrite {
+    storage: Arc<dyn Storage>,
+    restore: LockRequest,
+}
+
+impl SharedWrite {
+    fn new(layer: &Image) -> Result<SharedWrite> {
+        let o = layer.options();
+        let locking = o.get_locking();
+        layer.storage().lock(&LockRequest {
+            perm: Permissions::CONSISTENT_READ,
+            shared: Permissions::ALL,
+            locking,
+        })?;
+        Ok(SharedWrite {
+            storage: layer.storage().clone(),
+            restore: LockRequest::image_file(true, o.get_force_share(), locking),
+        })
+    }
+}
+
+impl Drop for SharedWrite {
+    fn drop(&mut self) {
+        let _ = self.storage.lock(&self.restore);
+    }
+}
+
+/// A writable handle of `layer` (an image of `device`'s chain), opened
+/// with the device's options and without a backing file.
+fn open_writable(device: &Image, layer: &Image) -> Result<Arc<Image>> {
+    let opts = device.options().clone().read_only(false).force_share(false);
+    let path = layer.path().ok_or_else(|| {
+        Error::InvalidArgument("the image to write has no name to reopen it by".into())
+    })?;
+    let img = match opts.get_file_resolver() {
+        Some(resolver) => {
+            let name = path.to_string_lossy();
+            let storage = resolver.open(FileRole::Backing, &name, true)?;
+            Image::open_storage(storage, &opts.with_filename(path.to_path_buf()))?
+        }
+        None => Image::open_without_backing(path, &opts)?,
+    };
+    Ok(Arc::new(img))
+}
+
+/// Starts a commit of `device`'s chain (QAPI `block-commit`).
+///
+/// ```
+/// use qcow2kit::job::{commit, CommitOptions, JobOutcome, JobStatus};
+/// use qcow2kit::{CreateOptions, Image, OpenOptions};
+/// use std::sync::Arc;
+///
+/// # fn main() -> qcow2kit::Result<()> {
+/// let dir = tempfile::tempdir().map_err(|e| qcow2kit::Error::InvalidArgument(e.to_string()))?;
+/// let (base, top) = (dir.path().join("base.qcow2"), dir.path().join("top.qcow2"));
+/// qcow2kit::create::create(&base, &CreateOptions::new(), 4 << 20)?;
+/// let o = CreateOptions::new().backing_file("base.qcow2").backing_fmt("qcow2");
+/// qcow2kit::create::create(&top, &o, 4 << 20)?;
+/// // Image locking on (the default): the job's writable handle of the base
+/// // coexists with the device's read-only one.
+/// let opts = OpenOptions::new();
+/// let device = Arc::new(Image::open(&top, &opts)?);
+/// device.write_at(&[7; 65536], 0)?;
+///
+/// let job = commit(device.clone(), CommitOptions::default())?;
+/// assert_eq!(job.wait_ready(), JobStatus::Ready); // an active commit waits
+/// job.complete()?;
+/// assert_eq!(job.wait()?, JobOutcome::Completed);
+///
+/// let b = Image::open_without_backing(&base, &OpenOptions::new().read_only(true))?;
+/// let mut buf = [0u8; 4];
+/// b.read_at(&mut buf, 0)?;
+/// assert_eq!(buf, [7; 4]);
+/// # Ok(())
+/// # }
+/// ```
+///
+/// # Errors
+/// [`JobError`] for arguments that do not fit the chain (QEMU's texts);
+/// the errors of opening the base (or the overlay) writable.
+pub fn commit(device: Arc<Image>, opts: CommitOptions) -> Result<Job> {
+    let (chain, raw_tail) = layers(&device);
+    let top = match &opts.top {
+        None => 0,
+        Some(t) => chain
+            .iter()
+            .position(|l| is_file(l, t))
+            .ok_or_else(|| JobError::TopNotFound(t.display().to_string()))?,
+    };
+    if top + 1 >= chain.len() && !raw_tail {
+        return Err(JobError::NoBacking.into());
+    }
+    let base = match &opts.base {
+        None => {
+            if raw_tail {
+                return Err(Error::InvalidArgument(
+                    "committing into a raw base image is not supported yet".into(),
+                ));
+            }
+            chain.len() - 1
+        }
+        Some(b) => {
+            if chain.get(top).is_some_and(|l| is_file(l, b)) {
+                return Err(JobError::IntoItself.into());
+            }
+            chain
+                .iter()
+                .enumerate()
+                .skip(top + 1)
+                .find(|(_, l)| is_file(l, b))
+                .map(|(i, _)| i)
+                .ok_or_else(|| JobError::BaseNotFound(b.display().to_string()))?
+        }
+    };
+    if top == 0 && opts.backing_file.is_some() {
+        return Err(JobError::BackingFileForActive.into());
+    }
+    // Declared before the writable handles, so dropped after them.
+    let mut shared = vec![SharedWrite::new(chain[base])?];
+    let base_img = open_writable(&device, chain[base])?;
+    let overlay = match top {
+        0 => None,
+        1 if !device.is_read_only() => Some(device.clone()),
+        t => {
+            shared.push(SharedWrite::new(chain[t - 1])?);
+            Some(open_writable(&device, chain[t - 1])?)
+        }
+    };
+    let backing_string = opts.backing_file.clone().unwrap_or_else(|| {
+        chain[base]
+            .path()
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    });
+    drop(chain);
+    let quiesced = opts.device_quiesced;
+    let job_opts = opts.job.or_device_sink(&device);
+    Job::spawn(JobType::Commit, job_opts, move |ctx| {
+        let r = run(
+            ctx,
+            &device,
+            top,
+            base,
+            &base_img,
+            overlay,
+            &backing_string,
+            quiesced,
+        );
+        // The writable handles go (flushed and closed) before the device's
+        // read-only handles take their locks back.
+        let closed = base_img.shutdown();
+        drop(base_img);
+        drop(shared);
+        r.and(closed.map_err(Stop::Failed))
+    })
+}
+
+/// The job's work, on the job thread.
+#[allow(clippy::too_many_arguments)]
+fn run(
+    ctx: &JobCtx,
+    device: &Image,
+    top: usize,
+    base: usize,
+    base_img: &Image,
+    overlay: Option<Arc<Image>>,
+    backing_string: &str,
+    quiesced: bool,
+) -> std::result::Result<(), Stop> {
+    let (chain, _) = layers(device);
+    let (Some(top_img), Some(above)) = (chain.get(top), chain.get(top..base)) else {
+        return Err(Stop::Failed(Error::Internal(
+            "commit layers out of the chain".into(),
+        )));
+    };
+    let len = top_img.size();
+    ctx.set_len(len);
+    // QEMU grows a smaller base to the size of top.
+    if base_img.size() < len {
+        base_img.resize(len)?;
+    }
+    copy_pass(ctx, top_img, above, base_img, len)?;
+    base_img.flush()?;
+    match overlay {
+        None => {
+            ctx.ready()?;
+            if !quiesced {
+                // What the embedder wrote since: the active layer only.
+                ctx.add_len(len);
+                copy_pass(ctx, top_img, &chain[..1], base_img, len)?;
+                base_img.flush()?;
+            }
+        }
+        Some(ov) => {
+            ov.change_backing_file(backing_string, Some("qcow2"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Whether `[off, off + want)` is allocated in one of `layers` (the
+/// images above the base): `(allocated, n)` for the first `n` bytes. A
+/// layer that ends before `off` counts as allocated (it reads zeroes over
+/// what is below), as in QEMU's `bdrv_is_allocated_above`.
+fn allocated_above(layers: &[&Image], off: u64, want: u64) -> Result<(bool, u64)> {
+    let mut n = want;
+    for l in layers {
+        let size = l.size();
+        if off >= size {
+            return Ok((true, n));
+        }
+        let st = l.block_status(off, n.min(size - off))?;
+        n = n.min(st.len);
+        if st.extent != crate::Extent::Unallocated {
+            return Ok((true, n));
+        }
+    }
+    Ok((false, n))
+}
+
+/// Copies every range allocated in `layers` from `top`'s view into `base`,
+/// `len` bytes of progress.
+fn copy_pass(
+    ctx: &JobCtx,
+    top: &Image,
+    layers: &[&Image],
+    base: &Image,
+    len: u64,
+) -> std::result::Result<(), Stop> {
+    let mut buf = vec![0u8; CHUNK as usize];
+    let mut off = 0u64;
+    while off < len {
+        ctx.checkpoint()?;
+        let want = CHUNK.min(len - off);
+        let (alloc, n) = match allocated_above(layers, off, want) {
+            Ok(r) => r,
+            Err(e) => {
+                ctx.handle_error(IoOp::Read, e)?;
+                continue;
+            }
+        };
+        if n == 0 {
+            return Err(Stop::Failed(Error::Internal(format!(
+                "no progress committing at {off:#x}"
+            ))));
+        }
+        if alloc {
+            let chunk = buf.get_mut(..n as usize).ok_or_else(|| {
+                Stop::Failed(Error::Internal(
+                    "commit request larger than its buffer".into(),
+                ))
+            })?;
+            if let Err(e) = top.read_at(chunk, off) {
+                ctx.handle_error(IoOp::Read, e)?;
+                continue;
+            }
+            let w = if chunk.iter().all(|&b| b == 0) {
+                base.write_zeroes(off, n, false)
+            } else {
+                base.write_at(chunk, off)
+            };
+            if let Err(e) = w {
+                ctx.handle_error(IoOp::Write, e)?;
+                continue;
+            }
+            ctx.processed(n);
+        }
+        ctx.progress(n);
+        off += n;
+    }
+    Ok(())
+}
