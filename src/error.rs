@@ -135,6 +135,8 @@ pub enum Unsupported {
     /// Internal snapshots of an image with an external data file (QEMU
     /// refuses them too: the data file cannot be shared copy-on-write).
     SnapshotWithDataFile,
+    /// Resizing an image with persistent dirty bitmaps.
+    ResizeWithBitmaps,
 }
 
 impl std::fmt::Display for Unsupported {
@@ -153,6 +155,9 @@ impl std::fmt::Display for Unsupported {
             }
             Unsupported::SnapshotWithDataFile => {
                 f.write_str("internal snapshots of an image with an external data file")
+            }
+            Unsupported::ResizeWithBitmaps => {
+                f.write_str("resizing an image with persistent dirty bitmaps")
             }
         }
     }

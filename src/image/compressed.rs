@@ -141,6 +141,7 @@ impl Image {
         if c.guest_len > self.geom.cluster_size {
             return Err(Error::InvalidArgument("more than one cluster".into()));
         }
+        self.note_guest_write(offset, c.guest_len);
         if !c.compressed {
             return self.write_at(&c.bytes, offset);
         }

@@ -133,6 +133,9 @@ pub struct Image {
     /// The metadata: shared for cache-hit translations, exclusive for
     /// everything else (see the module docs).
     meta: RwLock<Meta>,
+    /// The bits of the tracked persistent bitmaps, set by every guest
+    /// write, write-zeroes and discard with no lock (see `meta::bitmaps`).
+    pub(crate) dirty: Arc<crate::meta::bitmaps::DirtySet>,
     pub(crate) io_barrier: RwLock<()>,
     /// Pairs with `in_flight_done` (a condvar cannot wait on an `RwLock`
     /// guard): taken by a waiter before it releases the exclusive metadata
@@ -848,6 +851,10 @@ impl Image {
                 .io_barrier
                 .write()
                 .map_err(|_| Error::PreviousIoFailed)?;
+            // Guest data and its tables are durable before the bitmaps
+            // that describe them are stored.
+            meta.flush_all(true)?;
+            meta.store_bitmaps()?;
             meta.mark_clean()?;
             Self::sync_data_file(&mut meta)
         })();

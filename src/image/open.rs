@@ -243,6 +243,17 @@ impl Image {
             }
             meta.view_snapshot(sn)?;
         }
+        // QEMU loads the persistent bitmaps of every read-write open (a
+        // directory that fails its checks fails the open); check mode
+        // leaves them to the checker.
+        if !read_only && !mode.check && !mode.no_io {
+            meta.bitmaps = crate::meta::bitmaps::load_bitmaps(&meta)?;
+        }
+        let dirty = meta
+            .bitmaps
+            .as_ref()
+            .map(|b| b.set.clone())
+            .unwrap_or_default();
 
         let base_dir = path
             .as_deref()
@@ -329,6 +340,7 @@ impl Image {
             data_file_path,
             backing,
             meta: RwLock::new(meta),
+            dirty,
             io_barrier: RwLock::new(()),
             in_flight_mx: Mutex::new(()),
             in_flight_done: Condvar::new(),

@@ -243,6 +243,8 @@ impl Image {
     /// As [`Image::write_at`].
     pub fn reserve_write(&self, offset: u64, len: u64) -> Result<WriteReservation<'_>> {
         self.writable()?;
+        // Marked at reservation: the caller writes the data before commit.
+        self.note_guest_write(offset, len);
         if len > 0 {
             if let Some((meta, permit, n)) = self.in_place_shared(offset, len, offset, len)? {
                 return self.reserve_in_place(meta, permit, offset, n);

@@ -278,6 +278,7 @@ impl Image {
                 size: self.size(),
             });
         };
+        self.note_guest_write(offset, len);
         let cb = self.geom.cluster_bits;
         let mut done = 0u64;
         while done < len {

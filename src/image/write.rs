@@ -18,17 +18,26 @@ impl Image {
     }
 
     /// Work done once before the first write of a handle: clear autoclear
-    /// bits this crate does not maintain (bitmaps become inconsistent as
-    /// soon as we write, so the bitmaps bit is cleared too).
+    /// bits this crate does not maintain (the bitmaps bit too when the
+    /// bitmaps are not loaded: they would become stale), and flag the
+    /// tracked persistent bitmaps `in_use` (see `meta::bitmaps`).
     pub(crate) fn before_first_write(&self, meta: &mut Meta) -> Result<()> {
-        let keep = AUTOCLEAR_DATA_FILE_RAW;
+        let keep = meta.kept_autoclear();
         if meta.header.autoclear_features & !keep != 0 {
             meta.header.autoclear_features &= keep;
             // The bitmap directory stays allocated and protected: only its
             // consistency bit is dropped.
             meta.write_autoclear_features()?;
         }
-        Ok(())
+        meta.mark_bitmaps_in_use()
+    }
+
+    /// Marks guest bytes `[offset, offset + len)` dirty in the tracked
+    /// persistent bitmaps: the one hook of every guest write, write-zeroes
+    /// and discard (also one that changes nothing, as QEMU does), called
+    /// once per request before its data reaches the file.
+    pub(crate) fn note_guest_write(&self, offset: u64, len: u64) {
+        self.dirty.note(offset, len);
     }
 
     /// Writes `buf` at guest offset `offset`.
@@ -56,6 +65,7 @@ impl Image {
     /// the handle disabled), `Error::Corrupt`, I/O errors.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.writable()?;
+        self.note_guest_write(offset, buf.len() as u64);
         let mut done = 0usize;
         while done < buf.len() {
             let g = offset + done as u64;
@@ -265,7 +275,7 @@ impl Image {
         if end > meta.header.size
             || total == 0
             || Self::shared_defers(&meta)
-            || meta.header.autoclear_features & !AUTOCLEAR_DATA_FILE_RAW != 0
+            || meta.first_write_pending()
         {
             return Ok(None);
         }

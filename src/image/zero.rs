@@ -40,6 +40,7 @@ impl Image {
         self.writable()?;
         let mut meta = self.lock_idle()?;
         self.check_range(meta.header.size, offset, len)?;
+        self.note_guest_write(offset, len);
         if meta.header.version < 3 && meta.header.backing_file_name().is_some() {
             // Without the zero flag a discard would expose stale backing
             // data; QEMU refuses (ENOTSUP), and discards are advisory.
@@ -213,6 +214,7 @@ impl Image {
                 m.header.backing_file_name().is_some(),
             )
         };
+        self.note_guest_write(offset, len);
         if !v3 && has_backing {
             return self.write_zero_data(offset, len);
         }

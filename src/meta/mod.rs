@@ -38,6 +38,7 @@ use crate::storage::Storage;
 use crate::types::{Geometry, MetadataKind};
 use std::collections::BTreeSet;
 
+pub(crate) mod bitmaps;
 pub(crate) mod cache;
 mod compressed;
 mod conv;
@@ -283,6 +284,9 @@ pub(crate) struct Meta {
     pub free_byte_offset: u64,
     /// The internal snapshots.
     pub snapshots: Vec<crate::format::snapshot::SnapshotEntry>,
+    /// The persistent dirty bitmaps of a read-write handle (see
+    /// [`bitmaps`]); `None` read-only, in check mode and without bitmaps.
+    pub bitmaps: Option<bitmaps::Bitmaps>,
 }
 
 impl Meta {

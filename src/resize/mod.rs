@@ -28,7 +28,7 @@
 //! refcount blocks that count nothing but themselves and truncates the file
 //! after the last used cluster.
 
-use crate::error::{Error, IoOp, Limit, Result};
+use crate::error::{Error, IoOp, Limit, Result, Unsupported};
 use crate::format::consts::*;
 use crate::format::entry::L2Entry;
 use crate::format::Structure;
@@ -109,6 +109,12 @@ impl Image {
         self.writable()?;
         let mut meta = self.lock_idle()?;
         let old = meta.header.size;
+        if meta.bitmaps.is_some() && new_size != old {
+            // The bitmaps would have to be resized with the disk (QEMU
+            // does); refused rather than leaving bitmaps that no longer
+            // cover the disk.
+            return Err(Error::Unsupported(Unsupported::ResizeWithBitmaps));
+        }
         if new_size < old && prealloc != Preallocation::Off {
             return Err(Error::InvalidArgument(
                 "Preallocation can't be used for shrinking an image".into(),
