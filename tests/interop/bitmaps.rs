@@ -1,0 +1,192 @@
+//! Persistent dirty bitmaps made by `qemu-img bitmap`, written here and by
+//! QEMU on twin images: the same bitmaps, flags and dirty granules, and
+//! `qemu-img check` clean.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
+
+use crate::support;
+
+use qcow2kit::format::bitmap::{decode_bitmap_directory, BME_FLAG_AUTO, BME_FLAG_IN_USE};
+use qcow2kit::format::header::Header;
+use qcow2kit::{Image, OpenOptions};
+use std::collections::BTreeSet;
+use std::io::IoSlice;
+use std::path::Path;
+use support::bitmaps::{granules, stored_bitmaps, StoredBitmap};
+use support::{assert_check_clean, qemu_img, qemu_io};
+
+const MIB: u64 = 1 << 20;
+
+/// Sets the `in_use` flag of bitmap `name` in the directory of `path`, as
+/// a crash of QEMU leaves it.
+fn set_in_use(path: &Path, name: &str) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let h = Header::decode(&bytes).unwrap();
+    let ext = *h.bitmaps().unwrap();
+    let start = ext.bitmap_directory_offset as usize;
+    let dir = &bytes[start..start + ext.bitmap_directory_size as usize];
+    let mut pos = start;
+    for e in decode_bitmap_directory(dir, ext.nb_bitmaps, h.cluster_bits).unwrap() {
+        if e.name == name {
+            let flags = u32::from_be_bytes(bytes[pos + 12..pos + 16].try_into().unwrap());
+            bytes[pos + 12..pos + 16].copy_from_slice(&(flags | BME_FLAG_IN_USE).to_be_bytes());
+        }
+        pos += e.entry_size() as usize;
+    }
+    std::fs::write(path, bytes).unwrap();
+}
+
+fn bitmaps_of(path: &Path) -> Vec<StoredBitmap> {
+    stored_bitmaps(&std::fs::read(path).unwrap()).expect("bitmaps kept")
+}
+
+fn find<'a>(bms: &'a [StoredBitmap], name: &str) -> &'a StoredBitmap {
+    bms.iter().find(|b| b.name == name).expect(name)
+}
+
+/// `qemu-img info`'s bitmaps (name, granularity, flags).
+fn info_bitmaps(path: &Path) -> serde_json::Value {
+    let out = qemu_img(&["info", "--output=json", path.to_str().unwrap()]);
+    support::json(&out)["format-specific"]["data"]["bitmaps"].clone()
+}
+
+/// An 8 MiB image with: `b64k` and `b512` enabled and clean, `bdis`
+/// disabled with one dirty 64 KiB range, `bbad` enabled but left `in_use`.
+fn base_image(dir: &Path) -> std::path::PathBuf {
+    let p = dir.join("base.qcow2");
+    let ps = p.to_str().unwrap();
+    qemu_img(&["create", "-q", "-f", "qcow2", ps, "8M"]);
+    qemu_img(&["bitmap", "--add", ps, "bdis"]);
+    qemu_img(&["bitmap", "--add", ps, "bbad"]);
+    qemu_io(&p, &["write -P 9 3M 64k".into()]);
+    qemu_img(&["bitmap", "--disable", ps, "bdis"]);
+    qemu_img(&["bitmap", "--add", "-g", "65536", ps, "b64k"]);
+    qemu_img(&["bitmap", "--add", "-g", "512", ps, "b512"]);
+    set_in_use(&p, "bbad");
+    p
+}
+
+#[test]
+fn io_writes_update_bitmaps_like_qemu_io() {
+    if !support::have_qemu() {
+        return;
+    }
+    let dir = support::scratch();
+    let base = base_image(dir.path());
+    let before = bitmaps_of(&base);
+    let ours = dir.path().join("ours.qcow2");
+    let theirs = dir.path().join("qemu.qcow2");
+    std::fs::copy(&base, &ours).unwrap();
+    std::fs::copy(&base, &theirs).unwrap();
+    // (qemu-io command, guest range it touches)
+    let ops: &[(&str, u64, u64)] = &[
+        ("write -P 1 100k 4k", 100 << 10, 4 << 10),
+        ("write -P 2 2M 200k", 2 * MIB, 200 << 10),
+        ("write -z 1M 64k", MIB, 64 << 10), // unallocated: changes nothing
+        ("write -z 2049k 3k", 2 * MIB + 1024, 3 << 10),
+        ("discard 2M 64k", 2 * MIB, 64 << 10),
+        ("discard 6M 128k", 6 * MIB, 128 << 10), // unallocated: changes nothing
+        ("writev -P 3 5M 512 1k", 5 * MIB, 1536),
+        ("write -c -P 4 7M 64k", 7 * MIB, 64 << 10),
+        ("write -P 5 8388096 512", 8 * MIB - 512, 512),
+    ];
+    let mut args: Vec<&str> = vec!["io"];
+    for (c, _, _) in ops {
+        args.extend(["-c", c]);
+    }
+    args.push(ours.to_str().unwrap());
+    let out = support::ours(dir.path(), &args);
+    assert_eq!(out.code, 0, "{}{}", out.out, out.err);
+    qemu_io(
+        &theirs,
+        &ops.iter()
+            .map(|(c, _, _)| c.to_string())
+            .collect::<Vec<_>>(),
+    );
+
+    let (mine, qemu) = (bitmaps_of(&ours), bitmaps_of(&theirs));
+    assert_eq!(mine, qemu, "stored bitmaps differ from QEMU's");
+    assert_eq!(info_bitmaps(&ours), info_bitmaps(&theirs));
+    for (name, g) in [("b64k", 16u8), ("b512", 9)] {
+        let want: BTreeSet<u64> = ops
+            .iter()
+            .flat_map(|&(_, o, l)| granules(g, o, l))
+            .collect();
+        let b = find(&mine, name);
+        assert_eq!(b.flags, BME_FLAG_AUTO, "{name}");
+        assert_eq!(b.dirty.as_ref(), Some(&want), "{name}");
+    }
+    assert_eq!(
+        find(&mine, "bdis"),
+        find(&before, "bdis"),
+        "disabled bitmap"
+    );
+    let bad = find(&mine, "bbad");
+    assert_eq!(
+        bad.flags,
+        BME_FLAG_AUTO | BME_FLAG_IN_USE,
+        "inconsistent bitmap"
+    );
+    assert_eq!(bad.dirty, None);
+    assert_check_clean(&ours, "ours");
+    assert_check_clean(&theirs, "qemu");
+    // The guest data agrees too.
+    assert_eq!(support::qemu_raw(&ours), support::qemu_raw(&theirs));
+}
+
+#[test]
+fn library_requests_mark_bitmaps_and_survive_reopen() {
+    if !support::have_qemu() {
+        return;
+    }
+    let dir = support::scratch();
+    let p = dir.path().join("lib.qcow2");
+    let ps = p.to_str().unwrap();
+    qemu_img(&["create", "-q", "-f", "qcow2", ps, "8M"]);
+    qemu_img(&["bitmap", "--add", "-g", "4096", ps, "b4k"]);
+    let mut want = BTreeSet::new();
+    let touch = |want: &mut BTreeSet<u64>, o: u64, l: u64| want.extend(granules(12, o, l));
+    {
+        let img = Image::open(&p, &OpenOptions::new()).unwrap();
+        img.write_at(&[1; 5000], 10_000).unwrap();
+        touch(&mut want, 10_000, 5000);
+        // Flagged in_use on disk from the first write until the store.
+        assert_eq!(find(&bitmaps_of(&p), "b4k").dirty, None);
+        img.write_vectored_at(&[IoSlice::new(&[2; 512]), IoSlice::new(&[3; 4096])], MIB)
+            .unwrap();
+        touch(&mut want, MIB, 4608);
+        let r = img.reserve_write(3 * MIB + 100, 9000).unwrap();
+        r.commit().unwrap();
+        touch(&mut want, 3 * MIB + 100, 9000);
+        img.write_compressed_at(&[4; 65536], 4 * MIB).unwrap();
+        touch(&mut want, 4 * MIB, 65536);
+        img.write_zeroes(5 * MIB + 7, 100, false).unwrap();
+        touch(&mut want, 5 * MIB + 7, 100);
+        img.discard(6 * MIB, 3 * 4096).unwrap();
+        touch(&mut want, 6 * MIB, 3 * 4096);
+        img.close().unwrap();
+    }
+    let b = find(&bitmaps_of(&p), "b4k").clone();
+    assert_eq!(b.flags, BME_FLAG_AUTO);
+    assert_eq!(b.dirty, Some(want.clone()));
+    assert_check_clean(&p, "after the first session");
+    {
+        let img = Image::open(&p, &OpenOptions::new()).unwrap();
+        img.write_at(&[5; 512], 7 * MIB).unwrap();
+        touch(&mut want, 7 * MIB, 512);
+        let e = img.resize(16 * MIB).unwrap_err();
+        assert!(matches!(e, qcow2kit::Error::Unsupported(_)), "{e}");
+        // Dropped without close: stored all the same.
+    }
+    assert_eq!(find(&bitmaps_of(&p), "b4k").dirty, Some(want));
+    assert_check_clean(&p, "after the second session");
+    // A read-write open that writes nothing writes nothing.
+    let before = std::fs::read(&p).unwrap();
+    Image::open(&p, &OpenOptions::new())
+        .unwrap()
+        .close()
+        .unwrap();
+    assert!(
+        before == std::fs::read(&p).unwrap(),
+        "an idle open changed the file"
+    );
+}
