@@ -8,6 +8,7 @@ mod lib_features;
 mod support;
 
 mod bad_images;
+mod bitmap_crash;
 mod corruption;
 mod crash_replay;
 mod faults;
