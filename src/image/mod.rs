@@ -47,6 +47,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 pub mod amend;
+mod bitmaps;
 mod compressed;
 pub mod create;
 pub mod measure;

@@ -116,6 +116,50 @@ impl DirtyBitmap {
             .is_some_and(|w| w.load(Ordering::Relaxed) & (1 << (b % 64)) != 0)
     }
 
+    /// The dirty guest extents `(offset, len)` within `[offset, offset +
+    /// len)`, merged and clipped to the range, at most `max` of them.
+    pub(crate) fn extents(&self, offset: u64, len: u64, max: usize) -> Vec<(u64, u64)> {
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let Some(end) = offset.checked_add(len).filter(|_| len > 0) else {
+            return out;
+        };
+        let g = self.granularity_bits;
+        let mut b = offset >> g;
+        let last = ((end - 1) >> g).min(self.bits.saturating_sub(1));
+        while b <= last && self.bits > 0 {
+            let word = usize::try_from(b / 64)
+                .ok()
+                .and_then(|w| self.words.get(w))
+                .map_or(0, |w| w.load(Ordering::Relaxed));
+            let rest = word >> (b % 64);
+            if rest == 0 {
+                b = (b / 64 + 1) * 64;
+                continue;
+            }
+            b += u64::from(rest.trailing_zeros());
+            if b > last {
+                break;
+            }
+            let start = (b << g).max(offset);
+            let stop = b
+                .saturating_add(1)
+                .checked_shl(g)
+                .unwrap_or(u64::MAX)
+                .min(end);
+            match out.last_mut() {
+                Some((o, l)) if o.saturating_add(*l) == start => *l = stop - *o,
+                _ => {
+                    if out.len() >= max {
+                        break;
+                    }
+                    out.push((start, stop - start));
+                }
+            }
+            b += 1;
+        }
+        out
+    }
+
     /// ORs serialized bitmap bytes (QEMU's layout: bit `i` is bit `i % 8`
     /// of byte `i / 8`) starting at serialized byte `at` into the words.
     /// `at` and `bytes.len()` are multiples of 8 (whole clusters).
@@ -231,6 +275,35 @@ impl Bitmaps {
     }
 }
 
+/// The bits of the bitmap `bm` whose decoded table is `decoded`.
+fn read_bits(
+    meta: &Meta,
+    bm: &BitmapDirEntry,
+    decoded: &[BitmapTableEntry],
+) -> Result<DirtyBitmap> {
+    let cs = meta.geom.cluster_size;
+    let map = DirtyBitmap::new(u32::from(bm.granularity_bits), meta.header.size)?;
+    let mut buf = vec![0u8; conv::cluster_bytes(&meta.geom)];
+    for (k, d) in decoded.iter().enumerate() {
+        let at = (k as u64).saturating_mul(cs);
+        if at >= map.serialized_len() {
+            break;
+        }
+        match *d {
+            BitmapTableEntry::AllZeroes => {}
+            BitmapTableEntry::AllOnes => {
+                let first = at.saturating_mul(8);
+                map.set_bits(first, first.saturating_add(cs.saturating_mul(8)));
+            }
+            BitmapTableEntry::Data(off) => {
+                meta.gate.reader().read(&mut buf, off)?;
+                map.load_bytes(at, &buf);
+            }
+        }
+    }
+    Ok(map)
+}
+
 fn dir_err(offset: u64, reason: impl Into<String>) -> Error {
     Error::Format(FormatError::invalid(
         Structure::BitmapDirectory,
@@ -281,7 +354,6 @@ pub(crate) fn load_bitmaps(meta: &Meta) -> Result<Option<Bitmaps>> {
         return Ok(None);
     };
     let reader = meta.gate.reader();
-    let cs = meta.geom.cluster_size;
     let mut head = vec![0u8; conv::cluster_bytes(&meta.geom)];
     reader.read(&mut head, 0)?;
     let ext_pos = bitmaps_ext_pos(&head, h).ok_or_else(|| {
@@ -338,26 +410,7 @@ pub(crate) fn load_bitmaps(meta: &Meta) -> Result<Option<Bitmaps>> {
         if !bm.auto() {
             continue;
         }
-        let map = DirtyBitmap::new(u32::from(bm.granularity_bits), h.size)?;
-        let mut buf = vec![0u8; conv::cluster_bytes(&meta.geom)];
-        for (k, d) in decoded.iter().enumerate() {
-            let at = (k as u64).saturating_mul(cs);
-            if at >= map.serialized_len() {
-                break;
-            }
-            match *d {
-                BitmapTableEntry::AllZeroes => {}
-                BitmapTableEntry::AllOnes => {
-                    let first = at.saturating_mul(8);
-                    map.set_bits(first, first.saturating_add(cs.saturating_mul(8)));
-                }
-                BitmapTableEntry::Data(off) => {
-                    reader.read(&mut buf, off)?;
-                    map.load_bytes(at, &buf);
-                }
-            }
-        }
-        maps.push(map);
+        maps.push(read_bits(meta, bm, &decoded)?);
         tracked.push(Tracked { entry: i, table });
     }
     Ok(Some(Bitmaps {
@@ -373,6 +426,97 @@ pub(crate) fn load_bitmaps(meta: &Meta) -> Result<Option<Bitmaps>> {
         }),
         marked: false,
     }))
+}
+
+/// Most extents one [`dirty_extents`] call returns.
+pub(crate) const MAX_EXTENTS: usize = 1 << 20;
+
+/// The dirty guest extents of bitmap `name` within `[offset, offset +
+/// len)`: from memory for a tracked bitmap, else read from the image (a
+/// disabled bitmap, or any bitmap of a read-only handle).
+///
+/// # Errors
+/// `Error::InvalidArgument` with QEMU's messages for an unknown bitmap
+/// ("Dirty bitmap 'NAME' not found") and one flagged `in_use` ("Bitmap
+/// 'NAME' is inconsistent and cannot be used"); the load errors of the
+/// directory and table (`Error::Format` naming the offset), I/O errors.
+pub(crate) fn dirty_extents(
+    meta: &Meta,
+    name: &str,
+    offset: u64,
+    len: u64,
+) -> Result<Vec<(u64, u64)>> {
+    let not_found = || Error::InvalidArgument(format!("Dirty bitmap '{name}' not found"));
+    let entry = if let Some(b) = &meta.bitmaps {
+        let i = b
+            .entries
+            .iter()
+            .position(|e| e.name == name)
+            .ok_or_else(not_found)?;
+        if let Some(k) = b.tracked.iter().position(|t| t.entry == i) {
+            let map = b
+                .set
+                .maps
+                .get(k)
+                .ok_or_else(|| Error::Internal("tracked bitmap without bits".into()))?;
+            return Ok(map.extents(offset, len, MAX_EXTENTS));
+        }
+        b.entries.get(i).cloned().ok_or_else(not_found)?
+    } else {
+        let h = &meta.header;
+        let ext = h
+            .bitmaps()
+            .copied()
+            .filter(|_| h.autoclear_features & AUTOCLEAR_BITMAPS != 0)
+            .ok_or_else(not_found)?;
+        let mut dir =
+            vec![0u8; conv::mem_len(Structure::BitmapDirectory, ext.bitmap_directory_size)?];
+        meta.gate
+            .reader()
+            .read(&mut dir, ext.bitmap_directory_offset)?;
+        decode_bitmap_directory(&dir, ext.nb_bitmaps, h.cluster_bits)
+            .map_err(|mut e| {
+                e.offset = Some(
+                    ext.bitmap_directory_offset
+                        .saturating_add(e.offset.unwrap_or(0)),
+                );
+                Error::Format(e)
+            })?
+            .into_iter()
+            .find(|e| e.name == name)
+            .ok_or_else(not_found)?
+    };
+    if entry.in_use() {
+        return Err(Error::InvalidArgument(format!(
+            "Bitmap '{name}' is inconsistent and cannot be used"
+        )));
+    }
+    entry
+        .check_covers(meta.header.size, meta.header.cluster_bits)
+        .map_err(|mut e| {
+            e.offset = Some(entry.bitmap_table_offset);
+            Error::Format(e)
+        })?;
+    let tbytes = u64::from(entry.bitmap_table_size) * 8;
+    let mut raw = vec![0u8; conv::mem_len(Structure::BitmapDirectory, tbytes)?];
+    meta.gate
+        .reader()
+        .read(&mut raw, entry.bitmap_table_offset)?;
+    let mut decoded = Vec::with_capacity(raw.len() / 8);
+    for (k, chunk) in raw.chunks_exact(8).enumerate() {
+        let at = entry.bitmap_table_offset.saturating_add(k as u64 * 8);
+        decoded.push(
+            decode_bitmap_table_entry(conv::be_word(chunk), meta.header.cluster_bits).map_err(
+                |err| {
+                    dir_err(
+                        at,
+                        format!("bitmap '{name}': table entry {k}: {}", err.reason),
+                    )
+                },
+            )?,
+        );
+    }
+    Ok(read_bits(meta, &entry, &decoded)?.extents(offset, len, MAX_EXTENTS))
 }
 
 impl Meta {
@@ -568,6 +712,21 @@ mod tests {
         let big = DirtyBitmap::new(9, 1 << 20).unwrap();
         big.set_range(512 * 3, 512 * 130);
         assert!(!big.get(2) && big.get(3) && big.get(132) && !big.get(133));
+    }
+
+    #[test]
+    fn extents_merge_and_clip() {
+        let m = DirtyBitmap::new(12, 1 << 20).unwrap();
+        m.set_range(4096, 8192); // granules 1, 2
+        m.set_range(64 * 4096, 1); // granule 64 (next word)
+        m.set_range((1 << 20) - 1, 1); // the last granule
+        assert_eq!(
+            m.extents(0, 1 << 20, 10),
+            vec![(4096, 8192), (64 * 4096, 4096), ((1 << 20) - 4096, 4096)]
+        );
+        assert_eq!(m.extents(5000, 4000, 10), vec![(5000, 4000)]);
+        assert_eq!(m.extents(0, 1 << 20, 1), vec![(4096, 8192)]);
+        assert!(m.extents(3 * 4096, 60 * 4096, 10).is_empty());
     }
 
     #[test]

@@ -133,6 +133,55 @@ fn io_writes_update_bitmaps_like_qemu_io() {
     assert_eq!(support::qemu_raw(&ours), support::qemu_raw(&theirs));
 }
 
+/// The granule set `want` (of `1 << g` bytes) as merged guest extents.
+fn as_extents(want: &BTreeSet<u64>, g: u8) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for &b in want {
+        match out.last_mut() {
+            Some((o, l)) if *o + *l == b << g => *l += 1 << g,
+            _ => out.push((b << g, 1 << g)),
+        }
+    }
+    out
+}
+
+#[test]
+fn dirty_extents_query() {
+    if !support::have_qemu() {
+        return;
+    }
+    let dir = support::scratch();
+    let p = base_image(dir.path());
+    let img = Image::open(&p, &OpenOptions::new()).unwrap();
+    img.write_at(&[1; 3000], MIB + 100).unwrap();
+    img.write_zeroes(5 * MIB, 70_000, false).unwrap();
+    let mut want = BTreeSet::new();
+    want.extend(granules(16, MIB + 100, 3000));
+    want.extend(granules(16, 5 * MIB, 70_000));
+    let live = img.dirty_extents("b64k", 0, 8 * MIB).unwrap();
+    assert_eq!(live, as_extents(&want, 16));
+    // Clipped to the range asked for.
+    assert_eq!(
+        img.dirty_extents("b64k", MIB + 10, 50).unwrap(),
+        vec![(MIB + 10, 50)]
+    );
+    // The disabled bitmap is read from the image: qemu-io's 3M+64k write.
+    let dis = vec![(3 * MIB, 64 << 10)];
+    assert_eq!(img.dirty_extents("bdis", 0, 8 * MIB).unwrap(), dis);
+    let e = img.dirty_extents("bbad", 0, MIB).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "Bitmap 'bbad' is inconsistent and cannot be used"
+    );
+    let e = img.dirty_extents("nope", 0, MIB).unwrap_err();
+    assert_eq!(e.to_string(), "Dirty bitmap 'nope' not found");
+    img.close().unwrap();
+    // A read-only handle reads the stored bitmap: the same extents.
+    let ro = Image::open(&p, &OpenOptions::new().read_only(true)).unwrap();
+    assert_eq!(ro.dirty_extents("b64k", 0, 8 * MIB).unwrap(), live);
+    assert_eq!(ro.dirty_extents("bdis", 0, 8 * MIB).unwrap(), dis);
+}
+
 #[test]
 fn library_requests_mark_bitmaps_and_survive_reopen() {
     if !support::have_qemu() {
