@@ -350,7 +350,7 @@ pub(crate) fn load_bitmaps(meta: &Meta) -> Result<Option<Bitmaps>> {
     if h.autoclear_features & AUTOCLEAR_BITMAPS == 0 {
         return Ok(None);
     }
-    let Some(ext) = h.bitmaps().copied() else {
+    let Some(ext) = h.bitmaps().copied().filter(|e| e.nb_bitmaps > 0) else {
         return Ok(None);
     };
     let reader = meta.gate.reader();
