@@ -239,3 +239,58 @@ fn library_requests_mark_bitmaps_and_survive_reopen() {
         "an idle open changed the file"
     );
 }
+
+/// Host offset of the directory and of bitmap 0's table in `path`.
+fn dir_and_table(path: &Path) -> (u64, u64) {
+    let bytes = std::fs::read(path).unwrap();
+    let h = Header::decode(&bytes).unwrap();
+    let ext = *h.bitmaps().unwrap();
+    let start = ext.bitmap_directory_offset as usize;
+    let dir = &bytes[start..start + ext.bitmap_directory_size as usize];
+    let e = &decode_bitmap_directory(dir, ext.nb_bitmaps, h.cluster_bits).unwrap()[0];
+    (ext.bitmap_directory_offset, e.bitmap_table_offset)
+}
+
+#[test]
+fn damaged_bitmaps_fail_a_read_write_open_like_qemu() {
+    if !support::have_qemu() {
+        return;
+    }
+    let dir = support::scratch();
+    // (what, byte offset from the directory or the table, xor mask)
+    for (what, in_table, pos, mask) in [
+        ("granularity", false, 17u64, 0x20u8),
+        ("reserved table bit", true, 7, 2),
+    ] {
+        let p = dir.path().join("bad.qcow2");
+        let ps = p.to_str().unwrap();
+        qemu_img(&["create", "-q", "-f", "qcow2", ps, "4M"]);
+        qemu_img(&["bitmap", "--add", ps, "b0"]);
+        let (d, t) = dir_and_table(&p);
+        let at = if in_table { t } else { d } + pos;
+        let mut bytes = std::fs::read(&p).unwrap();
+        bytes[at as usize] ^= mask;
+        std::fs::write(&p, &bytes).unwrap();
+        let q = support::qemu(dir.path(), "qemu-io", &["-c", "write 0 512", "bad.qcow2"]);
+        let o = support::ours(dir.path(), &["io", "-c", "write 0 512", "bad.qcow2"]);
+        assert_eq!(q.code, 1, "{what}: {}", q.err);
+        assert_eq!(o.code, q.code, "{what}");
+        assert_eq!(o.err, q.err, "{what}");
+        let e = Image::open(&p, &OpenOptions::new()).unwrap_err();
+        match e.inner() {
+            qcow2kit::Error::Format(f) => {
+                assert_eq!(
+                    f.what,
+                    qcow2kit::format::Structure::BitmapDirectory,
+                    "{what}"
+                );
+                assert_eq!(f.offset, Some(if in_table { t } else { d }), "{what}");
+            }
+            other => panic!("{what}: {other:?}"),
+        }
+        assert!(
+            std::fs::read(&p).unwrap() == bytes,
+            "{what}: a failed open wrote"
+        );
+    }
+}
