@@ -171,3 +171,59 @@ fn bitmap_store_crash_replay() {
         seen.get()
     );
 }
+
+/// A write failing at each point of the store: `close` reports it (no
+/// panic), and the file left behind has the bitmap flagged `in_use` or
+/// exactly stored, with the guest data intact.
+#[test]
+fn failed_store_never_leaves_a_wrong_bitmap() {
+    use crate::support::testing::{Fault, FaultKind, FaultOp};
+    if !support::have_qemu() {
+        return;
+    }
+    let dir = support::scratch();
+    let p = dir.path().join("f.qcow2");
+    let ps = p.to_str().unwrap();
+    qemu_img(&["create", "-q", "-f", "qcow2", ps, "4M"]);
+    qemu_img(&["bitmap", "--add", "-g", "4096", ps, "b4k"]);
+    let base = std::fs::read(&p).unwrap();
+    let want: std::collections::BTreeSet<u64> = granules(12, 70_000, 200_000)
+        .chain(granules(12, 3 << 20, 5))
+        .collect();
+    let mut failed = 0;
+    for nth in 0.. {
+        let fs = Arc::new(FaultyStorage::new(MemStorage::from_bytes(base.clone())));
+        let img = Image::open_storage(fs.clone() as Arc<dyn Storage>, &OpenOptions::new()).unwrap();
+        img.write_at(&[7; 200_000], 70_000).unwrap();
+        img.write_zeroes(3 << 20, 5, false).unwrap();
+        img.flush().unwrap();
+        fs.set_fault(Some(Fault {
+            op: FaultOp::Write,
+            nth,
+            kind: FaultKind::Eio,
+            persistent: true,
+        }));
+        let r = img.close();
+        fs.set_fault(None);
+        let bytes = fs.inner().to_vec();
+        let b = stored_bitmaps(&bytes).expect("bitmaps kept")[0].clone();
+        assert!(
+            b.dirty.is_none() || b.dirty.as_ref() == Some(&want),
+            "write {nth} failing: silently wrong bitmap {b:?}"
+        );
+        let mem = Arc::new(MemStorage::from_bytes(bytes));
+        let back = Image::open_storage(mem as Arc<dyn Storage>, &OpenOptions::new()).unwrap();
+        let mut buf = vec![0u8; 200_000];
+        back.read_at(&mut buf, 70_000).unwrap();
+        assert!(
+            buf.iter().all(|&x| x == 7),
+            "write {nth} failing: data lost"
+        );
+        if r.is_ok() {
+            assert_eq!(b.dirty, Some(want), "clean close");
+            break;
+        }
+        failed += 1;
+    }
+    assert!(failed > 3, "the store made only {failed} writes");
+}
