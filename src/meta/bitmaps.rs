@@ -33,7 +33,7 @@ use crate::format::bitmap::{
 };
 use crate::format::consts::{AUTOCLEAR_BITMAPS, EXT_BITMAPS};
 use crate::format::header::{Header, HeaderExtension};
-use crate::format::{be_u32, FormatError, Structure};
+use crate::format::{be_u32, be_u64, FormatError, Structure};
 use crate::types::MetadataKind;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -406,7 +406,7 @@ pub(crate) fn load_bitmaps(meta: &Meta) -> Result<Option<Bitmaps>> {
         let tbytes = u64::from(bm.bitmap_table_size) * 8;
         let mut raw = vec![0u8; conv::mem_len(Structure::BitmapDirectory, tbytes)?];
         reader.read(&mut raw, bm.bitmap_table_offset)?;
-        let table: Vec<u64> = raw.chunks_exact(8).map(conv::be_word).collect();
+        let table: Vec<u64> = raw.chunks_exact(8).filter_map(|c| be_u64(c, 0)).collect();
         let mut decoded = Vec::with_capacity(table.len());
         for (k, &e) in table.iter().enumerate() {
             let at = bm.bitmap_table_offset.saturating_add(k as u64 * 8);
@@ -510,10 +510,10 @@ pub(crate) fn dirty_extents(
         .reader()
         .read(&mut raw, entry.bitmap_table_offset)?;
     let mut decoded = Vec::with_capacity(raw.len() / 8);
-    for (k, chunk) in raw.chunks_exact(8).enumerate() {
+    for (k, word) in raw.chunks_exact(8).filter_map(|c| be_u64(c, 0)).enumerate() {
         let at = entry.bitmap_table_offset.saturating_add(k as u64 * 8);
         decoded.push(
-            decode_bitmap_table_entry(conv::be_word(chunk), meta.header.cluster_bits)
+            decode_bitmap_table_entry(word, meta.header.cluster_bits)
                 .map_err(|_| table_err(at, name))?,
         );
     }

@@ -53,12 +53,3 @@ pub(super) fn get_mut<'a, T>(table: &'a mut [T], i: usize, what: &str) -> Result
         .get_mut(i)
         .ok_or_else(|| Error::Internal(format!("{what} index {i} beyond its {len} entries")))
 }
-
-/// The big-endian `u64` at the start of `chunk` (an L1/L2 entry slot of 8 or
-/// 16 bytes); 0 for a chunk shorter than 8 bytes, which the callers'
-/// `chunks_exact(8 or 16)` never hand over.
-pub(super) fn be_word(chunk: &[u8]) -> u64 {
-    chunk
-        .first_chunk::<8>()
-        .map_or(0, |b| u64::from_be_bytes(*b))
-}

@@ -150,7 +150,7 @@ impl Meta {
         let bytes = u64::from(sn.l1_size) * 8;
         let mut buf = vec![0u8; conv::mem_len(Structure::L1Table, bytes)?];
         self.gate.read(&mut buf, sn.l1_table_offset)?;
-        Ok(buf.chunks_exact(8).map(conv::be_word).collect())
+        Ok(buf.chunks_exact(8).filter_map(|c| be_u64(c, 0)).collect())
     }
 
     /// The L2 table offset of raw L1 entry `raw` (index `l1i`), validated.
@@ -179,7 +179,7 @@ impl Meta {
             let Some(t) = self.l2.cache.peek(slice) else {
                 return Err(Error::Internal("L2 slice not cached".into()));
             };
-            words.extend(t.data.chunks_exact(stride).map(conv::be_word));
+            words.extend(t.data.chunks_exact(stride).filter_map(|c| be_u64(c, 0)));
         }
         Ok(words)
     }
@@ -307,7 +307,11 @@ impl Meta {
                 let slice = table + s * sb;
                 self.load_l2_slice(slice)?;
                 let words: Vec<u64> = match self.l2.cache.peek(slice) {
-                    Some(t) => t.data.chunks_exact(stride).map(conv::be_word).collect(),
+                    Some(t) => t
+                        .data
+                        .chunks_exact(stride)
+                        .filter_map(|c| be_u64(c, 0))
+                        .collect(),
                     None => return Err(Error::Internal("L2 slice not cached".into())),
                 };
                 let mut changes = Vec::new();

@@ -403,6 +403,30 @@ fn img_bench_help() {
     check_case(&CASES[9]);
 }
 
+/// `snapshot --help` (its own test: the option table above has no case for
+/// an operation-selecting flag set like `-l|-c|-a|-d`).
+#[test]
+fn img_snapshot_help() {
+    let r = run(IMG, &["snapshot", "--help"]);
+    assert_eq!(r.code, 0, "{}", r.err);
+    assert!(r.out.starts_with("Usage: qcow2-img snapshot "), "{}", r.out);
+    for opt in [
+        "--format",
+        "--quiet",
+        "--force-share",
+        "--list",
+        "--create",
+        "--apply",
+        "--delete",
+    ] {
+        assert!(
+            r.out.contains(opt),
+            "snapshot --help lacks {opt}:\n{}",
+            r.out
+        );
+    }
+}
+
 #[test]
 fn every_subcommand_has_a_case() {
     let subs: Vec<&str> = CASES.iter().map(|c| c.sub[0]).collect();
@@ -418,7 +442,7 @@ fn every_subcommand_has_a_case() {
     assert!(listed.len() >= 10, "{listed:?}");
     for sub in listed {
         assert!(
-            subs.contains(&sub) || ["io", "serve"].contains(&sub),
+            subs.contains(&sub) || ["io", "serve", "snapshot"].contains(&sub),
             "no help case for {sub}"
         );
     }
