@@ -141,7 +141,6 @@ impl Image {
         if c.guest_len > self.geom.cluster_size {
             return Err(Error::InvalidArgument("more than one cluster".into()));
         }
-        self.note_guest_write(offset, c.guest_len);
         if !c.compressed {
             return self.write_at(&c.bytes, offset);
         }
@@ -162,6 +161,8 @@ impl Image {
             }
         };
         meta.in_flight.insert(cluster);
+        // Persistent bitmaps record the cluster before its data is written.
+        meta.note_dirty(offset, c.guest_len);
         drop(meta);
         // The reserved bytes are referenced by nothing a reader can reach
         // and cannot be handed out again: no lock is needed to fill them.

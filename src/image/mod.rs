@@ -66,6 +66,7 @@ mod vectored;
 mod write;
 mod zero;
 
+pub use crate::meta::bitmaps::BitmapStatus;
 pub use crate::meta::cache::CacheStats;
 pub use open::MAX_BACKING_DEPTH;
 pub(crate) use open::{open_error, resolve, OpenMode};
@@ -134,9 +135,6 @@ pub struct Image {
     /// The metadata: shared for cache-hit translations, exclusive for
     /// everything else (see the module docs).
     meta: RwLock<Meta>,
-    /// The bits of the tracked persistent bitmaps, set by every guest
-    /// write, write-zeroes and discard with no lock (see `meta::bitmaps`).
-    pub(crate) dirty: Arc<crate::meta::bitmaps::DirtySet>,
     pub(crate) io_barrier: RwLock<()>,
     /// Pairs with `in_flight_done` (a condvar cannot wait on an `RwLock`
     /// guard): taken by a waiter before it releases the exclusive metadata

@@ -249,11 +249,6 @@ impl Image {
         if !read_only && !mode.check && !mode.no_io {
             meta.bitmaps = crate::meta::bitmaps::load_bitmaps(&meta)?;
         }
-        let dirty = meta
-            .bitmaps
-            .as_ref()
-            .map(|b| b.set.clone())
-            .unwrap_or_default();
 
         let base_dir = path
             .as_deref()
@@ -340,7 +335,6 @@ impl Image {
             data_file_path,
             backing,
             meta: RwLock::new(meta),
-            dirty,
             io_barrier: RwLock::new(()),
             in_flight_mx: Mutex::new(()),
             in_flight_done: Condvar::new(),

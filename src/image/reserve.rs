@@ -243,8 +243,8 @@ impl Image {
     /// As [`Image::write_at`].
     pub fn reserve_write(&self, offset: u64, len: u64) -> Result<WriteReservation<'_>> {
         self.writable()?;
-        // Marked at reservation: the caller writes the data before commit.
-        self.note_guest_write(offset, len);
+        // Persistent bitmaps record the reserved range under the lock, before
+        // the caller writes its data (the shared path in `in_place_shared`).
         if len > 0 {
             if let Some((meta, permit, n)) = self.in_place_shared(offset, len, offset, len)? {
                 return self.reserve_in_place(meta, permit, offset, n);
@@ -265,6 +265,7 @@ impl Image {
             Ok(s) => s,
             Err(e) => return Err(self.fail(&mut meta, e, IoOp::Write)),
         };
+        meta.note_dirty(offset, step.len());
         let n = match step {
             WriteStep::InPlace { permit, len } => {
                 return self.reserve_in_place(meta, permit, offset, len)

@@ -278,7 +278,6 @@ impl Image {
                 size: self.size(),
             });
         };
-        self.note_guest_write(offset, len);
         let cb = self.geom.cluster_bits;
         let mut done = 0u64;
         while done < len {
@@ -305,6 +304,7 @@ impl Image {
                 Ok(s) => s,
                 Err(e) => return Err(self.fail(&mut meta, e, IoOp::Write)),
             };
+            meta.note_dirty(g, step.len());
             done += match step {
                 WriteStep::InPlace { permit, len: n } => {
                     with_sub(bufs, done as usize, n as usize, |parts| {

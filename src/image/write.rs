@@ -32,14 +32,6 @@ impl Image {
         meta.mark_bitmaps_in_use()
     }
 
-    /// Marks guest bytes `[offset, offset + len)` dirty in the tracked
-    /// persistent bitmaps: the one hook of every guest write, write-zeroes
-    /// and discard (also one that changes nothing, as QEMU does), called
-    /// once per request before its data reaches the file.
-    pub(crate) fn note_guest_write(&self, offset: u64, len: u64) {
-        self.dirty.note(offset, len);
-    }
-
     /// Writes `buf` at guest offset `offset`.
     ///
     /// ```
@@ -65,7 +57,6 @@ impl Image {
     /// the handle disabled), `Error::Corrupt`, I/O errors.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.writable()?;
-        self.note_guest_write(offset, buf.len() as u64);
         let mut done = 0usize;
         while done < buf.len() {
             let g = offset + done as u64;
@@ -92,6 +83,9 @@ impl Image {
                 Ok(s) => s,
                 Err(e) => return Err(self.fail(&mut meta, e, IoOp::Write)),
             };
+            // Persistent bitmaps record the step before its data is written,
+            // under the lock (see `meta::bitmaps`).
+            meta.note_dirty(g, step.len());
             done += match step {
                 WriteStep::InPlace { permit, len } => {
                     self.in_place(meta, permit, &[IoSlice::new(&rest[..len as usize])])?;
@@ -288,7 +282,12 @@ impl Image {
         let slice_end = ((cluster | (slice_entries - 1)) + 1) << cb;
         let len = rest.min(slice_end - g);
         match self.in_place_run(&meta, g, len, true) {
-            Ok(InPlaceRun::Run { permit, len }) => Ok(Some((meta, permit, len))),
+            Ok(InPlaceRun::Run { permit, len }) => {
+                // Persistent bitmaps record the run before it is written,
+                // while the shared lock keeps management calls out.
+                meta.note_dirty(g, len);
+                Ok(Some((meta, permit, len)))
+            }
             _ => Ok(None),
         }
     }
@@ -756,6 +755,15 @@ pub(super) enum WriteStep {
     /// An allocating write of (a prefix of) the next `len` bytes: prepared
     /// under the lock, its data written outside it, then linked under it.
     Alloc { len: u64 },
+}
+
+impl WriteStep {
+    /// The guest bytes the step covers.
+    pub(super) fn len(&self) -> u64 {
+        match self {
+            WriteStep::InPlace { len, .. } | WriteStep::Alloc { len } => *len,
+        }
+    }
 }
 
 pub(super) fn range_mask(lo: u64, hi: u64) -> u32 {

@@ -28,7 +28,7 @@
 //! refcount blocks that count nothing but themselves and truncates the file
 //! after the last used cluster.
 
-use crate::error::{Error, IoOp, Limit, Result, Unsupported};
+use crate::error::{Error, IoOp, Limit, Result};
 use crate::format::consts::*;
 use crate::format::entry::L2Entry;
 use crate::format::Structure;
@@ -109,12 +109,6 @@ impl Image {
         self.writable()?;
         let mut meta = self.lock_idle()?;
         let old = meta.header.size;
-        if meta.bitmaps.is_some() && new_size != old {
-            // The bitmaps would have to be resized with the disk (QEMU
-            // does); refused rather than leaving bitmaps that no longer
-            // cover the disk.
-            return Err(Error::Unsupported(Unsupported::ResizeWithBitmaps));
-        }
         if new_size < old && prealloc != Preallocation::Off {
             return Err(Error::InvalidArgument(
                 "Preallocation can't be used for shrinking an image".into(),
@@ -134,6 +128,15 @@ impl Image {
             return Err(Error::InvalidArgument(
                 "Can't resize a v2 image which has snapshots".into(),
             ));
+        }
+        // QEMU's `qcow2_truncate_bitmaps_check`: no inconsistent bitmap; the
+        // others are flagged `in_use` on disk before the size changes and
+        // resized with the disk (stored at close).
+        if let Err(e) = meta.prepare_bitmaps_resize() {
+            return Err(match e {
+                Error::Bitmap(_) => e,
+                e => self.fail(&mut meta, e, IoOp::Write),
+            });
         }
         let need = self.geom.l1_entries_for(new_size);
         if need > MAX_L1_BYTES / 8 {
@@ -159,7 +162,8 @@ impl Image {
             if let Some(d) = self.data.external() {
                 d.flush()?;
             }
-            meta.write_size(new_size)
+            meta.write_size(new_size)?;
+            meta.resize_bitmaps(new_size)
         })();
         drop(barrier);
         r.map_err(|e| self.fail(&mut meta, e, IoOp::Write))
