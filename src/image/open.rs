@@ -243,11 +243,16 @@ impl Image {
             }
             meta.view_snapshot(sn)?;
         }
-        // QEMU loads the persistent bitmaps of every read-write open (a
-        // directory that fails its checks fails the open); check mode
+        // QEMU loads the persistent bitmaps at every open, read-only ones
+        // (`qemu-img info`) included: a directory or table that fails its
+        // checks fails the open. A read-write handle keeps them; check mode
         // leaves them to the checker.
-        if !read_only && !mode.check && !mode.no_io {
-            meta.bitmaps = crate::meta::bitmaps::load_bitmaps(&meta)?;
+        if !mode.check {
+            if !read_only && !mode.no_io {
+                meta.bitmaps = crate::meta::bitmaps::load_bitmaps(&meta)?;
+            } else {
+                crate::meta::bitmaps::validate_bitmaps(&meta)?;
+            }
         }
 
         let base_dir = path

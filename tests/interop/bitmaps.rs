@@ -243,6 +243,38 @@ fn library_requests_mark_bitmaps_and_survive_reopen() {
     );
 }
 
+/// An inconsistent bitmap's table is not read at open (QEMU skips it): a
+/// bad entry there does not stop `info` or a read-write open, only `check`
+/// reports it.
+#[test]
+fn inconsistent_bitmap_tables_are_not_read_at_open() {
+    if !support::have_qemu() {
+        return;
+    }
+    let dir = support::scratch();
+    let p = dir.path().join("iu.qcow2");
+    let ps = p.to_str().unwrap();
+    qemu_img(&["create", "-q", "-f", "qcow2", ps, "4M"]);
+    qemu_img(&["bitmap", "--add", ps, "b0"]);
+    let (_, t) = dir_and_table(&p);
+    set_in_use(&p, "b0");
+    let mut bytes = std::fs::read(&p).unwrap();
+    bytes[t as usize + 7] ^= 2; // a reserved bit of entry 0
+    std::fs::write(&p, &bytes).unwrap();
+    for args in [&["info", "iu.qcow2"][..], &["check", "iu.qcow2"]] {
+        let q = support::qemu(dir.path(), "qemu-img", args);
+        let o = support::ours(dir.path(), args);
+        assert_eq!((o.code, &o.err), (q.code, &q.err), "{args:?}");
+    }
+    let img = Image::open(&p, &OpenOptions::new()).unwrap();
+    let e = img.dirty_extents("b0", 0, MIB).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "Bitmap 'b0' is inconsistent and cannot be used"
+    );
+    img.close().unwrap();
+}
+
 /// Host offset of the directory and of bitmap 0's table in `path`.
 fn dir_and_table(path: &Path) -> (u64, u64) {
     let bytes = std::fs::read(path).unwrap();
@@ -279,17 +311,41 @@ fn damaged_bitmaps_fail_a_read_write_open_like_qemu() {
         assert_eq!(q.code, 1, "{what}: {}", q.err);
         assert_eq!(o.code, q.code, "{what}");
         assert_eq!(o.err, q.err, "{what}");
-        let e = Image::open(&p, &OpenOptions::new()).unwrap_err();
-        match e.inner() {
-            qcow2kit::Error::Format(f) => {
-                assert_eq!(
-                    f.what,
-                    qcow2kit::format::Structure::BitmapDirectory,
-                    "{what}"
-                );
-                assert_eq!(f.offset, Some(if in_table { t } else { d }), "{what}");
+        // Read-only opens validate too (QEMU's open loads the bitmaps):
+        // `info`, and an overlay whose backing file it is.
+        let q = support::qemu(dir.path(), "qemu-img", &["info", "bad.qcow2"]);
+        let o = support::ours(dir.path(), &["info", "bad.qcow2"]);
+        assert_eq!((o.code, &o.err), (1, &q.err), "{what}: info");
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            "bad.qcow2",
+            "-F",
+            "qcow2",
+            dir.path().join("top.qcow2").to_str().unwrap(),
+            "4M",
+        ]);
+        let args = ["-r", "-c", "read 0 512", "top.qcow2"];
+        let q = support::qemu(dir.path(), "qemu-io", &args);
+        let o = support::ours(dir.path(), &[&["io"][..], &args].concat());
+        assert_eq!((o.code, &o.err), (1, &q.err), "{what}: backing file");
+        for ro in [false, true] {
+            let e = Image::open(&p, &OpenOptions::new().read_only(ro)).unwrap_err();
+            match e.inner() {
+                qcow2kit::Error::Format(f) => {
+                    assert_eq!(
+                        f.what,
+                        qcow2kit::format::Structure::BitmapDirectory,
+                        "{what}"
+                    );
+                    assert_eq!(f.offset, Some(if in_table { t } else { d }), "{what}");
+                }
+                other => panic!("{what}: {other:?}"),
             }
-            other => panic!("{what}: {other:?}"),
         }
         assert!(
             std::fs::read(&p).unwrap() == bytes,

@@ -356,14 +356,29 @@ fn read_bits(meta: &Meta, bm: &BitmapDirEntry, table: &[BitmapTableEntry]) -> Re
     Ok(map)
 }
 
+/// Validates the bitmaps of an image opened without write access, as
+/// QEMU's open does (see the module docs); nothing is kept.
+///
+/// # Errors
+/// `Error::Format` naming the bitmap directory and the offset of the
+/// offending structure, with QEMU's message; I/O errors.
+pub(crate) fn validate_bitmaps(meta: &Meta) -> Result<()> {
+    let Some((_, entries)) = read_directory(meta)? else {
+        return Ok(());
+    };
+    for bm in entries.iter().filter(|e| !e.in_use()) {
+        for_table_batches(meta, bm, |_| Ok(()))?;
+    }
+    Ok(())
+}
+
 /// Loads the bitmaps of an image opened read-write (QEMU's
 /// `qcow2_load_dirty_bitmaps`): `None` for a v2 image (which cannot hold
 /// bitmaps), else the directory with the bits of every consistent bitmap.
 ///
 /// # Errors
-/// `Error::Format` naming the bitmap directory and the offset of the
-/// offending structure, with QEMU's message; I/O errors; `Error::TooLarge`
-/// when a bitmap does not fit in memory.
+/// As [`validate_bitmaps`]; `Error::TooLarge` when a bitmap does not fit in
+/// memory.
 pub(crate) fn load_bitmaps(meta: &Meta) -> Result<Option<Bitmaps>> {
     let h = &meta.header;
     if h.version < 3 {
