@@ -244,6 +244,30 @@ const CASES: &[Case] = &[
         codes: &[0, 1],
         not_options: &[],
     },
+    Case {
+        bin: IMG,
+        sub: &["bitmap"],
+        options: &[
+            "-h",
+            "--help",
+            "-f",
+            "--format",
+            "--add",
+            "-g",
+            "--granularity",
+            "--remove",
+            "--clear",
+            "--enable",
+            "--disable",
+            "--merge",
+            "-b",
+            "--source-file",
+            "-F",
+            "--source-format",
+        ],
+        codes: &[0, 1],
+        not_options: &[],
+    },
 ];
 
 /// The words of a help text that look like options (`-x`, `--long`), with
@@ -403,6 +427,11 @@ fn img_bench_help() {
     check_case(&CASES[9]);
 }
 
+#[test]
+fn img_bitmap_help() {
+    check_case(&CASES[10]);
+}
+
 /// `snapshot --help` (its own test: the option table above has no case for
 /// an operation-selecting flag set like `-l|-c|-a|-d`).
 #[test]
@@ -500,8 +529,8 @@ fn img_help_lists_each_command_on_one_line() {
         assert_eq!(
             names,
             [
-                "amend", "bench", "check", "compare", "convert", "create", "info", "io", "map",
-                "measure", "resize", "serve", "snapshot"
+                "amend", "bench", "bitmap", "check", "compare", "convert", "create", "info", "io",
+                "map", "measure", "resize", "serve", "snapshot"
             ],
             "{}",
             r.out

@@ -8,6 +8,7 @@ mod support;
 
 mod amend;
 mod backing_loops;
+mod bitmap;
 mod compare;
 mod compress;
 mod convert_errors;

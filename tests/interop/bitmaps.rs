@@ -11,29 +11,10 @@ use qcow2kit::{Image, OpenOptions};
 use std::collections::BTreeSet;
 use std::io::IoSlice;
 use std::path::Path;
-use support::bitmaps::{granules, stored_bitmaps, StoredBitmap};
+use support::bitmaps::{granules, set_in_use, stored_bitmaps, StoredBitmap};
 use support::{assert_check_clean, qemu_img, qemu_io};
 
 const MIB: u64 = 1 << 20;
-
-/// Sets the `in_use` flag of bitmap `name` in the directory of `path`, as
-/// a crash of QEMU leaves it.
-fn set_in_use(path: &Path, name: &str) {
-    let mut bytes = std::fs::read(path).unwrap();
-    let h = Header::decode(&bytes).unwrap();
-    let ext = *h.bitmaps().unwrap();
-    let start = ext.bitmap_directory_offset as usize;
-    let dir = &bytes[start..start + ext.bitmap_directory_size as usize];
-    let mut pos = start;
-    for e in decode_bitmap_directory(dir, ext.nb_bitmaps, h.cluster_bits).unwrap() {
-        if e.name == name {
-            let flags = u32::from_be_bytes(bytes[pos + 12..pos + 16].try_into().unwrap());
-            bytes[pos + 12..pos + 16].copy_from_slice(&(flags | BME_FLAG_IN_USE).to_be_bytes());
-        }
-        pos += e.entry_size() as usize;
-    }
-    std::fs::write(path, bytes).unwrap();
-}
 
 fn bitmaps_of(path: &Path) -> Vec<StoredBitmap> {
     stored_bitmaps(&std::fs::read(path).unwrap()).expect("bitmaps kept")

@@ -2,11 +2,12 @@
 //! crate's `format` decoders only), to compare ours with QEMU's.
 
 use qcow2kit::format::bitmap::{
-    decode_bitmap_directory, decode_bitmap_table_entry, BitmapTableEntry,
+    decode_bitmap_directory, decode_bitmap_table_entry, BitmapTableEntry, BME_FLAG_IN_USE,
 };
 use qcow2kit::format::consts::AUTOCLEAR_BITMAPS;
 use qcow2kit::format::header::Header;
 use std::collections::BTreeSet;
+use std::path::Path;
 
 /// One bitmap as stored: name, flags, granularity bits and (unless the
 /// bitmap is `in_use`) the set granule indices.
@@ -81,4 +82,23 @@ pub fn granules(g: u8, off: u64, len: u64) -> impl Iterator<Item = u64> {
         (off >> g, ((off + len - 1) >> g) + 1)
     };
     first..end
+}
+
+/// Sets the `in_use` flag of bitmap `name` in the directory of `path`, as
+/// a crash of QEMU leaves it.
+pub fn set_in_use(path: &Path, name: &str) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let h = Header::decode(&bytes).unwrap();
+    let ext = *h.bitmaps().unwrap();
+    let start = ext.bitmap_directory_offset as usize;
+    let dir = &bytes[start..start + ext.bitmap_directory_size as usize];
+    let mut pos = start;
+    for e in decode_bitmap_directory(dir, ext.nb_bitmaps, h.cluster_bits).unwrap() {
+        if e.name == name {
+            let flags = u32::from_be_bytes(bytes[pos + 12..pos + 16].try_into().unwrap());
+            bytes[pos + 12..pos + 16].copy_from_slice(&(flags | BME_FLAG_IN_USE).to_be_bytes());
+        }
+        pos += e.entry_size() as usize;
+    }
+    std::fs::write(path, bytes).unwrap();
 }

@@ -13,6 +13,7 @@ QEMU disk image utility for qcow2 images (qcow2kit)
 Commands:
   amend    change header options (compat, refcount_bits, size, ...) of an image
   bench    run a simple read or write benchmark on an image
+  bitmap   add, remove, clear, enable, disable or merge persistent dirty bitmaps
   check    check an image for consistency and optionally repair it
   compare  compare the guest contents of two images
   convert  copy an image's guest data (through its backing chain) to a new image
@@ -367,6 +368,52 @@ Exit codes:
   1  error: bad argument, the image cannot be opened, no such snapshot, or
      the operation failed (a refcount width too small to share clusters
      refuses a snapshot and changes nothing)
+";
+
+/// `qcow2-img bitmap --help`.
+pub const BITMAP: &str = "\
+Usage: qcow2-img bitmap (--add | --remove | --clear | --enable | --disable |
+                         --merge SOURCE [-b SOURCE_FILE [-F SOURCE_FMT]])...
+                        [-f qcow2] [-g GRANULARITY] FILE BITMAP
+
+Change the persistent dirty bitmap BITMAP of FILE (a v3 qcow2 image). The
+actions run in the order given; the first that fails stops the rest, but
+what ran before it is kept. Prints nothing on success.
+
+Options:
+  -h, --help
+      print this help and exit
+  -f, --format qcow2
+      format of FILE (qcow2; raw images hold no bitmaps)
+  --add
+      create BITMAP, enabled: it records the guest writes from now on
+  -g, --granularity SIZE
+      with --add: guest bytes per bit, a power of two from 512 to 2G
+      (suffixes k, M, G); 0 or none: the cluster size within 4k..64k
+  --remove
+      delete BITMAP (also an inconsistent one, which nothing else accepts)
+  --clear
+      clear every bit of BITMAP
+  --enable, --disable
+      start or stop recording guest writes in BITMAP
+  --merge SOURCE
+      set every bit of BITMAP that bitmap SOURCE has set (granularities may
+      differ, disk sizes may not)
+  -b, --source-file SOURCE_FILE
+      with --merge: take SOURCE from this image instead of FILE
+  -F, --source-format SOURCE_FMT
+      with -b: the format of SOURCE_FILE (probed when not given)
+
+Arguments:
+  FILE
+      the image file
+  BITMAP
+      the bitmap's name
+
+Exit codes:
+  0  done
+  1  error: bad argument, an image cannot be opened, or an action failed
+     (no such bitmap, an inconsistent one, a name in use, a bad granularity)
 ";
 
 /// `qcow2-img bench --help`.
