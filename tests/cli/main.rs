@@ -24,6 +24,7 @@ mod locking;
 mod map_convert;
 mod map_extents;
 mod measure;
+mod nbd_bitmaps;
 mod nbd_serve;
 mod progress;
 mod snapshot;
