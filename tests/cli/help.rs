@@ -135,6 +135,8 @@ const CASES: &[Case] = &[
             "--max-length",
             "-U",
             "--force-share",
+            "-B",
+            "--bitmap",
         ],
         codes: &[0, 1],
         not_options: &[],

@@ -16,6 +16,9 @@ use std::time::{Duration, Instant};
 
 const URI: &str = "nbd+unix:///?socket=s.sock";
 
+/// A run of a bitmap map: start, length, dirty.
+type Run = (u64, u64, bool);
+
 /// qemu-nbd `-t -f qcow2 -k s.sock ARGS FILE` in `d`, answering.
 fn qemu_nbd(d: &Path, args: &[&str], file: &str) -> Served {
     let sock = d.join("s.sock");
@@ -215,3 +218,123 @@ fn missing_or_inconsistent_bitmaps_refused_like_qemu_nbd() {
     }
 }
 
+/// `qcow2-img map --bitmap NAME` prints what qemu-nbd `-B NAME` shows of the
+/// same file: JSON every run, human the dirty ones; `-s`/`-l` cut the range;
+/// unknown and inconsistent bitmaps fail.
+#[test]
+fn map_bitmap_matches_qemu_nbd() {
+    if !have(
+        &["qemu-img", "qemu-io", "qemu-nbd", "nbdinfo"],
+        "map --bitmap",
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    make(d);
+    let img = env!("CARGO_BIN_EXE_qcow2-img");
+    let reference = qemu_nbd(d, &["-r", "-B", "a", "-B", "d"], "n.qcow2");
+    let qemu_runs: Vec<(String, Vec<Run>)> = ["a", "d"]
+        .iter()
+        .map(|n| {
+            let map = views(d, n).0;
+            let runs = map
+                .lines()
+                .map(|l| {
+                    let w: Vec<&str> = l.split_whitespace().collect();
+                    (w[0].parse().unwrap(), w[1].parse().unwrap(), w[2] == "1")
+                })
+                .collect();
+            (n.to_string(), runs)
+        })
+        .collect();
+    assert_eq!(reference.stop().0, 0);
+    for (name, want) in &qemu_runs {
+        let j = ok(
+            d,
+            img,
+            &["map", "--output=json", "--bitmap", name, "n.qcow2"],
+        );
+        let got: Vec<Run> = crate::support::json(&j)
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                (
+                    e["start"].as_u64().unwrap(),
+                    e["length"].as_u64().unwrap(),
+                    e["dirty"].as_bool().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(&got, want, "{name}");
+        let human = ok(d, img, &["map", "-B", name, "n.qcow2"]);
+        let mut lines = vec!["Offset          Length".to_string()];
+        for (o, l, _) in want.iter().filter(|r| r.2) {
+            let hex = |v: &u64| {
+                if *v == 0 {
+                    "0".into()
+                } else {
+                    format!("{v:#x}")
+                }
+            };
+            lines.push(format!("{:<16}{}", hex(o), hex(l)));
+        }
+        assert_eq!(human, lines.join("\n") + "\n", "{name}");
+    }
+    // A window of the disk: runs clipped to it.
+    let j = ok(
+        d,
+        img,
+        &[
+            "map",
+            "--output=json",
+            "-B",
+            "a",
+            "-s",
+            "100k",
+            "-l",
+            "3M",
+            "n.qcow2",
+        ],
+    );
+    let v = crate::support::json(&j);
+    let runs: Vec<Run> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["start"].as_u64().unwrap(),
+                e["length"].as_u64().unwrap(),
+                e["dirty"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        runs,
+        vec![
+            (100 << 10, 28 << 10, true),
+            (128 << 10, (3 << 20) - (128 << 10), false),
+            (3 << 20, 100 << 10, true)
+        ]
+    );
+    std::fs::copy(d.join("n.qcow2"), d.join("iu.qcow2")).unwrap();
+    set_in_use(&d.join("iu.qcow2"), "a");
+    for (file, name, err) in [
+        (
+            "n.qcow2",
+            "nope",
+            "qcow2-img: Dirty bitmap 'nope' not found\n",
+        ),
+        (
+            "iu.qcow2",
+            "a",
+            "qcow2-img: Bitmap 'a' is inconsistent and cannot be used\n\
+             Try block-dirty-bitmap-remove to delete this bitmap from disk\n",
+        ),
+    ] {
+        let r = run(d, img, &["map", "-B", name, file]);
+        assert_eq!((r.code, r.out.as_str(), r.err.as_str()), (1, "", err));
+    }
+}

@@ -181,11 +181,12 @@ Exit codes:
 /// `qcow2-img map --help`.
 pub const MAP: &str = "\
 Usage: qcow2-img map [-f qcow2] [--output human|json] [-s OFFSET] [-l LENGTH] [-U]
-                     FILE
+                     [-B BITMAP] FILE
 
 Show how the guest data of an image is stored: for each run of guest bytes,
 whether it is data or zeroes, which layer of the backing chain holds it, and
-at which host offset of which file.
+at which host offset of which file. With -B, show instead which guest bytes
+the persistent dirty bitmap BITMAP marks dirty.
 
 Options:
   -h, --help
@@ -201,6 +202,10 @@ Options:
   -U, --force-share
       open the images in shared mode, so an image another process holds can
       be read (no lock conflict)
+  -B, --bitmap BITMAP
+      map the dirty bitmap BITMAP of FILE (what an incremental backup copies):
+      human output lists the dirty runs (offset, length); JSON lists every
+      run as { \"start\", \"length\", \"dirty\": true|false }
 
 Arguments:
   FILE
@@ -208,7 +213,8 @@ Arguments:
 
 Exit codes:
   0  the map was printed
-  1  error: bad argument, an image cannot be opened or its metadata read
+  1  error: bad argument, an image cannot be opened or its metadata read, no
+     such bitmap or an inconsistent one
 ";
 
 /// `qcow2-img convert --help`.
