@@ -199,6 +199,10 @@ pub enum BitmapError {
         /// Why not.
         reason: NotPersistent,
     },
+    /// Applying an internal snapshot to an image with persistent bitmaps
+    /// (QEMU refuses it: they would not record the change):
+    /// `Device has active dirty bitmaps`.
+    SnapshotApply,
     /// Merging bitmaps that cover disks of different sizes.
     SizeMismatch {
         /// Virtual size of the image of the bitmap merged into.
@@ -282,6 +286,7 @@ impl std::fmt::Display for BitmapError {
             BitmapError::NotPersistent { name, reason } => {
                 write!(f, "Can't make bitmap '{name}' persistent: {reason}")
             }
+            BitmapError::SnapshotApply => f.write_str("Device has active dirty bitmaps"),
             BitmapError::SizeMismatch {
                 destination,
                 source,

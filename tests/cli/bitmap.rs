@@ -440,3 +440,54 @@ fn resize_with_bitmaps_matches_qemu_img() {
     );
     same_images(qd, od, &["ri.qcow2"], "refused");
 }
+
+/// Internal snapshots of an image with bitmaps, as qemu-img's: create and
+/// delete keep the bitmaps; apply is refused while the image has any
+/// bitmap (enabled, disabled or inconsistent), before the snapshot is
+/// looked up.
+#[test]
+fn snapshots_with_bitmaps_match_qemu_img() {
+    if !have_qemu() {
+        return;
+    }
+    let (qd, od) = twin_dirs(|d| {
+        qemu_ok(
+            d,
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "s.qcow2", "4M"],
+        );
+        qemu_ok(d, "qemu-img", &["bitmap", "--add", "s.qcow2", "a"]);
+        qemu_ok(d, "qemu-io", &["-c", "write 1M 4k", "s.qcow2"]);
+        qemu_ok(
+            d,
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "x.qcow2", "4M"],
+        );
+        qemu_ok(
+            d,
+            "qemu-img",
+            &["bitmap", "--add", "--disable", "x.qcow2", "d"],
+        );
+    });
+    let (qd, od) = (qd.path(), od.path());
+    let snap = |args: &[&str]| {
+        let full: Vec<&str> = [&["snapshot"][..], args].concat();
+        same(
+            &qemu(qd, "qemu-img", &full),
+            &ours(od, &full),
+            &format!("{full:?}"),
+        );
+    };
+    for f in ["s.qcow2", "x.qcow2"] {
+        snap(&["-c", "s1", f]);
+        same_images(qd, od, &[f], "after snapshot -c");
+        snap(&["-a", "s1", f]);
+        snap(&["-a", "nosuch", f]);
+        snap(&["-d", "s1", f]);
+        same_images(qd, od, &[f], "after snapshot -d");
+    }
+    set_in_use(&od.join("s.qcow2"), "a");
+    set_in_use(&qd.join("s.qcow2"), "a");
+    snap(&["-c", "s2", "s.qcow2"]);
+    snap(&["-a", "s2", "s.qcow2"]);
+}

@@ -509,6 +509,11 @@ impl Meta {
         }
     }
 
+    /// Whether the handle has persistent bitmaps (of any kind).
+    pub(crate) fn has_bitmaps(&self) -> bool {
+        self.bitmaps.as_ref().is_some_and(|b| !b.list.is_empty())
+    }
+
     /// Whether work is due before the next guest write: autoclear bits
     /// this crate does not maintain to clear, or consistent bitmaps on disk
     /// to flag `in_use`.
