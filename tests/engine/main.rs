@@ -9,6 +9,7 @@ mod support;
 
 mod bad_images;
 mod bitmap_crash;
+mod bitmap_model;
 mod corruption;
 mod crash_replay;
 mod faults;
