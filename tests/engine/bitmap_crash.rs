@@ -229,3 +229,202 @@ fn failed_store_never_leaves_a_wrong_bitmap() {
     }
     assert!(failed > 3, "the store made only {failed} writes");
 }
+
+/// Runs `session` (which ends by closing the image) on a recording storage
+/// over `base`; returns the recorded operations and how many of them came
+/// before the close.
+fn record(base: &[u8], session: impl FnOnce(&Image)) -> (Vec<RecordedOp>, usize) {
+    let fs = Arc::new(FaultyStorage::new(MemStorage::from_bytes(base.to_vec())));
+    fs.start_recording();
+    let img = Image::open_storage(fs.clone() as Arc<dyn Storage>, &OpenOptions::new()).unwrap();
+    session(&img);
+    let mut log = fs.take_log();
+    let before_close = log.len();
+    fs.start_recording();
+    img.close().unwrap();
+    log.extend(fs.take_log());
+    (log, before_close)
+}
+
+/// Every prefix of `log` replayed over `base`, and for each the durable
+/// part plus a random subset of the writes since the last flush: `check`
+/// gets the bytes, a description and the cut; the images must open
+/// read-write, and a sample passes `qemu-img check` without corruption.
+fn each_crash(
+    base: &[u8],
+    log: &[RecordedOp],
+    seed: u64,
+    mut check: impl FnMut(&[u8], &str, usize),
+) {
+    let dir = support::scratch();
+    let mut rng = Rng::new(seed);
+    let sample = (log.len() / 10).max(1);
+    for cut in 0..=log.len() {
+        let durable = log[..cut]
+            .iter()
+            .rposition(|o| *o == RecordedOp::Flush)
+            .map_or(0, |i| i + 1);
+        let prefix = replay(base, &log[..cut]);
+        let kept: Vec<RecordedOp> = log[durable..cut]
+            .iter()
+            .filter(|_| rng.chance(50))
+            .cloned()
+            .collect();
+        let subset = replay(&replay(base, &log[..durable]), &kept);
+        for (bytes, kind) in [(prefix, "prefix"), (subset, "subset")] {
+            let what = format!("cut {cut}/{} ({kind})", log.len());
+            check(&bytes, &what, cut);
+            let mem = Arc::new(MemStorage::from_bytes(bytes.clone()));
+            Image::open_storage(mem as Arc<dyn Storage>, &OpenOptions::new())
+                .unwrap_or_else(|e| panic!("{what}: read-write open failed: {e}"))
+                .close()
+                .unwrap();
+            if cut % sample == 0 || cut == log.len() {
+                let f = dir.path().join("crash.qcow2");
+                std::fs::write(&f, &bytes).unwrap();
+                support::assert_no_corruption(&f, &what);
+            }
+        }
+    }
+}
+
+fn by_name<'a>(bms: &'a [StoredBitmap], name: &str) -> Option<&'a StoredBitmap> {
+    bms.iter().find(|b| b.name == name)
+}
+
+/// A store that adds, removes, clears and merges (a new directory of another
+/// size: the extension's payload is the commit point): at every crash each
+/// bitmap is as before the session, flagged in_use, or exactly as the
+/// completed store left it; the added one absent or exact; the removed one
+/// present (old or flagged) or gone; never silently wrong.
+#[test]
+fn management_store_crash_replay() {
+    if !support::have_qemu() {
+        return;
+    }
+    let dir = support::scratch();
+    let p = dir.path().join("m.qcow2");
+    let ps = p.to_str().unwrap();
+    qemu_img(&["create", "-q", "-f", "qcow2", ps, "4M"]);
+    qemu_img(&["bitmap", "--add", ps, "keep"]);
+    qemu_img(&["bitmap", "--add", ps, "gone"]);
+    qemu_img(&["bitmap", "--add", "-g", "4k", ps, "clr"]);
+    qemu_io(&p, &["write 1M 100k".into()]);
+    qemu_img(&["bitmap", "--disable", ps, "gone"]);
+    let base = std::fs::read(&p).unwrap();
+    let old = stored_bitmaps(&base).unwrap();
+    let g =
+        |b: u8, o: u64, l: u64| -> std::collections::BTreeSet<u64> { granules(b, o, l).collect() };
+    let (w1, w2, w3) = (
+        (100_000u64, 5000u64),
+        (2 << 20, 70_000u64),
+        (3 << 20, 4096u64),
+    );
+    let (log, before_close) = record(&base, |img| {
+        img.write_at(&[1; 5000], w1.0).unwrap();
+        img.add_bitmap("new", Some(512)).unwrap();
+        img.write_zeroes(w2.0, w2.1, false).unwrap();
+        img.remove_bitmap("gone").unwrap();
+        img.clear_bitmap("clr").unwrap();
+        img.merge_bitmap("new", "keep").unwrap();
+        img.write_at(&[3; 4096], w3.0).unwrap();
+    });
+    let done = replay(&base, &log);
+    let new = stored_bitmaps(&done).unwrap();
+    // The completed store, exactly.
+    let mut keep = by_name(&old, "keep").unwrap().dirty.clone().unwrap();
+    for (o, l) in [w1, w2, w3] {
+        keep.extend(granules(16, o, l));
+    }
+    let mut newbits = g(9, w2.0, w2.1);
+    for &b in &keep {
+        if b << 16 < 3 << 20 || b << 16 >= (3 << 20) + 65536 {
+            newbits.extend(granules(9, b << 16, 1 << 16));
+        }
+    }
+    newbits.extend(g(9, w3.0, w3.1));
+    assert_eq!(by_name(&new, "keep").unwrap().dirty.as_ref(), Some(&keep));
+    assert_eq!(
+        by_name(&new, "clr").unwrap().dirty.as_ref(),
+        Some(&g(12, w3.0, w3.1))
+    );
+    assert_eq!(by_name(&new, "new").unwrap().dirty.as_ref(), Some(&newbits));
+    assert!(by_name(&new, "gone").is_none());
+    let names: Vec<&str> = new.iter().map(|b| b.name.as_str()).collect();
+    assert_eq!(names, ["keep", "clr", "new"]);
+
+    let mut seen_commit = [false; 2];
+    each_crash(&base, &log, 1919, |bytes, what, cut| {
+        let Some(now) = stored_bitmaps(bytes) else {
+            // Only inside the in_use update before the first write.
+            assert!(
+                cut < before_close,
+                "{what}: bitmaps dropped during the store"
+            );
+            return;
+        };
+        let committed = by_name(&now, "new").is_some();
+        seen_commit[usize::from(committed)] = true;
+        assert_eq!(by_name(&now, "gone").is_none(), committed, "{what}");
+        for b in &now {
+            let was = by_name(&old, &b.name);
+            let will = by_name(&new, &b.name);
+            let ok = Some(b) == was || Some(b) == will || (b.dirty.is_none() && was.is_some());
+            assert!(ok, "{what}: bitmap {} silently wrong: {b:?}", b.name);
+        }
+    });
+    assert_eq!(seen_commit, [true, true]);
+}
+
+/// The first bitmap of an image (the header gains the extension in one
+/// write) and the last one removed (the header loses it): a crash leaves
+/// the image as before or exactly as after, nothing in between.
+#[test]
+fn header_extension_add_and_remove_crash_replay() {
+    if !support::have_qemu() {
+        return;
+    }
+    let dir = support::scratch();
+    let p = dir.path().join("h.qcow2");
+    let ps = p.to_str().unwrap();
+    qemu_img(&["create", "-q", "-f", "qcow2", ps, "4M"]);
+    let base = std::fs::read(&p).unwrap();
+    let (log, _) = record(&base, |img| {
+        img.add_bitmap("first", Some(4096)).unwrap();
+        img.write_at(&[9; 10_000], 123_456).unwrap();
+    });
+    let added = stored_bitmaps(&replay(&base, &log)).unwrap();
+    let want: std::collections::BTreeSet<u64> = granules(12, 123_456, 10_000).collect();
+    assert_eq!(added.len(), 1);
+    assert_eq!(added[0].dirty.as_ref(), Some(&want));
+    let mut states = [0usize; 2];
+    each_crash(&base, &log, 2020, |bytes, what, _| {
+        match stored_bitmaps(bytes) {
+            None => states[0] += 1,
+            Some(b) => {
+                assert_eq!(b, added, "{what}");
+                states[1] += 1;
+            }
+        }
+    });
+    assert!(states[0] > 0 && states[1] > 0, "{states:?}");
+
+    // Now remove it again.
+    let base = replay(&base, &log);
+    let (log, _) = record(&base, |img| img.remove_bitmap("first").unwrap());
+    assert_eq!(stored_bitmaps(&replay(&base, &log)), None);
+    let mut states = [0usize; 2];
+    each_crash(&base, &log, 2121, |bytes, what, _| {
+        match stored_bitmaps(bytes) {
+            None => states[0] += 1,
+            Some(b) => {
+                assert_eq!(b, added, "{what}");
+                states[1] += 1;
+            }
+        }
+    });
+    assert!(states[0] > 0 && states[1] > 0, "{states:?}");
+    let f = dir.path().join("removed.qcow2");
+    std::fs::write(&f, replay(&base, &log)).unwrap();
+    support::assert_check_clean(&f, "after removing the last bitmap");
+}

@@ -382,3 +382,94 @@ fn concurrent_requests_all_reach_the_bitmap() {
     assert_eq!(find(&bitmaps_of(&p), "b8k").dirty, Some(want));
     assert_check_clean(&p, "after concurrent writes");
 }
+
+/// The other way round: bitmaps added here (to an image QEMU made, with no
+/// bitmaps: the header gains the extension) are listed by `qemu-img info`,
+/// hold exactly our writes as QEMU decodes them, are kept and updated by
+/// QEMU's own writes (and not for the disabled one), and read back here
+/// with QEMU's writes included; QEMU then removes one and we see the rest.
+#[test]
+fn bitmaps_added_here_are_kept_and_updated_by_qemu() {
+    if !support::have_qemu() {
+        return;
+    }
+    let dir = support::scratch();
+    let p = dir.path().join("ours.qcow2");
+    let ps = p.to_str().unwrap();
+    qemu_img(&["create", "-q", "-f", "qcow2", ps, "8M"]);
+    let mut fine = BTreeSet::new();
+    let mut big = BTreeSet::new();
+    let mut dis = BTreeSet::new();
+    let mut def = BTreeSet::new();
+    let mut touch = |o: u64, l: u64, all: bool| {
+        fine.extend(granules(9, o, l));
+        big.extend(granules(21, o, l));
+        def.extend(granules(16, o, l));
+        if all {
+            dis.extend(granules(17, o, l));
+        }
+    };
+    {
+        let img = Image::open(&p, &OpenOptions::new()).unwrap();
+        img.add_bitmap("fine", Some(512)).unwrap();
+        img.add_bitmap("big", Some(2 * MIB)).unwrap();
+        img.add_bitmap("dis", Some(128 << 10)).unwrap();
+        img.add_bitmap("def", None).unwrap();
+        img.write_at(&[1; 700], 3 * MIB + 100).unwrap();
+        touch(3 * MIB + 100, 700, true);
+        img.disable_bitmap("dis").unwrap();
+        img.write_zeroes(5 * MIB, 70_000, true).unwrap();
+        touch(5 * MIB, 70_000, false);
+        img.discard(7 * MIB, 64 << 10).unwrap();
+        touch(7 * MIB, 64 << 10, false);
+        img.close().unwrap();
+    }
+    assert_check_clean(&p, "after our session");
+    let info = info_bitmaps(&p);
+    let expect = serde_json::json!([
+        { "flags": ["auto"], "name": "fine", "granularity": 512 },
+        { "flags": ["auto"], "name": "big", "granularity": 2097152 },
+        { "flags": [], "name": "dis", "granularity": 131072 },
+        { "flags": ["auto"], "name": "def", "granularity": 65536 },
+    ]);
+    assert_eq!(info, expect);
+    let check =
+        |fine: &BTreeSet<u64>, big: &BTreeSet<u64>, dis: &BTreeSet<u64>, def: &BTreeSet<u64>| {
+            let b = bitmaps_of(&p);
+            assert_eq!(find(&b, "fine").dirty.as_ref(), Some(fine));
+            assert_eq!(find(&b, "big").dirty.as_ref(), Some(big));
+            assert_eq!(find(&b, "dis").dirty.as_ref(), Some(dis));
+            assert_eq!(find(&b, "def").dirty.as_ref(), Some(def));
+        };
+    check(&fine, &big, &dis, &def);
+    // QEMU writes: its enabled bitmaps record them, the disabled one not.
+    qemu_io(&p, &["write -P 3 1M 5k".into(), "write -z 6M 4k".into()]);
+    fine.extend(granules(9, MIB, 5 << 10));
+    fine.extend(granules(9, 6 * MIB, 4096));
+    big.extend(granules(21, MIB, 5 << 10));
+    big.extend(granules(21, 6 * MIB, 4096));
+    def.extend(granules(16, MIB, 5 << 10));
+    def.extend(granules(16, 6 * MIB, 4096));
+    check(&fine, &big, &dis, &def);
+    assert_check_clean(&p, "after QEMU's writes");
+    // And we read what QEMU stored, from a read-only handle.
+    let ro = Image::open(&p, &OpenOptions::new().read_only(true)).unwrap();
+    assert_eq!(
+        ro.dirty_extents("fine", 0, 8 * MIB).unwrap(),
+        as_extents(&fine, 9)
+    );
+    assert_eq!(
+        ro.dirty_extents("big", 0, 8 * MIB).unwrap(),
+        as_extents(&big, 21)
+    );
+    drop(ro);
+    qemu_img(&["bitmap", "--remove", ps, "big"]);
+    let img = Image::open(&p, &OpenOptions::new()).unwrap();
+    let names: Vec<String> = img.bitmaps().unwrap().into_iter().map(|b| b.name).collect();
+    assert_eq!(names, ["fine", "dis", "def"]);
+    assert_eq!(
+        img.dirty_extents("def", 0, 8 * MIB).unwrap(),
+        as_extents(&def, 16)
+    );
+    img.close().unwrap();
+}
