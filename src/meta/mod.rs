@@ -284,8 +284,9 @@ pub(crate) struct Meta {
     pub free_byte_offset: u64,
     /// The internal snapshots.
     pub snapshots: Vec<crate::format::snapshot::SnapshotEntry>,
-    /// The persistent dirty bitmaps of a read-write handle (see
-    /// [`bitmaps`]); `None` read-only, in check mode and without bitmaps.
+    /// The persistent dirty bitmaps of a read-write handle of a v3 image
+    /// (see [`bitmaps`]; empty when the image has none); `None` read-only,
+    /// in check mode and for v2 images (which cannot hold bitmaps).
     pub bitmaps: Option<bitmaps::Bitmaps>,
 }
 
