@@ -163,7 +163,8 @@ impl Image {
                 d.flush()?;
             }
             meta.write_size(new_size)?;
-            meta.resize_bitmaps(new_size)
+            meta.resize_bitmaps(new_size);
+            Ok(())
         })();
         drop(barrier);
         r.map_err(|e| self.fail(&mut meta, e, IoOp::Write))

@@ -214,22 +214,23 @@ impl Meta {
 
     /// After a resize to `size` bytes: every bitmap covers the new disk
     /// (QEMU's `bdrv_dirty_bitmap_truncate`: bits past the end dropped, new
-    /// ones clear).
-    ///
-    /// # Errors
-    /// `Error::TooLarge` when a bitmap does not fit in memory.
-    pub(crate) fn resize_bitmaps(&mut self, size: u64) -> Result<()> {
+    /// ones clear). The disk has its new size already: a bitmap whose new
+    /// bits cannot be allocated becomes inconsistent (it stays flagged
+    /// `in_use` on disk; one not stored yet is dropped) rather than stored
+    /// for the old size.
+    pub(crate) fn resize_bitmaps(&mut self, size: u64) {
         let Some(b) = self.bitmaps.as_mut() else {
-            return Ok(());
+            return;
         };
-        for e in &mut b.list {
-            if let Some(bits) = &e.bits {
-                if bits.disk_size() != size {
-                    e.bits = Some(bits.resized(size)?);
-                }
+        b.list.retain_mut(|e| {
+            let Some(bits) = &e.bits else {
+                return true;
+            };
+            if bits.disk_size() != size {
+                e.bits = bits.resized(size).ok();
             }
-        }
+            e.bits.is_some() || e.disk.is_some()
+        });
         b.changed = true;
-        Ok(())
     }
 }

@@ -42,6 +42,16 @@ impl Meta {
         let mut tables = Vec::with_capacity(bm.list.len());
         for e in &bm.list {
             match (&e.bits, &e.disk) {
+                (Some(bits), _) if bits.disk_size() != self.header.size => {
+                    // Never store bits for another disk size: the table
+                    // might not cover the disk (the open would fail).
+                    return Err(Error::Internal(format!(
+                        "bitmap '{}' covers {} bytes, the disk has {}",
+                        e.name,
+                        bits.disk_size(),
+                        self.header.size
+                    )));
+                }
                 (Some(bits), _) => {
                     let (offset, table) = self.write_bitmap(bits)?;
                     let size = u32::try_from(table.len())
@@ -58,7 +68,10 @@ impl Meta {
                     tables.push(Some(table));
                 }
                 (None, Some(disk)) => {
-                    entries.push(disk.clone());
+                    // An inconsistent bitmap stays flagged.
+                    let mut d = disk.clone();
+                    d.flags |= crate::format::bitmap::BME_FLAG_IN_USE;
+                    entries.push(d);
                     tables.push(None);
                 }
                 (None, None) => {
