@@ -10,6 +10,7 @@ mod support;
 mod bad_images;
 mod bitmap_crash;
 mod bitmap_model;
+mod bitmap_threads;
 mod corruption;
 mod crash_replay;
 mod faults;
