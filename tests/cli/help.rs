@@ -171,6 +171,8 @@ const CASES: &[Case] = &[
             "-T",
             "-m",
             "-W",
+            "--bitmaps",
+            "--skip-broken-bitmaps",
         ],
         codes: &[0, 1],
         not_options: &[],

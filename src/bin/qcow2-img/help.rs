@@ -220,7 +220,8 @@ Exit codes:
 /// `qcow2-img convert --help`.
 pub const CONVERT: &str = "\
 Usage: qcow2-img convert [-f qcow2|raw] [-T SRC_CACHE] [-U] [-O raw|qcow2] [-o OPTS]...
-                         [-t TGT_CACHE] [-c] [-p] [-q] [-m NUM] [-W] SRC DST
+                         [-t TGT_CACHE] [-c] [-p] [-q] [-m NUM] [-W]
+                         [--bitmaps [--skip-broken-bitmaps]] SRC DST
 
 Copy the guest data of SRC, read through its backing chain, into a new image
 DST. Only ranges that hold non-zero data are written, so DST is sparse.
@@ -258,6 +259,12 @@ Options:
       number of parallel copy requests: accepted for compatibility, ignored
   -W
       out-of-order writes: accepted for compatibility, ignored
+  --bitmaps
+      also copy SRC's persistent dirty bitmaps (names, granularity, enabled or
+      not, bits) into DST (a qcow2 v3 image); an inconsistent one stops the
+      conversion before DST is created
+  --skip-broken-bitmaps
+      with --bitmaps: skip inconsistent bitmaps (with a warning) instead
 
 Arguments:
   SRC
