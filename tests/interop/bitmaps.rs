@@ -473,3 +473,49 @@ fn bitmaps_added_here_are_kept_and_updated_by_qemu() {
     );
     img.close().unwrap();
 }
+
+/// A bitmaps extension left stale by a program without bitmap support
+/// (autoclear bit 0 clear): its bitmaps are ignored, and a read-write
+/// session drops the extension from the header, as QEMU does; the header
+/// cluster ends up byte for byte as QEMU's twin, with the same leaks. A
+/// bitmap added to such an image replaces the stale extension.
+#[test]
+fn stale_bitmaps_extension_is_dropped_like_qemu() {
+    if !support::have_qemu() {
+        return;
+    }
+    let dir = support::scratch();
+    let ours = dir.path().join("ours.qcow2");
+    let theirs = dir.path().join("qemu.qcow2");
+    let os = ours.to_str().unwrap();
+    qemu_img(&["create", "-q", "-f", "qcow2", os, "8M"]);
+    qemu_img(&["bitmap", "--add", os, "old"]);
+    let mut bytes = std::fs::read(&ours).unwrap();
+    bytes[95] &= !1; // autoclear bit 0
+    std::fs::write(&ours, &bytes).unwrap();
+    std::fs::write(&theirs, &bytes).unwrap();
+    assert_eq!(stored_bitmaps(&bytes), None);
+    let img = Image::open(&ours, &OpenOptions::new()).unwrap();
+    assert!(img.bitmaps().unwrap().is_empty());
+    img.write_at(&[1; 4096], 0).unwrap();
+    img.close().unwrap();
+    qemu_io(&theirs, &["write -P 1 0 4k".into()]);
+    let (a, b) = (
+        std::fs::read(&ours).unwrap(),
+        std::fs::read(&theirs).unwrap(),
+    );
+    assert!(a[..65536] == b[..65536], "header clusters differ");
+    let (co, ct) = (support::qemu_check(&ours), support::qemu_check(&theirs));
+    assert_eq!((co.corruptions, co.leaks), (0, ct.leaks));
+    assert!(ct.leaks > 0);
+    // Adding a bitmap to a stale image.
+    std::fs::write(&ours, &bytes).unwrap();
+    let img = Image::open(&ours, &OpenOptions::new()).unwrap();
+    img.add_bitmap("fresh", None).unwrap();
+    img.close().unwrap();
+    let b = bitmaps_of(&ours);
+    assert_eq!(b.len(), 1);
+    assert_eq!(b[0].name, "fresh");
+    assert_eq!(b[0].dirty, Some(BTreeSet::new()));
+    assert_eq!(support::qemu_check(&ours).corruptions, 0);
+}

@@ -413,7 +413,9 @@ pub(crate) fn load_bitmaps(meta: &Meta) -> Result<Option<Bitmaps>> {
         list,
         removed: Vec::new(),
         marked: false,
-        changed: false,
+        // QEMU drops a stale extension at a read-write open; ours goes with
+        // the store at close.
+        changed: stale,
         touched: AtomicBool::new(false),
     }))
 }
