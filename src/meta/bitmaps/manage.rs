@@ -7,7 +7,7 @@
 //! request in flight.
 
 use super::super::Meta;
-use super::{Bitmaps, DirtyBitmap, Entry};
+use super::{bits_bytes, Bitmaps, DirtyBitmap, Entry, MAX_BITS_BYTES};
 use crate::error::{BitmapError, Error, NotPersistent, Result};
 use crate::format::bitmap::{
     BITMAP_DIR_ENTRY_HEADER_SIZE, BME_MAX_GRANULARITY_BITS, BME_MAX_NAME_SIZE, BME_MAX_PHYS_SIZE,
@@ -107,6 +107,19 @@ impl Meta {
         if b.list.iter().any(|e| e.name == name) {
             return Err(Error::Bitmap(BitmapError::Exists {
                 name: name.to_owned(),
+            }));
+        }
+        let held: u64 = b
+            .list
+            .iter()
+            .filter(|e| e.bits.is_some())
+            .map(|e| bits_bytes(size, e.granularity_bits))
+            .sum();
+        let total = held.saturating_add(bytes);
+        if total > MAX_BITS_BYTES {
+            return Err(Error::TooLarge(crate::error::Limit::Memory {
+                what: crate::format::Structure::BitmapDirectory,
+                bytes: total,
             }));
         }
         let bits = DirtyBitmap::new(gbits, size)?;

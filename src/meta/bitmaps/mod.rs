@@ -67,6 +67,48 @@ pub(crate) const MAX_EXTENTS: usize = 1 << 20;
 /// Table entries read per batch when a table is only validated.
 const TABLE_BATCH: u64 = 1 << 17;
 
+/// Most bytes of bitmap tables an open reads (all consistent bitmaps
+/// together). QEMU has no bound; a real image's tables are tiny (a 1 TiB
+/// disk at 64 KiB granularity and 64 KiB clusters needs 256 bytes), but a
+/// crafted directory can name 65535 tables of 8 MiB each.
+pub(crate) const MAX_TABLE_BYTES: u64 = 256 << 20;
+
+/// Most bytes of bitmap bits a read-write handle holds (all bitmaps
+/// together; one bitmap holds at most 512 MiB by QEMU's constraints): two
+/// 64 TiB disks' worth at 64 KiB granularity would need 256 MiB.
+pub(crate) const MAX_BITS_BYTES: u64 = 1 << 30;
+
+/// The bytes of bits a bitmap of `1 << gbits` granularity over a disk of
+/// `size` bytes needs.
+fn bits_bytes(size: u64, gbits: u8) -> u64 {
+    size.div_ceil(1u64 << gbits.min(63)).div_ceil(8)
+}
+
+/// Refuses a directory whose consistent bitmaps' tables (and, for a
+/// read-write handle, bits) exceed this crate's bounds.
+fn check_totals(entries: &[BitmapDirEntry], size: u64, bits: bool) -> Result<()> {
+    let consistent = entries.iter().filter(|e| !e.in_use());
+    let tables: u64 = consistent
+        .clone()
+        .map(|e| u64::from(e.bitmap_table_size) * 8)
+        .sum();
+    let memory: u64 = consistent
+        .map(|e| bits_bytes(size, e.granularity_bits))
+        .sum();
+    for (total, max) in [
+        (tables, MAX_TABLE_BYTES),
+        (if bits { memory } else { 0 }, MAX_BITS_BYTES),
+    ] {
+        if total > max {
+            return Err(Error::TooLarge(crate::error::Limit::Memory {
+                what: Structure::BitmapDirectory,
+                bytes: total,
+            }));
+        }
+    }
+    Ok(())
+}
+
 /// The bitmaps header extension as on disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct ExtOnDisk {
@@ -361,11 +403,13 @@ fn read_bits(meta: &Meta, bm: &BitmapDirEntry, table: &[BitmapTableEntry]) -> Re
 ///
 /// # Errors
 /// `Error::Format` naming the bitmap directory and the offset of the
-/// offending structure, with QEMU's message; I/O errors.
+/// offending structure, with QEMU's message; I/O errors;
+/// `Error::TooLarge` beyond [`MAX_TABLE_BYTES`] of tables.
 pub(crate) fn validate_bitmaps(meta: &Meta) -> Result<()> {
     let Some((_, entries)) = read_directory(meta)? else {
         return Ok(());
     };
+    check_totals(&entries, meta.header.size, false)?;
     for bm in entries.iter().filter(|e| !e.in_use()) {
         for_table_batches(meta, bm, |_| Ok(()))?;
     }
@@ -377,8 +421,8 @@ pub(crate) fn validate_bitmaps(meta: &Meta) -> Result<()> {
 /// bitmaps), else the directory with the bits of every consistent bitmap.
 ///
 /// # Errors
-/// As [`validate_bitmaps`]; `Error::TooLarge` when a bitmap does not fit in
-/// memory.
+/// As [`validate_bitmaps`]; `Error::TooLarge` beyond [`MAX_BITS_BYTES`] of
+/// bits or when a bitmap does not fit in memory.
 pub(crate) fn load_bitmaps(meta: &Meta) -> Result<Option<Bitmaps>> {
     let h = &meta.header;
     if h.version < 3 {
@@ -389,6 +433,7 @@ pub(crate) fn load_bitmaps(meta: &Meta) -> Result<Option<Bitmaps>> {
         Some((ext, entries)) => (Some(ext), entries),
         None => (None, Vec::new()),
     };
+    check_totals(&disk_entries, h.size, true)?;
     let mut list = Vec::with_capacity(disk_entries.len());
     for bm in &disk_entries {
         let (bits, table) = if bm.in_use() {
@@ -587,6 +632,37 @@ impl Meta {
 #[allow(clippy::unwrap_used)] // tests may panic
 mod tests {
     use super::*;
+
+    #[test]
+    fn bounds_the_tables_and_bits_of_a_directory() {
+        let entry = |name: &str, table: u32, g: u8, flags: u32| BitmapDirEntry {
+            bitmap_table_offset: 0x10000,
+            bitmap_table_size: table,
+            flags,
+            bitmap_type: 1,
+            granularity_bits: g,
+            name: name.into(),
+            extra_data: Vec::new(),
+        };
+        // 32 tables of 8 MiB: at the limit; one more is refused, unless it
+        // is in_use (its table is never read).
+        let mut v: Vec<_> = (0..32)
+            .map(|i| entry(&format!("b{i}"), 1 << 20, 16, 2))
+            .collect();
+        assert!(check_totals(&v, 1 << 30, false).is_ok());
+        v.push(entry("in-use", 1 << 20, 16, 3));
+        assert!(check_totals(&v, 1 << 30, false).is_ok());
+        v.push(entry("one-more", 1, 16, 2));
+        assert!(matches!(
+            check_totals(&v, 1 << 30, false),
+            Err(Error::TooLarge(crate::error::Limit::Memory { .. }))
+        ));
+        // Bits: three 512 MiB bitmaps (2 TiB at 512 B) exceed 1 GiB.
+        let v: Vec<_> = (0..3).map(|i| entry(&format!("b{i}"), 1, 9, 0)).collect();
+        assert!(check_totals(&v[..2], 2 << 40, true).is_ok());
+        assert!(check_totals(&v, 2 << 40, true).is_err());
+        assert!(check_totals(&v, 2 << 40, false).is_ok());
+    }
 
     #[test]
     fn finds_the_extension_payload() {
