@@ -119,16 +119,6 @@ pub enum Unsupported {
         /// The format named (`backing_fmt` or the `backing.driver` option).
         format: String,
     },
-    /// `amend` changing the compatibility level (`compat`).
-    AmendCompat,
-    /// `amend` changing `refcount_bits`.
-    AmendRefcountBits,
-    /// `amend` changing the backing file or its format.
-    AmendBackingFile,
-    /// `amend` changing the external data file.
-    AmendDataFile,
-    /// `amend` shrinking the disk.
-    AmendShrink,
     /// Compressed writes to an image with an external data file (QEMU
     /// refuses them too: compressed clusters live in the image file).
     CompressedWithDataFile,
@@ -141,13 +131,6 @@ impl std::fmt::Display for Unsupported {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Unsupported::BackingFormat { format } => write!(f, "backing file format '{format}'"),
-            Unsupported::AmendCompat => f.write_str("changing the compatibility level"),
-            Unsupported::AmendRefcountBits => f.write_str("changing the refcount width"),
-            Unsupported::AmendBackingFile => {
-                f.write_str("changing the backing file (use rebase -u)")
-            }
-            Unsupported::AmendDataFile => f.write_str("changing the external data file"),
-            Unsupported::AmendShrink => f.write_str("shrinking with amend (use resize --shrink)"),
             Unsupported::CompressedWithDataFile => {
                 f.write_str("compressed writes with an external data file")
             }

@@ -737,7 +737,10 @@ pub(crate) fn snapshot_table(snaps: &[SnapshotInfo]) -> Vec<String> {
             secs % 60,
             s.vm_clock_nsec / 1_000_000
         );
-        let icount = s.icount.map(|i| (i as i64).to_string()).unwrap_or_default();
+        // QEMU shows "--" when icount was off (-1 on disk, or no field).
+        let icount = s
+            .icount
+            .map_or_else(|| "--".to_owned(), |i| (i as i64).to_string());
         v.push(format!(
             "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
             s.id,
@@ -913,6 +916,23 @@ mod tests {
             to_json_pretty(&v).unwrap(),
             "{\n    \"children\": [\n    ],\n    \"data\": {\n    },\n    \"list\": [\n        1,\n        {\n            \"a\": true\n        }\n    ]\n}"
         );
+    }
+
+    #[test]
+    fn snapshot_icount_column() {
+        let sn = |icount| SnapshotInfo {
+            icount,
+            vm_clock_nsec: 0,
+            name: "s1".into(),
+            date_sec: 0,
+            date_nsec: 0,
+            vm_clock_sec: 0,
+            id: "1".into(),
+            vm_state_size: 0,
+        };
+        let rows = snapshot_table(&[sn(Some(0)), sn(None)]);
+        assert!(rows[1].ends_with("0000:00:00.000          0"), "{rows:?}");
+        assert!(rows[2].ends_with("0000:00:00.000         --"), "{rows:?}");
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! Small shared types: metadata kinds (QEMU's overlap classes) and the image
-//! geometry that owns every shift and mask derived from the header.
+//! geometry that owns every shift and mask derived from the header (the
+//! cluster and L2 layout in `Geometry`, the refcount structures in
+//! `RefcountGeometry`).
 
 use std::fmt;
 
@@ -84,11 +86,15 @@ impl fmt::Display for MetadataKind {
     }
 }
 
-/// Every shift and mask derived from a validated header.
+/// Every shift and mask of the cluster and L2 layout, derived from a
+/// validated header.
 ///
 /// Built only from a header that passed validation, so `cluster_bits` is in
-/// 9..=21 and `refcount_order` in 0..=6; the methods do no further checks
-/// beyond overflow-safe arithmetic on caller-supplied offsets.
+/// 9..=21; the methods do no further checks beyond overflow-safe arithmetic
+/// on caller-supplied offsets. Nothing here changes over the life of an
+/// image (no amendment changes the cluster size or the L2 entry format), so
+/// copies of it never go stale; the refcount width, which `amend` changes,
+/// is [`RefcountGeometry`], kept by the metadata alone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Geometry {
     /// log2 of the cluster size.
@@ -103,16 +109,52 @@ pub(crate) struct Geometry {
     pub extended_l2: bool,
     /// log2 of the subcluster size (= `cluster_bits` without extended L2).
     pub subcluster_bits: u32,
+}
+
+/// The shifts and masks of the refcount structures: they follow the
+/// refcount width (`refcount_order`), which `amend -o refcount_bits=N`
+/// changes on an open image.
+///
+/// Built only from a validated header (`refcount_order` in 0..=6) or by the
+/// refcount width change, which switches the metadata's copy when the new
+/// structures take over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RefcountGeometry {
     /// log2 of the refcount width in bits.
     pub refcount_order: u32,
     /// log2 of the number of refcounts per refcount block.
     pub refcount_block_bits: u32,
 }
 
-impl Geometry {
-    /// Derives the geometry. `cluster_bits` must be 9..=21 and
+impl RefcountGeometry {
+    /// Derives the refcount geometry. `cluster_bits` must be 9..=21 and
     /// `refcount_order` 0..=6 (guaranteed by header validation).
-    pub fn new(cluster_bits: u32, extended_l2: bool, refcount_order: u32) -> Self {
+    pub fn new(cluster_bits: u32, refcount_order: u32) -> Self {
+        RefcountGeometry {
+            refcount_order,
+            // entries = cluster_size * 8 / refcount_bits
+            refcount_block_bits: cluster_bits + 3 - refcount_order,
+        }
+    }
+
+    /// Refcounts per refcount block.
+    pub fn refcount_block_entries(&self) -> u64 {
+        1 << self.refcount_block_bits
+    }
+
+    /// Reftable index and block index of a host cluster index.
+    pub fn refcount_position(&self, cluster: u64) -> (u64, usize) {
+        (
+            cluster >> self.refcount_block_bits,
+            (cluster & (self.refcount_block_entries() - 1)) as usize,
+        )
+    }
+}
+
+impl Geometry {
+    /// Derives the geometry. `cluster_bits` must be 9..=21 (guaranteed by
+    /// header validation).
+    pub fn new(cluster_bits: u32, extended_l2: bool) -> Self {
         let l2_entry_bytes = if extended_l2 { 16 } else { 8 };
         let l2_bits = cluster_bits - if extended_l2 { 4 } else { 3 };
         Geometry {
@@ -126,9 +168,6 @@ impl Geometry {
             } else {
                 cluster_bits
             },
-            refcount_order,
-            // entries = cluster_size * 8 / refcount_bits
-            refcount_block_bits: cluster_bits + 3 - refcount_order,
         }
     }
 
@@ -146,11 +185,6 @@ impl Geometry {
     /// Subcluster size in bytes.
     pub fn subcluster_size(&self) -> u64 {
         1 << self.subcluster_bits
-    }
-
-    /// Refcounts per refcount block.
-    pub fn refcount_block_entries(&self) -> u64 {
-        1 << self.refcount_block_bits
     }
 
     /// L1 index of a guest offset.
@@ -188,14 +222,6 @@ impl Geometry {
         let shift = self.cluster_bits + self.l2_bits;
         (size >> shift) + u64::from(size & ((1u64 << shift) - 1) != 0)
     }
-
-    /// Reftable index and block index of a host cluster index.
-    pub fn refcount_position(&self, cluster: u64) -> (u64, usize) {
-        (
-            cluster >> self.refcount_block_bits,
-            (cluster & (self.refcount_block_entries() - 1)) as usize,
-        )
-    }
 }
 
 #[cfg(test)]
@@ -204,18 +230,19 @@ mod tests {
 
     #[test]
     fn geometry_64k() {
-        let g = Geometry::new(16, false, 4);
+        let g = Geometry::new(16, false);
         assert_eq!(g.l2_entries(), 8192);
         assert_eq!(g.l2_coverage(), 512 << 20);
-        assert_eq!(g.refcount_block_entries(), 32768);
+        assert_eq!(RefcountGeometry::new(16, 4).refcount_block_entries(), 32768);
         assert_eq!(g.l1_entries_for(1 << 30), 2);
         assert_eq!(g.l1_entries_for((1 << 30) + 1), 3);
         assert_eq!(g.l2_index(0x10000), 1);
-        let e = Geometry::new(16, true, 4);
+        let e = Geometry::new(16, true);
         assert_eq!(e.l2_entries(), 4096);
         assert_eq!(e.subcluster_size(), 2048);
-        let small = Geometry::new(9, false, 6);
+        let small = RefcountGeometry::new(9, 6);
         assert_eq!(small.refcount_block_entries(), 64);
+        assert_eq!(small.refcount_position(130), (2, 2));
     }
 
     #[test]

@@ -166,6 +166,8 @@ impl Image {
         drop(meta);
         // The reserved bytes are referenced by nothing a reader can reach
         // and cannot be handed out again: no lock is needed to fill them.
+        self.file
+            .debug_event(crate::storage::BlkdebugEvent::WriteCompressed);
         let r = self.data.write(permit, &c.bytes);
         let mut meta = self.meta.write().map_err(|_| Error::PreviousIoFailed)?;
         meta.in_flight.remove(&cluster);
@@ -254,6 +256,7 @@ impl Image {
             sectors,
         }
         .encode(&meta.efmt);
+        meta.event(crate::storage::BlkdebugEvent::L2UpdateCompressed);
         meta.write_slot(&slot, RawL2 { word, bitmap: 0 });
         Ok(())
     }

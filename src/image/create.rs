@@ -11,7 +11,7 @@ use crate::format::{put_be_u64, refcount};
 use crate::image::Image;
 use crate::options::{Compat, CompressionType, CreateOptions, Preallocation};
 use crate::storage::{FileStorage, LockRequest, Locking, Storage};
-use crate::types::Geometry;
+use crate::types::{Geometry, RefcountGeometry};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -91,7 +91,7 @@ fn create_with(
         0
     };
     let mut h = build_header(opts, direct_size)?;
-    let geom = Geometry::new(h.cluster_bits, h.is_extended_l2(), h.refcount_order);
+    let geom = Geometry::new(h.cluster_bits, h.is_extended_l2());
     let cs = geom.cluster_size;
     let l1_entries = geom.l1_entries_for(size);
     if l1_entries * 8 > MAX_L1_BYTES || size > i64::MAX as u64 {
@@ -102,7 +102,8 @@ fn create_with(
     }
     let l1_entries = geom.l1_entries_for(direct_size);
     let l1_clusters = geom.clusters_for(l1_entries * 8);
-    let direct = 3 + l1_clusters <= geom.refcount_block_entries();
+    let direct = 3 + l1_clusters
+        <= RefcountGeometry::new(h.cluster_bits, h.refcount_order).refcount_block_entries();
     let used = if direct { 3 + l1_clusters } else { 3 };
     if direct && l1_entries > 0 {
         h.l1_size = l1_entries as u32;

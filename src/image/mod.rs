@@ -646,12 +646,16 @@ impl Image {
     /// own corruption (QEMU's top node sees only -EIO from its backing child).
     pub(crate) fn read_backing(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         match &self.backing {
-            Some(b) => b.read_at(buf, offset).map_err(|e| match e {
-                Error::Io { .. } | Error::BackingRead { .. } => e,
-                other => Error::BackingRead {
-                    source: Box::new(other),
-                },
-            }),
+            Some(b) => {
+                self.file
+                    .debug_event(crate::storage::BlkdebugEvent::ReadBackingAio);
+                b.read_at(buf, offset).map_err(|e| match e {
+                    Error::Io { .. } | Error::BackingRead { .. } => e,
+                    other => Error::BackingRead {
+                        source: Box::new(other),
+                    },
+                })
+            }
             None => {
                 buf.fill(0);
                 Ok(())
@@ -664,6 +668,8 @@ impl Image {
     pub(crate) fn read_compressed(&self, ctype: u8, offset: u64, len: u64) -> Result<Vec<u8>> {
         let cs = self.geom.cluster_size as usize;
         let mut input = vec![0u8; len as usize];
+        self.file
+            .debug_event(crate::storage::BlkdebugEvent::ReadCompressed);
         self.file.read(&mut input, offset)?;
         crate::compress::decompress(ctype, &input, cs)
             .map_err(|reason| Error::Decompress { offset, reason })
@@ -776,6 +782,9 @@ impl Image {
     }
 
     fn flush_locked(&self, meta: &mut Meta) -> Result<()> {
+        // QEMU's `bdrv_co_flush` reports `flush_to_os` to the image file
+        // before the format layer writes its caches.
+        meta.event(crate::storage::BlkdebugEvent::FlushToOs);
         // Wait until no data I/O that translated earlier is in flight, so
         // freed clusters can be reused.
         let _barrier = self
@@ -850,10 +859,14 @@ impl Image {
                 .io_barrier
                 .write()
                 .map_err(|_| Error::PreviousIoFailed)?;
-            // Guest data and its tables are durable before the bitmaps
-            // that describe them are stored.
-            meta.flush_all(true)?;
-            meta.store_bitmaps()?;
+            // Closing flushes the node (QEMU's `bdrv_close` -> `bdrv_flush`).
+            meta.event(crate::storage::BlkdebugEvent::FlushToOs);
+            if meta.bitmaps_store_due() {
+                // Guest data and its tables are durable before the bitmaps
+                // that describe them are stored.
+                meta.flush_all(true)?;
+                meta.store_bitmaps()?;
+            }
             meta.mark_clean()?;
             Self::sync_data_file(&mut meta)
         })();

@@ -44,7 +44,7 @@ impl Image {
     /// uses a file in a conflicting way, backing file errors).
     pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Image> {
         let path = path.as_ref();
-        check_force_share(opts).map_err(|e| e.opening(path))?;
+        check_open_mode(opts).map_err(|e| e.opening(path))?;
         let file = FileStorage::open_with(path, !opts.get_read_only(), opts.get_cache_direct())
             .map_err(|e| open_error(path, e))?;
         Self::open_inner(
@@ -83,7 +83,7 @@ impl Image {
     /// As for [`Image::open`].
     pub fn open_without_backing(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Image> {
         let path = path.as_ref();
-        check_force_share(opts).map_err(|e| e.opening(path))?;
+        check_open_mode(opts).map_err(|e| e.opening(path))?;
         let file = FileStorage::open_with(path, !opts.get_read_only(), opts.get_cache_direct())
             .map_err(|e| open_error(path, e))?;
         let mode = OpenMode {
@@ -193,7 +193,7 @@ impl Image {
         data_override: Option<Arc<dyn Storage>>,
     ) -> Result<Image> {
         let read_only = opts.get_read_only();
-        check_force_share(opts)?;
+        check_open_mode(opts)?;
         // QEMU locks the file when the format driver attaches it, before
         // reading the header.
         file.lock(&LockRequest::image_file(
@@ -226,11 +226,7 @@ impl Image {
         let repair_dirty =
             header.incompatible_features & INCOMPAT_DIRTY != 0 && !read_only && !repair;
         let luks = check_encryption(&header, &*file, mode)?;
-        let geom = Geometry::new(
-            header.cluster_bits,
-            header.is_extended_l2(),
-            header.refcount_order,
-        );
+        let geom = Geometry::new(header.cluster_bits, header.is_extended_l2());
         let external_data = header.incompatible_features & INCOMPAT_DATA_FILE != 0;
         opts.check_image_version(header.version)
             .map_err(|e| Error::InvalidArgument(e.to_string()))?;
@@ -269,6 +265,19 @@ impl Image {
             // or locked data file must not stop it. No guest data can be
             // reached through this handle anyway.
             None
+        } else if let (true, Some(spec)) = (external_data, opts.data_file_backend()) {
+            // `data-file.driver=nbd|blkdebug|quorum|null-co`: the storage comes
+            // from the options, not from the name in the header.
+            let name = PathBuf::from(format!("data-file.driver={}", spec.driver));
+            let s = crate::storage::open_from_options(spec, read_only).map_err(|m| {
+                Error::DataFile {
+                    path: name.clone(),
+                    source: Box::new(Error::InvalidArgument(m)),
+                }
+            })?;
+            meta.gate
+                .set_data_file(Arc::new(Tracked::new(s, opts.get_cache_no_flush())));
+            Some(name)
         } else if external_data {
             let name = opts
                 .get_data_file()
@@ -399,9 +408,11 @@ fn repair_dirty_at_open(image: Image) -> Result<(Image, crate::repair::CheckRepo
     Ok((image, report))
 }
 
-/// QEMU's refusal of `force-share=on` for a read-write open.
-fn check_force_share(opts: &OpenOptions) -> Result<()> {
+/// QEMU's refusals of `force-share=on` and `file.read-only=on` for a
+/// read-write open.
+fn check_open_mode(opts: &OpenOptions) -> Result<()> {
     opts.check_force_share()
+        .and_then(|()| opts.check_file_read_only())
         .map_err(|e| Error::InvalidArgument(e.to_string()))
 }
 
@@ -480,7 +491,11 @@ fn open_backing_chain(
             Some(_) => PathBuf::from(name),
             None => resolve(base.as_deref(), Path::new(name)),
         };
-        if resolver.is_none() && !opts.get_backing_policy().permits(&path) {
+        // A backing name that is an NBD URI (`nbd+unix:///EXPORT?socket=S`,
+        // `nbd://HOST:PORT/EXPORT`) is opened with the nbd client, as QEMU does.
+        let uri = resolver.is_none().then(|| nbd_uri_spec(name)).flatten();
+        let given_here = (images.is_empty() && opts.backing_backend().is_some()) || uri.is_some();
+        if resolver.is_none() && !given_here && !opts.get_backing_policy().permits(&path) {
             return Err(wrap_chain(&paths, Error::BackingNotPermitted { path }));
         }
         if images.len() >= MAX_BACKING_DEPTH {
@@ -490,31 +505,40 @@ fn open_backing_chain(
             });
         }
         paths.push(path.clone());
-        let storage: Arc<dyn Storage> = match &resolver {
-            Some(r) => {
-                let s = r
-                    .open(super::FileRole::Backing, name, false)
-                    .map_err(|e| wrap_chain(&paths, e))?;
-                let id = super::resolver::storage_id(&s);
-                if seen_storages.contains(&id) {
-                    return Err(Error::BackingLoop { path });
-                }
-                seen_storages.push(id);
-                s
-            }
-            None => {
-                let s = FileStorage::open(&path, false)
-                    .map_err(|e| wrap_chain(&paths, open_error(&path, e)))?;
-                if let Some(id) = file_id(&path) {
-                    if seen.contains(&id) {
+        // `backing.file.driver=...`: the first backing image's storage comes
+        // from the options.
+        let given = opts.backing_backend().filter(|_| images.is_empty());
+        let storage: Arc<dyn Storage> =
+            match (given.map(|b| &b.storage).or(uri.as_ref()), &resolver) {
+                (Some(spec), _) => crate::storage::open_from_options(spec, true)
+                    .map_err(|m| wrap_chain(&paths, Error::InvalidArgument(m)))?,
+                (None, Some(r)) => {
+                    let s = r
+                        .open(super::FileRole::Backing, name, false)
+                        .map_err(|e| wrap_chain(&paths, e))?;
+                    let id = super::resolver::storage_id(&s);
+                    if seen_storages.contains(&id) {
                         return Err(Error::BackingLoop { path });
                     }
-                    seen.push(id);
+                    seen_storages.push(id);
+                    s
                 }
-                Arc::new(s)
-            }
-        };
-        let is_qcow2 = match header.backing_format() {
+                (None, None) => {
+                    let s = FileStorage::open(&path, false)
+                        .map_err(|e| wrap_chain(&paths, open_error(&path, e)))?;
+                    if let Some(id) = file_id(&path) {
+                        if seen.contains(&id) {
+                            return Err(Error::BackingLoop { path });
+                        }
+                        seen.push(id);
+                    }
+                    Arc::new(s)
+                }
+            };
+        let format = given
+            .and_then(|b| b.format.as_deref())
+            .or(header.backing_format());
+        let is_qcow2 = match format {
             Some("raw") => false,
             Some("qcow2") => true,
             Some(other) => {
@@ -632,4 +656,15 @@ pub(crate) fn resolve(base: Option<&Path>, name: &Path) -> PathBuf {
         Some(b) if !b.as_os_str().is_empty() => b.join(name),
         _ => name.to_path_buf(),
     }
+}
+
+/// The nbd storage spec of a backing file name that is an NBD URI, if it is one.
+fn nbd_uri_spec(name: &str) -> Option<crate::storage::BackendSpec> {
+    ["nbd://", "nbd+unix://", "nbd+tcp://"]
+        .iter()
+        .any(|p| name.starts_with(p))
+        .then(|| crate::storage::BackendSpec {
+            driver: "nbd".into(),
+            options: vec![("filename".into(), name.replace("nbd+tcp://", "nbd://"))],
+        })
 }

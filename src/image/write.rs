@@ -3,6 +3,7 @@
 //! and partially allocated (extended L2) clusters.
 
 use super::*;
+use crate::storage::BlkdebugEvent;
 use std::io::IoSlice;
 
 impl Image {
@@ -496,7 +497,10 @@ impl Image {
                     })?;
                     self.data.write(permit, bytes)?;
                 }
-                PendingWrite::Cow { permit, buf } => self.data.write(permit, &buf)?,
+                PendingWrite::Cow { permit, buf } => {
+                    self.file.debug_event(BlkdebugEvent::CowWrite);
+                    self.data.write(permit, &buf)?
+                }
                 PendingWrite::Outside { .. } => {
                     return Err(Error::Internal(
                         "a reservation's guest range reached the data writes".into(),
@@ -650,6 +654,7 @@ impl Image {
         if from >= to {
             return Ok(());
         }
+        self.file.debug_event(BlkdebugEvent::CowRead);
         let geom = self.geom;
         match p.old {
             L2Entry::Compressed { .. } => {

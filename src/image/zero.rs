@@ -129,8 +129,11 @@ impl Image {
                     // Keep the raw data file equal to the guest view.
                     self.zero_data_file(g, (g + cs).min(size))?;
                 }
-                if no_unref && !full {
-                    if let Some(h) = e.host_cluster() {
+                // discard-no-unref keeps the reference of a data cluster
+                // (host_cluster() is None for a compressed one, whose
+                // reference goes as always: QEMU's keep_reference).
+                match e.host_cluster() {
+                    Some(h) if no_unref && !full => {
                         // Only a cluster this entry owns alone (COPIED): a
                         // cluster shared with an internal snapshot keeps
                         // the snapshot's data.
@@ -142,8 +145,7 @@ impl Image {
                             }
                         }
                     }
-                } else {
-                    self.drop_reference(meta, e, DiscardType::Request);
+                    _ => self.drop_reference(meta, e, DiscardType::Request),
                 }
             }
             g += cs;

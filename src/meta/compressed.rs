@@ -20,6 +20,7 @@ impl Meta {
     /// maximum; a stream that does not fit continues into the next host
     /// cluster when that one is the next free cluster, as in QEMU.
     pub fn alloc_bytes(&mut self, size: u64) -> Result<u64> {
+        self.event(crate::storage::BlkdebugEvent::ClusterAllocBytes);
         let cs = self.geom.cluster_size;
         let cb = self.geom.cluster_bits;
         if size == 0 || size > cs {
@@ -27,7 +28,7 @@ impl Meta {
                 "compressed allocation of {size} bytes"
             )));
         }
-        let max = refcount::max_value(self.geom.refcount_order);
+        let max = refcount::max_value(self.rgeom.refcount_order);
         let mut offset = self.free_byte_offset;
         if offset != 0 && self.refcount(offset >> cb)? >= max {
             offset = 0;

@@ -9,6 +9,7 @@ use crate::error::{Error, Result};
 use crate::format::consts::*;
 use crate::format::put_be_u64;
 use crate::format::Structure;
+use crate::storage::BlkdebugEvent;
 use crate::types::MetadataKind;
 
 impl Meta {
@@ -41,6 +42,7 @@ impl Meta {
         let mut buf = vec![0u8; cs];
         if old != 0 {
             // Copy the shared table, taking the content from dirty cached slices too.
+            self.event(BlkdebugEvent::L2AllocCowRead);
             self.gate.read(&mut buf, old)?;
             let sb = self.l2.cache.entry_bytes();
             for (s, slice) in buf.chunks_exact_mut(sb).enumerate() {
@@ -50,6 +52,7 @@ impl Meta {
             }
         }
         self.gate.checker_mut().add_active_l2(new);
+        self.event(BlkdebugEvent::L2AllocWrite);
         self.meta_write(&buf, new, MetadataKind::ActiveL2)?;
         self.data_unsynced = true;
         *conv::get_mut(&mut self.l2.l1, idx, "L1 table")? = new | OFLAG_COPIED;
@@ -88,6 +91,7 @@ impl Meta {
         data.extend_from_slice(&t.data);
         // A cached L2 table may be shared with a snapshot (internal
         // snapshots): it is then an active and an inactive L2 table at once.
+        self.event(BlkdebugEvent::L2Update);
         let r = self.gate.write_metadata_as(
             &[MetadataKind::ActiveL2, MetadataKind::InactiveL2],
             &data,
@@ -109,6 +113,7 @@ impl Meta {
             return Ok(());
         }
         let data = t.data.to_vec();
+        self.event(BlkdebugEvent::RefblockUpdatePart);
         self.meta_write(&data, block, MetadataKind::RefcountBlock)?;
         if let Some(t) = self.rc.cache.get_mut(block) {
             t.dirty = false;
@@ -132,6 +137,7 @@ impl Meta {
         for i in entries {
             let off = self.header.refcount_table_offset + i as u64 * 8;
             let v = conv::get(&self.rc.table, i, "refcount table")?;
+            self.event(BlkdebugEvent::ReftableUpdate);
             self.meta_write(&v.to_be_bytes(), off, MetadataKind::RefcountTable)?;
         }
         self.sync()
@@ -175,6 +181,7 @@ impl Meta {
                 put_be_u64(&mut buf, k * 8, *e);
             }
             let off = self.header.l1_table_offset + a as u64 * 8;
+            self.event(BlkdebugEvent::L1Update);
             self.meta_write(&buf, off, MetadataKind::ActiveL1)?;
         }
         Ok(true)
@@ -213,6 +220,7 @@ impl Meta {
                 }
             }
             for (c, n, dtype) in runs {
+                self.event(BlkdebugEvent::ClusterFree);
                 match self.update_refcount(c, n, -1, dtype)? {
                     Update::Done => {}
                     Update::Again => {

@@ -13,7 +13,7 @@
 
 use crate::error::{Error, IoOp, Result};
 use crate::format::consts::{INCOMPAT_CORRUPT, V3_HEADER_LENGTH};
-use crate::storage::{Storage, Tracked};
+use crate::storage::{BlkdebugEvent, Storage, Tracked};
 use crate::types::MetadataKind;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -48,6 +48,11 @@ impl FileReader {
     /// Bytes the file occupies on its device ([`Storage::allocated_bytes`]).
     pub fn allocated_bytes(&self) -> std::io::Result<u64> {
         self.0.allocated_bytes()
+    }
+
+    /// Reports a blkdebug event to the image file ([`Storage::debug_event`]).
+    pub fn debug_event(&self, event: BlkdebugEvent) {
+        self.0.debug_event(event);
     }
 }
 
@@ -244,6 +249,13 @@ impl WriteGate {
         self.file
             .read_at(buf, offset)
             .map_err(|e| Error::io(IoOp::Read, offset, e))
+    }
+
+    /// Reports a blkdebug event (QEMU's `BLKDBG_EVENT(bs->file, ...)`) to
+    /// the image file: a no-op call unless a `blkdebug` storage is below.
+    #[inline]
+    pub fn debug_event(&self, event: BlkdebugEvent) {
+        self.file.debug_event(event);
     }
 
     /// A read-only view of the image file.

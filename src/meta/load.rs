@@ -10,7 +10,7 @@ use crate::format::header::Header;
 use crate::format::Structure;
 use crate::options::OpenOptions;
 use crate::storage::{Storage, Tracked};
-use crate::types::Geometry;
+use crate::types::{Geometry, RefcountGeometry};
 use std::sync::Arc;
 
 use super::overlap_map::OverlapChecker;
@@ -30,11 +30,8 @@ pub(crate) fn load(
     check: bool,
     file_len: u64,
 ) -> Result<Meta> {
-    let geom = Geometry::new(
-        header.cluster_bits,
-        header.is_extended_l2(),
-        header.refcount_order,
-    );
+    let geom = Geometry::new(header.cluster_bits, header.is_extended_l2());
+    let rgeom = RefcountGeometry::new(header.cluster_bits, header.refcount_order);
     let efmt = EntryFormat {
         cluster_bits: header.cluster_bits,
         version: header.version,
@@ -55,6 +52,8 @@ pub(crate) fn load(
         l1_bytes,
         file_len,
     )?;
+    // QEMU's `qcow2_refcount_init`.
+    file.debug_event(crate::storage::BlkdebugEvent::ReftableLoad);
     let reftable = read_table(
         &*file,
         Structure::RefcountTable,
@@ -141,6 +140,7 @@ pub(crate) fn load(
             refcounts_past_eof,
         ),
         geom,
+        rgeom,
         efmt,
         no_flush: false,
         data_unsynced: false,

@@ -34,8 +34,8 @@ use crate::format::entry::{EntryError, EntryFormat, L1Entry, L2Entry, Subcluster
 use crate::format::header::Header;
 use crate::format::Structure;
 use crate::format::{be_u64, put_be_u64};
-use crate::storage::Storage;
-use crate::types::{Geometry, MetadataKind};
+use crate::storage::{BlkdebugEvent, Storage};
+use crate::types::{Geometry, MetadataKind, RefcountGeometry};
 use std::collections::BTreeSet;
 
 pub(crate) mod bitmaps;
@@ -257,7 +257,11 @@ pub(crate) struct Meta {
     /// The refcount state and the allocator.
     pub rc: Refcounts,
     pub header: Header,
+    /// The cluster and L2 layout (fixed for the image's life).
     pub geom: Geometry,
+    /// The refcount structures' layout: changes with the refcount width
+    /// (only `amend`'s width change assigns it, when the header switches).
+    pub rgeom: RefcountGeometry,
     pub efmt: EntryFormat,
     /// Skip syncs (image creation, like QEMU's `BDRV_O_NO_FLUSH`): the image
     /// is not valid before creation ends anyway; one sync at the end.
@@ -296,6 +300,14 @@ impl Meta {
     /// the range).
     pub fn in_flight_overlaps(&self, first: u64, last: u64) -> bool {
         !self.in_flight.is_empty() && self.in_flight.iter().any(|c| (first..=last).contains(c))
+    }
+
+    /// Reports the blkdebug event `event` to the image file at the point
+    /// QEMU's qcow2 driver reports it (see [`crate::storage::BlkdebugEvent`]
+    /// for the list); a no-op virtual call on other storages.
+    #[inline]
+    pub(crate) fn event(&self, event: crate::storage::BlkdebugEvent) {
+        self.gate.debug_event(event);
     }
 
     /// Writes metadata; a failure poisons the handle (the in-memory state is
@@ -399,6 +411,7 @@ impl Meta {
         self.make_room_l2()?;
         let n = self.l2.cache.entry_bytes();
         let mut buf = vec![0u8; n].into_boxed_slice();
+        self.event(BlkdebugEvent::L2Load);
         self.gate.read(&mut buf, slice)?;
         self.l2.cache.insert(slice, buf, false);
         Ok(())

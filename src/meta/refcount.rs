@@ -8,6 +8,7 @@ use crate::error::{Error, Limit, Result};
 use crate::format::consts::*;
 use crate::format::Structure;
 use crate::format::{put_be_u64, refcount};
+use crate::storage::BlkdebugEvent;
 use crate::types::MetadataKind;
 
 /// Result of a refcount update that may have had to allocate metadata first.
@@ -27,6 +28,8 @@ impl Meta {
 
     /// Loads the refcount block at host offset `block` into the cache.
     pub(super) fn load_refblock(&mut self, block: u64) -> Result<()> {
+        // QEMU's `load_refcount_block` reports the event on cache hits too.
+        self.event(BlkdebugEvent::RefblockLoad);
         if self.rc.cache.get(block).is_some() {
             return Ok(());
         }
@@ -63,7 +66,7 @@ impl Meta {
 
     /// Refuses to allocate when refcount metadata lay past the end of the
     /// file at open: its zeroes would hand out clusters that are in use.
-    fn check_allocatable(&self) -> Result<()> {
+    pub(crate) fn check_allocatable(&self) -> Result<()> {
         match self.rc.past_eof {
             None => Ok(()),
             Some((what, offset)) => Err(Error::Corrupt {
@@ -78,13 +81,13 @@ impl Meta {
 
     /// The refcount of host cluster `cluster` (0 where no block exists).
     pub fn refcount(&mut self, cluster: u64) -> Result<u64> {
-        let (ri, bi) = self.geom.refcount_position(cluster);
+        let (ri, bi) = self.rgeom.refcount_position(cluster);
         let block = self.refblock_offset(ri)?;
         if block == 0 {
             return Ok(0);
         }
         self.load_refblock(block)?;
-        let order = self.geom.refcount_order;
+        let order = self.rgeom.refcount_order;
         Ok(self
             .rc
             .cache
@@ -104,8 +107,8 @@ impl Meta {
         // Freed clusters must not be discarded after they are reused.
         self.process_discards();
         let max = MAX_HOST_OFFSET >> self.geom.cluster_bits;
-        let rb_bits = self.geom.refcount_block_bits;
-        let order = self.geom.refcount_order;
+        let rb_bits = self.rgeom.refcount_block_bits;
+        let order = self.rgeom.refcount_order;
         let too_large = || Error::TooLarge(Limit::HostOffset);
         let mut run = 0u64;
         loop {
@@ -150,7 +153,10 @@ impl Meta {
     /// returns [`Update::Again`], as it may have taken space the caller chose
     /// (QEMU's `alloc_refcount_block`).
     fn ensure_refblock(&mut self, cluster: u64) -> Result<Update> {
-        let (ri, _) = self.geom.refcount_position(cluster);
+        let (ri, _) = self.rgeom.refcount_position(cluster);
+        // QEMU's `alloc_refcount_block` reports the event on every call,
+        // also when the block exists.
+        self.event(BlkdebugEvent::RefblockAlloc);
         if self.refblock_offset(ri)? != 0 {
             return Ok(Update::Done);
         }
@@ -165,10 +171,10 @@ impl Meta {
         let new_block = new_cluster << self.geom.cluster_bits;
         let cs = conv::cluster_bytes(&self.geom);
         let mut buf = vec![0u8; cs].into_boxed_slice();
-        let (own_ri, own_bi) = self.geom.refcount_position(new_cluster);
+        let (own_ri, own_bi) = self.rgeom.refcount_position(new_cluster);
         if own_ri == ri {
             // The block describes itself.
-            refcount::set(&mut buf, self.geom.refcount_order, own_bi, 1);
+            refcount::set(&mut buf, self.rgeom.refcount_order, own_bi, 1);
         } else {
             // Described by another block, which may need allocating first.
             if self.update_refcount(new_cluster, 1, 1, DiscardType::Never)? == Update::Again {
@@ -177,6 +183,7 @@ impl Meta {
             self.flush_refcounts()?;
         }
         self.gate.checker_mut().add_refcount_block(new_block);
+        self.event(BlkdebugEvent::RefblockAllocWrite);
         if let Err(e) = self.meta_write(&buf, new_block, MetadataKind::RefcountBlock) {
             self.gate.checker_mut().remove_refcount_block(new_block);
             return Err(e);
@@ -193,12 +200,14 @@ impl Meta {
         if idx < self.rc.table.len() && idx < self.on_disk_reftable_entries() {
             *conv::get_mut(&mut self.rc.table, idx, "refcount table")? = new_block;
             let off = self.header.refcount_table_offset + ri * 8;
+            self.event(BlkdebugEvent::RefblockAllocHookup);
             self.meta_write(&new_block.to_be_bytes(), off, MetadataKind::RefcountTable)?;
             self.sync()?;
         } else {
             // Grow the table: a self-describing area starting at the first
             // cluster not covered by any existing refcount block slot.
-            let per_block = self.geom.refcount_block_entries();
+            self.event(BlkdebugEvent::ReftableGrow);
+            let per_block = self.rgeom.refcount_block_entries();
             let blocks_used = (cluster + 1).max(new_cluster + 1).div_ceil(per_block);
             let area = (blocks_used * per_block) << self.geom.cluster_bits;
             self.refcount_area(area, 0, false, Some((idx, new_block)))?;
@@ -268,10 +277,10 @@ impl Meta {
     /// refcount block range))`, whose block exists, and returns where the
     /// segment ended. Nothing is changed if any value would leave its range.
     fn add_to_segment(&mut self, c: u64, end: u64, addend: i64, dtype: DiscardType) -> Result<u64> {
-        let rb_bits = self.geom.refcount_block_bits;
-        let order = self.geom.refcount_order;
+        let rb_bits = self.rgeom.refcount_block_bits;
+        let order = self.rgeom.refcount_order;
         let max = refcount::max_value(order);
-        let (ri, bi) = self.geom.refcount_position(c);
+        let (ri, bi) = self.rgeom.refcount_position(c);
         let seg_end = end.min((ri + 1) << rb_bits);
         let n = conv::usize_of(seg_end - c)?;
         let block = self.refblock_offset(ri)?;
@@ -335,11 +344,11 @@ impl Meta {
     /// update (the blocks exist: the update went through them). Clusters
     /// that drop back to 0 only lower the free hint, as in QEMU.
     fn undo_refcounts(&mut self, start: u64, upto: u64, addend: i64) {
-        let order = self.geom.refcount_order;
-        let rb_bits = self.geom.refcount_block_bits;
+        let order = self.rgeom.refcount_order;
+        let rb_bits = self.rgeom.refcount_block_bits;
         let mut c = start;
         while c < upto {
-            let (ri, bi) = self.geom.refcount_position(c);
+            let (ri, bi) = self.rgeom.refcount_position(c);
             let seg_end = upto.min((ri + 1) << rb_bits);
             let block = match self.refblock_offset(ri) {
                 Ok(b) if b != 0 => b,
@@ -431,6 +440,7 @@ impl Meta {
     /// Allocates `n` contiguous clusters with refcount 1 and returns the host
     /// offset of the first (QEMU's `qcow2_alloc_clusters`).
     pub fn alloc_clusters(&mut self, n: u64) -> Result<u64> {
+        self.event(BlkdebugEvent::ClusterAlloc);
         loop {
             let start = self.alloc_noref(n)?;
             if self.update_refcount(start, n, 1, DiscardType::Never)? == Update::Done {
@@ -458,8 +468,8 @@ impl Meta {
 
     /// How many of the `n` clusters from `cluster` have refcount 0 in a row.
     fn count_free(&mut self, cluster: u64, n: u64) -> Result<u64> {
-        let rb_bits = self.geom.refcount_block_bits;
-        let order = self.geom.refcount_order;
+        let rb_bits = self.rgeom.refcount_block_bits;
+        let order = self.rgeom.refcount_order;
         let mut done = 0u64;
         while done < n {
             let c = cluster + done;
@@ -532,11 +542,12 @@ impl Meta {
     ) -> Result<u64> {
         self.check_allocatable()?;
         let g = self.geom;
+        let rg = self.rgeom;
         let cs = g.cluster_size;
         let cb = g.cluster_bits;
         let too_large = || Error::TooLarge(Limit::RefcountTable);
         let (total_blocks, _) =
-            refcount_metadata_size((start >> cb) + additional, cs, g.refcount_order, !exact);
+            refcount_metadata_size((start >> cb) + additional, cs, rg.refcount_order, !exact);
         let per_table_cluster = cs / 8;
         let mut table_size = if exact {
             total_blocks
@@ -553,7 +564,7 @@ impl Meta {
         let table_clusters = (table_size as u64) / per_table_cluster;
         let table_clusters_u32 = u32::try_from(table_clusters).map_err(|_| too_large())?;
         let area_ri =
-            usize::try_from((start >> cb) >> g.refcount_block_bits).map_err(|_| too_large())?;
+            usize::try_from((start >> cb) >> rg.refcount_block_bits).map_err(|_| too_large())?;
 
         let mut table = vec![0u64; table_size];
         let max_idx = self.max_reftable_index();
@@ -581,8 +592,8 @@ impl Meta {
         let end = table_off + table_clusters * cs;
 
         // Fill the refcount blocks, creating the missing ones from `start`.
-        let order = g.refcount_order;
-        let per_block = g.refcount_block_entries();
+        let order = rg.refcount_order;
+        let per_block = rg.refcount_block_entries();
         let mut block_off = start;
         for (i, slot) in table
             .iter_mut()
@@ -636,17 +647,20 @@ impl Meta {
             }
         }
         // Blocks first (and synced), then the table (synced), then the header.
+        self.event(BlkdebugEvent::RefblockAllocWriteBlocks);
         self.flush_refcounts()?;
         self.sync()?;
         let mut bytes = vec![0u8; table_size * 8];
         for (i, e) in table.iter().enumerate() {
             put_be_u64(&mut bytes, i * 8, *e);
         }
+        self.event(BlkdebugEvent::RefblockAllocWriteTable);
         self.meta_write(&bytes, table_off, MetadataKind::RefcountTable)?;
         self.sync()?;
         let mut sw = [0u8; 12];
         sw[..8].copy_from_slice(&table_off.to_be_bytes());
         sw[8..].copy_from_slice(&table_clusters_u32.to_be_bytes());
+        self.event(BlkdebugEvent::RefblockAllocSwitchTable);
         self.write_header_field(48, &sw)?;
         let old_off = self.header.refcount_table_offset;
         let old_clusters = u64::from(self.header.refcount_table_clusters);
@@ -669,6 +683,7 @@ impl Meta {
         // does (later allocations may reuse its clusters).
         if old_clusters > 0 {
             // A decrement of counted clusters never allocates (never `Again`).
+            self.event(BlkdebugEvent::ClusterFree);
             let _ = self.update_refcount(old_off >> cb, old_clusters, -1, DiscardType::Other)?;
         }
         Ok(end)

@@ -13,7 +13,9 @@ use crate::format::consts::*;
 use crate::format::entry::L2Entry;
 use crate::format::header::Header;
 use crate::format::put_be_u64;
-use crate::format::snapshot::{decode_snapshot_table, encode_snapshot_table, SnapshotEntry};
+use crate::format::snapshot::{
+    decode_snapshot_table, encode_snapshot_table, SnapshotEntry, SNAPSHOT_KNOWN_EXTRA_DATA,
+};
 use crate::format::{be_u64, FormatError, FormatErrorKind, Structure};
 use crate::meta::overlap_map::OverlapChecker;
 use crate::meta::read_file;
@@ -399,11 +401,25 @@ impl Meta {
     /// synced header write (the commit point), then the old table is freed.
     /// The overlap map follows the table.
     ///
+    ///
+    /// Entries are written as QEMU writes them, whatever they were read as:
+    /// with v3's extra data (`extra_data_size` at least 24), a disk size
+    /// that was not recorded being the current one and an instruction count
+    /// that was not being -1 (what QEMU assumes for both when it reads such
+    /// an entry); the entries kept in memory are the ones written, so the
+    /// table's size on disk is known when it is freed.
+    ///
     /// # Errors
     /// `Error::Format` for a table that cannot be encoded, overlap and I/O
     /// errors. Before the header write nothing refers to the new table (an
     /// error or crash leaks it at most).
-    pub(crate) fn write_snapshot_table(&mut self, entries: Vec<SnapshotEntry>) -> Result<()> {
+    pub(crate) fn write_snapshot_table(&mut self, mut entries: Vec<SnapshotEntry>) -> Result<()> {
+        let size = self.header.size;
+        for e in &mut entries {
+            e.disk_size.get_or_insert(size);
+            e.icount.get_or_insert(u64::MAX);
+            e.extra_data_size = e.extra_data_size.max(SNAPSHOT_KNOWN_EXTRA_DATA);
+        }
         let buf = encode_snapshot_table(&entries)?;
         let size = buf.len() as u64;
         let cb = self.geom.cluster_bits;

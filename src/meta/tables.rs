@@ -7,6 +7,7 @@ use crate::error::{Error, Limit, Result};
 use crate::format::consts::*;
 use crate::format::Structure;
 use crate::format::{put_be_u64, refcount};
+use crate::storage::BlkdebugEvent;
 use crate::types::MetadataKind;
 
 impl Meta {
@@ -29,6 +30,7 @@ impl Meta {
         // Pending entries must land in the old table first? No: they are
         // copied into the new table from memory, so drop them.
         let clusters = self.geom.clusters_for(bytes);
+        self.event(BlkdebugEvent::L1GrowAllocTable);
         let new_off = self.alloc_clusters(clusters)?;
         self.flush_refcounts()?;
         let mut new_l1 = self.l2.l1.clone();
@@ -39,11 +41,13 @@ impl Meta {
             put_be_u64(&mut buf, i * 8, *e);
         }
         // The new table is not active yet: exempt only the active-L1 check.
+        self.event(BlkdebugEvent::L1GrowWriteTable);
         self.meta_write(&buf, new_off, MetadataKind::ActiveL1)?;
         self.sync()?;
         let mut sw = [0u8; 12];
         sw[..4].copy_from_slice(&l1_size.to_be_bytes());
         sw[4..].copy_from_slice(&new_off.to_be_bytes());
+        self.event(BlkdebugEvent::L1GrowActivateTable);
         self.write_header_field(36, &sw)?;
         let old_off = self.header.l1_table_offset;
         let old_clusters = self.geom.clusters_for(old_len * 8);
@@ -57,6 +61,7 @@ impl Meta {
             // memory: nothing uses the old table any more. Free it now, as
             // QEMU does, so the next allocations may reuse its clusters.
             let cb = self.geom.cluster_bits;
+            self.event(BlkdebugEvent::ClusterFree);
             let _ = self.update_refcount(old_off >> cb, old_clusters, -1, DiscardType::Other)?;
         }
         Ok(())
@@ -87,8 +92,10 @@ impl Meta {
         };
         let zeros = vec![0u8; (len - keep) * 8];
         let off = self.header.l1_table_offset + keep as u64 * 8;
+        self.event(BlkdebugEvent::L1ShrinkWriteTable);
         self.meta_write(&zeros, off, MetadataKind::ActiveL1)?;
         self.sync()?;
+        self.event(BlkdebugEvent::L1ShrinkFreeL2Clusters);
         let cs = self.geom.cluster_size;
         for i in (keep..len).rev() {
             self.l2.l1_dirty.remove(&i);
@@ -115,8 +122,8 @@ impl Meta {
     /// `Error::Corrupt` for a block not counted exactly once, I/O errors.
     pub fn shrink_reftable(&mut self) -> Result<()> {
         let cb = self.geom.cluster_bits;
-        let order = self.geom.refcount_order;
-        let entries = 1usize << self.geom.refcount_block_bits;
+        let order = self.rgeom.refcount_order;
+        let entries = 1usize << self.rgeom.refcount_block_bits;
         let mut unused = Vec::new();
         for i in 0..self.rc.table.len() {
             let block = self.refblock_offset(i as u64)?;
@@ -127,7 +134,7 @@ impl Meta {
             let Some(t) = self.rc.cache.peek(block) else {
                 continue;
             };
-            let (own_ri, own_bi) = self.geom.refcount_position(block >> cb);
+            let (own_ri, own_bi) = self.rgeom.refcount_position(block >> cb);
             let own = (own_ri == i as u64).then_some(own_bi);
             let empty = (0..entries)
                 .all(|j| Some(j) == own || refcount::get(&t.data, order, j).unwrap_or(0) == 0);
@@ -149,7 +156,7 @@ impl Meta {
         self.sync()?;
         for i in unused {
             let block = conv::get(&self.rc.table, i, "refcount table")? & REFT_OFFSET_MASK;
-            let (ri, bi) = self.geom.refcount_position(block >> cb);
+            let (ri, bi) = self.rgeom.refcount_position(block >> cb);
             let cover = self.refblock_offset(ri)?;
             if cover == 0 {
                 return Err(Error::Corrupt {
@@ -195,8 +202,8 @@ impl Meta {
     /// # Errors
     /// I/O errors, corrupt refcount table entries.
     pub fn last_used_cluster(&mut self, size: u64) -> Result<Option<u64>> {
-        let rb_bits = self.geom.refcount_block_bits;
-        let order = self.geom.refcount_order;
+        let rb_bits = self.rgeom.refcount_block_bits;
+        let order = self.rgeom.refcount_order;
         let mut end = self.geom.clusters_for(size);
         while end > 0 {
             let ri = (end - 1) >> rb_bits;

@@ -75,7 +75,7 @@ fn an_update_that_needs_a_new_block_restarts_with_nothing_changed() {
     let mut m = img.lock_meta().unwrap();
     // Clusters of a block range with no refcount block yet: the first
     // update allocates the block and asks the caller to start over.
-    let rb = 1u64 << m.geom.refcount_block_bits;
+    let rb = 1u64 << m.rgeom.refcount_block_bits;
     let start = 4 * rb - 10; // crosses into block range 4
     let before = m.rc.table().to_vec();
     assert_eq!(before.get(4).copied().unwrap_or(0), 0);

@@ -151,19 +151,33 @@ impl AmendOptions {
         }
     }
 
+    /// The refcount width the image has after the amendment (valid once
+    /// [`AmendOptions::check_before_refcounts`] passed).
+    pub fn refcount_bits_for(&self, image: &AmendImageState) -> u32 {
+        u32::try_from(self.target_refcount_bits(image)).unwrap_or(image.refcount_bits)
+    }
+
     /// Checks these options against the image, in QEMU's order, before anything is changed:
-    /// the `compat` value; `data_file`; `data_file_raw`; the refcount width; a new width on v2;
-    /// `backing_file`/`backing_fmt` (must be unchanged); lazy refcounts on v2; and for a
-    /// downgrade the refcount width and the data file. (QEMU's further downgrade checks need
-    /// the image contents: internal snapshots, incompatible features, compressed clusters.)
+    /// [`AmendOptions::check_before_refcounts`] then [`AmendOptions::check_after_refcounts`].
+    /// (QEMU's further checks need the image contents: refcounts too large for a new width,
+    /// and for a downgrade internal snapshots, incompatible features and compressed clusters;
+    /// `qcow2kit::amend` makes them between the two halves and after them.)
+    ///
+    /// # Errors
+    /// As the two halves.
+    pub fn check(&self, image: &AmendImageState) -> Result<(), OptionError> {
+        self.check_before_refcounts(image)?;
+        self.check_after_refcounts(image)
+    }
+
+    /// The checks QEMU makes before it changes the refcount width: the `compat` value;
+    /// `data_file`; `data_file_raw`; the refcount width; a new width on v2.
     ///
     /// # Errors
     /// [`OptionError::AmendUnknownCompat`], [`OptionError::AmendDataFile`],
     /// [`OptionError::AmendDataFileRaw`], [`OptionError::RefcountWidth`],
-    /// [`OptionError::AmendRefcountBitsV2`], [`OptionError::AmendBackingFile`],
-    /// [`OptionError::AmendLazyRefcountsV2`], [`OptionError::AmendDowngradeRefcountBits`],
-    /// [`OptionError::AmendDowngradeDataFile`].
-    pub fn check(&self, image: &AmendImageState) -> Result<(), OptionError> {
+    /// [`OptionError::AmendRefcountBitsV2`].
+    pub fn check_before_refcounts(&self, image: &AmendImageState) -> Result<(), OptionError> {
         let new_compat = self.target_compat()?.unwrap_or(image.compat);
         if self.data_file.is_some() && !image.has_data_file {
             return Err(OptionError::AmendDataFile);
@@ -184,6 +198,20 @@ impl AmendOptions {
         {
             return Err(OptionError::AmendRefcountBitsV2);
         }
+        Ok(())
+    }
+
+    /// The checks QEMU makes after it changed the refcount width: `backing_file`/`backing_fmt`
+    /// (must be unchanged); lazy refcounts on v2; and for a downgrade the refcount width and
+    /// the data file.
+    ///
+    /// # Errors
+    /// [`OptionError::AmendUnknownCompat`], [`OptionError::AmendBackingFile`],
+    /// [`OptionError::AmendLazyRefcountsV2`], [`OptionError::AmendDowngradeRefcountBits`],
+    /// [`OptionError::AmendDowngradeDataFile`].
+    pub fn check_after_refcounts(&self, image: &AmendImageState) -> Result<(), OptionError> {
+        let new_compat = self.target_compat()?.unwrap_or(image.compat);
+        let refcount_bits = self.target_refcount_bits(image);
         if (self.backing_file.is_some() || self.backing_fmt.is_some())
             && (self.backing_file != image.backing_file || self.backing_fmt != image.backing_fmt)
         {

@@ -147,6 +147,10 @@ pub enum OptionError {
     /// open: `force-share=on` for a read-write open.
     #[error("force-share=on can only be used with read-only images")]
     ForceShareReadWrite,
+    /// open: `file.read-only=on` under a read-write open (the format layer
+    /// needs write permission the protocol node does not give).
+    #[error("Block node is read-only")]
+    FileReadOnly,
     /// create: the image size, rounded up to 512 bytes, exceeds the block layer's maximum.
     #[error("Could not resize image: offset({size}) exceeds maximum(9223372035781033984)")]
     ImageSizeExceedsMaximum {
@@ -347,6 +351,7 @@ impl OptionError {
             E::ExtendedL2ClusterSize | E::ExtendedL2V2 => "extended_l2",
             E::FileConflict | E::Backend { .. } => "file",
             E::ForceShareReadWrite => "force-share",
+            E::FileReadOnly => "file.read-only",
             E::ImageSizeExceedsMaximum { .. }
             | E::ImageSizeNegative
             | E::ImageTooLarge

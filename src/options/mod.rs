@@ -41,7 +41,7 @@ pub use amend::{AmendImageState, AmendOptions};
 pub use cache::{cache_config, CacheConfig};
 pub use create::{Compat, CompressionType, CreateOptions, Preallocation};
 pub use error::{OptionError, SizeError};
-pub use open::OpenOptions;
+pub use open::{BackingBackend, OpenOptions};
 pub use overlap::{OverlapCheckMode, OverlapCheckOptions, OverlapChecks};
 // The rest of QEMU's option-string syntax (`parse`) is used inside this
 // module and by the command-line tools, through `crate::cli_support`.

@@ -63,9 +63,12 @@ pub struct OpenOptions {
     file_resolver: crate::image::ResolverHandle,
     locking: Locking,
     force_share: bool,
+    file_read_only: bool,
     cache_direct: bool,
     cache_no_flush: bool,
     file_backend: Option<crate::storage::BackendSpec>,
+    data_file_backend: Option<crate::storage::BackendSpec>,
+    backing_backend: Option<BackingBackend>,
     load_snapshot: Option<String>,
 }
 
@@ -115,9 +118,12 @@ impl OpenOptions {
             file_resolver: crate::image::ResolverHandle::default(),
             locking: Locking::Auto,
             force_share: false,
+            file_read_only: false,
             cache_direct: false,
             cache_no_flush: false,
             file_backend: None,
+            data_file_backend: None,
+            backing_backend: None,
             load_snapshot: None,
         }
     }
@@ -405,6 +411,19 @@ impl OpenOptions {
         Ok(())
     }
 
+    /// QEMU's check of `file.read-only` against the open mode: the image
+    /// file's node may be read-only only when the image is.
+    ///
+    /// # Errors
+    /// [`OptionError::FileReadOnly`] for `file.read-only=on` under a
+    /// read-write open.
+    pub fn check_file_read_only(&self) -> Result<(), OptionError> {
+        if self.file_read_only && !self.read_only {
+            return Err(OptionError::FileReadOnly);
+        }
+        Ok(())
+    }
+
     /// Bypasses the host page cache: the image file (and an external data
     /// file) is opened with `O_DIRECT` (`cache.direct`, QEMU's
     /// `cache=none`/`directsync`). File systems without `O_DIRECT` (tmpfs)
@@ -511,6 +530,21 @@ impl OpenOptions {
         self.file_backend.as_ref()
     }
 
+    /// The storage of the external data file given as `data-file.driver=DRIVER` and its
+    /// `data-file.*` options (any of [`BACKEND_DRIVERS`](crate::storage::BACKEND_DRIVERS));
+    /// used instead of the data file the image names.
+    pub fn data_file_backend(&self) -> Option<&crate::storage::BackendSpec> {
+        self.data_file_backend.as_ref()
+    }
+
+    /// The first backing image given as `backing.file.driver=DRIVER` (a storage backend,
+    /// or `file` with `backing.file.filename`) and its `backing.file.*` options, with
+    /// `backing.driver` (`qcow2` or `raw`) if given: used instead of the backing file
+    /// the image names. Its own backing files are found as usual.
+    pub fn backing_backend(&self) -> Option<&BackingBackend> {
+        self.backing_backend.as_ref()
+    }
+
     /// The external data file override.
     pub fn get_data_file(&self) -> Option<&Path> {
         self.data_file.as_deref()
@@ -572,7 +606,8 @@ impl OpenOptions {
     /// * `driver` (only `qcow2`), `file.filename` or `file` (the image file), `file.driver`
     ///   (only `file`), `data-file` / `data-file.filename` (a path), `read-only`, `node-name`,
     ///   `rerror`, `werror` (the last two are `-drive` options in QEMU; accepted here),
-    ///   `force-share` (a boolean), `file.locking` (`on`, `off` or `auto`);
+    ///   `force-share` (a boolean), `file.locking` (`on`, `off` or `auto`), `file.read-only`
+    ///   (a boolean; `on` requires a read-only open, as the image file node then is);
     ///   `cache.direct`, `cache.no-flush` (booleans; see [`OpenOptions::cache_direct`] and
     ///   [`OpenOptions::cache_no_flush`]);
     /// * `l2-cache-size`, `l2-cache-entry-size`, `refcount-cache-size`, `cache-size` (sizes,
@@ -599,8 +634,31 @@ impl OpenOptions {
     pub fn apply_qemu_str(&mut self, s: &str) -> Result<(), OptionError> {
         let mut pairs = split_option_string(s)?;
         let mut next = self.clone();
-        if let Some(spec) = take_backend(&mut pairs)? {
+        if let Some(spec) = take_backend(&mut pairs, "file.", None)? {
             next.file_backend = Some(spec);
+        }
+        if let Some(spec) = take_backend(&mut pairs, "data-file.", None)? {
+            next.data_file_backend = Some(spec);
+            next.data_file = None;
+        }
+        let backing_format = pairs
+            .iter()
+            .rev()
+            .find(|(k, _)| k == "backing.driver")
+            .map(|(_, v)| v.clone());
+        if let Some(spec) = take_backend(&mut pairs, "backing.file.", Some("file"))? {
+            if let Some(f) = backing_format.as_deref() {
+                if f != "qcow2" && f != "raw" {
+                    return Err(OptionError::UnknownDriver {
+                        driver: f.to_owned(),
+                    });
+                }
+            }
+            pairs.retain(|(k, _)| k != "backing.driver");
+            next.backing_backend = Some(BackingBackend {
+                format: backing_format,
+                storage: spec,
+            });
         }
         let mut driver_error = None;
         let mut value_error = None;
@@ -679,6 +737,11 @@ impl OpenOptions {
                         value: value.to_owned(),
                     })?;
             }
+            "file.read-only" => {
+                files.other = true;
+                // QEMU names the option as the file node sees it.
+                self.file_read_only = parse_bool_onoff("read-only", value)?;
+            }
             "force-share" => self.force_share = bool_value()?,
             "data-file" => data_files.reference = Some(value.into()),
             "data-file.filename" => data_files.filename = Some(value.into()),
@@ -725,22 +788,35 @@ impl OpenOptions {
     }
 }
 
-/// When `file.driver` names a storage backend ([`BACKEND_DRIVERS`](crate::storage::BACKEND_DRIVERS)),
-/// removes every `file.*` pair from `pairs` and returns them as a checked spec.
+/// The first backing image given by options (`backing.driver`, `backing.file.*`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackingBackend {
+    /// `backing.driver` (`qcow2` or `raw`); `None`: as the image header says, or probed.
+    pub format: Option<String>,
+    /// `backing.file.driver` and the other `backing.file.*` options.
+    pub storage: crate::storage::BackendSpec,
+}
+
+/// When `PREFIXdriver` names a storage backend ([`BACKEND_DRIVERS`](crate::storage::BACKEND_DRIVERS))
+/// or `extra`, removes every `PREFIX*` pair from `pairs` and returns them as a checked spec.
 fn take_backend(
     pairs: &mut Vec<(String, String)>,
+    prefix: &str,
+    extra: Option<&str>,
 ) -> Result<Option<crate::storage::BackendSpec>, OptionError> {
+    let driver_key = format!("{prefix}driver");
     let driver = pairs
         .iter()
         .rev()
-        .find(|(k, _)| k == "file.driver")
+        .find(|(k, _)| *k == driver_key)
         .map(|(_, v)| v.clone());
-    let Some(driver) = driver.filter(|d| crate::storage::BACKEND_DRIVERS.contains(&d.as_str()))
-    else {
+    let Some(driver) = driver.filter(|d| {
+        crate::storage::BACKEND_DRIVERS.contains(&d.as_str()) || Some(d.as_str()) == extra
+    }) else {
         return Ok(None);
     };
     let mut options = Vec::new();
-    pairs.retain(|(k, v)| match k.strip_prefix("file.") {
+    pairs.retain(|(k, v)| match k.strip_prefix(prefix) {
         Some("driver") => false,
         Some(rest) => {
             options.push((rest.to_owned(), v.clone()));

@@ -30,7 +30,7 @@ impl Pass<'_, '_> {
         let sectors_bytes = self.meta.header.size / 512 * 512;
         res.total_clusters = sectors_bytes.div_ceil(cs);
 
-        let order = self.geom.refcount_order;
+        let order = self.meta.rgeom.refcount_order;
         let mut imrt = RefArray::new(order, nb as usize);
         let mut rebuild = false;
         let mut rebuilt = false;
@@ -106,8 +106,8 @@ impl Pass<'_, '_> {
         highest: &mut u64,
         imrt: &RefArray,
     ) -> Result<()> {
-        let order = self.geom.refcount_order;
-        let rb_bits = self.geom.refcount_block_bits;
+        let order = self.meta.rgeom.refcount_order;
+        let rb_bits = self.meta.rgeom.refcount_block_bits;
         let per_block = 1usize << rb_bits;
         let cs = self.geom.cluster_size as usize;
         let nb = imrt.len();
@@ -232,7 +232,7 @@ impl Pass<'_, '_> {
     /// their refcount block. `None` if it cannot be read (unaligned block).
     #[inline(always)]
     pub(crate) fn disk_refcount(&self, c: u64) -> Option<u64> {
-        let r = c >> self.geom.refcount_block_bits;
+        let r = c >> self.meta.rgeom.refcount_block_bits;
         if !self.bad_blocks.is_empty() && self.bad_blocks.contains(&r) {
             return None;
         }
@@ -258,7 +258,7 @@ impl Pass<'_, '_> {
         }
         let mut block = vec![0u8; self.geom.cluster_size as usize];
         self.read(&mut block, off).ok()?;
-        let bi = (c & (self.geom.refcount_block_entries() - 1)) as usize;
-        crate::format::refcount::get(&block, self.geom.refcount_order, bi)
+        let bi = (c & (self.meta.rgeom.refcount_block_entries() - 1)) as usize;
+        crate::format::refcount::get(&block, self.meta.rgeom.refcount_order, bi)
     }
 }

@@ -83,7 +83,7 @@ impl<'a, 's> Pass<'a, 's> {
         let geom = meta.geom;
         let efmt = meta.efmt;
         let data_file = efmt.external_data;
-        let order = geom.refcount_order;
+        let order = meta.rgeom.refcount_order;
         Pass {
             meta,
             file,

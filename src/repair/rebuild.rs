@@ -92,9 +92,9 @@ impl Pass<'_, '_> {
     ) -> Result<bool> {
         let cb = self.geom.cluster_bits;
         let cs = self.geom.cluster_size;
-        let rb_bits = self.geom.refcount_block_bits;
+        let rb_bits = self.meta.rgeom.refcount_block_bits;
         let per_block = 1u64 << rb_bits;
-        let order = self.geom.refcount_order;
+        let order = self.meta.rgeom.refcount_order;
         let mut first_free = 0u64;
         let mut grown = false;
         let mut buf = vec![0u8; cs as usize];

@@ -11,14 +11,43 @@ macro_rules! events {
     ($($v:ident = $n:literal,)*) => {
         /// QEMU's blkdebug event names (`BlkdebugEvent`, 48 of them, in QEMU's order).
         ///
-        /// A rule fires when its event is reported with [`Storage::debug_event`].
-        /// [`BlkdebugStorage`] reports the storage-level ones itself: `none` when it is
-        /// opened; `read_aio` before every read; `write_aio` and `pwritev` before every
-        /// write, `pwritev_done` after it; `pwritev_zero` before a discard (write-zeroes);
-        /// `flush_to_os` then `flush_to_disk` before a flush. The format-level ones
-        /// (`l1_update`, `l2_load`, `l2_update`, `l2_alloc_write`, `refblock_*`,
-        /// `cluster_alloc`, ...) are for the engine to report; until it does, rules on
-        /// them never fire.
+        /// A rule switches on when its event is reported with [`Storage::debug_event`]
+        /// and then fails the next requests (one if `once`), as in QEMU.
+        ///
+        /// **Reported by [`BlkdebugStorage`] itself** (storage level): `none` when it
+        /// is opened; `read_aio` before every read; `write_aio` and `pwritev` before
+        /// every write, `pwritev_done` after it; `pwritev_zero` before a discard
+        /// (write-zeroes); `flush_to_disk` before every sync. QEMU reports the read and
+        /// write events from the format layer for guest data only; here metadata
+        /// requests report them too.
+        ///
+        /// **Reported by the qcow2 engine** to the image file, at QEMU's points:
+        /// `reftable_load` (open, before the refcount table is read); `l2_load`
+        /// (an L2 slice read into the cache); `l2_update` (a dirty L2 slice written
+        /// back); `l1_update` (L1 entries written); `l2_alloc_cow_read` /
+        /// `l2_alloc_write` (a new L2 table: copying a shared one, writing it);
+        /// `l2_update_compressed` (a compressed cluster linked); `refblock_load`
+        /// (every refcount block lookup, cache hits included, as QEMU's
+        /// `load_refcount_block`); `refblock_update_part` (a dirty refcount block
+        /// written back); `refblock_alloc` (every refcount update of a block range, as
+        /// QEMU's `alloc_refcount_block`); `refblock_alloc_write`,
+        /// `refblock_alloc_hookup` (a new refcount block written, entered in the
+        /// table); `reftable_grow`, `refblock_alloc_write_blocks`,
+        /// `refblock_alloc_write_table`, `refblock_alloc_switch_table` (refcount table
+        /// growth); `reftable_update` (refcount table entries written);
+        /// `cluster_alloc` (clusters allocated), `cluster_alloc_bytes` (bytes for a
+        /// compressed cluster), `cluster_free` (references dropped);
+        /// `l1_grow_alloc_table`, `l1_grow_write_table`, `l1_grow_activate_table`,
+        /// `l1_shrink_write_table`, `l1_shrink_free_l2_clusters` (resize);
+        /// `read_backing_aio` (a read from the backing file), `read_compressed`,
+        /// `write_compressed`; `cow_read` / `cow_write` (copy-on-write of an
+        /// allocating write's head and tail); `flush_to_os` (a flush or close of the
+        /// image, before the caches are written).
+        ///
+        /// Never reported (accepted, the rule never fires): `vmstate_load`,
+        /// `vmstate_save` (no VM state), `cor_write` (no copy-on-read),
+        /// `cluster_alloc_space`, `empty_image_prepare`, the `pwritev_rmw_*` events
+        /// (no read-modify-write of unaligned requests).
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
         #[allow(missing_docs)]
         #[non_exhaustive]
@@ -443,7 +472,6 @@ impl Storage for BlkdebugStorage {
     }
 
     fn flush(&self) -> io::Result<()> {
-        self.debug_event(BlkdebugEvent::FlushToOs);
         self.debug_event(BlkdebugEvent::FlushToDisk);
         self.check(IO_FLUSH, 0, 0)?;
         self.inner.flush()

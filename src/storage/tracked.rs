@@ -131,6 +131,10 @@ impl Storage for Tracked {
     fn lock(&self, req: &super::LockRequest) -> Result<(), super::LockError> {
         self.inner.lock(req)
     }
+
+    fn debug_event(&self, event: super::BlkdebugEvent) {
+        self.inner.debug_event(event)
+    }
 }
 
 #[cfg(test)]

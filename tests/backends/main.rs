@@ -5,6 +5,9 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod chain;
+mod events;
+
 use qcow2kit::storage::{
     BackendSpec, MemStorage, QuorumConfig, QuorumStorage, ReadPattern, Storage,
 };
@@ -458,4 +461,34 @@ fn blkdebug_option_errors_match_qemu_io() {
     ] {
         io_twin(qd.path(), od.path(), &["--image-opts"], &["read 0 512"], &[opts]);
     }
+}
+
+#[test]
+fn quorum_fifo_falls_over_on_eio_and_blkverify_fails_on_a_mismatch() {
+    let mk = |b: u8| -> Arc<dyn Storage> { Arc::new(MemStorage::from_bytes(vec![b; 4096])) };
+    // A child whose reads fail with EIO (a null device too small for the read).
+    let broken: Arc<dyn Storage> = Arc::new(qcow2kit::storage::NullStorage::new(0));
+    let q = quorum_of(vec![broken.clone(), mk(4)], 1, ReadPattern::Fifo);
+    let mut buf = [0u8; 512];
+    q.read_at(&mut buf, 0).unwrap();
+    assert_eq!(buf, [4; 512]);
+    let r = q.take_reports();
+    assert_eq!(r.len(), 1);
+    assert_eq!((r[0].child, r[0].kind), (0, "read"));
+    assert!(r[0].error.is_some());
+    // blkverify: two children that must agree; a mismatch fails the read.
+    let cfg = QuorumConfig {
+        threshold: 2,
+        rewrite_corrupted: false,
+        read_pattern: ReadPattern::Quorum,
+        blkverify: true,
+        children: Vec::new(),
+    };
+    let q = QuorumStorage::from_children(cfg.clone(), vec![mk(1), mk(1)]);
+    q.read_at(&mut buf, 0).unwrap();
+    let q = QuorumStorage::from_children(cfg, vec![mk(1), mk(2)]);
+    assert_eq!(
+        q.read_at(&mut buf, 0).unwrap_err().raw_os_error(),
+        Some(libc::EIO)
+    );
 }

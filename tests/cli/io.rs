@@ -336,6 +336,51 @@ fn io_read_only_flag_and_option_match_qemu_io() {
     io(&["-r", "-U"], &["read -q 0 4k"], ",read-only=off");
     let r = io(&["-r"], &["read -q 0 4k"], ",force-share=on");
     assert_eq!(r.code, 0);
+    // file.read-only: the image file's node. `on` needs a read-only image
+    // (refused at open otherwise), `off` leaves the image's mode alone.
+    for (pre, extra, cmds, code) in [
+        (&[][..], ",file.read-only=on", &["read -q 0 4k"][..], 1),
+        (
+            &["-r"],
+            ",file.read-only=on",
+            &["read -q 0 4k", "write 0 4k"],
+            1,
+        ),
+        (
+            &["-r"],
+            ",file.read-only=on,read-only=off",
+            &["read -q 0 4k"],
+            1,
+        ),
+        (
+            &["-r"],
+            ",file.read-only=on,read-only=on",
+            &["read -q 0 4k"],
+            0,
+        ),
+        (
+            &[],
+            ",file.read-only=off",
+            &["write -q -P 7 0 4k", "read -q -P 7 0 4k"],
+            0,
+        ),
+        (
+            &[],
+            ",file.read-only=off,read-only=on",
+            &["read -q 0 4k"],
+            1,
+        ),
+        (
+            &["-r"],
+            ",file.read-only=off",
+            &["read -q 0 4k", "write 0 4k"],
+            1,
+        ),
+        (&["-r"], ",file.read-only=bogus", &["read -q 0 4k"], 1),
+    ] {
+        let r = io(pre, cmds, extra);
+        assert_eq!(r.code, code, "{pre:?} {extra}: {}", r.err);
+    }
     // The open command: -r is its default too.
     for cmds in [
         &[

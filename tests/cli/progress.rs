@@ -89,6 +89,19 @@ fn amend_progress_matches_qemu_img() {
         &["amend", "--progress", "-o", "size=128M", "FILE"],
         twins,
     );
+    // The steps that report progress of their own: refcount width, downgrade, upgrade.
+    for o in [
+        "refcount_bits=64",
+        "compat=0.10,refcount_bits=16",
+        "compat=1.1",
+    ] {
+        let run = compare(dir, &["amend", "-p", "-o", o, "FILE"], twins);
+        assert!(
+            run.out.ends_with("    (100.00/100%)\r\n"),
+            "{o}: {:?}",
+            run.out
+        );
+    }
     // -q silences the indicator.
     let quiet = compare(
         dir,
@@ -141,6 +154,93 @@ fn convert_progress_matches_qemu_img() {
         // Updates in between, as the copy goes on.
         assert!(o.out.matches('\r').count() > 3, "{:?}", o.out);
         qemu_ok(dir, "qemu-img", &["compare", "src.qcow2", "o.out"]);
+    }
+    // Every update equals qemu-img's: one per data chunk of its walk (status
+    // runs cut at the source's clusters, 2 MiB chunks, one cluster each for
+    // -c; a forced data cluster for a short zero run), 100% for the last
+    // chunk and again at the end, or only at the end when there is no data.
+    let mut sources: Vec<(String, Vec<&str>)> = Vec::new();
+    for (name, create, io) in [
+        ("empty.qcow2", "cluster_size=64k", &[][..]),
+        (
+            "c4k.qcow2",
+            "cluster_size=4k",
+            &["write -P 1 1M 5M", "write -P 2 9M 300k", "write -z 12M 1M"][..],
+        ),
+        (
+            "c512.qcow2",
+            "cluster_size=512",
+            &["write -P 1 1000 70000", "write -P 2 1M 5000"][..],
+        ),
+        (
+            "xl2.qcow2",
+            "extended_l2=on",
+            &[
+                "write -P 1 4k 8k",
+                "write -P 2 100k 300k",
+                "write -z 1M 64k",
+            ][..],
+        ),
+        (
+            "tail.qcow2",
+            "cluster_size=64k",
+            &["write -P 4 512k 488k"][..],
+        ),
+    ] {
+        let size = if name == "tail.qcow2" { "1000k" } else { "16M" };
+        qemu_ok(
+            dir,
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "-o", create, name, size],
+        );
+        if !io.is_empty() {
+            let mut a = Vec::new();
+            for c in io {
+                a.extend(["-c", *c]);
+            }
+            a.push(name);
+            qemu_ok(dir, "qemu-io", &a);
+        }
+        sources.push((name.to_owned(), vec!["-f", "qcow2"]));
+    }
+    std::fs::write(dir.join("sparse.raw"), b"").unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join("sparse.raw"))
+        .unwrap();
+    f.set_len(5 << 20).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, b"abc", 3_000_000).unwrap();
+    drop(f);
+    sources.push(("sparse.raw".to_owned(), vec!["-f", "raw"]));
+    sources.push(("src.qcow2".to_owned(), vec!["-f", "qcow2"]));
+    for (name, fmt) in &sources {
+        for extra in [
+            &["-O", "raw"][..],
+            &["-O", "qcow2"],
+            &["-c", "-O", "qcow2"],
+            &["-c", "-O", "qcow2", "-o", "cluster_size=4k"],
+        ] {
+            let mut args = vec!["convert", "-p"];
+            args.extend(fmt);
+            args.extend(extra);
+            args.extend(["FILE", "DST"]);
+            let twins = [(name.as_str(), "q.out"), (name.as_str(), "o.out")];
+            let o = compare(dir, &args, twins);
+            let q = qemu(
+                dir,
+                "qemu-img",
+                &args
+                    .iter()
+                    .map(|a| match *a {
+                        "FILE" => name.as_str(),
+                        "DST" => "q.out",
+                        a => a,
+                    })
+                    .collect::<Vec<_>>(),
+            );
+            assert_eq!(o.out, q.out, "{args:?} on {name}");
+            qemu_ok(dir, "qemu-img", &["compare", "q.out", "o.out"]);
+        }
     }
     let quiet = compare(
         dir,

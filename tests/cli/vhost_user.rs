@@ -207,6 +207,17 @@ const VIRTQ_DESC_F_NEXT: u16 = 1;
 const VIRTQ_DESC_F_WRITE: u16 = 2;
 const VIRTQ_DESC_F_INDIRECT: u16 = 4;
 
+/// A request on the available ring, waiting for the device.
+struct Posted {
+    ty: u32,
+    layout: Layout,
+    /// The data pieces: (guest address, length), in request order.
+    pieces: Vec<(u64, usize)>,
+    /// Guest address of the status byte.
+    status: u64,
+    in_len: usize,
+}
+
 /// One split virtqueue driven from the test, one request at a time.
 struct Vq {
     mem: Arc<GuestMemoryMmap>,
@@ -243,6 +254,13 @@ impl Vq {
     /// DISCARD, WRITE_ZEROES) or `in_len` bytes of device data (IN, GET_ID);
     /// returns the status byte, the used length and the device data.
     fn request(&mut self, ty: u32, sector: u64, out: &[u8], in_len: usize) -> (u8, u32, Vec<u8>) {
+        let p = self.post(ty, sector, out, in_len);
+        self.kick.write(1).unwrap();
+        self.complete(p)
+    }
+
+    /// Makes the request available on the ring without kicking the device.
+    fn post(&mut self, ty: u32, sector: u64, out: &[u8], in_len: usize) -> Posted {
         let layout = self.pick_layout();
         let m = self.mem.clone();
         let hdr = self.buf;
@@ -377,7 +395,32 @@ impl Vq {
         m.write_obj(self.next_avail, GuestAddress(self.avail + 2))
             .unwrap();
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        self.kick.write(1).unwrap();
+        Posted {
+            ty,
+            layout,
+            pieces,
+            status,
+            in_len,
+        }
+    }
+
+    /// Whether the device has used the oldest outstanding request.
+    fn used_yet(&self) -> bool {
+        let idx: u16 = self.mem.read_obj(GuestAddress(self.used + 2)).unwrap();
+        idx != self.last_used
+    }
+
+    /// Waits for the device to use the posted request `p`; returns its status
+    /// byte, used length and device data.
+    fn complete(&mut self, p: Posted) -> (u8, u32, Vec<u8>) {
+        let Posted {
+            ty,
+            layout,
+            pieces,
+            status,
+            in_len,
+        } = p;
+        let m = self.mem.clone();
         // The device notifies us (avail flags 0, or used_event reached):
         // wait for the call event, then for the used index.
         let t0 = Instant::now();
@@ -993,6 +1036,45 @@ fn sigterm_with_front_end_connected_leaves_a_clean_image() {
             "read -P 0x5a 0 64k",
             "-c",
             "read -P 0xa5 1M 64k",
+            "l.qcow2",
+        ],
+    );
+    assert!(!r.contains("fail"), "{r}");
+}
+
+/// A request the driver made available but whose kick no worker picked up
+/// before SIGTERM is in flight too: the server finishes it (used ring
+/// updated, data in the image) before it closes the image.
+#[test]
+fn sigterm_finishes_requests_made_available_but_not_yet_kicked() {
+    if !have(&["qemu-img", "qemu-io"], "vhost-user-blk sigterm drain") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    make_lazy(d, "l.qcow2");
+    let sock = d.join("l.sock");
+    let srv = serve_ours(d, &sock, &[], "l.qcow2");
+    let mut c = connect(&sock, 1);
+    c.queues[0].write(0, &[0x5a; 65536]);
+    let q = &mut c.queues[0];
+    let posted = q.post(T_OUT, (2 << 20) / 512, &[0xc3; 65536], 0);
+    assert!(!q.used_yet(), "not kicked, so not served yet");
+    let (code, log) = srv.stop();
+    assert_eq!(code, 0, "{log}");
+    assert!(q.used_yet(), "the available request was served on SIGTERM");
+    let (st, _, _) = q.complete(posted);
+    assert_eq!(st, S_OK);
+    drop(c);
+    ok(d, "qemu-img", &["check", "l.qcow2"]);
+    let r = ok(
+        d,
+        "qemu-io",
+        &[
+            "-c",
+            "read -P 0x5a 0 64k",
+            "-c",
+            "read -P 0xc3 2M 64k",
             "l.qcow2",
         ],
     );

@@ -27,6 +27,8 @@ enum Op {
     Flush,
     /// Grow the disk to this size (moves the L1 table when it must grow).
     Resize(u64),
+    /// `qemu-img amend -o OPTS` on the open handle (guest content unchanged).
+    Amend(&'static str),
     /// A compressed write of whole clusters (compressible data).
     WriteCompressed(u64, u64),
 }
@@ -105,6 +107,11 @@ fn record(opts: &CreateOptions, size: u64, ops: &[Op], open: &OpenOptions) -> Re
             }
             Op::Resize(n) => {
                 img.resize(n).unwrap();
+                touched.push((start, 0..0));
+            }
+            Op::Amend(o) => {
+                let opts = qcow2kit::options::AmendOptions::from_qemu_str(o).unwrap();
+                qcow2kit::amend::amend_image(&img, &opts).unwrap();
                 touched.push((start, 0..0));
             }
             Op::WriteCompressed(off, len) => {
@@ -544,10 +551,50 @@ fn run_ops(fs: &Arc<FaultyStorage<MemStorage>>, ops: &[Op]) {
             Op::Discard(off, len) => img.discard(off, len),
             Op::Flush => img.flush(),
             Op::Resize(n) => img.resize(n),
+            Op::Amend(o) => match qcow2kit::options::AmendOptions::from_qemu_str(o) {
+                Ok(opts) => qcow2kit::amend::amend_image(&img, &opts),
+                Err(_) => Ok(()),
+            },
             Op::WriteCompressed(off, len) => {
                 img.write_compressed_at(&compressible(&mut rng, len), off)
             }
         };
     }
     let _ = img.close();
+}
+
+/// Refcount width changes (wider, then down to 1 bit) and a downgrade with
+/// zero clusters to expand, with writes through the same handle between
+/// them: every prefix opens, reads what was flushed and has at most leaks.
+#[test]
+fn amend_refcount_width_and_downgrade() {
+    for cs in [4096, 512] {
+        amend_scenario(cs);
+    }
+}
+
+fn amend_scenario(cs: u64) {
+    let opts = CreateOptions::new().cluster_size(cs);
+    let k = 1024;
+    let ops = vec![
+        Op::Write(0, 300 * k),
+        Op::Write(1024 * k, 64 * k),
+        Op::Zeroes(2048 * k, 64 * k, false),
+        Op::Zeroes(100 * k, 16 * k, false),
+        Op::Flush,
+        Op::Amend("refcount_bits=64"),
+        Op::Flush,
+        Op::Write(100 * k, 8 * k),
+        Op::Write(3072 * k, 100 * k),
+        Op::Flush,
+        Op::Amend("refcount_bits=1"),
+        Op::Flush,
+        Op::Write(5120 * k, 64 * k),
+        Op::Zeroes(5120 * k, 8 * k, false),
+        Op::Flush,
+        Op::Amend("refcount_bits=16,compat=0.10"),
+        Op::Flush,
+        Op::Write(6144 * k, 8 * k),
+    ];
+    run_scenario(&format!("{cs}/amend"), &opts, 8 << 20, &ops);
 }

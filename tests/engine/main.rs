@@ -7,6 +7,7 @@ mod lib_features;
 #[path = "../support/mod.rs"]
 mod support;
 
+mod amend;
 mod bad_images;
 mod bitmap_crash;
 mod bitmap_model;

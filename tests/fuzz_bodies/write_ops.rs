@@ -2,7 +2,10 @@
 //! (cluster size, refcount width, v2/v3, extended L2), then a sequence of
 //! operations (write, write-zeroes with or without unmap, discard, read,
 //! flush, grow, close-and-reopen with fuzz-chosen cache and discard options,
-//! internal snapshot create/apply/delete; some writes are gather writes, some
+//! internal snapshot create/apply/delete, compressed writes of whole clusters
+//! (through `write_compressed_at` or a cluster at a time through
+//! `compress_cluster`/`write_compressed_cluster`; a cluster that already has a
+//! host cluster must be refused); some writes are gather writes, some
 //! go through the mapping API (`reserve_write`, the data written to the file
 //! by the test, `commit`; sometimes after an aborted reservation of the same
 //! range), and every read is also done as a scatter read and through `map_read`)
@@ -13,7 +16,10 @@
 //! 64 TiB with 64 KiB ones); a grow can turn a small disk into a large one.
 //! On a large disk operations land in a window at its start or at its end.
 //!
-//! On a valid image every operation must succeed and every read must equal
+//! On a valid image every operation must succeed (but for the refusals its
+//! `Op` variant names: refcount overflow and QEMU's v2 resize refusal around
+//! snapshots, `ClusterAllocated` for a compressed write onto a cluster with a
+//! host cluster) and every read must equal
 //! the model; after each reopen and at the end the whole disk (a small one)
 //! or both windows and every page ever written (a large one) are compared,
 //! and after each close `qcow2kit::check` must find no corruption, no leak
@@ -127,6 +133,22 @@ enum Op {
     /// Delete snapshot `index % count` (if any).
     SnapshotDelete {
         index: u8,
+    },
+    /// A compressed write of `clusters % 4 + 1` whole clusters from a
+    /// cluster-aligned offset (cut at the end of the disk, so a partial last
+    /// cluster too). The data compresses (a short run repeated), or does not
+    /// (`seed % 4 == 0`: written uncompressed, as QEMU does), or is all
+    /// zeroes (`seed % 4 == 1`: compressed like any other). With `seed &
+    /// 0x10` the whole range goes through `write_compressed_at`, otherwise a
+    /// cluster at a time through `compress_cluster` and
+    /// `write_compressed_cluster` (what `convert -c` does). A cluster whose
+    /// data compresses must be refused (`Error::ClusterAllocated`, nothing
+    /// written) when it already has a host cluster; `write_compressed_at`
+    /// stops there, having written the clusters before it.
+    WriteCompressed {
+        offset: u32,
+        clusters: u8,
+        seed: u8,
     },
 }
 
@@ -324,6 +346,30 @@ fn pattern(op: usize, seed: u8, len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// The data of a compressed write (see [`Op::WriteCompressed`]):
+/// incompressible, all zeroes, or a short run of pattern bytes repeated.
+fn compressed_data(op: usize, seed: u8, len: usize) -> Vec<u8> {
+    match seed % 4 {
+        0 => {
+            // xorshift64: no structure for the compressor to find.
+            let mut x = (op as u64) << 8 | u64::from(seed) | 1 << 40;
+            (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    (x >> 32) as u8
+                })
+                .collect()
+        }
+        1 => vec![0; len],
+        _ => {
+            let unit = pattern(op, seed, usize::from(seed % 61) + 3);
+            (0..len).map(|i| unit[i % unit.len()]).collect()
+        }
+    }
+}
+
 /// Clamps a fuzz-chosen range into `[0, size)` (see [`Op`]).
 fn range(size: u64, offset: u32, len: u64, align: Option<u64>) -> (u64, u64) {
     if size == 0 {
@@ -508,6 +554,23 @@ impl Test {
                     Err(e) => panic!("op {i}: snapshot apply of {name} failed: {e}"),
                 }
             }
+            Op::WriteCompressed {
+                offset,
+                clusters,
+                seed,
+            } => {
+                let len = (u64::from(clusters % 4) + 1) * cs;
+                let (offset, len) = range(size, offset, len, Some(cs));
+                if len > 0 {
+                    let data = compressed_data(i, seed, len as usize);
+                    self.write_compressed(
+                        offset,
+                        &data,
+                        seed & 0x10 != 0,
+                        &format!("op {i} {op:?}"),
+                    );
+                }
+            }
             Op::SnapshotDelete { index } => {
                 if self.snaps.is_empty() {
                     return;
@@ -517,6 +580,65 @@ impl Test {
                 self.img()
                     .snapshot_delete(&name)
                     .unwrap_or_else(|e| panic!("op {i}: snapshot delete of {name} failed: {e}"));
+            }
+        }
+    }
+
+    /// Writes `data` at `offset` (cluster-aligned) compressed, as
+    /// [`Op::WriteCompressed`] says, predicting each cluster's refusal from
+    /// its mapping before anything is written, and updates the model with
+    /// what was written.
+    fn write_compressed(&mut self, offset: u64, data: &[u8], whole: bool, when: &str) {
+        let img = self.img.as_ref().expect("open");
+        let cs = self.cluster_size as usize;
+        // (guest offset, the cluster ready to write, refused).
+        let mut clusters = Vec::new();
+        for (k, chunk) in data.chunks(cs).enumerate() {
+            let pos = offset + (k * cs) as u64;
+            let c = img
+                .compress_cluster(chunk)
+                .unwrap_or_else(|e| panic!("{when}: compress_cluster failed: {e}"));
+            let host = img
+                .host_cluster(pos)
+                .unwrap_or_else(|e| panic!("{when}: host_cluster {pos:#x} failed: {e}"));
+            let status = img
+                .block_status(pos, chunk.len() as u64)
+                .unwrap_or_else(|e| panic!("{when}: block_status {pos:#x} failed: {e}"));
+            let allocated =
+                host.is_some() || matches!(status.extent, qcow2kit::Extent::Compressed { .. });
+            let refused = c.is_compressed() && allocated;
+            clusters.push((pos, c, refused));
+        }
+        let expect_refusal = |r: qcow2kit::Result<()>, pos: u64| match r {
+            Err(Error::ClusterAllocated { offset }) if offset == pos => {}
+            other => panic!("{when}: cluster {pos:#x} has a host cluster, got {other:?}"),
+        };
+        if whole {
+            let r = img.write_compressed_at(data, offset);
+            let first_refused = clusters.iter().position(|(_, _, refused)| *refused);
+            let written = match first_refused {
+                None => {
+                    r.unwrap_or_else(|e| panic!("{when}: write_compressed_at failed: {e}"));
+                    data.len()
+                }
+                Some(k) => {
+                    expect_refusal(r, clusters[k].0);
+                    k * cs
+                }
+            };
+            self.model.write(offset, &data[..written]);
+        } else {
+            for (k, (pos, c, refused)) in clusters.iter().enumerate() {
+                let r = img.write_compressed_cluster(c, *pos);
+                if *refused {
+                    expect_refusal(r, *pos);
+                    continue;
+                }
+                r.unwrap_or_else(|e| {
+                    panic!("{when}: write_compressed_cluster {pos:#x} failed: {e}")
+                });
+                let chunk = &data[k * cs..((k + 1) * cs).min(data.len())];
+                self.model.write(*pos, chunk);
             }
         }
     }

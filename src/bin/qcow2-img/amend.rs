@@ -56,7 +56,8 @@ pub fn run(argv: &[String]) -> CmdResult {
     check_format(a.format.as_deref(), filename)?;
     let img = Image::open(filename, &OpenOptions::new()).map_err(|e| open_fail(filename, &e))?;
     progress.start();
-    let amended = qcow2kit::amend::amend_image(&img, &opts);
+    let amended =
+        qcow2kit::amend::amend_image_with_progress(&img, &opts, &mut |d, t| progress.set(d, t));
     // qemu-img reports the end of the amendment whether it worked or not.
     progress.finish();
     amended.map_err(|e| lib_fail(&e))?;

@@ -5,7 +5,7 @@
 //! skipped too, so raw output is sparse.
 
 use crate::common::{check_format, open_ro_with, parse_args, CmdResult, Fail};
-use crate::convert_src::{copy_compressed, Src};
+use crate::convert_src::{copy_compressed, percent, Src, Walk, BUF_SECTORS};
 use crate::io::CacheMode;
 use crate::progress::Progress;
 use clap::Parser;
@@ -56,8 +56,6 @@ struct Args {
 }
 
 const SUB: &str = "convert";
-/// Bytes copied per read.
-const CHUNK: u64 = 2 << 20;
 /// Zero detection granularity of the output (QEMU's `-S` default is 4 KiB).
 const ZERO_UNIT: usize = 4096;
 
@@ -223,7 +221,10 @@ pub fn run(argv: &[String]) -> CmdResult {
 }
 
 /// Calls `write(offset, data)` for every run of non-zero guest data of
-/// `src`, updating `progress` with the share of the guest size done.
+/// `src`: the source is walked in qemu-img's chunks ([`Walk`]: status runs
+/// trimmed to the source's cluster, data chunks of at most 2 MiB), data
+/// chunks are read and their non-zero parts written. `progress` advances by
+/// data chunk, as qemu-img's does.
 fn copy_data(
     src: &Src,
     src_name: &str,
@@ -233,55 +234,53 @@ fn copy_data(
     let ext = src
         .extents(src_name)
         .map_err(|e| Fail::Msg(e.qemu_message()))?;
-    let size = src.size();
-    let read_err = |e: Error| {
+    let total = src.size() / 512;
+    let status_err = |sector: u64, e: Error| {
         Fail::Msg(format!(
-            "error while reading at byte {}: {}",
-            0,
+            "error while reading block status at offset {}: {}",
+            sector * 512,
             e.errno_text()
         ))
     };
-    let mut buf = vec![0u8; CHUNK as usize];
-    let mut offset = 0u64;
-    while offset < size {
-        let (data, length) = ext.next(offset, size - offset).map_err(read_err)?;
-        let end = offset + length;
+    let mut walk = Walk::new(&ext, total, src.alignment_sectors(), BUF_SECTORS, None);
+    let allocated = walk.data_sectors().map_err(|e| status_err(0, e))?;
+    let mut buf = vec![0u8; (BUF_SECTORS * 512) as usize];
+    let (mut sector, mut done) = (0u64, 0u64);
+    while sector < total {
+        let (n, data) = walk.chunk(sector).map_err(|e| status_err(sector, e))?;
         if data {
-            let mut pos = offset;
-            while pos < end {
-                let n = (end - pos).min(CHUNK) as usize;
-                let chunk = &mut buf[..n];
-                src.read_at(chunk, pos).map_err(|err| {
-                    Fail::Msg(format!(
-                        "error while reading at byte {pos}: {}",
-                        err.errno_text()
-                    ))
-                })?;
-                // Write the non-zero parts only.
-                let mut i = 0usize;
-                while i < n {
-                    let unit_end = (i + ZERO_UNIT).min(n);
-                    if chunk[i..unit_end].iter().all(|b| *b == 0) {
-                        i = unit_end;
-                        continue;
-                    }
-                    let mut j = unit_end;
-                    while j < n {
-                        let e2 = (j + ZERO_UNIT).min(n);
-                        if chunk[j..e2].iter().all(|b| *b == 0) {
-                            break;
-                        }
-                        j = e2;
-                    }
-                    write(pos + i as u64, &chunk[i..j])?;
-                    i = j;
+            done += n;
+            progress.update(percent(done, allocated));
+            let pos = sector * 512;
+            let chunk = &mut buf[..(n * 512) as usize];
+            src.read_at(chunk, pos).map_err(|err| {
+                Fail::Msg(format!(
+                    "error while reading at byte {pos}: {}",
+                    err.errno_text()
+                ))
+            })?;
+            // Write the non-zero parts only.
+            let len = chunk.len();
+            let mut i = 0usize;
+            while i < len {
+                let unit_end = (i + ZERO_UNIT).min(len);
+                if chunk[i..unit_end].iter().all(|b| *b == 0) {
+                    i = unit_end;
+                    continue;
                 }
-                pos += n as u64;
-                progress.set(pos, size);
+                let mut j = unit_end;
+                while j < len {
+                    let e2 = (j + ZERO_UNIT).min(len);
+                    if chunk[j..e2].iter().all(|b| *b == 0) {
+                        break;
+                    }
+                    j = e2;
+                }
+                write(pos + i as u64, &chunk[i..j])?;
+                i = j;
             }
         }
-        offset = end;
-        progress.set(offset, size);
+        sector += n;
     }
     Ok(())
 }

@@ -66,6 +66,16 @@ impl Src {
         }
     }
 
+    /// qemu-img convert's source alignment in sectors (`src_alignment`): the
+    /// cluster size of a qcow2 image (`bdrv_get_info`), one sector for a
+    /// raw file (its request alignment; raw has no cluster size).
+    pub fn alignment_sectors(&self) -> u64 {
+        match self {
+            Src::Qcow2(img) => (img.cluster_size() / 512).max(1),
+            Src::Raw(..) => 1,
+        }
+    }
+
     /// The extent walker for `name`.
     pub fn extents(&self, name: &str) -> Result<Extents<'_>, Error> {
         Ok(match self {
@@ -133,30 +143,125 @@ impl Extents<'_> {
             }
         }
     }
+}
 
-    /// Whether `[from, to)` may hold non-zero data.
-    fn any_data(&self, from: u64, to: u64) -> Result<bool, Error> {
-        let mut pos = from;
-        while pos < to {
-            let (data, len) = self.next(pos, to - pos)?;
-            if data {
-                return Ok(true);
-            }
-            pos += len;
+/// QEMU's `BDRV_REQUEST_MAX_SECTORS`: the longest block-status query.
+const REQUEST_MAX_SECTORS: u64 = (i32::MAX as u64) >> 9;
+
+/// qemu-img convert's copy buffer in sectors (`IO_BUF_SIZE`, 2 MiB).
+pub const BUF_SECTORS: u64 = 4096;
+
+/// qemu-img convert's walk over the source (`convert_iteration_sectors`):
+/// the source is taken in chunks whose ends follow its block status (each
+/// status run trimmed to the source alignment), data chunks at most
+/// `buf` sectors; for a compressed target whole clusters (a run shorter
+/// than a cluster counts as data for the whole cluster). The progress
+/// indicator advances by data chunk, so following QEMU's chunks exactly
+/// is what makes `-p` print what qemu-img prints.
+pub struct Walk<'a> {
+    ext: &'a Extents<'a>,
+    /// Source sectors.
+    total: u64,
+    /// Source alignment in sectors.
+    align: u64,
+    /// Sectors per data chunk.
+    buf: u64,
+    /// Target cluster in sectors, for a compressed copy.
+    cluster: Option<u64>,
+    /// Where the current status run ends (`sector_next_status`).
+    next_status: u64,
+    /// The current run is `BLK_DATA` (else `BLK_ZERO`).
+    data: bool,
+}
+
+impl<'a> Walk<'a> {
+    /// A walk over `ext`, `total` sectors long.
+    pub fn new(
+        ext: &'a Extents<'a>,
+        total: u64,
+        align: u64,
+        buf: u64,
+        cluster: Option<u64>,
+    ) -> Self {
+        Walk {
+            ext,
+            total,
+            align: align.max(1),
+            buf: buf.max(1),
+            cluster: cluster.filter(|c| *c > 0),
+            next_status: 0,
+            data: false,
         }
-        Ok(false)
     }
+
+    /// The chunk at `sector` (below `total`): its length in sectors (> 0)
+    /// and whether it is data.
+    ///
+    /// # Errors
+    /// Block status errors of the source.
+    pub fn chunk(&mut self, sector: u64) -> Result<(u64, bool), Error> {
+        let mut n = (self.total - sector).min(REQUEST_MAX_SECTORS);
+        if self.next_status <= sector {
+            let (st, len) = self.ext.status(sector * 512, n * 512)?;
+            n = len.div_ceil(512).max(1);
+            let tail = (sector + n) % self.align;
+            if n > tail {
+                n -= tail;
+            }
+            self.data = !st.zero;
+            self.next_status = sector + n;
+        }
+        n = n.min(self.next_status - sector);
+        if self.data {
+            n = n.min(self.buf);
+        }
+        if let Some(cs) = self.cluster {
+            if n < cs {
+                n = cs.min(self.total - sector);
+                self.data = true;
+            } else {
+                n -= n % cs;
+            }
+        }
+        Ok((n, self.data))
+    }
+
+    /// The data sectors of the whole walk (qemu-img's first pass,
+    /// `allocated_sectors`); the walk starts over afterwards.
+    ///
+    /// # Errors
+    /// As for [`Walk::chunk`].
+    pub fn data_sectors(&mut self) -> Result<u64, Error> {
+        let (mut sector, mut data) = (0u64, 0u64);
+        while sector < self.total {
+            let (n, is_data) = self.chunk(sector)?;
+            if is_data {
+                data += n;
+            }
+            sector += n;
+        }
+        self.next_status = 0;
+        Ok(data)
+    }
+}
+
+/// The progress after `done` of `total` data sectors, as qemu-img computes
+/// it (a double quotient passed on as a float).
+pub fn percent(done: u64, total: u64) -> f32 {
+    (100.0 * done as f64 / total.max(1) as f64) as f32
 }
 
 /// Clusters compressed per thread between two in-order write phases.
 const CLUSTERS_PER_THREAD: usize = 16;
 
-/// Copies `src` into `out` compressed: every cluster holding non-zero data
-/// is compressed (on up to `available_parallelism` threads, at most 8) and
-/// written in guest order with [`Image::write_compressed_cluster`], so the
-/// host layout is the one qemu-img's in-order compressed writes give;
-/// all-zero clusters are skipped (the new target reads as zeroes), as
-/// qemu-img does.
+/// Copies `src` into `out` compressed: the source is walked in qemu-img's
+/// chunks of one target cluster ([`Walk`]); every chunk holding non-zero
+/// data is compressed (on up to `available_parallelism` threads, at most 8,
+/// a batch at a time) and written in guest order with
+/// [`Image::write_compressed_cluster`], so the host layout is the one
+/// qemu-img's in-order compressed writes give; all-zero chunks are skipped
+/// (the new target reads as zeroes), as qemu-img does. Progress advances by
+/// data chunk, as qemu-img's does.
 pub fn copy_compressed(
     src: &Src,
     src_name: &str,
@@ -166,59 +271,79 @@ pub fn copy_compressed(
     let ext = src
         .extents(src_name)
         .map_err(|e| Fail::Msg(e.qemu_message()))?;
-    let size = src.size();
-    let cs = out.cluster_size();
+    let total = src.size() / 512;
+    let cluster = (out.cluster_size() / 512).max(1);
+    let status_err = |sector: u64, e: Error| {
+        Fail::Msg(format!(
+            "error while reading block status at offset {}: {}",
+            sector * 512,
+            e.errno_text()
+        ))
+    };
+    let mut walk = Walk::new(&ext, total, src.alignment_sectors(), cluster, Some(cluster));
+    let allocated = walk.data_sectors().map_err(|e| status_err(0, e))?;
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .clamp(1, 8);
-    let batch = cs.saturating_mul((threads * CLUSTERS_PER_THREAD) as u64);
+    let batch = threads * CLUSTERS_PER_THREAD;
+    let mut done = 0u64;
+    let mut sector = 0u64;
+    // (start sector, sectors) of the data chunks of the batch, and their bytes.
+    let mut chunks: Vec<(u64, u64)> = Vec::with_capacity(batch);
     let mut buf = Vec::new();
-    let mut off = 0u64;
-    while off < size {
-        let end = off.saturating_add(batch).min(size);
-        let has_data = ext.any_data(off, end).map_err(|e| {
-            Fail::Msg(format!(
-                "error while reading at byte {off}: {}",
-                e.errno_text()
-            ))
-        })?;
-        if has_data {
-            // The target's size is the source's rounded up to a sector:
-            // the last cluster is written up to it, zero-padded, as
-            // qemu-img writes whole sectors.
-            let padded_end = if end == size {
-                out.size().max(end)
-            } else {
-                end
-            };
-            buf.clear();
-            buf.resize((padded_end - off) as usize, 0);
-            src.read_at(&mut buf[..(end - off) as usize], off)
-                .map_err(|e| {
-                    Fail::Msg(format!(
-                        "error while reading at byte {off}: {}",
-                        e.errno_text()
-                    ))
-                })?;
-            let clusters: Vec<&[u8]> = buf.chunks(cs as usize).collect();
-            let done = compress_all(out, &clusters, threads);
-            for (i, c) in done.into_iter().enumerate() {
-                let at = off + i as u64 * cs;
-                let written = match c {
-                    None => Ok(()),
-                    Some(Ok(c)) => out.write_compressed_cluster(&c, at),
-                    Some(Err(e)) => Err(e),
-                };
-                written.map_err(|e| {
-                    Fail::Msg(format!(
-                        "error while writing at byte {at}: {}",
-                        e.errno_text()
-                    ))
-                })?;
+    while sector < total {
+        chunks.clear();
+        while sector < total && chunks.len() < batch {
+            let (n, data) = walk.chunk(sector).map_err(|e| status_err(sector, e))?;
+            if data {
+                chunks.push((sector, n));
             }
+            sector += n;
         }
-        off = end;
-        progress.set(off, size);
+        let bytes: u64 = chunks.iter().map(|(_, n)| n * 512).sum();
+        buf.clear();
+        buf.resize(usize::try_from(bytes).unwrap_or(0), 0);
+        let mut at = 0usize;
+        for (i, &(start, n)) in chunks.iter().enumerate() {
+            let len = (n * 512) as usize;
+            if let Err(e) = src.read_at(&mut buf[at..at + len], start * 512) {
+                // qemu-img has printed the progress of the chunk it failed to read.
+                for &(_, m) in &chunks[..=i] {
+                    done += m;
+                    progress.update(percent(done, allocated));
+                }
+                return Err(Fail::Msg(format!(
+                    "error while reading at byte {}: {}",
+                    start * 512,
+                    e.errno_text()
+                )));
+            }
+            at += len;
+        }
+        let mut parts: Vec<&[u8]> = Vec::with_capacity(chunks.len());
+        let mut rest = &buf[..];
+        for &(_, n) in &chunks {
+            let (part, tail) = rest.split_at((n * 512) as usize);
+            parts.push(part);
+            rest = tail;
+        }
+        let compressed = compress_all(out, &parts, threads);
+        for (&(start, n), c) in chunks.iter().zip(compressed) {
+            done += n;
+            progress.update(percent(done, allocated));
+            let at = start * 512;
+            let written = match c {
+                None => Ok(()),
+                Some(Ok(c)) => out.write_compressed_cluster(&c, at),
+                Some(Err(e)) => Err(e),
+            };
+            written.map_err(|e| {
+                Fail::Msg(format!(
+                    "error while writing at byte {at}: {}",
+                    e.errno_text()
+                ))
+            })?;
+        }
     }
     // qemu-img ends a compressed conversion with a zero-length compressed
     // write: the file end is aligned to a sector.

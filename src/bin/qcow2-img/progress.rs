@@ -5,6 +5,10 @@
 
 use std::io::Write;
 
+/// qemu-img's `min_skip` for convert and amend (`qemu_progress_init(progress,
+/// 1.0)`): an update is printed when it moved by more than this.
+const MIN_SKIP: f32 = 1.0;
+
 /// A progress indicator, started where qemu-img calls `qemu_progress_init`;
 /// dropping it writes the closing newline (qemu-img's `qemu_progress_end`).
 #[derive(Debug)]
@@ -12,6 +16,8 @@ pub struct Progress {
     enabled: bool,
     /// The last value printed, in hundredths of a percent.
     last: Option<u32>,
+    /// qemu-progress.c's `state.last_print` (a C `float`), for [`Progress::update`].
+    last_print: f32,
 }
 
 impl Progress {
@@ -20,6 +26,26 @@ impl Progress {
         Progress {
             enabled,
             last: None,
+            last_print: 0.0,
+        }
+    }
+
+    /// qemu-img's `qemu_progress_print(percent, 0)` exactly: the value
+    /// (a C `float`) is printed when it moved by more than 1.0 since the last
+    /// print, or is 0 or 100; so 100 is printed again each time it is
+    /// reached (convert prints it for its last chunk and once more when it
+    /// is done).
+    pub fn update(&mut self, percent: f32) {
+        let current = percent.min(100.0);
+        if current > self.last_print + MIN_SKIP
+            || current < self.last_print - MIN_SKIP
+            || current == 100.0
+            || current == 0.0
+        {
+            self.last_print = current;
+            self.last = Some(hundredths(current));
+            // printf("%3.2f") of the float promoted to double.
+            self.emit(&format!("{:.2}", f64::from(current)));
         }
     }
 
@@ -46,18 +72,31 @@ impl Progress {
     }
 
     fn print(&mut self, hundredths: u32, always: bool) {
-        if !self.enabled {
-            return;
-        }
         let v = hundredths.max(self.last.unwrap_or(0));
         if !always && self.last == Some(v) {
             return;
         }
         self.last = Some(v);
+        // Exact for the values printed here (k / 100).
+        self.last_print = v as f32 / 100.0;
+        self.emit(&format!("{}.{:02}", v / 100, v % 100));
+    }
+
+    /// Writes one update, `    (VALUE/100%)` and `\r`.
+    fn emit(&self, value: &str) {
+        if !self.enabled {
+            return;
+        }
         let mut out = std::io::stdout().lock();
-        let _ = write!(out, "    ({}.{:02}/100%)\r", v / 100, v % 100);
+        let _ = write!(out, "    ({value}/100%)\r");
         let _ = out.flush();
     }
+}
+
+/// `percent` (0..=100) in whole hundredths, rounded down.
+fn hundredths(percent: f32) -> u32 {
+    // In 0..=10_000 after the clamp, so the conversion is exact.
+    (f64::from(percent.clamp(0.0, 100.0)) * 100.0) as u32
 }
 
 impl Drop for Progress {

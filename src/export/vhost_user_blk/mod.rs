@@ -32,6 +32,12 @@ use std::sync::{Arc, Mutex};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
+    VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
+};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -50,17 +56,10 @@ pub const MAX_QUEUE_SIZE: u16 = 1024;
 /// Largest number of request queues.
 pub const MAX_QUEUES: u16 = 64;
 
-// virtio-blk feature bits (virtio spec 5.2.3).
-const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
-const VIRTIO_BLK_F_RO: u64 = 1 << 5;
-const VIRTIO_BLK_F_BLK_SIZE: u64 = 1 << 6;
-const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
-const VIRTIO_BLK_F_MQ: u64 = 1 << 12;
-const VIRTIO_BLK_F_DISCARD: u64 = 1 << 13;
-const VIRTIO_BLK_F_WRITE_ZEROES: u64 = 1 << 14;
-const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
-const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
-const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// The feature bit `bit` as a mask (the bindings give bit numbers).
+const fn bit(bit: u32) -> u64 {
+    1 << bit
+}
 
 /// Errors of the vhost-user-blk export.
 #[derive(Debug, thiserror::Error)]
@@ -112,6 +111,11 @@ pub struct BlkBackend {
     read_only: bool,
     mem: Mutex<Option<GuestMemoryAtomic<GuestMemoryMmap>>>,
     exits: Mutex<Vec<EventFd>>,
+    /// The rings of the current connection, kept as the workers see them so
+    /// that [`BlkBackend::quiesce`] can finish requests already made
+    /// available whose kick no worker has picked up yet.
+    /// One slot per worker thread.
+    vrings: Mutex<Vec<Vec<VringRwLock>>>,
     stopping: AtomicBool,
     in_flight: AtomicUsize,
     event_idx: AtomicBool,
@@ -142,6 +146,7 @@ impl BlkBackend {
             read_only,
             mem: Mutex::new(None),
             exits: Mutex::new(Vec::new()),
+            vrings: Mutex::new(Vec::new()),
             stopping: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
             event_idx: AtomicBool::new(false),
@@ -170,12 +175,39 @@ impl BlkBackend {
         c
     }
 
-    /// Stops taking new requests and waits until the workers finish the
-    /// ones in progress; the image can then be flushed and closed.
+    /// Stops taking new requests and finishes the ones in flight: those a
+    /// worker is processing, and those the driver has already made
+    /// available on an enabled ring (a kick not yet picked up is in flight
+    /// from the guest's point of view). The image can then be flushed and
+    /// closed. Requests made available after this returns are not served.
     pub fn quiesce(&self) {
         self.stopping.store(true, Ordering::SeqCst);
         while self.in_flight.load(Ordering::SeqCst) != 0 {
             std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        // No worker touches a ring any more (a late kick sees `stopping`);
+        // drain what is still available on each enabled ring.
+        let vrings = match self.vrings.lock() {
+            Ok(v) => v.clone(),
+            Err(_) => return,
+        };
+        for vring in vrings.iter().flatten() {
+            if vring.get_ref().get_queue().ready() {
+                // Best effort: a ring the front-end left half set up just
+                // yields no chains; an error here cannot be reported to it.
+                let _ = self.process_queue(vring);
+            }
+        }
+    }
+
+    /// Remembers the rings worker `thread` serves on this connection.
+    fn note_vrings(&self, thread: usize, vrings: &[VringRwLock]) {
+        if let Ok(mut kept) = self.vrings.lock() {
+            if let Some(slot) = kept.get_mut(thread) {
+                if slot.is_empty() {
+                    *slot = vrings.to_vec();
+                }
+            }
         }
     }
 
@@ -185,6 +217,8 @@ impl BlkBackend {
             .map(|_| EventFd::new(libc::EFD_NONBLOCK))
             .collect::<io::Result<Vec<_>>>()?;
         *self.exits.lock().map_err(|_| poisoned())? = exits;
+        *self.vrings.lock().map_err(|_| poisoned())? =
+            vec![Vec::new(); usize::from(self.cfg.num_queues)];
         Ok(())
     }
 
@@ -242,18 +276,18 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn features(&self) -> u64 {
-        let mut f = VIRTIO_F_VERSION_1
-            | VIRTIO_RING_F_INDIRECT_DESC
-            | VIRTIO_RING_F_EVENT_IDX
-            | VIRTIO_BLK_F_SEG_MAX
-            | VIRTIO_BLK_F_BLK_SIZE
-            | VIRTIO_BLK_F_FLUSH
-            | VIRTIO_BLK_F_MQ
+        let mut f = bit(VIRTIO_F_VERSION_1)
+            | bit(VIRTIO_RING_F_INDIRECT_DESC)
+            | bit(VIRTIO_RING_F_EVENT_IDX)
+            | bit(VIRTIO_BLK_F_SEG_MAX)
+            | bit(VIRTIO_BLK_F_BLK_SIZE)
+            | bit(VIRTIO_BLK_F_FLUSH)
+            | bit(VIRTIO_BLK_F_MQ)
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         if self.read_only {
-            f |= VIRTIO_BLK_F_RO;
+            f |= bit(VIRTIO_BLK_F_RO);
         } else {
-            f |= VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES;
+            f |= bit(VIRTIO_BLK_F_DISCARD) | bit(VIRTIO_BLK_F_WRITE_ZEROES);
         }
         f
     }
@@ -297,7 +331,7 @@ impl VhostUserBackend for BlkBackend {
         device_event: u16,
         evset: EventSet,
         vrings: &[VringRwLock],
-        _thread_id: usize,
+        thread_id: usize,
     ) -> io::Result<()> {
         if evset != EventSet::IN {
             return Ok(());
@@ -305,6 +339,7 @@ impl VhostUserBackend for BlkBackend {
         let Some(vring) = vrings.get(usize::from(device_event)) else {
             return Ok(());
         };
+        self.note_vrings(thread_id, vrings);
         self.in_flight.fetch_add(1, Ordering::SeqCst);
         let r = if self.stopping.load(Ordering::SeqCst) {
             Ok(())

@@ -22,19 +22,20 @@ pub const CHUNK: usize = 1 << 20;
 /// Most guest buffers passed to one vectored image call (`IOV_MAX`).
 const IOV_BATCH: usize = 1024;
 
-const T_IN: u32 = 0;
-const T_OUT: u32 = 1;
-const T_FLUSH: u32 = 4;
-const T_GET_ID: u32 = 8;
-const T_DISCARD: u32 = 11;
-const T_WRITE_ZEROES: u32 = 13;
+// Request types, statuses and flags of the virtio spec (5.2.6), as the
+// bindings name them; statuses are one byte on the wire.
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_T_DISCARD as T_DISCARD, VIRTIO_BLK_T_FLUSH as T_FLUSH,
+    VIRTIO_BLK_T_GET_ID as T_GET_ID, VIRTIO_BLK_T_IN as T_IN, VIRTIO_BLK_T_OUT as T_OUT,
+    VIRTIO_BLK_T_WRITE_ZEROES as T_WRITE_ZEROES,
+    VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP as WZ_FLAG_UNMAP,
+};
 
-const S_OK: u8 = 0;
-const S_IOERR: u8 = 1;
-const S_UNSUPP: u8 = 2;
+const S_OK: u8 = virtio_bindings::virtio_blk::VIRTIO_BLK_S_OK as u8;
+const S_IOERR: u8 = virtio_bindings::virtio_blk::VIRTIO_BLK_S_IOERR as u8;
+const S_UNSUPP: u8 = virtio_bindings::virtio_blk::VIRTIO_BLK_S_UNSUPP as u8;
 
-const ID_BYTES: usize = 20;
-const WZ_FLAG_UNMAP: u32 = 1;
+const ID_BYTES: usize = VIRTIO_BLK_ID_BYTES as usize;
 
 /// What a request came to: the used length reported to the driver and the
 /// status written (`None` when the chain had no room for one).

@@ -244,6 +244,6 @@ impl Meta {
             }
             e.bits.is_some() || e.disk.is_some()
         });
-        b.changed = true;
+        b.changed |= !b.list.is_empty();
     }
 }

@@ -556,6 +556,11 @@ impl Meta {
         }
     }
 
+    /// Whether closing has bitmaps to store (see [`Meta::store_bitmaps`]).
+    pub(crate) fn bitmaps_store_due(&self) -> bool {
+        self.bitmaps.as_ref().is_some_and(Bitmaps::store_due)
+    }
+
     /// Whether the handle has persistent bitmaps (of any kind).
     pub(crate) fn has_bitmaps(&self) -> bool {
         self.bitmaps.as_ref().is_some_and(|b| !b.list.is_empty())
@@ -596,7 +601,8 @@ impl Meta {
 
     fn mark_in_use_with(&mut self, bm: &mut Bitmaps) -> Result<()> {
         if !bm.needs_mark() {
-            bm.marked = true;
+            // Flagged already, or nothing on disk to flag (then nothing to
+            // store either).
             return Ok(());
         }
         let Some(ext) = bm.ext else {
