@@ -109,13 +109,11 @@ fn check_totals(entries: &[BitmapDirEntry], size: u64, bits: bool) -> Result<()>
     Ok(())
 }
 
-/// The bitmaps header extension as on disk.
+/// The bitmaps header extension as on disk (where its payload sits in the
+/// header is looked up when it is rewritten: a header rewrite, by `amend`
+/// for instance, may move it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct ExtOnDisk {
-    /// Header offset of the extension's 24-byte payload (`nb_bitmaps`,
-    /// reserved, directory size, directory offset).
-    pos: u64,
-    nb_bitmaps: u32,
     dir_offset: u64,
     dir_size: u64,
 }
@@ -290,15 +288,6 @@ fn read_directory(meta: &Meta) -> Result<Option<(ExtOnDisk, Vec<BitmapDirEntry>)
         return Ok(None);
     };
     let reader = meta.gate.reader();
-    let mut head = vec![0u8; conv::cluster_bytes(&meta.geom)];
-    reader.read(&mut head, 0)?;
-    let pos = bitmaps_ext_pos(&head, h).ok_or_else(|| {
-        Error::Format(FormatError::invalid(
-            Structure::HeaderExtension,
-            None,
-            "bitmaps extension not found in the header cluster",
-        ))
-    })?;
     // The extension was validated at decode: at most 64 MiB.
     let mut dir = vec![0u8; conv::mem_len(Structure::BitmapDirectory, ext.bitmap_directory_size)?];
     reader.read(&mut dir, ext.bitmap_directory_offset)?;
@@ -325,8 +314,6 @@ fn read_directory(meta: &Meta) -> Result<Option<(ExtOnDisk, Vec<BitmapDirEntry>)
     }
     Ok(Some((
         ExtOnDisk {
-            pos,
-            nb_bitmaps: ext.nb_bitmaps,
             dir_offset: ext.bitmap_directory_offset,
             dir_size: ext.bitmap_directory_size,
         },

@@ -178,33 +178,36 @@ impl Meta {
 
     /// The commit point: points the header at the new directory (`None`:
     /// no bitmaps left) with one write, synced. While the extension stays,
-    /// that is its 24-byte payload; when it appears or goes, the whole
-    /// header cluster is rewritten with the autoclear bit following it, as
-    /// QEMU's `update_ext_header_and_dir` does. Returns the extension as now
-    /// on disk.
+    /// that is its 24-byte payload (found in the header as it is now); when
+    /// it appears or goes, the whole header cluster is rewritten with the
+    /// autoclear bit following it, as QEMU's `update_ext_header_and_dir`
+    /// does. Returns the extension as now on disk.
     fn commit_bitmaps_ext(
         &mut self,
         bm: &Bitmaps,
         new: Option<BitmapsExtension>,
     ) -> Result<Option<ExtOnDisk>> {
-        if let (Some(old), Some(n), false) = (bm.ext, new, bm.stale) {
-            let mut p = [0u8; 24];
-            p[..4].copy_from_slice(&n.nb_bitmaps.to_be_bytes());
-            p[8..16].copy_from_slice(&n.bitmap_directory_size.to_be_bytes());
-            p[16..].copy_from_slice(&n.bitmap_directory_offset.to_be_bytes());
-            self.meta_write(&p, old.pos, MetadataKind::MainHeader)?;
-            self.sync()?;
-            for ext in &mut self.header.extensions {
-                if let HeaderExtension::Bitmaps(b) = ext {
-                    *b = n;
+        let on_disk = new.map(|n| ExtOnDisk {
+            dir_offset: n.bitmap_directory_offset,
+            dir_size: n.bitmap_directory_size,
+        });
+        if let (Some(_), Some(n), false) = (bm.ext, new, bm.stale) {
+            let mut head = vec![0u8; conv::cluster_bytes(&self.geom)];
+            self.gate.reader().read(&mut head, 0)?;
+            if let Some(pos) = bitmaps_ext_pos(&head, &self.header) {
+                let mut p = [0u8; 24];
+                p[..4].copy_from_slice(&n.nb_bitmaps.to_be_bytes());
+                p[8..16].copy_from_slice(&n.bitmap_directory_size.to_be_bytes());
+                p[16..].copy_from_slice(&n.bitmap_directory_offset.to_be_bytes());
+                self.meta_write(&p, pos, MetadataKind::MainHeader)?;
+                self.sync()?;
+                for ext in &mut self.header.extensions {
+                    if let HeaderExtension::Bitmaps(b) = ext {
+                        *b = n;
+                    }
                 }
+                return Ok(on_disk);
             }
-            return Ok(Some(ExtOnDisk {
-                pos: old.pos,
-                nb_bitmaps: n.nb_bitmaps,
-                dir_offset: n.bitmap_directory_offset,
-                dir_size: n.bitmap_directory_size,
-            }));
         }
         let mut h = self.header.clone();
         h.extensions
@@ -220,22 +223,8 @@ impl Meta {
         let buf = h.encode_into_cluster(self.geom.cluster_size)?;
         self.meta_write(&buf, 0, MetadataKind::MainHeader)?;
         self.sync()?;
-        let pos = bitmaps_ext_pos(&buf, &h);
         self.header = h;
-        Ok(match (new, pos) {
-            (Some(n), Some(pos)) => Some(ExtOnDisk {
-                pos,
-                nb_bitmaps: n.nb_bitmaps,
-                dir_offset: n.bitmap_directory_offset,
-                dir_size: n.bitmap_directory_size,
-            }),
-            (Some(_), None) => {
-                return Err(Error::Internal(
-                    "the bitmaps extension written is not in the header".into(),
-                ))
-            }
-            (None, _) => None,
-        })
+        Ok(on_disk)
     }
 
     /// Drops the references of a stored bitmap: its data clusters and its
