@@ -564,10 +564,16 @@ fn amend_keeps_bitmaps_like_qemu() {
     qcow2kit::amend::amend_image(&img, &opts).unwrap();
     assert_ne!(ext_at(&p), before, "the extension did not move");
     img.write_at(&[2; 100], 3 << 20).unwrap();
+    // A refcount width change on the same handle: the store allocates
+    // through the new structures.
+    let opts = qcow2kit::options::AmendOptions::from_qemu_str("refcount_bits=8").unwrap();
+    qcow2kit::amend::amend_image(&img, &opts).unwrap();
+    img.write_at(&[3; 10], 2 << 20).unwrap();
     img.close().unwrap();
     assert_check_clean(&p, "after amend data_file");
     let want: BTreeSet<u64> = granules(12, 10_000, 5000)
         .chain(granules(12, 3 << 20, 100))
+        .chain(granules(12, 2 << 20, 10))
         .collect();
     assert_eq!(find(&bitmaps_of(&p), "b").dirty, Some(want));
     let info = support::json(&qemu_img(&["info", "--output=json", ps]));
