@@ -145,6 +145,147 @@ impl std::fmt::Display for Unsupported {
     }
 }
 
+/// Why a persistent dirty bitmap request failed: the payload of
+/// [`Error::Bitmap`]. `Display` is QEMU's message for the same condition
+/// (what `qemu-img bitmap` prints after `Operation OP on bitmap NAME
+/// failed: `).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum BitmapError {
+    /// No bitmap of that name: `Dirty bitmap 'NAME' not found`.
+    NotFound {
+        /// The name asked for.
+        name: String,
+    },
+    /// The bitmap is flagged `in_use` (it was not stored cleanly, e.g. after
+    /// a crash): its bits are lost, only removing it works. `Bitmap 'NAME'
+    /// is inconsistent and cannot be used`; see [`BitmapError::hint`].
+    Inconsistent {
+        /// The bitmap.
+        name: String,
+    },
+    /// A bitmap of that name exists: `Bitmap already exists: NAME`.
+    Exists {
+        /// The name.
+        name: String,
+    },
+    /// `Bitmap name cannot be empty`.
+    EmptyName,
+    /// A granularity that is not a power of two from 512 bytes to 2 GiB:
+    /// `Granularity must be power of 2 and at least 512`.
+    Granularity {
+        /// The granularity asked for, in bytes.
+        granularity: u64,
+    },
+    /// The bitmap cannot be stored in this image: `Can't make bitmap 'NAME'
+    /// persistent: REASON` (QEMU names its node after `persistent in`; see
+    /// [`BitmapError::qemu_message_for`]).
+    NotPersistent {
+        /// The bitmap.
+        name: String,
+        /// Why not.
+        reason: NotPersistent,
+    },
+    /// Applying an internal snapshot to an image with persistent bitmaps
+    /// (QEMU refuses it: they would not record the change):
+    /// `Device has active dirty bitmaps`.
+    SnapshotApply,
+    /// Merging bitmaps that cover disks of different sizes.
+    SizeMismatch {
+        /// Virtual size of the image of the bitmap merged into.
+        destination: u64,
+        /// Virtual size of the image of the source bitmap.
+        source: u64,
+    },
+}
+
+/// Why a bitmap cannot be stored in an image (QEMU's
+/// `qcow2_co_can_store_new_dirty_bitmap`): the payload of
+/// [`BitmapError::NotPersistent`]. `Display` is QEMU's text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum NotPersistent {
+    /// A v2 (`compat=0.10`) image has no autoclear bits to protect bitmaps.
+    V2Image,
+    /// The bitmap at this granularity would need more than 512 MiB (or
+    /// more table entries than allowed).
+    TooLarge,
+    /// The name is longer than 1023 bytes.
+    NameTooLong,
+    /// The image has 65535 bitmaps already.
+    TooMany,
+    /// The bitmap directory would exceed its 64 MiB limit.
+    DirectoryFull,
+}
+
+impl std::fmt::Display for NotPersistent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            NotPersistent::V2Image => "Cannot store dirty bitmaps in qcow2 v2 files",
+            NotPersistent::TooLarge => {
+                "Too much space will be occupied by the bitmap. Use larger granularity"
+            }
+            NotPersistent::NameTooLong => "Name length exceeds maximum (1023 characters)",
+            NotPersistent::TooMany => "Maximum number of persistent bitmaps is already reached",
+            NotPersistent::DirectoryFull => "Not enough space in the bitmap directory",
+        })
+    }
+}
+
+impl BitmapError {
+    /// The second line QEMU prints after the message, if any: for an
+    /// inconsistent bitmap, `Try block-dirty-bitmap-remove to delete this
+    /// bitmap from disk`.
+    pub fn hint(&self) -> Option<&'static str> {
+        match self {
+            BitmapError::Inconsistent { .. } => {
+                Some("Try block-dirty-bitmap-remove to delete this bitmap from disk")
+            }
+            _ => None,
+        }
+    }
+
+    /// QEMU's message with its node name: as `Display`, but
+    /// [`BitmapError::NotPersistent`] reads `Can't make bitmap 'NAME'
+    /// persistent in 'NODE': REASON`.
+    pub fn qemu_message_for(&self, node: &str) -> String {
+        match self {
+            BitmapError::NotPersistent { name, reason } => {
+                format!("Can't make bitmap '{name}' persistent in '{node}': {reason}")
+            }
+            other => other.to_string(),
+        }
+    }
+}
+
+impl std::fmt::Display for BitmapError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BitmapError::NotFound { name } => write!(f, "Dirty bitmap '{name}' not found"),
+            BitmapError::Inconsistent { name } => {
+                write!(f, "Bitmap '{name}' is inconsistent and cannot be used")
+            }
+            BitmapError::Exists { name } => write!(f, "Bitmap already exists: {name}"),
+            BitmapError::EmptyName => f.write_str("Bitmap name cannot be empty"),
+            BitmapError::Granularity { .. } => {
+                f.write_str("Granularity must be power of 2 and at least 512")
+            }
+            BitmapError::NotPersistent { name, reason } => {
+                write!(f, "Can't make bitmap '{name}' persistent: {reason}")
+            }
+            BitmapError::SnapshotApply => f.write_str("Device has active dirty bitmaps"),
+            BitmapError::SizeMismatch {
+                destination,
+                source,
+            } => write!(
+                f,
+                "Bitmaps are of different sizes (destination size is {destination}, source \
+                 size is {source}) and can't be merged"
+            ),
+        }
+    }
+}
+
 /// Every error of the library.
 ///
 /// `Display` is lower-case and names the structure and host offset where
@@ -152,7 +293,7 @@ impl std::fmt::Display for Unsupported {
 /// print for the same condition.
 ///
 /// The enum is `#[non_exhaustive]`, as are the typed payloads
-/// ([`Structure`], [`Limit`], [`Unsupported`], [`IoOp`]): match what you
+/// ([`Structure`], [`Limit`], [`Unsupported`], [`IoOp`], [`BitmapError`]): match what you
 /// handle and keep a catch-all arm.
 ///
 /// ```
@@ -209,6 +350,10 @@ pub enum Error {
         #[source]
         source: Box<Error>,
     },
+    /// A persistent dirty bitmap request failed (unknown or inconsistent
+    /// bitmap, bad name or granularity, ...); QEMU's text.
+    #[error("{0}")]
+    Bitmap(BitmapError),
     /// The backing chain is deeper than [`crate::image::MAX_BACKING_DEPTH`]
     /// images below the image opened.
     #[error("Backing file '{}' exceeds the maximum backing chain depth of {max}", path.display())]
@@ -484,6 +629,7 @@ impl Error {
                 None => source.to_string(),
             },
             Error::InvalidArgument(_)
+            | Error::Bitmap(_)
             | Error::RefcountOverflow { .. }
             | Error::EncryptionKeyRequired
             | Error::Crypto(_)
@@ -529,6 +675,7 @@ impl Error {
             },
             Error::InvalidArgument(m) => m.clone(),
             Error::TooLarge(limit) => limit.to_string(),
+            Error::Bitmap(e) => e.to_string(),
             other => other.to_string(),
         }
     }

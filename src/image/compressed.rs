@@ -161,6 +161,8 @@ impl Image {
             }
         };
         meta.in_flight.insert(cluster);
+        // Persistent bitmaps record the cluster before its data is written.
+        meta.note_dirty(offset, c.guest_len);
         drop(meta);
         // The reserved bytes are referenced by nothing a reader can reach
         // and cannot be handed out again: no lock is needed to fill them.

@@ -47,6 +47,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 pub mod amend;
+mod bitmaps;
 mod chain;
 mod compressed;
 mod cor;
@@ -68,6 +69,7 @@ mod vectored;
 mod write;
 mod zero;
 
+pub use crate::meta::bitmaps::BitmapStatus;
 pub use crate::meta::cache::CacheStats;
 pub use open::MAX_BACKING_DEPTH;
 pub(crate) use open::{open_error, resolve, OpenMode};
@@ -877,6 +879,12 @@ impl Image {
                 .map_err(|_| Error::PreviousIoFailed)?;
             // Closing flushes the node (QEMU's `bdrv_close` -> `bdrv_flush`).
             meta.event(crate::storage::BlkdebugEvent::FlushToOs);
+            if meta.bitmaps_store_due() {
+                // Guest data and its tables are durable before the bitmaps
+                // that describe them are stored.
+                meta.flush_all(true)?;
+                meta.store_bitmaps()?;
+            }
             meta.mark_clean()?;
             Self::sync_data_file(&mut meta)
         })();

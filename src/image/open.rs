@@ -239,6 +239,17 @@ impl Image {
             }
             meta.view_snapshot(sn)?;
         }
+        // QEMU loads the persistent bitmaps at every open, read-only ones
+        // (`qemu-img info`) included: a directory or table that fails its
+        // checks fails the open. A read-write handle keeps them; check mode
+        // leaves them to the checker.
+        if !mode.check {
+            if !read_only && !mode.no_io {
+                meta.bitmaps = crate::meta::bitmaps::load_bitmaps(&meta)?;
+            } else {
+                crate::meta::bitmaps::validate_bitmaps(&meta)?;
+            }
+        }
 
         let base_dir = path
             .as_deref()

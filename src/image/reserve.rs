@@ -251,6 +251,8 @@ impl Image {
             )
             .into());
         }
+        // Persistent bitmaps record the reserved range under the lock, before
+        // the caller writes its data (the shared path in `in_place_shared`).
         if len > 0 {
             if let Some((meta, permit, n)) = self.in_place_shared(offset, len, offset, len)? {
                 return self.reserve_in_place(meta, permit, offset, n);
@@ -271,6 +273,7 @@ impl Image {
             Ok(s) => s,
             Err(e) => return Err(self.fail(&mut meta, e, IoOp::Write)),
         };
+        meta.note_dirty(offset, step.len());
         let n = match step {
             WriteStep::InPlace { permit, len } => {
                 return self.reserve_in_place(meta, permit, offset, len)

@@ -169,9 +169,21 @@ impl Image {
     /// table pointer; `Error::RefcountOverflow` (nothing changes);
     /// `Error::InvalidArgument` for a v2 image whose snapshot has another
     /// disk size (QEMU cannot resize those); `Error::Unsupported` with an
-    /// external data file; I/O errors.
+    /// external data file; `Error::Bitmap` ([`BitmapError::SnapshotApply`])
+    /// when the image has persistent bitmaps, as QEMU refuses; I/O errors.
+    ///
+    /// [`BitmapError::SnapshotApply`]: crate::error::BitmapError::SnapshotApply
     pub fn snapshot_apply(&self, id_or_name: &str) -> Result<()> {
+        // QEMU's bdrv_snapshot_goto refuses any bitmap (enabled or not)
+        // before it looks at the snapshot; checked again under the lock.
+        let refuse = || Err(Error::Bitmap(crate::error::BitmapError::SnapshotApply));
+        if self.writable().is_ok() && self.lock()?.has_bitmaps() {
+            return refuse();
+        }
         self.snapshot_op(|_, meta| {
+            if meta.has_bitmaps() {
+                return refuse();
+            }
             let i = find_by_id_or_name(&meta.snapshots, id_or_name)
                 .ok_or_else(|| Error::SnapshotNotFound(id_or_name.to_owned()))?;
             let sn = meta.snapshots[i].clone();

@@ -310,6 +310,7 @@ impl Image {
                 Ok(s) => s,
                 Err(e) => return Err(self.fail(&mut meta, e, IoOp::Write)),
             };
+            meta.note_dirty(g, step.len());
             done += match step {
                 WriteStep::InPlace { permit, len: n } => {
                     with_sub(bufs, done as usize, n as usize, |parts| {

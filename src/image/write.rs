@@ -19,17 +19,18 @@ impl Image {
     }
 
     /// Work done once before the first write of a handle: clear autoclear
-    /// bits this crate does not maintain (bitmaps become inconsistent as
-    /// soon as we write, so the bitmaps bit is cleared too).
+    /// bits this crate does not maintain (the bitmaps bit too when the
+    /// bitmaps are not loaded: they would become stale), and flag the
+    /// tracked persistent bitmaps `in_use` (see `meta::bitmaps`).
     pub(crate) fn before_first_write(&self, meta: &mut Meta) -> Result<()> {
-        let keep = AUTOCLEAR_DATA_FILE_RAW;
+        let keep = meta.kept_autoclear();
         if meta.header.autoclear_features & !keep != 0 {
             meta.header.autoclear_features &= keep;
             // The bitmap directory stays allocated and protected: only its
             // consistency bit is dropped.
             meta.write_autoclear_features()?;
         }
-        Ok(())
+        meta.mark_bitmaps_in_use()
     }
 
     /// Writes `buf` at guest offset `offset`.
@@ -97,6 +98,9 @@ impl Image {
                 Ok(s) => s,
                 Err(e) => return Err(self.fail(&mut meta, e, IoOp::Write)),
             };
+            // Persistent bitmaps record the step before its data is written,
+            // under the lock (see `meta::bitmaps`).
+            meta.note_dirty(g, step.len());
             done += match step {
                 WriteStep::InPlace { permit, len } => {
                     self.in_place(meta, permit, &[IoSlice::new(&rest[..len as usize])])?;
@@ -280,7 +284,7 @@ impl Image {
         if end > meta.header.size
             || total == 0
             || Self::shared_defers(&meta)
-            || meta.header.autoclear_features & !AUTOCLEAR_DATA_FILE_RAW != 0
+            || meta.first_write_pending()
         {
             return Ok(None);
         }
@@ -293,7 +297,12 @@ impl Image {
         let slice_end = ((cluster | (slice_entries - 1)) + 1) << cb;
         let len = rest.min(slice_end - g);
         match self.in_place_run(&meta, g, len, true) {
-            Ok(InPlaceRun::Run { permit, len }) => Ok(Some((meta, permit, len))),
+            Ok(InPlaceRun::Run { permit, len }) => {
+                // Persistent bitmaps record the run before it is written,
+                // while the shared lock keeps management calls out.
+                meta.note_dirty(g, len);
+                Ok(Some((meta, permit, len)))
+            }
             _ => Ok(None),
         }
     }
@@ -782,6 +791,15 @@ pub(super) enum WriteStep {
     /// An allocating write of (a prefix of) the next `len` bytes: prepared
     /// under the lock, its data written outside it, then linked under it.
     Alloc { len: u64 },
+}
+
+impl WriteStep {
+    /// The guest bytes the step covers.
+    pub(super) fn len(&self) -> u64 {
+        match self {
+            WriteStep::InPlace { len, .. } | WriteStep::Alloc { len } => *len,
+        }
+    }
 }
 
 pub(super) fn range_mask(lo: u64, hi: u64) -> u32 {

@@ -40,6 +40,9 @@ impl Image {
         self.writable()?;
         let mut meta = self.lock_idle()?;
         self.check_range(meta.header.size, offset, len)?;
+        // Recorded in persistent bitmaps even when it changes nothing (as
+        // QEMU does).
+        meta.note_dirty(offset, len);
         if meta.header.version < 3 && meta.header.backing_file_name().is_some() {
             // Without the zero flag a discard would expose stale backing
             // data; QEMU refuses (ENOTSUP), and discards are advisory.
@@ -214,6 +217,10 @@ impl Image {
         let (size, v3, raw_data, has_backing) = {
             let m = self.lock()?;
             self.check_range(m.header.size, offset, len)?;
+            // Recorded in persistent bitmaps even where it changes nothing
+            // (as QEMU does); the parts written below record themselves again
+            // under the lock that issues them.
+            m.note_dirty(offset, len);
             (
                 m.header.size,
                 m.header.version >= 3,
@@ -268,6 +275,10 @@ impl Image {
                     return Ok(());
                 }
                 self.before_first_write(&mut meta)?;
+                // Whole units around the request are zeroed only when they
+                // read as zeroes already: the request is what changes.
+                let (lo, hi) = (a.max(offset), b.min(end));
+                meta.note_dirty(lo, hi.saturating_sub(lo));
                 if raw_data {
                     // The data file must stay a valid raw image (QEMU
                     // zeroes it before updating the L2 entries).

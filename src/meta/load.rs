@@ -162,6 +162,7 @@ pub(crate) fn load(
         in_flight: Default::default(),
         free_byte_offset: 0,
         snapshots,
+        bitmaps: None,
         header,
     })
 }

@@ -38,6 +38,7 @@ use crate::storage::{BlkdebugEvent, Storage};
 use crate::types::{Geometry, MetadataKind, RefcountGeometry};
 use std::collections::BTreeSet;
 
+pub(crate) mod bitmaps;
 pub(crate) mod cache;
 mod compressed;
 mod conv;
@@ -287,6 +288,10 @@ pub(crate) struct Meta {
     pub free_byte_offset: u64,
     /// The internal snapshots.
     pub snapshots: Vec<crate::format::snapshot::SnapshotEntry>,
+    /// The persistent dirty bitmaps of a read-write handle of a v3 image
+    /// (see [`bitmaps`]; empty when the image has none); `None` read-only,
+    /// in check mode and for v2 images (which cannot hold bitmaps).
+    pub bitmaps: Option<bitmaps::Bitmaps>,
 }
 
 impl Meta {

@@ -129,6 +129,15 @@ impl Image {
                 "Can't resize a v2 image which has snapshots".into(),
             ));
         }
+        // QEMU's `qcow2_truncate_bitmaps_check`: no inconsistent bitmap; the
+        // others are flagged `in_use` on disk before the size changes and
+        // resized with the disk (stored at close).
+        if let Err(e) = meta.prepare_bitmaps_resize() {
+            return Err(match e {
+                Error::Bitmap(_) => e,
+                e => self.fail(&mut meta, e, IoOp::Write),
+            });
+        }
         let need = self.geom.l1_entries_for(new_size);
         if need > MAX_L1_BYTES / 8 {
             return Err(Error::TooLarge(Limit::DiskSize { size: new_size }));
@@ -153,7 +162,9 @@ impl Image {
             if let Some(d) = self.data.external() {
                 d.flush()?;
             }
-            meta.write_size(new_size)
+            meta.write_size(new_size)?;
+            meta.resize_bitmaps(new_size);
+            Ok(())
         })();
         drop(barrier);
         r.map_err(|e| self.fail(&mut meta, e, IoOp::Write))

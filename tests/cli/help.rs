@@ -140,6 +140,8 @@ const CASES: &[Case] = &[
             "--max-length",
             "-U",
             "--force-share",
+            "-B",
+            "--bitmap",
         ],
         codes: &[0, 1],
         not_options: &[],
@@ -176,6 +178,8 @@ const CASES: &[Case] = &[
             "-T",
             "-m",
             "-W",
+            "--bitmaps",
+            "--skip-broken-bitmaps",
         ],
         codes: &[0, 1],
         not_options: &[],
@@ -317,6 +321,30 @@ const CASES: &[Case] = &[
         bin: IMG,
         sub: &["mirror"],
         options: &["-h", "--help", "-q", "--quiet", "-p", "--progress", "-O"],
+        codes: &[0, 1],
+        not_options: &[],
+    },
+    Case {
+        bin: IMG,
+        sub: &["bitmap"],
+        options: &[
+            "-h",
+            "--help",
+            "-f",
+            "--format",
+            "--add",
+            "-g",
+            "--granularity",
+            "--remove",
+            "--clear",
+            "--enable",
+            "--disable",
+            "--merge",
+            "-b",
+            "--source-file",
+            "-F",
+            "--source-format",
+        ],
         codes: &[0, 1],
         not_options: &[],
     },
@@ -499,6 +527,11 @@ fn img_mirror_help() {
     check_case(&CASES[13]);
 }
 
+#[test]
+fn img_bitmap_help() {
+    check_case(&CASES[14]);
+}
+
 /// Each case is tested by the function named after its command (a case
 /// tested under another's name would leave its own untested).
 #[test]
@@ -511,7 +544,7 @@ fn cases_are_in_the_order_the_tests_index() {
         subs,
         [
             "measure", "compare", "create", "info", "map", "check", "convert", "resize", "amend",
-            "commit", "bench", "rebase", "stream", "mirror"
+            "commit", "bench", "rebase", "stream", "mirror", "bitmap"
         ]
     );
 }
@@ -613,8 +646,8 @@ fn img_help_lists_each_command_on_one_line() {
         assert_eq!(
             names,
             [
-                "amend", "bench", "check", "commit", "compare", "convert", "create", "info", "io",
-                "map", "measure", "mirror", "rebase", "resize", "serve", "snapshot", "stream"
+                "amend", "bench", "bitmap", "check", "commit", "compare", "convert", "create", "info",
+                "io", "map", "measure", "mirror", "rebase", "resize", "serve", "snapshot", "stream"
             ],
             "{}",
             r.out

@@ -8,6 +8,7 @@ mod support;
 
 mod amend;
 mod backing_loops;
+mod bitmap;
 mod commit;
 mod compare;
 mod compress;
@@ -25,6 +26,7 @@ mod map_convert;
 mod map_extents;
 mod measure;
 mod mirror;
+mod nbd_bitmaps;
 mod nbd_serve;
 mod progress;
 mod readme;

@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_qcow2-img");
 /// Upper bound on any wait for a server to come up or go down.
-const WAIT: Duration = Duration::from_secs(30);
+pub(crate) const WAIT: Duration = Duration::from_secs(30);
 
-fn have(progs: &[&str], test: &str) -> bool {
+pub(crate) fn have(progs: &[&str], test: &str) -> bool {
     let missing: Vec<&str> = progs
         .iter()
         .copied()
@@ -39,13 +39,13 @@ fn have(progs: &[&str], test: &str) -> bool {
 
 /// What a client printed.
 #[derive(Debug)]
-struct Out {
-    code: i32,
-    out: String,
-    err: String,
+pub(crate) struct Out {
+    pub(crate) code: i32,
+    pub(crate) out: String,
+    pub(crate) err: String,
 }
 
-fn run(dir: &Path, prog: &str, args: &[&str]) -> Out {
+pub(crate) fn run(dir: &Path, prog: &str, args: &[&str]) -> Out {
     let o = Command::new(prog)
         .args(args)
         .current_dir(dir)
@@ -59,21 +59,26 @@ fn run(dir: &Path, prog: &str, args: &[&str]) -> Out {
     }
 }
 
-fn ok(dir: &Path, prog: &str, args: &[&str]) -> String {
+pub(crate) fn ok(dir: &Path, prog: &str, args: &[&str]) -> String {
     let o = run(dir, prog, args);
     assert_eq!(o.code, 0, "{prog} {args:?}: {o:?}");
     o.out
 }
 
 /// A server process (ours or qemu-nbd), stopped with SIGTERM on drop.
-struct Served {
+pub(crate) struct Served {
     child: Option<Child>,
     log: PathBuf,
 }
 
 impl Served {
     /// Starts `prog args` in `dir` and waits until `ready(stderr log)`.
-    fn start(dir: &Path, prog: &str, args: &[&str], ready: impl Fn(&Path, &str) -> bool) -> Self {
+    pub(crate) fn start(
+        dir: &Path,
+        prog: &str,
+        args: &[&str],
+        ready: impl Fn(&Path, &str) -> bool,
+    ) -> Self {
         let log = dir.join(format!("{}.log", args.len() + rand_suffix()));
         let child = Command::new(prog)
             .args(args)
@@ -102,7 +107,7 @@ impl Served {
     }
 
     /// Ours on a Unix socket `s.sock` in `dir`.
-    fn ours_unix(dir: &Path, extra: &[&str], file: &str) -> Self {
+    pub(crate) fn ours_unix(dir: &Path, extra: &[&str], file: &str) -> Self {
         let sock = dir.join("s.sock");
         let sock_s = sock.to_str().unwrap().to_owned();
         let mut args = vec!["serve", "--nbd", "--socket", sock_s.as_str()];
@@ -123,7 +128,7 @@ impl Served {
     }
 
     /// SIGTERM, then the exit code (bounded wait).
-    fn stop(self) -> (i32, String) {
+    pub(crate) fn stop(self) -> (i32, String) {
         self.finish(Some("-TERM"))
     }
 
@@ -644,6 +649,7 @@ fn serve_help_and_argument_errors() {
         "-f, --format",
         "--image-opts",
         "-q, --quiet",
+        "-B, --bitmap",
         "-h, --help",
     ] {
         assert!(h.out.contains(o), "serve --help lacks {o}:\n{}", h.out);

@@ -9,6 +9,9 @@ mod support;
 
 mod amend;
 mod bad_images;
+mod bitmap_crash;
+mod bitmap_model;
+mod bitmap_threads;
 mod corruption;
 mod crash_replay;
 mod faults;

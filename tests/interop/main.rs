@@ -7,6 +7,7 @@
 mod support;
 
 mod alloc_layout;
+mod bitmaps;
 mod compressed;
 mod encrypted;
 mod prealloc;

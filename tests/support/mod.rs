@@ -14,6 +14,7 @@
 #![allow(dead_code, unused_imports)] // Each test binary uses a different subset.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Test helpers fail loudly.
 
+pub mod bitmaps;
 pub mod check;
 pub mod image;
 pub mod qsd;

@@ -1,7 +1,7 @@
 //! `qcow2-img amend -o OPTS FILE` (`cli.md` §7): changes header options in
 //! place. Silent on success; `-p` prints qemu-img's progress indicator.
 
-use crate::common::{check_format, open_fail, parse_args, CmdResult, Fail};
+use crate::common::{check_format, lib_fail, open_fail, parse_args, CmdResult, Fail};
 use crate::progress::Progress;
 use clap::Parser;
 use qcow2kit::options::AmendOptions;
@@ -61,6 +61,6 @@ pub fn run(argv: &[String]) -> CmdResult {
         qcow2kit::amend::amend_image_with_progress(&img, &opts, &mut |d, t| progress.set(d, t));
     // qemu-img reports the end of the amendment whether it worked or not.
     progress.finish();
-    amended.map_err(|e| Fail::Msg(e.qemu_message()))?;
+    amended.map_err(|e| lib_fail(&e))?;
     img.close().map_err(|e| Fail::Msg(e.qemu_message()))
 }

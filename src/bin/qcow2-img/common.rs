@@ -155,6 +155,18 @@ pub fn parse_output(value: Option<&str>, sub: &'static str) -> Result<Output, Fa
     }
 }
 
+/// A failed library call as qemu-img reports it: QEMU's message, and the
+/// hint line QEMU adds for some errors (an inconsistent bitmap).
+pub fn lib_fail(e: &Error) -> Fail {
+    match e.inner() {
+        Error::Bitmap(b) => match b.hint() {
+            Some(h) => Fail::Msg(format!("{b}\n{h}")),
+            None => Fail::Msg(b.to_string()),
+        },
+        _ => Fail::Msg(e.qemu_message()),
+    }
+}
+
 /// Checks `-f FMT` for a command that opens an existing image (only qcow2).
 pub fn check_format(fmt: Option<&str>, filename: &str) -> Result<(), Fail> {
     match fmt {

@@ -10,6 +10,7 @@ use crate::io::CacheMode;
 use crate::progress::Progress;
 use clap::Parser;
 use qcow2kit::cli_support::{check_option_list, parse_bool_onoff, split_option_string};
+use qcow2kit::image::BitmapStatus;
 use qcow2kit::options::{parse_size, CreateOptions};
 use qcow2kit::storage::{FileStorage, LockRequest, Locking, Storage};
 use qcow2kit::{Error, Image};
@@ -48,6 +49,10 @@ struct Args {
     out_of_order: bool,
     #[arg(long = "image-opts")]
     image_opts: bool,
+    #[arg(long = "bitmaps")]
+    bitmaps: bool,
+    #[arg(long = "skip-broken-bitmaps")]
+    skip_broken_bitmaps: bool,
     #[arg(num_args = 0..)]
     rest: Vec<String>,
 }
@@ -66,6 +71,16 @@ pub fn run(argv: &[String]) -> CmdResult {
     let _ = (&a.coroutines, a.out_of_order);
     for o in &a.options {
         check_option_list(o).map_err(|e| Fail::Msg(e.to_string()))?;
+    }
+    if a.skip_broken_bitmaps && !a.bitmaps {
+        return Err(Fail::Msg(
+            "Use of --skip-broken-bitmaps requires --bitmaps".into(),
+        ));
+    }
+    if a.bitmaps && a.rest.len() > 2 {
+        return Err(Fail::Msg(
+            "Copying bitmaps only possible with single source".into(),
+        ));
     }
     if a.rest.len() < 2 {
         return Err(Fail::Msg("Must specify image file name".into()));
@@ -123,6 +138,11 @@ pub fn run(argv: &[String]) -> CmdResult {
         }
     };
 
+    let bitmaps = if a.bitmaps {
+        Some(source_bitmaps(&src, a.skip_broken_bitmaps)?)
+    } else {
+        None
+    };
     let out_fmt = a.out_format.as_deref().unwrap_or("raw");
     let raw = match out_fmt {
         "raw" => true,
@@ -188,9 +208,20 @@ pub fn run(argv: &[String]) -> CmdResult {
             &opts,
             cache,
             a.compress,
+            bitmaps.as_deref(),
             &mut dst_busy,
             &mut progress,
         )
+    } else if bitmaps.is_some() {
+        // QEMU creates the target, then finds raw cannot hold bitmaps; the
+        // (empty) target stays.
+        dst_busy = true;
+        FileStorage::open_for_create(dst_path, false)
+            .and_then(|f| f.set_len(size))
+            .map_err(|e| Fail::Msg(format!("{dst_name}: error while converting raw: {e}")))
+            .and(Err(Fail::Msg(
+                "Format driver 'raw' does not support bitmaps".into(),
+            )))
     } else {
         convert_to_raw(
             &src,
@@ -335,6 +366,71 @@ fn convert_to_raw(
     Ok(())
 }
 
+/// `--bitmaps`: the source's persistent bitmaps to copy, in directory
+/// order, after QEMU's checks (`convert_check_bitmaps`): the source must
+/// support bitmaps (a v3 qcow2 image), and an inconsistent bitmap stops
+/// the conversion before the target is created unless skipped.
+fn source_bitmaps(src: &Src, skip_broken: bool) -> Result<Vec<BitmapStatus>, Fail> {
+    let img = match src {
+        Src::Qcow2(img) if img.header().version >= 3 => img,
+        _ => return Err(Fail::Msg("Source lacks bitmap support".into())),
+    };
+    let all = img.bitmaps().map_err(|e| Fail::Msg(e.qemu_message()))?;
+    if let (false, Some(b)) = (skip_broken, all.iter().find(|b| b.inconsistent)) {
+        return Err(Fail::Msg(format!(
+            "Cannot copy inconsistent bitmap '{}'\n\
+             Try --skip-broken-bitmaps, or use '{} bitmap --remove' to delete it",
+            b.name,
+            crate::common::PROG
+        )));
+    }
+    Ok(all)
+}
+
+/// Copies the source's bitmaps into the target after its data (QEMU's
+/// `convert_copy_bitmaps`): each is created with the source's granularity
+/// and state, then the source's bits are merged in; inconsistent ones are
+/// skipped with QEMU's warning (only `--skip-broken-bitmaps` lets them
+/// through to here).
+fn copy_bitmaps(src: &Src, out: &Image, bitmaps: &[BitmapStatus]) -> CmdResult {
+    let Src::Qcow2(from) = src else {
+        return Ok(());
+    };
+    for b in bitmaps {
+        if b.inconsistent {
+            eprintln!(
+                "{}: warning: Skipping inconsistent bitmap '{}'",
+                crate::common::PROG,
+                b.name
+            );
+            continue;
+        }
+        let created = out.add_bitmap(&b.name, Some(b.granularity)).and_then(|()| {
+            if b.enabled {
+                Ok(())
+            } else {
+                out.disable_bitmap(&b.name)
+            }
+        });
+        created.map_err(|e| {
+            Fail::Msg(format!(
+                "Failed to create bitmap {}: {}",
+                b.name,
+                e.qemu_message()
+            ))
+        })?;
+        if let Err(e) = out.merge_bitmap_from(&b.name, from, &b.name) {
+            let _ = out.remove_bitmap(&b.name);
+            return Err(Fail::Msg(format!(
+                "Failed to populate bitmap {}: {}",
+                b.name,
+                e.qemu_message()
+            )));
+        }
+    }
+    Ok(())
+}
+
 #[allow(clippy::too_many_arguments)] // the command's settings, passed through once
 fn convert_to_qcow2(
     src: &Src,
@@ -343,6 +439,7 @@ fn convert_to_qcow2(
     opts: &CreateOptions,
     cache: CacheMode,
     compress: bool,
+    bitmaps: Option<&[BitmapStatus]>,
     dst_busy: &mut bool,
     progress: &mut Progress,
 ) -> CmdResult {
@@ -370,8 +467,17 @@ fn convert_to_qcow2(
         }
     }
     let out = Image::open(dst, &out_opts).map_err(|e| crate::common::open_fail(dst, &e))?;
+    if bitmaps.is_some() && out.header().version < 3 {
+        // As QEMU: found after creating the target, which stays.
+        *dst_busy = true;
+        let _ = out.close();
+        return Err(Fail::Msg(
+            "Format driver 'qcow2' does not support bitmaps".into(),
+        ));
+    }
     if compress {
         copy_compressed(src, src_name, &out, progress)?;
+        copy_bitmaps(src, &out, bitmaps.unwrap_or_default())?;
         out.close()
             .map_err(|e| Fail::Msg(format!("error while flushing: {}", e.errno_text())))?;
         return Ok(());
@@ -392,6 +498,7 @@ fn convert_to_qcow2(
                 ))
             })
     })?;
+    copy_bitmaps(src, &out, bitmaps.unwrap_or_default())?;
     out.close()
         .map_err(|e| Fail::Msg(format!("error while flushing: {}", e.errno_text())))?;
     Ok(())

@@ -13,6 +13,7 @@ QEMU disk image utility for qcow2 images (qcow2kit)
 Commands:
   amend    change header options (compat, refcount_bits, size, ...) of an image
   bench    run a simple read or write benchmark on an image
+  bitmap   add, remove, clear, enable, disable or merge persistent dirty bitmaps
   check    check an image for consistency and optionally repair it
   commit   copy an image's data into its backing file (or a deeper base)
   compare  compare the guest contents of two images
@@ -200,11 +201,12 @@ Exit codes:
 /// `qcow2-img map --help`.
 pub const MAP: &str = "\
 Usage: qcow2-img map [-f qcow2] [--output human|json] [-s OFFSET] [-l LENGTH] [-U]
-                     FILE
+                     [-B BITMAP] FILE
 
 Show how the guest data of an image is stored: for each run of guest bytes,
 whether it is data or zeroes, which layer of the backing chain holds it, and
-at which host offset of which file.
+at which host offset of which file. With -B, show instead which guest bytes
+the persistent dirty bitmap BITMAP marks dirty.
 
 Options:
   -h, --help
@@ -224,6 +226,10 @@ Options:
   -U, --force-share
       open the images in shared mode, so an image another process holds can
       be read (no lock conflict)
+  -B, --bitmap BITMAP
+      map the dirty bitmap BITMAP of FILE (what an incremental backup copies):
+      human output lists the dirty runs (offset, length); JSON lists every
+      run as { \"start\", \"length\", \"dirty\": true|false }
 
 Arguments:
   FILE
@@ -231,14 +237,16 @@ Arguments:
 
 Exit codes:
   0  the map was printed
-  1  error: bad argument, an image cannot be opened or its metadata read
+  1  error: bad argument, an image cannot be opened or its metadata read, no
+     such bitmap or an inconsistent one
 ";
 
 /// `qcow2-img convert --help`.
 pub const CONVERT: &str = "\
 Usage: qcow2-img convert [--object OBJECTDEF]... [-f qcow2|raw | --image-opts]
                          [-T SRC_CACHE] [-U] [-O raw|qcow2] [-o OPTS]...
-                         [-t TGT_CACHE] [-c] [-p] [-q] [-m NUM] [-W] SRC DST
+                         [-t TGT_CACHE] [-c] [-p] [-q] [-m NUM] [-W]
+                         [--bitmaps [--skip-broken-bitmaps]] SRC DST
 
 Copy the guest data of SRC, read through its backing chain, into a new image
 DST. Only ranges that hold non-zero data are written, so DST is sparse.
@@ -284,6 +292,12 @@ Options:
       number of parallel copy requests: accepted for compatibility, ignored
   -W
       out-of-order writes: accepted for compatibility, ignored
+  --bitmaps
+      also copy SRC's persistent dirty bitmaps (names, granularity, enabled or
+      not, bits) into DST (a qcow2 v3 image); an inconsistent one stops the
+      conversion before DST is created
+  --skip-broken-bitmaps
+      with --bitmaps: skip inconsistent bitmaps (with a warning) instead
 
 Arguments:
   SRC
@@ -561,6 +575,52 @@ Exit codes:
   1  error: bad argument, the image cannot be opened, no such snapshot, or
      the operation failed (a refcount width too small to share clusters
      refuses a snapshot and changes nothing)
+";
+
+/// `qcow2-img bitmap --help`.
+pub const BITMAP: &str = "\
+Usage: qcow2-img bitmap (--add | --remove | --clear | --enable | --disable |
+                         --merge SOURCE [-b SOURCE_FILE [-F SOURCE_FMT]])...
+                        [-f qcow2] [-g GRANULARITY] FILE BITMAP
+
+Change the persistent dirty bitmap BITMAP of FILE (a v3 qcow2 image). The
+actions run in the order given; the first that fails stops the rest, but
+what ran before it is kept. Prints nothing on success.
+
+Options:
+  -h, --help
+      print this help and exit
+  -f, --format qcow2
+      format of FILE (qcow2; raw images hold no bitmaps)
+  --add
+      create BITMAP, enabled: it records the guest writes from now on
+  -g, --granularity SIZE
+      with --add: guest bytes per bit, a power of two from 512 to 2G
+      (suffixes k, M, G); 0 or none: the cluster size within 4k..64k
+  --remove
+      delete BITMAP (also an inconsistent one, which nothing else accepts)
+  --clear
+      clear every bit of BITMAP
+  --enable, --disable
+      start or stop recording guest writes in BITMAP
+  --merge SOURCE
+      set every bit of BITMAP that bitmap SOURCE has set (granularities may
+      differ, disk sizes may not)
+  -b, --source-file SOURCE_FILE
+      with --merge: take SOURCE from this image instead of FILE
+  -F, --source-format SOURCE_FMT
+      with -b: the format of SOURCE_FILE (probed when not given)
+
+Arguments:
+  FILE
+      the image file
+  BITMAP
+      the bitmap's name
+
+Exit codes:
+  0  done
+  1  error: bad argument, an image cannot be opened, or an action failed
+     (no such bitmap, an inconsistent one, a name in use, a bad granularity)
 ";
 
 /// `qcow2-img bench --help`.

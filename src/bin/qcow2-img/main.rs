@@ -1,5 +1,5 @@
 //! `qcow2-img`: qemu-img's commands over qcow2kit (`create`, `info`, `map`,
-//! `check`, `commit`, `stream`, `mirror`, `rebase`, `convert`, `resize`, `amend`, `bench`, `serve`, `measure`, `compare`, `snapshot`) and qemu-io as `qcow2-img io`.
+//! `check`, `commit`, `stream`, `mirror`, `rebase`, `convert`, `resize`, `amend`, `bench`, `serve`, `measure`, `compare`, `snapshot`, `bitmap`) and qemu-io as `qcow2-img io`.
 //!
 //! Outputs, streams, exit codes and messages follow `cli.md` (qemu-img /
 //! qemu-io 10.0.2), with `qcow2-img` where QEMU prints its program name.
@@ -8,6 +8,7 @@
 
 mod amend;
 mod bench;
+mod bitmap;
 #[path = "../shared/check_cli.rs"]
 mod check_cli;
 mod commit;
@@ -82,6 +83,7 @@ fn main() -> ExitCode {
         "compare" => compare::run(rest),
         "measure" => measure::run(rest),
         "snapshot" => snapshot::run(rest),
+        "bitmap" => bitmap::run(rest),
         "check" => {
             let code =
                 check_cli::run_check_cli(check_cli::CliName::QCOW2_IMG_CHECK, rest.iter().cloned());

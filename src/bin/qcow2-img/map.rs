@@ -3,7 +3,7 @@
 //! layer, with `bdrv_co_block_status`'s rules for unallocated ranges.
 
 use crate::common::{
-    check_format, open_ro_shared, parse_args, parse_output, CmdResult, Fail, Output,
+    check_format, lib_fail, open_ro_shared, parse_args, parse_output, CmdResult, Fail, Output,
 };
 use clap::Parser;
 use qcow2kit::image::Backing;
@@ -31,6 +31,8 @@ struct Args {
     max_length: Option<String>,
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    #[arg(short = 'B', long = "bitmap")]
+    bitmap: Option<String>,
     #[arg(num_args = 0..)]
     rest: Vec<String>,
 }
@@ -314,6 +316,56 @@ fn dump(output: Output, e: &MapEntry, next: Option<&mut MapEntry>) -> Result<(),
     Ok(())
 }
 
+/// `map --bitmap NAME`: the dirty and clean runs of `[start, end)` in the
+/// persistent bitmap `NAME` (what an incremental backup copies). Human: the
+/// dirty runs, one per line (`Offset`, `Length`, as `map`'s columns); JSON:
+/// every run, `{ "start": S, "length": L, "dirty": true|false }`.
+fn dirty_map(img: &Image, name: &str, start: u64, end: u64, output: Output) -> CmdResult {
+    let mut runs: Vec<(u64, u64, bool)> = Vec::new();
+    let mut pos = start;
+    while pos < end {
+        let dirty = img
+            .dirty_extents(name, pos, end - pos)
+            .map_err(|e| lib_fail(&e))?;
+        let Some(&(last, last_len)) = dirty.last() else {
+            runs.push((pos, end - pos, false));
+            break;
+        };
+        for (o, l) in dirty {
+            if o > pos {
+                runs.push((pos, o - pos, false));
+            }
+            runs.push((o, l, true));
+            pos = o + l;
+        }
+        pos = pos.max(last + last_len);
+    }
+    // Runs found by consecutive calls may touch: merge them.
+    let mut merged: Vec<(u64, u64, bool)> = Vec::with_capacity(runs.len());
+    for r in runs {
+        match merged.last_mut() {
+            Some(m) if m.2 == r.2 && m.0 + m.1 == r.0 => m.1 += r.1,
+            _ => merged.push(r),
+        }
+    }
+    match output {
+        Output::Human => {
+            println!("{:<16}Length", "Offset");
+            for (o, l, _) in merged.iter().filter(|r| r.2) {
+                println!("{}{}", hex16(*o), hex16(*l).trim_end());
+            }
+        }
+        Output::Json => {
+            let lines: Vec<String> = merged
+                .iter()
+                .map(|(o, l, d)| format!("{{ \"start\": {o}, \"length\": {l}, \"dirty\": {d}}}"))
+                .collect();
+            println!("[{}]", lines.join(",\n"));
+        }
+    }
+    Ok(())
+}
+
 /// Runs `map`.
 pub fn run(argv: &[String]) -> CmdResult {
     let a: Args = parse_args(SUB, argv)?;
@@ -338,11 +390,14 @@ pub fn run(argv: &[String]) -> CmdResult {
     let filename = &a.rest[0];
     check_format(a.format.as_deref(), filename)?;
     let img = open_ro_shared(filename, true, a.force_share)?;
-    let ls = layers(&img, filename).map_err(|e| Fail::Msg(e.qemu_message()))?;
     let mut length = img.size();
     if let Some(m) = max_len {
         length = length.min(start.saturating_add(m));
     }
+    if let Some(name) = &a.bitmap {
+        return dirty_map(&img, name, start, length, output);
+    }
+    let ls = layers(&img, filename).map_err(|e| Fail::Msg(e.qemu_message()))?;
     match output {
         Output::Human => println!("{:<16}{:<16}{:<16}File", "Offset", "Length", "Mapped to"),
         Output::Json => print!("["),

@@ -1,7 +1,7 @@
 //! `qcow2-img resize` (`cli.md` §6). The size is always the last argument
 //! and is taken out before option parsing, so `-1M` is not an option.
 
-use crate::common::{check_format, open_fail, parse_args, CmdResult, Fail};
+use crate::common::{check_format, lib_fail, open_fail, parse_args, CmdResult, Fail};
 use clap::Parser;
 use qcow2kit::options::{parse_size, Preallocation};
 use qcow2kit::Image;
@@ -92,7 +92,7 @@ pub fn run(argv: &[String]) -> CmdResult {
     let total = u64::try_from(total).unwrap_or(u64::MAX);
     if total != img.size() {
         img.resize_with(total, prealloc, a.shrink)
-            .map_err(|e| Fail::Msg(e.qemu_message()))?;
+            .map_err(|e| lib_fail(&e))?;
     }
     img.close().map_err(|e| Fail::Msg(e.qemu_message()))?;
     if !a.quiet {

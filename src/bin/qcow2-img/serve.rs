@@ -47,6 +47,8 @@ struct Args {
     image_opts: bool,
     #[arg(short = 'q', long = "quiet")]
     quiet: bool,
+    #[arg(short = 'B', long = "bitmap", action = clap::ArgAction::Append)]
+    bitmap: Vec<String>,
     #[arg(num_args = 0..)]
     rest: Vec<String>,
 }
@@ -57,7 +59,7 @@ const SUB: &str = "serve";
 pub const HELP: &str = "\
 Usage: qcow2-img serve --nbd (--socket PATH | --bind ADDR:PORT) [--read-only]
                        [--export NAME] [--shared N] [--discard=unmap|ignore]
-                       [-f qcow2 | --image-opts] [-q] FILE
+                       [--bitmap NAME]... [-f qcow2 | --image-opts] [-q] FILE
        qcow2-img serve --vhost-user-blk --socket PATH [--num-queues N]
                        [--serial ID] [--read-only] [-f qcow2 | --image-opts]
                        [-q] FILE
@@ -101,6 +103,10 @@ Options:
   --discard=unmap|ignore
       client TRIM requests discard clusters in the image (unmap, the
       default) or are accepted and ignored
+  -B, --bitmap NAME
+      also export the persistent dirty bitmap NAME as the metadata context
+      qemu:dirty-bitmap:NAME (like qemu-nbd -B; may be repeated; NAME must
+      exist and be consistent)
   -f, --format qcow2
       format of FILE (only qcow2)
   --image-opts
@@ -137,6 +143,9 @@ pub fn run(argv: &[String]) -> CmdResult {
         return Err(Fail::Msg(
             "--num-queues and --serial need --vhost-user-blk".into(),
         ));
+    }
+    if a.vhost_user_blk && !a.bitmap.is_empty() {
+        return Err(Fail::Msg("--bitmap needs --nbd".into()));
     }
     let [filename] = a.rest.as_slice() else {
         return Err(Fail::Usage("Expecting one image file name".into(), SUB));
@@ -204,8 +213,11 @@ pub fn run(argv: &[String]) -> CmdResult {
             return Err(open_fail(filename, &e));
         }
     };
+    // qemu-nbd lists the contexts of its -B bitmaps last one first.
+    let bitmaps: Vec<String> = a.bitmap.iter().rev().cloned().collect();
     let quiet = a.quiet;
     let cfg = ServeConfig {
+        bitmaps,
         export_name: a.export.clone().unwrap_or_default(),
         max_clients,
         discard,
@@ -214,6 +226,19 @@ pub fn run(argv: &[String]) -> CmdResult {
                 as qcow2kit::export::nbd::LogFn
         }),
     };
+    if let Err(e) = cfg.check_bitmaps(&img) {
+        if let Listener::Unix(_, p) = &listener {
+            let _ = std::fs::remove_file(p);
+        }
+        let _ = img.shutdown();
+        return Err(Fail::Msg(match e {
+            // qemu-nbd's own wording for a missing bitmap.
+            qcow2kit::Error::Bitmap(qcow2kit::error::BitmapError::NotFound { name }) => {
+                format!("Bitmap '{name}' is not found")
+            }
+            e => e.qemu_message(),
+        }));
+    }
     let server = Server::new(img.clone(), listener, cfg);
     let stop = server.stop_flag();
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {

@@ -85,11 +85,13 @@ pub fn run(argv: &[String]) -> CmdResult {
                 e.errno_text()
             ))
         }),
-        Action::Apply(name) => img.snapshot_apply(name).map_err(|e| {
-            Fail::Msg(format!(
+        Action::Apply(name) => img.snapshot_apply(name).map_err(|e| match e {
+            // Refused before the driver is asked: no "Failed to load".
+            Error::Bitmap(b) => Fail::Msg(format!("Could not apply snapshot '{name}': {b}")),
+            e => Fail::Msg(format!(
                 "Could not apply snapshot '{name}': Failed to load snapshot: {}",
                 message(&e)
-            ))
+            )),
         }),
         Action::Delete(name) => img.snapshot_delete(name).map_err(|e| match e {
             Error::SnapshotNotFound(_) => Fail::Msg(format!(

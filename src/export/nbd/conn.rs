@@ -21,6 +21,8 @@ pub(crate) struct ExportConfig {
     pub discard: bool,
     /// Advertise `NBD_FLAG_CAN_MULTI_CONN` (more than one client allowed).
     pub multi_conn: bool,
+    /// Persistent bitmaps exported as `qemu:dirty-bitmap:NAME` contexts.
+    pub bitmaps: Vec<String>,
 }
 
 /// How a connection ended (for the log).
@@ -358,9 +360,11 @@ impl<'a, S: Read + Write> Conn<'a, S> {
                     self.opt_reply(option, rep::ERR_UNKNOWN, msg.as_bytes())?;
                     return Ok(OptNext::More);
                 }
-                let found = proto::match_contexts(&m.queries, !set);
+                let bitmaps = &self.cfg.bitmaps;
+                let found = proto::match_contexts(&m.queries, !set, bitmaps);
                 for c in &found {
-                    self.opt_reply(option, rep::META_CONTEXT, &proto::encode_meta_context(*c))?;
+                    let payload = proto::encode_meta_context(*c, bitmaps);
+                    self.opt_reply(option, rep::META_CONTEXT, &payload)?;
                 }
                 if set {
                     self.contexts = found;
@@ -613,7 +617,7 @@ impl<'a, S: Read + Write> Conn<'a, S> {
         let one = req.flags & cflag::REQ_ONE != 0;
         let mut chunks = Vec::with_capacity(self.contexts.len());
         for c in self.contexts.clone() {
-            let ext = status::extents(self.img, req.offset, req.len, one, c)?;
+            let ext = status::extents(self.img, req.offset, req.len, one, c, &self.cfg.bitmaps)?;
             chunks.push((c, ext));
         }
         let n = chunks.len();
@@ -724,6 +728,7 @@ mod tests {
             name: String::new(),
             discard: true,
             multi_conn: true,
+            bitmaps: Vec::new(),
         };
         let stop = AtomicBool::new(false);
         let mut rng = Rng(0x2545_f491_4f6c_dd1d);

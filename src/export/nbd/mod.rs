@@ -2,8 +2,9 @@
 //! (`NBD_OPT_GO`, `INFO`, `LIST`, `ABORT`, `STRUCTURED_REPLY`,
 //! `LIST_META_CONTEXT`, `SET_META_CONTEXT` and the legacy `EXPORT_NAME`),
 //! structured replies, `NBD_CMD_READ/WRITE/FLUSH/TRIM/WRITE_ZEROES/CACHE/
-//! BLOCK_STATUS/DISC`, and the `base:allocation` and `qemu:allocation-depth`
-//! metadata contexts.
+//! BLOCK_STATUS/DISC`, and the `base:allocation`, `qemu:allocation-depth`
+//! and `qemu:dirty-bitmap:NAME` (persistent bitmaps chosen in
+//! [`ServeConfig::bitmaps`]) metadata contexts.
 //!
 //! The export is the guest view of the image (its virtual disk, backing
 //! chain included), as `qemu-nbd -f qcow2` serves it. Each client gets a
@@ -67,6 +68,45 @@ pub struct ServeConfig {
     pub discard: bool,
     /// Where connects, disconnects and connection errors are reported.
     pub log: Option<LogFn>,
+    /// Persistent dirty bitmaps of the image to export, each as the
+    /// metadata context `qemu:dirty-bitmap:NAME` (`qemu-nbd -B NAME`), in
+    /// the order contexts are listed. Check them with
+    /// [`ServeConfig::check_bitmaps`] before serving: a bitmap that is
+    /// missing or inconsistent fails its block status requests.
+    pub bitmaps: Vec<String>,
+}
+
+impl ServeConfig {
+    /// Checks that every bitmap of [`ServeConfig::bitmaps`] exists in `img`
+    /// and is consistent, as `qemu-nbd -B` does before serving.
+    ///
+    /// # Errors
+    /// `Error::Bitmap` with qemu-nbd's cases: [`BitmapError::NotFound`],
+    /// [`BitmapError::Inconsistent`]; the errors of reading the bitmap
+    /// directory.
+    ///
+    /// [`BitmapError::NotFound`]: crate::error::BitmapError::NotFound
+    /// [`BitmapError::Inconsistent`]: crate::error::BitmapError::Inconsistent
+    pub fn check_bitmaps(&self, img: &Image) -> crate::Result<()> {
+        use crate::error::BitmapError;
+        let have = img.bitmaps()?;
+        for name in &self.bitmaps {
+            match have.iter().find(|b| &b.name == name) {
+                None => {
+                    return Err(crate::Error::Bitmap(BitmapError::NotFound {
+                        name: name.clone(),
+                    }))
+                }
+                Some(b) if b.inconsistent => {
+                    return Err(crate::Error::Bitmap(BitmapError::Inconsistent {
+                        name: name.clone(),
+                    }))
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Default for ServeConfig {
@@ -76,6 +116,7 @@ impl Default for ServeConfig {
             max_clients: 8,
             discard: true,
             log: None,
+            bitmaps: Vec::new(),
         }
     }
 }
@@ -87,6 +128,7 @@ impl std::fmt::Debug for ServeConfig {
             .field("max_clients", &self.max_clients)
             .field("discard", &self.discard)
             .field("log", &self.log.is_some())
+            .field("bitmaps", &self.bitmaps)
             .finish()
     }
 }
@@ -260,6 +302,7 @@ impl Server {
             name: self.cfg.export_name.clone(),
             discard: self.cfg.discard,
             multi_conn: self.cfg.max_clients > 1,
+            bitmaps: self.cfg.bitmaps.clone(),
         });
         let max = self.cfg.max_clients.max(1);
         let mut clients: Vec<Client> = Vec::new();

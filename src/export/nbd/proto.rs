@@ -453,17 +453,41 @@ pub enum MetaContext {
     BaseAllocation,
     /// `qemu:allocation-depth`: which layer of the backing chain allocates.
     AllocationDepth,
+    /// `qemu:dirty-bitmap:NAME` for the `n`-th exported persistent bitmap
+    /// (see [`MetaContext::all`]): [`DIRTY`] for the dirty runs.
+    DirtyBitmap(u32),
 }
 
-impl MetaContext {
-    /// Every context, in the order they are listed.
-    pub const ALL: [MetaContext; 2] = [MetaContext::BaseAllocation, MetaContext::AllocationDepth];
+/// The flag of a dirty run in a `qemu:dirty-bitmap:NAME` context
+/// (`NBD_STATE_DIRTY`); clean runs have none.
+pub const DIRTY: u32 = 1;
 
-    /// The context's name on the wire.
-    pub fn name(self) -> &'static str {
+/// The prefix of a dirty bitmap context's name.
+pub const DIRTY_BITMAP_PREFIX: &str = "qemu:dirty-bitmap:";
+
+impl MetaContext {
+    /// Every context, in the order they are listed, for an export of the
+    /// persistent bitmaps `bitmaps`.
+    pub fn all(bitmaps: &[String]) -> Vec<MetaContext> {
+        let n = u32::try_from(bitmaps.len()).unwrap_or(u32::MAX);
+        [MetaContext::BaseAllocation, MetaContext::AllocationDepth]
+            .into_iter()
+            .chain((0..n).map(MetaContext::DirtyBitmap))
+            .collect()
+    }
+
+    /// The context's name on the wire (`bitmaps`: the exported bitmaps).
+    pub fn name(self, bitmaps: &[String]) -> String {
         match self {
-            MetaContext::BaseAllocation => "base:allocation",
-            MetaContext::AllocationDepth => "qemu:allocation-depth",
+            MetaContext::BaseAllocation => "base:allocation".into(),
+            MetaContext::AllocationDepth => "qemu:allocation-depth".into(),
+            MetaContext::DirtyBitmap(i) => format!(
+                "{DIRTY_BITMAP_PREFIX}{}",
+                usize::try_from(i)
+                    .ok()
+                    .and_then(|i| bitmaps.get(i))
+                    .map_or("", String::as_str)
+            ),
         }
     }
 
@@ -472,33 +496,32 @@ impl MetaContext {
         match self {
             MetaContext::BaseAllocation => 1,
             MetaContext::AllocationDepth => 2,
+            MetaContext::DirtyBitmap(i) => i.saturating_add(3),
         }
     }
 
-    /// The context with id `id`.
-    pub fn from_id(id: u32) -> Option<MetaContext> {
-        Self::ALL.into_iter().find(|c| c.id() == id)
+    /// The context with id `id` of an export of `bitmaps`.
+    pub fn from_id(id: u32, bitmaps: &[String]) -> Option<MetaContext> {
+        Self::all(bitmaps).into_iter().find(|c| c.id() == id)
     }
 }
 
-/// The contexts matching `queries`: exact names, or a namespace prefix
-/// (`base:`, `qemu:`) for a `LIST`. No queries in a `LIST` means all.
-pub fn match_contexts(queries: &[String], list: bool) -> Vec<MetaContext> {
+/// The contexts matching `queries` for an export of the persistent bitmaps
+/// `bitmaps`: exact names, or a namespace prefix (`base:`, `qemu:`,
+/// `qemu:dirty-bitmap:`) for a `LIST`. No queries in a `LIST` means all.
+pub fn match_contexts(queries: &[String], list: bool, bitmaps: &[String]) -> Vec<MetaContext> {
+    let all = MetaContext::all(bitmaps);
     if queries.is_empty() {
-        return if list {
-            MetaContext::ALL.to_vec()
-        } else {
-            Vec::new()
-        };
+        return if list { all } else { Vec::new() };
     }
     let mut out = Vec::new();
     for q in queries {
-        for c in MetaContext::ALL {
-            let name = c.name();
-            let hit = q == name
+        for &c in &all {
+            let name = c.name(bitmaps);
+            let hit = q == &name
                 || (list && q.ends_with(':') && name.starts_with(q.as_str()))
                 // qemu treats `qemu:` as all its contexts for SET too.
-                || (q == "qemu:" && c == MetaContext::AllocationDepth);
+                || (q == "qemu:" && c != MetaContext::BaseAllocation);
             if hit && !out.contains(&c) {
                 out.push(c);
             }
@@ -508,10 +531,11 @@ pub fn match_contexts(queries: &[String], list: bool) -> Vec<MetaContext> {
 }
 
 /// The payload of an `NBD_REP_META_CONTEXT` reply.
-pub fn encode_meta_context(c: MetaContext) -> Vec<u8> {
-    let mut v = Vec::with_capacity(4 + c.name().len());
+pub fn encode_meta_context(c: MetaContext, bitmaps: &[String]) -> Vec<u8> {
+    let name = c.name(bitmaps);
+    let mut v = Vec::with_capacity(4 + name.len());
     v.extend_from_slice(&c.id().to_be_bytes());
-    v.extend_from_slice(c.name().as_bytes());
+    v.extend_from_slice(name.as_bytes());
     v
 }
 
@@ -632,7 +656,8 @@ pub fn encode_data_chunk_header(flags: u16, cookie: u64, offset: u64, len: u32) 
 pub struct StatusExtent {
     /// Length in bytes.
     pub len: u32,
-    /// Flags (`base:allocation`) or depth (`qemu:allocation-depth`).
+    /// Flags (`base:allocation`, `qemu:dirty-bitmap:NAME`) or depth
+    /// (`qemu:allocation-depth`).
     pub flags: u32,
 }
 
@@ -759,29 +784,59 @@ mod tests {
         let m = decode_meta(&d).expect("decodes");
         assert_eq!(m.export, "");
         assert_eq!(m.queries.len(), 2);
-        assert_eq!(match_contexts(&m.queries, false), MetaContext::ALL.to_vec());
+        let none: &[String] = &[];
+        let all = MetaContext::all(none);
+        assert_eq!(match_contexts(&m.queries, false, none), all);
         // A count far beyond the payload is an error, not an allocation.
         let mut bad = str_field("");
         bad.extend_from_slice(&u32::MAX.to_be_bytes());
         assert!(decode_meta(&bad).is_err());
         // Listing: no query means all, a namespace means its contexts.
-        assert_eq!(match_contexts(&[], true), MetaContext::ALL.to_vec());
-        assert!(match_contexts(&[], false).is_empty());
+        assert_eq!(match_contexts(&[], true, none), all);
+        assert!(match_contexts(&[], false, none).is_empty());
         assert_eq!(
-            match_contexts(&["base:".into()], true),
+            match_contexts(&["base:".into()], true, none),
             vec![MetaContext::BaseAllocation]
         );
         assert_eq!(
-            match_contexts(&["qemu:".into()], true),
+            match_contexts(&["qemu:".into()], true, none),
             vec![MetaContext::AllocationDepth]
         );
-        assert!(match_contexts(&["base:".into()], false).is_empty());
-        assert!(match_contexts(&["qemu:dirty-bitmap:x".into(), "x:y".into()], false).is_empty());
-        let r = encode_meta_context(MetaContext::AllocationDepth);
+        assert!(match_contexts(&["base:".into()], false, none).is_empty());
+        assert!(
+            match_contexts(&["qemu:dirty-bitmap:x".into(), "x:y".into()], false, none).is_empty()
+        );
+        let r = encode_meta_context(MetaContext::AllocationDepth, none);
         assert_eq!(&r[..4], &2u32.to_be_bytes());
         assert_eq!(&r[4..], b"qemu:allocation-depth");
-        assert_eq!(MetaContext::from_id(1), Some(MetaContext::BaseAllocation));
-        assert_eq!(MetaContext::from_id(9), None);
+        assert_eq!(
+            MetaContext::from_id(1, none),
+            Some(MetaContext::BaseAllocation)
+        );
+        assert_eq!(MetaContext::from_id(9, none), None);
+        // Exported bitmaps: by name, by their namespace when listing.
+        let bms = vec!["b0".to_string(), "x".to_string()];
+        assert_eq!(
+            match_contexts(
+                &["qemu:dirty-bitmap:x".into(), "qemu:dirty-bitmap:y".into()],
+                false,
+                &bms
+            ),
+            vec![MetaContext::DirtyBitmap(1)]
+        );
+        assert_eq!(
+            match_contexts(&["qemu:dirty-bitmap:".into()], true, &bms),
+            vec![MetaContext::DirtyBitmap(0), MetaContext::DirtyBitmap(1)]
+        );
+        assert!(match_contexts(&["qemu:dirty-bitmap:".into()], false, &bms).is_empty());
+        let r = encode_meta_context(MetaContext::DirtyBitmap(0), &bms);
+        assert_eq!(&r[..4], &3u32.to_be_bytes());
+        assert_eq!(&r[4..], b"qemu:dirty-bitmap:b0");
+        assert_eq!(
+            MetaContext::from_id(4, &bms),
+            Some(MetaContext::DirtyBitmap(1))
+        );
+        assert_eq!(MetaContext::from_id(5, &bms), None);
     }
 
     #[test]

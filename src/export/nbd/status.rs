@@ -1,7 +1,9 @@
 //! Block status of the export (the guest view of the whole backing chain),
-//! as the two metadata contexts report it, built on [`Image::block_status`].
+//! as the metadata contexts report it, built on [`Image::block_status`];
+//! and the dirty runs of a persistent bitmap ([`Image::dirty_extents`]) for
+//! `qemu:dirty-bitmap:NAME`.
 
-use super::proto::{alloc, push_extent, MetaContext, StatusExtent, MAX_EXTENTS};
+use super::proto::{alloc, push_extent, MetaContext, StatusExtent, DIRTY, MAX_EXTENTS};
 use crate::image::Backing;
 use crate::mapping::Extent;
 use crate::{Image, Result};
@@ -97,20 +99,30 @@ pub fn chain_status(img: &Image, offset: u64, len: u64) -> Result<ChainStatus> {
     }
 }
 
-/// Extents of `[offset, offset+len)` for context `ctx`, merged, at most
-/// [`MAX_EXTENTS`] (the last may then end before the range does), or only
-/// the first with `one` (`NBD_CMD_FLAG_REQ_ONE`). `len` is clipped to the
-/// image size by the caller.
+/// Extents of `[offset, offset+len)` for context `ctx` (of an export of the
+/// persistent bitmaps `bitmaps`), merged, at most [`MAX_EXTENTS`] (the last
+/// may then end before the range does), or only the first with `one`
+/// (`NBD_CMD_FLAG_REQ_ONE`). `len` is clipped to the image size by the
+/// caller.
 ///
 /// # Errors
-/// Errors of the layers' metadata.
+/// Errors of the layers' metadata; for a bitmap context, the errors of
+/// [`Image::dirty_extents`] (a bitmap removed or gone inconsistent).
 pub fn extents(
     img: &Image,
     offset: u64,
     len: u32,
     one: bool,
     ctx: MetaContext,
+    bitmaps: &[String],
 ) -> Result<Vec<StatusExtent>> {
+    if let MetaContext::DirtyBitmap(i) = ctx {
+        let name = usize::try_from(i)
+            .ok()
+            .and_then(|i| bitmaps.get(i))
+            .ok_or_else(|| crate::Error::Internal("unknown bitmap context".into()))?;
+        return dirty_extents(img, name, offset, len, one);
+    }
     let mut v: Vec<StatusExtent> = Vec::new();
     let end = offset + u64::from(len);
     let mut pos = offset;
@@ -122,6 +134,7 @@ pub fn extents(
             flags: match ctx {
                 MetaContext::BaseAllocation => st.base_flags(),
                 MetaContext::AllocationDepth => st.depth,
+                MetaContext::DirtyBitmap(_) => 0,
             },
         };
         if one && v.first().is_some_and(|f| f.flags != e.flags) {
@@ -134,6 +147,41 @@ pub fn extents(
         }
         pos += st.len;
     }
+    Ok(v)
+}
+
+/// The dirty ([`DIRTY`]) and clean runs of bitmap `name` over `[offset,
+/// offset + len)`, as [`extents`] returns them.
+fn dirty_extents(
+    img: &Image,
+    name: &str,
+    offset: u64,
+    len: u32,
+    one: bool,
+) -> Result<Vec<StatusExtent>> {
+    let end = offset + u64::from(len);
+    let dirty = img.dirty_extents(name, offset, u64::from(len))?;
+    let mut v: Vec<StatusExtent> = Vec::new();
+    let mut pos = offset;
+    // Every run is within the request, so its length fits in a u32.
+    let run = |len: u64, flags: u32| StatusExtent {
+        len: u32::try_from(len).unwrap_or(u32::MAX),
+        flags,
+    };
+    for (o, l) in dirty {
+        if o > pos {
+            push_extent(&mut v, run(o - pos, 0));
+        }
+        push_extent(&mut v, run(l, DIRTY));
+        pos = o + l;
+        if v.len() >= MAX_EXTENTS {
+            break;
+        }
+    }
+    if pos < end && v.len() < MAX_EXTENTS {
+        push_extent(&mut v, run(end - pos, 0));
+    }
+    v.truncate(if one { 1 } else { MAX_EXTENTS });
     Ok(v)
 }
 
@@ -157,8 +205,10 @@ mod tests {
     #[test]
     fn base_allocation_merges_zero_and_unallocated() {
         let img = image();
-        let base = extents(&img, 0, 1 << 20, false, MetaContext::BaseAllocation).expect("base");
-        let depth = extents(&img, 0, 1 << 20, false, MetaContext::AllocationDepth).expect("depth");
+        let base =
+            extents(&img, 0, 1 << 20, false, MetaContext::BaseAllocation, &[]).expect("base");
+        let depth =
+            extents(&img, 0, 1 << 20, false, MetaContext::AllocationDepth, &[]).expect("depth");
         let e = |len: u32, flags: u32| StatusExtent { len, flags };
         // cli.md §24: data, hole+zero, data, hole+zero.
         assert_eq!(
@@ -182,8 +232,17 @@ mod tests {
     #[test]
     fn req_one_gives_one_extent_each() {
         let img = image();
-        let base = extents(&img, 65536, 1 << 19, true, MetaContext::BaseAllocation).expect("b");
-        let depth = extents(&img, 65536, 1 << 19, true, MetaContext::AllocationDepth).expect("d");
+        let base =
+            extents(&img, 65536, 1 << 19, true, MetaContext::BaseAllocation, &[]).expect("b");
+        let depth = extents(
+            &img,
+            65536,
+            1 << 19,
+            true,
+            MetaContext::AllocationDepth,
+            &[],
+        )
+        .expect("d");
         assert_eq!(
             base,
             vec![StatusExtent {
@@ -198,8 +257,8 @@ mod tests {
                 flags: 0
             }]
         );
-        let base = extents(&img, 4096, 4096, true, MetaContext::BaseAllocation).expect("b");
-        let depth = extents(&img, 4096, 4096, true, MetaContext::AllocationDepth).expect("d");
+        let base = extents(&img, 4096, 4096, true, MetaContext::BaseAllocation, &[]).expect("b");
+        let depth = extents(&img, 4096, 4096, true, MetaContext::AllocationDepth, &[]).expect("d");
         assert_eq!(
             base,
             vec![StatusExtent {
@@ -214,5 +273,36 @@ mod tests {
                 flags: 1
             }]
         );
+    }
+
+    #[test]
+    fn dirty_bitmap_runs_alternate_and_clip() {
+        let img = image();
+        img.add_bitmap("b", Some(4096)).expect("add");
+        img.write_at(&[1; 100], 70_000).expect("write");
+        img.write_zeroes(200_000, 10_000, false).expect("zero");
+        let b = vec!["b".to_string()];
+        let e = |len: u32, flags: u32| StatusExtent { len, flags };
+        let ctx = MetaContext::DirtyBitmap(0);
+        assert_eq!(
+            extents(&img, 0, 1 << 20, false, ctx, &b).expect("map"),
+            vec![
+                e(69632, 0),
+                e(4096, DIRTY),
+                e(122880, 0),
+                e(16384, DIRTY),
+                e(835584, 0)
+            ]
+        );
+        // Clipped to the request, and only the first with REQ_ONE.
+        assert_eq!(
+            extents(&img, 72_000, 1000, false, ctx, &b).expect("map"),
+            vec![e(1000, DIRTY)]
+        );
+        assert_eq!(
+            extents(&img, 0, 1 << 20, true, ctx, &b).expect("map"),
+            vec![e(69632, 0)]
+        );
+        assert!(extents(&img, 0, 4096, false, MetaContext::DirtyBitmap(1), &b).is_err());
     }
 }

@@ -143,7 +143,11 @@ pub(super) fn downgrade(
     h.autoclear_features = 0;
     h.compression_type = 0;
     h.unknown_fields.clear();
-    rewrite_header(meta, h)
+    rewrite_header(meta, h)?;
+    // A v2 image holds no bitmaps: the extension stays in the header, stale
+    // (as QEMU leaves it), and this handle stores nothing at close.
+    meta.bitmaps = None;
+    Ok(())
 }
 
 /// Every zero L2 entry of the active tables becomes unallocated (no backing
