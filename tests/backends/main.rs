@@ -7,6 +7,7 @@ mod support;
 
 mod chain;
 mod events;
+mod nbd;
 
 use qcow2kit::storage::{
     BackendSpec, MemStorage, QuorumConfig, QuorumStorage, ReadPattern, Storage,

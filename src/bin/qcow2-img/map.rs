@@ -8,7 +8,7 @@ use crate::common::{
 use clap::Parser;
 use qcow2kit::image::Backing;
 use qcow2kit::info::path_combine;
-use qcow2kit::storage::Storage;
+use qcow2kit::storage::{NbdConfig, Storage};
 use qcow2kit::Extent;
 use qcow2kit::{Error, Image};
 
@@ -106,7 +106,11 @@ pub fn layers<'a>(top: &'a Image, top_name: &str) -> Result<Vec<Layer<'a>>, Erro
         });
         let next = header
             .backing_file_name()
-            .map(|b| path_combine(&name, b))
+            .map(|b| match NbdConfig::from_uri(b) {
+                // An NBD backing is named as QEMU's nbd node names itself.
+                Ok(cfg) if b.starts_with("nbd") => cfg.exact_filename(),
+                _ => path_combine(&name, b),
+            })
             .unwrap_or_default();
         match img.backing() {
             Some(Backing::Qcow2(b)) => {
