@@ -205,6 +205,10 @@ impl Image {
         // when something changed since the last sync.
         let tracked = Arc::new(Tracked::new(file, opts.get_cache_no_flush()));
         let file: Arc<dyn Storage> = tracked.clone();
+        // Events of the storage itself (quorum) from the first read on.
+        if let Some(sink) = opts.get_event_sink() {
+            file.set_event_sink(Some(sink));
+        }
         let file_len = file.len().map_err(|e| Error::io(IoOp::Read, 0, e))?;
         let mut head = vec![0u8; file_len.min(MAX_HEADER_READ) as usize];
         read_file(&*file, &mut head, 0)?;

@@ -111,6 +111,13 @@ pub(crate) struct DataTarget {
 }
 
 impl DataTarget {
+    /// Passes `sink` to the external data file's storage, if guest data lives in one.
+    pub fn set_event_sink(&self, sink: Option<crate::events::EventSink>) {
+        if self.external {
+            self.file.set_event_sink(sink);
+        }
+    }
+
     /// The external data file, if guest data lives in one.
     pub fn external(&self) -> Option<DataFile> {
         self.external.then(|| DataFile(self.file.clone()))
