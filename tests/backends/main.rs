@@ -197,6 +197,8 @@ fn nbd_option_errors_match_qemu_io() {
         "driver=qcow2,file.driver=nbd,file.server.type=unix,file.server.path=s.sock",
         "driver=qcow2,file.driver=nbd,file.server.type=unix",
         "driver=qcow2,file.driver=nbd,file.server.type=bogus,file.server.path=s.sock",
+        "driver=qcow2,file.driver=nbd,file.server.type=unix,file.server.path=s.sock,file.reconnect-delay=soon",
+        "driver=qcow2,file.driver=nbd,file.server.type=unix,file.server.path=s.sock,file.open-timeout=1x",
     ] {
         io_twin(
             qd.path(),

@@ -4,7 +4,7 @@
 
 use super::support::*;
 use super::{have, serve, Server};
-use qcow2kit::storage::{open_from_options, BackendSpec, Storage};
+use qcow2kit::storage::{open_from_options, BackendSpec, NbdConfig, NbdStorage, Storage};
 use qcow2kit::{Image, OpenOptions};
 use std::path::Path;
 use std::process::Command;
@@ -176,8 +176,9 @@ fn nbd_reconnect_within_the_delay_loses_no_acknowledged_write() {
         .unwrap();
     let sock = dir.join("s.sock");
     let mut server = Some(qemu_nbd(dir, "s.sock", "q.qcow2", true));
-    let storage = open_from_options(&nbd_spec(&sock, &[("reconnect-delay", "60")]), false).unwrap();
-    let img = Arc::new(Image::open_storage(storage, &OpenOptions::new()).unwrap());
+    let cfg = NbdConfig::parse(&nbd_spec(&sock, &[("reconnect-delay", "60")])).unwrap();
+    let nbd = Arc::new(NbdStorage::connect(&cfg).unwrap());
+    let img = Arc::new(Image::open_storage(nbd.clone(), &OpenOptions::new()).unwrap());
 
     let done = Arc::new(AtomicUsize::new(0));
     let stop = Arc::new(AtomicBool::new(false));
@@ -223,7 +224,10 @@ fn nbd_reconnect_within_the_delay_loses_no_acknowledged_write() {
     wait_for(done.load(Ordering::SeqCst) + 40);
     stop.store(true, Ordering::SeqCst);
     let model = writer.join().expect("writer");
+    // Both restarts were noticed (the client did not just miss them).
+    assert!(nbd.reconnects() >= 2, "{}", nbd.reconnects());
     drop(img);
+    drop(nbd);
     drop(server);
     qemu_ok(dir, "qemu-img", &["check", "q.qcow2"]);
     qemu_ok(

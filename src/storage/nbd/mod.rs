@@ -13,6 +13,7 @@ use crate::options::parse::parse_number;
 use std::io;
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -183,6 +184,7 @@ pub struct NbdStorage {
     state: Mutex<State>,
     size: u64,
     flags: u16,
+    reconnects: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -225,12 +227,12 @@ impl NbdStorage {
     /// # Errors
     /// QEMU's text: `Failed to connect to 'PATH': ...`, or the server's refusal.
     pub fn connect(cfg: &NbdConfig) -> Result<NbdStorage, String> {
-        let deadline = Instant::now() + cfg.open_timeout;
+        let start = Instant::now();
         let conn = loop {
             match open_conn(cfg) {
                 Ok(Ok(c)) => break c,
                 Ok(Err(ServerError(e))) => return Err(e.to_string()),
-                Err(e) if Instant::now() >= deadline => {
+                Err(e) if start.elapsed() >= cfg.open_timeout => {
                     let target = match &cfg.server {
                         NbdServer::Unix(p) => p.clone(),
                         NbdServer::Inet(h, port) => format!("{h}:{port}"),
@@ -253,12 +255,18 @@ impl NbdStorage {
                 conn: Some(conn),
                 down_since: None,
             }),
+            reconnects: AtomicU64::new(0),
         })
     }
 
     /// The export's transmission flags (`NBD_FLAG_*`).
     pub fn transmission_flags(&self) -> u16 {
         self.flags
+    }
+
+    /// How many times the client connected again after a broken connection.
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects.load(Ordering::Relaxed)
     }
 
     /// Whether the server agreed to the `base:allocation` meta context (so block
@@ -274,19 +282,22 @@ impl NbdStorage {
     /// since the break (at least one attempt).
     fn reconnect(&self, st: &mut State) -> io::Result<()> {
         let since = *st.down_since.get_or_insert_with(Instant::now);
-        let deadline = since + self.cfg.reconnect_delay;
         loop {
             match open_conn(&self.cfg) {
                 Ok(Ok(c)) if c.size == self.size => {
                     st.conn = Some(c);
                     st.down_since = None;
+                    self.reconnects.fetch_add(1, Ordering::Relaxed);
                     return Ok(());
                 }
                 // Another export size, or the export is gone: not the same disk.
                 Ok(_) => return Err(eio()),
-                Err(_) if Instant::now() >= deadline => return Err(eio()),
                 Err(_) => {
-                    let left = deadline.saturating_duration_since(Instant::now());
+                    // No `since + delay`: a delay near 2^64 s must not overflow.
+                    let left = self.cfg.reconnect_delay.saturating_sub(since.elapsed());
+                    if left.is_zero() {
+                        return Err(eio());
+                    }
                     std::thread::sleep(left.min(RETRY_PAUSE));
                 }
             }
@@ -316,10 +327,10 @@ impl NbdStorage {
             };
             let r = match &mut reply {
                 Reply::None => Reply::None,
-                Reply::Read(b) => Reply::Read(&mut **b),
+                Reply::Read(b) => Reply::Read(b),
                 Reply::Status(v) => {
                     v.clear();
-                    Reply::Status(&mut **v)
+                    Reply::Status(v)
                 }
             };
             match conn.exchange(command, flags, offset, len, out, r) {
