@@ -13,7 +13,7 @@ use crate::options::parse::parse_number;
 use std::io;
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -185,6 +185,8 @@ pub struct NbdStorage {
     size: u64,
     flags: u16,
     reconnects: AtomicU64,
+    /// The last connection agreed to `base:allocation`.
+    block_status: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -247,6 +249,7 @@ impl NbdStorage {
                 Err(_) => std::thread::sleep(RETRY_PAUSE),
             }
         };
+        let has_status = conn.base_allocation.is_some();
         Ok(NbdStorage {
             cfg: cfg.clone(),
             size: conn.size,
@@ -256,6 +259,7 @@ impl NbdStorage {
                 down_since: None,
             }),
             reconnects: AtomicU64::new(0),
+            block_status: AtomicBool::new(has_status),
         })
     }
 
@@ -270,12 +274,9 @@ impl NbdStorage {
     }
 
     /// Whether the server agreed to the `base:allocation` meta context (so block
-    /// status queries ask it) on the current connection.
+    /// status queries ask it) on the last connection.
     pub fn has_block_status(&self) -> bool {
-        self.state
-            .lock()
-            .map(|s| s.conn.as_ref().is_some_and(|c| c.base_allocation.is_some()))
-            .unwrap_or(false)
+        self.block_status.load(Ordering::Relaxed)
     }
 
     /// Connects again after a break: retries until `reconnect-delay` has passed
@@ -285,6 +286,8 @@ impl NbdStorage {
         loop {
             match open_conn(&self.cfg) {
                 Ok(Ok(c)) if c.size == self.size => {
+                    self.block_status
+                        .store(c.base_allocation.is_some(), Ordering::Relaxed);
                     st.conn = Some(c);
                     st.down_since = None;
                     self.reconnects.fetch_add(1, Ordering::Relaxed);
