@@ -67,7 +67,7 @@ mod zero;
 
 pub use crate::meta::cache::CacheStats;
 pub use open::MAX_BACKING_DEPTH;
-pub(crate) use open::{open_error, resolve, OpenMode};
+pub(crate) use open::{open_named, resolve, OpenMode};
 pub(crate) use resolver::ResolverHandle;
 pub use resolver::{FileResolver, FileRole};
 

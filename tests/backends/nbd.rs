@@ -304,3 +304,70 @@ fn nbd_request_timeout_fails_a_stuck_request() {
     let bad = nbd_spec(&sock, &[("reconnect-delay", "soon")]);
     assert!(open_from_options(&bad, false).is_err());
 }
+
+/// An NBD URI as the image name (`qemu-img map nbd+unix:///?socket=S`): the
+/// qcow2 file exported raw by qemu-nbd. map, check and convert say what
+/// qemu-img says (over NBD QEMU cannot see the file's holes, so a
+/// metadata-preallocated image maps as all data, on both sides).
+#[test]
+fn nbd_uri_as_the_image_name_for_map_check_and_convert_like_qemu_img() {
+    if !have_qemu() || !have("qemu-nbd") {
+        return;
+    }
+    let (qd, od) = twin_dirs(|d| {
+        qemu_ok(
+            d,
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                "preallocation=metadata",
+                "q.qcow2",
+                "1M",
+            ],
+        );
+        qemu_ok(d, "qemu-io", &["-c", "write -P 0x11 0 64k", "q.qcow2"]);
+    });
+    let _servers = [
+        qemu_nbd(qd.path(), "q.sock", "q.qcow2", false),
+        qemu_nbd(od.path(), "q.sock", "q.qcow2", false),
+    ];
+    let uri = "nbd+unix:///?socket=q.sock";
+    for args in [
+        &["map", "--output=json", uri][..],
+        &["map", "-f", "qcow2", uri],
+        &["check", uri],
+        &["check", "--output=json", uri],
+        &["map", "nbd+unix:///?socket=nosuch.sock"],
+        &["check", "nbd+unix:///?socket=nosuch.sock"],
+    ] {
+        twins(qd.path(), od.path(), "qemu-img", &[], args);
+    }
+    let (q, o) = twins(
+        qd.path(),
+        od.path(),
+        "qemu-img",
+        &[],
+        &["convert", "-O", "qcow2", uri, "out.qcow2"],
+    );
+    assert_eq!((q.code, o.code), (0, 0));
+    let qm = qemu_ok(
+        qd.path(),
+        "qemu-img",
+        &["map", "--output=json", "out.qcow2"],
+    );
+    let om = qemu_ok(
+        od.path(),
+        "qemu-img",
+        &["map", "--output=json", "out.qcow2"],
+    );
+    assert_eq!(qm.out, om.out);
+    qemu_ok(
+        od.path(),
+        "qemu-img",
+        &["compare", "-U", "out.qcow2", "q.qcow2"],
+    );
+}
