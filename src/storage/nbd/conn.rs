@@ -453,6 +453,15 @@ mod tests {
     fn fake(after: impl FnOnce(&mut UnixStream) + Send + 'static) -> Box<dyn Stream> {
         let (client, mut srv) = UnixStream::pair().unwrap();
         std::thread::spawn(move || {
+            serve_handshake(&mut srv);
+            after(&mut srv);
+        });
+        Box::new(client)
+    }
+
+    /// The server side of the handshake (export of 1 MiB, `base:allocation` = 7).
+    fn serve_handshake(srv: &mut UnixStream) {
+        {
             let mut g = Vec::new();
             g.extend_from_slice(&proto::NBD_MAGIC.to_be_bytes());
             g.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
@@ -462,22 +471,20 @@ mod tests {
             srv.write_all(&g).unwrap();
             let mut cf = [0u8; 4];
             srv.read_exact(&mut cf).unwrap();
-            assert_eq!(read_opt(&mut srv).0, opt::STRUCTURED_REPLY);
-            opt_reply(&mut srv, opt::STRUCTURED_REPLY, rep::ACK, &[]);
-            assert_eq!(read_opt(&mut srv).0, opt::SET_META_CONTEXT);
+            assert_eq!(read_opt(srv).0, opt::STRUCTURED_REPLY);
+            opt_reply(srv, opt::STRUCTURED_REPLY, rep::ACK, &[]);
+            assert_eq!(read_opt(srv).0, opt::SET_META_CONTEXT);
             let mut mc = 7u32.to_be_bytes().to_vec();
             mc.extend_from_slice(BASE_ALLOCATION.as_bytes());
-            opt_reply(&mut srv, opt::SET_META_CONTEXT, rep::META_CONTEXT, &mc);
-            opt_reply(&mut srv, opt::SET_META_CONTEXT, rep::ACK, &[]);
-            assert_eq!(read_opt(&mut srv).0, opt::GO);
+            opt_reply(srv, opt::SET_META_CONTEXT, rep::META_CONTEXT, &mc);
+            opt_reply(srv, opt::SET_META_CONTEXT, rep::ACK, &[]);
+            assert_eq!(read_opt(srv).0, opt::GO);
             let mut inf = info::EXPORT.to_be_bytes().to_vec();
             inf.extend_from_slice(&(1u64 << 20).to_be_bytes());
             inf.extend_from_slice(&(tflag::HAS_FLAGS | tflag::SEND_FLUSH).to_be_bytes());
-            opt_reply(&mut srv, opt::GO, rep::INFO, &inf);
-            opt_reply(&mut srv, opt::GO, rep::ACK, &[]);
-            after(&mut srv);
-        });
-        Box::new(client)
+            opt_reply(srv, opt::GO, rep::INFO, &inf);
+            opt_reply(srv, opt::GO, rep::ACK, &[]);
+        }
     }
 
     /// A structured chunk header for the request with cookie 1.
@@ -570,5 +577,57 @@ mod tests {
         });
         let e = Conn::handshake(Box::new(client), "", None).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+    }
+
+    /// A request in flight when the connection breaks is sent again on the next
+    /// connection within `reconnect-delay`; without a delay it fails with EIO.
+    #[test]
+    fn in_flight_request_is_resent_after_a_reconnect() {
+        use super::super::{NbdConfig, NbdServer, NbdStorage};
+        use crate::storage::Storage;
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("s.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let server = std::thread::spawn(move || {
+            // First connection: take the read, then drop the connection unanswered.
+            let (mut a, _) = listener.accept().unwrap();
+            serve_handshake(&mut a);
+            let mut req = [0u8; 28];
+            a.read_exact(&mut req).unwrap();
+            drop(a);
+            // Second connection: answer the same read.
+            let (mut b, _) = listener.accept().unwrap();
+            serve_handshake(&mut b);
+            b.read_exact(&mut req).unwrap();
+            assert_eq!(&req[6..8], &proto::cmd::READ.to_be_bytes());
+            let mut m = Vec::new();
+            m.extend_from_slice(&proto::SIMPLE_REPLY_MAGIC.to_be_bytes());
+            m.extend_from_slice(&0u32.to_be_bytes());
+            m.extend_from_slice(&req[8..16]);
+            m.extend_from_slice(&[0x42; 512]);
+            b.write_all(&m).unwrap();
+            // Third connection (the storage without a delay): drop the read.
+            let (mut c, _) = listener.accept().unwrap();
+            serve_handshake(&mut c);
+            let _ = c.read_exact(&mut req);
+        });
+        let mut cfg = NbdConfig {
+            server: NbdServer::Unix(sock.display().to_string()),
+            export: String::new(),
+            reconnect_delay: Duration::from_secs(60),
+            open_timeout: Duration::ZERO,
+            request_timeout: None,
+        };
+        let s = NbdStorage::connect(&cfg).unwrap();
+        let mut buf = [0u8; 512];
+        s.read_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, [0x42; 512]);
+        assert_eq!(s.reconnects(), 1);
+        drop(s);
+        cfg.reconnect_delay = Duration::ZERO;
+        let s = NbdStorage::connect(&cfg).unwrap();
+        let e = s.read_at(&mut buf, 0).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EIO));
+        server.join().unwrap();
     }
 }
