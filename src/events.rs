@@ -1,6 +1,7 @@
 //! Events reported to the embedder (QEMU's `BLOCK_IMAGE_CORRUPTED` and
 //! `BLOCK_IO_ERROR` from an image; `BLOCK_JOB_READY`, `BLOCK_JOB_COMPLETED`,
-//! `BLOCK_JOB_CANCELLED` and `BLOCK_JOB_ERROR` from a [`crate::job`]).
+//! `BLOCK_JOB_CANCELLED` and `BLOCK_JOB_ERROR` from a [`crate::job`]; the
+//! quorum storage's `QUORUM_REPORT_BAD` and `QUORUM_FAILURE`).
 
 use std::fmt;
 use std::sync::Arc;
@@ -109,6 +110,52 @@ pub enum Event {
         /// `stop` (the job pauses; resuming retries the request).
         action: ErrorAction,
     },
+    /// A quorum child failed a request or its data lost the vote
+    /// (`QUORUM_REPORT_BAD`), raised by [`crate::storage::QuorumStorage`].
+    #[serde(rename = "QUORUM_REPORT_BAD")]
+    QuorumReportBad {
+        /// The operation (QEMU's `type`).
+        #[serde(rename = "type")]
+        kind: QuorumOpType,
+        /// The child's error (`strerror` text); absent when its data lost the vote.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+        /// The child's node name (`children.N.node-name`, or the generated one, see
+        /// [`crate::storage::QuorumStorage`]).
+        #[serde(rename = "node-name")]
+        node_name: String,
+        /// First 512-byte sector of the request (0 for a flush).
+        #[serde(rename = "sector-num")]
+        sector_num: u64,
+        /// Sectors the request touches (0 for a flush).
+        #[serde(rename = "sectors-count")]
+        sectors_count: u64,
+    },
+    /// No quorum could be reached (`QUORUM_FAILURE`): fewer than `vote-threshold`
+    /// children succeeded, or fewer agreed on a read's data. The request fails.
+    #[serde(rename = "QUORUM_FAILURE")]
+    QuorumFailure {
+        /// The quorum node's name (`node-name`, or the generated one).
+        reference: String,
+        /// First 512-byte sector of the request.
+        #[serde(rename = "sector-num")]
+        sector_num: u64,
+        /// Sectors the request touches.
+        #[serde(rename = "sectors-count")]
+        sectors_count: u64,
+    },
+}
+
+/// The operation of a [`Event::QuorumReportBad`] (QEMU's `QuorumOpType`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QuorumOpType {
+    /// A read.
+    Read,
+    /// A write (also write-zeroes, discard and resize).
+    Write,
+    /// A flush.
+    Flush,
 }
 
 impl fmt::Display for Event {
@@ -148,6 +195,30 @@ impl fmt::Display for Event {
                 operation,
                 action,
             } => write!(f, "block job '{device}': I/O error on {operation} ({action})"),
+            Event::QuorumReportBad {
+                kind,
+                error,
+                node_name,
+                sector_num,
+                sectors_count,
+            } => {
+                write!(
+                    f,
+                    "quorum: {kind:?} on child '{node_name}' bad at sector {sector_num} (+{sectors_count})"
+                )?;
+                match error {
+                    Some(e) => write!(f, ": {e}"),
+                    None => f.write_str(": lost the vote"),
+                }
+            }
+            Event::QuorumFailure {
+                reference,
+                sector_num,
+                sectors_count,
+            } => write!(
+                f,
+                "quorum '{reference}': no quorum at sector {sector_num} (+{sectors_count})"
+            ),
         }
     }
 }

@@ -53,7 +53,7 @@ pub mod storage;
 pub mod types;
 
 pub use error::{Error, Result};
-pub use events::Event;
+pub use events::{Event, QuorumOpType};
 pub use image::CacheStats;
 pub use image::CompressedCluster;
 pub use image::Image;

@@ -49,7 +49,7 @@ pub use crate::repair::{
 use crate::error::{Error, Result};
 use crate::image::{Image, OpenMode};
 use crate::options::OpenOptions;
-use crate::storage::{FileStorage, Storage};
+use crate::storage::Storage;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -92,15 +92,10 @@ impl Checker {
     /// `Error::Backing`, ...).
     pub fn open(path: &Path, repair: Repair) -> Result<Checker> {
         let writable = repair != Repair::None;
-        let file =
-            FileStorage::open(path, writable).map_err(|e| crate::image::open_error(path, e))?;
-        Self::open_inner(
-            Arc::new(file),
-            Some(path.to_path_buf()),
-            repair,
-            path.display().to_string(),
-        )
-        .map_err(|e| e.opening(path))
+        // An NBD URI opens the nbd client, as for `Image::open`.
+        let (file, named) = crate::image::open_named(path, writable, false)?;
+        Self::open_inner(file, named, repair, path.display().to_string())
+            .map_err(|e| e.opening(path))
     }
 
     /// Opens an image held in any [`Storage`]. The storage must be writable

@@ -72,7 +72,7 @@ mod zero;
 pub use crate::meta::bitmaps::BitmapStatus;
 pub use crate::meta::cache::CacheStats;
 pub use open::MAX_BACKING_DEPTH;
-pub(crate) use open::{open_error, resolve, OpenMode};
+pub(crate) use open::{open_named, resolve, OpenMode};
 pub(crate) use resolver::ResolverHandle;
 pub use resolver::{FileResolver, FileRole};
 
@@ -365,9 +365,15 @@ impl Image {
     /// # Ok(())
     /// # }
     /// ```
+    ///
+    /// The image file's and the external data file's storages get it too
+    /// ([`Storage::set_event_sink`]), so a quorum below reports its events here.
     pub fn on_event(&self, sink: impl Fn(&Event) + Send + Sync + 'static) {
+        let sink: EventSink = Arc::new(sink);
+        self.storage.set_event_sink(Some(sink.clone()));
+        self.data.set_event_sink(Some(sink.clone()));
         if let Ok(mut e) = self.events.write() {
-            *e = Some(Arc::new(sink));
+            *e = Some(sink);
         }
     }
 

@@ -45,16 +45,8 @@ impl Image {
     pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Image> {
         let path = path.as_ref();
         check_open_mode(opts).map_err(|e| e.opening(path))?;
-        let file = FileStorage::open_with(path, !opts.get_read_only(), opts.get_cache_direct())
-            .map_err(|e| open_error(path, e))?;
-        Self::open_inner(
-            Arc::new(file),
-            Some(path.to_path_buf()),
-            opts,
-            OpenMode::default(),
-            None,
-        )
-        .map_err(|e| e.opening(path))
+        let (file, named) = open_named(path, !opts.get_read_only(), opts.get_cache_direct())?;
+        Self::open_inner(file, named, opts, OpenMode::default(), None).map_err(|e| e.opening(path))
     }
 
     /// Opens the image at `path` without opening its backing file: clusters
@@ -84,14 +76,12 @@ impl Image {
     pub fn open_without_backing(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Image> {
         let path = path.as_ref();
         check_open_mode(opts).map_err(|e| e.opening(path))?;
-        let file = FileStorage::open_with(path, !opts.get_read_only(), opts.get_cache_direct())
-            .map_err(|e| open_error(path, e))?;
+        let (file, named) = open_named(path, !opts.get_read_only(), opts.get_cache_direct())?;
         let mode = OpenMode {
             skip_backing: true,
             ..Default::default()
         };
-        Self::open_inner(Arc::new(file), Some(path.to_path_buf()), opts, mode, None)
-            .map_err(|e| e.opening(path))
+        Self::open_inner(file, named, opts, mode, None).map_err(|e| e.opening(path))
     }
 
     /// Opens the image at `path` for inspection, as `qemu-img info` does
@@ -127,14 +117,13 @@ impl Image {
     /// backing chain.
     fn open_path_no_io(path: &Path, opts: &OpenOptions, skip_backing: bool) -> Result<Image> {
         let opts = opts.clone().read_only(true);
-        let file = FileStorage::open(path, false).map_err(|e| open_error(path, e))?;
+        let (file, named) = open_named(path, false, false)?;
         let mode = OpenMode {
             skip_backing,
             no_io: true,
             ..Default::default()
         };
-        Self::open_inner(Arc::new(file), Some(path.to_path_buf()), &opts, mode, None)
-            .map_err(|e| e.opening(path))
+        Self::open_inner(file, named, &opts, mode, None).map_err(|e| e.opening(path))
     }
 
     /// Opens for checking or repair: corrupt and dirty images open read-write.
@@ -205,6 +194,10 @@ impl Image {
         // when something changed since the last sync.
         let tracked = Arc::new(Tracked::new(file, opts.get_cache_no_flush()));
         let file: Arc<dyn Storage> = tracked.clone();
+        // Events of the storage itself (quorum) from the first read on.
+        if let Some(sink) = opts.get_event_sink() {
+            file.set_event_sink(Some(sink));
+        }
         let file_len = file.len().map_err(|e| Error::io(IoOp::Read, 0, e))?;
         let mut head = vec![0u8; file_len.min(MAX_HEADER_READ) as usize];
         read_file(&*file, &mut head, 0)?;
@@ -833,6 +826,25 @@ pub(crate) fn resolve(base: Option<&Path>, name: &Path) -> PathBuf {
         Some(b) if !b.as_os_str().is_empty() => b.join(name),
         _ => name.to_path_buf(),
     }
+}
+
+/// The storage of an image given by name, and the path it has in the file
+/// system: an NBD URI (`nbd+unix:///EXPORT?socket=S`, `nbd://HOST:PORT/EXPORT`) is
+/// opened with the nbd client, as QEMU takes one wherever a file name goes (no
+/// path: relative names stored in the image resolve against the current
+/// directory); anything else is a file.
+pub(crate) fn open_named(
+    path: &Path,
+    writable: bool,
+    direct: bool,
+) -> Result<(Arc<dyn Storage>, Option<PathBuf>)> {
+    if let Some(spec) = path.to_str().and_then(nbd_uri_spec) {
+        let s = crate::storage::open_from_options(&spec, !writable)
+            .map_err(|m| Error::InvalidArgument(m).opening(path))?;
+        return Ok((s, None));
+    }
+    let f = FileStorage::open_with(path, writable, direct).map_err(|e| open_error(path, e))?;
+    Ok((Arc::new(f), Some(path.to_path_buf())))
 }
 
 /// The nbd storage spec of a backing file name that is an NBD URI, if it is one.

@@ -188,6 +188,13 @@ fn crypt_sector(physical: bool, host: u64, guest: Option<u64>, len: usize) -> Re
 const SECTOR: u64 = crate::crypto::cipher::SECTOR_SIZE as u64;
 
 impl DataTarget {
+    /// Passes `sink` to the external data file's storage, if guest data lives in one.
+    pub fn set_event_sink(&self, sink: Option<crate::events::EventSink>) {
+        if self.external {
+            self.file.set_event_sink(sink);
+        }
+    }
+
     /// The external data file, if guest data lives in one.
     pub fn external(&self) -> Option<DataFile> {
         self.external.then(|| DataFile(self.file.clone()))

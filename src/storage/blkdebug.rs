@@ -512,6 +512,10 @@ impl Storage for BlkdebugStorage {
         self.inner.lock(req)
     }
 
+    fn set_event_sink(&self, sink: Option<crate::events::EventSink>) {
+        self.inner.set_event_sink(sink)
+    }
+
     fn debug_event(&self, event: BlkdebugEvent) {
         let Ok(mut r) = self.rules.lock() else { return };
         let state = r.state;

@@ -228,6 +228,10 @@ impl<S: Storage> Storage for FaultyStorage<S> {
         self.inner.lock(req)
     }
 
+    fn set_event_sink(&self, sink: Option<crate::events::EventSink>) {
+        self.inner.set_event_sink(sink)
+    }
+
     fn is_hole(&self, offset: u64, len: u64) -> io::Result<bool> {
         self.inner.is_hole(offset, len)
     }

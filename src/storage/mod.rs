@@ -28,7 +28,7 @@ pub use lock::{LockError, LockRequest, Locking, Permissions};
 pub use memory::MemStorage;
 pub use nbd::{NbdConfig, NbdServer, NbdStorage};
 pub use null::NullStorage;
-pub use quorum::{QuorumConfig, QuorumReport, QuorumStorage, ReadPattern};
+pub use quorum::{QuorumConfig, QuorumStorage, ReadPattern};
 pub(crate) use tracked::Tracked;
 
 use std::io::{self, IoSlice, IoSliceMut};
@@ -237,6 +237,13 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     /// that a [`BlkdebugStorage`] below can switch its rules on. Other storages ignore it
     /// (the default).
     fn debug_event(&self, _event: BlkdebugEvent) {}
+
+    /// Gives this storage the callback for the events it raises itself (a
+    /// [`QuorumStorage`]'s `QUORUM_REPORT_BAD` / `QUORUM_FAILURE`), `None` to stop.
+    /// [`crate::Image`] passes its own (from [`crate::Image::on_event`] or
+    /// [`crate::OpenOptions::on_event`]) to its image and data file. Wrappers forward
+    /// it to what they wrap; the default ignores it.
+    fn set_event_sink(&self, _sink: Option<crate::events::EventSink>) {}
 }
 
 impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
@@ -281,5 +288,8 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     }
     fn debug_event(&self, event: BlkdebugEvent) {
         (**self).debug_event(event)
+    }
+    fn set_event_sink(&self, sink: Option<crate::events::EventSink>) {
+        (**self).set_event_sink(sink)
     }
 }

@@ -2,9 +2,10 @@
 
 use super::backend::{open_from_options, BackendSpec};
 use super::Storage;
+use crate::events::{Event, EventHandler, EventSink, QuorumOpType};
 use crate::options::parse::{parse_bool_onoff, parse_number};
 use std::io;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 /// How reads pick their data (`read-pattern`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,6 +29,8 @@ pub struct QuorumConfig {
     pub blkverify: bool,
     /// `children.N.*`, in index order.
     pub children: Vec<BackendSpec>,
+    /// `node-name` of the quorum node (the `reference` of `QUORUM_FAILURE`).
+    pub node_name: Option<String>,
 }
 
 impl QuorumConfig {
@@ -41,6 +44,7 @@ impl QuorumConfig {
         let mut pattern = ReadPattern::Quorum;
         let mut blkverify = false;
         let mut max_child: Option<usize> = None;
+        let mut node_name = None;
         for (k, v) in &spec.options {
             match k.as_str() {
                 "vote-threshold" => threshold = parse_number(k, v).map_err(|e| e.to_string())?,
@@ -55,7 +59,8 @@ impl QuorumConfig {
                         _ => return Err(format!("invalid parameter value: {v}")),
                     }
                 }
-                "node-name" | "read-only" => {}
+                "node-name" => node_name = Some(v.clone()),
+                "read-only" => {}
                 _ => {
                     let idx = k
                         .strip_prefix("children.")
@@ -104,34 +109,44 @@ impl QuorumConfig {
             read_pattern: pattern,
             blkverify,
             children,
+            node_name,
         })
     }
 }
 
-/// A child that failed or lost a vote (QEMU's `QUORUM_REPORT_BAD` event).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct QuorumReport {
-    /// The child's index (`children.N`).
-    pub child: usize,
-    /// `read` or `write` (QEMU's `type`).
-    pub kind: &'static str,
-    /// The error text when the child failed; `None` when its data lost the vote.
-    pub error: Option<String>,
-    /// First 512-byte sector of the request.
-    pub sector_num: u64,
-    /// Length of the request in sectors.
-    pub sectors_count: u64,
-}
-
 /// A storage replicated on `children` (see [`QuorumConfig`]). Reads vote per 512-byte
 /// sector of the request (QEMU votes over the whole request, but the format layer here
-/// may read far more than one guest request at once); writes go to every child and succeed when at least `vote-threshold` do.
+/// may read far more than one guest request at once); writes go to every child and
+/// succeed when at least `vote-threshold` do.
+///
+/// **Events**, with QEMU's fields, go to the sink given with
+/// [`Storage::set_event_sink`] (an [`crate::Image`] passes its own) and are also kept
+/// for [`QuorumStorage::take_events`]:
+/// * [`Event::QuorumReportBad`] for each child that failed a request (with the error)
+///   or whose data lost a read's vote (without), over the whole request's sectors;
+///   flushes report sector 0, count 0.
+/// * [`Event::QuorumFailure`] when fewer than `vote-threshold` children succeeded (read
+///   or write) or agreed on a read; the request fails (EIO when the children's data
+///   disagreed, else a child's error). `blkverify` mismatches fail with EIO without it
+///   (QEMU exits there).
+///
+/// **Node names.** A child is named by its `children.N.node-name` option; without
+/// one, by a generated stable name `#Q.children.N`, `Q` being the quorum's `node-name`
+/// or `quorum` (QEMU generates `#blockNNN` from a process-wide counter; the `#` keeps
+/// generated names apart from given ones, which cannot contain it). The quorum's
+/// `reference` is its `node-name`, or `#quorum`.
 #[derive(Debug)]
 pub struct QuorumStorage {
     cfg: QuorumConfig,
     children: Vec<Arc<dyn Storage>>,
-    reports: Mutex<Vec<QuorumReport>>,
+    names: Vec<String>,
+    reference: String,
+    sink: RwLock<EventHandler>,
+    events: Mutex<Vec<Event>>,
 }
+
+/// Events kept for [`QuorumStorage::take_events`] (older ones are dropped first).
+const KEPT_EVENTS: usize = 4096;
 
 fn sectors(offset: u64, len: usize) -> (u64, u64) {
     let end = offset.saturating_add(len as u64);
@@ -153,49 +168,94 @@ impl QuorumStorage {
         Ok(Self::from_children(cfg, children))
     }
 
-    /// A quorum over already opened children (`cfg.children` is not used to open them).
+    /// A quorum over already opened children (`cfg.children` is not used to open
+    /// them, only for the children's `node-name`s).
     pub fn from_children(cfg: QuorumConfig, children: Vec<Arc<dyn Storage>>) -> QuorumStorage {
+        let base = cfg.node_name.as_deref().unwrap_or("quorum");
+        let names = (0..children.len())
+            .map(|i| {
+                cfg.children
+                    .get(i)
+                    .and_then(|c| c.get("node-name"))
+                    .map_or_else(|| format!("#{base}.children.{i}"), str::to_owned)
+            })
+            .collect();
+        let reference = cfg
+            .node_name
+            .clone()
+            .unwrap_or_else(|| "#quorum".to_owned());
         QuorumStorage {
             cfg,
             children,
-            reports: Mutex::new(Vec::new()),
+            names,
+            reference,
+            sink: RwLock::new(EventHandler::default()),
+            events: Mutex::new(Vec::new()),
         }
     }
 
-    /// The `QUORUM_REPORT_BAD` reports collected since the last call.
-    pub fn take_reports(&self) -> Vec<QuorumReport> {
-        self.reports
+    /// The children's node names, in index order (given or generated).
+    pub fn child_node_names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// The events raised since the last call (at most the last 4096).
+    pub fn take_events(&self) -> Vec<Event> {
+        self.events
             .lock()
             .map(|mut r| std::mem::take(&mut *r))
             .unwrap_or_default()
     }
 
-    fn report(
+    fn emit(&self, ev: Event) {
+        if let Ok(sink) = self.sink.read() {
+            if let Some(s) = sink.0.as_ref() {
+                s(&ev);
+            }
+        }
+        if let Ok(mut r) = self.events.lock() {
+            if r.len() >= KEPT_EVENTS {
+                r.remove(0);
+            }
+            r.push(ev);
+        }
+    }
+
+    fn report_bad(
         &self,
         child: usize,
-        kind: &'static str,
-        error: Option<String>,
+        kind: QuorumOpType,
+        error: Option<&io::Error>,
         off: u64,
         len: usize,
     ) {
+        let (sector_num, sectors_count) = if kind == QuorumOpType::Flush {
+            (0, 0)
+        } else {
+            sectors(off, len)
+        };
+        self.emit(Event::QuorumReportBad {
+            kind,
+            error: error.map(|e| crate::error::strerror(e.raw_os_error().unwrap_or(libc::EIO))),
+            node_name: self.names.get(child).cloned().unwrap_or_default(),
+            sector_num,
+            sectors_count,
+        });
+    }
+
+    fn report_failure(&self, off: u64, len: usize) {
         let (sector_num, sectors_count) = sectors(off, len);
-        if let Ok(mut r) = self.reports.lock() {
-            if r.len() < 4096 {
-                r.push(QuorumReport {
-                    child,
-                    kind,
-                    error,
-                    sector_num,
-                    sectors_count,
-                });
-            }
-        }
+        self.emit(Event::QuorumFailure {
+            reference: self.reference.clone(),
+            sector_num,
+            sectors_count,
+        });
     }
 
     /// Runs `f` on every child; Ok when at least `threshold` succeed.
     fn all(
         &self,
-        kind: &'static str,
+        kind: QuorumOpType,
         off: u64,
         len: usize,
         f: impl Fn(&dyn Storage) -> io::Result<()>,
@@ -206,16 +266,19 @@ impl QuorumStorage {
             match f(&**c) {
                 Ok(()) => ok += 1,
                 Err(e) => {
-                    self.report(i, kind, Some(e.to_string()), off, len);
+                    self.report_bad(i, kind, Some(&e), off, len);
                     first_err.get_or_insert(e);
                 }
             }
         }
         if ok >= self.cfg.threshold {
-            Ok(())
-        } else {
-            Err(first_err.unwrap_or_else(|| io::Error::from_raw_os_error(libc::EIO)))
+            return Ok(());
         }
+        // QEMU reports no failure for flushes.
+        if kind != QuorumOpType::Flush {
+            self.report_failure(off, len);
+        }
+        Err(first_err.unwrap_or_else(|| io::Error::from_raw_os_error(libc::EIO)))
     }
 }
 
@@ -227,7 +290,7 @@ impl Storage for QuorumStorage {
                 match c.read_at(buf, offset) {
                     Ok(()) => return Ok(()),
                     Err(e) => {
-                        self.report(i, "read", Some(e.to_string()), offset, buf.len());
+                        self.report_bad(i, QuorumOpType::Read, Some(&e), offset, buf.len());
                         last = Some(e);
                     }
                 }
@@ -238,12 +301,20 @@ impl Storage for QuorumStorage {
         // format layer may read much more than one guest request at once (the whole
         // metadata area when opening), and a bad byte must only fail the sectors it is in.
         let mut copies: Vec<(usize, Vec<u8>)> = Vec::new();
+        let mut first_err = None;
         for (i, c) in self.children.iter().enumerate() {
             let mut b = vec![0u8; buf.len()];
             match c.read_at(&mut b, offset) {
                 Ok(()) => copies.push((i, b)),
-                Err(e) => self.report(i, "read", Some(e.to_string()), offset, buf.len()),
+                Err(e) => {
+                    self.report_bad(i, QuorumOpType::Read, Some(&e), offset, buf.len());
+                    first_err.get_or_insert(e);
+                }
             }
+        }
+        if copies.len() < self.cfg.threshold {
+            self.report_failure(offset, buf.len());
+            return Err(first_err.unwrap_or_else(|| io::Error::from_raw_os_error(libc::EIO)));
         }
         let mut pos = 0usize;
         let mut bad: Vec<Vec<(usize, usize)>> = vec![Vec::new(); self.children.len()];
@@ -262,14 +333,14 @@ impl Storage for QuorumStorage {
                     None => versions.push((k, vec![k])),
                 }
             }
-            let Some(win) = (0..versions.len()).max_by_key(|&v| versions[v].1.len()) else {
-                return Err(io::Error::from_raw_os_error(libc::EIO));
-            };
-            if versions[win].1.len() < self.cfg.threshold
-                || (self.cfg.blkverify && versions.len() > 1)
-            {
+            let win = (0..versions.len()).max_by_key(|&v| versions[v].1.len());
+            if self.cfg.blkverify && versions.len() > 1 {
                 return Err(io::Error::from_raw_os_error(libc::EIO));
             }
+            let Some(win) = win.filter(|&w| versions[w].1.len() >= self.cfg.threshold) else {
+                self.report_failure(offset, buf.len());
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            };
             let src = versions[win].0;
             buf[pos..pos + n].copy_from_slice(&copies[src].1[pos..pos + n]);
             for (v, (_, who)) in versions.iter().enumerate() {
@@ -285,7 +356,7 @@ impl Storage for QuorumStorage {
             if pieces.is_empty() {
                 continue;
             }
-            self.report(child, "read", None, offset, buf.len());
+            self.report_bad(child, QuorumOpType::Read, None, offset, buf.len());
             if self.cfg.rewrite_corrupted {
                 for &(p, n) in pieces {
                     // Best effort, as QEMU's: a failed rewrite does not fail the read.
@@ -297,11 +368,13 @@ impl Storage for QuorumStorage {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.all("write", offset, buf.len(), |c| c.write_at(buf, offset))
+        self.all(QuorumOpType::Write, offset, buf.len(), |c| {
+            c.write_at(buf, offset)
+        })
     }
 
     fn flush(&self) -> io::Result<()> {
-        self.all("flush", 0, 0, |c| c.flush())
+        self.all(QuorumOpType::Flush, 0, 0, |c| c.flush())
     }
 
     fn len(&self) -> io::Result<u64> {
@@ -312,11 +385,20 @@ impl Storage for QuorumStorage {
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
-        self.all("write", len, 0, |c| c.set_len(len))
+        self.all(QuorumOpType::Write, len, 0, |c| c.set_len(len))
     }
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         let n = usize::try_from(len).unwrap_or(usize::MAX);
-        self.all("write", offset, n, |c| c.discard(offset, len))
+        self.all(QuorumOpType::Write, offset, n, |c| c.discard(offset, len))
+    }
+
+    fn set_event_sink(&self, sink: Option<EventSink>) {
+        for c in &self.children {
+            c.set_event_sink(sink.clone());
+        }
+        if let Ok(mut s) = self.sink.write() {
+            *s = EventHandler(sink);
+        }
     }
 }

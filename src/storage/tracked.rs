@@ -135,6 +135,10 @@ impl Storage for Tracked {
     fn debug_event(&self, event: super::BlkdebugEvent) {
         self.inner.debug_event(event)
     }
+
+    fn set_event_sink(&self, sink: Option<crate::events::EventSink>) {
+        self.inner.set_event_sink(sink)
+    }
 }
 
 #[cfg(test)]

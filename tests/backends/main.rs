@@ -7,10 +7,13 @@ mod support;
 
 mod chain;
 mod events;
+mod nbd;
+mod quorum;
 
 use qcow2kit::storage::{
     BackendSpec, MemStorage, QuorumConfig, QuorumStorage, ReadPattern, Storage,
 };
+use qcow2kit::{Event, QuorumOpType};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -194,6 +197,8 @@ fn nbd_option_errors_match_qemu_io() {
         "driver=qcow2,file.driver=nbd,file.server.type=unix,file.server.path=s.sock",
         "driver=qcow2,file.driver=nbd,file.server.type=unix",
         "driver=qcow2,file.driver=nbd,file.server.type=bogus,file.server.path=s.sock",
+        "driver=qcow2,file.driver=nbd,file.server.type=unix,file.server.path=s.sock,file.reconnect-delay=soon",
+        "driver=qcow2,file.driver=nbd,file.server.type=unix,file.server.path=s.sock,file.open-timeout=1x",
     ] {
         io_twin(
             qd.path(),
@@ -348,6 +353,7 @@ fn quorum_of(
         read_pattern: pattern,
         blkverify: false,
         children: Vec::new(),
+        node_name: None,
     };
     QuorumStorage::from_children(cfg, children)
 }
@@ -359,15 +365,29 @@ fn quorum_below_threshold_fails_and_reports_the_children() {
     let mut buf = [0u8; 1024];
     q.read_at(&mut buf, 1024).unwrap();
     assert_eq!(buf, [1; 1024]);
-    let r = q.take_reports();
-    assert_eq!(r.len(), 1);
-    assert_eq!((r[0].child, r[0].sector_num, r[0].sectors_count), (2, 2, 2));
-    assert!(r[0].error.is_none());
+    assert_eq!(
+        q.take_events(),
+        [Event::QuorumReportBad {
+            kind: QuorumOpType::Read,
+            error: None,
+            node_name: "#quorum.children.2".into(),
+            sector_num: 2,
+            sectors_count: 2,
+        }]
+    );
     // Three different versions: no majority of 2.
     let q = quorum_of(vec![mk(1), mk(2), mk(3)], 2, ReadPattern::Quorum);
     assert_eq!(
         q.read_at(&mut buf, 0).unwrap_err().raw_os_error(),
         Some(libc::EIO)
+    );
+    assert_eq!(
+        q.take_events(),
+        [Event::QuorumFailure {
+            reference: "#quorum".into(),
+            sector_num: 0,
+            sectors_count: 2,
+        }]
     );
     // fifo reads the first child.
     let q = quorum_of(vec![mk(3), mk(2)], 1, ReadPattern::Fifo);
@@ -472,10 +492,16 @@ fn quorum_fifo_falls_over_on_eio_and_blkverify_fails_on_a_mismatch() {
     let mut buf = [0u8; 512];
     q.read_at(&mut buf, 0).unwrap();
     assert_eq!(buf, [4; 512]);
-    let r = q.take_reports();
-    assert_eq!(r.len(), 1);
-    assert_eq!((r[0].child, r[0].kind), (0, "read"));
-    assert!(r[0].error.is_some());
+    assert_eq!(
+        q.take_events(),
+        [Event::QuorumReportBad {
+            kind: QuorumOpType::Read,
+            error: Some("Input/output error".into()),
+            node_name: "#quorum.children.0".into(),
+            sector_num: 0,
+            sectors_count: 1,
+        }]
+    );
     // blkverify: two children that must agree; a mismatch fails the read.
     let cfg = QuorumConfig {
         threshold: 2,
@@ -483,6 +509,7 @@ fn quorum_fifo_falls_over_on_eio_and_blkverify_fails_on_a_mismatch() {
         read_pattern: ReadPattern::Quorum,
         blkverify: true,
         children: Vec::new(),
+        node_name: None,
     };
     let q = QuorumStorage::from_children(cfg.clone(), vec![mk(1), mk(1)]);
     q.read_at(&mut buf, 0).unwrap();

@@ -8,7 +8,7 @@ use crate::common::{
 use clap::Parser;
 use qcow2kit::image::Backing;
 use qcow2kit::info::path_combine;
-use qcow2kit::storage::Storage;
+use qcow2kit::storage::{NbdConfig, Storage};
 use qcow2kit::Extent;
 use qcow2kit::{Error, Image};
 
@@ -89,10 +89,19 @@ const COMPRESSED: u8 = 8;
 ///
 /// # Errors
 /// Errors of the metadata-preallocation detection.
+/// An image named by an NBD URI is named as QEMU's nbd node names itself
+/// (`nbd+unix://?socket=S` for `nbd+unix:///?socket=S`).
+fn nbd_name(name: &str) -> Option<String> {
+    if !name.starts_with("nbd") {
+        return None;
+    }
+    NbdConfig::from_uri(name).ok().map(|c| c.exact_filename())
+}
+
 pub fn layers<'a>(top: &'a Image, top_name: &str) -> Result<Vec<Layer<'a>>, Error> {
     let mut v = Vec::new();
     let mut img = top;
-    let mut name = top_name.to_owned();
+    let mut name = nbd_name(top_name).unwrap_or_else(|| top_name.to_owned());
     loop {
         let header = img.header();
         let data_name = match header.data_file_name() {
@@ -108,7 +117,7 @@ pub fn layers<'a>(top: &'a Image, top_name: &str) -> Result<Vec<Layer<'a>>, Erro
         });
         let next = header
             .backing_file_name()
-            .map(|b| path_combine(&name, b))
+            .map(|b| nbd_name(b).unwrap_or_else(|| path_combine(&name, b)))
             .unwrap_or_default();
         match img.backing() {
             Some(Backing::Qcow2(b)) => {

@@ -630,11 +630,29 @@ where
     if file_type(path).is_some_and(|t| t.is_fifo()) {
         return could_not_open(out, &not_regular());
     }
-    let file = match FileStorage::open(path, repair != Repair::None) {
-        Ok(f) => f,
-        Err(e) => {
-            let text = qcow2kit::error::strerror(e.raw_os_error().unwrap_or(libc::EIO));
-            return could_not_open(out, &format!("Could not open '{image_file}': {text}"));
+    // An NBD URI is opened with the nbd client, as QEMU takes one for a file name.
+    let nbd = ["nbd://", "nbd+unix://", "nbd+tcp://"]
+        .iter()
+        .any(|p| image_file.starts_with(p));
+    let file: Arc<dyn Storage> = if nbd {
+        let spec = qcow2kit::storage::BackendSpec {
+            driver: "nbd".into(),
+            options: vec![(
+                "filename".into(),
+                image_file.replace("nbd+tcp://", "nbd://"),
+            )],
+        };
+        match qcow2kit::storage::open_from_options(&spec, repair == Repair::None) {
+            Ok(s) => s,
+            Err(m) => return could_not_open(out, &m),
+        }
+    } else {
+        match FileStorage::open(path, repair != Repair::None) {
+            Ok(f) => Arc::new(f),
+            Err(e) => {
+                let text = qcow2kit::error::strerror(e.raw_os_error().unwrap_or(libc::EIO));
+                return could_not_open(out, &format!("Could not open '{image_file}': {text}"));
+            }
         }
     };
     if file_type(path).is_some_and(|t| !(t.is_file() || t.is_char_device() || t.is_block_device()))
@@ -673,10 +691,10 @@ where
         return EXIT_UNSUPPORTED;
     }
     let file_len = file.len().unwrap_or(0);
-    let file: Arc<dyn Storage> = Arc::new(file);
     let share = force_share || open_opts.get_force_share();
     let open_opts = open_opts.force_share(share);
-    let checker = match Checker::open_storage_with(file.clone(), Some(path), repair, &open_opts) {
+    let named = (!nbd).then_some(path);
+    let checker = match Checker::open_storage_with(file.clone(), named, repair, &open_opts) {
         Ok(c) => c,
         Err(e) => {
             // QEMU warns about stale bitmaps while reading the header,
