@@ -646,8 +646,9 @@ fn img_help_lists_each_command_on_one_line() {
         assert_eq!(
             names,
             [
-                "amend", "bench", "bitmap", "check", "commit", "compare", "convert", "create", "info",
-                "io", "map", "measure", "mirror", "rebase", "resize", "serve", "snapshot", "stream"
+                "amend", "bench", "bitmap", "check", "commit", "compare", "convert", "create",
+                "info", "io", "map", "measure", "mirror", "rebase", "resize", "serve", "snapshot",
+                "stream"
             ],
             "{}",
             r.out
