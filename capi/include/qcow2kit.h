@@ -46,6 +46,17 @@
 // `BLOCK_JOB_ERROR`); `operation` and `action` say which and what now.
 #define QCOW2KIT_EVENT_BLOCK_JOB_ERROR 6
 
+// [`qcow2kit_event::kind`]: a quorum child failed a request or its data
+// lost the vote (QEMU's `QUORUM_REPORT_BAD`): `node_name` is the child's,
+// `msg` its error (NULL when it lost the vote), `operation` the request's
+// kind, `offset`/`size` its byte range (sector-granular; 0/0 for a flush).
+#define QCOW2KIT_EVENT_QUORUM_REPORT_BAD 7
+
+// [`qcow2kit_event::kind`]: no quorum was reached (QEMU's
+// `QUORUM_FAILURE`; the request fails): `node_name` is the quorum's, and
+// `offset`/`size` the request's byte range.
+#define QCOW2KIT_EVENT_QUORUM_FAILURE 8
+
 // [`qcow2kit_event::job_type`]: not a job event.
 #define QCOW2KIT_JOB_NONE 0
 
@@ -64,6 +75,10 @@
 // [`qcow2kit_event::operation`]: a write (or flush, discard,
 // write-zeroes) failed.
 #define QCOW2KIT_IO_WRITE 1
+
+// [`qcow2kit_event::operation`] of [`QCOW2KIT_EVENT_QUORUM_REPORT_BAD`]:
+// a flush (other events report flushes as [`QCOW2KIT_IO_WRITE`]).
+#define QCOW2KIT_IO_FLUSH 2
 
 // [`qcow2kit_event::action`]: the error is reported to the caller.
 #define QCOW2KIT_ACTION_REPORT 0
@@ -98,7 +113,8 @@ typedef struct qcow2kit_event {
   // [`QCOW2KIT_EVENT_IMAGE_CORRUPTED`], [`QCOW2KIT_EVENT_IO_ERROR`] or
   // one of the block-job kinds ([`QCOW2KIT_EVENT_BLOCK_JOB_READY`], ...).
   int kind;
-  // The node name given at open (`node-name=`), or NULL.
+  // The node name given at open (`node-name=`), or NULL; for quorum
+  // events the child's or the quorum's node name.
   const char *node_name;
   // What happened: QEMU's corruption message, the `strerror` text of
   // the I/O error, or the error a block job ended with (NULL for a job
@@ -187,8 +203,9 @@ int qcow2kit_open(const char *filename, uint32_t flags, struct qcow2kit_image **
 
 // Opens an image described by a QEMU option string, as `qemu-io
 // --image-opts` takes it: `driver=qcow2,file.filename=disk.qcow2,read-only=on,
-// overlap-check=all,l2-cache-size=4M,...` (`file.filename=` or `file=` is
-// required). `cb` (may be NULL) receives the image's events from the moment
+// overlap-check=all,l2-cache-size=4M,...` (`file.filename=` or `file=`, or
+// a storage backend with `file.driver=null-co|nbd|quorum|blkdebug` and its
+// `file.*` options, is required). `cb` (may be NULL) receives the image's events from the moment
 // it opens, with `user_data`; see [`qcow2kit_event_cb`].
 //
 // Returns 0 or a negative errno (`-EINVAL` for a bad option string) with

@@ -31,7 +31,7 @@ use std::path::Path;
 
 use qcow2kit::error::IoOp;
 use qcow2kit::events::{ErrorAction, JobType};
-use qcow2kit::{CreateOptions, Error, Event, Extent, Image, OpenOptions};
+use qcow2kit::{CreateOptions, Error, Event, Extent, Image, OpenOptions, QuorumOpType};
 
 /// Success.
 pub const QCOW2KIT_OK: c_int = 0;
@@ -56,6 +56,15 @@ pub const QCOW2KIT_EVENT_BLOCK_JOB_CANCELLED: c_int = 5;
 /// [`qcow2kit_event::kind`]: a block job met an I/O error (QEMU's
 /// `BLOCK_JOB_ERROR`); `operation` and `action` say which and what now.
 pub const QCOW2KIT_EVENT_BLOCK_JOB_ERROR: c_int = 6;
+/// [`qcow2kit_event::kind`]: a quorum child failed a request or its data
+/// lost the vote (QEMU's `QUORUM_REPORT_BAD`): `node_name` is the child's,
+/// `msg` its error (NULL when it lost the vote), `operation` the request's
+/// kind, `offset`/`size` its byte range (sector-granular; 0/0 for a flush).
+pub const QCOW2KIT_EVENT_QUORUM_REPORT_BAD: c_int = 7;
+/// [`qcow2kit_event::kind`]: no quorum was reached (QEMU's
+/// `QUORUM_FAILURE`; the request fails): `node_name` is the quorum's, and
+/// `offset`/`size` the request's byte range.
+pub const QCOW2KIT_EVENT_QUORUM_FAILURE: c_int = 8;
 
 /// [`qcow2kit_event::job_type`]: not a job event.
 pub const QCOW2KIT_JOB_NONE: c_int = 0;
@@ -71,6 +80,9 @@ pub const QCOW2KIT_IO_READ: c_int = 0;
 /// [`qcow2kit_event::operation`]: a write (or flush, discard,
 /// write-zeroes) failed.
 pub const QCOW2KIT_IO_WRITE: c_int = 1;
+/// [`qcow2kit_event::operation`] of [`QCOW2KIT_EVENT_QUORUM_REPORT_BAD`]:
+/// a flush (other events report flushes as [`QCOW2KIT_IO_WRITE`]).
+pub const QCOW2KIT_IO_FLUSH: c_int = 2;
 
 /// [`qcow2kit_event::action`]: the error is reported to the caller.
 pub const QCOW2KIT_ACTION_REPORT: c_int = 0;
@@ -104,7 +116,8 @@ pub struct qcow2kit_event {
     /// [`QCOW2KIT_EVENT_IMAGE_CORRUPTED`], [`QCOW2KIT_EVENT_IO_ERROR`] or
     /// one of the block-job kinds ([`QCOW2KIT_EVENT_BLOCK_JOB_READY`], ...).
     pub kind: c_int,
-    /// The node name given at open (`node-name=`), or NULL.
+    /// The node name given at open (`node-name=`), or NULL; for quorum
+    /// events the child's or the quorum's node name.
     pub node_name: *const c_char,
     /// What happened: QEMU's corruption message, the `strerror` text of
     /// the I/O error, or the error a block job ended with (NULL for a job
@@ -304,6 +317,14 @@ fn job_type_code(t: JobType) -> c_int {
     }
 }
 
+/// A quorum event's sector range as the byte range of a C event.
+fn sectors(out: &mut qcow2kit_event, num: u64, count: u64) {
+    out.has_offset = true;
+    out.offset = num.saturating_mul(512);
+    out.has_size = true;
+    out.size = count.saturating_mul(512);
+}
+
 fn cstring(s: &str) -> CString {
     CString::new(s.replace('\0', "\\0")).unwrap_or_default()
 }
@@ -437,6 +458,31 @@ fn deliver(
                 device = Some(cstring(d));
                 (None, None)
             }
+            Event::QuorumReportBad {
+                kind,
+                error,
+                node_name,
+                sector_num,
+                sectors_count,
+            } => {
+                out.kind = QCOW2KIT_EVENT_QUORUM_REPORT_BAD;
+                out.operation = match kind {
+                    QuorumOpType::Read => QCOW2KIT_IO_READ,
+                    QuorumOpType::Flush => QCOW2KIT_IO_FLUSH,
+                    _ => QCOW2KIT_IO_WRITE,
+                };
+                sectors(&mut out, *sector_num, *sectors_count);
+                (Some(cstring(node_name)), error.as_deref().map(cstring))
+            }
+            Event::QuorumFailure {
+                reference,
+                sector_num,
+                sectors_count,
+            } => {
+                out.kind = QCOW2KIT_EVENT_QUORUM_FAILURE;
+                sectors(&mut out, *sector_num, *sectors_count);
+                (Some(cstring(reference)), None)
+            }
             // A kind of event this ABI does not know yet: not delivered.
             _ => return,
         };
@@ -513,8 +559,9 @@ pub unsafe extern "C" fn qcow2kit_open(
 
 /// Opens an image described by a QEMU option string, as `qemu-io
 /// --image-opts` takes it: `driver=qcow2,file.filename=disk.qcow2,read-only=on,
-/// overlap-check=all,l2-cache-size=4M,...` (`file.filename=` or `file=` is
-/// required). `cb` (may be NULL) receives the image's events from the moment
+/// overlap-check=all,l2-cache-size=4M,...` (`file.filename=` or `file=`, or
+/// a storage backend with `file.driver=null-co|nbd|quorum|blkdebug` and its
+/// `file.*` options, is required). `cb` (may be NULL) receives the image's events from the moment
 /// it opens, with `user_data`; see [`qcow2kit_event_cb`].
 ///
 /// Returns 0 or a negative errno (`-EINVAL` for a bad option string) with
@@ -544,16 +591,25 @@ pub unsafe extern "C" fn qcow2kit_open_opts(
             Ok(o) => o,
             Err(e) => return fail(-libc::EINVAL, &e.to_string()),
         };
-        let Some(path) = opts.filename().map(Path::to_path_buf) else {
-            return fail(
-                -libc::EINVAL,
-                "The option string names no image file (file.filename=)",
-            );
-        };
         if let Some(cb) = cb {
             opts = opts.on_event(sink(cb, user_data));
         }
-        match Image::open(&path, &opts) {
+        let opened = if let Some(spec) = opts.file_backend() {
+            // A storage backend (file.driver=null-co|nbd|quorum|blkdebug).
+            match qcow2kit::storage::open_from_options(spec, opts.get_read_only()) {
+                Ok(storage) => Image::open_storage(storage, &opts),
+                Err(msg) => return fail(-libc::EINVAL, &msg),
+            }
+        } else {
+            let Some(path) = opts.filename().map(Path::to_path_buf) else {
+                return fail(
+                    -libc::EINVAL,
+                    "The option string names no image file (file.filename=) or backend (file.driver=)",
+                );
+            };
+            Image::open(&path, &opts)
+        };
+        match opened {
             // SAFETY: `out` checked non-NULL; writable by contract.
             Ok(img) => unsafe { store(out, img) },
             Err(e) => fail_err(&e),
@@ -1119,6 +1175,102 @@ mod tests {
                     true
                 ),
             ]
+        );
+    }
+
+    /// What the quorum test callback saw: (kind, node name, msg is NULL,
+    /// operation, offset, size).
+    type QuorumSeen = std::sync::Mutex<Vec<(c_int, String, bool, c_int, u64, u64)>>;
+
+    unsafe extern "C" fn record_quorum(ev: *const qcow2kit_event, user: *mut c_void) {
+        // SAFETY: the event is valid during the call; `user` is the
+        // `QuorumSeen` the test passed, alive for the whole test.
+        let (ev, seen) = unsafe { (&*ev, &*(user as *const QuorumSeen)) };
+        let node = if ev.node_name.is_null() {
+            String::new()
+        } else {
+            // SAFETY: a non-NULL node name is a NUL-terminated string valid
+            // during the call.
+            unsafe { CStr::from_ptr(ev.node_name) }
+                .to_string_lossy()
+                .into_owned()
+        };
+        seen.lock().unwrap().push((
+            ev.kind,
+            node,
+            ev.msg.is_null(),
+            ev.operation,
+            ev.offset,
+            ev.size,
+        ));
+    }
+
+    /// Quorum events reach a C callback: an image on three replicas, one
+    /// with a flipped byte in a data cluster, opened through an option
+    /// string; the read returns the majority's data and the bad child is
+    /// reported by node name with the request's byte range.
+    #[test]
+    fn quorum_events_reach_the_c_callback() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let a = d.join("A.qcow2");
+        qcow2kit::create::create(&a, &CreateOptions::new(), 1 << 20).unwrap();
+        let img = Image::open(&a, &OpenOptions::new()).unwrap();
+        img.write_at(&[0x11; 65536], 0).unwrap();
+        img.close().unwrap();
+        let bytes = std::fs::read(&a).unwrap();
+        let host = bytes
+            .chunks(65536)
+            .position(|c| c.iter().all(|&b| b == 0x11))
+            .expect("the data cluster") as u64
+            * 65536;
+        let mut bad = bytes.clone();
+        bad[host as usize + 100] ^= 0xff;
+        std::fs::write(d.join("B.qcow2"), &bad).unwrap();
+        std::fs::write(d.join("C.qcow2"), &bytes).unwrap();
+        let mut o = String::from("driver=qcow2,file.driver=quorum,file.vote-threshold=2");
+        for (i, f) in ["A", "B", "C"].iter().enumerate() {
+            o += &format!(
+                ",file.children.{i}.driver=file,file.children.{i}.filename={}",
+                d.join(format!("{f}.qcow2")).display()
+            );
+        }
+        o += ",file.children.1.node-name=replica-b";
+        let opts = CString::new(o).unwrap();
+        let seen: &'static QuorumSeen = Box::leak(Box::default());
+        let mut h = std::ptr::null_mut();
+        // SAFETY: valid strings and out pointer; the callback and `seen`
+        // outlive the handle.
+        unsafe {
+            assert_eq!(
+                qcow2kit_open_opts(
+                    opts.as_ptr(),
+                    Some(record_quorum),
+                    (seen as *const QuorumSeen).cast_mut().cast(),
+                    &mut h
+                ),
+                0,
+                "{}",
+                last()
+            );
+            seen.lock().unwrap().clear(); // what the open itself read
+            let mut buf = vec![0u8; 65536];
+            assert_eq!(qcow2kit_read(h, buf.as_mut_ptr().cast(), buf.len(), 0), 0);
+            assert!(buf.iter().all(|&b| b == 0x11));
+            assert_eq!(qcow2kit_close(h), 0);
+        }
+        let seen = seen.lock().unwrap();
+        assert_eq!(
+            seen.first(),
+            Some(&(
+                QCOW2KIT_EVENT_QUORUM_REPORT_BAD,
+                "replica-b".to_owned(),
+                true,
+                QCOW2KIT_IO_READ,
+                host,
+                65536
+            )),
+            "{seen:?}"
         );
     }
 }
