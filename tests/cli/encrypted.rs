@@ -697,3 +697,142 @@ fn convert_to_and_from_encrypted_images() {
         assert!(!o.join("fail.raw").exists() && !o.join("fail.qcow2").exists());
     }
 }
+
+/// `info`, `map`, `compare`, `resize`, `amend`, `snapshot` and `bitmap`
+/// take the key as qemu-img does (`--object secret,... --image-opts
+/// driver=qcow2,encrypt.key-secret=ID,file.filename=F`): the same output,
+/// errors and exit codes, and the images they change agree.
+#[test]
+fn image_opts_commands_match_qemu_img() {
+    if !have_qemu() {
+        return;
+    }
+    let (qd, od) = (scratch(), scratch());
+    let (q, o) = (qd.path(), od.path());
+    make_images(q);
+    copy_dir(q, o);
+    let opts = "driver=qcow2,encrypt.key-secret=sec0,file.filename=luks.qcow2";
+    let essiv = "driver=qcow2,encrypt.key-secret=sec0,file.filename=essiv.qcow2";
+    let pre = ["--object", SECRET, "--image-opts"];
+    let with = |sub: &str, mid: &[&str], tail: &[&str]| -> Vec<String> {
+        let mut v = vec![sub.to_owned()];
+        v.extend(mid.iter().map(|s| (*s).to_owned()));
+        v.extend(pre.iter().map(|s| (*s).to_owned()));
+        v.extend(tail.iter().map(|s| (*s).to_owned()));
+        v
+    };
+    let twin = |args: &[String]| {
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        twins(q, o, "qemu-img", &[], &a)
+    };
+    // info: the `json:` name, the encryption lines (disk size by shape).
+    for mid in [&[][..], &["--output=json"][..]] {
+        for img in [opts, essiv, "driver=qcow2,file.filename=over.qcow2"] {
+            let args = with("info", mid, &[img]);
+            let a: Vec<&str> = args.iter().map(String::as_str).collect();
+            let (qr, or) = (qemu(q, "qemu-img", &a), ours(o, &a));
+            let shape = |s: &str| {
+                without_disk_size(s)
+                    .lines()
+                    .filter(|l| !l.contains("\"actual-size\""))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            };
+            assert_eq!(shape(&or.out), shape(&qr.out), "{args:?}");
+            assert_eq!((or.code, &or.err), (qr.code, &qr.err), "{args:?}");
+        }
+    }
+    // map: JSON without host offsets; the human form refuses.
+    twin(&with("map", &["--output=json"], &[opts]));
+    twin(&with("map", &[], &[opts]));
+    twin(&with("map", &["--output=json"], &[essiv]));
+    // compare: identical; an encrypted image against its plain backing file.
+    twin(&with("compare", &[], &[opts, opts]));
+    twin(&with(
+        "compare",
+        &[],
+        &[opts, "driver=qcow2,file.filename=over.qcow2"],
+    ));
+    twin(&with(
+        "compare",
+        &[],
+        &[essiv, "driver=qcow2,file.filename=base.qcow2"],
+    ));
+    // Errors: no key, -f with --image-opts, a missing file, bad options.
+    for (sub, mid) in [
+        ("info", &[][..]),
+        ("map", &[][..]),
+        ("compare", &[][..]),
+        ("resize", &[][..]),
+        ("amend", &["-o", "lazy_refcounts=on"][..]),
+        ("snapshot", &["-c", "s"][..]),
+        ("bitmap", &["--add"][..]),
+    ] {
+        let tail: &[&str] = match sub {
+            "compare" => &["driver=qcow2,file.filename=luks.qcow2", "x"],
+            "resize" => &["driver=qcow2,file.filename=luks.qcow2", "2M"],
+            "bitmap" => &["driver=qcow2,file.filename=luks.qcow2", "b"],
+            _ => &["driver=qcow2,file.filename=luks.qcow2"],
+        };
+        let mut a = vec![sub, "--image-opts"];
+        a.extend_from_slice(mid);
+        a.extend_from_slice(tail);
+        // (info needs no key: its output is compared above.)
+        if sub != "info" {
+            twins(q, o, "qemu-img", &[], &a);
+        }
+        let mut f = vec![sub, "-f", "qcow2"];
+        f.extend_from_slice(&a[1..]);
+        twins(q, o, "qemu-img", &[], &f);
+        let nope: Vec<&str> = a
+            .iter()
+            .map(|s| s.replace("luks.qcow2", "nope.qcow2"))
+            .map(|s| &*Box::leak(s.into_boxed_str()))
+            .collect();
+        twins(q, o, "qemu-img", &[], &nope);
+    }
+    // Writes with the key: both images end up consistent and equal.
+    twin(&with("resize", &[], &[opts, "2M"]));
+    twin(&with("snapshot", &["-c", "snap1"], &[opts]));
+    twin(&with("bitmap", &["--add"], &[opts, "b0"]));
+    twin(&with("amend", &["-o", "lazy_refcounts=on"], &[opts]));
+    twin(&with("resize", &["--shrink"], &[opts, "1M"]));
+    for dir in [q, o] {
+        let r = qemu(
+            dir,
+            "qemu-img",
+            &["check", "--object", SECRET, "--image-opts", opts],
+        );
+        assert_eq!(r.code, 0, "{r:?}");
+        let r = qemu(
+            dir,
+            "qemu-img",
+            &[
+                "info",
+                "--output=json",
+                "--object",
+                SECRET,
+                "--image-opts",
+                opts,
+            ],
+        );
+        for want in [
+            "\"virtual-size\": 1048576",
+            "\"lazy-refcounts\": true",
+            "\"name\": \"b0\"",
+            "\"name\": \"snap1\"",
+        ] {
+            assert!(r.out.contains(want), "{want}: {r:?}");
+        }
+    }
+    let other = format!(
+        "driver=qcow2,encrypt.key-secret=sec0,file.filename={}",
+        o.join("luks.qcow2").display()
+    );
+    let r = qemu(
+        q,
+        "qemu-img",
+        &["compare", "--object", SECRET, "--image-opts", opts, &other],
+    );
+    assert_eq!(r.code, 0, "{r:?}");
+}

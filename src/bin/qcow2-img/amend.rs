@@ -1,11 +1,10 @@
 //! `qcow2-img amend -o OPTS FILE` (`cli.md` §7): changes header options in
 //! place. Silent on success; `-p` prints qemu-img's progress indicator.
 
-use crate::common::{check_format, lib_fail, open_fail, parse_args, CmdResult, Fail};
+use crate::common::{lib_fail, parse_args, CmdResult, Fail};
 use crate::progress::Progress;
 use clap::Parser;
 use qcow2kit::options::AmendOptions;
-use qcow2kit::Image;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -18,6 +17,8 @@ struct Args {
     help: bool,
     #[arg(short = 'f', long = "format")]
     format: Option<String>,
+    #[arg(long = "image-opts")]
+    image_opts: bool,
     #[arg(short = 'q', long = "quiet")]
     quiet: bool,
     #[arg(short = 'p', long = "progress")]
@@ -53,9 +54,13 @@ pub fn run(argv: &[String]) -> CmdResult {
             Fail::Msg(format!("{e}{hint}"))
         })?;
     }
-    check_format(a.format.as_deref(), filename)?;
-    let img = Image::open(filename, &crate::common::open_options())
-        .map_err(|e| open_fail(filename, &e))?;
+    let img = crate::common::open_image_arg(
+        filename,
+        a.image_opts,
+        a.format.as_deref(),
+        crate::common::open_options(),
+        true,
+    )?;
     progress.start();
     let amended =
         qcow2kit::amend::amend_image_with_progress(&img, &opts, &mut |d, t| progress.set(d, t));

@@ -21,6 +21,8 @@ struct Args {
     help: bool,
     #[arg(short = 'f', long = "format")]
     format: Option<String>,
+    #[arg(long = "image-opts")]
+    image_opts: bool,
     #[arg(short = 'g', long = "granularity", allow_hyphen_values = true)]
     granularity: Option<String>,
     #[arg(short = 'b', long = "source-file", allow_hyphen_values = true)]
@@ -141,13 +143,17 @@ pub fn run(argv: &[String]) -> CmdResult {
     let [filename, bitmap] = a.rest.as_slice() else {
         return Err(Fail::Msg("Expecting filename and bitmap name".into()));
     };
-    if a.format.as_deref() == Some("raw") {
+    if a.format.as_deref() == Some("raw") && !a.image_opts {
         return run_raw(filename, bitmap, &actions);
     }
-    check_format(a.format.as_deref(), filename)?;
     // No backing chain: bitmaps do not depend on image contents.
-    let img = Image::open_without_backing(filename, &OpenOptions::new())
-        .map_err(|e| open_fail(filename, &e))?;
+    let img = crate::common::open_image_arg(
+        filename,
+        a.image_opts,
+        a.format.as_deref(),
+        crate::common::open_options(),
+        false,
+    )?;
     let source = match &a.source_file {
         None => Source::Same,
         Some(f) => match open_source(f, a.source_format.as_deref()) {

@@ -224,6 +224,57 @@ pub fn open_ro_with(filename: &str, opts: OpenOptions) -> Result<Image, Fail> {
     Image::open(filename, &opts).map_err(|e| open_fail(filename, &e))
 }
 
+/// Opens a command's image argument: with `--image-opts` an option string
+/// (`driver=qcow2,file.filename=F,encrypt.key-secret=ID,...`) applied over
+/// `opts`, as qemu-img takes it; otherwise a file name checked against `-f`.
+/// `backing` opens the backing chain too.
+///
+/// # Errors
+/// qemu-img's messages: `--image-opts and --format are mutually exclusive`,
+/// a bad option string, a failed open.
+pub fn open_image_arg(
+    name: &str,
+    image_opts: bool,
+    format: Option<&str>,
+    opts: OpenOptions,
+    backing: bool,
+) -> Result<Image, Fail> {
+    let (path, opts) = if image_opts {
+        if format.is_some() {
+            return Err(Fail::Msg(
+                "--image-opts and --format are mutually exclusive".into(),
+            ));
+        }
+        let mut o = opts;
+        o.apply_qemu_str(name)
+            .map_err(|e| Fail::Msg(format!("Could not open '{name}': {e}")))?;
+        let file = o
+            .filename()
+            .map(std::path::Path::to_path_buf)
+            .ok_or_else(|| {
+                Fail::Msg(format!(
+                    "Could not open '{name}': A block device must be specified for \"file\""
+                ))
+            })?;
+        (file, o)
+    } else {
+        check_format(format, name)?;
+        (std::path::PathBuf::from(name), opts)
+    };
+    let r = if backing {
+        Image::open(&path, &opts)
+    } else {
+        Image::open_without_backing(&path, &opts)
+    };
+    // A file error names the file, after the option string.
+    r.map_err(|e| {
+        Fail::Msg(format!(
+            "Could not open '{name}': {}",
+            open_error_text(&path.to_string_lossy(), &e)
+        ))
+    })
+}
+
 /// Whether an `-o` argument asks for the option list (`-o help`).
 pub fn wants_help(options: &[String]) -> bool {
     options

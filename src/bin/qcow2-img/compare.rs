@@ -22,6 +22,8 @@ struct Args {
     fmt1: Option<String>,
     #[arg(short = 'F')]
     fmt2: Option<String>,
+    #[arg(long = "image-opts")]
+    image_opts: bool,
     #[arg(short = 'T')]
     cache: Option<String>,
     #[arg(short = 'p')]
@@ -63,8 +65,19 @@ pub fn run(argv: &[String]) -> CmdResult {
     let opts = cache
         .apply(crate::common::open_options().read_only(true))
         .force_share(a.force_share);
-    let s1 = open(n1, a.fmt1.as_deref(), &opts, cache.direct()).map_err(|f| exit_with(f, 2))?;
-    let s2 = open(n2, a.fmt2.as_deref(), &opts, cache.direct()).map_err(|f| exit_with(f, 2))?;
+    let open = |name: &str, fmt: Option<&str>| {
+        if a.image_opts {
+            // Both names are option strings (`driver=qcow2,file.filename=F,
+            // encrypt.key-secret=ID,...`), as qemu-img takes them.
+            crate::common::open_image_arg(name, true, fmt, opts.clone(), true)
+                .map(|i| Src::Qcow2(Box::new(i)))
+        } else {
+            open(name, fmt, &opts, cache.direct())
+        }
+        .map_err(|f| exit_with(f, 2))
+    };
+    let s1 = open(n1, a.fmt1.as_deref())?;
+    let s2 = open(n2, a.fmt2.as_deref())?;
     let quiet = a.quiet;
     let mut progress = Progress::new(a.progress && !quiet);
     let say = |s: &str| {

@@ -82,7 +82,8 @@ Exit codes:
 
 /// `qcow2-img compare --help`.
 pub const COMPARE: &str = "\
-Usage: qcow2-img compare [-f FMT] [-F FMT] [-T SRC_CACHE] [-s] [-p] [-q] [-U] FILE1 FILE2
+Usage: qcow2-img compare [-f FMT] [-F FMT] [--image-opts] [-T SRC_CACHE] [-s] [-p]
+                         [-q] [-U] FILE1 FILE2
 
 Compare the guest contents of two images (through their backing chains).
 Unallocated and zero ranges equal zeroes; a size difference is a warning when
@@ -97,6 +98,10 @@ Options:
       repeated
   -f FMT, -F FMT
       format of FILE1 and FILE2: qcow2 or raw (default: probed)
+  --image-opts
+      FILE1 and FILE2 are option strings instead of file names, for example
+      'driver=qcow2,encrypt.key-secret=ID,file.filename=disk.qcow2' (with
+      --object, the key of an encrypted image); not with -f or -F
   -T SRC_CACHE
       cache mode for both images (default writeback)
   -s
@@ -166,7 +171,8 @@ Exit codes:
 
 /// `qcow2-img info --help`.
 pub const INFO: &str = "\
-Usage: qcow2-img info [-f qcow2] [--output human|json] [--backing-chain] [-U] FILE
+Usage: qcow2-img info [-f qcow2 | --image-opts] [--output human|json]
+                      [--backing-chain] [-U] FILE
 
 Show information about an image: virtual and disk size, cluster size, backing
 file, format-specific details.
@@ -180,6 +186,10 @@ Options:
       repeated
   -f, --format qcow2
       format of FILE; only qcow2 is supported (default: qcow2)
+  --image-opts
+      FILE is an option string instead of a file name, for example
+      'driver=qcow2,encrypt.key-secret=ID,file.filename=disk.qcow2' (with
+      --object, the key of an encrypted image); not with -f
   --output human|json
       output format (default human)
   --backing-chain
@@ -200,8 +210,8 @@ Exit codes:
 
 /// `qcow2-img map --help`.
 pub const MAP: &str = "\
-Usage: qcow2-img map [-f qcow2] [--output human|json] [-s OFFSET] [-l LENGTH] [-U]
-                     [-B BITMAP] FILE
+Usage: qcow2-img map [-f qcow2 | --image-opts] [--output human|json] [-s OFFSET]
+                     [-l LENGTH] [-U] [-B BITMAP] FILE
 
 Show how the guest data of an image is stored: for each run of guest bytes,
 whether it is data or zeroes, which layer of the backing chain holds it, and
@@ -217,6 +227,10 @@ Options:
       repeated
   -f, --format qcow2
       format of FILE; only qcow2 is supported (default: qcow2)
+  --image-opts
+      FILE is an option string instead of a file name, for example
+      'driver=qcow2,encrypt.key-secret=ID,file.filename=disk.qcow2' (with
+      --object, the key of an encrypted image); not with -f
   --output human|json
       output format (default human)
   -s, --start-offset OFFSET
@@ -313,7 +327,7 @@ Exit codes:
 
 /// `qcow2-img resize --help`.
 pub const RESIZE: &str = "\
-Usage: qcow2-img resize [-f qcow2] [-q] [--preallocation=MODE] [--shrink]
+Usage: qcow2-img resize [-f qcow2 | --image-opts] [-q] [--preallocation=MODE] [--shrink]
                         FILE [+|-]SIZE
 
 Change the virtual size of an image. Prints 'Image resized.' on success.
@@ -327,6 +341,10 @@ Options:
       repeated
   -f, --format qcow2
       format of FILE; only qcow2 is supported (default: qcow2)
+  --image-opts
+      FILE is an option string instead of a file name, for example
+      'driver=qcow2,encrypt.key-secret=ID,file.filename=disk.qcow2' (with
+      --object, the key of an encrypted image); not with -f
   -q, --quiet
       do not print 'Image resized.'
   --preallocation=MODE
@@ -501,7 +519,7 @@ Exit codes:
 
 /// `qcow2-img amend --help`.
 pub const AMEND: &str = "\
-Usage: qcow2-img amend [-f qcow2] [-p] [-q] -o OPTS... FILE
+Usage: qcow2-img amend [-f qcow2 | --image-opts] [-p] [-q] -o OPTS... FILE
 
 Change header options of an existing image in place. Prints nothing on
 success (with -p: the progress indicator only).
@@ -515,6 +533,10 @@ Options:
       repeated
   -f, --format qcow2
       format of FILE; only qcow2 is supported (default: qcow2)
+  --image-opts
+      FILE is an option string instead of a file name, for example
+      'driver=qcow2,encrypt.key-secret=ID,file.filename=disk.qcow2' (with
+      --object, the key of an encrypted image); not with -f
   -p, --progress
       print qemu-img's progress indicator on stdout: updates of the form
       (PERCENT/100%), each ended by a carriage return, and a newline at the end
@@ -537,7 +559,8 @@ Exit codes:
 
 /// `qcow2-img snapshot --help`.
 pub const SNAPSHOT: &str = "\
-Usage: qcow2-img snapshot [-f qcow2] [-q] [-U] -l|-c NAME|-a NAME|-d NAME FILE
+Usage: qcow2-img snapshot [-f qcow2 | --image-opts] [-q] [-U]
+                          -l|-c NAME|-a NAME|-d NAME FILE
 
 List, create, apply or delete the internal snapshots of an image. Only -l
 prints anything (nothing when the image has no snapshots).
@@ -551,6 +574,10 @@ Options:
       repeated
   -f, --format qcow2
       format of FILE; only qcow2 is supported (default: qcow2)
+  --image-opts
+      FILE is an option string instead of a file name, for example
+      'driver=qcow2,encrypt.key-secret=ID,file.filename=disk.qcow2' (with
+      --object, the key of an encrypted image); not with -f
   -q, --quiet
       accepted for qemu-img compatibility (the list is still printed)
   -U, --force-share
@@ -581,7 +608,7 @@ Exit codes:
 pub const BITMAP: &str = "\
 Usage: qcow2-img bitmap (--add | --remove | --clear | --enable | --disable |
                          --merge SOURCE [-b SOURCE_FILE [-F SOURCE_FMT]])...
-                        [-f qcow2] [-g GRANULARITY] FILE BITMAP
+                        [-f qcow2 | --image-opts] [-g GRANULARITY] FILE BITMAP
 
 Change the persistent dirty bitmap BITMAP of FILE (a v3 qcow2 image). The
 actions run in the order given; the first that fails stops the rest, but
@@ -590,8 +617,16 @@ what ran before it is kept. Prints nothing on success.
 Options:
   -h, --help
       print this help and exit
+  --object OBJECTDEF
+      a secret, secret,id=ID,data=STRING|file=PATH[,format=raw|base64], that
+      encrypt.key-secret=ID names (the key of an encrypted image); may be
+      repeated
   -f, --format qcow2
       format of FILE (qcow2; raw images hold no bitmaps)
+  --image-opts
+      FILE is an option string instead of a file name, for example
+      'driver=qcow2,encrypt.key-secret=ID,file.filename=disk.qcow2' (with
+      --object, the key of an encrypted image); not with -f
   --add
       create BITMAP, enabled: it records the guest writes from now on
   -g, --granularity SIZE

@@ -6,7 +6,7 @@ use qcow2kit::image::MAX_BACKING_DEPTH;
 use qcow2kit::info::{path_combine, to_json_pretty, ImageInfo};
 use qcow2kit::storage::FileStorage;
 use qcow2kit::storage::Storage;
-use qcow2kit::Image;
+use qcow2kit::{Image, OpenOptions};
 use std::path::Path;
 
 /// Whether the file starts with the qcow2 magic (an unreadable file counts
@@ -38,6 +38,8 @@ struct Args {
     format: Option<String>,
     #[arg(long = "output")]
     output: Option<String>,
+    #[arg(long = "image-opts")]
+    image_opts: bool,
     #[arg(long = "backing-chain")]
     backing_chain: bool,
     #[arg(short = 'U', long = "force-share")]
@@ -60,10 +62,46 @@ pub fn run(argv: &[String]) -> CmdResult {
         return Err(Fail::Usage("Expecting one image file name".into(), SUB));
     }
     let filename = a.rest[0].clone();
-    check_format(a.format.as_deref(), &filename)?;
+    let base_opts = crate::common::open_options()
+        .read_only(true)
+        .force_share(a.force_share);
+    // With --image-opts the first image comes from an option string; it is
+    // named as QEMU names it: its file, or a `json:` name when the string
+    // sets a key secret (QEMU's only strong qcow2 option supported here).
+    let mut top: Option<(OpenOptions, String)> = None;
+    let mut name = if a.image_opts {
+        if a.format.is_some() {
+            return Err(Fail::Msg(
+                "--image-opts and --format are mutually exclusive".into(),
+            ));
+        }
+        let mut o = base_opts.clone();
+        o.apply_qemu_str(&filename)
+            .map_err(|e| Fail::Msg(format!("Could not open '{filename}': {e}")))?;
+        let file = o
+            .filename()
+            .map(|p| p.to_string_lossy().into_owned())
+            .ok_or_else(|| {
+                Fail::Msg(format!(
+                    "Could not open '{filename}': A block device must be specified for \"file\""
+                ))
+            })?;
+        let shown = match o.get_key_secret() {
+            Some(id) => format!(
+                "json:{{\"encrypt.key-secret\": {}, \"driver\": \"qcow2\", \"file\": {{\"driver\": \"file\", \"filename\": {}}}}}",
+                json_str(id),
+                json_str(&file)
+            ),
+            None => file.clone(),
+        };
+        top = Some((o, shown));
+        file
+    } else {
+        check_format(a.format.as_deref(), &filename)?;
+        filename.clone()
+    };
 
     let mut infos = Vec::new();
-    let mut name = filename;
     let mut fmt: Option<String> = None;
     // Files already in the chain, by device and inode (QEMU compares names).
     let mut seen: Vec<(u64, u64)> = Vec::new();
@@ -98,11 +136,24 @@ pub fn run(argv: &[String]) -> CmdResult {
             })?;
             ImageInfo::raw(&f, &name).map_err(|e| Fail::Msg(e.qemu_message()))?
         } else {
-            let opts = crate::common::open_options()
-                .read_only(true)
-                .force_share(a.force_share);
-            let img = Image::open_for_info(&name, &opts).map_err(|e| open_fail(&name, &e))?;
-            ImageInfo::from_image(&img, &name).map_err(|e| Fail::Msg(e.qemu_message()))?
+            let (opts, shown) = match top.take() {
+                Some(t) => t,
+                None => (base_opts.clone(), name.clone()),
+            };
+            let img = Image::open_for_info(&name, &opts).map_err(|e| {
+                if a.image_opts && infos.is_empty() {
+                    Fail::Msg(format!(
+                        "Could not open '{filename}': {}",
+                        crate::common::open_error_text(&name, &e)
+                    ))
+                } else {
+                    open_fail(&name, &e)
+                }
+            })?;
+            let mut info =
+                ImageInfo::from_image(&img, &name).map_err(|e| Fail::Msg(e.qemu_message()))?;
+            info.filename = shown;
+            info
         };
         let next = info.backing_filename.clone();
         let next_fmt = info.backing_filename_format.clone();
@@ -135,4 +186,9 @@ pub fn run(argv: &[String]) -> CmdResult {
         }
     }
     Ok(())
+}
+
+/// `s` as a JSON string (QEMU's `json:` file names).
+fn json_str(s: &str) -> String {
+    serde_json::to_string(s).unwrap_or_else(|_| format!("\"{s}\""))
 }

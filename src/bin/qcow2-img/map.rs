@@ -3,7 +3,7 @@
 //! layer, with `bdrv_co_block_status`'s rules for unallocated ranges.
 
 use crate::common::{
-    check_format, lib_fail, open_ro_shared, parse_args, parse_output, CmdResult, Fail, Output,
+    lib_fail, open_image_arg, open_options, parse_args, parse_output, CmdResult, Fail, Output,
 };
 use clap::Parser;
 use qcow2kit::image::Backing;
@@ -23,6 +23,8 @@ struct Args {
     help: bool,
     #[arg(short = 'f', long = "format")]
     format: Option<String>,
+    #[arg(long = "image-opts")]
+    image_opts: bool,
     #[arg(long = "output")]
     output: Option<String>,
     #[arg(short = 's', long = "start-offset")]
@@ -157,9 +159,12 @@ fn layer_status(layer: &Layer<'_>, offset: u64, bytes: u64) -> Result<(u8, u64, 
         }
         LayerKind::Qcow2(img) => {
             let st = img.block_status(offset, bytes)?;
-            Ok(match st.extent {
+            // QEMU gives no host offset for an encrypted image's clusters
+            // (nor asks the file about preallocated runs).
+            let crypt = img.is_encrypted();
+            let r = match st.extent {
                 Extent::Data { host } => {
-                    if layer.prealloc {
+                    if layer.prealloc && !crypt {
                         // BDRV_BLOCK_RECURSE: ask the file whether the run is a hole.
                         let (hole, len) = file_run(img, host, st.len);
                         let zero = if hole { ZERO } else { 0 };
@@ -180,6 +185,11 @@ fn layer_status(layer: &Layer<'_>, offset: u64, bytes: u64) -> Result<(u8, u64, 
                 Extent::Zero { host: None } => (ZERO, st.len, 0),
                 Extent::Unallocated => (0, st.len, 0),
                 Extent::Compressed { .. } => (DATA | COMPRESSED, st.len, 0),
+            };
+            Ok(if crypt {
+                (r.0 & !OFFSET_VALID, r.1, 0)
+            } else {
+                r
             })
         }
     }
@@ -397,8 +407,19 @@ pub fn run(argv: &[String]) -> CmdResult {
     let start = size_arg(&a.start_offset, "offset")?.unwrap_or(0);
     let max_len = size_arg(&a.max_length, "length")?;
     let filename = &a.rest[0];
-    check_format(a.format.as_deref(), filename)?;
-    let img = open_ro_shared(filename, true, a.force_share)?;
+    let img = open_image_arg(
+        filename,
+        a.image_opts,
+        a.format.as_deref(),
+        open_options().read_only(true).force_share(a.force_share),
+        true,
+    )?;
+    // With --image-opts the File column names the image file.
+    let file_name = img.path().map(|p| p.to_string_lossy().into_owned());
+    let filename = match &file_name {
+        Some(f) if a.image_opts => f,
+        _ => filename,
+    };
     let mut length = img.size();
     if let Some(m) = max_len {
         length = length.min(start.saturating_add(m));

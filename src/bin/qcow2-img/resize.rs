@@ -1,10 +1,9 @@
 //! `qcow2-img resize` (`cli.md` §6). The size is always the last argument
 //! and is taken out before option parsing, so `-1M` is not an option.
 
-use crate::common::{check_format, lib_fail, open_fail, parse_args, CmdResult, Fail};
+use crate::common::{lib_fail, parse_args, CmdResult, Fail};
 use clap::Parser;
 use qcow2kit::options::{parse_size, Preallocation};
-use qcow2kit::Image;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -17,6 +16,8 @@ struct Args {
     help: bool,
     #[arg(short = 'f', long = "format")]
     format: Option<String>,
+    #[arg(long = "image-opts")]
+    image_opts: bool,
     #[arg(short = 'q', long = "quiet")]
     quiet: bool,
     #[arg(long = "preallocation")]
@@ -62,10 +63,13 @@ pub fn run(argv: &[String]) -> CmdResult {
         _ => (0i128, size_arg.as_str()),
     };
     let n = parse_size(digits).map_err(|e| Fail::Msg(e.into_option_error("size").to_string()))?;
-    check_format(a.format.as_deref(), filename)?;
-
-    let img = Image::open(filename, &crate::common::open_options())
-        .map_err(|e| open_fail(filename, &e))?;
+    let img = crate::common::open_image_arg(
+        filename,
+        a.image_opts,
+        a.format.as_deref(),
+        crate::common::open_options(),
+        true,
+    )?;
     let current = i128::from(img.size());
     let total = if relative != 0 {
         current + i128::from(n) * relative

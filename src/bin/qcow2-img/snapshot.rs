@@ -2,7 +2,7 @@
 //! internal snapshots of an image, with qemu-img's lookups (`-a` by ID
 //! first, then name; `-d` by name, the first match), messages and exit codes.
 
-use crate::common::{check_format, open_fail, parse_args, CmdResult, Fail};
+use crate::common::{parse_args, CmdResult, Fail};
 use clap::{ArgAction, Parser};
 use qcow2kit::{Error, Image};
 
@@ -17,6 +17,8 @@ struct Args {
     help: bool,
     #[arg(short = 'f', long = "format")]
     format: Option<String>,
+    #[arg(long = "image-opts")]
+    image_opts: bool,
     #[arg(short = 'q', long = "quiet")]
     quiet: bool,
     #[arg(short = 'U', long = "force-share")]
@@ -67,13 +69,13 @@ pub fn run(argv: &[String]) -> CmdResult {
         return Err(Fail::Usage("Expecting one image file name".into(), SUB));
     }
     let filename = &a.rest[0];
-    check_format(a.format.as_deref(), filename)?;
     let read_only = matches!(action, Action::List);
     let opts = crate::common::open_options()
         .read_only(read_only)
         .force_share(a.force_share);
     // qemu-img opens the backing chain too (a missing backing file fails).
-    let img = Image::open(filename, &opts).map_err(|e| open_fail(filename, &e))?;
+    let img =
+        crate::common::open_image_arg(filename, a.image_opts, a.format.as_deref(), opts, true)?;
     let result = match &action {
         Action::List => {
             list(&img);
