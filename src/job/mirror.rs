@@ -29,6 +29,7 @@ use super::commit::layers;
 use super::{Job, JobCtx, JobOptions, JobType, Stop};
 use crate::error::{IoOp, Result};
 use crate::image::Backing;
+use crate::options::ErrorPolicy;
 use crate::storage::Storage;
 use crate::{Error, Extent, Image};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -106,9 +107,17 @@ impl MirrorTarget {
 /// Arguments of a mirror (QAPI `drive-mirror`).
 #[derive(Debug, Clone, Default)]
 pub struct MirrorOptions {
-    /// Id, speed, `on-error` (for source and target errors alike) and the
-    /// event sink.
+    /// Id, speed, `on-error` (the policy for source and target errors
+    /// alike unless one of the two below is set) and the event sink.
     pub job: JobOptions,
+    /// What an error reading the source does (QAPI `on-source-error`;
+    /// `BLOCK_JOB_ERROR` with `operation: read`); none: `job.on_error`,
+    /// whose default is QEMU's `report`.
+    pub on_source_error: Option<ErrorPolicy>,
+    /// What an error writing or flushing the target does (QAPI
+    /// `on-target-error`; `BLOCK_JOB_ERROR` with `operation: write`); none:
+    /// `job.on_error`.
+    pub on_target_error: Option<ErrorPolicy>,
     /// What to copy.
     pub sync: MirrorSync,
     /// Bytes per dirty-bitmap bit: a power of two in 512..=64 MiB; 0: the
@@ -195,6 +204,25 @@ struct MirrorState {
     /// Orders the write-through pairs of concurrent writers, so that the
     /// target sees them in the source's order.
     order: Mutex<()>,
+}
+
+/// A mirror's error policies: source reads and target writes.
+#[derive(Debug, Clone, Copy)]
+struct Policies {
+    source: ErrorPolicy,
+    target: ErrorPolicy,
+}
+
+impl Policies {
+    /// Applies the policy of `op`'s side to `err` (reads are the source's,
+    /// writes and flushes the target's, as QEMU's `mirror_error_action`).
+    fn handle(&self, ctx: &JobCtx, op: IoOp, err: Error) -> std::result::Result<(), Stop> {
+        let policy = match op {
+            IoOp::Read => self.source,
+            _ => self.target,
+        };
+        ctx.handle_error_with(policy, op, err).map(|_| ())
+    }
 }
 
 /// A request's copy for a ready mirror's target.
@@ -412,12 +440,16 @@ pub fn mirror(drive: Arc<Drive>, target: MirrorTarget, opts: MirrorOptions) -> R
         // From here on, writes are tracked.
         *m = Some(state.clone());
     }
+    let policies = Policies {
+        source: opts.on_source_error.unwrap_or(opts.job.on_error),
+        target: opts.on_target_error.unwrap_or(opts.job.on_error),
+    };
     let job_opts = opts.job.or_device_sink(&source);
     let sync = opts.sync;
     let r = Job::spawn(JobType::Mirror, job_opts, {
         let drive = drive.clone();
         move |ctx| {
-            let r = run(ctx, &drive, &source, &state, sync, buf_size);
+            let r = run(ctx, &drive, &source, &state, policies, sync, buf_size);
             // Whatever happened, the drive stops feeding this mirror.
             *drive.mirror.write().unwrap_or_else(|p| p.into_inner()) = None;
             r
@@ -496,6 +528,7 @@ fn run(
     drive: &Drive,
     source: &Image,
     state: &MirrorState,
+    policies: Policies,
     sync: MirrorSync,
     buf_size: u64,
 ) -> std::result::Result<(), Stop> {
@@ -510,7 +543,7 @@ fn run(
             let (alloc, n) = match allocated(source, sync == MirrorSync::Top, off, want) {
                 Ok(r) => r,
                 Err(e) => {
-                    ctx.handle_error(IoOp::Read, e)?;
+                    policies.handle(ctx, IoOp::Read, e)?;
                     continue;
                 }
             };
@@ -527,11 +560,10 @@ fn run(
     }
     ctx.set_len(state.dirty.count().saturating_mul(g).min(size));
     let mut buf = vec![0u8; usize::try_from(buf_size).unwrap_or(16 << 20)];
-    copy_dirty(ctx, source, state, &mut buf, true)?;
-    state
-        .target
-        .flush()
-        .or_else(|e| ctx.handle_error(IoOp::Write, e).map(|_| ()))?;
+    copy_dirty(ctx, source, state, &mut buf, Some(policies))?;
+    while let Err(e) = state.target.flush() {
+        policies.handle(ctx, IoOp::Flush, e)?;
+    }
     // In sync: writes go to both from here on; the writes that were in
     // flight as it turned marked the bitmap and are copied at completion.
     state.write_through.store(true, Ordering::Release);
@@ -540,7 +572,7 @@ fn run(
     let mut img = drive.image.write().unwrap_or_else(|p| p.into_inner());
     let left = state.dirty.count().saturating_mul(g).min(size);
     ctx.set_len(ctx.offset().saturating_add(left));
-    copy_dirty(ctx, source, state, &mut buf, false)?;
+    copy_dirty(ctx, source, state, &mut buf, None)?;
     state.target.flush()?;
     if let MirrorTarget::Image(t) = &state.target {
         *img = t.clone();
@@ -552,15 +584,16 @@ fn run(
 }
 
 /// Copies dirty chunks from `source` to the target until none is left
-/// (`pausable`: with pause points and the rate limit; not while the drive
-/// is drained).
+/// (`policies`: with pause points, the rate limit and the error policies;
+/// none while the drive is drained, where an error ends the job).
 fn copy_dirty(
     ctx: &JobCtx,
     source: &Image,
     state: &MirrorState,
     buf: &mut [u8],
-    pausable: bool,
+    policies: Option<Policies>,
 ) -> std::result::Result<(), Stop> {
+    let pausable = policies.is_some();
     let size = source.size();
     let g = state.dirty.granularity;
     let max_chunks = (buf.len() as u64 / g).max(1);
@@ -581,8 +614,8 @@ fn copy_dirty(
         if let Err((op, e)) = copy_run(source, state, buf, off, n) {
             // Not copied: dirty again, for the retry after the policy.
             state.dirty.mark(off, n);
-            if pausable {
-                ctx.handle_error(op, e)?;
+            if let Some(p) = policies {
+                p.handle(ctx, op, e)?;
                 continue;
             }
             return Err(Stop::Failed(e));

@@ -431,6 +431,150 @@ fn on_error_stop_pauses_on_an_eio_and_report_ends_the_job() {
     assert_eq!(read_all(&drive.image())[..512], [1; 512]);
 }
 
+/// A raw in-memory target of `size` bytes behind fault injection.
+fn raw_target(size: u64) -> Arc<FaultyStorage<MemStorage>> {
+    let st = Arc::new(FaultyStorage::new(MemStorage::new()));
+    st.set_len(size).unwrap();
+    st
+}
+
+/// Waits (up to a minute) until `job` is in `want`; panics if it concludes.
+fn wait_status(job: &qcow2kit::job::Job, want: JobStatus) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = job.info().status;
+        assert!(std::time::Instant::now() < deadline, "stuck in {st:?}");
+        if st == want {
+            return;
+        }
+        assert_ne!(st, JobStatus::Concluded, "ended while waiting for {want:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// `on-source-error` and `on-target-error` are separate policies: a source
+/// read error under `stop` pauses the job (BLOCK_JOB_ERROR `read`/`stop`)
+/// while the target's policy is `report`; a target write error under
+/// `report` ends the job with the error in BLOCK_JOB_COMPLETED (`write`/
+/// `report`) while the source's is `stop`; under `ignore` the job goes on
+/// and the target ends equal to the source.
+#[test]
+fn on_source_error_and_on_target_error_are_separate_policies() {
+    // Source read EIO, on-source-error=stop, on-target-error=report.
+    let c = chain();
+    let drive = Drive::new(c.device());
+    let target = raw_target(SIZE);
+    let (events, seen) = sink();
+    let mid = c.faulty["mid"].clone();
+    mid.set_fault(Some(Fault {
+        op: FaultOp::Read,
+        nth: 0,
+        kind: FaultKind::Eio,
+        persistent: true,
+    }));
+    let job = mirror(
+        drive.clone(),
+        MirrorTarget::Raw(target.clone()),
+        MirrorOptions {
+            job: job_opts(events, 0),
+            on_source_error: Some(ErrorPolicy::Stop),
+            on_target_error: Some(ErrorPolicy::Report),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    wait_status(&job, JobStatus::Paused);
+    assert_eq!(
+        seen.lock().unwrap().first(),
+        Some(&Event::BlockJobError {
+            device: "drive0".into(),
+            operation: IoOp::Read,
+            action: ErrorAction::Stop,
+        })
+    );
+    mid.set_fault(None);
+    job.resume();
+    wait_status(&job, JobStatus::Ready);
+    job.complete().unwrap();
+    assert_eq!(job.wait().unwrap(), JobOutcome::Completed);
+    let mut got = vec![0u8; SIZE as usize];
+    target.read_at(&mut got, 0).unwrap();
+    assert!(got == all_layers());
+
+    // Target write EIO, on-target-error=report, on-source-error=stop.
+    let c = chain();
+    let drive = Drive::new(c.device());
+    let target = raw_target(SIZE);
+    let (events, seen) = sink();
+    target.set_fault(Some(Fault {
+        op: FaultOp::Write,
+        nth: 0,
+        kind: FaultKind::Eio,
+        persistent: true,
+    }));
+    let job = mirror(
+        drive.clone(),
+        MirrorTarget::Raw(target.clone()),
+        MirrorOptions {
+            job: job_opts(events, 0),
+            on_source_error: Some(ErrorPolicy::Stop),
+            on_target_error: Some(ErrorPolicy::Report),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let e = job.wait().unwrap_err();
+    let evs = seen.lock().unwrap();
+    assert!(
+        matches!(
+            evs.as_slice(),
+            [
+                Event::BlockJobError { operation: IoOp::Write, action: ErrorAction::Report, .. },
+                Event::BlockJobCompleted { job_type: JobType::Mirror, error: Some(m), .. }
+            ] if *m == e.to_string() || m.contains("Input/output error")
+        ),
+        "{e}: {evs:?}"
+    );
+    drop(evs);
+
+    // Target write EIO once, on-target-error=ignore (on-error says report):
+    // the job goes on, retries the copy and completes.
+    let c = chain();
+    let drive = Drive::new(c.device());
+    let target = raw_target(SIZE);
+    let (events, seen) = sink();
+    target.set_fault(Some(Fault {
+        op: FaultOp::Write,
+        nth: 0,
+        kind: FaultKind::Eio,
+        persistent: false,
+    }));
+    let job = mirror(
+        drive.clone(),
+        MirrorTarget::Raw(target.clone()),
+        MirrorOptions {
+            job: job_opts(events, 0),
+            on_target_error: Some(ErrorPolicy::Ignore),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    wait_status(&job, JobStatus::Ready);
+    job.complete().unwrap();
+    assert_eq!(job.wait().unwrap(), JobOutcome::Completed);
+    assert!(matches!(
+        seen.lock().unwrap().first(),
+        Some(Event::BlockJobError {
+            operation: IoOp::Write,
+            action: ErrorAction::Ignore,
+            ..
+        })
+    ));
+    let mut got = vec![0u8; SIZE as usize];
+    target.read_at(&mut got, 0).unwrap();
+    assert!(got == all_layers());
+}
+
 #[test]
 fn mirror_rate_limit_accounts_the_bytes_copied() {
     let c = chain();
