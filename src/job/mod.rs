@@ -32,7 +32,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 pub use commit::{commit, CommitOptions};
-pub use mirror::{mirror, Drive, MirrorOptions, MirrorSync, MirrorTarget};
+pub use mirror::{mirror, Drive, DriveNode, MirrorOptions, MirrorSync, MirrorTarget};
 pub use stream::{stream, StreamOptions};
 
 /// The kind of a block job (QEMU's `JobType`, the `type` of its events).
