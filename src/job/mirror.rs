@@ -17,9 +17,8 @@
 //!   since a discarded range may read differently on the two).
 //! * [`Job::complete`] then drains the drive (its exclusive lock: no request
 //!   in flight, new ones wait), copies whatever is still dirty, flushes the
-//!   target and switches the drive to it (QEMU's `bdrv_replace_node`). A
-//!   raw target ([`MirrorTarget::Raw`]) is synced but the drive stays on the
-//!   source. [`Job::cancel`] detaches the target and leaves the drive on
+//!   target and switches the drive to it (QEMU's `bdrv_replace_node`), a
+//!   qcow2 image or a raw file ([`DriveNode`]). [`Job::cancel`] detaches the target and leaves the drive on
 //!   the source.
 //!
 //! The source is only read: a crash at any point leaves it as the embedder
@@ -29,6 +28,7 @@ use super::commit::layers;
 use super::{Job, JobCtx, JobOptions, JobType, Stop};
 use crate::error::{IoOp, Result};
 use crate::image::Backing;
+use crate::options::ErrorPolicy;
 use crate::storage::Storage;
 use crate::{Error, Extent, Image};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -47,41 +47,60 @@ pub enum MirrorSync {
     None,
 }
 
-/// Where a mirror writes.
+/// What a [`Drive`] does its I/O on, and where a mirror writes
+/// ([`MirrorTarget`] is this type): a qcow2 image or a raw file.
 #[derive(Clone)]
 #[non_exhaustive]
-pub enum MirrorTarget {
-    /// A qcow2 image opened writable; the drive switches to it on
-    /// completion.
+pub enum DriveNode {
+    /// A qcow2 image (opened writable to be a mirror's target).
     Image(Arc<Image>),
-    /// A raw file (its bytes are the guest disk); synced on completion, the
-    /// drive stays on the source.
+    /// A raw file: its bytes are the guest disk.
     Raw(Arc<dyn Storage>),
 }
 
-impl std::fmt::Debug for MirrorTarget {
+/// Where a mirror writes; the drive switches to it on completion.
+pub type MirrorTarget = DriveNode;
+
+impl std::fmt::Debug for DriveNode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            MirrorTarget::Image(_) => f.write_str("MirrorTarget::Image"),
-            MirrorTarget::Raw(_) => f.write_str("MirrorTarget::Raw"),
+            DriveNode::Image(_) => f.write_str("DriveNode::Image"),
+            DriveNode::Raw(_) => f.write_str("DriveNode::Raw"),
         }
     }
 }
 
-impl MirrorTarget {
+impl DriveNode {
+    /// Virtual disk size: the image's, or the raw file's length.
+    fn size(&self) -> Result<u64> {
+        match self {
+            DriveNode::Image(i) => Ok(i.size()),
+            DriveNode::Raw(s) => s.len().map_err(|e| Error::io(IoOp::Read, 0, e)),
+        }
+    }
+
+    fn read(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        match self {
+            DriveNode::Image(i) => i.read_at(buf, off),
+            DriveNode::Raw(s) => s
+                .read_at(buf, off)
+                .map_err(|e| Error::io(IoOp::Read, off, e)),
+        }
+    }
+
     fn write(&self, buf: &[u8], off: u64) -> Result<()> {
         match self {
-            MirrorTarget::Image(i) => i.write_at(buf, off),
-            MirrorTarget::Raw(s) => s
+            DriveNode::Image(i) => i.write_at(buf, off),
+            DriveNode::Raw(s) => s
                 .write_at(buf, off)
                 .map_err(|e| Error::io(IoOp::Write, off, e)),
         }
     }
 
-    fn write_zeroes(&self, off: u64, len: u64) -> Result<()> {
+    fn write_zeroes(&self, off: u64, len: u64, unmap: bool) -> Result<()> {
         match self {
-            MirrorTarget::Image(i) => i.write_zeroes(off, len, true),
-            MirrorTarget::Raw(_) => {
+            DriveNode::Image(i) => i.write_zeroes(off, len, unmap),
+            DriveNode::Raw(_) => {
                 let zero = vec![0u8; 1 << 16];
                 let mut done = 0u64;
                 while done < len {
@@ -95,10 +114,19 @@ impl MirrorTarget {
         }
     }
 
+    fn discard(&self, off: u64, len: u64) -> Result<()> {
+        match self {
+            DriveNode::Image(i) => i.discard(off, len),
+            DriveNode::Raw(s) => s
+                .discard(off, len)
+                .map_err(|e| Error::io(IoOp::Write, off, e)),
+        }
+    }
+
     fn flush(&self) -> Result<()> {
         match self {
-            MirrorTarget::Image(i) => i.flush(),
-            MirrorTarget::Raw(s) => s.flush().map_err(|e| Error::io(IoOp::Flush, 0, e)),
+            DriveNode::Image(i) => i.flush(),
+            DriveNode::Raw(s) => s.flush().map_err(|e| Error::io(IoOp::Flush, 0, e)),
         }
     }
 }
@@ -106,9 +134,17 @@ impl MirrorTarget {
 /// Arguments of a mirror (QAPI `drive-mirror`).
 #[derive(Debug, Clone, Default)]
 pub struct MirrorOptions {
-    /// Id, speed, `on-error` (for source and target errors alike) and the
-    /// event sink.
+    /// Id, speed, `on-error` (the policy for source and target errors
+    /// alike unless one of the two below is set) and the event sink.
     pub job: JobOptions,
+    /// What an error reading the source does (QAPI `on-source-error`;
+    /// `BLOCK_JOB_ERROR` with `operation: read`); none: `job.on_error`,
+    /// whose default is QEMU's `report`.
+    pub on_source_error: Option<ErrorPolicy>,
+    /// What an error writing or flushing the target does (QAPI
+    /// `on-target-error`; `BLOCK_JOB_ERROR` with `operation: write`); none:
+    /// `job.on_error`.
+    pub on_target_error: Option<ErrorPolicy>,
     /// What to copy.
     pub sync: MirrorSync,
     /// Bytes per dirty-bitmap bit: a power of two in 512..=64 MiB; 0: the
@@ -197,18 +233,37 @@ struct MirrorState {
     order: Mutex<()>,
 }
 
+/// A mirror's error policies: source reads and target writes.
+#[derive(Debug, Clone, Copy)]
+struct Policies {
+    source: ErrorPolicy,
+    target: ErrorPolicy,
+}
+
+impl Policies {
+    /// Applies the policy of `op`'s side to `err` (reads are the source's,
+    /// writes and flushes the target's, as QEMU's `mirror_error_action`).
+    fn handle(&self, ctx: &JobCtx, op: IoOp, err: Error) -> std::result::Result<(), Stop> {
+        let policy = match op {
+            IoOp::Read => self.source,
+            _ => self.target,
+        };
+        ctx.handle_error_with(policy, op, err).map(|_| ())
+    }
+}
+
 /// A request's copy for a ready mirror's target.
 type WriteThrough<'a> = dyn Fn(&MirrorTarget) -> Result<()> + 'a;
 
 /// The embedder's handle of a disk that a mirror can move: I/O goes to the
-/// current image (QEMU's `BlockBackend`). While a mirror runs, writes are
-/// tracked for it (and, once it is ready, also written to its target); on
-/// completion the drive switches to the target. Do all writes through the
-/// drive while a mirror of it runs: writes made on the image directly are
-/// not seen by the job.
+/// current node, a qcow2 image or a raw file (QEMU's `BlockBackend`). While
+/// a mirror runs, writes are tracked for it (and, once it is ready, also
+/// written to its target); on completion the drive switches to the target,
+/// qcow2 or raw. Do all writes through the drive while a mirror of it runs:
+/// writes made on the image directly are not seen by the job.
 #[derive(Debug)]
 pub struct Drive {
-    image: RwLock<Arc<Image>>,
+    node: RwLock<DriveNode>,
     mirror: RwLock<Option<Arc<MirrorState>>>,
 }
 
@@ -216,14 +271,23 @@ impl Drive {
     /// A drive over `image`.
     pub fn new(image: Arc<Image>) -> Arc<Drive> {
         Arc::new(Drive {
-            image: RwLock::new(image),
+            node: RwLock::new(DriveNode::Image(image)),
             mirror: RwLock::new(None),
         })
     }
 
-    /// The image the drive's I/O goes to now.
-    pub fn image(&self) -> Arc<Image> {
-        self.image.read().unwrap_or_else(|p| p.into_inner()).clone()
+    /// The node the drive's I/O goes to now.
+    pub fn node(&self) -> DriveNode {
+        self.node.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The qcow2 image the drive's I/O goes to now; none once a mirror
+    /// switched it to a raw file.
+    pub fn image(&self) -> Option<Arc<Image>> {
+        match self.node() {
+            DriveNode::Image(i) => Some(i),
+            DriveNode::Raw(_) => None,
+        }
     }
 
     fn mirror_state(&self) -> Option<Arc<MirrorState>> {
@@ -233,18 +297,22 @@ impl Drive {
             .clone()
     }
 
-    /// Virtual disk size in bytes.
-    pub fn size(&self) -> u64 {
-        self.image().size()
-    }
-
-    /// Reads `buf` at guest `offset` ([`Image::read_at`]).
+    /// Virtual disk size in bytes (a raw file's length).
     ///
     /// # Errors
-    /// As for [`Image::read_at`].
+    /// The raw file's length could not be read.
+    pub fn size(&self) -> Result<u64> {
+        self.node().size()
+    }
+
+    /// Reads `buf` at guest `offset` ([`Image::read_at`], or the raw file's
+    /// bytes).
+    ///
+    /// # Errors
+    /// As for [`Image::read_at`]; a raw file's I/O error.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        let img = self.image.read().unwrap_or_else(|p| p.into_inner());
-        img.read_at(buf, offset)
+        let node = self.node.read().unwrap_or_else(|p| p.into_inner());
+        node.read(buf, offset)
     }
 
     /// Writes `buf` at guest `offset` ([`Image::write_at`]).
@@ -257,7 +325,7 @@ impl Drive {
         self.write_op(
             offset,
             buf.len() as u64,
-            |i| i.write_at(buf, offset),
+            |n| n.write(buf, offset),
             Some(&|t: &MirrorTarget| t.write(buf, offset)),
         )
     }
@@ -270,8 +338,8 @@ impl Drive {
         self.write_op(
             offset,
             len,
-            |i| i.write_zeroes(offset, len, unmap),
-            Some(&|t: &MirrorTarget| t.write_zeroes(offset, len)),
+            |n| n.write_zeroes(offset, len, unmap),
+            Some(&|t: &MirrorTarget| t.write_zeroes(offset, len, unmap)),
         )
     }
 
@@ -281,16 +349,16 @@ impl Drive {
     /// # Errors
     /// As for [`Image::discard`].
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.write_op(offset, len, |i| i.discard(offset, len), None)
+        self.write_op(offset, len, |n| n.discard(offset, len), None)
     }
 
-    /// Flushes the current image (and a ready mirror's target).
+    /// Flushes the current node (and a ready mirror's target).
     ///
     /// # Errors
     /// As for [`Image::flush`].
     pub fn flush(&self) -> Result<()> {
-        let img = self.image.read().unwrap_or_else(|p| p.into_inner());
-        img.flush()?;
+        let node = self.node.read().unwrap_or_else(|p| p.into_inner());
+        node.flush()?;
         if let Some(m) = self.mirror_state() {
             if m.write_through.load(Ordering::Acquire) {
                 // A failed target flush is the job's to retry at completion.
@@ -304,12 +372,12 @@ impl Drive {
         &self,
         offset: u64,
         len: u64,
-        source: impl FnOnce(&Image) -> Result<()>,
+        source: impl FnOnce(&DriveNode) -> Result<()>,
         through: Option<&WriteThrough<'_>>,
     ) -> Result<()> {
         // Held for the whole request: completing a mirror drains the drive
         // by taking this lock exclusively.
-        let img = self.image.read().unwrap_or_else(|p| p.into_inner());
+        let img = self.node.read().unwrap_or_else(|p| p.into_inner());
         let Some(m) = self.mirror_state() else {
             return source(&img);
         };
@@ -356,7 +424,7 @@ impl Drive {
 /// drive.write_at(&[2; 512], 4096)?; // goes to both now
 /// job.complete()?;
 /// job.wait()?;
-/// assert!(Arc::ptr_eq(&drive.image(), &target)); // the drive switched
+/// assert!(Arc::ptr_eq(&drive.image().unwrap(), &target)); // the drive switched
 /// let mut buf = [0u8; 2];
 /// target.read_at(&mut buf, 4095)?;
 /// assert_eq!(buf, [1, 2]);
@@ -365,11 +433,15 @@ impl Drive {
 /// ```
 ///
 /// # Errors
-/// `Error::InvalidArgument` for a granularity that is not a power of two
+/// `Error::InvalidArgument` for a drive on a raw file, a granularity that is not a power of two
 /// in 512..=64 MiB, a target smaller than the source, or a drive another
 /// mirror is running on.
 pub fn mirror(drive: Arc<Drive>, target: MirrorTarget, opts: MirrorOptions) -> Result<Job> {
-    let source = drive.image();
+    let Some(source) = drive.image() else {
+        return Err(Error::InvalidArgument(
+            "mirroring a drive on a raw file is not supported".into(),
+        ));
+    };
     let size = source.size();
     let granularity = match opts.granularity {
         0 => match &target {
@@ -387,10 +459,7 @@ pub fn mirror(drive: Arc<Drive>, target: MirrorTarget, opts: MirrorOptions) -> R
         0 => 16 << 20,
         b => b.max(granularity),
     };
-    let target_size = match &target {
-        MirrorTarget::Image(i) => i.size(),
-        MirrorTarget::Raw(s) => s.len().map_err(|e| Error::io(IoOp::Read, 0, e))?,
-    };
+    let target_size = target.size()?;
     if target_size < size {
         return Err(Error::InvalidArgument(format!(
             "the target ({target_size} bytes) is smaller than the source ({size} bytes)"
@@ -412,12 +481,16 @@ pub fn mirror(drive: Arc<Drive>, target: MirrorTarget, opts: MirrorOptions) -> R
         // From here on, writes are tracked.
         *m = Some(state.clone());
     }
+    let policies = Policies {
+        source: opts.on_source_error.unwrap_or(opts.job.on_error),
+        target: opts.on_target_error.unwrap_or(opts.job.on_error),
+    };
     let job_opts = opts.job.or_device_sink(&source);
     let sync = opts.sync;
     let r = Job::spawn(JobType::Mirror, job_opts, {
         let drive = drive.clone();
         move |ctx| {
-            let r = run(ctx, &drive, &source, &state, sync, buf_size);
+            let r = run(ctx, &drive, &source, &state, policies, sync, buf_size);
             // Whatever happened, the drive stops feeding this mirror.
             *drive.mirror.write().unwrap_or_else(|p| p.into_inner()) = None;
             r
@@ -496,6 +569,7 @@ fn run(
     drive: &Drive,
     source: &Image,
     state: &MirrorState,
+    policies: Policies,
     sync: MirrorSync,
     buf_size: u64,
 ) -> std::result::Result<(), Stop> {
@@ -510,7 +584,7 @@ fn run(
             let (alloc, n) = match allocated(source, sync == MirrorSync::Top, off, want) {
                 Ok(r) => r,
                 Err(e) => {
-                    ctx.handle_error(IoOp::Read, e)?;
+                    policies.handle(ctx, IoOp::Read, e)?;
                     continue;
                 }
             };
@@ -527,24 +601,21 @@ fn run(
     }
     ctx.set_len(state.dirty.count().saturating_mul(g).min(size));
     let mut buf = vec![0u8; usize::try_from(buf_size).unwrap_or(16 << 20)];
-    copy_dirty(ctx, source, state, &mut buf, true)?;
-    state
-        .target
-        .flush()
-        .or_else(|e| ctx.handle_error(IoOp::Write, e).map(|_| ()))?;
+    copy_dirty(ctx, source, state, &mut buf, Some(policies))?;
+    while let Err(e) = state.target.flush() {
+        policies.handle(ctx, IoOp::Flush, e)?;
+    }
     // In sync: writes go to both from here on; the writes that were in
     // flight as it turned marked the bitmap and are copied at completion.
     state.write_through.store(true, Ordering::Release);
     ctx.ready()?;
     // Completing: drain the drive, copy what is left, switch.
-    let mut img = drive.image.write().unwrap_or_else(|p| p.into_inner());
+    let mut node = drive.node.write().unwrap_or_else(|p| p.into_inner());
     let left = state.dirty.count().saturating_mul(g).min(size);
     ctx.set_len(ctx.offset().saturating_add(left));
-    copy_dirty(ctx, source, state, &mut buf, false)?;
+    copy_dirty(ctx, source, state, &mut buf, None)?;
     state.target.flush()?;
-    if let MirrorTarget::Image(t) = &state.target {
-        *img = t.clone();
-    }
+    *node = state.target.clone();
     // Detached before the drive is released: requests that waited for the
     // switch go to the target alone.
     *drive.mirror.write().unwrap_or_else(|p| p.into_inner()) = None;
@@ -552,15 +623,16 @@ fn run(
 }
 
 /// Copies dirty chunks from `source` to the target until none is left
-/// (`pausable`: with pause points and the rate limit; not while the drive
-/// is drained).
+/// (`policies`: with pause points, the rate limit and the error policies;
+/// none while the drive is drained, where an error ends the job).
 fn copy_dirty(
     ctx: &JobCtx,
     source: &Image,
     state: &MirrorState,
     buf: &mut [u8],
-    pausable: bool,
+    policies: Option<Policies>,
 ) -> std::result::Result<(), Stop> {
+    let pausable = policies.is_some();
     let size = source.size();
     let g = state.dirty.granularity;
     let max_chunks = (buf.len() as u64 / g).max(1);
@@ -581,8 +653,8 @@ fn copy_dirty(
         if let Err((op, e)) = copy_run(source, state, buf, off, n) {
             // Not copied: dirty again, for the retry after the policy.
             state.dirty.mark(off, n);
-            if pausable {
-                ctx.handle_error(op, e)?;
+            if let Some(p) = policies {
+                p.handle(ctx, op, e)?;
                 continue;
             }
             return Err(Stop::Failed(e));
@@ -640,7 +712,7 @@ fn copy_run(
         if zero {
             state
                 .target
-                .write_zeroes(at, k)
+                .write_zeroes(at, k, true)
                 .map_err(|e| (IoOp::Write, e))?;
         } else {
             let chunk = buf.get_mut(..k as usize).ok_or_else(|| {

@@ -32,7 +32,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 pub use commit::{commit, CommitOptions};
-pub use mirror::{mirror, Drive, MirrorOptions, MirrorSync, MirrorTarget};
+pub use mirror::{mirror, Drive, DriveNode, MirrorOptions, MirrorSync, MirrorTarget};
 pub use stream::{stream, StreamOptions};
 
 /// The kind of a block job (QEMU's `JobType`, the `type` of its events).
@@ -592,7 +592,22 @@ impl JobCtx {
     /// [`Stop::Failed`] with `err` for `report`; [`Stop::Cancelled`] when
     /// the job is cancelled while stopped.
     pub fn handle_error(&self, op: IoOp, err: Error) -> std::result::Result<Retry, Stop> {
-        let action = match self.shared.on_error {
+        self.handle_error_with(self.shared.on_error, op, err)
+    }
+
+    /// [`JobCtx::handle_error`] under `policy` instead of the job's
+    /// `on-error`: for jobs with a policy per side, such as a mirror's
+    /// `on-source-error` (reads) and `on-target-error` (writes).
+    ///
+    /// # Errors
+    /// As for [`JobCtx::handle_error`].
+    pub fn handle_error_with(
+        &self,
+        policy: ErrorPolicy,
+        op: IoOp,
+        err: Error,
+    ) -> std::result::Result<Retry, Stop> {
+        let action = match policy {
             ErrorPolicy::Report => ErrorAction::Report,
             ErrorPolicy::Ignore => ErrorAction::Ignore,
             ErrorPolicy::Stop => ErrorAction::Stop,
