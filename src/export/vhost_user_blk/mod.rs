@@ -394,18 +394,22 @@ pub fn serve(
             h.send_exit_event();
         }
         match r {
-            Ok(()) => say(&format!("front-end {n} disconnected")),
-            Err(vhost_user_backend::Error::HandleRequest(
+            Ok(())
+            | Err(vhost_user_backend::Error::HandleRequest(
                 vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
-            )) => say(&format!("front-end {n} disconnected")),
+            )) => {}
             Err(e) => {
                 say(&format!("front-end {n}: {e}"));
                 return Err(Error::Daemon(e.to_string()));
             }
         }
         if stop.load(Ordering::SeqCst) {
+            say(&format!("front-end {n} disconnected"));
             return Ok(());
         }
+        // Listening again before saying so: a front-end that reconnects
+        // on seeing the line finds the socket.
         listener = bind(path)?;
+        say(&format!("front-end {n} disconnected"));
     }
 }
