@@ -14,72 +14,7 @@ use std::path::Path;
 /// mixed cluster sizes, a zeroed cluster in mid) and rbase.raw <-
 /// rmid.qcow2 <- rtop.qcow2.
 fn setup(dir: &Path) {
-    let img = |args: &[&str]| qemu_ok(dir, "qemu-img", args);
-    let io = |args: &[&str]| qemu_ok(dir, "qemu-io", args);
-    img(&["create", "-q", "-f", "qcow2", "base.qcow2", "4M"]);
-    io(&["-c", "write -P 1 0 2M", "base.qcow2"]);
-    img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=4k",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        "mid.qcow2",
-    ]);
-    io(&[
-        "-c",
-        "write -P 2 1M 1M",
-        "-c",
-        "write -z 1536k 64k",
-        "mid.qcow2",
-    ]);
-    img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=128k",
-        "-b",
-        "mid.qcow2",
-        "-F",
-        "qcow2",
-        "top.qcow2",
-        "6M",
-    ]);
-    io(&["-c", "write -P 3 2M 512k", "top.qcow2"]);
-    img(&["create", "-q", "-f", "raw", "rbase.raw", "3M"]);
-    io(&["-f", "raw", "-c", "write -P 5 512k 1M", "rbase.raw"]);
-    img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "rbase.raw",
-        "-F",
-        "raw",
-        "rmid.qcow2",
-        "3M",
-    ]);
-    io(&["-c", "write -P 6 1M 256k", "rmid.qcow2"]);
-    img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "rmid.qcow2",
-        "-F",
-        "qcow2",
-        "rtop.qcow2",
-    ]);
-    io(&["-c", "write -P 7 2M 64k", "rtop.qcow2"]);
+    crate::stream::setup(dir);
 }
 
 /// `qemu-img map --output json` of a qcow2 file without host offsets,

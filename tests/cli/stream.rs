@@ -16,7 +16,7 @@ use std::path::Path;
 /// top.qcow2 (6 MiB, larger than its chain, 128 KiB clusters, 0x03 in
 /// [2M, 2.5M)). rbase.raw (3 MiB, 0x05 in [512k, 1.5M)) <- rmid.qcow2
 /// (backing format raw, 0x06 in [1M, 1.25M)) <- rtop.qcow2 (0x07 at 2M).
-fn setup(dir: &Path) {
+pub(crate) fn setup(dir: &Path) {
     let img = |args: &[&str]| qemu_ok(dir, "qemu-img", args);
     let io = |args: &[&str]| qemu_ok(dir, "qemu-io", args);
     img(&["create", "-q", "-f", "qcow2", "base.qcow2", "4M"]);
