@@ -36,6 +36,7 @@ use crate::error::{Error, IoOp, Result};
 use crate::events::{Event, EventSink};
 use crate::format::consts::*;
 use crate::format::entry::{L2Entry, Subclusters};
+use crate::format::header::field;
 use crate::format::header::Header;
 use crate::mapping::Extent;
 use crate::meta::{read_file, DataTarget, DiscardType, FileReader, Meta, RawL2};
@@ -932,7 +933,7 @@ impl Image {
                     meta.header.compatible_features & !COMPAT_LAZY_REFCOUNTS
                 };
                 if bits != meta.header.compatible_features {
-                    meta.write_header_field(80, &bits.to_be_bytes())?;
+                    meta.write_header_field(field::COMPATIBLE_FEATURES, &bits.to_be_bytes())?;
                     meta.header.compatible_features = bits;
                 }
             }

@@ -13,6 +13,7 @@
 
 use crate::error::{Error, IoOp, Result};
 use crate::format::consts::{INCOMPAT_CORRUPT, V3_HEADER_LENGTH};
+use crate::format::header::field;
 use crate::storage::{BlkdebugEvent, Storage, Tracked};
 use crate::types::MetadataKind;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,9 +21,6 @@ use std::sync::Arc;
 
 use super::overlap_map::{Overlap, OverlapChecker};
 use crate::crypto::SectorCipher;
-
-/// Offset of `incompatible_features` in the header.
-const INCOMPATIBLE_FEATURES_OFFSET: u64 = 72;
 
 /// A read-only view of the image file.
 #[derive(Debug, Clone)]
@@ -550,7 +548,7 @@ impl WriteGate {
     /// found. Best effort: the caller disables the handle either way.
     pub fn write_corrupt_bit(&mut self, incompatible: u64) -> Result<()> {
         let v = (incompatible | INCOMPAT_CORRUPT).to_be_bytes();
-        self.write_header_fields(&v, INCOMPATIBLE_FEATURES_OFFSET)?;
+        self.write_header_fields(&v, field::INCOMPATIBLE_FEATURES)?;
         self.sync_image()
     }
 

@@ -31,6 +31,7 @@
 use crate::error::{Error, IoOp, Result};
 use crate::format::consts::*;
 use crate::format::entry::{EntryError, EntryFormat, L1Entry, L2Entry, Subclusters};
+use crate::format::header::field;
 use crate::format::header::Header;
 use crate::format::Structure;
 use crate::format::{be_u64, put_be_u64};
@@ -343,7 +344,7 @@ impl Meta {
             return Ok(());
         }
         let v = self.header.incompatible_features.to_be_bytes();
-        self.write_header_field(72, &v)
+        self.write_header_field(field::INCOMPATIBLE_FEATURES, &v)
     }
 
     /// Persists `autoclear_features` with one write.
@@ -352,7 +353,7 @@ impl Meta {
             return Ok(());
         }
         let v = self.header.autoclear_features.to_be_bytes();
-        self.write_header_field(88, &v)
+        self.write_header_field(field::AUTOCLEAR_FEATURES, &v)
     }
 
     // ------------------------------------------------------------------

@@ -6,6 +6,7 @@
 use super::{conv, DiscardType, Meta};
 use crate::error::{Error, Limit, Result};
 use crate::format::consts::*;
+use crate::format::header::field;
 use crate::format::Structure;
 use crate::format::{put_be_u64, refcount};
 use crate::storage::BlkdebugEvent;
@@ -661,7 +662,7 @@ impl Meta {
         sw[..8].copy_from_slice(&table_off.to_be_bytes());
         sw[8..].copy_from_slice(&table_clusters_u32.to_be_bytes());
         self.event(BlkdebugEvent::RefblockAllocSwitchTable);
-        self.write_header_field(48, &sw)?;
+        self.write_header_field(field::REFCOUNT_TABLE_OFFSET, &sw)?;
         let old_off = self.header.refcount_table_offset;
         let old_clusters = u64::from(self.header.refcount_table_clusters);
         self.header.refcount_table_offset = table_off;

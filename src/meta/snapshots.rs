@@ -11,6 +11,7 @@ use super::{DiscardType, Meta};
 use crate::error::{Error, Result};
 use crate::format::consts::*;
 use crate::format::entry::L2Entry;
+use crate::format::header::field;
 use crate::format::header::Header;
 use crate::format::put_be_u64;
 use crate::format::snapshot::{
@@ -441,7 +442,7 @@ impl Meta {
         let mut hdr = [0u8; 12];
         hdr[..4].copy_from_slice(&nb.to_be_bytes());
         hdr[4..].copy_from_slice(&new_off.to_be_bytes());
-        self.write_header_field(60, &hdr)?;
+        self.write_header_field(field::NB_SNAPSHOTS, &hdr)?;
         let old_off = self.header.snapshots_offset;
         let old_len = if self.header.nb_snapshots > 0 {
             table_bytes_on_disk(&self.snapshots, old_off)

@@ -5,6 +5,7 @@
 use super::{conv, DiscardType, Meta};
 use crate::error::{Error, Limit, Result};
 use crate::format::consts::*;
+use crate::format::header::field;
 use crate::format::Structure;
 use crate::format::{put_be_u64, refcount};
 use crate::storage::BlkdebugEvent;
@@ -48,7 +49,7 @@ impl Meta {
         sw[..4].copy_from_slice(&l1_size.to_be_bytes());
         sw[4..].copy_from_slice(&new_off.to_be_bytes());
         self.event(BlkdebugEvent::L1GrowActivateTable);
-        self.write_header_field(36, &sw)?;
+        self.write_header_field(field::L1_SIZE, &sw)?;
         let old_off = self.header.l1_table_offset;
         let old_clusters = self.geom.clusters_for(old_len * 8);
         self.header.l1_size = l1_size;
@@ -69,7 +70,7 @@ impl Meta {
 
     /// Writes the virtual size field of the header and syncs.
     pub fn write_size(&mut self, size: u64) -> Result<()> {
-        self.write_header_field(24, &size.to_be_bytes())?;
+        self.write_header_field(field::SIZE, &size.to_be_bytes())?;
         self.header.size = size;
         Ok(())
     }

@@ -7,6 +7,7 @@
 //! gate's check, and is limited to the fixed header fields.
 
 use crate::error::Result;
+use crate::format::header::field;
 use crate::meta::Meta;
 
 impl Meta {
@@ -31,6 +32,6 @@ impl Meta {
             return Ok(());
         }
         let v = self.header.incompatible_features.to_be_bytes();
-        self.write_header_field_for_repair(72, &v)
+        self.write_header_field_for_repair(field::INCOMPATIBLE_FEATURES, &v)
     }
 }

@@ -38,6 +38,7 @@ pub use findings::{CheckCounts, CheckReport, Finding, RefcountVerdict};
 
 use crate::error::Result;
 use crate::format::consts::{AUTOCLEAR_MASK, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
+use crate::format::header::field;
 use crate::meta::Meta;
 use pass::{Fix, Pass};
 
@@ -160,7 +161,7 @@ pub(crate) fn run(
     if fix.any() && unknown != 0 && meta.header.version >= 3 {
         meta.header.autoclear_features &= AUTOCLEAR_MASK;
         let v = meta.header.autoclear_features.to_be_bytes();
-        meta.write_header_field_for_repair(88, &v)?;
+        meta.write_header_field_for_repair(field::AUTOCLEAR_FEATURES, &v)?;
     }
     let mut registered = Vec::new();
     let (first, rebuilt) = run_pass(meta, &mut sink, fix, writable, &mut registered)?;

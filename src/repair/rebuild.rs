@@ -23,6 +23,7 @@ use super::imrt::RefArray;
 use super::pass::{Pass, MAX_CHECK_CLUSTERS};
 use crate::error::{Error, Limit, Result};
 use crate::format::consts::*;
+use crate::format::header::field;
 use crate::format::put_be_u64;
 
 impl Pass<'_, '_> {
@@ -202,7 +203,10 @@ impl Pass<'_, '_> {
         let mut sw = [0u8; 12];
         sw[..8].copy_from_slice(&table_off.to_be_bytes());
         sw[8..].copy_from_slice(&(tclusters as u32).to_be_bytes());
-        if let Err(e) = self.meta.write_header_field_for_repair(48, &sw) {
+        if let Err(e) = self
+            .meta
+            .write_header_field_for_repair(field::REFCOUNT_TABLE_OFFSET, &sw)
+        {
             self.report(Finding::Message(format!(
                 "ERROR setting reftable: {}",
                 e.errno_text()

@@ -14,6 +14,7 @@ use super::findings::{CheckCounts, Finding};
 use super::pass::Pass;
 use crate::error::{Error, Limit, Result};
 use crate::format::consts::*;
+use crate::format::header::field;
 use crate::format::snapshot::{encode_snapshot_table, snapshot_table_size, SnapshotEntry};
 use crate::format::{be_u16, be_u32, be_u64};
 use crate::meta::DiscardType;
@@ -147,7 +148,7 @@ impl<'a, 's> Pass<'a, 's> {
             let n = self.snaps.entries.len() as u32;
             if let Err(e) = self
                 .meta
-                .write_header_field_for_repair(60, &n.to_be_bytes())
+                .write_header_field_for_repair(field::NB_SNAPSHOTS, &n.to_be_bytes())
             {
                 res.check_errors += 1;
                 self.report(Finding::Message(format!(
@@ -411,7 +412,8 @@ impl<'a, 's> Pass<'a, 's> {
         let mut sw = [0u8; 12];
         sw[..4].copy_from_slice(&(entries.len() as u32).to_be_bytes());
         sw[4..].copy_from_slice(&new_off.to_be_bytes());
-        self.meta.write_header_field_for_repair(60, &sw)?;
+        self.meta
+            .write_header_field_for_repair(field::NB_SNAPSHOTS, &sw)?;
         let (old_off, old_size) = (self.snaps.offset, self.snaps.size);
         self.meta.header.nb_snapshots = entries.len() as u32;
         self.meta.header.snapshots_offset = new_off;

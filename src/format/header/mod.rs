@@ -38,6 +38,28 @@
 //! `data-file` options, or at a missing LUKS header: those need the open mode or
 //! the file and belong to the opener.
 
+/// Byte offsets of the header fields the engine rewrites in place (the
+/// spec's "Byte" column, big-endian fields), so writers name the field
+/// instead of a literal number.
+pub mod field {
+    /// `size`: the virtual disk size (8 bytes).
+    pub const SIZE: u64 = 24;
+    /// `l1_size`: entries of the active L1 table (4 bytes), followed by
+    /// `l1_table_offset` (8 bytes).
+    pub const L1_SIZE: u64 = 36;
+    /// `refcount_table_offset` (8 bytes), followed by
+    /// `refcount_table_clusters` (4 bytes).
+    pub const REFCOUNT_TABLE_OFFSET: u64 = 48;
+    /// `nb_snapshots` (4 bytes), followed by `snapshots_offset` (8 bytes).
+    pub const NB_SNAPSHOTS: u64 = 60;
+    /// `incompatible_features` (8 bytes, version 3).
+    pub const INCOMPATIBLE_FEATURES: u64 = 72;
+    /// `compatible_features` (8 bytes, version 3).
+    pub const COMPATIBLE_FEATURES: u64 = 80;
+    /// `autoclear_features` (8 bytes, version 3).
+    pub const AUTOCLEAR_FEATURES: u64 = 88;
+}
+
 mod decode;
 mod encode;
 mod ext;

@@ -18,6 +18,7 @@
 
 use crate::error::{Error, Limit, Result};
 use crate::format::consts::*;
+use crate::format::header::field;
 use crate::format::put_be_u64;
 use crate::format::refcount;
 use crate::format::Structure;
@@ -288,7 +289,8 @@ pub(super) fn change(
     put_be_u64(&mut sw, 32, h.compatible_features);
     put_be_u64(&mut sw, 40, h.autoclear_features);
     sw[48..52].copy_from_slice(&new_order.to_be_bytes());
-    meta.gate.write_header_fields(&sw, 48)?;
+    meta.gate
+        .write_header_fields(&sw, field::REFCOUNT_TABLE_OFFSET)?;
     meta.sync()?;
 
     // The image now uses the new structures.
