@@ -242,18 +242,22 @@ impl Meta {
 
     /// Whether `cache-clean-interval` has elapsed, so the next exclusive
     /// lock cleans the caches (the shared fast paths then defer to it).
+    ///
+    /// Read on every request: a coarse clock (the kernel tick), not a
+    /// hardware clock read.
     pub fn clean_due(&self) -> bool {
         self.clean_interval
-            .is_some_and(|(every, since)| since.elapsed() >= every)
+            .is_some_and(|(_, deadline)| crate::storage::sys::coarse_monotonic_ms() >= deadline)
     }
 
     /// Drops cache entries not used during the last `cache-clean-interval`.
     pub fn maybe_clean_caches(&mut self) {
-        if let Some((every, since)) = self.clean_interval {
-            if since.elapsed() >= every {
+        if let Some((every, deadline)) = self.clean_interval {
+            let now = crate::storage::sys::coarse_monotonic_ms();
+            if now >= deadline {
                 self.l2.cache.clean_unused();
                 self.rc.cache.clean_unused();
-                self.clean_interval = Some((every, std::time::Instant::now()));
+                self.clean_interval = Some((every, now.saturating_add(every)));
             }
         }
     }

@@ -152,9 +152,10 @@ pub(crate) fn load(
         data_unsynced: false,
         scratch: Vec::new(),
         clean_interval: (cache.clean_interval_secs > 0).then(|| {
+            let every = cache.clean_interval_secs.saturating_mul(1000);
             (
-                std::time::Duration::from_secs(cache.clean_interval_secs),
-                std::time::Instant::now(),
+                every,
+                crate::storage::sys::coarse_monotonic_ms().saturating_add(every),
             )
         }),
         dirty_at_open: header.incompatible_features & INCOMPAT_DIRTY != 0,

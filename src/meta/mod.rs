@@ -273,8 +273,10 @@ pub(crate) struct Meta {
     pub data_unsynced: bool,
     /// Reusable buffer for COW and table I/O (no allocation per request).
     pub scratch: Vec<u8>,
-    /// `cache-clean-interval` and when the current interval started.
-    pub clean_interval: Option<(std::time::Duration, std::time::Instant)>,
+    /// `cache-clean-interval` and when the current interval ends, both in
+    /// milliseconds of the coarse monotonic clock
+    /// ([`crate::storage::sys::coarse_monotonic_ms`]).
+    pub clean_interval: Option<(u64, u64)>,
     /// The image was dirty when opened (only a repair may clear the bit).
     pub dirty_at_open: bool,
     /// Lazy refcounts in effect: refcount writes are deferred behind the dirty bit.

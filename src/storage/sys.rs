@@ -302,3 +302,24 @@ pub fn local_utc_offset(secs: i64) -> i64 {
     #[allow(clippy::useless_conversion)] // c_long is i32 on 32-bit hosts.
     i64::from(tm.tm_gmtoff)
 }
+
+/// Milliseconds of `CLOCK_MONOTONIC_COARSE`: a few nanoseconds to read (no
+/// hardware clock access), with the resolution of the kernel tick (a few
+/// milliseconds). For intervals counted in seconds on the I/O fast path
+/// (`cache-clean-interval`), where `Instant::now` would cost more than the
+/// translation it guards.
+pub fn coarse_monotonic_ms() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec for the duration of the
+    // call; clock_gettime only writes into it.
+    let r = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    if r != 0 {
+        return 0;
+    }
+    let secs = u64::try_from(ts.tv_sec).unwrap_or(0);
+    let ms = u64::try_from(ts.tv_nsec).unwrap_or(0) / 1_000_000;
+    secs.saturating_mul(1000).saturating_add(ms)
+}
