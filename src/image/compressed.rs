@@ -160,7 +160,7 @@ impl Image {
                 return Err(self.fail(&mut meta, e, IoOp::Write));
             }
         };
-        meta.in_flight.insert(cluster);
+        meta.in_flight.insert(cluster, cluster);
         // Persistent bitmaps record the cluster before its data is written.
         meta.note_dirty(offset, c.guest_len);
         drop(meta);
@@ -170,7 +170,7 @@ impl Image {
             .debug_event(crate::storage::BlkdebugEvent::WriteCompressed);
         let r = self.data.write_unencrypted(permit, &c.bytes);
         let mut meta = self.meta.write().map_err(|_| Error::PreviousIoFailed)?;
-        meta.in_flight.remove(&cluster);
+        meta.in_flight.remove(cluster, cluster);
         self.notify_in_flight();
         let r = r.and_then(|()| self.link_compressed(&mut meta, offset, host, size));
         if let Err(e) = r {

@@ -284,7 +284,9 @@ impl Image {
             Ok(j) => j,
             Err(e) => return Err(self.fail(&mut meta, e, IoOp::Write)),
         };
-        meta.in_flight.extend(job.clusters(cb));
+        if let Some((first, last)) = job.clusters(cb) {
+            meta.in_flight.insert(first, last);
+        }
         drop(meta);
         let mut cow = Vec::new();
         let mut permits = Vec::new();
@@ -296,7 +298,7 @@ impl Image {
         }
         // The copy-on-write parts, with no lock held (the clusters are
         // reachable by nobody yet).
-        if let Err(e) = self.run_alloc(cow, &[]) {
+        if let Err(e) = self.run_alloc(&mut cow, &[]) {
             drop(permits);
             self.finish_alloc(&job.plans, Err(e))?;
             return Err(Error::Internal("a failed reservation was linked".into()));
@@ -351,8 +353,8 @@ impl Image {
         let Ok(mut meta) = self.meta.write() else {
             return;
         };
-        for p in plans {
-            meta.in_flight.remove(&(p.guest >> cb));
+        if let Some((first, last)) = super::write::cluster_range(plans, cb) {
+            meta.in_flight.remove(first, last);
         }
         self.notify_in_flight();
         self.release_alloc(&mut meta, plans);

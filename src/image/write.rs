@@ -146,15 +146,18 @@ impl Image {
             Ok(j) => j,
             Err(e) => return Err(self.fail(&mut meta, e, IoOp::Write)),
         };
-        let cb = self.geom.cluster_bits;
-        meta.in_flight.extend(job.clusters(cb));
-        let AllocJob { plans, writes } = job;
+        if let Some((first, last)) = job.clusters(self.geom.cluster_bits) {
+            meta.in_flight.insert(first, last);
+        }
+        let AllocJob { plans, mut writes } = job;
         drop(meta);
         // The reserved clusters are referenced by nothing a reader can
         // reach and cannot be handed out again: no lock and no barrier are
         // needed to fill them.
-        let r = self.run_alloc(writes, data);
-        self.finish_alloc(&plans, r)
+        let r = self.run_alloc(&mut writes, data);
+        let n = self.finish_alloc(&plans, r);
+        job_bufs::give_back(plans, writes);
+        n
     }
 
     /// The last phase of an allocating write (or a write reservation's
@@ -162,10 +165,9 @@ impl Image {
     /// lock, the guest clusters leave the in-flight set and are linked, or on
     /// an error their reservation is released. Returns the bytes linked.
     pub(super) fn finish_alloc(&self, plans: &[ClusterPlan], r: Result<()>) -> Result<u64> {
-        let cb = self.geom.cluster_bits;
         let mut meta = self.meta.write().map_err(|_| Error::PreviousIoFailed)?;
-        for p in plans {
-            meta.in_flight.remove(&(p.guest >> cb));
+        if let Some((first, last)) = cluster_range(plans, self.geom.cluster_bits) {
+            meta.in_flight.remove(first, last);
         }
         self.notify_in_flight();
         let r = match r {
@@ -313,12 +315,16 @@ impl Image {
     /// the lock. Returns how many bytes were written.
     pub(crate) fn allocating_write(&self, meta: &mut Meta, g: u64, data: &[u8]) -> Result<u64> {
         let job = self.prepare_alloc(meta, g, data.len() as u64, Some(data))?;
-        let AllocJob { plans, writes } = job;
-        if let Err(e) = self.run_alloc(writes, data) {
-            self.release_alloc(meta, &plans);
-            return Err(e);
-        }
-        self.link_alloc(meta, &plans)
+        let AllocJob { plans, mut writes } = job;
+        let r = match self.run_alloc(&mut writes, data) {
+            Ok(()) => self.link_alloc(meta, &plans),
+            Err(e) => {
+                self.release_alloc(meta, &plans);
+                Err(e)
+            }
+        };
+        job_bufs::give_back(plans, writes);
+        r
     }
 
     /// The first phase of an allocating write, under the lock: classifies
@@ -344,7 +350,7 @@ impl Image {
         let c_last = (g + len - 1) >> geom.cluster_bits;
 
         // Classify clusters from c0: a run of clusters that all need a new host cluster.
-        let mut plans: Vec<ClusterPlan> = Vec::new();
+        let (mut plans, writes) = job_bufs::take();
         for c in c0..=c_last {
             let cg = c << geom.cluster_bits;
             let slot = meta.l2_slot(table, cg);
@@ -402,7 +408,7 @@ impl Image {
         }
         let mut job = AllocJob {
             plans: Vec::new(),
-            writes: Vec::new(),
+            writes,
         };
         let r = self.plan_writes(meta, g, data, &plans, &mut job.writes);
         job.plans = plans;
@@ -514,8 +520,8 @@ impl Image {
     }
 
     /// The second phase: the data writes, with or without the lock held.
-    pub(super) fn run_alloc(&self, writes: Vec<PendingWrite>, data: &[u8]) -> Result<()> {
-        for w in writes {
+    pub(super) fn run_alloc(&self, writes: &mut Vec<PendingWrite>, data: &[u8]) -> Result<()> {
+        for w in writes.drain(..) {
             match w {
                 PendingWrite::Caller { permit, src } => {
                     let bytes = data.get(src).ok_or_else(|| {
@@ -747,10 +753,18 @@ pub(super) struct AllocJob {
 }
 
 impl AllocJob {
-    /// The guest clusters the job links (as cluster indices).
-    pub(super) fn clusters(&self, cluster_bits: u32) -> impl Iterator<Item = u64> + '_ {
-        self.plans.iter().map(move |p| p.guest >> cluster_bits)
+    /// The guest clusters the job links (cluster indices `first..=last`;
+    /// its plans are consecutive clusters), `None` for no cluster.
+    pub(super) fn clusters(&self, cluster_bits: u32) -> Option<(u64, u64)> {
+        cluster_range(&self.plans, cluster_bits)
     }
+}
+
+/// The guest cluster indices `first..=last` of consecutive cluster plans.
+pub(super) fn cluster_range(plans: &[ClusterPlan], cluster_bits: u32) -> Option<(u64, u64)> {
+    let first = plans.first()?.guest >> cluster_bits;
+    let last = plans.last()?.guest >> cluster_bits;
+    Some((first, last))
 }
 
 /// One data write of an allocating write.
@@ -814,4 +828,46 @@ fn subclusters_allocated(geom: &Geometry, b: Subclusters, in_c: u64, n: u64) -> 
     let scs = geom.subcluster_size();
     let mask = range_mask(in_c / scs, (in_c + n).div_ceil(scs));
     b.alloc() & mask == mask
+}
+
+/// Per-thread vectors for the plans and data writes of allocating writes,
+/// reused from one request to the next so that an allocating write
+/// allocates nothing once a thread has done a few (the vectors live across
+/// the unlocked data write, so they cannot be borrowed from `Meta`).
+mod job_bufs {
+    use super::{ClusterPlan, PendingWrite};
+    use std::cell::RefCell;
+
+    /// Capacity kept for reuse; a thread that once did a huge write does
+    /// not keep its vectors forever.
+    const KEEP: usize = 64;
+
+    thread_local! {
+        static BUFS: RefCell<(Vec<ClusterPlan>, Vec<PendingWrite>)> =
+            const { RefCell::new((Vec::new(), Vec::new())) };
+    }
+
+    /// Empty vectors, with this thread's reused capacity.
+    pub(super) fn take() -> (Vec<ClusterPlan>, Vec<PendingWrite>) {
+        BUFS.try_with(|b| {
+            b.try_borrow_mut()
+                .map(|mut b| std::mem::take(&mut *b))
+                .unwrap_or_default()
+        })
+        .unwrap_or_default()
+    }
+
+    /// Gives the vectors back for the thread's next allocating write.
+    pub(super) fn give_back(mut plans: Vec<ClusterPlan>, mut writes: Vec<PendingWrite>) {
+        if plans.capacity() > KEEP || writes.capacity() > KEEP {
+            return;
+        }
+        plans.clear();
+        writes.clear();
+        let _ = BUFS.try_with(|b| {
+            if let Ok(mut b) = b.try_borrow_mut() {
+                *b = (plans, writes);
+            }
+        });
+    }
 }

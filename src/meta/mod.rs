@@ -45,6 +45,7 @@ mod compressed;
 mod conv;
 mod flush;
 mod gate;
+mod in_flight;
 mod load;
 pub(crate) mod overlap_map;
 mod refcount;
@@ -284,7 +285,7 @@ pub(crate) struct Meta {
     /// Guest clusters (indices) with an allocating write between its
     /// reservation and its link: other requests that would change their
     /// mapping wait (see [`crate::Image`]'s module docs).
-    pub in_flight: std::collections::HashSet<u64>,
+    pub in_flight: in_flight::InFlight,
     /// Where the next compressed cluster is packed (QEMU's
     /// `free_byte_offset`): a byte inside a host cluster already holding
     /// compressed data, or 0 to start a new host cluster.
@@ -302,7 +303,7 @@ impl Meta {
     /// `first..=last` (a walk over the few in-flight clusters, however long
     /// the range).
     pub fn in_flight_overlaps(&self, first: u64, last: u64) -> bool {
-        !self.in_flight.is_empty() && self.in_flight.iter().any(|c| (first..=last).contains(c))
+        self.in_flight.overlaps(first, last)
     }
 
     /// Reports the blkdebug event `event` to the image file at the point
