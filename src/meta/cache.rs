@@ -47,7 +47,7 @@ pub struct TableCache {
     lru: LruCache<u64, CachedTable>,
     capacity: usize,
     entry_bytes: usize,
-    hits: AtomicU64,
+    hits: ShardedCounter,
     misses: AtomicU64,
     epoch: u32,
 }
@@ -60,7 +60,7 @@ impl TableCache {
             lru: LruCache::unbounded(),
             capacity,
             entry_bytes,
-            hits: AtomicU64::new(0),
+            hits: ShardedCounter::default(),
             misses: AtomicU64::new(0),
             epoch: 0,
         }
@@ -76,7 +76,7 @@ impl TableCache {
         let epoch = self.epoch;
         match self.lru.get_mut(&offset) {
             Some(t) => {
-                self.hits.fetch_add(1, Ordering::Relaxed);
+                self.hits.add_one();
                 *t.epoch.get_mut() = epoch;
                 Some(t)
             }
@@ -95,7 +95,7 @@ impl TableCache {
     pub fn get_shared(&self, offset: u64, count: bool) -> Option<&CachedTable> {
         let t = self.lru.peek(&offset)?;
         if count {
-            self.hits.fetch_add(1, Ordering::Relaxed);
+            self.hits.add_one();
         }
         if t.epoch.load(Ordering::Relaxed) != self.epoch {
             t.epoch.store(self.epoch, Ordering::Relaxed);
@@ -238,12 +238,54 @@ impl TableCache {
     /// Counters for tests and benches.
     pub fn stats(&self) -> CacheStats {
         CacheStats {
-            hits: self.hits.load(Ordering::Relaxed),
+            hits: self.hits.sum(),
             misses: self.misses.load(Ordering::Relaxed),
             entries: self.lru.len(),
             capacity: self.capacity,
         }
     }
+}
+
+/// Shards of [`ShardedCounter`]: enough that two or four threads rarely
+/// share one.
+const COUNTER_SHARDS: usize = 8;
+
+/// A counter bumped by many threads at once (cache hits under the shared
+/// lock): each thread adds to its own cache line, so hits on two cores do not
+/// bounce one line between them; reading sums the shards.
+#[derive(Debug, Default)]
+struct ShardedCounter {
+    shards: [PaddedCounter; COUNTER_SHARDS],
+}
+
+/// One shard, alone on its cache line (128 bytes: adjacent-line prefetch
+/// pairs lines on x86).
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct PaddedCounter(AtomicU64);
+
+impl ShardedCounter {
+    fn add_one(&self) {
+        let shard = self.shards.get(thread_shard()).unwrap_or(&self.shards[0]);
+        shard.0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn sum(&self) -> u64 {
+        self.shards
+            .iter()
+            .fold(0u64, |a, s| a.wrapping_add(s.0.load(Ordering::Relaxed)))
+    }
+}
+
+/// This thread's shard of every [`ShardedCounter`] (threads get shards round
+/// robin on first use).
+fn thread_shard() -> usize {
+    use std::sync::atomic::AtomicUsize;
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static SHARD: usize = NEXT.fetch_add(1, Ordering::Relaxed) % COUNTER_SHARDS;
+    }
+    SHARD.with(|s| *s)
 }
 
 #[cfg(test)]
