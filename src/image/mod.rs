@@ -43,8 +43,9 @@ use crate::meta::{read_file, DataTarget, DiscardType, FileReader, Meta, RawL2};
 use crate::options::OpenOptions;
 use crate::storage::{FileStorage, Storage, Tracked};
 use crate::types::{Geometry, MetadataKind};
+use crossbeam_utils::sync::ShardedLock;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 pub mod amend;
@@ -59,6 +60,11 @@ pub use compressed::CompressedCluster;
 mod open;
 mod read_map;
 pub use read_map::{MappedExtent, ReadMapping, MAX_READ_EXTENTS};
+
+/// Inline extents of the mapping `read_at` translates into per step: most
+/// requests map to one run; a short array is cheaper to fill and move than
+/// [`MAX_READ_EXTENTS`] (longer requests loop).
+const READ_AT_EXTENTS: usize = 4;
 mod reserve;
 pub use reserve::{WriteExtent, WriteReservation};
 mod resolver;
@@ -139,13 +145,22 @@ pub struct Image {
     /// The metadata: shared for cache-hit translations, exclusive for
     /// everything else (see the module docs).
     meta: RwLock<Meta>,
-    pub(crate) io_barrier: RwLock<()>,
+    /// The I/O barrier: data I/O outside the metadata lock holds its read
+    /// side (a ticket), the application of queued frees its write side
+    /// (see the module docs). Sharded: each thread's tickets touch only its
+    /// own shard, so readers on several cores do not bounce one cache line;
+    /// the rare write side locks every shard.
+    pub(crate) io_barrier: ShardedLock<()>,
     /// Pairs with `in_flight_done` (a condvar cannot wait on an `RwLock`
     /// guard): taken by a waiter before it releases the exclusive metadata
     /// lock and by a notifier after it updated `Meta::in_flight` under it.
     in_flight_mx: Mutex<()>,
     /// Signalled when allocating writes leave `Meta::in_flight`.
     in_flight_done: Condvar,
+    /// Requests waiting on `in_flight_done` (changed under the exclusive
+    /// metadata lock on the way in), so that a notifier with nobody to wake
+    /// skips the mutex and the wake-up system call.
+    in_flight_waiters: AtomicUsize,
     read_only: bool,
     gone: AtomicBool,
     /// [`Image::shutdown`] ran: requests fail with [`Error::Closed`].
@@ -459,12 +474,13 @@ impl Image {
                 .in_flight_mx
                 .lock()
                 .map_err(|_| Error::PreviousIoFailed)?;
+            // Counted under the exclusive lock, so a notifier (which checks
+            // the count under it too) cannot miss this waiter.
+            self.in_flight_waiters.fetch_add(1, Ordering::SeqCst);
             drop(meta);
-            drop(
-                self.in_flight_done
-                    .wait(signal)
-                    .map_err(|_| Error::PreviousIoFailed)?,
-            );
+            let woken = self.in_flight_done.wait(signal);
+            self.in_flight_waiters.fetch_sub(1, Ordering::SeqCst);
+            drop(woken.map_err(|_| Error::PreviousIoFailed)?);
             meta = self.meta.write().map_err(|_| Error::PreviousIoFailed)?;
         }
         Ok(meta)
@@ -473,6 +489,10 @@ impl Image {
     /// Wakes the requests waiting in [`Image::wait_in_flight`] (call with
     /// the exclusive metadata lock held, after changing `Meta::in_flight`).
     pub(crate) fn notify_in_flight(&self) {
+        // Nobody waiting (the common case): no mutex, no futex wake-up.
+        if self.in_flight_waiters.load(Ordering::SeqCst) == 0 {
+            return;
+        }
         let _signal = self.in_flight_mx.lock();
         self.in_flight_done.notify_all();
     }
@@ -618,7 +638,7 @@ impl Image {
         let mut done = 0usize;
         while done < buf.len() {
             let g = offset + done as u64;
-            let map = self.map_read(g, (buf.len() - done) as u64)?;
+            let map = self.map_read_n::<READ_AT_EXTENTS>(g, (buf.len() - done) as u64)?;
             let mut r = Ok(());
             for e in map.extents() {
                 let at = (e.guest - offset) as usize;

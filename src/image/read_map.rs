@@ -4,7 +4,7 @@
 //! caller does its own I/O.
 
 use super::*;
-use std::sync::RwLockReadGuard;
+use crossbeam_utils::sync::ShardedLockReadGuard;
 
 /// Most extents one [`ReadMapping`] holds (inline: mapping allocates
 /// nothing); a longer request maps a prefix.
@@ -34,18 +34,22 @@ pub struct MappedExtent {
 /// image's I/O barrier, as a read in flight does); drop it as soon as the
 /// I/O is done: flushes, discards and other requests that free clusters
 /// wait for it.
+///
+/// `N` is the inline capacity: [`Image::map_read`] maps up to
+/// [`MAX_READ_EXTENTS`] runs; [`Image::read_at`] uses a smaller one (a
+/// short array to fill and move on the hot path) and loops.
 #[derive(Debug)]
-pub struct ReadMapping<'a> {
-    _ticket: RwLockReadGuard<'a, ()>,
-    extents: [MappedExtent; MAX_READ_EXTENTS],
+pub struct ReadMapping<'a, const N: usize = MAX_READ_EXTENTS> {
+    _ticket: ShardedLockReadGuard<'a, ()>,
+    extents: [MappedExtent; N],
     n: usize,
     in_data_file: bool,
     compression_type: u8,
 }
 
-impl ReadMapping<'_> {
+impl<const N: usize> ReadMapping<'_, N> {
     /// The runs, in guest order, contiguous, covering a prefix of the
-    /// request (all of it unless more than [`MAX_READ_EXTENTS`] runs).
+    /// request (all of it unless more than `N` runs).
     pub fn extents(&self) -> &[MappedExtent] {
         self.extents.get(..self.n).unwrap_or_default()
     }
@@ -109,15 +113,36 @@ impl Image {
     /// As [`Image::read_at`] (out of range, corrupt tables, I/O errors
     /// reading them, a disabled handle).
     pub fn map_read(&self, offset: u64, len: u64) -> Result<ReadMapping<'_>> {
+        self.map_read_n(offset, len)
+    }
+
+    /// [`Image::map_read`] into an inline array of `N` runs.
+    #[inline]
+    pub(crate) fn map_read_n<const N: usize>(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> Result<ReadMapping<'_, N>> {
         if let Some(map) = self.map_read_shared(offset, len)? {
             return Ok(map);
         }
+        self.map_read_exclusive(offset, len)
+    }
+
+    /// [`Image::map_read`] under the exclusive lock: loads missing L2
+    /// slices and reports errors.
+    #[cold]
+    fn map_read_exclusive<const N: usize>(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> Result<ReadMapping<'_, N>> {
         let mut meta = self.lock()?;
         self.check_range(meta.header.size, offset, len)?;
-        let mut extents = [NO_EXTENT; MAX_READ_EXTENTS];
+        let mut extents = [NO_EXTENT; N];
         let mut n_ext = 0usize;
         let mut done = 0u64;
-        while done < len && n_ext < MAX_READ_EXTENTS {
+        while done < len && n_ext < N {
             let g = offset + done;
             let (kind, n) = match meta.map_extent(g, len - done) {
                 Ok(x) => x,
@@ -155,7 +180,12 @@ impl Image {
     /// only: the prefix of the request mapped before the first miss or
     /// error, `None` when that is nothing (the exclusive path then loads,
     /// or reports the error).
-    fn map_read_shared(&self, offset: u64, len: u64) -> Result<Option<ReadMapping<'_>>> {
+    #[inline]
+    fn map_read_shared<const N: usize>(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<ReadMapping<'_, N>>> {
         let meta = self.lock_shared()?;
         if Self::shared_defers(&meta)
             || offset
@@ -164,10 +194,10 @@ impl Image {
         {
             return Ok(None);
         }
-        let mut extents = [NO_EXTENT; MAX_READ_EXTENTS];
+        let mut extents = [NO_EXTENT; N];
         let mut n_ext = 0usize;
         let mut done = 0u64;
-        while done < len && n_ext < MAX_READ_EXTENTS {
+        while done < len && n_ext < N {
             let g = offset + done;
             let Ok(Some((kind, n))) = meta.map_extent_cached(g, len - done) else {
                 break;

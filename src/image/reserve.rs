@@ -18,7 +18,7 @@
 use super::write::{ClusterPlan, PendingWrite, WriteStep};
 use super::*;
 use crate::meta::DataPermit;
-use std::sync::RwLockReadGuard;
+use crossbeam_utils::sync::ShardedLockReadGuard;
 
 /// Most host runs one [`WriteReservation`] holds inline (a longer
 /// reservation spills to the heap).
@@ -41,7 +41,7 @@ pub struct WriteExtent {
 enum Held<'a> {
     /// Clusters overwritten in place, kept valid by the I/O barrier.
     InPlace {
-        _ticket: RwLockReadGuard<'a, ()>,
+        _ticket: ShardedLockReadGuard<'a, ()>,
         permit: DataPermit,
     },
     /// New clusters, reserved and registered as in flight.
