@@ -573,8 +573,38 @@ fn blkdebug_option_errors_match_qemu_io() {
         "driver=qcow2,file.driver=blkdebug,file.config=C.conf",
         "driver=qcow2,file.driver=blkdebug,file.config=B.conf,file.image.filename=F.qcow2",
         "driver=qcow2,file.driver=blkdebug,file.inject-error.0.event=bogus_event,file.image.filename=F.qcow2",
+        "driver=qcow2,file.driver=blkdebug,file.align=3000,file.image.filename=F.qcow2",
+        "driver=qcow2,file.driver=blkdebug,file.align=4096,file.max-transfer=1000,file.image.filename=F.qcow2",
     ] {
         io_twin(qd.path(), od.path(), &["--image-opts"], &["read 0 512"], &[opts]);
+    }
+}
+
+/// `align` and `max-transfer`: unaligned guest requests and metadata updates go
+/// through read-modify-write and give QEMU's data and `check` result.
+#[test]
+fn blkdebug_align_and_max_transfer_match_qemu_io() {
+    if !have_qemu() {
+        return;
+    }
+    let cmds = [
+        "write -P 0x22 100 1000",
+        "read -P 0x22 100 1000",
+        "write -P 0x33 300k 70k",
+        "read -P 0x33 300k 70k",
+        "read -P 0x11 0 4k",
+    ];
+    for extra in [
+        "file.align=4096",
+        "file.align=512,file.max-transfer=4096",
+        "file.max-transfer=1000",
+    ] {
+        let (qd, od) = twin_dirs(blkdebug_files);
+        let o = format!("driver=qcow2,file.driver=blkdebug,file.image.filename=F.qcow2,{extra}");
+        io_twin(qd.path(), od.path(), &["--image-opts"], &cmds, &[&o]);
+        let qc = qemu(qd.path(), "qemu-img", &["check", "F.qcow2"]);
+        let oc = qemu(od.path(), "qemu-img", &["check", "F.qcow2"]);
+        assert_eq!((oc.out, oc.code), (qc.out, qc.code), "check: {extra}");
     }
 }
 
