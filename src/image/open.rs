@@ -9,6 +9,33 @@ use crate::storage::LockRequest;
 /// Most bytes of cluster 0 read to decode the header and its extensions.
 const MAX_HEADER_READ: u64 = 2 << 20;
 
+/// The bytes the header is decoded from: cluster 0 (where QEMU requires the header,
+/// its extensions and the backing file name to be), in two requests: the first
+/// sector, then the rest of the cluster its `cluster_bits` gives. Reading no further
+/// keeps open-time requests from covering guest data (a quorum votes per request);
+/// an unsupported `cluster_bits` reads up to [`MAX_HEADER_READ`] so that decoding
+/// reports it as before.
+fn read_head(file: &dyn Storage, file_len: u64) -> Result<Vec<u8>> {
+    let first = file_len.min(512);
+    let mut head = vec![0u8; first as usize];
+    read_file(file, &mut head, 0)?;
+    let cluster_bits = head
+        .get(20..24)
+        .and_then(|b| b.try_into().ok())
+        .map(u32::from_be_bytes);
+    let want = match cluster_bits {
+        Some(bits) if (MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&bits) => 1u64 << bits,
+        _ => MAX_HEADER_READ,
+    };
+    let total = file_len.min(want).max(first);
+    if total > first {
+        head.resize(total as usize, 0);
+        let rest = head.get_mut(first as usize..).unwrap_or_default();
+        read_file(file, rest, first)?;
+    }
+    Ok(head)
+}
+
 impl Image {
     /// Opens the image at `path`.
     ///
@@ -199,8 +226,7 @@ impl Image {
             file.set_event_sink(Some(sink));
         }
         let file_len = file.len().map_err(|e| Error::io(IoOp::Read, 0, e))?;
-        let mut head = vec![0u8; file_len.min(MAX_HEADER_READ) as usize];
-        read_file(&*file, &mut head, 0)?;
+        let head = read_head(&*file, file_len)?;
         let mut header = if mode.check {
             Header::decode_for_check(&head)?
         } else {

@@ -4,6 +4,7 @@ use super::backend::{open_from_options, BackendSpec};
 use super::Storage;
 use crate::error::strerror;
 use crate::options::parse::{parse_bool_onoff, parse_number};
+use std::collections::HashMap;
 use std::io;
 use std::sync::{Arc, Mutex};
 
@@ -46,8 +47,8 @@ macro_rules! events {
         ///
         /// Never reported (accepted, the rule never fires): `vmstate_load`,
         /// `vmstate_save` (no VM state), `cor_write` (no copy-on-read),
-        /// `cluster_alloc_space`, `empty_image_prepare`, the `pwritev_rmw_*` events
-        /// (no read-modify-write of unaligned requests).
+        /// `cluster_alloc_space`, `empty_image_prepare`. The `pwritev_rmw_*` events
+        /// fire only under the node's own `align` (see [`BlkdebugConfig::align`]).
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
         #[allow(missing_docs)]
         #[non_exhaustive]
@@ -166,9 +167,17 @@ pub struct BlkdebugConfig {
     pub inject: Vec<InjectError>,
     /// `[set-state]` / `set-state.N.*`.
     pub set_state: Vec<SetState>,
-    /// `max-transfer`: longer requests are split (0: no limit).
+    /// `max-transfer`: longer requests are split (0: no limit; a multiple of
+    /// `align`).
     pub max_transfer: u64,
-    /// `align` (accepted, checked to be a power of two; not emulated).
+    /// `align`: the request alignment (0 or 1: none; a power of two). As QEMU's
+    /// block layer does for such a node, a read is widened to whole aligned blocks,
+    /// and an unaligned write becomes a read-modify-write of its first and last
+    /// block (`pwritev_rmw_head`, `pwritev_rmw_after_head`, `pwritev_rmw_tail`,
+    /// `pwritev_rmw_after_tail` around those reads, which rules can fail like any
+    /// read) followed by an aligned write; past the end of the image the blocks
+    /// read as zeroes, so a write there grows the image to the next multiple of
+    /// `align`.
     pub align: u64,
 }
 
@@ -308,8 +317,10 @@ impl BlkdebugConfig {
                 "config" | "node-name" | "read-only" | "x-image" => {}
                 "align" => {
                     cfg.align = num(k, v)?;
-                    if cfg.align != 0 && !cfg.align.is_power_of_two() {
-                        return Err("Cannot meet constraints with align".into());
+                    if cfg.align != 0
+                        && (cfg.align >= i32::MAX as u64 || !cfg.align.is_power_of_two())
+                    {
+                        return Err(format!("Cannot meet constraints with align {}", cfg.align));
                     }
                 }
                 "max-transfer" => cfg.max_transfer = num(k, v)?,
@@ -334,6 +345,15 @@ impl BlkdebugConfig {
                 }
             }
         }
+        if cfg.max_transfer != 0
+            && (cfg.max_transfer >= i32::MAX as u64
+                || !cfg.max_transfer.is_multiple_of(cfg.align.max(1)))
+        {
+            return Err(format!(
+                "Cannot meet constraints with max-transfer {}",
+                cfg.max_transfer
+            ));
+        }
         if !has_image {
             return Err("A block device must be specified for \"image\"".into());
         }
@@ -354,6 +374,8 @@ struct RuleState {
     active: Vec<usize>,
     /// Rules removed by `once`.
     removed: Vec<bool>,
+    /// How often each event was reported, indexed as [`BlkdebugEvent::ALL`].
+    counts: Vec<u64>,
 }
 
 /// A storage that fails requests as its blkdebug rules say (see [`BlkdebugEvent`]).
@@ -362,6 +384,22 @@ pub struct BlkdebugStorage {
     inner: Arc<dyn Storage>,
     cfg: BlkdebugConfig,
     rules: Mutex<RuleState>,
+    /// Per event (indexed as [`BlkdebugEvent::ALL`]), its rules, so that an event
+    /// costs what its own rules cost (a `[set-state]` chain counting thousands of
+    /// occurrences stays cheap).
+    by_event: Vec<EventRules>,
+}
+
+/// The rules of one event.
+#[derive(Debug, Default)]
+struct EventRules {
+    /// Indexes into `inject`.
+    inject: Vec<usize>,
+    /// `[set-state]` rules by `state`: the index into `set_state` of the last one
+    /// given for that state.
+    set_state: HashMap<u64, usize>,
+    /// The last `[set-state]` rule with `state` 0 (any).
+    set_state_any: Option<usize>,
 }
 
 impl BlkdebugStorage {
@@ -399,13 +437,33 @@ impl BlkdebugStorage {
     /// `inner` under the rules of `cfg`.
     pub fn new(inner: Arc<dyn Storage>, cfg: BlkdebugConfig) -> BlkdebugStorage {
         let n = cfg.inject.len();
+        let mut by_event: Vec<EventRules> = BlkdebugEvent::ALL
+            .iter()
+            .map(|_| EventRules::default())
+            .collect();
+        for (i, rule) in cfg.inject.iter().enumerate() {
+            if let Some(e) = by_event.get_mut(rule.event as usize) {
+                e.inject.push(i);
+            }
+        }
+        for (i, rule) in cfg.set_state.iter().enumerate() {
+            if let Some(e) = by_event.get_mut(rule.event as usize) {
+                if rule.state == 0 {
+                    e.set_state_any = Some(i);
+                } else {
+                    e.set_state.insert(rule.state, i);
+                }
+            }
+        }
         BlkdebugStorage {
             inner,
+            by_event,
             cfg,
             rules: Mutex::new(RuleState {
                 state: 1,
                 active: Vec::new(),
                 removed: vec![false; n],
+                counts: vec![0; BlkdebugEvent::ALL.len()],
             }),
         }
     }
@@ -413,6 +471,22 @@ impl BlkdebugStorage {
     /// The current state (starts at 1).
     pub fn state(&self) -> u64 {
         self.rules.lock().map(|r| r.state).unwrap_or(0)
+    }
+
+    /// How many times each event has been reported since the node was created
+    /// (`none` at open included), in [`BlkdebugEvent::ALL`]'s order, events never
+    /// reported left out. Not QEMU's (it has no such query): it lets a test write
+    /// rules for the k-th occurrence of an event, counted with `[set-state]` chains.
+    pub fn event_counts(&self) -> Vec<(BlkdebugEvent, u64)> {
+        let Ok(r) = self.rules.lock() else {
+            return Vec::new();
+        };
+        BlkdebugEvent::ALL
+            .iter()
+            .zip(&r.counts)
+            .filter(|(_, &n)| n > 0)
+            .map(|(&e, &n)| (e, n))
+            .collect()
     }
 
     /// Fails the request if an active rule covers it.
@@ -444,21 +518,59 @@ impl BlkdebugStorage {
             Ok(m) => m,
         }
     }
-}
 
-impl Storage for BlkdebugStorage {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    /// The aligned range `[start, end)` around `len` bytes at `offset`, if `align`
+    /// asks for one and the request is not aligned already.
+    fn widen(&self, offset: u64, len: usize) -> io::Result<Option<(u64, u64)>> {
+        let a = self.cfg.align;
+        let end = offset
+            .checked_add(len as u64)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+        if a <= 1 || (offset.is_multiple_of(a) && end.is_multiple_of(a)) {
+            return Ok(None);
+        }
+        let start = offset - offset % a;
+        let end = end
+            .checked_next_multiple_of(a)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+        Ok(Some((start, end)))
+    }
+
+    /// A read of whole aligned blocks (rules checked): the bytes past the end of
+    /// the image read as zeroes, as in QEMU's block layer.
+    fn read_padded(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.check(IO_READ, offset, buf.len() as u64)?;
+        let len = self.inner.len()?;
+        let present = usize::try_from(len.saturating_sub(offset))
+            .unwrap_or(usize::MAX)
+            .min(buf.len());
+        let (head, tail) = buf.split_at_mut(present);
+        tail.fill(0);
+        if head.is_empty() {
+            return Ok(());
+        }
+        self.inner.read_at(head, offset)
+    }
+
+    /// Reads `buf` at `offset` a `max-transfer` piece at a time (`read_aio` before
+    /// each), zeroes past the end of the image when `padded`.
+    fn read_pieces(&self, buf: &mut [u8], offset: u64, padded: bool) -> io::Result<()> {
         let step = self.split(buf.len());
         for (i, part) in buf.chunks_mut(step).enumerate() {
             let at = offset + (i * step) as u64;
             self.debug_event(BlkdebugEvent::ReadAio);
-            self.check(IO_READ, at, part.len() as u64)?;
-            self.inner.read_at(part, at)?;
+            if padded {
+                self.read_padded(part, at)?;
+            } else {
+                self.check(IO_READ, at, part.len() as u64)?;
+                self.inner.read_at(part, at)?;
+            }
         }
         Ok(())
     }
 
-    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+    /// Writes aligned (or unconstrained) data, a `max-transfer` piece at a time.
+    fn write_pieces(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         let step = self.split(buf.len());
         for (i, part) in buf.chunks(step).enumerate() {
             let at = offset + (i * step) as u64;
@@ -469,6 +581,53 @@ impl Storage for BlkdebugStorage {
             self.debug_event(BlkdebugEvent::PwritevDone);
         }
         Ok(())
+    }
+}
+
+impl Storage for BlkdebugStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        // Widened to `align` first, then split (`max-transfer` is a multiple of it).
+        let Some((start, end)) = self.widen(offset, buf.len())? else {
+            return self.read_pieces(buf, offset, false);
+        };
+        let mut tmp = vec![0u8; usize::try_from(end - start).unwrap_or(usize::MAX)];
+        self.read_pieces(&mut tmp, start, true)?;
+        let at = usize::try_from(offset - start).unwrap_or(usize::MAX);
+        let src = tmp
+            .get(at..at.saturating_add(buf.len()))
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+        buf.copy_from_slice(src);
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let Some((start, end)) = self.widen(offset, buf.len())? else {
+            return self.write_pieces(buf, offset);
+        };
+        let a = self.cfg.align;
+        let mut tmp = vec![0u8; usize::try_from(end - start).unwrap_or(usize::MAX)];
+        let block = usize::try_from(a).unwrap_or(usize::MAX);
+        let head = !offset.is_multiple_of(a);
+        let tail = !(offset + buf.len() as u64).is_multiple_of(a);
+        if head {
+            self.debug_event(BlkdebugEvent::PwritevRmwHead);
+            let b = tmp.get_mut(..block).unwrap_or_default();
+            self.read_padded(b, start)?;
+            self.debug_event(BlkdebugEvent::PwritevRmwAfterHead);
+        }
+        // One block holding both ends was read with the head.
+        if tail && !(head && end - start == a) {
+            self.debug_event(BlkdebugEvent::PwritevRmwTail);
+            let from = tmp.len().saturating_sub(block);
+            let b = tmp.get_mut(from..).unwrap_or_default();
+            self.read_padded(b, end - a)?;
+            self.debug_event(BlkdebugEvent::PwritevRmwAfterTail);
+        }
+        let at = usize::try_from(offset - start).unwrap_or(usize::MAX);
+        tmp.get_mut(at..at.saturating_add(buf.len()))
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?
+            .copy_from_slice(buf);
+        self.write_pieces(&tmp, start)
     }
 
     fn flush(&self) -> io::Result<()> {
@@ -518,22 +677,32 @@ impl Storage for BlkdebugStorage {
 
     fn debug_event(&self, event: BlkdebugEvent) {
         let Ok(mut r) = self.rules.lock() else { return };
+        if let Some(n) = r.counts.get_mut(event as usize) {
+            *n += 1;
+        }
         let state = r.state;
-        for (i, rule) in self.cfg.inject.iter().enumerate() {
-            if rule.event == event
-                && !r.removed[i]
+        let Some(rules) = self.by_event.get(event as usize) else {
+            return;
+        };
+        for &i in &rules.inject {
+            let Some(rule) = self.cfg.inject.get(i) else {
+                continue;
+            };
+            if !r.removed.get(i).copied().unwrap_or(true)
                 && (rule.state == 0 || rule.state == state)
                 && !r.active.contains(&i)
             {
                 r.active.push(i);
             }
         }
-        let mut new_state = state;
-        for s in &self.cfg.set_state {
-            if s.event == event && (s.state == 0 || s.state == state) {
-                new_state = s.new_state;
-            }
+        // The last rule that applies sets the new state.
+        let last = rules
+            .set_state
+            .get(&state)
+            .copied()
+            .max(rules.set_state_any);
+        if let Some(s) = last.and_then(|i| self.cfg.set_state.get(i)) {
+            r.state = s.new_state;
         }
-        r.state = new_state;
     }
 }

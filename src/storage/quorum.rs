@@ -114,10 +114,15 @@ impl QuorumConfig {
     }
 }
 
-/// A storage replicated on `children` (see [`QuorumConfig`]). Reads vote per 512-byte
-/// sector of the request (QEMU votes over the whole request, but the format layer here
-/// may read far more than one guest request at once); writes go to every child and
-/// succeed when at least `vote-threshold` do.
+/// A storage replicated on `children` (see [`QuorumConfig`]). Reads vote over the
+/// whole request, as QEMU's: every child is read, the copies are grouped by equal
+/// content over the whole buffer, and the biggest group wins if it has at least
+/// `vote-threshold` members (on a tie, the content first seen last, as QEMU picks);
+/// the children outside it lost the vote, and with `rewrite-corrupted` get the whole
+/// request rewritten with the winning data. So two children bad in different sectors
+/// of one request make two losing versions, and with three children and a threshold
+/// of 2 the request fails, even though each sector alone has a majority. Writes go to
+/// every child and succeed when at least `vote-threshold` do.
 ///
 /// **Events**, with QEMU's fields, go to the sink given with
 /// [`Storage::set_event_sink`] (an [`crate::Image`] passes its own) and are also kept
@@ -297,9 +302,9 @@ impl Storage for QuorumStorage {
             }
             return Err(last.unwrap_or_else(|| io::Error::from_raw_os_error(libc::EIO)));
         }
-        // Read every child, then vote sector by sector (512-byte aligned pieces): the
-        // format layer may read much more than one guest request at once (the whole
-        // metadata area when opening), and a bad byte must only fail the sectors it is in.
+        // Read every child, then vote over the whole request, as QEMU's
+        // `quorum_vote`: the copies are grouped by equal content, the biggest group
+        // wins if it has `vote-threshold` members.
         let mut copies: Vec<(usize, Vec<u8>)> = Vec::new();
         let mut first_err = None;
         for (i, c) in self.children.iter().enumerate() {
@@ -316,51 +321,47 @@ impl Storage for QuorumStorage {
             self.report_failure(offset, buf.len());
             return Err(first_err.unwrap_or_else(|| io::Error::from_raw_os_error(libc::EIO)));
         }
-        let mut pos = 0usize;
-        let mut bad: Vec<Vec<(usize, usize)>> = vec![Vec::new(); self.children.len()];
-        while pos < buf.len() {
-            let at = offset + pos as u64;
-            let n = ((512 - at % 512) as usize).min(buf.len() - pos);
-            // Versions of this piece: (index into copies of the first holder, holders).
-            let mut versions: Vec<(usize, Vec<usize>)> = Vec::new();
-            for (k, (_, b)) in copies.iter().enumerate() {
-                let piece = &b[pos..pos + n];
-                match versions
-                    .iter_mut()
-                    .find(|(f, _)| &copies[*f].1[pos..pos + n] == piece)
-                {
-                    Some((_, who)) => who.push(k),
-                    None => versions.push((k, vec![k])),
-                }
+        // Versions: the holders (indices into `copies`) of each distinct content, in
+        // the order first seen.
+        let mut versions: Vec<Vec<usize>> = Vec::new();
+        for (k, (_, b)) in copies.iter().enumerate() {
+            match versions.iter_mut().find(|who| {
+                who.first()
+                    .and_then(|&f| copies.get(f))
+                    .is_some_and(|(_, first)| first == b)
+            }) {
+                Some(who) => who.push(k),
+                None => versions.push(vec![k]),
             }
-            let win = (0..versions.len()).max_by_key(|&v| versions[v].1.len());
-            if self.cfg.blkverify && versions.len() > 1 {
-                return Err(io::Error::from_raw_os_error(libc::EIO));
-            }
-            let Some(win) = win.filter(|&w| versions[w].1.len() >= self.cfg.threshold) else {
-                self.report_failure(offset, buf.len());
-                return Err(io::Error::from_raw_os_error(libc::EIO));
-            };
-            let src = versions[win].0;
-            buf[pos..pos + n].copy_from_slice(&copies[src].1[pos..pos + n]);
-            for (v, (_, who)) in versions.iter().enumerate() {
-                if v != win {
-                    for &k in who {
-                        bad[copies[k].0].push((pos, n));
-                    }
-                }
-            }
-            pos += n;
         }
-        for (child, pieces) in bad.iter().enumerate() {
-            if pieces.is_empty() {
+        if self.cfg.blkverify && versions.len() > 1 {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        // On a tie the version seen last wins: QEMU inserts new versions at the head
+        // of its list and takes the first with the most votes. `max_by_key` returns
+        // the last maximum, the same one.
+        let win = (0..versions.len())
+            .max_by_key(|&v| versions[v].len())
+            .filter(|&w| versions[w].len() >= self.cfg.threshold);
+        let Some(win) = win else {
+            self.report_failure(offset, buf.len());
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        };
+        let Some((_, data)) = versions[win].first().and_then(|&k| copies.get(k)) else {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        };
+        buf.copy_from_slice(data);
+        for (v, who) in versions.iter().enumerate() {
+            if v == win {
                 continue;
             }
-            self.report_bad(child, QuorumOpType::Read, None, offset, buf.len());
-            if self.cfg.rewrite_corrupted {
-                for &(p, n) in pieces {
-                    // Best effort, as QEMU's: a failed rewrite does not fail the read.
-                    let _ = self.children[child].write_at(&buf[p..p + n], offset + p as u64);
+            for &k in who {
+                let child = copies[k].0;
+                self.report_bad(child, QuorumOpType::Read, None, offset, buf.len());
+                if self.cfg.rewrite_corrupted {
+                    // The whole request, best effort, as QEMU's: a failed rewrite
+                    // does not fail the read.
+                    let _ = self.children[child].write_at(buf, offset);
                 }
             }
         }

@@ -321,6 +321,101 @@ fn quorum_outvotes_one_bad_child_like_qemu_io_and_rewrites_it() {
     }
 }
 
+/// Like [`quorum_files`], but A is bad in the data cluster's first sector and B in
+/// its second: each sector alone has a majority, a request covering both does not.
+fn quorum_two_bad_files(d: &Path) {
+    base_image(d, "A.qcow2");
+    std::fs::copy(d.join("A.qcow2"), d.join("B.qcow2")).unwrap();
+    std::fs::copy(d.join("A.qcow2"), d.join("C.qcow2")).unwrap();
+    flip(&d.join("A.qcow2"), 0x50000 + 100);
+    flip(&d.join("B.qcow2"), 0x50000 + 1000);
+}
+
+#[test]
+fn quorum_votes_over_the_whole_request_like_qemu_io() {
+    if !have_qemu() {
+        return;
+    }
+    let (qd, od) = twin_dirs(quorum_two_bad_files);
+    // The cluster's read has three versions (no two agree over the whole request):
+    // EIO. Each sector alone has two equal copies; the rest all three.
+    let r = io_twin(
+        qd.path(),
+        od.path(),
+        &["--image-opts"],
+        &[
+            "read -P 0x11 0 64k",
+            "read -P 0x11 0 512",
+            "read -P 0x11 512 512",
+            "read -P 0x11 1k 1k",
+        ],
+        &[QUORUM],
+    );
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(
+        r.out.starts_with("read failed: Input/output error\n"),
+        "{r:?}"
+    );
+    // rewrite-corrupted rewrites the whole request on the losers: the 512-byte
+    // read repairs A's first sector (A then equals C), the cluster's read then wins
+    // and rewrites all of B's cluster. All three files end up identical.
+    let rw = format!("{QUORUM},file.rewrite-corrupted=on");
+    io_twin(
+        qd.path(),
+        od.path(),
+        &["--image-opts"],
+        &[
+            "read -P 0x11 0 64k",
+            "read -P 0x11 0 512",
+            "read -P 0x11 0 64k",
+        ],
+        &[&rw],
+    );
+    for d in [qd.path(), od.path()] {
+        let c = std::fs::read(d.join("C.qcow2")).unwrap();
+        assert_eq!(std::fs::read(d.join("A.qcow2")).unwrap(), c);
+        assert_eq!(std::fs::read(d.join("B.qcow2")).unwrap(), c);
+    }
+}
+
+#[test]
+fn quorum_fifo_and_blkverify_under_qcow2_like_qemu_io() {
+    if !have_qemu() {
+        return;
+    }
+    let (qd, od) = twin_dirs(quorum_two_bad_files);
+    // fifo reads the first child only: A's bad byte shows.
+    let fifo = "driver=qcow2,file.driver=quorum,file.vote-threshold=1,file.read-pattern=fifo,\
+file.children.0.driver=file,file.children.0.filename=A.qcow2,\
+file.children.1.driver=file,file.children.1.filename=C.qcow2";
+    io_twin(
+        qd.path(),
+        od.path(),
+        &["--image-opts"],
+        &["read -P 0x11 0 64k", "read -P 0x11 512 512"],
+        &[fifo],
+    );
+    // blkverify: requests where A and C agree succeed; a mismatch makes QEMU exit
+    // (`quorum: offset=... contents mismatch at offset ...`), ours fails the request
+    // with EIO (README): both exit 1 after the same first request.
+    let verify = "driver=qcow2,file.driver=quorum,file.vote-threshold=2,file.blkverify=on,\
+file.children.0.driver=file,file.children.0.filename=A.qcow2,\
+file.children.1.driver=file,file.children.1.filename=C.qcow2";
+    let args = io_args(
+        &["--image-opts"],
+        &["read -P 0x11 512 512", "read -P 0x11 0 512"],
+        &[verify],
+    );
+    let q = qemu(qd.path(), "qemu-io", &args);
+    let mut full = vec!["io"];
+    full.extend_from_slice(&args);
+    let o = ours(od.path(), &full);
+    assert_eq!((q.code, o.code), (1, 1), "{q:?} {o:?}");
+    assert_eq!(o.out.lines().next(), q.out.lines().next(), "{q:?} {o:?}");
+    assert!(q.err.contains("contents mismatch"), "{q:?}");
+    assert!(o.out.contains("read failed: Input/output error"), "{o:?}");
+}
+
 #[test]
 fn quorum_option_errors_match_qemu_io() {
     if !have_qemu() {
@@ -478,8 +573,38 @@ fn blkdebug_option_errors_match_qemu_io() {
         "driver=qcow2,file.driver=blkdebug,file.config=C.conf",
         "driver=qcow2,file.driver=blkdebug,file.config=B.conf,file.image.filename=F.qcow2",
         "driver=qcow2,file.driver=blkdebug,file.inject-error.0.event=bogus_event,file.image.filename=F.qcow2",
+        "driver=qcow2,file.driver=blkdebug,file.align=3000,file.image.filename=F.qcow2",
+        "driver=qcow2,file.driver=blkdebug,file.align=4096,file.max-transfer=1000,file.image.filename=F.qcow2",
     ] {
         io_twin(qd.path(), od.path(), &["--image-opts"], &["read 0 512"], &[opts]);
+    }
+}
+
+/// `align` and `max-transfer`: unaligned guest requests and metadata updates go
+/// through read-modify-write and give QEMU's data and `check` result.
+#[test]
+fn blkdebug_align_and_max_transfer_match_qemu_io() {
+    if !have_qemu() {
+        return;
+    }
+    let cmds = [
+        "write -P 0x22 100 1000",
+        "read -P 0x22 100 1000",
+        "write -P 0x33 300k 70k",
+        "read -P 0x33 300k 70k",
+        "read -P 0x11 0 4k",
+    ];
+    for extra in [
+        "file.align=4096",
+        "file.align=512,file.max-transfer=4096",
+        "file.max-transfer=1000",
+    ] {
+        let (qd, od) = twin_dirs(blkdebug_files);
+        let o = format!("driver=qcow2,file.driver=blkdebug,file.image.filename=F.qcow2,{extra}");
+        io_twin(qd.path(), od.path(), &["--image-opts"], &cmds, &[&o]);
+        let qc = qemu(qd.path(), "qemu-img", &["check", "F.qcow2"]);
+        let oc = qemu(od.path(), "qemu-img", &["check", "F.qcow2"]);
+        assert_eq!((oc.out, oc.code), (qc.out, qc.code), "check: {extra}");
     }
 }
 

@@ -7,9 +7,10 @@
 //! The matrix is generated from a counting run of the script, so new
 //! operations in the script are covered automatically.
 
+use crate::support::kth_occurrence_config;
 use crate::support::testing::{Fault, FaultKind, FaultOp, FaultyStorage};
 use qcow2kit::options::CreateOptions;
-use qcow2kit::storage::{MemStorage, Storage};
+use qcow2kit::storage::{BackendSpec, BlkdebugEvent, BlkdebugStorage, MemStorage, Storage};
 use qcow2kit::{Error, Event, Image, OpenOptions};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
@@ -392,5 +393,161 @@ fn shutdown_reports_the_flush_error_through_arc() {
         fs.counts(),
         writes,
         "dropping a shut-down image writes nothing"
+    );
+}
+
+/// A directory for the blkdebug cases' files, in memory when there is one (the
+/// script syncs five times per case).
+fn fast_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .tempdir_in("/dev/shm")
+        .or_else(|_| tempfile::tempdir())
+        .expect("tempdir")
+}
+
+/// `F.qcow2` of `dir` behind a blkdebug node reading `rules.conf`, as
+/// `file.driver=blkdebug,file.config=rules.conf,file.image.filename=F.qcow2`.
+fn blkdebug_node(dir: &std::path::Path) -> Arc<BlkdebugStorage> {
+    let spec = BackendSpec {
+        driver: "blkdebug".into(),
+        options: vec![
+            (
+                "config".into(),
+                dir.join("rules.conf").display().to_string(),
+            ),
+            ("image.driver".into(), "file".into()),
+            (
+                "image.filename".into(),
+                dir.join("F.qcow2").display().to_string(),
+            ),
+        ],
+    };
+    Arc::new(BlkdebugStorage::open(&spec, false).expect("blkdebug node"))
+}
+
+/// One case of the blkdebug matrix; whether the injected error reached the script.
+fn run_blkdebug_case(base: &[u8], event: &str, k: u64, errno: i32, check: bool) -> bool {
+    let label = format!("{event} #{k} errno {errno}");
+    let dir = fast_dir();
+    let path = dir.path().join("F.qcow2");
+    std::fs::write(&path, base).unwrap();
+    std::fs::write(
+        dir.path().join("rules.conf"),
+        kth_occurrence_config(event, k, errno),
+    )
+    .unwrap();
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let ev = events.clone();
+    let opts = OpenOptions::new().on_event(move |e| ev.lock().unwrap().push(e.clone()));
+    let mut model = Model::new();
+    let failed = {
+        let img = Image::open_storage(blkdebug_node(dir.path()), &opts)
+            .unwrap_or_else(|e| panic!("{label}: open failed before the rule: {e}"));
+        let r = script(&img, &mut model);
+        if let Err(e) = &r {
+            assert!(
+                matches!(e, Error::Io { .. } | Error::PreviousIoFailed),
+                "{label}: unexpected error {e:?}"
+            );
+            if let Error::Io { .. } = e {
+                assert_eq!(e.is_nospace(), errno == libc::ENOSPC, "{label}: {e:?}");
+                assert!(
+                    events.lock().unwrap().iter().any(|x| matches!(
+                        x,
+                        Event::IoError { nospace, .. } if *nospace == (errno == libc::ENOSPC)
+                    )),
+                    "{label}: IoError event raised"
+                );
+            }
+        }
+        r.is_err()
+    };
+    // Reopen without blkdebug: acknowledged data reads back.
+    let img = Image::open(&path, &OpenOptions::new().read_only(true))
+        .unwrap_or_else(|e| panic!("{label}: reopen failed: {e}"));
+    let size = img.size() as usize;
+    let mut buf = vec![0u8; size];
+    img.read_at(&mut buf, 0)
+        .unwrap_or_else(|e| panic!("{label}: read back: {e}"));
+    if let Some(i) = (0..size).find(|&i| !model.dirty[i] && buf[i] != model.acked[i]) {
+        panic!(
+            "{label}: acknowledged byte {i} changed: {} != {}",
+            buf[i], model.acked[i]
+        );
+    }
+    drop(img);
+    if check {
+        if let Some(v) = qemu_check(&std::fs::read(&path).unwrap()) {
+            assert_eq!(
+                v.get("corruptions").and_then(|c| c.as_u64()).unwrap_or(0),
+                0,
+                "{label}: {v}"
+            );
+            assert_eq!(v["check-errors"].as_u64(), Some(0), "{label}: {v}");
+        }
+    }
+    failed
+}
+
+/// The fault matrix with its faults written as QEMU blkdebug config files: for
+/// each event the engine and the blkdebug node report during the script
+/// ([`BlkdebugEvent`]'s list), and a sample of its occurrences (all of them with
+/// `QCOW2KIT_ALL_FAULTS=1`: the first, the middle and the last otherwise), a
+/// config whose rule fails the request after that occurrence once with EIO, then
+/// with ENOSPC. The image is opened through the `blkdebug` driver with the config
+/// file. Same assertions as [`fault_matrix`].
+#[test]
+fn blkdebug_fault_matrix() {
+    let base = base_image();
+    let all = std::env::var("QCOW2KIT_ALL_FAULTS").is_ok();
+    let qemu = Command::new("qemu-img").arg("--version").output().is_ok();
+    // Counting run: no rules; occurrences while opening and after the script.
+    let dir = fast_dir();
+    std::fs::write(dir.path().join("F.qcow2"), &base).unwrap();
+    std::fs::write(dir.path().join("rules.conf"), "# no rules\n").unwrap();
+    let node = blkdebug_node(dir.path());
+    let img = Image::open_storage(node.clone(), &OpenOptions::new()).unwrap();
+    let at_open = node.event_counts();
+    script(&img, &mut Model::new()).expect("the script runs without faults");
+    let at_end = node.event_counts();
+    drop(img);
+    let opened = |e: BlkdebugEvent| at_open.iter().find(|(x, _)| *x == e).map_or(0, |&(_, n)| n);
+    let (mut cases, mut failed) = (0u64, 0u64);
+    for &(event, total) in &at_end {
+        let first = opened(event) + 1;
+        if total < first {
+            continue;
+        }
+        let mut ks: Vec<u64> = if all {
+            (first..=total).collect()
+        } else {
+            vec![first, first + (total - first) / 2, total]
+        };
+        ks.dedup();
+        for k in ks {
+            for errno in [libc::EIO, libc::ENOSPC] {
+                let check = qemu && (all || cases.is_multiple_of(3));
+                failed += u64::from(run_blkdebug_case(&base, event.name(), k, errno, check));
+                cases += 1;
+            }
+        }
+    }
+    let fired: Vec<&str> = at_end.iter().map(|(e, _)| e.name()).collect();
+    eprintln!("blkdebug matrix: {cases} cases, {failed} met the error; events {at_end:?}");
+    // The engine's events are there, not only the storage-level ones.
+    for e in [
+        "l2_update",
+        "l1_update",
+        "refblock_alloc",
+        "cluster_alloc",
+        "flush_to_os",
+    ] {
+        assert!(fired.contains(&e), "{e} never fired: {fired:?}");
+    }
+    // Most rules meet a request of the script (the last occurrence of an event
+    // may come after the last request).
+    assert!(
+        failed * 2 > cases,
+        "{failed} of {cases} cases failed a request ({at_end:?})"
     );
 }

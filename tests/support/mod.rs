@@ -255,3 +255,22 @@ pub fn strip_actual_size(v: &mut serde_json::Value) {
 pub fn json(s: &str) -> serde_json::Value {
     serde_json::from_str(s).unwrap_or_else(|e| panic!("bad JSON ({e}): {s}"))
 }
+
+/// A blkdebug config file failing the `k`-th occurrence of `event` (counted from
+/// the node's creation) once with `errno`: a `[set-state]` chain moves the state
+/// from 1 to `k` one occurrence at a time, and the `[inject-error]` rule switches
+/// on in state `k`, i.e. at the `k`-th occurrence (QEMU activates a rule before
+/// the event's state change), and fails the next request.
+pub fn kth_occurrence_config(event: &str, k: u64, errno: i32) -> String {
+    let mut c = String::new();
+    for s in 1..k {
+        c.push_str(&format!(
+            "[set-state]\nevent = \"{event}\"\nstate = \"{s}\"\nnew_state = \"{}\"\n",
+            s + 1
+        ));
+    }
+    c.push_str(&format!(
+        "[inject-error]\nevent = \"{event}\"\nerrno = \"{errno}\"\nonce = \"on\"\nstate = \"{k}\"\n"
+    ));
+    c
+}
