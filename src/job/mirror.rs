@@ -72,14 +72,14 @@ impl std::fmt::Debug for DriveNode {
 
 impl DriveNode {
     /// Virtual disk size: the image's, or the raw file's length.
-    fn size(&self) -> Result<u64> {
+    pub(super) fn size(&self) -> Result<u64> {
         match self {
             DriveNode::Image(i) => Ok(i.size()),
             DriveNode::Raw(s) => s.len().map_err(|e| Error::io(IoOp::Read, 0, e)),
         }
     }
 
-    fn read(&self, buf: &mut [u8], off: u64) -> Result<()> {
+    pub(super) fn read(&self, buf: &mut [u8], off: u64) -> Result<()> {
         match self {
             DriveNode::Image(i) => i.read_at(buf, off),
             DriveNode::Raw(s) => s
@@ -88,7 +88,7 @@ impl DriveNode {
         }
     }
 
-    fn write(&self, buf: &[u8], off: u64) -> Result<()> {
+    pub(super) fn write(&self, buf: &[u8], off: u64) -> Result<()> {
         match self {
             DriveNode::Image(i) => i.write_at(buf, off),
             DriveNode::Raw(s) => s
@@ -97,7 +97,7 @@ impl DriveNode {
         }
     }
 
-    fn write_zeroes(&self, off: u64, len: u64, unmap: bool) -> Result<()> {
+    pub(super) fn write_zeroes(&self, off: u64, len: u64, unmap: bool) -> Result<()> {
         match self {
             DriveNode::Image(i) => i.write_zeroes(off, len, unmap),
             DriveNode::Raw(_) => {
@@ -114,6 +114,39 @@ impl DriveNode {
         }
     }
 
+    /// Grows the node to `len` bytes (a commit base smaller than its top).
+    pub(super) fn grow(&self, len: u64) -> Result<()> {
+        match self {
+            DriveNode::Image(i) => i.resize(len),
+            DriveNode::Raw(s) => s.set_len(len).map_err(|e| Error::io(IoOp::Resize, len, e)),
+        }
+    }
+
+    /// Makes `[off, off + len)` read as zeroes, releasing the space where
+    /// it can (QEMU's write-zeroes with `MAY_UNMAP`): a raw file gets a
+    /// punched hole, checked, with zeroes written where no hole resulted
+    /// (a file system without hole punching, partial blocks).
+    pub(super) fn zero_range(&self, off: u64, len: u64) -> Result<()> {
+        match self {
+            DriveNode::Image(i) => i.write_zeroes(off, len, true),
+            DriveNode::Raw(s) => {
+                let end = off.saturating_add(len);
+                let file_len = s.len().map_err(|e| Error::io(IoOp::Read, 0, e))?;
+                // Past the end of the file reads as zeroes already.
+                let inside = end.min(file_len).saturating_sub(off);
+                if inside == 0 {
+                    return Ok(());
+                }
+                s.discard(off, inside)
+                    .map_err(|e| Error::io(IoOp::Write, off, e))?;
+                match s.is_hole(off, inside) {
+                    Ok(true) => Ok(()),
+                    _ => self.write_zeroes(off, inside, false),
+                }
+            }
+        }
+    }
+
     fn discard(&self, off: u64, len: u64) -> Result<()> {
         match self {
             DriveNode::Image(i) => i.discard(off, len),
@@ -123,7 +156,7 @@ impl DriveNode {
         }
     }
 
-    fn flush(&self) -> Result<()> {
+    pub(super) fn flush(&self) -> Result<()> {
         match self {
             DriveNode::Image(i) => i.flush(),
             DriveNode::Raw(s) => s.flush().map_err(|e| Error::io(IoOp::Flush, 0, e)),

@@ -12,6 +12,7 @@ mod bad_images;
 mod bitmap_crash;
 mod bitmap_model;
 mod bitmap_threads;
+mod commit_raw;
 mod corruption;
 mod crash_replay;
 mod faults;
