@@ -23,6 +23,9 @@
 //!
 //! The source is only read: a crash at any point leaves it as the embedder
 //! wrote it; the target is written with the engine's crash-safe ordering.
+//!
+//! With [`MirrorOptions::replaces`] the job rebuilds a quorum child instead
+//! (`job/replace.rs`).
 
 use super::commit::layers;
 use super::{Job, JobCtx, JobOptions, JobType, Stop};
@@ -185,6 +188,13 @@ pub struct MirrorOptions {
     pub granularity: u64,
     /// Most bytes copied by one request; 0: QEMU's default, 16 MiB.
     pub buf_size: u64,
+    /// QAPI `replaces`: the node name of a child of the quorum the drive's
+    /// image file is on, which the target (a storage,
+    /// [`DriveNode::Raw`]) replaces on completion; the drive stays on its
+    /// image. The quorum's voted content is copied, not the guest view;
+    /// `sync`, `granularity` and `buf_size` do not apply. See
+    /// `job/replace.rs`'s docs.
+    pub replaces: Option<String>,
 }
 
 /// A dirty bitmap of `granularity`-sized chunks.
@@ -468,8 +478,13 @@ impl Drive {
 /// # Errors
 /// `Error::InvalidArgument` for a drive on a raw file, a granularity that is not a power of two
 /// in 512..=64 MiB, a target smaller than the source, or a drive another
-/// mirror is running on.
+/// mirror is running on. With `replaces`: QEMU's `Failed to find node with
+/// node-name='NAME'` when the drive's image is not on a quorum with such a
+/// child, `Error::InvalidArgument` for a qcow2 target.
 pub fn mirror(drive: Arc<Drive>, target: MirrorTarget, opts: MirrorOptions) -> Result<Job> {
+    if let Some(name) = opts.replaces.clone() {
+        return super::replace::mirror_replacing(drive, target, &name, opts);
+    }
     let Some(source) = drive.image() else {
         return Err(Error::InvalidArgument(
             "mirroring a drive on a raw file is not supported".into(),

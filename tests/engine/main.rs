@@ -24,6 +24,7 @@ mod mirror;
 mod model;
 mod multiqueue;
 mod overlap;
+mod quorum_replace;
 mod rebase;
 mod snapshot_crash;
 mod snapshot_model;
