@@ -3,11 +3,15 @@
 //! flipped) or lost (recreated empty), is mirrored into a fresh file that
 //! replaces the bad child. Writers keep writing through the drive while the
 //! job runs, readers check that no read ever returns bad data, and at the
-//! end the three children are byte-identical.
+//! end the three children are byte-identical. Without a writer, the new
+//! child is byte for byte what QEMU's `blockdev-mirror` with `replaces`
+//! writes (qemu-storage-daemon, the quorum as its root node).
 
+use crate::support::qsd::{have_qsd, Qsd};
 use qcow2kit::job::{mirror, Drive, DriveNode, JobOptions, JobOutcome, JobStatus, MirrorOptions};
 use qcow2kit::storage::{open_from_options, BackendSpec, FileStorage};
-use qcow2kit::{CreateOptions, Error, Image, OpenOptions};
+use qcow2kit::{CreateOptions, Error, Event, Image, OpenOptions};
+use serde_json::json;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -84,12 +88,18 @@ fn rebuild_under_load(d: &Path) -> Vec<u8> {
     drive.image().unwrap().read_at(&mut model, 0).unwrap();
     let model = Arc::new(Mutex::new(model));
     let stop = Arc::new(AtomicBool::new(false));
-    let job = mirror(drive.clone(), fresh(d, "D.img"), opts("replica-c")).unwrap();
+    // A rate limit keeps the copy going for a while (about a second), so
+    // that writes and reads race it.
+    let mut o = opts("replica-c");
+    o.job.speed = 4 << 20;
+    let job = mirror(drive.clone(), fresh(d, "D.img"), o).unwrap();
+    let writes = Arc::new(std::sync::atomic::AtomicU64::new(0));
     // One writer (its writes are the model's, in order) and one reader of
     // the whole disk, which must always see the model where no write is
     // in flight: the writer holds the model lock across each write.
     let writer = {
         let (drive, model, stop) = (drive.clone(), model.clone(), stop.clone());
+        let writes = writes.clone();
         std::thread::spawn(move || {
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) || n < 8 {
@@ -99,6 +109,7 @@ fn rebuild_under_load(d: &Path) -> Vec<u8> {
                 drive.write_at(&data, off).unwrap();
                 m[off as usize..off as usize + data.len()].copy_from_slice(&data);
                 n += 1;
+                writes.store(n, Ordering::Relaxed);
             }
             n
         })
@@ -122,9 +133,17 @@ fn rebuild_under_load(d: &Path) -> Vec<u8> {
         })
     };
     assert_eq!(job.wait_ready(), JobStatus::Ready);
+    assert!(
+        writes.load(Ordering::Relaxed) > 10,
+        "the writer did not race the copy"
+    );
     // A write after ready (racing the completion) reaches the new child.
-    drive.write_at(&[0xee; 4096], 7 * MIB).unwrap();
-    model.lock().unwrap()[7 * MIB as usize..7 * MIB as usize + 4096].fill(0xee);
+    // (The model's lock is held across the write, as the writer does.)
+    {
+        let mut m = model.lock().unwrap();
+        drive.write_at(&[0xee; 4096], 7 * MIB).unwrap();
+        m[7 * MIB as usize..7 * MIB as usize + 4096].fill(0xee);
+    }
     job.complete().unwrap();
     assert_eq!(job.wait().unwrap(), JobOutcome::Completed);
     stop.store(true, Ordering::Relaxed);
@@ -237,4 +256,99 @@ fn mirror_replaces_errors_and_cancel() {
     assert_eq!(job.wait_ready(), JobStatus::Ready);
     job.complete().unwrap();
     assert_eq!(job.wait().unwrap(), JobOutcome::Completed);
+}
+
+/// The same rebuild as QEMU's: in a twin directory qemu-storage-daemon
+/// runs `blockdev-mirror` of the quorum (its root node, children a, b, c)
+/// into D.img with `replaces: c`; ours rebuilds replica-c of the image on
+/// the same quorum. Both D.img are A.img byte for byte, and the job's
+/// events carry the same length.
+#[test]
+fn mirror_replaces_matches_qemu_blockdev_mirror() {
+    if !crate::support::have_qemu() || !have_qsd() {
+        return;
+    }
+    let (qd, od) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (qd, od) = (qd.path(), od.path());
+    for d in [qd, od] {
+        replicas(d);
+        let len = std::fs::metadata(d.join("C.img")).unwrap().len() as usize;
+        flip(&d.join("C.img"), len / 2, 4096);
+    }
+    // QEMU: the target exists with the source's size.
+    let a_len = std::fs::metadata(qd.join("A.img")).unwrap().len();
+    std::fs::File::create(qd.join("D.img"))
+        .unwrap()
+        .set_len(a_len)
+        .unwrap();
+    let children: Vec<serde_json::Value> = ["a", "b", "c"]
+        .iter()
+        .map(|n| {
+            json!({"driver": "file", "node-name": n,
+                   "filename": format!("{}.img", n.to_uppercase())})
+        })
+        .collect();
+    let root = json!({"driver": "quorum", "node-name": "q", "vote-threshold": 2,
+                      "children": children});
+    let mut q = Qsd::start_blockdev(qd, &root.to_string());
+    q.execute(
+        "blockdev-add",
+        json!({"driver": "file", "node-name": "d", "filename": "D.img"}),
+    )
+    .unwrap();
+    q.execute(
+        "blockdev-mirror",
+        json!({"job-id": "j", "device": "q", "target": "d", "sync": "full", "replaces": "c"}),
+    )
+    .unwrap();
+    let ready = q.wait_event("BLOCK_JOB_READY");
+    q.execute("job-complete", json!({"id": "j"})).unwrap();
+    let done = q.wait_event("BLOCK_JOB_COMPLETED");
+    assert!(done.get("error").is_none(), "{done}");
+    // The unknown name: QEMU's message, which ours repeats.
+    let e = q
+        .execute(
+            "blockdev-mirror",
+            json!({"job-id": "k", "device": "q", "target": "d", "sync": "full",
+                   "replaces": "nosuch"}),
+        )
+        .unwrap_err();
+    q.quit();
+
+    let seen: Arc<Mutex<Vec<Event>>> = Arc::default();
+    let s = seen.clone();
+    let drive = open_drive(od);
+    let mut o = opts("replica-c");
+    o.job.events = Some(Arc::new(move |e: &Event| s.lock().unwrap().push(e.clone())));
+    let job = mirror(drive.clone(), fresh(od, "D.img"), o).unwrap();
+    assert_eq!(job.wait_ready(), JobStatus::Ready);
+    job.complete().unwrap();
+    assert_eq!(job.wait().unwrap(), JobOutcome::Completed);
+    let ours = mirror(drive.clone(), fresh(od, "E.img"), opts("nosuch")).unwrap_err();
+    assert_eq!(ours.to_string(), e);
+    drop(drive);
+
+    let qd_d = std::fs::read(qd.join("D.img")).unwrap();
+    assert!(qd_d == std::fs::read(qd.join("A.img")).unwrap(), "QEMU's D");
+    assert!(
+        qd_d == std::fs::read(od.join("D.img")).unwrap(),
+        "D differs from QEMU's"
+    );
+    let events = seen.lock().unwrap().clone();
+    let json_of = |name: &str| {
+        events
+            .iter()
+            .map(|e| serde_json::to_value(e).unwrap())
+            .find(|v| v["event"] == name)
+            .unwrap_or_else(|| panic!("no {name} in {events:?}"))["data"]
+            .clone()
+    };
+    for (ours, theirs) in [
+        (json_of("BLOCK_JOB_READY"), ready),
+        (json_of("BLOCK_JOB_COMPLETED"), done),
+    ] {
+        for k in ["type", "len", "offset", "speed"] {
+            assert_eq!(ours[k], theirs[k], "{k}: {ours} vs {theirs}");
+        }
+    }
 }
