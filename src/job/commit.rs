@@ -11,10 +11,12 @@
 //!   `backing-file` (default: the base's path) into the overlay of `top`.
 //! * The base may be the raw file that ends the chain (the default base
 //!   then): the data goes into the file, and what reads as zeroes in the
-//!   layers above (zero clusters, layers ending early) becomes a punched
-//!   hole, or written zeroes where the file system cannot punch, as QEMU's
-//!   commit (a mirror with `unmap`) leaves it. The overlay of an
-//!   intermediate `top` then names the base with the format `raw`.
+//!   layers above (zero clusters, layers ending early) becomes, as QEMU
+//!   leaves it, a punched hole in an active commit (QEMU's mirror with
+//!   `unmap`; written zeroes where the file system cannot punch) and
+//!   written zeroes in an intermediate one (QEMU's commit job). The
+//!   overlay of an intermediate `top` then names the base with the format
+//!   `raw`.
 //!
 //! The device's open chain holds its backing images read-only, so the job
 //! opens its own writable handles of the base (and of the overlay of an
@@ -311,7 +313,8 @@ fn run(
     if base_img.size()? < len {
         base_img.grow(len)?;
     }
-    copy_pass(ctx, top_img, above, base_img, len)?;
+    let unmap = overlay.is_none();
+    copy_pass(ctx, top_img, above, (base_img, unmap), len)?;
     base_img.flush()?;
     match overlay {
         None => {
@@ -319,7 +322,7 @@ fn run(
             if !quiesced {
                 // What the embedder wrote since: the active layer only.
                 ctx.add_len(len);
-                copy_pass(ctx, top_img, &chain[..1], base_img, len)?;
+                copy_pass(ctx, top_img, &chain[..1], (base_img, true), len)?;
                 base_img.flush()?;
             }
         }
@@ -365,13 +368,15 @@ fn allocated_above(layers: &[&Image], off: u64, want: u64) -> Result<(Above, u64
 
 /// Copies every range allocated in `layers` from `top`'s view into `base`,
 /// `len` bytes of progress. A qcow2 base gets zero writes for chunks that
-/// read as zeroes; a raw base gets holes where the layers hold zeroes and
-/// the data as it is elsewhere (QEMU's mirror methods, which commit uses).
+/// read as zeroes. A raw base gets the data as it is and zeroes where the
+/// layers hold zeroes: as holes when `unmap` (an active commit: QEMU's
+/// mirror with unmap), as written zeroes otherwise (an intermediate
+/// commit: QEMU's commit job writes zeroes without unmap).
 fn copy_pass(
     ctx: &JobCtx,
     top: &Image,
     layers: &[&Image],
-    base: &DriveNode,
+    (base, unmap): (&DriveNode, bool),
     len: u64,
 ) -> std::result::Result<(), Stop> {
     let mut buf = vec![0u8; CHUNK as usize];
@@ -394,7 +399,8 @@ fn copy_pass(
         }
         let w = match above {
             Above::Unallocated => None,
-            Above::Zero if raw => Some(base.zero_range(off, n)),
+            Above::Zero if raw && unmap => Some(base.zero_range(off, n)),
+            Above::Zero if raw => Some(base.write_zeroes(off, n, false)),
             Above::Zero | Above::Data => {
                 let chunk = buf.get_mut(..n as usize).ok_or_else(|| {
                     Stop::Failed(Error::Internal(

@@ -195,3 +195,150 @@ fn a_crash_anywhere_in_a_commit_into_a_raw_base_keeps_the_chain_readable() {
     b.resize(SIZE as usize, 0);
     assert_eq!(b, want);
 }
+
+/// The chain of `tests/cli/commit.rs`'s raw case, on files: base.raw (1 MiB
+/// of 0x01) <- mid.qcow2 (4 KiB clusters, 0x02 at 1M, a zeroed 64 KiB over
+/// the base's data) <- top.qcow2 (128 KiB clusters, 0x03 at 2M).
+fn raw_files(dir: &std::path::Path) {
+    use crate::support::qemu_ok;
+    let img = |args: &[&str]| qemu_ok(dir, "qemu-img", args);
+    img(&["create", "-q", "-f", "raw", "base.raw", "4M"]);
+    qemu_ok(
+        dir,
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 1 0 1M", "base.raw"],
+    );
+    img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4k",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        "mid.qcow2",
+    ]);
+    qemu_ok(
+        dir,
+        "qemu-io",
+        &[
+            "-c",
+            "write -P 2 1M 1M",
+            "-c",
+            "write -z 256k 64k",
+            "mid.qcow2",
+        ],
+    );
+    img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=128k",
+        "-b",
+        "mid.qcow2",
+        "-F",
+        "qcow2",
+        "top.qcow2",
+    ]);
+    qemu_ok(dir, "qemu-io", &["-c", "write -P 3 2M 1M", "top.qcow2"]);
+}
+
+/// An intermediate commit of mid.qcow2 into base.raw against QEMU's
+/// `block-commit` (qemu-storage-daemon on top.qcow2): base.raw holds the
+/// same bytes with the same allocation (`qemu-img map`: the zeroed range is
+/// written, not punched, in an intermediate commit), top.qcow2 has the same
+/// backing strings and reads the same, and the completion event matches.
+#[test]
+fn intermediate_commit_into_a_raw_base_matches_qemu_block_commit() {
+    use crate::support::qsd::{have_qsd, Qsd};
+    use crate::support::{have_qemu, json, qemu, qemu_ok, twin_dirs};
+    if !have_qemu() || !have_qsd() {
+        return;
+    }
+    let (qd, od) = twin_dirs(raw_files);
+    let (qd, od) = (qd.path(), od.path());
+    let mut q = Qsd::start(qd, "top.qcow2");
+    let done = q
+        .run_job(
+            "block-commit",
+            serde_json::json!({"top": "mid.qcow2", "base": "base.raw"}),
+        )
+        .unwrap();
+    q.quit();
+    assert!(done.get("error").is_none(), "{done}");
+
+    let (events, seen) = crate::jobs::sink();
+    let device = Arc::new(Image::open(od.join("top.qcow2"), &OpenOptions::new()).unwrap());
+    let job = commit(
+        device.clone(),
+        CommitOptions {
+            job: job_opts(events, 0),
+            top: Some(od.join("mid.qcow2")),
+            base: Some(od.join("base.raw")),
+            backing_file: Some("base.raw".into()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(job.wait().unwrap(), JobOutcome::Completed);
+    drop(device);
+    let ours = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|e| serde_json::to_value(e).unwrap())
+        .find(|v| v["event"] == "BLOCK_JOB_COMPLETED")
+        .expect("BLOCK_JOB_COMPLETED");
+    for k in ["type", "len", "offset", "speed"] {
+        assert_eq!(ours["data"][k], done[k], "{k}");
+    }
+    let abs = |d: &std::path::Path, f: &str| d.join(f).display().to_string();
+    let c = qemu(
+        od,
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            &abs(qd, "base.raw"),
+            &abs(od, "base.raw"),
+        ],
+    );
+    assert_eq!(c.code, 0, "base.raw differs: {c:?}");
+    let map = |d: &std::path::Path, args: &[&str]| {
+        let mut a = vec!["map", "--output", "json"];
+        a.extend_from_slice(args);
+        let mut v = json(&qemu_ok(d, "qemu-img", &a).out);
+        for e in v.as_array_mut().unwrap() {
+            e.as_object_mut().unwrap().remove("offset");
+        }
+        v
+    };
+    assert_eq!(
+        map(qd, &["-f", "raw", "base.raw"]),
+        map(od, &["-f", "raw", "base.raw"])
+    );
+    assert_eq!(map(qd, &["top.qcow2"]), map(od, &["top.qcow2"]));
+    let info = |d: &std::path::Path| {
+        let v = json(&qemu_ok(d, "qemu-img", &["info", "--output", "json", "top.qcow2"]).out);
+        (
+            v["backing-filename"].clone(),
+            v["backing-filename-format"].clone(),
+        )
+    };
+    assert_eq!(info(qd), info(od));
+    let c = qemu(
+        od,
+        "qemu-img",
+        &["compare", &abs(qd, "top.qcow2"), &abs(od, "top.qcow2")],
+    );
+    assert_eq!(c.code, 0, "top.qcow2 differs: {c:?}");
+    assert_eq!(qemu(od, "qemu-img", &["check", "top.qcow2"]).code, 0);
+}
