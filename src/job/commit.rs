@@ -208,7 +208,7 @@ pub fn commit(device: Arc<Image>, opts: CommitOptions) -> Result<Job> {
     }
     // The raw file ending the chain, if any: index `chain.len()` as a base.
     let raw_base = chain.last().and_then(|l| match l.backing() {
-        Some(Backing::Raw { storage, path, .. }) => Some((storage.clone(), path.clone())),
+        Some(Backing::Raw { path, .. }) => Some(path.clone()),
         _ => None,
     });
     let base = match &opts.base {
@@ -227,7 +227,7 @@ pub fn commit(device: Arc<Image>, opts: CommitOptions) -> Result<Job> {
                 .or_else(|| {
                     raw_base
                         .as_ref()
-                        .filter(|(_, p)| same_path(p, b))
+                        .filter(|p| same_path(p, b))
                         .map(|_| chain.len())
                 })
                 .ok_or_else(|| JobError::BaseNotFound(b.display().to_string()))?
@@ -246,7 +246,7 @@ pub fn commit(device: Arc<Image>, opts: CommitOptions) -> Result<Job> {
             (DriveNode::Image(img), "qcow2", path)
         }
         // The device's handle of a raw backing file shares everything.
-        (None, Some((_, path))) => (open_raw_writable(&device, path)?, "raw", Some(path.clone())),
+        (None, Some(path)) => (open_raw_writable(&device, path)?, "raw", Some(path.clone())),
         (None, None) => {
             return Err(Error::Internal("commit base out of the chain".into()));
         }
