@@ -508,9 +508,9 @@ Options:
   --on-source-error=report|ignore|stop|enospc
       what an error reading SRC does (QEMU's on-source-error; default:
       report): report ends the mirror with the error, ignore retries the
-      chunk later, stop ends it too (nobody can resume an offline job: the
-      job is cancelled and the error says it stopped), enospc is stop for
-      ENOSPC and report for anything else
+      chunk later (forever if the error persists), stop ends it too (nobody
+      can resume an offline job: the job is cancelled and the error says it
+      stopped), enospc is stop for ENOSPC and report for anything else
   --on-target-error=report|ignore|stop|enospc
       the same for an error writing or flushing TARGET (QEMU's
       on-target-error; default: report)
