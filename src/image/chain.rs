@@ -126,8 +126,9 @@ impl Image {
     /// Differences are found and copied in whole clusters (subclusters
     /// with extended L2 entries), as QEMU 8.2+ does; ranges past the end of
     /// the old backing file (which read as zeroes) are written as zeroes.
-    /// `progress(done, total)` is called after each 2 MiB of the virtual
-    /// disk. The header changes last, with one write: a crash at any point
+    /// `progress(done, total)` is called after each request compared (at
+    /// most 2 MiB, as qemu-img's; ranges this image allocates are skipped
+    /// without a call). The header changes last, with one write: a crash at any point
     /// leaves an image that reads as before, through the old backing file
     /// or (after the header write) the new one. Everything that can make the
     /// header write fail for its arguments is checked before the copy. The

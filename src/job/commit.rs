@@ -9,6 +9,14 @@
 //!   The base then reads as the device did; the embedder switches to it.
 //! * Committing an intermediate image finishes on its own and writes
 //!   `backing-file` (default: the base's path) into the overlay of `top`.
+//! * The base may be the raw file that ends the chain (the default base
+//!   then): the data goes into the file, and what reads as zeroes in the
+//!   layers above (zero clusters, layers ending early) becomes, as QEMU
+//!   leaves it, a punched hole in an active commit (QEMU's mirror with
+//!   `unmap`; written zeroes where the file system cannot punch) and
+//!   written zeroes in an intermediate one (QEMU's commit job). The
+//!   overlay of an intermediate `top` then names the base with the format
+//!   `raw`.
 //!
 //! The device's open chain holds its backing images read-only, so the job
 //! opens its own writable handles of the base (and of the overlay of an
@@ -20,12 +28,13 @@
 //! does not share it), and take their read-only locks back when the job
 //! ends.
 
+use super::mirror::DriveNode;
 use super::{Job, JobCtx, JobOptions, JobType, Stop};
 use crate::error::{IoOp, Result};
 use crate::image::{Backing, FileRole};
 use crate::job::JobError;
-use crate::storage::{LockRequest, Permissions, Storage};
-use crate::{Error, Image};
+use crate::storage::{FileStorage, LockRequest, Permissions, Storage};
+use crate::{Error, Extent, Image};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -72,16 +81,7 @@ pub(super) fn layers(device: &Image) -> (Vec<&Image>, bool) {
 /// Whether `layer` is the file `name` names: same device and inode when
 /// both exist, else the same path.
 pub(super) fn is_file(layer: &Image, name: &Path) -> bool {
-    let Some(path) = layer.path() else {
-        return false;
-    };
-    match (std::fs::metadata(path), std::fs::metadata(name)) {
-        (Ok(a), Ok(b)) => {
-            use std::os::unix::fs::MetadataExt;
-            a.dev() == b.dev() && a.ino() == b.ino()
-        }
-        _ => path == name,
-    }
+    layer.path().is_some_and(|path| same_path(path, name))
 }
 
 /// The device's read-only handle of an image the job writes, with its lock
@@ -133,6 +133,32 @@ fn open_writable(device: &Image, layer: &Image) -> Result<Arc<Image>> {
     Ok(Arc::new(img))
 }
 
+/// Whether the path `a` names the file `b` names (by identity when both
+/// exist).
+fn same_path(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => a == b,
+    }
+}
+
+/// A writable handle of the raw file ending `device`'s chain (opened by
+/// the device's resolver when it has one, else by path), locked for write
+/// (the device's own read-only handle of it shares everything).
+fn open_raw_writable(device: &Image, path: &Path) -> Result<DriveNode> {
+    let o = device.options();
+    let storage: Arc<dyn Storage> = match o.get_file_resolver() {
+        Some(resolver) => resolver.open(FileRole::Backing, &path.to_string_lossy(), true)?,
+        None => Arc::new(FileStorage::open(path, true).map_err(|source| Error::Open {
+            path: path.to_path_buf(),
+            source,
+        })?),
+    };
+    storage.lock(&LockRequest::image_file(false, false, o.get_locking()))?;
+    Ok(DriveNode::Raw(storage))
+}
+
 /// Starts a commit of `device`'s chain (QAPI `block-commit`).
 ///
 /// ```
@@ -180,15 +206,14 @@ pub fn commit(device: Arc<Image>, opts: CommitOptions) -> Result<Job> {
     if top + 1 >= chain.len() && !raw_tail {
         return Err(JobError::NoBacking.into());
     }
+    // The raw file ending the chain, if any: index `chain.len()` as a base.
+    let raw_base = chain.last().and_then(|l| match l.backing() {
+        Some(Backing::Raw { path, .. }) => Some(path.clone()),
+        _ => None,
+    });
     let base = match &opts.base {
-        None => {
-            if raw_tail {
-                return Err(Error::InvalidArgument(
-                    "committing into a raw base image is not supported yet".into(),
-                ));
-            }
-            chain.len() - 1
-        }
+        None if raw_tail => chain.len(),
+        None => chain.len() - 1,
         Some(b) => {
             if chain.get(top).is_some_and(|l| is_file(l, b)) {
                 return Err(JobError::IntoItself.into());
@@ -199,6 +224,12 @@ pub fn commit(device: Arc<Image>, opts: CommitOptions) -> Result<Job> {
                 .skip(top + 1)
                 .find(|(_, l)| is_file(l, b))
                 .map(|(i, _)| i)
+                .or_else(|| {
+                    raw_base
+                        .as_ref()
+                        .filter(|p| same_path(p, b))
+                        .map(|_| chain.len())
+                })
                 .ok_or_else(|| JobError::BaseNotFound(b.display().to_string()))?
         }
     };
@@ -206,8 +237,20 @@ pub fn commit(device: Arc<Image>, opts: CommitOptions) -> Result<Job> {
         return Err(JobError::BackingFileForActive.into());
     }
     // Declared before the writable handles, so dropped after them.
-    let mut shared = vec![SharedWrite::new(chain[base])?];
-    let base_img = open_writable(&device, chain[base])?;
+    let mut shared = Vec::new();
+    let (base_node, base_fmt, base_path) = match (chain.get(base), &raw_base) {
+        (Some(layer), _) => {
+            shared.push(SharedWrite::new(layer)?);
+            let img = open_writable(&device, layer)?;
+            let path = layer.path().map(Path::to_path_buf);
+            (DriveNode::Image(img), "qcow2", path)
+        }
+        // The device's handle of a raw backing file shares everything.
+        (None, Some(path)) => (open_raw_writable(&device, path)?, "raw", Some(path.clone())),
+        (None, None) => {
+            return Err(Error::Internal("commit base out of the chain".into()));
+        }
+    };
     let overlay = match top {
         0 => None,
         1 if !device.is_read_only() => Some(device.clone()),
@@ -217,8 +260,7 @@ pub fn commit(device: Arc<Image>, opts: CommitOptions) -> Result<Job> {
         }
     };
     let backing_string = opts.backing_file.clone().unwrap_or_else(|| {
-        chain[base]
-            .path()
+        base_path
             .map(|p| p.to_string_lossy().into_owned())
             .unwrap_or_default()
     });
@@ -229,32 +271,34 @@ pub fn commit(device: Arc<Image>, opts: CommitOptions) -> Result<Job> {
         let r = run(
             ctx,
             &device,
-            top,
-            base,
-            &base_img,
+            (top, base),
+            &base_node,
             overlay,
-            &backing_string,
+            (&backing_string, base_fmt),
             quiesced,
         );
         // The writable handles go (flushed and closed) before the device's
         // read-only handles take their locks back.
-        let closed = base_img.shutdown();
-        drop(base_img);
+        let closed = match &base_node {
+            DriveNode::Image(i) => i.shutdown(),
+            DriveNode::Raw(_) => base_node.flush(),
+        };
+        drop(base_node);
         drop(shared);
         r.and(closed.map_err(Stop::Failed))
     })
 }
 
-/// The job's work, on the job thread.
-#[allow(clippy::too_many_arguments)]
+/// The job's work, on the job thread: `layers` are the indices of `top`
+/// and `base` in the device's chain (`base` one past the qcow2 layers for
+/// a raw base); `backing` the string and format written into `overlay`.
 fn run(
     ctx: &JobCtx,
     device: &Image,
-    top: usize,
-    base: usize,
-    base_img: &Image,
+    (top, base): (usize, usize),
+    base_img: &DriveNode,
     overlay: Option<Arc<Image>>,
-    backing_string: &str,
+    (backing_string, backing_fmt): (&str, &str),
     quiesced: bool,
 ) -> std::result::Result<(), Stop> {
     let (chain, _) = layers(device);
@@ -266,10 +310,11 @@ fn run(
     let len = top_img.size();
     ctx.set_len(len);
     // QEMU grows a smaller base to the size of top.
-    if base_img.size() < len {
-        base_img.resize(len)?;
+    if base_img.size()? < len {
+        base_img.grow(len)?;
     }
-    copy_pass(ctx, top_img, above, base_img, len)?;
+    let unmap = overlay.is_none();
+    copy_pass(ctx, top_img, above, (base_img, unmap), len)?;
     base_img.flush()?;
     match overlay {
         None => {
@@ -277,52 +322,70 @@ fn run(
             if !quiesced {
                 // What the embedder wrote since: the active layer only.
                 ctx.add_len(len);
-                copy_pass(ctx, top_img, &chain[..1], base_img, len)?;
+                copy_pass(ctx, top_img, &chain[..1], (base_img, true), len)?;
                 base_img.flush()?;
             }
         }
         Some(ov) => {
-            ov.change_backing_file(backing_string, Some("qcow2"))?;
+            ov.change_backing_file(backing_string, Some(backing_fmt))?;
         }
     }
     Ok(())
 }
 
-/// Whether `[off, off + want)` is allocated in one of `layers` (the
-/// images above the base): `(allocated, n)` for the first `n` bytes. A
-/// layer that ends before `off` counts as allocated (it reads zeroes over
-/// what is below), as in QEMU's `bdrv_is_allocated_above`.
-fn allocated_above(layers: &[&Image], off: u64, want: u64) -> Result<(bool, u64)> {
+/// What the layers above the base hold at a range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Above {
+    /// Nothing: the base shows through.
+    Unallocated,
+    /// Zeroes (a zero cluster, or a layer that ends before the range).
+    Zero,
+    /// Data (possibly compressed).
+    Data,
+}
+
+/// What `[off, off + want)` is in `layers` (the images above the base):
+/// `(what, n)` for the first `n` bytes, from the first layer that
+/// allocates it. A layer that ends before `off` counts as zero (it reads
+/// zeroes over what is below), as in QEMU's `bdrv_is_allocated_above`.
+fn allocated_above(layers: &[&Image], off: u64, want: u64) -> Result<(Above, u64)> {
     let mut n = want;
     for l in layers {
         let size = l.size();
         if off >= size {
-            return Ok((true, n));
+            return Ok((Above::Zero, n));
         }
         let st = l.block_status(off, n.min(size - off))?;
         n = n.min(st.len);
-        if st.extent != crate::Extent::Unallocated {
-            return Ok((true, n));
+        match st.extent {
+            Extent::Unallocated => {}
+            Extent::Zero { .. } => return Ok((Above::Zero, n)),
+            Extent::Data { .. } | Extent::Compressed { .. } => return Ok((Above::Data, n)),
         }
     }
-    Ok((false, n))
+    Ok((Above::Unallocated, n))
 }
 
 /// Copies every range allocated in `layers` from `top`'s view into `base`,
-/// `len` bytes of progress.
+/// `len` bytes of progress. A qcow2 base gets zero writes for chunks that
+/// read as zeroes. A raw base gets the data as it is and zeroes where the
+/// layers hold zeroes: as holes when `unmap` (an active commit: QEMU's
+/// mirror with unmap), as written zeroes otherwise (an intermediate
+/// commit: QEMU's commit job writes zeroes without unmap).
 fn copy_pass(
     ctx: &JobCtx,
     top: &Image,
     layers: &[&Image],
-    base: &Image,
+    (base, unmap): (&DriveNode, bool),
     len: u64,
 ) -> std::result::Result<(), Stop> {
     let mut buf = vec![0u8; CHUNK as usize];
     let mut off = 0u64;
+    let raw = matches!(base, DriveNode::Raw(_));
     while off < len {
         ctx.checkpoint()?;
         let want = CHUNK.min(len - off);
-        let (alloc, n) = match allocated_above(layers, off, want) {
+        let (above, n) = match allocated_above(layers, off, want) {
             Ok(r) => r,
             Err(e) => {
                 ctx.handle_error(IoOp::Read, e)?;
@@ -334,21 +397,28 @@ fn copy_pass(
                 "no progress committing at {off:#x}"
             ))));
         }
-        if alloc {
-            let chunk = buf.get_mut(..n as usize).ok_or_else(|| {
-                Stop::Failed(Error::Internal(
-                    "commit request larger than its buffer".into(),
-                ))
-            })?;
-            if let Err(e) = top.read_at(chunk, off) {
-                ctx.handle_error(IoOp::Read, e)?;
-                continue;
+        let w = match above {
+            Above::Unallocated => None,
+            Above::Zero if raw && unmap => Some(base.zero_range(off, n)),
+            Above::Zero if raw => Some(base.write_zeroes(off, n, false)),
+            Above::Zero | Above::Data => {
+                let chunk = buf.get_mut(..n as usize).ok_or_else(|| {
+                    Stop::Failed(Error::Internal(
+                        "commit request larger than its buffer".into(),
+                    ))
+                })?;
+                if let Err(e) = top.read_at(chunk, off) {
+                    ctx.handle_error(IoOp::Read, e)?;
+                    continue;
+                }
+                Some(if !raw && chunk.iter().all(|&b| b == 0) {
+                    base.write_zeroes(off, n, false)
+                } else {
+                    base.write(chunk, off)
+                })
             }
-            let w = if chunk.iter().all(|&b| b == 0) {
-                base.write_zeroes(off, n, false)
-            } else {
-                base.write_at(chunk, off)
-            };
+        };
+        if let Some(w) = w {
             if let Err(e) = w {
                 ctx.handle_error(IoOp::Write, e)?;
                 continue;

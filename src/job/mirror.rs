@@ -23,6 +23,9 @@
 //!
 //! The source is only read: a crash at any point leaves it as the embedder
 //! wrote it; the target is written with the engine's crash-safe ordering.
+//!
+//! With [`MirrorOptions::replaces`] the job rebuilds a quorum child instead
+//! (`job/replace.rs`).
 
 use super::commit::layers;
 use super::{Job, JobCtx, JobOptions, JobType, Stop};
@@ -72,14 +75,14 @@ impl std::fmt::Debug for DriveNode {
 
 impl DriveNode {
     /// Virtual disk size: the image's, or the raw file's length.
-    fn size(&self) -> Result<u64> {
+    pub(super) fn size(&self) -> Result<u64> {
         match self {
             DriveNode::Image(i) => Ok(i.size()),
             DriveNode::Raw(s) => s.len().map_err(|e| Error::io(IoOp::Read, 0, e)),
         }
     }
 
-    fn read(&self, buf: &mut [u8], off: u64) -> Result<()> {
+    pub(super) fn read(&self, buf: &mut [u8], off: u64) -> Result<()> {
         match self {
             DriveNode::Image(i) => i.read_at(buf, off),
             DriveNode::Raw(s) => s
@@ -88,7 +91,7 @@ impl DriveNode {
         }
     }
 
-    fn write(&self, buf: &[u8], off: u64) -> Result<()> {
+    pub(super) fn write(&self, buf: &[u8], off: u64) -> Result<()> {
         match self {
             DriveNode::Image(i) => i.write_at(buf, off),
             DriveNode::Raw(s) => s
@@ -97,7 +100,7 @@ impl DriveNode {
         }
     }
 
-    fn write_zeroes(&self, off: u64, len: u64, unmap: bool) -> Result<()> {
+    pub(super) fn write_zeroes(&self, off: u64, len: u64, unmap: bool) -> Result<()> {
         match self {
             DriveNode::Image(i) => i.write_zeroes(off, len, unmap),
             DriveNode::Raw(_) => {
@@ -114,6 +117,39 @@ impl DriveNode {
         }
     }
 
+    /// Grows the node to `len` bytes (a commit base smaller than its top).
+    pub(super) fn grow(&self, len: u64) -> Result<()> {
+        match self {
+            DriveNode::Image(i) => i.resize(len),
+            DriveNode::Raw(s) => s.set_len(len).map_err(|e| Error::io(IoOp::Resize, len, e)),
+        }
+    }
+
+    /// Makes `[off, off + len)` read as zeroes, releasing the space where
+    /// it can (QEMU's write-zeroes with `MAY_UNMAP`): a raw file gets a
+    /// punched hole, checked, with zeroes written where no hole resulted
+    /// (a file system without hole punching, partial blocks).
+    pub(super) fn zero_range(&self, off: u64, len: u64) -> Result<()> {
+        match self {
+            DriveNode::Image(i) => i.write_zeroes(off, len, true),
+            DriveNode::Raw(s) => {
+                let end = off.saturating_add(len);
+                let file_len = s.len().map_err(|e| Error::io(IoOp::Read, 0, e))?;
+                // Past the end of the file reads as zeroes already.
+                let inside = end.min(file_len).saturating_sub(off);
+                if inside == 0 {
+                    return Ok(());
+                }
+                s.discard(off, inside)
+                    .map_err(|e| Error::io(IoOp::Write, off, e))?;
+                match s.is_hole(off, inside) {
+                    Ok(true) => Ok(()),
+                    _ => self.write_zeroes(off, inside, false),
+                }
+            }
+        }
+    }
+
     fn discard(&self, off: u64, len: u64) -> Result<()> {
         match self {
             DriveNode::Image(i) => i.discard(off, len),
@@ -123,7 +159,7 @@ impl DriveNode {
         }
     }
 
-    fn flush(&self) -> Result<()> {
+    pub(super) fn flush(&self) -> Result<()> {
         match self {
             DriveNode::Image(i) => i.flush(),
             DriveNode::Raw(s) => s.flush().map_err(|e| Error::io(IoOp::Flush, 0, e)),
@@ -152,6 +188,13 @@ pub struct MirrorOptions {
     pub granularity: u64,
     /// Most bytes copied by one request; 0: QEMU's default, 16 MiB.
     pub buf_size: u64,
+    /// QAPI `replaces`: the node name of a child of the quorum the drive's
+    /// image file is on, which the target (a storage,
+    /// [`DriveNode::Raw`]) replaces on completion; the drive stays on its
+    /// image. The quorum's voted content is copied, not the guest view;
+    /// `sync`, `granularity` and `buf_size` do not apply. See
+    /// `job/replace.rs`'s docs.
+    pub replaces: Option<String>,
 }
 
 /// A dirty bitmap of `granularity`-sized chunks.
@@ -435,8 +478,13 @@ impl Drive {
 /// # Errors
 /// `Error::InvalidArgument` for a drive on a raw file, a granularity that is not a power of two
 /// in 512..=64 MiB, a target smaller than the source, or a drive another
-/// mirror is running on.
+/// mirror is running on. With `replaces`: QEMU's `Failed to find node with
+/// node-name='NAME'` when the drive's image is not on a quorum with such a
+/// child, `Error::InvalidArgument` for a qcow2 target.
 pub fn mirror(drive: Arc<Drive>, target: MirrorTarget, opts: MirrorOptions) -> Result<Job> {
+    if let Some(name) = opts.replaces.clone() {
+        return super::replace::mirror_replacing(drive, target, &name, opts);
+    }
     let Some(source) = drive.image() else {
         return Err(Error::InvalidArgument(
             "mirroring a drive on a raw file is not supported".into(),

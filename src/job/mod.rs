@@ -20,6 +20,7 @@
 
 pub mod commit;
 pub mod mirror;
+mod replace;
 pub mod stream;
 
 use crate::error::{IoOp, Result};

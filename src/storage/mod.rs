@@ -28,7 +28,7 @@ pub use lock::{LockError, LockRequest, Locking, Permissions};
 pub use memory::MemStorage;
 pub use nbd::{NbdConfig, NbdServer, NbdStorage};
 pub use null::NullStorage;
-pub use quorum::{QuorumConfig, QuorumStorage, ReadPattern};
+pub use quorum::{QuorumConfig, QuorumStorage, ReadPattern, SpareError};
 pub(crate) use tracked::Tracked;
 
 use std::io::{self, IoSlice, IoSliceMut};
@@ -244,6 +244,13 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     /// [`crate::OpenOptions::on_event`]) to its image and data file. Wrappers forward
     /// it to what they wrap; the default ignores it.
     fn set_event_sink(&self, _sink: Option<crate::events::EventSink>) {}
+
+    /// The [`QuorumStorage`] this storage is, or wraps (so a job can find
+    /// the quorum under an image: a mirror replacing a quorum child).
+    /// Wrappers forward it; the default is none.
+    fn as_quorum(&self) -> Option<&QuorumStorage> {
+        None
+    }
 }
 
 impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
@@ -291,5 +298,9 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     }
     fn set_event_sink(&self, sink: Option<crate::events::EventSink>) {
         (**self).set_event_sink(sink)
+    }
+
+    fn as_quorum(&self) -> Option<&QuorumStorage> {
+        (**self).as_quorum()
     }
 }

@@ -140,14 +140,69 @@ impl QuorumConfig {
 /// or `quorum` (QEMU generates `#blockNNN` from a process-wide counter; the `#` keeps
 /// generated names apart from given ones, which cannot contain it). The quorum's
 /// `reference` is its `node-name`, or `#quorum`.
+///
+/// **Replacing a child** (what a mirror with QAPI `replaces` does to a
+/// quorum child, see [`crate::job::MirrorOptions::replaces`]):
+/// [`QuorumStorage::begin_replace`] attaches a *spare* storage for a child;
+/// from then on every write, discard and resize reaches the spare too
+/// (errors there are remembered, not voted on);
+/// [`QuorumStorage::copy_to_spare`] copies the voted content of a range
+/// into it with writes held off meanwhile, so a racing write is never
+/// overwritten with older data; [`QuorumStorage::finish_replace`] flushes
+/// the spare and swaps it in for the child, which keeps its node name;
+/// [`QuorumStorage::abort_replace`] drops the spare.
 #[derive(Debug)]
 pub struct QuorumStorage {
     cfg: QuorumConfig,
-    children: Vec<Arc<dyn Storage>>,
+    children: RwLock<Vec<Arc<dyn Storage>>>,
+    /// The child being replaced, if any. Writes hold it shared for their
+    /// whole fan-out, copies to the spare exclusively (lock order: this,
+    /// then `children`).
+    spare: RwLock<Option<Spare>>,
     names: Vec<String>,
     reference: String,
     sink: RwLock<EventHandler>,
     events: Mutex<Vec<Event>>,
+}
+
+/// Why [`QuorumStorage::copy_to_spare`] failed.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum SpareError {
+    /// Reading the quorum failed (its vote).
+    Read(io::Error),
+    /// Writing the spare failed (now, or a write that reached it before),
+    /// or no replace is begun.
+    Write(io::Error),
+}
+
+/// A storage being filled to replace the child `index`.
+#[derive(Debug)]
+struct Spare {
+    index: usize,
+    storage: Arc<dyn Storage>,
+    /// The errno of the first failed write to the spare.
+    failed: Mutex<Option<i32>>,
+}
+
+impl Spare {
+    /// Runs `f` on the spare, remembering a failure.
+    fn apply(&self, f: impl Fn(&dyn Storage) -> io::Result<()>) {
+        if let Err(e) = f(&*self.storage) {
+            if let Ok(mut g) = self.failed.lock() {
+                g.get_or_insert(e.raw_os_error().unwrap_or(libc::EIO));
+            }
+        }
+    }
+
+    /// The remembered failure, as an error.
+    fn check(&self) -> io::Result<()> {
+        match self.failed.lock().map(|g| *g) {
+            Ok(None) => Ok(()),
+            Ok(Some(errno)) => Err(io::Error::from_raw_os_error(errno)),
+            Err(_) => Err(io::Error::from_raw_os_error(libc::EIO)),
+        }
+    }
 }
 
 /// Events kept for [`QuorumStorage::take_events`] (older ones are dropped first).
@@ -191,7 +246,8 @@ impl QuorumStorage {
             .unwrap_or_else(|| "#quorum".to_owned());
         QuorumStorage {
             cfg,
-            children,
+            children: RwLock::new(children),
+            spare: RwLock::new(None),
             names,
             reference,
             sink: RwLock::new(EventHandler::default()),
@@ -202,6 +258,109 @@ impl QuorumStorage {
     /// The children's node names, in index order (given or generated).
     pub fn child_node_names(&self) -> &[String] {
         &self.names
+    }
+
+    /// The index of the child whose node name is `name`.
+    pub fn child_index(&self, name: &str) -> Option<usize> {
+        self.names.iter().position(|n| n == name)
+    }
+
+    /// The children, in index order (a snapshot: a replace may swap one).
+    pub fn children(&self) -> Vec<Arc<dyn Storage>> {
+        self.children
+            .read()
+            .map(|c| c.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    fn spare_shared(&self) -> std::sync::RwLockReadGuard<'_, Option<Spare>> {
+        self.spare.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn spare_exclusive(&self) -> std::sync::RwLockWriteGuard<'_, Option<Spare>> {
+        self.spare.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts replacing the child `index` with `spare`: the spare is sized
+    /// as the quorum, and from now on receives every write, discard and
+    /// resize.
+    ///
+    /// # Errors
+    /// `EINVAL` for an index out of range; `EBUSY` while another replace
+    /// is unfinished; the spare's error sizing it.
+    pub fn begin_replace(&self, index: usize, spare: Arc<dyn Storage>) -> io::Result<()> {
+        let mut g = self.spare_exclusive();
+        if index >= self.children().len() {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        if g.is_some() {
+            return Err(io::Error::from_raw_os_error(libc::EBUSY));
+        }
+        spare.set_len(self.len()?)?;
+        *g = Some(Spare {
+            index,
+            storage: spare,
+            failed: Mutex::new(None),
+        });
+        Ok(())
+    }
+
+    /// Copies the voted content of `[offset, offset + buf.len())` (cut at
+    /// the quorum's end) into the spare through `buf`, with writes held
+    /// off meanwhile; the bytes copied.
+    ///
+    /// # Errors
+    /// [`SpareError::Read`]: the read's error (the vote failed:
+    /// `QUORUM_FAILURE`); [`SpareError::Write`]: the spare's write error,
+    /// or an earlier one of a write that reached it, or `EINVAL` with no
+    /// replace begun.
+    pub fn copy_to_spare(&self, buf: &mut [u8], offset: u64) -> Result<usize, SpareError> {
+        let g = self.spare_exclusive();
+        let spare = g
+            .as_ref()
+            .ok_or_else(|| SpareError::Write(io::Error::from_raw_os_error(libc::EINVAL)))?;
+        spare.check().map_err(SpareError::Write)?;
+        let len = self.len().map_err(SpareError::Read)?;
+        let n = usize::try_from(len.saturating_sub(offset))
+            .unwrap_or(usize::MAX)
+            .min(buf.len());
+        let Some(chunk) = buf.get_mut(..n) else {
+            return Ok(0);
+        };
+        if n > 0 {
+            self.read_at(chunk, offset).map_err(SpareError::Read)?;
+            spare
+                .storage
+                .write_at(chunk, offset)
+                .map_err(SpareError::Write)?;
+        }
+        Ok(n)
+    }
+
+    /// Flushes the spare and puts it in place of the child it replaces
+    /// (which keeps its node name); returns the replaced child.
+    ///
+    /// # Errors
+    /// `EINVAL` with no replace begun; the spare's flush error, or the
+    /// error of a write that reached it (the replace is then dropped and
+    /// the child stays).
+    pub fn finish_replace(&self) -> io::Result<Arc<dyn Storage>> {
+        let mut g = self.spare_exclusive();
+        let spare = g
+            .take()
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+        spare.check()?;
+        spare.storage.flush()?;
+        let mut children = self.children.write().unwrap_or_else(|p| p.into_inner());
+        let slot = children
+            .get_mut(spare.index)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+        Ok(std::mem::replace(slot, spare.storage))
+    }
+
+    /// Drops the spare of an unfinished replace (nothing changes).
+    pub fn abort_replace(&self) {
+        self.spare_exclusive().take();
     }
 
     /// The events raised since the last call (at most the last 4096).
@@ -265,9 +424,13 @@ impl QuorumStorage {
         len: usize,
         f: impl Fn(&dyn Storage) -> io::Result<()>,
     ) -> io::Result<()> {
+        let spare = self.spare_shared();
+        if let Some(s) = spare.as_ref() {
+            s.apply(&f);
+        }
         let mut ok = 0;
         let mut first_err = None;
-        for (i, c) in self.children.iter().enumerate() {
+        for (i, c) in self.children().iter().enumerate() {
             match f(&**c) {
                 Ok(()) => ok += 1,
                 Err(e) => {
@@ -289,9 +452,10 @@ impl QuorumStorage {
 
 impl Storage for QuorumStorage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let children = self.children();
         if self.cfg.read_pattern == ReadPattern::Fifo {
             let mut last = None;
-            for (i, c) in self.children.iter().enumerate() {
+            for (i, c) in children.iter().enumerate() {
                 match c.read_at(buf, offset) {
                     Ok(()) => return Ok(()),
                     Err(e) => {
@@ -307,7 +471,7 @@ impl Storage for QuorumStorage {
         // wins if it has `vote-threshold` members.
         let mut copies: Vec<(usize, Vec<u8>)> = Vec::new();
         let mut first_err = None;
-        for (i, c) in self.children.iter().enumerate() {
+        for (i, c) in children.iter().enumerate() {
             let mut b = vec![0u8; buf.len()];
             match c.read_at(&mut b, offset) {
                 Ok(()) => copies.push((i, b)),
@@ -361,7 +525,7 @@ impl Storage for QuorumStorage {
                 if self.cfg.rewrite_corrupted {
                     // The whole request, best effort, as QEMU's: a failed rewrite
                     // does not fail the read.
-                    let _ = self.children[child].write_at(buf, offset);
+                    let _ = children[child].write_at(buf, offset);
                 }
             }
         }
@@ -379,7 +543,7 @@ impl Storage for QuorumStorage {
     }
 
     fn len(&self) -> io::Result<u64> {
-        self.children
+        self.children()
             .first()
             .ok_or_else(|| io::Error::from_raw_os_error(libc::EIO))?
             .len()
@@ -394,8 +558,12 @@ impl Storage for QuorumStorage {
         self.all(QuorumOpType::Write, offset, n, |c| c.discard(offset, len))
     }
 
+    fn as_quorum(&self) -> Option<&QuorumStorage> {
+        Some(self)
+    }
+
     fn set_event_sink(&self, sink: Option<EventSink>) {
-        for c in &self.children {
+        for c in &self.children() {
             c.set_event_sink(sink.clone());
         }
         if let Ok(mut s) = self.sink.write() {

@@ -139,6 +139,10 @@ impl Storage for Tracked {
     fn set_event_sink(&self, sink: Option<crate::events::EventSink>) {
         self.inner.set_event_sink(sink)
     }
+
+    fn as_quorum(&self) -> Option<&super::QuorumStorage> {
+        self.inner.as_quorum()
+    }
 }
 
 #[cfg(test)]

@@ -233,3 +233,122 @@ fn commit_grows_a_smaller_base() {
     assert_eq!(c.code, 0, "{c:?}");
     assert_eq!(qemu(od, "qemu-img", &["check", "b.qcow2"]).code, 0);
 }
+
+/// base.raw (1 MiB of 0x01) <- mid.qcow2 (4 KiB clusters, 1 MiB of 0x02 at
+/// 1M) <- top.qcow2 (128 KiB clusters, 1 MiB of 0x03 at 2M and a zeroed
+/// cluster over the base's data); short.qcow2 sits directly on base.raw.
+fn setup_raw(dir: &Path) {
+    let img = |args: &[&str]| qemu_ok(dir, "qemu-img", args);
+    let io = |cmd: &str, f: &str| qemu_ok(dir, "qemu-io", &["-c", cmd, f]);
+    img(&["create", "-q", "-f", "raw", "base.raw", "4M"]);
+    qemu_ok(
+        dir,
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 1 0 1M", "base.raw"],
+    );
+    for (f, cs, b, bf) in [
+        ("mid.qcow2", "cluster_size=4k", "base.raw", "raw"),
+        ("top.qcow2", "cluster_size=128k", "mid.qcow2", "qcow2"),
+        ("short.qcow2", "cluster_size=64k", "base.raw", "raw"),
+    ] {
+        img(&[
+            "create", "-q", "-f", "qcow2", "-o", cs, "-b", b, "-F", bf, f,
+        ]);
+    }
+    io("write -P 2 1M 1M", "mid.qcow2");
+    io("write -P 3 2M 1M", "top.qcow2");
+    io("write -z 512k 128k", "top.qcow2");
+    io("write -P 5 3M 64k", "short.qcow2");
+    io("write -z 0 64k", "short.qcow2");
+}
+
+/// `info --output json` of `f`: its backing strings.
+fn backing_strings(dir: &Path, f: &str) -> (serde_json::Value, serde_json::Value) {
+    let v = json(&qemu_ok(dir, "qemu-img", &["info", "--output", "json", f]).out);
+    (
+        v["backing-filename"].clone(),
+        v["backing-filename-format"].clone(),
+    )
+}
+
+/// Commits into a raw base match qemu-img's: the raw file holds the same
+/// bytes with the same holes (`qemu-img map` of it), every qcow2 image of
+/// the chain reads the same, keeps the same backing strings, has the same
+/// allocation and checks clean.
+#[test]
+fn commit_into_a_raw_base_matches_qemu_img() {
+    if !have_qemu() {
+        return;
+    }
+    let cases: &[&[&str]] = &[
+        &["-b", "base.raw", "top.qcow2"],
+        &["-d", "-b", "base.raw", "-r", "64M", "top.qcow2"],
+        &["mid.qcow2"],
+        &["-d", "mid.qcow2"],
+        &["-p", "short.qcow2"],
+        &["-b", "./base.raw", "short.qcow2"],
+        &["-q", "-b", "mid.qcow2", "top.qcow2"],
+    ];
+    for args in cases {
+        let (qd, od) = twin_dirs(setup_raw);
+        let (qd, od) = (qd.path(), od.path());
+        let mut a = vec!["commit"];
+        a.extend_from_slice(args);
+        if args.contains(&"-p") {
+            let q = qemu(qd, "qemu-img", &a);
+            let o = ours(od, &a[..]);
+            assert_eq!((o.code, &o.err), (q.code, &q.err), "{args:?}");
+            assert!(
+                o.out.ends_with("(100.00/100%)\r\nImage committed.\n"),
+                "{o:?}"
+            );
+        } else {
+            twins(qd, od, "qemu-img", &[], &a);
+        }
+        let c = qemu(
+            od,
+            "qemu-img",
+            &[
+                "compare",
+                "-f",
+                "raw",
+                "-F",
+                "raw",
+                &abs(qd, "base.raw"),
+                &abs(od, "base.raw"),
+            ],
+        );
+        assert_eq!(c.code, 0, "{args:?}: base.raw differs: {c:?}");
+        let rawmap = |d: &Path| {
+            let mut v = json(
+                &qemu_ok(
+                    d,
+                    "qemu-img",
+                    &["map", "--output", "json", "-f", "raw", "base.raw"],
+                )
+                .out,
+            );
+            if let Some(a) = v.as_array_mut() {
+                for e in a {
+                    if let Some(o) = e.as_object_mut() {
+                        o.remove("offset");
+                    }
+                }
+            }
+            v
+        };
+        assert_eq!(rawmap(qd), rawmap(od), "{args:?}: base.raw's holes");
+        for f in ["mid.qcow2", "top.qcow2", "short.qcow2"] {
+            let c = qemu(od, "qemu-img", &["compare", &abs(qd, f), &abs(od, f)]);
+            assert_eq!(c.code, 0, "{args:?}: {f} differs: {c:?}");
+            let k = qemu(od, "qemu-img", &["check", f]);
+            assert_eq!(k.code, 0, "{args:?}: {f}: {k:?}");
+            assert_eq!(
+                backing_strings(qd, f),
+                backing_strings(od, f),
+                "{args:?}: {f}"
+            );
+            assert_eq!(map(qd, f), map(od, f), "{args:?}: {f}");
+        }
+    }
+}

@@ -325,7 +325,17 @@ const CASES: &[Case] = &[
     Case {
         bin: IMG,
         sub: &["mirror"],
-        options: &["-h", "--help", "-q", "--quiet", "-p", "--progress", "-O"],
+        options: &[
+            "-h",
+            "--help",
+            "-q",
+            "--quiet",
+            "-p",
+            "--progress",
+            "-O",
+            "--on-source-error",
+            "--on-target-error",
+        ],
         codes: &[0, 1],
         not_options: &[],
     },

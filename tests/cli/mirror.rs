@@ -134,3 +134,131 @@ fn mirror_progress_and_errors() {
     }
     assert!(!od.join("x.qcow2").exists() && !od.join("x.vmdk").exists());
 }
+
+/// bad.qcow2: a compressed cluster at 0 whose stream is overwritten with
+/// 0xff (every read of it fails), data at 64K; good.qcow2: no errors.
+fn setup_bad(dir: &Path) {
+    qemu_ok(
+        dir,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "bad.qcow2", "1M"],
+    );
+    qemu_ok(
+        dir,
+        "qemu-io",
+        &[
+            "-c",
+            "write -c -P 7 0 64k",
+            "-c",
+            "write -P 8 64k 64k",
+            "bad.qcow2",
+        ],
+    );
+    qemu_ok(
+        dir,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "good.qcow2", "1M"],
+    );
+    qemu_ok(dir, "qemu-io", &["-c", "write -P 9 0 128k", "good.qcow2"]);
+    // The compressed cluster's host offset: L1[0] -> L2[0], whose low 54
+    // bits (64 KiB clusters) are the stream's offset.
+    let path = dir.join("bad.qcow2");
+    let mut b = std::fs::read(&path).unwrap();
+    let be = |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().unwrap());
+    let l1 = be(&b, 40) as usize;
+    let l2 = (be(&b, l1) & 0x00ff_ffff_ffff_fe00) as usize;
+    let entry = be(&b, l2);
+    assert_ne!(entry & (1 << 62), 0, "not a compressed cluster");
+    let stream = (entry & ((1 << 54) - 1)) as usize;
+    b[stream..stream + 32].fill(0xff);
+    std::fs::write(&path, b).unwrap();
+    let r = qemu(dir, "qemu-io", &["-c", "read 0 64k", "bad.qcow2"]);
+    assert!(
+        r.out.contains("read failed") || r.err.contains("read failed"),
+        "{r:?}"
+    );
+}
+
+/// `--on-source-error` / `--on-target-error`: `report` and `enospc` (the
+/// error is EIO, not ENOSPC) end the mirror with the error, `stop` ends it
+/// saying which side stopped it; the other side's policy does not apply to
+/// a read error; bad values are refused with QAPI's text before anything
+/// is created; a source without errors mirrors whatever the policies.
+#[test]
+fn mirror_error_policies_per_side() {
+    if !have_qemu() {
+        return;
+    }
+    let (_qd, od) = twin_dirs(setup_bad);
+    let od = od.path();
+    for args in [
+        &[][..],
+        &["--on-source-error=report"],
+        &["--on-source-error", "enospc"],
+        &["--on-target-error=stop"],
+        &["--on-target-error=ignore", "--on-source-error=report"],
+    ] {
+        let mut a = vec!["mirror"];
+        a.extend_from_slice(args);
+        a.extend(["bad.qcow2", "t.qcow2"]);
+        let o = ours(od, &a);
+        assert_eq!(o.code, 1, "{args:?}: {o:?}");
+        assert!(o.err.starts_with("qcow2-img: "), "{args:?}: {o:?}");
+        assert!(!o.err.contains("stopped"), "{args:?}: {o:?}");
+    }
+    for args in [
+        &["--on-source-error=stop"][..],
+        &["--on-source-error=stop", "--on-target-error=report"],
+    ] {
+        let mut a = vec!["mirror", "-O", "raw"];
+        a.extend_from_slice(args);
+        a.extend(["bad.qcow2", "t.raw"]);
+        let o = ours(od, &a);
+        assert_eq!(
+            (o.code, o.err.as_str()),
+            (
+                1,
+                "qcow2-img: the mirror stopped on an error reading SRC (on-source-error); t.raw is incomplete\n"
+            ),
+            "{args:?}"
+        );
+    }
+    for (args, err) in [
+        (
+            &["--on-source-error=bogus"][..],
+            "qcow2-img: Parameter 'on-source-error' does not accept value 'bogus'\n",
+        ),
+        (
+            &["--on-target-error="],
+            "qcow2-img: Parameter 'on-target-error' does not accept value ''\n",
+        ),
+    ] {
+        let mut a = vec!["mirror"];
+        a.extend_from_slice(args);
+        a.extend(["good.qcow2", "x.qcow2"]);
+        let o = ours(od, &a);
+        assert_eq!((o.code, o.err.as_str()), (1, err), "{args:?}");
+    }
+    assert!(!od.join("x.qcow2").exists());
+    for p in ["report", "ignore", "stop", "enospc"] {
+        let (s, t) = (
+            format!("--on-source-error={p}"),
+            format!("--on-target-error={p}"),
+        );
+        let o = ours(od, &["mirror", &s, &t, "good.qcow2", "g.qcow2"]);
+        assert_eq!((o.code, o.out.as_str(), o.err.as_str()), (0, "", ""), "{p}");
+        let c = qemu(od, "qemu-img", &["compare", "good.qcow2", "g.qcow2"]);
+        assert_eq!(c.code, 0, "{p}: {c:?}");
+    }
+    let h = ours(od, &["mirror", "--help"]);
+    assert!(
+        h.out
+            .contains("--on-source-error=report|ignore|stop|enospc"),
+        "{h:?}"
+    );
+    assert!(
+        h.out
+            .contains("--on-target-error=report|ignore|stop|enospc"),
+        "{h:?}"
+    );
+}

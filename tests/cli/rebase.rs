@@ -286,6 +286,8 @@ fn rebase_progress_has_qemu_img_shape() {
             assert!(r.out.starts_with("    (0.00/100%)\r"), "{:?}", r.out);
             assert!(r.out.ends_with("    (100.00/100%)\r\n"), "{:?}", r.out);
         }
+        // The intermediate values too (no timing in them).
+        assert_eq!(o.out, q.out, "{args:?}");
         assert_twins_agree(qd, od, "top.qcow2", &format!("{args:?}"));
     }
     // -q silences the indicator.
@@ -297,4 +299,54 @@ fn rebase_progress_has_qemu_img_shape() {
         &[],
         &["rebase", "-p", "-q", "-b", "", "top.qcow2"],
     );
+}
+
+/// `rebase -p` prints qemu-img's intermediate values: each 2 MiB request
+/// compared (not those FILE allocates) adds `100 / (size / 2 MiB)` percent
+/// (integer division, C `float` sums capped at 100, printed when they moved
+/// by more than 2), then 100 once the header is written. Sizes that do not
+/// divide evenly, allocations that cut the requests, a disk under 2 MiB.
+#[test]
+fn rebase_progress_values_match_qemu_img() {
+    if !have_qemu() {
+        return;
+    }
+    for (size, writes) in [
+        ("20M", &["write -P 2 4M 2M"][..]),
+        ("3M", &["write -P 2 512k 1M"]),
+        ("7M", &["write -P 2 512k 1M"]),
+        ("25M", &["write -P 2 512k 1M", "write -P 3 9M 64k"]),
+        ("1M", &[]),
+        ("64M", &["write -P 2 1M 100k", "write -z 20M 3M"]),
+    ] {
+        let setup = |d: &Path| {
+            let img = |args: &[&str]| qemu_ok(d, "qemu-img", args);
+            img(&["create", "-q", "-f", "qcow2", "b.qcow2", size]);
+            qemu_ok(
+                d,
+                "qemu-io",
+                &["-c", &format!("write -P 1 0 {size}"), "b.qcow2"],
+            );
+            img(&[
+                "create", "-q", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", "t.qcow2",
+            ]);
+            for w in writes {
+                qemu_ok(d, "qemu-io", &["-c", w, "t.qcow2"]);
+            }
+            img(&["create", "-q", "-f", "qcow2", "n.qcow2", size]);
+        };
+        let (qd, od) = twin_dirs(setup);
+        let (qd, od) = (qd.path(), od.path());
+        let a = ["rebase", "-p", "-b", "n.qcow2", "-F", "qcow2", "t.qcow2"];
+        let q = qemu(qd, "qemu-img", &a);
+        let o = ours(od, &a);
+        assert_eq!((o.code, &o.err, &o.out), (q.code, &q.err, &q.out), "{size}");
+        assert!(q.out.matches('\r').count() >= 2, "{size}: {:?}", q.out);
+        let c = qemu(
+            od,
+            "qemu-img",
+            &["compare", &abs(qd, "t.qcow2"), &abs(od, "t.qcow2")],
+        );
+        assert_eq!(c.code, 0, "{size}: {c:?}");
+    }
 }

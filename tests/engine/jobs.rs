@@ -504,15 +504,25 @@ fn on_error_ignore_retries_and_enospc_stops_only_on_enospc() {
 
 /// The view through `top` of a chain whose files hold these bytes.
 pub(crate) fn view(base: Vec<u8>, mid: Vec<u8>, top: Vec<u8>) -> Vec<u8> {
-    let st = |b: Vec<u8>| -> Arc<dyn Storage> { Arc::new(MemStorage::from_bytes(b)) };
-    let files = Arc::new(Files(HashMap::from([
-        ("base".to_string(), st(base)),
-        ("mid".to_string(), st(mid)),
-        ("top".to_string(), st(top)),
-    ])));
-    let opts = OpenOptions::new()
-        .file_resolver(files.clone())
-        .read_only(true);
+    view_with(
+        &[("base", base), ("mid", mid), ("top", top)],
+        &OpenOptions::new(),
+    )
+}
+
+/// The view through the file `top` of a chain of memory files with these
+/// names and bytes, opened with `opts` (and a resolver over the files).
+pub(crate) fn view_with(files: &[(&str, Vec<u8>)], opts: &OpenOptions) -> Vec<u8> {
+    let files = Arc::new(Files(
+        files
+            .iter()
+            .map(|(n, b)| {
+                let st: Arc<dyn Storage> = Arc::new(MemStorage::from_bytes(b.clone()));
+                (n.to_string(), st)
+            })
+            .collect(),
+    ));
+    let opts = opts.clone().file_resolver(files.clone()).read_only(true);
     let img = Image::open_storage(files.0["top"].clone(), &opts).unwrap();
     let mut buf = vec![0u8; SIZE as usize];
     img.read_at(&mut buf, 0).unwrap();

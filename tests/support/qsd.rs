@@ -39,6 +39,13 @@ pub struct Qsd {
 impl Qsd {
     /// Starts the daemon in `dir` on the qcow2 image `file` (node `top`).
     pub fn start(dir: &Path, file: &str) -> Qsd {
+        let blockdev = format!("driver=qcow2,node-name=top,file.driver=file,file.filename={file}");
+        Qsd::start_blockdev(dir, &blockdev)
+    }
+
+    /// Starts the daemon in `dir` with the root node `blockdev` (its
+    /// `--blockdev` argument: `key=value` pairs or JSON).
+    pub fn start_blockdev(dir: &Path, blockdev: &str) -> Qsd {
         // A fresh socket name per daemon: a stale one of an earlier daemon
         // in the same directory is never connected to.
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
@@ -48,7 +55,7 @@ impl Qsd {
             .current_dir(dir)
             .args([
                 "--blockdev",
-                &format!("driver=qcow2,node-name=top,file.driver=file,file.filename={file}"),
+                blockdev,
                 "--chardev",
                 &format!("socket,id=m,path={},server=on,wait=off", sock.display()),
                 "--monitor",

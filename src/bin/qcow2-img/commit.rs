@@ -4,7 +4,8 @@
 //! job, then empties FILE unless `-d` or `-b` (which implies `-d`), as
 //! qemu-img does.
 //! FILE is opened read-write with its chain, as qemu-img opens it; the job
-//! opens BASE writable beside the chain's read-only handle.
+//! opens BASE writable beside the chain's read-only handle. BASE may be the
+//! raw file ending the chain.
 
 use crate::common::{check_format, open_fail, parse_args, CmdResult, Fail};
 use crate::progress::Progress;
@@ -68,19 +69,19 @@ fn same_file(layer: &Path, name: &Path) -> bool {
     }
 }
 
-/// The paths of the backing chain below `img` (not `img` itself), and
-/// whether each is a qcow2 image.
-fn chain_paths(img: &Image) -> Vec<(PathBuf, bool)> {
+/// The paths of the backing chain below `img` (not `img` itself), the
+/// raw file that may end it included.
+fn chain_paths(img: &Image) -> Vec<PathBuf> {
     let mut v = Vec::new();
     let mut cur = img.backing();
     while let Some(b) = cur {
         match b {
             Backing::Qcow2(i) => {
-                v.push((i.path().map(Path::to_path_buf).unwrap_or_default(), true));
+                v.push(i.path().map(Path::to_path_buf).unwrap_or_default());
                 cur = i.backing();
             }
             Backing::Raw { path, .. } => {
-                v.push((path.clone(), false));
+                v.push(path.clone());
                 cur = None;
             }
         }
@@ -114,7 +115,7 @@ pub fn run(argv: &[String]) -> CmdResult {
     let base = match &a.base {
         Some(b) => chain
             .iter()
-            .find(|(p, _)| same_file(p, Path::new(b)))
+            .find(|p| same_file(p, Path::new(b)))
             .ok_or_else(|| {
                 Fail::Msg(format!(
                     "Did not find '{b}' in the backing chain of '{filename}'"
@@ -124,12 +125,6 @@ pub fn run(argv: &[String]) -> CmdResult {
             .first()
             .ok_or_else(|| Fail::Msg("Image does not have a backing file".into()))?,
     };
-    if !base.1 {
-        return Err(Fail::Msg(format!(
-            "Committing into the raw image '{}' is not supported by qcow2-img",
-            base.0.display()
-        )));
-    }
     let job = commit(
         device.clone(),
         CommitOptions {
@@ -138,7 +133,7 @@ pub fn run(argv: &[String]) -> CmdResult {
                 speed,
                 ..Default::default()
             },
-            base: Some(base.0.clone()),
+            base: Some(base.clone()),
             device_quiesced: true,
             ..Default::default()
         },

@@ -487,7 +487,8 @@ Exit codes:
 
 /// `qcow2-img mirror --help`.
 pub const MIRROR: &str = "\
-Usage: qcow2-img mirror [-q] [-p] [-O qcow2|raw] SRC TARGET
+Usage: qcow2-img mirror [-q] [-p] [-O qcow2|raw] [--on-source-error=POLICY]
+                        [--on-target-error=POLICY] SRC TARGET
 
 Create TARGET with SRC's virtual size and copy SRC's guest data (through its
 whole backing chain) into it with the mirror job (QEMU's drive-mirror,
@@ -504,6 +505,15 @@ Options:
       (PERCENT/100%), each ended by a carriage return, and a newline at the end
   -O qcow2|raw
       format of TARGET (default: qcow2, created with default options)
+  --on-source-error=report|ignore|stop|enospc
+      what an error reading SRC does (QEMU's on-source-error; default:
+      report): report ends the mirror with the error, ignore retries the
+      chunk later (forever if the error persists), stop ends it too (nobody
+      can resume an offline job: the job is cancelled and the error says it
+      stopped), enospc is stop for ENOSPC and report for anything else
+  --on-target-error=report|ignore|stop|enospc
+      the same for an error writing or flushing TARGET (QEMU's
+      on-target-error; default: report)
 
 Arguments:
   SRC
@@ -514,7 +524,7 @@ Arguments:
 Exit codes:
   0  TARGET holds SRC's guest data
   1  error: bad argument, SRC cannot be opened, TARGET cannot be created, or an
-     I/O error
+     I/O error (reported, or stopped on; TARGET is then incomplete)
 ";
 
 /// `qcow2-img amend --help`.

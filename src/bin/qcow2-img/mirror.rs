@@ -1,18 +1,23 @@
-//! `qcow2-img mirror [-q] [-p] [-O qcow2|raw] SRC TARGET`: the library's
-//! mirror job (QAPI `drive-mirror`, `sync=full`, `mode=absolute-paths`)
-//! offline. TARGET is created (qcow2 with default options, or a raw file)
+//! `qcow2-img mirror [-q] [-p] [-O qcow2|raw] [--on-source-error=P]
+//! [--on-target-error=P] SRC TARGET`: the library's mirror job (QAPI
+//! `drive-mirror`, `sync=full`, `mode=absolute-paths`) offline. TARGET is created (qcow2 with default options, or a raw file)
 //! with SRC's virtual size and receives SRC's guest data through its whole
 //! backing chain; it has no backing file. qemu-img has no such command:
-//! silent on success, qemu-img's progress indicator.
+//! silent on success, qemu-img's progress indicator. The error policies are
+//! QAPI's `BlockdevOnError` per side; offline nobody can resume a job that
+//! stopped on an error, so the command cancels it and fails.
 
 use crate::common::{open_fail, parse_args, CmdResult, Fail};
 use crate::progress::Progress;
 use clap::Parser;
+use qcow2kit::error::IoOp;
+use qcow2kit::events::EventSink;
 use qcow2kit::job::{mirror, Drive, JobOptions, JobStatus, MirrorOptions, MirrorTarget};
+use qcow2kit::options::{ErrorAction, ErrorPolicy};
 use qcow2kit::storage::{FileStorage, Storage};
-use qcow2kit::{CreateOptions, Image, OpenOptions};
+use qcow2kit::{CreateOptions, Event, Image, OpenOptions};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 #[derive(Parser, Debug)]
@@ -30,11 +35,32 @@ struct Args {
     progress: bool,
     #[arg(short = 'O')]
     output_format: Option<String>,
+    #[arg(long = "on-source-error")]
+    on_source_error: Option<String>,
+    #[arg(long = "on-target-error")]
+    on_target_error: Option<String>,
     #[arg(num_args = 0..)]
     rest: Vec<String>,
 }
 
 const SUB: &str = "mirror";
+
+/// A QAPI `BlockdevOnError` value for the parameter `name` (`enospc` is
+/// valid for reads too, as for QEMU's jobs); QAPI's text otherwise.
+fn parse_policy(name: &str, value: Option<&str>) -> Result<Option<ErrorPolicy>, Fail> {
+    let Some(v) = value else {
+        return Ok(None);
+    };
+    match v {
+        "report" => Ok(Some(ErrorPolicy::Report)),
+        "ignore" => Ok(Some(ErrorPolicy::Ignore)),
+        "stop" => Ok(Some(ErrorPolicy::Stop)),
+        "enospc" => Ok(Some(ErrorPolicy::Enospc)),
+        _ => Err(Fail::Msg(format!(
+            "Parameter '{name}' does not accept value '{v}'"
+        ))),
+    }
+}
 
 /// Runs `mirror`.
 pub fn run(argv: &[String]) -> CmdResult {
@@ -43,6 +69,8 @@ pub fn run(argv: &[String]) -> CmdResult {
         crate::help::print(crate::help::MIRROR);
         return Ok(());
     }
+    let on_source_error = parse_policy("on-source-error", a.on_source_error.as_deref())?;
+    let on_target_error = parse_policy("on-target-error", a.on_target_error.as_deref())?;
     let [src, dst] = a.rest.as_slice() else {
         return Err(Fail::Usage("Expecting two image file names".into(), SUB));
     };
@@ -74,14 +102,32 @@ pub fn run(argv: &[String]) -> CmdResult {
     let mut progress = Progress::new(a.progress && !a.quiet);
     progress.start();
     let drive = Drive::new(Arc::new(source));
+    // The operation of the last error the job stopped on.
+    let stopped: Arc<Mutex<Option<IoOp>>> = Arc::default();
+    let events: EventSink = {
+        let stopped = stopped.clone();
+        Arc::new(move |e: &Event| {
+            if let Event::BlockJobError {
+                operation,
+                action: ErrorAction::Stop,
+                ..
+            } = e
+            {
+                *stopped.lock().unwrap_or_else(|p| p.into_inner()) = Some(*operation);
+            }
+        })
+    };
     let job = mirror(
         drive.clone(),
         target.clone(),
         MirrorOptions {
             job: JobOptions {
                 id: "mirror".into(),
+                events: Some(events),
                 ..Default::default()
             },
+            on_source_error,
+            on_target_error,
             ..Default::default()
         },
     )
@@ -95,6 +141,22 @@ pub fn run(argv: &[String]) -> CmdResult {
                 break;
             }
             JobStatus::Concluded => break,
+            // Only an error with the stop policy pauses this job.
+            JobStatus::Paused => {
+                let op = *stopped.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(op) = op {
+                    job.cancel();
+                    let _ = job.wait();
+                    let (side, what) = match op {
+                        IoOp::Read => ("on-source-error", "reading SRC"),
+                        _ => ("on-target-error", "writing TARGET"),
+                    };
+                    return Err(Fail::Msg(format!(
+                        "the mirror stopped on an error {what} ({side}); {dst} is incomplete"
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
             _ => std::thread::sleep(Duration::from_millis(50)),
         }
     }

@@ -6,7 +6,8 @@
 use std::io::Write;
 
 /// qemu-img's `min_skip` for convert and amend (`qemu_progress_init(progress,
-/// 1.0)`): an update is printed when it moved by more than this.
+/// 1.0)`): an update is printed when it moved by more than this (rebase
+/// uses 2.0, see [`Progress::with_min_skip`]).
 const MIN_SKIP: f32 = 1.0;
 
 /// A progress indicator, started where qemu-img calls `qemu_progress_init`;
@@ -18,6 +19,11 @@ pub struct Progress {
     last: Option<u32>,
     /// qemu-progress.c's `state.last_print` (a C `float`), for [`Progress::update`].
     last_print: f32,
+    /// qemu-progress.c's `state.current`, for [`Progress::add`].
+    current: f32,
+    /// qemu-progress.c's `state.min_skip` (`qemu_progress_init`'s second
+    /// argument).
+    min_skip: f32,
 }
 
 impl Progress {
@@ -27,7 +33,24 @@ impl Progress {
             enabled,
             last: None,
             last_print: 0.0,
+            current: 0.0,
+            min_skip: MIN_SKIP,
         }
+    }
+
+    /// The same indicator with qemu-img's `min_skip` of a command other
+    /// than convert and amend (rebase: 2.0).
+    pub fn with_min_skip(mut self, min_skip: f32) -> Progress {
+        self.min_skip = min_skip;
+        self
+    }
+
+    /// qemu-img's `qemu_progress_print(delta, 100)` exactly: adds `delta`
+    /// percent (C `float` arithmetic, capped at 100) and prints as
+    /// [`Progress::update`] does.
+    pub fn add(&mut self, delta: f32) {
+        let current = (self.current + delta / 100.0 * 100.0).min(100.0);
+        self.update(current);
     }
 
     /// qemu-img's `qemu_progress_print(percent, 0)` exactly: the value
@@ -37,8 +60,9 @@ impl Progress {
     /// is done).
     pub fn update(&mut self, percent: f32) {
         let current = percent.min(100.0);
-        if current > self.last_print + MIN_SKIP
-            || current < self.last_print - MIN_SKIP
+        self.current = current;
+        if current > self.last_print + self.min_skip
+            || current < self.last_print - self.min_skip
             || current == 100.0
             || current == 0.0
         {

@@ -42,6 +42,13 @@ struct Args {
     rest: Vec<String>,
 }
 
+/// qemu-img's `IO_BUF_SIZE` (the library's rebase compares requests of
+/// this size, cut where FILE's allocation changes).
+const REBASE_BUF: u64 = 2 << 20;
+
+/// qemu-img rebase's `qemu_progress_init(progress, 2.0)`.
+const REBASE_MIN_SKIP: f32 = 2.0;
+
 const SUB: &str = "rebase";
 
 /// Format names QEMU knows (`bdrv_find_format`); only qcow2 and raw can be
@@ -110,7 +117,7 @@ pub fn run(argv: &[String]) -> CmdResult {
     }
     // `-u` without `-b` is `-u -b ""`.
     let new = a.backing.clone().unwrap_or_default();
-    let mut progress = Progress::new(a.progress && !a.quiet);
+    let mut progress = Progress::new(a.progress && !a.quiet).with_min_skip(REBASE_MIN_SKIP);
     progress.start();
     check_format(a.format.as_deref(), filename)?;
     // Unsafe mode never opens the old (or the new) backing file.
@@ -160,9 +167,17 @@ pub fn run(argv: &[String]) -> CmdResult {
             })?;
             Some(b)
         };
+        // qemu-img's img_rebase: each 2 MiB request it compares (ranges
+        // allocated in FILE are skipped and not counted) adds
+        // `(float)100 / (size / MIN(size, IO_BUF_SIZE))` percent.
         let size = img.size();
-        img.rebase(new_backing.as_ref(), &new, format, &mut |done, _| {
-            progress.set(done, size);
+        let step = if size == 0 {
+            0.0
+        } else {
+            100.0 / (size / size.min(REBASE_BUF)) as f32
+        };
+        img.rebase(new_backing.as_ref(), &new, format, &mut |_, _| {
+            progress.add(step);
         })
         .map_err(|e| match e.inner() {
             Error::TooLarge(_) | Error::InvalidArgument(_) => change_failed(&new, &e),
