@@ -125,6 +125,36 @@ fn iters_per_second(hash: HashAlg, password: &[u8], out_len: usize) -> u64 {
     }
 }
 
+/// The master key length of `cipher_alg` in `cipher_mode` (QEMU's
+/// `qcrypto_cipher_get_key_len`, doubled for XTS), for every algorithm
+/// QEMU names, including those qcow2kit cannot encrypt with: sizing a
+/// volume is arithmetic only.
+///
+/// # Errors
+/// [`CryptoError::Unsupported`] for a name QEMU does not know.
+pub fn master_key_len(cipher_alg: &str, cipher_mode: &str) -> Result<u32, CryptoError> {
+    let len = match cipher_alg {
+        "des" => 8,
+        "aes-128" | "cast5-128" | "serpent-128" | "twofish-128" | "sm4" => 16,
+        "aes-192" | "3des" | "serpent-192" | "twofish-192" => 24,
+        "aes-256" | "serpent-256" | "twofish-256" => 32,
+        other => {
+            return Err(CryptoError::Unsupported(format!(
+                "cipher algorithm '{other}'"
+            )))
+        }
+    };
+    Ok(if cipher_mode == "xts" { len * 2 } else { len })
+}
+
+/// The bytes a new LUKS volume with a `master_key_len`-byte key takes
+/// before its payload, as QEMU lays it out (the fixed header, then eight
+/// key slots each rounded to 4 KiB): the payload offset of [`format`],
+/// what `qemu-img measure` counts (`qcrypto_block_calculate_payload_offset`).
+pub fn volume_len(master_key_len: u32) -> u64 {
+    LUKS_KEY_SLOT_OFFSET + key_material_len(master_key_len) * LUKS_NUM_KEY_SLOTS as u64
+}
+
 /// Formats a LUKS1 volume protected by `password` in slot 0, as QEMU lays
 /// it out (key material from 4 KiB on, each slot rounded to 4 KiB, the
 /// payload after the eighth slot; random master key, salts and UUID;
@@ -178,7 +208,7 @@ pub fn format(spec: &LuksCreateSpec, password: &[u8]) -> Result<LuksFormatted, C
     for (i, s) in slots.iter_mut().enumerate() {
         s.key_offset = first + material * i as u64;
     }
-    let payload_offset = first + material * LUKS_NUM_KEY_SLOTS as u64;
+    let payload_offset = volume_len(mk_len);
 
     let mut salt = [0u8; LUKS_SALT_LEN];
     super::random(&mut salt)?;
@@ -301,6 +331,19 @@ mod tests {
     fn qemu_layout_for_the_default_cipher() {
         let f = format(&spec("aes-256", "xts", "plain64", "sha256"), b"pw").unwrap();
         assert_eq!(f.header.payload_offset, 2_068_480);
+        assert_eq!(
+            volume_len(master_key_len("aes-256", "xts").unwrap()),
+            2_068_480
+        );
+        // What qemu-img measure adds for aes-192-xts and aes-128-ecb (64 KiB clusters).
+        assert_eq!(
+            volume_len(master_key_len("aes-192", "xts").unwrap()),
+            1_544_192
+        );
+        assert_eq!(
+            volume_len(master_key_len("aes-128", "ecb").unwrap()),
+            528_384
+        );
         assert_eq!(f.header.slots[1].key_offset, 262_144);
         assert_eq!(f.header.slots[7].key_offset, 1_810_432);
         assert!(f.header.slots[0].iterations >= 1000);

@@ -80,6 +80,36 @@ impl Image {
         self.write_sectors(&whole, start)
     }
 
+    /// A zero write of an encrypted image that is not whole sectors, as
+    /// QEMU's block layer pads it for the 512-byte request alignment
+    /// (`bdrv_co_do_zero_pwritev`): the partial sectors at either end are
+    /// data writes of zeroes merged into what they hold (one write when no
+    /// whole sector lies between them), the whole sectors between a zero
+    /// write. So a small zero write into an unallocated cluster allocates
+    /// it with encrypted zeroes, as in QEMU, where a plain image would get
+    /// a zero cluster.
+    pub(super) fn write_zeroes_unaligned_encrypted(
+        &self,
+        offset: u64,
+        len: u64,
+        unmap: bool,
+    ) -> Result<()> {
+        let end = offset + len;
+        let first_whole = offset.next_multiple_of(CRYPT_SECTOR);
+        let end_whole = end - end % CRYPT_SECTOR;
+        if first_whole >= end_whole {
+            return self.write_unaligned_encrypted(&buffer(len)?, offset);
+        }
+        if offset < first_whole {
+            self.write_unaligned_encrypted(&buffer(first_whole - offset)?, offset)?;
+        }
+        self.write_zeroes(first_whole, end_whole - first_whole, unmap)?;
+        if end_whole < end {
+            self.write_unaligned_encrypted(&buffer(end - end_whole)?, end_whole)?;
+        }
+        Ok(())
+    }
+
     /// Reads into `bufs` through one gathered buffer.
     pub(super) fn read_vectored_encrypted(
         &self,

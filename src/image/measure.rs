@@ -61,14 +61,17 @@ pub fn fully_allocated_size(
 }
 
 /// `qcow2_measure` for the target options `opts` (cluster size, extended
-/// L2, refcount width, preallocation and backing file are what count;
-/// the rest is ignored, as QEMU does) and a disk of `virtual_size` bytes.
+/// L2, refcount width, preallocation, backing file and a LUKS volume,
+/// sized for its cipher, are what count; the rest is ignored, as QEMU
+/// does) and a disk of `virtual_size` bytes.
 /// `data` is the number of bytes the source's data occupies once rounded
 /// to whole target clusters (`None` without a source: nothing).
 ///
 /// # Errors
 /// The options' errors QEMU reports at measure time (cluster size,
-/// refcount width), `Error::TooLarge` for a disk the L1 table cannot map.
+/// refcount width, and for `encrypt.format=luks` those of
+/// [`EncryptOptions::resolve`](crate::options::EncryptOptions::resolve):
+/// no `encrypt.key-secret`, no such secret, a bad algorithm name), `Error::TooLarge` for a disk the L1 table cannot map.
 pub fn qcow2(opts: &CreateOptions, virtual_size: u64, data: Option<u64>) -> Result<Measurement> {
     use crate::options::OptionError;
     let invalid = |e: OptionError| Error::InvalidArgument(e.to_string());
@@ -110,6 +113,7 @@ pub fn qcow2(opts: &CreateOptions, virtual_size: u64, data: Option<u64>) -> Resu
             }));
         }
     }
+    let luks = luks_volume_bytes(opts)?;
     let aligned = virtual_size
         .checked_next_multiple_of(cs)
         .ok_or(Error::TooLarge(Limit::DiskSize { size: virtual_size }))?;
@@ -134,10 +138,36 @@ pub fn qcow2(opts: &CreateOptions, virtual_size: u64, data: Option<u64>) -> Resu
         required = aligned;
     }
     let fully = fully_allocated_size(aligned, cs, bits.trailing_zeros(), opts.extended_l2)?;
+    let too_large = || Error::TooLarge(Limit::DiskSize { size: virtual_size });
     Ok(Measurement {
-        required: fully - aligned + required,
-        fully_allocated: fully,
+        required: (fully - aligned + required)
+            .checked_add(luks)
+            .ok_or_else(too_large)?,
+        fully_allocated: fully.checked_add(luks).ok_or_else(too_large)?,
     })
+}
+
+/// The clusters a LUKS volume of the target takes (QEMU's
+/// `luks_payload_size`): only `encrypt.format=luks` counts (the legacy
+/// `aes` format and the `encryption` alias add nothing, and measure does
+/// not look at other values). The options are resolved as creation would
+/// (QEMU builds a throw-away volume), so a missing `encrypt.key-secret`,
+/// an unknown secret or a bad algorithm name is refused with QEMU's
+/// message; no key is derived.
+fn luks_volume_bytes(opts: &CreateOptions) -> Result<u64> {
+    if opts.encrypt.format.as_deref() != Some("luks") {
+        return Ok(0);
+    }
+    let mut encrypt = opts.encrypt.clone();
+    encrypt.encryption = None;
+    let Some(luks) = encrypt.resolve(opts.get_secrets())? else {
+        return Ok(0);
+    };
+    let cipher = &luks.spec.cipher;
+    let key_len = crate::crypto::luks::master_key_len(cipher.cipher_alg, cipher.cipher_mode)?;
+    crate::crypto::luks::volume_len(key_len)
+        .checked_next_multiple_of(opts.cluster_size)
+        .ok_or(Error::Internal("LUKS volume size".into()))
 }
 
 /// The space persistent bitmaps of a `disk_size`-byte disk take in a
@@ -180,6 +210,33 @@ mod tests {
             524_288
         );
         assert_eq!(m(CreateOptions::new(), 0).required, 196_608);
+        // A LUKS volume, sized for its cipher and rounded to clusters
+        // (qemu-img measure's numbers).
+        let mut secrets = crate::crypto::SecretStore::new();
+        secrets.insert("s", crate::crypto::Secret::new("pw"));
+        let luks = |extra: &str| {
+            CreateOptions::from_qemu_str(&format!(
+                "encrypt.format=luks,encrypt.key-secret=s{extra}"
+            ))
+            .unwrap()
+            .secrets(secrets.clone())
+        };
+        assert_eq!(
+            m(luks(""), g),
+            Measurement {
+                required: 2_490_368,
+                fully_allocated: 1_076_232_192
+            }
+        );
+        assert_eq!(m(luks(",encrypt.cipher-mode=cbc"), g).required, 1_507_328);
+        assert_eq!(m(luks(",cluster_size=512"), g).required, 23_453_696);
+        // The legacy format and unknown formats add nothing.
+        let aes = CreateOptions::from_qemu_str("encrypt.format=aes").unwrap();
+        assert_eq!(m(aes, g).required, 393_216);
+        // No key: QEMU's message, before the size check.
+        let no_key = CreateOptions::from_qemu_str("encrypt.format=luks").unwrap();
+        let e = qcow2(&no_key, u64::MAX / 2, None).unwrap_err();
+        assert!(matches!(e, Error::EncryptionKeyRequired), "{e:?}");
         assert_eq!(
             bitmaps_size(64 << 20, 65536, &[(2, 65536), (2, 4096)]),
             327_680

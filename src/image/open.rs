@@ -606,8 +606,19 @@ fn open_backing_chain(
             no_io,
             ..Default::default()
         };
-        let img = Image::open_inner(storage, Some(path.clone()), &bopts, mode, None)
-            .map_err(|e| wrap_chain(&paths, e))?;
+        // `backing.encrypt.key-secret` keys the first backing image only.
+        let keyed = match opts.get_backing_key_secret() {
+            Some(id) if images.is_empty() => Some(bopts.clone().key_secret(id)),
+            _ => None,
+        };
+        let img = Image::open_inner(
+            storage,
+            Some(path.clone()),
+            keyed.as_ref().unwrap_or(&bopts),
+            mode,
+            None,
+        )
+        .map_err(|e| wrap_chain(&paths, e))?;
         header = img.header();
         base = path.parent().map(Path::to_path_buf);
         images.push(img);

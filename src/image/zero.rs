@@ -228,6 +228,9 @@ impl Image {
                 m.header.backing_file_name().is_some(),
             )
         };
+        if self.data.is_encrypted() && !crypt::sector_aligned(offset, len) {
+            return self.write_zeroes_unaligned_encrypted(offset, len, unmap);
+        }
         if !v3 && has_backing {
             return self.write_zero_data(offset, len);
         }

@@ -72,6 +72,7 @@ pub struct OpenOptions {
     load_snapshot: Option<String>,
     secrets: crate::crypto::SecretStore,
     key_secret: Option<String>,
+    backing_key_secret: Option<String>,
     encrypt_format: Option<String>,
 }
 
@@ -130,6 +131,7 @@ impl OpenOptions {
             load_snapshot: None,
             secrets: crate::crypto::SecretStore::new(),
             key_secret: None,
+            backing_key_secret: None,
             encrypt_format: None,
         }
     }
@@ -287,6 +289,24 @@ impl OpenOptions {
     #[must_use]
     pub fn key_secret(mut self, id: impl Into<String>) -> Self {
         self.key_secret = Some(id.into());
+        self
+    }
+
+    /// The id of the secret holding the key of the first backing image,
+    /// when that image is encrypted (QEMU's `backing.encrypt.key-secret`).
+    /// Without it an encrypted backing file refuses to open, as in QEMU.
+    ///
+    /// ```
+    /// use qcow2kit::OpenOptions;
+    ///
+    /// let opts = OpenOptions::from_qemu_str("encrypt.key-secret=a,backing.encrypt.key-secret=b")
+    ///     .expect("QEMU's option names");
+    /// assert_eq!(opts.get_key_secret(), Some("a"));
+    /// assert_eq!(opts.get_backing_key_secret(), Some("b"));
+    /// ```
+    #[must_use]
+    pub fn backing_key_secret(mut self, id: impl Into<String>) -> Self {
+        self.backing_key_secret = Some(id.into());
         self
     }
 
@@ -546,6 +566,7 @@ impl OpenOptions {
     /// backing files, which take their own).
     pub(crate) fn without_key(mut self) -> Self {
         self.key_secret = None;
+        self.backing_key_secret = None;
         self.encrypt_format = None;
         self
     }
@@ -558,6 +579,11 @@ impl OpenOptions {
     /// `encrypt.key-secret`.
     pub fn get_key_secret(&self) -> Option<&str> {
         self.key_secret.as_deref()
+    }
+
+    /// `backing.encrypt.key-secret` ([`OpenOptions::backing_key_secret`]).
+    pub fn get_backing_key_secret(&self) -> Option<&str> {
+        self.backing_key_secret.as_deref()
     }
 
     /// `encrypt.format` (`luks` or `aes`), if given: the image must match.
@@ -830,6 +856,7 @@ impl OpenOptions {
             "pass-discard-other" => self.pass_discard_other = bool_value()?,
             "discard-no-unref" => self.discard_no_unref = bool_value()?,
             "encrypt.key-secret" => self.key_secret = Some(value.to_owned()),
+            "backing.encrypt.key-secret" => self.backing_key_secret = Some(value.to_owned()),
             // Compared with the header at open, as QEMU does.
             "encrypt.format" => self.encrypt_format = Some(value.to_owned()),
             _ if key.starts_with("encrypt.") => {

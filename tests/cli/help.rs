@@ -59,6 +59,7 @@ const CASES: &[Case] = &[
             "--size",
             "-f",
             "--format",
+            "--image-opts",
             "-U",
             "--force-share",
         ],

@@ -10,7 +10,7 @@ use crate::support;
 use qcow2kit::{Error, Image, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use support::{assert_bytes_eq, Kind, Rng};
+use support::{assert_bytes_eq, Key, Kind, Rng};
 
 fn open_ro(path: &Path) -> Image {
     Image::open(path, &OpenOptions::new().read_only(true))
@@ -92,12 +92,23 @@ fn assert_out_of_range(img: &Image, name: &str) {
 }
 
 fn check_image(path: &Path, seed: u64) {
+    check_image_key(path, seed, Key::PLAIN);
+}
+
+/// [`check_image`] with the image (and/or its backing file) opened
+/// through `key`, by QEMU and by the library. QEMU's map shows no host
+/// offsets of an encrypted image: ours are hidden the same way there.
+fn check_image_key(path: &Path, seed: u64, key: Key) {
     let name = path.file_name().unwrap().to_string_lossy().into_owned();
-    let want = support::qemu_raw(path);
-    let img = open_ro(path);
+    let want = support::qemu_raw_key(path, key);
+    let img = Image::open(path, &key.open_options().read_only(true))
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
     read_and_compare(&img, &want, &name, seed);
-    let ours = support::our_map(&img);
-    let theirs = support::qemu_map(path);
+    let mut ours = support::our_map(&img);
+    if key.top {
+        ours = support::hide_host_offsets(&ours);
+    }
+    let theirs = support::qemu_map_key(path, key);
     assert_eq!(
         ours, theirs,
         "{name}: block_status differs from qemu-img map"
@@ -287,4 +298,103 @@ fn one_tib_image() {
         assert!(got.iter().all(|b| *b == 0), "hole at {off} is not zero");
     }
     assert_out_of_range(&img, "big.qcow2");
+}
+
+// ---------------------------------------------------------------------------
+// The same over LUKS-encrypted images.
+// ---------------------------------------------------------------------------
+
+/// LUKS copies of the reference images (every cluster size, extended L2,
+/// compressed and zero clusters: `support::luks_copy`, made and written by
+/// QEMU through the key) read here exactly as QEMU reads them with the
+/// key, and block status agrees with QEMU's map.
+#[test]
+fn luks_copies_of_reference_images() {
+    if !support::have_qemu() {
+        return;
+    }
+    let refs = support::reference_images();
+    let dir = tempfile::tempdir().unwrap();
+    let names = [
+        "cs512-v3",
+        "cs4096-v3",
+        "cs65536-v3",
+        "cs2097152-v3",
+        "extl2-16384",
+        "extl2-65536",
+        "extl2-2097152",
+        "comp-zlib",
+        "comp-zstd-2m",
+        "zero",
+        "rc1",
+    ];
+    for (i, name) in names.iter().enumerate() {
+        let path = dir.path().join(format!("{name}.qcow2"));
+        support::luks_copy(&refs.join(format!("{name}.qcow2")), Key::PLAIN, &path);
+        let map = support::qemu_map_key(&path, Key::LUKS);
+        for kind in [
+            Kind::Compressed,
+            Kind::Zero(None),
+            Kind::Data(support::HIDDEN),
+        ] {
+            assert!(
+                map.iter().any(|r| r.kind == kind),
+                "{name}: the LUKS copy has no {kind:?} run: {map:?}"
+            );
+        }
+        check_image_key(&path, 0x1a65 + i as u64, Key::LUKS);
+    }
+}
+
+/// Backing chains with LUKS in them: an encrypted overlay over QEMU's
+/// reference chain (qcow2 over raw), an encrypted overlay over an
+/// encrypted backing file (each with its key), a plain overlay over an
+/// encrypted backing file.
+#[test]
+fn luks_backing_chains() {
+    if !support::have_qemu() {
+        return;
+    }
+    let refs = support::reference_images();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(refs.join("chain/base.raw"), dir.path().join("base.raw")).unwrap();
+    std::fs::copy(refs.join("chain/mid.qcow2"), dir.path().join("mid.qcow2")).unwrap();
+    support::luks_copy(
+        &refs.join("cs65536-v3.qcow2"),
+        Key::PLAIN,
+        &dir.path().join("luks-base.qcow2"),
+    );
+    let cases = [
+        ("over-mid.qcow2", "mid.qcow2", Key::LUKS),
+        ("luks-over-luks.qcow2", "luks-base.qcow2", Key::LUKS_CHAIN),
+        (
+            "plain-over-luks.qcow2",
+            "luks-base.qcow2",
+            Key::LUKS_BACKING,
+        ),
+    ];
+    for (i, (top, base, key)) in cases.into_iter().enumerate() {
+        let path = dir.path().join(top);
+        let mut args = vec![
+            "create".to_owned(),
+            "-q".into(),
+            "-f".into(),
+            "qcow2".into(),
+        ];
+        args.extend(key.create_args());
+        args.extend(["-b", base, "-F", "qcow2", top, "8M"].map(String::from));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        support::qemu_img_in(dir.path(), &args);
+        support::qemu_io_key(
+            &path,
+            key,
+            &[
+                "write -P 0x61 1000 5000".into(),
+                "write -z 1M 128k".into(),
+                "discard 2M 64k".into(),
+                "write -P 0x62 5M 70000".into(),
+            ],
+        );
+        check_image_key(&path, 0xc4a1 + i as u64, key);
+    }
 }

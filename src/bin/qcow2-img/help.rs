@@ -41,8 +41,8 @@ Run 'qcow2-img COMMAND --help' for a command's options and exit codes.
 
 /// `qcow2-img measure --help`.
 pub const MEASURE: &str = "\
-Usage: qcow2-img measure [--output human|json] [-O raw|qcow2] [-o OPTS]... [-U]
-                         (--size SIZE | [-f qcow2|raw] FILE)
+Usage: qcow2-img measure [--object OBJECTDEF]... [--output human|json] [-O raw|qcow2]
+                         [-o OPTS]... [-U] (--size SIZE | [-f qcow2|raw | --image-opts] FILE)
 
 Print the file size a new image of format -O would need: `required size` (right
 after creating it, or after converting FILE into it) and `fully allocated size`
@@ -63,11 +63,16 @@ Options:
   -o, --options OPTS
       creation options of the new image as key=value[,key=value...]; may be
       repeated; for qcow2 cluster_size, extended_l2, refcount_bits, compat,
-      preallocation and backing_file count
+      preallocation, backing_file and encrypt.format=luks (its LUKS header,
+      sized for encrypt.cipher-alg/encrypt.cipher-mode; encrypt.key-secret
+      must name a secret) count
   --size SIZE
       measure an empty image of SIZE bytes (suffixes k, M, G, T, P, E)
   -f, --format qcow2|raw
       format of FILE (default qcow2)
+  --image-opts
+      FILE is an option string instead of a file name, for example
+      driver=qcow2,file.filename=disk.qcow2,encrypt.key-secret=sec0
   -U, --force-share
       open FILE in shared mode
 

@@ -32,6 +32,8 @@ struct Args {
     output: Option<String>,
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    #[arg(long = "image-opts")]
+    image_opts: bool,
     #[arg(num_args = 0..)]
     rest: Vec<String>,
 }
@@ -77,7 +79,7 @@ pub fn run(argv: &[String]) -> CmdResult {
         None => None,
         Some(name) => Some((
             name.as_str(),
-            open(name, a.format.as_deref(), a.force_share)?,
+            open(name, a.format.as_deref(), a.force_share, a.image_opts)?,
         )),
     };
     let out_fmt = a.out_format.as_deref().unwrap_or("raw");
@@ -93,8 +95,18 @@ pub fn run(argv: &[String]) -> CmdResult {
 /// `(required, fully allocated, bitmaps)`.
 type Sizes = (u64, u64, Option<u64>);
 
-fn open(name: &str, fmt: Option<&str>, force_share: bool) -> Result<Src, Fail> {
+fn open(name: &str, fmt: Option<&str>, force_share: bool, image_opts: bool) -> Result<Src, Fail> {
     match fmt {
+        // An option string (`driver=qcow2,file.filename=F,
+        // encrypt.key-secret=ID,...`), as qemu-img takes it.
+        _ if image_opts => {
+            let opts = crate::common::open_options()
+                .read_only(true)
+                .force_share(force_share);
+            Ok(Src::Qcow2(Box::new(crate::common::open_image_arg(
+                name, true, fmt, opts, true,
+            )?)))
+        }
         Some("raw") => Src::open_raw(name, false),
         f => {
             crate::common::check_format(f, name)?;
@@ -157,7 +169,7 @@ fn measure_qcow2(
     size: Option<u64>,
     src: Option<&(&str, Src)>,
 ) -> Result<Sizes, Fail> {
-    let mut opts = CreateOptions::new();
+    let mut opts = CreateOptions::new().secrets(crate::common::secrets());
     for o in options {
         opts.apply_qemu_str(o)
             .map_err(|e| invalid_options(&e, "qcow2"))?;
@@ -169,6 +181,9 @@ fn measure_qcow2(
     };
     let m = measure::qcow2(&opts, virtual_size, data).map_err(|e| match e {
         qcow2kit::Error::InvalidArgument(m) => Fail::Msg(m),
+        e @ (qcow2kit::Error::Crypto(_) | qcow2kit::Error::EncryptionKeyRequired) => {
+            Fail::Msg(e.qemu_message())
+        }
         e => Fail::Msg(e.to_string()),
     })?;
     let bitmaps = match src {
