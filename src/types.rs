@@ -251,3 +251,68 @@ mod tests {
         assert_eq!(MetadataKind::BitmapDirectory.bit(), 1 << 8);
     }
 }
+
+/// A byte offset in the guest's view of the disk (what `read_at`/`write_at`
+/// take), as opposed to a [`HostOffset`] in the image file. Used on the
+/// write path's plans and permits, where mixing the two up would write guest
+/// data at the wrong place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub(crate) struct GuestOffset(pub u64);
+
+/// A byte offset in the image file or the external data file, as opposed to
+/// a [`GuestOffset`] and to a [`ClusterIndex`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub(crate) struct HostOffset(pub u64);
+
+/// A host cluster index (a host offset shifted right by `cluster_bits`), as
+/// the refcount structures count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub(crate) struct ClusterIndex(pub u64);
+
+/// A number of clusters (of the image's cluster size), as opposed to a
+/// number of bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub(crate) struct ClusterCount(pub u64);
+
+/// `offset + n` bytes (guest offsets are below the virtual size, at most
+/// 2^63, and host offsets below 2^56, so in-cluster additions cannot
+/// overflow).
+impl std::ops::Add<u64> for GuestOffset {
+    type Output = GuestOffset;
+    #[inline]
+    fn add(self, n: u64) -> GuestOffset {
+        GuestOffset(self.0 + n)
+    }
+}
+
+impl std::ops::Add<u64> for HostOffset {
+    type Output = HostOffset;
+    #[inline]
+    fn add(self, n: u64) -> HostOffset {
+        HostOffset(self.0 + n)
+    }
+}
+
+impl GuestOffset {
+    /// The index of the guest cluster this byte is in.
+    #[inline]
+    pub fn cluster(self, cluster_bits: u32) -> u64 {
+        self.0 >> cluster_bits
+    }
+}
+
+impl HostOffset {
+    /// The host cluster this byte is in.
+    #[inline]
+    pub fn cluster(self, cluster_bits: u32) -> ClusterIndex {
+        ClusterIndex(self.0 >> cluster_bits)
+    }
+}
+
+impl ClusterIndex {
+    /// The host offset of the cluster's first byte.
+    #[inline]
+    pub fn offset(self, cluster_bits: u32) -> HostOffset {
+        HostOffset(self.0 << cluster_bits)
+    }
+}

@@ -153,7 +153,7 @@ impl Image {
             Ok(h) => h,
             Err(e) => return Err(self.fail_compressed(&mut meta, e)),
         };
-        let permit = match meta.gate.permit_data(host, size) {
+        let permit = match meta.gate.permit_data(HostOffset(host), size) {
             Ok(p) => p,
             Err(e) => {
                 meta.release_bytes(host, size);

@@ -11,7 +11,7 @@ use crate::format::{put_be_u64, refcount};
 use crate::image::Image;
 use crate::options::{Compat, CompressionType, CreateOptions, LuksToCreate, Preallocation};
 use crate::storage::{FileStorage, LockRequest, Locking, Storage};
-use crate::types::{Geometry, RefcountGeometry};
+use crate::types::{ClusterCount, Geometry, RefcountGeometry};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -186,7 +186,7 @@ impl Image {
         let cs = self.geom.cluster_size;
         let n = f.len.div_ceil(cs);
         let mut meta = self.lock()?;
-        let offset = meta.alloc_clusters(n)?;
+        let offset = meta.alloc_clusters(ClusterCount(n))?.0;
         meta.flush_all(true)?;
         let total =
             usize::try_from(n * cs).map_err(|_| Error::Internal("LUKS volume size".into()))?;

@@ -42,7 +42,7 @@ use crate::mapping::Extent;
 use crate::meta::{read_file, DataTarget, DiscardType, FileReader, Meta, RawL2};
 use crate::options::OpenOptions;
 use crate::storage::{FileStorage, Storage, Tracked};
-use crate::types::{Geometry, MetadataKind};
+use crate::types::{Geometry, HostOffset, MetadataKind};
 use crossbeam_utils::sync::ShardedLock;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

@@ -305,9 +305,9 @@ impl Image {
         }
         for p in &job.plans {
             res.push(WriteExtent {
-                guest: p.guest + p.lo_w,
+                guest: (p.guest + p.lo_w).0,
                 len: p.hi_w - p.lo_w,
-                host: p.host.unwrap_or(0) + p.lo_w,
+                host: (p.host.unwrap_or_default() + p.lo_w).0,
             });
         }
         res.held = Held::Alloc {

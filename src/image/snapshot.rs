@@ -17,6 +17,7 @@
 use super::*;
 use crate::format::snapshot::{SnapshotEntry, SNAPSHOT_KNOWN_EXTRA_DATA};
 use crate::meta::snapshots::{find_by_id_or_name, next_snapshot_id};
+use crate::types::ClusterCount;
 
 impl Image {
     /// The snapshot whose ID is `id_or_name`, else the first whose name is
@@ -106,7 +107,8 @@ impl Image {
             // The copy of the active L1 table, as it is (COPIED flags of
             // inactive tables mean nothing).
             let l1_off = if l1_bytes > 0 {
-                meta.alloc_clusters(meta.geom.clusters_for(l1_bytes))?
+                meta.alloc_clusters(ClusterCount(meta.geom.clusters_for(l1_bytes)))?
+                    .0
             } else {
                 0
             };

@@ -4,6 +4,7 @@
 
 use super::*;
 use crate::storage::BlkdebugEvent;
+use crate::types::{ClusterCount, GuestOffset, HostOffset};
 use std::io::IoSlice;
 
 impl Image {
@@ -259,7 +260,10 @@ impl Image {
         // Overlap-checked when data lives in the image file; the write may
         // extend the file (a cluster whose tail was never written), so the
         // known end covers it from here on.
-        let permit = meta.gate.permit_data(host0, run)?.for_guest(g);
+        let permit = meta
+            .gate
+            .permit_data(HostOffset(host0), run)?
+            .for_guest(GuestOffset(g));
         Ok(InPlaceRun::Run { permit, len: run })
     }
 
@@ -369,10 +373,10 @@ impl Image {
             if meta.efmt.external_data {
                 // Data file clusters are mapped 1:1 and never refcounted.
                 plans.push(ClusterPlan {
-                    guest: cg,
+                    guest: GuestOffset(cg),
                     old: e,
                     bitmap: b,
-                    host: Some(cg),
+                    host: Some(HostOffset(cg)),
                     fresh: false,
                     lo_w,
                     hi_w,
@@ -384,10 +388,10 @@ impl Image {
                 break; // handled by a later step (in place or reuse)
             }
             plans.push(ClusterPlan {
-                guest: cg,
+                guest: GuestOffset(cg),
                 old: e,
                 bitmap: b,
-                host: reuse,
+                host: reuse.map(HostOffset),
                 fresh: false,
                 lo_w,
                 hi_w,
@@ -400,7 +404,7 @@ impl Image {
         // Allocate the clusters that need it, contiguously.
         let need = plans.iter().filter(|p| p.host.is_none()).count() as u64;
         if need > 0 {
-            let first = meta.alloc_clusters(need)?;
+            let first = meta.alloc_clusters(ClusterCount(need))?;
             for (k, p) in plans.iter_mut().filter(|p| p.host.is_none()).enumerate() {
                 p.host = Some(first + k as u64 * cs);
                 p.fresh = true;
@@ -438,7 +442,7 @@ impl Image {
         let mut i = 0;
         while i < plans.len() {
             let p = &plans[i];
-            let host = p.host.unwrap_or(0);
+            let host = p.host.unwrap_or_default();
             let (lo, hi) = self.cow_range(p);
             if self.fast_path(meta, p, (lo, hi)) {
                 // Nothing to copy: write only the guest data, straight from
@@ -457,7 +461,8 @@ impl Image {
                     end += 1;
                 }
                 let last = &plans[end - 1];
-                let src = (p.guest + p.lo_w - g) as usize..(last.guest + last.hi_w - g) as usize;
+                let src =
+                    (p.guest.0 + p.lo_w - g) as usize..(last.guest.0 + last.hi_w - g) as usize;
                 let permit = meta
                     .gate
                     .permit_data(host + p.lo_w, src.len() as u64)?
@@ -467,7 +472,7 @@ impl Image {
                 continue;
             }
             i += 1;
-            let src = &data[(p.guest + p.lo_w - g) as usize..(p.guest + p.hi_w - g) as usize];
+            let src = &data[(p.guest.0 + p.lo_w - g) as usize..(p.guest.0 + p.hi_w - g) as usize];
             let mut buf = vec![0u8; (hi - lo) as usize];
             // Old content for the parts outside the write.
             self.fill_old(meta, p, lo, p.lo_w, &mut buf[..(p.lo_w - lo) as usize])?;
@@ -494,7 +499,7 @@ impl Image {
         writes: &mut Vec<PendingWrite>,
     ) -> Result<()> {
         for p in plans {
-            let host = p.host.unwrap_or(0);
+            let host = p.host.unwrap_or_default();
             let (lo, hi) = self.cow_range(p);
             let permit = meta
                 .gate
@@ -573,7 +578,7 @@ impl Image {
         let mut written = 0u64;
         for p in plans {
             let (lo, hi) = self.cow_range(p);
-            let new = self.new_entry(p, p.host.unwrap_or(0), lo, hi);
+            let new = self.new_entry(p, p.host.unwrap_or_default(), lo, hi);
             meta.write_slot(&p.slot, new);
             self.drop_old(meta, p);
             written += p.hi_w - p.lo_w;
@@ -604,7 +609,8 @@ impl Image {
         covers
             || (!meta.efmt.external_data
                 && !self.data.is_encrypted()
-                && p.host.is_some_and(|host| host + lo >= meta.gate.file_end())
+                && p.host
+                    .is_some_and(|host| (host + lo).0 >= meta.gate.file_end())
                 && self.old_reads_zero(p, lo))
     }
 
@@ -630,7 +636,7 @@ impl Image {
             L2Entry::Zero { .. } => true,
             L2Entry::Unallocated => match &self.backing {
                 None => true,
-                Some(b) => b.size() <= p.guest + lo,
+                Some(b) => b.size() <= (p.guest + lo).0,
             },
             _ => false,
         }
@@ -657,9 +663,9 @@ impl Image {
         (p.lo_w & !(scs - 1), (p.hi_w + scs - 1) & !(scs - 1))
     }
 
-    fn new_entry(&self, p: &ClusterPlan, host: u64, lo: u64, hi: u64) -> RawL2 {
+    fn new_entry(&self, p: &ClusterPlan, host: HostOffset, lo: u64, hi: u64) -> RawL2 {
         let geom = self.geom;
-        let word = host | OFLAG_COPIED;
+        let word = host.0 | OFLAG_COPIED;
         if !geom.extended_l2 {
             return RawL2 { word, bitmap: 0 };
         }
@@ -715,10 +721,10 @@ impl Image {
                         crate::format::entry::SubclusterState::Data(h) => self.data.read_guest(
                             dst,
                             h + (pos & (unit - 1)),
-                            Some(p.guest + pos),
+                            Some((p.guest + pos).0),
                         )?,
                         crate::format::entry::SubclusterState::Unallocated => {
-                            self.read_backing(dst, p.guest + pos)?
+                            self.read_backing(dst, (p.guest + pos).0)?
                         }
                         _ => dst.fill(0),
                     }
@@ -733,10 +739,10 @@ impl Image {
 /// One guest cluster of an allocating write.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct ClusterPlan {
-    pub(super) guest: u64,
+    pub(super) guest: GuestOffset,
     old: L2Entry,
     bitmap: Subclusters,
-    pub(super) host: Option<u64>,
+    pub(super) host: Option<HostOffset>,
     /// `host` was reserved for this write (released if it fails).
     fresh: bool,
     /// Range written by the guest within the cluster.
@@ -762,8 +768,8 @@ impl AllocJob {
 
 /// The guest cluster indices `first..=last` of consecutive cluster plans.
 pub(super) fn cluster_range(plans: &[ClusterPlan], cluster_bits: u32) -> Option<(u64, u64)> {
-    let first = plans.first()?.guest >> cluster_bits;
-    let last = plans.last()?.guest >> cluster_bits;
+    let first = plans.first()?.guest.cluster(cluster_bits);
+    let last = plans.last()?.guest.cluster(cluster_bits);
     Some((first, last))
 }
 

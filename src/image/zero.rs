@@ -146,7 +146,7 @@ impl Image {
                         if meta.rc.policy().request && (e.copied() || meta.efmt.external_data) {
                             // Where the data lives: with an external data
                             // file `h` is an offset in that file.
-                            if let Ok(p) = meta.gate.permit_data(h, cs) {
+                            if let Ok(p) = meta.gate.permit_data(HostOffset(h), cs) {
                                 let _ = self.data.discard(p);
                             }
                         }
@@ -170,7 +170,7 @@ impl Image {
             L2Entry::Normal { host, .. }
             | L2Entry::Zero {
                 host: Some(host), ..
-            } => meta.queue_free(host, dtype),
+            } => meta.queue_free(HostOffset(host), dtype),
             L2Entry::Compressed { .. } => {
                 if let Some((o, l)) = e.compressed_range() {
                     meta.queue_free_compressed(o, l, dtype);

@@ -10,7 +10,7 @@ use crate::format::consts::*;
 use crate::format::put_be_u64;
 use crate::format::Structure;
 use crate::storage::BlkdebugEvent;
-use crate::types::MetadataKind;
+use crate::types::{ClusterCount, HostOffset, MetadataKind};
 
 impl Meta {
     // ------------------------------------------------------------------
@@ -30,7 +30,7 @@ impl Meta {
             .ok_or_else(|| Error::Internal(format!("L1 index {l1i} beyond the L1 table")))?;
         // The new table's refcount must be durable before the L1 entry: it is,
         // because L1 entries are only written after a refcount flush + sync.
-        let new = self.alloc_clusters(1)?;
+        let new = self.alloc_clusters(ClusterCount(1))?.0;
         if new == 0 {
             return Err(Error::Corrupt {
                 what: Structure::L2Table,
@@ -64,7 +64,7 @@ impl Meta {
             if !self.l1_references(old) {
                 self.gate.checker_mut().remove_active_l2(old);
             }
-            self.queue_free(old, DiscardType::Other);
+            self.queue_free(HostOffset(old), DiscardType::Other);
         }
         Ok(new)
     }

@@ -15,7 +15,7 @@ use crate::error::{Error, IoOp, Result};
 use crate::format::consts::{INCOMPAT_CORRUPT, V3_HEADER_LENGTH};
 use crate::format::header::field;
 use crate::storage::{BlkdebugEvent, Storage, Tracked};
-use crate::types::MetadataKind;
+use crate::types::{GuestOffset, HostOffset, MetadataKind};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -75,8 +75,8 @@ impl DataPermit {
     }
 
     /// The same permit, for guest data at guest offset `guest`.
-    pub fn for_guest(mut self, guest: u64) -> Self {
-        self.guest = Some(guest);
+    pub fn for_guest(mut self, guest: GuestOffset) -> Self {
+        self.guest = Some(guest.0);
         self
     }
 }
@@ -555,12 +555,17 @@ impl WriteGate {
     /// Writes guest data (under the metadata lock) to the data target.
     #[cfg(test)]
     pub fn write_data(&mut self, buf: &[u8], offset: u64) -> Result<()> {
-        let permit = self.permit_data(offset, buf.len() as u64)?;
+        let permit = self.permit_data(HostOffset(offset), buf.len() as u64)?;
         self.data.write(permit, buf)
     }
 
     /// [`WriteGate::write_data`] of guest data at guest offset `guest`.
-    pub fn write_data_guest(&mut self, buf: &[u8], offset: u64, guest: u64) -> Result<()> {
+    pub fn write_data_guest(
+        &mut self,
+        buf: &[u8],
+        offset: HostOffset,
+        guest: GuestOffset,
+    ) -> Result<()> {
         let permit = self.permit_data(offset, buf.len() as u64)?.for_guest(guest);
         self.data.write(permit, buf)
     }
@@ -571,7 +576,8 @@ impl WriteGate {
     ///
     /// # Errors
     /// `Error::OverlapPrevented`.
-    pub fn permit_data(&self, host: u64, len: u64) -> Result<DataPermit> {
+    pub fn permit_data(&self, host: HostOffset, len: u64) -> Result<DataPermit> {
+        let HostOffset(host) = host;
         if !self.data.external {
             self.check(host, len, 0)?;
             self.note_end(host.saturating_add(len));

@@ -10,7 +10,7 @@ use crate::format::header::field;
 use crate::format::Structure;
 use crate::format::{put_be_u64, refcount};
 use crate::storage::BlkdebugEvent;
-use crate::types::MetadataKind;
+use crate::types::{ClusterCount, ClusterIndex, HostOffset, MetadataKind};
 
 /// Result of a refcount update that may have had to allocate metadata first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -440,12 +440,13 @@ impl Meta {
 
     /// Allocates `n` contiguous clusters with refcount 1 and returns the host
     /// offset of the first (QEMU's `qcow2_alloc_clusters`).
-    pub fn alloc_clusters(&mut self, n: u64) -> Result<u64> {
+    pub fn alloc_clusters(&mut self, n: ClusterCount) -> Result<HostOffset> {
+        let ClusterCount(n) = n;
         self.event(BlkdebugEvent::ClusterAlloc);
         loop {
             let start = self.alloc_noref(n)?;
             if self.update_refcount(start, n, 1, DiscardType::Never)? == Update::Done {
-                return Ok(start << self.geom.cluster_bits);
+                return Ok(ClusterIndex(start).offset(self.geom.cluster_bits));
             }
         }
     }
@@ -453,16 +454,21 @@ impl Meta {
     /// Allocates as many of the `n` clusters starting at host cluster
     /// `cluster` as are free in a row, and returns how many
     /// (QEMU's `qcow2_alloc_clusters_at`). The free hint is not moved.
-    pub fn alloc_clusters_at(&mut self, cluster: u64, n: u64) -> Result<u64> {
+    pub fn alloc_clusters_at(
+        &mut self,
+        cluster: ClusterIndex,
+        n: ClusterCount,
+    ) -> Result<ClusterCount> {
+        let (ClusterIndex(cluster), ClusterCount(n)) = (cluster, n);
         if n == 0 {
-            return Ok(0);
+            return Ok(ClusterCount(0));
         }
         self.check_allocatable()?;
         self.process_discards();
         loop {
             let free = self.count_free(cluster, n)?;
             if self.update_refcount(cluster, free, 1, DiscardType::Never)? == Update::Done {
-                return Ok(free);
+                return Ok(ClusterCount(free));
             }
         }
     }
@@ -498,10 +504,9 @@ impl Meta {
 
     /// Queues one reference drop of host cluster at `offset`, applied after
     /// the references are durably gone (see the module docs).
-    pub fn queue_free(&mut self, offset: u64, dtype: DiscardType) {
-        self.rc
-            .pending_frees
-            .push((offset >> self.geom.cluster_bits, dtype));
+    pub fn queue_free(&mut self, offset: HostOffset, dtype: DiscardType) {
+        let ClusterIndex(cluster) = offset.cluster(self.geom.cluster_bits);
+        self.rc.pending_frees.push((cluster, dtype));
     }
 
     /// Queues the reference drops of a compressed cluster (every host cluster

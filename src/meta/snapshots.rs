@@ -21,7 +21,7 @@ use crate::format::{be_u64, FormatError, FormatErrorKind, Structure};
 use crate::meta::overlap_map::OverlapChecker;
 use crate::meta::read_file;
 use crate::storage::Storage;
-use crate::types::MetadataKind;
+use crate::types::{ClusterCount, MetadataKind};
 
 /// Reads and decodes the snapshot table (bounded by the file length and the
 /// format's 64 MiB limit).
@@ -425,7 +425,8 @@ impl Meta {
         let size = buf.len() as u64;
         let cb = self.geom.cluster_bits;
         let new_off = if size > 0 {
-            self.alloc_clusters(self.geom.clusters_for(size))?
+            self.alloc_clusters(ClusterCount(self.geom.clusters_for(size)))?
+                .0
         } else {
             0
         };

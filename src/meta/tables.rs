@@ -9,7 +9,7 @@ use crate::format::header::field;
 use crate::format::Structure;
 use crate::format::{put_be_u64, refcount};
 use crate::storage::BlkdebugEvent;
-use crate::types::MetadataKind;
+use crate::types::{ClusterCount, HostOffset, MetadataKind};
 
 impl Meta {
     /// Replaces the active L1 table by a larger one of exactly `entries`
@@ -32,7 +32,7 @@ impl Meta {
         // copied into the new table from memory, so drop them.
         let clusters = self.geom.clusters_for(bytes);
         self.event(BlkdebugEvent::L1GrowAllocTable);
-        let new_off = self.alloc_clusters(clusters)?;
+        let new_off = self.alloc_clusters(ClusterCount(clusters))?.0;
         self.flush_refcounts()?;
         let mut new_l1 = self.l2.l1.clone();
         let len = conv::mem_len(Structure::L1Table, bytes)?;
@@ -107,7 +107,7 @@ impl Meta {
                 self.gate.checker_mut().remove_active_l2(table);
                 // Not active any more: its cached slices are not written back.
                 self.l2.cache.forget_range(table, table + cs);
-                self.queue_free(table, DiscardType::Always);
+                self.queue_free(HostOffset(table), DiscardType::Always);
             }
         }
         Ok(())

@@ -5,6 +5,7 @@ use super::refcount::Update;
 use super::*;
 use crate::mapping::Extent;
 use crate::storage::MemStorage;
+use crate::types::{ClusterCount, HostOffset};
 use crate::{CreateOptions, Image, OpenOptions};
 use std::sync::Arc;
 
@@ -27,7 +28,7 @@ fn a_failed_decrement_across_blocks_is_undone() {
     let mut m = img.lock_meta().unwrap();
     let cs = m.geom.cluster_size;
     // 300 clusters in use: the run crosses a refcount block boundary.
-    let a = m.alloc_clusters(300).unwrap() / cs;
+    let a = m.alloc_clusters(ClusterCount(300)).unwrap().0 / cs;
     assert!(refcounts(&mut m, a, 300).iter().all(|&r| r == 1));
     // The last cluster (in the second block range) drops to 0 first.
     let last = a + 299;
@@ -55,7 +56,7 @@ fn an_overflowing_increment_changes_nothing() {
     let img = Image::open_storage(file, &OpenOptions::new()).unwrap();
     let mut m = img.lock_meta().unwrap();
     let cs = m.geom.cluster_size;
-    let a = m.alloc_clusters(2).unwrap() / cs;
+    let a = m.alloc_clusters(ClusterCount(2)).unwrap().0 / cs;
     let r = m.update_refcount(a, 1, -1, DiscardType::Never).unwrap();
     assert_eq!(r, Update::Done);
     assert_eq!(refcounts(&mut m, a, 2), vec![0, 1]);
@@ -127,7 +128,7 @@ fn the_gate_refuses_metadata_and_counts_the_file_end() {
         "{r:?}"
     );
     assert!(
-        m.gate.permit_data(0, 512).is_err(),
+        m.gate.permit_data(HostOffset(0), 512).is_err(),
         "the header is protected"
     );
     // Writing metadata of the kind written is allowed.
@@ -138,7 +139,10 @@ fn the_gate_refuses_metadata_and_counts_the_file_end() {
         .unwrap();
     // A permit far past the end extends the known end before the write.
     let end = m.gate.file_end();
-    let p = m.gate.permit_data(end + (1 << 20), 512).unwrap();
+    let p = m
+        .gate
+        .permit_data(HostOffset(end + (1 << 20)), 512)
+        .unwrap();
     assert_eq!(m.gate.file_end(), end + (1 << 20) + 512);
     let data = m.gate.data().clone();
     drop(m);
@@ -157,7 +161,7 @@ fn a_permit_bounds_its_write() {
     let img = small_image();
     let m = img.lock_meta().unwrap();
     let end = m.gate.file_end();
-    let p = m.gate.permit_data(end, 512).unwrap();
+    let p = m.gate.permit_data(HostOffset(end), 512).unwrap();
     let r = m.gate.data().write(p, &[0; 1024]);
     assert!(matches!(r, Err(Error::InvalidArgument(_))), "{r:?}");
 }

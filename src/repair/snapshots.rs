@@ -18,6 +18,7 @@ use crate::format::header::field;
 use crate::format::snapshot::{encode_snapshot_table, snapshot_table_size, SnapshotEntry};
 use crate::format::{be_u16, be_u32, be_u64};
 use crate::meta::DiscardType;
+use crate::types::ClusterCount;
 
 /// Size of the fixed part of an entry.
 const HEADER_SIZE: u64 = 40;
@@ -402,7 +403,7 @@ impl<'a, 's> Pass<'a, 's> {
         let new_off = if size == 0 {
             0
         } else {
-            let off = self.meta.alloc_clusters(size.div_ceil(cs))?;
+            let off = self.meta.alloc_clusters(ClusterCount(size.div_ceil(cs)))?.0;
             self.meta.flush_refcounts()?;
             self.meta.sync()?;
             self.gate_write(&bytes, off, None)?;

@@ -35,6 +35,7 @@ use crate::format::Structure;
 use crate::image::Image;
 use crate::meta::{DiscardType, Meta, RawL2};
 use crate::options::Preallocation;
+use crate::types::HostOffset;
 
 mod prealloc;
 
@@ -342,7 +343,7 @@ impl Image {
                             }
                             _ => {
                                 if let Some(h) = e.host_cluster() {
-                                    meta.queue_free(h, DiscardType::Always);
+                                    meta.queue_free(HostOffset(h), DiscardType::Always);
                                 }
                             }
                         }

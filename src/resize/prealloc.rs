@@ -13,7 +13,7 @@ use crate::image::Image;
 use crate::mapping::Extent;
 use crate::meta::{DiscardType, Meta, RawL2};
 use crate::options::Preallocation;
-use crate::types::MetadataKind;
+use crate::types::{ClusterCount, GuestOffset, HostOffset, MetadataKind};
 use std::collections::HashMap;
 
 /// New L2 tables held in memory before they are written (one batch).
@@ -260,10 +260,12 @@ impl Image {
             g.cluster_start(start)
         } else {
             match *cluster_offset {
-                None => meta.alloc_clusters(nb)?,
+                None => meta.alloc_clusters(ClusterCount(nb))?.0,
                 Some(c) => {
                     let h = g.cluster_start(c);
-                    nb = meta.alloc_clusters_at(h >> g.cluster_bits, nb)?;
+                    nb = meta
+                        .alloc_clusters_at(HostOffset(h).cluster(g.cluster_bits), ClusterCount(nb))?
+                        .0;
                     h
                 }
             }
@@ -484,8 +486,11 @@ impl Image {
             }
             let mut buf = vec![0u8; len as usize];
             self.read_guest_locked(meta, m.offset + off, &mut buf)?;
-            meta.gate
-                .write_data_guest(&buf, m.alloc + off, m.offset + off)?;
+            meta.gate.write_data_guest(
+                &buf,
+                HostOffset(m.alloc + off),
+                GuestOffset(m.offset + off),
+            )?;
             meta.data_unsynced = true;
         }
         let t = self.table_for(meta, ctx, m.offset)?;
@@ -583,7 +588,7 @@ impl Image {
             }
             return Ok(Table::Cached(meta.writable_l2_table(l1i)?));
         }
-        let host = meta.alloc_clusters(1)?;
+        let host = meta.alloc_clusters(ClusterCount(1))?.0;
         if host == 0 {
             return Err(Error::Corrupt {
                 what: Structure::L2Table,
@@ -728,7 +733,8 @@ impl Image {
         let nb_data = (new.div_ceil(cs) * cs - g.cluster_start(old)) >> cb;
         let nb_l2 = nb_data.div_ceil(cs / g.l2_entry_bytes) + 1;
         let area = meta.refcount_area(used_end, nb_data + nb_l2, true, None)?;
-        let got = meta.alloc_clusters_at(area >> cb, nb_data)?;
+        let ClusterCount(got) =
+            meta.alloc_clusters_at(HostOffset(area).cluster(cb), ClusterCount(nb_data))?;
         if got != nb_data {
             return Err(Error::InvalidArgument(format!(
                 "Failed to allocate data clusters: {got} of {nb_data} free at {area:#x}"

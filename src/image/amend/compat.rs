@@ -21,7 +21,7 @@ use crate::format::header::{qemu_feature_table, Header, HeaderExtension};
 use crate::format::{be_u64, put_be_u64, FormatErrorKind, Structure};
 use crate::meta::DiscardType;
 use crate::meta::{Meta, RawL2};
-use crate::types::MetadataKind;
+use crate::types::{ClusterCount, GuestOffset, HostOffset, MetadataKind};
 use crate::Extent;
 use std::collections::HashSet;
 
@@ -188,12 +188,14 @@ fn expand_zero_clusters(
             let word = match host {
                 None if !has_backing => 0,
                 None => {
-                    let h = meta.alloc_clusters(1)?;
-                    meta.gate.write_data_guest(&zeroes, h, guest)?;
+                    let h = meta.alloc_clusters(ClusterCount(1))?.0;
+                    meta.gate
+                        .write_data_guest(&zeroes, HostOffset(h), GuestOffset(guest))?;
                     h | OFLAG_COPIED
                 }
                 Some(h) => {
-                    meta.gate.write_data_guest(&zeroes, h, guest)?;
+                    meta.gate
+                        .write_data_guest(&zeroes, HostOffset(h), GuestOffset(guest))?;
                     // Shared with a snapshot: not COPIED.
                     if meta.refcount(h >> geom.cluster_bits)? == 1 {
                         h | OFLAG_COPIED
@@ -279,7 +281,7 @@ fn expand_snapshot_zero_clusters(meta: &mut Meta, has_backing: bool) -> Result<(
                 let new = match host {
                     None if !has_backing => 0,
                     None => {
-                        let h = meta.alloc_clusters(1)?;
+                        let h = meta.alloc_clusters(ClusterCount(1))?.0;
                         let mut tries = 0;
                         while l2_refcount > 1 && meta.refcount(h >> cb)? != l2_refcount {
                             let delta = i64::try_from(l2_refcount - 1)
@@ -293,11 +295,13 @@ fn expand_snapshot_zero_clusters(meta: &mut Meta, has_backing: bool) -> Result<(
                                 ));
                             }
                         }
-                        meta.gate.write_data_guest(&zeroes, h, guest)?;
+                        meta.gate
+                            .write_data_guest(&zeroes, HostOffset(h), GuestOffset(guest))?;
                         h
                     }
                     Some(h) => {
-                        meta.gate.write_data_guest(&zeroes, h, guest)?;
+                        meta.gate
+                            .write_data_guest(&zeroes, HostOffset(h), GuestOffset(guest))?;
                         h
                     }
                 };

@@ -12,7 +12,7 @@ use crate::format::bitmap::{
 use crate::format::consts::AUTOCLEAR_BITMAPS;
 use crate::format::header::{BitmapsExtension, HeaderExtension};
 use crate::format::Structure;
-use crate::types::MetadataKind;
+use crate::types::{ClusterCount, MetadataKind};
 
 impl Meta {
     /// Stores the bitmaps when anything changed since they were loaded or
@@ -83,7 +83,9 @@ impl Meta {
             None
         } else {
             let buf = encode_bitmap_directory(&entries)?;
-            let off = self.alloc_clusters(self.geom.clusters_for(buf.len() as u64))?;
+            let off = self
+                .alloc_clusters(ClusterCount(self.geom.clusters_for(buf.len() as u64)))?
+                .0;
             Some((off, buf))
         };
         // Refcounts of every new cluster, then the data, tables and the
@@ -161,7 +163,7 @@ impl Meta {
                 table.push(BitmapTableEntry::AllZeroes);
                 continue;
             }
-            let off = self.alloc_clusters(1)?;
+            let off = self.alloc_clusters(ClusterCount(1))?.0;
             self.gate.check(off, cs, 0)?;
             self.gate.write(&buf, off, None)?;
             table.push(BitmapTableEntry::Data(off));
@@ -170,7 +172,9 @@ impl Meta {
         for (chunk, e) in tbuf.chunks_exact_mut(8).zip(&table) {
             chunk.copy_from_slice(&e.encode().to_be_bytes());
         }
-        let toff = self.alloc_clusters(self.geom.clusters_for(tbuf.len() as u64))?;
+        let toff = self
+            .alloc_clusters(ClusterCount(self.geom.clusters_for(tbuf.len() as u64)))?
+            .0;
         self.gate.check(toff, tbuf.len() as u64, 0)?;
         self.gate.write(&tbuf, toff, None)?;
         Ok((toff, table))
