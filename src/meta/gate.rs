@@ -601,7 +601,12 @@ impl WriteGate {
     /// Extends the known end of the file to at least `end` (the file was
     /// grown through [`WriteGate::set_len`] or [`WriteGate::allocate`]).
     fn note_end(&self, end: u64) {
-        self.file_end.fetch_max(end, Ordering::SeqCst);
+        // Overwrites inside the file (the common case) only read the shared
+        // value; a read-modify-write on every request would bounce its cache
+        // line between cores.
+        if end > self.file_end.load(Ordering::SeqCst) {
+            self.file_end.fetch_max(end, Ordering::SeqCst);
+        }
     }
 
     /// Allocates `[offset, offset + len)` of the image file (`fallocate`)

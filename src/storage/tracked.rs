@@ -59,8 +59,15 @@ impl Tracked {
     }
 
     fn changed<T>(&self, r: io::Result<T>) -> io::Result<T> {
-        // Even a failed write may have changed part of the range.
-        self.dirty.store(true, Ordering::SeqCst);
+        // Even a failed write may have changed part of the range. Stored
+        // only when clear, so that writers on several cores do not keep
+        // taking the flag's cache line from each other. Sound with the
+        // flush protocol: if this (sequentially consistent) load still sees
+        // `true`, it comes before `flush`'s clearing store in the total
+        // order, so the write finished before that flush's sync began.
+        if !self.dirty.load(Ordering::SeqCst) {
+            self.dirty.store(true, Ordering::SeqCst);
+        }
         r
     }
 }
