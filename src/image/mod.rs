@@ -633,6 +633,9 @@ impl Image {
         if self.data.is_encrypted() && !crypt::sector_aligned(offset, buf.len() as u64) {
             return self.read_unaligned_encrypted(buf, offset);
         }
+        if let Some(r) = self.read_one_run(buf, offset) {
+            return r;
+        }
         // Built on the mapping API: translate (a prefix), then do the I/O
         // with the clusters held valid by the mapping.
         let mut done = 0usize;
@@ -683,6 +686,42 @@ impl Image {
             done += mapped;
         }
         Ok(())
+    }
+
+    /// The common case of [`Image::read_at`] on its own: the whole request
+    /// is one run of data clusters found in the cached L2 slice. Translated
+    /// under the shared lock, read under a barrier ticket, with no mapping
+    /// to build. `None` when the request is anything else (the general path
+    /// then does it, and reports any error).
+    #[inline]
+    fn read_one_run(&self, buf: &mut [u8], offset: u64) -> Option<Result<()>> {
+        let len = buf.len() as u64;
+        let meta = self.lock_shared().ok()?;
+        if len == 0
+            || Self::shared_defers(&meta)
+            || offset
+                .checked_add(len)
+                .is_none_or(|end| end > meta.header.size)
+        {
+            return None;
+        }
+        let (Extent::Data { host }, n) = meta.map_extent_cached(offset, len).ok()?? else {
+            return None;
+        };
+        if n != len {
+            return None;
+        }
+        // Taken before the shared lock is released: clusters freed after
+        // this translation are not reused until the ticket is dropped.
+        let ticket = self.io_barrier.read().ok()?;
+        drop(meta);
+        let r = self.data.read_guest(buf, host, Some(offset));
+        // Never wait for the metadata lock while holding the barrier.
+        drop(ticket);
+        Some(r.or_else(|e| {
+            let mut meta = self.meta.write().map_err(|_| Error::PreviousIoFailed)?;
+            Err(self.fail(&mut meta, e, IoOp::Read))
+        }))
     }
 
     /// Reads `buf` from the backing image. Corruption met inside the backing
