@@ -149,7 +149,7 @@ pub fn master_key_len(cipher_alg: &str, cipher_mode: &str) -> Result<u32, Crypto
 
 /// The bytes a new LUKS volume with a `master_key_len`-byte key takes
 /// before its payload, as QEMU lays it out (the fixed header, then eight
-/// key slots each rounded to 4 KiB): the payload offset of [`format`],
+/// key slots each rounded to 4 KiB): the payload offset of [`format()`],
 /// what `qemu-img measure` counts (`qcrypto_block_calculate_payload_offset`).
 pub fn volume_len(master_key_len: u32) -> u64 {
     LUKS_KEY_SLOT_OFFSET + key_material_len(master_key_len) * LUKS_NUM_KEY_SLOTS as u64
