@@ -1,13 +1,13 @@
 //! The metadata map used by overlap checks (QEMU's `qcow2_check_metadata_overlap`).
 //!
-//! Single-cluster structures (L2 tables, refcount blocks) are kept in hash
-//! sets of cluster indices, so a check costs one lookup per cluster of the
-//! write; multi-cluster tables (L1, refcount table, snapshot table, snapshot
+//! Single-cluster structures (L2 tables, refcount blocks) are kept in one
+//! hash map of cluster index -> kinds, so a check costs one lookup per
+//! cluster of the write (a guest data write: one); multi-cluster tables (L1, refcount table, snapshot table, snapshot
 //! L1 tables, bitmap directory) are a handful of ranges, with the snapshot L1
 //! tables in an ordered map.
 
 use crate::types::MetadataKind;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 
 /// Where every piece of metadata lives, and which kinds are checked.
 #[derive(Debug, Clone, Default)]
@@ -23,8 +23,10 @@ pub struct OverlapChecker {
     crypto_header: Option<(u64, u64)>,
     /// start -> end of each snapshot L1 table (refcounted by how many snapshots share it).
     inactive_l1: BTreeMap<u64, (u64, u32)>,
-    active_l2: HashSet<u64>,
-    refcount_blocks: HashSet<u64>,
+    /// Cluster index -> [`SINGLE_L2`] | [`SINGLE_REFBLOCK`]: the active L2
+    /// tables and the refcount blocks, in one map so that a data write's
+    /// check is one lookup, not one per kind.
+    single: HashMap<u64, u8>,
     /// cluster index -> number of snapshot L1 tables referencing it.
     inactive_l2: HashMap<u64, u32>,
 }
@@ -35,6 +37,11 @@ pub struct Overlap {
     /// The structure hit.
     pub kind: MetadataKind,
 }
+
+/// [`OverlapChecker::single`] bit of an active L2 table.
+const SINGLE_L2: u8 = 1;
+/// [`OverlapChecker::single`] bit of a refcount block.
+const SINGLE_REFBLOCK: u8 = 2;
 
 fn overlaps(a_start: u64, a_end: u64, r: Option<(u64, u64)>) -> bool {
     matches!(r, Some((s, e)) if a_start < e && s < a_end)
@@ -111,22 +118,36 @@ impl OverlapChecker {
 
     /// Adds an active L2 table at host offset `offset`.
     pub fn add_active_l2(&mut self, offset: u64) {
-        self.active_l2.insert(offset >> self.cluster_bits);
+        self.add_single(offset, SINGLE_L2);
     }
 
     /// Removes an active L2 table.
     pub fn remove_active_l2(&mut self, offset: u64) {
-        self.active_l2.remove(&(offset >> self.cluster_bits));
+        self.remove_single(offset, SINGLE_L2);
     }
 
     /// Adds a refcount block.
     pub fn add_refcount_block(&mut self, offset: u64) {
-        self.refcount_blocks.insert(offset >> self.cluster_bits);
+        self.add_single(offset, SINGLE_REFBLOCK);
     }
 
     /// Removes a refcount block.
     pub fn remove_refcount_block(&mut self, offset: u64) {
-        self.refcount_blocks.remove(&(offset >> self.cluster_bits));
+        self.remove_single(offset, SINGLE_REFBLOCK);
+    }
+
+    fn add_single(&mut self, offset: u64, bit: u8) {
+        *self.single.entry(offset >> self.cluster_bits).or_insert(0) |= bit;
+    }
+
+    fn remove_single(&mut self, offset: u64, bit: u8) {
+        let k = offset >> self.cluster_bits;
+        if let Some(bits) = self.single.get_mut(&k) {
+            *bits &= !bit;
+            if *bits == 0 {
+                self.single.remove(&k);
+            }
+        }
     }
 
     /// Adds an L2 table referenced by a snapshot L1 table.
@@ -188,21 +209,37 @@ impl OverlapChecker {
         }
         let first = start >> self.cluster_bits;
         let last = end >> self.cluster_bits;
-        let in_set = |set: &HashSet<u64>| -> bool {
-            if set.is_empty() {
-                return false;
-            }
-            if last - first > set.len() as u64 {
-                set.iter().any(|c| *c >= first && *c < last)
-            } else {
-                (first..last).any(|c| set.contains(&c))
-            }
-        };
-        if on(MetadataKind::ActiveL2) && in_set(&self.active_l2) {
-            return hit(MetadataKind::ActiveL2);
+        // The kinds of single-cluster structure the range touches, every
+        // cluster looked at once (active L2 is reported first, as QEMU's
+        // order has it).
+        let mut want = 0u8;
+        if on(MetadataKind::ActiveL2) {
+            want |= SINGLE_L2;
         }
-        if on(MetadataKind::RefcountBlock) && in_set(&self.refcount_blocks) {
-            return hit(MetadataKind::RefcountBlock);
+        if on(MetadataKind::RefcountBlock) {
+            want |= SINGLE_REFBLOCK;
+        }
+        if want != 0 && !self.single.is_empty() {
+            let mut found = 0u8;
+            if last - first > self.single.len() as u64 {
+                for (c, bits) in &self.single {
+                    if *c >= first && *c < last {
+                        found |= bits & want;
+                    }
+                }
+            } else {
+                for c in first..last {
+                    if let Some(bits) = self.single.get(&c) {
+                        found |= bits & want;
+                    }
+                }
+            }
+            if found & SINGLE_L2 != 0 {
+                return hit(MetadataKind::ActiveL2);
+            }
+            if found & SINGLE_REFBLOCK != 0 {
+                return hit(MetadataKind::RefcountBlock);
+            }
         }
         if on(MetadataKind::InactiveL2) && !self.inactive_l2.is_empty() {
             let found = if last - first > self.inactive_l2.len() as u64 {
