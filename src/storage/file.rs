@@ -37,6 +37,9 @@ pub struct FileStorage {
     /// `Some` with `O_DIRECT`: writes take it for reading, read-modify-write
     /// cycles for writing.
     direct: Option<RwLock<()>>,
+    /// `FALLOC_FL_ZERO_RANGE` failed as unsupported once (tmpfs, NFS...):
+    /// zeroes are written from then on.
+    no_zero_range: std::sync::atomic::AtomicBool,
 }
 
 impl FileStorage {
@@ -77,6 +80,7 @@ impl FileStorage {
             path: Some(path.to_path_buf()),
             locks: Mutex::default(),
             direct: None,
+            no_zero_range: Default::default(),
         }
     }
 
@@ -161,6 +165,7 @@ impl FileStorage {
             path: None,
             locks: Mutex::default(),
             direct: None,
+            no_zero_range: Default::default(),
         }
     }
 
@@ -484,6 +489,25 @@ impl Storage for FileStorage {
             Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
             Err(e) => Err(e),
         }
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        use std::sync::atomic::Ordering;
+        if !self.no_zero_range.load(Ordering::Relaxed) {
+            match sys::zero_range(&self.file, offset, len) {
+                Ok(()) => return Ok(()),
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL)
+                    ) =>
+                {
+                    self.no_zero_range.store(true, Ordering::Relaxed);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        super::write_zeroes_by_writing(self, offset, len)
     }
 
     fn is_hole(&self, offset: u64, len: u64) -> io::Result<bool> {

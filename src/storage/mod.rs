@@ -189,6 +189,19 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
         Ok(())
     }
 
+    /// Makes `[offset, offset + len)` read as zeroes with its space kept
+    /// allocated (unlike [`discard`](Self::discard)), extending the storage
+    /// if the range ends past it. Used for the parts of a newly allocated
+    /// cluster that a write does not cover. The default writes zeroes;
+    /// [`FileStorage`] asks the file system (`FALLOC_FL_ZERO_RANGE`), which
+    /// is cheaper than writing tens of KiB of zeroes and syncing them.
+    ///
+    /// # Errors
+    /// Any I/O error of the backend.
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        write_zeroes_by_writing(self, offset, len)
+    }
+
     /// Whether `[offset, offset + len)` is known to read as zeroes without
     /// holding data (a hole). Used by `map` to report preallocated metadata
     /// as zero. The default says "not known".
@@ -253,6 +266,28 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     }
 }
 
+/// Zeroes shared by the writers of zeroes (no allocation per request).
+static ZEROES: [u8; 64 * 1024] = [0; 64 * 1024];
+
+/// [`Storage::write_zeroes`] by writing zeroes, 64 KiB at a time.
+pub(crate) fn write_zeroes_by_writing<S: Storage + ?Sized>(
+    s: &S,
+    offset: u64,
+    len: u64,
+) -> io::Result<()> {
+    let end = offset
+        .checked_add(len)
+        .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let mut pos = offset;
+    while pos < end {
+        let n = (end - pos).min(ZEROES.len() as u64);
+        let chunk = ZEROES.get(..n as usize).unwrap_or(&ZEROES);
+        s.write_at(chunk, pos)?;
+        pos += n;
+    }
+    Ok(())
+}
+
 impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         (**self).read_at(buf, offset)
@@ -280,6 +315,9 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     }
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         (**self).discard(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        (**self).write_zeroes(offset, len)
     }
     fn is_hole(&self, offset: u64, len: u64) -> io::Result<bool> {
         (**self).is_hole(offset, len)

@@ -107,6 +107,23 @@ pub fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
     }
 }
 
+/// Makes `[offset, offset + len)` read as zeroes, its space allocated
+/// (`FALLOC_FL_ZERO_RANGE`; the file grows if the range ends past it).
+/// EOPNOTSUPP where the file system has no such mode (tmpfs).
+pub fn zero_range(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    let (o, l) = (off(offset)?, off(len)?);
+    // SAFETY: as for `fallocate` above; the flag is a valid constant.
+    let r = unsafe { libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_ZERO_RANGE, o, l) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// Whether `[offset, offset + len)` holds no data (`SEEK_DATA` finds none in it).
 pub fn is_hole(file: &File, offset: u64, len: u64) -> io::Result<bool> {
     let o = off(offset)?;

@@ -123,6 +123,11 @@ impl Storage for Tracked {
         self.changed(r)
     }
 
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        let r = self.inner.write_zeroes(offset, len);
+        self.changed(r)
+    }
+
     fn is_hole(&self, offset: u64, len: u64) -> io::Result<bool> {
         self.inner.is_hole(offset, len)
     }
