@@ -7,6 +7,12 @@ use crate::storage::BlkdebugEvent;
 use crate::types::{ClusterCount, GuestOffset, HostOffset};
 use std::io::IoSlice;
 
+/// Bytes of zeroes around a write into a new cluster from which on they
+/// are left to the storage ([`crate::storage::Storage::write_zeroes`])
+/// instead of written: below it one write of data and zeroes is cheaper
+/// than two requests.
+const ZERO_RANGE_MIN: u64 = 32 * 1024;
+
 impl Image {
     // ------------------------------------------------------------------
     // Writes.
@@ -472,7 +478,30 @@ impl Image {
                 continue;
             }
             i += 1;
-            let src = &data[(p.guest.0 + p.lo_w - g) as usize..(p.guest.0 + p.hi_w - g) as usize];
+            let src_range = (p.guest.0 + p.lo_w - g) as usize..(p.guest.0 + p.hi_w - g) as usize;
+            if self.zero_range_pays(p, (lo, hi)) {
+                // The rest of the cluster reads as zero: the guest data
+                // from the caller, the file system zeroes the rest. The
+                // overlap check first covers the whole range, as the one
+                // write QEMU would do (its report names that offset and size).
+                drop(meta.gate.permit_data(host + lo, hi - lo)?);
+                let permit = meta
+                    .gate
+                    .permit_data(host + p.lo_w, p.hi_w - p.lo_w)?
+                    .for_guest(p.guest + p.lo_w);
+                writes.push(PendingWrite::Caller {
+                    permit,
+                    src: src_range,
+                });
+                for (from, to) in [(lo, p.lo_w), (p.hi_w, hi)] {
+                    if from < to {
+                        let permit = meta.gate.permit_data(host + from, to - from)?;
+                        writes.push(PendingWrite::Zeroes { permit });
+                    }
+                }
+                continue;
+            }
+            let src = &data[src_range];
             let mut buf = vec![0u8; (hi - lo) as usize];
             // Old content for the parts outside the write.
             self.fill_old(meta, p, lo, p.lo_w, &mut buf[..(p.lo_w - lo) as usize])?;
@@ -537,6 +566,10 @@ impl Image {
                 PendingWrite::Cow { permit, buf } => {
                     self.file.debug_event(BlkdebugEvent::CowWrite);
                     self.data.write(permit, &buf)?
+                }
+                PendingWrite::Zeroes { permit } => {
+                    self.file.debug_event(BlkdebugEvent::CowWrite);
+                    self.data.write_zeroes(permit)?
                 }
                 PendingWrite::Outside { .. } => {
                     return Err(Error::Internal(
@@ -612,6 +645,19 @@ impl Image {
                 && p.host
                     .is_some_and(|host| (host + lo).0 >= meta.gate.file_end())
                 && self.old_reads_zero(p, lo))
+    }
+
+    /// Whether the parts of cluster `p`'s copy-on-write range `[lo, hi)`
+    /// outside the guest data are better zeroed by the storage than written
+    /// as a buffer of zeroes: they read as zero (from metadata alone), the
+    /// data is not encrypted (zeroes would not decrypt to zeroes), and they
+    /// are at least [`ZERO_RANGE_MIN`] bytes. Measured on ext4 with the
+    /// sync the write is followed by: a 4 KiB write into a fresh 64 KiB
+    /// cluster inside the file ran ~1.9× as fast with `FALLOC_FL_ZERO_RANGE`
+    /// for the other 60 KiB as with the zeroes written.
+    fn zero_range_pays(&self, p: &ClusterPlan, (lo, hi): (u64, u64)) -> bool {
+        let outside = (p.lo_w - lo) + (hi - p.hi_w);
+        outside >= ZERO_RANGE_MIN && !self.data.is_encrypted() && self.old_reads_zero(p, lo)
     }
 
     /// Drops the reference the cluster's old entry held (COW replaced it).
@@ -787,6 +833,9 @@ pub(super) enum PendingWrite {
     },
     /// A guest range of a write reservation: written by its caller.
     Outside { permit: crate::meta::DataPermit },
+    /// A range of a new cluster that reads as zero, zeroed by the storage
+    /// ([`crate::storage::Storage::write_zeroes`]).
+    Zeroes { permit: crate::meta::DataPermit },
 }
 
 /// What [`Image::in_place_run`] found.

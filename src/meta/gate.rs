@@ -274,6 +274,22 @@ impl DataTarget {
         })
     }
 
+    /// Makes `permit`'s range read as zeroes ([`Storage::write_zeroes`]).
+    /// Not for encrypted data (zeroes on disk do not decrypt to zeroes).
+    ///
+    /// # Errors
+    /// `Error::Internal` on an encrypted image; I/O errors.
+    pub fn write_zeroes(&self, permit: DataPermit) -> Result<()> {
+        if self.crypto.is_some() {
+            return Err(Error::Internal(
+                "plain zeroes requested for encrypted data".into(),
+            ));
+        }
+        self.file
+            .write_zeroes(permit.host, permit.len)
+            .map_err(|e| Error::io(IoOp::Write, permit.host, e))
+    }
+
     /// Writes `buf` at the start of `permit`'s range (at most its length).
     ///
     /// # Errors

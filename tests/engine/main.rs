@@ -30,3 +30,4 @@ mod snapshot_crash;
 mod snapshot_model;
 mod threads;
 mod vectored;
+mod zero_range;
