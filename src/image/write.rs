@@ -493,10 +493,12 @@ impl Image {
                     permit,
                     src: src_range,
                 });
+                let mut first = true;
                 for (from, to) in [(lo, p.lo_w), (p.hi_w, hi)] {
                     if from < to {
                         let permit = meta.gate.permit_data(host + from, to - from)?;
-                        writes.push(PendingWrite::Zeroes { permit });
+                        writes.push(PendingWrite::Zeroes { permit, first });
+                        first = false;
                     }
                 }
                 continue;
@@ -567,8 +569,12 @@ impl Image {
                     self.file.debug_event(BlkdebugEvent::CowWrite);
                     self.data.write(permit, &buf)?
                 }
-                PendingWrite::Zeroes { permit } => {
-                    self.file.debug_event(BlkdebugEvent::CowWrite);
+                PendingWrite::Zeroes { permit, first } => {
+                    if first {
+                        // QEMU's event for zeroing a new cluster's space
+                        // instead of copying on write (`handle_alloc_space`).
+                        self.file.debug_event(BlkdebugEvent::ClusterAllocSpace);
+                    }
                     self.data.write_zeroes(permit)?
                 }
                 PendingWrite::Outside { .. } => {
@@ -834,8 +840,11 @@ pub(super) enum PendingWrite {
     /// A guest range of a write reservation: written by its caller.
     Outside { permit: crate::meta::DataPermit },
     /// A range of a new cluster that reads as zero, zeroed by the storage
-    /// ([`crate::storage::Storage::write_zeroes`]).
-    Zeroes { permit: crate::meta::DataPermit },
+    /// ([`crate::storage::Storage::write_zeroes`]); `first` of its cluster.
+    Zeroes {
+        permit: crate::meta::DataPermit,
+        first: bool,
+    },
 }
 
 /// What [`Image::in_place_run`] found.

@@ -42,12 +42,14 @@ macro_rules! events {
         /// `l1_shrink_write_table`, `l1_shrink_free_l2_clusters` (resize);
         /// `read_backing_aio` (a read from the backing file), `read_compressed`,
         /// `write_compressed`; `cow_read` / `cow_write` (copy-on-write of an
-        /// allocating write's head and tail); `flush_to_os` (a flush or close of the
+        /// allocating write's head and tail); `cluster_alloc_space` (a new
+        /// cluster's head and tail zeroed by the storage instead, once per
+        /// cluster); `flush_to_os` (a flush or close of the
         /// image, before the caches are written).
         ///
         /// Never reported (accepted, the rule never fires): `vmstate_load`,
         /// `vmstate_save` (no VM state), `cor_write` (no copy-on-read),
-        /// `cluster_alloc_space`, `empty_image_prepare`. The `pwritev_rmw_*` events
+        /// `empty_image_prepare`. The `pwritev_rmw_*` events
         /// fire only under the node's own `align` (see [`BlkdebugConfig::align`]).
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
         #[allow(missing_docs)]
