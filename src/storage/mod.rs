@@ -171,9 +171,13 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
         Ok(())
     }
 
-    /// Releases the space of `[offset, offset + len)` (punch a hole); the range
-    /// reads as zeroes afterwards. The length does not change. The default
-    /// writes zeroes.
+    /// Releases the space of `[offset, offset + len)` (punch a hole). The
+    /// length does not change. Advisory: the range reads as zeroes afterwards
+    /// only where the backend could release it ([`FileStorage`] on a file
+    /// system without hole punching leaves the data, as QEMU's
+    /// `discard=unmap` does); callers that need zeroes check
+    /// [`is_hole`](Self::is_hole) or use [`write_zeroes`](Self::write_zeroes).
+    /// The default writes zeroes.
     ///
     /// # Errors
     /// Any I/O error of the backend.
