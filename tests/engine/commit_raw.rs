@@ -256,7 +256,7 @@ fn raw_files(dir: &std::path::Path) {
 #[test]
 fn intermediate_commit_into_a_raw_base_matches_qemu_block_commit() {
     use crate::support::qsd::{have_qsd, Qsd};
-    use crate::support::{have_qemu, json, qemu, qemu_ok, twin_dirs};
+    use crate::support::{abs, have_qemu, qemu, qemu_backing, qemu_map_no_offsets, twin_dirs};
     if !have_qemu() || !have_qsd() {
         return;
     }
@@ -297,7 +297,6 @@ fn intermediate_commit_into_a_raw_base_matches_qemu_block_commit() {
     for k in ["type", "len", "offset", "speed"] {
         assert_eq!(ours["data"][k], done[k], "{k}");
     }
-    let abs = |d: &std::path::Path, f: &str| d.join(f).display().to_string();
     let c = qemu(
         od,
         "qemu-img",
@@ -312,28 +311,15 @@ fn intermediate_commit_into_a_raw_base_matches_qemu_block_commit() {
         ],
     );
     assert_eq!(c.code, 0, "base.raw differs: {c:?}");
-    let map = |d: &std::path::Path, args: &[&str]| {
-        let mut a = vec!["map", "--output", "json"];
-        a.extend_from_slice(args);
-        let mut v = json(&qemu_ok(d, "qemu-img", &a).out);
-        for e in v.as_array_mut().unwrap() {
-            e.as_object_mut().unwrap().remove("offset");
-        }
-        v
-    };
     assert_eq!(
-        map(qd, &["-f", "raw", "base.raw"]),
-        map(od, &["-f", "raw", "base.raw"])
+        qemu_map_no_offsets(qd, &["-f", "raw", "base.raw"]),
+        qemu_map_no_offsets(od, &["-f", "raw", "base.raw"])
     );
-    assert_eq!(map(qd, &["top.qcow2"]), map(od, &["top.qcow2"]));
-    let info = |d: &std::path::Path| {
-        let v = json(&qemu_ok(d, "qemu-img", &["info", "--output", "json", "top.qcow2"]).out);
-        (
-            v["backing-filename"].clone(),
-            v["backing-filename-format"].clone(),
-        )
-    };
-    assert_eq!(info(qd), info(od));
+    assert_eq!(
+        qemu_map_no_offsets(qd, &["top.qcow2"]),
+        qemu_map_no_offsets(od, &["top.qcow2"])
+    );
+    assert_eq!(qemu_backing(qd, "top.qcow2"), qemu_backing(od, "top.qcow2"));
     let c = qemu(
         od,
         "qemu-img",

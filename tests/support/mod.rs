@@ -256,6 +256,39 @@ pub fn json(s: &str) -> serde_json::Value {
     serde_json::from_str(s).unwrap_or_else(|e| panic!("bad JSON ({e}): {s}"))
 }
 
+/// `qemu-img map --output json ARGS` run in `dir`, without the host
+/// offsets (twins whose allocation is the same place it differently).
+#[track_caller]
+pub fn qemu_map_no_offsets(dir: &Path, args: &[&str]) -> serde_json::Value {
+    let mut a = vec!["map", "--output", "json"];
+    a.extend_from_slice(args);
+    let mut v = json(&qemu_ok(dir, "qemu-img", &a).out);
+    if let Some(entries) = v.as_array_mut() {
+        for e in entries {
+            if let Some(o) = e.as_object_mut() {
+                o.remove("offset");
+            }
+        }
+    }
+    v
+}
+
+/// The backing name and format `qemu-img info -U` reports for `f`.
+#[track_caller]
+pub fn qemu_backing(dir: &Path, f: &str) -> (serde_json::Value, serde_json::Value) {
+    let v = json(&qemu_ok(dir, "qemu-img", &["info", "--output", "json", "-U", f]).out);
+    (
+        v["backing-filename"].clone(),
+        v["backing-filename-format"].clone(),
+    )
+}
+
+/// `dir/f` as an absolute path string (for commands that name files in
+/// both twin directories).
+pub fn abs(dir: &Path, f: &str) -> String {
+    dir.join(f).to_string_lossy().into_owned()
+}
+
 /// A blkdebug config file failing the `k`-th occurrence of `event` (counted from
 /// the node's creation) once with `errno`: a `[set-state]` chain moves the state
 /// from 1 to `k` one occurrence at a time, and the `[inject-error]` rule switches
