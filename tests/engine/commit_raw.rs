@@ -3,8 +3,8 @@
 //! [2M, 3M), and a zero cluster over the base's data at 512K). Active and
 //! intermediate commits, and a crash replay of an offline commit.
 
-use crate::jobs::{expected, job_opts, view_with, Files, MIB, SIZE};
-use crate::support::testing::{replay, FaultyStorage};
+use crate::jobs::{assert_commit_crash_safe, expected, job_opts, Files, MIB, SIZE};
+use crate::support::testing::FaultyStorage;
 use qcow2kit::job::{commit, CommitOptions, JobOutcome, JobStatus};
 use qcow2kit::options::CreateOptions;
 use qcow2kit::storage::{MemStorage, Storage};
@@ -139,61 +139,16 @@ fn intermediate_commit_into_a_raw_base_rewrites_the_overlay() {
 #[test]
 fn a_crash_anywhere_in_a_commit_into_a_raw_base_keeps_the_chain_readable() {
     let c = raw_chain();
-    let before: HashMap<&str, Vec<u8>> = c
-        .faulty
-        .iter()
-        .map(|(n, f)| (*n, f.inner().to_vec()))
-        .collect();
     let want = top_view();
-    for f in c.faulty.values() {
-        f.start_recording();
-    }
-    let device = c.device();
-    let job = commit(
-        device.clone(),
-        CommitOptions {
-            job: job_opts(None, 0),
-            base: Some(PathBuf::from("base")),
-            device_quiesced: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    assert_eq!(job.wait_ready(), JobStatus::Ready);
-    job.complete().unwrap();
-    assert_eq!(job.wait().unwrap(), JobOutcome::Completed);
-    device.make_empty().unwrap();
-    drop(device);
-    let base_log = c.faulty["base"].take_log();
-    let top_log = c.faulty["top"].take_log();
-    assert!(c.faulty["mid"].take_log().is_empty());
-    assert!(!base_log.is_empty() && !top_log.is_empty());
-    let o = OpenOptions::new();
-    let read = |b: Vec<u8>, t: Vec<u8>| {
-        view_with(
-            &[("base", b), ("mid", before["mid"].clone()), ("top", t)],
-            &o,
-        )
+    let opts = CommitOptions {
+        job: job_opts(None, 0),
+        base: Some(PathBuf::from("base")),
+        ..Default::default()
     };
-    for k in 0..=base_log.len() {
-        let base = replay(&before["base"], &base_log[..k]);
-        assert!(
-            read(base, before["top"].clone()) == want,
-            "crash after {k} writes to the base"
-        );
-    }
-    let base = replay(&before["base"], &base_log);
-    for k in 0..=top_log.len() {
-        let top = replay(&before["top"], &top_log[..k]);
-        assert!(
-            read(base.clone(), top) == want,
-            "crash after {k} writes to the top"
-        );
-    }
+    let mut base = assert_commit_crash_safe(&c.faulty, || c.device(), opts, &want);
     // Emptied, "top" shows the base, which now holds the whole view.
-    let mut b = base;
-    b.resize(SIZE as usize, 0);
-    assert_eq!(b, want);
+    base.resize(SIZE as usize, 0);
+    assert_eq!(base, want);
 }
 
 /// The chain of `tests/cli/commit.rs`'s raw case, on files: base.raw (1 MiB

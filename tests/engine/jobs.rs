@@ -529,29 +529,32 @@ pub(crate) fn view_with(files: &[(&str, Vec<u8>)], opts: &OpenOptions) -> Vec<u8
     buf
 }
 
-/// A crash at any point of `qcow2-img commit`'s work (the copy into the
-/// base, then emptying the top) leaves a chain that reads as before: every
-/// prefix of the writes each file received is replayed onto its bytes from
-/// before (prefixes only: unflushed writes are not reordered here).
-#[test]
-fn a_crash_anywhere_in_a_commit_keeps_the_chain_readable() {
-    let c = chain();
-    let before: HashMap<&str, Vec<u8>> = c
-        .faulty
+/// Runs an offline commit (`opts`, the device quiesced, then emptied as
+/// `qcow2-img commit` does) over `faulty`'s chain with every write recorded,
+/// and asserts that a crash at any point leaves a chain reading as `want`:
+/// every prefix of the base's writes, then of the top's after all of the
+/// base's, replayed onto the bytes from before ("mid" is never written;
+/// prefixes only: unflushed writes are not reordered here). Returns the
+/// base's bytes after all its writes.
+pub(crate) fn assert_commit_crash_safe(
+    faulty: &HashMap<&'static str, Arc<FaultyStorage<MemStorage>>>,
+    device: impl FnOnce() -> Arc<Image>,
+    opts: CommitOptions,
+    want: &[u8],
+) -> Vec<u8> {
+    let before: HashMap<&str, Vec<u8>> = faulty
         .iter()
         .map(|(n, f)| (*n, f.inner().to_vec()))
         .collect();
-    let want = expected(&[(0x11, 0), (0x22, MIB), (0x33, 2 * MIB)]);
-    for f in c.faulty.values() {
+    for f in faulty.values() {
         f.start_recording();
     }
-    let device = c.device();
+    let device = device();
     let job = commit(
         device.clone(),
         CommitOptions {
-            job: job_opts(None, 0),
             device_quiesced: true,
-            ..Default::default()
+            ..opts
         },
     )
     .unwrap();
@@ -560,9 +563,9 @@ fn a_crash_anywhere_in_a_commit_keeps_the_chain_readable() {
     assert_eq!(job.wait().unwrap(), JobOutcome::Completed);
     device.make_empty().unwrap();
     drop(device);
-    let base_log = c.faulty["base"].take_log();
-    let top_log = c.faulty["top"].take_log();
-    assert!(c.faulty["mid"].take_log().is_empty());
+    let base_log = faulty["base"].take_log();
+    let top_log = faulty["top"].take_log();
+    assert!(faulty["mid"].take_log().is_empty());
     assert!(!base_log.is_empty() && !top_log.is_empty());
     for k in 0..=base_log.len() {
         let base = replay(&before["base"], &base_log[..k]);
@@ -575,6 +578,20 @@ fn a_crash_anywhere_in_a_commit_keeps_the_chain_readable() {
         let got = view(base.clone(), before["mid"].clone(), top);
         assert!(got == want, "crash after {k} writes to the top");
     }
+    base
+}
+
+/// A crash at any point of `qcow2-img commit`'s work (the copy into the
+/// base, then emptying the top) leaves a chain that reads as before.
+#[test]
+fn a_crash_anywhere_in_a_commit_keeps_the_chain_readable() {
+    let c = chain();
+    let want = expected(&[(0x11, 0), (0x22, MIB), (0x33, 2 * MIB)]);
+    let opts = CommitOptions {
+        job: job_opts(None, 0),
+        ..Default::default()
+    };
+    assert_commit_crash_safe(&c.faulty, || c.device(), opts, &want);
 }
 
 /// With image locking on files: the job writes the base while the device's
