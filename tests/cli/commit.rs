@@ -291,26 +291,7 @@ fn commit_into_a_raw_base_matches_qemu_img() {
         } else {
             twins(qd, od, "qemu-img", &[], &a);
         }
-        let c = qemu(
-            od,
-            "qemu-img",
-            &[
-                "compare",
-                "-f",
-                "raw",
-                "-F",
-                "raw",
-                &abs(qd, "base.raw"),
-                &abs(od, "base.raw"),
-            ],
-        );
-        assert_eq!(c.code, 0, "{args:?}: base.raw differs: {c:?}");
-        let rawmap = ["-f", "raw", "base.raw"];
-        assert_eq!(
-            qemu_map_no_offsets(qd, &rawmap),
-            qemu_map_no_offsets(od, &rawmap),
-            "{args:?}: base.raw's holes"
-        );
+        assert_twin_raw_same(qd, od, "base.raw", &format!("{args:?}"));
         for f in ["mid.qcow2", "top.qcow2", "short.qcow2"] {
             let c = qemu(od, "qemu-img", &["compare", &abs(qd, f), &abs(od, f)]);
             assert_eq!(c.code, 0, "{args:?}: {f} differs: {c:?}");

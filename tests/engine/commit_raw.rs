@@ -211,7 +211,9 @@ fn raw_files(dir: &std::path::Path) {
 #[test]
 fn intermediate_commit_into_a_raw_base_matches_qemu_block_commit() {
     use crate::support::qsd::{have_qsd, Qsd};
-    use crate::support::{abs, have_qemu, qemu, qemu_backing, qemu_map_no_offsets, twin_dirs};
+    use crate::support::{
+        abs, assert_twin_raw_same, have_qemu, qemu, qemu_backing, qemu_map_no_offsets, twin_dirs,
+    };
     if !have_qemu() || !have_qsd() {
         return;
     }
@@ -252,24 +254,7 @@ fn intermediate_commit_into_a_raw_base_matches_qemu_block_commit() {
     for k in ["type", "len", "offset", "speed"] {
         assert_eq!(ours["data"][k], done[k], "{k}");
     }
-    let c = qemu(
-        od,
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "raw",
-            &abs(qd, "base.raw"),
-            &abs(od, "base.raw"),
-        ],
-    );
-    assert_eq!(c.code, 0, "base.raw differs: {c:?}");
-    assert_eq!(
-        qemu_map_no_offsets(qd, &["-f", "raw", "base.raw"]),
-        qemu_map_no_offsets(od, &["-f", "raw", "base.raw"])
-    );
+    assert_twin_raw_same(qd, od, "base.raw", "intermediate commit");
     assert_eq!(
         qemu_map_no_offsets(qd, &["top.qcow2"]),
         qemu_map_no_offsets(od, &["top.qcow2"])

@@ -283,6 +283,26 @@ pub fn qemu_backing(dir: &Path, f: &str) -> (serde_json::Value, serde_json::Valu
     )
 }
 
+/// Asserts that the raw file `f` holds the same bytes (`qemu-img compare`)
+/// with the same holes and data runs (`qemu-img map`) in twin directories
+/// `qd` and `od`; `what` names the case in failures.
+#[track_caller]
+pub fn assert_twin_raw_same(qd: &Path, od: &Path, f: &str, what: &str) {
+    let (q, o) = (abs(qd, f), abs(od, f));
+    let c = qemu(
+        od,
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "raw", &q, &o],
+    );
+    assert_eq!(c.code, 0, "{what}: {f} differs: {c:?}");
+    let map = ["-f", "raw", f];
+    assert_eq!(
+        qemu_map_no_offsets(qd, &map),
+        qemu_map_no_offsets(od, &map),
+        "{what}: {f}'s holes"
+    );
+}
+
 /// `dir/f` as an absolute path string (for commands that name files in
 /// both twin directories).
 pub fn abs(dir: &Path, f: &str) -> String {
