@@ -452,10 +452,24 @@ impl Image {
         Ok(m)
     }
 
-    /// Whether the shared fast paths should defer to the exclusive lock for
-    /// work it does on the way (cleaning the caches).
-    pub(crate) fn shared_defers(meta: &Meta) -> bool {
-        meta.clean_due()
+    /// The shared lock for a fast path over `[offset, offset + len)`:
+    /// `None` when the request is not inside the disk or the exclusive side
+    /// has work due on the way (cleaning the caches); the exclusive path
+    /// then does the request, and reports what is wrong with it.
+    ///
+    /// # Errors
+    /// The refusals of [`Image::lock_shared`].
+    #[inline]
+    pub(crate) fn lock_shared_in_range(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<MetaRead<'_>>> {
+        let meta = self.lock_shared()?;
+        let inside = offset
+            .checked_add(len)
+            .is_some_and(|end| end <= meta.header.size);
+        Ok((inside && !meta.clean_due()).then_some(meta))
     }
 
     /// Waits (releasing the lock) until no allocating write is in flight on
@@ -696,15 +710,10 @@ impl Image {
     #[inline]
     fn read_one_run(&self, buf: &mut [u8], offset: u64) -> Option<Result<()>> {
         let len = buf.len() as u64;
-        let meta = self.lock_shared().ok()?;
-        if len == 0
-            || Self::shared_defers(&meta)
-            || offset
-                .checked_add(len)
-                .is_none_or(|end| end > meta.header.size)
-        {
+        if len == 0 {
             return None;
         }
+        let meta = self.lock_shared_in_range(offset, len).ok()??;
         let (Extent::Data { host }, n) = meta.map_extent_cached(offset, len).ok()?? else {
             return None;
         };

@@ -186,14 +186,9 @@ impl Image {
         offset: u64,
         len: u64,
     ) -> Result<Option<ReadMapping<'_, N>>> {
-        let meta = self.lock_shared()?;
-        if Self::shared_defers(&meta)
-            || offset
-                .checked_add(len)
-                .is_none_or(|end| end > meta.header.size)
-        {
+        let Some(meta) = self.lock_shared_in_range(offset, len)? else {
             return Ok(None);
-        }
+        };
         let mut extents = [NO_EXTENT; N];
         let mut n_ext = 0usize;
         let mut done = 0u64;

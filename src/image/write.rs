@@ -289,19 +289,19 @@ impl Image {
         g: u64,
         rest: u64,
     ) -> Result<Option<(MetaRead<'_>, crate::meta::DataPermit, u64)>> {
-        let meta = self.lock_shared()?;
-        let Some(end) = offset.checked_add(total) else {
+        if total == 0 {
+            return Ok(None);
+        }
+        let Some(meta) = self.lock_shared_in_range(offset, total)? else {
             return Ok(None);
         };
-        if end > meta.header.size
-            || total == 0
-            || Self::shared_defers(&meta)
-            || meta.first_write_pending()
-        {
+        if meta.first_write_pending() {
             return Ok(None);
         }
         let cb = self.geom.cluster_bits;
-        if meta.in_flight_overlaps(g >> cb, (end - 1) >> cb) {
+        // Inside the disk, so the end does not overflow.
+        let last = (offset + total - 1) >> cb;
+        if meta.in_flight_overlaps(g >> cb, last) {
             return Ok(None);
         }
         let slice_entries = meta.slice_entries();
