@@ -12,6 +12,7 @@
 //! entries a second chance (moved to the most recently used end, bit
 //! cleared), so the LRU order stays approximately right for those hits.
 
+use crossbeam_utils::CachePadded;
 use lru::LruCache;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
@@ -251,29 +252,23 @@ impl TableCache {
 const COUNTER_SHARDS: usize = 8;
 
 /// A counter bumped by many threads at once (cache hits under the shared
-/// lock): each thread adds to its own cache line, so hits on two cores do not
+/// lock): each thread adds to its own cache line ([`CachePadded`]), so hits on two cores do not
 /// bounce one line between them; reading sums the shards.
 #[derive(Debug, Default)]
 struct ShardedCounter {
-    shards: [PaddedCounter; COUNTER_SHARDS],
+    shards: [CachePadded<AtomicU64>; COUNTER_SHARDS],
 }
-
-/// One shard, alone on its cache line (128 bytes: adjacent-line prefetch
-/// pairs lines on x86).
-#[derive(Debug, Default)]
-#[repr(align(128))]
-struct PaddedCounter(AtomicU64);
 
 impl ShardedCounter {
     fn add_one(&self) {
         let shard = self.shards.get(thread_shard()).unwrap_or(&self.shards[0]);
-        shard.0.fetch_add(1, Ordering::Relaxed);
+        shard.fetch_add(1, Ordering::Relaxed);
     }
 
     fn sum(&self) -> u64 {
         self.shards
             .iter()
-            .fold(0u64, |a, s| a.wrapping_add(s.0.load(Ordering::Relaxed)))
+            .fold(0u64, |a, s| a.wrapping_add(s.load(Ordering::Relaxed)))
     }
 }
 
@@ -285,7 +280,9 @@ fn thread_shard() -> usize {
     thread_local! {
         static SHARD: usize = NEXT.fetch_add(1, Ordering::Relaxed) % COUNTER_SHARDS;
     }
-    SHARD.with(|s| *s)
+    // During the thread's teardown (an image dropped by a thread-local
+    // destructor) the slot may be gone: any shard will do.
+    SHARD.try_with(|s| *s).unwrap_or(0)
 }
 
 #[cfg(test)]
