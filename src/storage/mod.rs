@@ -182,15 +182,9 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     /// # Errors
     /// Any I/O error of the backend.
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        // Within the current length only: a discard never grows the storage.
         let end = offset.saturating_add(len).min(self.len()?);
-        let zeros = vec![0u8; 64 * 1024];
-        let mut pos = offset;
-        while pos < end {
-            let n = usize::try_from((end - pos).min(zeros.len() as u64)).unwrap_or(zeros.len());
-            self.write_at(&zeros[..n], pos)?;
-            pos += n as u64;
-        }
-        Ok(())
+        write_zeroes_by_writing(self, offset, end.saturating_sub(offset))
     }
 
     /// Makes `[offset, offset + len)` read as zeroes with its space kept
