@@ -481,22 +481,23 @@ impl Image {
             let src_range = (p.guest.0 + p.lo_w - g) as usize..(p.guest.0 + p.hi_w - g) as usize;
             if self.zero_range_pays(p, (lo, hi)) {
                 // The rest of the cluster reads as zero: the guest data
-                // from the caller, the file system zeroes the rest. The
-                // overlap check first covers the whole range, as the one
-                // write QEMU would do (its report names that offset and size).
-                drop(meta.gate.permit_data(host + lo, hi - lo)?);
-                let permit = meta
+                // from the caller, the storage zeroes the rest. One overlap
+                // check over the whole range, as for the one write QEMU
+                // would do (its report names that offset and size), split
+                // into the three pieces.
+                let whole = meta
                     .gate
-                    .permit_data(host + p.lo_w, p.hi_w - p.lo_w)?
-                    .for_guest(p.guest + p.lo_w);
+                    .permit_data(host + lo, hi - lo)?
+                    .for_guest(p.guest + lo);
+                let (head, rest) = whole.split_at(p.lo_w - lo);
+                let (guest_part, tail) = rest.split_at(p.hi_w - p.lo_w);
                 writes.push(PendingWrite::Caller {
-                    permit,
+                    permit: guest_part,
                     src: src_range,
                 });
                 let mut first = true;
-                for (from, to) in [(lo, p.lo_w), (p.hi_w, hi)] {
-                    if from < to {
-                        let permit = meta.gate.permit_data(host + from, to - from)?;
+                for permit in [head, tail] {
+                    if !permit.is_empty() {
                         writes.push(PendingWrite::Zeroes { permit, first });
                         first = false;
                     }

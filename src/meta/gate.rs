@@ -79,6 +79,24 @@ impl DataPermit {
         self.guest = Some(guest.0);
         self
     }
+
+    /// Whether the permitted range is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Splits the permit into its first `at` bytes (all of it if shorter)
+    /// and the rest, without checking again: each piece is inside the
+    /// checked range. Guest offsets follow the split.
+    pub fn split_at(self, at: u64) -> (DataPermit, DataPermit) {
+        let at = at.min(self.len);
+        let rest = DataPermit {
+            host: self.host + at,
+            len: self.len - at,
+            guest: self.guest.map(|g| g + at),
+        };
+        (DataPermit { len: at, ..self }, rest)
+    }
 }
 
 /// The external data file: guest data only, mapped by the L2 tables. Writes
